@@ -1,0 +1,90 @@
+"""What a backend is: capabilities per target, legalization, emission, and a runner."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from bitpass.frontend import Model
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run on one target.
+
+    ``weight_bits`` maps a quantizable op type to the weight widths it supports
+    (32 means floating point); bit allocation offers a layer only these widths.
+    """
+
+    ops: frozenset[tuple[str, str]]  # (domain, op_type); "" is the default ONNX domain
+    weight_bits: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    activation_bits: tuple[int, ...] = (8, 32)
+
+    def supports_op(self, domain: str, op_type: str) -> bool:
+        return (domain if domain != "ai.onnx" else "", op_type) in self.ops
+
+    def widths_for(self, op_type: str) -> tuple[int, ...]:
+        return self.weight_bits.get(op_type, (32,))
+
+
+class Runner(abc.ABC):
+    """Runs an emitted artifact: feeds by input name, outputs in graph order."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Backend(abc.ABC):
+    """A code generator for one runtime, with named targets."""
+
+    name: ClassVar[str]
+    #: target name -> one-line description
+    targets: ClassVar[Mapping[str, str]]
+    default_target: ClassVar[str]
+
+    @abc.abstractmethod
+    def capabilities(self, target: str) -> Capabilities: ...
+
+    def legalize(self, model: Model, target: str) -> list[str]:
+        """Problems that stop ``model`` from running on ``target`` (empty when none); checked before emitting."""
+        caps = self.capabilities(target)
+        problems = []
+        for node in model.graph.all_nodes():
+            if not caps.supports_op(node.domain, node.op_type):
+                domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+                problems.append(f"operator {domain}{node.op_type} (node {node.name!r}) is not supported by "
+                                f"{self.name} on target {target!r}")
+        return problems
+
+    @abc.abstractmethod
+    def emit(self, model: Model, directory: Path, target: str) -> list[str]:
+        """Write the deployable files into ``directory``; return their names."""
+
+    @abc.abstractmethod
+    def load(self, directory: Path, manifest: Mapping[str, Any]) -> Runner:
+        """A runner for an artifact this backend emitted."""
+
+    def check_target(self, target: str) -> None:
+        from bitpass.frontend.errors import UsageError
+
+        if target not in self.targets:
+            raise UsageError(f"backend {self.name!r} has no target {target!r}; targets: {', '.join(self.targets)}")
+
+
+def reference_runner(model: Model, *, threads: int = 2) -> Runner:
+    """An ONNX Runtime runner for an fp32 model in memory (the reference every artifact is measured against)."""
+    from bitpass.backends.onnxruntime.runner import OrtRunner
+
+    return OrtRunner.from_bytes(model.to_bytes(), threads=threads)
+
+
+def input_order(runner: Runner, feeds: Mapping[str, np.ndarray]) -> Sequence[str]:
+    return [n for n in runner.input_names if n in feeds]

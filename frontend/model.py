@@ -1,0 +1,146 @@
+"""``Model``: the one graph IR of bitpass, a thin facade over ``onnx_ir.Model``.
+
+There is no second IR. Passes mutate ``model.ir`` (onnx-ir) directly; this
+class adds what every layer needs: the layer list, input specs, deterministic
+bytes, and a networkx view built on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bitpass.frontend import annotation
+from bitpass.frontend.layers import Layer, assign_layer_ids, quantizable_layers
+
+#: Node-level metadata_props are saved only from ONNX IR version 10 on.
+MIN_IR_VERSION = 10
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, shape (ints, or strings for symbolic dims), numpy dtype."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "x".join(str(d) for d in self.shape)
+        return f"{self.name}[{dims}] {self.dtype}"
+
+
+@dataclass
+class Provenance:
+    """Where a model came from, for the manifest."""
+
+    kind: str  # "onnx", "torch" or "proto"
+    name: str
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _spec(value: ir.Value) -> TensorSpec:
+    shape = None
+    if value.shape is not None:
+        shape = tuple(d if isinstance(d, int) else (str(d) if d.value is not None else None) for d in value.shape)
+    dtype = value.dtype.numpy() if value.dtype is not None else np.dtype("float32")
+    return TensorSpec(value.name or "", shape, np.dtype(dtype))
+
+
+class Model:
+    """An ONNX model in memory with bitpass annotations."""
+
+    def __init__(self, ir_model: ir.Model, provenance: Provenance, torch_module: Any = None) -> None:
+        self.ir = ir_model
+        self.provenance = provenance
+        #: the nn.Module this model was exported from (gradient-based passes use it; never saved).
+        #: Layer ids of a torch export are module paths, so ``get_submodule(layer.id)`` finds a layer.
+        self.torch_module = torch_module
+        if self.ir.ir_version < MIN_IR_VERSION:
+            self.ir.ir_version = MIN_IR_VERSION
+        assign_layer_ids(self.ir.graph)
+        annotation.stamp_schema(self.ir)
+
+    # --- structure -------------------------------------------------------
+    @property
+    def graph(self) -> ir.Graph:
+        return self.ir.graph
+
+    def layers(self) -> list[Layer]:
+        """Quantizable units in topological order."""
+        return quantizable_layers(self.ir.graph)
+
+    def layer(self, layer_id: str) -> Layer:
+        for layer in self.layers():
+            if layer.id == layer_id:
+                return layer
+        raise KeyError(f"no layer {layer_id!r}; layers are: {', '.join(l.id for l in self.layers())}")
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [_spec(v) for v in self.ir.graph.inputs if v.const_value is None]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [_spec(v) for v in self.ir.graph.outputs]
+
+    @property
+    def opset(self) -> int:
+        return self.ir.opset_imports.get("", 1)
+
+    def weight_bytes(self) -> int:
+        """Bytes of all constant tensors (initializers and Constant nodes), as stored."""
+        total = 0
+        for value in self.ir.graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+        for node in self.ir.graph.all_nodes():
+            if node.op_type == "Constant" and (attr := node.attributes.get("value")) is not None:
+                if attr.type == ir.AttributeType.TENSOR:
+                    total += attr.as_tensor().nbytes
+        return total
+
+    def networkx(self) -> nx.DiGraph:
+        """A fresh DiGraph of nodes (by index in topological order) for graph analyses."""
+        nodes = list(self.ir.graph)
+        index = {id(n): i for i, n in enumerate(nodes)}
+        view = nx.DiGraph()
+        for i, node in enumerate(nodes):
+            view.add_node(i, op_type=node.op_type, name=node.name, layer_id=annotation.layer_id(node))
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and id(producer) in index:
+                    view.add_edge(index[id(producer)], i, tensor=value.name)
+        return view
+
+    # --- serialization ---------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        return ir.serde.serialize_model(self.ir)
+
+    def to_bytes(self) -> bytes:
+        """Deterministic protobuf bytes: the same model always gives the same bytes."""
+        return self.to_proto().SerializeToString(deterministic=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    def clone(self) -> Model:
+        """An independent deep copy (annotations included)."""
+        copy = ir.serde.deserialize_model(self.to_proto())
+        return Model(copy, Provenance(self.provenance.kind, self.provenance.name, self.provenance.sha256,
+                                      list(self.provenance.notes)), self.torch_module)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.provenance.name!r}, opset={self.opset}, nodes={len(self.ir.graph)}, "
+                f"layers={len(self.layers())})")
