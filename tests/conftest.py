@@ -1,0 +1,67 @@
+"""Shared fixtures: the project's own small models, trained once per test session on real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitpass.frontend import Model, from_torch
+from bitpass.tools import zoo
+
+
+@pytest.fixture(scope="session")
+def digits_split() -> zoo.Split:
+    return zoo.digits_split()
+
+
+@pytest.fixture(scope="session")
+def trained_cnn() -> torch.nn.Module:
+    """The project's digits CNN, trained (seeded) on the training split."""
+    module, _ = zoo.trained_digits_cnn()
+    return module
+
+
+@pytest.fixture(scope="session")
+def trained_mlp() -> torch.nn.Module:
+    module, _ = zoo.trained_digits_mlp()
+    return module
+
+
+@pytest.fixture(scope="session")
+def _cnn_proto(trained_cnn):
+    return from_torch(trained_cnn, (torch.zeros(1, 1, 8, 8),)).to_proto()
+
+
+@pytest.fixture(scope="session")
+def _mlp_proto(trained_mlp):
+    return from_torch(trained_mlp, (torch.zeros(1, 1, 8, 8),)).to_proto()
+
+
+@pytest.fixture
+def cnn_model(_cnn_proto, trained_cnn) -> Model:
+    """A fresh bitpass Model of the trained CNN (exported once, copied per test)."""
+    from bitpass.frontend import from_proto
+
+    model = from_proto(_cnn_proto, name="digits_cnn", kind="torch")
+    model.torch_module = trained_cnn
+    return model
+
+
+@pytest.fixture
+def mlp_model(_mlp_proto, trained_mlp) -> Model:
+    from bitpass.frontend import from_proto
+
+    model = from_proto(_mlp_proto, name="digits_mlp", kind="torch")
+    model.torch_module = trained_mlp
+    return model
+
+
+@pytest.fixture
+def calib_arrays(digits_split) -> dict[str, np.ndarray]:
+    return {"input": digits_split.calib_x}
+
+
+@pytest.fixture
+def eval_arrays(digits_split) -> dict[str, np.ndarray]:
+    return {"input": digits_split.eval_x, "labels": digits_split.eval_y}
