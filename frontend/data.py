@@ -103,6 +103,8 @@ def load_npz(path: str | Path, specs: Sequence[TensorSpec], *, role: str = "cali
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{role} data {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{role} data {path}: not a readable .npz file (expected numpy.savez output)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

@@ -9,6 +9,8 @@ computed on demand, cached, and invalidated by whatever a pass does not
 from __future__ import annotations
 
 import abc
+import enum
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,6 +19,7 @@ import pydantic
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.spec import parse_value
 
 #: Facts the context supplies rather than a pass: ``data:calibration`` and ``data:evaluation``.
 DATA_CALIBRATION = "data:calibration"
@@ -159,8 +162,9 @@ class Pass(abc.ABC):
         """Option name -> 'type = default' for help texts."""
         out = {}
         for name, info in cls.Config.model_fields.items():
-            kind = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-            out[name] = f"{kind} = {info.default!r}"
+            kind = _type_name(info.annotation)
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            out[name] = f"{kind} = {default}"
         return out
 
     @abc.abstractmethod
@@ -177,9 +181,28 @@ class Pass(abc.ABC):
         return f"<pass {self.spec()}>"
 
 
+def _type_name(annotation: Any) -> str:
+    """``int``, ``list[str]``, ``Literal['a', 'b']``, ``float | None``: as a user would write it."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _spec_value(value: Any) -> str:
+    """``value`` written so that ``spec.parse_value`` reads it back equal."""
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_spec_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        if parse_value(value) == value and not any(c in value for c in ",()[]='\" "):
+            return value
+        quote = "'" if '"' in value else '"'
+        return f"{quote}{value}{quote}"
+    if isinstance(value, enum.Enum):
+        return _spec_value(value.value)
     return str(value)
 
 
@@ -194,6 +217,8 @@ def make_config(config: type[PassConfig], options: Mapping[str, Any], pass_name:
             where = ".".join(str(p) for p in e["loc"]) or "options"
             if e["type"] == "extra_forbidden":
                 problems.append(f"unknown option {where!r} (valid: {valid})")
+            elif e["type"] == "missing":
+                problems.append(f"missing required option {where!r}")
             else:
                 problems.append(f"{where}={e.get('input')!r}: {e['msg']}")
         raise UsageError(f"pass {pass_name!r}: {'; '.join(problems)}") from None

@@ -51,9 +51,12 @@ class Pipeline:
     def run(self, model: Model, ctx: PassContext, *, verify: bool = True) -> Model:
         """Run every pass in order; returns the final model. Raises ``PipelineError`` naming the failing pass."""
         self.check(ctx)
-        instruments = [Progress(), *( [Verifier()] if verify else []), *ctx.instruments]
+        # Verification runs last, so a Timing instrument measures the pass alone.
+        instruments = [Progress(), *ctx.instruments]
         if not any(isinstance(i, Timing) for i in instruments):
             instruments.append(Timing())
+        if verify:
+            instruments.append(Verifier())
         ran: list[str] = []
         for pass_ in self.passes:
             try:

@@ -45,8 +45,8 @@ class Broken:
     error: str
 
     def describe(self) -> str:
-        return f"{self.group.split('.')[-1][:-2] if self.group != PASSES else 'pass'} {self.name!r} " \
-               f"from {self.package}: {self.error}"
+        noun = {PASSES: "pass", BACKENDS: "backend", PIPELINES: "pipeline"}.get(self.group, self.group)
+        return f"{noun} {self.name!r} from {self.package}: {self.error}"
 
 
 def _one_line(err: BaseException) -> str:
@@ -114,9 +114,9 @@ class Registry:
             if not inspect.isclass(obj) or obj.__module__ != module_name or inspect.isabstract(obj):
                 continue
             if issubclass(obj, Pass):
-                self.add(PASSES, obj.name, obj, str(path))
+                self.add(PASSES, getattr(obj, "name", obj.__name__), obj, str(path))
             elif issubclass(obj, Backend):
-                self.add(BACKENDS, obj.name, obj, str(path))
+                self.add(BACKENDS, getattr(obj, "name", obj.__name__), obj, str(path))
 
     # --- lookup ----------------------------------------------------------
     def _lookup(self, group: str, name: str, noun: str) -> Entry:
@@ -130,9 +130,15 @@ class Registry:
         for broken in self.broken:
             if broken.group == group and broken.name == name:
                 raise RegistryError(f"{noun} {name!r} from package {broken.package} failed to load: {broken.error}")
+        if group == PASSES and name in self.entries[PIPELINES]:
+            raise UsageError(f"{name!r} is a named pipeline, not a pass: give it alone as the pipeline, "
+                             f"or spell out its passes: {self.entries[PIPELINES][name].obj}")
         known = sorted(self.entries[group])
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+        failed = [b for b in self.broken if b.group == group]
+        if failed:
+            hint += "; plugins that failed to load: " + "; ".join(f"{b.package}: {b.error}" for b in failed)
         raise UsageError(f"unknown {noun} {name!r}{hint}")
 
     def pass_class(self, name: str) -> type[Pass]:
@@ -156,7 +162,8 @@ class Registry:
 
     def pipeline(self, spec: str) -> Pipeline:
         """A named pipeline, a YAML/TOML file, or a one-line text spec."""
-        if spec in self.entries[PIPELINES] or (PIPELINES, spec) in self.conflicts:
+        broken_pipeline = any(b.group == PIPELINES and b.name == spec for b in self.broken)
+        if spec in self.entries[PIPELINES] or (PIPELINES, spec) in self.conflicts or broken_pipeline:
             return self.build(parse_text(self.pipeline_spec(spec)), name=spec)
         if looks_like_file(spec):
             return self.build(parse_file(spec), name=Path(spec).name)

@@ -65,3 +65,15 @@ def calib_arrays(digits_split) -> dict[str, np.ndarray]:
 @pytest.fixture
 def eval_arrays(digits_split) -> dict[str, np.ndarray]:
     return {"input": digits_split.eval_x, "labels": digits_split.eval_y}
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory, _cnn_proto, digits_split):
+    """The trained CNN as model.onnx beside calib.npz and eval.npz (held-out, labelled)."""
+    import onnx
+
+    folder = tmp_path_factory.mktemp("digits")
+    onnx.save(_cnn_proto, folder / "model.onnx")
+    np.savez(folder / "calib.npz", input=digits_split.calib_x)
+    np.savez(folder / "eval.npz", input=digits_split.eval_x, labels=digits_split.eval_y)
+    return folder

@@ -1,0 +1,102 @@
+"""Measure an artifact against its fp32 reference: quality, size and latency, in one run.
+
+Quality is classification accuracy when the data has labels, and always the
+fidelity to the reference outputs (top-1 agreement, cosine, max abs error).
+Latency alternates the variants inside one process and takes medians, because
+ONNX Runtime timings drift within a process (NOTES.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from bitpass.backends.base import Runner
+from bitpass.frontend import Dataset
+
+EVAL_BATCH = 256
+
+
+def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH) -> list[np.ndarray]:
+    """All outputs of ``runner`` over ``data``, concatenated along the first axis."""
+    parts: list[list[np.ndarray]] = []
+    for feeds in data.batches(batch_size):
+        parts.append(runner.run(feeds))
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
+    logits = outputs[0].reshape(len(labels), -1)
+    return float((logits.argmax(axis=1) == labels.reshape(-1)).mean())
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely the artifact's first output follows the reference's."""
+
+    top1_agreement: float
+    cosine: float
+    max_abs_error: float
+
+
+def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Fidelity:
+    ref = reference[0].reshape(len(reference[0]), -1).astype(np.float64)
+    got = candidate[0].reshape(len(candidate[0]), -1).astype(np.float64)
+    agreement = float((ref.argmax(1) == got.argmax(1)).mean()) if ref.shape[1] > 1 else 1.0
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = float(np.mean(np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)))
+    return Fidelity(agreement, cosine, float(np.max(np.abs(ref - got))))
+
+
+def quality(reference: Runner, artifact: Runner, data: Dataset) -> dict:
+    """Accuracy of both (if labelled) and fidelity of the artifact to the reference."""
+    ref_out, art_out = predict(reference, data), predict(artifact, data)
+    result: dict = {"samples": len(data), "fidelity": asdict(fidelity(ref_out, art_out))}
+    if data.labels is not None:
+        ref_acc, art_acc = accuracy(ref_out, data.labels), accuracy(art_out, data.labels)
+        result["accuracy"] = {"fp32": ref_acc, "artifact": art_acc, "drop_points": 100 * (ref_acc - art_acc)}
+    return result
+
+
+def batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
+    """``size`` samples from ``data`` (repeated when it has fewer)."""
+    out = {}
+    for name, array in data.inputs.items():
+        reps = -(-size // len(array))
+        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
+    return out
+
+
+def latency(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], *, rounds: int = 15,
+            min_seconds: float = 0.02) -> dict[str, float]:
+    """Median seconds per call for each runner, measured alternately, after a warm-up."""
+    for runner in runners.values():
+        for _ in range(3):
+            runner.run(feeds)
+    # calls per round so that one round of the slowest variant lasts about min_seconds
+    calls = {}
+    for name, runner in runners.items():
+        start = time.perf_counter()
+        runner.run(feeds)
+        calls[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                runner.run(feeds)
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def latency_table(reference: Runner, artifact: Runner, data: Dataset, batches: tuple[int, ...] = (1, 64)) -> dict:
+    """Batch-size -> fp32 ms, artifact ms, speedup (fp32 / artifact)."""
+    table = {}
+    for size in batches:
+        times = latency({"fp32": reference, "artifact": artifact}, batch_of(data, size))
+        table[f"batch_{size}"] = {"fp32_ms": 1e3 * times["fp32"], "artifact_ms": 1e3 * times["artifact"],
+                                  "speedup": times["fp32"] / times["artifact"]}
+    return table

@@ -1,0 +1,106 @@
+"""``report.html``: the manifest made readable (summary, measurements, per-layer table, passes)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+_STYLE = """body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+h1{font-size:20px}h2{font-size:16px;margin-top:2em}.muted{color:#777}"""
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _frontier_plot(frontier: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
+    """A PNG (as an <img>) of the size/quality frontier, with the chosen point marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "<p class=muted>(matplotlib not installed: no plot)</p>"
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    for series in sorted({p.get("series", "frontier") for p in frontier}):
+        points = sorted((p for p in frontier if p.get("series", "frontier") == series), key=lambda p: p["x"])
+        axes.plot([p["x"] for p in points], [p["y"] for p in points], marker="o", ms=3, label=series)
+    if chosen is not None:
+        axes.plot([chosen["x"]], [chosen["y"]], marker="*", ms=14, color="crimson", label="chosen", ls="none")
+    axes.set_xlabel(frontier[0].get("x_label", "cost"))
+    axes.set_ylabel(frontier[0].get("y_label", "loss"))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(figure)
+    return f'<img alt="frontier" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def render(manifest: dict[str, Any]) -> str:
+    metrics = manifest.get("metrics", {})
+    parts = [f"<!doctype html><meta charset=utf-8><title>bitpass artifact</title><style>{_STYLE}</style>",
+             f"<h1>bitpass artifact: {html.escape(manifest['input_model']['name'])}</h1>",
+             f"<p>backend <b>{html.escape(manifest['backend'])}</b>, target <b>{html.escape(manifest['target'])}"
+             f"</b>, pipeline <code>{html.escape(manifest['pipeline'])}</code></p>"]
+    size = metrics.get("size")
+    if size:
+        parts.append("<h2>Size</h2>" + _table(["", "fp32", "artifact", "ratio"], [
+            ["weight bytes", size["fp32_weight_bytes"], size["weight_bytes"], size["weight_ratio"]],
+            ["model file bytes", size["fp32_file_bytes"], size["file_bytes"], size["file_ratio"]]]))
+    quality = metrics.get("quality")
+    if quality:
+        rows = []
+        if "accuracy" in quality:
+            acc = quality["accuracy"]
+            rows.append(["accuracy", acc["fp32"], acc["artifact"], f"drop {acc['drop_points']:.2f} pt"])
+        fid = quality["fidelity"]
+        rows += [["top-1 agreement", 1.0, fid["top1_agreement"], ""], ["cosine", 1.0, fid["cosine"], ""],
+                 ["max abs error", 0.0, fid["max_abs_error"], ""]]
+        parts.append(f"<h2>Quality on {quality['samples']} held-out samples</h2>"
+                     + _table(["", "fp32", "artifact", ""], rows))
+    lat = metrics.get("latency")
+    if lat:
+        parts.append("<h2>Latency (median, same process, alternating)</h2>" + _table(
+            ["", "fp32 ms", "artifact ms", "speedup"],
+            [[k.replace("_", " "), v["fp32_ms"], v["artifact_ms"], v["speedup"]] for k, v in lat.items()]))
+    allocation = manifest.get("records", {}).get("allocation", {})
+    if allocation.get("frontier"):
+        parts.append("<h2>Frontier</h2>" + _frontier_plot(allocation["frontier"], allocation.get("chosen_point")))
+    layers = manifest.get("layers", [])
+    if layers:
+        rows = []
+        for r in layers:
+            bits = r.get("bits", {})
+            sens = ", ".join(f"{k}={v:.3g}" for k, v in sorted(r.get("sensitivity", {}).items()))
+            rows.append([r["id"], r["op_type"], "x".join(map(str, r["weight_shape"])), r["params"],
+                         bits.get("weight"), bits.get("activation"), r.get("sparsity"), sens or None,
+                         (r.get("stored") or {}).get("format", r.get("status")), r.get("weight_bytes")])
+        parts.append("<h2>Layers</h2>" + _table(
+            ["layer", "op", "weight shape", "params", "w bits", "a bits", "sparsity", "sensitivity", "stored as",
+             "bytes"], rows))
+    passes = manifest.get("passes", [])
+    if passes:
+        parts.append("<h2>Passes</h2>" + _table(["pass", "seconds"], [[p["pass"], p["seconds"]] for p in passes]))
+    versions = manifest.get("versions", {})
+    parts.append("<h2>Provenance</h2>" + _table(["", ""], [
+        ["input sha256", manifest["input_model"]["sha256"]],
+        *[[f"{role} data", f"{d['source']} ({d['samples']} samples, sha256 {d['sha256'][:16]}…)"]
+          for role, d in manifest.get("data", {}).items() if d],
+        *[[k, v] for k, v in sorted(versions.items())]]))
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,268 @@
+"""The ``allocate-bits`` pass: per-layer weight widths from measured sensitivity, under a budget.
+
+Reads the ``sensitivity`` analysis ({layer_id: s} or per-bit {layer_id: {bits: Ω}};
+when it was invalidated, the ``bitpass.sensitivity.<method>`` node annotations),
+builds the ``Problem`` (problem.py), solves it with the chosen method
+(solvers.py) and writes ``bits.weight`` and ``bits.activation`` (8, or 32 where
+the weight stays fp32) on every layer. ``ctx.records["allocation"]`` gets the
+plan, its totals, the solver, seconds and, with ``sweep``, the frontier.
+
+What the context may supply:
+
+* widths per op type: ``ctx.target.options["capabilities"]`` (a backend's
+  ``Capabilities``) or ``ctx.target.options["weight_bits"]`` ({op_type:
+  widths}); else the option ``widths``; else 8/4/2 (+32) everywhere.
+* ``ctx.analyses`` ``"latency-table"``: {layer_id: {bits: seconds}}. It
+  enables ``latency=`` budgets and the rule *never slower than fp32*: a width
+  measured slower than the layer's fp32 is not offered, unless the budget
+  cannot be met without such widths (then all are offered and the record says so).
+* ``ctx.analyses`` ``"plan-evaluator"``: a callable ``plan -> accuracy`` in
+  [0, 1], needed by an ``accuracy-drop=`` budget.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import pydantic
+
+from bitpass.frontend import Model, annotation
+from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check_feasible, parse_budget
+from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits
+from bitpass.passes.allocation.solvers import SOLVERS, Allocation, pareto_frontier, solve
+from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
+
+#: analyses and facts this pass reads and writes
+SENSITIVITY = "sensitivity"
+LATENCY_TABLE = "latency-table"
+PLAN_EVALUATOR = "plan-evaluator"
+BITS = "bits"
+#: the fact ``set-bits`` produces and ``quantize``/the manifest read (passes/annotate.py)
+BITS_ANNOTATIONS = "annotation:bits"
+#: at most this many frontier points go into the record (evenly spread by cost)
+MAX_RECORDED_POINTS = 256
+
+
+def _items(value: str | list[Any] | None) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+class AllocateBitsConfig(PassConfig):
+    #: ilp (exact, default), pareto (frontier by DP), baq (closed form), greedy
+    method: Literal["ilp", "pareto", "baq", "greedy"] = "ilp"
+    #: e.g. "avg-bits=4", "size=40KB", "bops=1.2G", "latency=2ms", "accuracy-drop=0.5"; combine with ',' (quoted)
+    budget: str | list[str] = "avg-bits=4"
+    #: which ``bitpass.sensitivity.<method>`` annotation to read when the analysis is not cached
+    sensitivity: str = "hutchinson"
+    #: weights per fp32 scale for 4- and 2-bit layers
+    group_size: int = pydantic.Field(32, ge=1)
+    #: 4/2-bit blocks carry a zero point (counts in ``size``)
+    zero_point: bool = False
+    #: layer ids (or glob patterns) that stay fp32
+    keep_fp32: str | list[str] = ""
+    #: widths to offer when the target does not say (32 is always offered)
+    widths: list[int] | None = None
+    #: record the whole Pareto frontier of the budget's first dimension
+    sweep: bool = False
+
+    @pydantic.field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, value: str | list[str]) -> str | list[str]:
+        try:
+            parse_budget(value)
+        except UsageError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @pydantic.field_validator("widths")
+    @classmethod
+    def _known_widths(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(b not in (2, 3, 4, 8, 16, 32) for b in value):
+            raise ValueError(f"widths {value} must be among 2, 3, 4, 8, 16, 32")
+        return value
+
+
+class AllocateBits(Pass):
+    """Choose each layer's weight bits from its sensitivity under a size/bits/BOPs/latency/accuracy budget."""
+
+    name = "allocate-bits"
+    Config = AllocateBitsConfig
+    requires = frozenset({SENSITIVITY})
+    produces = frozenset({BITS, BITS_ANNOTATIONS})
+    config: AllocateBitsConfig
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        start = time.perf_counter()
+        budget = parse_budget(cfg.budget)
+        layers = model.layers()
+        if not layers:
+            ctx.records["allocation"] = {"plan": {}, "note": "no quantizable layers"}
+            return PassResult(model, modified=False, preserved=PRESERVE_ALL)
+        keep = self._keep_fp32([layer.id for layer in layers])
+        sensitivity, source = self._sensitivity(model, ctx)
+        latency = _latency_table(ctx)
+        widths, widths_source = self._widths(ctx)
+        problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
+                                     zero_point=cfg.zero_point, latency=latency, keep_fp32=keep)
+        problem, latency_record = _never_slower_than_fp32(problem, budget.without_accuracy(), latency)
+
+        search = None
+        if budget.accuracy_drop is not None:
+            evaluate = _evaluator(ctx)
+            search = bisect_accuracy_drop(problem, evaluate, budget.accuracy_drop, cfg.method, budget=budget)
+            allocation = search.result if search.result is not None else Allocation(
+                search.plan, problem.totals(search.plan), problem.loss(search.plan), cfg.method)
+        else:
+            allocation = solve(problem, budget, cfg.method)
+
+        frontier = allocation.frontier
+        frontier_dim = allocation.frontier_dimension
+        if cfg.sweep and frontier is None:
+            frontier_dim = next(iter(budget.limits), "avg-bits")
+            frontier = pareto_frontier(problem, frontier_dim)
+
+        for layer in layers:
+            bits = allocation.plan[layer.id]
+            annotation.set_weight_bits(layer.node, bits)
+            annotation.set_activation_bits(layer.node, activation_bits(bits))
+
+        record: dict[str, Any] = {
+            "method": cfg.method,
+            "solver": allocation.solver,
+            "budget": budget.describe(),
+            "plan": dict(allocation.plan),
+            "totals": dict(allocation.totals),
+            "solver_seconds": round(allocation.seconds, 4),
+            "sensitivity": source,
+            "widths": widths_source,
+            "group_size": cfg.group_size,
+            "candidates": {layer.id: list(layer.widths) for layer in problem.layers},
+        }
+        if keep:
+            record["keep_fp32"] = sorted(keep)
+        if latency_record:
+            record["latency_rule"] = latency_record
+        if search is not None:
+            record["accuracy_search"] = {"baseline": search.baseline, "accuracy": search.accuracy,
+                                         "avg_bits_budget": search.avg_bits,
+                                         "evaluations": [{k: v for k, v in e.items() if k != "plan"}
+                                                         for e in search.evaluations]}
+        if cfg.sweep and frontier is not None:
+            record["frontier"] = {"dimension": frontier_dim, "points": len(frontier),
+                                  "recorded": [p.as_record() for p in _thin(frontier, MAX_RECORDED_POINTS)]}
+        record["seconds"] = round(time.perf_counter() - start, 4)
+        ctx.records["allocation"] = record
+        ctx.analyses.put(BITS, dict(allocation.plan))
+        ctx.progress(f"allocate-bits({cfg.method}): {len(layers)} layers, "
+                     f"avg {allocation.totals.get('avg-bits', float('nan')):.3g} bits in {record['seconds']:.2f} s")
+        # only node metadata changed: every analysis of the graph still holds
+        return PassResult(model, modified=True, preserved=PRESERVE_ALL)
+
+    # --- inputs -------------------------------------------------------------
+    def _keep_fp32(self, ids: list[str]) -> set[str]:
+        keep: set[str] = set()
+        for pattern in _items(self.config.keep_fp32):
+            matched = {i for i in ids if fnmatch.fnmatchcase(i, pattern)}
+            if not matched:
+                raise UsageError(f"allocate-bits: keep_fp32 {pattern!r} matches no layer; layers are: "
+                                 f"{', '.join(ids)}")
+            keep |= matched
+        return keep
+
+    def _sensitivity(self, model: Model, ctx: PassContext) -> tuple[Mapping[str, Any], str]:
+        """The sensitivity analysis, else the node annotations of ``config.sensitivity``."""
+        method = self.config.sensitivity
+        try:
+            value = ctx.analyses.require(SENSITIVITY)
+        except BitpassError as err:
+            scores = {}
+            for layer in model.layers():
+                score = annotation.sensitivity(layer.node, method)
+                if score is not None:
+                    scores[layer.id] = score
+            if not scores:
+                raise UsageError(f"allocate-bits needs sensitivity: {err}; nor do the layers carry a "
+                                 f"{method!r} sensitivity annotation") from None
+            return scores, f"annotation:{method}"
+        if isinstance(value, Mapping) and method in value and isinstance(value[method], Mapping) \
+                and not any(layer.id == method for layer in model.layers()):
+            return value[method], f"analysis:{method}"  # {method: {layer_id: ...}}
+        if not isinstance(value, Mapping):
+            raise UsageError(f"the sensitivity analysis is a {type(value).__name__}, not {{layer_id: value}}")
+        per_bit = any(isinstance(v, Mapping) for v in value.values())
+        return value, "analysis:per-bit" if per_bit else "analysis"
+
+    def _widths(self, ctx: PassContext) -> tuple[Any, str]:
+        options = ctx.target.options or {}
+        caps = options.get("capabilities")
+        if caps is not None and hasattr(caps, "widths_for"):
+            return caps, f"target {ctx.target.backend}/{ctx.target.name}"
+        if isinstance(options.get("weight_bits"), Mapping):
+            return options["weight_bits"], f"target {ctx.target.backend}/{ctx.target.name} weight_bits"
+        if self.config.widths is not None:
+            fixed = tuple(self.config.widths)
+            return (lambda _op: fixed), "option widths"
+        return None, "default (8/4/2/32: the context gave no backend capabilities)"
+
+
+def _latency_table(ctx: PassContext) -> Mapping[str, Mapping[Any, float]] | None:
+    return ctx.analyses.require(LATENCY_TABLE) if ctx.analyses.cached(LATENCY_TABLE) else None
+
+
+def _evaluator(ctx: PassContext) -> Callable[[dict[str, int]], float]:
+    if ctx.analyses.cached(PLAN_EVALUATOR):
+        evaluate = ctx.analyses.require(PLAN_EVALUATOR)
+        if callable(evaluate):
+            return evaluate
+    raise UsageError("an accuracy-drop budget needs a way to measure a plan's accuracy: give evaluation data "
+                     "(--eval FILE) to a pipeline that provides the plan evaluator, or use avg-bits/size")
+
+
+def _never_slower_than_fp32(problem: Problem, budget: Budget,
+                            latency: Mapping[str, Mapping[Any, float]] | None) -> tuple[Problem, dict[str, Any]]:
+    """Drop widths measured slower than the layer's fp32, unless the budget needs them."""
+    if not latency:
+        return problem, {}
+    dropped: dict[str, dict[str, Any]] = {}
+    allowed: dict[str, list[int]] = {}
+    for layer in problem.layers:
+        try:
+            fp32 = layer.candidate(FLOAT_BITS).cost.get(LATENCY)
+        except KeyError:
+            continue
+        if fp32 is None or fp32 != fp32:  # no fp32 measurement: nothing to compare with
+            continue
+        slower = {c.bits: c.cost[LATENCY] for c in layer.candidates
+                  if c.bits != FLOAT_BITS and c.cost[LATENCY] == c.cost[LATENCY] and c.cost[LATENCY] > fp32}
+        if slower:
+            allowed[layer.id] = [b for b in layer.widths if b not in slower]
+            dropped[layer.id] = {"fp32_seconds": fp32, "slower": {str(b): s for b, s in slower.items()}}
+    if not dropped:
+        return problem, {}
+    restricted = problem.restrict(allowed)
+    try:
+        check_feasible(restricted, budget)
+    except UsageError as err:
+        return problem, {"applied": False, "dropped": dropped,
+                         "why": f"the budget needs widths slower than fp32: {err}"}
+    kept = {lid: f"every quantized width measured slower than fp32 ({info['fp32_seconds']:.3g} s)"
+            for lid, info in dropped.items() if restricted.layer(lid).widths == (FLOAT_BITS,)}
+    return restricted, {"applied": True, "dropped": dropped, "kept_fp32": kept}
+
+
+def _thin(points: list[Any], limit: int) -> list[Any]:
+    if len(points) <= limit:
+        return list(points)
+    step = (len(points) - 1) / (limit - 1)
+    return [points[round(i * step)] for i in range(limit)]
+
+
+__all__ = ["AllocateBits", "AllocateBitsConfig", "SOLVERS"]

@@ -1,0 +1,135 @@
+"""from_onnx: checked, external data confined to the model's folder, old opsets upgraded, pickles refused."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bitpass.frontend import ModelLoadError, annotation, from_onnx, from_proto
+
+
+def tiny_linear(opset: int = 13, ir_version: int = 8) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "fc.weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="fc")], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def test_loads_a_model_and_names_its_layers(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_linear(), path)
+    model = from_onnx(path)
+    assert [layer.id for layer in model.layers()] == ["fc"]
+    assert model.inputs[0].name == "x" and model.inputs[0].shape == ("n", 4)
+    assert model.provenance.kind == "onnx" and len(model.provenance.sha256) == 64
+
+
+def test_old_opset_is_upgraded_and_ir_version_raised_so_annotations_save(tmp_path):
+    path = tmp_path / "old.onnx"
+    onnx.save(tiny_linear(opset=9, ir_version=4), path)
+    model = from_onnx(path)
+    assert model.opset >= 17
+    assert model.ir.ir_version >= 10
+    assert any("opset upgraded 9" in note for note in model.provenance.notes)
+    annotation.set_weight_bits(model.layers()[0].node, 4)
+    reloaded = from_proto(onnx.load_from_string(model.to_bytes()))
+    assert annotation.weight_bits(reloaded.layers()[0].node) == 4
+
+
+def test_annotations_and_layer_ids_survive_save_and_load(tmp_path):
+    model = from_proto(tiny_linear())
+    node = model.layers()[0].node
+    annotation.set_sensitivity(node, "hutchinson", 1.5)
+    model.save(tmp_path / "a.onnx")
+    again = from_onnx(tmp_path / "a.onnx")
+    assert again.layers()[0].id == "fc"
+    assert annotation.sensitivity(again.layers()[0].node, "hutchinson") == 1.5
+
+
+def test_external_data_inside_the_folder_is_loaded(tmp_path):
+    model = tiny_linear()
+    expected = numpy_helper.to_array(model.graph.initializer[0])
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    loaded = from_onnx(tmp_path / "ext.onnx")
+    assert (tmp_path / "weights.bin").stat().st_size == expected.nbytes
+    np.testing.assert_array_equal(loaded.layers()[0].weight_array, expected)
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.zeros(12, np.float32).tobytes())
+    model = tiny_linear()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../secret.bin")
+    onnx.save(model, inner / "evil.onnx")
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        from_onnx(inner / "evil.onnx")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"this is not a model at all", "not an ONNX file|not a valid ONNX"),
+])
+def test_garbage_is_refused_with_a_clear_message(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        from_onnx(path)
+
+
+def test_truncated_model_is_refused(tmp_path):
+    data = tiny_linear().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        from_onnx(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model file"):
+        from_onnx(tmp_path / "nope.onnx")
+
+
+class Boom:
+    def __reduce__(self):  # would run on unpickling
+        return (exec, ("raise SystemExit('unpickled!')",))
+
+
+def test_pickles_are_never_unpickled(tmp_path):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        from_onnx(path)
+
+
+def test_torch_checkpoint_is_recognised(tmp_path):
+    import torch
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ModelLoadError, match="PyTorch checkpoint"):
+        from_onnx(path)
+
+
+def test_imported_model_runs_unchanged_in_onnxruntime(tmp_path):
+    original = tiny_linear(opset=11)
+    model = from_proto(original)
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    want = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)

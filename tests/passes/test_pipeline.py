@@ -1,0 +1,351 @@
+"""Specification of ``Pipeline``: the requires-check, instruments, and errors that name the failing pass.
+
+The passes are real ``Pass`` subclasses editing the onnx-ir graph of a tiny
+model built with ``onnx.helper``; outputs are checked with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bitpass.frontend import Model, annotation, from_arrays, from_proto
+from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.infra import DATA_CALIBRATION, PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.instruments import PassInstrument, Timing, VerificationError, verify
+from bitpass.passes.pipeline import Pipeline, PipelineError
+
+
+def tiny_model() -> Model:
+    """x[1,4] -> MatMul(fc.weight[4,3]) -> Add(fc.bias) -> Relu -> y[1,3]."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "fc.weight")
+    bias = numpy_helper.from_array(np.full(3, 0.5, np.float32), "fc.bias")
+    nodes = [helper.make_node("MatMul", ["x", "fc.weight"], ["h"], name="fc_matmul"),
+             helper.make_node("Add", ["h", "fc.bias"], ["h2"], name="fc_add"),
+             helper.make_node("Relu", ["h2"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weight, bias])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return from_proto(proto, name="tiny")
+
+
+X = np.random.default_rng(1).standard_normal((1, 4)).astype(np.float32)
+
+
+def run_model(model: Model) -> np.ndarray:
+    session = ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": X})[0]
+
+
+# --- passes used as specimens ---------------------------------------------------------
+
+class NegateConfig(PassConfig):
+    times: int = 1
+
+
+class AppendNeg(Pass):
+    """Append Neg nodes after the graph output (the output keeps its name)."""
+
+    name = "append-neg"
+    Config = NegateConfig
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        for _ in range(self.config.times):
+            old = graph.outputs[0]
+            node = ir.Node("", "Neg", inputs=[old], name=f"neg_{len(graph)}")
+            new = node.outputs[0]
+            new.shape, new.type = old.shape, old.type
+            new.name, old.name = old.name, f"{old.name}_{len(graph)}"
+            graph.append(node)
+            graph.outputs[0] = new
+        return PassResult(model, modified=True, preserved=frozenset())
+
+
+class RecordRanges(Pass):
+    """Put a result in the analysis cache, as calibration does."""
+
+    name = "record-ranges"
+    requires = frozenset({DATA_CALIBRATION})
+    produces = frozenset({"analysis:ranges"})
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ctx.analyses.put("ranges", {"x": (float(X.min()), float(X.max()))})
+        return PassResult(model, modified=False)
+
+
+class UseRanges(Pass):
+    """Read the cached ranges, as quantization does."""
+
+    name = "use-ranges"
+    requires = frozenset({"analysis:ranges"})
+    produces = frozenset({"annotation:bits.activation"})
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ctx.analyses.require("ranges")
+        for layer in model.layers():
+            annotation.set_activation_bits(layer.node, 8)
+        return PassResult(model, modified=True, preserved=PRESERVE_ALL)
+
+
+class KeepRangesNeg(AppendNeg):
+    """Append a Neg but declare that the ranges still hold."""
+
+    name = "keep-ranges-neg"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        result = super().run(model, ctx)
+        return PassResult(result.model, modified=True, preserved=frozenset({"ranges"}))
+
+
+class Explode(Pass):
+    """Raise inside run."""
+
+    name = "explode"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        raise ValueError("weights are on fire\nsecond line")
+
+
+class Misuse(Pass):
+    """Raise a usage error inside run."""
+
+    name = "misuse"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        raise UsageError("layer 'conv9' does not exist")
+
+
+class BreakGraph(Pass):
+    """Rename the Relu to an operator ONNX does not have."""
+
+    name = "break-graph"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        next(n for n in model.graph if n.op_type == "Relu").op_type = "NoSuchOp"
+        return PassResult(model, modified=True)
+
+
+class SilentBreak(BreakGraph):
+    """Break the graph but claim nothing changed."""
+
+    name = "silent-break"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        super().run(model, ctx)
+        return PassResult(model, modified=False)
+
+
+class BadBits(Pass):
+    """Annotate a width no backend has."""
+
+    name = "bad-bits"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        annotation.set_weight_bits(model.layers()[0].node, 5)
+        return PassResult(model, modified=True, preserved=PRESERVE_ALL)
+
+
+class Copying(Pass):
+    """A functional pass: returns a fresh copy with one more Neg."""
+
+    name = "copying"
+    in_place = False
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        copy = model.clone()
+        AppendNeg().run(copy, ctx)
+        return PassResult(copy, modified=True)
+
+
+class ClaimsInPlace(Copying):
+    """Returns a new model while declaring itself in-place."""
+
+    name = "claims-in-place"
+    in_place = True
+
+
+class Sleep(Pass):
+    """Sleep a little, so timing has something to measure."""
+
+    name = "sleep"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        time.sleep(0.02)
+        return PassResult(model, modified=False)
+
+
+def calibration(model: Model):
+    return from_arrays({"x": np.zeros((2, 4), np.float32)}, model.inputs)
+
+
+# --- running ---------------------------------------------------------------------
+
+def test_passes_run_in_order_and_really_change_the_model():
+    model = tiny_model()
+    before = run_model(model)
+    out = Pipeline([AppendNeg(), AppendNeg(times=2)]).run(model, PassContext())
+    assert [n.op_type for n in out.graph][-3:] == ["Neg", "Neg", "Neg"]
+    np.testing.assert_allclose(run_model(out), -before)
+
+
+def test_spec_is_the_comma_joined_pass_specs():
+    assert Pipeline([AppendNeg(), AppendNeg(times=2), Sleep()]).spec() == "append-neg,append-neg(times=2),sleep"
+
+
+def test_functional_pass_result_replaces_the_model():
+    model = tiny_model()
+    out = Pipeline([Copying()]).run(model, PassContext())
+    assert out is not model
+    assert len(out.graph) == 4 and len(model.graph) == 3
+
+
+def test_in_place_pass_returning_another_model_is_an_error():
+    with pytest.raises(PipelineError, match="'claims-in-place' failed: in-place pass returned a different model"):
+        Pipeline([ClaimsInPlace()]).run(tiny_model(), PassContext())
+
+
+# --- the requires check ---------------------------------------------------------------
+
+def test_check_names_the_step_and_what_is_missing_with_the_calib_hint():
+    pipeline = Pipeline([AppendNeg(), RecordRanges(), UseRanges()])
+    with pytest.raises(UsageError) as err:
+        pipeline.check(PassContext())
+    message = str(err.value)
+    assert "step 2 'record-ranges'" in message and "data:calibration" in message and "--calib" in message
+
+
+def test_check_passes_when_the_context_supplies_the_data():
+    model = tiny_model()
+    Pipeline([RecordRanges(), UseRanges()]).check(PassContext(calibration=calibration(model)))
+
+
+def test_a_requirement_produced_only_later_is_missing():
+    model = tiny_model()
+    pipeline = Pipeline([UseRanges(), RecordRanges()])
+    with pytest.raises(UsageError) as err:
+        pipeline.check(PassContext(calibration=calibration(model)))
+    message = str(err.value)
+    assert "step 1 'use-ranges'" in message and "analysis:ranges" in message
+    assert "add a pass producing analysis:ranges before it" in message and "--calib" not in message
+
+
+def test_the_check_runs_before_any_pass():
+    model = tiny_model()
+    with pytest.raises(UsageError, match="--calib"):
+        Pipeline([AppendNeg(), RecordRanges()]).run(model, PassContext())
+    assert len(model.graph) == 3  # append-neg never ran
+
+
+# --- failures name the pass --------------------------------------------------------------
+
+def test_a_failing_pass_is_named_with_the_passes_that_ran_before_it():
+    model = tiny_model()
+    pipeline = Pipeline([AppendNeg(), AppendNeg(times=2), Explode(), AppendNeg()])
+    with pytest.raises(PipelineError) as err:
+        pipeline.run(model, PassContext())
+    message = str(err.value)
+    assert message == ("pass 'explode' failed: weights are on fire "
+                       "(passes run before it: append-neg, append-neg(times=2))")
+    assert err.value.failed == "explode" and err.value.ran == ["append-neg", "append-neg(times=2)"]
+    assert isinstance(err.value.cause, ValueError) and err.value.__cause__ is err.value.cause
+    assert err.value.exit_code == 1
+
+
+def test_failure_of_the_first_pass_says_none_ran():
+    with pytest.raises(PipelineError, match=r"\(passes run before it: none\)"):
+        Pipeline([Explode()]).run(tiny_model(), PassContext())
+
+
+def test_a_usage_error_inside_a_pass_keeps_its_exit_code():
+    with pytest.raises(PipelineError) as err:
+        Pipeline([AppendNeg(), Misuse()]).run(tiny_model(), PassContext())
+    assert "pass 'misuse' failed: layer 'conv9' does not exist" in str(err.value)
+    assert err.value.exit_code == 2 and isinstance(err.value, BitpassError)
+
+
+# --- analyses across passes ------------------------------------------------------------
+
+def test_a_pass_that_does_not_preserve_a_result_invalidates_it_for_later_passes():
+    model = tiny_model()
+    pipeline = Pipeline([RecordRanges(), AppendNeg(), UseRanges()])
+    with pytest.raises(PipelineError) as err:
+        pipeline.run(model, PassContext(calibration=calibration(model)))
+    message = str(err.value)
+    assert "pass 'use-ranges' failed" in message
+    assert "ranges was invalidated by pass 'append-neg'" in message
+    assert "(passes run before it: record-ranges, append-neg)" in message
+
+
+def test_preserved_results_survive_a_modifying_pass():
+    model = tiny_model()
+    ctx = PassContext(calibration=calibration(model))
+    out = Pipeline([RecordRanges(), KeepRangesNeg(), UseRanges()]).run(model, ctx)
+    assert ctx.analyses.cached("ranges")
+    assert annotation.activation_bits(out.layers()[0].node) == 8
+
+
+# --- instruments ------------------------------------------------------------------------
+
+def test_verifier_catches_a_pass_that_breaks_the_graph():
+    with pytest.raises(PipelineError) as err:
+        Pipeline([AppendNeg(), BreakGraph(), AppendNeg()]).run(tiny_model(), PassContext())
+    assert isinstance(err.value.cause, VerificationError)
+    message = str(err.value)
+    assert "pass 'break-graph' failed: invalid ONNX" in message and "NoSuchOp" in message
+    assert "(passes run before it: append-neg)" in message
+
+
+def test_verifier_catches_bad_annotations():
+    with pytest.raises(PipelineError, match="pass 'bad-bits' failed: bad annotations: .*bits.weight=5"):
+        Pipeline([BadBits()]).run(tiny_model(), PassContext())
+
+
+def test_verification_can_be_turned_off():
+    out = Pipeline([BreakGraph(), BadBits()]).run(tiny_model(), PassContext(), verify=False)
+    with pytest.raises(VerificationError, match="NoSuchOp"):
+        verify(out)
+
+
+def test_verifier_trusts_passes_that_report_no_change():
+    out = Pipeline([SilentBreak()]).run(tiny_model(), PassContext())
+    with pytest.raises(VerificationError):
+        verify(out)
+
+
+def test_timing_records_each_pass_in_run_order():
+    timing = Timing()
+    Pipeline([AppendNeg(), Sleep(), AppendNeg(times=2)]).run(tiny_model(), PassContext(instruments=[timing]))
+    assert [name for name, _ in timing.seconds] == ["append-neg", "sleep", "append-neg(times=2)"]
+    assert all(seconds >= 0 for _, seconds in timing.seconds)
+    assert timing.seconds[1][1] >= 0.02
+
+
+class Recorder(PassInstrument):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def run_before_pass(self, pass_, model, ctx):
+        self.events.append(f"before {pass_.name} ({len(model.graph)} nodes)")
+
+    def run_after_pass(self, pass_, result, ctx):
+        self.events.append(f"after {pass_.name} modified={result.modified}")
+
+
+def test_custom_instruments_see_every_pass():
+    recorder = Recorder()
+    Pipeline([AppendNeg(), Sleep()]).run(tiny_model(), PassContext(instruments=[recorder]))
+    assert recorder.events == ["before append-neg (3 nodes)", "after append-neg modified=True",
+                               "before sleep (4 nodes)", "after sleep modified=False"]
+
+
+def test_progress_reports_each_pass():
+    messages: list[str] = []
+    Pipeline([AppendNeg(times=2), Sleep()]).run(tiny_model(), PassContext(progress=messages.append))
+    assert messages == ["running append-neg(times=2)", "running sleep"]

@@ -1,0 +1,5 @@
+import sys
+
+from bitpass.tools.cli import main
+
+sys.exit(main())

@@ -1,0 +1,268 @@
+"""The Python API: ``compile`` a model into an artifact, ``verify`` and ``load`` artifacts.
+
+    from bitpass.tools import compile
+    artifact = compile("model.onnx", "out/", calibration="calib.npz", evaluation="eval.npz")
+    artifact = compile(module, "out/", example_inputs=(torch.zeros(1, 3, 32, 32),), calibration=...)
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitpass.backends import artifact as artifact_io
+from bitpass.backends import layers as layer_report
+from bitpass.backends import measure, report
+from bitpass.backends.base import Backend, Runner, reference_runner
+from bitpass.frontend import Dataset, Model, from_arrays, load_model, load_npz
+from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
+from bitpass.passes.infra import PassContext, Target
+from bitpass.passes.instruments import Timing
+from bitpass.plugins import Registry, default_registry
+
+REFERENCE = "reference.onnx"
+_VERSIONED = ("bitpass", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "torch", "scipy")
+
+DataSource = str | Path | Mapping[str, np.ndarray] | Dataset | None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A compiled artifact on disk and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest["metrics"]
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _dataset(source: DataSource, model: Model, role: str) -> Dataset | None:
+    if source is None or isinstance(source, Dataset):
+        return source
+    if isinstance(source, (str, Path)):
+        return load_npz(source, model.inputs, role=role)
+    return from_arrays(source, model.inputs, role=role)
+
+
+def _data_record(data: Dataset | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {"source": data.source, "sha256": data.sha256, "samples": len(data), "labels": data.labels is not None}
+
+
+def _legalize(backend: Backend, model: Model, target: str, when: str) -> None:
+    problems = backend.legalize(model, target)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UnsupportedOperatorError(f"{when}: {problems[0]}{more}")
+
+
+def _measure(reference: Runner, runner: Runner, ref_bytes: int, final: Model, reference_model: Model,
+             directory: Path, evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
+             progress: Callable[[str], None]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"size": {
+        "fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": final.weight_bytes(),
+        "weight_ratio": final.weight_bytes() / max(reference_model.weight_bytes(), 1),
+        "fp32_file_bytes": ref_bytes, "file_bytes": (directory / "model.onnx").stat().st_size,
+        "file_ratio": (directory / "model.onnx").stat().st_size / max(ref_bytes, 1),
+    }}
+    if evaluation is not None:
+        progress(f"measuring quality on {len(evaluation)} held-out samples")
+        metrics["quality"] = measure.quality(reference, runner, evaluation)
+    timing_data = evaluation or calibration
+    if latency and timing_data is not None:
+        progress("measuring latency at batch 1 and 64 against fp32")
+        metrics["latency"] = measure.latency_table(reference, runner, timing_data)
+    return metrics
+
+
+def compile(  # noqa: A001 - the verb users expect; shadows the builtin only here
+    model: Any,
+    output_dir: str | Path,
+    *,
+    pipeline: str = "default",
+    calibration: DataSource = None,
+    evaluation: DataSource = None,
+    example_inputs: Any = None,
+    backend: str = "onnxruntime",
+    target: str | None = None,
+    plugin_paths: Sequence[str | Path] = (),
+    force: bool = False,
+    latency: bool = True,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    registry: Registry | None = None,
+) -> Artifact:
+    """Compile ``model`` (ONNX path, ModelProto, nn.Module + example_inputs, or Model) into ``output_dir``.
+
+    Nothing is written unless everything succeeds: the artifact appears atomically.
+    """
+    say = progress or (lambda _message: None)
+    output_dir = Path(output_dir)
+    artifact_io.check_destination(output_dir, force=force)
+    registry = registry or default_registry(plugin_paths)
+    backend_impl: Backend = registry.backend(backend)()
+    target = target or backend_impl.default_target
+    backend_impl.check_target(target)
+    passes = registry.pipeline(pipeline)
+
+    say("importing model")
+    source = load_model(model, example_inputs)
+    calib = _dataset(calibration, source, "calibration")
+    evaluation_data = _dataset(evaluation, source, "evaluation")
+    _legalize(backend_impl, source, target, "input model")
+    reference_model = source.clone()
+
+    timing = Timing()
+    ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=Target(backend, target),
+                      instruments=[timing], seed=seed, progress=say)
+    final = passes.run(source, ctx)
+    _legalize(backend_impl, final, target, "compiled model")
+
+    with artifact_io.staging(output_dir, force=force) as tmp:
+        say(f"emitting {backend} artifact")
+        files = backend_impl.emit(final, tmp, target)
+        reference_bytes = reference_model.to_bytes()
+        (tmp / REFERENCE).write_bytes(reference_bytes)
+        runner = backend_impl.load(tmp, {})
+        reference = reference_runner(reference_model)
+        metrics = _measure(reference, runner, len(reference_bytes), final, reference_model, tmp,
+                           evaluation_data, calib, latency, say)
+        records = layer_report.layer_records(reference_model, final)
+        manifest = {
+            "schema": artifact_io.MANIFEST_SCHEMA,
+            "versions": versions(),
+            "input_model": {"name": source.provenance.name, "kind": source.provenance.kind,
+                            "sha256": source.provenance.sha256, "notes": source.provenance.notes},
+            "pipeline": passes.spec(),
+            "pipeline_name": passes.name,
+            "backend": backend, "target": target,
+            "inputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.inputs],
+            "outputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.outputs],
+            "data": {"calibration": _data_record(calib), "evaluation": _data_record(evaluation_data)},
+            "passes": [{"pass": name, "seconds": round(seconds, 4)} for name, seconds in timing.seconds],
+            "records": _jsonable(ctx.records),
+            "layers": records,
+            "summary": layer_report.summarize(records),
+            "metrics": metrics,
+            "seed": seed,
+            "files": artifact_io.file_table(tmp, [*files, REFERENCE]),
+        }
+        artifact_io.write_manifest(tmp, manifest)
+        (tmp / "report.html").write_text(report.render(manifest))
+    return Artifact(output_dir, manifest)
+
+
+def _jsonable(value: Any) -> Any:
+    """Records as plain JSON types (numpy scalars and tuples converted; sets sorted)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+# --- using artifacts --------------------------------------------------------
+def open_artifact(path: str | Path, registry: Registry | None = None) -> tuple[dict[str, Any], Runner]:
+    """The manifest and a runner for an artifact directory (files checked against their hashes)."""
+    path = Path(path)
+    manifest = artifact_io.read_manifest(path)
+    problems = artifact_io.check_files(path, manifest)
+    if problems:
+        raise BitpassError(f"{path}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    registry = registry or default_registry()
+    runner = registry.backend(manifest["backend"])().load(path, manifest)
+    return manifest, runner
+
+
+def _specs(manifest: dict[str, Any]) -> list:
+    from bitpass.frontend import TensorSpec
+
+    return [TensorSpec(i["name"], tuple(d if isinstance(d, int) else str(d) for d in i["shape"]) or None,
+                       np.dtype(i["dtype"])) for i in manifest["inputs"]]
+
+
+def run(path: str | Path, inputs: str | Path | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an artifact on a batch of inputs; outputs by name."""
+    manifest, runner = open_artifact(path)
+    data = load_npz(inputs, _specs(manifest), role="input") if isinstance(inputs, (str, Path)) \
+        else from_arrays(inputs, _specs(manifest), role="input")
+    outputs = measure.predict(runner, data)
+    return dict(zip(runner.output_names, outputs))
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float = 0.005) -> list[Check]:
+    """Re-check an artifact: files match their hashes, annotations match the plan, and quality still
+    meets the recorded figures (within ``tolerance``) when evaluation data is given."""
+    path = Path(path)
+    manifest = artifact_io.read_manifest(path)
+    checks = []
+    problems = artifact_io.check_files(path, manifest)
+    checks.append(Check("files", not problems, "; ".join(problems) or "all files match their sha256"))
+    if problems:
+        return checks
+    _, runner = open_artifact(path)
+    from bitpass.frontend import from_onnx
+
+    final = from_onnx(path / "model.onnx")
+    reference_model = from_onnx(path / REFERENCE)
+    now = {r["id"]: r.get("bits") for r in layer_report.layer_records(reference_model, final)}
+    mismatched = [r["id"] for r in manifest["layers"] if r.get("bits") != now.get(r["id"])]
+    checks.append(Check("plan", not mismatched, f"layers differ from the recorded plan: {', '.join(mismatched)}"
+                        if mismatched else f"{len(now)} layers match the recorded bits"))
+    if evaluation is None:
+        return checks
+    data = _dataset(evaluation, reference_model, "evaluation")
+    assert data is not None
+    quality = measure.quality(reference_runner(reference_model), runner, data)
+    recorded = manifest["metrics"].get("quality")
+    if recorded is None:
+        checks.append(Check("quality", True, "no quality was recorded at compile time; measured only"))
+        return checks
+    if "accuracy" in recorded and "accuracy" in quality:
+        got, want = quality["accuracy"]["artifact"], recorded["accuracy"]["artifact"]
+        checks.append(Check("accuracy", got >= want - tolerance, f"artifact accuracy {got:.4f}, recorded {want:.4f}"))
+    got_f, want_f = quality["fidelity"], recorded["fidelity"]
+    ok = (got_f["cosine"] >= want_f["cosine"] - tolerance
+          and got_f["top1_agreement"] >= want_f["top1_agreement"] - tolerance)
+    checks.append(Check("fidelity", ok, f"cosine {got_f['cosine']:.5f} (recorded {want_f['cosine']:.5f}), top-1 "
+                        f"agreement {got_f['top1_agreement']:.4f} (recorded {want_f['top1_agreement']:.4f})"))
+    if data.sha256 != (manifest["data"].get("evaluation") or {}).get("sha256"):
+        checks.append(Check("data", True, "evaluation data differs from compile time: compared with tolerance"))
+    return checks
+
+
+def default_progress(message: str) -> None:
+    print(f"[bitpass] {message}", file=sys.stderr, flush=True)

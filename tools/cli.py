@@ -1,0 +1,270 @@
+"""bitpass: compile trained models into small, fast, low-precision artifacts.
+
+Every subcommand's --help has examples. Errors are one line on stderr; the exit
+status is 2 for a usage problem (bad option, mismatched data, unknown pass)
+and 1 for a failure (corrupt model, unsupported operator, failing pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bitpass.frontend.errors import BitpassError
+
+#: Wide enough for the pass table when piped (rich assumes 80 columns off a terminal).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+EPILOG_COMPILE = """examples:
+  bitpass compile model.onnx --calib calib.npz --eval eval.npz -o out/     # default pipeline: int8 for ONNX Runtime
+  bitpass compile model.onnx --pipeline optimize -o out/                    # fp32 folding and fusion only
+  bitpass compile model.onnx --calib calib.npz -o out/ \\
+      --pipeline "fold-constants,fuse,calibrate(method=percentile),quantize"
+  bitpass compile model.onnx --calib calib.npz -o out/ --pipeline my_pipeline.yaml
+
+data files are .npz: one array per model input, keyed by the input's name, samples on the first
+axis; an optional 'labels' array turns on accuracy (otherwise fidelity to fp32 is measured)."""
+
+
+def _add_compile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="compile a model into an artifact directory",
+                       description="Import MODEL, run a pipeline of passes, emit an artifact for a backend, and "
+                                   "measure it against the fp32 reference.",
+                       epilog=EPILOG_COMPILE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="an ONNX file (external data must sit in its folder)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create (must not exist)")
+    p.add_argument("--pipeline", default="default",
+                   help="a named pipeline (see 'bitpass pipelines'), a .yaml/.toml file, or a one-line spec "
+                        "like 'fold-constants,fuse,calibrate(method=entropy),quantize' (default: %(default)s)")
+    p.add_argument("--calib", metavar="NPZ", help="calibration samples (.npz); needed to quantize activations")
+    p.add_argument("--eval", metavar="NPZ", help="held-out samples (.npz) for accuracy/fidelity; never the calib set")
+    p.add_argument("--backend", default="onnxruntime", help="code generator (default: %(default)s)")
+    p.add_argument("--target", help="backend target (default: the backend's default)")
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH",
+                   help="load passes/backends from this .py file or package folder (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it is an earlier artifact")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomized passes (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+
+
+def _progress(args: argparse.Namespace):
+    from bitpass.tools.api import default_progress
+
+    return None if getattr(args, "quiet", False) else default_progress
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from bitpass.tools.api import compile as compile_model
+
+    artifact = compile_model(args.model, args.output, pipeline=args.pipeline, calibration=args.calib,
+                             evaluation=args.eval, backend=args.backend, target=args.target,
+                             plugin_paths=args.plugin, force=args.force, latency=not args.no_latency,
+                             seed=args.seed, progress=_progress(args))
+    print_summary(artifact.manifest, artifact.path)
+    return 0
+
+
+def print_summary(manifest: dict[str, Any], path: Path) -> None:
+    metrics = manifest["metrics"]
+    table = Table(title=f"{manifest['input_model']['name']} → {path}  ({manifest['backend']}/{manifest['target']})")
+    table.add_column("")
+    table.add_column("fp32", justify="right")
+    table.add_column("artifact", justify="right")
+    table.add_column("ratio / change", justify="right")
+    size = metrics["size"]
+    table.add_row("weight bytes", f"{size['fp32_weight_bytes']:,}", f"{size['weight_bytes']:,}",
+                  f"{size['weight_ratio']:.3f}×")
+    quality = metrics.get("quality")
+    if quality and "accuracy" in quality:
+        acc = quality["accuracy"]
+        table.add_row("accuracy", f"{100 * acc['fp32']:.2f} %", f"{100 * acc['artifact']:.2f} %",
+                      f"{-acc['drop_points']:+.2f} pt")
+    if quality:
+        fid = quality["fidelity"]
+        table.add_row("fidelity", "", f"cos {fid['cosine']:.5f}", f"top-1 agree {100 * fid['top1_agreement']:.1f} %")
+    for key, row in metrics.get("latency", {}).items():
+        table.add_row(f"latency {key.replace('_', ' ')}", f"{row['fp32_ms']:.3f} ms", f"{row['artifact_ms']:.3f} ms",
+                      f"{row['speedup']:.2f}× faster")
+    console.print(table)
+    console.print(f"pipeline: {manifest['pipeline']}")
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from bitpass.plugins import default_registry
+
+    registry = default_registry(args.plugin)
+    table = Table(title="registered passes")
+    for column in ("pass", "summary", "requires", "produces", "options", "package"):
+        table.add_column(column, overflow="fold")
+    for entry in registry.pass_entries():
+        cls = entry.obj
+        options = ", ".join(f"{k}: {v}" for k, v in cls.options().items())
+        table.add_row(entry.name, cls.summary(), ", ".join(sorted(cls.requires)) or "-",
+                      ", ".join(sorted(cls.produces)) or "-", options or "-", entry.package)
+    console.print(table)
+    _report_problems(registry)
+    return 0
+
+
+def _report_problems(registry: Any) -> None:
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for broken in registry.broken:
+        err.print(f"warning: {broken.group} entry {broken.name!r} from {broken.package} failed to load: "
+                  f"{broken.error}", markup=False)
+    for (group, name), packages in registry.conflicts.items():
+        err.print(f"warning: {group} name {name!r} is registered by more than one package: "
+                  f"{' and '.join(packages)}", markup=False)
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    from bitpass.plugins import default_registry
+
+    registry = default_registry(args.plugin)
+    table = Table(title="named pipelines")
+    for column in ("pipeline", "spec", "package"):
+        table.add_column(column, overflow="fold")
+    for entry in registry.pipeline_entries():
+        table.add_row(entry.name, entry.obj, entry.package)
+    console.print(table)
+    _report_problems(registry)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        from bitpass.backends.artifact import read_manifest
+
+        manifest = read_manifest(path)
+        layers = manifest["layers"]
+        title = f"{path}: {manifest['input_model']['name']} ({manifest['backend']}/{manifest['target']})"
+    else:
+        from bitpass.backends.layers import layer_records
+        from bitpass.frontend import from_onnx
+
+        model = from_onnx(path)
+        layers = layer_records(model, model)
+        title = f"{path}: {len(layers)} quantizable layers"
+    if args.json:
+        print(json.dumps(layers, indent=2, sort_keys=True))
+        return 0
+    table = Table(title=title)
+    for column in ("layer", "op", "weight shape", "params", "w bits", "a bits", "sparsity", "sensitivity",
+                   "stored as", "bytes"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "sensitivity", "stored as") else "right")
+    for r in layers:
+        bits = r.get("bits", {})
+        sens = ", ".join(f"{k}={v:.3g}" for k, v in sorted(r.get("sensitivity", {}).items()))
+        table.add_row(r["id"], r["op_type"], "×".join(map(str, r["weight_shape"])), f"{r['params']:,}",
+                      str(bits.get("weight", "-")), str(bits.get("activation", "-")),
+                      f"{r.get('sparsity', 0):.2f}", sens or "-", (r.get("stored") or {}).get("format", r.get("status", "-")),
+                      f"{r.get('weight_bytes', r['fp32_bytes']):,}")
+    console.print(table)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bitpass.tools.api import verify
+
+    checks = verify(args.artifact, args.eval, tolerance=args.tolerance)
+    for check in checks:
+        mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+        console.print(f"{mark} {check.name}: {check.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        print(f"bitpass: error: verification failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from bitpass.tools.api import run
+
+    outputs = run(args.artifact, args.input)
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.partial.npz")
+    np.savez(tmp, **outputs)
+    tmp.replace(output)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in outputs.items())
+    console.print(f"wrote {output}: {shapes}")
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from bitpass.tools.example import run_example
+
+    manifest, path = run_example(Path(args.dir), force=args.force, progress=_progress(args))
+    print_summary(manifest, path)
+    console.print(f"try: bitpass inspect {path}   ·   bitpass verify {path} --eval {Path(args.dir) / 'eval.npz'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitpass", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="start with: bitpass example   (trains, compiles and measures a digits CNN)")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_compile(sub)
+    for name, helptext in (("passes", "list registered passes: options, requires/produces, package"),
+                           ("pipelines", "list named pipelines")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--plugin", action="append", default=[], metavar="PATH", help="also load this plugin file")
+    p = sub.add_parser("inspect", help="per-layer table of an artifact or an ONNX file",
+                       description="Show each quantizable layer: op, shape, params, bits, sparsity, sensitivity.")
+    p.add_argument("path", help="artifact directory or .onnx file")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p = sub.add_parser("verify", help="re-check an artifact against its manifest and fp32 reference",
+                       description="Check file hashes and the per-layer plan; with --eval, re-measure quality and "
+                                   "fail (exit 1) if it misses the recorded figures by more than --tolerance.")
+    p.add_argument("artifact")
+    p.add_argument("--eval", metavar="NPZ", help="held-out samples to re-measure quality")
+    p.add_argument("--tolerance", type=float, default=0.005, help="allowed shortfall (default: %(default)s)")
+    p = sub.add_parser("run", help="run an artifact on inputs from an .npz file",
+                       description="Run ARTIFACT on every sample of --input; write outputs, keyed by output name.")
+    p.add_argument("artifact")
+    p.add_argument("--input", required=True, metavar="NPZ")
+    p.add_argument("-o", "--output", required=True, metavar="NPZ")
+    p = sub.add_parser("example", help="train the bundled digits CNN, compile it, print the summary",
+                       description="Train a small CNN on scikit-learn's digits, write model.onnx, calib.npz and "
+                                   "eval.npz into DIR, compile with the default pipeline into DIR/artifact.")
+    p.add_argument("dir", nargs="?", default="bitpass-example", help="working folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an earlier DIR/artifact")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    return f"bitpass {metadata.version('bitpass')}"
+
+
+COMMANDS = {"compile": cmd_compile, "passes": cmd_passes, "pipelines": cmd_pipelines, "inspect": cmd_inspect,
+            "verify": cmd_verify, "run": cmd_run, "example": cmd_example}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BitpassError as err:
+        print(f"bitpass: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("bitpass: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
