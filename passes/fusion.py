@@ -150,20 +150,38 @@ class GemmAsMatMulAdd(RewriteRuleClassBase):
             weight = weight * np.asarray(alpha, weight.dtype)
         if attrs.get_int("transA", 0):
             a = op.Transpose(a, perm=[1, 0])
-        # Reuse the weight's name when only this Gemm reads it (initializer names feed layer ids).
-        weight_name = b.name if len(b.uses()) == 1 else f"{b.name}_matmul"
-        y = op.MatMul(a, op.initializer(ir.tensor(np.ascontiguousarray(weight)), name=weight_name))
+        # Reuse the weight's name when only this Gemm reads it (initializer names feed layer ids);
+        # onnxscript overwrites an initializer of the same name, so shared ones get a fresh name.
+        unchanged = not attrs.get_int("transB", 0) and alpha == 1.0
+        y = op.MatMul(a, b if unchanged else op.initializer(ir.tensor(np.ascontiguousarray(weight)),
+                                                            name=_own_name(b, "matmul")))
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if c is None or beta == 0.0:
             return y
         if c.const_value is not None and not c.is_graph_input():
-            bias = c.const_value.numpy()
             if beta != 1.0:
-                bias = bias * np.asarray(beta, bias.dtype)
-                c = op.initializer(ir.tensor(bias), name=f"{c.name}_scaled" if len(c.uses()) > 1 else c.name)
+                bias = c.const_value.numpy()
+                c = op.initializer(ir.tensor(bias * np.asarray(beta, bias.dtype)), name=_own_name(c, "scaled"))
         elif beta != 1.0:
-            c = op.Mul(c, op.initializer(ir.tensor(np.asarray(beta, np.float32)), name=f"{node.name}_beta"))
+            dtype = c.dtype.numpy() if c.dtype is not None else np.float32
+            c = op.Mul(c, op.initializer(ir.tensor(np.asarray(beta, dtype)),
+                                         name=_fresh_name(b.graph, f"{c.name}_beta")))
         return op.Add(y, c)
+
+
+def _own_name(value: ir.Value, suffix: str) -> str:
+    """``value``'s name when only one node reads it, else a name no initializer has."""
+    name = value.name or "w"
+    return name if len(value.uses()) == 1 else _fresh_name(value.graph, f"{name}_{suffix}")
+
+
+def _fresh_name(graph: ir.Graph | None, base: str) -> str:
+    taken = graph.initializers if graph is not None else {}
+    name, index = base, 1
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    return name
 
 
 gemm_as_matmul_add_rule = GemmAsMatMulAdd().rule()

@@ -111,11 +111,11 @@ class Quantize(Pass):
     # ------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
+        if cfg.bias_correction and ctx.calibration is None:
+            raise UsageError("quantize(bias_correction=true) needs calibration data to estimate layer input means")
         ranges: ActivationRanges = ctx.analyses.require(ACTIVATION_RANGES)
         if not isinstance(ranges, ActivationRanges):
             raise BitpassError(f"{ACTIVATION_RANGES} is a {type(ranges).__name__}, not bitpass ActivationRanges")
-        if cfg.bias_correction and ctx.calibration is None:
-            raise UsageError("quantize(bias_correction=true) needs calibration data to estimate layer input means")
 
         work = model.clone()
         _name_nodes(work.ir.graph)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,7 @@ def _number(dim: str, text: str, units: Mapping[str, float], item: str) -> float
     if match is None or unit not in units:
         known = ", ".join(u for u in units if u) or "none"
         raise UsageError(f"budget {item!r}: cannot read {text!r} as a {dim} value (units: {known})")
-    return float(match.group(1)) * units[unit]
+    return float(Decimal(match.group(1)) * Decimal(str(units[unit])))  # 0.3ms is 0.0003, not 0.00030000000000000003
 
 
 def parse_budget(spec: str | Iterable[str] | Budget | None) -> Budget:

@@ -33,7 +33,7 @@ from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check_feasible, parse_budget
 from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits
-from bitpass.passes.allocation.solvers import SOLVERS, Allocation, pareto_frontier, solve
+from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 
 #: analyses and facts this pass reads and writes
@@ -265,4 +265,4 @@ def _thin(points: list[Any], limit: int) -> list[Any]:
     return [points[round(i * step)] for i in range(limit)]
 
 
-__all__ = ["AllocateBits", "AllocateBitsConfig", "SOLVERS"]
+__all__ = ["AllocateBits", "AllocateBitsConfig"]

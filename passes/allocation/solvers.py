@@ -358,7 +358,7 @@ def _greedy_down(problem: Problem, budget: Budget, plan: Plan | None = None) -> 
 
 
 def _greedy_up(problem: Problem, budget: Budget, plan: Plan) -> Plan:
-    """Spend leftover budget: raise the layer with the largest ΔΩ reduction per unit of cost while all budgets hold."""
+    """Spend leftover budget: raise the layer with the largest ΔΩ drop per unit of cost while all budgets hold."""
     plan = dict(plan)
     dims = list(budget.limits)
     totals = {d: problem.cost(plan, d) for d in dims}

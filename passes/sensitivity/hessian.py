@@ -134,19 +134,40 @@ def _order(values: Sequence[float]) -> tuple[int, ...]:
     return tuple(sorted(range(len(values)), key=lambda i: values[i]))
 
 
+def _resolved(mean: Sequence[float], stderr: Sequence[float], sizes: Sequence[int], tolerance: float,
+              z: float) -> bool:
+    """Every pair of neighbours in the ranking is either ``z`` combined standard errors apart, or
+    both estimates are within ``tolerance`` relative standard error (a near-tie whose order does
+    not matter)."""
+    average = [m / n for m, n in zip(mean, sizes)]
+    se = [s / n for s, n in zip(stderr, sizes)]
+    precise = [s <= tolerance * abs(a) for s, a in zip(se, average)]
+    order = _order(average)
+    for lo, hi in zip(order, order[1:]):
+        gap = average[hi] - average[lo]
+        if gap < z * math.hypot(se[lo], se[hi]) and not (precise[lo] and precise[hi]):
+            return False
+    return True
+
+
 def hutchinson_trace(losses: LossFn | Sequence[LossFn] | HessianOperator, params: Sequence[torch.Tensor] = (),
-                     *, tolerance: float = 0.05, max_samples: int = 100, min_samples: int = 8, window: int = 5,
-                     generator: torch.Generator | None = None,
+                     *, tolerance: float = 0.1, max_samples: int = 100, min_samples: int = 8, window: int = 5,
+                     z: float = 2.0, block_diagonal: bool = True, generator: torch.Generator | None = None,
                      progress: Callable[[str], None] | None = None) -> TraceEstimate:
     """Tr(H_ll) per block by Hutchinson's estimator E[v^T H v] with Rademacher ``v`` (HAWQ-V2).
 
-    Each sample draws ``v`` over all blocks at once and computes one full Hessian-vector
-    product; ``v_l . (Hv)_l`` is an unbiased sample of Tr(H_ll) (cross-block terms have mean
-    zero). Sampling stops adaptively, after at least ``min_samples``, once both
+    Each sample draws a Rademacher ``v_l`` for every block. With ``block_diagonal`` (default) it
+    computes ``v_l . H_ll v_l`` by one block product per block: no cross-block terms, so a lower
+    variance (about 2x-7x lower standard deviation on the digits CNN) at the price of one
+    backward pass per block. Without it one full product ``H v`` serves all blocks, as in
+    HAWQ-V2, and ``v_l . (Hv)_l`` is still unbiased (cross terms have mean zero) but noisier.
+
+    Sampling stops adaptively, after at least ``max(min_samples, window + 1)`` samples, when
 
     * the ranking of the blocks by average trace (Tr / numel) has not changed over the last
-      ``window`` samples (Kendall tau = 1 against ``window`` samples ago), and
-    * every block's relative standard error ``stderr / |mean|`` is at most ``tolerance``,
+      ``window`` samples, and
+    * the ranking is resolved: each pair of neighbours in it is ``z`` combined standard errors
+      apart, or both have relative standard error ``<= tolerance`` (a near-tie);
 
     or after ``max_samples`` (then ``converged`` is False).
     """
@@ -161,10 +182,10 @@ def hutchinson_trace(losses: LossFn | Sequence[LossFn] | HessianOperator, params
     stderr = [math.inf] * count
     while samples < max_samples:
         vs = [rademacher_like(p, generator) for p in op.params]
-        hv = op.hvp(vs)
+        hv = op.block_hvp(vs) if block_diagonal else op.hvp(vs)
         samples += 1
         for index, (v, h) in enumerate(zip(vs, hv)):
-            sample = float((v * h).sum())
+            sample = float((v * h).sum())  # type: ignore[operator]
             total[index] += sample
             total_sq[index] += sample * sample
         mean = [t / samples for t in total]
@@ -172,22 +193,19 @@ def hutchinson_trace(losses: LossFn | Sequence[LossFn] | HessianOperator, params
         history.append(average)
         orders.append(_order(average))
         if samples >= 2:
-            stderr = [math.sqrt(max(sq / samples - m * m, 0.0) * samples / (samples - 1) / samples)
-                      for sq, m in zip(total_sq, mean)]
+            stderr = [math.sqrt(max(sq / samples - m * m, 0.0) / (samples - 1)) for sq, m in zip(total_sq, mean)]
         if progress is not None and samples % 5 == 0:
             worst = max(s / abs(m) if m else math.inf for s, m in zip(stderr, mean))
             progress(f"hutchinson: {samples} samples, worst relative stderr {worst:.3f}")
         if samples >= max(min_samples, window + 1):
-            tau = _kendall_tau(history[-1], history[-1 - window])
             stable = all(o == orders[-1] for o in orders[-1 - window:])
-            precise = all(s <= tolerance * abs(m) for s, m in zip(stderr, mean))
-            if stable and precise:
+            if stable and _resolved(mean, stderr, sizes, tolerance, z):
                 converged = True
-                reason = (f"ranking unchanged over the last {window} samples and relative stderr "
-                          f"<= {tolerance} after {samples} samples")
+                reason = (f"ranking unchanged over the last {window} samples and resolved (neighbours "
+                          f"{z:g} stderr apart or within {tolerance:g} relative stderr) after {samples} samples")
                 break
     mean = [t / max(samples, 1) for t in total]
-    if samples > 1 and len(history) > window:
+    if len(history) > window:
         tau = _kendall_tau(history[-1], history[-1 - window])
     return TraceEstimate(trace=mean, stderr=stderr, average=[m / n for m, n in zip(mean, sizes)],
                          samples=samples, converged=converged, reason=reason, kendall_tau=tau, history=history)

@@ -63,16 +63,18 @@ def bn_statistics_loss(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def distill(module: torch.nn.Module, shape: tuple[int, ...], *, iterations: int = 200, lr: float = 0.1,
+def distill(module: torch.nn.Module, shape: tuple[int, ...], *, iterations: int = 100, lr: float = 0.2,
             seed: int = 0, dtype: torch.dtype = torch.float32,
             progress: Callable[[str], None] | None = None) -> Distilled:
-    """Optimise N(0, 1) inputs of ``shape`` with Adam so their BatchNorm statistics match the running ones."""
+    """Optimise N(0, 1) inputs of ``shape`` with Adam (cosine-annealed ``lr``) so their BatchNorm statistics
+    match the running ones."""
     if not batch_norm_layers(module):
         raise UsageError("synthesize-data needs a model with BatchNorm layers (ZeroQ matches their running "
                          "statistics); this model has none: give calibration data instead")
     generator = torch.Generator().manual_seed(int(seed))
     x = torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iterations))
     was_training = module.training
     flags = [(p, p.requires_grad) for p in module.parameters()]
     module.eval()
@@ -85,9 +87,10 @@ def distill(module: torch.nn.Module, shape: tuple[int, ...], *, iterations: int 
                 optimizer.zero_grad(set_to_none=True)
                 loss = bn_statistics_loss(module, x)
                 if step == 0:
-                    initial = float(loss)
+                    initial = float(loss.detach())
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 if progress is not None and (step + 1) % 50 == 0:
                     progress(f"synthesize-data: step {step + 1}/{iterations}, BN loss {float(loss):.4g}")
             with torch.no_grad():
@@ -101,8 +104,8 @@ def distill(module: torch.nn.Module, shape: tuple[int, ...], *, iterations: int 
 
 class SynthesizeDataConfig(PassConfig):
     samples: int = pydantic.Field(64, ge=2)
-    iterations: int = pydantic.Field(200, ge=1)
-    lr: float = pydantic.Field(0.1, gt=0)
+    iterations: int = pydantic.Field(100, ge=1)
+    lr: float = pydantic.Field(0.2, gt=0)
     #: replace calibration data that was given (by default it is kept and nothing is synthesised)
     replace: bool = False
 

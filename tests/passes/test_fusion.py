@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bitpass.frontend import Model, annotation, from_proto
+from bitpass.passes.cleanup import FoldConstants
 from bitpass.passes.fusion import Fuse, FuseActivations, FuseBatchNorm, GemmToMatMulAdd, MatMulAddToGemm
 from bitpass.passes.infra import PRESERVE_ALL, PassContext
 from bitpass.passes.instruments import verify
@@ -242,17 +243,52 @@ def gemm_model(**attributes: float | int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("attributes", [{}, {"transB": 1, "alpha": 0.5, "beta": 3.0}, {"transA": 1, "beta": 0.0}])
+@pytest.mark.parametrize("attributes", [{}, {"transB": 1, "alpha": 0.5, "beta": 3.0}])
 def test_gemm_to_matmul_add_folds_gemm_attributes(attributes: dict) -> None:
     model = from_proto(gemm_model(**attributes))
-    a = RNG.random((6, 5) if attributes.get("transA") else (5, 6), dtype=np.float32)
+    a = RNG.random((5, 6), dtype=np.float32)
     before, layer_id = run_ort(model, a), model.layers()[0].id
 
     GemmToMatMulAdd().run(model, PassContext())
 
-    assert "Gemm" not in ops(model) and model.layers()[0].op_type == "MatMul"
-    assert model.layers()[0].id == layer_id
+    assert ops(model) == ["MatMul", "Add"]
+    assert [(layer.op_type, layer.id) for layer in model.layers()] == [("MatMul", layer_id)]
     assert_same_outputs(model, a, before)
+
+
+def test_gemm_to_matmul_add_with_transposed_input_names_the_new_layer() -> None:
+    """A Gemm with transA is no quantizable unit; its MatMul replacement is, and gets an id."""
+    model = from_proto(gemm_model(transA=1, beta=0.0))
+    a = RNG.random((6, 5), dtype=np.float32)
+    before = run_ort(model, a)
+    assert model.layers() == []
+
+    GemmToMatMulAdd().run(model, PassContext())
+
+    assert ops(model) == ["Transpose", "MatMul"]  # beta=0: no Add
+    assert [layer.op_type for layer in model.layers()] == ["MatMul"]
+    assert_same_outputs(model, a, before)
+
+
+def test_gemm_to_matmul_add_with_a_shared_weight() -> None:
+    """Three Gemms reading one transposed weight: every MatMul gets a registered initializer."""
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["g0"], transB=1),
+             helper.make_node("Gemm", ["g0", "W", "C"], ["g1"], transB=1, beta=2.0),
+             helper.make_node("Gemm", ["g1", "W"], ["y"], transB=1, alpha=0.5)]
+    graph = helper.make_graph(
+        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [array("W", RNG.normal(size=(4, 4)).astype(np.float32)), array("C", RNG.normal(size=4).astype(np.float32))])
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = RNG.random((3, 4), dtype=np.float32)
+    before = run_ort(model, x)
+
+    GemmToMatMulAdd().run(model, PassContext())
+
+    assert ops(model) == ["MatMul", "Add", "MatMul", "Add", "MatMul"]
+    assert len({layer.weight.name for layer in model.layers()}) == 3
+    assert len({layer.id for layer in model.layers()}) == 3
+    assert_same_outputs(model, x, before)
 
 
 def test_matmul_add_to_gemm_with_transposed_weight() -> None:
@@ -287,11 +323,8 @@ def test_matmul_add_to_gemm_leaves_batched_matmul() -> None:
 
 def test_fuse_activations_collapses_chains_and_pads() -> None:
     model = from_proto(old_cnn(11))
-    FuseBatchNorm().run(model, PassContext())  # leaves Relu -> Clip and Relu -> Relu, and Pad -> Conv
-    from bitpass.passes.cleanup import FoldConstants
-
     FoldConstants().run(model, PassContext())
-    FuseBatchNorm().run(model, PassContext())
+    FuseBatchNorm().run(model, PassContext())  # leaves Relu -> Clip, Relu -> Relu and Pad -> Conv
     annotate_all(model)
     before, annotations = run_ort(model, DIGITS), layer_annotations(model)
     assert ops(model).count("Relu") == 3 and "Pad" in ops(model)

@@ -1,0 +1,196 @@
+"""The allocate-bits pass on the project's trained digits CNN."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bitpass.frontend import annotation
+from bitpass.frontend.errors import UsageError
+from bitpass.passes.allocation.passes import AllocateBits
+from bitpass.passes.infra import PassContext, Target
+from bitpass.passes.spec import parse_text
+
+
+def magnitude_sensitivity(model) -> dict[str, float]:
+    """A real (if crude) per-layer score: the mean squared weight, so large-weight layers count more."""
+    return {layer.id: float(np.mean(layer.weight_array.astype(np.float64) ** 2)) for layer in model.layers()}
+
+
+def context(model, **analyses) -> PassContext:
+    ctx = PassContext()
+    ctx.analyses.put("sensitivity", magnitude_sensitivity(model))
+    for name, value in analyses.items():
+        ctx.analyses.put(name.replace("_", "-"), value)
+    return ctx
+
+
+def annotated_avg_bits(model) -> float:
+    layers = model.layers()
+    return sum(layer.params * annotation.weight_bits(layer.node) for layer in layers) / sum(
+        layer.params for layer in layers)
+
+
+@pytest.mark.parametrize("method", ["ilp", "pareto", "baq", "greedy"])
+def test_every_layer_is_annotated_and_the_average_meets_the_budget(cnn_model, method):
+    ctx = context(cnn_model)
+    result = AllocateBits(method=method, budget="avg-bits=4").run(cnn_model, ctx)
+    assert result.model is cnn_model and result.modified
+    for layer in cnn_model.layers():
+        bits = annotation.weight_bits(layer.node)
+        assert bits in (2, 4, 8, 32)
+        assert annotation.activation_bits(layer.node) == (32 if bits == 32 else 8)
+    assert annotated_avg_bits(cnn_model) <= 4 + 1e-9
+    assert annotation.check_schema(cnn_model.ir) == []
+    record = ctx.records["allocation"]
+    assert record["plan"] == {layer.id: annotation.weight_bits(layer.node) for layer in cnn_model.layers()}
+    assert record["totals"]["avg-bits"] == pytest.approx(annotated_avg_bits(cnn_model))
+    assert record["solver"] == method and record["seconds"] >= record["solver_seconds"] >= 0
+    assert ctx.analyses.require("bits") == record["plan"]
+    json.dumps(record)  # goes into the manifest as is
+
+
+def test_annotations_survive_a_save_and_load(cnn_model, tmp_path):
+    from bitpass.frontend import from_onnx
+
+    AllocateBits(budget="avg-bits=4").run(cnn_model, context(cnn_model))
+    cnn_model.save(tmp_path / "m.onnx")
+    loaded = from_onnx(tmp_path / "m.onnx")
+    assert {l.id: annotation.weight_bits(l.node) for l in loaded.layers()} == \
+        {l.id: annotation.weight_bits(l.node) for l in cnn_model.layers()}
+
+
+def test_size_and_bops_budgets_on_the_real_model(cnn_model):
+    ctx = context(cnn_model)
+    AllocateBits(budget="size=60KB,bops=60M").run(cnn_model, ctx)
+    totals = ctx.records["allocation"]["totals"]
+    assert totals["size"] <= 60_000 and totals["bops"] <= 60e6
+
+
+def test_a_latency_table_keeps_a_layer_fp32_when_quantized_is_slower(cnn_model):
+    ids = [layer.id for layer in cnn_model.layers()]
+    first = ids[0]  # the first conv: 1 input channel, where an int8 conv does not pay off
+    table = {i: {32: 1e-4, 8: 5e-5, 4: 4e-5, 2: 4e-5} for i in ids}
+    table[first] = {32: 1e-5, 8: 3e-5, 4: 3e-5, 2: 3e-5}
+    ctx = context(cnn_model, latency_table=table)
+    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    assert ctx.records["allocation"]["plan"][first] == 32
+    rule = ctx.records["allocation"]["latency_rule"]
+    assert rule["applied"] and first in rule["kept_fp32"] and "slower than fp32" in rule["kept_fp32"][first]
+    assert annotated_avg_bits(cnn_model) <= 4 + 1e-9
+    assert "latency" in ctx.records["allocation"]["totals"]
+
+
+def test_a_width_slower_than_fp32_is_not_offered(cnn_model):
+    ids = [layer.id for layer in cnn_model.layers()]
+    table = {i: {32: 1e-4, 8: 5e-5, 4: 4e-5, 2: 4e-5} for i in ids}
+    table[ids[1]] = {32: 1e-4, 8: 2e-4, 4: 5e-5, 2: 5e-5}  # only its 8-bit kernel is slow
+    ctx = context(cnn_model, latency_table=table)
+    AllocateBits(budget="avg-bits=6").run(cnn_model, ctx)
+    record = ctx.records["allocation"]
+    assert record["candidates"][ids[1]] == [32, 4, 2]
+    assert record["plan"][ids[1]] != 8
+
+
+def test_the_latency_rule_yields_when_the_budget_needs_the_slower_width(cnn_model):
+    big = max(cnn_model.layers(), key=lambda layer: layer.params).id  # 64k of the ~90k weights
+    table = {layer.id: {32: 1e-5, 8: 5e-6, 4: 5e-6, 2: 5e-6} for layer in cnn_model.layers()}
+    table[big] = {32: 1e-5, 8: 2e-5, 4: 2e-5, 2: 2e-5}
+    ctx = context(cnn_model, latency_table=table)
+    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    rule = ctx.records["allocation"]["latency_rule"]
+    assert rule["applied"] is False and "budget needs widths slower than fp32" in rule["why"]
+    assert ctx.records["allocation"]["plan"][big] != 32
+
+
+def test_a_latency_budget_is_met(cnn_model):
+    ids = [layer.id for layer in cnn_model.layers()]
+    table = {i: {32: 1e-4, 8: 5e-5, 4: 3e-5, 2: 2e-5} for i in ids}
+    ctx = context(cnn_model, latency_table=table)
+    AllocateBits(budget="latency=0.3ms").run(cnn_model, ctx)
+    assert ctx.records["allocation"]["totals"]["latency"] <= 0.3e-3 * (1 + 1e-9)  # summed floats
+
+
+def test_keep_fp32_layers_stay_fp32(cnn_model):
+    last = cnn_model.layers()[-1].id
+    ctx = context(cnn_model)
+    AllocateBits(budget="avg-bits=4", keep_fp32=last).run(cnn_model, ctx)
+    assert annotation.weight_bits(cnn_model.layer(last).node) == 32
+    assert annotation.activation_bits(cnn_model.layer(last).node) == 32
+    with pytest.raises(UsageError, match="keep_fp32 'nope' matches no layer"):
+        AllocateBits(keep_fp32="nope").run(cnn_model, context(cnn_model))
+
+
+def test_widths_follow_the_targets_capabilities(cnn_model):
+    from bitpass.backends.base import Capabilities
+
+    caps = Capabilities(ops=frozenset(), weight_bits={"Conv": (4, 8, 32), "Gemm": (2, 4, 8, 32)})
+    ctx = context(cnn_model)
+    ctx.target = Target(options={"capabilities": caps})
+    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    record = ctx.records["allocation"]
+    for layer in cnn_model.layers():
+        assert record["candidates"][layer.id] == ([32, 8, 4] if layer.op_type == "Conv" else [32, 8, 4, 2])
+    assert record["widths"].startswith("target")
+
+
+def test_sweep_records_the_frontier(cnn_model):
+    ctx = context(cnn_model)
+    AllocateBits(method="ilp", budget="size=40KB", sweep=True).run(cnn_model, ctx)
+    frontier = ctx.records["allocation"]["frontier"]
+    assert frontier["dimension"] == "size" and frontier["points"] >= len(frontier["recorded"]) > 2
+    costs = [p["cost"] for p in frontier["recorded"]]
+    assert costs == sorted(costs)
+
+
+def test_a_per_bit_sensitivity_table_is_used(cnn_model):
+    ctx = PassContext()
+    ids = [layer.id for layer in cnn_model.layers()]
+    # the last layer is made very sensitive at every width: it must stay at 8 bits or more
+    table = {i: {2: 1.0, 4: 0.1, 8: 0.01} for i in ids}
+    table[ids[-1]] = {2: 1e6, 4: 1e5, 8: 1.0}
+    ctx.analyses.put("sensitivity", table)
+    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    assert ctx.records["allocation"]["plan"][ids[-1]] >= 8
+    assert ctx.records["allocation"]["sensitivity"] == "analysis:per-bit"
+
+
+def test_falls_back_to_node_annotations_when_the_analysis_is_gone(cnn_model):
+    for layer_id, value in magnitude_sensitivity(cnn_model).items():
+        annotation.set_sensitivity(cnn_model.layer(layer_id).node, "fisher", value)
+    ctx = PassContext()
+    AllocateBits(budget="avg-bits=4", sensitivity="fisher").run(cnn_model, ctx)
+    assert ctx.records["allocation"]["sensitivity"] == "annotation:fisher"
+    assert annotated_avg_bits(cnn_model) <= 4 + 1e-9
+    with pytest.raises(UsageError, match="no sensitivity has been computed.*'hutchinson' sensitivity annotation"):
+        AllocateBits(budget="avg-bits=4").run(cnn_model, PassContext())
+
+
+def test_accuracy_drop_uses_the_contexts_plan_evaluator(cnn_model):
+    sizes = {layer.id: layer.params for layer in cnn_model.layers()}
+    total = sum(sizes.values())
+
+    def evaluate(plan):  # monotone in bits: 0.99 at fp32, 1 point lost per bit below 8 on average
+        avg = sum(sizes[i] * min(b, 8) for i, b in plan.items()) / total
+        return 0.99 - 0.01 * (8 - avg)
+
+    ctx = context(cnn_model, plan_evaluator=evaluate)
+    AllocateBits(budget="accuracy-drop=2").run(cnn_model, ctx)
+    search = ctx.records["allocation"]["accuracy_search"]
+    assert (search["baseline"] - search["accuracy"]) * 100 <= 2 + 1e-9
+    assert annotated_avg_bits(cnn_model) < 8
+    with pytest.raises(UsageError, match="accuracy-drop budget needs"):
+        AllocateBits(budget="accuracy-drop=2").run(cnn_model, context(cnn_model))
+
+
+def test_the_pass_is_written_in_a_pipeline_spec():
+    [(name, options)] = parse_text('allocate-bits(method=greedy,budget="avg-bits=4,size=60KB",sweep=true)')
+    pass_ = AllocateBits(**options)
+    assert name == pass_.name == "allocate-bits"
+    assert parse_text(pass_.spec()) == [(name, options)]  # the spec round-trips
+    with pytest.raises(UsageError, match="allocate-bits.*unknown budget 'speed'"):
+        AllocateBits(budget="speed=3")
+    with pytest.raises(UsageError, match="method="):
+        AllocateBits(method="annealing")

@@ -1,0 +1,92 @@
+"""Output KL/MSE in ONNX Runtime on a hand-built ONNX model (no torch module, no labels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bitpass.frontend import UsageError, from_arrays, from_proto
+from bitpass.passes.infra import PassContext
+from bitpass.passes.sensitivity.output import OutputProbe, divergence, output_sensitivity
+from bitpass.passes.sensitivity.passes import Sensitivity
+from bitpass.passes.sensitivity.quant import fake_quantize
+
+
+def _mlp_proto() -> onnx.ModelProto:
+    """x[N,8] -> Gemm(W1: exactly 4-bit representable) -> Relu -> MatMul(W2: a Constant node, wide) -> y[N,5]."""
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-7, 8, size=(16, 8))
+    ints[:, 0] = 7
+    w1 = (ints * rng.uniform(0.05, 0.2, size=(16, 1))).astype(np.float32)
+    w2 = (rng.standard_normal((16, 5)) * np.array([1.0, 1.0, 1.0, 1.0, 20.0])).astype(np.float32)
+    w2[0, 4] = 80.0  # one outlier widens the grid of its channel
+    nodes = [
+        helper.make_node("Gemm", ["x", "fc1.weight"], ["h"], transB=1, name="fc1"),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Constant", [], ["fc2.weight"], value=numpy_helper.from_array(w2, "fc2.weight")),
+        helper.make_node("MatMul", ["a", "fc2.weight"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w1, "fc1.weight")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.fixture
+def onnx_mlp():
+    model = from_proto(_mlp_proto(), name="mlp")
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    return model, from_arrays({"x": x}, model.inputs)
+
+
+def test_representable_layer_scores_zero_and_wide_layer_does_not(onnx_mlp):
+    model, data = onnx_mlp
+    result = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=16)
+    assert set(result.table) == {"fc1", "fc2"}
+    assert result.table["fc1"][4] < 1e-9 < result.table["fc1"][2]  # on the 4-bit grid, not on the 2-bit one
+    assert result.table["fc2"][4] > 1e-3
+    assert result.table["fc2"][2] > result.table["fc2"][4] > result.table["fc2"][8] > 0
+    assert result.runs == 1 + 2 * 3  # one session: a reference run, then one run per (layer, bits)
+    assert result.samples == 40
+
+
+def test_probe_matches_a_directly_quantized_model(onnx_mlp):
+    model, data = onnx_mlp
+    probe = OutputProbe(model.to_proto(), ["fc1.weight", "fc2.weight"], list(data.batches(40)))
+    w2 = model.layer("fc2").weight_array
+    q = fake_quantize(w2, 4, axis=1)
+    a = np.maximum(data.inputs["x"] @ model.layer("fc1").weight_array.T, 0)
+    np.testing.assert_allclose(probe.run({"fc2.weight": q})[0], a @ q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(probe.reference[0], a @ w2, rtol=1e-4, atol=1e-4)
+
+
+def test_divergence_metrics():
+    ref = np.array([[2.0, 0.0, -1.0]])
+    assert divergence([ref], [ref], "kl") == pytest.approx(0.0, abs=1e-12)
+    p = np.exp(ref) / np.exp(ref).sum()
+    q = np.full(3, 1 / 3)
+    assert divergence([ref], [np.zeros((1, 3))], "kl") == pytest.approx(float(np.sum(p * np.log(p / q))))
+    assert divergence([ref], [ref + 1.0], "mse") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["output-kl", "output-mse"])
+def test_pass_on_an_onnx_only_model(onnx_mlp, method):
+    model, data = onnx_mlp
+    ctx = PassContext(calibration=data)
+    result = Sensitivity(method=method, bits=4).run(model, ctx)
+    assert result.model is model
+    table = ctx.analyses.require("sensitivity")
+    assert set(table) == {"fc1", "fc2"} and set(table["fc2"]) == {2, 4, 8}
+    assert ctx.analyses.require("sensitivity:bits") == table
+    from bitpass.frontend import annotation
+    assert annotation.sensitivity(model.layer("fc2").node, method) == pytest.approx(table["fc2"][4])
+    assert ctx.records["sensitivity"]["labels"] == "none needed"
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "eigenvalue", "fisher", "taylor"])
+def test_gradient_methods_on_an_onnx_only_model_name_the_alternatives(onnx_mlp, method):
+    model, data = onnx_mlp
+    with pytest.raises(UsageError, match="output-kl, output-mse"):
+        Sensitivity(method=method).run(model, PassContext(calibration=data))
