@@ -18,6 +18,25 @@ def _const_nbytes(value: ir.Value | None) -> int:
     return 0 if tensor is None else int(tensor.nbytes)
 
 
+def _upstream_constant_bytes(value: ir.Value) -> int:
+    """Bytes of the constant tensors a constant-only chain builds ``value`` from (shape tensors excluded)."""
+    total, seen, stack = 0, set(), [value]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        tensor = constant_tensor(current)
+        if tensor is not None and current.producer() is None:
+            if tensor.dtype != ir.DataType.INT64:
+                total += int(tensor.nbytes)
+            continue
+        producer = current.producer()
+        if producer is not None:
+            stack.extend(producer.inputs)
+    return total
+
+
 def stored_weight(node: ir.Node) -> dict[str, Any] | None:
     """How ``node``'s weight is stored: dtype and bytes (scales and zero points included)."""
     if node.op_type == "MatMulNBits":
@@ -32,6 +51,10 @@ def stored_weight(node: ir.Node) -> dict[str, Any] | None:
     if tensor is not None:
         return {"format": str(tensor.dtype.name).lower(), "bytes": int(tensor.nbytes)}
     producer = value.producer()
+    if producer is not None and producer.op_type == "Reshape":  # blocked DQ of a Conv weight is reshaped back
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if annotation.weight_format(node) == "packed":
+        return {"format": f"packed int{annotation.weight_bits(node)}", "bytes": _upstream_constant_bytes(value)}
     if producer is not None and producer.op_type in _DEQUANTIZE:
         quantized = constant_tensor(producer.inputs[0])
         if quantized is not None:

@@ -21,6 +21,10 @@ LAYER_ID = "layer_id"
 WEIGHT_BITS = "bits.weight"
 ACTIVATION_BITS = "bits.activation"
 SPARSITY = "sparsity"
+WEIGHT_FORMAT = "format.weight"
+#: how a quantized weight is materialized (see passes/quantize.py): compute in int8 QDQ, ORT's
+#: MatMulNBits, blocked DequantizeLinear, or ``packed`` (stored low-bit, unpacked once at load)
+WEIGHT_FORMATS = ("qdq", "matmulnbits", "blocked-dq", "packed")
 SENSITIVITY_PREFIX = "sensitivity."
 
 #: Bits meaning "leave this layer in floating point".
@@ -77,6 +81,16 @@ def set_activation_bits(node: ir.Node, bits: int) -> None:
     set(node, ACTIVATION_BITS, int(bits))
 
 
+def weight_format(node: ir.Node) -> str | None:
+    return get(node, WEIGHT_FORMAT)
+
+
+def set_weight_format(node: ir.Node, value: str) -> None:
+    if value not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {value!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    set(node, WEIGHT_FORMAT, value)
+
+
 def sparsity(node: ir.Node) -> float | None:
     return get(node, SPARSITY)
 
@@ -123,6 +137,8 @@ def check_schema(model: ir.Model) -> list[str]:
             name = key[len(PREFIX) :]
             if name in (WEIGHT_BITS, ACTIVATION_BITS) and value not in (2, 3, 4, 8, 16, FLOAT_BITS):
                 problems.append(f"node {node.name!r}: {key}={value} is not a supported width")
+            if name == WEIGHT_FORMAT and value not in WEIGHT_FORMATS:
+                problems.append(f"node {node.name!r}: {key}={value!r} is not one of {', '.join(WEIGHT_FORMATS)}")
             if name == SPARSITY and not (isinstance(value, (int, float)) and 0 <= value < 1):
                 problems.append(f"node {node.name!r}: {key}={value} is not in [0, 1)")
     return problems

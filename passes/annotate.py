@@ -29,6 +29,8 @@ class SetBits(Pass):
         layers: str | int | list[str | int] = "*"
         weight: Literal[2, 4, 8, 32] | None = 8
         activation: Literal[8, 32] | None = None
+        #: how to materialize the weight: qdq, matmulnbits, blocked-dq, or packed (stored low-bit, fp32 speed)
+        format: Literal["qdq", "matmulnbits", "blocked-dq", "packed"] | None = None
 
         @pydantic.model_validator(mode="after")
         def _something_to_set(self) -> SetBits.Config:
@@ -60,6 +62,8 @@ class SetBits(Pass):
                 annotation.set_weight_bits(layer.node, cfg.weight)
             if cfg.activation is not None:
                 annotation.set_activation_bits(layer.node, cfg.activation)
+            if cfg.format is not None:
+                annotation.set_weight_format(layer.node, cfg.format)
         done = ctx.records.setdefault("set_bits", {})
         for layer in chosen:
             done[layer.id] = {"weight": annotation.weight_bits(layer.node),

@@ -12,6 +12,9 @@ Per layer (``bits.weight`` / ``bits.activation`` annotations; unannotated means 
   ``MatMulNBits`` from ORT's ``MatMulNBitsQuantizer`` (accuracy_level 4); a Gemm is first
   rewritten to MatMul + Add. On Conv: 4-bit (or weight-only 8-bit) blocked
   ``DequantizeLinear`` → Conv at opset 21, written here (ORT has no Conv weight-only quantizer).
+* ``format.weight = packed`` (any quantizable op, 2/4/8 bits): the weight is stored as packed
+  low-bit codes with fp16 block scales and rebuilt by constant ops that ONNX Runtime folds at
+  session start (``passes/packing.py``): low-bit size, exactly fp32 speed.
 * Anything else (2-bit Conv, which needs INT2 at opset 25; low-bit Gather/ConvTranspose;
   3 or 16 bits) is refused with an error naming the layer, before any work is done.
 
@@ -41,9 +44,11 @@ from onnx import helper, numpy_helper
 
 from bitpass.frontend import Model, Provenance, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
-from bitpass.frontend.layers import constant_tensor
+from bitpass.frontend.layers import WEIGHT_INPUT, constant_tensor
 from bitpass.passes.calibrate import ACTIVATION_RANGES, ActivationRanges
 from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.packing import PACKED_BITS, pack_weight
+from bitpass.passes.sensitivity.quant import layer_channel_axis
 
 QUANTIZED = "quantized"
 
@@ -52,6 +57,10 @@ FP32 = "fp32"
 INT8_QDQ = "int8-qdq"
 MATMUL_NBITS = "matmulnbits"
 BLOCKED_DQ = "blocked-dq"
+PACKED = "packed"
+
+
+_FORMATS = {INT8_QDQ: "qdq", MATMUL_NBITS: "matmulnbits", BLOCKED_DQ: "blocked-dq", PACKED: "packed"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class _Plan:
     weight_bits: int
     activation_bits: int | None
     result: str
+    channel_axis: int = 0
 
 
 @contextlib.contextmanager
@@ -167,6 +177,11 @@ class Quantize(Pass):
             ctx.progress(f"quantize: weight-only on {len(low_bit)} layer(s)")
             with _quiet():
                 proto, output_to_layer = _weight_only(proto, low_bit, cfg)
+        for plan in plans:
+            if plan.result == PACKED:
+                node = next(n for n in proto.graph.node if n.name == plan.node_name)
+                pack_weight(proto, node, WEIGHT_INPUT[plan.op_type], plan.channel_axis, plan.weight_bits,
+                            cfg.block_size)
 
         ir_model = ir.serde.deserialize_model(proto)
         _restore_annotations(ir_model.graph, originals, output_to_layer)
@@ -177,6 +192,8 @@ class Quantize(Pass):
             if plan.result == INT8_QDQ:
                 annotation.set_weight_bits(node, 8)
                 annotation.set_activation_bits(node, 8)
+            if plan.result != FP32:
+                annotation.set_weight_format(node, _FORMATS[plan.result])
         provenance = Provenance(model.provenance.kind, model.provenance.name, model.provenance.sha256,
                                 [*model.provenance.notes, *notes])
         result = Model(ir_model, provenance, model.torch_module)
@@ -229,8 +246,15 @@ def _plan(model: Model) -> list[_Plan]:
         wbits = 8 if wbits is None else int(wbits)
         op = layer.op_type
         result = None
+        fmt = annotation.weight_format(layer.node)
         if wbits == annotation.FLOAT_BITS:
             result = FP32
+        elif fmt == PACKED:
+            if wbits in PACKED_BITS and abits in (None, annotation.FLOAT_BITS):
+                result = PACKED
+            else:
+                problems.append(f"layer {layer.id!r} ({op}): packed weights take {PACKED_BITS} bits with fp32 "
+                                f"activations, not {wbits}/{abits}")
         elif abits not in (None, 8, annotation.FLOAT_BITS):
             problems.append(f"layer {layer.id!r} ({op}): {abits}-bit activations (supported: 8 or 32)")
         elif wbits == 8 and abits in (None, 8):
@@ -246,7 +270,8 @@ def _plan(model: Model) -> list[_Plan]:
                             f"supported{': ' + why if why else ''} (supported: 8-bit everywhere, 2/4/8-bit "
                             f"weight-only on MatMul/Gemm, 4/8-bit weight-only on Conv, 32 = fp32)")
         if result is not None:
-            plans.append(_Plan(layer.id, layer.node.name or "", op, wbits, abits, result))
+            plans.append(_Plan(layer.id, layer.node.name or "", op, wbits, abits, result,
+                               layer_channel_axis(layer)))
     if problems:
         raise BitpassError("cannot quantize: " + "; ".join(problems))
     return plans
@@ -363,11 +388,11 @@ def _weight_only(proto: onnx.ModelProto, plans: list[_Plan], cfg: Any) -> tuple[
 
     output_to_layer: dict[str, str] = {}
     inits = {t.name: t for t in proto.graph.initializer}
-    by_name = {n.name: n for n in proto.graph.node}
     matmul_bits: dict[str, int] = {}
     matmul_out: dict[str, str] = {}
     for plan in plans:
-        node = by_name.get(plan.node_name)
+        # Look the node up afresh: each rewrite rebuilds graph.node, detaching earlier NodeProto references.
+        node = next((n for n in proto.graph.node if n.name == plan.node_name), None)
         if node is None:
             raise BitpassError(f"layer {plan.layer_id!r}: node {plan.node_name!r} vanished before weight-only "
                                f"quantization")

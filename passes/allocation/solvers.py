@@ -29,8 +29,11 @@ Which one to use:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +120,38 @@ def _flat(problem: Problem) -> tuple[np.ndarray, list[int], np.ndarray]:
     return np.asarray(losses, dtype=float), offsets, np.asarray(bits)
 
 
+@contextlib.contextmanager
+def _quiet_c_stdout() -> Iterator[None]:
+    """Drop what C code prints on fd 1 meanwhile: HiGHS 1.12 prints a stray debug line
+    (``HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();``,
+    ERGO-Code/HiGHS#2783) even with output off, which would corrupt the driver's stdout."""
+    fd = 1  # C's stdout, whatever Python's sys.stdout is
+    try:
+        saved = os.dup(fd)
+    except OSError:  # fd 1 is closed: nothing to guard
+        yield
+        return
+    libc = None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+    except OSError:
+        pass
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        if libc is not None:
+            libc.fflush(None)  # C stdio buffers go to /dev/null, not to the restored stdout
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _milp(problem: Problem, objective: np.ndarray, budget: Budget, time_limit: float | None = None) -> Plan | None:
     """Solve the one-width-per-layer MILP; None when infeasible."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -137,8 +172,9 @@ def _milp(problem: Problem, objective: np.ndarray, budget: Budget, time_limit: f
     options: dict[str, Any] = {"mip_rel_gap": 1e-9}
     if time_limit is not None:
         options["time_limit"] = time_limit
-    result = milp(objective / scale, integrality=np.ones(n_vars), bounds=Bounds(0, 1), constraints=constraints,
-                  options=options)
+    with _quiet_c_stdout():
+        result = milp(objective / scale, integrality=np.ones(n_vars), bounds=Bounds(0, 1), constraints=constraints,
+                      options=options)
     if result.x is None:
         return None
     plan = {}

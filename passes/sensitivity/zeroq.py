@@ -92,7 +92,7 @@ def distill(module: torch.nn.Module, shape: tuple[int, ...], *, iterations: int 
                 optimizer.step()
                 schedule.step()
                 if progress is not None and (step + 1) % 50 == 0:
-                    progress(f"synthesize-data: step {step + 1}/{iterations}, BN loss {float(loss):.4g}")
+                    progress(f"synthesize-data: step {step + 1}/{iterations}, BN loss {float(loss.detach()):.4g}")
             with torch.no_grad():
                 final = float(bn_statistics_loss(module, x))
     finally:

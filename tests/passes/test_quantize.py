@@ -100,6 +100,24 @@ def test_low_bit_layers_use_matmulnbits_and_int4(cnn_model, calib_arrays, eval_a
     assert _accuracy(quantized, eval_arrays) >= _accuracy(cnn_model, eval_arrays) - 0.02
 
 
+def test_every_layer_at_4_bits_is_rewritten_not_just_the_first(cnn_model, calib_arrays, eval_arrays):
+    ctx = _ctx(cnn_model, calib_arrays)
+    quantized = Pipeline([Calibrate(), SetBits(layers="*", weight=4, activation=32), Quantize()]).run(cnn_model, ctx)
+    for layer in cnn_model.layers():
+        node = next(n for n in quantized.graph if annotation.layer_id(n) == layer.id)
+        if layer.op_type == "Conv":
+            dq = node.inputs[1].producer().inputs[0].producer()
+            assert dq.op_type == "DequantizeLinear", layer.id
+        else:
+            assert node.op_type == "MatMulNBits", layer.id
+    fp32_weights = {v.name for v in cnn_model.graph.initializers.values()
+                    if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and v.name.endswith("weight")}
+    left = fp32_weights & {v.name for v in quantized.graph.initializers.values()}
+    assert not left, f"fp32 weights still stored: {left}"
+    assert quantized.weight_bytes() <= 0.2 * cnn_model.weight_bytes()
+    assert _accuracy(quantized, eval_arrays) >= _accuracy(cnn_model, eval_arrays) - 0.03
+
+
 def test_unsupported_width_names_the_layer(cnn_model, calib_arrays):
     first = cnn_model.layers()[0].id
     with pytest.raises(PipelineError, match=rf"layer '{first}' \(Conv\): 2-bit"):
