@@ -64,13 +64,17 @@ class Backend(abc.ABC):
                                 f"{self.name} on target {target!r}")
         return problems
 
+    def latency_probe(self, target: str) -> Any:
+        """A per-layer latency measurer for bit allocation, or None when the backend has none."""
+        return None
+
     @abc.abstractmethod
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         """Write the deployable files into ``directory``; return their names."""
 
     @abc.abstractmethod
-    def load(self, directory: Path, manifest: Mapping[str, Any]) -> Runner:
-        """A runner for an artifact this backend emitted."""
+    def load(self, directory: Path, manifest: Mapping[str, Any], *, for_timing: bool = False) -> Runner:
+        """A runner for an artifact this backend emitted (``for_timing``: set up to be timed beside others)."""
 
     def check_target(self, target: str) -> None:
         from bitpass.frontend.errors import UsageError
@@ -79,11 +83,11 @@ class Backend(abc.ABC):
             raise UsageError(f"backend {self.name!r} has no target {target!r}; targets: {', '.join(self.targets)}")
 
 
-def reference_runner(model: Model, *, threads: int = 2) -> Runner:
+def reference_runner(model: Model, *, threads: int | None = None, for_timing: bool = False) -> Runner:
     """An ONNX Runtime runner for an fp32 model in memory (the reference every artifact is measured against)."""
     from bitpass.backends.onnxruntime.runner import OrtRunner
 
-    return OrtRunner.from_bytes(model.to_bytes(), threads=threads)
+    return OrtRunner.from_bytes(model.to_bytes(), threads=threads, for_timing=for_timing)
 
 
 def input_order(runner: Runner, feeds: Mapping[str, np.ndarray]) -> Sequence[str]:

@@ -70,13 +70,13 @@ def batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def latency(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], *, rounds: int = 15,
-            min_seconds: float = 0.02) -> dict[str, float]:
-    """Median seconds per call for each runner, measured alternately, after a warm-up."""
+def latency_samples(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], *, rounds: int = 15,
+                    min_seconds: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each runner in each round; the runners alternate within a round, after a warm-up."""
     for runner in runners.values():
         for _ in range(3):
             runner.run(feeds)
-    # calls per round so that one round of the slowest variant lasts about min_seconds
+    # calls per round so that one round of each variant lasts about min_seconds
     calls = {}
     for name, runner in runners.items():
         start = time.perf_counter()
@@ -89,14 +89,21 @@ def latency(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], *, r
             for _ in range(calls[name]):
                 runner.run(feeds)
             samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: float(np.median(values)) for name, values in samples.items()}
+    return samples
+
+
+def latency(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], **options: float) -> dict[str, float]:
+    """Median seconds per call for each runner, measured alternately."""
+    return {name: float(np.median(v)) for name, v in latency_samples(runners, feeds, **options).items()}
 
 
 def latency_table(reference: Runner, artifact: Runner, data: Dataset, batches: tuple[int, ...] = (1, 64)) -> dict:
-    """Batch-size -> fp32 ms, artifact ms, speedup (fp32 / artifact)."""
+    """Batch size -> fp32 ms, artifact ms (medians) and speedup (median of the per-round fp32/artifact ratios)."""
     table = {}
     for size in batches:
-        times = latency({"fp32": reference, "artifact": artifact}, batch_of(data, size))
-        table[f"batch_{size}"] = {"fp32_ms": 1e3 * times["fp32"], "artifact_ms": 1e3 * times["artifact"],
-                                  "speedup": times["fp32"] / times["artifact"]}
+        samples = latency_samples({"fp32": reference, "artifact": artifact}, batch_of(data, size))
+        ratios = np.array(samples["fp32"]) / np.array(samples["artifact"])
+        table[f"batch_{size}"] = {"fp32_ms": 1e3 * float(np.median(samples["fp32"])),
+                                  "artifact_ms": 1e3 * float(np.median(samples["artifact"])),
+                                  "speedup": float(np.median(ratios))}
     return table

@@ -5,3 +5,8 @@ OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse"
 
 #: the default compile: optimize, calibrate activation ranges, int8 QDQ.
 DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),quantize"
+
+#: mixed precision from measured sensitivity: per-layer bits under a budget (override with --budget),
+#: each width in the fastest format measured on the target (never slower than fp32).
+MIXED = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity,"
+         "allocate-bits(budget=avg-bits=4),quantize")

@@ -25,6 +25,7 @@ from bitpass.frontend import Dataset, Model, from_arrays, load_model, load_npz
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
 from bitpass.passes.infra import PassContext, Target
 from bitpass.passes.instruments import Timing
+from bitpass.passes.pipeline import Pipeline
 from bitpass.plugins import Registry, default_registry
 
 REFERENCE = "reference.onnx"
@@ -111,10 +112,14 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     registry: Registry | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Artifact:
     """Compile ``model`` (ONNX path, ModelProto, nn.Module + example_inputs, or Model) into ``output_dir``.
 
-    Nothing is written unless everything succeeds: the artifact appears atomically.
+    ``overrides`` maps a pass name to options replacing that pass's in the pipeline, e.g.
+    ``{"allocate-bits": {"budget": "avg-bits=4"}}`` (the CLI's --budget); a ``default``
+    pipeline given allocation options becomes the ``mixed`` pipeline. Nothing is written
+    unless everything succeeds: the artifact appears atomically.
     """
     say = progress or (lambda _message: None)
     output_dir = Path(output_dir)
@@ -124,6 +129,8 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     target = target or backend_impl.default_target
     backend_impl.check_target(target)
     passes = registry.pipeline(pipeline)
+    if overrides:
+        passes = apply_overrides(passes, overrides, registry)
 
     say("importing model")
     source = load_model(model, example_inputs)
@@ -133,7 +140,12 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     reference_model = source.clone()
 
     timing = Timing()
-    ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=Target(backend, target),
+    target_options = {"capabilities": backend_impl.capabilities(target)}
+    if latency:
+        probe = backend_impl.latency_probe(target)
+        if probe is not None:
+            target_options["latency_probe"] = probe
+    ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=Target(backend, target, target_options),
                       instruments=[timing], seed=seed, progress=say)
     final = passes.run(source, ctx)
     _legalize(backend_impl, final, target, "compiled model")
@@ -143,8 +155,8 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
         files = backend_impl.emit(final, tmp, target)
         reference_bytes = reference_model.to_bytes()
         (tmp / REFERENCE).write_bytes(reference_bytes)
-        runner = backend_impl.load(tmp, {})
-        reference = reference_runner(reference_model)
+        runner = backend_impl.load(tmp, {}, for_timing=True)
+        reference = reference_runner(reference_model, for_timing=True)
         metrics = _measure(reference, runner, len(reference_bytes), final, reference_model, tmp,
                            evaluation_data, calib, latency, say)
         records = layer_report.layer_records(reference_model, final)
@@ -170,6 +182,21 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
         artifact_io.write_manifest(tmp, manifest)
         (tmp / "report.html").write_text(report.render(manifest))
     return Artifact(output_dir, manifest)
+
+
+def apply_overrides(pipeline: Pipeline, overrides: Mapping[str, Mapping[str, Any]], registry: Registry) -> Pipeline:
+    """Replace the options of named passes; switch ``default`` to ``mixed`` when it lacks the pass."""
+    names = {p.name for p in pipeline.passes}
+    if not set(overrides) <= names and pipeline.name == "default":
+        pipeline = registry.pipeline("mixed")
+        names = {p.name for p in pipeline.passes}
+    missing = sorted(set(overrides) - names)
+    if missing:
+        raise UsageError(f"the pipeline {pipeline.spec()!r} has no {', '.join(missing)} pass to take those options; "
+                         f"use --pipeline mixed or add the pass")
+    rebuilt = [type(p)(**{**p.config.model_dump(exclude_defaults=True), **overrides[p.name]}) if p.name in overrides
+               else p for p in pipeline.passes]
+    return Pipeline(rebuilt, name=pipeline.name)
 
 
 def _jsonable(value: Any) -> Any:

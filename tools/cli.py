@@ -28,6 +28,8 @@ EPILOG_COMPILE = """examples:
   bitpass compile model.onnx --calib calib.npz -o out/ \\
       --pipeline "fold-constants,fuse,calibrate(method=percentile),quantize"
   bitpass compile model.onnx --calib calib.npz -o out/ --pipeline my_pipeline.yaml
+  bitpass compile model.onnx --calib calib.npz --eval eval.npz -o out/ --budget avg-bits=4   # mixed precision
+  bitpass compile model.onnx --calib calib.npz --eval eval.npz -o out/ --budget size=40KB --sweep
 
 data files are .npz: one array per model input, keyed by the input's name, samples on the first
 axis; an optional 'labels' array turns on accuracy (otherwise fidelity to fp32 is measured)."""
@@ -53,6 +55,36 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized passes (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    g = p.add_argument_group("mixed precision (switches the default pipeline to 'mixed')")
+    g.add_argument("--budget", action="append", default=[], metavar="DIM=VALUE",
+                   help="avg-bits=4, size=40KB, bops=1.2G, latency=2ms or accuracy-drop=0.5 (points, bisected on "
+                        "--eval); repeat to combine")
+    g.add_argument("--method", choices=["ilp", "pareto", "baq", "greedy"],
+                   help="bit-allocation solver (default ilp: exact; pareto also gives the frontier)")
+    g.add_argument("--sensitivity", choices=["auto", "hutchinson", "eigenvalue", "fisher", "taylor", "output-kl",
+                                             "output-mse"],
+                   help="how layer sensitivity is measured (default auto: hutchinson for torch models, "
+                        "output-kl for ONNX files)")
+    g.add_argument("--formats", choices=["auto", "packed", "compute"],
+                   help="auto (default): per layer, the fastest materialization measured not slower than fp32")
+    g.add_argument("--sweep", action="store_true", help="record the whole size/loss frontier; report.html plots it")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Pass options the mixed-precision flags set (empty when none is given)."""
+    allocate: dict[str, Any] = {}
+    if args.budget:
+        allocate["budget"] = ",".join(args.budget)
+    if args.method:
+        allocate["method"] = args.method
+    if args.formats:
+        allocate["formats"] = args.formats
+    if args.sweep:
+        allocate["sweep"] = True
+    overrides = {"allocate-bits": allocate} if allocate else {}
+    if args.sensitivity:
+        overrides["sensitivity"] = {"method": args.sensitivity}
+    return overrides
 
 
 def _progress(args: argparse.Namespace):
@@ -67,7 +99,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     artifact = compile_model(args.model, args.output, pipeline=args.pipeline, calibration=args.calib,
                              evaluation=args.eval, backend=args.backend, target=args.target,
                              plugin_paths=args.plugin, force=args.force, latency=not args.no_latency,
-                             seed=args.seed, progress=_progress(args))
+                             seed=args.seed, progress=_progress(args), overrides=overrides_from(args))
     print_summary(artifact.manifest, artifact.path)
     return 0
 

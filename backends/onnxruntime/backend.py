@@ -40,10 +40,23 @@ class OnnxRuntimeBackend(Backend):
         # QDQ int8 everywhere ORT quantizes; blocked int4 DequantizeLinear -> Conv at opset 21.
         return Capabilities(
             ops=_cpu_kernels(),
-            weight_bits={"Conv": (4, 8, 32), "ConvTranspose": (8, 32), "Gemm": (2, 4, 8, 32),
-                         "MatMul": (2, 4, 8, 32), "Gather": (4, 8, 32)},
+            # every width runs everywhere in the packed format (unpacked at load, fp32 speed); the
+            # compute formats (QDQ, MatMulNBits, blocked DQ) are offered where measured faster
+            weight_bits={"Conv": (2, 4, 8, 32), "ConvTranspose": (2, 4, 8, 32), "Gemm": (2, 4, 8, 32),
+                         "MatMul": (2, 4, 8, 32), "Gather": (2, 4, 8, 32)},
             activation_bits=(8, 32),
         )
+
+    def latency_probe(self, target: str, *, threads: int = 0):
+        """A callable ``(model, variants, progress) -> {layer: {(bits, format): {batch: seconds}}}``."""
+        from bitpass.backends.onnxruntime import latency
+
+        self.check_target(target)
+
+        def probe(model: Model, variants, progress=None):
+            return latency.measure(model, variants, threads=threads, progress=progress)
+
+        return probe
 
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         self.check_target(target)
@@ -52,5 +65,5 @@ class OnnxRuntimeBackend(Backend):
         return ["model.onnx", "session.json"]
 
     def load(self, directory: Path, manifest: Mapping[str, Any] | None = None, *,
-             threads: int | None = None) -> Runner:
-        return OrtRunner.from_directory(directory, threads=threads)
+             threads: int | None = None, for_timing: bool = False) -> Runner:
+        return OrtRunner.from_directory(directory, threads=threads, for_timing=for_timing)

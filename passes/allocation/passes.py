@@ -31,6 +31,7 @@ import pydantic
 
 from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.allocation import formats
 from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check_feasible, parse_budget
 from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
@@ -39,6 +40,8 @@ from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, Pa
 #: analyses and facts this pass reads and writes
 SENSITIVITY = "sensitivity"
 LATENCY_TABLE = "latency-table"
+#: {layer_id: {(bits, format): {batch: seconds}}} measured by the target's latency probe
+LATENCY_VARIANTS = "latency-variants"
 PLAN_EVALUATOR = "plan-evaluator"
 BITS = "bits"
 #: the fact ``set-bits`` produces and ``quantize``/the manifest read (passes/annotate.py)
@@ -71,6 +74,11 @@ class AllocateBitsConfig(PassConfig):
     widths: list[int] | None = None
     #: record the whole Pareto frontier of the budget's first dimension
     sweep: bool = False
+    #: how each width is materialized: auto (the fastest format measured not slower than fp32 on the
+    #: target, else packed), packed (stored low-bit, fp32 speed), compute (int8 QDQ / MatMulNBits / blocked DQ)
+    formats: Literal["auto", "packed", "compute"] = "auto"
+    #: batch size whose measured latency a latency= budget counts
+    latency_batch: int = pydantic.Field(1, ge=1)
 
     @pydantic.field_validator("budget")
     @classmethod
@@ -108,15 +116,24 @@ class AllocateBits(Pass):
             return PassResult(model, modified=False, preserved=PRESERVE_ALL)
         keep = self._keep_fp32([layer.id for layer in layers])
         sensitivity, source = self._sensitivity(model, ctx)
-        latency = _latency_table(ctx)
         widths, widths_source = self._widths(ctx)
         problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
-                                     zero_point=cfg.zero_point, latency=latency, keep_fp32=keep)
+                                     zero_point=cfg.zero_point, latency=None, keep_fp32=keep)
+        offered = {layer.id: layer.widths for layer in problem.layers}
+        latency = _latency_table(ctx)
+        variants = None if latency is not None or cfg.formats != "auto" else _measured_variants(model, offered, ctx)
+        latency_from_formats, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats,
+                                                                cfg.latency_batch)
+        if latency is None and latency_from_formats:
+            latency = latency_from_formats
+        if latency is not None:
+            problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
+                                         zero_point=cfg.zero_point, latency=latency, keep_fp32=keep)
         problem, latency_record = _never_slower_than_fp32(problem, budget.without_accuracy(), latency)
 
         search = None
         if budget.accuracy_drop is not None:
-            evaluate = _evaluator(ctx)
+            evaluate = _evaluator(model, ctx, cfg.group_size)
             search = bisect_accuracy_drop(problem, evaluate, budget.accuracy_drop, cfg.method, budget=budget)
             allocation = search.result if search.result is not None else Allocation(
                 search.plan, problem.totals(search.plan), problem.loss(search.plan), cfg.method)
@@ -129,10 +146,16 @@ class AllocateBits(Pass):
             frontier_dim = next(iter(budget.limits), "avg-bits")
             frontier = pareto_frontier(problem, frontier_dim)
 
+        chosen_formats: dict[str, dict[str, Any]] = {}
         for layer in layers:
             bits = allocation.plan[layer.id]
+            choice = choices[layer.id][bits]
             annotation.set_weight_bits(layer.node, bits)
-            annotation.set_activation_bits(layer.node, activation_bits(bits))
+            fp32_activations = bits >= FLOAT_BITS or choice.format != "qdq"
+            annotation.set_activation_bits(layer.node, FLOAT_BITS if fp32_activations else activation_bits(bits))
+            if bits < FLOAT_BITS:
+                annotation.set_weight_format(layer.node, choice.format)
+            chosen_formats[layer.id] = formats.describe(choice)
 
         record: dict[str, Any] = {
             "method": cfg.method,
@@ -145,6 +168,8 @@ class AllocateBits(Pass):
             "widths": widths_source,
             "group_size": cfg.group_size,
             "candidates": {layer.id: list(layer.widths) for layer in problem.layers},
+            "formats": chosen_formats,
+            "latency_measured": variants is not None,
         }
         if keep:
             record["keep_fp32"] = sorted(keep)
@@ -213,15 +238,35 @@ class AllocateBits(Pass):
         return None, "default (8/4/2/32: the context gave no backend capabilities)"
 
 
+def _measured_variants(model: Model, offered: Mapping[str, tuple[int, ...]],
+                       ctx: PassContext) -> formats.LatencyTable | None:
+    """Per-layer latency of every compute format, from the target's probe (cached as an analysis)."""
+    if ctx.analyses.cached(LATENCY_VARIANTS):
+        return ctx.analyses.require(LATENCY_VARIANTS)
+    probe = (ctx.target.options or {}).get("latency_probe")
+    if probe is None:
+        return None
+    wanted = formats.variants_to_measure(model.layers(), offered)
+    table = probe(model, wanted, ctx.progress)
+    ctx.analyses.put(LATENCY_VARIANTS, table)
+    return table
+
+
 def _latency_table(ctx: PassContext) -> Mapping[str, Mapping[Any, float]] | None:
     return ctx.analyses.require(LATENCY_TABLE) if ctx.analyses.cached(LATENCY_TABLE) else None
 
 
-def _evaluator(ctx: PassContext) -> Callable[[dict[str, int]], float]:
+def _evaluator(model: Model, ctx: PassContext, group_size: int) -> Callable[[dict[str, int]], float]:
     if ctx.analyses.cached(PLAN_EVALUATOR):
         evaluate = ctx.analyses.require(PLAN_EVALUATOR)
         if callable(evaluate):
             return evaluate
+    if ctx.evaluation is not None:
+        from bitpass.passes.allocation.evaluate import plan_evaluator
+
+        ctx.records.setdefault("notes", []).append(
+            "accuracy-drop budget: plans were scored on the evaluation data, so its figures are not independent")
+        return plan_evaluator(model, ctx, block_size=group_size)
     raise UsageError("an accuracy-drop budget needs a way to measure a plan's accuracy: give evaluation data "
                      "(--eval FILE) to a pipeline that provides the plan evaluator, or use avg-bits/size")
 

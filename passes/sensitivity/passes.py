@@ -56,12 +56,13 @@ SENSITIVITY_BITS = "sensitivity:bits"
 PER_BIT_METHODS = ("taylor", *ORT_METHODS)
 METHODS = (*GRADIENT_METHODS, *ORT_METHODS)
 
-Method = Literal["hutchinson", "eigenvalue", "fisher", "taylor", "output-kl", "output-mse"]
+Method = Literal["auto", "hutchinson", "eigenvalue", "fisher", "taylor", "output-kl", "output-mse"]
 DEFAULT_TOLERANCE = {"hutchinson": 0.1, "eigenvalue": 1e-3}
 
 
 class SensitivityConfig(PassConfig):
-    method: Method = "hutchinson"
+    #: auto: hutchinson when the model came from torch (gradients available), else output-kl (ORT only)
+    method: Method = "auto"
     #: bit width whose value taylor/output methods write on the node
     bits: int = pydantic.Field(4, ge=2, le=8)
     #: calibration samples used (the first ones)
@@ -97,7 +98,7 @@ class Sensitivity(Pass):
     config: SensitivityConfig
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        cfg = self.config
+        cfg = self._resolved = self._resolve(model)
         data = ctx.calibration
         if data is None:
             raise UsageError("sensitivity needs calibration data: give --calib FILE, or run synthesize-data first")
@@ -123,10 +124,17 @@ class Sensitivity(Pass):
         ctx.progress(f"sensitivity({cfg.method}): {len(layers)} layers in {record['seconds']:.2f} s")
         return PassResult(model, modified=bool(layers), preserved=PRESERVE_ALL)
 
+    def _resolve(self, model: Model) -> SensitivityConfig:
+        """The config with ``method=auto`` made concrete for this model."""
+        if self.config.method != "auto":
+            return self.config
+        method = "hutchinson" if model.torch_module is not None else "output-kl"
+        return self.config.model_copy(update={"method": method})
+
     # --- ONNX Runtime only -------------------------------------------------
     def _output(self, model: Model, ctx: PassContext, record: dict[str, Any],
                 bits: tuple[int, ...]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-        cfg = self.config
+        cfg = self._resolved
         assert ctx.calibration is not None
         metric = cfg.method.split("-", 1)[1]
         result = output_sensitivity(model, ctx.calibration, metric=metric, bits=bits, samples=cfg.samples,
@@ -139,7 +147,7 @@ class Sensitivity(Pass):
     # --- torch -------------------------------------------------------------
     def _gradient(self, model: Model, ctx: PassContext, record: dict[str, Any],
                   bits: tuple[int, ...]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-        cfg = self.config
+        cfg = self._resolved
         assert ctx.calibration is not None
         generator = torch.Generator().manual_seed(int(ctx.seed))
         with objective(model, ctx.calibration, samples=cfg.samples, method=cfg.method) as obj:
@@ -187,7 +195,7 @@ class Sensitivity(Pass):
 
     def _taylor(self, obj: Objective, weights: list[np.ndarray], bits: tuple[int, ...],
                 record: dict[str, Any]) -> list[dict[int, float]]:
-        cfg = self.config
+        cfg = self._resolved
         deltas = {b: [fake_quantize(w, b, axis) - w for w, axis in zip(weights, obj.axes)] for b in bits}
         out: list[dict[int, float]] = [{} for _ in weights]
         if cfg.curvature == "fisher":
