@@ -26,25 +26,37 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _frontier_plot(frontier: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
-    """A PNG (as an <img>) of the size/quality frontier, with the chosen point marked."""
-    try:
-        import matplotlib
+def _frontier_plot(frontier: dict[str, Any], chosen: dict[str, Any]) -> str:
+    """A PNG (as an <img>) of the allocation's frontier (budget dimension vs estimated loss), chosen point marked."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "<p class=muted>(matplotlib not installed: no plot)</p>"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(frontier["recorded"], key=lambda p: p["cost"])
+    dimension = frontier["dimension"]
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    for series in sorted({p.get("series", "frontier") for p in frontier}):
-        points = sorted((p for p in frontier if p.get("series", "frontier") == series), key=lambda p: p["x"])
-        axes.plot([p["x"] for p in points], [p["y"] for p in points], marker="o", ms=3, label=series)
-    if chosen is not None:
-        axes.plot([chosen["x"]], [chosen["y"]], marker="*", ms=14, color="crimson", label="chosen", ls="none")
-    axes.set_xlabel(frontier[0].get("x_label", "cost"))
-    axes.set_ylabel(frontier[0].get("y_label", "loss"))
+    axes.plot([p["cost"] for p in points], [p["loss"] for p in points], marker="o", ms=3, label="Pareto frontier")
+    if dimension in chosen.get("totals", {}):
+        axes.plot([chosen["totals"][dimension]], [chosen["totals"]["loss"]], marker="*", ms=14, color="crimson",
+                  ls="none", label="chosen plan")
+    axes.set_xlabel(dimension)
+    axes.set_ylabel("estimated loss increase (sum over layers)")
+    axes.set_yscale("symlog", linthresh=max(1e-9, min((p["loss"] for p in points if p["loss"] > 0), default=1e-9)))
     axes.grid(alpha=0.3)
-    axes.legend()
+    measured = frontier.get("measured")
+    if measured:
+        twin = axes.twinx()
+        real = sorted((p for p in measured if not p.get("chosen")), key=lambda p: p["totals"][dimension])
+        twin.plot([p["totals"][dimension] for p in real], [100 * p["quality"] for p in real], color="seagreen",
+                  marker="s", ms=4, label="measured quality (%)")
+        for p in measured:
+            if p.get("chosen"):
+                twin.plot([p["totals"][dimension]], [100 * p["quality"]], marker="*", ms=12, color="darkgreen",
+                          ls="none")
+        twin.set_ylabel("held-out accuracy or top-1 agreement (%)")
+        twin.legend(loc="center right")
+    axes.legend(loc="upper right")
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", metadata={"Software": None})
@@ -81,7 +93,12 @@ def render(manifest: dict[str, Any]) -> str:
             [[k.replace("_", " "), v["fp32_ms"], v["artifact_ms"], v["speedup"]] for k, v in lat.items()]))
     allocation = manifest.get("records", {}).get("allocation", {})
     if allocation.get("frontier"):
-        parts.append("<h2>Frontier</h2>" + _frontier_plot(allocation["frontier"], allocation.get("chosen_point")))
+        parts.append("<h2>Frontier</h2>" + _frontier_plot(allocation["frontier"], allocation))
+    if allocation.get("formats"):
+        parts.append("<h2>Per-layer format choice</h2>" + _table(
+            ["layer", "bits", "format", "why", "ms at batch 1", "ms at batch 64"],
+            [[k, allocation["plan"].get(k), v["format"], v["why"], v["ms"].get("1"), v["ms"].get("64")]
+             for k, v in allocation["formats"].items()]))
     layers = manifest.get("layers", [])
     if layers:
         rows = []

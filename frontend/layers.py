@@ -9,6 +9,7 @@ annotations; see ``annotation.merge``).
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 
@@ -96,9 +97,29 @@ def _candidate_id(node: ir.Node, weight: ir.Value, index: int) -> str:
     for suffix in (".weight", "_weight", ".W", "_W"):
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
+    scope = _torch_module_path(node)
+    if scope:
+        return scope
     if node.name:
         return re.sub(r"[^A-Za-z0-9_.\-/]", "_", node.name)
     return f"{node.op_type.lower()}_{index}"
+
+
+def _torch_module_path(node: ir.Node) -> str | None:
+    """The torch module path a dynamo-exported node came from (its ``pkg.torch.onnx.name_scopes``
+    metadata: ``['', 'blocks.0', 'blocks.0.fc1', 'linear_3']`` -> ``blocks.0.fc1``). An ``nn.Linear``
+    on a 3-D input exports as MatMul(x, Transpose(weight)): after folding, its weight is an anonymous
+    ``val_N`` and the module path is the only name that lets gradient sensitivity find the weight."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(names, list) or len(names) < 2 or not isinstance(names[-2], str) or not names[-2]:
+        return None
+    return re.sub(r"[^A-Za-z0-9_.\-/]", "_", names[-2])
 
 
 def assign_layer_ids(graph: ir.Graph) -> int:

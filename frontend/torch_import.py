@@ -45,6 +45,41 @@ def from_torch(module: Any, example_inputs: Sequence[Any] | Any, *, input_names:
         raise ModelLoadError(f"torch export of {type(module).__name__} failed: {first}") from err
     proto = program.model_proto
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    _fold_weight_transposes(proto)
     model = from_proto(proto, name=type(module).__name__, sha256=digest, kind="torch")
     model.torch_module = module
     return model
+
+
+def _fold_weight_transposes(proto: Any) -> None:
+    """Replace ``Transpose(initializer)`` by the transposed initializer, in place (exact).
+
+    ``nn.Linear`` on an input of rank > 2 (every transformer) exports as ``MatMul(x, Transpose(weight))``:
+    without this the imported model has no constant-weight MatMul, so the reference model has no
+    layers (empty manifest layer records) and the layer ids assigned after folding are not module paths.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    kept, folded = [], False
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
+            and len(node.input) == 1 else None
+        if source in initializers:
+            array = numpy_helper.to_array(initializers[source])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(np.transpose(array, perm)), node.output[0]))
+            folded = True
+            continue
+        kept.append(node)
+    if not folded:
+        return
+    used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(kept)
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)

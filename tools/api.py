@@ -99,6 +99,47 @@ def _measure(reference: Runner, runner: Runner, ref_bytes: int, final: Model, re
 def compile(  # noqa: A001 - the verb users expect; shadows the builtin only here
     model: Any,
     output_dir: str | Path,
+    **options: Any,
+) -> Artifact:
+    """Compile ``model`` (ONNX path, ModelProto, nn.Module + example_inputs, or Model) into ``output_dir``.
+
+    Options: ``pipeline`` (name, spec or file; default ``default``), ``calibration`` and
+    ``evaluation`` (.npz path, {input: array} or Dataset), ``example_inputs`` (torch), ``backend``,
+    ``target``, ``plugin_paths``, ``force``, ``latency`` (measure it; default True), ``seed``,
+    ``progress`` (callable taking a message), ``overrides`` ({pass name: options}, e.g.
+    ``{"allocate-bits": {"budget": "avg-bits=4"}}``, which turns ``default`` into ``mixed``).
+    Nothing is written unless everything succeeds: the artifact appears atomically.
+
+    Never slower than fp32: when bit allocation picked compute formats (int8 QDQ, MatMulNBits)
+    from per-layer timings but the whole artifact measures slower than fp32, it is compiled
+    again with every quantized layer packed (fp32 speed), and the manifest says so.
+    """
+    artifact = _compile(model, output_dir, **options)
+    slower = _slower_than_fp32(artifact.manifest)
+    if slower:
+        say = options.get("progress") or (lambda _message: None)
+        say(f"the artifact measured {slower}: recompiling with every quantized layer packed")
+        overrides = dict(options.get("overrides") or {})
+        overrides["allocate-bits"] = {**overrides.get("allocate-bits", {}), "formats": "packed"}
+        note = f"compute formats chosen from per-layer timings were slower end to end ({slower}); used packed"
+        artifact = _compile(model, output_dir, **{**options, "overrides": overrides, "force": True},
+                            notes=[note])
+    return artifact
+
+
+def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str | None:
+    """How the artifact is slower than fp32 when allocation chose compute formats; else None."""
+    formats = manifest.get("records", {}).get("allocation", {}).get("formats", {})
+    if not any(f["format"] not in ("packed", "fp32") for f in formats.values()):
+        return None
+    slow = [f"{k.replace('_', ' ')} {row['speedup']:.2f}x" for k, row in manifest["metrics"].get("latency", {}).items()
+            if row["speedup"] < 1 - tolerance]
+    return ", ".join(slow) or None
+
+
+def _compile(
+    model: Any,
+    output_dir: str | Path,
     *,
     pipeline: str = "default",
     calibration: DataSource = None,
@@ -113,14 +154,9 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     progress: Callable[[str], None] | None = None,
     registry: Registry | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    notes: Sequence[str] = (),
 ) -> Artifact:
-    """Compile ``model`` (ONNX path, ModelProto, nn.Module + example_inputs, or Model) into ``output_dir``.
-
-    ``overrides`` maps a pass name to options replacing that pass's in the pipeline, e.g.
-    ``{"allocate-bits": {"budget": "avg-bits=4"}}`` (the CLI's --budget); a ``default``
-    pipeline given allocation options becomes the ``mixed`` pipeline. Nothing is written
-    unless everything succeeds: the artifact appears atomically.
-    """
+    """One compilation (see ``compile``)."""
     say = progress or (lambda _message: None)
     output_dir = Path(output_dir)
     artifact_io.check_destination(output_dir, force=force)
@@ -148,6 +184,8 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=Target(backend, target, target_options),
                       instruments=[timing], seed=seed, progress=say)
     final = passes.run(source, ctx)
+    if notes:
+        ctx.records.setdefault("notes", []).extend(notes)
     _legalize(backend_impl, final, target, "compiled model")
 
     with artifact_io.staging(output_dir, force=force) as tmp:

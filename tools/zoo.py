@@ -103,3 +103,110 @@ def trained_digits_mlp(seed: int = 0):
     torch.manual_seed(seed)
     split = digits_split(seed)
     return train(digits_mlp(), split, seed=seed), split
+
+
+# --- a small transformer encoder ----------------------------------------------------------------
+#: rows of an 8x8 digit are the tokens: 8 tokens of 8 features
+TOKENS, TOKEN_FEATURES = 8, 8
+
+
+def _transformer_classes():
+    """The transformer's module classes (defined lazily: torch is imported only when needed)."""
+    import torch
+    import torch.nn as nn
+
+    class Attention(nn.Module):
+        """Multi-head self-attention written with plain MatMul/Softmax (exports as quantizable MatMul layers)."""
+
+        def __init__(self, dim: int, heads: int) -> None:
+            super().__init__()
+            self.heads, self.head_dim = heads, dim // heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            n, t, d = x.shape
+            qkv = self.qkv(x).reshape(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            scores = torch.matmul(q, k.transpose(-2, -1)) * (self.head_dim ** -0.5)
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+            return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+    class Block(nn.Module):
+        """Pre-norm encoder block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+        def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+            super().__init__()
+            self.norm1 = nn.LayerNorm(dim)
+            self.attn = Attention(dim, heads)
+            self.norm2 = nn.LayerNorm(dim)
+            self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+            self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+    class TransformerEncoder(nn.Module):
+        """Digits as 8 row tokens -> linear embedding + learned positions -> pre-norm blocks -> LN ->
+        mean pooling. ``forward`` returns the pooled **embedding** (N, dim): a sentence-embedding-like
+        model whose fidelity is measured by cosine. The classification head lives in ``DigitsTransformer``."""
+
+        def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4) -> None:
+            super().__init__()
+            self.embed = nn.Linear(TOKEN_FEATURES, dim)
+            self.pos = nn.Parameter(torch.zeros(1, TOKENS, dim))
+            self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim)
+
+        def forward(self, x):
+            tokens = self.embed(x.reshape(x.shape[0], TOKENS, TOKEN_FEATURES)) + self.pos
+            for block in self.blocks:
+                tokens = block(tokens)
+            return self.norm(tokens).mean(dim=1)
+
+    class DigitsTransformer(nn.Module):
+        """The encoder with its linear classification head (what is trained; ``encoder`` is what is exported)."""
+
+        def __init__(self, encoder: nn.Module, classes: int = 10) -> None:
+            super().__init__()
+            self.encoder = encoder
+            self.head = nn.Linear(encoder.norm.normalized_shape[0], classes)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    return TransformerEncoder, DigitsTransformer
+
+
+def __getattr__(name: str):  # zoo.TransformerEncoder / zoo.DigitsTransformer without importing torch eagerly
+    if name in ("TransformerEncoder", "DigitsTransformer"):
+        encoder_cls, classifier_cls = _transformer_classes()
+        globals().update(TransformerEncoder=encoder_cls, DigitsTransformer=classifier_cls)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def digits_transformer(dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4):  # -> DigitsTransformer
+    """A 2-layer pre-norm transformer encoder over the 8 rows of a digit, with a linear head (~100k params,
+    almost all in the Linear layers of attention and MLP)."""
+    encoder_cls, classifier_cls = _transformer_classes()
+    globals().update(TransformerEncoder=encoder_cls, DigitsTransformer=classifier_cls)
+    return classifier_cls(encoder_cls(dim, depth, heads, mlp_ratio))
+
+
+def trained_digits_transformer(seed: int = 0, *, epochs: int = 12):
+    """(encoder, split): the transformer trained with cross-entropy through its head on the digits split.
+
+    The returned module is the **encoder** (its output is the embedding); the trained classifier,
+    head included, is ``encoder.classifier`` (kept out of the module tree, so not exported).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    split = digits_split(seed)
+    model = digits_transformer()
+    train(model, split, epochs=epochs, seed=seed, lr=3e-3)
+    encoder = model.encoder.eval()
+    object.__setattr__(encoder, "classifier", model)  # plain attribute: not a submodule of the encoder
+    return encoder, split

@@ -48,6 +48,8 @@ BITS = "bits"
 BITS_ANNOTATIONS = "annotation:bits"
 #: at most this many frontier points go into the record (evenly spread by cost)
 MAX_RECORDED_POINTS = 256
+#: frontier plans whose real quality a sweep measures on the evaluation data
+MEASURED_POINTS = 8
 
 
 def _items(value: str | list[Any] | None) -> list[str]:
@@ -183,6 +185,8 @@ class AllocateBits(Pass):
         if cfg.sweep and frontier is not None:
             record["frontier"] = {"dimension": frontier_dim, "points": len(frontier),
                                   "recorded": [p.as_record() for p in _thin(frontier, MAX_RECORDED_POINTS)]}
+            if ctx.evaluation is not None:
+                record["frontier"]["measured"] = _measure_frontier(model, ctx, frontier, allocation, cfg.group_size)
         record["seconds"] = round(time.perf_counter() - start, 4)
         ctx.records["allocation"] = record
         ctx.analyses.put(BITS, dict(allocation.plan))
@@ -301,6 +305,22 @@ def _never_slower_than_fp32(problem: Problem, budget: Budget,
     kept = {lid: f"every quantized width measured slower than fp32 ({info['fp32_seconds']:.3g} s)"
             for lid, info in dropped.items() if restricted.layer(lid).widths == (FLOAT_BITS,)}
     return restricted, {"applied": True, "dropped": dropped, "kept_fp32": kept}
+
+
+def _measure_frontier(model: Model, ctx: PassContext, frontier: list[Any], allocation: Allocation,
+                      group_size: int) -> list[dict[str, Any]]:
+    """Accuracy (or top-1 agreement with fp32) of up to ``MEASURED_POINTS`` frontier plans and the chosen one,
+    measured on the evaluation data, so the report plots real quality against size."""
+    from bitpass.passes.allocation.evaluate import plan_evaluator
+
+    evaluate = plan_evaluator(model, ctx, block_size=group_size)
+    ctx.progress(f"sweep: measuring {min(len(frontier), MEASURED_POINTS)} frontier plans on the evaluation data")
+    measured = []
+    for point in _thin(frontier, MEASURED_POINTS):
+        measured.append({**point.as_record(), "quality": evaluate(point.plan)})
+    measured.append({"cost": None, "loss": allocation.loss, "totals": dict(allocation.totals),
+                     "quality": evaluate(dict(allocation.plan)), "chosen": True})
+    return measured
 
 
 def _thin(points: list[Any], limit: int) -> list[Any]:

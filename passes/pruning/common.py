@@ -1,0 +1,158 @@
+"""What the pruning passes share: weight layouts per op type, writing constants, activation norms in ORT.
+
+Every quantizable layer's weight has an **output axis** (the dimension indexing the layer's
+output features) and an **input axis** (the dimension it reduces over):
+
+=================  ===========  ==========
+layer              output axis  input axis
+=================  ===========  ==========
+Conv (O, I/g, k…)  0            1
+ConvTranspose      1            0
+Gemm transB=1      0            1
+Gemm transB=0      1            0
+MatMul (K, N)      1            0
+Gather (V, D)      0            1
+=================  ===========  ==========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bitpass.frontend import Dataset, Layer, Model
+from bitpass.frontend.errors import BitpassError
+
+#: analysis-cache key: ``{layer_id: bool mask of kept weights}`` (ONNX weight layout)
+PRUNING_MASKS = "pruning:masks"
+#: analysis-cache key: serialized bytes of the model as it was before the first pruning pass
+PRUNING_REFERENCE = "pruning:reference"
+
+
+def output_axis(layer: Layer) -> int:
+    op = layer.op_type
+    if op == "ConvTranspose" or op == "MatMul":
+        return 1
+    if op == "Gemm":
+        return 0 if layer.node.attributes.get_int("transB", 0) else 1
+    return 0
+
+
+def input_axis(layer: Layer) -> int:
+    op = layer.op_type
+    if op in ("ConvTranspose", "MatMul"):
+        return 0
+    if op == "Gemm":
+        return 1 if layer.node.attributes.get_int("transB", 0) else 0
+    return 1
+
+
+def rows_view(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` as a matrix with dimension ``axis`` first and everything else flattened (a copy)."""
+    moved = np.moveaxis(array, axis, 0)
+    return moved.reshape(moved.shape[0], -1).copy()
+
+
+def from_rows_view(matrix: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    moved_shape = (shape[axis], *(s for i, s in enumerate(shape) if i != axis))
+    return np.moveaxis(matrix.reshape(moved_shape), 0, axis)
+
+
+def groups_view(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` with dimension ``axis`` last and the rest flattened: (positions, features) (a copy)."""
+    moved = np.moveaxis(array, axis, -1)
+    return moved.reshape(-1, moved.shape[-1]).copy()
+
+
+def from_groups_view(matrix: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    moved_shape = (*(s for i, s in enumerate(shape) if i != axis), shape[axis])
+    return np.moveaxis(matrix.reshape(moved_shape), -1, axis)
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Replace the initializer behind ``value`` (same name) and its shape."""
+    array = np.ascontiguousarray(array)
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)
+
+
+def is_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.producer() is None
+
+
+def feature_scale(layer: Layer, norms: np.ndarray) -> np.ndarray:
+    """Per-input-feature activation norms broadcast to ``layer``'s weight shape."""
+    shape = layer.weight_shape
+    if layer.op_type == "Conv":
+        group = layer.node.attributes.get_int("group", 1)
+        per_group_in, per_group_out = shape[1], shape[0] // max(group, 1)
+        idx = (np.arange(shape[0])[:, None] // per_group_out) * per_group_in + np.arange(per_group_in)[None, :]
+        scale = norms[idx]  # (O, I/g)
+        return np.broadcast_to(scale.reshape(*scale.shape, *([1] * (len(shape) - 2))), shape)
+    axis = input_axis(layer)
+    if len(norms) != shape[axis]:
+        raise BitpassError(f"layer {layer.id!r}: {len(norms)} input features measured, weight has {shape[axis]}")
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return np.broadcast_to(norms.reshape(view), shape)
+
+
+def _reduce_axes(layer: Layer, rank: int) -> tuple[int, ...]:
+    if layer.op_type in ("Conv", "ConvTranspose"):
+        return tuple(a for a in range(rank) if a != 1)
+    return tuple(range(rank - 1))
+
+
+def input_norms(model: Model, data: Dataset, layers: Iterable[Layer], *,
+                batch_size: int = 64) -> dict[str, np.ndarray]:
+    """``{layer_id: ||X_j||_2}``: the l2 norm of each input feature (channel) of each layer over all
+    calibration samples (and spatial positions), computed with ONNX Runtime.
+
+    The layers' data inputs become extra graph outputs of a copy of the model; Gather layers (whose
+    input is indices) are left out."""
+    import onnxruntime as ort
+
+    layers = [l for l in layers if l.op_type != "Gather"]
+    proto = model.to_proto()
+    graph_inputs = {i.name for i in proto.graph.input}
+    outputs = {o.name for o in proto.graph.output}
+    wanted: dict[str, ir.Value] = {}
+    for layer in layers:
+        value = layer.node.inputs[0]
+        if value is None or not value.name:
+            raise BitpassError(f"layer {layer.id!r}: its data input has no name")
+        wanted[value.name] = value
+    for name, value in wanted.items():
+        if name in graph_inputs or name in outputs:
+            continue
+        dtype = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT's own exception types
+        raise BitpassError(f"ONNX Runtime cannot run the model to measure activations: "
+                           f"{str(err).strip().splitlines()[0]}") from err
+    fetch = [n for n in wanted if n not in graph_inputs]
+    sums: dict[str, np.ndarray] = {}
+    for feeds in data.batches(batch_size):
+        got = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
+        got.update({n: feeds[n] for n in wanted if n in graph_inputs})
+        for layer in layers:
+            x = np.asarray(got[layer.node.inputs[0].name], dtype=np.float64)
+            sq = np.sum(x * x, axis=_reduce_axes(layer, x.ndim))
+            sums[layer.id] = sums.get(layer.id, 0) + sq
+    return {lid: np.sqrt(s) for lid, s in sums.items()}
+
+
+def remember_reference(model: Model, ctx_analyses: object) -> None:
+    """Keep the model as it was before the first pruning pass (the teacher of ``recover``)."""
+    from bitpass.passes.infra import AnalysisManager
+
+    assert isinstance(ctx_analyses, AnalysisManager)
+    if not ctx_analyses.cached(PRUNING_REFERENCE):
+        ctx_analyses.put(PRUNING_REFERENCE, model.to_bytes())

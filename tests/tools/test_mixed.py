@@ -1,0 +1,90 @@
+"""Mixed precision from the command line: --budget switches to the mixed pipeline and the artifact meets it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bitpass.backends.artifact import read_manifest
+from bitpass.tools.cli import main
+
+
+@pytest.fixture(scope="module")
+def mixed_artifact(tmp_path_factory, digits_files):
+    out = tmp_path_factory.mktemp("mixed") / "artifact"
+    code = main(["compile", str(digits_files / "model.onnx"), "--calib", str(digits_files / "calib.npz"),
+                 "--eval", str(digits_files / "eval.npz"), "-o", str(out), "--budget", "avg-bits=4", "--sweep",
+                 "-q"])
+    assert code == 0
+    return out
+
+
+def test_avg_bits_4_keeps_accuracy_and_shrinks_weights_sixfold(mixed_artifact):
+    manifest = read_manifest(mixed_artifact)
+    assert manifest["pipeline_name"] == "mixed"
+    assert manifest["summary"]["average_weight_bits"] <= 4.0 + 1e-9
+    assert manifest["metrics"]["size"]["weight_ratio"] <= 0.16
+    assert manifest["metrics"]["quality"]["accuracy"]["drop_points"] <= 0.5
+
+
+def test_every_layer_records_its_bits_format_and_the_reason(mixed_artifact):
+    manifest = read_manifest(mixed_artifact)
+    allocation = manifest["records"]["allocation"]
+    assert allocation["latency_measured"] is True
+    for layer in manifest["layers"]:
+        chosen = allocation["formats"][layer["id"]]
+        assert layer["bits"]["weight"] == allocation["plan"][layer["id"]]
+        assert chosen["format"] in ("packed", "qdq", "matmulnbits", "blocked-dq", "fp32") and chosen["why"]
+        if chosen["format"] != "fp32":
+            fp32_ms = manifest["records"]["allocation"]["formats"][layer["id"]]["ms"]
+            assert fp32_ms  # the latency the choice was based on is recorded
+
+
+def test_sweep_records_a_monotone_frontier_and_the_report_plots_it(mixed_artifact):
+    manifest = read_manifest(mixed_artifact)
+    frontier = manifest["records"]["allocation"]["frontier"]
+    points = frontier["recorded"]
+    assert len(points) >= 3
+    costs = [p["cost"] for p in points]
+    losses = [p["loss"] for p in points]
+    assert costs == sorted(costs) and losses == sorted(losses, reverse=True)
+    assert "data:image/png;base64," in (mixed_artifact / "report.html").read_text()
+
+
+def test_verify_passes_on_the_mixed_artifact(mixed_artifact, digits_files):
+    assert main(["verify", str(mixed_artifact), "--eval", str(digits_files / "eval.npz")]) == 0
+
+
+def test_size_budget(digits_files, tmp_path):
+    out = tmp_path / "sized"
+    assert main(["compile", str(digits_files / "model.onnx"), "--calib", str(digits_files / "calib.npz"), "-o",
+                 str(out), "--budget", "size=60KB", "--no-latency", "-q"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["records"]["allocation"]["totals"]["size"] <= 60_000
+    assert manifest["metrics"]["size"]["weight_bytes"] <= 60_000 * 1.1  # scales/shape constants are the slack
+
+
+def test_accuracy_drop_budget_bisects_on_the_evaluation_data(digits_files, tmp_path):
+    out = tmp_path / "drop"
+    assert main(["compile", str(digits_files / "model.onnx"), "--calib", str(digits_files / "calib.npz"),
+                 "--eval", str(digits_files / "eval.npz"), "-o", str(out), "--budget", "accuracy-drop=0.5",
+                 "--no-latency", "-q"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["metrics"]["quality"]["accuracy"]["drop_points"] <= 0.5 + 1e-9
+    assert manifest["summary"]["average_weight_bits"] < 8
+    assert any("not independent" in note for note in manifest["records"]["notes"])
+
+
+def test_budget_on_a_pipeline_without_allocation_is_refused(digits_files, tmp_path, capsys):
+    code = main(["compile", str(digits_files / "model.onnx"), "-o", str(tmp_path / "o"), "--pipeline", "optimize",
+                 "--budget", "avg-bits=4"])
+    assert code == 2 and "no allocate-bits pass" in capsys.readouterr().err
+
+
+def test_infeasible_budget_says_the_smallest_possible(digits_files, tmp_path, capsys):
+    code = main(["compile", str(digits_files / "model.onnx"), "--calib", str(digits_files / "calib.npz"), "-o",
+                 str(tmp_path / "o"), "--budget", "avg-bits=1", "--no-latency"])
+    err = capsys.readouterr().err
+    assert code == 2 and "avg-bits" in err and not (tmp_path / "o").exists()
+    json.dumps(err)
