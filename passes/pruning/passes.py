@@ -5,11 +5,13 @@ Scores (``method=``), each larger = more important:
 * ``magnitude``: ``|W|``.
 * ``wanda`` (Sun et al. 2023): ``|W_ij| * ||X_j||_2``, with ``||X_j||`` the l2 norm of input feature
   (channel) j over the calibration set, measured in ONNX Runtime (no torch needed).
-* ``gblm`` (GBLM-Pruner, Das et al. 2023; first-order Taylor): ``|W_ij * G_ij|`` with ``G`` the
-  per-sample-normalised gradient, the root mean square of the per-sample gradients of the
-  cross-entropy (labels, or the fp32 model's own argmax) on ``model.torch_module``. ``W * G`` is
-  unchanged when a BatchNorm is folded into the weight (``W' = sW``, ``G' = G/s``), so scores taken
-  on the torch weights apply to the folded ONNX weight of the same shape.
+* ``gblm`` (GBLM-Pruner, Das et al. 2023): ``|W_ij| * (alpha * G_ij + ||X_j||_2)``, the first-order
+  Taylor term ``|W * G|`` plus Wanda's term, each divided by its mean over the layer (the paper
+  scales G by a constant alpha instead; ``gblm_alpha`` weighs the gradient term, default 1).
+  ``G`` is the root mean square of the per-sample gradients of the cross-entropy (labels, or the
+  fp32 model's own argmax) on ``model.torch_module``. ``W * G`` is unchanged when a BatchNorm is
+  folded into the weight (``W' = sW``, ``G' = G/s``), so the Taylor term taken on the torch weight
+  applies to the folded ONNX weight of the same shape.
 
 Comparison group (``comparison=``): ``layer`` (all weights of the layer) or ``row`` (each output
 feature's weights, as Wanda and GBLM do); ``auto`` is ``layer`` for magnitude and ``row`` otherwise.
@@ -65,6 +67,14 @@ ONNX_METHODS = ("magnitude", "wanda")
 
 
 class PruneConfig(PassConfig):
+    @pydantic.field_validator("layers", "exclude", mode="before")
+    @classmethod
+    def _ids_are_strings(cls, value: object) -> object:
+        """Layer ids of a torch export are module paths such as ``0``: a spec's ``[0, 3]`` means those ids."""
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        return value
+
     method: Method = "magnitude"
     #: overall fraction of zero weights over the pruned layers (parameter-weighted); N:M fixes it to 1 - N/M
     sparsity: float = pydantic.Field(0.5, ge=0.0, lt=1.0)
@@ -82,6 +92,8 @@ class PruneConfig(PassConfig):
     allocation_power: float | None = pydantic.Field(None, gt=0)
     #: which sensitivity annotation to use for allocation=sensitivity (default: the only one present)
     sensitivity_method: str | None = None
+    #: weight of the gradient term against the activation term in method=gblm
+    gblm_alpha: float = pydantic.Field(1.0, ge=0)
     #: calibration samples used for activation norms and gradients (the first ones)
     samples: int = pydantic.Field(128, ge=1)
     batch_size: int = pydantic.Field(64, ge=1)
@@ -150,6 +162,7 @@ class Prune(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         skipped: dict[str, str] = {}
+        self._taylor: dict[str, np.ndarray] = {}
         layers = selected_layers(model, cfg.layers, cfg.exclude, skipped)
         pattern = n_m(cfg.pattern)
         if pattern is not None:
@@ -212,16 +225,23 @@ class Prune(Pass):
         weights = {l.id: np.abs(l.weight_array.astype(np.float64)) for l in layers}
         if method == "magnitude":
             return weights
-        if method == "wanda":
-            data = self._calibration(ctx, "method=wanda")
+        if method in ("wanda", "gblm"):
+            data = self._calibration(ctx, f"method={method}")
             norms = input_norms(model, data, layers, batch_size=self.config.batch_size)
             record["activation_samples"] = len(data)
             fallback = [l.id for l in layers if l.id not in norms]
             if fallback:
                 record["magnitude_fallback"] = fallback  # embedding lookups have no input activations
-            return {l.id: weights[l.id] * feature_scale(l, norms[l.id]) if l.id in norms else weights[l.id]
-                    for l in layers}
-        return self._taylor_scores(model, ctx, layers, record, "method=gblm")
+            wanda = {l.id: weights[l.id] * feature_scale(l, norms[l.id]) if l.id in norms else weights[l.id]
+                     for l in layers}
+            if method == "wanda":
+                return wanda
+            taylor = self._taylor_scores(model, ctx, layers, record, "method=gblm")
+            self._taylor = taylor
+            alpha = self.config.gblm_alpha
+            return {k: alpha * taylor[k] / max(float(taylor[k].mean()), 1e-30) + v / max(float(v.mean()), 1e-30)
+                    for k, v in wanda.items()}
+        raise AssertionError(method)
 
     def _taylor_scores(self, model: Model, ctx: PassContext, layers: list[Layer], record: dict[str, Any],
                        who: str) -> dict[str, np.ndarray]:
@@ -247,8 +267,8 @@ class Prune(Pass):
         if cfg.allocation == "global":
             return ratios.global_ratios(scores, cfg.sparsity, cfg.max_layer_sparsity)
         if cfg.allocation == "ecoflap":
-            coarse = scores if cfg.method == "gblm" else self._taylor_scores(model, ctx, layers, record,
-                                                                             "allocation=ecoflap")
+            coarse = self._taylor if cfg.method == "gblm" else self._taylor_scores(model, ctx, layers, record,
+                                                                                   "allocation=ecoflap")
             importance = {k: float(np.mean(coarse[k])) for k in params}
             record["layer_importance"] = {k: float(f"{v:.6g}") for k, v in importance.items()}
             return ratios.importance_ratios(importance, params, cfg.sparsity, cfg.max_layer_sparsity,

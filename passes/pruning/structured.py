@@ -11,7 +11,7 @@ the channels of its output are traced forward through the ops that keep them in 
   producers of both sides become one **group** that removes the same channel set;
 * Concat along the channel axis: followed with the input's channel offset;
 * Flatten(axis=1) or a Reshape to (N, C*H*W): followed in blocks of H*W features (the Reshape
-  gets the shape (0, -1), so it no longer spells the old size);
+  gets the shape (0, -1) with allowzero=0, so it no longer spells the old size);
 * the consumers' input channels are sliced: Conv (group=1) and ConvTranspose weights, Gemm
   columns (blocks after a flatten), MatMul rows.
 
@@ -23,7 +23,10 @@ Channel importance (``method=``): ``l1`` or ``l2`` norm of the producer's output
 ``bn`` |gamma| of the BatchNormalization that follows (l2 where it was folded away), ``taylor``
 (first-order Taylor on the torch module, ``(sum_c w*g)^2`` per channel, Molchanov et al. 2019).
 A group's score is the sum of its members' mean-normalised scores; ``round(ratio * C)`` channels
-with the lowest score are removed (at least one stays).
+with the lowest score are removed, the kept count rounded to a multiple of ``round_to`` (default 8)
+when C is one: ONNX Runtime's CPU convolutions work in blocks of 8 channels on AVX2, and the
+project's CNN pruned 30 % to 11/22/45 channels ran 0.94x as fast as unpruned at batch 64, while
+12/24/48 ran 1.4x faster (at least ``min_channels`` stay).
 
 Afterwards shapes are updated (channel dimensions shrink; unknown ones are cleared and inferred
 again), dead nodes are removed, and ``model.torch_module`` is detached (its shapes no longer match).
@@ -234,8 +237,6 @@ def _flatten_block(node: ir.Node, value: ir.Value) -> int:
         if node.attributes.get_int("axis", 1) != 1:
             raise Refused(f"{where} does not flatten from axis 1")
         return block
-    if node.attributes.get_int("allowzero", 0):
-        raise Refused(f"{where} has allowzero=1")
     out = node.outputs[0]
     if _rank(out) != 2 or _dim(out, 1) != int(np.prod(dims)):
         raise Refused(f"{where} is not a flatten to (N, C*H*W) (output shape {out.shape})")
@@ -298,6 +299,14 @@ class _Groups:
 
 
 class PruneChannelsConfig(PassConfig):
+    @pydantic.field_validator("layers", "exclude", mode="before")
+    @classmethod
+    def _ids_are_strings(cls, value: object) -> object:
+        """Layer ids of a torch export are module paths such as ``0``: a spec's ``[0, 3]`` means those ids."""
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        return value
+
     #: fraction of each producer's output channels removed
     ratio: float = pydantic.Field(0.3, ge=0.0, lt=1.0)
     method: Literal["l1", "l2", "bn", "taylor"] = "l1"
@@ -306,6 +315,9 @@ class PruneChannelsConfig(PassConfig):
     exclude: list[str] = pydantic.Field(default_factory=list)
     #: channels every producer keeps at least
     min_channels: int = pydantic.Field(1, ge=1)
+    #: round each kept channel count to the nearest multiple of this (layers whose count is a multiple of
+    #: it): ONNX Runtime's CPU convolutions block channels by 8 (AVX2) and odd counts fall off that path
+    round_to: int = pydantic.Field(8, ge=1)
     #: calibration samples for method=taylor
     samples: int = pydantic.Field(128, ge=1)
 
@@ -348,22 +360,24 @@ class PruneChannels(Pass):
         remember_reference(model, ctx.analyses)
         scores = self._scores(model, ctx, regions, groups, record)
         values: dict[int, tuple[ir.Value, int, set[int]]] = {}
-        slices: dict[tuple[int, int], tuple[ir.Node, int, int, set[int]]] = {}
+        slices: dict[tuple[int, int, int], tuple[ir.Node, int, int, set[int]]] = {}
         reshapes: dict[int, ir.Node] = {}
         channels: dict[str, str] = {}
+        removed_of: dict[str, list[int]] = {}
         for members in groups:
             count = regions[members[0]].channels
-            prune = min(int(round(cfg.ratio * count)), count - cfg.min_channels)
+            prune = self._count(count)
             if prune <= 0:
                 continue
             removed = sorted(np.argsort(scores[members[0]], kind="stable")[:prune].tolist())
             for lid in members:
                 region = regions[lid]
                 channels[lid] = f"{count} -> {count - prune}"
+                removed_of[lid] = removed
                 for value, axis, point in region.values:
                     values.setdefault(id(value), (value, axis, set()))[2].update(point.positions(removed))
                 for node, index, axis, point in region.slices:
-                    slices.setdefault((id(node), index), (node, index, axis, set()))[3].update(
+                    slices.setdefault((id(node), index, axis), (node, index, axis, set()))[3].update(
                         point.positions(removed))
                 for node in region.reshapes:
                     reshapes[id(node)] = node
@@ -381,7 +395,10 @@ class PruneChannels(Pass):
         except Exception as err:  # shape inference is a check here, not a requirement
             record["shape_inference"] = f"failed: {str(err).strip().splitlines()[0]}"
         params_after = sum(l.params for l in model.layers())
-        record.update(channels=channels, params_before=params_before, params_after=params_after)
+        total = sum(regions[lid].channels for lid in channels)
+        record.update(channels=channels, removed=removed_of, params_before=params_before, params_after=params_after,
+                      channel_fraction_removed=round(sum(map(len, removed_of.values())) / max(total, 1), 4),
+                      groups=[g for g in groups if len(g) > 1])
         if model.torch_module is not None:
             model.torch_module = None
             record["torch_module"] = "detached: its shapes no longer match the pruned graph"
@@ -389,6 +406,16 @@ class PruneChannels(Pass):
         ctx.progress(f"prune-channels: {len(channels)} layers pruned, parameters {params_before} -> {params_after}"
                      + (f", {len(refused)} refused" if refused else ""))
         return PassResult(model, modified=bool(channels), preserved=frozenset({PRUNING_REFERENCE}))
+
+    def _count(self, channels: int) -> int:
+        """How many of ``channels`` to remove: ``ratio`` of them, the kept count rounded to ``round_to``."""
+        cfg = self.config
+        keep = channels - int(round(cfg.ratio * channels))
+        step = cfg.round_to
+        if step > 1 and channels % step == 0 and channels > step and cfg.ratio > 0:
+            keep = max(step, int(round(keep / step)) * step)
+        keep = max(keep, cfg.min_channels)
+        return max(channels - keep, 0)
 
     # --- grouping -----------------------------------------------------------------
     @staticmethod
@@ -503,3 +530,5 @@ class PruneChannels(Pass):
                          const_value=ir.tensor(np.array([0, -1], dtype=np.int64), name=name))
         graph.register_initializer(value)
         node.replace_input_with(1, value)
+        if node.attributes.get_int("allowzero", 0):  # the batch dimension is never 0 here: 0 means "copy"
+            node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)

@@ -1,0 +1,44 @@
+"""Fixtures for the pruning tests: one torch thread, the data as Datasets, and ORT helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitpass.backends import measure
+from bitpass.backends.onnxruntime.runner import OrtRunner
+from bitpass.frontend import Model, from_arrays
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def calib(cnn_model, calib_arrays):
+    return from_arrays(calib_arrays, cnn_model.inputs)
+
+
+@pytest.fixture
+def evaluation(cnn_model, eval_arrays):
+    return from_arrays(eval_arrays, cnn_model.inputs, role="evaluation")
+
+
+def _outputs(model: Model, data) -> np.ndarray:
+    """The model's first output over ``data``, run in ONNX Runtime."""
+    return measure.predict(OrtRunner.from_bytes(model.to_bytes()), data)[0]
+
+
+@pytest.fixture
+def outputs():
+    return _outputs
+
+
+@pytest.fixture
+def accuracy():
+    return lambda model, data: measure.accuracy([_outputs(model, data)], data.labels)

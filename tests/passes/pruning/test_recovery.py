@@ -1,0 +1,84 @@
+"""``recover`` fine-tunes a pruned model by distillation (masks kept, record written), and pruned artifacts
+compile and pass ``bitpass verify``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitpass.frontend.errors import UsageError
+from bitpass.passes.infra import PassContext
+from bitpass.passes.pipeline import Pipeline
+from bitpass.passes.pruning.recovery import GraphModule, Recover
+from bitpass.plugins.registry import default_registry
+from bitpass.tools import compile as compile_artifact
+from bitpass.tools import verify
+
+
+def run_spec(model, spec, ctx):
+    return Pipeline(default_registry().pipeline(spec).passes).run(model, ctx)
+
+
+def test_the_torch_interpreter_matches_onnxruntime(cnn_model, calib, outputs):
+    import torch
+
+    with torch.no_grad():
+        got = GraphModule(cnn_model)(input=torch.from_numpy(calib.inputs["input"]))[0].numpy()
+    np.testing.assert_allclose(got, outputs(cnn_model, calib), rtol=1e-4, atol=1e-4)
+
+
+def test_recovery_after_structured_pruning(cnn_model, calib, evaluation, accuracy):
+    ctx = PassContext(calibration=calib)
+    dense = run_spec(cnn_model, "fold-constants,fuse", ctx)
+    fp32 = accuracy(dense, evaluation)
+    model = run_spec(dense, "prune-channels(ratio=0.3),recover(epochs=5,lr=0.003)", ctx)
+    record = ctx.records["recovery"]
+    assert record["distillation_loss_after"] < 0.2 * record["distillation_loss_before"]
+    assert record["teacher"].startswith("the model before pruning")
+    recovered = accuracy(model, evaluation)
+    print(f"\nprune-channels(0.3) + recover: accuracy {fp32:.4f} -> {recovered:.4f}")
+    assert recovered >= fp32 - 0.03
+
+
+def test_recovery_keeps_the_unstructured_masks(cnn_model, calib):
+    ctx = PassContext(calibration=calib)
+    run_spec(cnn_model, "prune(method=wanda,sparsity=0.7)", ctx)
+    zeros = {l.id: l.weight_array == 0 for l in cnn_model.layers()}
+    run_spec(cnn_model, "recover(epochs=2)", ctx)
+    record = ctx.records["recovery"]
+    assert record["masked_weights"] == 5
+    assert record["distillation_loss_after"] < record["distillation_loss_before"]
+    for layer in cnn_model.layers():
+        assert np.all(layer.weight_array[zeros[layer.id]] == 0)
+        assert not np.array_equal(layer.weight_array == 0, np.ones_like(zeros[layer.id]))
+
+
+def test_recovery_needs_a_teacher(cnn_model, calib):
+    cnn_model.torch_module = None
+    with pytest.raises(UsageError, match="teacher"):
+        Recover().run(cnn_model, PassContext(calibration=calib))
+
+
+def test_pruned_artifacts_compile_and_verify(digits_files, tmp_path):
+    out = tmp_path / "artifact"
+    artifact = compile_artifact(digits_files / "model.onnx", out,
+                                pipeline="fold-constants,fuse,prune-channels(ratio=0.3),calibrate,quantize",
+                                calibration=digits_files / "calib.npz", evaluation=digits_files / "eval.npz",
+                                latency=False)
+    records = artifact.manifest["records"]
+    assert records["prune-channels"]["params_after"] < records["prune-channels"]["params_before"]
+    assert "recovery" not in records  # off by default
+    checks = verify(out, digits_files / "eval.npz")
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+    sparse = tmp_path / "sparse"
+    artifact = compile_artifact(digits_files / "model.onnx", sparse,
+                                pipeline="fold-constants,fuse,prune(method=wanda,sparsity=0.5,allocation=global),"
+                                         "recover,calibrate,quantize",
+                                calibration=digits_files / "calib.npz", evaluation=digits_files / "eval.npz",
+                                latency=False)
+    assert artifact.manifest["records"]["recovery"]["epochs"] == 3
+    assert {r["id"]: r["sparsity"] for r in artifact.manifest["layers"]}["11"] > 0.4
+    assert artifact.metrics["quality"]["accuracy"]["artifact"] > 0.95
+    checks = verify(sparse, digits_files / "eval.npz")
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
