@@ -1,0 +1,118 @@
+"""The TVM backend: lower the annotated IR to Relax with bitpass's kernels, schedule, export model.so.
+
+Artifact files: ``model.so`` (the Relax VM executable, weights embedded, built by
+``export_library`` with the target's compiler), ``tvm.json`` (VM function per batch size,
+inputs and outputs in graph order, target), ``tvm_run.py`` (a numpy + TVM-runtime runner for
+the device) and ``model.onnx`` (the annotated IR the library was lowered from: the plan that
+``bitpass verify`` checks). ``tvm`` is imported only when compiling or loading.
+
+Bits: the lowering reads ``bits.weight`` annotations directly (int8 and 4-bit kernels for
+Gemm/MatMul; Conv is fp32 only so far). Pipelines must therefore stop before ``quantize``,
+which materializes ONNX Runtime formats (QDQ, MatMulNBits) the lowering does not take.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitpass.backends.base import Backend, Capabilities, Runner
+from bitpass.backends.tvm import targets as target_registry
+from bitpass.backends.tvm.lower import SUPPORTED_OPS, WEIGHT_BITS
+from bitpass.frontend import Model, annotation
+from bitpass.frontend.errors import BitpassError
+
+LIBRARY = "model.so"
+CONFIG = "tvm.json"
+RUNNER = "tvm_run.py"
+PLAN = "model.onnx"
+
+
+class TvmRunner(Runner):
+    """Runs model.so in the Relax VM on this machine's CPU."""
+
+    def __init__(self, directory: Path) -> None:
+        from bitpass.backends.tvm.vmrun import VmModel
+
+        try:
+            self.model = VmModel(directory)
+        except Exception as err:  # TVM raises its own error types
+            raise BitpassError(f"TVM cannot load {directory / LIBRARY}: {str(err).strip().splitlines()[0]}") from err
+        self.input_names = self.model.input_names
+        self.output_names = self.model.output_names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise BitpassError(f"missing input {missing[0]!r}; the model takes {', '.join(self.input_names)}")
+        return self.model.run(feeds)
+
+
+class TvmBackend(Backend):
+    """TVM (Relax VM) with bitpass's own TIR kernels and schedules, cross-compiled per named target."""
+
+    name = "tvm"
+    targets = {name: spec.description for name, spec in target_registry.TARGETS.items()}
+    default_target = target_registry.host_target()
+
+    def capabilities(self, target: str) -> Capabilities:
+        self.check_target(target)
+        # same kernels on every target for now; only their tiling depends on the target's features
+        return Capabilities(ops=frozenset(("", op) for op in SUPPORTED_OPS), weight_bits=dict(WEIGHT_BITS),
+                            activation_bits=(8, 32))
+
+    def legalize(self, model: Model, target: str) -> list[str]:
+        problems = super().legalize(model, target)
+        if any("QuantizeLinear" in p or "MatMulNBits" in p for p in problems):
+            problems.insert(0, "the model holds ONNX Runtime quantization (QDQ / MatMulNBits): the tvm backend "
+                               "lowers bits annotations itself, so use a pipeline without the quantize pass "
+                               "(e.g. --pipeline optimize, or set-bits / allocate-bits without quantize)")
+        for node in model.graph.all_nodes():
+            bits = annotation.weight_bits(node)
+            if bits is not None and bits != annotation.FLOAT_BITS and \
+                    bits not in WEIGHT_BITS.get(node.op_type, (annotation.FLOAT_BITS,)):
+                problems.append(f"{node.op_type} {node.name!r} is annotated {bits}-bit weights; the tvm backend "
+                                f"has {node.op_type} kernels for {WEIGHT_BITS.get(node.op_type, (32,))} bits")
+        return problems
+
+    def emit(self, model: Model, directory: Path, target: str) -> list[str]:
+        from bitpass.backends.tvm import build as tvm_build
+
+        self.check_target(target)
+        spec = target_registry.get(target)
+        if not spec.compiler_available():
+            raise BitpassError(f"target {target!r} needs the cross compiler {spec.cross_compiler!r}, which is not "
+                               f"on PATH (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu, or run "
+                               f"tools/setup_arm64.sh)")
+        proto = model.to_proto()
+        try:
+            built = tvm_build.build(proto, spec)
+        except NotImplementedError as err:
+            raise BitpassError(f"tvm lowering: {err}") from err
+        tvm_build.export(built, directory / LIBRARY, spec)
+        config = {
+            "target": target, "tvm_target": spec.tvm_dict(),
+            "functions": {str(b): name for b, name in built.functions.items()},
+            "inputs": [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}],
+            "outputs": [o.name for o in proto.graph.output],
+            "layers": built.report.layers,
+            "kernel_weight_bytes": built.report.weight_bytes,
+        }
+        (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(Path(__file__).with_name("vmrun.py"), directory / RUNNER)
+        (directory / PLAN).write_bytes(model.to_bytes())
+        return [LIBRARY, CONFIG, RUNNER, PLAN]
+
+    def load(self, directory: Path, manifest: Mapping[str, Any] | None = None, *,
+             for_timing: bool = False) -> Runner:
+        config = json.loads((Path(directory) / CONFIG).read_text())
+        spec = target_registry.get(config["target"])
+        if not spec.is_host_runnable():
+            raise BitpassError(f"this artifact was built for {config['target']!r} ({spec.triple}), which this "
+                               f"machine cannot run; use `bitpass verify --emulate` for aarch64 targets")
+        return TvmRunner(Path(directory))

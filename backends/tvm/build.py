@@ -1,0 +1,49 @@
+"""Build a lowered Relax module for a named target and export it as a shared library."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bitpass.backends.tvm import lower as lowering
+from bitpass.backends.tvm import schedules
+from bitpass.backends.tvm.targets import TargetSpec
+
+#: batch sizes every artifact is compiled for; the runner splits or pads other batches onto them
+BATCHES = (1, 64)
+
+
+@dataclass
+class Built:
+    executable: Any  # tvm.relax.Executable
+    functions: dict[int, str]  # batch -> function name
+    report: lowering.LoweringReport
+
+
+def build(proto: onnx.ModelProto, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> Built:
+    """Lower, schedule with bitpass's rules for ``spec``'s features, and build a VM executable."""
+    import tvm
+    from tvm import relax
+
+    target = spec.tvm_target()
+    mod, report, names = lowering.lower(proto, batches, schedules.vector_lanes(spec.features))
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    mod = schedules.apply_rules(mod, target)
+    with tvm.transform.PassContext(opt_level=3):
+        executable = relax.build(mod, target=target, relax_pipeline="default")
+    return Built(executable, dict(zip(batches, names)), report)
+
+
+def export(built: Built, path: Path, spec: TargetSpec) -> None:
+    """``export_library`` with the target's (cross) compiler; weights are embedded in the library."""
+    if spec.cross_compiler is None:
+        built.executable.export_library(str(path))
+        return
+    from tvm.support import cc
+
+    built.executable.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))

@@ -1,0 +1,261 @@
+"""bitpass's TIR schedules, as dlight-style rules keyed by target features.
+
+A rule is a ``tvm.s_tir.dlight.ScheduleRule``: given a PrimFunc and a target it returns a
+schedule, or None when it does not apply. ``rules_for(features)`` picks the rule list for a
+target's features (vector width from AVX-512 / AVX2 / NEON; the int8 rule only differs in
+tiling for now: VNNI and dot-product intrinsics are a next step), and ``ApplyRules``
+applies them to every PrimFunc of a module (TVM's default CPU pipeline schedules nothing;
+NOTES.md).
+
+Kernel rules recognise bitpass's own kernels by the ``bitpass.kernel`` attribute the lowering
+puts on them (``kernels.py``); ``Elementwise`` and ``Reduction`` handle what TVM's
+``LegalizeOps`` produced for the other operators (parallel outer loops, vectorized inner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+#: below this many output elements (or multiply-adds for kernels) a function runs on one thread:
+#: waking the pool costs more than the work
+PARALLEL_MIN_WORK = 1 << 15
+
+
+def features_of(target: Target) -> frozenset[str]:
+    """Features in ``targets.TargetSpec`` vocabulary, from an LLVM target's triple and mattr."""
+    attrs = target.attrs
+    mattr = {str(a).lstrip("+") for a in (attrs.get("mattr") or [])}
+    triple = str(attrs.get("mtriple", ""))
+    found = set()
+    if triple.startswith("aarch64") or "neon" in mattr:
+        found.add("neon")
+    if "dotprod" in mattr:
+        found.add("dotprod")
+    if "avx2" in mattr:
+        found.add("avx2")
+    if "avx512f" in mattr:
+        found |= {"avx512", "avx2"}
+    if "avx512vnni" in mattr:
+        found.add("vnni")
+    return frozenset(found)
+
+
+def vector_lanes(features: Iterable[str]) -> int:
+    features = set(features)
+    if "avx512" in features:
+        return 16
+    if "avx2" in features:
+        return 8
+    return 4
+
+
+def _int(value) -> int | None:
+    return int(value) if isinstance(value, (int, tirx.IntImm)) else None
+
+
+def _kernel(func: tirx.PrimFunc) -> str | None:
+    attrs = func.attrs
+    return str(attrs["bitpass.kernel"]) if attrs is not None and "bitpass.kernel" in attrs else None
+
+
+def _attr(func: tirx.PrimFunc, name: str) -> int:
+    return int(func.attrs[name])
+
+
+def _divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+class _Rule(dlight.ScheduleRule):
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+
+class Dense(_Rule):
+    """fp32 / int8 / int4 dense: [mt × nb] register tiles, outputs innermost (vectorized), k in between,
+    the epilogue computed per tile, parallel over tiles. The weight layout [N/nb, K, nb] makes the
+    innermost loads contiguous; for M = 1 (GEMV) the kernel streams each tile's weights once."""
+
+    def apply(self, func, target, tunable):
+        kind = _kernel(func)
+        if kind not in ("dense", "dense_int8", "dense_int4"):
+            return None
+        sch = s_tir.Schedule(func)
+        nb = _attr(func, "bitpass.nb")
+        acc = sch.get_sblock("dense_acc")
+        out = sch.get_sblock("dense_out")
+        m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
+        kk = _int(sch.get(sch.get_loops(acc)[-1]).extent)
+        mt = _divisor(m, 4)
+        i, j = sch.get_loops(out)
+        io, ii = sch.split(i, [None, mt])
+        jo, ji = sch.split(j, [None, nb])
+        sch.reorder(io, jo, ii, ji)
+        outer = sch.fuse(io, jo)
+        sch.compute_at(acc, outer)
+        sch.set_scope(acc, 0, "local")
+        tile = sch.get_loops(acc)[1:]  # (ai, aj, k), or (aj, k) when mt == 1 (unit loops are dropped)
+        ai, aj, k = tile if len(tile) == 3 else (None, *tile)
+        rows = [ai] if ai is not None else []
+        if kind == "dense_int4":
+            jh, jl = sch.split(aj, [2, nb // 2])
+            sch.reorder(k, *rows, jh, jl)
+            sch.unroll(jh)
+            inner = jl
+        else:
+            sch.reorder(k, *rows, aj)
+            inner = aj
+        if ai is not None:
+            sch.unroll(ai)
+        if m * n * kk >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        sch.vectorize(inner)
+        sch.vectorize(ji)
+        init = sch.decompose_reduction(acc, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        if kind == "dense_int8":
+            for name in ("row_amax", "row_scale", "quantize_x"):
+                blk = sch.get_sblock(name)
+                loops = sch.get_loops(blk)
+                if m * kk >= PARALLEL_MIN_WORK and name != "row_scale":
+                    sch.parallel(loops[0])
+            qloops = sch.get_loops(sch.get_sblock("quantize_x"))
+            kx = _int(sch.get(qloops[-1]).extent) or 1
+            if kx % self.lanes == 0:
+                _, vi = sch.split(qloops[-1], [None, self.lanes])
+                sch.vectorize(vi)
+        return sch
+
+
+class Conv2d(_Rule):
+    """NCHW fp32 conv: tiles of ``owt`` output columns × ``ob`` output channels held in registers,
+    channels innermost (vectorized), reduction (c, ky, kx) outside the tile; bias + activation and the
+    write back to NCHW per tile; parallel over (batch, output row)."""
+
+    def apply(self, func, target, tunable):
+        if _kernel(func) != "conv2d":
+            return None
+        sch = s_tir.Schedule(func)
+        ob = _attr(func, "bitpass.nb")
+        acc = sch.get_sblock("conv_acc")
+        out = sch.get_sblock("conv_out")
+        b, y, x, o, rc, ry, rx = sch.get_loops(acc)
+        ow = _int(sch.get(x).extent)
+        oc = _int(sch.get(o).extent)
+        work = 1
+        for loop in (b, y, x, o, rc, ry, rx):
+            work *= _int(sch.get(loop).extent) or 1
+        owt = _divisor(ow, 4 if ob > self.lanes else 8)
+        xo, xi = sch.split(x, [None, owt])
+        oo, oi = sch.split(o, [None, ob])
+        sch.reorder(b, y, xo, oo, rc, ry, rx, xi, oi)
+        sch.unroll(xi)
+        sch.reverse_compute_at(out, oo)
+        sch.set_scope(acc, 0, "local")
+        outer = sch.fuse(b, y)
+        if work >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        sch.vectorize(oi)
+        init = sch.decompose_reduction(acc, rc)
+        sch.vectorize(sch.get_loops(init)[-1])
+        try:
+            pad = sch.get_sblock("conv_pad")
+        except Exception:  # noqa: BLE001 - no padding block
+            pad = None
+        if pad is not None:
+            loops = sch.get_loops(pad)
+            pfused = sch.fuse(*loops[:2])
+            if work >= PARALLEL_MIN_WORK:
+                sch.parallel(pfused)
+        del oc
+        return sch
+
+
+def _spatial_only(sch: s_tir.Schedule, block) -> bool:
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+class Elementwise(_Rule):
+    """Functions whose blocks are all spatial (LegalizeOps' injective ops): each root block's loops fused,
+    split into a parallel outer part and a vectorized inner part."""
+
+    def apply(self, func, target, tunable):
+        if _kernel(func) is not None:
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+        if not blocks or not all(_spatial_only(sch, blk) for blk in blocks):
+            return None
+        for blk in blocks:
+            loops = sch.get_loops(blk)
+            if not loops:
+                continue
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            extent = _int(sch.get(fused).extent)
+            if extent is None:
+                continue
+            if extent % self.lanes == 0 and extent >= self.lanes:
+                outer, inner = sch.split(fused, [None, self.lanes])
+                sch.vectorize(inner)
+            else:
+                outer = fused
+            if extent >= PARALLEL_MIN_WORK:
+                sch.parallel(outer)
+        return sch
+
+
+class Reduction(_Rule):
+    """Anything else with a leading spatial loop on every root block (softmax, layer norm, pooling,
+    means): parallel over that loop when the function is big enough."""
+
+    def apply(self, func, target, tunable):
+        if _kernel(func) is not None:
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        changed = False
+        for blk in blocks:
+            loops = sch.get_loops(blk)
+            if not loops:
+                continue
+            ivs = sch.get(blk).iter_vars
+            spatial = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == tirx.IterVar.DataPar]
+            if len(loops) != len(ivs) or not spatial or spatial[0] != loops[0]:
+                continue
+            work = 1
+            for lp in loops:
+                work *= _int(sch.get(lp).extent) or 1
+            if work >= PARALLEL_MIN_WORK and (_int(sch.get(loops[0]).extent) or 0) > 1:
+                sch.parallel(loops[0])
+                changed = True
+        return sch if changed else None
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def rules_for(features: Iterable[str]) -> list[dlight.ScheduleRule]:
+    """The rule list for a target with ``features`` (first applicable rule wins)."""
+    lanes = vector_lanes(features)
+    return [Dense(lanes), Conv2d(lanes), Elementwise(lanes), Reduction(lanes)]
+
+
+def apply_rules(mod, target: Target):
+    """Schedule every PrimFunc of ``mod`` (legalized) for ``target`` with bitpass's rules."""
+    rules = rules_for(features_of(target))
+    with target:
+        return dlight.ApplyDefaultSchedule(*rules)(mod)

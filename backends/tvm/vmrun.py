@@ -1,0 +1,81 @@
+"""A tiny runner for bitpass TVM artifacts: numpy and the TVM runtime only (no bitpass), so it runs on an
+edge device or under qemu-aarch64 as it is. Copied into every artifact as ``tvm_run.py``.
+
+    python tvm_run.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz
+
+``tvm.json`` beside ``model.so`` names the Relax VM functions per batch size and the inputs and
+outputs in graph order. A batch that was not compiled is split into the largest compiled batch
+and padded (the models' samples are independent).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = "tvm.json"
+LIBRARY = "model.so"
+
+
+class VmModel:
+    def __init__(self, directory, device=None):
+        import tvm
+        from tvm import relax
+
+        directory = Path(directory)
+        self.config = json.loads((directory / CONFIG).read_text())
+        self.input_names = list(self.config["inputs"])
+        self.output_names = list(self.config["outputs"])
+        self.functions = {int(b): name for b, name in self.config["functions"].items()}
+        self.device = device if device is not None else tvm.cpu()
+        self._tensor = tvm.runtime.tensor
+        self.library = tvm.runtime.load_module(str(directory / LIBRARY))
+        self.vm = relax.VirtualMachine(self.library, self.device)
+        self._calls = {b: self.vm[name] for b, name in self.functions.items()}
+
+    def _call(self, batch, arrays):
+        result = self._calls[batch](*[self._tensor(np.ascontiguousarray(a), self.device) for a in arrays])
+        if hasattr(result, "numpy"):
+            return [result.numpy()]
+        return [r.numpy() for r in result]
+
+    def run(self, feeds):
+        arrays = [np.asarray(feeds[n]) for n in self.input_names]
+        batch = int(arrays[0].shape[0])
+        if batch in self._calls:
+            return self._call(batch, arrays)
+        big = max(self._calls)
+        parts = []
+        start = 0
+        while start < batch:
+            size = min(big, batch - start)
+            chunk = [a[start:start + size] for a in arrays]
+            if size in self._calls:
+                parts.append(self._call(size, chunk))
+            elif size <= 4 and 1 in self._calls:
+                parts.extend(self._call(1, [a[i:i + 1] for a in chunk]) for i in range(size))
+            else:
+                padded = [np.concatenate([a, np.repeat(a[-1:], big - size, axis=0)]) for a in chunk]
+                parts.append([o[:size] for o in self._call(big, padded)])
+            start += size
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        print(__doc__.strip().splitlines()[3].strip(), file=sys.stderr)
+        return 2
+    model = VmModel(argv[0])
+    with np.load(argv[1]) as data:
+        feeds = {n: data[n] for n in model.input_names}
+    outputs = model.run(feeds)
+    np.savez(argv[2], **dict(zip(model.output_names, outputs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

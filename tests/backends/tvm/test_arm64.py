@@ -1,0 +1,47 @@
+"""Edge verification: the CNN cross-compiled for aarch64 on this machine runs under qemu-aarch64 with an
+arm64 TVM runtime, and its outputs match the x86 build's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip install -e '.[tvm]')")
+
+from bitpass.backends.tvm import TvmBackend, emulate  # noqa: E402
+from bitpass.frontend.errors import BitpassError  # noqa: E402
+
+TOOLCHAIN, MISSING = emulate.find_toolchain()
+
+
+def test_cross_compiling_needs_no_emulator(tmp_path, cnn_model):
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc is not installed (apt-get install gcc-aarch64-linux-gnu, "
+                    "or tools/setup_arm64.sh)")
+    backend = TvmBackend()
+    files = backend.emit(cnn_model, tmp_path, "aarch64-neon")
+    assert "model.so" in files
+    assert (tmp_path / "model.so").read_bytes()[:4] == b"\x7fELF"
+    assert (tmp_path / "model.so").read_bytes()[18] == 183  # e_machine EM_AARCH64
+    assert json.loads((tmp_path / "tvm.json").read_text())["target"] == "aarch64-neon"
+    with pytest.raises(BitpassError, match="--emulate"):
+        backend.load(tmp_path, {})
+
+
+@pytest.mark.skipif(TOOLCHAIN is None, reason=f"ARM64 emulation unavailable: {MISSING}")
+def test_aarch64_artifact_under_qemu_matches_the_x86_build(tmp_path, cnn_model, digits_split):
+    backend = TvmBackend()
+    arm, x86 = tmp_path / "arm", tmp_path / "x86"
+    arm.mkdir()
+    x86.mkdir()
+    backend.emit(cnn_model, arm, "aarch64-neon")
+    backend.emit(cnn_model.clone(), x86, backend.default_target)
+    x = np.ascontiguousarray(digits_split.eval_x[:70])  # one batch-64 call and a padded one
+    names = json.loads((arm / "tvm.json").read_text())["outputs"]
+    emulated = emulate.run(arm, {"input": x}, names)
+    native = backend.load(x86, {}).run({"input": x})
+    np.testing.assert_allclose(emulated[0], native[0], rtol=1e-3, atol=1e-5)
+    assert (emulated[0].argmax(1) == native[0].argmax(1)).all()

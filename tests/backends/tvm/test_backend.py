@@ -1,0 +1,84 @@
+"""The TVM backend end to end: compile the project's CNN and transformer, verify and run the artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip install -e '.[tvm]')")
+
+from bitpass.backends.base import reference_runner  # noqa: E402
+from bitpass.backends.tvm import TvmBackend  # noqa: E402
+from bitpass.frontend.errors import BitpassError  # noqa: E402
+from bitpass.plugins import default_registry  # noqa: E402
+from bitpass.tools import compile, run, verify  # noqa: E402
+
+PIPELINE = "fold-constants,eliminate-dead-nodes,fuse"
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tmp_path_factory, digits_files):
+    out = tmp_path_factory.mktemp("tvm") / "cnn"
+    return compile(str(digits_files / "model.onnx"), out, backend="tvm", pipeline="optimize",
+                   evaluation=str(digits_files / "eval.npz"), latency=False)
+
+
+def test_backend_is_registered_with_targets_and_capabilities():
+    backend = default_registry().backend("tvm")()
+    assert {"x86-64-avx2", "aarch64-neon"} <= set(backend.targets)
+    caps = backend.capabilities(backend.default_target)
+    assert caps.supports_op("", "Conv") and caps.supports_op("", "LayerNormalization")
+    assert caps.widths_for("Gemm") == (4, 8, 32) and caps.widths_for("Conv") == (32,)
+
+
+def test_fp32_artifact_matches_onnx_runtime(fp32_artifact, digits_files, digits_split):
+    files = {p.name for p in fp32_artifact.path.iterdir()}
+    assert {"model.so", "tvm.json", "tvm_run.py", "model.onnx", "reference.onnx", "manifest.json"} <= files
+    quality = fp32_artifact.metrics["quality"]
+    assert quality["fidelity"]["top1_agreement"] == 1.0 and quality["fidelity"]["cosine"] > 0.99999
+    config = json.loads((fp32_artifact.path / "tvm.json").read_text())
+    assert config["functions"] == {"1": "main", "64": "main_b64"}
+    assert {layer["kernel"] for layer in config["layers"].values()} == {"conv2d", "dense"}
+    # outputs equal ORT fp32's to rtol 1e-3, for batches compiled (1, 64) and not (7, split and padded)
+    from bitpass.frontend import from_onnx
+
+    ort = reference_runner(from_onnx(fp32_artifact.path / "reference.onnx"))
+    for size in (1, 7, 64):
+        x = np.ascontiguousarray(digits_split.eval_x[:size])
+        got = run(fp32_artifact.path, {"input": x})
+        want = ort.run({"input": x})[0]
+        np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-3, atol=1e-4)
+
+
+def test_verify_passes_on_the_tvm_artifact(fp32_artifact, digits_files):
+    checks = verify(fp32_artifact.path, str(digits_files / "eval.npz"))
+    assert all(c.ok for c in checks), checks
+    assert {c.name for c in checks} >= {"files", "plan", "fidelity"}
+
+
+def test_annotated_int8_and_int4_layers_lower_to_integer_kernels(tmp_path, cnn_model, digits_files, digits_split):
+    gemms = [layer.id for layer in cnn_model.layers() if layer.op_type in ("Gemm", "MatMul")]
+    assert len(gemms) == 2
+    pipeline = f"{PIPELINE},set-bits(layers={gemms[0]},weight=8),set-bits(layers={gemms[1]},weight=4)"
+    artifact = compile(cnn_model, tmp_path / "mixed", backend="tvm", pipeline=pipeline,
+                       evaluation=str(digits_files / "eval.npz"), latency=False)
+    layers = json.loads((artifact.path / "tvm.json").read_text())["layers"]
+    assert layers[gemms[0]] == {"node": layers[gemms[0]]["node"], "kernel": "dense_int8", "weight_bits": 8}
+    assert layers[gemms[1]]["kernel"] == "dense_int4"
+    fidelity = artifact.metrics["quality"]["fidelity"]
+    assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
+
+
+def test_unsupported_widths_are_refused_before_emitting(cnn_model, tmp_path):
+    from bitpass.frontend import annotation
+
+    backend = TvmBackend()
+    conv = next(layer for layer in cnn_model.layers() if layer.op_type == "Conv")
+    annotation.set_weight_bits(conv.node, 4)
+    problems = backend.legalize(cnn_model, backend.default_target)
+    assert any("Conv" in p and "4-bit" in p for p in problems)
+    with pytest.raises(BitpassError, match="4-bit weights"):
+        compile(cnn_model, tmp_path / "never", backend="tvm", pipeline="optimize", latency=False)
+    assert not (tmp_path / "never").exists()

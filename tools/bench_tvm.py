@@ -1,0 +1,195 @@
+"""Benchmark the TVM backend against ONNX Runtime, side by side, in one run.
+
+    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N]
+
+* The project's CNN and transformer (trained on the digits), fp32: TVM artifact vs ORT, batch 1 and 64.
+* A 4096×4096 weight-only GEMV at batch 1: TVM fp32 / int8 / int4 kernels vs ORT fp32 MatMul and
+  ORT MatMulNBits 4-bit (block 128, accuracy_level 4), with the achieved fraction of measured memory
+  bandwidth (numpy copy of a 256 MiB array: bytes read + written per second).
+
+Variants alternate inside one process and medians are reported (NOTES.md: ORT timings drift).
+Ratios are "other / TVM" latency: above 1 means TVM is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def _timed(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of each function; the functions alternate within a round."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    calls = {}
+    for name, fn in fns.items():
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < min_seconds or n < 3:
+            fn()
+            n += 1
+        calls[name] = n
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Bytes per second of a large numpy copy (read + write)."""
+    a = np.ones(mib << 18, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.nbytes / best
+
+
+def _ort_session(proto, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def bench_models(threads: int, rounds: int) -> list[tuple[str, float, float]]:
+    import torch
+
+    from bitpass.backends.tvm import TvmBackend
+    from bitpass.frontend import from_torch
+    from bitpass.passes.infra import PassContext
+    from bitpass.plugins import default_registry
+    from bitpass.tools import zoo
+
+    rows = []
+    models = {"CNN": zoo.trained_digits_cnn()[0], "transformer": zoo.trained_digits_transformer()[0]}
+    split = zoo.digits_split()
+    backend = TvmBackend()
+    for name, module in models.items():
+        model = from_torch(module, (torch.zeros(1, 1, 8, 8),))
+        model = default_registry().pipeline("optimize").run(model, PassContext())
+        with tempfile.TemporaryDirectory() as tmp:
+            backend.emit(model, Path(tmp), backend.default_target)
+            runner = backend.load(Path(tmp), {})
+            session = _ort_session(model.to_proto(), threads)
+            input_name = runner.input_names[0]
+            for batch in (1, 64):
+                x = np.ascontiguousarray(np.resize(split.eval_x, (batch, 1, 8, 8)))
+                got, want = runner.run({input_name: x})[0], session.run(None, {input_name: x})[0]
+                assert np.allclose(got, want, rtol=1e-3, atol=1e-4), f"{name}: TVM differs from ORT"
+                t = _timed({"tvm": lambda: runner.run({input_name: x}),
+                            "ort": lambda: session.run(None, {input_name: x})}, rounds)
+                rows.append((f"{name} fp32 batch {batch}", t["tvm"], t["ort"]))
+    return rows
+
+
+def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[str, float]:
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import te
+
+    from bitpass.backends.tvm import kernels, schedules, targets
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    spec = targets.get(targets.host_target())
+    target = spec.tvm_target()
+    lanes = schedules.vector_lanes(spec.features)
+    nb = kernels.out_block(n, lanes)
+    dev = tvm.cpu()
+    tx = te.placeholder((1, k), "float32", "x")
+
+    def build(tensors, kind):
+        func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb})
+        return tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
+
+    out = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
+    tvm_x = tvm.runtime.tensor(x, dev)
+    fns: dict[str, Callable[[], object]] = {}
+    tw = te.placeholder((n // nb, k, nb), "float32", "w")
+    f32 = build([tx, tw, kernels.dense(tx, tw, None)], "dense")
+    w32 = tvm.runtime.tensor(kernels.pack_dense(w, nb), dev)
+    fns["tvm fp32"] = lambda: f32(tvm_x, w32, out)
+    codes8, scale8 = kernels.quantize_int8(w, nb)
+    tc, ts = te.placeholder(codes8.shape, "int8", "c"), te.placeholder((n,), "float32", "s")
+    f8 = build([tx, tc, ts, kernels.dense_int8(tx, tc, ts, None)], "dense_int8")
+    c8, s8 = tvm.runtime.tensor(codes8, dev), tvm.runtime.tensor(scale8, dev)
+    fns["tvm int8"] = lambda: f8(tvm_x, c8, s8, out)
+    q4 = kernels.quantize_int4(w, nb, 128)
+    tc4, ts4 = te.placeholder(q4.codes.shape, "uint8", "c"), te.placeholder(q4.scales.shape, "float16", "s")
+    f4 = build([tx, tc4, ts4, kernels.dense_int4(tx, tc4, ts4, None, block_size=128)], "dense_int4")
+    c4, s4 = tvm.runtime.tensor(q4.codes, dev), tvm.runtime.tensor(q4.scales, dev)
+    fns["tvm int4"] = lambda: f4(tvm_x, c4, s4, out)
+    f4(tvm_x, c4, s4, out)
+    assert np.allclose(out.numpy(), x @ kernels.dequantize_int4(q4), rtol=1e-3, atol=1e-3)
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    ort32 = _ort_session(proto, threads)
+    fns["ort fp32"] = lambda: ort32.run(None, {"x": x})
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.ModelProto.FromString(proto.SerializeToString()), block_size=128,
+                                         is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        ort4 = _ort_session(quantizer.model.model, threads)
+        fns["ort MatMulNBits int4"] = lambda: ort4.run(None, {"x": x})
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"(ORT MatMulNBits unavailable: {err})")
+    fns["numpy fp32"] = lambda: x @ w
+    return _timed(fns, rounds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="GEMV and bandwidth only (no model training)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+
+    bandwidth = memory_bandwidth()
+    print(f"memory bandwidth (numpy copy, read+write): {bandwidth / 1e9:.1f} GB/s; threads {args.threads}")
+    gemv = bench_gemv(args.threads, args.rounds)
+    print("\n4096x4096 GEMV, batch 1            ms     GB/s   % of bandwidth   ORT fp32 / this")
+    weight_bytes = {"fp32": 4 * 4096 * 4096, "int8": 4096 * 4096 + 4 * 4096, "int4": 4096 * 4096 // 2 + 2 * 4096 * 32}
+    for name, seconds in gemv.items():
+        bits = name.split()[-1]
+        nbytes = weight_bytes.get(bits, weight_bytes["fp32"])
+        print(f"  {name:<30} {seconds * 1e3:7.3f} {nbytes / seconds / 1e9:8.1f} {100 * nbytes / seconds / bandwidth:12.0f} %"
+              f" {gemv['ort fp32'] / seconds:12.2f}x")
+    if "ort MatMulNBits int4" in gemv:
+        print(f"  TVM int4 vs ORT MatMulNBits: {gemv['ort MatMulNBits int4'] / gemv['tvm int4']:.2f}x (>1: TVM faster)")
+    print(f"  TVM int8 vs TVM fp32: {gemv['tvm fp32'] / gemv['tvm int8']:.2f}x; "
+          f"int4 vs fp32: {gemv['tvm fp32'] / gemv['tvm int4']:.2f}x")
+    if not args.quick:
+        print("\nmodel                         TVM ms     ORT ms    ORT/TVM")
+        for label, tvm_s, ort_s in bench_models(args.threads, args.rounds):
+            print(f"  {label:<26} {tvm_s * 1e3:8.3f} {ort_s * 1e3:10.3f} {ort_s / tvm_s:9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
