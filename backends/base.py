@@ -24,6 +24,9 @@ class Capabilities:
     ops: frozenset[tuple[str, str]]  # (domain, op_type); "" is the default ONNX domain
     weight_bits: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     activation_bits: tuple[int, ...] = (8, 32)
+    #: the backend reads the bits annotations and emits its own low-bit kernels, so the
+    #: ``quantize`` pass (which writes ONNX Runtime's formats) leaves the graph alone
+    lowers_bits: bool = False
 
     def supports_op(self, domain: str, op_type: str) -> bool:
         return (domain if domain != "ai.onnx" else "", op_type) in self.ops
@@ -63,6 +66,10 @@ class Backend(abc.ABC):
                 problems.append(f"operator {domain}{node.op_type} (node {node.name!r}) is not supported by "
                                 f"{self.name} on target {target!r}")
         return problems
+
+    def runs_on_host(self, target: str) -> bool:
+        """Whether an artifact for ``target`` runs on this machine (else it is not measured at compile time)."""
+        return True
 
     def latency_probe(self, target: str) -> Any:
         """A per-layer latency measurer for bit allocation, or None when the backend has none."""

@@ -46,7 +46,7 @@ from bitpass.frontend import Model, Provenance, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.layers import WEIGHT_INPUT, constant_tensor
 from bitpass.passes.calibrate import ACTIVATION_RANGES, ActivationRanges
-from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.packing import PACKED_BITS, pack_weight
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
@@ -121,6 +121,11 @@ class Quantize(Pass):
     # ------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
+        capabilities = (ctx.target.options or {}).get("capabilities")
+        if getattr(capabilities, "lowers_bits", False):
+            ctx.records["quantization"] = {"format": f"left to the {ctx.target.backend} backend, which lowers the "
+                                                     f"bits annotations to its own kernels"}
+            return PassResult(model, modified=False, preserved=PRESERVE_ALL)
         if cfg.bias_correction and ctx.calibration is None:
             raise UsageError("quantize(bias_correction=true) needs calibration data to estimate layer input means")
         ranges: ActivationRanges = ctx.analyses.require(ACTIVATION_RANGES)

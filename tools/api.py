@@ -77,15 +77,20 @@ def _legalize(backend: Backend, model: Model, target: str, when: str) -> None:
         raise UnsupportedOperatorError(f"{when}: {problems[0]}{more}")
 
 
+def _sizes(reference_model: Model, final: Model, ref_bytes: int, directory: Path,
+           files: Sequence[str]) -> dict[str, Any]:
+    """Weight bytes (as the IR stores them) and the deployable file's bytes, each beside the fp32 reference."""
+    deployable = next((name for name in files if name.endswith(".so")), "model.onnx")
+    size = (directory / deployable).stat().st_size
+    return {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": final.weight_bytes(),
+            "weight_ratio": final.weight_bytes() / max(reference_model.weight_bytes(), 1),
+            "fp32_file_bytes": ref_bytes, "file": deployable, "file_bytes": size, "file_ratio": size / max(ref_bytes, 1)}
+
+
 def _measure(reference: Runner, runner: Runner, ref_bytes: int, final: Model, reference_model: Model,
-             directory: Path, evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
+             directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"size": {
-        "fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": final.weight_bytes(),
-        "weight_ratio": final.weight_bytes() / max(reference_model.weight_bytes(), 1),
-        "fp32_file_bytes": ref_bytes, "file_bytes": (directory / "model.onnx").stat().st_size,
-        "file_ratio": (directory / "model.onnx").stat().st_size / max(ref_bytes, 1),
-    }}
+    metrics: dict[str, Any] = {"size": _sizes(reference_model, final, ref_bytes, directory, files)}
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
         metrics["quality"] = measure.quality(reference, runner, evaluation)
@@ -193,10 +198,15 @@ def _compile(
         files = backend_impl.emit(final, tmp, target)
         reference_bytes = reference_model.to_bytes()
         (tmp / REFERENCE).write_bytes(reference_bytes)
-        runner = backend_impl.load(tmp, {}, for_timing=True)
-        reference = reference_runner(reference_model, for_timing=True)
-        metrics = _measure(reference, runner, len(reference_bytes), final, reference_model, tmp,
-                           evaluation_data, calib, latency, say)
+        if backend_impl.runs_on_host(target):
+            runner = backend_impl.load(tmp, {}, for_timing=True)
+            reference = reference_runner(reference_model, for_timing=True)
+            metrics = _measure(reference, runner, len(reference_bytes), final, reference_model, tmp, files,
+                               evaluation_data, calib, latency, say)
+        else:
+            say(f"target {target} does not run on this machine: quality and latency are not measured")
+            metrics = {"size": _sizes(reference_model, final, len(reference_bytes), tmp, files),
+                       "not_measured": f"target {target} does not run on this machine"}
         records = layer_report.layer_records(reference_model, final)
         manifest = {
             "schema": artifact_io.MANIFEST_SCHEMA,

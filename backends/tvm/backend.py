@@ -7,8 +7,8 @@ the device) and ``model.onnx`` (the annotated IR the library was lowered from: t
 ``bitpass verify`` checks). ``tvm`` is imported only when compiling or loading.
 
 Bits: the lowering reads ``bits.weight`` annotations directly (int8 and 4-bit kernels for
-Gemm/MatMul; Conv is fp32 only so far). Pipelines must therefore stop before ``quantize``,
-which materializes ONNX Runtime formats (QDQ, MatMulNBits) the lowering does not take.
+Gemm/MatMul; Conv is fp32 only so far). Capabilities say ``lowers_bits``, so the ``quantize``
+pass leaves the graph to this backend and the ``default`` and ``mixed`` pipelines work as they are.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class TvmBackend(Backend):
         self.check_target(target)
         # same kernels on every target for now; only their tiling depends on the target's features
         return Capabilities(ops=frozenset(("", op) for op in SUPPORTED_OPS), weight_bits=dict(WEIGHT_BITS),
-                            activation_bits=(8, 32))
+                            activation_bits=(8, 32), lowers_bits=True)
+
+    def runs_on_host(self, target: str) -> bool:
+        return target_registry.get(target).is_host_runnable()
 
     def legalize(self, model: Model, target: str) -> list[str]:
         problems = super().legalize(model, target)

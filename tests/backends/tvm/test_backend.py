@@ -82,3 +82,31 @@ def test_unsupported_widths_are_refused_before_emitting(cnn_model, tmp_path):
     with pytest.raises(BitpassError, match="4-bit weights"):
         compile(cnn_model, tmp_path / "never", backend="tvm", pipeline="optimize", latency=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_mixed_precision_plan_compiles_unchanged_for_tvm(digits_files, tmp_path):
+    """The `mixed` pipeline as is: allocation offers only TVM's widths and quantize leaves the lowering to TVM."""
+    out = tmp_path / "mixed"
+    artifact = compile(digits_files / "model.onnx", out, backend="tvm", calibration=digits_files / "calib.npz",
+                       evaluation=digits_files / "eval.npz", latency=False,
+                       overrides={"allocate-bits": {"budget": "avg-bits=12"}})
+    plan = artifact.manifest["records"]["allocation"]["plan"]
+    assert any(bits < 32 for bits in plan.values())
+    assert "left to the tvm backend" in artifact.manifest["records"]["quantization"]["format"]
+    assert artifact.metrics["quality"]["accuracy"]["drop_points"] <= 1.0
+    assert all(check.ok for check in verify(out, digits_files / "eval.npz"))
+
+
+def test_a_cross_target_artifact_is_built_but_not_measured_here(digits_files, tmp_path):
+    out = tmp_path / "arm"
+    if TvmBackend().runs_on_host("aarch64-neon"):
+        pytest.skip("this machine runs aarch64 artifacts natively")
+    try:
+        artifact = compile(digits_files / "model.onnx", out, backend="tvm", target="aarch64-neon",
+                           pipeline="optimize", latency=False)
+    except BitpassError as err:
+        if "aarch64-linux-gnu-gcc" in str(err) or "cross" in str(err):
+            pytest.skip(f"no ARM64 cross compiler here: {err}")
+        raise
+    assert "not_measured" in artifact.metrics and artifact.metrics["size"]["file"] == "model.so"
+    assert (out / "model.so").read_bytes()[18] == 183  # ELF e_machine = EM_AARCH64
