@@ -63,7 +63,7 @@ def _fold_weight_transposes(proto: Any) -> None:
 
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    kept, folded = [], False
+    kept, sources = [], set()
     for node in graph.node:
         source = node.input[0] if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
             and len(node.input) == 1 else None
@@ -72,14 +72,14 @@ def _fold_weight_transposes(proto: Any) -> None:
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             graph.initializer.append(numpy_helper.from_array(
                 np.ascontiguousarray(np.transpose(array, perm)), node.output[0]))
-            folded = True
+            sources.add(source)
             continue
         kept.append(node)
-    if not folded:
+    if not sources:
         return
     used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(kept)
-    unused = [t for t in graph.initializer if t.name not in used]
+    unused = [t for t in graph.initializer if t.name in sources and t.name not in used]
     for tensor in unused:
         graph.initializer.remove(tensor)
