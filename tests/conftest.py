@@ -10,6 +10,16 @@ from bitpass.frontend import Model, from_torch
 from bitpass.tools import zoo
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run torch on one thread: the models are tiny, and the test machine's two cores are shared.
+    Function scope, so the session-scoped trained models are built before it applies."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_split() -> zoo.Split:
     return zoo.digits_split()

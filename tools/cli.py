@@ -123,10 +123,17 @@ def print_summary(manifest: dict[str, Any], path: Path) -> None:
         fid = quality["fidelity"]
         table.add_row("fidelity", "", f"cos {fid['cosine']:.5f}", f"top-1 agree {100 * fid['top1_agreement']:.1f} %")
     for key, row in metrics.get("latency", {}).items():
+        speed = row["speedup"]
+        change = f"{speed:.2f}× faster" if speed >= 1.02 else f"{1 / speed:.2f}× slower" if speed <= 0.98 \
+            else f"same speed ({speed:.2f}×)"
         table.add_row(f"latency {key.replace('_', ' ')}", f"{row['fp32_ms']:.3f} ms", f"{row['artifact_ms']:.3f} ms",
-                      f"{row['speedup']:.2f}× faster")
+                      change)
     console.print(table)
     console.print(f"pipeline: {manifest['pipeline']}")
+    if any(row["speedup"] < 0.95 for row in metrics.get("latency", {}).values()):
+        console.print("note: int8 compute is slower than fp32 for this model on this machine; "
+                      "--budget avg-bits=8 stores the same int8 weights and runs at fp32 speed "
+                      "(bit allocation picks compute formats only where they are measured faster)")
 
 
 def cmd_passes(args: argparse.Namespace) -> int:

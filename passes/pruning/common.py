@@ -18,10 +18,12 @@ Gather (V, D)      0            1
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pydantic
 
 from bitpass.frontend import Dataset, Layer, Model
 from bitpass.frontend.errors import BitpassError
@@ -156,3 +158,14 @@ def remember_reference(model: Model, ctx_analyses: object) -> None:
     assert isinstance(ctx_analyses, AnalysisManager)
     if not ctx_analyses.cached(PRUNING_REFERENCE):
         ctx_analyses.put(PRUNING_REFERENCE, model.to_bytes())
+
+
+def _ids_as_strings(value: object) -> object:
+    """Layer ids of a torch export are module paths such as ``0``: a spec's ``[0, 3]`` means those ids."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return value
+
+
+#: a list of layer ids in a pass config (numbers in a spec are read as the ids they spell)
+LayerIds = Annotated[list[str], pydantic.BeforeValidator(_ids_as_strings)]

@@ -44,6 +44,7 @@ from bitpass.frontend.errors import UsageError
 from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.pruning import ratios
 from bitpass.passes.pruning.common import (
+    LayerIds,
     PRUNING_MASKS,
     PRUNING_REFERENCE,
     feature_scale,
@@ -67,13 +68,6 @@ ONNX_METHODS = ("magnitude", "wanda")
 
 
 class PruneConfig(PassConfig):
-    @pydantic.field_validator("layers", "exclude", mode="before")
-    @classmethod
-    def _ids_are_strings(cls, value: object) -> object:
-        """Layer ids of a torch export are module paths such as ``0``: a spec's ``[0, 3]`` means those ids."""
-        if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
-        return value
 
     method: Method = "magnitude"
     #: overall fraction of zero weights over the pruned layers (parameter-weighted); N:M fixes it to 1 - N/M
@@ -83,9 +77,9 @@ class PruneConfig(PassConfig):
     #: which weights compete: auto = layer for magnitude, row (per output feature) for wanda/gblm
     comparison: Literal["auto", "layer", "row"] = "auto"
     #: layer ids to prune (default: every Conv, ConvTranspose, Gemm and MatMul layer)
-    layers: list[str] | None = None
+    layers: LayerIds | None = None
     #: layer ids never pruned
-    exclude: list[str] = pydantic.Field(default_factory=list)
+    exclude: LayerIds = pydantic.Field(default_factory=list)
     #: no layer is pruned above this ratio by the non-uniform allocations
     max_layer_sparsity: float = pydantic.Field(0.9, gt=0.0, lt=1.0)
     #: exponent of the layer importance in ecoflap / sensitivity allocation (default 1, sensitivity 0.5)

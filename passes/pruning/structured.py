@@ -46,7 +46,7 @@ import pydantic
 from bitpass.frontend import Layer, Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
-from bitpass.passes.pruning.common import PRUNING_REFERENCE, is_initializer, output_axis, remember_reference, \
+from bitpass.passes.pruning.common import PRUNING_REFERENCE, LayerIds, is_initializer, output_axis, remember_reference, \
     set_constant
 
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu",
@@ -299,20 +299,13 @@ class _Groups:
 
 
 class PruneChannelsConfig(PassConfig):
-    @pydantic.field_validator("layers", "exclude", mode="before")
-    @classmethod
-    def _ids_are_strings(cls, value: object) -> object:
-        """Layer ids of a torch export are module paths such as ``0``: a spec's ``[0, 3]`` means those ids."""
-        if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
-        return value
 
     #: fraction of each producer's output channels removed
     ratio: float = pydantic.Field(0.3, ge=0.0, lt=1.0)
     method: Literal["l1", "l2", "bn", "taylor"] = "l1"
     #: producer layer ids (default: every Conv, ConvTranspose, Gemm and MatMul whose channels can be traced)
-    layers: list[str] | None = None
-    exclude: list[str] = pydantic.Field(default_factory=list)
+    layers: LayerIds | None = None
+    exclude: LayerIds = pydantic.Field(default_factory=list)
     #: channels every producer keeps at least
     min_channels: int = pydantic.Field(1, ge=1)
     #: round each kept channel count to the nearest multiple of this (layers whose count is a multiple of

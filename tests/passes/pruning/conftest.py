@@ -11,13 +11,6 @@ from bitpass.backends.onnxruntime.runner import OrtRunner
 from bitpass.frontend import Model, from_arrays
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def calib(cnn_model, calib_arrays):

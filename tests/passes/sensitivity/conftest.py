@@ -10,14 +10,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # function scope: the session-scoped trained models are built before this runs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @dataclass
 class Regression:

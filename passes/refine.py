@@ -1,0 +1,399 @@
+"""``refine-rounding``: layer-wise rounding refinement of packed low-bit weights (AdaRound-style, exact).
+
+Nearest rounding minimises the error of each weight on its own; what matters is the error of the
+layer's **output**. For every eligible layer this pass chooses, weight by weight, between the two
+grid points that bracket it (the nearest one and the other neighbour) so that the output error on
+the calibration inputs,
+
+    ||X W^T - X What^T||^2 = sum_rows (w - what)^T H (w - what),   H = X^T X,
+
+drops (AdaRound, Nagel et al. 2020, optimises the same up/down choice through a soft relaxation;
+here it is solved by greedy coordinate descent on the exact quadratic: deterministic, no learning
+rate, and every accepted flip provably lowers the calibration error).
+
+Grid and scales. The grid is ``packing.quantize_blocked``'s: symmetric narrow-range codes with one
+fp16 scale per (output channel, block of ``block_size`` weights along the reduction axis). The
+scales are those of nearest rounding and stay **fixed**: each block's largest-magnitude weight keeps
+its code (+-qmax), no code leaves [-qmax, qmax], and a block whose largest code is not +-qmax (an
+all-zero block, or an fp16-underflowed scale) is left alone. The refined weight
+``What = codes * scales`` (fp32, the weight's own layout) replaces the layer's initializer, so that
+``quantize`` re-quantizing it with ``quantize_blocked`` reproduces exactly the refined codes and the
+same scales (``block_size`` must equal quantize's, default 32 for both). A weight exactly on the
+grid (zeros, e.g. pruned weights) has no other neighbour and never moves.
+
+Eligible layers: weight format ``packed`` (the only format whose grid is ``quantize_blocked``'s) with
+2/4/8 weight bits, on Conv (1-D/2-D, any group count, explicit or VALID padding), Gemm and MatMul
+whose fp32 weight is an initializer used by that one node. Unannotated formats with < 8 bits go to
+ORT's MatMulNBits (asymmetric, its own scales) or blocked DequantizeLinear (fp32 scales, code -8
+allowed), whose grids differ: refining for them would not survive their re-quantization, so they
+are skipped, as are ConvTranspose and Gather (an embedding row is independent of the others, so
+nearest rounding is already optimal); ``ctx.records["refine_rounding"]["skipped"]`` says why.
+
+Inputs. ``X`` is each layer's input on the first ``samples`` calibration samples, measured once,
+with ONNX Runtime, on the model as it is (fp32 upstream layers; AdaRound's default), Conv inputs as
+im2col patches. Only the Gram matrix ``H`` is kept. ``damping`` adds ``damping * mean(diag H)`` to
+the diagonal: a ridge towards plain weight error that stops the search from fitting the null space
+of ``H`` when a layer has more inputs than calibration rows (the digits CNN's 1024-input Gemm sees
+only 200 images).
+
+Analyses: weights change, so nothing is preserved except what does not depend on weight values at
+the sub-grid-step level: ``activation-ranges`` (calibrated on the fp32 model, as ``quantize`` uses
+them anyway for an allocated model; each weight moves less than one grid step from fp32), the
+allocation's ``bits`` and ``latency-variants``, and the pruning masks and reference (zeros stay
+zero). Sensitivity tables, measured on the fp32 weights this pass replaces, are invalidated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pydantic
+
+from bitpass.frontend import Dataset, Layer, Model, annotation
+from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.allocation.passes import BITS, LATENCY_VARIANTS
+from bitpass.passes.calibrate import ACTIVATION_RANGES
+from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.packing import PACKED_BITS, quantize_blocked
+from bitpass.passes.pruning.common import PRUNING_MASKS, PRUNING_REFERENCE, is_initializer, set_constant
+from bitpass.passes.sensitivity.quant import layer_channel_axis
+
+RECORD = "refine_rounding"
+PACKED = "packed"
+_OPS = ("Conv", "Gemm", "MatMul")
+
+
+class RefineRoundingConfig(PassConfig):
+    @pydantic.field_validator("layers", mode="before")
+    @classmethod
+    def _ids_are_strings(cls, value: object) -> object:
+        """Layer ids of a torch export are module paths such as ``0``: ``[0, 3]`` means those ids."""
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        if isinstance(value, (str, int)):
+            return [s.strip() for s in str(value).split(",") if s.strip()]
+        return value
+
+    #: block size of the packed weights along the reduction axis: must equal ``quantize``'s
+    block_size: int = pydantic.Field(32, ge=1)
+    #: calibration samples whose layer inputs define the output error (the first ones)
+    samples: int = pydantic.Field(256, ge=1)
+    #: sweeps of coordinate descent over every weight (stops early when a sweep changes nothing)
+    iterations: int = pydantic.Field(4, ge=1)
+    #: ridge added to H's diagonal, relative to its mean (0: pure calibration output error)
+    damping: float = pydantic.Field(0.01, ge=0.0)
+    #: layer ids to refine (default: every eligible layer); a named layer that is not eligible is an error
+    layers: list[str] | None = None
+    batch_size: int = pydantic.Field(64, ge=1)
+
+
+class RefineRounding(Pass):
+    """Refine packed low-bit weights' up/down rounding to minimise each layer's output error on calibration data."""
+
+    name = "refine-rounding"
+    Config = RefineRoundingConfig
+    requires = frozenset({DATA_CALIBRATION})
+    in_place = True
+    config: RefineRoundingConfig
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if ctx.calibration is None:
+            raise UsageError("refine-rounding needs calibration data (--calib FILE): it minimises each layer's "
+                             "output error on the calibration inputs")
+        start = time.perf_counter()
+        layers, skipped = eligible_layers(model, cfg.layers)
+        record: dict[str, Any] = {"block_size": cfg.block_size, "iterations": cfg.iterations,
+                                  "damping": cfg.damping, "layers": {}, "skipped": skipped}
+        ctx.records[RECORD] = record
+        if not layers:
+            record["seconds"] = round(time.perf_counter() - start, 4)
+            return PassResult(model, modified=False, preserved=frozenset())
+        data = ctx.calibration.head(cfg.samples)
+        record["samples"] = len(data)
+        ctx.progress(f"refine-rounding: measuring inputs of {len(layers)} layer(s) on {len(data)} samples")
+        grams = input_grams(model, data, layers, batch_size=cfg.batch_size)
+        unfused = [l.id for l in layers if any(u.node.op_type == "BatchNormalization"
+                                               for u in l.node.outputs[0].uses())]
+        if unfused:
+            record["notes"] = [f"layer(s) {', '.join(unfused)} feed a BatchNormalization: run fuse before "
+                               f"refine-rounding, else quantize's pre-processing folds it into the refined "
+                               f"weights and re-quantizes them with slightly different fp16 scales"]
+        for layer in layers:
+            t0 = time.perf_counter()
+            bits = int(annotation.weight_bits(layer.node))
+            axis = layer_channel_axis(layer)
+            weight = layer.weight_array.astype(np.float32)
+            moved = np.moveaxis(weight, axis, 0)
+            w2d = moved.reshape(moved.shape[0], -1)
+            gram = grams[layer.id]
+            result = refine_codes(w2d, bits, cfg.block_size, gram.matrices, gram.row_groups,
+                                  iterations=cfg.iterations, damping=cfg.damping)
+            elements = gram.rows * w2d.shape[0]  # output elements: input rows x output channels
+            refined = _dequantize(result.codes, result.scales, cfg.block_size, w2d.shape[1])
+            new = np.moveaxis(refined.reshape(moved.shape), 0, axis)
+            set_constant(layer.weight, np.ascontiguousarray(new, dtype=np.float32))
+            record["layers"][layer.id] = {
+                "bits": bits, "mse_nearest": result.mse_before / elements,
+                "mse_refined": result.mse_after / elements,
+                "flipped": result.flipped, "weights": int(w2d.size), "sweeps": result.sweeps,
+                "seconds": round(time.perf_counter() - t0, 4)}
+            ctx.progress(f"refine-rounding: {layer.id} ({bits}-bit) output MSE "
+                         f"{result.mse_before / elements:.4g} -> {result.mse_after / elements:.4g}")
+        record["seconds"] = round(time.perf_counter() - start, 4)
+        return PassResult(model, modified=True, preserved=frozenset(
+            {ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, PRUNING_MASKS, PRUNING_REFERENCE}))
+
+
+# ----------------------------------------------------------------------
+# eligibility
+def _why_not(layer: Layer, users: dict[int, int]) -> str | None:
+    bits = annotation.weight_bits(layer.node)
+    fmt = annotation.weight_format(layer.node)
+    if bits not in PACKED_BITS:
+        return f"weight bits {bits} (refined: packed {'/'.join(map(str, PACKED_BITS))}-bit)"
+    if fmt != PACKED:
+        return (f"format {fmt or 'unannotated'}: only the packed format re-quantizes on the grid this pass "
+                f"refines (set format=packed)")
+    if layer.op_type not in _OPS:
+        return f"{layer.op_type} is not refined (Conv, Gemm, MatMul are)"
+    if layer.op_type == "Conv":
+        rank = len(layer.weight_shape)
+        if rank not in (3, 4):
+            return f"{rank - 2}-D Conv (1-D and 2-D are refined)"
+        auto_pad = layer.node.attributes.get_string("auto_pad", "NOTSET")
+        if auto_pad not in ("NOTSET", "VALID"):
+            return f"auto_pad={auto_pad}"
+    if not is_initializer(layer.weight):
+        return "weight is not an initializer (run fold-constants first)"
+    if layer.weight.const_value.dtype != ir.DataType.FLOAT:
+        return f"weight is {layer.weight.const_value.dtype}, not float32"
+    if users.get(id(layer.weight), 0) > 1 or layer.weight in _graph_outputs(layer):
+        return "its weight is shared with another node"
+    return None
+
+
+def _graph_outputs(layer: Layer) -> list[ir.Value]:
+    graph = layer.node.graph
+    return list(graph.outputs) if graph is not None else []
+
+
+def eligible_layers(model: Model, wanted: list[str] | None) -> tuple[list[Layer], dict[str, str]]:
+    """The layers to refine, and ``{layer_id: reason}`` for the annotated low-bit ones left out."""
+    layers = model.layers()
+    known = {l.id for l in layers}
+    unknown = sorted(set(wanted or []) - known)
+    if unknown:
+        raise UsageError(f"refine-rounding: no layer {', '.join(map(repr, unknown))}; layers are: "
+                         f"{', '.join(l.id for l in layers)}")
+    users: dict[int, int] = {}
+    for layer in layers:
+        users[id(layer.weight)] = len(layer.weight.uses())
+    chosen: list[Layer] = []
+    skipped: dict[str, str] = {}
+    for layer in layers:
+        if wanted is not None and layer.id not in wanted:
+            continue
+        bits = annotation.weight_bits(layer.node)
+        if wanted is None and (bits is None or bits >= annotation.FLOAT_BITS):
+            continue  # fp32 or int8-QDQ by default: nothing to refine, nothing to report
+        why = _why_not(layer, users)
+        if why is None:
+            chosen.append(layer)
+        elif wanted is not None:
+            raise UsageError(f"refine-rounding: layer {layer.id!r} cannot be refined: {why}")
+        else:
+            skipped[layer.id] = why
+    return chosen, skipped
+
+
+# ----------------------------------------------------------------------
+# layer inputs -> Gram matrices
+@dataclass
+class Gram:
+    """``matrices[g] = X_g^T X_g`` (float64) for each group of output rows ``row_groups[g]``;
+    ``rows`` is the number of input rows (samples x positions) behind them."""
+
+    matrices: list[np.ndarray]
+    row_groups: list[slice]
+    rows: int
+
+
+def _im2col(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """Conv input (N, C, [H,] W) -> patches (N * positions, C * prod(kernel)), ONNX weight-flattening order."""
+    import torch
+    import torch.nn.functional as F
+
+    attrs = layer.node.attributes
+    kernel = layer.weight_shape[2:]
+    dims = len(kernel)
+    strides = list(attrs.get_ints("strides", [1] * dims))
+    dilations = list(attrs.get_ints("dilations", [1] * dims))
+    pads = list(attrs.get_ints("pads", [0] * 2 * dims))
+    if attrs.get_string("auto_pad", "NOTSET") == "VALID":
+        pads = [0] * 2 * dims
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]
+    x = np.pad(np.asarray(x, np.float32), width)
+    if dims == 1:  # a 1-D conv is a 2-D conv over a height-1 image
+        x, kernel = x[:, :, None, :], (1, *kernel)
+        strides, dilations = [1, *strides], [1, *dilations]
+    cols = F.unfold(torch.from_numpy(np.ascontiguousarray(x)), tuple(kernel), dilation=tuple(dilations),
+                    stride=tuple(strides))  # (N, C*k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+
+
+def input_grams(model: Model, data: Dataset, layers: Iterable[Layer], *, batch_size: int = 64) -> dict[str, Gram]:
+    """``{layer_id: Gram}`` of each layer's input (im2col patches for Conv) over ``data``, with ONNX Runtime.
+
+    Like ``pruning.common.input_norms`` (which keeps only per-feature norms), the layers' data inputs
+    become extra outputs of a copy of the model."""
+    import onnxruntime as ort
+
+    layers = list(layers)
+    proto = model.to_proto()
+    graph_inputs = {i.name for i in proto.graph.input}
+    outputs = {o.name for o in proto.graph.output}
+    wanted: dict[str, ir.Value] = {}
+    for layer in layers:
+        value = layer.node.inputs[0]
+        if value is None or not value.name:
+            raise BitpassError(f"layer {layer.id!r}: its data input has no name")
+        wanted[value.name] = value
+    for name, value in wanted.items():
+        if name not in graph_inputs and name not in outputs:
+            dtype = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT's own exception types
+        raise BitpassError(f"ONNX Runtime cannot run the model to measure layer inputs: "
+                           f"{str(err).strip().splitlines()[0]}") from err
+    fetch = [n for n in wanted if n not in graph_inputs]
+    sums: dict[str, list[np.ndarray]] = {}
+    counts: dict[str, int] = {}
+    groups: dict[str, list[slice]] = {}
+    for feeds in data.batches(batch_size):
+        got = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
+        got.update({n: feeds[n] for n in wanted if n in graph_inputs})
+        for layer in layers:
+            x = np.asarray(got[layer.node.inputs[0].name], dtype=np.float32)
+            rows = layer.weight_shape[layer_channel_axis(layer)]
+            if layer.op_type == "Conv":
+                patches = _im2col(layer, x)
+                group = layer.node.attributes.get_int("group", 1)
+            else:
+                patches = x.reshape(-1, x.shape[-1])
+                group = 1
+            k = patches.shape[1] // group
+            patches = patches.astype(np.float64)
+            grams = [patches[:, g * k:(g + 1) * k].T @ patches[:, g * k:(g + 1) * k] for g in range(group)]
+            if layer.id in sums:
+                sums[layer.id] = [a + b for a, b in zip(sums[layer.id], grams)]
+            else:
+                sums[layer.id] = grams
+                per = rows // group
+                groups[layer.id] = [slice(g * per, (g + 1) * per) for g in range(group)]
+            counts[layer.id] = counts.get(layer.id, 0) + patches.shape[0]
+    return {lid: Gram(sums[lid], groups[lid], counts[lid]) for lid in sums}
+
+
+# ----------------------------------------------------------------------
+# the refinement itself
+@dataclass
+class Refined:
+    """Refined codes and (unchanged) scales in ``quantize_blocked``'s layout, with the summed squared
+    output errors ``sum_rows e^T H e`` (undamped H) of nearest rounding and of the refined codes."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    nearest: np.ndarray
+    mse_before: float
+    mse_after: float
+    flipped: int
+    sweeps: int
+
+
+def _dequantize(codes: np.ndarray, scales: np.ndarray, block_size: int, cols: int) -> np.ndarray:
+    rows = codes.shape[0]
+    grouped = codes.reshape(rows, scales.shape[1], block_size).astype(np.float32)
+    return (grouped * scales.astype(np.float32)[:, :, None]).reshape(rows, -1)[:, :cols]
+
+
+def refine_codes(w2d: np.ndarray, bits: int, block_size: int, grams: list[np.ndarray] | np.ndarray,
+                 row_groups: list[slice] | None = None, *, iterations: int = 4,
+                 damping: float = 0.01) -> Refined:
+    """Refine ``quantize_blocked(w2d, bits, block_size)``'s codes against ``sum_rows e^T H e``.
+
+    ``w2d`` is (rows, cols) with the reduction axis last; ``grams`` one (cols, cols) matrix ``X^T X``,
+    or one per group of rows (``row_groups``, for grouped convolutions). Each weight may only take the
+    two grid points bracketing it; the block maxima, and blocks whose largest code is not +-qmax, stay.
+    """
+    w2d = np.asarray(w2d, np.float32)
+    rows, cols = w2d.shape
+    if isinstance(grams, np.ndarray):
+        grams = [grams]
+    if row_groups is None:
+        row_groups = [slice(0, rows)]
+    codes, scales = quantize_blocked(w2d, bits, block_size)
+    nearest = codes.copy()
+    qmax = 2 ** (bits - 1) - 1
+    blocks = scales.shape[1]
+    scale = np.repeat(scales.astype(np.float64), block_size, axis=1)[:, :cols]  # per weight
+    w = w2d.astype(np.float64)
+    c0 = codes[:, :cols].astype(np.float64)
+    frac = w / scale
+    alt = np.clip(c0 + np.sign(frac - c0), -qmax, qmax)
+    movable = alt != c0
+    # keep each block's largest-magnitude weight (and every weight of a degenerate block) where it is
+    padded = np.zeros((rows, blocks * block_size))
+    padded[:, :cols] = np.abs(w)
+    top = padded.reshape(rows, blocks, block_size).argmax(axis=2)
+    block_max = np.abs(codes.reshape(rows, blocks, block_size)).max(axis=2)
+    frozen = np.zeros((rows, blocks, block_size), bool)
+    np.put_along_axis(frozen, top[:, :, None], True, axis=2)
+    frozen |= (block_max < qmax)[:, :, None]
+    movable &= ~frozen.reshape(rows, -1)[:, :cols]
+
+    code = c0.copy()
+    before = after = 0.0
+    flipped = sweeps = 0
+    for gram, part in zip(grams, row_groups):
+        h = np.asarray(gram, np.float64)
+        err = (c0[part] * scale[part] - w[part])
+        before += float(np.einsum("rk,kl,rl->", err, h, err))
+        damped = h + damping * float(np.mean(np.diag(h))) * np.eye(len(h)) if damping else h
+        c, s, a, m = code[part], scale[part], alt[part], movable[part]
+        other = np.where(c == c0[part], a, c0[part])
+        g = err @ damped  # gradient/2 of e^T H e per row
+        diag = np.diag(damped)
+        for sweep in range(iterations):
+            changed = 0
+            for j in np.flatnonzero(m.any(axis=0)):
+                delta = (other[:, j] - c[:, j]) * s[:, j]
+                gain = delta * (2.0 * g[:, j] + delta * diag[j])
+                take = m[:, j] & (gain < -1e-12 * (np.abs(g[:, j] * delta) + 1e-300))
+                if not take.any():
+                    continue
+                step = np.where(take, delta, 0.0)
+                g += step[:, None] * damped[j][None, :]
+                previous = c[:, j].copy()
+                c[:, j] = np.where(take, other[:, j], c[:, j])
+                other[:, j] = np.where(take, previous, other[:, j])
+                changed += int(take.sum())
+            sweeps = max(sweeps, sweep + 1)
+            if not changed:
+                break
+        code[part] = c
+        err = c * s - w[part]
+        after += float(np.einsum("rk,kl,rl->", err, h, err))
+        flipped += int((c != c0[part]).sum())
+    codes[:, :cols] = code.astype(np.int8)
+    return Refined(codes, scales, nearest, before, after, flipped, sweeps)
