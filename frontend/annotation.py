@@ -8,6 +8,7 @@ spells the raw keys; passes use the accessors below.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,10 @@ def check_schema(model: ir.Model) -> list[str]:
             name = key[len(PREFIX) :]
             if name in (WEIGHT_BITS, ACTIVATION_BITS) and value not in (2, 3, 4, 8, 16, FLOAT_BITS):
                 problems.append(f"node {node.name!r}: {key}={value} is not a supported width")
+            if name == LAYER_ID and not (isinstance(value, str) and value):
+                problems.append(f"node {node.name!r}: {key}={value!r} is not a non-empty string")
+            if name.startswith(SENSITIVITY_PREFIX) and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                problems.append(f"node {node.name!r}: {key}={value!r} is not a finite number")
             if name == WEIGHT_FORMAT and value not in WEIGHT_FORMATS:
                 problems.append(f"node {node.name!r}: {key}={value!r} is not one of {', '.join(WEIGHT_FORMATS)}")
             if name == SPARSITY and not (isinstance(value, (int, float)) and 0 <= value < 1):

@@ -199,3 +199,14 @@ def test_merge_raw_works_on_metadata_strings():
     assert annotation.merge_raw("bitpass.bits.weight", "4", "8") == "8"
     assert annotation.merge_raw("bitpass.layer_id", '"conv1"', '"bn1"') == '"conv1"'
     assert annotation.merge_raw("other.key", "a", "b") == "a"
+
+
+@pytest.mark.parametrize("key, value", [("layer_id", 3), ("layer_id", ""), ("sensitivity.fisher", float("nan")),
+                                        ("sensitivity.fisher", "high")])
+def test_check_schema_flags_bad_ids_and_non_finite_sensitivities(key, value):
+    model = tiny_model()
+    layer_node = model.layers()[0].node
+    assert annotation.check_schema(model.ir) == []
+    annotation.set(layer_node, key, value)
+    problems = annotation.check_schema(model.ir)
+    assert len(problems) == 1 and key in problems[0]
