@@ -7,6 +7,7 @@ OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse"
 DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),quantize"
 
 #: mixed precision from measured sensitivity: per-layer bits under a budget (override with --budget),
-#: each width in the fastest format measured on the target (never slower than fp32).
+#: each width in the fastest format measured on the target (never slower than fp32), packed weights'
+#: rounding refined on the calibration data (AdaQuant/AdaRound-style) before they are written.
 MIXED = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity,"
-         "allocate-bits(budget=avg-bits=4),quantize")
+         "allocate-bits(budget=avg-bits=4),refine-rounding,quantize")
