@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def assert_clean_failure(code: int, err: str, out: Path, expected_code: int, pat
     lines = [line for line in err.splitlines() if line.startswith("bitpass: error:")]
     assert code == expected_code, err
     assert len(lines) == 1, err
-    assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.*")), "a partial artifact was left behind"
 
