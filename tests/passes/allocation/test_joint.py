@@ -1,0 +1,106 @@
+"""Joint allocation of bits and structured sparsity (``allocate-joint``) on the project's trained digits CNN."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from bitpass.backends.onnxruntime.runner import OrtRunner
+from bitpass.frontend import annotation, from_arrays
+from bitpass.frontend.errors import UsageError
+from bitpass.passes.allocation.joint import AllocateJoint, JointProblem, decode, packed_storage_bytes
+from bitpass.passes.infra import PassContext
+from bitpass.passes.packing import pack_weight
+from bitpass.passes.quantize import Quantize
+from bitpass.plugins.registry import default_registry
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 1, 3, 3), 0), ((64, 1024), 0), ((10, 64), 1), ((33, 7), 0)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_sizes_are_the_bytes_pack_weight_stores(shape, axis, bits):
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    node = helper.make_node("Identity", ["w"], ["y"], name="n")
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph)
+    pack_weight(proto, proto.graph.node[0], 0, axis, bits, 32)
+    stored = sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    assert packed_storage_bytes(shape, axis, bits, 32) == stored
+
+
+@pytest.fixture
+def prepared(cnn_model, calib_arrays, digits_split):
+    """The CNN folded, fused, calibrated, with Fisher sensitivity (real gradients, labelled calibration)."""
+    calib = from_arrays({**calib_arrays, "labels": digits_split.calib_y}, cnn_model.inputs)
+    ctx = PassContext(calibration=calib)
+    model = default_registry().pipeline(
+        "fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity(method=fisher)").run(
+        cnn_model, ctx)
+    return model, ctx
+
+
+def test_the_problem_offers_channels_only_where_prune_channels_can_remove_them(prepared):
+    model, ctx = prepared
+    joint = JointProblem.from_model(model, ctx.analyses.require("sensitivity"))
+    layers = joint.by_id
+    assert layers["13"].kept == [10] and "graph output" in layers["13"].why_not_pruned
+    assert layers["3"].kept == [32, 24, 16, 8]  # multiples of 8, as prune-channels rounds them
+    assert layers["7"].consumers == [("11", 1, 16)]  # through Flatten: 16 features per channel
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3, 0.15, 0.08])
+def test_joint_plans_meet_the_budget_and_beat_both_restrictions(prepared, fraction):
+    model, ctx = prepared
+    joint = JointProblem.from_model(model, ctx.analyses.require("sensitivity"))
+    limit = int(fraction * model.weight_bytes())
+    result = joint.solve(f"size={limit}")
+    assert result.totals["size"] <= limit
+    assert result.totals == pytest.approx(joint.exact(result.plan))  # reported = every interaction counted
+    for mode in ("bits", "sparsity"):
+        try:
+            restricted = joint.solve(f"size={limit}", mode)
+        except UsageError:
+            continue  # e.g. fp32 pruning alone cannot get this small
+        assert restricted.totals["size"] <= limit
+        assert result.totals["loss"] <= restricted.totals["loss"] * (1 + 1e-9)
+        bits = {decode(o)[0] for o in restricted.plan.values()}
+        kept_all = all(decode(o)[1] == joint.by_id[lid].channels for lid, o in restricted.plan.items())
+        assert (kept_all if mode == "bits" else bits == {32})
+
+
+def test_the_pass_and_quantize_give_an_artifact_of_the_reported_bytes(prepared, digits_split):
+    model, ctx = prepared
+    limit = int(0.12 * model.weight_bytes())
+    AllocateJoint(budget=f"size={limit}", sweep=True).run(model, ctx)
+    record = ctx.records["allocation"]
+    json.dumps(record)
+    assert record["totals"]["size"] <= limit
+    assert {m: len(f) > 0 for m, f in record["frontiers"].items()} == {"joint": True, "bits": True, "sparsity": True}
+    kept = {lid: int(p["channels"].split("->")[1]) for lid, p in record["plan"].items()}
+    for layer in model.layers():
+        assert annotation.weight_bits(layer.node) == record["plan"][layer.id]["bits"]
+    quantized = Quantize().run(model, ctx).model
+    assert quantized.weight_bytes() == record["totals"]["size"]  # the artifact's real bytes
+    out = OrtRunner.from_bytes(quantized.to_bytes()).run({"input": digits_split.eval_x})[0]
+    assert out.shape == (len(digits_split.eval_x), 10) and np.isfinite(out).all()
+    accuracy = float((out.argmax(1) == digits_split.eval_y).mean())
+    print(f"\njoint at {limit} B: {record['plan']}, accuracy {accuracy:.4f}")
+    assert accuracy > 0.5
+    assert any(k < int(p["channels"].split("->")[0]) for k, p in zip(kept.values(), record["plan"].values())) or \
+        all(p["bits"] < 32 for p in record["plan"].values())
+
+
+def test_restricted_modes_of_the_pass(prepared):
+    model, ctx = prepared
+    sparse = model.clone()
+    AllocateJoint(budget="size=0.5x", mode="sparsity").run(sparse, ctx)
+    assert all(p["bits"] == 32 for p in ctx.records["allocation"]["plan"].values())
+    assert sparse.weight_bytes() == ctx.records["allocation"]["totals"]["size"] <= 0.5 * model.weight_bytes()
+    AllocateJoint(budget="size=0.2x", mode="bits").run(model, ctx)
+    assert all(a == b for a, b in (p["channels"].split(" -> ") for p in ctx.records["allocation"]["plan"].values()))
+    with pytest.raises(UsageError, match="latency"):
+        AllocateJoint(budget="latency=1ms")
