@@ -11,3 +11,7 @@ DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),qua
 #: rounding refined on the calibration data (AdaQuant/AdaRound-style) before they are written.
 MIXED = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity,"
          "allocate-bits(budget=avg-bits=4),refine-rounding,quantize")
+
+#: one size budget spent on both bit widths and removed channels (override with --budget size=...)
+JOINT = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity,"
+         "allocate-joint(budget=size=0.25x),quantize")

@@ -235,6 +235,11 @@ def _compile(
 def apply_overrides(pipeline: Pipeline, overrides: Mapping[str, Mapping[str, Any]], registry: Registry) -> Pipeline:
     """Replace the options of named passes; switch ``default`` to ``mixed`` when it lacks the pass."""
     names = {p.name for p in pipeline.passes}
+    if "allocate-bits" in overrides and "allocate-bits" not in names and "allocate-joint" in names:
+        # --budget/--method/--sweep address whichever allocator the pipeline has
+        joint_fields = registry.pass_class("allocate-joint").Config.model_fields
+        overrides = {**{k: v for k, v in overrides.items() if k != "allocate-bits"},
+                     "allocate-joint": {k: v for k, v in overrides["allocate-bits"].items() if k in joint_fields}}
     if not set(overrides) <= names and pipeline.name == "default":
         pipeline = registry.pipeline("mixed")
         names = {p.name for p in pipeline.passes}

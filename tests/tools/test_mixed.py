@@ -88,3 +88,12 @@ def test_infeasible_budget_says_the_smallest_possible(digits_files, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "avg-bits" in err and not (tmp_path / "o").exists()
     json.dumps(err)
+
+
+def test_joint_pipeline_takes_the_size_budget_from_the_command_line(digits_files, tmp_path):
+    out = tmp_path / "joint"
+    assert main(["compile", str(digits_files / "model.onnx"), "--calib", str(digits_files / "calib.npz"),
+                 "-o", str(out), "--pipeline", "joint", "--budget", "size=0.12x", "--no-latency", "-q"]) == 0
+    manifest = read_manifest(out)
+    assert 'allocate-joint(budget="size=0.12x")' in manifest["pipeline"]
+    assert manifest["metrics"]["size"]["weight_ratio"] <= 0.12 + 1e-9
