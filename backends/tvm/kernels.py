@@ -12,7 +12,8 @@ Kernels
 * ``dense_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per row
   on the fly, int32 accumulation, requantized to fp32 in the epilogue.
 * ``dense_int4``: weight-only 4-bit, two codes per byte, fp16 scale per block of ``bs``
-  reduction indices; dequantized on load, fp32 accumulation.
+  reduction indices; per block the nibbles × x are summed in fp32 (interleaved partial sums at
+  M = 1), then corrected for the +8 offset with the block sum of x and scaled once.
 * ``conv2d``: fp32 NCHW convolution (groups, so depthwise too) with fused bias and activation,
   computed with output channels innermost and written back to NCHW by the epilogue.
 """
@@ -37,6 +38,15 @@ def _divisor_at_most(n: int, limit: int) -> int:
 def out_block(n: int, lanes: int) -> int:
     """Output channels per tile: two vectors where they divide ``n``, else the largest power of two that does."""
     for nb in (2 * lanes, lanes, 8, 4, 2):
+        if n % nb == 0:
+            return nb
+    return 1
+
+
+def int4_out_block(n: int, lanes: int) -> int:
+    """Output tile of the 4-bit kernel: four vectors where they divide ``n`` (one 16-byte load of codes
+    feeds 32 outputs; the kernel is bound by nibble-to-float conversions, not by FMA latency)."""
+    for nb in (4 * lanes, 2 * lanes, lanes, 8, 4, 2):
         if n % nb == 0:
             return nb
     return 1
@@ -132,24 +142,53 @@ def dense(x, w, bias, *, act: str = "none"):
     return te.compute((m, n), lambda i, j: _activate(acc[i, j] + bias[j], act), name="dense_out")
 
 
+def int4_parts(m: int, block_size: int) -> int:
+    """Independent partial sums per block for the 4-bit kernel: at M = 1 one tile has too few
+    accumulators to hide the FMA latency, so the block's reduction is split ``parts`` ways."""
+    for parts in ((2,) if m == 1 else (1,)):
+        if block_size % parts == 0:
+            return parts
+    return 1
+
+
 def dense_int4(x, codes, scales, bias, *, block_size: int, act: str = "none"):
-    """Weight-only 4-bit dense: ``codes`` [N/nb, K, nb/2] uint8, ``scales`` [N/nb, K/bs, nb] fp16."""
+    """Weight-only 4-bit dense: ``codes`` [N/nb, K, nb/2] uint8, ``scales`` [N/nb, K/bs, nb] fp16.
+
+    Per block of ``bs`` reduction indices the unsigned nibbles (code + 8) are multiplied by ``x`` and
+    summed in fp32 (``dense4_part``, ``parts`` interleaved partial sums); the block's sum is then
+    corrected for the offset with the block sum of ``x`` (``x_block_sum``) and scaled once:
+    ``acc += (Σ nibble·x − 8·Σ x) · scale``. No per-element subtract or scale multiply."""
     from tvm import te, tirx
 
-    m, k = x.shape
-    blocks, _, half = codes.shape
-    nb = 2 * int(half)
+    m, k = (int(v) for v in x.shape)
+    blocks, _, half = (int(v) for v in codes.shape)
+    nb = 2 * half
     n = blocks * nb
-    rk = te.reduce_axis((0, k), name="k")
+    nkb = k // block_size
+    parts = int4_parts(m, block_size)
+    steps = block_size // parts
+    rt = te.reduce_axis((0, steps), name="t")
+    rb = te.reduce_axis((0, block_size), name="kb_in")
+    xsum = te.compute((m, nkb), lambda i, b: te.sum(x[i, b * block_size + rb], axis=rb), name="x_block_sum")
 
-    def weight(kk, j):
-        tile, lane = j // nb, j % nb
-        byte = codes[tile, kk, lane % half]
-        nibble = (byte >> ((lane // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
-        return (nibble.astype("float32") - tirx.const(8.0, "float32")) * \
-            scales[tile, kk // block_size, lane].astype("float32")
+    def nibble(kk, j):
+        byte = codes[j // nb, kk, j % half].astype("int32")
+        return ((byte >> ((j % nb) // half * 4)) & 15).astype("float32")
 
-    acc = te.compute((m, n), lambda i, j: te.sum(x[i, rk] * weight(rk, j), axis=rk), name="dense_acc")
+    part = te.compute(
+        (m, n, nkb, parts),
+        lambda i, j, b, r: te.sum(x[i, b * block_size + rt * parts + r] * nibble(b * block_size + rt * parts + r, j),
+                                  axis=rt),
+        name="dense4_part")
+    rkb = te.reduce_axis((0, nkb), name="kb")
+
+    def block_term(i, j, b):
+        total = part[i, j, b, 0]
+        for r in range(1, parts):
+            total = total + part[i, j, b, r]
+        return (total - tirx.const(8.0, "float32") * xsum[i, b]) * scales[j // nb, b, j % nb].astype("float32")
+
+    acc = te.compute((m, n), lambda i, j: te.sum(block_term(i, j, rkb), axis=rkb), name="dense_acc")
     if bias is None:
         return te.compute((m, n), lambda i, j: _activate(acc[i, j], act), name="dense_out")
     return te.compute((m, n), lambda i, j: _activate(acc[i, j] + bias[j], act), name="dense_out")

@@ -533,6 +533,7 @@ class _Lowering:
             out = bb.emit_te(te_dense8, x, codes, scale, *bias_arg, primfunc_name_hint="bitpass_dense_int8",
                              primfunc_attrs={"bitpass.kernel": "dense_int8", "bitpass.nb": nb})
         elif bits == 4:
+            nb = kernels.int4_out_block(n, self.lanes)
             if nb % 2 or k % INT4_BLOCK:
                 raise NotImplementedError(f"{node.name!r}: 4-bit needs an even output tile and K divisible by "
                                           f"{INT4_BLOCK} (K={k}, N={n})")

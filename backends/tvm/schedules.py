@@ -87,6 +87,8 @@ class Dense(_Rule):
         kind = _kernel(func)
         if kind not in ("dense", "dense_int8", "dense_int4"):
             return None
+        if kind == "dense_int4":
+            return self._int4(func)
         sch = s_tir.Schedule(func)
         nb = _attr(func, "bitpass.nb")
         acc = sch.get_sblock("dense_acc")
@@ -131,6 +133,54 @@ class Dense(_Rule):
             if kx % self.lanes == 0:
                 _, vi = sch.split(qloops[-1], [None, self.lanes])
                 sch.vectorize(vi)
+        return sch
+
+    def _int4(self, func):
+        """Per tile of [mt × nb] outputs: for each block of k, the nibble × x partial sums (``parts`` of
+        them, so the FMA chains interleave) in registers, then one offset correction and one scale
+        multiply per block; vectorized over the tile's half (one byte feeds both halves)."""
+        sch = s_tir.Schedule(func)
+        nb = _attr(func, "bitpass.nb")
+        part = sch.get_sblock("dense4_part")
+        acc = sch.get_sblock("dense_acc")
+        out = sch.get_sblock("dense_out")
+        m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
+        parts, steps = (_int(sch.get(lp).extent) for lp in sch.get_loops(part)[3:5])
+        kk = _int(sch.get(sch.get_loops(acc)[-1]).extent) * parts * steps  # blocks × block size = K
+        mt = _divisor(m, 4 if nb <= 2 * self.lanes else 2)
+        i, j = sch.get_loops(out)
+        io, ii = sch.split(i, [None, mt])
+        jo, ji = sch.split(j, [None, nb])
+        sch.reorder(io, jo, ii, ji)
+        outer = sch.fuse(io, jo)
+        sch.compute_at(acc, outer)
+        sch.set_scope(acc, 0, "local")
+        tile = sch.get_loops(acc)[1:]
+        ai, aj, kb = tile if len(tile) == 3 else (None, *tile)
+        sch.reorder(kb, *([ai] if ai is not None else []), aj)
+        sch.compute_at(part, kb)
+        sch.set_scope(part, 0, "local")
+        ploops = list(sch.get_loops(part)[2:])  # under (outer, kb): (i, j, r, t), unit loops dropped
+        pi = ploops.pop(0) if mt > 1 else None
+        pj = ploops.pop(0)
+        pr = ploops.pop(0) if parts > 1 else None
+        (t,) = ploops
+        jh, jl = sch.split(pj, [2, nb // 2])
+        order = [t] + ([pi] if pi is not None else []) + ([pr] if pr is not None else []) + [jh, jl]
+        sch.reorder(*order)
+        for loop in order[1:-1]:
+            sch.unroll(loop)
+        sch.vectorize(jl)
+        if ai is not None:
+            sch.unroll(ai)
+        sch.vectorize(aj)
+        sch.vectorize(ji)
+        if m * n * kk >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        pinit = sch.decompose_reduction(part, t)
+        sch.vectorize(sch.get_loops(pinit)[-1])
+        ainit = sch.decompose_reduction(acc, kb)
+        sch.vectorize(sch.get_loops(ainit)[-1])
         return sch
 
 

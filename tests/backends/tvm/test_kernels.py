@@ -62,9 +62,9 @@ def test_dense_int8_is_integer_arithmetic_with_requantization(m, k, n):
     assert np.abs(got - (x @ w + b)).max() < 0.05 * np.abs(x @ w).max()
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 64), (2, 64, 32)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 64), (2, 64, 32), (3, 128, 48), (8, 64, 64)])
 def test_dense_int4_dequantizes_packed_weights_on_load(m, k, n):
-    nb = kernels.out_block(n, LANES)
+    nb = kernels.int4_out_block(n, LANES)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
     q = kernels.quantize_int4(w, nb, 32)
     assert q.codes.dtype == np.uint8 and q.codes.size == k * n // 2
