@@ -183,8 +183,9 @@ def _run(node: ir.Node, a: list[Any]) -> list[torch.Tensor]:
 
 
 class RecoverConfig(PassConfig):
-    epochs: int = pydantic.Field(3, ge=1)
-    lr: float = pydantic.Field(1e-3, gt=0)
+    #: the calibration set is small (hundreds of samples): many cheap epochs (about 2 s on the digits CNN)
+    epochs: int = pydantic.Field(20, ge=1)
+    lr: float = pydantic.Field(2e-3, gt=0)
     batch_size: int = pydantic.Field(32, ge=1)
     #: softening temperature of the distillation loss
     temperature: float = pydantic.Field(2.0, gt=0)

@@ -306,6 +306,9 @@ class PruneChannelsConfig(PassConfig):
     #: producer layer ids (default: every Conv, ConvTranspose, Gemm and MatMul whose channels can be traced)
     layers: LayerIds | None = None
     exclude: LayerIds = pydantic.Field(default_factory=list)
+    #: leave layers that read a graph input unpruned (their few filters see the raw signal; pruning them
+    #: costs the most accuracy per removed parameter: 99.8 % -> 9.9 % on the digits CNN without recovery)
+    keep_first: bool = True
     #: channels every producer keeps at least
     min_channels: int = pydantic.Field(1, ge=1)
     #: round each kept channel count to the nearest multiple of this (layers whose count is a multiple of
@@ -336,8 +339,12 @@ class PruneChannels(Pass):
                              f"{', '.join(sorted(known))}")
         refused: dict[str, str] = {}
         regions: dict[str, Region] = {}
+        graph_inputs = {id(v) for v in model.graph.inputs}
         for layer in layers:
             if layer.id in cfg.exclude or (cfg.layers is not None and layer.id not in cfg.layers):
+                continue
+            if cfg.keep_first and cfg.layers is None and id(layer.node.inputs[0]) in graph_inputs:
+                refused[layer.id] = "reads a graph input (keep_first=true; name it in layers= to prune it)"
                 continue
             try:
                 regions[layer.id] = trace(layer)

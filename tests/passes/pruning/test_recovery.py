@@ -31,13 +31,13 @@ def test_recovery_after_structured_pruning(cnn_model, calib, evaluation, accurac
     ctx = PassContext(calibration=calib)
     dense = run_spec(cnn_model, "fold-constants,fuse", ctx)
     fp32 = accuracy(dense, evaluation)
-    model = run_spec(dense, "prune-channels(ratio=0.3),recover(epochs=5,lr=0.003)", ctx)
+    model = run_spec(dense, "prune-channels(ratio=0.3),recover", ctx)
     record = ctx.records["recovery"]
     assert record["distillation_loss_after"] < 0.2 * record["distillation_loss_before"]
     assert record["teacher"].startswith("the model before pruning")
     recovered = accuracy(model, evaluation)
     print(f"\nprune-channels(0.3) + recover: accuracy {fp32:.4f} -> {recovered:.4f}")
-    assert recovered >= fp32 - 0.03
+    assert recovered >= fp32 - 0.01  # the bar: at most 1 point lost with recovery
 
 
 def test_recovery_keeps_the_unstructured_masks(cnn_model, calib):
@@ -77,7 +77,7 @@ def test_pruned_artifacts_compile_and_verify(digits_files, tmp_path):
                                          "recover,calibrate,quantize",
                                 calibration=digits_files / "calib.npz", evaluation=digits_files / "eval.npz",
                                 latency=False)
-    assert artifact.manifest["records"]["recovery"]["epochs"] == 3
+    assert artifact.manifest["records"]["recovery"]["epochs"] == 20
     assert {r["id"]: r["sparsity"] for r in artifact.manifest["layers"]}["11"] > 0.4
     assert artifact.metrics["quality"]["accuracy"]["artifact"] > 0.95
     checks = verify(sparse, digits_files / "eval.npz")
