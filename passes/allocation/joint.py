@@ -67,11 +67,12 @@ from bitpass.passes.allocation.budget import Budget, parse_budget
 from bitpass.passes.allocation.problem import (AVG_BITS, BOPS, FLOAT_BITS, SIZE, Candidate, LayerChoices, Problem,
                                                layer_macs)
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
-from bitpass.passes.calibrate import ACTIVATION_RANGES
+from bitpass.passes.calibrate import ACTIVATION_RANGES, ActivationRanges
 from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.packing import dequantize_blocked, quantize_blocked
 from bitpass.passes.pruning.common import PRUNING_REFERENCE, output_axis
 from bitpass.passes.pruning.structured import PruneChannels, Refused, trace
+from bitpass.passes.quantize import Quantize
 
 #: option id = bits * OPTION_BASE + kept output channels
 OPTION_BASE = 1_000_000
@@ -235,21 +236,27 @@ class JointProblem:
         budget = parse_budget(budget)
         if mode != "joint":
             return self._solve(budget, mode, method, None)
-        found = []
-        for restricted in ("bits", "sparsity"):
-            try:
-                found.append(self._solve(budget, restricted, method, None))
-            except UsageError:
-                pass
-        bound = min((a.totals["loss"] for a in found), default=None)
-        try:
-            found.append(self._solve(budget, "joint", method, bound))
-        except UsageError:
-            if not found:
-                raise
+        found = [allocation for _, allocation in self.candidates(budget, method)]
         best = min(found, key=lambda a: (a.totals["loss"] - 1e-12 * abs(a.totals["loss"]) * (a is found[-1]),
                                          a.totals.get(SIZE, 0.0)))
         return best
+
+    def candidates(self, budget: Budget | str, method: str = "ilp") -> list[tuple[str, Allocation]]:
+        """The feasible ones of the bits-only, sparsity-only and joint plans (joint last), by mode name."""
+        budget = parse_budget(budget)
+        found = []
+        for restricted in ("bits", "sparsity"):
+            try:
+                found.append((restricted, self._solve(budget, restricted, method, None)))
+            except UsageError:
+                pass
+        bound = min((a.totals["loss"] for _, a in found), default=None)
+        try:
+            found.append(("joint", self._solve(budget, "joint", method, bound)))
+        except UsageError:
+            if not found:
+                raise
+        return found
 
     def _solve(self, budget: Budget, mode: Mode, method: str, bound: float | None) -> Allocation:
         def problem(current: Mapping[str, int] | None = None) -> Problem:
@@ -435,6 +442,11 @@ class AllocateJointConfig(PassConfig):
     block_size: Literal[16, 32, 64, 128, 256] = 32
     #: record the joint, bits-only and sparsity-only frontiers (exact size, estimated loss)
     sweep: bool = False
+    #: measured: with calibration data, the final choice among the bits-only, sparsity-only and joint plans
+    #: is the one whose outputs stay closest to fp32 on it; estimated: the least estimated loss
+    choose: Literal["measured", "estimated"] = "measured"
+    #: calibration samples the measured choice runs
+    samples: int = pydantic.Field(128, ge=1)
 
     @pydantic.field_validator("budget")
     @classmethod
@@ -469,7 +481,11 @@ class AllocateJoint(Pass):
                                         round_to=cfg.round_to, min_channels=cfg.min_channels, exclude=cfg.exclude,
                                         block_size=cfg.block_size)
         budget = parse_budget(_absolute(cfg.budget, model))
-        allocation = joint.solve(budget, cfg.mode, cfg.method)
+        measured: list[dict[str, Any]] = []
+        if cfg.mode == "joint" and cfg.choose == "measured" and ctx.calibration is not None:
+            allocation, measured = self._measured_best(model, ctx, joint, joint.candidates(budget, cfg.method))
+        else:
+            allocation = joint.solve(budget, cfg.mode, cfg.method)
         plan = {lid: decode(opt) for lid, opt in allocation.plan.items()}
         by_id = joint.by_id
         record: dict[str, Any] = {
@@ -479,24 +495,13 @@ class AllocateJoint(Pass):
             "not_pruned": {l.id: l.why_not_pruned for l in joint.layers if l.why_not_pruned},
             "notes": list(allocation.notes), "format": "packed",
         }
+        if measured:
+            record["measured_choice"] = measured
         if cfg.sweep:
             record["frontiers"] = {m: joint.frontier(m) for m in ("joint", "bits", "sparsity")}
-        # consumers before producers: each producer's l1 order is taken on its unsliced rows, as Ω assumed
-        pruned = {}
-        for layer in reversed(joint.layers):
-            bits, kept = plan[layer.id]
-            if kept < layer.channels:
-                PruneChannels(ratio=(layer.channels - kept) / layer.channels, layers=[layer.id], round_to=1,
-                              min_channels=1, method="l1").run(model, ctx)
-                pruned[layer.id] = ctx.records.pop("prune-channels")
+        pruned = _apply(model, ctx, joint, plan)
         if pruned:
             record["prune_channels"] = {lid: {"removed": r.get("removed", {}).get(lid)} for lid, r in pruned.items()}
-        for layer in model.layers():
-            bits, _ = plan[layer.id]
-            annotation.set_weight_bits(layer.node, bits)
-            annotation.set_activation_bits(layer.node, FLOAT_BITS)
-            if bits < FLOAT_BITS:
-                annotation.set_weight_format(layer.node, "packed")
         record["seconds"] = round(time.perf_counter() - start, 4)
         ctx.records["allocation"] = record
         ctx.analyses.put(BITS, {lid: b for lid, (b, _) in plan.items()})
@@ -506,6 +511,29 @@ class AllocateJoint(Pass):
         preserved = frozenset({BITS, ACTIVATION_RANGES, PRUNING_REFERENCE}) if pruned else frozenset(
             {BITS, ACTIVATION_RANGES, SENSITIVITY})
         return PassResult(model, modified=True, preserved=preserved)
+
+    def _measured_best(self, model: Model, ctx: PassContext, joint: JointProblem,
+                       candidates: list[tuple[str, Allocation]]) -> tuple[Allocation, list[dict[str, Any]]]:
+        """Of the bits-only, sparsity-only and joint plans, the one whose packed model's outputs are
+        closest to fp32 on the calibration data: the loss estimate ranks removed channels and rounding
+        error on one scale only roughly, so the final choice among the three is measured."""
+        assert ctx.calibration is not None
+        data = ctx.calibration.head(self.config.samples)
+        reference = _outputs(model.to_bytes(), data)
+        scored = []
+        for name, allocation in candidates:
+            copy = model.clone()
+            inner = PassContext(calibration=ctx.calibration, seed=ctx.seed)
+            _apply(copy, inner, joint, {lid: decode(opt) for lid, opt in allocation.plan.items()})
+            inner.analyses.put(ACTIVATION_RANGES, ActivationRanges(method="none", ranges={}, samples=0,
+                                                                   data_sha256=""))
+            quantized = Quantize(block_size=self.config.block_size, preprocess=False).run(copy, inner).model
+            error = float(np.mean((_outputs(quantized.to_bytes(), data) - reference) ** 2))
+            scored.append((error, name != "joint", allocation,  # a tie goes to the joint plan
+                           {"plan": name, "output_mse": error, "estimated_loss": allocation.totals["loss"],
+                            "size": allocation.totals.get(SIZE)}))
+        best = min(scored, key=lambda item: (item[0], item[1]))
+        return best[2], [item[3] for item in scored]
 
     def _sensitivity(self, model: Model, ctx: PassContext) -> Mapping[str, Any]:
         if ctx.analyses.cached(SENSITIVITY):
@@ -522,6 +550,34 @@ class AllocateJoint(Pass):
         if not scores:
             raise UsageError("allocate-joint needs sensitivity: run the sensitivity pass first")
         return scores
+
+
+def _apply(model: Model, ctx: PassContext, joint: JointProblem, plan: Mapping[str, tuple[int, int]]) -> dict:
+    """Remove the planned channels and annotate bits (packed); returns prune-channels' record per layer."""
+    # consumers before producers: each producer's l1 order is taken on its unsliced rows, as Ω assumed
+    pruned = {}
+    for layer in reversed(joint.layers):
+        bits, kept = plan[layer.id]
+        if kept < layer.channels:
+            PruneChannels(ratio=(layer.channels - kept) / layer.channels, layers=[layer.id], round_to=1,
+                          min_channels=1, method="l1").run(model, ctx)
+            pruned[layer.id] = ctx.records.pop("prune-channels")
+    for layer in model.layers():
+        bits, _ = plan[layer.id]
+        annotation.set_weight_bits(layer.node, bits)
+        annotation.set_activation_bits(layer.node, FLOAT_BITS)
+        if bits < FLOAT_BITS:
+            annotation.set_weight_format(layer.node, "packed")
+    return pruned
+
+
+def _outputs(model_bytes: bytes, data: Any) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, feeds)[0] for feeds in data.batches(256)]).astype(np.float64)
 
 
 def _absolute(budget: str | list[str], model: Model) -> str:

@@ -104,3 +104,16 @@ def test_restricted_modes_of_the_pass(prepared):
     assert all(a == b for a, b in (p["channels"].split(" -> ") for p in ctx.records["allocation"]["plan"].values()))
     with pytest.raises(UsageError, match="latency"):
         AllocateJoint(budget="latency=1ms")
+
+
+def test_the_final_choice_is_the_measured_closest_to_fp32(prepared):
+    """With calibration data, joint is picked among {bits-only, sparsity-only, joint} by measured output error."""
+    model, ctx = prepared
+    limit = int(0.12 * model.weight_bytes())
+    AllocateJoint(budget=f"size={limit}").run(model, ctx)
+    measured = ctx.records["allocation"]["measured_choice"]
+    assert [m["plan"] for m in measured][-1] == "joint" and all(m["size"] <= limit for m in measured)
+    chosen = {lid: p["bits"] for lid, p in ctx.records["allocation"]["plan"].items()}
+    best = min(measured, key=lambda m: m["output_mse"])
+    assert all(best["output_mse"] <= m["output_mse"] for m in measured)
+    assert chosen == {layer.id: annotation.weight_bits(layer.node) for layer in model.layers()}
