@@ -64,6 +64,33 @@ def _frontier_plot(frontier: dict[str, Any], chosen: dict[str, Any]) -> str:
     return f'<img alt="frontier" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
+def _frontiers_plot(frontiers: dict[str, list[dict[str, float]]], chosen: dict[str, float]) -> str:
+    """Size vs estimated loss for each allocation mode (allocate-joint's sweep), the chosen plan marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    for mode, points in sorted(frontiers.items()):
+        if points:
+            axes.step([p["size"] for p in points], [p["loss"] for p in points], where="post", marker="o", ms=2,
+                      label=mode)
+    if "size" in chosen and "loss" in chosen:
+        axes.plot([chosen["size"]], [chosen["loss"]], marker="*", ms=14, color="crimson", ls="none",
+                  label="chosen plan")
+    axes.set_xlabel("weight bytes")
+    axes.set_ylabel("estimated loss increase")
+    axes.set_yscale("symlog", linthresh=1e-6)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(figure)
+    return f'<img alt="frontiers" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
 def render(manifest: dict[str, Any]) -> str:
     metrics = manifest.get("metrics", {})
     parts = [f"<!doctype html><meta charset=utf-8><title>bitpass artifact</title><style>{_STYLE}</style>",
@@ -94,6 +121,9 @@ def render(manifest: dict[str, Any]) -> str:
     allocation = manifest.get("records", {}).get("allocation", {})
     if allocation.get("frontier"):
         parts.append("<h2>Frontier</h2>" + _frontier_plot(allocation["frontier"], allocation))
+    if allocation.get("frontiers"):
+        parts.append("<h2>Frontiers: joint vs bits-only vs sparsity-only</h2>"
+                     + _frontiers_plot(allocation["frontiers"], allocation.get("totals", {})))
     if allocation.get("formats"):
         parts.append("<h2>Per-layer format choice</h2>" + _table(
             ["layer", "bits", "format", "why", "ms at batch 1", "ms at batch 64"],
