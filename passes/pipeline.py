@@ -64,7 +64,7 @@ class Pipeline:
                     instrument.run_before_pass(pass_, model, ctx)
                 result = pass_.run(model, ctx)
                 if pass_.in_place and result.model is not model:
-                    raise BitpassError(f"in-place pass returned a different model object")
+                    raise BitpassError("in-place pass returned a different model object")
                 if result.modified:
                     ctx.analyses.invalidate(result.preserved, by=pass_.name)
                 for instrument in instruments:

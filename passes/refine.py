@@ -51,12 +51,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pydantic
 
 from bitpass.frontend import Dataset, Layer, Model, annotation
-from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.frontend.errors import UsageError
+from bitpass.passes.activations import layer_inputs
 from bitpass.passes.allocation.passes import BITS, LATENCY_VARIANTS
 from bitpass.passes.calibrate import ACTIVATION_RANGES
 from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
@@ -249,42 +249,17 @@ def _im2col(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 def input_grams(model: Model, data: Dataset, layers: Iterable[Layer], *, batch_size: int = 64) -> dict[str, Gram]:
-    """``{layer_id: Gram}`` of each layer's input (im2col patches for Conv) over ``data``, with ONNX Runtime.
-
-    Like ``pruning.common.input_norms`` (which keeps only per-feature norms), the layers' data inputs
-    become extra outputs of a copy of the model."""
-    import onnxruntime as ort
-
+    """``{layer_id: Gram}`` of each layer's input (im2col patches for Conv) over ``data``, with ONNX Runtime
+    (``bitpass.passes.activations.layer_inputs``)."""
     layers = list(layers)
-    proto = model.to_proto()
-    graph_inputs = {i.name for i in proto.graph.input}
-    outputs = {o.name for o in proto.graph.output}
-    wanted: dict[str, ir.Value] = {}
-    for layer in layers:
-        value = layer.node.inputs[0]
-        if value is None or not value.name:
-            raise BitpassError(f"layer {layer.id!r}: its data input has no name")
-        wanted[value.name] = value
-    for name, value in wanted.items():
-        if name not in graph_inputs and name not in outputs:
-            dtype = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # ORT's own exception types
-        raise BitpassError(f"ONNX Runtime cannot run the model to measure layer inputs: "
-                           f"{str(err).strip().splitlines()[0]}") from err
-    fetch = [n for n in wanted if n not in graph_inputs]
+    by_id = {layer.id: layer for layer in layers}
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
     groups: dict[str, list[slice]] = {}
-    for feeds in data.batches(batch_size):
-        got = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
-        got.update({n: feeds[n] for n in wanted if n in graph_inputs})
-        for layer in layers:
-            x = np.asarray(got[layer.node.inputs[0].name], dtype=np.float32)
+    for batch in layer_inputs(model, data, layers, batch_size=batch_size):
+        for layer_id, x in batch.items():
+            layer = by_id[layer_id]
+            x = np.asarray(x, dtype=np.float32)
             rows = layer.weight_shape[layer_channel_axis(layer)]
             if layer.op_type == "Conv":
                 patches = _im2col(layer, x)

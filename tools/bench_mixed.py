@@ -295,7 +295,6 @@ def _time_directory(folder: Path, quick: bool) -> None:
 
 # --------------------------------------------------------------------------- the benchmark of one model
 def bench_model(name: str, *, quick: bool, say) -> dict[str, Any]:
-    from bitpass.frontend import Model  # noqa: F401 (documentation of the types in play)
     from bitpass.frontend import from_proto
 
     import onnx

@@ -32,7 +32,6 @@ import time
 import zipfile
 from typing import Any
 
-import numpy as np
 
 from bitpass.tools import bench_mixed as bm
 

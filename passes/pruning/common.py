@@ -21,12 +21,12 @@ from collections.abc import Iterable
 from typing import Annotated
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pydantic
 
 from bitpass.frontend import Dataset, Layer, Model
 from bitpass.frontend.errors import BitpassError
+from bitpass.passes.activations import layer_inputs
 
 #: analysis-cache key: ``{layer_id: bool mask of kept weights}`` (ONNX weight layout)
 PRUNING_MASKS = "pruning:masks"
@@ -111,43 +111,14 @@ def _reduce_axes(layer: Layer, rank: int) -> tuple[int, ...]:
 def input_norms(model: Model, data: Dataset, layers: Iterable[Layer], *,
                 batch_size: int = 64) -> dict[str, np.ndarray]:
     """``{layer_id: ||X_j||_2}``: the l2 norm of each input feature (channel) of each layer over all
-    calibration samples (and spatial positions), computed with ONNX Runtime.
-
-    The layers' data inputs become extra graph outputs of a copy of the model; Gather layers (whose
-    input is indices) are left out."""
-    import onnxruntime as ort
-
-    layers = [l for l in layers if l.op_type != "Gather"]
-    proto = model.to_proto()
-    graph_inputs = {i.name for i in proto.graph.input}
-    outputs = {o.name for o in proto.graph.output}
-    wanted: dict[str, ir.Value] = {}
-    for layer in layers:
-        value = layer.node.inputs[0]
-        if value is None or not value.name:
-            raise BitpassError(f"layer {layer.id!r}: its data input has no name")
-        wanted[value.name] = value
-    for name, value in wanted.items():
-        if name in graph_inputs or name in outputs:
-            continue
-        dtype = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # ORT's own exception types
-        raise BitpassError(f"ONNX Runtime cannot run the model to measure activations: "
-                           f"{str(err).strip().splitlines()[0]}") from err
-    fetch = [n for n in wanted if n not in graph_inputs]
+    calibration samples (and spatial positions), computed with ONNX Runtime (Gather layers left out)."""
+    layers = [layer for layer in layers if layer.op_type != "Gather"]
+    by_id = {layer.id: layer for layer in layers}
     sums: dict[str, np.ndarray] = {}
-    for feeds in data.batches(batch_size):
-        got = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
-        got.update({n: feeds[n] for n in wanted if n in graph_inputs})
-        for layer in layers:
-            x = np.asarray(got[layer.node.inputs[0].name], dtype=np.float64)
-            sq = np.sum(x * x, axis=_reduce_axes(layer, x.ndim))
-            sums[layer.id] = sums.get(layer.id, 0) + sq
+    for batch in layer_inputs(model, data, layers, batch_size=batch_size):
+        for layer_id, x in batch.items():
+            x = np.asarray(x, dtype=np.float64)
+            sums[layer_id] = sums.get(layer_id, 0) + np.sum(x * x, axis=_reduce_axes(by_id[layer_id], x.ndim))
     return {lid: np.sqrt(s) for lid, s in sums.items()}
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import UsageError
