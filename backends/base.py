@@ -71,6 +71,17 @@ class Backend(abc.ABC):
         """Whether an artifact for ``target`` runs on this machine (else it is not measured at compile time)."""
         return True
 
+    def emulated_runner(self, directory: Path, manifest: Mapping[str, Any]) -> Runner:
+        """A runner for an artifact of a foreign target, run under emulation (``bitpass verify --emulate``)."""
+        from bitpass.frontend.errors import UsageError
+
+        raise UsageError(f"backend {self.name!r} cannot emulate target {manifest.get('target')!r}")
+
+    def host_twin(self, model: Model, directory: Path) -> Runner:
+        """The same plan built for this machine: what an emulated run is compared with."""
+        self.emit(model, directory, self.default_target)
+        return self.load(directory, {})
+
     def latency_probe(self, target: str) -> Any:
         """A per-layer latency measurer for bit allocation, or None when the backend has none."""
         return None

@@ -303,9 +303,12 @@ class Check:
     detail: str
 
 
-def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float = 0.005) -> list[Check]:
+def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float = 0.005,
+           emulate: bool = False) -> list[Check]:
     """Re-check an artifact: files match their hashes, annotations match the plan, and quality still
-    meets the recorded figures (within ``tolerance``) when evaluation data is given."""
+    meets the recorded figures (within ``tolerance``) when evaluation data is given. ``emulate`` runs an
+    artifact of a foreign target (aarch64) under emulation and compares it with the same plan built for
+    this machine: rtol 1e-3 when every layer is fp32, else the same top-1 on every sample."""
     path = Path(path)
     manifest = artifact_io.read_manifest(path)
     checks = []
@@ -313,7 +316,6 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     checks.append(Check("files", not problems, "; ".join(problems) or "all files match their sha256"))
     if problems:
         return checks
-    _, runner = open_artifact(path)
     from bitpass.frontend import from_onnx
 
     final = from_onnx(path / "model.onnx")
@@ -322,6 +324,19 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     mismatched = [r["id"] for r in manifest["layers"] if r.get("bits") != now.get(r["id"])]
     checks.append(Check("plan", not mismatched, f"layers differ from the recorded plan: {', '.join(mismatched)}"
                         if mismatched else f"{len(now)} layers match the recorded bits"))
+    backend = default_registry().backend(manifest["backend"])()
+    if emulate:
+        if evaluation is None:
+            raise UsageError("verify --emulate needs samples to run: give --eval FILE")
+        data = _dataset(evaluation, reference_model, "evaluation")
+        assert data is not None
+        checks.append(_emulated_check(backend, path, manifest, final, data.head(EMULATED_SAMPLES)))
+        return checks
+    if not backend.runs_on_host(manifest["target"]):
+        checks.append(Check("quality", True, f"target {manifest['target']} does not run on this machine; "
+                                             f"`verify --emulate` runs it under emulation"))
+        return checks
+    _, runner = open_artifact(path)
     if evaluation is None:
         return checks
     data = _dataset(evaluation, reference_model, "evaluation")
@@ -342,6 +357,26 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     if data.sha256 != (manifest["data"].get("evaluation") or {}).get("sha256"):
         checks.append(Check("data", True, "evaluation data differs from compile time: compared with tolerance"))
     return checks
+
+
+#: samples an emulated run compares (qemu is slow; the check is about numerics, not statistics)
+EMULATED_SAMPLES = 32
+
+
+def _emulated_check(backend: Backend, path: Path, manifest: dict[str, Any], final: Model, data: Dataset) -> Check:
+    import tempfile
+
+    emulated = measure.predict(backend.emulated_runner(path, manifest), data)[0]
+    with tempfile.TemporaryDirectory(prefix="bitpass-host-twin-") as tmp:
+        native = measure.predict(backend.host_twin(final, Path(tmp)), data)[0]
+    all_fp32 = all(r.get("bits", {}).get("weight", 32) == 32 for r in manifest["layers"])
+    if all_fp32:
+        error = float(np.max(np.abs(emulated - native) / (np.abs(native) + 1e-3)))
+        return Check("emulated", error <= 1e-3, f"{manifest['target']} under emulation vs the host build on "
+                                                f"{len(data)} samples: max relative error {error:.2e} (limit 1e-3)")
+    agree = float((emulated.reshape(len(data), -1).argmax(1) == native.reshape(len(data), -1).argmax(1)).mean())
+    return Check("emulated", agree == 1.0, f"{manifest['target']} under emulation vs the host build on {len(data)} "
+                                           f"samples: top-1 agreement {agree:.4f} (must be 1)")
 
 
 def default_progress(message: str) -> None:

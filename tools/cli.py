@@ -213,7 +213,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from bitpass.tools.api import verify
 
-    checks = verify(args.artifact, args.eval, tolerance=args.tolerance)
+    checks = verify(args.artifact, args.eval, tolerance=args.tolerance, emulate=args.emulate)
     for check in checks:
         mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
         console.print(f"{mark} {check.name}: {check.detail}")
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--eval", metavar="NPZ", help="held-out samples to re-measure quality")
     p.add_argument("--tolerance", type=float, default=0.005, help="allowed shortfall (default: %(default)s)")
+    p.add_argument("--emulate", action="store_true",
+                   help="run an artifact of a foreign target (aarch64) under qemu and compare it with the same "
+                        "plan built for this machine (one-time setup: tools/setup_arm64.sh)")
     p = sub.add_parser("run", help="run an artifact on inputs from an .npz file",
                        description="Run ARTIFACT on every sample of --input; write outputs, keyed by output name.")
     p.add_argument("artifact")

@@ -33,6 +33,20 @@ RUNNER = "tvm_run.py"
 PLAN = "model.onnx"
 
 
+class EmulatedRunner(Runner):
+    """Runs an aarch64 model.so under qemu-user with an arm64 TVM runtime (tools/setup_arm64.sh)."""
+
+    def __init__(self, directory: Path, manifest: Mapping[str, Any]) -> None:
+        self.directory = directory
+        self.input_names = [i["name"] for i in manifest["inputs"]]
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from bitpass.backends.tvm import emulate
+
+        return emulate.run(self.directory, {n: feeds[n] for n in self.input_names}, self.output_names)
+
+
 class TvmRunner(Runner):
     """Runs model.so in the Relax VM on this machine's CPU."""
 
@@ -68,6 +82,9 @@ class TvmBackend(Backend):
 
     def runs_on_host(self, target: str) -> bool:
         return target_registry.get(target).is_host_runnable()
+
+    def emulated_runner(self, directory: Path, manifest: Mapping[str, Any]) -> Runner:
+        return EmulatedRunner(Path(directory), manifest)
 
     def legalize(self, model: Model, target: str) -> list[str]:
         problems = super().legalize(model, target)

@@ -45,3 +45,17 @@ def test_aarch64_artifact_under_qemu_matches_the_x86_build(tmp_path, cnn_model, 
     native = backend.load(x86, {}).run({"input": x})
     np.testing.assert_allclose(emulated[0], native[0], rtol=1e-3, atol=1e-5)
     assert (emulated[0].argmax(1) == native[0].argmax(1)).all()
+
+
+@pytest.mark.skipif(TOOLCHAIN is None, reason=f"ARM64 emulation unavailable: {MISSING}")
+def test_verify_emulate_checks_a_quantized_aarch64_artifact_against_the_host_build(tmp_path, digits_files, capsys):
+    from bitpass.tools.cli import main
+
+    out = tmp_path / "arm"
+    assert main(["compile", str(digits_files / "model.onnx"), "--calib", str(digits_files / "calib.npz"), "-o",
+                 str(out), "--backend", "tvm", "--target", "aarch64-neon", "--budget", "avg-bits=12", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--eval", str(digits_files / "eval.npz")]) == 0
+    assert "verify --emulate" in capsys.readouterr().out  # not runnable here: says how to check it
+    assert main(["verify", str(out), "--eval", str(digits_files / "eval.npz"), "--emulate"]) == 0
+    assert "top-1 agreement 1.0000" in capsys.readouterr().out
