@@ -118,7 +118,7 @@ def print_summary(manifest: dict[str, Any], path: Path) -> None:
     if quality and "accuracy" in quality:
         acc = quality["accuracy"]
         table.add_row("accuracy", f"{100 * acc['fp32']:.2f} %", f"{100 * acc['artifact']:.2f} %",
-                      f"{-acc['drop_points']:+.2f} pt")
+                      f"{0.0 - acc['drop_points']:+.2f} pt")
     if quality:
         fid = quality["fidelity"]
         table.add_row("fidelity", "", f"cos {fid['cosine']:.5f}", f"top-1 agree {100 * fid['top1_agreement']:.1f} %")
