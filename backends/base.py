@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -107,6 +107,3 @@ def reference_runner(model: Model, *, threads: int | None = None, for_timing: bo
 
     return OrtRunner.from_bytes(model.to_bytes(), threads=threads, for_timing=for_timing)
 
-
-def input_order(runner: Runner, feeds: Mapping[str, np.ndarray]) -> Sequence[str]:
-    return [n for n in runner.input_names if n in feeds]

@@ -66,6 +66,22 @@ def _attr(func: tirx.PrimFunc, name: str) -> int:
     return int(func.attrs[name])
 
 
+def _tile_outputs(sch, acc, out, mt: int, nb: int):
+    """Tile the output block [mt × nb] per parallel ``outer`` loop and keep the accumulator of a tile in
+    registers under it. Returns (outer, ji, ai, aj, k): ``ji`` the output tile's inner column loop, and
+    the accumulator's loops (``ai`` is None when mt == 1: unit loops are dropped)."""
+    i, j = sch.get_loops(out)
+    io, ii = sch.split(i, [None, mt])
+    jo, ji = sch.split(j, [None, nb])
+    sch.reorder(io, jo, ii, ji)
+    outer = sch.fuse(io, jo)
+    sch.compute_at(acc, outer)
+    sch.set_scope(acc, 0, "local")
+    tile = sch.get_loops(acc)[1:]
+    ai, aj, k = tile if len(tile) == 3 else (None, *tile)
+    return outer, ji, ai, aj, k
+
+
 def _divisor(n: int, limit: int) -> int:
     for d in range(min(n, limit), 0, -1):
         if n % d == 0:
@@ -95,25 +111,9 @@ class Dense(_Rule):
         out = sch.get_sblock("dense_out")
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
         kk = _int(sch.get(sch.get_loops(acc)[-1]).extent)
-        mt = _divisor(m, 4)
-        i, j = sch.get_loops(out)
-        io, ii = sch.split(i, [None, mt])
-        jo, ji = sch.split(j, [None, nb])
-        sch.reorder(io, jo, ii, ji)
-        outer = sch.fuse(io, jo)
-        sch.compute_at(acc, outer)
-        sch.set_scope(acc, 0, "local")
-        tile = sch.get_loops(acc)[1:]  # (ai, aj, k), or (aj, k) when mt == 1 (unit loops are dropped)
-        ai, aj, k = tile if len(tile) == 3 else (None, *tile)
-        rows = [ai] if ai is not None else []
-        if kind == "dense_int4":
-            jh, jl = sch.split(aj, [2, nb // 2])
-            sch.reorder(k, *rows, jh, jl)
-            sch.unroll(jh)
-            inner = jl
-        else:
-            sch.reorder(k, *rows, aj)
-            inner = aj
+        outer, ji, ai, aj, k = _tile_outputs(sch, acc, out, _divisor(m, 4), nb)
+        sch.reorder(k, *([ai] if ai is not None else []), aj)
+        inner = aj
         if ai is not None:
             sch.unroll(ai)
         if m * n * kk >= PARALLEL_MIN_WORK:
@@ -148,15 +148,7 @@ class Dense(_Rule):
         parts, steps = (_int(sch.get(lp).extent) for lp in sch.get_loops(part)[3:5])
         kk = _int(sch.get(sch.get_loops(acc)[-1]).extent) * parts * steps  # blocks × block size = K
         mt = _divisor(m, 4 if nb <= 2 * self.lanes else 2)
-        i, j = sch.get_loops(out)
-        io, ii = sch.split(i, [None, mt])
-        jo, ji = sch.split(j, [None, nb])
-        sch.reorder(io, jo, ii, ji)
-        outer = sch.fuse(io, jo)
-        sch.compute_at(acc, outer)
-        sch.set_scope(acc, 0, "local")
-        tile = sch.get_loops(acc)[1:]
-        ai, aj, kb = tile if len(tile) == 3 else (None, *tile)
+        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, mt, nb)
         sch.reorder(kb, *([ai] if ai is not None else []), aj)
         sch.compute_at(part, kb)
         sch.set_scope(part, 0, "local")

@@ -64,6 +64,7 @@ import pydantic
 from bitpass.frontend import Layer, Model, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.allocation.budget import Budget, parse_budget
+from bitpass.passes.allocation.passes import BITS, BITS_ANNOTATIONS, SENSITIVITY
 from bitpass.passes.allocation.problem import (AVG_BITS, BOPS, FLOAT_BITS, SIZE, Candidate, LayerChoices, Problem,
                                                layer_macs)
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
@@ -71,16 +72,13 @@ from bitpass.passes.calibrate import ACTIVATION_RANGES, ActivationRanges
 from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.packing import dequantize_blocked, quantize_blocked
 from bitpass.passes.pruning.common import PRUNING_REFERENCE, output_axis
-from bitpass.passes.pruning.structured import PruneChannels, Refused, trace
+from bitpass.passes.pruning.structured import PruneChannels, trace_layers
 from bitpass.passes.quantize import Quantize
 
 #: option id = bits * OPTION_BASE + kept output channels
 OPTION_BASE = 1_000_000
 DEFAULT_KEEPS = (1.0, 0.75, 0.5, 0.25)
 PACKED_WIDTHS = (8, 4, 2)
-SENSITIVITY = "sensitivity"
-BITS = "bits"
-BITS_ANNOTATIONS = "annotation:bits"
 #: sizes re-estimated with the chosen producers' channels at most this many times
 REFINEMENTS = 4
 Mode = Literal["joint", "bits", "sparsity"]
@@ -401,16 +399,7 @@ def _scalar_sensitivity(entry: Any, rows: np.ndarray, block_size: int) -> float:
 
 def _prunable(model: Model, exclude: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Layers ``prune-channels`` can prune alone: {id: region}, and {id: why not} for the others."""
-    refused: dict[str, str] = {}
-    regions = {}
-    for layer in model.layers():
-        if layer.id in exclude:
-            refused[layer.id] = "excluded"
-            continue
-        try:
-            regions[layer.id] = trace(layer)
-        except Refused as why:
-            refused[layer.id] = str(why)
+    regions, refused = trace_layers(model.layers(), lambda layer: "excluded" if layer.id in exclude else None)
     groups = PruneChannels._group(regions, refused, explicit=None)
     out = {}
     for members in groups:

@@ -35,6 +35,7 @@ from bitpass.passes.allocation import formats
 from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check_feasible, parse_budget
 from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
+from bitpass.passes.annotate import BITS_ANNOTATIONS  # the fact set-bits produces too
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 
 #: analyses and facts this pass reads and writes
@@ -44,8 +45,6 @@ LATENCY_TABLE = "latency-table"
 LATENCY_VARIANTS = "latency-variants"
 PLAN_EVALUATOR = "plan-evaluator"
 BITS = "bits"
-#: the fact ``set-bits`` produces and ``quantize``/the manifest read (passes/annotate.py)
-BITS_ANNOTATIONS = "annotation:bits"
 #: at most this many frontier points go into the record (evenly spread by cost)
 MAX_RECORDED_POINTS = 256
 #: frontier plans whose real quality a sweep measures on the evaluation data

@@ -34,7 +34,7 @@ again), dead nodes are removed, and ``model.torch_module`` is detached (its shap
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -298,6 +298,24 @@ class _Groups:
         return out
 
 
+def trace_layers(layers: Iterable[Layer], skip: Callable[[Layer], str | None] = lambda _layer: None
+                 ) -> tuple[dict[str, Region], dict[str, str]]:
+    """Each layer's channel region, and for the others why not: ``skip`` (a reason, or None to trace) or
+    the tracer's refusal."""
+    regions: dict[str, Region] = {}
+    refused: dict[str, str] = {}
+    for layer in layers:
+        reason = skip(layer)
+        if reason is not None:
+            refused[layer.id] = reason
+            continue
+        try:
+            regions[layer.id] = trace(layer)
+        except Refused as why:
+            refused[layer.id] = str(why)
+    return regions, refused
+
+
 class PruneChannelsConfig(PassConfig):
 
     #: fraction of each producer's output channels removed
@@ -337,19 +355,12 @@ class PruneChannels(Pass):
         if unknown:
             raise UsageError(f"prune-channels: no layer {', '.join(map(repr, unknown))}; layers are: "
                              f"{', '.join(sorted(known))}")
-        refused: dict[str, str] = {}
-        regions: dict[str, Region] = {}
         graph_inputs = {id(v) for v in model.graph.inputs}
-        for layer in layers:
-            if layer.id in cfg.exclude or (cfg.layers is not None and layer.id not in cfg.layers):
-                continue
-            if cfg.keep_first and cfg.layers is None and id(layer.node.inputs[0]) in graph_inputs:
-                refused[layer.id] = "reads a graph input (keep_first=true; name it in layers= to prune it)"
-                continue
-            try:
-                regions[layer.id] = trace(layer)
-            except Refused as why:
-                refused[layer.id] = str(why)
+        keep_first = cfg.keep_first and cfg.layers is None
+        regions, refused = trace_layers(
+            [l for l in layers if l.id not in cfg.exclude and (cfg.layers is None or l.id in cfg.layers)],
+            lambda layer: "reads a graph input (keep_first=true; name it in layers= to prune it)"
+            if keep_first and id(layer.node.inputs[0]) in graph_inputs else None)
         groups = self._group(regions, refused, explicit=cfg.layers)
         params_before = sum(l.params for l in layers)
         record: dict[str, Any] = {"ratio": cfg.ratio, "method": cfg.method, "refused": refused}
