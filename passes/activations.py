@@ -48,3 +48,14 @@ def layer_inputs(model: Model, data: Dataset, layers: Iterable[Layer], *,
         got = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
         got.update({n: feeds[n] for n in wanted if n in graph_inputs})
         yield {layer.id: got[layer.node.inputs[0].name] for layer in layers}
+
+
+def model_outputs(model_bytes: bytes, data: Dataset, *, batch_size: int = 256) -> np.ndarray:
+    """The model's first output over ``data`` (float64), run in ONNX Runtime: what passes that choose
+    between candidate rewrites by measurement compare against the unmodified model."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, feeds)[0] for feeds in data.batches(batch_size)]).astype(np.float64)

@@ -69,6 +69,7 @@ from bitpass.passes.allocation.problem import (AVG_BITS, BOPS, FLOAT_BITS, SIZE,
                                                layer_macs)
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
 from bitpass.passes.calibrate import ACTIVATION_RANGES, ActivationRanges
+from bitpass.passes.activations import model_outputs
 from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.packing import dequantize_blocked, quantize_blocked
 from bitpass.passes.pruning.common import PRUNING_REFERENCE, output_axis
@@ -508,7 +509,7 @@ class AllocateJoint(Pass):
         error on one scale only roughly, so the final choice among the three is measured."""
         assert ctx.calibration is not None
         data = ctx.calibration.head(self.config.samples)
-        reference = _outputs(model.to_bytes(), data)
+        reference = model_outputs(model.to_bytes(), data)
         scored = []
         for name, allocation in candidates:
             copy = model.clone()
@@ -517,7 +518,7 @@ class AllocateJoint(Pass):
             inner.analyses.put(ACTIVATION_RANGES, ActivationRanges(method="none", ranges={}, samples=0,
                                                                    data_sha256=""))
             quantized = Quantize(block_size=self.config.block_size, preprocess=False).run(copy, inner).model
-            error = float(np.mean((_outputs(quantized.to_bytes(), data) - reference) ** 2))
+            error = float(np.mean((model_outputs(quantized.to_bytes(), data) - reference) ** 2))
             scored.append((error, name != "joint", allocation,  # a tie goes to the joint plan
                            {"plan": name, "output_mse": error, "estimated_loss": allocation.totals["loss"],
                             "size": allocation.totals.get(SIZE)}))
@@ -558,15 +559,6 @@ def _apply(model: Model, ctx: PassContext, joint: JointProblem, plan: Mapping[st
         if bits < FLOAT_BITS:
             annotation.set_weight_format(layer.node, "packed")
     return pruned
-
-
-def _outputs(model_bytes: bytes, data: Any) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, feeds)[0] for feeds in data.batches(256)]).astype(np.float64)
 
 
 def _absolute(budget: str | list[str], model: Model) -> str:

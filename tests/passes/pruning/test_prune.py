@@ -45,6 +45,30 @@ def test_each_method_reaches_the_sparsity_and_keeps_outputs_finite(cnn_model, ca
         assert annotation.sparsity(layer.node) == pytest.approx(record["layers"][layer.id], abs=1e-5)
 
 
+def test_auto_comparison_keeps_the_group_closer_to_the_unpruned_outputs(cnn_model, calib, outputs):
+    """wanda/gblm with comparison=auto prune per row and per layer, and keep the one whose outputs on the
+    calibration data stay closer to the unpruned model's; the record shows both errors."""
+    measured_on = calib.head(128)  # the pass's default samples=
+    reference = outputs(cnn_model, measured_on)
+    errors = {}
+    for group in ("row", "layer"):
+        copy = cnn_model.clone()
+        ctx = PassContext(calibration=calib)
+        Prune(method="wanda", sparsity=0.6, allocation="global", comparison=group).run(copy, ctx)
+        assert ctx.records["pruning"]["comparison"] == group
+        errors[group] = float(np.mean((outputs(copy, measured_on) - reference) ** 2))
+    assert errors["row"] != errors["layer"]
+    ctx = PassContext(calibration=calib)
+    Prune(method="wanda", sparsity=0.6, allocation="global").run(cnn_model, ctx)
+    record = ctx.records["pruning"]
+    assert record["comparison"] == min(errors, key=errors.get)
+    assert record["comparison_output_mse"] == pytest.approx(errors, rel=1e-3)
+    # magnitude's auto is the classic per-layer group, measured nothing
+    ctx = PassContext()
+    Prune(method="magnitude").run(cnn_model.clone(), ctx)
+    assert ctx.records["pruning"]["comparison"] == "layer" and "comparison_output_mse" not in ctx.records["pruning"]
+
+
 def test_annotations_survive_a_save_and_a_load(cnn_model, calib):
     Prune(method="wanda").run(cnn_model, PassContext(calibration=calib))
     again = from_proto(cnn_model.to_proto())
