@@ -39,6 +39,12 @@ def trained_mlp() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def trained_transformer() -> tuple[torch.nn.Module, zoo.Split]:
+    """The project's digits transformer encoder (embeddings out, no labels needed) and its data split."""
+    return zoo.trained_digits_transformer()
+
+
+@pytest.fixture(scope="session")
 def _cnn_proto(trained_cnn):
     return from_torch(trained_cnn, (torch.zeros(1, 1, 8, 8),)).to_proto()
 

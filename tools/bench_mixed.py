@@ -57,6 +57,7 @@ class Variant:
     avg_bits: float | None = None
     quality: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
+    per_sample: Any = None  # each held-out sample's score, for paired tests (bench_pruning)
 
 
 @dataclass

@@ -15,10 +15,13 @@ Hessian (Hutchinson) loss estimate, each pruned with ``prune-channels`` and quan
 Measured: quality on held-out data (accuracy; transformer: cosine to the fp32 embeddings), the
 artifact's real weight bytes, its zip-compressed size, and batch-1/64 latency ratios to fp32
 (all variants alternating in one fresh process without torch). Per budget, joint vs the better
-of bits-only and sparsity-only: WIN (higher quality), TIE (equal), LOSS (lower), printed as measured.
+of bits-only and sparsity-only on the same held-out samples: WIN or LOSS where the paired difference
+is significant (p < 0.05: exact McNemar test on accuracy, Wilcoxon signed-rank on cosine), else TIE;
+the raw difference and p are printed beside every verdict that is not an exact tie.
 
 Part 2, unstructured pruning at 50 % overall sparsity with per-layer ratios (``allocation=global``
-and ``ecoflap``): magnitude vs Wanda vs GBLM on the CNN, MLP and transformer, held-out quality.
+and ``ecoflap``): magnitude vs Wanda vs GBLM on the CNN, MLP and transformer, held-out quality, with
+the comparison group (row/layer) that wanda's and gblm's ``comparison=auto`` measured on calibration data.
 Unstructured zeros do not shrink an ONNX Runtime artifact: only the zip shows them.
 """
 
@@ -83,7 +86,9 @@ def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
                 continue
             data = model.to_bytes()
             v = bm.Variant(f"{mode} <= {fraction:.3f}x", mode, data, model.weight_bytes())
-            v.quality = bm._quality(prepared, bm._outputs(data, prepared))
+            out = bm._outputs(data, prepared)
+            v.quality = bm._quality(prepared, out)
+            v.per_sample = _per_sample(prepared, out)
             v.plan_bytes = record["totals"]["size"]
             row[mode] = v
             row[f"{mode}_plan"] = record["plan"]
@@ -95,6 +100,37 @@ def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
     bm._time_in_subprocess(variants, quick, say)
     say(f"{name}: latency of {len(variants)} variants in {time.perf_counter() - start:.1f} s")
     return {"name": name, "prepared": prepared, "rows": rows, "fp32": fp32, "fp32_zip": _zip_size(fp32_bytes)}
+
+
+def _per_sample(prepared: bm.Prepared, out: Any) -> Any:
+    """Each held-out sample's score: 1/0 correct (classifier) or cosine to the fp32 embedding."""
+    import numpy as np
+
+    if prepared.head is None:
+        return (out.argmax(1) == prepared.eval_y).astype(np.float64)
+    a, r = out.astype(np.float64), prepared.reference[0].astype(np.float64)
+    return np.sum(a * r, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
+
+
+def paired_verdict(mine, best, *, binary: bool, alpha: float = 0.05) -> tuple[str, float]:
+    """WIN / LOSS only where the paired difference on the same held-out samples is significant, else TIE.
+
+    Accuracy: exact McNemar test (a binomial test on the samples one plan gets right and the other
+    wrong); cosine: Wilcoxon signed-rank. A one-sample difference out of 497 is noise, not a loss."""
+    import numpy as np
+    from scipy import stats
+
+    diff = np.asarray(mine) - np.asarray(best)
+    if not np.any(diff):
+        return "TIE", 1.0
+    if binary:
+        gained, lost = int(np.sum(diff > 0)), int(np.sum(diff < 0))
+        p = float(stats.binomtest(gained, gained + lost, 0.5).pvalue)
+    else:
+        p = float(stats.wilcoxon(diff).pvalue)
+    if p >= alpha:
+        return "TIE", p
+    return ("WIN" if diff.mean() > 0 else "LOSS"), p
 
 
 def _cell(prepared: bm.Prepared, v: bm.Variant | None, zip_bytes: int | None, transformer: bool) -> str:
@@ -127,14 +163,18 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
             verdict = "WIN (only joint fits)"
             wins += 1
         else:
-            mine, best = bm._score(prepared, joint), max(others)
-            verdict = "WIN" if mine > best + 1e-12 else ("TIE" if abs(mine - best) <= 1e-12 else "LOSS")
-            wins += verdict == "WIN"
-            ties += verdict == "TIE"
-            losses += verdict == "LOSS"
+            rival = max((row[m] for m in ("bits", "sparsity") if row[m] is not None),
+                        key=lambda v: bm._score(prepared, v))
+            verdict, p = paired_verdict(joint.per_sample, rival.per_sample, binary=not transformer)
+            delta = bm._score(prepared, joint) - bm._score(prepared, rival)
+            if delta:
+                verdict += f" ({delta:+.4f}, p={p:.2g})"
+            wins += verdict.startswith("WIN")
+            ties += verdict.startswith("TIE")
+            losses += verdict.startswith("LOSS")
         cells = " | ".join(_cell(prepared, row[m], row.get(f"{m}_zip"), transformer) for m in MODES)
         print(f"{row['fraction']:5.3f}x {row['limit']:>8,} | {cells} | {verdict}")
-    print(f"joint vs max(bits-only, sparsity-only): {wins} WIN, {ties} TIE, {losses} LOSS")
+    print(f"joint vs max(bits-only, sparsity-only), paired test p < 0.05: {wins} WIN, {ties} TIE, {losses} LOSS")
     for row in result["rows"]:
         plan = row.get("joint_plan")
         if plan:
@@ -181,6 +221,8 @@ def bench_unstructured(name: str, *, say) -> dict[str, Any]:
                 out = bm._outputs(pruned.to_bytes(), prepared)
                 results[(allocation, method)] = bm._score(prepared, bm.Variant("", "", b"", 0,
                                                                                quality=bm._quality(prepared, out)))
+                results[(allocation, method, "per_sample")] = _per_sample(prepared, out)
+                results[(allocation, method, "comparison")] = pctx.records["pruning"]["comparison"]
                 results[(allocation, method, "sparsity")] = pctx.records["pruning"]["sparsity"]
     say(f"{name}: unstructured pruning compared in {time.perf_counter() - start:.1f} s")
     fp32 = bm._score(prepared, bm.Variant("", "", b"", 0, quality=bm._quality(prepared, prepared.reference[0])))
@@ -191,7 +233,7 @@ def print_unstructured(rows: list[dict[str, Any]]) -> None:
     print("\n== unstructured pruning, 50 % overall sparsity, per-layer ratios; held-out quality "
           "(accuracy; transformer: cosine to fp32) ==")
     print(f"{'model':<12} {'allocation':<9} {'fp32':>7} {'magnitude':>10} {'wanda':>8} {'gblm':>8} "
-          f"{'sparsity':>8} | Wanda/GBLM lose less than magnitude?")
+          f"{'sparsity':>8} {'wanda/gblm':>11} | Wanda/GBLM lose less than magnitude?")
     for r in rows:
         for allocation in ("global", "ecoflap"):
             res = r["results"]
@@ -199,9 +241,12 @@ def print_unstructured(rows: list[dict[str, Any]]) -> None:
             best = max(wan, gb)
             verdict = "YES" if best > mag else ("TIE" if best == mag else "NO (LOSS)")
             which = "wanda" if wan >= gb else "gblm"
+            _, p = paired_verdict(res[(allocation, which, "per_sample")], res[(allocation, "magnitude", "per_sample")],
+                                  binary=not r["transformer"])
+            groups = "/".join(res[(allocation, m, "comparison")] for m in ("wanda", "gblm"))
             print(f"{r['name']:<12} {allocation:<9} {r['fp32']:7.4f} {mag:10.4f} {wan:8.4f} {gb:8.4f} "
-                  f"{res[(allocation, 'magnitude', 'sparsity')]:8.3f} | {verdict}"
-                  + (f" ({which} {best - mag:+.4f})" if verdict != "TIE" else ""))
+                  f"{res[(allocation, 'magnitude', 'sparsity')]:8.3f} {groups:>11} | {verdict}"
+                  + (f" ({which} {best - mag:+.4f}, paired p={p:.2g})" if verdict != "TIE" else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ folding and removed channels need no mapping back to the torch module; pruned we
 (the masks of ``prune``, or the zeros already in a weight). The teacher is the model as it was
 before the first pruning pass of the pipeline (kept in the analysis cache), or, without that, the
 fp32 torch module the model came from. The loss is the KL divergence between the teacher's and the
-student's softened outputs (temperature ``temperature``) on the calibration inputs. The recovered
+student's softened outputs (temperature ``temperature``) on the calibration inputs when they carry
+labels (a classifier), else the mean squared error of the raw outputs (embeddings, ``loss=``). The recovered
 weights are written back into the ONNX initializers. Off by default: a pipeline runs it only when
 it names ``recover``; ``ctx.records["recovery"]`` says what it did.
 """
@@ -14,7 +15,7 @@ it names ``recover``; ``ctx.records["recovery"]`` says what it did.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -168,6 +169,24 @@ def _run(node: ir.Node, a: list[Any]) -> list[torch.Tensor]:
         return [a[0].permute(*(list(perm) if perm else reversed(range(a[0].dim()))))]
     if op == "Softmax":
         return [torch.softmax(a[0], dim=at.get_int("axis", -1))]
+    if op == "LayerNormalization":
+        axis = at.get_int("axis", -1) % a[0].dim()
+        bias = a[2] if len(a) > 2 else None
+        return [F.layer_norm(a[0], a[0].shape[axis:], a[1], bias, at.get_float("epsilon", 1e-5))]
+    if op == "Gelu":
+        return [F.gelu(a[0], approximate=at.get_string("approximate", "none"))]
+    if op in ("Erf", "Sqrt", "Exp", "Neg"):
+        return [{"Erf": torch.erf, "Sqrt": torch.sqrt, "Exp": torch.exp, "Neg": torch.neg}[op](a[0])]
+    if op == "Pow":
+        return [torch.pow(a[0], a[1])]
+    if op == "ReduceMean":  # axes: an input from opset 18, an attribute before
+        axes = a[1].tolist() if len(a) > 1 and a[1] is not None else at.get_ints("axes", None)
+        keep = bool(at.get_int("keepdims", 1))
+        if not axes:
+            if at.get_int("noop_with_empty_axes", 0):
+                return [a[0]]
+            axes = list(range(a[0].dim()))
+        return [a[0].mean(dim=tuple(int(x) for x in axes), keepdim=keep)]
     if op == "Constant":
         if "value" in at:
             return [torch.from_numpy(np.array(at["value"].as_tensor().numpy()))]
@@ -187,7 +206,10 @@ class RecoverConfig(PassConfig):
     epochs: int = pydantic.Field(20, ge=1)
     lr: float = pydantic.Field(2e-3, gt=0)
     batch_size: int = pydantic.Field(32, ge=1)
-    #: softening temperature of the distillation loss
+    #: distillation loss: kl (softened outputs, for classifiers), mse (raw outputs, for embeddings);
+    #: auto = kl when the calibration data carries labels, else mse
+    loss: Literal["auto", "kl", "mse"] = "auto"
+    #: softening temperature of the kl loss
     temperature: float = pydantic.Field(2.0, gt=0)
     #: calibration samples used (default: all)
     samples: int | None = pydantic.Field(None, ge=1)
@@ -214,11 +236,14 @@ class Recover(Pass):
         generator = torch.Generator().manual_seed(int(ctx.seed))
         optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
         n, temp = len(data), cfg.temperature
+        kind = cfg.loss if cfg.loss != "auto" else ("kl" if data.labels is not None else "mse")
 
         def loss_of(index: torch.Tensor) -> torch.Tensor:
             out = student(**{k: v[index] for k, v in inputs.items()})[0]
             out = out.reshape(-1, out.shape[-1])
             target = teacher[index].reshape(-1, out.shape[-1])
+            if kind == "mse":
+                return F.mse_loss(out, target)
             return F.kl_div(F.log_softmax(out / temp, -1), F.log_softmax(target / temp, -1), log_target=True,
                             reduction="batchmean") * temp * temp
 
@@ -243,7 +268,8 @@ class Recover(Pass):
                 zeros = float(np.mean(layer.weight_array == 0))
                 annotation.set_sparsity(layer.node, min(zeros, 0.999999))
         ctx.records["recovery"] = {
-            "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "temperature": temp,
+            "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "loss": kind,
+            **({"temperature": temp} if kind == "kl" else {}),
             "samples": n, "teacher": source, "masked_weights": len(masks),
             "distillation_loss_before": round(before, 6), "distillation_loss_after": round(after, 6),
             "seconds": round(time.perf_counter() - start, 3),

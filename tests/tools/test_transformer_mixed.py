@@ -3,19 +3,13 @@ artifact's embeddings keep a cosine of at least 0.99 to the fp32 embeddings (hel
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from bitpass.tools import compile, zoo
 
 
-@pytest.fixture(scope="module")
-def transformer():
-    return zoo.trained_digits_transformer()
-
-
-def test_avg_5_bits_keeps_cosine_to_fp32_embeddings(transformer, tmp_path):
-    encoder, split = transformer
+def test_avg_5_bits_keeps_cosine_to_fp32_embeddings(trained_transformer, tmp_path):
+    encoder, split = trained_transformer
     name = "x"  # the encoder's forward argument
     with zoo.single_thread():  # sensitivity runs torch: one thread is faster on a shared 2-core machine
         artifact = compile(encoder, tmp_path / "out", example_inputs=(torch.zeros(1, 1, 8, 8),), pipeline="mixed",

@@ -13,11 +13,16 @@ from bitpass.backends.tvm import kernels, schedules, targets  # noqa: E402
 SPEC = targets.get(targets.host_target())
 LANES = schedules.vector_lanes(SPEC.features)
 rng = np.random.default_rng(0)
+#: the host's target (AVX2 micro-kernels on x86) and a plain x86-64 one (the portable TE schedules, which
+#: aarch64 gets), both runnable here
+HOST = SPEC.tvm_dict()
+PORTABLE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64", "num-cores": 1}
 
 
-def _build(tensors, kind: str, nb: int):
-    func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb})
-    target = SPEC.tvm_target()
+def _build(tensors, kind: str, nb: int, target: dict | None = None, **attrs):
+    func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb,
+                                                   **{f"bitpass.{k}": v for k, v in attrs.items()}})
+    target = tvm.target.Target(target or HOST)
     mod = schedules.apply_rules(tvm.IRModule({"main": func}), target)
     assert mod["main"].attrs["tirx.is_scheduled"], "the rule did not schedule the kernel"
     return tvm.compile(mod, target=target)["main"]
@@ -62,18 +67,44 @@ def test_dense_int8_is_integer_arithmetic_with_requantization(m, k, n):
     assert np.abs(got - (x @ w + b)).max() < 0.05 * np.abs(x @ w).max()
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 64), (2, 64, 32), (3, 128, 48), (8, 64, 64)])
-def test_dense_int4_dequantizes_packed_weights_on_load(m, k, n):
+def _int4_reference(x: np.ndarray, q: kernels.Int4Weight) -> np.ndarray:
+    """numpy: int8 activations per block, Σ code·x_q per block in integers, scaled per block in fp32."""
+    bs = q.block_size
+    xq, sx = kernels.quantize_rows_blockwise(x, bs)
+    codes = kernels.int4_codes(q).astype(np.int64)
+    blocks, nkb, nb = q.scales.shape
+    sw = q.scales.astype(np.float32).transpose(1, 0, 2).reshape(nkb, blocks * nb)
+    out = np.zeros((x.shape[0], blocks * nb))
+    for b in range(nkb):
+        part = xq[:, b * bs:(b + 1) * bs].astype(np.int64) @ codes[b * bs:(b + 1) * bs]
+        out += part * (sx[:, b:b + 1] * sw[b])
+    return out
+
+
+@pytest.mark.parametrize("target", [HOST, PORTABLE], ids=["host", "portable"])
+@pytest.mark.parametrize(("m", "k", "n", "bs", "act"),
+                         [(1, 256, 64, 32, "none"), (2, 64, 32, 32, "relu"), (3, 128, 48, 64, "none"),
+                          (8, 64, 64, 32, "relu"), (1, 512, 256, 128, "none"), (2, 64, 12, 32, "none")])
+def test_dense_int4_is_integer_arithmetic_on_int8_activations(m, k, n, bs, act, target):
     nb = kernels.int4_out_block(n, LANES)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
-    q = kernels.quantize_int4(w, nb, 32)
+    q = kernels.quantize_int4(w, nb, bs)
     assert q.codes.dtype == np.uint8 and q.codes.size == k * n // 2
+    blocks, nkb, _ = q.scales.shape
+    sw = np.repeat(q.scales.astype(np.float64).transpose(1, 0, 2).reshape(nkb, n), bs, axis=0)
+    np.testing.assert_array_equal(kernels.int4_codes(q), np.clip(np.rint(w / sw), -7, 7))  # the packing is lossless
+    assert np.abs(kernels.dequantize_int4(q) - w).max() <= np.abs(w).max() / 7 / 2 * 1.01
     tx, tc, ts, tb = te.placeholder((m, k), "float32"), te.placeholder(q.codes.shape, "uint8"), \
         te.placeholder(q.scales.shape, "float16"), te.placeholder((n,), "float32")
-    func = _build([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)], "dense_int4", nb)
+    func = _build([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=bs, act=act)], "dense_int4", nb,
+                  target, act=act)
     got = _run(func, x, q.codes, q.scales, b, out_shape=(m, n))
-    np.testing.assert_allclose(got, x @ kernels.dequantize_int4(q) + b, rtol=1e-4, atol=1e-4)
-    assert np.abs(kernels.dequantize_int4(q) - w).max() <= np.abs(w).max() / 7 / 2 * 1.01
+    want = _int4_reference(x, q) + b
+    want = np.maximum(want, 0) if act == "relu" else want
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # and close to the fp32 product with the dequantized weight (activation quantization error only)
+    exact = x @ kernels.dequantize_int4(q)
+    assert np.abs(_int4_reference(x, q) - exact).max() < 0.02 * np.abs(exact).max()
 
 
 def _conv_ref(x, w, b, stride, pad, groups):
@@ -107,6 +138,63 @@ def test_conv2d_matches_numpy_including_depthwise(c, oc, hw, stride, pad, groups
     want = np.maximum(_conv_ref(x, w, b, stride, pad, groups), 0)
     np.testing.assert_allclose(_run(func, x, kernels.pack_conv(w, ob), b, out_shape=want.shape), want,
                                rtol=1e-4, atol=1e-4)
+
+
+def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups):
+    """numpy: int8 activations per sample, integer convolution of the codes, fp32 requantization."""
+    amax = np.maximum(np.abs(x).reshape(len(x), -1).max(axis=1), np.float32(1e-12))
+    xq = np.round(x * (np.float32(127) / amax)[:, None, None, None])
+    acc = _conv_ref(xq.astype(np.float64), kernels.conv_int8_codes(codes, icg).astype(np.float64),
+                    np.zeros(len(sw)), stride, pad, groups)
+    return acc * ((amax / np.float32(127))[:, None, None, None] * sw[None, :, None, None]) + b[None, :, None, None]
+
+
+@pytest.mark.parametrize("target", [HOST, PORTABLE], ids=["host", "portable"])
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "pad", "groups"),
+                         [(1, 1, 16, 8, 1, 1, 1), (2, 16, 32, 8, 1, 1, 1), (3, 32, 64, 4, 1, 1, 1),
+                          (2, 3, 16, 9, 2, 1, 1), (1, 8, 24, 6, 1, 0, 1), (2, 16, 16, 8, 1, 1, 16)])
+def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, stride, pad, groups, target):
+    ob = kernels.out_block(oc // groups if groups > 1 else oc, LANES)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c // groups, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob)
+    assert codes.dtype == np.int8
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": groups}
+    out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="relu")
+    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, target, act="relu",
+                  **{k: list(v) if isinstance(v, tuple) else v for k, v in geometry.items()})
+    want = np.maximum(_conv_int8_reference(x, codes, c // groups, sw, b, stride, pad, groups), 0)
+    got = _run(func, x, codes, sw, b, out_shape=want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # and close to the fp32 convolution (quantization error only)
+    exact = np.maximum(_conv_ref(x, w, b, stride, pad, groups), 0)
+    assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
+
+
+def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
+    """The portable TE kernels (no AVX2 intrinsics) compile for aarch64, the cross-compiled artifacts' path."""
+    target = targets.get("aarch64-neon").tvm_target()
+    q = kernels.quantize_int4(rng.standard_normal((64, 32)).astype(np.float32), 16, 32)
+    tx, tc, ts, tb = te.placeholder((1, 64), "float32"), te.placeholder(q.codes.shape, "uint8"), \
+        te.placeholder(q.scales.shape, "float16"), te.placeholder((32,), "float32")
+    codes, _ = kernels.quantize_conv_int8(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), 8)
+    cx, cc, cs, cb = te.placeholder((1, 3, 8, 8), "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((16,), "float32"), te.placeholder((16,), "float32")
+    conv = kernels.conv2d_int8(cx, cc, cs, cb, strides=(1, 1), pads=(1,) * 4, dilations=(1, 1), groups=1)
+    funcs = {
+        "dense4": te.create_prim_func([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)])
+        .with_attr({"bitpass.kernel": "dense_int4", "bitpass.nb": 16}),
+        "conv8": te.create_prim_func([cx, cc, cs, cb, conv]).with_attr(
+            {"bitpass.kernel": "conv2d_int8", "bitpass.nb": 8, "bitpass.strides": [1, 1], "bitpass.pads": [1] * 4,
+             "bitpass.dilations": [1, 1], "bitpass.groups": 1}),
+    }
+    mod = schedules.apply_rules(tvm.IRModule(funcs), target)
+    assert all(mod[name].attrs["tirx.is_scheduled"] for name in funcs)
+    assert "llvm.x86" not in mod.script()
+    tvm.compile(mod, target=target)  # codegen for aarch64 (no linking)
 
 
 def test_targets_registry_and_host_detection():

@@ -53,6 +53,33 @@ def test_recovery_keeps_the_unstructured_masks(cnn_model, calib):
         assert not np.array_equal(layer.weight_array == 0, np.ones_like(zeros[layer.id]))
 
 
+def test_an_embedding_model_recovers_with_the_mse_loss(trained_transformer, outputs):
+    """No labels: the distillation matches the teacher's raw embeddings (mse); the held-out cosine of a
+    70 %-pruned transformer climbs back (measured 0.83 -> 0.99)."""
+    import torch
+
+    from bitpass.frontend import from_arrays, from_torch
+
+    module, split = trained_transformer
+    base = from_torch(module, (torch.zeros(1, 1, 8, 8),))
+    name = base.inputs[0].name
+    calib = from_arrays({name: split.calib_x}, base.inputs)
+    held_out = from_arrays({name: split.eval_x}, base.inputs)
+    reference = outputs(base, held_out)
+
+    def cosine(model) -> float:
+        out = outputs(model, held_out)
+        return float(np.mean(np.sum(out * reference, 1) / np.linalg.norm(out, axis=1)
+                             / np.linalg.norm(reference, axis=1)))
+
+    ctx = PassContext(calibration=calib, seed=0)
+    pruned = run_spec(base, "fold-constants,fuse,prune(sparsity=0.7)", ctx)
+    before = cosine(pruned)
+    recovered = run_spec(pruned, "recover", ctx)
+    assert ctx.records["recovery"]["loss"] == "mse"
+    assert cosine(recovered) > before + 0.05 and cosine(recovered) > 0.97
+
+
 def test_recovery_needs_a_teacher(cnn_model, calib):
     cnn_model.torch_module = None
     with pytest.raises(UsageError, match="teacher"):
