@@ -11,11 +11,23 @@ Kernels
 * ``dense``: fp32 ``x[M, K] @ W[K, N] + b`` with a fused activation.
 * ``dense_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per row
   on the fly, int32 accumulation, requantized to fp32 in the epilogue.
-* ``dense_int4``: weight-only 4-bit, two codes per byte, fp16 scale per block of ``bs``
-  reduction indices; per block the nibbles × x are summed in fp32 (interleaved partial sums at
-  M = 1), then corrected for the +8 offset with the block sum of x and scaled once.
+* ``dense_int4``: 4-bit weights (two codes per byte, fp16 scale per block of ``bs`` reduction
+  indices) × int8 activations quantized per block of ``bs`` on the fly (as ORT's MatMulNBits with
+  accuracy_level 4): per block the unsigned nibbles (code + 8) × int8 x are summed in int32, corrected
+  for the offset with the block's Σ x_q and scaled once in fp32. The byte layout
+  ``[N/nb, K/8, nb, 4]`` puts k..k+3 of one output in the low nibbles of 4 adjacent bytes and k+4..k+7
+  in their high nibbles, so one 32-byte load, an AND and a shift give two u8×s8 multiply-add
+  operands (``vpmaddubsw``, ``avx2.py``).
 * ``conv2d``: fp32 NCHW convolution (groups, so depthwise too) with fused bias and activation,
   computed with output channels innermost and written back to NCHW by the epilogue.
+* ``conv2d_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per sample on
+  the fly, int32 accumulation, requantized to fp32 with fused bias and activation. Weights are stored
+  ``[OC/ob, ICp/2, KH, KW, ob, 2]``: pairs of input channels innermost, so an int16 multiply-add of
+  adjacent pairs (``vpmaddwd``, ``avx2.py``) reduces two channels at once, exactly (no saturation).
+
+The TE computes are the definition and the portable (aarch64) path; on AVX2 targets the schedule
+rules substitute the hand-written micro-kernels of ``avx2.py``, which read the same layouts and compute
+the same integers (TVM 0.27's ``tensorize`` crashes, so the intrinsics are called from TIR directly).
 """
 
 from __future__ import annotations
@@ -74,8 +86,9 @@ def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """Packed 4-bit weight: ``codes`` [N/nb, K, nb/2] uint8 (byte j of a tile holds output j in its
-    low nibble and output j + nb/2 in its high nibble, offset by 8), ``scales`` [N/nb, K/bs, nb] fp16."""
+    """Packed 4-bit weight: ``codes`` [N/nb, K/8, nb, 4] uint8 (byte (g, j, q) holds output j's code for
+    k = 8g + q in its low nibble and for k = 8g + 4 + q in its high nibble, offset by 8), ``scales``
+    [N/nb, K/bs, nb] fp16."""
 
     codes: np.ndarray
     scales: np.ndarray
@@ -89,34 +102,76 @@ class Int4Weight:
 def quantize_int4(w_kn: np.ndarray, nb: int, block_size: int) -> Int4Weight:
     """Symmetric 4-bit codes in [-7, 7] with one fp16 scale per (block of ``block_size`` k, output)."""
     k, n = w_kn.shape
-    if k % block_size or nb % 2:
-        raise ValueError(f"int4 needs K ({k}) divisible by the block size ({block_size}) and an even tile ({nb})")
+    if k % block_size or block_size % 8 or n % nb:
+        raise ValueError(f"int4 needs K ({k}) divisible by the block size ({block_size}), a block size "
+                         f"divisible by 8 and N ({n}) by the tile ({nb})")
     grouped = w_kn.reshape(k // block_size, block_size, n).astype(np.float64)
     amax = np.abs(grouped).max(axis=1)
     scales = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float16)
     scales[scales == 0] = np.float16(1.0)
     codes = np.clip(np.rint(grouped / scales.astype(np.float64)[:, None, :]), -7, 7).astype(np.int16)
     codes = codes.reshape(k, n) + 8  # unsigned nibbles
-    tiles = codes.reshape(k, n // nb, 2, nb // 2).transpose(1, 0, 2, 3)  # [N/nb, K, half, nb/2]
-    packed = (tiles[:, :, 0, :] | (tiles[:, :, 1, :] << 4)).astype(np.uint8)
+    tiles = codes.reshape(k // 8, 2, 4, n // nb, nb).transpose(3, 0, 4, 1, 2)  # [N/nb, K/8, nb, half, q]
+    packed = (tiles[..., 0, :] | (tiles[..., 1, :] << 4)).astype(np.uint8)
     scale_tiles = scales.reshape(k // block_size, n // nb, nb).transpose(1, 0, 2)
     return Int4Weight(np.ascontiguousarray(packed), np.ascontiguousarray(scale_tiles), block_size)
 
 
+def int4_codes(weight: Int4Weight) -> np.ndarray:
+    """The signed codes [K, N] (int32) of a packed 4-bit weight."""
+    blocks, kg, nb, _ = weight.codes.shape
+    lo = (weight.codes & 15).astype(np.int32) - 8
+    hi = (weight.codes >> 4).astype(np.int32) - 8
+    codes = np.stack([lo, hi], axis=3)  # [N/nb, K/8, nb, half, q]
+    return codes.transpose(1, 3, 4, 0, 2).reshape(kg * 8, blocks * nb)
+
+
 def dequantize_int4(weight: Int4Weight) -> np.ndarray:
-    """The fp32 [K, N] weight the kernel computes with."""
-    blocks, k, half = weight.codes.shape
-    lo = (weight.codes & 15).astype(np.float32) - 8
-    hi = (weight.codes >> 4).astype(np.float32) - 8
-    codes = np.concatenate([lo, hi], axis=2)  # [N/nb, K, nb]
-    scales = np.repeat(weight.scales.astype(np.float32), weight.block_size, axis=1)  # [N/nb, K, nb]
-    return (codes * scales).transpose(1, 0, 2).reshape(k, blocks * 2 * half)
+    """The fp32 [K, N] weight the codes and scales stand for."""
+    blocks, nkb, nb = weight.scales.shape
+    scales = weight.scales.astype(np.float32).transpose(1, 0, 2).reshape(nkb, blocks * nb)
+    return int4_codes(weight).astype(np.float32) * np.repeat(scales, weight.block_size, axis=0)
+
+
+def quantize_rows_blockwise(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' on-the-fly activation quantization, in numpy: int8 codes [M, K] and one fp32 scale
+    per (row, block of ``block_size``) [M, K/bs]; code = round(x · 127 / amax)."""
+    m, k = x.shape
+    amax = np.maximum(np.abs(x.reshape(m, k // block_size, block_size)).max(axis=2), np.float32(1e-12))
+    inv = (np.float32(127.0) / amax).astype(np.float32)
+    codes = np.round(x * np.repeat(inv, block_size, axis=1)).astype(np.int8)
+    return codes, (amax / np.float32(127.0)).astype(np.float32)
 
 
 def pack_conv(w_oihw: np.ndarray, ob: int) -> np.ndarray:
     """[OC, IC/g, KH, KW] -> [OC/ob, IC/g, KH, KW, ob] fp32."""
     oc, icg, kh, kw = w_oihw.shape
     return np.ascontiguousarray(w_oihw.reshape(oc // ob, ob, icg, kh, kw).transpose(0, 2, 3, 4, 1)).astype(np.float32)
+
+
+def conv_int8_channels(icg: int) -> int:
+    """Input channels per group the int8 conv layout holds: ``icg`` rounded up to a pair."""
+    return icg + icg % 2
+
+
+def quantize_conv_int8(w_oihw: np.ndarray, ob: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric int8: codes [OC/ob, ICp/2, KH, KW, ob, 2] (a zero channel pads an odd
+    IC) and scales [OC] fp32."""
+    oc, icg, kh, kw = w_oihw.shape
+    amax = np.abs(w_oihw).reshape(oc, -1).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_oihw / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    icp = conv_int8_channels(icg)
+    codes = np.pad(codes, ((0, 0), (0, icp - icg), (0, 0), (0, 0)))
+    tiles = codes.reshape(oc // ob, ob, icp // 2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return np.ascontiguousarray(tiles), scale
+
+
+def conv_int8_codes(codes: np.ndarray, icg: int) -> np.ndarray:
+    """The [OC, IC/g, KH, KW] int32 codes of a packed int8 conv weight (the padding channel dropped)."""
+    blocks, pairs, kh, kw, ob, _ = codes.shape
+    full = codes.transpose(0, 4, 1, 5, 2, 3).reshape(blocks * ob, pairs * 2, kh, kw)
+    return full[:, :icg].astype(np.int32)
 
 
 # --- TE computes ----------------------------------------------------------------------------------
@@ -142,55 +197,59 @@ def dense(x, w, bias, *, act: str = "none"):
     return te.compute((m, n), lambda i, j: _activate(acc[i, j] + bias[j], act), name="dense_out")
 
 
-def int4_parts(m: int, block_size: int) -> int:
-    """Independent partial sums per block for the 4-bit kernel: at M = 1 one tile has too few
-    accumulators to hide the FMA latency, so the block's reduction is split ``parts`` ways."""
-    for parts in ((2,) if m == 1 else (1,)):
-        if block_size % parts == 0:
-            return parts
-    return 1
+def _floored(amax):
+    """An all-zero block or sample gets a tiny scale (codes 0), not a division by zero."""
+    from tvm import tirx
+
+    return tirx.max(amax, tirx.const(1e-12, "float32"))
 
 
-def dense_int4(x, codes, scales, bias, *, block_size: int, act: str = "none"):
-    """Weight-only 4-bit dense: ``codes`` [N/nb, K, nb/2] uint8, ``scales`` [N/nb, K/bs, nb] fp16.
-
-    Per block of ``bs`` reduction indices the unsigned nibbles (code + 8) are multiplied by ``x`` and
-    summed in fp32 (``dense4_part``, ``parts`` interleaved partial sums); the block's sum is then
-    corrected for the offset with the block sum of ``x`` (``x_block_sum``) and scaled once:
-    ``acc += (Σ nibble·x − 8·Σ x) · scale``. No per-element subtract or scale multiply."""
+def quantize_blocks(x, block_size: int):
+    """TE stages quantizing ``x`` [M, K] to int8 per (row, block of ``block_size``): returns the codes
+    [M, K], their scales [M, K/bs] and the codes' block sums [M, K/bs] (int32)."""
     from tvm import te, tirx
 
     m, k = (int(v) for v in x.shape)
-    blocks, _, half = (int(v) for v in codes.shape)
-    nb = 2 * half
+    nkb = k // block_size
+    ra = te.reduce_axis((0, block_size), name="ra")
+    amax = te.compute((m, nkb), lambda i, b: te.max(tirx.abs(x[i, b * block_size + ra]), axis=ra), name="block_amax")
+    sx = te.compute((m, nkb), lambda i, b: _floored(amax[i, b]) / tirx.const(127.0, "float32"), name="block_scale")
+    inv = te.compute((m, nkb), lambda i, b: tirx.const(127.0, "float32") / _floored(amax[i, b]), name="block_inv")
+    xq = te.compute((m, k), lambda i, kk: tirx.round(x[i, kk] * inv[i, kk // block_size]).astype("int8"),
+                    name="quantize_x")
+    rs = te.reduce_axis((0, block_size), name="rs")
+    xsum = te.compute((m, nkb), lambda i, b: te.sum(xq[i, b * block_size + rs].astype("int32"), axis=rs),
+                      name="xq_block_sum")
+    return xq, sx, xsum
+
+
+def dense_int4(x, codes, scales, bias, *, block_size: int, act: str = "none"):
+    """4-bit weights × int8 activations: ``codes`` [N/nb, K/8, nb, 4] uint8, ``scales`` [N/nb, K/bs, nb]
+    fp16, ``bias`` [N]. x is quantized per block of ``bs`` (``quantize_blocks``); per block
+    ``Σ nibble·x_q`` is an int32 (``dense4_part``), and ``acc += (part − 8·Σ x_q) · sx · sw`` in fp32."""
+    from tvm import te
+
+    m, k = (int(v) for v in x.shape)
+    blocks, _, nb, _ = (int(v) for v in codes.shape)
     n = blocks * nb
     nkb = k // block_size
-    parts = int4_parts(m, block_size)
-    steps = block_size // parts
-    rt = te.reduce_axis((0, steps), name="t")
-    rb = te.reduce_axis((0, block_size), name="kb_in")
-    xsum = te.compute((m, nkb), lambda i, b: te.sum(x[i, b * block_size + rb], axis=rb), name="x_block_sum")
+    xq, sx, xsum = quantize_blocks(x, block_size)
 
     def nibble(kk, j):
-        byte = codes[j // nb, kk, j % half].astype("int32")
-        return ((byte >> ((j % nb) // half * 4)) & 15).astype("float32")
+        byte = codes[j // nb, kk // 8, j % nb, kk % 4].astype("int32")
+        return (byte >> (kk % 8 // 4 * 4)) & 15
 
+    rt = te.reduce_axis((0, block_size), name="t")
     part = te.compute(
-        (m, n, nkb, parts),
-        lambda i, j, b, r: te.sum(x[i, b * block_size + rt * parts + r] * nibble(b * block_size + rt * parts + r, j),
-                                  axis=rt),
+        (m, nkb, n),
+        lambda i, b, j: te.sum(xq[i, b * block_size + rt].astype("int32") * nibble(b * block_size + rt, j), axis=rt),
         name="dense4_part")
     rkb = te.reduce_axis((0, nkb), name="kb")
-
-    def block_term(i, j, b):
-        total = part[i, j, b, 0]
-        for r in range(1, parts):
-            total = total + part[i, j, b, r]
-        return (total - tirx.const(8.0, "float32") * xsum[i, b]) * scales[j // nb, b, j % nb].astype("float32")
-
-    acc = te.compute((m, n), lambda i, j: te.sum(block_term(i, j, rkb), axis=rkb), name="dense_acc")
-    if bias is None:
-        return te.compute((m, n), lambda i, j: _activate(acc[i, j], act), name="dense_out")
+    acc = te.compute(
+        (m, n),
+        lambda i, j: te.sum((part[i, rkb, j] - 8 * xsum[i, rkb]).astype("float32")
+                            * (sx[i, rkb] * scales[j // nb, rkb, j % nb].astype("float32")), axis=rkb),
+        name="dense_acc")
     return te.compute((m, n), lambda i, j: _activate(acc[i, j] + bias[j], act), name="dense_out")
 
 
@@ -253,6 +312,46 @@ def conv2d(data, w, bias, *, strides, pads, dilations, groups: int, act: str = "
         return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(acc[b, y, x, o], act), name="conv_out")
     return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(acc[b, y, x, o] + bias[o], act),
                       name="conv_out")
+
+
+def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: int, act: str = "none"):
+    """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric, 127 levels),
+    ``codes`` [OC/ob, ICp/2, KH, KW, ob, 2] int8 with per-output ``wscale`` [OC], ``bias`` [OC];
+    fp32 out = act(acc · sx · sw + b). ``pads`` (top, left, bottom, right)."""
+    from tvm import te, tirx
+
+    n, c, h, wd = (int(v) for v in data.shape)
+    oblocks, _, kh, kw, ob, _ = (int(v) for v in codes.shape)
+    oc = oblocks * ob
+    icg, ocg = c // groups, oc // groups
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
+    oh, ow = conv_out_size(h, pt + pb, kh, sh, dh), conv_out_size(wd, pl + pr, kw, sw, dw)
+    rc, ry, rx = (te.reduce_axis((0, e), name=nm) for e, nm in ((c, "ac"), (h, "ay"), (wd, "ax")))
+    amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]), name="sample_amax")
+    sx = te.compute((n,), lambda b: _floored(amax[b]) / tirx.const(127.0, "float32"), name="sample_scale")
+    inv = te.compute((n,), lambda b: tirx.const(127.0, "float32") / _floored(amax[b]), name="sample_inv")
+    xq = te.compute(
+        (n, c, h + pt + pb, wd + pl + pr),
+        lambda b, ch, y, x: tirx.if_then_else(
+            tirx.all(y >= pt, y < h + pt, x >= pl, x < wd + pl),
+            tirx.round(data[b, ch, y - pt, x - pl] * inv[b]).astype("int32"), 0),
+        name="quantize_x")
+    kc, ky, kx = te.reduce_axis((0, icg), name="rc"), te.reduce_axis((0, kh), name="ry"), \
+        te.reduce_axis((0, kw), name="rx")
+    acc = te.compute(
+        (n, oh, ow, oc),
+        lambda b, y, x, o: te.sum(
+            xq[b, (o // ocg) * icg + kc, y * sh + ky * dh, x * sw + kx * dw]
+            * codes[o // ob, kc // 2, ky, kx, o % ob, kc % 2].astype("int32"), axis=[kc, ky, kx]),
+        name="conv_acc")
+    return te.compute(
+        (n, oc, oh, ow),
+        lambda b, o, y, x: _activate(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o], act),
+        name="conv_out")
 
 
 def gemv_bytes(k: int, n: int, bits: int, block_size: int = 128) -> int:

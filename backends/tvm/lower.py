@@ -31,7 +31,7 @@ SUPPORTED_OPS = frozenset({
 })
 
 #: weight widths per quantizable op the kernels implement (32 = fp32)
-WEIGHT_BITS = {"Conv": (32,), "Gemm": (4, 8, 32), "MatMul": (4, 8, 32)}
+WEIGHT_BITS = {"Conv": (8, 32), "Gemm": (4, 8, 32), "MatMul": (4, 8, 32)}
 
 INT4_BLOCK = 32
 
@@ -447,28 +447,54 @@ class _Lowering:
             raise NotImplementedError(f"Conv {node.name!r}: only 2-D convolutions with constant weights are lowered")
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise NotImplementedError(f"Conv {node.name!r}: auto_pad is not lowered yet")
-        bits = _meta(node, "bits.weight")
-        if bits not in (None, 32):
-            raise NotImplementedError(f"Conv {node.name!r}: {bits}-bit weights have no TVM kernel yet")
+        bits = _meta(node, "bits.weight") or 32
+        if bits not in (8, 32):
+            raise NotImplementedError(f"Conv {node.name!r}: {bits}-bit weights have no TVM kernel")
         oc = w.shape[0]
         ob = kernels.out_block(oc, self.lanes)
         groups = attrs.get("group", 1)
         if groups > 1 and (oc // groups) % ob:
             ob = kernels.out_block(oc // groups, self.lanes)
         pads = attrs.get("pads", [0, 0, 0, 0])
+        geometry = {"strides": list(attrs.get("strides", [1, 1])), "pads": [pads[0], pads[1], pads[2], pads[3]],
+                    "dilations": list(attrs.get("dilations", [1, 1])), "groups": groups}
         act = self._epilogue(node)
+        if bits == 8:
+            out = self._conv_int8(bb, node, x, w, bias, ob, geometry, act)
+        else:
+            out = self._conv_fp32(bb, node, x, w, bias, ob, geometry, act)
+        return self._aliased(out, relax)
+
+    def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str):
         wp = self.shared(("conv", node.name, ob), lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob)))
         args = [x, wp] + ([self.expr(bias.astype(np.float32))] if bias is not None else [])
         self._record(node, "conv2d", 32, w.size * 4)
 
         def te_conv(data, weight, *rest):
-            return kernels.conv2d(data, weight, rest[0] if rest else None, strides=attrs.get("strides", [1, 1]),
-                                  pads=(pads[0], pads[1], pads[2], pads[3]),
-                                  dilations=attrs.get("dilations", [1, 1]), groups=groups, act=act)
+            return kernels.conv2d(data, weight, rest[0] if rest else None, **_conv_args(geometry), act=act)
 
-        out = bb.emit_te(te_conv, *args, primfunc_name_hint="bitpass_conv2d",
-                         primfunc_attrs={"bitpass.kernel": "conv2d", "bitpass.nb": ob})
-        return self._aliased(out, relax)
+        return bb.emit_te(te_conv, *args, primfunc_name_hint="bitpass_conv2d",
+                          primfunc_attrs={"bitpass.kernel": "conv2d", "bitpass.nb": ob})
+
+    def _conv_int8(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str):
+        """int8 weights (per output channel) × int8 activations quantized per sample: ``kernels.conv2d_int8``,
+        replaced by ``avx2.conv2d_int8`` on AVX2 targets (the geometry travels as function attributes)."""
+        def make8():
+            codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob)
+            return self.const(codes), self.const(scale)
+
+        codes, scale = self.shared(("conv8", node.name, ob), make8)
+        oc = w.shape[0]
+        b = bias.astype(np.float32) if bias is not None else np.zeros(oc, np.float32)
+        self._record(node, "conv2d_int8", 8, w.size + 4 * oc)
+
+        def te_conv8(data, cc, ss, bb_):
+            return kernels.conv2d_int8(data, cc, ss, bb_, **_conv_args(geometry), act=act)
+
+        attrs = {"bitpass.kernel": "conv2d_int8", "bitpass.nb": ob, "bitpass.act": act,
+                 **{f"bitpass.{key}": value for key, value in geometry.items()}}
+        return bb.emit_te(te_conv8, x, codes, scale, self.expr(b), primfunc_name_hint="bitpass_conv2d_int8",
+                          primfunc_attrs=attrs)
 
     def _aliased(self, out, relax):
         """Record that a fused Relu's output is this kernel's output."""
@@ -534,9 +560,8 @@ class _Lowering:
                              primfunc_attrs={"bitpass.kernel": "dense_int8", "bitpass.nb": nb})
         elif bits == 4:
             nb = kernels.int4_out_block(n, self.lanes)
-            if nb % 2 or k % INT4_BLOCK:
-                raise NotImplementedError(f"{node.name!r}: 4-bit needs an even output tile and K divisible by "
-                                          f"{INT4_BLOCK} (K={k}, N={n})")
+            if k % INT4_BLOCK:
+                raise NotImplementedError(f"{node.name!r}: 4-bit needs K divisible by {INT4_BLOCK} (K={k}, N={n})")
 
             def make4():
                 q = kernels.quantize_int4(w_kn, nb, INT4_BLOCK)
@@ -544,15 +569,23 @@ class _Lowering:
 
             codes, scales, nbytes = self.shared(("dense4", node.name), make4)
             self._record(node, "dense_int4", 4, nbytes)
+            bias4 = bias_arg[0] if bias_arg else self.expr(np.zeros(n, np.float32))
 
-            def te_dense4(xx, cc, ss, *rest):
-                return kernels.dense_int4(xx, cc, ss, rest[0] if rest else None, block_size=INT4_BLOCK, act=act)
+            def te_dense4(xx, cc, ss, bb_):
+                return kernels.dense_int4(xx, cc, ss, bb_, block_size=INT4_BLOCK, act=act)
 
-            out = bb.emit_te(te_dense4, x, codes, scales, *bias_arg, primfunc_name_hint="bitpass_dense_int4",
-                             primfunc_attrs={"bitpass.kernel": "dense_int4", "bitpass.nb": nb})
+            out = bb.emit_te(te_dense4, x, codes, scales, bias4, primfunc_name_hint="bitpass_dense_int4",
+                             primfunc_attrs={"bitpass.kernel": "dense_int4", "bitpass.nb": nb, "bitpass.act": act})
         else:
             raise NotImplementedError(f"{node.op_type} {node.name!r}: {bits}-bit weights have no TVM kernel")
         return self._aliased(out, relax)
+
+
+def _conv_args(geometry: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``kernels.conv2d`` / ``conv2d_int8`` from a Conv's geometry."""
+    pads = geometry["pads"]
+    return {"strides": geometry["strides"], "pads": (pads[0], pads[1], pads[2], pads[3]),
+            "dilations": geometry["dilations"], "groups": geometry["groups"]}
 
 
 def lower(proto: onnx.ModelProto, batches: Sequence[int], lanes: int) -> tuple[Any, LoweringReport, list[str]]:

@@ -2,10 +2,13 @@
 
 A rule is a ``tvm.s_tir.dlight.ScheduleRule``: given a PrimFunc and a target it returns a
 schedule, or None when it does not apply. ``rules_for(features)`` picks the rule list for a
-target's features (vector width from AVX-512 / AVX2 / NEON; the int8 rule only differs in
-tiling for now: VNNI and dot-product intrinsics are a next step), and ``ApplyRules``
-applies them to every PrimFunc of a module (TVM's default CPU pipeline schedules nothing;
-NOTES.md).
+target's features (vector width from AVX-512 / AVX2 / NEON), and ``apply_rules`` applies them to
+every PrimFunc of a module (TVM's default CPU pipeline schedules nothing; NOTES.md).
+
+On AVX2 the 4-bit dense and the int8 conv rules return a schedule of a hand-written micro-kernel
+(``avx2.py``: ``vpmaddubsw`` / ``vpmaddwd`` called from TIR) with the TE kernel's parameters, in place
+of scheduling the TE compute; elsewhere (aarch64) they schedule the TE compute, which stays portable.
+VNNI and aarch64 dot-product intrinsics are a next step.
 
 Kernel rules recognise bitpass's own kernels by the ``bitpass.kernel`` attribute the lowering
 puts on them (``kernels.py``); ``Elementwise`` and ``Reduction`` handle what TVM's
@@ -19,6 +22,8 @@ from collections.abc import Iterable
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
+
+from bitpass.backends.tvm import avx2
 
 #: below this many output elements (or multiply-adds for kernels) a function runs on one thread:
 #: waking the pool costs more than the work
@@ -66,6 +71,20 @@ def _attr(func: tirx.PrimFunc, name: str) -> int:
     return int(func.attrs[name])
 
 
+def _act(func: tirx.PrimFunc) -> str:
+    """The fused activation a kernel was built with (``bitpass.act``; "none" when absent)."""
+    return str(func.attrs["bitpass.act"]) if "bitpass.act" in func.attrs else "none"
+
+
+def _ints(func: tirx.PrimFunc, name: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in func.attrs[name])
+
+
+def _shapes(func: tirx.PrimFunc) -> list[tuple[int, ...]]:
+    """Static shapes of the function's buffer parameters, in order."""
+    return [tuple(int(d) for d in p.ty.shape) for p in func.params]
+
+
 def _tile_outputs(sch, acc, out, mt: int, nb: int):
     """Tile the output block [mt × nb] per parallel ``outer`` loop and keep the accumulator of a tile in
     registers under it. Returns (outer, ji, ai, aj, k): ``ji`` the output tile's inner column loop, and
@@ -90,8 +109,9 @@ def _divisor(n: int, limit: int) -> int:
 
 
 class _Rule(dlight.ScheduleRule):
-    def __init__(self, lanes: int) -> None:
+    def __init__(self, lanes: int, features: Iterable[str] = ()) -> None:
         self.lanes = lanes
+        self.features = frozenset(features)
 
 
 class Dense(_Rule):
@@ -104,7 +124,7 @@ class Dense(_Rule):
         if kind not in ("dense", "dense_int8", "dense_int4"):
             return None
         if kind == "dense_int4":
-            return self._int4(func)
+            return self._int4_avx2(func) or self._int4(func)
         sch = s_tir.Schedule(func)
         nb = _attr(func, "bitpass.nb")
         acc = sch.get_sblock("dense_acc")
@@ -135,36 +155,35 @@ class Dense(_Rule):
                 sch.vectorize(vi)
         return sch
 
+    def _int4_avx2(self, func):
+        """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int4``) where the target has AVX2 and the tile fits."""
+        if "avx2" not in self.features:
+            return None
+        (m, k), codes, scales = _shapes(func)[:3]
+        nb, nkb = codes[2], scales[1]
+        if len(func.params) != 5 or not avx2.dense_int4_supported(k, nb, k // nkb):
+            return None
+        n = codes[0] * nb
+        kernel = avx2.dense_int4(m, k, n, nb, k // nkb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
+        return s_tir.Schedule(kernel)
+
     def _int4(self, func):
-        """Per tile of [mt × nb] outputs: for each block of k, the nibble × x partial sums (``parts`` of
-        them, so the FMA chains interleave) in registers, then one offset correction and one scale
-        multiply per block; vectorized over the tile's half (one byte feeds both halves)."""
+        """Portable: per tile of ``nb`` outputs (parallel) and block of k, the int32 nibble × x_q sums in
+        registers, vectorized over the tile, then one offset correction and scale per block."""
         sch = s_tir.Schedule(func)
         nb = _attr(func, "bitpass.nb")
         part = sch.get_sblock("dense4_part")
         acc = sch.get_sblock("dense_acc")
         out = sch.get_sblock("dense_out")
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
-        parts, steps = (_int(sch.get(lp).extent) for lp in sch.get_loops(part)[3:5])
-        kk = _int(sch.get(sch.get_loops(acc)[-1]).extent) * parts * steps  # blocks × block size = K
-        mt = _divisor(m, 4 if nb <= 2 * self.lanes else 2)
-        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, mt, nb)
-        sch.reorder(kb, *([ai] if ai is not None else []), aj)
+        kk = _int(sch.get(sch.get_loops(part)[-1]).extent) * _int(sch.get(sch.get_loops(acc)[-1]).extent)
+        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, 1, nb)
+        sch.reorder(kb, aj)
         sch.compute_at(part, kb)
         sch.set_scope(part, 0, "local")
-        ploops = list(sch.get_loops(part)[2:])  # under (outer, kb): (i, j, r, t), unit loops dropped
-        pi = ploops.pop(0) if mt > 1 else None
-        pj = ploops.pop(0)
-        pr = ploops.pop(0) if parts > 1 else None
-        (t,) = ploops
-        jh, jl = sch.split(pj, [2, nb // 2])
-        order = [t] + ([pi] if pi is not None else []) + ([pr] if pr is not None else []) + [jh, jl]
-        sch.reorder(*order)
-        for loop in order[1:-1]:
-            sch.unroll(loop)
-        sch.vectorize(jl)
-        if ai is not None:
-            sch.unroll(ai)
+        pj, t = sch.get_loops(part)[-2:]
+        sch.reorder(t, pj)
+        sch.vectorize(pj)
         sch.vectorize(aj)
         sch.vectorize(ji)
         if m * n * kk >= PARALLEL_MIN_WORK:
@@ -177,14 +196,22 @@ class Dense(_Rule):
 
 
 class Conv2d(_Rule):
-    """NCHW fp32 conv: tiles of ``owt`` output columns × ``ob`` output channels held in registers,
+    """NCHW fp32 and int8 conv (portable path; AVX2 int8 gets ``avx2.conv2d_int8``): tiles of ``owt`` output columns × ``ob`` output channels held in registers,
     channels innermost (vectorized), reduction (c, ky, kx) outside the tile; bias + activation and the
     write back to NCHW per tile; parallel over (batch, output row)."""
 
     def apply(self, func, target, tunable):
-        if _kernel(func) != "conv2d":
+        kind = _kernel(func)
+        if kind not in ("conv2d", "conv2d_int8"):
             return None
+        if kind == "conv2d_int8":
+            hand = self._int8_avx2(func)
+            if hand is not None:
+                return hand
         sch = s_tir.Schedule(func)
+        if kind == "conv2d_int8":  # the scales are expressions of the sample's max, read where needed
+            for name in ("sample_scale", "sample_inv"):
+                sch.compute_inline(sch.get_sblock(name))
         ob = _attr(func, "bitpass.nb")
         acc = sch.get_sblock("conv_acc")
         out = sch.get_sblock("conv_out")
@@ -207,10 +234,7 @@ class Conv2d(_Rule):
         sch.vectorize(oi)
         init = sch.decompose_reduction(acc, rc)
         sch.vectorize(sch.get_loops(init)[-1])
-        try:
-            pad = sch.get_sblock("conv_pad")
-        except Exception:  # noqa: BLE001 - no padding block
-            pad = None
+        pad = _sblock_or_none(sch, "conv_pad" if kind == "conv2d" else "quantize_x")
         if pad is not None:
             loops = sch.get_loops(pad)
             pfused = sch.fuse(*loops[:2])
@@ -218,6 +242,27 @@ class Conv2d(_Rule):
                 sch.parallel(pfused)
         del oc
         return sch
+
+    def _int8_avx2(self, func):
+        """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
+        if "avx2" not in self.features or len(func.params) != 5:
+            return None
+        data, codes, _, _, out = _shapes(func)
+        ob, groups = codes[4], _attr(func, "bitpass.groups")
+        if not avx2.conv2d_int8_supported(ob, groups):
+            return None
+        work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
+        kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), _ints(func, "bitpass.strides"),
+                                  _ints(func, "bitpass.pads"), _ints(func, "bitpass.dilations"), _act(func),
+                                  parallel=work >= PARALLEL_MIN_WORK)
+        return s_tir.Schedule(kernel)
+
+
+def _sblock_or_none(sch: s_tir.Schedule, name: str):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - no such block
+        return None
 
 
 def _spatial_only(sch: s_tir.Schedule, block) -> bool:
@@ -292,8 +337,9 @@ def _has_root(sch: s_tir.Schedule) -> bool:
 
 def rules_for(features: Iterable[str]) -> list[dlight.ScheduleRule]:
     """The rule list for a target with ``features`` (first applicable rule wins)."""
+    features = frozenset(features)
     lanes = vector_lanes(features)
-    return [Dense(lanes), Conv2d(lanes), Elementwise(lanes), Reduction(lanes)]
+    return [Dense(lanes, features), Conv2d(lanes, features), Elementwise(lanes), Reduction(lanes)]
 
 
 def apply_rules(mod, target: Target):
