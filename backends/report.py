@@ -101,7 +101,9 @@ def render(manifest: dict[str, Any]) -> str:
     if size:
         parts.append("<h2>Size</h2>" + _table(["", "fp32", "artifact", "ratio"], [
             ["weight bytes", size["fp32_weight_bytes"], size["weight_bytes"], size["weight_ratio"]],
-            ["model file bytes", size["fp32_file_bytes"], size["file_bytes"], size["file_ratio"]]]))
+            ["model file bytes", size["fp32_file_bytes"], size["file_bytes"], size["file_ratio"]],
+            *([["deflated file bytes (zip)", size["fp32_compressed_bytes"], size["compressed_bytes"],
+                size["compressed_ratio"]]] if "compressed_bytes" in size else [])]))
     quality = metrics.get("quality")
     if quality:
         rows = []

@@ -114,6 +114,9 @@ def print_summary(manifest: dict[str, Any], path: Path) -> None:
     size = metrics["size"]
     table.add_row("weight bytes", f"{size['fp32_weight_bytes']:,}", f"{size['weight_bytes']:,}",
                   f"{size['weight_ratio']:.3f}×")
+    if "compressed_bytes" in size:
+        table.add_row("zipped file", f"{size['fp32_compressed_bytes']:,}", f"{size['compressed_bytes']:,}",
+                      f"{size['compressed_ratio']:.3f}×")
     quality = metrics.get("quality")
     if quality and "accuracy" in quality:
         acc = quality["accuracy"]
