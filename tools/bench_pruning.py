@@ -12,6 +12,10 @@ Hessian (Hutchinson) loss estimate, each pruned with ``prune-channels`` and quan
 * ``sparsity``: fp32 weights, per-layer kept output channels 1/0.75/0.5/0.25 (sparsity-only);
 * ``joint``: one (bits, kept channels) pair per layer.
 
+Then latency budgets (``tN x``: the layers' summed time at batch 64, measured per kept channel count,
+at most N × fp32's), alone and with a size budget (``sM x``): packed bits run at fp32 speed, so only
+removed channels buy time and bits-only cannot meet them.
+
 Measured: quality on held-out data (accuracy; transformer: cosine to the fp32 embeddings), the
 artifact's real weight bytes, its zip-compressed size, and batch-1/64 latency ratios to fp32
 (all variants alternating in one fresh process without torch). Per budget, joint vs the better
@@ -40,6 +44,10 @@ from bitpass.tools import bench_mixed as bm
 
 SEED = 0
 MODES = ("bits", "sparsity", "joint")
+#: latency budgets count the layers' measured time at this batch size
+LATENCY_BATCH = 64
+#: (size, latency) budgets of part 1b, as fractions of fp32 weight bytes and summed fp32 layer time
+LATENCY_BUDGETS = [(None, 0.8), (None, 0.6), (0.3, 0.8), (0.15, 0.8), (0.15, 0.6)]
 
 
 def _zip_size(data: bytes) -> int:
@@ -49,15 +57,18 @@ def _zip_size(data: bytes) -> int:
     return len(buffer.getvalue())
 
 
-def _allocate(prepared: bm.Prepared, budget: int, mode: str):
+def _allocate(prepared: bm.Prepared, budget: int | str, mode: str):
+    """``budget``: a size limit in bytes, or a budget string (``latency=`` ones time layers at batch 64)."""
     from bitpass.frontend.errors import UsageError
     from bitpass.passes.allocation.joint import AllocateJoint
     from bitpass.passes.quantize import Quantize
 
     model = prepared.base.clone()
-    ctx = bm._context(prepared, latency_probe=False)
+    timed = isinstance(budget, str) and "latency" in budget
+    ctx = bm._context(prepared, latency_probe=timed)
+    spec = budget if isinstance(budget, str) else f"size={budget}"
     try:
-        AllocateJoint(budget=f"size={budget}", mode=mode).run(model, ctx)
+        AllocateJoint(budget=spec, mode=mode, latency_batch=LATENCY_BATCH).run(model, ctx)
     except UsageError:
         return None, None
     record = ctx.records["allocation"]
@@ -74,18 +85,21 @@ def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
     variants = [fp32]
     fractions = [0.6, 0.4, 0.25, 0.15, 0.1, 0.07] if quick else [0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12,
                                                                   0.1, 0.085, 0.07]
+    budgets: list[tuple[str, int | str]] = [(f"{f:5.3f}x", int(f * fp32_weight)) for f in fractions]
+    for size, lat in LATENCY_BUDGETS[:3] if quick else LATENCY_BUDGETS:
+        spec = f"latency={lat}x" + (f",size={int(size * fp32_weight)}" if size else "")
+        budgets.append((f"t{lat}x" + (f" s{size}x" if size else ""), spec))
     rows = []
     start = time.perf_counter()
-    for fraction in fractions:
-        limit = int(fraction * fp32_weight)
-        row: dict[str, Any] = {"fraction": fraction, "limit": limit}
+    for label, limit in budgets:
+        row: dict[str, Any] = {"limit": limit, "label": label}
         for mode in MODES:
             model, record = _allocate(prepared, limit, mode)
             if model is None:
                 row[mode] = None
                 continue
             data = model.to_bytes()
-            v = bm.Variant(f"{mode} <= {fraction:.3f}x", mode, data, model.weight_bytes())
+            v = bm.Variant(f"{mode} {label}", mode, data, model.weight_bytes())
             out = bm._outputs(data, prepared)
             v.quality = bm._quality(prepared, out)
             v.per_sample = _per_sample(prepared, out)
@@ -151,7 +165,7 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
           f"{fp32.latency.get('ms_64', float('nan')):.3f} ms (b64) ==")
     print("each cell: quality, real weight bytes, zip bytes, fp32/variant time at batch 1 and 64 (> 1 faster)")
     head = f"{'quality':>6} {'bytes':>7} {'zip':>7} {'b1 x':>5} {'b64 x':>5}"
-    print(f"{'budget':>16} | {'bits-only  ' + head:>38} | {'sparsity-only ' + head:>38} | {'joint  ' + head:>38} | "
+    print(f"{'budget':>20} | {'bits-only  ' + head:>38} | {'sparsity-only ' + head:>38} | {'joint  ' + head:>38} | "
           "joint vs best")
     wins = ties = losses = 0
     for row in result["rows"]:
@@ -173,14 +187,15 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
             ties += verdict.startswith("TIE")
             losses += verdict.startswith("LOSS")
         cells = " | ".join(_cell(prepared, row[m], row.get(f"{m}_zip"), transformer) for m in MODES)
-        print(f"{row['fraction']:5.3f}x {row['limit']:>8,} | {cells} | {verdict}")
+        limit = f"{row['limit']:>8,}" if isinstance(row["limit"], int) else ""
+        print(f"{row['label']:>11} {limit:>8} | {cells} | {verdict}")
     print(f"joint vs max(bits-only, sparsity-only), paired test p < 0.05: {wins} WIN, {ties} TIE, {losses} LOSS")
     for row in result["rows"]:
         plan = row.get("joint_plan")
         if plan:
             pruned = {k: p["channels"] for k, p in plan.items() if p["channels"].split(" -> ")[0] !=
                       p["channels"].split(" -> ")[1]}
-            print(f"  joint {row['fraction']:.3f}x: bits " + ",".join(f"{k}={p['bits']}" for k, p in plan.items())
+            print(f"  joint {row['label'].strip()}: bits " + ",".join(f"{k}={p['bits']}" for k, p in plan.items())
                   + (f"; channels {pruned}" if pruned else "; no channel removed"))
     return wins, ties, losses
 

@@ -30,6 +30,8 @@ EPILOG_COMPILE = """examples:
   bitpass compile model.onnx --calib calib.npz -o out/ --pipeline my_pipeline.yaml
   bitpass compile model.onnx --calib calib.npz --eval eval.npz -o out/ --budget avg-bits=4   # mixed precision
   bitpass compile model.onnx --calib calib.npz --eval eval.npz -o out/ --budget size=40KB --sweep
+  bitpass compile model.onnx --calib calib.npz --eval eval.npz -o out/ --pipeline joint \
+      --budget size=0.2x --budget latency=0.8x --latency-batch 64     # bits and removed channels together
 
 data files are .npz: one array per model input, keyed by the input's name, samples on the first
 axis; an optional 'labels' array turns on accuracy (otherwise fidelity to fp32 is measured)."""
@@ -57,8 +59,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     g = p.add_argument_group("mixed precision (switches the default pipeline to 'mixed')")
     g.add_argument("--budget", action="append", default=[], metavar="DIM=VALUE",
-                   help="avg-bits=4, size=40KB, bops=1.2G, latency=2ms or accuracy-drop=0.5 (points, bisected on "
-                        "--eval); repeat to combine")
+                   help="avg-bits=4, size=40KB or size=0.2x, bops=1.2G, latency=2ms (allocate-joint also "
+                        "latency=0.8x) or accuracy-drop=0.5 (points, bisected on --eval); repeat to combine")
     g.add_argument("--method", choices=["ilp", "pareto", "baq", "greedy"],
                    help="bit-allocation solver (default ilp: exact; pareto also gives the frontier)")
     g.add_argument("--sensitivity", choices=["auto", "hutchinson", "eigenvalue", "fisher", "taylor", "output-kl",
@@ -68,6 +70,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--formats", choices=["auto", "packed", "compute"],
                    help="auto (default): per layer, the fastest materialization measured not slower than fp32")
     g.add_argument("--sweep", action="store_true", help="record the whole size/loss frontier; report.html plots it")
+    g.add_argument("--latency-batch", type=int, metavar="N",
+                   help="batch size whose measured layer latencies a latency= budget counts (default 1)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -81,6 +85,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         allocate["formats"] = args.formats
     if args.sweep:
         allocate["sweep"] = True
+    if args.latency_batch:
+        allocate["latency_batch"] = args.latency_batch
     overrides = {"allocate-bits": allocate} if allocate else {}
     if args.sensitivity:
         overrides["sensitivity"] = {"method": args.sensitivity}

@@ -48,13 +48,13 @@ class OnnxRuntimeBackend(Backend):
         )
 
     def latency_probe(self, target: str, *, threads: int = 0):
-        """A callable ``(model, variants, progress) -> {layer: {(bits, format): {batch: seconds}}}``."""
+        """A callable ``(model, variants, progress, batches=(1, 64)) -> {layer: {(bits, format): {batch: seconds}}}``."""
         from bitpass.backends.onnxruntime import latency
 
         self.check_target(target)
 
-        def probe(model: Model, variants, progress=None):
-            return latency.measure(model, variants, threads=threads, progress=progress)
+        def probe(model: Model, variants, progress=None, batches=latency.BATCHES):
+            return latency.measure(model, variants, batches=batches, threads=threads, progress=progress)
 
         return probe
 

@@ -2,8 +2,8 @@
 
 The ``allocate-joint`` pass picks, for every layer, a weight width ``b`` (32 = fp32, 8/4/2 stored
 ``packed``) and a number of kept output channels ``k`` (structured pruning, ``prune-channels``),
-minimising the estimated loss increase under ``size`` / ``avg-bits`` / ``bops`` budgets. Only
-savings the ONNX Runtime artifact really realises are counted:
+minimising the estimated loss increase under ``size`` / ``avg-bits`` / ``bops`` / ``latency``
+budgets. Only savings the ONNX Runtime artifact really realises are counted:
 
 * **structured sparsity** (removed output channels) shrinks the dense tensors: the producer's
   weight rows and bias, and the consumers' input columns (Conv/Gemm/MatMul after it, through
@@ -33,11 +33,19 @@ is the same estimated loss increase for quantization and pruning, and the two ad
 removed in ``prune-channels``' l1 order. With a per-bit sensitivity table (output-KL, Taylor),
 ``s_l`` is recovered from the table at the layer's lowest width so the units still agree.
 
-Consumer inputs. A consumer's size depends on its producer's kept channels (a product of two
-choices). The first ILP assumes every consumer keeps all its inputs (an upper bound on size, so
-its plan is within budget for sure); then the sizes are re-estimated with the chosen producers'
-channels and the ILP solved again, a few times; the plan with the least loss whose *exact* size
-(every interaction counted) meets the budget is kept. The record holds that exact size.
+Latency. A latency budget (``latency=2ms`` or ``latency=0.8x`` of the fp32 layers' summed time, at
+``latency_batch``) uses the target's latency probe: each layer is really pruned to each kept count
+offered and timed as a one-node model (cached per shape), and a layer whose inputs lose channels is
+assumed to take proportionally less. Packed widths run at fp32 speed, so only channels buy time.
+
+Consumer inputs. A consumer's size (and time) depends on its producer's kept channels (a product of
+two choices). The first ILP assumes every consumer keeps all its inputs (an upper bound, so its plan
+is within budget for sure); then the costs are re-estimated with the chosen producers' channels and
+the ILP solved again, a few times (first only tightening the bound, then freely); the plan with the
+least loss whose *exact* costs (every interaction counted) meet the budget is kept. A local search
+with exact costs (``improve``: one layer's option at a time, the move that lowers the loss most)
+then spends what the bound left unused: for latency that bound can be far off, since a consumer's
+time falls with its producer's channels. The record holds the exact totals.
 
 Modes (``mode=``): ``joint`` (both), ``bits`` (keep = 1: bits-only), ``sparsity`` (bits = 32:
 fp32 weights, structured pruning only). The joint problem contains both restricted problems, so
@@ -46,8 +54,7 @@ its optimum is never worse in estimated loss than either.
 Applying the plan: ``prune-channels(method=l1, round_to=1)`` once per pruned layer, consumers
 before producers (reverse graph order: a producer's l1 row norms are taken before its own inputs
 are sliced, as Ω assumed), then ``bits.weight``/``bits.activation=32``/``format.weight=packed`` on
-every layer, for ``quantize``. Latency budgets are not offered (packed layers run at fp32 speed;
-pruning's speed-up is measured by the benchmark, not modelled here).
+every layer, for ``quantize``.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from bitpass.frontend import Layer, Model, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.allocation.budget import Budget, parse_budget
 from bitpass.passes.allocation.passes import BITS, BITS_ANNOTATIONS, SENSITIVITY
-from bitpass.passes.allocation.problem import (AVG_BITS, BOPS, FLOAT_BITS, SIZE, Candidate, LayerChoices, Problem,
+from bitpass.passes.allocation.problem import (AVG_BITS, BOPS, FLOAT_BITS, LATENCY, SIZE, Candidate, LayerChoices, Problem,
                                                layer_macs)
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
 from bitpass.passes.calibrate import ACTIVATION_RANGES, ActivationRanges
@@ -82,6 +89,8 @@ DEFAULT_KEEPS = (1.0, 0.75, 0.5, 0.25)
 PACKED_WIDTHS = (8, 4, 2)
 #: sizes re-estimated with the chosen producers' channels at most this many times
 REFINEMENTS = 4
+#: then re-estimated from the last plan without the bound, at most this many times
+FREE_REFINEMENTS = 6
 Mode = Literal["joint", "bits", "sparsity"]
 
 
@@ -145,6 +154,9 @@ class JointLayer:
     #: (consumer id, input axis of the consumer's weight, features per channel) that this layer's channels feed
     consumers: list[tuple[str, int, int]] = field(default_factory=list)
     why_not_pruned: str | None = None
+    #: measured seconds per call with each kept channel count and every input kept (latency budgets);
+    #: None when not measured. A layer whose inputs lose channels is assumed to take proportionally less.
+    seconds: dict[int, float] | None = None
 
 
 @dataclass
@@ -202,26 +214,80 @@ class JointProblem:
         for layer in self.layers:
             widths = (FLOAT_BITS,) if mode == "sparsity" else self.widths
             kept_counts = [layer.channels] if mode == "bits" else layer.kept
-            in_keep = 1.0
-            if layer.in_axis is not None:
-                full = layer.shape[layer.in_axis]
-                in_keep = self.shape_of(layer, layer.channels, removed)[layer.in_axis] / max(full, 1)
-            candidates = []
-            for bits in sorted(widths, reverse=True):
-                for kept in sorted(kept_counts, reverse=True):
-                    params = int(math.prod(self.shape_of(layer, kept, removed)))
-                    cost = {SIZE: self.layer_bytes(layer, bits, kept, removed),
-                            AVG_BITS: params * bits / self.total_params,
-                            BOPS: layer.macs * kept / layer.channels * in_keep * bits * (bits if bits >= 16 else 8)}
-                    candidates.append(Candidate(option_id(bits, kept), self.loss(layer, bits, kept), cost))
+            candidates = [Candidate(option_id(bits, kept), self.loss(layer, bits, kept),
+                                    self.costs(layer, bits, kept, removed))
+                          for bits in sorted(widths, reverse=True) for kept in sorted(kept_counts, reverse=True)]
             params = int(math.prod(layer.shape))
             choices.append(LayerChoices(layer.id, layer.op_type, params, tuple(candidates)))
-        return Problem(tuple(choices), {SIZE: self.base, AVG_BITS: 0.0, BOPS: 0.0})
+        return Problem(tuple(choices), {SIZE: self.base, AVG_BITS: 0.0, BOPS: 0.0, LATENCY: 0.0})
+
+    def costs(self, layer: JointLayer, bits: int, kept: int, removed: Mapping[tuple[str, int], int]) -> dict[str, float]:
+        """One layer's cost in every dimension at (bits, kept), its inputs reduced by ``removed``."""
+        in_keep = 1.0
+        if layer.in_axis is not None:
+            in_keep = self.shape_of(layer, layer.channels, removed)[layer.in_axis] / max(layer.shape[layer.in_axis], 1)
+        params = int(math.prod(self.shape_of(layer, kept, removed)))
+        return {SIZE: self.layer_bytes(layer, bits, kept, removed),
+                AVG_BITS: params * bits / self.total_params,
+                BOPS: layer.macs * kept / layer.channels * in_keep * bits * (bits if bits >= 16 else 8),
+                LATENCY: math.nan if layer.seconds is None else layer.seconds[kept] * in_keep}
 
     def exact(self, plan: Mapping[str, int]) -> dict[str, float]:
         """Totals of ``plan`` with every producer→consumer interaction counted (the artifact's figures)."""
         removed = self.removed_inputs(plan)
         return self.problem("joint", removed).totals(plan)
+
+    def improve(self, plan: Mapping[str, int], budget: Budget, mode: Mode = "joint", bound: float | None = None,
+                max_moves: int = 200) -> tuple[dict[str, int], int]:
+        """Local search with exact costs: change one layer's option at a time (the move that lowers the
+        estimated loss most while the exact totals meet ``budget``) until no move helps. It fills what the
+        bounded ILP left unused, e.g. a consumer's latency that fell with its producer's channels.
+        Returns the plan and the number of moves made."""
+        by_id = self.by_id
+        consumers_of = {l.id: [c for c, _, _ in l.consumers] for l in self.layers}
+        plan = dict(plan)
+        removed = self.removed_inputs(plan)
+        per_layer = {l.id: {**self.costs(l, *decode(plan[l.id]), removed), "loss": self.loss(l, *decode(plan[l.id]))}
+                     for l in self.layers}
+        dims = [d for d in budget.limits]
+        totals = {d: self.base if d == SIZE else 0.0 for d in dims}
+        for d in dims:
+            totals[d] += sum(c[d] for c in per_layer.values())
+        limit_loss = math.inf if bound is None else bound * (1 + 1e-9) + 1e-30
+        moves = 0
+        while moves < max_moves:
+            best_move, best_gain = None, 1e-15
+            for layer in self.layers:
+                widths = (FLOAT_BITS,) if mode == "sparsity" else self.widths
+                kept_counts = [layer.channels] if mode == "bits" else layer.kept
+                for bits in widths:
+                    for kept in kept_counts:
+                        option = option_id(bits, kept)
+                        if option == plan[layer.id]:
+                            continue
+                        loss = self.loss(layer, bits, kept)
+                        gain = per_layer[layer.id]["loss"] - loss
+                        if gain <= best_gain or loss > limit_loss:
+                            continue
+                        trial_plan = {**plan, layer.id: option}
+                        trial_removed = self.removed_inputs(trial_plan)
+                        affected = [layer.id, *consumers_of[layer.id]]
+                        changed = {lid: self.costs(by_id[lid], *decode(trial_plan[lid]), trial_removed)
+                                   for lid in affected}
+                        new = {d: totals[d] + sum(changed[lid][d] - per_layer[lid][d] for lid in affected)
+                               for d in dims}
+                        if all(new[d] <= budget.limits[d] * (1 + 1e-9) + 1e-9 for d in dims):
+                            best_move, best_gain = (layer.id, option, changed, new), gain
+            if best_move is None:
+                break
+            lid, option, changed, new = best_move
+            plan[lid] = option
+            for other, costs in changed.items():
+                per_layer[other].update(costs)
+            per_layer[lid]["loss"] = self.loss(by_id[lid], *decode(option))
+            totals = new
+            moves += 1
+        return plan, moves
 
     # --- solving ----------------------------------------------------------
     def solve(self, budget: Budget | str, mode: Mode = "joint", method: str = "ilp") -> Allocation:
@@ -258,38 +324,50 @@ class JointProblem:
         return found
 
     def _solve(self, budget: Budget, mode: Mode, method: str, bound: float | None) -> Allocation:
-        def problem(current: Mapping[str, int] | None = None) -> Problem:
-            # refining around ``current``: consumer sizes with its producers' removed inputs, and no
-            # producer keeps more channels than there, so those sizes stay upper bounds (every refined
+        def problem(current: Mapping[str, int] | None = None, monotone: bool = True) -> Problem:
+            # refining around ``current``: consumer costs with its producers' removed inputs; ``monotone``:
+            # no producer keeps more channels than there, so those costs stay upper bounds (every refined
             # plan meets the budget exactly, and ``current`` itself is a candidate: loss never rises)
             built = self.problem(mode, self.removed_inputs(current))
             limit = math.inf if bound is None else bound * (1 + 1e-9) + 1e-30
-            most = {lid: decode(o)[1] for lid, o in (current or {}).items()}
+            most = {lid: decode(o)[1] for lid, o in (current or {}).items()} if monotone else {}
             return built.restrict({layer.id: [c.bits for c in layer.candidates if c.loss <= limit
                                               and decode(c.bits)[1] <= most.get(layer.id, OPTION_BASE)]
                                    for layer in built.layers})
 
+        def feasible(totals: Mapping[str, float]) -> bool:
+            return all(totals[d] <= limit * (1 + 1e-9) + 1e-9 for d, limit in budget.limits.items())
+
         best = solve(problem(), budget, method)
         best.totals = self.exact(best.plan)
-        best.notes.append(f"{mode}: sizes first bounded with every consumer input kept")
+        best.notes.append(f"{mode}: costs first bounded with every consumer input kept")
         seen = {tuple(sorted(best.plan.items()))}
-        plan = best.plan
-        for round_ in range(REFINEMENTS):
-            try:
-                candidate = solve(problem(plan), budget, method)
-            except UsageError:
-                break
-            key = tuple(sorted(candidate.plan.items()))
-            if key in seen:
-                break
-            seen.add(key)
-            plan = candidate.plan
+        # monotone rounds only tighten the bound; free rounds (a consumer's latency falls with its inputs, so
+        # the bound can be far off) re-estimate from the last plan, feasible or not, and keep what is exact
+        for monotone, rounds in ((True, REFINEMENTS), (False, FREE_REFINEMENTS)):
+            plan = best.plan
+            for round_ in range(rounds):
+                try:
+                    candidate = solve(problem(plan, monotone), budget, method)
+                except UsageError:
+                    break
+                key = tuple(sorted(candidate.plan.items()))
+                if key in seen:
+                    break
+                seen.add(key)
+                plan = candidate.plan
+                totals = self.exact(plan)
+                if feasible(totals) and totals["loss"] < best.totals["loss"] - 1e-15:
+                    candidate.totals = totals
+                    candidate.notes.append(f"{mode}: costs refined with the producers' channels "
+                                           f"({'monotone' if monotone else 'free'} round {round_ + 1})")
+                    best = candidate
+        plan, moves = self.improve(best.plan, budget, mode, bound)
+        if moves:
             totals = self.exact(plan)
-            if all(totals[d] <= limit * (1 + 1e-9) + 1e-9 for d, limit in budget.limits.items()) \
-                    and totals["loss"] < best.totals["loss"] - 1e-15:
-                candidate.totals = totals
-                candidate.notes.append(f"{mode}: sizes refined with the producers' channels ({round_ + 1} round(s))")
-                best = candidate
+            if feasible(totals) and totals["loss"] < best.totals["loss"]:
+                best.plan, best.totals = plan, totals
+                best.notes.append(f"{mode}: {moves} local move(s) with exact costs after the ILP")
         best.loss = best.totals["loss"]
         return best
 
@@ -414,7 +492,7 @@ def _prunable(model: Model, exclude: set[str]) -> tuple[dict[str, Any], dict[str
 
 # --------------------------------------------------------------------------- the pass
 class AllocateJointConfig(PassConfig):
-    #: size / avg-bits / bops budgets ("size=40KB"); combine with ','
+    #: size / avg-bits / bops / latency budgets ("size=40KB", "size=0.2x", "latency=0.8x"); combine with ','
     budget: str | list[str] = "size=0.25x"
     #: joint (bits and channels), bits (keep every channel), sparsity (fp32 weights, channels only)
     mode: Literal["joint", "bits", "sparsity"] = "joint"
@@ -437,25 +515,28 @@ class AllocateJointConfig(PassConfig):
     choose: Literal["measured", "estimated"] = "measured"
     #: calibration samples the measured choice runs
     samples: int = pydantic.Field(128, ge=1)
+    #: batch size whose measured layer latencies a latency= budget counts
+    latency_batch: int = pydantic.Field(1, ge=1)
 
     @pydantic.field_validator("budget")
     @classmethod
     def _budget(cls, value: str | list[str]) -> str | list[str]:
         text = ",".join(value) if isinstance(value, list) else value
-        if "x" in text:  # relative size budgets are resolved against the model in run()
+        if "x" in text:  # relative size / latency budgets are resolved against the model in run()
             return value
         try:
             budget = parse_budget(value)
         except UsageError as err:
             raise ValueError(str(err)) from None
-        bad = set(budget.limits) - {SIZE, AVG_BITS, BOPS}
+        bad = set(budget.limits) - {SIZE, AVG_BITS, BOPS, LATENCY}
         if bad or budget.accuracy_drop is not None:
-            raise ValueError(f"allocate-joint takes size, avg-bits and bops budgets, not {sorted(bad) or 'accuracy'}")
+            raise ValueError(f"allocate-joint takes size, avg-bits, bops and latency budgets, not "
+                             f"{sorted(bad) or 'accuracy'}")
         return value
 
 
 class AllocateJoint(Pass):
-    """Choose each layer's weight bits and kept output channels under one size/avg-bits/bops budget."""
+    """Choose each layer's weight bits and kept output channels under one size/avg-bits/bops/latency budget."""
 
     name = "allocate-joint"
     Config = AllocateJointConfig
@@ -470,7 +551,10 @@ class AllocateJoint(Pass):
         joint = JointProblem.from_model(model, sensitivity, widths=cfg.widths, keeps=cfg.keeps,
                                         round_to=cfg.round_to, min_channels=cfg.min_channels, exclude=cfg.exclude,
                                         block_size=cfg.block_size)
-        budget = parse_budget(_absolute(cfg.budget, model))
+        latency_record: dict[str, Any] = {}
+        if _mentions(cfg.budget, LATENCY):
+            latency_record = self._measure_latency(model, ctx, joint)
+        budget = parse_budget(_absolute(cfg.budget, model, latency_record.get("fp32_seconds")))
         measured: list[dict[str, Any]] = []
         if cfg.mode == "joint" and cfg.choose == "measured" and ctx.calibration is not None:
             allocation, measured = self._measured_best(model, ctx, joint, joint.candidates(budget, cfg.method))
@@ -487,6 +571,8 @@ class AllocateJoint(Pass):
         }
         if measured:
             record["measured_choice"] = measured
+        if latency_record:
+            record["latency"] = latency_record
         if cfg.sweep:
             record["frontiers"] = {m: joint.frontier(m) for m in ("joint", "bits", "sparsity")}
         pruned = _apply(model, ctx, joint, plan)
@@ -501,6 +587,43 @@ class AllocateJoint(Pass):
         preserved = frozenset({BITS, ACTIVATION_RANGES, PRUNING_REFERENCE}) if pruned else frozenset(
             {BITS, ACTIVATION_RANGES, SENSITIVITY})
         return PassResult(model, modified=True, preserved=preserved)
+
+    def _measure_latency(self, model: Model, ctx: PassContext, joint: JointProblem) -> dict[str, Any]:
+        """Each layer's seconds per call at ``latency_batch`` with each kept channel count offered, from the
+        target's latency probe (one-node models of the really pruned layer, cached per shape)."""
+        probe = (ctx.target.options or {}).get("latency_probe")
+        if probe is None:
+            raise UsageError("a latency budget needs per-layer timings from the backend's latency probe: compile "
+                             "for a backend that times layers (onnxruntime), without --no-latency")
+        batch = self.config.latency_batch
+        fp32 = (FLOAT_BITS, "fp32")
+
+        def seconds(table: Mapping[str, Any], layer_id: str) -> float | None:
+            row = table.get(layer_id, {}).get(fp32, {})
+            return row.get(batch)
+
+        full = probe(model, {layer.id: [fp32] for layer in joint.layers}, ctx.progress, batches=(batch,))
+        not_timed = []
+        for layer in joint.layers:
+            base = seconds(full, layer.id)
+            if base is None:  # not a timed op (an embedding lookup): its time does not change with the plan
+                layer.seconds = {kept: 0.0 for kept in layer.kept}
+                not_timed.append(layer.id)
+                continue
+            layer.seconds = {layer.channels: base}
+            for kept in layer.kept:
+                if kept == layer.channels:
+                    continue
+                trial = model.clone()
+                PruneChannels(ratio=(layer.channels - kept) / layer.channels, layers=[layer.id], round_to=1,
+                              min_channels=1, method="l1").run(trial, PassContext(seed=ctx.seed))
+                timed = seconds(probe(trial, {layer.id: [fp32]}, ctx.progress, batches=(batch,)), layer.id)
+                layer.seconds[kept] = base * kept / layer.channels if timed is None else timed
+        total = sum(layer.seconds[layer.channels] for layer in joint.layers)
+        return {"batch": batch, "fp32_seconds": total, "not_timed": not_timed,
+                "seconds": {l.id: {str(k): float(f"{v:.4g}") for k, v in sorted(l.seconds.items())}
+                            for l in joint.layers},
+                "model": "sum of one-layer timings; a layer whose inputs lose channels takes proportionally less"}
 
     def _measured_best(self, model: Model, ctx: PassContext, joint: JointProblem,
                        candidates: list[tuple[str, Allocation]]) -> tuple[Allocation, list[dict[str, Any]]]:
@@ -561,15 +684,25 @@ def _apply(model: Model, ctx: PassContext, joint: JointProblem, plan: Mapping[st
     return pruned
 
 
-def _absolute(budget: str | list[str], model: Model) -> str:
-    """``size=0.25x`` (a fraction of the fp32 weight bytes) -> ``size=<bytes>``."""
+def _items(budget: str | list[str]) -> list[tuple[str, str]]:
     items = budget if isinstance(budget, list) else str(budget).split(",")
+    return [(key.strip(), value.strip()) for key, _, value in (item.strip().partition("=") for item in items)]
+
+
+def _mentions(budget: str | list[str], dim: str) -> bool:
+    return any(key == dim for key, _ in _items(budget))
+
+
+def _absolute(budget: str | list[str], model: Model, fp32_seconds: float | None = None) -> str:
+    """``size=0.25x`` (of the fp32 weight bytes) -> ``size=<bytes>``; ``latency=0.7x`` (of the fp32 layers'
+    summed seconds) -> ``latency=<s>s``."""
     out = []
-    for item in items:
-        key, _, value = item.strip().partition("=")
-        if key.strip() == SIZE and value.strip().endswith("x"):
-            value = str(int(float(value.strip()[:-1]) * model.weight_bytes()))
-        out.append(f"{key.strip()}={value.strip()}")
+    for key, value in _items(budget):
+        if value.endswith("x") and key == SIZE:
+            value = str(int(float(value[:-1]) * model.weight_bytes()))
+        elif value.endswith("x") and key == LATENCY and fp32_seconds is not None:
+            value = f"{float(value[:-1]) * fp32_seconds!r}s"
+        out.append(f"{key}={value}")
     return ",".join(out)
 
 

@@ -102,8 +102,60 @@ def test_restricted_modes_of_the_pass(prepared):
     assert sparse.weight_bytes() == ctx.records["allocation"]["totals"]["size"] <= 0.5 * model.weight_bytes()
     AllocateJoint(budget="size=0.2x", mode="bits").run(model, ctx)
     assert all(a == b for a, b in (p["channels"].split(" -> ") for p in ctx.records["allocation"]["plan"].values()))
-    with pytest.raises(UsageError, match="latency"):
-        AllocateJoint(budget="latency=1ms")
+    with pytest.raises(UsageError, match="accuracy"):
+        AllocateJoint(budget="accuracy-drop=1")
+
+
+@pytest.fixture
+def ort_target(tmp_path, monkeypatch):
+    """The ONNX Runtime backend's real per-layer latency probe, its cache in a temporary folder."""
+    from bitpass.backends.onnxruntime.backend import OnnxRuntimeBackend
+    from bitpass.passes.infra import Target
+
+    monkeypatch.setenv("BITPASS_CACHE_DIR", str(tmp_path / "cache"))
+    return Target("onnxruntime", "cpu", {"latency_probe": OnnxRuntimeBackend().latency_probe("cpu")})
+
+
+def test_a_latency_budget_is_met_by_removing_channels(prepared, ort_target):
+    """Packed bits run at fp32 speed, so only removed channels buy latency: each layer is timed with each
+    kept count (really pruned, one-node models), and the plan's summed layer time meets the budget."""
+    model, ctx = prepared
+    ctx.target = ort_target
+    AllocateJoint(budget="latency=0.7x,size=0.2x", latency_batch=64).run(model, ctx)
+    record = ctx.records["allocation"]
+    timing = record["latency"]
+    assert timing["batch"] == 64 and not timing["not_timed"]
+    assert set(timing["seconds"]["3"]) == {"32", "24", "16", "8"}  # every kept count offered, measured
+    assert record["totals"]["latency"] <= 0.7 * timing["fp32_seconds"] * (1 + 1e-9)
+    assert record["totals"]["size"] <= 0.2 * 358_200
+    plan = record["plan"].values()
+    assert any(p["channels"].split(" -> ")[0] != p["channels"].split(" -> ")[1] for p in plan)
+    assert any(p["bits"] < 32 for p in plan)  # the size budget is met with bits as well
+    with pytest.raises(UsageError, match="cannot be met"):  # bits alone cannot buy time
+        AllocateJoint(budget="latency=0.7x", mode="bits", latency_batch=64).run(model.clone(), ctx)
+
+
+def test_a_latency_budget_needs_a_latency_probe(prepared):
+    model, ctx = prepared
+    with pytest.raises(UsageError, match="latency probe"):
+        AllocateJoint(budget="latency=0.7x").run(model, ctx)
+
+
+def test_local_moves_fill_what_the_bounded_ilp_left(prepared):
+    """The ILP bounds each consumer's cost with all its inputs kept; the exact-cost local search then
+    spends what that bound wasted, never leaving the budget and never raising the loss."""
+    model, ctx = prepared
+    joint = JointProblem.from_model(model, ctx.analyses.require("sensitivity"))
+    limit = int(0.1 * model.weight_bytes())
+    from bitpass.passes.allocation.budget import parse_budget
+
+    budget = parse_budget(f"size={limit}")
+    start = {l.id: min(o for o in (c.bits for c in joint.problem().layers[i].candidates))
+             for i, l in enumerate(joint.layers)}  # the smallest option everywhere: far below the budget
+    plan, moves = joint.improve(start, budget)
+    assert moves > 0
+    assert joint.exact(plan)["size"] <= limit
+    assert joint.exact(plan)["loss"] < joint.exact(start)["loss"]
 
 
 def test_the_final_choice_is_the_measured_closest_to_fp32(prepared):
