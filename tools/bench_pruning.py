@@ -39,6 +39,8 @@ import time
 import zipfile
 from typing import Any
 
+import numpy as np
+
 
 from bitpass.tools import bench_mixed as bm
 
@@ -237,6 +239,8 @@ def bench_unstructured(name: str, *, say) -> dict[str, Any]:
                 results[(allocation, method)] = bm._score(prepared, bm.Variant("", "", b"", 0,
                                                                                quality=bm._quality(prepared, out)))
                 results[(allocation, method, "per_sample")] = _per_sample(prepared, out)
+                results[(allocation, method, "mse")] = float(np.mean((out.astype(np.float64) -
+                                                                      prepared.reference[0]) ** 2))
                 results[(allocation, method, "comparison")] = pctx.records["pruning"]["comparison"]
                 results[(allocation, method, "sparsity")] = pctx.records["pruning"]["sparsity"]
     say(f"{name}: unstructured pruning compared in {time.perf_counter() - start:.1f} s")
@@ -247,8 +251,11 @@ def bench_unstructured(name: str, *, say) -> dict[str, Any]:
 def print_unstructured(rows: list[dict[str, Any]]) -> None:
     print("\n== unstructured pruning, 50 % overall sparsity, per-layer ratios; held-out quality "
           "(accuracy; transformer: cosine to fp32) ==")
+    print("quality per method, then the held-out output error (mean squared error to the fp32 outputs, "
+          "less noisy than accuracy on 497 samples)")
     print(f"{'model':<12} {'allocation':<9} {'fp32':>7} {'magnitude':>10} {'wanda':>8} {'gblm':>8} "
-          f"{'sparsity':>8} {'wanda/gblm':>11} | Wanda/GBLM lose less than magnitude?")
+          f"{'sparsity':>8} {'wanda/gblm':>11} {'mse: mag':>9} {'wanda':>8} {'gblm':>8} | "
+          "Wanda/GBLM lose less than magnitude?")
     for r in rows:
         for allocation in ("global", "ecoflap"):
             res = r["results"]
@@ -260,7 +267,10 @@ def print_unstructured(rows: list[dict[str, Any]]) -> None:
                                   binary=not r["transformer"])
             groups = "/".join(res[(allocation, m, "comparison")] for m in ("wanda", "gblm"))
             print(f"{r['name']:<12} {allocation:<9} {r['fp32']:7.4f} {mag:10.4f} {wan:8.4f} {gb:8.4f} "
-                  f"{res[(allocation, 'magnitude', 'sparsity')]:8.3f} {groups:>11} | {verdict}"
+                  f"{res[(allocation, 'magnitude', 'sparsity')]:8.3f} {groups:>11} "
+                  + " ".join(f"{res[(allocation, m, 'mse')]:{w}.4g}" for m, w in
+                             (("magnitude", 9), ("wanda", 8), ("gblm", 8)))
+                  + f" | {verdict}"
                   + (f" ({which} {best - mag:+.4f}, paired p={p:.2g})" if verdict != "TIE" else ""))
 
 
