@@ -4,11 +4,15 @@
 
 * The project's CNN and transformer (trained on the digits), fp32: TVM artifact vs ORT, batch 1 and 64.
 * A 4096×4096 weight-only GEMV at batch 1: TVM fp32 / int8 / int4 kernels vs ORT fp32 MatMul and
-  ORT MatMulNBits 4-bit (block 128, accuracy_level 4), with the achieved fraction of measured read
-  bandwidth (best of a numpy max and a BLAS GEMV over 256 MiB; the numpy copy figure is printed too).
-  The int4 weight (8.4 MB) is about the size of an 8 MiB L3: part of it may be served from cache.
+  ORT MatMulNBits 4-bit (block 128, accuracy_level 4, so int8 activations as ours), with the achieved
+  fraction of measured read bandwidth (best of a numpy max and a BLAS GEMV over 256 MiB; the numpy
+  copy figure is printed too). The int4 weight (8.4 MB) is about the size of an 8 MiB L3: part of it
+  may be served from cache.
+* The CNN's convolutions (shapes from ``zoo.digits_cnn``), batch 1 and 64: TVM int8 conv vs TVM fp32
+  conv, both with bias and ReLU fused, as the lowering emits them.
 
-Variants alternate inside one process and medians are reported (NOTES.md: ORT timings drift).
+Variants alternate inside one process and medians are reported (NOTES.md: ORT timings drift); numpy
+is timed apart, after the others, because OpenBLAS's spinning threads slow whatever runs next.
 Ratios are "other / TVM" latency: above 1 means TVM is faster.
 """
 
@@ -152,11 +156,14 @@ def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[
     nb = kernels.int4_out_block(n, lanes)
     q4 = kernels.quantize_int4(w, nb, 128)
     tc4, ts4 = te.placeholder(q4.codes.shape, "uint8", "c"), te.placeholder(q4.scales.shape, "float16", "s")
-    f4 = build([tx, tc4, ts4, kernels.dense_int4(tx, tc4, ts4, None, block_size=128)], "dense_int4")
+    tb4 = te.placeholder((n,), "float32", "b")
+    f4 = build([tx, tc4, ts4, tb4, kernels.dense_int4(tx, tc4, ts4, tb4, block_size=128)], "dense_int4")
     c4, s4 = tvm.runtime.tensor(q4.codes, dev), tvm.runtime.tensor(q4.scales, dev)
-    fns["tvm int4"] = lambda: f4(tvm_x, c4, s4, out)
-    f4(tvm_x, c4, s4, out)
-    assert np.allclose(out.numpy(), x @ kernels.dequantize_int4(q4), rtol=1e-3, atol=1e-3)
+    b4 = tvm.runtime.tensor(np.zeros(n, np.float32), dev)
+    fns["tvm int4"] = lambda: f4(tvm_x, c4, s4, b4, out)
+    f4(tvm_x, c4, s4, b4, out)
+    exact = x @ kernels.dequantize_int4(q4)  # int8 activations: off by the activation rounding only
+    assert np.abs(out.numpy() - exact).max() < 0.01 * np.abs(exact).max()
 
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemv",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
@@ -175,15 +182,79 @@ def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[
         fns["ort MatMulNBits int4"] = lambda: ort4.run(None, {"x": x})
     except Exception as err:  # noqa: BLE001 - report and go on
         print(f"(ORT MatMulNBits unavailable: {err})")
-    fns["numpy fp32"] = lambda: x @ w
-    return _timed(fns, rounds)
+    times = _timed(fns, rounds)
+    # numpy last and on its own: OpenBLAS's threads spin after each call and halved the speed of whatever
+    # ran next when it alternated with the others (TVM int4 0.85 -> 0.39 ms without it)
+    times.update(_timed({"numpy fp32": lambda: x @ w}, rounds))
+    return times
+
+
+def cnn_conv_shapes() -> list[tuple[int, int, int, int, int]]:
+    """(in channels, out channels, height, width, kernel) of each conv of the project's CNN."""
+    import torch
+
+    from bitpass.tools import zoo
+
+    shapes = []
+    model = zoo.digits_cnn().eval()
+    hooks = [m.register_forward_hook(lambda mod, args, _: shapes.append(
+        (mod.in_channels, mod.out_channels, args[0].shape[2], args[0].shape[3], mod.kernel_size[0])))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def bench_conv(rounds: int) -> list[tuple[str, float, float]]:
+    """(label, fp32 seconds, int8 seconds) per CNN conv and batch, timed side by side."""
+    import tvm
+    from tvm import te
+
+    from bitpass.backends.tvm import kernels, schedules, targets
+
+    spec = targets.get(targets.host_target())
+    target = spec.tvm_target()
+    lanes = schedules.vector_lanes(spec.features)
+    dev = tvm.cpu()
+    geometry = {"strides": (1, 1), "dilations": (1, 1), "groups": 1}
+    attrs = {"bitpass.strides": [1, 1], "bitpass.dilations": [1, 1], "bitpass.groups": 1, "bitpass.act": "relu"}
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, oc, h, wd, k in cnn_conv_shapes():
+        ob = kernels.out_block(oc, lanes)
+        pad = k // 2
+        w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+        taps = kernels.conv_int8_taps(c, k, 1)  # as the lowering packs a single-channel conv
+        codes, scale = kernels.quantize_conv_int8(w, ob, taps)
+        for batch in (1, 64):
+            x = rng.standard_normal((batch, c, h, wd)).astype(np.float32)
+            tx, tb = te.placeholder(x.shape, "float32", "x"), te.placeholder((oc,), "float32", "b")
+            tw = te.placeholder((oc // ob, c, k, k, ob), "float32", "w")
+            tc, ts = te.placeholder(codes.shape, "int8", "c"), te.placeholder((oc,), "float32", "s")
+            f32 = te.create_prim_func([tx, tw, tb, kernels.conv2d(tx, tw, tb, pads=(pad,) * 4, act="relu", **geometry)])
+            f8 = te.create_prim_func([tx, tc, ts, tb, kernels.conv2d_int8(tx, tc, ts, tb, pads=(pad,) * 4, act="relu",
+                                                                          taps=taps, **geometry)])
+            fns = {}
+            args = {"fp32": (x, kernels.pack_conv(w, ob)), "int8": (x, codes, scale)}
+            for name, func, kind in (("fp32", f32, "conv2d"), ("int8", f8, "conv2d_int8")):
+                func = func.with_attr({"bitpass.kernel": kind, "bitpass.nb": ob, "bitpass.pads": [pad] * 4,
+                                       "bitpass.taps": taps, **attrs})
+                built = tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
+                tensors = [tvm.runtime.tensor(a, dev) for a in (*args[name], np.zeros(oc, np.float32),
+                                                                np.zeros((batch, oc, h, wd), np.float32))]
+                fns[name] = (lambda f, t: lambda: f(*t))(built, tensors)
+            t = _timed(fns, rounds)
+            rows.append((f"{c}->{oc} {h}x{wd} k{k} batch {batch}", t["fp32"], t["int8"]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="GEMV and bandwidth only (no model training)")
+    parser.add_argument("--quick", action="store_true", help="GEMV, conv layers and bandwidth only (no model training)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
@@ -197,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in gemv.items():
         bits = name.split()[-1]
         nbytes = weight_bytes.get(bits, weight_bytes["fp32"])
-        print(f"  {name:<30} {seconds * 1e3:7.3f} {nbytes / seconds / 1e9:8.1f} {100 * nbytes / seconds / bandwidth:12.0f} %"
-              f" {gemv['ort fp32'] / seconds:12.2f}x")
+        print(f"  {name:<30} {seconds * 1e3:7.3f} {nbytes / seconds / 1e9:8.1f}"
+              f" {100 * nbytes / seconds / bandwidth:12.0f} % {gemv['ort fp32'] / seconds:12.2f}x")
     if "ort MatMulNBits int4" in gemv:
         print(f"  TVM int4 vs ORT MatMulNBits: {gemv['ort MatMulNBits int4'] / gemv['tvm int4']:.2f}x (>1: TVM faster)")
     print(f"  TVM int8 vs TVM fp32: {gemv['tvm fp32'] / gemv['tvm int8']:.2f}x; "
           f"int4 vs fp32: {gemv['tvm fp32'] / gemv['tvm int4']:.2f}x")
+    print("\nCNN conv layer                     fp32 ms    int8 ms   fp32/int8")
+    for label, fp32_s, int8_s in bench_conv(args.rounds):
+        print(f"  {label:<30} {fp32_s * 1e3:8.3f} {int8_s * 1e3:10.3f} {fp32_s / int8_s:9.2f}x")
     if not args.quick:
         print("\nmodel                         TVM ms     ORT ms    ORT/TVM")
         for label, tvm_s, ort_s in bench_models(args.threads, args.rounds):

@@ -7,7 +7,7 @@ the device) and ``model.onnx`` (the annotated IR the library was lowered from: t
 ``bitpass verify`` checks). ``tvm`` is imported only when compiling or loading.
 
 Bits: the lowering reads ``bits.weight`` annotations directly (int8 and 4-bit kernels for
-Gemm/MatMul; Conv is fp32 only so far). Capabilities say ``lowers_bits``, so the ``quantize``
+Gemm/MatMul, int8 for Conv). Capabilities say ``lowers_bits``, so the ``quantize``
 pass leaves the graph to this backend and the ``default`` and ``mixed`` pipelines work as they are.
 """
 

@@ -21,9 +21,12 @@ Kernels
 * ``conv2d``: fp32 NCHW convolution (groups, so depthwise too) with fused bias and activation,
   computed with output channels innermost and written back to NCHW by the epilogue.
 * ``conv2d_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per sample on
-  the fly, int32 accumulation, requantized to fp32 with fused bias and activation. Weights are stored
-  ``[OC/ob, ICp/2, KH, KW, ob, 2]``: pairs of input channels innermost, so an int16 multiply-add of
-  adjacent pairs (``vpmaddwd``, ``avx2.py``) reduces two channels at once, exactly (no saturation).
+  the fly, int32 accumulation, requantized to fp32 with fused bias and activation. Codes use 7 bits
+  (±63, ``CONV_INT8_LEVELS``: ORT's "reduce_range" for AVX2 without VNNI) so that the u8 × s8
+  multiply-add (``vpmaddubsw``, ``avx2.py``) never saturates and two steps sum in int16: on Zen 1 an
+  exact int16 ``vpmaddwd`` path only matches fp32 FMA throughput. Weights are stored
+  ``[OC/ob, ICq/4, KH, KW, ob, 4]``: 4 input channels of one output per 32-bit lane; a single-channel
+  conv (a first layer) holds a row of taps there instead (``conv_int8_taps``).
 
 The TE computes are the definition and the portable (aarch64) path; on AVX2 targets the schedule
 rules substitute the hand-written micro-kernels of ``avx2.py``, which read the same layouts and compute
@@ -56,8 +59,8 @@ def out_block(n: int, lanes: int) -> int:
 
 
 def int4_out_block(n: int, lanes: int) -> int:
-    """Output tile of the 4-bit kernel: four vectors where they divide ``n`` (one 16-byte load of codes
-    feeds 32 outputs; the kernel is bound by nibble-to-float conversions, not by FMA latency)."""
+    """Output tile of the 4-bit kernel: four vectors where they divide ``n`` (four int16 accumulators of
+    8 outputs share each broadcast of the activations; 128 contiguous bytes of codes per 8 k)."""
     for nb in (4 * lanes, 2 * lanes, lanes, 8, 4, 2):
         if n % nb == 0:
             return nb
@@ -149,28 +152,49 @@ def pack_conv(w_oihw: np.ndarray, ob: int) -> np.ndarray:
     return np.ascontiguousarray(w_oihw.reshape(oc // ob, ob, icg, kh, kw).transpose(0, 2, 3, 4, 1)).astype(np.float32)
 
 
+#: levels of the int8 conv's weight and activation codes: 7 bits (±63), so that AVX2's u8 × s8
+#: multiply-add (``vpmaddubsw``) can sum two steps in int16 without saturating (2 · 2 · 127 · 63 < 2^15)
+CONV_INT8_LEVELS = 63
+
+
 def conv_int8_channels(icg: int) -> int:
-    """Input channels per group the int8 conv layout holds: ``icg`` rounded up to a pair."""
-    return icg + icg % 2
+    """Input channels per group the int8 conv layout holds: whole quads (4 channels per 32-bit lane), and
+    an even number of quads beyond one (two quads are summed in int16 before widening)."""
+    return 4 if icg <= 4 else -(-icg // 8) * 8
 
 
-def quantize_conv_int8(w_oihw: np.ndarray, ob: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric int8: codes [OC/ob, ICp/2, KH, KW, ob, 2] (a zero channel pads an odd
-    IC) and scales [OC] fp32."""
+def conv_int8_taps(icg: int, kw: int, dilation_w: int) -> int:
+    """The kernel width when the int8 conv layout puts a row of taps, not channels, in the 4 lanes of a
+    32-bit word: single-channel convolutions (first layers) with adjacent taps (dilation 1) that fit
+    (kw ≤ 4); else 0. Without it a 1-channel conv would multiply 3 zero channels per tap."""
+    return kw if icg == 1 and 1 < kw <= 4 and dilation_w == 1 else 0
+
+
+def quantize_conv_int8(w_oihw: np.ndarray, ob: int, taps: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric 7-bit codes in int8 (``CONV_INT8_LEVELS``) and scales [OC] fp32.
+    Codes [OC/ob, ICq/4, KH, KW, ob, 4] (zero channels pad IC to ``conv_int8_channels``), or with
+    ``taps`` (``conv_int8_taps``) [OC/ob, 1, KH, 1, ob, 4] holding the taps of a row (zero-padded to 4)."""
     oc, icg, kh, kw = w_oihw.shape
     amax = np.abs(w_oihw).reshape(oc, -1).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w_oihw / scale[:, None, None, None]), -127, 127).astype(np.int8)
-    icp = conv_int8_channels(icg)
-    codes = np.pad(codes, ((0, 0), (0, icp - icg), (0, 0), (0, 0)))
-    tiles = codes.reshape(oc // ob, ob, icp // 2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    scale = np.where(amax > 0, amax / CONV_INT8_LEVELS, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_oihw / scale[:, None, None, None]), -CONV_INT8_LEVELS, CONV_INT8_LEVELS)
+    codes = codes.astype(np.int8)
+    if taps:
+        codes = np.pad(codes, ((0, 0), (0, 0), (0, 0), (0, 4 - kw)))
+        tiles = codes.reshape(oc // ob, ob, 1, kh, 1, 4).transpose(0, 2, 3, 4, 1, 5)
+        return np.ascontiguousarray(tiles), scale
+    icq = conv_int8_channels(icg)
+    codes = np.pad(codes, ((0, 0), (0, icq - icg), (0, 0), (0, 0)))
+    tiles = codes.reshape(oc // ob, ob, icq // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3)
     return np.ascontiguousarray(tiles), scale
 
 
-def conv_int8_codes(codes: np.ndarray, icg: int) -> np.ndarray:
-    """The [OC, IC/g, KH, KW] int32 codes of a packed int8 conv weight (the padding channel dropped)."""
-    blocks, pairs, kh, kw, ob, _ = codes.shape
-    full = codes.transpose(0, 4, 1, 5, 2, 3).reshape(blocks * ob, pairs * 2, kh, kw)
+def conv_int8_codes(codes: np.ndarray, icg: int, taps: int = 0) -> np.ndarray:
+    """The [OC, IC/g, KH, KW] int32 codes of a packed int8 conv weight (the padding dropped)."""
+    blocks, quads, kh, kw, ob, _ = codes.shape
+    if taps:
+        return codes.transpose(0, 4, 1, 2, 3, 5).reshape(blocks * ob, 1, kh, 4)[..., :taps].astype(np.int32)
+    full = codes.transpose(0, 4, 1, 5, 2, 3).reshape(blocks * ob, quads * 4, kh, kw)
     return full[:, :icg].astype(np.int32)
 
 
@@ -318,22 +342,25 @@ def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) 
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: int, act: str = "none"):
-    """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric, 127 levels),
-    ``codes`` [OC/ob, ICp/2, KH, KW, ob, 2] int8 with per-output ``wscale`` [OC], ``bias`` [OC];
-    fp32 out = act(acc · sx · sw + b). ``pads`` (top, left, bottom, right)."""
+def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: int, act: str = "none",
+                taps: int = 0):
+    """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric,
+    ``CONV_INT8_LEVELS``), ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output
+    ``wscale`` [OC], ``bias`` [OC]; fp32 out = act(acc · sx · sw + b). ``pads`` (top, left, bottom, right)."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
     oblocks, _, kh, kw, ob, _ = (int(v) for v in codes.shape)
+    kw = taps or kw
     oc = oblocks * ob
     icg, ocg = c // groups, oc // groups
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
     oh, ow = conv_out_size(h, pt + pb, kh, sh, dh), conv_out_size(wd, pl + pr, kw, sw, dw)
     rc, ry, rx = (te.reduce_axis((0, e), name=nm) for e, nm in ((c, "ac"), (h, "ay"), (wd, "ax")))
     amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]), name="sample_amax")
-    sx = te.compute((n,), lambda b: _floored(amax[b]) / tirx.const(127.0, "float32"), name="sample_scale")
-    inv = te.compute((n,), lambda b: tirx.const(127.0, "float32") / _floored(amax[b]), name="sample_inv")
+    levels = tirx.const(float(CONV_INT8_LEVELS), "float32")
+    sx = te.compute((n,), lambda b: _floored(amax[b]) / levels, name="sample_scale")
+    inv = te.compute((n,), lambda b: levels / _floored(amax[b]), name="sample_inv")
     xq = te.compute(
         (n, c, h + pt + pb, wd + pl + pr),
         lambda b, ch, y, x: tirx.if_then_else(
@@ -346,12 +373,18 @@ def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: 
         (n, oh, ow, oc),
         lambda b, y, x, o: te.sum(
             xq[b, (o // ocg) * icg + kc, y * sh + ky * dh, x * sw + kx * dw]
-            * codes[o // ob, kc // 2, ky, kx, o % ob, kc % 2].astype("int32"), axis=[kc, ky, kx]),
+            * _conv_int8_code(codes, o, kc, ky, kx, ob, taps).astype("int32"), axis=[kc, ky, kx]),
         name="conv_acc")
     return te.compute(
         (n, oc, oh, ow),
         lambda b, o, y, x: _activate(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o], act),
         name="conv_out")
+
+
+def _conv_int8_code(codes, o, kc, ky, kx, ob: int, taps: int):
+    if taps:
+        return codes[o // ob, 0, ky, 0, o % ob, kx]
+    return codes[o // ob, kc // 4, ky, kx, o % ob, kc % 4]
 
 
 def gemv_bytes(k: int, n: int, bits: int, block_size: int = 128) -> int:

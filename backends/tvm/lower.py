@@ -479,19 +479,21 @@ class _Lowering:
     def _conv_int8(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str):
         """int8 weights (per output channel) × int8 activations quantized per sample: ``kernels.conv2d_int8``,
         replaced by ``avx2.conv2d_int8`` on AVX2 targets (the geometry travels as function attributes)."""
-        def make8():
-            codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob)
-            return self.const(codes), self.const(scale)
+        taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
 
-        codes, scale = self.shared(("conv8", node.name, ob), make8)
+        def make8():
+            codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob, taps)
+            return self.const(codes), self.const(scale), codes.nbytes + scale.nbytes
+
+        codes, scale, nbytes = self.shared(("conv8", node.name, ob), make8)
         oc = w.shape[0]
         b = bias.astype(np.float32) if bias is not None else np.zeros(oc, np.float32)
-        self._record(node, "conv2d_int8", 8, w.size + 4 * oc)
+        self._record(node, "conv2d_int8", 8, nbytes)
 
         def te_conv8(data, cc, ss, bb_):
-            return kernels.conv2d_int8(data, cc, ss, bb_, **_conv_args(geometry), act=act)
+            return kernels.conv2d_int8(data, cc, ss, bb_, **_conv_args(geometry), act=act, taps=taps)
 
-        attrs = {"bitpass.kernel": "conv2d_int8", "bitpass.nb": ob, "bitpass.act": act,
+        attrs = {"bitpass.kernel": "conv2d_int8", "bitpass.nb": ob, "bitpass.act": act, "bitpass.taps": taps,
                  **{f"bitpass.{key}": value for key, value in geometry.items()}}
         return bb.emit_te(te_conv8, x, codes, scale, self.expr(b), primfunc_name_hint="bitpass_conv2d_int8",
                           primfunc_attrs=attrs)

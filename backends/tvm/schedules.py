@@ -165,7 +165,7 @@ class Dense(_Rule):
             return None
         n = codes[0] * nb
         kernel = avx2.dense_int4(m, k, n, nb, k // nkb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
-        return s_tir.Schedule(kernel)
+        return _replacement(func, kernel)
 
     def _int4(self, func):
         """Portable: per tile of ``nb`` outputs (parallel) and block of k, the int32 nibble × x_q sums in
@@ -196,9 +196,10 @@ class Dense(_Rule):
 
 
 class Conv2d(_Rule):
-    """NCHW fp32 and int8 conv (portable path; AVX2 int8 gets ``avx2.conv2d_int8``): tiles of ``owt`` output columns × ``ob`` output channels held in registers,
-    channels innermost (vectorized), reduction (c, ky, kx) outside the tile; bias + activation and the
-    write back to NCHW per tile; parallel over (batch, output row)."""
+    """NCHW fp32 and int8 conv (the portable path; AVX2 int8 gets ``avx2.conv2d_int8``): tiles of ``owt``
+    output columns × ``ob`` output channels held in registers, channels innermost (vectorized), reduction
+    (c, ky, kx) outside the tile; bias + activation and the write back to NCHW per tile (int8: after
+    the convolution, as it also reads the sample's scale); parallel over (batch, output row)."""
 
     def apply(self, func, target, tunable):
         kind = _kernel(func)
@@ -226,8 +227,14 @@ class Conv2d(_Rule):
         oo, oi = sch.split(o, [None, ob])
         sch.reorder(b, y, xo, oo, rc, ry, rx, xi, oi)
         sch.unroll(xi)
-        sch.reverse_compute_at(out, oo)
-        sch.set_scope(acc, 0, "local")
+        if kind == "conv2d":
+            sch.reverse_compute_at(out, oo)
+            sch.set_scope(acc, 0, "local")
+        else:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
+            oloops = sch.get_loops(out)
+            ofused = sch.fuse(*oloops[:2])
+            if work >= PARALLEL_MIN_WORK:
+                sch.parallel(ofused)
         outer = sch.fuse(b, y)
         if work >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
@@ -252,10 +259,19 @@ class Conv2d(_Rule):
         if not avx2.conv2d_int8_supported(ob, groups):
             return None
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
+        taps = _attr(func, "bitpass.taps") if "bitpass.taps" in func.attrs else 0
         kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), _ints(func, "bitpass.strides"),
                                   _ints(func, "bitpass.pads"), _ints(func, "bitpass.dilations"), _act(func),
-                                  parallel=work >= PARALLEL_MIN_WORK)
-        return s_tir.Schedule(kernel)
+                                  parallel=work >= PARALLEL_MIN_WORK, taps=taps)
+        return _replacement(func, kernel)
+
+
+def _replacement(func: tirx.PrimFunc, kernel: tirx.PrimFunc) -> s_tir.Schedule:
+    """A schedule of the hand-written ``kernel`` standing in for ``func``: it keeps ``func``'s attributes
+    (symbol, bitpass tags), so the module sees the same function."""
+    for key, value in func.attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return s_tir.Schedule(kernel)
 
 
 def _sblock_or_none(sch: s_tir.Schedule, name: str):

@@ -30,7 +30,7 @@ def test_backend_is_registered_with_targets_and_capabilities():
     assert {"x86-64-avx2", "aarch64-neon"} <= set(backend.targets)
     caps = backend.capabilities(backend.default_target)
     assert caps.supports_op("", "Conv") and caps.supports_op("", "LayerNormalization")
-    assert caps.widths_for("Gemm") == (4, 8, 32) and caps.widths_for("Conv") == (32,)
+    assert caps.widths_for("Gemm") == (4, 8, 32) and caps.widths_for("Conv") == (8, 32)
 
 
 def test_fp32_artifact_matches_onnx_runtime(fp32_artifact, digits_files, digits_split):

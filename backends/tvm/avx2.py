@@ -1,0 +1,358 @@
+"""Hand-written AVX2 micro-kernels for bitpass's integer kernels, as TIR with LLVM intrinsic calls.
+
+TVM 0.27's ``Schedule.tensorize`` crashes (``tvm::ffi::ToJSONGraph``, the bug that also breaks
+MetaSchedule; NOTES.md), and LLVM does not turn TIR's vectorized ``sext × sext`` sums into
+``vpmaddubsw`` / ``vpmaddwd`` by itself. So for AVX2 targets the schedule rules (``schedules.py``)
+replace the TE kernel by one of these functions: same parameters, same weight layouts, same integer
+arithmetic (``kernels.py`` holds the definitions, which stay the portable path, e.g. for aarch64).
+
+* ``dense_int4``: per 32 bytes of packed codes (8 outputs × 8 k), an AND and a shift give the low and
+  high nibbles, each multiplied by 4 broadcast int8 activations with ``vpmaddubsw`` (u8 × s8 → pairs
+  summed in int16; |sum| ≤ 2·15·127, so eight of them still fit an int16), then ``vpmaddwd`` by ones
+  widens to int32 once per 32 k. Parallel over output tiles.
+* ``conv2d_int8``: activations quantized per sample to 7-bit codes stored as u8 = code + 64 in quads
+  of input channels (padded spatially; the offset is taken back per output with Σ w), weights as 7-bit
+  codes, 8 outputs × 4 channels per register: ``vpmaddubsw`` of two quads summed in int16
+  (|sum| ≤ 2·2·127·63 < 2^15), then ``vpmaddwd`` by ones into int32: 64 multiply-adds per 3
+  multiplier instructions. (An exact int8 × int8 ``vpmaddwd`` path, 16 per instruction, measured no
+  faster than the fp32 FMA kernel on Zen 1, where both run on one multiplier pipe at the same rate.)
+  A tile of ``owt`` output columns × ``ob`` channels stays in registers; parallel over (sample,
+  output row). A single-channel conv (``kernels.conv_int8_taps``) puts a row of taps in the 4 lanes
+  instead: 4 adjacent bytes of the quantized image, two rows of taps per widening.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.ir.expr import Expr
+from tvm.script import tirx as T
+
+from bitpass.backends.tvm import kernels
+
+#: fp32 lanes (int32 lanes) of one AVX2 register
+LANES = 8
+#: input elements below which the conv's quantization prologue runs on one thread (~10 µs to wake the
+#: pool on a busy machine, more than quantizing them)
+PROLOGUE_PARALLEL_MIN = 1 << 15
+#: k groups of 8 whose int16 sums are accumulated before widening: 4 × 2 products of ≤ 2·15·127 each
+INT16_GROUPS = 4
+
+
+def _floor(act: str) -> float:
+    """The epilogue's lower clamp: ReLU is max(v, 0); no activation is max(v, -FLT_MAX)."""
+    return 0.0 if act == "relu" else -3.4028234663852886e38
+
+
+def _loop(parallel: bool):
+    return T.parallel if parallel else T.serial
+
+
+def dense_int4_supported(k: int, nb: int, block_size: int) -> bool:
+    return nb % LANES == 0 and block_size % 8 == 0 and k % block_size == 0
+
+
+def dense_int4(m: int, k: int, n: int, nb: int, block_size: int, act: str, parallel: bool) -> tirx.PrimFunc:
+    """4-bit weights × int8 activations (``kernels.dense_int4``) with ``vpmaddubsw``."""
+    bs = block_size
+    blocks, nkb, kg = n // nb, k // bs, k // 8
+    groups = bs // 8
+    gacc = next(g for g in range(min(INT16_GROUPS, groups), 0, -1) if groups % g == 0)
+    vecs = nb // LANES
+    floor = _floor(act)
+    loop = _loop(parallel)
+    amax_lanes = LANES if bs % LANES == 0 else 1
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, kg, nb, 4), "uint8"),
+               scales: T.Buffer((blocks, nkb, nb), "float16"), bias: T.Buffer((n,), "float32"),
+               out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        flat = T.decl_buffer((blocks * kg * nb * 4,), "uint8", data=codes.data)
+        sx = T.alloc_buffer((m * nkb,), "float32")
+        xsum8 = T.alloc_buffer((m * nkb,), "int32")
+        xq = T.alloc_buffer((m * k,), "int8")
+        for i, b in T.grid(m, nkb):  # per-block int8 activations, as kernels.quantize_blocks
+            lane_max = T.alloc_buffer((amax_lanes,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            lane_sum = T.alloc_buffer((amax_lanes,), "int32", scope="local")
+            total = T.alloc_buffer((1,), "int32", scope="local")
+            for v in T.vectorized(amax_lanes):
+                lane_max[v] = T.float32(0)
+                lane_sum[v] = 0
+            for r in range(bs // amax_lanes):
+                for v in T.vectorized(amax_lanes):
+                    lane_max[v] = T.max(lane_max[v], T.fabs(x[i, b * bs + r * amax_lanes + v]))
+            amax[0] = T.float32(1e-12)
+            for v in range(amax_lanes):
+                amax[0] = T.max(amax[0], lane_max[v])
+            sx[i * nkb + b] = amax[0] / T.float32(127)
+            for r in range(bs // amax_lanes):
+                for v in T.vectorized(amax_lanes):
+                    xq[i * k + b * bs + r * amax_lanes + v] = T.Cast(
+                        "int8", T.round(x[i, b * bs + r * amax_lanes + v] * (T.float32(127) / amax[0])))
+                    lane_sum[v] = lane_sum[v] + T.Cast("int32", xq[i * k + b * bs + r * amax_lanes + v])
+            total[0] = 0
+            for v in range(amax_lanes):
+                total[0] = total[0] + lane_sum[v]
+            xsum8[i * nkb + b] = total[0] * 8
+        for t in loop(blocks):
+            for i in range(m):
+                acc = T.alloc_buffer((nb,), "float32", scope="local")
+                for j in T.vectorized(nb):
+                    acc[j] = T.float32(0)
+                for b in range(nkb):
+                    part = T.alloc_buffer((nb,), "int32", scope="local")
+                    for j in T.vectorized(nb):
+                        part[j] = 0
+                    for go in range(groups // gacc):
+                        s16 = T.alloc_buffer((nb * 2,), "int16", scope="local")
+                        for j in T.vectorized(nb * 2):
+                            s16[j] = T.int16(0)
+                        for gi in T.unroll(gacc):
+                            for v in T.unroll(vecs):
+                                s16[T.ramp(v * 16, 1, 16)] = s16[T.ramp(v * 16, 1, 16)] + _nibble_dot(
+                                    flat, xq, ((t * kg + (b * bs + (go * gacc + gi) * 8) // 8) * nb + v * 8) * 4,
+                                    i * k + b * bs + (go * gacc + gi) * 8)
+                        for v in T.unroll(vecs):
+                            part[T.ramp(v * 8, 1, 8)] = part[T.ramp(v * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                                "int32x8", "llvm.x86.avx2.pmadd.wd", s16[T.ramp(v * 16, 1, 16)],
+                                T.broadcast(T.int16(1), 16))
+                    for j in T.vectorized(nb):
+                        acc[j] = acc[j] + T.Cast("float32", part[j] - xsum8[i * nkb + b]) * (
+                            sx[i * nkb + b] * T.Cast("float32", scales[t, b, j]))
+                for j in T.vectorized(nb):
+                    out[i, t * nb + j] = T.max(acc[j] + bias[t * nb + j], T.float32(floor))
+
+    return kernel
+
+
+def _nibble_dot(flat, xq, byte: Expr, xi: Expr) -> Expr:
+    """int16x16: for 8 outputs, Σ over k..k+7 of nibble × x_q, as pairs (two ``vpmaddubsw``)."""
+    codes = flat[tirx.Ramp(byte, 1, 32)]
+    mask = tirx.Broadcast(tirx.const(15, "uint8"), 32)
+    lo = tirx.bitwise_and(codes, mask)
+    hi = tirx.bitwise_and(tirx.shift_right(codes, tirx.Broadcast(tirx.const(4, "uint8"), 32)), mask)
+
+    def quad(offset):
+        word = tirx.call_intrin("int32", "tirx.reinterpret", xq[tirx.Ramp(xi + offset, 1, 4)])
+        return tirx.call_intrin("int8x32", "tirx.reinterpret", tirx.Broadcast(word, 8))
+
+    def madd(u8, s8):
+        return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u8, s8)
+
+    return madd(lo, quad(0)) + madd(hi, quad(4))
+
+
+def conv2d_int8_supported(ob: int, groups: int) -> bool:
+    return ob % LANES == 0 and groups == 1
+
+
+def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
+                strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
+                act: str, parallel: bool, taps: int = 0) -> tirx.PrimFunc:
+    """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1) with ``vpmaddubsw``: activations as u8 = code + 64."""
+    if taps:
+        return _conv2d_int8_taps(shape, oc, ob, (kernel[0], taps), strides, pads, dilations, act, parallel)
+    n, c, h, wd = shape
+    kh, kw = kernel
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
+    hp, wp = h + pt + pb, wd + pl + pr
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    quads = kernels.conv_int8_channels(c) // 4
+    pair = 2 if quads % 2 == 0 else 1  # quads summed in int16 before widening
+    oblocks, vecs = oc // ob, ob // LANES
+    owt = next(d for d in range(min(ow, max(1, 8 // vecs)), 0, -1) if ow % d == 0)
+    chw = c * h * wd
+    lanes = LANES if chw % LANES == 0 else 1
+    levels = float(kernels.CONV_INT8_LEVELS)
+    floor = _floor(act)
+    loop = _loop(parallel)
+    prologue = _loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
+    steps = quads * kh * kw * 4  # weight codes per output
+    xsize = n * quads * hp * wp * 4
+    xsize += -xsize % 32
+    xlanes = next(d for d in (8, 4, 2, 1) if wd % d == 0)
+
+    @T.prim_func(private=True)
+    def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
+                  wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
+                  out: T.Buffer((n, oc, oh, ow), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+        wflat = T.decl_buffer((oblocks * steps * ob,), "int8", data=codes.data)
+        sx = T.alloc_buffer((n,), "float32")
+        offset = T.alloc_buffer((oc,), "int32")
+        xq = T.alloc_buffer((xsize,), "uint8")
+        for blk, v in T.grid(oblocks, vecs):  # Σ (code + 64)·w = Σ code·w + 64·Σ w: the second term
+            total = T.alloc_buffer((LANES,), "int32", scope="local")
+            for z in T.vectorized(LANES):
+                total[z] = 0
+            for r in range(steps // 4):  # the kernel's own multiply-add, with every activation at 64
+                total[T.ramp(0, 1, LANES)] = total[T.ramp(0, 1, LANES)] + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
+                        "int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.broadcast(T.int8(64), 32),
+                        wflat[T.ramp(((blk * (steps // 4) + r) * ob + v * LANES) * 4, 1, 32)]),
+                    T.broadcast(T.int16(1), 16))
+            for z in T.vectorized(LANES):
+                offset[blk * ob + v * LANES + z] = total[z]
+        for zo in range(xsize // 32):  # padding and padding channels hold code 0, i.e. 64
+            for z in T.vectorized(32):
+                xq[zo * 32 + z] = T.uint8(64)
+        for b in prologue(n):  # per-sample 7-bit activations, as kernels.conv2d_int8
+            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            for v in T.vectorized(lanes):
+                lane_max[v] = T.float32(0)
+            for r in range(chw // lanes):
+                for v in T.vectorized(lanes):
+                    lane_max[v] = T.max(lane_max[v], T.fabs(dflat[b * chw + r * lanes + v]))
+            amax[0] = T.float32(1e-12)
+            for v in range(lanes):
+                amax[0] = T.max(amax[0], lane_max[v])
+            sx[b] = amax[0] / T.float32(levels)
+            for ch, y, xo in T.grid(c, h, wd // xlanes):
+                for xx in T.vectorized(xlanes):
+                    xq[(((b * quads + ch // 4) * hp + y + pt) * wp + xo * xlanes + xx + pl) * 4 + ch % 4] = T.Cast(
+                        "uint8", T.Cast("int32", T.round(data[b, ch, y, xo * xlanes + xx] * (T.float32(levels)
+                                                                                          / amax[0]))) + 64)
+        for row in loop(n * oh):
+            for xo, blk in T.grid(ow // owt, oblocks):
+                acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+                for z in T.vectorized(owt * ob):
+                    acc[z] = 0
+                for qq, ky, kx in T.grid(quads // pair, kh, kw):
+                    for v in T.unroll(vecs):
+                        for xi in T.unroll(owt):
+                            acc[T.ramp((xi * vecs + v) * 8, 1, 8)] = acc[T.ramp((xi * vecs + v) * 8, 1, 8)] + \
+                                T.call_llvm_pure_intrin(
+                                    "int32x8", "llvm.x86.avx2.pmadd.wd",
+                                    _dots(xq, wflat, pair,
+                                          ((((row // oh) * quads + qq * pair) * hp + (row % oh) * sh + ky * dh) * wp
+                                           + (xo * owt + xi) * sw + kx * dw) * 4, hp * wp * 4,
+                                          ((((blk * quads + qq * pair) * kh + ky) * kw + kx) * ob + v * 8) * 4,
+                                          kh * kw * ob * 4),
+                                    T.broadcast(T.int16(1), 16))
+                for v, xi in T.grid(vecs, owt):  # requantized 8 channels at a time, stored to NCHW
+                    for z in T.vectorized(LANES):
+                        out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
+                            T.Cast("float32", acc[xi * ob + v * LANES + z] - offset[blk * ob + v * LANES + z])
+                            * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z],
+                            T.float32(floor))
+
+    return kernel_fn
+
+
+def _conv2d_int8_taps(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
+                      strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
+                      act: str, parallel: bool) -> tirx.PrimFunc:
+    """The single-channel case (``kernels.conv_int8_taps``): a row of ≤ 4 taps per 32-bit lane, read as 4
+    adjacent bytes of the quantized, padded image (a zero 4th tap reads one more byte of padding); two
+    rows of taps summed in int16 per ``vpmaddwd``."""
+    n, _, h, wd = shape
+    kh, kw = kernel
+    (sh, sw), (dh, _), (pt, pl, pb, pr) = strides, dilations, pads
+    hp, wp = h + pt + pb, wd + pl + pr
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - kw) // sw + 1
+    wq = wp + 4 - kw  # room for the zero taps
+    oblocks, vecs = oc // ob, ob // LANES
+    owt = next(d for d in range(min(ow, max(1, 8 // vecs)), 0, -1) if ow % d == 0)
+    hw = h * wd
+    lanes = LANES if hw % LANES == 0 else 1
+    levels = float(kernels.CONV_INT8_LEVELS)
+    floor = _floor(act)
+    loop = _loop(parallel)
+    prologue = _loop(parallel and n * hw >= PROLOGUE_PARALLEL_MIN)
+    xsize = n * hp * wq
+    xsize += -xsize % 32
+    xlanes = next(d for d in (8, 4, 2, 1) if wd % d == 0)
+
+    @T.prim_func(private=True)
+    def kernel_fn(data: T.Buffer((n, 1, h, wd), "float32"), codes: T.Buffer((oblocks, 1, kh, 1, ob, 4), "int8"),
+                  wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
+                  out: T.Buffer((n, oc, oh, ow), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        dflat = T.decl_buffer((n * hw,), "float32", data=data.data)
+        wflat = T.decl_buffer((oblocks * kh * ob * 4,), "int8", data=codes.data)
+        sx = T.alloc_buffer((n,), "float32")
+        offset = T.alloc_buffer((oc,), "int32")
+        xq = T.alloc_buffer((xsize,), "uint8")
+        for blk, v in T.grid(oblocks, vecs):  # 64·Σ w per output (activations are code + 64)
+            total = T.alloc_buffer((LANES,), "int32", scope="local")
+            for z in T.vectorized(LANES):
+                total[z] = 0
+            for ky in range(kh):
+                total[T.ramp(0, 1, LANES)] = total[T.ramp(0, 1, LANES)] + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
+                        "int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.broadcast(T.int8(64), 32),
+                        wflat[T.ramp(((blk * kh + ky) * ob + v * LANES) * 4, 1, 32)]),
+                    T.broadcast(T.int16(1), 16))
+            for z in T.vectorized(LANES):
+                offset[blk * ob + v * LANES + z] = total[z]
+        for zo in range(xsize // 32):
+            for z in T.vectorized(32):
+                xq[zo * 32 + z] = T.uint8(64)
+        for b in prologue(n):
+            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            for v in T.vectorized(lanes):
+                lane_max[v] = T.float32(0)
+            for r in range(hw // lanes):
+                for v in T.vectorized(lanes):
+                    lane_max[v] = T.max(lane_max[v], T.fabs(dflat[b * hw + r * lanes + v]))
+            amax[0] = T.float32(1e-12)
+            for v in range(lanes):
+                amax[0] = T.max(amax[0], lane_max[v])
+            sx[b] = amax[0] / T.float32(levels)
+            for y, xo in T.grid(h, wd // xlanes):
+                for xx in T.vectorized(xlanes):
+                    xq[(b * hp + y + pt) * wq + xo * xlanes + xx + pl] = T.Cast(
+                        "uint8", T.Cast("int32", T.round(data[b, 0, y, xo * xlanes + xx] * (T.float32(levels)
+                                                                                            / amax[0]))) + 64)
+        for row in loop(n * oh):
+            for xo, blk in T.grid(ow // owt, oblocks):
+                acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+                for z in T.vectorized(owt * ob):
+                    acc[z] = 0
+                for kp in range(kh // 2):  # two rows of taps per widening; an odd last row alone
+                    for v in T.unroll(vecs):
+                        for xi in T.unroll(owt):
+                            acc[T.ramp((xi * vecs + v) * 8, 1, 8)] = acc[T.ramp((xi * vecs + v) * 8, 1, 8)] + \
+                                T.call_llvm_pure_intrin(
+                                    "int32x8", "llvm.x86.avx2.pmadd.wd",
+                                    _dots(xq, wflat, 2,
+                                          ((row // oh) * hp + (row % oh) * sh + 2 * kp * dh) * wq
+                                          + (xo * owt + xi) * sw, dh * wq, ((blk * kh + 2 * kp) * ob + v * 8) * 4,
+                                          ob * 4),
+                                    T.broadcast(T.int16(1), 16))
+                for kt in range(kh % 2):
+                    for v in T.unroll(vecs):
+                        for xi in T.unroll(owt):
+                            acc[T.ramp((xi * vecs + v) * 8, 1, 8)] = acc[T.ramp((xi * vecs + v) * 8, 1, 8)] + \
+                                T.call_llvm_pure_intrin(
+                                    "int32x8", "llvm.x86.avx2.pmadd.wd",
+                                    _dots(xq, wflat, 1,
+                                          ((row // oh) * hp + (row % oh) * sh + (kh - 1 + kt) * dh) * wq
+                                          + (xo * owt + xi) * sw, 0, ((blk * kh + kh - 1 + kt) * ob + v * 8) * 4, 0),
+                                    T.broadcast(T.int16(1), 16))
+                for v, xi in T.grid(vecs, owt):  # requantized 8 channels at a time, stored to NCHW
+                    for z in T.vectorized(LANES):
+                        out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
+                            T.Cast("float32", acc[xi * ob + v * LANES + z] - offset[blk * ob + v * LANES + z])
+                            * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z],
+                            T.float32(floor))
+
+    return kernel_fn
+
+
+def _dots(xq, wflat, rows: int, byte: Expr, byte_step: int, weight: Expr, weight_step: int) -> Expr:
+    """int16x16: for 8 outputs, Σ over ``rows`` steps of 4 lanes (channels or taps) of (code + 64) × w, as
+    pairs of int16 lanes per output (``vpmaddubsw``: 4 activation bytes at ``byte`` broadcast, 8 outputs ×
+    4 weight bytes at ``weight``; the next step ``byte_step`` / ``weight_step`` bytes on)."""
+    total = None
+    for r in range(rows):
+        word = tirx.call_intrin("int32", "tirx.reinterpret", xq[tirx.Ramp(byte + r * byte_step, 1, 4)])
+        acts = tirx.call_intrin("int8x32", "tirx.reinterpret", tirx.Broadcast(word, 8))
+        dot = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", acts,
+                                         wflat[tirx.Ramp(weight + r * weight_step, 1, 32)])
+        total = dot if total is None else total + dot
+    return total
