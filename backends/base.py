@@ -88,6 +88,12 @@ class Backend(abc.ABC):
         ``{layer_id: {(bits, format): {batch: seconds per call}}}`` (untimed layers left out)."""
         return None
 
+    def stored_weight_bytes(self, model: Model, directory: Path) -> int:
+        """Bytes of every constant as the emitted artifact in ``directory`` stores them. The default is the
+        graph's own constants (a backend that runs the ONNX graph stores what it holds); a backend that
+        lowers bits itself counts its kernels' packed weights instead."""
+        return model.weight_bytes()
+
     @abc.abstractmethod
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         """Write the deployable files into ``directory``; return their names."""

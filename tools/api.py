@@ -77,13 +77,13 @@ def _legalize(backend: Backend, model: Model, target: str, when: str) -> None:
         raise UnsupportedOperatorError(f"{when}: {problems[0]}{more}")
 
 
-def _sizes(reference_model: Model, final: Model, ref_bytes: int, directory: Path,
+def _sizes(reference_model: Model, weight_bytes: int, ref_bytes: int, directory: Path,
            files: Sequence[str]) -> dict[str, Any]:
-    """Weight bytes (as the IR stores them) and the deployable file's bytes, each beside the fp32 reference."""
+    """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference."""
     deployable = next((name for name in files if name.endswith(".so")), "model.onnx")
     size = (directory / deployable).stat().st_size
-    sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": final.weight_bytes(),
-             "weight_ratio": final.weight_bytes() / max(reference_model.weight_bytes(), 1),
+    sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": weight_bytes,
+             "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
              "fp32_file_bytes": ref_bytes, "file": deployable, "file_bytes": size, "file_ratio": size / max(ref_bytes, 1)}
     if (directory / REFERENCE).is_file():  # unstructured zeros save nothing uncompressed: shown here only
         fp32_zip, zipped = compressed_size(directory / REFERENCE), compressed_size(directory / deployable)
@@ -102,10 +102,10 @@ def compressed_size(path: Path, chunk: int = 1 << 22) -> int:
     return total + len(packer.flush())
 
 
-def _measure(reference: Runner, runner: Runner, ref_bytes: int, final: Model, reference_model: Model,
+def _measure(reference: Runner, runner: Runner, ref_bytes: int, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"size": _sizes(reference_model, final, ref_bytes, directory, files)}
+    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, ref_bytes, directory, files)}
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
         metrics["quality"] = measure.quality(reference, runner, evaluation)
@@ -211,16 +211,17 @@ def _compile(
     with artifact_io.staging(output_dir, force=force) as tmp:
         say(f"emitting {backend} artifact")
         files = backend_impl.emit(final, tmp, target)
+        stored = backend_impl.stored_weight_bytes(final, tmp)
         reference_bytes = reference_model.to_bytes()
         (tmp / REFERENCE).write_bytes(reference_bytes)
         if backend_impl.runs_on_host(target):
             runner = backend_impl.load(tmp, {}, for_timing=True)
             reference = reference_runner(reference_model, for_timing=True)
-            metrics = _measure(reference, runner, len(reference_bytes), final, reference_model, tmp, files,
+            metrics = _measure(reference, runner, len(reference_bytes), stored, reference_model, tmp, files,
                                evaluation_data, calib, latency, say)
         else:
             say(f"target {target} does not run on this machine: quality and latency are not measured")
-            metrics = {"size": _sizes(reference_model, final, len(reference_bytes), tmp, files),
+            metrics = {"size": _sizes(reference_model, stored, len(reference_bytes), tmp, files),
                        "not_measured": f"target {target} does not run on this machine"}
         records = layer_report.layer_records(reference_model, final)
         manifest = {

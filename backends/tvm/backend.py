@@ -128,6 +128,17 @@ class TvmBackend(Backend):
         (directory / PLAN).write_bytes(model.to_bytes())
         return [LIBRARY, CONFIG, RUNNER, PLAN]
 
+    def stored_weight_bytes(self, model: Model, directory: Path) -> int:
+        """The graph's constants with each lowered layer's fp32 weight replaced by its kernel's stored bytes
+        (int8 codes + scales, 4-bit codes + fp16 block scales), as ``tvm.json`` records them."""
+        lowered = json.loads((Path(directory) / CONFIG).read_text()).get("layers", {})
+        total = model.weight_bytes()
+        for layer in model.layers():
+            entry = lowered.get(layer.id)
+            if entry is not None and "weight_bytes" in entry:
+                total += int(entry["weight_bytes"]) - int(layer.weight_array.nbytes)
+        return total
+
     def load(self, directory: Path, manifest: Mapping[str, Any] | None = None, *,
              for_timing: bool = False) -> Runner:
         config = json.loads((Path(directory) / CONFIG).read_text())

@@ -65,10 +65,29 @@ def test_annotated_int8_and_int4_layers_lower_to_integer_kernels(tmp_path, cnn_m
     artifact = compile(cnn_model, tmp_path / "mixed", backend="tvm", pipeline=pipeline,
                        evaluation=str(digits_files / "eval.npz"), latency=False)
     layers = json.loads((artifact.path / "tvm.json").read_text())["layers"]
-    assert layers[gemms[0]] == {"node": layers[gemms[0]]["node"], "kernel": "dense_int8", "weight_bits": 8}
-    assert layers[gemms[1]]["kernel"] == "dense_int4"
+    assert (layers[gemms[0]]["kernel"], layers[gemms[0]]["weight_bits"]) == ("dense_int8", 8)
+    assert (layers[gemms[1]]["kernel"], layers[gemms[1]]["weight_bits"]) == ("dense_int4", 4)
     fidelity = artifact.metrics["quality"]["fidelity"]
     assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
+    # the manifest counts what the library stores: the two layers' kernel bytes, not their fp32 weights
+    from bitpass.frontend import from_onnx
+
+    plan = from_onnx(artifact.path / "model.onnx")  # the folded, fused, annotated graph the library came from
+    fp32 = {layer.id: layer.weight_array.nbytes for layer in plan.layers()}
+    swapped = sum(layers[g]["weight_bytes"] - fp32[g] for g in gemms)
+    assert artifact.metrics["size"]["weight_bytes"] == plan.weight_bytes() + swapped
+    assert layers[gemms[1]]["weight_bytes"] < fp32[gemms[1]] / 6  # 4-bit codes + fp16 block scales
+
+
+def test_the_runner_uses_every_available_core(fp32_artifact, monkeypatch):
+    """TVM's default halves the x86 thread count (hyper-threads); the runner asks for every core."""
+    import os
+
+    import tvm
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    TvmBackend().load(fp32_artifact.path, {})
+    assert tvm.get_global_func("runtime.NumThreads")() == len(os.sched_getaffinity(0))
 
 
 def test_unsupported_widths_are_refused_before_emitting(cnn_model, tmp_path):
