@@ -167,7 +167,7 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
           f"{fp32.latency.get('ms_64', float('nan')):.3f} ms (b64) ==")
     print("each cell: quality, real weight bytes, zip bytes, fp32/variant time at batch 1 and 64 (> 1 faster)")
     head = f"{'quality':>6} {'bytes':>7} {'zip':>7} {'b1 x':>5} {'b64 x':>5}"
-    print(f"{'budget':>20} | {'bits-only  ' + head:>38} | {'sparsity-only ' + head:>38} | {'joint  ' + head:>38} | "
+    print(f"{'budget':>21} | {'bits-only  ' + head:>38} | {'sparsity-only ' + head:>38} | {'joint  ' + head:>38} | "
           "joint vs best")
     wins = ties = losses = 0
     for row in result["rows"]:
@@ -190,7 +190,7 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
             losses += verdict.startswith("LOSS")
         cells = " | ".join(_cell(prepared, row[m], row.get(f"{m}_zip"), transformer) for m in MODES)
         limit = f"{row['limit']:>8,}" if isinstance(row["limit"], int) else ""
-        print(f"{row['label']:>11} {limit:>8} | {cells} | {verdict}")
+        print(f"{row['label']:>12} {limit:>8} | {cells} | {verdict}")
     print(f"joint vs max(bits-only, sparsity-only), paired test p < 0.05: {wins} WIN, {ties} TIE, {losses} LOSS")
     for row in result["rows"]:
         plan = row.get("joint_plan")
