@@ -1,6 +1,6 @@
 """Benchmark the TVM backend against ONNX Runtime, side by side, in one run.
 
-    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N]
+    .venv/bin/python -m bitpass.tools.bench_tvm [--quick | --dense-only] [--threads N]
 
 * The project's CNN and transformer (trained on the digits), fp32: TVM artifact vs ORT, batch 1 and 64.
 * A 4096×4096 weight-only GEMV at batch 1: TVM fp32 / int8 / int4 kernels vs ORT fp32 MatMul and
@@ -10,6 +10,8 @@
   may be served from cache.
 * The CNN's convolutions (shapes from ``zoo.digits_cnn``), batch 1 and 64: TVM int8 conv vs TVM fp32
   conv, both with bias and ReLU fused, as the lowering emits them.
+* The int8 dense vs the fp32 dense (TVM, bias fused) on the CNN's Gemm, the transformer's MatMuls and
+  the 4096² layer, at batch 1 and 64 (the transformer's rows are batch × 8 tokens: 8 and 512 too).
 
 Variants alternate inside one process and medians are reported (NOTES.md: ORT timings drift); numpy
 is timed apart, after the others, because OpenBLAS's spinning threads slow whatever runs next.
@@ -149,10 +151,12 @@ def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[
     w32 = tvm.runtime.tensor(kernels.pack_dense(w, nb), dev)
     fns["tvm fp32"] = lambda: f32(tvm_x, w32, out)
     codes8, scale8 = kernels.quantize_int8(w, nb)
-    tc, ts = te.placeholder(codes8.shape, "int8", "c"), te.placeholder((n,), "float32", "s")
-    f8 = build([tx, tc, ts, kernels.dense_int8(tx, tc, ts, None)], "dense_int8")
+    tc, ts = te.placeholder(codes8.shape, "uint8", "c"), te.placeholder((n,), "float32", "s")
+    tb8 = te.placeholder((n,), "float32", "b")
+    f8 = build([tx, tc, ts, tb8, kernels.dense_int8(tx, tc, ts, tb8)], "dense_int8")
     c8, s8 = tvm.runtime.tensor(codes8, dev), tvm.runtime.tensor(scale8, dev)
-    fns["tvm int8"] = lambda: f8(tvm_x, c8, s8, out)
+    b8 = tvm.runtime.tensor(np.zeros(n, np.float32), dev)
+    fns["tvm int8"] = lambda: f8(tvm_x, c8, s8, b8, out)
     nb = kernels.int4_out_block(n, lanes)
     q4 = kernels.quantize_int4(w, nb, 128)
     tc4, ts4 = te.placeholder(q4.codes.shape, "uint8", "c"), te.placeholder(q4.scales.shape, "float16", "s")
@@ -187,6 +191,54 @@ def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[
     # ran next when it alternated with the others (TVM int4 0.85 -> 0.39 ms without it)
     times.update(_timed({"numpy fp32": lambda: x @ w}, rounds))
     return times
+
+
+#: (K, N, where) of the dense layers the int8 section times: the CNN's Gemm, the transformer's attention
+#: projection (q, k, v together) and MLP, and the GEMV benchmark's layer
+DENSE_SHAPES = ((1024, 64, "CNN Gemm"), (64, 192, "transformer qkv"), (64, 256, "transformer MLP up"),
+                (256, 64, "transformer MLP down"), (4096, 4096, "4096²"))
+#: rows of each dense shape: batch 1 and 64, and for the transformer (8 tokens per sample, its MatMuls
+#: flattened to [batch × tokens, K] by the lowering) also the rows it really has at those batches
+DENSE_ROWS = {"CNN Gemm": (1, 64), "4096²": (1, 64)}
+TRANSFORMER_ROWS = (1, 8, 64, 512)
+
+
+def bench_dense_int8(rounds: int) -> list[tuple[str, float, float]]:
+    """(label, fp32 seconds, int8 seconds) of TVM's fp32 and int8 dense kernels (bias fused, as the
+    lowering emits them) per shape and row count, timed side by side."""
+    import tvm
+    from tvm import te
+
+    from bitpass.backends.tvm import kernels, schedules, targets
+
+    spec = targets.get(targets.host_target())
+    target = spec.tvm_target()
+    lanes = schedules.vector_lanes(spec.features)
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+
+    def build(tensors, kind: str, nb: int):
+        func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb})
+        return tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
+
+    rows = []
+    for k, n, where in DENSE_SHAPES:
+        nb = kernels.out_block(n, lanes)
+        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        codes, scale = kernels.quantize_int8(w, nb)
+        for m in DENSE_ROWS.get(where, TRANSFORMER_ROWS):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            tx, tb = te.placeholder((m, k), "float32", "x"), te.placeholder((n,), "float32", "b")
+            tw = te.placeholder((n // nb, k, nb), "float32", "w")
+            tc, ts = te.placeholder(codes.shape, "uint8", "c"), te.placeholder((n,), "float32", "s")
+            f32 = build([tx, tw, tb, kernels.dense(tx, tw, tb)], "dense", nb)
+            f8 = build([tx, tc, ts, tb, kernels.dense_int8(tx, tc, ts, tb)], "dense_int8", nb)
+            out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+            a32 = [tvm.runtime.tensor(a, dev) for a in (x, kernels.pack_dense(w, nb), np.zeros(n, np.float32))]
+            a8 = [tvm.runtime.tensor(a, dev) for a in (x, codes, scale, np.zeros(n, np.float32))]
+            t = _timed({"fp32": lambda: f32(*a32, out), "int8": lambda: f8(*a8, out)}, rounds)
+            rows.append((f"{where} {m}x{k}x{n}", t["fp32"], t["int8"]))
+    return rows
 
 
 def cnn_conv_shapes() -> list[tuple[int, int, int, int, int]]:
@@ -250,14 +302,25 @@ def bench_conv(rounds: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def _print_dense(rounds: int) -> None:
+    print("\nint8 dense vs fp32 dense (M x K x N)        fp32 ms    int8 ms   fp32/int8 (>1: int8 faster)")
+    for label, fp32_s, int8_s in bench_dense_int8(rounds):
+        print(f"  {label:<40} {fp32_s * 1e3:8.3f} {int8_s * 1e3:10.3f} {fp32_s / int8_s:9.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="GEMV, conv layers and bandwidth only (no model training)")
+    parser.add_argument("--quick", action="store_true",
+                        help="GEMV, conv and dense layers and bandwidth only (no model training)")
+    parser.add_argument("--dense-only", action="store_true", help="the int8 vs fp32 dense section only")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
+    if args.dense_only:
+        _print_dense(args.rounds)
+        return 0
     copy = memory_bandwidth()
     bandwidth = read_bandwidth()
     print(f"memory bandwidth: read {bandwidth / 1e9:.1f} GB/s (best of numpy max and BLAS GEMV, 256 MiB; "
@@ -277,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nCNN conv layer                     fp32 ms    int8 ms   fp32/int8")
     for label, fp32_s, int8_s in bench_conv(args.rounds):
         print(f"  {label:<30} {fp32_s * 1e3:8.3f} {int8_s * 1e3:10.3f} {fp32_s / int8_s:9.2f}x")
+    _print_dense(args.rounds)
     if not args.quick:
         print("\nmodel                         TVM ms     ORT ms    ORT/TVM")
         for label, tvm_s, ort_s in bench_models(args.threads, args.rounds):

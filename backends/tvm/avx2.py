@@ -10,6 +10,17 @@ arithmetic (``kernels.py`` holds the definitions, which stay the portable path, 
   high nibbles, each multiplied by 4 broadcast int8 activations with ``vpmaddubsw`` (u8 × s8 → pairs
   summed in int16; |sum| ≤ 2·15·127, so eight of them still fit an int16), then ``vpmaddwd`` by ones
   widens to int32 once per 32 k. Parallel over output tiles.
+* ``dense_int8``: weights stored as u8 = 7-bit code + 64 (``kernels.quantize_int8``: 8 outputs × 4 k per
+  32 bytes), activations quantized per row to 7-bit s8 codes once per call (the + 64 is taken back per
+  row with 64·Σ x_q): per 8 k, two ``vpmaddubsw`` (weights × 4 broadcast activation codes) summed in
+  int16 (|sum| ≤ 2·2·127·63 < 2^15), then ``vpmaddwd`` by ones into int32, as the conv below. A tile of
+  rows × outputs with ≤ 8 int32 accumulators (4 rows × 16 outputs) stays in registers, each step's
+  weight vectors loaded once for its rows.
+  Where the packed weights fit in L2 and there are ≥ 8 row tiles (batched layers), one parallel loop
+  over row tiles quantizes its rows and sweeps all output blocks; else (GEMV, large weights) the rows
+  are quantized first and the parallel loop runs over output blocks × row tiles, block major, so a
+  block's weights are read from memory once. Scratch lives outside the parallel loops: a buffer
+  allocated inside one costs a workspace allocation and free per iteration.
 * ``conv2d_int8``: activations quantized per sample to 7-bit codes stored as u8 = code + 64 in quads
   of input channels (padded spatially; the offset is taken back per output with Σ w), weights as 7-bit
   codes, 8 outputs × 4 channels per register: ``vpmaddubsw`` of two quads summed in int16
@@ -34,6 +45,11 @@ LANES = 8
 #: input elements below which the conv's quantization prologue runs on one thread (~10 µs to wake the
 #: pool on a busy machine, more than quantizing them)
 PROLOGUE_PARALLEL_MIN = 1 << 15
+#: row tiles below which the int8 dense parallelizes over output blocks, not row tiles
+ROW_TILES_MIN = 8
+#: packed int8 weights up to which a row tile sweeps all output blocks (``dense_int8_rows_first``): a
+#: quarter of Zen 1's 512 KiB L2, leaving room for the activations
+ROWS_FIRST_WEIGHT_BYTES = 128 << 10
 #: k groups of 8 whose int16 sums are accumulated before widening: 4 × 2 products of ≤ 2·15·127 each
 INT16_GROUPS = 4
 
@@ -141,6 +157,134 @@ def _nibble_dot(flat, xq, byte: Expr, xi: Expr) -> Expr:
         return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u8, s8)
 
     return madd(lo, quad(0)) + madd(hi, quad(4))
+
+
+def dense_int8_supported(nb: int) -> bool:
+    return nb % LANES == 0
+
+
+def dense_int8_rows(m: int, vecs: int) -> int:
+    """Rows per register tile: ``rows × vecs`` int32 accumulators stay ≤ 8 registers, beside the 2 · vecs
+    weight vectors of a step (16 ymm registers in all)."""
+    return next(d for d in range(min(m, max(1, 8 // vecs)), 0, -1) if m % d == 0)
+
+
+def dense_int8_rows_first(m: int, k: int, n: int, nb: int) -> bool:
+    """Whether the int8 dense runs one parallel loop over row tiles, each quantizing its own rows and then
+    sweeping all output blocks: one thread-pool wake instead of two, where the weights stay in a core's L2
+    across row tiles and there are enough row tiles to share out (else: quantize, then output blocks)."""
+    tiles = m // dense_int8_rows(m, nb // LANES)
+    return tiles >= ROW_TILES_MIN and kernels.dense_int8_depth(k) * n <= ROWS_FIRST_WEIGHT_BYTES
+
+
+def dense_int8(m: int, k: int, n: int, nb: int, act: str, parallel: bool) -> tirx.PrimFunc:
+    """7-bit dense (``kernels.dense_int8``) with ``vpmaddubsw``: u8 weights (code + 64) × s8 activations."""
+    kp = kernels.dense_int8_depth(k)
+    quads, blocks, vecs = kp // 4, n // nb, nb // LANES
+    mt = dense_int8_rows(m, vecs)
+    mtiles = m // mt
+    lanes = LANES if k % LANES == 0 else 1
+    qlanes = 4 * LANES if k % (4 * LANES) == 0 else lanes  # 32 codes: one store per 4 conversions
+    levels = float(kernels.DENSE_INT8_LEVELS)
+    offset = kernels.DENSE_INT8_OFFSET
+    floor = _floor(act)
+    loop = _loop(parallel)
+    prologue = _loop(parallel and m * k >= PROLOGUE_PARALLEL_MIN)
+
+    @T.macro
+    def quantize_row(x, i, amax, sx, lane_max, lane_sum, xoff, xq):
+        """Row ``i``'s 7-bit activations (as ``kernels.dense_int8``), its scale and 64·Σ x_q."""
+        for v in T.vectorized(lanes):
+            lane_max[i * lanes + v] = T.float32(0)
+        for v in T.vectorized(qlanes):
+            lane_sum[i * qlanes + v] = 0
+        for r in range(k // lanes):
+            for v in T.vectorized(lanes):
+                lane_max[i * lanes + v] = T.max(lane_max[i * lanes + v], T.fabs(x[i, r * lanes + v]))
+        amax[i] = T.float32(1e-12)
+        for v in range(lanes):
+            amax[i] = T.max(amax[i], lane_max[i * lanes + v])
+        sx[i] = amax[i] / T.float32(levels)
+        for r in range(k // qlanes):
+            for v in T.vectorized(qlanes):
+                xq[i * kp + r * qlanes + v] = T.Cast(
+                    "int8", T.Cast("int32", T.round(x[i, r * qlanes + v] * (T.float32(levels) / amax[i]))))
+        for r in range(k // qlanes):
+            for v in T.vectorized(qlanes):
+                lane_sum[i * qlanes + v] = lane_sum[i * qlanes + v] + T.Cast("int32", xq[i * kp + r * qlanes + v])
+        for r in range(kp - k):
+            xq[i * kp + k + r] = T.int8(0)
+        xoff[i] = 0
+        for v in range(qlanes):
+            xoff[i] = xoff[i] + lane_sum[i * qlanes + v]
+        xoff[i] = xoff[i] * offset
+
+    @T.macro
+    def tile(blk, rt, wflat, xq, acc, xoff, sx, wscale, bias, out):
+        """Rows ``rt``·mt.. × outputs ``blk``·nb..: the sums in registers, then requantized to ``out``."""
+        for z in T.vectorized(mt * nb):
+            acc[(blk * mtiles + rt) * mt * nb + z] = 0
+        for q in range(quads // 2):
+            for r in T.unroll(mt):
+                for v in T.unroll(vecs):
+                    acc[T.ramp((blk * mtiles + rt) * mt * nb + (r * vecs + v) * 8, 1, 8)] = \
+                        acc[T.ramp((blk * mtiles + rt) * mt * nb + (r * vecs + v) * 8, 1, 8)] + \
+                        T.call_llvm_pure_intrin(
+                            "int32x8", "llvm.x86.avx2.pmadd.wd",
+                            _weight_dots(wflat, xq, ((blk * quads + q * 2) * nb + v * 8) * 4, nb * 4,
+                                         (rt * mt + r) * kp + q * 8),
+                            T.broadcast(T.int16(1), 16))
+        for r, v in T.grid(mt, vecs):
+            for z in T.vectorized(LANES):
+                out[rt * mt + r, blk * nb + v * LANES + z] = T.max(
+                    T.Cast("float32", acc[(blk * mtiles + rt) * mt * nb + (r * vecs + v) * 8 + z] - xoff[rt * mt + r])
+                    * (sx[rt * mt + r] * wscale[blk * nb + v * LANES + z]) + bias[blk * nb + v * LANES + z],
+                    T.float32(floor))
+
+    rows_first = dense_int8_rows_first(m, k, n, nb)
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, quads, nb, 4), "uint8"),
+               wscale: T.Buffer((n,), "float32"), bias: T.Buffer((n,), "float32"),
+               out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        wflat = T.decl_buffer((blocks * quads * nb * 4,), "uint8", data=codes.data)
+        # scratch indexed by row or tile, allocated once: a buffer allocated inside the parallel loop
+        # costs a workspace allocation and free per iteration
+        amax = T.alloc_buffer((m,), "float32")
+        sx = T.alloc_buffer((m,), "float32")
+        lane_max = T.alloc_buffer((m * lanes,), "float32")
+        lane_sum = T.alloc_buffer((m * qlanes,), "int32")
+        xoff = T.alloc_buffer((m,), "int32")
+        xq = T.alloc_buffer((m * kp,), "int8")
+        acc = T.alloc_buffer((blocks * mtiles * mt * nb,), "int32")
+        if rows_first:
+            for rt in loop(mtiles):
+                for r in range(mt):
+                    quantize_row(x, rt * mt + r, amax, sx, lane_max, lane_sum, xoff, xq)
+                for blk in range(blocks):
+                    tile(blk, rt, wflat, xq, acc, xoff, sx, wscale, bias, out)
+        else:
+            for i in prologue(m):
+                quantize_row(x, i, amax, sx, lane_max, lane_sum, xoff, xq)
+            for t in loop(blocks * mtiles):  # output block major: a block's weights stay cached across row tiles
+                tile(t // mtiles, t % mtiles, wflat, xq, acc, xoff, sx, wscale, bias, out)
+
+    return kernel
+
+
+def _weight_dots(wflat, xq, weight: Expr, weight_step: int, xi: Expr) -> Expr:
+    """int16x16: for 8 outputs, Σ over two quads of k of (code + 64) × x_q, as pairs (two ``vpmaddubsw``:
+    8 outputs × 4 weight bytes at ``weight``, the next quad ``weight_step`` bytes on; 4 activation codes
+    at ``xi`` broadcast, then the next 4)."""
+    total = None
+    for s in range(2):
+        word = tirx.call_intrin("int32", "tirx.reinterpret", xq[tirx.Ramp(xi + 4 * s, 1, 4)])
+        acts = tirx.call_intrin("int8x32", "tirx.reinterpret", tirx.Broadcast(word, 8))
+        dot = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                                         wflat[tirx.Ramp(weight + s * weight_step, 1, 32)], acts)
+        total = dot if total is None else total + dot
+    return total
 
 
 def conv2d_int8_supported(ob: int, groups: int) -> bool:

@@ -9,8 +9,13 @@ loop reads ``nb`` contiguous outputs' weights for one reduction index.
 Kernels
 -------
 * ``dense``: fp32 ``x[M, K] @ W[K, N] + b`` with a fused activation.
-* ``dense_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per row
-  on the fly, int32 accumulation, requantized to fp32 in the epilogue.
+* ``dense_int8``: 7-bit weight codes (±63, per-output-channel scale; ``DENSE_INT8_LEVELS``) × 7-bit
+  activations quantized per row on the fly, int32 accumulation, requantized to fp32 with fused bias and
+  activation. The 7 bits are the int8 conv's (below), for the same reason: on AVX2 a ``vpmaddubsw`` of
+  u8 weights (code + 64) × s8 activations sums two steps in int16 without saturating (``avx2.py``); the
+  + 64 is taken back per row with 64·Σ x_q. Weights are stored ``[N/nb, Kp/4, nb, 4]`` uint8: 4
+  reduction indices of one output per 32-bit lane, K zero-padded (code 0, byte 64) to ``Kp``, a
+  multiple of 8 (``dense_int8_depth``): two quads are summed in int16 before widening.
 * ``dense_int4``: 4-bit weights (two codes per byte, fp16 scale per block of ``bs`` reduction
   indices) × int8 activations quantized per block of ``bs`` on the fly (as ORT's MatMulNBits with
   accuracy_level 4): per block the unsigned nibbles (code + 8) × int8 x are summed in int32, corrected
@@ -74,17 +79,40 @@ def pack_dense(w_kn: np.ndarray, nb: int) -> np.ndarray:
     return np.ascontiguousarray(w_kn.reshape(k, n // nb, nb).transpose(1, 0, 2)).astype(np.float32)
 
 
+#: levels of the int8 dense's weight and activation codes: 7 bits, as the int8 conv (``CONV_INT8_LEVELS``)
+DENSE_INT8_LEVELS = 63
+#: the int8 dense stores weight code c as the byte c + 64 (unsigned, for ``vpmaddubsw``'s u8 operand)
+DENSE_INT8_OFFSET = 64
+
+
+def dense_int8_depth(k: int) -> int:
+    """The reduction length the int8 dense layout holds: K rounded up to whole pairs of quads (8)."""
+    return -(-k // 8) * 8
+
+
 def quantize_int8(w_kn: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric int8: codes [N/nb, K, nb] int8 and scales [N] fp32."""
+    """Per-output-channel symmetric 7-bit codes (``DENSE_INT8_LEVELS``) stored as bytes code + 64:
+    codes [N/nb, Kp/4, nb, 4] uint8 (``dense_int8_depth``; padding holds code 0) and scales [N] fp32."""
+    k, n = w_kn.shape
     amax = np.abs(w_kn).max(axis=0)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w_kn / scale), -127, 127).astype(np.int8)
-    return pack_dense(codes.astype(np.float32), nb).astype(np.int8), scale
+    scale = np.where(amax > 0, amax / DENSE_INT8_LEVELS, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_kn / scale), -DENSE_INT8_LEVELS, DENSE_INT8_LEVELS).astype(np.int16)
+    kp = dense_int8_depth(k)
+    codes = np.pad(codes, ((0, kp - k), (0, 0))) + DENSE_INT8_OFFSET
+    tiles = codes.reshape(kp // 4, 4, n // nb, nb).transpose(2, 0, 3, 1)  # [N/nb, Kp/4, nb, 4]
+    return np.ascontiguousarray(tiles.astype(np.uint8)), scale
 
 
-def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    blocks, k, nb = codes.shape
-    return codes.transpose(1, 0, 2).reshape(k, blocks * nb).astype(np.float32) * scale
+def int8_codes(codes: np.ndarray, k: int) -> np.ndarray:
+    """The signed codes [K, N] (int32) of a packed int8 dense weight (the padding dropped)."""
+    blocks, quads, nb, _ = codes.shape
+    full = codes.transpose(1, 3, 0, 2).reshape(quads * 4, blocks * nb).astype(np.int32) - DENSE_INT8_OFFSET
+    return full[:k]
+
+
+def dequantize_int8(codes: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    """The fp32 [K, N] weight a packed int8 dense weight stands for."""
+    return int8_codes(codes, k).astype(np.float32) * scale
 
 
 @dataclass(frozen=True)
@@ -278,27 +306,29 @@ def dense_int4(x, codes, scales, bias, *, block_size: int, act: str = "none"):
 
 
 def dense_int8(x, codes, wscale, bias, *, act: str = "none"):
-    """int8 × int8 → int32 dense: ``x`` fp32 [M, K] is quantized per row (symmetric, 127 levels),
-    ``codes`` [N/nb, K, nb] int8 with per-output ``wscale`` [N]; fp32 out = acc · sx · sw + b."""
+    """7-bit × 7-bit → int32 dense: ``x`` fp32 [M, K] is quantized per row (symmetric,
+    ``DENSE_INT8_LEVELS``), ``codes`` (``quantize_int8``) [N/nb, Kp/4, nb, 4] uint8 = code + 64 with
+    per-output ``wscale`` [N], ``bias`` [N]; fp32 out = act(acc · sx · sw + b)."""
     from tvm import te, tirx
 
-    m, k = x.shape
-    blocks, _, nb = codes.shape
+    m, k = (int(v) for v in x.shape)
+    blocks, _, nb, _ = (int(v) for v in codes.shape)
     n = blocks * nb
+    levels = tirx.const(float(DENSE_INT8_LEVELS), "float32")
     ra = te.reduce_axis((0, k), name="ka")
     amax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, ra]), axis=ra), name="row_amax")
-    sx = te.compute((m,), lambda i: tirx.max(amax[i], tirx.const(1e-12, "float32")) / tirx.const(127.0, "float32"),
-                    name="row_scale")
-    xq = te.compute((m, k), lambda i, j: tirx.round(x[i, j] / sx[i]).astype("int8"), name="quantize_x")
+    sx = te.compute((m,), lambda i: _floored(amax[i]) / levels, name="row_scale")
+    xq = te.compute((m, k), lambda i, j: tirx.round(x[i, j] * (levels / _floored(amax[i]))).astype("int32"),
+                    name="quantize_x")
     rk = te.reduce_axis((0, k), name="k")
-    acc = te.compute((m, n), lambda i, j: te.sum(xq[i, rk].astype("int32") * codes[j // nb, rk, j % nb]
-                                                 .astype("int32"), axis=rk), name="dense_acc")
-
-    def out(i, j):
-        value = acc[i, j].astype("float32") * sx[i] * wscale[j]
-        return _activate(value + bias[j] if bias is not None else value, act)
-
-    return te.compute((m, n), out, name="dense_out")
+    acc = te.compute(
+        (m, n),
+        lambda i, j: te.sum(xq[i, rk] * (codes[j // nb, rk // 4, j % nb, rk % 4].astype("int32")
+                                         - DENSE_INT8_OFFSET), axis=rk),
+        name="dense_acc")
+    return te.compute(
+        (m, n), lambda i, j: _activate(acc[i, j].astype("float32") * (sx[i] * wscale[j]) + bias[j], act),
+        name="dense_out")
 
 
 def conv2d(data, w, bias, *, strides, pads, dilations, groups: int, act: str = "none"):
@@ -392,5 +422,5 @@ def gemv_bytes(k: int, n: int, bits: int, block_size: int = 128) -> int:
     if bits == 32:
         return 4 * k * n
     if bits == 8:
-        return k * n + 4 * n
+        return dense_int8_depth(k) * n + 4 * n
     return math.ceil(k * n * bits / 8) + 2 * n * (k // block_size)

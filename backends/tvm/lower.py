@@ -427,7 +427,8 @@ class _Lowering:
     # --- bitpass kernels ---------------------------------------------------------------------
     def _record(self, node, kind: str, bits: int, nbytes: int) -> None:
         layer = _meta(node, "layer_id") or node.name
-        self.report.layers[str(layer)] = {"node": node.name, "kernel": kind, "weight_bits": bits}
+        self.report.layers[str(layer)] = {"node": node.name, "kernel": kind, "weight_bits": bits,
+                                          "weight_bytes": int(nbytes)}
         self.report.weight_bytes += nbytes
 
     def _epilogue(self, node) -> str:
@@ -550,16 +551,17 @@ class _Lowering:
         elif bits == 8:
             def make8():
                 codes, scale = kernels.quantize_int8(w_kn, nb)
-                return self.const(codes), self.const(scale)
+                return self.const(codes), self.const(scale), codes.nbytes + scale.nbytes
 
-            codes, scale = self.shared(("dense8", node.name), make8)
-            self._record(node, "dense_int8", 8, w_kn.size + 4 * n)
+            codes, scale, nbytes = self.shared(("dense8", node.name), make8)
+            self._record(node, "dense_int8", 8, nbytes)
+            bias8 = bias_arg[0] if bias_arg else self.expr(np.zeros(n, np.float32))
 
-            def te_dense8(xx, cc, ss, *rest):
-                return kernels.dense_int8(xx, cc, ss, rest[0] if rest else None, act=act)
+            def te_dense8(xx, cc, ss, bb_):
+                return kernels.dense_int8(xx, cc, ss, bb_, act=act)
 
-            out = bb.emit_te(te_dense8, x, codes, scale, *bias_arg, primfunc_name_hint="bitpass_dense_int8",
-                             primfunc_attrs={"bitpass.kernel": "dense_int8", "bitpass.nb": nb})
+            out = bb.emit_te(te_dense8, x, codes, scale, bias8, primfunc_name_hint="bitpass_dense_int8",
+                             primfunc_attrs={"bitpass.kernel": "dense_int8", "bitpass.nb": nb, "bitpass.act": act})
         elif bits == 4:
             nb = kernels.int4_out_block(n, self.lanes)
             if k % INT4_BLOCK:

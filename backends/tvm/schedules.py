@@ -5,7 +5,7 @@ schedule, or None when it does not apply. ``rules_for(features)`` picks the rule
 target's features (vector width from AVX-512 / AVX2 / NEON), and ``apply_rules`` applies them to
 every PrimFunc of a module (TVM's default CPU pipeline schedules nothing; NOTES.md).
 
-On AVX2 the 4-bit dense and the int8 conv rules return a schedule of a hand-written micro-kernel
+On AVX2 the int8 and 4-bit dense and the int8 conv rules return a schedule of a hand-written micro-kernel
 (``avx2.py``: ``vpmaddubsw`` / ``vpmaddwd`` called from TIR) with the TE kernel's parameters, in place
 of scheduling the TE compute; elsewhere (aarch64) they schedule the TE compute, which stays portable.
 VNNI and aarch64 dot-product intrinsics are a next step.
@@ -125,6 +125,10 @@ class Dense(_Rule):
             return None
         if kind == "dense_int4":
             return self._int4_avx2(func) or self._int4(func)
+        if kind == "dense_int8":
+            hand = self._int8_avx2(func)
+            if hand is not None:
+                return hand
         sch = s_tir.Schedule(func)
         nb = _attr(func, "bitpass.nb")
         acc = sch.get_sblock("dense_acc")
@@ -154,6 +158,18 @@ class Dense(_Rule):
                 _, vi = sch.split(qloops[-1], [None, self.lanes])
                 sch.vectorize(vi)
         return sch
+
+    def _int8_avx2(self, func):
+        """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int8``) where the target has AVX2 and the tile fits."""
+        if "avx2" not in self.features or len(func.params) != 5:
+            return None
+        (m, k), codes = _shapes(func)[:2]
+        nb = codes[2]
+        if not avx2.dense_int8_supported(nb):
+            return None
+        n = codes[0] * nb
+        kernel = avx2.dense_int8(m, k, n, nb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
+        return _replacement(func, kernel)
 
     def _int4_avx2(self, func):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int4``) where the target has AVX2 and the tile fits."""

@@ -50,23 +50,39 @@ def test_dense_fp32_matches_numpy(m, k, n, act):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 256, 64), (3, 128, 32)])
-def test_dense_int8_is_integer_arithmetic_with_requantization(m, k, n):
+def _int8_reference(x: np.ndarray, codes: np.ndarray, sw: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """numpy: 7-bit activations per row, integer product with the 7-bit weight codes, fp32 requantization."""
+    levels = np.float32(kernels.DENSE_INT8_LEVELS)
+    amax = np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-12))
+    xq = np.round(x * (levels / amax)).astype(np.int64)
+    acc = xq @ kernels.int8_codes(codes, x.shape[1]).astype(np.int64)
+    return acc * (amax / levels).astype(np.float64) * sw + b
+
+
+@pytest.mark.parametrize("target", [HOST, PORTABLE], ids=["host", "portable"])
+@pytest.mark.parametrize(("m", "k", "n", "act"),
+                         [(1, 256, 64, "none"), (1, 1024, 64, "relu"), (64, 1024, 64, "none"), (64, 64, 192, "relu"),
+                          (64, 256, 64, "none"), (64, 1024, 256, "relu"), (3, 128, 32, "none"), (5, 60, 48, "relu"),
+                          (64, 36, 10, "none"), (16, 200, 16, "relu")])
+def test_dense_int8_is_integer_arithmetic_with_requantization(m, k, n, act, target):
+    """Both AVX2 loop orders (row tiles first for small weights at M = 64, output blocks first for M = 1 or
+    large weights), K not a multiple of 8 (zero-padded), N below a vector (portable schedule)."""
     nb = kernels.out_block(n, LANES)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
-    codes, scale = kernels.quantize_int8(w, nb)
-    tx, tc, ts, tb = te.placeholder((m, k), "float32"), te.placeholder(codes.shape, "int8"), \
+    codes, sw = kernels.quantize_int8(w, nb)
+    assert codes.dtype == np.uint8 and codes.nbytes == kernels.dense_int8_depth(k) * n
+    np.testing.assert_array_equal(kernels.int8_codes(codes, k), np.clip(np.rint(w / sw), -63, 63))  # lossless
+    tx, tc, ts, tb = te.placeholder((m, k), "float32"), te.placeholder(codes.shape, "uint8"), \
         te.placeholder((n,), "float32"), te.placeholder((n,), "float32")
-    func = _build([tx, tc, ts, tb, kernels.dense_int8(tx, tc, ts, tb)], "dense_int8", nb)
-    got = _run(func, x, codes, scale, b, out_shape=(m, n))
-    # numpy: the same per-row int8 activations, int32 accumulation, fp32 requantization
-    sx = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-12) / 127
-    xq = np.round(x / sx).astype(np.int32)
-    wq = codes.transpose(1, 0, 2).reshape(k, n).astype(np.int32)
-    want = (xq @ wq).astype(np.float32) * sx * scale + b
+    func = _build([tx, tc, ts, tb, kernels.dense_int8(tx, tc, ts, tb, act=act)], "dense_int8", nb, target, act=act)
+    got = _run(func, x, codes, sw, b, out_shape=(m, n))
+    want = _int8_reference(x, codes, sw, b)
+    want = np.maximum(want, 0) if act == "relu" else want
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     # and close to fp32 (quantization error only)
-    assert np.abs(got - (x @ w + b)).max() < 0.05 * np.abs(x @ w).max()
+    exact = x @ w + b
+    exact = np.maximum(exact, 0) if act == "relu" else exact
+    assert np.abs(got - exact).max() < 0.05 * np.abs(x @ w).max()
 
 
 def _int4_reference(x: np.ndarray, q: kernels.Int4Weight) -> np.ndarray:
@@ -192,7 +208,12 @@ def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
     cx, cc, cs, cb = te.placeholder((1, 3, 8, 8), "float32"), te.placeholder(codes.shape, "int8"), \
         te.placeholder((16,), "float32"), te.placeholder((16,), "float32")
     conv = kernels.conv2d_int8(cx, cc, cs, cb, strides=(1, 1), pads=(1,) * 4, dilations=(1, 1), groups=1)
+    c8, _ = kernels.quantize_int8(rng.standard_normal((60, 32)).astype(np.float32), 16)
+    x8, d8, s8, b8 = te.placeholder((4, 60), "float32"), te.placeholder(c8.shape, "uint8"), \
+        te.placeholder((32,), "float32"), te.placeholder((32,), "float32")
     funcs = {
+        "dense8": te.create_prim_func([x8, d8, s8, b8, kernels.dense_int8(x8, d8, s8, b8)])
+        .with_attr({"bitpass.kernel": "dense_int8", "bitpass.nb": 16, "global_symbol": "dense8"}),
         "dense4": te.create_prim_func([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)])
         .with_attr({"bitpass.kernel": "dense_int4", "bitpass.nb": 16, "global_symbol": "dense4"}),
         "conv8": te.create_prim_func([cx, cc, cs, cb, conv]).with_attr(
@@ -227,5 +248,21 @@ def test_conv_layers_annotated_8_bit_lower_to_the_int8_conv_kernel(tmp_path, cnn
     layers = json.loads((artifact.path / "tvm.json").read_text())["layers"]
     assert [layers[layer]["kernel"] for layer in convs] == ["conv2d", "conv2d_int8", "conv2d_int8"]
     assert [layers[layer]["weight_bits"] for layer in convs] == [32, 8, 8]
+    fidelity = artifact.metrics["quality"]["fidelity"]
+    assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
+
+
+def test_all_cnn_layers_at_8_bits_keep_the_fp32_top1(tmp_path, cnn_model, digits_files):
+    """Every conv and Gemm at 8 bits (7-bit codes for weights and activations): the held-out top-1 stays."""
+    from bitpass.tools import compile
+
+    layers = [layer for layer in cnn_model.layers() if layer.op_type in ("Conv", "Gemm")]
+    bits = ",".join(f"set-bits(layers={layer.id},weight=8)" for layer in layers)
+    artifact = compile(cnn_model, tmp_path / "all8", backend="tvm",
+                       pipeline=f"fold-constants,eliminate-dead-nodes,fuse,{bits}",
+                       evaluation=str(digits_files / "eval.npz"), latency=False)
+    report = json.loads((artifact.path / "tvm.json").read_text())["layers"]
+    want = {"Conv": "conv2d_int8", "Gemm": "dense_int8"}
+    assert [report[layer.id]["kernel"] for layer in layers] == [want[layer.op_type] for layer in layers]
     fidelity = artifact.metrics["quality"]["fidelity"]
     assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
