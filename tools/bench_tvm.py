@@ -2,7 +2,9 @@
 
     .venv/bin/python -m bitpass.tools.bench_tvm [--quick | --dense-only] [--threads N]
 
-* The project's CNN and transformer (trained on the digits), fp32: TVM artifact vs ORT, batch 1 and 64.
+* The project's CNN and transformer (trained on the digits) per precision (fp32; int8 everywhere; 4-bit
+  Gemm/MatMul weights): the TVM artifact vs the ORT artifact of the same plan (bitpass's ``quantize``:
+  int8 QDQ, MatMulNBits) vs ORT fp32, batch 1 and 64.
 * A 4096×4096 weight-only GEMV at batch 1: TVM fp32 / int8 / int4 kernels vs ORT fp32 MatMul and
   ORT MatMulNBits 4-bit (block 128, accuracy_level 4, so int8 activations as ours), with the achieved
   fraction of measured read bandwidth (best of a numpy max and a BLAS GEMV over 256 MiB; the numpy
@@ -90,11 +92,38 @@ def _ort_session(proto, threads: int):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def bench_models(threads: int, rounds: int) -> list[tuple[str, float, float]]:
+#: the model section's precisions: the ``set-bits`` specs both backends get (TVM lowers the annotations
+#: itself; ORT's artifact is bitpass's ``quantize`` of the same plan)
+PRECISIONS = {
+    "fp32": [],
+    "int8": ["set-bits(weight=8,activation=8,format=qdq)"],
+    "w4 dense": ["set-bits(layers='{dense}',weight=4,format=matmulnbits)"],
+}
+
+
+def _plan(base, specs: list[str], calib):
+    """(the annotated model TVM compiles, the ORT model of the same plan), both from ``base``."""
+    from bitpass.passes.infra import PassContext
+    from bitpass.passes.quantize import Quantize
+    from bitpass.plugins import default_registry
+
+    if not specs:
+        return base, base
+    dense = ",".join(l.id for l in base.layers() if l.op_type in ("Gemm", "MatMul"))
+    ctx = PassContext(calibration=calib)
+    annotated = default_registry().pipeline(",".join(["calibrate", *(s.format(dense=dense) for s in specs)])).run(
+        base.clone(), ctx)
+    return annotated, Quantize().run(annotated.clone(), ctx).model
+
+
+def bench_models(threads: int, rounds: int) -> list[tuple[str, float, float, float]]:
+    """(label, TVM s, ORT s of the same plan, ORT fp32 s) for the digits CNN and transformer per precision
+    and batch; TVM's outputs are checked against ORT fp32 first (fp32: rtol 1e-3; quantized: mean cosine
+    above 0.99: the two backends quantize activations differently, so they are not compared with each other)."""
     import torch
 
     from bitpass.backends.tvm import TvmBackend
-    from bitpass.frontend import from_torch
+    from bitpass.frontend import from_arrays, from_torch
     from bitpass.passes.infra import PassContext
     from bitpass.plugins import default_registry
     from bitpass.tools import zoo
@@ -104,21 +133,37 @@ def bench_models(threads: int, rounds: int) -> list[tuple[str, float, float]]:
     split = zoo.digits_split()
     backend = TvmBackend()
     for name, module in models.items():
-        model = from_torch(module, (torch.zeros(1, 1, 8, 8),))
-        model = default_registry().pipeline("optimize").run(model, PassContext())
-        with tempfile.TemporaryDirectory() as tmp:
-            backend.emit(model, Path(tmp), backend.default_target)
-            runner = backend.load(Path(tmp), {})
-            session = _ort_session(model.to_proto(), threads)
-            input_name = runner.input_names[0]
-            for batch in (1, 64):
-                x = np.ascontiguousarray(np.resize(split.eval_x, (batch, 1, 8, 8)))
-                got, want = runner.run({input_name: x})[0], session.run(None, {input_name: x})[0]
-                assert np.allclose(got, want, rtol=1e-3, atol=1e-4), f"{name}: TVM differs from ORT"
-                t = _timed({"tvm": lambda: runner.run({input_name: x}),
-                            "ort": lambda: session.run(None, {input_name: x})}, rounds)
-                rows.append((f"{name} fp32 batch {batch}", t["tvm"], t["ort"]))
+        base = from_torch(module, (torch.zeros(1, 1, 8, 8),))
+        base = default_registry().pipeline("optimize").run(base, PassContext())
+        input_name = base.inputs[0].name
+        calib = from_arrays({input_name: split.calib_x}, base.inputs)
+        ort_fp32 = _ort_session(base.to_proto(), threads)
+        for precision, specs in PRECISIONS.items():
+            annotated, ort_model = _plan(base, specs, calib)
+            with tempfile.TemporaryDirectory() as tmp:
+                backend.emit(annotated, Path(tmp), backend.default_target)
+                runner = backend.load(Path(tmp), {})
+                session = _ort_session(ort_model.to_proto(), threads)
+                for batch in (1, 64):
+                    x = np.ascontiguousarray(np.resize(split.eval_x, (batch, 1, 8, 8)))
+                    got = runner.run({input_name: x})[0]
+                    _check_close(f"{name} {precision}", got, ort_fp32.run(None, {input_name: x})[0],
+                                 exact=precision == "fp32")
+                    t = _timed({"tvm": lambda: runner.run({input_name: x}),
+                                "ort": lambda: session.run(None, {input_name: x}),
+                                "fp32": lambda: ort_fp32.run(None, {input_name: x})}, rounds)
+                    rows.append((f"{name} {precision} batch {batch}", t["tvm"], t["ort"], t["fp32"]))
     return rows
+
+
+def _check_close(label: str, got: np.ndarray, want: np.ndarray, *, exact: bool) -> None:
+    if exact:
+        assert np.allclose(got, want, rtol=1e-3, atol=1e-4), f"{label}: TVM differs from ORT"
+        return
+    flat_got, flat_want = got.reshape(len(got), -1), want.reshape(len(want), -1)
+    cosine = np.sum(flat_got * flat_want, 1) / np.maximum(
+        np.linalg.norm(flat_got, axis=1) * np.linalg.norm(flat_want, axis=1), 1e-12)
+    assert cosine.mean() > 0.99, f"{label}: TVM's quantized outputs are far from fp32 (cosine {cosine.mean():.4f})"
 
 
 def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[str, float]:
@@ -342,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<30} {fp32_s * 1e3:8.3f} {int8_s * 1e3:10.3f} {fp32_s / int8_s:9.2f}x")
     _print_dense(args.rounds)
     if not args.quick:
-        print("\nmodel                         TVM ms     ORT ms    ORT/TVM")
-        for label, tvm_s, ort_s in bench_models(args.threads, args.rounds):
-            print(f"  {label:<26} {tvm_s * 1e3:8.3f} {ort_s * 1e3:10.3f} {ort_s / tvm_s:9.2f}x")
+        print("\nmodel, precision, batch             TVM ms  ORT same plan ms  ORT fp32 ms   ORT same/TVM  "
+              "ORT fp32/TVM")
+        for label, tvm_s, ort_s, fp32_s in bench_models(args.threads, args.rounds):
+            print(f"  {label:<32} {tvm_s * 1e3:8.3f} {ort_s * 1e3:17.3f} {fp32_s * 1e3:12.3f} "
+                  f"{ort_s / tvm_s:13.2f}x {fp32_s / tvm_s:12.2f}x")
     return 0
 
 

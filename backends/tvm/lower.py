@@ -564,8 +564,10 @@ class _Lowering:
                              primfunc_attrs={"bitpass.kernel": "dense_int8", "bitpass.nb": nb, "bitpass.act": act})
         elif bits == 4:
             nb = kernels.int4_out_block(n, self.lanes)
-            if k % INT4_BLOCK:
-                raise NotImplementedError(f"{node.name!r}: 4-bit needs K divisible by {INT4_BLOCK} (K={k}, N={n})")
+            if k % INT4_BLOCK:  # the kernel reduces whole blocks: zero weights × zero inputs add nothing
+                kp = -(-k // INT4_BLOCK) * INT4_BLOCK
+                w_kn = np.concatenate([w_kn, np.zeros((kp - k, n), w_kn.dtype)])
+                x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, kp - k]))
 
             def make4():
                 q = kernels.quantize_int4(w_kn, nb, INT4_BLOCK)

@@ -140,3 +140,28 @@ def test_runner_reuses_input_tensors_without_aliasing_outputs(fp32_artifact, dig
     np.testing.assert_array_equal(first, kept)
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(runner.run({"input": x[:1]})[0], kept)
+
+
+def test_the_transformer_compiles_fp32_and_with_every_matmul_at_4_bits(trained_transformer, tmp_path):
+    """fp32 matches ONNX Runtime; at 4 bits every MatMul runs the integer kernel, the 8-input embedding
+    too (its reduction is zero-padded to a whole 32-wide block), and embeddings stay close to fp32."""
+    import torch
+
+    from bitpass.frontend import from_torch
+
+    module, split = trained_transformer
+    model = from_torch(module, (torch.zeros(1, 1, 8, 8),))
+    name = model.inputs[0].name
+    x = np.ascontiguousarray(split.eval_x[:70])  # one batch-64 call and a padded remainder
+    fp32 = compile(model.clone(), tmp_path / "fp32", backend="tvm", pipeline="optimize", latency=False)
+    want = reference_runner(model).run({name: x})[0]
+    first = lambda outputs: next(iter(outputs.values()))  # noqa: E731 - one output: the embeddings
+    np.testing.assert_allclose(first(run(fp32.path, {name: x})), want, rtol=1e-3, atol=1e-4)
+
+    w4 = compile(model, tmp_path / "w4", backend="tvm", pipeline=f"{PIPELINE},set-bits(weight=4)", latency=False)
+    layers = json.loads((w4.path / "tvm.json").read_text())["layers"]
+    assert len(layers) == 9 and {entry["kernel"] for entry in layers.values()} == {"dense_int4"}
+    got = first(run(w4.path, {name: x})).reshape(len(x), -1)
+    cosine = np.sum(got * want.reshape(len(x), -1), 1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(want.reshape(len(x), -1), axis=1))
+    assert cosine.mean() > 0.98, cosine.mean()
