@@ -212,14 +212,18 @@ class JointProblem:
         removed = removed or {}
         choices = []
         for layer in self.layers:
-            widths = (FLOAT_BITS,) if mode == "sparsity" else self.widths
-            kept_counts = [layer.channels] if mode == "bits" else layer.kept
             candidates = [Candidate(option_id(bits, kept), self.loss(layer, bits, kept),
                                     self.costs(layer, bits, kept, removed))
-                          for bits in sorted(widths, reverse=True) for kept in sorted(kept_counts, reverse=True)]
+                          for bits, kept in self.offered(layer, mode)]
             params = int(math.prod(layer.shape))
             choices.append(LayerChoices(layer.id, layer.op_type, params, tuple(candidates)))
         return Problem(tuple(choices), {SIZE: self.base, AVG_BITS: 0.0, BOPS: 0.0, LATENCY: 0.0})
+
+    def offered(self, layer: JointLayer, mode: Mode) -> list[tuple[int, int]]:
+        """The (bits, kept channels) pairs ``mode`` offers ``layer``, most bits and channels first."""
+        widths = (FLOAT_BITS,) if mode == "sparsity" else self.widths
+        kept_counts = [layer.channels] if mode == "bits" else layer.kept
+        return [(bits, kept) for bits in sorted(widths, reverse=True) for kept in sorted(kept_counts, reverse=True)]
 
     def costs(self, layer: JointLayer, bits: int, kept: int, removed: Mapping[tuple[str, int], int]) -> dict[str, float]:
         """One layer's cost in every dimension at (bits, kept), its inputs reduced by ``removed``."""
@@ -245,46 +249,36 @@ class JointProblem:
         Returns the plan and the number of moves made."""
         by_id = self.by_id
         consumers_of = {l.id: [c for c, _, _ in l.consumers] for l in self.layers}
+        limit_loss = math.inf if bound is None else bound * (1 + 1e-9) + 1e-30
+        # each option's loss depends on the layer alone: computed once, not once per move
+        losses = {l.id: {option_id(b, k): self.loss(l, b, k) for b, k in self.offered(l, mode)} for l in self.layers}
         plan = dict(plan)
         removed = self.removed_inputs(plan)
-        per_layer = {l.id: {**self.costs(l, *decode(plan[l.id]), removed), "loss": self.loss(l, *decode(plan[l.id]))}
-                     for l in self.layers}
-        dims = [d for d in budget.limits]
-        totals = {d: self.base if d == SIZE else 0.0 for d in dims}
-        for d in dims:
-            totals[d] += sum(c[d] for c in per_layer.values())
-        limit_loss = math.inf if bound is None else bound * (1 + 1e-9) + 1e-30
+        per_layer = {l.id: self.costs(l, *decode(plan[l.id]), removed) for l in self.layers}
+        dims = list(budget.limits)
+        totals = {d: (self.base if d == SIZE else 0.0) + sum(c[d] for c in per_layer.values()) for d in dims}
         moves = 0
         while moves < max_moves:
             best_move, best_gain = None, 1e-15
             for layer in self.layers:
-                widths = (FLOAT_BITS,) if mode == "sparsity" else self.widths
-                kept_counts = [layer.channels] if mode == "bits" else layer.kept
-                for bits in widths:
-                    for kept in kept_counts:
-                        option = option_id(bits, kept)
-                        if option == plan[layer.id]:
-                            continue
-                        loss = self.loss(layer, bits, kept)
-                        gain = per_layer[layer.id]["loss"] - loss
-                        if gain <= best_gain or loss > limit_loss:
-                            continue
-                        trial_plan = {**plan, layer.id: option}
-                        trial_removed = self.removed_inputs(trial_plan)
-                        affected = [layer.id, *consumers_of[layer.id]]
-                        changed = {lid: self.costs(by_id[lid], *decode(trial_plan[lid]), trial_removed)
-                                   for lid in affected}
-                        new = {d: totals[d] + sum(changed[lid][d] - per_layer[lid][d] for lid in affected)
-                               for d in dims}
-                        if all(new[d] <= budget.limits[d] * (1 + 1e-9) + 1e-9 for d in dims):
-                            best_move, best_gain = (layer.id, option, changed, new), gain
+                current = losses[layer.id].get(plan[layer.id], self.loss(layer, *decode(plan[layer.id])))
+                affected = [layer.id, *consumers_of[layer.id]]
+                for option, loss in losses[layer.id].items():
+                    gain = current - loss
+                    if option == plan[layer.id] or gain <= best_gain or loss > limit_loss:
+                        continue
+                    trial_plan = {**plan, layer.id: option}
+                    trial_removed = self.removed_inputs(trial_plan)
+                    changed = {lid: self.costs(by_id[lid], *decode(trial_plan[lid]), trial_removed)
+                               for lid in affected}
+                    new = {d: totals[d] + sum(changed[lid][d] - per_layer[lid][d] for lid in affected) for d in dims}
+                    if all(new[d] <= budget.limits[d] * (1 + 1e-9) + 1e-9 for d in dims):
+                        best_move, best_gain = (layer.id, option, changed, new), gain
             if best_move is None:
                 break
             lid, option, changed, new = best_move
             plan[lid] = option
-            for other, costs in changed.items():
-                per_layer[other].update(costs)
-            per_layer[lid]["loss"] = self.loss(by_id[lid], *decode(option))
+            per_layer.update(changed)
             totals = new
             moves += 1
         return plan, moves
