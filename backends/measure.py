@@ -42,12 +42,19 @@ class Fidelity:
     max_abs_error: float
 
 
+def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Each sample's cosine between two outputs (samples on axis 0, the rest flattened), in float64."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    got = candidate.reshape(len(candidate), -1).astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    return np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)
+
+
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Fidelity:
     ref = reference[0].reshape(len(reference[0]), -1).astype(np.float64)
     got = candidate[0].reshape(len(candidate[0]), -1).astype(np.float64)
     agreement = float((ref.argmax(1) == got.argmax(1)).mean()) if ref.shape[1] > 1 else 1.0
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cosine = float(np.mean(np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)))
+    cosine = float(np.mean(cosines(ref, got)))
     return Fidelity(agreement, cosine, float(np.max(np.abs(ref - got))))
 
 

@@ -237,10 +237,11 @@ def _quality(prepared: Prepared, out: np.ndarray) -> dict[str, float]:
     if prepared.head is None:
         return {"accuracy": float((out.argmax(1) == prepared.eval_y).mean()),
                 "agreement": float((out.argmax(1) == ref[0].argmax(1)).mean())}
+    from bitpass.backends.measure import cosines
+
     w, b = prepared.head
     a, r = out.astype(np.float64), ref[0].astype(np.float64)
-    cosine = float(np.mean(np.sum(a * r, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1),
-                                                         1e-12)))
+    cosine = float(np.mean(cosines(r, a)))
     pred, ref_pred = (a @ w + b).argmax(1), (r @ w + b).argmax(1)
     return {"cosine": cosine, "agreement": float((pred == ref_pred).mean()),
             "accuracy": float((pred == prepared.eval_y).mean())}

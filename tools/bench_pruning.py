@@ -122,10 +122,11 @@ def _per_sample(prepared: bm.Prepared, out: Any) -> Any:
     """Each held-out sample's score: 1/0 correct (classifier) or cosine to the fp32 embedding."""
     import numpy as np
 
+    from bitpass.backends.measure import cosines
+
     if prepared.head is None:
         return (out.argmax(1) == prepared.eval_y).astype(np.float64)
-    a, r = out.astype(np.float64), prepared.reference[0].astype(np.float64)
-    return np.sum(a * r, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
+    return cosines(prepared.reference[0], out)
 
 
 def paired_verdict(mine, best, *, binary: bool, alpha: float = 0.05) -> tuple[str, float]:
