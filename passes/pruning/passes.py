@@ -178,9 +178,7 @@ class Prune(Pass):
                                   "target_sparsity": 1 - pattern[0] / pattern[1] if pattern else cfg.sparsity}
         scores = self._scores(model, ctx, layers, cfg.method, record)
         layer_ratio = self._ratios(model, ctx, layers, scores, record)
-        comparison, measured = self._comparison(model, ctx, layers, scores, layer_ratio, pattern)
-        masks = {layer.id: self._mask(layer, scores[layer.id], layer_ratio[layer.id], pattern, comparison)
-                 for layer in layers}
+        comparison, masks, measured = self._comparison(model, ctx, layers, scores, layer_ratio, pattern)
         per_layer: dict[str, float] = {}
         zeros = total = 0
         for layer in layers:
@@ -223,33 +221,37 @@ class Prune(Pass):
             return from_rows_view(ratios.row_mask(rows_view(score, axis), ratio), shape, axis)
         return ratios.lowest_mask(score, ratio)
 
+    def _masks(self, layers: list[Layer], scores: dict[str, np.ndarray], layer_ratio: dict[str, float],
+               pattern: tuple[int, int] | None, comparison: str) -> dict[str, np.ndarray]:
+        return {layer.id: self._mask(layer, scores[layer.id], layer_ratio[layer.id], pattern, comparison)
+                for layer in layers}
+
     def _comparison(self, model: Model, ctx: PassContext, layers: list[Layer], scores: dict[str, np.ndarray],
                     layer_ratio: dict[str, float], pattern: tuple[int, int] | None,
-                    ) -> tuple[str, dict[str, float]]:
-        """The comparison group, and with ``auto`` for wanda/gblm the output error of each group measured.
+                    ) -> tuple[str, dict[str, np.ndarray], dict[str, float]]:
+        """The comparison group, its masks, and with ``auto`` for wanda/gblm the output error of each group.
 
         Wanda's per-output group wins on LLMs; on small vision models the per-layer group often
         loses less (measured on this project's digits models). So ``auto`` prunes both ways and keeps
         the one whose outputs stay closer to the unpruned model on the calibration data (a tie keeps
         ``row``). Magnitude's ``auto`` is the classic per-layer group, with no data needed."""
         cfg = self.config
-        if cfg.comparison != "auto":
-            return cfg.comparison, {}
-        if cfg.method == "magnitude" or pattern is not None or ctx.calibration is None:
-            return ("layer" if cfg.method == "magnitude" else "row"), {}
+        if cfg.comparison != "auto" or cfg.method == "magnitude" or pattern is not None or ctx.calibration is None:
+            group = cfg.comparison if cfg.comparison != "auto" else ("layer" if cfg.method == "magnitude" else "row")
+            return group, self._masks(layers, scores, layer_ratio, pattern, group), {}
         data = ctx.calibration.head(self.config.samples)
         reference = model_outputs(model.to_bytes(), data)
         errors: dict[str, float] = {}
+        masks: dict[str, dict[str, np.ndarray]] = {}
         for group in ("row", "layer"):
+            masks[group] = self._masks(layers, scores, layer_ratio, None, group)
             trial = model.clone()
-            by_id = {layer.id: layer for layer in trial.layers()}
-            for layer in layers:
-                twin = by_id[layer.id]
-                keep = self._mask(twin, scores[layer.id], layer_ratio[layer.id], None, group)
-                set_constant(twin.weight, self._zeroed(twin, keep))
+            for twin in trial.layers():
+                if twin.id in masks[group]:
+                    set_constant(twin.weight, self._zeroed(twin, masks[group][twin.id]))
             errors[group] = float(np.mean((model_outputs(trial.to_bytes(), data) - reference) ** 2))
         choice = "layer" if errors["layer"] < errors["row"] else "row"
-        return choice, {k: float(f"{v:.6g}") for k, v in errors.items()}
+        return choice, masks[choice], {k: float(f"{v:.6g}") for k, v in errors.items()}
 
     # --- scores ---------------------------------------------------------------
     def _calibration(self, ctx: PassContext, why: str):
