@@ -86,20 +86,10 @@ def _sizes(reference_model: Model, weight_bytes: int, ref_bytes: int, directory:
              "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
              "fp32_file_bytes": ref_bytes, "file": deployable, "file_bytes": size, "file_ratio": size / max(ref_bytes, 1)}
     if (directory / REFERENCE).is_file():  # unstructured zeros save nothing uncompressed: shown here only
-        fp32_zip, zipped = compressed_size(directory / REFERENCE), compressed_size(directory / deployable)
+        fp32_zip = artifact_io.deflated_size(directory / REFERENCE)
+        zipped = artifact_io.deflated_size(directory / deployable)
         sizes.update(fp32_compressed_bytes=fp32_zip, compressed_bytes=zipped, compressed_ratio=zipped / max(fp32_zip, 1))
     return sizes
-
-
-def compressed_size(path: Path, chunk: int = 1 << 22) -> int:
-    """Bytes of ``path`` deflated at level 9, as a zip of the artifact would store it (streamed)."""
-    import zlib
-
-    packer, total = zlib.compressobj(9), 0
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            total += len(packer.compress(block))
-    return total + len(packer.flush())
 
 
 def _measure(reference: Runner, runner: Runner, ref_bytes: int, weight_bytes: int, reference_model: Model,

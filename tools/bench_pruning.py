@@ -32,16 +32,15 @@ Unstructured zeros do not shrink an ONNX Runtime artifact: only the zip shows th
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
-import zipfile
 from typing import Any
 
 import numpy as np
 
 
+from bitpass.backends.artifact import deflated_size
 from bitpass.tools import bench_mixed as bm
 
 SEED = 0
@@ -50,13 +49,6 @@ MODES = ("bits", "sparsity", "joint")
 LATENCY_BATCH = 64
 #: (size, latency) budgets of part 1b, as fractions of fp32 weight bytes and summed fp32 layer time
 LATENCY_BUDGETS = [(None, 0.8), (None, 0.6), (0.3, 0.8), (0.15, 0.8), (0.15, 0.6)]
-
-
-def _zip_size(data: bytes) -> int:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        archive.writestr("model.onnx", data)
-    return len(buffer.getvalue())
 
 
 def _allocate(prepared: bm.Prepared, budget: int | str, mode: str):
@@ -108,14 +100,14 @@ def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
             v.plan_bytes = record["totals"]["size"]
             row[mode] = v
             row[f"{mode}_plan"] = record["plan"]
-            row[f"{mode}_zip"] = _zip_size(data)
+            row[f"{mode}_zip"] = deflated_size(data)
             variants.append(v)
         rows.append(row)
     say(f"{name}: {len(variants) - 1} allocations built and measured in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     bm._time_in_subprocess(variants, quick, say)
     say(f"{name}: latency of {len(variants)} variants in {time.perf_counter() - start:.1f} s")
-    return {"name": name, "prepared": prepared, "rows": rows, "fp32": fp32, "fp32_zip": _zip_size(fp32_bytes)}
+    return {"name": name, "prepared": prepared, "rows": rows, "fp32": fp32, "fp32_zip": deflated_size(fp32_bytes)}
 
 
 def _per_sample(prepared: bm.Prepared, out: Any) -> Any:
