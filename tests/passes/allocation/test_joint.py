@@ -150,8 +150,8 @@ def test_local_moves_fill_what_the_bounded_ilp_left(prepared):
     from bitpass.passes.allocation.budget import parse_budget
 
     budget = parse_budget(f"size={limit}")
-    start = {l.id: min(o for o in (c.bits for c in joint.problem().layers[i].candidates))
-             for i, l in enumerate(joint.layers)}  # the smallest option everywhere: far below the budget
+    # the smallest option everywhere (fewest bits, then fewest channels): far below the budget
+    start = {layer.id: min(c.bits for c in layer.candidates) for layer in joint.problem().layers}
     plan, moves = joint.improve(start, budget)
     assert moves > 0
     assert joint.exact(plan)["size"] <= limit
