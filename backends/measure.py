@@ -16,6 +16,7 @@ import numpy as np
 
 from bitpass.backends.base import Runner
 from bitpass.frontend import Dataset
+from bitpass.frontend.errors import DataError
 
 EVAL_BATCH = 256
 
@@ -29,8 +30,24 @@ def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH) -> list
 
 
 def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
-    logits = outputs[0].reshape(len(labels), -1)
-    return float((logits.argmax(axis=1) == labels.reshape(-1)).mean())
+    """Top-1 accuracy of the first output against integer class labels (one per sample)."""
+    logits = outputs[0].reshape(len(outputs[0]), -1)
+    labels = np.asarray(labels)
+    if labels.ndim > 1 and labels.size == len(labels):
+        labels = labels.reshape(-1)
+    if labels.ndim != 1 or len(labels) != len(logits):
+        raise DataError(f"'labels' has shape {labels.shape}: accuracy needs one class index per sample "
+                        f"({len(logits)},); without labels, fidelity to fp32 is measured")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isfinite(labels)) \
+                or not np.all(labels == np.round(labels)):
+            raise DataError(f"'labels' must be integer class indices, not {labels.dtype} values")
+        labels = labels.astype(np.int64)
+    classes = logits.shape[1]
+    if classes < 2 or labels.min() < 0 or labels.max() >= classes:
+        raise DataError(f"'labels' range from {labels.min()} to {labels.max()}, but the model's first output has "
+                        f"{classes} classes per sample: labels must be class indices 0..{classes - 1}")
+    return float((logits.argmax(axis=1) == labels).mean())
 
 
 @dataclass(frozen=True)
@@ -43,11 +60,25 @@ class Fidelity:
 
 
 def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Each sample's cosine between two outputs (samples on axis 0, the rest flattened), in float64."""
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    got = candidate.reshape(len(candidate), -1).astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    return np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)
+    """Each sample's cosine between two outputs (samples on axis 0, the rest flattened), in float64.
+
+    Each row is scaled by its own largest magnitude first, so outputs of any scale (1e-9 logits
+    included) score what they should; two all-zero rows count as identical, one as orthogonal."""
+    ref = _unit_rows(reference.reshape(len(reference), -1))
+    got = _unit_rows(candidate.reshape(len(candidate), -1))
+    ref_zero, got_zero = ~ref.any(axis=1), ~got.any(axis=1)
+    result = np.sum(ref * got, axis=1)
+    result[ref_zero & got_zero] = 1.0
+    result[ref_zero ^ got_zero] = 0.0
+    return np.clip(result, -1.0, 1.0)
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    peak = np.max(np.abs(rows), axis=1, keepdims=True)
+    scaled = np.divide(rows, peak, out=np.zeros_like(rows), where=peak > 0)
+    norm = np.linalg.norm(scaled, axis=1, keepdims=True)
+    return np.divide(scaled, norm, out=np.zeros_like(scaled), where=norm > 0)
 
 
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Fidelity:

@@ -96,3 +96,8 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
     except OSError as err:
         raise ModelLoadError(f"{path}: cannot read external data: {err}") from err
     return from_proto(proto, name=path.name, sha256=hashlib.sha256(data).hexdigest(), kind="onnx")
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse a model whose external data would be read from outside ``base_dir`` (public: runners use it)."""
+    _confine_external_data(model, Path(base_dir))

@@ -134,11 +134,11 @@ class Registry:
             raise UsageError(f"{name!r} is a named pipeline, not a pass: give it alone as the pipeline, "
                              f"or spell out its passes: {self.entries[PIPELINES][name].obj}")
         known = sorted(self.entries[group])
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; see 'bitpass {group.split('.')[-1]}'"
         failed = [b for b in self.broken if b.group == group]
         if failed:
-            hint += "; plugins that failed to load: " + "; ".join(f"{b.package}: {b.error}" for b in failed)
+            hint += "; plugins that failed to load: " + "; ".join(f"{b.package}: {str(b.error)[:100]}" for b in failed)
         raise UsageError(f"unknown {noun} {name!r}{hint}")
 
     def pass_class(self, name: str) -> type[Pass]:

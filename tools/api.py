@@ -29,6 +29,7 @@ from bitpass.passes.pipeline import Pipeline
 from bitpass.plugins import Registry, default_registry
 
 REFERENCE = "reference.onnx"
+REPORT = "report.html"
 _VERSIONED = ("bitpass", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "torch", "scipy")
 
 DataSource = str | Path | Mapping[str, np.ndarray] | Dataset | None
@@ -124,17 +125,22 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     from per-layer timings but the whole artifact measures slower than fp32, it is compiled
     again with every quantized layer packed (fp32 speed), and the manifest says so.
     """
-    artifact = _compile(model, output_dir, **options)
-    slower = _slower_than_fp32(artifact.manifest)
-    if slower:
-        say = options.get("progress") or (lambda _message: None)
-        say(f"the artifact measured {slower}: recompiling with every quantized layer packed")
-        overrides = dict(options.get("overrides") or {})
-        overrides["allocate-bits"] = {**overrides.get("allocate-bits", {}), "formats": "packed"}
-        note = f"compute formats chosen from per-layer timings were slower end to end ({slower}); used packed"
-        artifact = _compile(model, output_dir, **{**options, "overrides": overrides, "force": True},
-                            notes=[note])
-    return artifact
+    force = bool(options.pop("force", False))
+    with artifact_io.Destination(output_dir, force=force) as destination:
+        stage = destination.stage()
+        manifest = _compile(model, stage, **options)
+        slower = _slower_than_fp32(manifest)
+        if slower:
+            say = options.get("progress") or (lambda _message: None)
+            say(f"the artifact measured {slower}: recompiling with every quantized layer packed")
+            overrides = dict(options.get("overrides") or {})
+            overrides["allocate-bits"] = {**overrides.get("allocate-bits", {}), "formats": "packed"}
+            note = f"compute formats chosen from per-layer timings were slower end to end ({slower}); used packed"
+            destination.discard(stage)
+            stage = destination.stage()
+            manifest = _compile(model, stage, **{**options, "overrides": overrides}, notes=[note])
+        path = destination.publish(stage)
+    return Artifact(path, manifest)
 
 
 def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str | None:
@@ -149,7 +155,7 @@ def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str 
 
 def _compile(
     model: Any,
-    output_dir: str | Path,
+    stage: Path,
     *,
     pipeline: str = "default",
     calibration: DataSource = None,
@@ -158,18 +164,15 @@ def _compile(
     backend: str = "onnxruntime",
     target: str | None = None,
     plugin_paths: Sequence[str | Path] = (),
-    force: bool = False,
     latency: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     registry: Registry | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     notes: Sequence[str] = (),
-) -> Artifact:
-    """One compilation (see ``compile``)."""
+) -> dict[str, Any]:
+    """One compilation into ``stage`` (see ``compile``); returns the manifest."""
     say = progress or (lambda _message: None)
-    output_dir = Path(output_dir)
-    artifact_io.check_destination(output_dir, force=force)
     registry = registry or default_registry(plugin_paths)
     backend_impl: Backend = registry.backend(backend)()
     target = target or backend_impl.default_target
@@ -198,44 +201,44 @@ def _compile(
         ctx.records.setdefault("notes", []).extend(notes)
     _legalize(backend_impl, final, target, "compiled model")
 
-    with artifact_io.staging(output_dir, force=force) as tmp:
-        say(f"emitting {backend} artifact")
-        files = backend_impl.emit(final, tmp, target)
-        stored = backend_impl.stored_weight_bytes(final, tmp)
-        reference_bytes = reference_model.to_bytes()
-        (tmp / REFERENCE).write_bytes(reference_bytes)
-        if backend_impl.runs_on_host(target):
-            runner = backend_impl.load(tmp, {}, for_timing=True)
-            reference = reference_runner(reference_model, for_timing=True)
-            metrics = _measure(reference, runner, len(reference_bytes), stored, reference_model, tmp, files,
-                               evaluation_data, calib, latency, say)
-        else:
-            say(f"target {target} does not run on this machine: quality and latency are not measured")
-            metrics = {"size": _sizes(reference_model, stored, len(reference_bytes), tmp, files),
-                       "not_measured": f"target {target} does not run on this machine"}
-        records = layer_report.layer_records(reference_model, final)
-        manifest = {
-            "schema": artifact_io.MANIFEST_SCHEMA,
-            "versions": versions(),
-            "input_model": {"name": source.provenance.name, "kind": source.provenance.kind,
-                            "sha256": source.provenance.sha256, "notes": source.provenance.notes},
-            "pipeline": passes.spec(),
-            "pipeline_name": passes.name,
-            "backend": backend, "target": target,
-            "inputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.inputs],
-            "outputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.outputs],
-            "data": {"calibration": _data_record(calib), "evaluation": _data_record(evaluation_data)},
-            "passes": [{"pass": name, "seconds": round(seconds, 4)} for name, seconds in timing.seconds],
-            "records": _jsonable(ctx.records),
-            "layers": records,
-            "summary": layer_report.summarize(records),
-            "metrics": metrics,
-            "seed": seed,
-            "files": artifact_io.file_table(tmp, [*files, REFERENCE]),
-        }
-        artifact_io.write_manifest(tmp, manifest)
-        (tmp / "report.html").write_text(report.render(manifest))
-    return Artifact(output_dir, manifest)
+    say(f"emitting {backend} artifact")
+    files = backend_impl.emit(final, stage, target)
+    stored = backend_impl.stored_weight_bytes(final, stage)
+    reference_bytes = reference_model.to_bytes()
+    (stage / REFERENCE).write_bytes(reference_bytes)
+    if backend_impl.runs_on_host(target):
+        runner = backend_impl.load(stage, {}, for_timing=True)
+        reference = reference_runner(reference_model, for_timing=True)
+        metrics = _measure(reference, runner, len(reference_bytes), stored, reference_model, stage, files,
+                           evaluation_data, calib, latency, say)
+    else:
+        say(f"target {target} does not run on this machine: quality and latency are not measured")
+        metrics = {"size": _sizes(reference_model, stored, len(reference_bytes), stage, files),
+                   "not_measured": f"target {target} does not run on this machine"}
+    records = layer_report.layer_records(reference_model, final)
+    manifest = {
+        "schema": artifact_io.MANIFEST_SCHEMA,
+        "versions": versions(),
+        "input_model": {"name": source.provenance.name, "kind": source.provenance.kind,
+                        "sha256": source.provenance.sha256, "notes": source.provenance.notes},
+        "pipeline": passes.spec(),
+        "pipeline_name": passes.name,
+        "backend": backend, "target": target,
+        "inputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.inputs],
+        "outputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.outputs],
+        "data": {"calibration": _data_record(calib), "evaluation": _data_record(evaluation_data)},
+        "passes": [{"pass": name, "seconds": round(seconds, 4)} for name, seconds in timing.seconds],
+        "records": _jsonable(ctx.records),
+        "layers": records,
+        "summary": layer_report.summarize(records),
+        "metrics": metrics,
+        "seed": seed,
+        "files": artifact_io.file_table(stage, [*files, REFERENCE]),
+    }
+    (stage / REPORT).write_text(report.render(manifest))
+    manifest["files"].update(artifact_io.file_table(stage, [REPORT]))
+    artifact_io.write_manifest(stage, manifest)
+    return manifest
 
 
 def apply_overrides(pipeline: Pipeline, overrides: Mapping[str, Mapping[str, Any]], registry: Registry) -> Pipeline:
@@ -275,22 +278,27 @@ def _jsonable(value: Any) -> Any:
 
 # --- using artifacts --------------------------------------------------------
 def open_artifact(path: str | Path, registry: Registry | None = None) -> tuple[dict[str, Any], Runner]:
-    """The manifest and a runner for an artifact directory (files checked against their hashes)."""
+    """The manifest and a runner for an artifact directory, refused unless every file is as compiled."""
     path = Path(path)
     manifest = artifact_io.read_manifest(path)
-    problems = artifact_io.check_files(path, manifest)
+    problems = artifact_io.verify_files(path, manifest)
     if problems:
-        raise BitpassError(f"{path}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise BitpassError(f"{path}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+                           + "; run `bitpass verify` for details")
     registry = registry or default_registry()
     runner = registry.backend(manifest["backend"])().load(path, manifest)
     return manifest, runner
 
 
 def _specs(manifest: dict[str, Any]) -> list:
+    """The artifact's input specs as the manifest records them (a malformed entry is one clear error)."""
     from bitpass.frontend import TensorSpec
 
-    return [TensorSpec(i["name"], tuple(d if isinstance(d, int) else str(d) for d in i["shape"]) or None,
-                       np.dtype(i["dtype"])) for i in manifest["inputs"]]
+    try:
+        return [TensorSpec(str(i["name"]), tuple(d if isinstance(d, int) else str(d) for d in i["shape"]) or None,
+                           np.dtype(i["dtype"])) for i in manifest["inputs"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise BitpassError(f"the manifest's inputs are malformed ({type(err).__name__}: {str(err)[:80]})") from err
 
 
 def run(path: str | Path, inputs: str | Path | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -309,6 +317,27 @@ class Check:
     detail: str
 
 
+#: per-layer fields the plan check compares between the manifest and the model read back
+_PLAN_FIELDS = ("op_type", "bits", "sparsity", "stored")
+
+
+def _plan_check(manifest: dict[str, Any], read_back: list[dict[str, Any]]) -> Check:
+    """The per-layer plan read back from the model files equals the manifest's, both ways."""
+    recorded = {r.get("id"): r for r in manifest["layers"] if isinstance(r, dict)}
+    actual = {r["id"]: r for r in read_back}
+    missing = sorted(set(actual) - set(recorded), key=str)
+    unknown = sorted(set(recorded) - set(actual), key=str)
+    differ = sorted((k for k in set(actual) & set(recorded)
+                     if any(actual[k].get(f) != recorded[k].get(f) for f in _PLAN_FIELDS)), key=str)
+    if not (missing or unknown or differ):
+        return Check("plan", True, f"{len(actual)} layers read back from the model match the recorded plan")
+    parts = [f"{label}: {', '.join(map(str, ids[:5]))}{' ...' if len(ids) > 5 else ''}"
+             for label, ids in (("layers missing from the manifest", missing),
+                                ("layers the model does not have", unknown),
+                                ("layers that differ from the recorded plan", differ)) if ids]
+    return Check("plan", False, "; ".join(parts))
+
+
 def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float = 0.005,
            emulate: bool = False) -> list[Check]:
     """Re-check an artifact: files match their hashes, annotations match the plan, and quality still
@@ -318,18 +347,17 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     path = Path(path)
     manifest = artifact_io.read_manifest(path)
     checks = []
-    problems = artifact_io.check_files(path, manifest)
-    checks.append(Check("files", not problems, "; ".join(problems) or "all files match their sha256"))
+    problems = artifact_io.verify_files(path, manifest)
+    checks.append(Check("files", not problems, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)"
+                                                                          if len(problems) > 5 else "")
+                        or f"{len(manifest['files'])} files and the manifest match their sha256"))
     if problems:
         return checks
     from bitpass.frontend import from_onnx
 
     final = from_onnx(path / "model.onnx")
     reference_model = from_onnx(path / REFERENCE)
-    now = {r["id"]: r.get("bits") for r in layer_report.layer_records(reference_model, final)}
-    mismatched = [r["id"] for r in manifest["layers"] if r.get("bits") != now.get(r["id"])]
-    checks.append(Check("plan", not mismatched, f"layers differ from the recorded plan: {', '.join(mismatched)}"
-                        if mismatched else f"{len(now)} layers match the recorded bits"))
+    checks.append(_plan_check(manifest, layer_report.layer_records(reference_model, final)))
     backend = default_registry().backend(manifest["backend"])()
     if emulate:
         if evaluation is None:

@@ -43,7 +43,9 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                                    "measure it against the fp32 reference.",
                        epilog=EPILOG_COMPILE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="an ONNX file (external data must sit in its folder)")
-    p.add_argument("-o", "--output", required=True, help="artifact directory to create (must not exist)")
+    p.add_argument("-o", "--output", required=True,
+                   help="artifact folder to create (missing parent folders are made); it must not exist, unless "
+                        "--force replaces an earlier bitpass artifact")
     p.add_argument("--pipeline", default="default",
                    help="a named pipeline (see 'bitpass pipelines'), a .yaml/.toml file, or a one-line spec "
                         "like 'fold-constants,fuse,calibrate(method=entropy),quantize' (default: %(default)s)")
@@ -53,7 +55,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", help="backend target (default: the backend's default)")
     p.add_argument("--plugin", action="append", default=[], metavar="PATH",
                    help="load passes/backends from this .py file or package folder (repeatable)")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT if it is an earlier artifact")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it is an earlier bitpass artifact (never any other folder)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized passes (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
@@ -193,7 +196,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         manifest = read_manifest(path)
         layers = manifest["layers"]
-        title = f"{path}: {manifest['input_model']['name']} ({manifest['backend']}/{manifest['target']})"
+        name = (manifest.get("input_model") or {}).get("name", "?") if isinstance(manifest.get("input_model"), dict) \
+            else "?"
+        title = f"{path}: {name} ({manifest['backend']}/{manifest['target']})"
     else:
         from bitpass.backends.layers import layer_records
         from bitpass.frontend import from_onnx
@@ -208,13 +213,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for column in ("layer", "op", "weight shape", "params", "w bits", "a bits", "sparsity", "sensitivity",
                    "stored as", "bytes"):
         table.add_column(column, justify="left" if column in ("layer", "op", "sensitivity", "stored as") else "right")
-    for r in layers:
-        bits = r.get("bits", {})
-        sens = ", ".join(f"{k}={v:.3g}" for k, v in sorted(r.get("sensitivity", {}).items()))
-        table.add_row(r["id"], r["op_type"], "×".join(map(str, r["weight_shape"])), f"{r['params']:,}",
-                      str(bits.get("weight", "-")), str(bits.get("activation", "-")),
-                      f"{r.get('sparsity', 0):.2f}", sens or "-", (r.get("stored") or {}).get("format", r.get("status", "-")),
-                      f"{r.get('weight_bytes', r['fp32_bytes']):,}")
+    for index, r in enumerate(layers):
+        try:
+            bits = r.get("bits") or {}
+            sens = ", ".join(f"{k}={v:.3g}" for k, v in sorted((r.get("sensitivity") or {}).items()))
+            table.add_row(str(r["id"]), str(r["op_type"]), "×".join(map(str, r["weight_shape"])), f"{r['params']:,}",
+                          str(bits.get("weight", "-")), str(bits.get("activation", "-")),
+                          f"{r.get('sparsity', 0):.2f}", sens or "-",
+                          str((r.get("stored") or {}).get("format", r.get("status", "-"))),
+                          f"{r.get('weight_bytes', r['fp32_bytes']):,}")
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise BitpassError(f"{path}: layer record {index} is malformed ({type(err).__name__}: "
+                               f"{str(err)[:60]})") from err
     console.print(table)
     return 0
 
@@ -234,18 +244,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from bitpass.tools.api import run
 
     outputs = run(args.artifact, args.input)
-    output = Path(args.output)
-    tmp = output.with_name(f".{output.name}.partial.npz")
-    np.savez(tmp, **outputs)
-    tmp.replace(output)
+    output = write_npz(Path(args.output), outputs)
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in outputs.items())
     console.print(f"wrote {output}: {shapes}")
     return 0
+
+
+def write_npz(path: Path, arrays: dict[str, Any]) -> Path:
+    """Write ``arrays`` as an .npz (any key, ``allow_pickle`` included) via a temporary file that never
+    outlives a failure; refuses to overwrite a file that is not an .npz."""
+    import os
+    import tempfile
+    import zipfile
+
+    import numpy as np
+
+    from bitpass.frontend.errors import UsageError
+
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give -o a file name ending in .npz")
+    if path.exists() and not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} exists and is not an .npz file; refusing to overwrite it")
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {path}: its folder {path.parent} does not exist")
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+            for key, value in arrays.items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def cmd_example(args: argparse.Namespace) -> int:
@@ -262,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="start with: bitpass example   (trains, compiles and measures a digits CNN)")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compile(sub)
     for name, helptext in (("passes", "list registered passes: options, requires/produces, package"),
@@ -292,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="bitpass-example", help="working folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an earlier DIR/artifact")
     p.add_argument("-q", "--quiet", action="store_true")
+    for subparser in sub.choices.values():  # --debug is accepted after the command too
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -305,16 +345,108 @@ COMMANDS = {"compile": cmd_compile, "passes": cmd_passes, "pipelines": cmd_pipel
             "verify": cmd_verify, "run": cmd_run, "example": cmd_example}
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C so every stage and temporary file is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+#: longest error line printed (a message built from hostile input can be huge)
+MAX_ERROR_CHARS = 240
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line of at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _log_traceback(argv: Sequence[str] | None) -> Path | None:
+    """Write the current exception's traceback to a log file in the cache folder; its path, or None."""
+    import os
+    import time
+    import traceback
+
+    from bitpass.frontend.cache import cache_dir
+
+    try:
+        logs = cache_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for old in sorted(logs.glob("bitpass-*.log"))[:-19]:  # keep the last 20
+            old.unlink(missing_ok=True)
+        path = logs / f"bitpass-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"bitpass {' '.join(map(str, argv if argv is not None else sys.argv[1:]))}\n\n"
+                        + traceback.format_exc())
+        return path
+    except Exception:  # a log that cannot be written must not hide the error itself
+        return None
+
+
+def _describe(err: BaseException) -> str:
+    """A one-line cause for an exception bitpass did not anticipate."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot access{where}: {err.strerror}"
+    if isinstance(err, MemoryError):
+        return "out of memory (the model or data is too large for this machine)"
+    if isinstance(err, RecursionError):
+        return "input nested too deeply"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Every failure ends here as one line on stderr and a non-zero exit status;
+    unexpected ones also leave their traceback in a log file (``--debug`` prints it instead)."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
         return COMMANDS[args.command](args)
     except BitpassError as err:
-        print(f"bitpass: error: {err}", file=sys.stderr)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"bitpass: error: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("bitpass: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"bitpass: stopped by signal {stop.signum}; nothing was written", file=sys.stderr)
+        return 128 + stop.signum
+    except SystemExit as exit_:
+        # a plugin or library called sys.exit(): never let it pass for success
+        code = exit_.code if isinstance(exit_.code, int) and exit_.code != 0 else 1
+        print(f"bitpass: error: something called sys.exit({one_line(repr(exit_.code), 40)}) during "
+              f"'{args.command}'; nothing was written", file=sys.stderr)
+        return code
+    except Exception as err:  # a bug or an unanticipated failure: one line here, the traceback in a log
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+            print(f"bitpass: error: {one_line(_describe(err))}", file=sys.stderr)
+            return 1
+        log = _log_traceback(argv)
+        where = f" (traceback in {log}; --debug prints it)" if log else ""
+        print(f"bitpass: error: {one_line(_describe(err), MAX_ERROR_CHARS - len(where))}{where}", file=sys.stderr)
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,45 @@ def session_options(config: Mapping[str, Any] | None = None, *, threads: int | N
     return options
 
 
+def read_session_config(directory: Path) -> dict[str, Any] | None:
+    """``session.json`` of an artifact (None when absent); only known keys with values of the right kind."""
+    path = Path(directory) / "session.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_bytes()[:1 << 16])
+    except (ValueError, RecursionError) as err:
+        raise BitpassError(f"{path}: not valid JSON ({str(err)[:80]})") from err
+    if not isinstance(config, dict) or not set(config) <= set(DEFAULT_SESSION) \
+            or not all(isinstance(config[k], type(DEFAULT_SESSION[k])) for k in config):
+        raise BitpassError(f"{path}: expected the keys {', '.join(DEFAULT_SESSION)} with their default's type")
+    level, mode = config.get("graph_optimization_level"), config.get("execution_mode")
+    if (level is not None and not hasattr(ort.GraphOptimizationLevel, level)) \
+            or (mode is not None and not hasattr(ort.ExecutionMode, mode)) \
+            or not 0 <= config.get("intra_op_num_threads", 0) <= 4096:
+        raise BitpassError(f"{path}: a value is not one ONNX Runtime knows")
+    return config
+
+
+def confined_model_path(directory: Path, name: str = "model.onnx") -> Path:
+    """``directory/name``, refused if it or any external data it names lies outside ``directory``."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from bitpass.frontend.onnx_import import check_external_data
+
+    directory = Path(directory)
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()) or not path.is_file():
+        raise BitpassError(f"{path}: missing, or a link to a file outside the artifact")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as err:
+        raise BitpassError(f"{path}: not a readable ONNX file ({str(err)[:100]})") from err
+    check_external_data(proto, directory)
+    return path
+
+
 class OrtRunner(Runner):
     """A loaded ONNX Runtime session; feeds by input name, outputs in graph order."""
 
@@ -54,14 +93,27 @@ class OrtRunner(Runner):
 
     @classmethod
     def from_directory(cls, directory: Path, *, threads: int | None = None, for_timing: bool = False) -> OrtRunner:
-        config_path = directory / "session.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else None
-        return cls.from_bytes((directory / "model.onnx").read_bytes(), config=config, threads=threads,
-                              for_timing=for_timing)
+        """The artifact's model.onnx, loaded by path so that external data resolves inside ``directory``, after
+        checking that every external-data location stays inside it (a hostile artifact cannot read other files)."""
+        config = read_session_config(directory)
+        model_path = confined_model_path(directory)
+        try:
+            session = ort.InferenceSession(str(model_path), session_options(config, threads=threads,
+                                                                             for_timing=for_timing),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own exception types
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BitpassError(f"ONNX Runtime cannot load {model_path}: {text[:200]}") from err
+        return cls(session)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return list(self.session.run(None, {n: feeds[n] for n in self.input_names}))
+            chosen = {n: feeds[n] for n in self.input_names}
         except KeyError as err:
             raise BitpassError(f"missing input {err.args[0]!r}; the model takes {', '.join(self.input_names)}") \
                 from err
+        try:
+            return list(self.session.run(None, chosen))
+        except Exception as err:  # ORT raises its own types (shape mismatch, invalid argument, ...)
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BitpassError(f"ONNX Runtime failed to run the model: {text[:200]}") from err

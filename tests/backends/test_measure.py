@@ -1,0 +1,42 @@
+"""Measuring an artifact against fp32: cosines at any output scale, labels that must fit the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitpass.backends.measure import accuracy, cosines
+from bitpass.frontend.errors import DataError
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-9, 1.0, 1e9])
+def test_cosine_does_not_depend_on_the_outputs_scale(scale):
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((8, 50))
+    candidate = reference + 0.01 * rng.standard_normal((8, 50))
+    expected = cosines(reference, candidate)
+    assert np.all(expected > 0.999)
+    np.testing.assert_allclose(cosines(scale * reference, scale * candidate), expected, rtol=1e-12)
+
+
+def test_cosine_of_zero_outputs():
+    zero, other = np.zeros((1, 4)), np.ones((1, 4))
+    assert cosines(zero, zero)[0] == 1.0 and cosines(zero, other)[0] == 0.0
+
+
+def test_accuracy_takes_one_class_index_per_sample():
+    logits = np.eye(3)[[0, 1, 2, 1]]
+    assert accuracy([logits], np.array([0, 1, 2, 2])) == 0.75
+    assert accuracy([logits], np.array([[0], [1], [2], [2]])) == 0.75
+    assert accuracy([logits], np.array([0.0, 1.0, 2.0, 2.0])) == 0.75
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((4, 2), np.int64), "one class index per sample"),
+    (np.array([0, 1, 3, 2]), "0..2"),
+    (np.array([0, -1, 2, 2]), "0..2"),
+    (np.array([0.5, 1, 2, 2]), "integer class indices"),
+])
+def test_labels_that_cannot_be_classes_are_a_clear_error_not_zero_accuracy(labels, message):
+    with pytest.raises(DataError, match=message):
+        accuracy([np.eye(3)[[0, 1, 2, 1]]], labels)
