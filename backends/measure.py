@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -136,12 +137,29 @@ def latency(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], **op
 
 
 def latency_table(reference: Runner, artifact: Runner, data: Dataset, batches: tuple[int, ...] = (1, 64)) -> dict:
-    """Batch size -> fp32 ms, artifact ms (medians) and speedup (median of the per-round fp32/artifact ratios)."""
+    """Batch size -> fp32 ms, artifact ms, speedup and its noise band, all from one statistic.
+
+    Times are medians over alternating rounds and ``speedup`` is exactly ``fp32_ms / artifact_ms``;
+    ``speedup_band`` is the interquartile range of the per-round fp32/artifact ratios, so a reader
+    (and ``speed_verdict``) can tell a real difference from noise."""
     table = {}
     for size in batches:
         samples = latency_samples({"fp32": reference, "artifact": artifact}, batch_of(data, size))
+        fp32_ms, artifact_ms = 1e3 * float(np.median(samples["fp32"])), 1e3 * float(np.median(samples["artifact"]))
         ratios = np.array(samples["fp32"]) / np.array(samples["artifact"])
-        table[f"batch_{size}"] = {"fp32_ms": 1e3 * float(np.median(samples["fp32"])),
-                                  "artifact_ms": 1e3 * float(np.median(samples["artifact"])),
-                                  "speedup": float(np.median(ratios))}
+        table[f"batch_{size}"] = {"fp32_ms": fp32_ms, "artifact_ms": artifact_ms, "speedup": fp32_ms / artifact_ms,
+                                  "speedup_band": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))]}
     return table
+
+
+#: a speed difference smaller than this is called "same" even when the band excludes 1
+SAME_SPEED = 0.03
+
+
+def speed_verdict(row: Mapping[str, Any]) -> str:
+    """"1.45× faster", "1.20× slower" or "same speed": "same" when the measured noise band holds 1.0."""
+    speed = float(row["speedup"])
+    low, high = row.get("speedup_band", (speed, speed))
+    if low <= 1.0 <= high or abs(speed - 1.0) < SAME_SPEED:
+        return f"same speed (within noise, {low:.2f}–{high:.2f}×)"
+    return f"{speed:.2f}× faster" if speed > 1 else f"{1 / speed:.2f}× slower"

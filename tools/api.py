@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -28,11 +30,10 @@ from bitpass.passes.instruments import Timing
 from bitpass.passes.pipeline import Pipeline
 from bitpass.plugins import Registry, default_registry
 
-REFERENCE = "reference.onnx"
 REPORT = "report.html"
 _VERSIONED = ("bitpass", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "torch", "scipy")
 
-DataSource = str | Path | Mapping[str, np.ndarray] | Dataset | None
+DataSource = str | Path | Mapping[str, np.ndarray] | np.ndarray | Sequence[np.ndarray] | Dataset | None
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,26 @@ def versions() -> dict[str, str]:
 
 
 def _dataset(source: DataSource, model: Model, role: str) -> Dataset | None:
+    """Samples for ``model``: an .npz path, ``{input name: array}``, one array (a single-input model), or a
+    tuple of arrays in input order (a torch module's ``forward()`` order: its input names need not be known)."""
     if source is None or isinstance(source, Dataset):
         return source
     if isinstance(source, (str, Path)):
         return load_npz(source, model.inputs, role=role)
+    names = [spec.name for spec in model.inputs]
+    if isinstance(source, np.ndarray):
+        if len(names) != 1:
+            raise UsageError(f"{role} data is one array, but the model takes {len(names)} inputs "
+                             f"({', '.join(names)}): give {{name: array}}")
+        source = {names[0]: source}
+    elif isinstance(source, (tuple, list)):
+        if len(source) != len(names):
+            raise UsageError(f"{role} data holds {len(source)} arrays, but the model takes {len(names)} inputs "
+                             f"({', '.join(names)})")
+        source = dict(zip(names, source))
+    if not isinstance(source, Mapping):
+        raise UsageError(f"{role} data must be an .npz path, {{input name: array}}, an array or a tuple of arrays, "
+                         f"not {type(source).__name__}")
     return from_arrays(source, model.inputs, role=role)
 
 
@@ -78,25 +95,26 @@ def _legalize(backend: Backend, model: Model, target: str, when: str) -> None:
         raise UnsupportedOperatorError(f"{when}: {problems[0]}{more}")
 
 
-def _sizes(reference_model: Model, weight_bytes: int, ref_bytes: int, directory: Path,
+def _sizes(reference_model: Model, weight_bytes: int, reference_bytes: bytes, directory: Path,
            files: Sequence[str]) -> dict[str, Any]:
     """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference."""
     deployable = next((name for name in files if name.endswith(".so")), "model.onnx")
     size = (directory / deployable).stat().st_size
     sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": weight_bytes,
              "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
-             "fp32_file_bytes": ref_bytes, "file": deployable, "file_bytes": size, "file_ratio": size / max(ref_bytes, 1)}
-    if (directory / REFERENCE).is_file():  # unstructured zeros save nothing uncompressed: shown here only
-        fp32_zip = artifact_io.deflated_size(directory / REFERENCE)
-        zipped = artifact_io.deflated_size(directory / deployable)
-        sizes.update(fp32_compressed_bytes=fp32_zip, compressed_bytes=zipped, compressed_ratio=zipped / max(fp32_zip, 1))
+             "fp32_file_bytes": len(reference_bytes), "file": deployable, "file_bytes": size,
+             "file_ratio": size / max(len(reference_bytes), 1)}
+    # unstructured zeros save nothing uncompressed: the zipped sizes show them
+    fp32_zip = artifact_io.deflated_size(reference_bytes)
+    zipped = artifact_io.deflated_size(directory / deployable)
+    sizes.update(fp32_compressed_bytes=fp32_zip, compressed_bytes=zipped, compressed_ratio=zipped / max(fp32_zip, 1))
     return sizes
 
 
-def _measure(reference: Runner, runner: Runner, ref_bytes: int, weight_bytes: int, reference_model: Model,
+def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, ref_bytes, directory, files)}
+    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_bytes, directory, files)}
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
         metrics["quality"] = measure.quality(reference, runner, evaluation)
@@ -110,37 +128,131 @@ def _measure(reference: Runner, runner: Runner, ref_bytes: int, weight_bytes: in
 def compile(  # noqa: A001 - the verb users expect; shadows the builtin only here
     model: Any,
     output_dir: str | Path,
-    **options: Any,
+    *,
+    pipeline: str = "default",
+    calibration: DataSource = None,
+    evaluation: DataSource = None,
+    example_inputs: Any = None,
+    budget: str | Sequence[str] | None = None,
+    method: str | None = None,
+    sensitivity: str | None = None,
+    formats: str | None = None,
+    sweep: bool = False,
+    backend: str = "onnxruntime",
+    target: str | None = None,
+    plugin_paths: Sequence[str | Path] = (),
+    force: bool = False,
+    latency: bool = True,
+    seed: int = 0,
+    progress: Callable[[str], None] | bool | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    registry: Registry | None = None,
+    **unknown: Any,
 ) -> Artifact:
-    """Compile ``model`` (ONNX path, ModelProto, nn.Module + example_inputs, or Model) into ``output_dir``.
+    """Compile ``model`` into an artifact folder at ``output_dir`` and measure it against fp32.
 
-    Options: ``pipeline`` (name, spec or file; default ``default``), ``calibration`` and
-    ``evaluation`` (.npz path, {input: array} or Dataset), ``example_inputs`` (torch), ``backend``,
-    ``target``, ``plugin_paths``, ``force``, ``latency`` (measure it; default True), ``seed``,
-    ``progress`` (callable taking a message), ``overrides`` ({pass name: options}, e.g.
-    ``{"allocate-bits": {"budget": "avg-bits=4"}}``, which turns ``default`` into ``mixed``).
-    Nothing is written unless everything succeeds: the artifact appears atomically.
+    Args:
+        model: an ONNX file path, an ``onnx.ModelProto``, a ``torch.nn.Module`` (with ``example_inputs``)
+            or a bitpass ``Model``.
+        output_dir: the artifact folder to create (missing parents are made). It must not exist, unless
+            ``force`` and it is an earlier bitpass artifact.
+        pipeline: a named pipeline (``optimize``, ``default``, ``mixed``, ``joint``), a one-line spec like
+            ``"fold-constants,fuse,calibrate(method=entropy),quantize"``, or a .yaml/.toml file.
+        calibration: samples to calibrate on: an .npz path, ``{input name: array}``, one array (single-input
+            models) or a tuple of arrays in ``forward()`` order; samples on the first axis.
+        evaluation: held-out samples (never the calibration set) to measure quality on; an optional
+            ``labels`` array of class indices turns on accuracy.
+        example_inputs: for a torch module, one example tensor per ``forward()`` argument.
+        budget: mixed precision budgets (switches ``default`` to ``mixed``): ``"avg-bits=4"``,
+            ``"size=60KB"``, ``"latency=0.5ms"``, ``"accuracy-drop=0.5"``, or a list of them.
+        method: bit-allocation solver: ``ilp`` (default), ``pareto``, ``baq``, ``greedy``.
+        sensitivity: how layer sensitivity is measured: ``auto`` (default), ``hutchinson``, ``eigenvalue``,
+            ``fisher``, ``taylor``, ``output-kl``, ``output-mse``.
+        formats: ``auto`` (default: the fastest form measured not slower than fp32), ``packed`` or ``compute``.
+        sweep: record the whole size/loss frontier (report.html plots it).
+        backend: ``onnxruntime`` (default) or ``tvm``.
+        target: the backend's target (default: the backend's default, this machine).
+        plugin_paths: extra plugin files or folders to load passes and backends from.
+        force: replace ``output_dir`` if it is an intact artifact bitpass wrote (never anything else).
+        latency: measure latency against fp32 (default True).
+        seed: seed for randomized passes.
+        progress: ``True`` prints progress to stderr, ``False`` nothing, or a callable taking one message;
+            default: on when stderr is a terminal.
+        overrides: ``{pass name: {option: value}}`` for passes of the pipeline, for what has no parameter here.
+        registry: a plugin registry to use instead of the installed entry points.
 
-    Never slower than fp32: when bit allocation picked compute formats (int8 QDQ, MatMulNBits)
-    from per-layer timings but the whole artifact measures slower than fp32, it is compiled
-    again with every quantized layer packed (fp32 speed), and the manifest says so.
+    Returns the ``Artifact`` (its path and manifest). Nothing is written unless everything succeeds: the
+    artifact appears atomically. Never slower than fp32: when bit allocation picked compute formats from
+    per-layer timings but the whole artifact measures slower than fp32, it is compiled again with every
+    quantized layer packed (fp32 speed), and the manifest says so.
     """
-    force = bool(options.pop("force", False))
+    if unknown:
+        raise UsageError(_unknown_parameters(unknown, compile))
+    say = _progress_callable(progress)
+    overrides = _merged_overrides(overrides, budget=budget, method=method, sensitivity=sensitivity, formats=formats,
+                                  sweep=sweep)
+    options: dict[str, Any] = dict(pipeline=pipeline, calibration=calibration, evaluation=evaluation,
+                                   example_inputs=example_inputs, backend=backend, target=target,
+                                   plugin_paths=plugin_paths, latency=latency, seed=seed, progress=say,
+                                   overrides=overrides, registry=registry)
     with artifact_io.Destination(output_dir, force=force) as destination:
         stage = destination.stage()
         manifest = _compile(model, stage, **options)
         slower = _slower_than_fp32(manifest)
         if slower:
-            say = options.get("progress") or (lambda _message: None)
             say(f"the artifact measured {slower}: recompiling with every quantized layer packed")
-            overrides = dict(options.get("overrides") or {})
-            overrides["allocate-bits"] = {**overrides.get("allocate-bits", {}), "formats": "packed"}
+            repacked = dict(overrides or {})
+            repacked["allocate-bits"] = {**repacked.get("allocate-bits", {}), "formats": "packed"}
             note = f"compute formats chosen from per-layer timings were slower end to end ({slower}); used packed"
             destination.discard(stage)
             stage = destination.stage()
-            manifest = _compile(model, stage, **{**options, "overrides": overrides}, notes=[note])
+            manifest = _compile(model, stage, **{**options, "overrides": repacked}, notes=[note])
         path = destination.publish(stage)
     return Artifact(path, manifest)
+
+
+def _unknown_parameters(unknown: Mapping[str, Any], function: Callable[..., Any]) -> str:
+    """``compile() got an unknown parameter 'calib'; did you mean 'calibration'?``"""
+    import difflib
+    import inspect
+
+    known = [name for name, p in inspect.signature(function).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5) \
+            or [k for k in known if k.startswith(name[:4]) and len(name) >= 4][:1]
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"{function.__name__}() got unknown parameter{'s' if len(parts) > 1 else ''} {', '.join(parts)}; "
+            f"see help(bitpass.tools.{function.__name__})")
+
+
+def _progress_callable(progress: Callable[[str], None] | bool | None) -> Callable[[str], None]:
+    if callable(progress):
+        return progress
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return default_progress if progress else (lambda _message: None)
+
+
+def _merged_overrides(overrides: Mapping[str, Mapping[str, Any]] | None, *, budget: str | Sequence[str] | None,
+                      method: str | None, sensitivity: str | None, formats: str | None,
+                      sweep: bool) -> dict[str, dict[str, Any]] | None:
+    """The named mixed-precision parameters as pass options, on top of ``overrides``."""
+    merged = {name: dict(options) for name, options in (overrides or {}).items()}
+    allocate: dict[str, Any] = {}
+    if budget:
+        allocate["budget"] = budget if isinstance(budget, str) else ",".join(budget)
+    if method:
+        allocate["method"] = method
+    if formats:
+        allocate["formats"] = formats
+    if sweep:
+        allocate["sweep"] = True
+    if allocate:
+        merged["allocate-bits"] = {**merged.get("allocate-bits", {}), **allocate}
+    if sensitivity:
+        merged["sensitivity"] = {**merged.get("sensitivity", {}), "method": sensitivity}
+    return merged or None
 
 
 def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str | None:
@@ -205,15 +317,14 @@ def _compile(
     files = backend_impl.emit(final, stage, target)
     stored = backend_impl.stored_weight_bytes(final, stage)
     reference_bytes = reference_model.to_bytes()
-    (stage / REFERENCE).write_bytes(reference_bytes)
     if backend_impl.runs_on_host(target):
         runner = backend_impl.load(stage, {}, for_timing=True)
         reference = reference_runner(reference_model, for_timing=True)
-        metrics = _measure(reference, runner, len(reference_bytes), stored, reference_model, stage, files,
+        metrics = _measure(reference, runner, reference_bytes, stored, reference_model, stage, files,
                            evaluation_data, calib, latency, say)
     else:
         say(f"target {target} does not run on this machine: quality and latency are not measured")
-        metrics = {"size": _sizes(reference_model, stored, len(reference_bytes), stage, files),
+        metrics = {"size": _sizes(reference_model, stored, reference_bytes, stage, files),
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
     manifest = {
@@ -233,12 +344,66 @@ def _compile(
         "summary": layer_report.summarize(records),
         "metrics": metrics,
         "seed": seed,
-        "files": artifact_io.file_table(stage, [*files, REFERENCE]),
+        "reference": _keep_reference(model, reference_bytes),
+        "files": artifact_io.file_table(stage, files),
     }
     (stage / REPORT).write_text(report.render(manifest))
     manifest["files"].update(artifact_io.file_table(stage, [REPORT]))
     artifact_io.write_manifest(stage, manifest)
     return manifest
+
+
+def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:
+    """Where ``verify`` will find the fp32 reference, which never ships inside the artifact: the input file
+    itself when the model came from one, else a content-addressed copy in the cache folder."""
+    digest = hashlib.sha256(reference_bytes).hexdigest()
+    if isinstance(model, (str, os.PathLike)):
+        return {"sha256": digest, "source": str(Path(model).resolve()), "cached": False}
+    cached = reference_cache() / f"{digest}.onnx"
+    try:
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.partial")
+            partial.write_bytes(reference_bytes)
+            partial.replace(cached)
+    except OSError:
+        return {"sha256": digest, "source": None, "cached": False}
+    return {"sha256": digest, "source": None, "cached": True}
+
+
+def reference_cache() -> Path:
+    """Folder of fp32 references of models compiled from memory (torch modules, protos), by sha256."""
+    from bitpass.frontend.cache import cache_dir
+
+    return cache_dir() / "references"
+
+
+def find_reference(manifest: Mapping[str, Any], given: str | Path | None = None) -> Model | None:
+    """The artifact's fp32 reference model: ``given``, else the cached copy, else the recorded input file,
+    each accepted only if it is the model the artifact was compiled from (by sha256). None when none is."""
+    from bitpass.frontend import from_onnx
+
+    recorded = manifest.get("reference") if isinstance(manifest.get("reference"), Mapping) else {}
+    digest = str(recorded.get("sha256", ""))
+    source_digest = str((manifest.get("input_model") or {}).get("sha256", ""))
+    candidates: list[Path] = []
+    if given is not None:
+        candidates.append(Path(given))
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        candidates.append(reference_cache() / f"{digest}.onnx")
+    if recorded.get("source"):
+        candidates.append(Path(str(recorded["source"])))
+    for path in candidates:
+        if not path.is_file():
+            if given is not None and path == Path(given):
+                raise UsageError(f"--reference {path}: no such model file")
+            continue
+        model = from_onnx(path)
+        if model.provenance.sha256 == source_digest or hashlib.sha256(model.to_bytes()).hexdigest() == digest:
+            return model
+        if given is not None and path == Path(given):
+            raise UsageError(f"--reference {path} is not the model this artifact was compiled from (sha256 differs)")
+    return None
 
 
 def apply_overrides(pipeline: Pipeline, overrides: Mapping[str, Mapping[str, Any]], registry: Registry) -> Pipeline:
@@ -318,12 +483,12 @@ class Check:
 
 
 #: per-layer fields the plan check compares between the manifest and the model read back
-_PLAN_FIELDS = ("op_type", "bits", "sparsity", "stored")
+_PLAN_FIELDS = ("final_op_type", "bits", "sparsity", "stored")
 
 
 def _plan_check(manifest: dict[str, Any], read_back: list[dict[str, Any]]) -> Check:
     """The per-layer plan read back from the model files equals the manifest's, both ways."""
-    recorded = {r.get("id"): r for r in manifest["layers"] if isinstance(r, dict)}
+    recorded = {r.get("id"): r for r in manifest["layers"] if isinstance(r, dict) and r.get("status") != "removed"}
     actual = {r["id"]: r for r in read_back}
     missing = sorted(set(actual) - set(recorded), key=str)
     unknown = sorted(set(recorded) - set(actual), key=str)
@@ -339,11 +504,13 @@ def _plan_check(manifest: dict[str, Any], read_back: list[dict[str, Any]]) -> Ch
 
 
 def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float = 0.005,
-           emulate: bool = False) -> list[Check]:
-    """Re-check an artifact: files match their hashes, annotations match the plan, and quality still
-    meets the recorded figures (within ``tolerance``) when evaluation data is given. ``emulate`` runs an
-    artifact of a foreign target (aarch64) under emulation and compares it with the same plan built for
-    this machine: rtol 1e-3 when every layer is fp32, else the same top-1 on every sample."""
+           emulate: bool = False, reference: str | Path | None = None) -> list[Check]:
+    """Re-check an artifact from its files: every file and the manifest are as compiled, the per-layer plan
+    read back from the model equals the manifest's, and, given evaluation data, quality still meets the
+    recorded figures (within ``tolerance``). The fp32 reference (needed for fidelity) is ``reference``, or the
+    model the artifact was compiled from (found by its sha256). ``emulate`` runs an artifact of a foreign
+    target (aarch64) under emulation and compares it with the same plan built for this machine: rtol 1e-3 when
+    every layer is fp32, else the same top-1 on every sample."""
     path = Path(path)
     manifest = artifact_io.read_manifest(path)
     checks = []
@@ -356,13 +523,12 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     from bitpass.frontend import from_onnx
 
     final = from_onnx(path / "model.onnx")
-    reference_model = from_onnx(path / REFERENCE)
-    checks.append(_plan_check(manifest, layer_report.layer_records(reference_model, final)))
+    checks.append(_plan_check(manifest, _plan_read_back(final)))
     backend = default_registry().backend(manifest["backend"])()
     if emulate:
         if evaluation is None:
             raise UsageError("verify --emulate needs samples to run: give --eval FILE")
-        data = _dataset(evaluation, reference_model, "evaluation")
+        data = _dataset(evaluation, final, "evaluation")
         assert data is not None
         checks.append(_emulated_check(backend, path, manifest, final, data.head(EMULATED_SAMPLES)))
         return checks
@@ -373,8 +539,13 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     _, runner = open_artifact(path)
     if evaluation is None:
         return checks
-    data = _dataset(evaluation, reference_model, "evaluation")
+    data = _dataset(evaluation, final, "evaluation")
     assert data is not None
+    reference_model = find_reference(manifest, reference)
+    if reference_model is None:
+        checks.append(Check("quality", False, "the fp32 reference model was not found (it never ships in the "
+                                              "artifact): pass --reference MODEL.onnx, the model you compiled"))
+        return checks
     quality = measure.quality(reference_runner(reference_model), runner, data)
     recorded = manifest["metrics"].get("quality")
     if recorded is None:
@@ -391,6 +562,24 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     if data.sha256 != (manifest["data"].get("evaluation") or {}).get("sha256"):
         checks.append(Check("data", True, "evaluation data differs from compile time: compared with tolerance"))
     return checks
+
+
+def _plan_read_back(final: Model) -> list[dict[str, Any]]:
+    """The per-layer plan as the model file itself records it (each layer's first node carrying its id)."""
+    from bitpass.frontend import annotation
+
+    seen: dict[str, dict[str, Any]] = {}
+    for node in final.graph.all_nodes():
+        layer_id = annotation.layer_id(node)
+        if layer_id is None or layer_id in seen:
+            continue
+        notes = annotation.all_of(node)
+        seen[layer_id] = {"id": layer_id, "final_op_type": node.op_type,
+                          "bits": {"weight": notes.get(annotation.WEIGHT_BITS, annotation.FLOAT_BITS),
+                                   "activation": notes.get(annotation.ACTIVATION_BITS, annotation.FLOAT_BITS)},
+                          "sparsity": notes.get(annotation.SPARSITY, 0.0),
+                          "stored": layer_report.stored_weight(node)}
+    return list(seen.values())
 
 
 #: samples an emulated run compares (qemu is slow; the check is about numerics, not statistics)

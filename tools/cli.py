@@ -37,6 +37,39 @@ data files are .npz: one array per model input, keyed by the input's name, sampl
 axis; an optional 'labels' array turns on accuracy (otherwise fidelity to fp32 is measured)."""
 
 
+EPILOG_PASSES = """examples:
+  bitpass passes                      # every pass: summary, options, the package that provides it
+  bitpass passes quantize             # one pass: what it does, what it needs, each option in plain words
+  bitpass passes --plugin my_passes.py   # also list the passes a plugin file registers"""
+
+EPILOG_PIPELINES = """examples:
+  bitpass pipelines                   # optimize, default, mixed, joint, and any a plugin adds
+  bitpass compile model.onnx --calib calib.npz -o out/ --pipeline mixed --budget avg-bits=4"""
+
+EPILOG_INSPECT = """examples:
+  bitpass inspect model.onnx          # the quantizable layers of a model, with their ids (for set-bits)
+  bitpass inspect out/                # an artifact's per-layer plan: bits, format, bytes, sensitivity
+  bitpass inspect out/ --json | jq '.[] | select(.bits.weight < 8)'"""
+
+EPILOG_VERIFY = """examples:
+  bitpass verify out/                 # files, manifest and per-layer plan are as compiled
+  bitpass verify out/ --eval eval.npz # also re-measure quality against the recorded figures
+  bitpass verify out/ --eval eval.npz --emulate   # an aarch64 artifact, run under qemu
+
+exit status: 0 when every check passes, 1 when one fails."""
+
+EPILOG_RUN = """examples:
+  bitpass run out/ --input x.npz -o y.npz
+  python -c "import numpy as np; print(np.load('y.npz')['logits'].argmax(1))"
+
+--input holds one array per model input (keyed by input name; 'bitpass inspect out/' shows them)."""
+
+EPILOG_EXAMPLE = """examples:
+  bitpass example                     # into ./bitpass-example (about 10 s on two cores)
+  bitpass example /tmp/demo --quiet
+  bitpass verify bitpass-example/artifact --eval bitpass-example/eval.npz"""
+
+
 def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model into an artifact directory",
                        description="Import MODEL, run a pipeline of passes, emit an artifact for a backend, and "
@@ -60,6 +93,7 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized passes (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts) instead of a table")
     g = p.add_argument_group("mixed precision (switches the default pipeline to 'mixed')")
     g.add_argument("--budget", action="append", default=[], metavar="DIM=VALUE",
                    help="avg-bits=4, size=40KB or size=0.2x, bops=1.2G, latency=2ms (allocate-joint also "
@@ -77,25 +111,6 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                    help="batch size whose measured layer latencies a latency= budget counts (default 1)")
 
 
-def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Pass options the mixed-precision flags set (empty when none is given)."""
-    allocate: dict[str, Any] = {}
-    if args.budget:
-        allocate["budget"] = ",".join(args.budget)
-    if args.method:
-        allocate["method"] = args.method
-    if args.formats:
-        allocate["formats"] = args.formats
-    if args.sweep:
-        allocate["sweep"] = True
-    if args.latency_batch:
-        allocate["latency_batch"] = args.latency_batch
-    overrides = {"allocate-bits": allocate} if allocate else {}
-    if args.sensitivity:
-        overrides["sensitivity"] = {"method": args.sensitivity}
-    return overrides
-
-
 def _progress(args: argparse.Namespace):
     from bitpass.tools.api import default_progress
 
@@ -105,15 +120,36 @@ def _progress(args: argparse.Namespace):
 def cmd_compile(args: argparse.Namespace) -> int:
     from bitpass.tools.api import compile as compile_model
 
+    latency_batch = {"allocate-bits": {"latency_batch": args.latency_batch}} if args.latency_batch else None
     artifact = compile_model(args.model, args.output, pipeline=args.pipeline, calibration=args.calib,
-                             evaluation=args.eval, backend=args.backend, target=args.target,
-                             plugin_paths=args.plugin, force=args.force, latency=not args.no_latency,
-                             seed=args.seed, progress=_progress(args), overrides=overrides_from(args))
-    print_summary(artifact.manifest, artifact.path)
+                             evaluation=args.eval, budget=args.budget, method=args.method,
+                             sensitivity=args.sensitivity, formats=args.formats, sweep=args.sweep,
+                             backend=args.backend, target=args.target, plugin_paths=args.plugin, force=args.force,
+                             latency=not args.no_latency, seed=args.seed, progress=_progress(args) or False,
+                             overrides=latency_batch)
+    if args.json:
+        print(json.dumps(summary_json(artifact.manifest, artifact.path), indent=2, sort_keys=True))
+    else:
+        print_summary(artifact.manifest, artifact.path)
     return 0
 
 
+def summary_json(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """What the summary table shows, for scripts: paths, sizes, quality, latency, the pipeline."""
+    return {"artifact": str(path), "backend": manifest["backend"], "target": manifest["target"],
+            "pipeline": manifest["pipeline"], "metrics": manifest["metrics"],
+            "summary": manifest.get("summary"), "notes": manifest.get("records", {}).get("notes", [])}
+
+
+def _computes_in_int8(manifest: dict[str, Any]) -> bool:
+    """Whether some layer runs an integer kernel (QDQ int8 or MatMulNBits), not only fp32 math."""
+    formats = [str((r.get("stored") or {}).get("format", "")) for r in manifest.get("layers", [])]
+    return any(f.startswith(("int8", "uint8", "MatMulNBits")) for f in formats)
+
+
 def print_summary(manifest: dict[str, Any], path: Path) -> None:
+    from bitpass.backends.measure import speed_verdict
+
     metrics = manifest["metrics"]
     table = Table(title=f"{manifest['input_model']['name']} → {path}  ({manifest['backend']}/{manifest['target']})")
     table.add_column("")
@@ -135,14 +171,12 @@ def print_summary(manifest: dict[str, Any], path: Path) -> None:
         fid = quality["fidelity"]
         table.add_row("fidelity", "", f"cos {fid['cosine']:.5f}", f"top-1 agree {100 * fid['top1_agreement']:.1f} %")
     for key, row in metrics.get("latency", {}).items():
-        speed = row["speedup"]
-        change = f"{speed:.2f}× faster" if speed >= 1.02 else f"{1 / speed:.2f}× slower" if speed <= 0.98 \
-            else f"same speed ({speed:.2f}×)"
         table.add_row(f"latency {key.replace('_', ' ')}", f"{row['fp32_ms']:.3f} ms", f"{row['artifact_ms']:.3f} ms",
-                      change)
+                      speed_verdict(row))
     console.print(table)
     console.print(f"pipeline: {manifest['pipeline']}")
-    if any(row["speedup"] < 0.95 for row in metrics.get("latency", {}).values()):
+    slower = any(speed_verdict(row).endswith("slower") for row in metrics.get("latency", {}).values())
+    if slower and _computes_in_int8(manifest):
         console.print("note: int8 compute is slower than fp32 for this model on this machine; "
                       "--budget avg-bits=8 stores the same int8 weights and runs at fp32 speed "
                       "(bit allocation picks compute formats only where they are measured faster)")
@@ -152,16 +186,38 @@ def cmd_passes(args: argparse.Namespace) -> int:
     from bitpass.plugins import default_registry
 
     registry = default_registry(args.plugin)
-    table = Table(title="registered passes")
-    for column in ("pass", "summary", "requires", "produces", "options", "package"):
+    if args.name:
+        return _describe_pass(registry, args.name)
+    table = Table(title="registered passes  (bitpass passes NAME shows one with its options)")
+    for column in ("pass", "summary", "options", "package"):
         table.add_column(column, overflow="fold")
     for entry in registry.pass_entries():
         cls = entry.obj
-        options = ", ".join(f"{k}: {v}" for k, v in cls.options().items())
-        table.add_row(entry.name, cls.summary(), ", ".join(sorted(cls.requires)) or "-",
-                      ", ".join(sorted(cls.produces)) or "-", options or "-", entry.package)
+        table.add_row(entry.name, cls.summary(), ", ".join(cls.Config.model_fields) or "-", entry.package)
     console.print(table)
     _report_problems(registry)
+    return 0
+
+
+def _describe_pass(registry: Any, name: str) -> int:
+    """One pass: what it does, what it needs and gives, and each option in plain words."""
+    from bitpass.tools.describe import option_help
+
+    cls = registry.pass_class(name)
+    doc = " ".join((cls.__doc__ or "").split())
+    console.print(f"[bold]{name}[/bold]: {doc or cls.summary()}", markup=True)
+    console.print(f"needs: {', '.join(sorted(cls.requires)) or 'nothing'}   ·   gives: "
+                  f"{', '.join(sorted(cls.produces)) or 'nothing'}", markup=False)
+    options = option_help(cls)
+    if not options:
+        console.print("options: none")
+        return 0
+    table = Table(title=f"options  (write them as {name}(option=value,...) in a pipeline)")
+    for column in ("option", "takes", "default", "what it does"):
+        table.add_column(column, overflow="fold")
+    for option in options:
+        table.add_row(option.name, option.kind, option.default, option.help or "-")
+    console.print(table)
     return 0
 
 
@@ -232,7 +288,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from bitpass.tools.api import verify
 
-    checks = verify(args.artifact, args.eval, tolerance=args.tolerance, emulate=args.emulate)
+    checks = verify(args.artifact, args.eval, tolerance=args.tolerance, emulate=args.emulate,
+                    reference=args.reference)
     for check in checks:
         mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
         console.print(f"{mark} {check.name}: {check.detail}")
@@ -302,34 +359,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compile(sub)
-    for name, helptext in (("passes", "list registered passes: options, requires/produces, package"),
-                           ("pipelines", "list named pipelines")):
-        p = sub.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--plugin", action="append", default=[], metavar="PATH", help="also load this plugin file")
+    p = sub.add_parser("passes", help="list registered passes, or show one with its options",
+                       description="List every registered pass (built in and from plugins), or show one pass: what "
+                                   "it does, what it needs, and each option in plain words.",
+                       epilog=EPILOG_PASSES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", help="show this pass's options")
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH", help="also load this plugin file")
+    p = sub.add_parser("pipelines", help="list named pipelines", description="List the named pipelines and their passes.",
+                       epilog=EPILOG_PIPELINES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH", help="also load this plugin file")
     p = sub.add_parser("inspect", help="per-layer table of an artifact or an ONNX file",
-                       description="Show each quantizable layer: op, shape, params, bits, sparsity, sensitivity.")
+                       description="Show each quantizable layer: op, shape, params, bits, sparsity, sensitivity.",
+                       epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="artifact directory or .onnx file")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p = sub.add_parser("verify", help="re-check an artifact against its manifest and fp32 reference",
-                       description="Check file hashes and the per-layer plan; with --eval, re-measure quality and "
-                                   "fail (exit 1) if it misses the recorded figures by more than --tolerance.")
+                       description="Check that every file and the manifest are as compiled and that the per-layer "
+                                   "plan read back from the model matches the manifest; with --eval, re-measure "
+                                   "quality and fail (exit 1) if it misses the recorded figures by more than "
+                                   "--tolerance.",
+                       epilog=EPILOG_VERIFY, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact")
     p.add_argument("--eval", metavar="NPZ", help="held-out samples to re-measure quality")
     p.add_argument("--tolerance", type=float, default=0.005, help="allowed shortfall (default: %(default)s)")
+    p.add_argument("--reference", metavar="ONNX",
+                   help="the fp32 model the artifact was compiled from (default: found by its recorded sha256: the "
+                        "input file, or bitpass's cache for models compiled from memory)")
     p.add_argument("--emulate", action="store_true",
                    help="run an artifact of a foreign target (aarch64) under qemu and compare it with the same "
                         "plan built for this machine (one-time setup: tools/setup_arm64.sh)")
     p = sub.add_parser("run", help="run an artifact on inputs from an .npz file",
-                       description="Run ARTIFACT on every sample of --input; write outputs, keyed by output name.")
+                       description="Run ARTIFACT on every sample of --input; write outputs, keyed by output name.",
+                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact")
-    p.add_argument("--input", required=True, metavar="NPZ")
-    p.add_argument("-o", "--output", required=True, metavar="NPZ")
+    p.add_argument("--input", required=True, metavar="NPZ", help="one array per model input, samples on axis 0")
+    p.add_argument("-o", "--output", required=True, metavar="NPZ", help="where to write the outputs (.npz)")
     p = sub.add_parser("example", help="train the bundled digits CNN, compile it, print the summary",
                        description="Train a small CNN on scikit-learn's digits, write model.onnx, calib.npz and "
-                                   "eval.npz into DIR, compile with the default pipeline into DIR/artifact.")
+                                   "eval.npz into DIR, compile with the default pipeline into DIR/artifact.",
+                       epilog=EPILOG_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", default="bitpass-example", help="working folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an earlier DIR/artifact")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     for subparser in sub.choices.values():  # --debug is accepted after the command too
         subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -28,8 +28,9 @@ def test_default_pipeline_meets_the_accuracy_and_size_bars(artifact):
     assert accuracy["fp32"] > 0.95
     assert accuracy["drop_points"] <= 1.0, accuracy
     assert manifest["metrics"]["size"]["weight_ratio"] <= 0.35
-    assert {"model.onnx", "manifest.json", "report.html", "reference.onnx", "session.json"} <= \
-        {p.name for p in artifact.iterdir()}
+    # only what a device needs ships: no fp32 reference beside the model
+    assert {p.name for p in artifact.iterdir()} == {"model.onnx", "manifest.json", "manifest.sha256", "report.html",
+                                                    "session.json"}
 
 
 def test_manifest_records_what_was_done_and_measured(artifact, digits_files):
@@ -129,3 +130,42 @@ def test_force_replaces_an_earlier_artifact_atomically(digits_files, tmp_path):
     assert (first["pipeline_name"], second["pipeline"]) == ("optimize", "fold-constants")  # really replaced
     assert all(c.ok for c in verify(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no stage, work folder or old copy left
+
+def test_verify_finds_the_reference_by_its_sha256_and_refuses_another_model(artifact, digits_files, tmp_path,
+                                                                             trained_mlp, capsys):
+    """The reference is the input file the artifact was compiled from (it is not in the artifact)."""
+    import torch
+
+    from bitpass.frontend import from_torch
+
+    assert all(c.ok for c in verify(artifact, digits_files / "eval.npz"))
+    other = tmp_path / "other.onnx"
+    from_torch(trained_mlp, (torch.zeros(1, 1, 8, 8),)).save(other)
+    assert main(["verify", str(artifact), "--eval", str(digits_files / "eval.npz"), "--reference", str(other)]) == 2
+    assert "not the model this artifact was compiled from" in capsys.readouterr().err
+
+
+def test_verify_without_a_findable_reference_says_how_to_give_one(digits_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITPASS_CACHE_DIR", str(tmp_path / "cache"))  # no cached copy from other tests
+    model = tmp_path / "model.onnx"
+    model.write_bytes((digits_files / "model.onnx").read_bytes())
+    out = compile(model, tmp_path / "out", pipeline="optimize", evaluation=digits_files / "eval.npz", latency=False,
+                  progress=False)
+    model.unlink()  # the user moved their model away
+    checks = {c.name: c for c in verify(out.path, digits_files / "eval.npz")}
+    assert not checks["quality"].ok and "--reference" in checks["quality"].detail
+    checks = {c.name: c for c in verify(out.path, digits_files / "eval.npz", reference=digits_files / "model.onnx")}
+    assert checks["fidelity"].ok
+
+
+def test_verify_catches_a_tampered_plan_even_when_the_manifest_is_resealed(artifact, tmp_path):
+    """Emptying the manifest's layer list (and re-sealing it) cannot make a changed artifact pass."""
+    import shutil
+
+    copy = tmp_path / "resealed"
+    shutil.copytree(artifact, copy)
+    manifest = read_manifest(copy)
+    manifest["layers"] = []
+    write_manifest(copy, manifest)
+    checks = {c.name: c for c in verify(copy)}
+    assert not checks["plan"].ok and "missing from the manifest" in checks["plan"].detail
