@@ -45,6 +45,8 @@ _LABEL_CHARS = 22
 #: the per-layer table is folded away (a <details>) above this many layers
 _OPEN_TABLE_LAYERS = 60
 _DPI = 100
+#: stored weight formats as the table names them (layers.stored_weight writes the dtype name)
+_STORED_NAMES = {"float": "fp32", "float16": "fp16"}
 _WIDTH_IN = 10.0
 
 
@@ -489,7 +491,7 @@ def _how_good(manifest: dict[str, Any]) -> str:
         rows.append(["accuracy (labels)", _percent(acc["fp32"], 2), _percent(acc["artifact"], 2), change])
     fid = quality.get("fidelity") or {}
     if fid:
-        rows += [["top-1 agreement with fp32", "100 %", _percent(fid["top1_agreement"]), "same predicted class"],
+        rows += [["top-1 agreement with fp32", _percent(1.0), _percent(fid["top1_agreement"]), "same predicted class"],
                  ["cosine to fp32 outputs", "1", f"{fid['cosine']:.6f}", "mean over samples; 1 is identical"],
                  ["max abs error", "0", f"{fid['max_abs_error']:.4g}", "largest output difference"]]
     return (f"<h2>How good it is</h2><p>On {_count(quality.get('samples'))} held-out samples (not the calibration "
@@ -552,7 +554,8 @@ def _per_layer(manifest: dict[str, Any]) -> str:
                      _percent(r.get("sparsity")) if r.get("sparsity") else "0",
                      *([" → ".join(map(str, channels[r["id"]])) if r.get("id") in channels else "-"]
                        if channels else []),
-                     _sensitivity_cell(r), stored.get("format", r.get("status")), _count(r.get("weight_bytes"))])
+                     _sensitivity_cell(r), _STORED_NAMES.get(stored.get("format"), stored.get("format", r.get("status"))),
+                     _count(r.get("weight_bytes"))])
     sensitivity = f"sensitivity ({methods[0]})" if len(methods) == 1 else "sensitivity"
     headers = ["layer", "op", "fp32 shape", "params", "bits: weight / act.", "zeroed",
                *(["out channels"] if channels else []), sensitivity, "stored as", "bytes"]
