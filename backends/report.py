@@ -513,10 +513,13 @@ def _how_small_and_fast(manifest: dict[str, Any]) -> str:
         out.append(_table(["bytes", "fp32", "artifact", "artifact / fp32"], rows, wrap_columns=(3,)))
     latency = metrics.get("latency")
     if latency:
+        from bitpass.backends.measure import speed_verdict
+
         rows = [[key.replace("_", " "), _duration(row.get("fp32_ms")), _duration(row.get("artifact_ms")),
-                 f"{row['speedup']:.2f}×" if "speedup" in row else "-"] for key, row in latency.items()]
+                 speed_verdict(row) if "speedup" in row else "-"] for key, row in latency.items()]
         out.append("<h3>Latency on this machine</h3><p class=muted>Median times; fp32 and the artifact alternate "
-                   "in one process.</p>" + _table(["", "fp32", "artifact", "speed-up (fp32 ÷ artifact)"], rows))
+                   "in one process; \"same speed\" when the spread of the per-round ratios includes 1.</p>"
+                   + _table(["", "fp32", "artifact", "fp32 ÷ artifact"], rows))
     elif metrics.get("not_measured"):
         out.append(f"<p class=muted>Latency not measured: {_esc(metrics['not_measured'])}.</p>")
     else:
