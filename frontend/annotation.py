@@ -116,6 +116,12 @@ def sensitivities(node: ir.Node) -> dict[str, float]:
     }
 
 
+def carried(model: ir.Model, name: str) -> bool:
+    """Whether some node carries annotation ``name`` or one under it (``bits`` matches ``bits.weight``)."""
+    key, below = _key(name), _key(name) + "."
+    return any(k == key or k.startswith(below) for node in model.graph.all_nodes() for k in node.metadata_props)
+
+
 def stamp_schema(model: ir.Model) -> None:
     model.metadata_props[SCHEMA_KEY] = str(SCHEMA_VERSION)
 
