@@ -117,7 +117,7 @@ class AllocateBits(Pass):
         problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
                                      zero_point=cfg.zero_point, latency=None, keep_fp32=keep)
         offered = {layer.id: layer.widths for layer in problem.layers}
-        variants = _measured_variants(model, offered, ctx) if cfg.formats == "auto" else None
+        variants = _latency_variants(model, offered, ctx, measure=cfg.formats == "auto")
         latency, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats, cfg.latency_batch)
         if latency:
             problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
@@ -233,13 +233,14 @@ class AllocateBits(Pass):
         return None, "default (8/4/2/32: the context gave no backend capabilities)"
 
 
-def _measured_variants(model: Model, offered: Mapping[str, tuple[int, ...]],
-                       ctx: PassContext) -> formats.LatencyTable | None:
-    """Per-layer latency of every compute format, from the target's probe (cached as an analysis)."""
+def _latency_variants(model: Model, offered: Mapping[str, tuple[int, ...]], ctx: PassContext, *,
+                      measure: bool) -> formats.LatencyTable | None:
+    """Per-layer latency of every compute format: the cached ``latency-variants`` analysis, else (``measure``)
+    from the target's probe, then cached."""
     if ctx.analyses.cached(LATENCY_VARIANTS):
         return ctx.analyses.require(LATENCY_VARIANTS)
     probe = (ctx.target.options or {}).get("latency_probe")
-    if probe is None:
+    if probe is None or not measure:
         return None
     wanted = formats.variants_to_measure(model.layers(), offered)
     table = probe(model, wanted, ctx.progress)
