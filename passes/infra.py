@@ -109,8 +109,8 @@ class AnalysisManager:
     def put(self, name: str, value: Any) -> None:
         """Record a result a pass computed itself (for example calibrated ranges)."""
         if isinstance(name, AnalysisKey) and not isinstance(value, name.type):
-            raise BitpassError(f"analysis {str(name)!r} must be a {_kind(name.type)}, not a "
-                               f"{type(value).__name__}")
+            raise BitpassError(f"analysis {str(name)!r} must be {_kind(name.type)}, got {type(value).__name__} "
+                               f"(a bug in the pass that put it)")
         self._cache[name] = value
         self._invalidated_by.pop(name, None)
 

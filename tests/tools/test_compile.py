@@ -123,7 +123,11 @@ def test_python_api_accepts_a_torch_module(trained_cnn, digits_split, tmp_path):
 def test_force_replaces_an_earlier_artifact_atomically(digits_files, tmp_path):
     out = tmp_path / "o"
     compile(digits_files / "model.onnx", out, pipeline="optimize", latency=False)
-    first = (out / "manifest.json").read_text()
-    compile(digits_files / "model.onnx", out, pipeline="optimize", latency=False, force=True)
-    assert json.loads(first)["pipeline"] == read_manifest(out)["pipeline"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    first_model = (out / "model.onnx").read_bytes()
+    assert read_manifest(out)["pipeline"] == "fold-constants,eliminate-dead-nodes,fuse"
+    compile(digits_files / "model.onnx", out, calibration=digits_files / "calib.npz", latency=False, force=True)
+    replaced = read_manifest(out)
+    assert replaced["pipeline"] == "fold-constants,eliminate-dead-nodes,fuse,calibrate,quantize"  # the second one
+    assert (out / "model.onnx").read_bytes() != first_model  # int8 now, and every file is the second compile's
+    assert {layer["bits"]["weight"] for layer in replaced["layers"]} == {8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # nothing left beside it
