@@ -452,17 +452,10 @@ def _fmt(value: float, transformer: bool) -> str:
 
 def ilp_solve_time(layers: int = 200, repeats: int = 5) -> tuple[float, list[float]]:
     """Median seconds for the ILP on a synthetic problem of ``layers`` layers x 4 widths (avg-bits=4)."""
-    from bitpass.passes.allocation.problem import Problem
+    from bitpass.passes.allocation.problem import random_problem
     from bitpass.passes.allocation.solvers import solve
 
-    rng = np.random.default_rng(SEED)
-    ids = [f"l{i}" for i in range(layers)]
-    params = {i: int(rng.integers(500, 50_000)) for i in ids}
-    loss = {}
-    for i in ids:
-        s = rng.lognormal(0.0, 1.5)
-        loss[i] = {b: 0.0 if b == 32 else s * params[i] * 4.0 ** -b * rng.uniform(0.8, 1.25) for b in (32, 8, 4, 2)}
-    problem = Problem.from_tables(params, loss)
+    problem = random_problem(layers, SEED)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

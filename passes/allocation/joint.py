@@ -18,12 +18,12 @@ from typing import Any, Literal
 import numpy as np
 import pydantic
 
-from bitpass.frontend import Model, annotation
+from bitpass.frontend import Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.activations import model_outputs
 from bitpass.passes.allocation.budget import parse_budget
 from bitpass.passes.allocation.joint_problem import DEFAULT_KEEPS, PACKED_WIDTHS, JointProblem, decode
-from bitpass.passes.allocation.problem import AVG_BITS, BOPS, FLOAT_BITS, LATENCY, SIZE
+from bitpass.passes.allocation.problem import AVG_BITS, BOPS, FLOAT_BITS, LATENCY, SIZE, layer_sensitivity
 from bitpass.passes.allocation.solvers import Allocation
 from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, BITS_ANNOTATIONS, PRUNING_REFERENCE, SENSITIVITY
 from bitpass.passes.infra import AnalysisManager, Pass, PassConfig, PassContext, PassResult, make_config
@@ -87,7 +87,7 @@ class AllocateJoint(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         start = time.perf_counter()
-        sensitivity = self._sensitivity(model, ctx)
+        sensitivity, _ = layer_sensitivity(model, ctx.analyses, cfg.sensitivity, who=self.name)
         joint = JointProblem.from_model(model, sensitivity, widths=cfg.widths, keeps=cfg.keeps,
                                         round_to=cfg.round_to, min_channels=cfg.min_channels, exclude=cfg.exclude,
                                         block_size=cfg.block_size)
@@ -185,22 +185,6 @@ class AllocateJoint(Pass):
                             "size": allocation.totals.get(SIZE)}))
         best = min(scored, key=lambda item: (item[0], item[1]))
         return best[2], [item[3] for item in scored]
-
-    def _sensitivity(self, model: Model, ctx: PassContext) -> Mapping[str, Any]:
-        if ctx.analyses.cached(SENSITIVITY):
-            value = ctx.analyses.require(SENSITIVITY)
-            method = self.config.sensitivity
-            if isinstance(value, Mapping) and method in value and isinstance(value[method], Mapping):
-                return value[method]
-            return value
-        scores = {}
-        for layer in model.layers():
-            score = annotation.sensitivity(layer.node, self.config.sensitivity)
-            if score is not None:
-                scores[layer.id] = score
-        if not scores:
-            raise UsageError("allocate-joint needs sensitivity: run the sensitivity pass first")
-        return scores
 
 
 def apply_plan(model: Model, joint: JointProblem, plan: Mapping[str, tuple[int, int]],

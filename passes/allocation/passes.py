@@ -31,10 +31,10 @@ from typing import Any, Literal
 import pydantic
 
 from bitpass.frontend import Model, annotation
-from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.frontend.errors import UsageError
 from bitpass.passes.allocation import formats
 from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check_feasible, parse_budget
-from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits
+from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits, layer_sensitivity
 from bitpass.passes.allocation.evaluate import plan_evaluator
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
 from bitpass.passes.analyses import BITS, BITS_ANNOTATIONS, LATENCY_VARIANTS, SENSITIVITY
@@ -112,7 +112,7 @@ class AllocateBits(Pass):
             ctx.analyses.put(BITS, {})
             return PassResult(model, modified=False, preserved=PRESERVE_ALL)
         keep = self._keep_fp32([layer.id for layer in layers])
-        sensitivity, source = self._sensitivity(model, ctx)
+        sensitivity, source = layer_sensitivity(model, ctx.analyses, cfg.sensitivity, who=self.name)
         widths, widths_source = self._widths(ctx)
         problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
                                      zero_point=cfg.zero_point, latency=None, keep_fp32=keep)
@@ -196,29 +196,6 @@ class AllocateBits(Pass):
                                  f"{', '.join(ids)}")
             keep |= matched
         return keep
-
-    def _sensitivity(self, model: Model, ctx: PassContext) -> tuple[Mapping[str, Any], str]:
-        """The sensitivity analysis, else the node annotations of ``config.sensitivity``."""
-        method = self.config.sensitivity
-        try:
-            value = ctx.analyses.require(SENSITIVITY)
-        except BitpassError as err:
-            scores = {}
-            for layer in model.layers():
-                score = annotation.sensitivity(layer.node, method)
-                if score is not None:
-                    scores[layer.id] = score
-            if not scores:
-                raise UsageError(f"allocate-bits needs sensitivity: {err}; nor do the layers carry a "
-                                 f"{method!r} sensitivity annotation") from None
-            return scores, f"annotation:{method}"
-        if isinstance(value, Mapping) and method in value and isinstance(value[method], Mapping) \
-                and not any(layer.id == method for layer in model.layers()):
-            return value[method], f"analysis:{method}"  # {method: {layer_id: ...}}
-        if not isinstance(value, Mapping):
-            raise UsageError(f"the sensitivity analysis is a {type(value).__name__}, not {{layer_id: value}}")
-        per_bit = any(isinstance(v, Mapping) for v in value.values())
-        return value, "analysis:per-bit" if per_bit else "analysis"
 
     def _widths(self, ctx: PassContext) -> tuple[Any, str]:
         options = ctx.target.options or {}

@@ -27,7 +27,7 @@ import pydantic
 from bitpass.frontend import Dataset, Layer, Model
 from bitpass.frontend.errors import BitpassError
 from bitpass.passes.activations import layer_inputs
-from bitpass.passes.analyses import PRUNING_MASKS, PRUNING_REFERENCE
+from bitpass.passes.analyses import PRUNING_REFERENCE
 from bitpass.passes.infra import AnalysisManager
 
 
