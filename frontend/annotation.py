@@ -23,7 +23,7 @@ WEIGHT_BITS = "bits.weight"
 ACTIVATION_BITS = "bits.activation"
 SPARSITY = "sparsity"
 WEIGHT_FORMAT = "format.weight"
-#: how a quantized weight is materialized (see passes/quantize.py): compute in int8 QDQ, ORT's
+#: how a quantized weight is materialized (see passes/materialize.py): compute in int8 QDQ, ORT's
 #: MatMulNBits, blocked DequantizeLinear, or ``packed`` (stored low-bit, unpacked once at load)
 WEIGHT_FORMATS = ("qdq", "matmulnbits", "blocked-dq", "packed")
 SENSITIVITY_PREFIX = "sensitivity."

@@ -1,6 +1,6 @@
 """Which materialization a layer gets at a given width: the fastest one measured on the target.
 
-A width can be materialized several ways (see ``passes/quantize.py``): int8
+A width can be materialized several ways (see ``passes/materialize.py``): int8
 QDQ compute, ORT's MatMulNBits, blocked DequantizeLinear, or ``packed``
 storage that ONNX Runtime unpacks once at load and then runs at exactly fp32
 speed. Bit allocation decides the *width*; this module decides the *format*:
