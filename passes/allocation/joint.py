@@ -4,11 +4,12 @@ A thin pass over ``joint_problem.py`` (the problem, its loss and cost model, and
 its docstring), ``pruning/channels.py`` (channel removal) and ``materialize.py`` (the packed
 weights whose output error decides between the bits-only, sparsity-only and joint plans).
 
-Applying the plan (``apply_plan``): each pruned layer keeps its planned channel count (``channels.prune_layer``, l1), consumers
-before producers (reverse graph order: a producer's l1 row norms are taken before its own inputs
-are sliced, as Ω assumed), then ``bits.weight``/``bits.activation=32``/``format.weight=packed`` on
-every layer, for ``quantize``.
+Applying the plan (``apply_plan``): each pruned layer keeps its planned channel count
+(``channels.prune_layer``, lowest l1 norms removed), consumers before producers (reverse graph
+order: a producer's l1 row norms are taken before its own inputs are sliced, as Ω assumed), then
+``bits.weight``/``bits.activation=32``/``format.weight=packed`` on every layer, for ``quantize``.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,6 +31,7 @@ from bitpass.passes.infra import AnalysisManager, Pass, PassConfig, PassContext,
 from bitpass.passes.materialize import QuantizeOptions, annotate, materialize, packed_plan
 from bitpass.passes.pruning import channels as pruning
 from bitpass.passes.pruning.common import remember_reference
+
 
 class AllocateJointConfig(PassConfig):
     #: size / avg-bits / bops / latency budgets ("size=40KB", "size=0.2x", "latency=0.8x"); combine with ','
