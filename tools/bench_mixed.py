@@ -402,12 +402,12 @@ def _print_model(result: dict[str, Any]) -> None:
     print(f"{'variant':<42} {'weight B':>9} {'ratio':>6} {'avg bits':>8}{quality_head}  {'b1 x':>6} {'b64 x':>6}")
     for v in variants:
         q = v.quality if v.kind != "fp32" else quality(prepared, prepared.reference[0])
-        quality = (f"  {q['cosine']:.5f}  {q['agreement']:8.4f}  {q['accuracy']:8.4f}" if transformer
-                   else f"  {q['accuracy']:8.4f}  {q['agreement']:8.4f}")
+        shown = (f"  {q['cosine']:.5f}  {q['agreement']:8.4f}  {q['accuracy']:8.4f}" if transformer
+                 else f"  {q['accuracy']:8.4f}  {q['agreement']:8.4f}")
         bits = f"{v.avg_bits:8.2f}" if v.avg_bits is not None else f"{'-':>8}"
         lat = (f"{v.latency.get('batch_1', float('nan')):6.2f} {v.latency.get('batch_64', float('nan')):6.2f}"
                if v.latency else f"{'-':>6} {'-':>6}")
-        print(f"{v.name:<42} {v.weight_bytes:>9,} {v.weight_bytes / fp32_weight:6.3f} {bits}{quality}  {lat}")
+        print(f"{v.name:<42} {v.weight_bytes:>9,} {v.weight_bytes / fp32_weight:6.3f} {bits}{shown}  {lat}")
     fp32 = variants[0].latency
     if fp32:
         print(f"(fp32 latency: {fp32['ms_1']:.3f} ms at batch 1, {fp32['ms_64']:.3f} ms at batch 64; "
