@@ -23,7 +23,7 @@ WEIGHT_BITS = "bits.weight"
 ACTIVATION_BITS = "bits.activation"
 SPARSITY = "sparsity"
 WEIGHT_FORMAT = "format.weight"
-#: how a quantized weight is materialized (see passes/quantize.py): compute in int8 QDQ, ORT's
+#: how a quantized weight is materialized (see passes/materialize.py): compute in int8 QDQ, ORT's
 #: MatMulNBits, blocked DequantizeLinear, or ``packed`` (stored low-bit, unpacked once at load)
 WEIGHT_FORMATS = ("qdq", "matmulnbits", "blocked-dq", "packed")
 SENSITIVITY_PREFIX = "sensitivity."
@@ -114,6 +114,12 @@ def sensitivities(node: ir.Node) -> dict[str, float]:
         for k, v in all_of(node).items()
         if k.startswith(SENSITIVITY_PREFIX)
     }
+
+
+def carried(model: ir.Model, name: str) -> bool:
+    """Whether some node carries annotation ``name`` or one under it (``bits`` matches ``bits.weight``)."""
+    key, below = _key(name), _key(name) + "."
+    return any(k == key or k.startswith(below) for node in model.graph.all_nodes() for k in node.metadata_props)
 
 
 def stamp_schema(model: ir.Model) -> None:

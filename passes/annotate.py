@@ -8,10 +8,8 @@ import pydantic
 
 from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import UsageError
+from bitpass.passes.analyses import BITS_ANNOTATIONS
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
-
-#: facts this pass produces (what the quantize pass and the manifest read)
-BITS_ANNOTATIONS = "annotation:bits"
 
 
 def _layer_list(value: str | int | list[str | int]) -> list[str]:

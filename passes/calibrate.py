@@ -13,13 +13,8 @@ quantizer as a calibration cache, so ONNX Runtime does not recalibrate.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import math
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,48 +23,17 @@ import pydantic
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.analyses import ACTIVATION_RANGES, ActivationRanges
+from bitpass.passes.execution import first_line, quiet
 from bitpass.passes.infra import DATA_CALIBRATION, PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 
-#: analysis-cache key of the calibrated ranges
-ACTIVATION_RANGES = "activation-ranges"
+__all__ = ["ACTIVATION_RANGES", "ActivationRanges", "Calibrate", "activation_ranges", "compute_ranges", "mse_range"]
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 
 #: histogram bins per method when ``num_bins`` is not given (ORT's defaults for percentile/entropy)
 #: entropy: 512 bins for 128 quantized levels (ORT's default 128/128 can never clip; 2048 takes ~50 s in ORT's Python search)
 _DEFAULT_BINS = {"percentile": 2048, "entropy": 512, "mse": 2048}
-
-
-@dataclass(frozen=True)
-class ActivationRanges:
-    """Calibrated ``{tensor name: (lo, hi)}`` with the method and data that produced them."""
-
-    method: str
-    ranges: dict[str, tuple[float, float]]
-    samples: int
-    data_sha256: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, tensor: str) -> tuple[float, float]:
-        return self.ranges[tensor]
-
-    def __contains__(self, tensor: object) -> bool:
-        return tensor in self.ranges
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.ranges)
-
-    def __len__(self) -> int:
-        return len(self.ranges)
-
-    def to_tensors_data(self) -> Any:
-        """The ranges as ONNX Runtime's ``TensorsData`` (tagged MinMax: ORT then uses lo/hi as they are)."""
-        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-
-        return TensorsData(CalibrationMethod.MinMax, {
-            name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
-            for name, (lo, hi) in self.ranges.items()
-        })
 
 
 class _Reader:
@@ -107,18 +71,28 @@ class Calibrate(Pass):
         cfg = self.config
         data = ctx.calibration if cfg.max_samples is None else ctx.calibration.head(cfg.max_samples)
         ctx.progress(f"calibrating activations ({cfg.method}) over {len(data)} samples")
-        ranges = compute_ranges(model, data, method=cfg.method, percentile=cfg.percentile, num_bins=cfg.num_bins,
-                                batch_size=cfg.batch_size)
-        options: dict[str, Any] = {}
-        if cfg.method == "percentile":
-            options["percentile"] = cfg.percentile
-        if cfg.method != "minmax":
-            options["num_bins"] = cfg.num_bins or _DEFAULT_BINS[cfg.method]
-        result = ActivationRanges(cfg.method, ranges, len(data), ctx.calibration.sha256, options)
+        result = activation_ranges(model, data, method=cfg.method, percentile=cfg.percentile, num_bins=cfg.num_bins,
+                                   batch_size=cfg.batch_size, data_sha256=ctx.calibration.sha256)
         ctx.analyses.put(ACTIVATION_RANGES, result)
         ctx.records["calibration"] = {"method": cfg.method, "samples": len(data),
-                                      "data_sha256": ctx.calibration.sha256, "tensors": len(ranges), **options}
+                                      "data_sha256": ctx.calibration.sha256, "tensors": len(result), **result.options}
         return PassResult(model, modified=False, preserved=PRESERVE_ALL)
+
+
+def activation_ranges(model: Model, data: Dataset, *, method: str = "minmax", percentile: float = 99.99,
+                      num_bins: int | None = None, batch_size: int = 64,
+                      data_sha256: str | None = None) -> ActivationRanges:
+    """``compute_ranges`` with the method, options and data that produced them (what ``quantize`` reads).
+
+    ``data_sha256`` names the data set the samples came from (default: ``data``'s own digest)."""
+    ranges = compute_ranges(model, data, method=method, percentile=percentile, num_bins=num_bins,
+                            batch_size=batch_size)
+    options: dict[str, Any] = {}
+    if method == "percentile":
+        options["percentile"] = percentile
+    if method != "minmax":
+        options["num_bins"] = num_bins or _DEFAULT_BINS[method]
+    return ActivationRanges(method, ranges, len(data), data_sha256 or data.sha256, options)
 
 
 def compute_ranges(model: Model, data: Dataset, *, method: str = "minmax", percentile: float = 99.99,
@@ -135,12 +109,9 @@ def compute_ranges(model: Model, data: Dataset, *, method: str = "minmax", perce
     elif method in ("entropy", "mse"):
         # mse only borrows the entropy calibrator's histogram collection (signed values, symmetric bins)
         extra = {"num_bins": bins, "num_quantized_bins": 128, "symmetric": False}
-    quiet = io.StringIO()
-    with tempfile.TemporaryDirectory(prefix="bitpass-calib-") as tmp, contextlib.redirect_stdout(quiet):
+    with tempfile.TemporaryDirectory(prefix="bitpass-calib-") as tmp, quiet():
         path = Path(tmp) / "model.onnx"
         path.write_bytes(model.to_bytes())
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)
         try:
             calibrator = create_calibrator(path, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=kinds[method], extra_options=extra)
@@ -157,10 +128,7 @@ def compute_ranges(model: Model, data: Dataset, *, method: str = "minmax", perce
         except BitpassError:
             raise
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BitpassError(f"calibration ({method}) failed in ONNX Runtime: {first}") from err
-        finally:
-            logging.disable(previous)
+            raise BitpassError(f"calibration ({method}) failed in ONNX Runtime: {first_line(err)}") from err
     ranges: dict[str, tuple[float, float]] = {}
     for name in sorted(raw):
         lo, hi = (float(np.asarray(v, dtype=np.float64).reshape(-1)[0]) for v in raw[name][:2])

@@ -13,7 +13,7 @@ import enum
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import pydantic
 
@@ -24,6 +24,30 @@ from bitpass.passes.spec import parse_value
 #: Facts the context supplies rather than a pass: ``data:calibration`` and ``data:evaluation``.
 DATA_CALIBRATION = "data:calibration"
 DATA_EVALUATION = "data:evaluation"
+#: A fact ``annotation:<key>`` means some node carries the ``<key>`` annotation (or one under ``<key>.``).
+ANNOTATION_FACT = "annotation:"
+#: A fact ``analysis:<name>`` means the analysis cache holds ``<name>``; a bare name means the same.
+ANALYSIS_FACT = "analysis:"
+
+T = TypeVar("T")
+
+
+class AnalysisKey(str, Generic[T]):
+    """A typed name in the analysis cache: ``put`` checks the value is a ``type``, ``require`` returns a ``T``.
+
+    It is a ``str``, so it also names the fact in a pass's ``requires`` / ``produces``.
+    """
+
+    type: type | tuple[type, ...]
+
+    def __new__(cls, name: str, type_: type | tuple[type, ...] = object) -> AnalysisKey[T]:
+        key = super().__new__(cls, name)
+        key.type = type_
+        return key
+
+    def __repr__(self) -> str:
+        kind = self.type.__name__ if isinstance(self.type, type) else "|".join(t.__name__ for t in self.type)
+        return f"AnalysisKey({str(self)!r}, {kind})"
 
 
 class PassConfig(pydantic.BaseModel):
@@ -61,7 +85,11 @@ class Analysis(abc.ABC):
 
 
 class AnalysisManager:
-    """Cache of analysis results, keyed by name; passes invalidate what they do not preserve."""
+    """Cache of analysis results, keyed by name; passes invalidate what they do not preserve.
+
+    Keys are ``AnalysisKey``s (typed: ``put`` checks the value, ``require`` is typed); plain strings
+    still work for a third party's own results.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[str, Any] = {}
@@ -73,10 +101,23 @@ class AnalysisManager:
             self._invalidated_by.pop(analysis.name, None)
         return self._cache[analysis.name]
 
+    @overload
+    def put(self, name: AnalysisKey[T], value: T) -> None: ...
+    @overload
+    def put(self, name: str, value: Any) -> None: ...
+
     def put(self, name: str, value: Any) -> None:
         """Record a result a pass computed itself (for example calibrated ranges)."""
+        if isinstance(name, AnalysisKey) and not isinstance(value, name.type):
+            raise BitpassError(f"analysis {str(name)!r} must be {_kind(name.type)}, got {type(value).__name__} "
+                               f"(a bug in the pass that put it)")
         self._cache[name] = value
         self._invalidated_by.pop(name, None)
+
+    @overload
+    def require(self, name: AnalysisKey[T]) -> T: ...
+    @overload
+    def require(self, name: str) -> Any: ...
 
     def require(self, name: str) -> Any:
         """A result some earlier pass put; a clear error if it is missing or was invalidated."""
@@ -88,8 +129,21 @@ class AnalysisManager:
                                f"was computed: move the pass that produces {name} after {culprit!r}")
         raise BitpassError(f"no {name} has been computed: add the pass that produces it earlier in the pipeline")
 
+    @overload
+    def optional(self, name: AnalysisKey[T]) -> T | None: ...
+    @overload
+    def optional(self, name: str) -> Any: ...
+
+    def optional(self, name: str) -> Any:
+        """The cached result, or None when nothing holds it."""
+        return self._cache.get(name)
+
     def cached(self, name: str) -> bool:
         return name in self._cache
+
+    def names(self) -> frozenset[str]:
+        """The names of every result held now."""
+        return frozenset(self._cache)
 
     def invalidate(self, preserved: frozenset[str] | PreserveAll, by: str) -> None:
         if isinstance(preserved, PreserveAll):
@@ -124,13 +178,19 @@ class PassContext:
     #: progress callback for long work: progress(message)
     progress: Callable[[str], None] = field(default=lambda _message: None)
 
+    #: the pipeline run in progress (set by ``Pipeline.run``): a composite pass runs passes through it
+    #: (``Sequential``), so they get the run's instruments, verifier and invalidation
+    runner: Any = field(default=None, repr=False, compare=False)
+
     def facts(self) -> set[str]:
-        """Facts the context supplies to the pipeline's requires-check."""
+        """Facts the context supplies to the pipeline's requires-check: its data and the cached analyses."""
         facts = set()
         if self.calibration is not None:
             facts.add(DATA_CALIBRATION)
         if self.evaluation is not None:
             facts.add(DATA_EVALUATION)
+        for name in self.analyses.names():
+            facts |= {name, ANALYSIS_FACT + name}
         return facts
 
 
@@ -148,6 +208,8 @@ class Pass(abc.ABC):
     produces: ClassVar[frozenset[str]] = frozenset()
     #: in-place passes return the model they were given; functional ones a new one
     in_place: ClassVar[bool] = True
+    #: a pass made of passes (``Sequential``): instruments see its members, not it
+    composite: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.config = make_config(self.Config, options, self.name)
@@ -226,3 +288,7 @@ def make_config(config: type[PassConfig], options: Mapping[str, Any], pass_name:
 
 def describe_facts(facts: Iterable[str]) -> str:
     return ", ".join(sorted(facts)) or "-"
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    return kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)

@@ -26,17 +26,19 @@ class PassInstrument:
 
 
 class Timing(PassInstrument):
-    """Wall time of each pass, in run order."""
+    """Wall time of each pass, in run order (the members of a composite, not the composite itself)."""
 
     def __init__(self) -> None:
         self.seconds: list[tuple[str, float]] = []
-        self._start = 0.0
+        self._starts: list[float] = []  # a stack: a composite's members start and end inside it
 
     def run_before_pass(self, pass_: Pass, model: Model, ctx: PassContext) -> None:
-        self._start = time.perf_counter()
+        self._starts.append(time.perf_counter())
 
     def run_after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
-        self.seconds.append((pass_.spec(), time.perf_counter() - self._start))
+        start = self._starts.pop()
+        if not pass_.composite:
+            self.seconds.append((pass_.spec(), time.perf_counter() - start))
 
 
 class VerificationError(BitpassError):
@@ -47,7 +49,7 @@ class Verifier(PassInstrument):
     """After each pass that changed the model: onnx checker, shape inference, annotation schema."""
 
     def run_after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
-        if not result.modified:
+        if not result.modified or pass_.composite:  # a composite's members were verified one by one
             return
         verify(result.model)
 
@@ -70,4 +72,5 @@ class Progress(PassInstrument):
     """Tells the context's progress callback which pass is running."""
 
     def run_before_pass(self, pass_: Pass, model: Model, ctx: PassContext) -> None:
-        ctx.progress(f"running {pass_.spec()}")
+        if not pass_.composite:
+            ctx.progress(f"running {pass_.spec()}")

@@ -12,7 +12,9 @@ meet a size budget without ever making a layer slower than fp32.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -48,13 +50,6 @@ def dequantize_blocked(codes: np.ndarray, scales: np.ndarray, cols: int) -> np.n
     return grouped.reshape(rows, -1)[:, :cols]
 
 
-def packed_bytes(params: int, rows: int, bits: int, block_size: int) -> int:
-    """Bytes a ``params``-element weight with ``rows`` output channels takes in the packed format."""
-    blocks = math.ceil(params / rows / block_size)
-    padded = rows * blocks * block_size
-    return math.ceil(padded * bits / 8) + 2 * rows * blocks
-
-
 def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes (code + 2**(bits-1)) packed little-end-first, ``8 // bits`` per byte: shape (bytes, 1)."""
     per = 8 // bits
@@ -72,7 +67,7 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
     """Replace ``node``'s constant weight input by its packed form and the unpacking chain.
 
     ``axis`` is the weight's output-channel axis (blocks run along the others). Returns the
-    bytes the packed weight occupies. The chain is inserted just before ``node``.
+    bytes the packed weight occupies (codes and scales). The chain is inserted just before ``node``.
     """
     if bits not in PACKED_BITS:
         raise ValueError(f"packed weights take {PACKED_BITS} bits, not {bits}")
@@ -81,49 +76,16 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
     weight = numpy_helper.to_array(inits[name]).astype(np.float32)
     moved = np.moveaxis(weight, axis, 0)
     rows = moved.shape[0]
-    flat = moved.reshape(rows, -1)
-    codes, scales = quantize_blocked(flat, bits, block_size)
-    blocks = scales.shape[1]
+    codes, scales = quantize_blocked(moved.reshape(rows, -1), bits, block_size)
     prefix = f"{name}__packed{bits}"
     consts: list[TensorProto] = []
-    nodes: list[onnx.NodeProto] = []
 
     def const(suffix: str, array: np.ndarray) -> str:
         consts.append(numpy_helper.from_array(array, f"{prefix}_c_{suffix}"))
         return consts[-1].name
 
-    def op(op_type: str, inputs: list[str], suffix: str, **attrs) -> str:
-        out = f"{prefix}_{suffix}"  # op outputs and constants (``_c_``) never share a name
-        nodes.append(helper.make_node(op_type, inputs, [out], name=f"{prefix}/{suffix}", **attrs))
-        return out
-
-    if bits == 8:
-        value = op("Cast", [const("codes", codes)], "float", to=TensorProto.FLOAT)
-    else:
-        per = 8 // bits
-        packed = const("codes", _pack_codes(codes, bits))
-        shifts = const("shifts", np.arange(0, 8, bits, dtype=np.uint8))
-        lanes = op("BitShift", [packed, shifts], "lanes", direction="RIGHT")
-        masked = op("Mod", [lanes, const("modulus", np.array(2 ** bits, np.uint8))], "masked")
-        flat_codes = op("Reshape", [masked, const("flat", np.array([-1], np.int64))], "flat")
-        if codes.size % per:
-            flat_codes = op("Slice", [flat_codes, const("start", np.array([0], np.int64)),
-                                      const("stop", np.array([codes.size], np.int64))], "trimmed")
-        as_float = op("Cast", [flat_codes], "float", to=TensorProto.FLOAT)
-        value = op("Sub", [as_float, const("offset", np.array(2 ** (bits - 1), np.float32))], "centred")
-    grouped = op("Reshape", [value, const("grouped", np.array([rows, blocks, block_size], np.int64))], "grouped")
-    scale = op("Cast", [const("scales", scales.reshape(rows, blocks, 1))], "scale", to=TensorProto.FLOAT)
-    scaled = op("Mul", [grouped, scale], "scaled")
-    rows_2d = op("Reshape", [scaled, const("rows", np.array([rows, blocks * block_size], np.int64))], "rows")
-    if flat.shape[1] != blocks * block_size:
-        rows_2d = op("Slice", [rows_2d, const("col0", np.array([0], np.int64)),
-                               const("cols", np.array([flat.shape[1]], np.int64)),
-                               const("axis1", np.array([1], np.int64))], "unpadded")
-    result = op("Reshape", [rows_2d, const("shape", np.array(moved.shape, np.int64))], "moved")
-    if axis != 0:
-        perm = list(range(1, weight.ndim))
-        perm.insert(axis, 0)
-        result = op("Transpose", [result], "weight", perm=perm)
+    stored = codes if bits == 8 else _pack_codes(codes, bits)
+    nodes, result = _unpacking_chain(prefix, moved.shape, axis, bits, block_size, stored, codes.size, scales, const)
     node.input[input_index] = result
     proto.graph.initializer.extend(consts)
     graph_nodes = list(proto.graph.node)
@@ -133,5 +95,82 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
     proto.graph.node.extend(graph_nodes)
     if not any(name in n.input for n in proto.graph.node):
         proto.graph.initializer.remove(inits[name])
-    stored = [c for c in consts if c.name in (f"{prefix}_c_codes", f"{prefix}_c_scales")]
-    return sum(numpy_helper.to_array(c).nbytes for c in stored)
+    return int(stored.nbytes + scales.nbytes)
+
+
+@functools.lru_cache(maxsize=65536)
+def stored_bytes(shape: tuple[int, ...], axis: int, bits: int, block_size: int = 32) -> int:
+    """Bytes a float weight of ``shape`` (output axis ``axis``) takes in the artifact at ``bits``: the codes,
+    scales and every constant of the chain ``pack_weight`` writes (2/4/8 bits), or the fp32 (32) / fp16 (16)
+    tensor. Computed from the same chain ``pack_weight`` builds, without building the codes."""
+    n = int(math.prod(shape))
+    if bits >= 32:
+        return 4 * n
+    if bits >= 16:
+        return 2 * n
+    if bits not in PACKED_BITS:
+        raise ValueError(f"packed weights take {PACKED_BITS} bits, not {bits}")
+    moved = (int(shape[axis]), *(int(d) for i, d in enumerate(shape) if i != axis)) if shape else (1,)
+    rows = moved[0]
+    blocks = math.ceil(n // max(rows, 1) / block_size)
+    codes = rows * blocks * block_size
+    if bits == 8:
+        stored = np.broadcast_to(np.int8(0), (rows, blocks * block_size))
+    else:
+        stored = np.broadcast_to(np.uint8(0), (math.ceil(codes / (8 // bits)), 1))
+    scales = np.broadcast_to(np.float16(0), (rows, blocks))
+    total = 0
+
+    def count(_suffix: str, array: np.ndarray) -> str:
+        nonlocal total
+        total += int(array.nbytes)
+        return _suffix
+
+    _unpacking_chain("w", moved, axis, bits, block_size, stored, codes, scales, count)
+    return total
+
+
+def _unpacking_chain(prefix: str, moved_shape: tuple[int, ...], axis: int, bits: int, block_size: int,
+                     stored: np.ndarray, n_codes: int, scales: np.ndarray,
+                     const: Callable[[str, np.ndarray], str]) -> tuple[list[onnx.NodeProto], str]:
+    """The constant-only ops that rebuild the fp32 weight from ``stored`` codes and fp16 ``scales``.
+
+    ``const(suffix, array)`` registers each constant and returns its name; returns the nodes and the
+    name of the rebuilt weight (original layout: the output axis moved back to ``axis``)."""
+    rows, blocks = scales.shape
+    cols = int(math.prod(moved_shape[1:]))
+    nodes: list[onnx.NodeProto] = []
+
+    def op(op_type: str, inputs: list[str], suffix: str, **attrs) -> str:
+        out = f"{prefix}_{suffix}"  # op outputs and constants (``_c_``) never share a name
+        nodes.append(helper.make_node(op_type, inputs, [out], name=f"{prefix}/{suffix}", **attrs))
+        return out
+
+    if bits == 8:
+        value = op("Cast", [const("codes", stored)], "float", to=TensorProto.FLOAT)
+    else:
+        per = 8 // bits
+        packed = const("codes", stored)
+        shifts = const("shifts", np.arange(0, 8, bits, dtype=np.uint8))
+        lanes = op("BitShift", [packed, shifts], "lanes", direction="RIGHT")
+        masked = op("Mod", [lanes, const("modulus", np.array(2 ** bits, np.uint8))], "masked")
+        flat_codes = op("Reshape", [masked, const("flat", np.array([-1], np.int64))], "flat")
+        if n_codes % per:
+            flat_codes = op("Slice", [flat_codes, const("start", np.array([0], np.int64)),
+                                      const("stop", np.array([n_codes], np.int64))], "trimmed")
+        as_float = op("Cast", [flat_codes], "float", to=TensorProto.FLOAT)
+        value = op("Sub", [as_float, const("offset", np.array(2 ** (bits - 1), np.float32))], "centred")
+    grouped = op("Reshape", [value, const("grouped", np.array([rows, blocks, block_size], np.int64))], "grouped")
+    scale = op("Cast", [const("scales", scales.reshape(rows, blocks, 1))], "scale", to=TensorProto.FLOAT)
+    scaled = op("Mul", [grouped, scale], "scaled")
+    rows_2d = op("Reshape", [scaled, const("rows", np.array([rows, blocks * block_size], np.int64))], "rows")
+    if cols != blocks * block_size:
+        rows_2d = op("Slice", [rows_2d, const("col0", np.array([0], np.int64)),
+                               const("cols", np.array([cols], np.int64)),
+                               const("axis1", np.array([1], np.int64))], "unpadded")
+    result = op("Reshape", [rows_2d, const("shape", np.array(moved_shape, np.int64))], "moved")
+    if axis != 0:
+        perm = list(range(1, len(moved_shape)))
+        perm.insert(axis, 0)
+        result = op("Transpose", [result], "weight", perm=perm)
+    return nodes, result

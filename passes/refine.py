@@ -57,11 +57,10 @@ import pydantic
 from bitpass.frontend import Dataset, Layer, Model, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.activations import layer_inputs
-from bitpass.passes.allocation.passes import BITS, LATENCY_VARIANTS
-from bitpass.passes.calibrate import ACTIVATION_RANGES
+from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, PRUNING_MASKS, PRUNING_REFERENCE
 from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.packing import PACKED_BITS, quantize_blocked
-from bitpass.passes.pruning.common import PRUNING_MASKS, PRUNING_REFERENCE, is_initializer, set_constant
+from bitpass.passes.pruning.common import is_initializer, set_constant
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
 RECORD = "refine_rounding"

@@ -43,8 +43,13 @@ from typing import Any
 import numpy as np
 
 SEED = 0
-#: names of the analyses the benchmark carries from the shared preparation to each variant
-_CARRIED = ("activation-ranges", "sensitivity", "sensitivity:bits", "latency-variants")
+
+
+def _carried():
+    """The analyses the benchmark carries from the shared preparation to each variant."""
+    from bitpass.passes.analyses import ACTIVATION_RANGES, LATENCY_VARIANTS, SENSITIVITY, SENSITIVITY_BITS
+
+    return (ACTIVATION_RANGES, SENSITIVITY, SENSITIVITY_BITS, LATENCY_VARIANTS)
 
 
 @dataclass
@@ -77,7 +82,7 @@ class Prepared:
 
 
 # --------------------------------------------------------------------------- preparation (torch)
-def _prepare(name: str, *, latency_probe: bool, say) -> Prepared:
+def prepare(name: str, *, latency_probe: bool, say) -> Prepared:
     import torch
 
     from bitpass.backends.onnxruntime import OnnxRuntimeBackend
@@ -110,7 +115,7 @@ def _prepare(name: str, *, latency_probe: bool, say) -> Prepared:
         prefix = default_registry().pipeline(
             "fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity(method=hutchinson)")
         base = prefix.run(model, ctx)
-    analyses = {k: ctx.analyses.require(k) for k in _CARRIED if ctx.analyses.cached(k)}
+    analyses = {k: ctx.analyses.require(k) for k in _carried() if ctx.analyses.cached(k)}
     prepared = Prepared(name, base, analyses, calibration, split.eval_x, split.eval_y, input_name, head)
     prepared.problem = Problem.from_model(base, analyses["sensitivity"], widths=options["capabilities"])
     say(f"{name}: trained, exported and analysed in {time.perf_counter() - start:.1f} s "
@@ -118,7 +123,7 @@ def _prepare(name: str, *, latency_probe: bool, say) -> Prepared:
     return prepared
 
 
-def _context(prepared: Prepared, *, latency_probe: bool):
+def context(prepared: Prepared, *, latency_probe: bool):
     from bitpass.backends.onnxruntime import OnnxRuntimeBackend
     from bitpass.passes.infra import PassContext, Target
 
@@ -136,36 +141,27 @@ def _plan_bytes(prepared: Prepared, plan: Mapping[str, int]) -> float:
     return prepared.problem.cost(plan, "size")
 
 
-def _materialize(prepared: Prepared, plan: Mapping[str, int], fmt: str = "packed"):
-    """The model with ``plan``'s widths in format ``fmt`` (set-bits per width, then quantize)."""
-    from bitpass.passes.annotate import SetBits
-    from bitpass.passes.quantize import Quantize
+def _materialize(prepared: Prepared, plan: Mapping[str, int]):
+    """The model with ``plan``'s widths stored packed (fp32 compute): only the allocation differs between plans."""
+    from bitpass.passes.materialize import materialize, packed_plan
 
-    model = prepared.base.clone()
-    ctx = _context(prepared, latency_probe=False)
-    for bits in sorted(set(plan.values())):
-        layers = [lid for lid, b in plan.items() if b == bits]
-        if bits >= 32:
-            SetBits(layers=layers, weight=32, activation=32).run(model, ctx)
-        else:
-            SetBits(layers=layers, weight=bits, activation=32, format=fmt).run(model, ctx)
-    return Quantize().run(model, ctx).model
+    return materialize(prepared.base, packed_plan(plan))
 
 
 def _bitpass(prepared: Prepared, budget: str, analyses: dict[str, Any]) -> tuple[Any, dict[str, int]]:
     """The ``mixed`` pipeline's allocate-bits + quantize on the prepared model (formats measured: auto)."""
     from bitpass.passes.allocation.passes import AllocateBits
+    from bitpass.passes.analyses import LATENCY_VARIANTS
+    from bitpass.passes.pipeline import Pipeline
     from bitpass.passes.quantize import Quantize
 
-    model = prepared.base.clone()
-    ctx = _context(prepared, latency_probe=True)
+    ctx = context(prepared, latency_probe=True)
     for key, value in analyses.items():  # the per-layer latency table, measured once per model
         ctx.analyses.put(key, value)
-    AllocateBits(budget=budget).run(model, ctx)
-    if ctx.analyses.cached("latency-variants"):
-        analyses["latency-variants"] = ctx.analyses.require("latency-variants")
-    plan = dict(ctx.records["allocation"]["plan"])
-    return Quantize().run(model, ctx).model, plan
+    model = Pipeline([AllocateBits(budget=budget), Quantize()]).run(prepared.base.clone(), ctx, verify=False)
+    if ctx.analyses.cached(LATENCY_VARIANTS):
+        analyses[LATENCY_VARIANTS] = ctx.analyses.require(LATENCY_VARIANTS)
+    return model, dict(ctx.records["allocation"]["plan"])
 
 
 def _ort_quantized(prepared: Prepared, dynamic: bool) -> bytes:
@@ -173,7 +169,7 @@ def _ort_quantized(prepared: Prepared, dynamic: bool) -> bytes:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
 
-    from bitpass.passes.quantize import _quiet
+    from bitpass.passes.execution import quiet
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -183,7 +179,7 @@ def _ort_quantized(prepared: Prepared, dynamic: bool) -> bytes:
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
         proto = prepared.base.to_proto()
         del proto.graph.value_info[:]
@@ -224,14 +220,14 @@ def _largest_uniform(prepared: Prepared, limit: float) -> tuple[int, dict[str, i
 
 
 # --------------------------------------------------------------------------- quality
-def _outputs(model_bytes: bytes, prepared: Prepared) -> np.ndarray:
+def outputs(model_bytes: bytes, prepared: Prepared) -> np.ndarray:
     from bitpass.backends.onnxruntime.runner import OrtRunner
 
     runner = OrtRunner.from_bytes(model_bytes, threads=1)
     return runner.run({prepared.input_name: prepared.eval_x})[0]
 
 
-def _quality(prepared: Prepared, out: np.ndarray) -> dict[str, float]:
+def quality(prepared: Prepared, out: np.ndarray) -> dict[str, float]:
     ref = prepared.reference
     assert ref is not None
     if prepared.head is None:
@@ -247,12 +243,12 @@ def _quality(prepared: Prepared, out: np.ndarray) -> dict[str, float]:
             "accuracy": float((pred == prepared.eval_y).mean())}
 
 
-def _score(prepared: Prepared, variant: Variant) -> float:
+def score(prepared: Prepared, variant: Variant) -> float:
     return variant.quality["cosine"] if prepared.head is not None else variant.quality["accuracy"]
 
 
 # --------------------------------------------------------------------------- latency (fresh process)
-def _time_in_subprocess(variants: list[Variant], quick: bool, say) -> None:
+def time_in_subprocess(variants: list[Variant], quick: bool, say) -> None:
     """Batch-1 and batch-64 ratios fp32/variant, all variants alternating, in a process without torch."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -301,15 +297,15 @@ def bench_model(name: str, *, quick: bool, say) -> dict[str, Any]:
 
     import onnx
 
-    prepared = _prepare(name, latency_probe=True, say=say)
+    prepared = prepare(name, latency_probe=True, say=say)
     fp32_bytes = prepared.base.to_bytes()
-    prepared.reference = [_outputs(fp32_bytes, prepared)]
+    prepared.reference = [outputs(fp32_bytes, prepared)]
     fp32_weight = prepared.base.weight_bytes()
     variants: list[Variant] = [Variant("fp32", "fp32", fp32_bytes, fp32_weight, _plan_bytes(
         prepared, _uniform_plan(prepared, 32)), 32.0)]
 
     def add(variant: Variant) -> Variant:
-        variant.quality = _quality(prepared, _outputs(variant.model_bytes, prepared))
+        variant.quality = quality(prepared, outputs(variant.model_bytes, prepared))
         variants.append(variant)
         return variant
 
@@ -384,7 +380,7 @@ def bench_model(name: str, *, quick: bool, say) -> dict[str, Any]:
     say(f"{name}: random and packed comparison plans in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    _time_in_subprocess(variants, quick, say)
+    time_in_subprocess(variants, quick, say)
     say(f"{name}: latency of {len(variants)} variants (alternating, fresh process) in "
         f"{time.perf_counter() - start:.1f} s")
     return {"name": name, "prepared": prepared, "variants": variants, "comparisons": comparisons,
@@ -405,13 +401,13 @@ def _print_model(result: dict[str, Any]) -> None:
     quality_head = "  cosine  top1-agr  head-acc" if transformer else "  accuracy  top1-agr"
     print(f"{'variant':<42} {'weight B':>9} {'ratio':>6} {'avg bits':>8}{quality_head}  {'b1 x':>6} {'b64 x':>6}")
     for v in variants:
-        q = v.quality if v.kind != "fp32" else _quality(prepared, prepared.reference[0])
-        quality = (f"  {q['cosine']:.5f}  {q['agreement']:8.4f}  {q['accuracy']:8.4f}" if transformer
-                   else f"  {q['accuracy']:8.4f}  {q['agreement']:8.4f}")
+        q = v.quality if v.kind != "fp32" else quality(prepared, prepared.reference[0])
+        shown = (f"  {q['cosine']:.5f}  {q['agreement']:8.4f}  {q['accuracy']:8.4f}" if transformer
+                 else f"  {q['accuracy']:8.4f}  {q['agreement']:8.4f}")
         bits = f"{v.avg_bits:8.2f}" if v.avg_bits is not None else f"{'-':>8}"
         lat = (f"{v.latency.get('batch_1', float('nan')):6.2f} {v.latency.get('batch_64', float('nan')):6.2f}"
                if v.latency else f"{'-':>6} {'-':>6}")
-        print(f"{v.name:<42} {v.weight_bytes:>9,} {v.weight_bytes / fp32_weight:6.3f} {bits}{quality}  {lat}")
+        print(f"{v.name:<42} {v.weight_bytes:>9,} {v.weight_bytes / fp32_weight:6.3f} {bits}{shown}  {lat}")
     fp32 = variants[0].latency
     if fp32:
         print(f"(fp32 latency: {fp32['ms_1']:.3f} ms at batch 1, {fp32['ms_64']:.3f} ms at batch 64; "
@@ -431,12 +427,12 @@ def _print_model(result: dict[str, Any]) -> None:
             if other is None:
                 cells.append(f"{'(none fits)':>22}")
                 continue
-            scores.append(_score(prepared, other))
+            scores.append(score(prepared, other))
             label = f"{other.avg_bits:.0f}-bit" if key == "uniform" else f"{other.avg_bits:.2f} b"
-            cells.append(f"{_fmt(_score(prepared, other), transformer)} {int(other.plan_bytes):>7,}B {label:>6}")
+            cells.append(f"{_fmt(score(prepared, other), transformer)} {int(other.plan_bytes):>7,}B {label:>6}")
         if row.get("random_plan") == row["plan"]:
             cells[1] = cells[1][:-1] + "="  # '=': the random search found the bitpass plan itself
-        mine = _score(prepared, bp)
+        mine = score(prepared, bp)
         best_other = max(scores) if scores else -np.inf
         verdict = "WIN" if mine > best_other else ("TIE" if mine == best_other else "LOSS")
         wins += verdict == "WIN"
@@ -456,17 +452,10 @@ def _fmt(value: float, transformer: bool) -> str:
 
 def ilp_solve_time(layers: int = 200, repeats: int = 5) -> tuple[float, list[float]]:
     """Median seconds for the ILP on a synthetic problem of ``layers`` layers x 4 widths (avg-bits=4)."""
-    from bitpass.passes.allocation.problem import Problem
+    from bitpass.passes.allocation.problem import random_problem
     from bitpass.passes.allocation.solvers import solve
 
-    rng = np.random.default_rng(SEED)
-    ids = [f"l{i}" for i in range(layers)]
-    params = {i: int(rng.integers(500, 50_000)) for i in ids}
-    loss = {}
-    for i in ids:
-        s = rng.lognormal(0.0, 1.5)
-        loss[i] = {b: 0.0 if b == 32 else s * params[i] * 4.0 ** -b * rng.uniform(0.8, 1.25) for b in (32, 8, 4, 2)}
-    problem = Problem.from_tables(params, loss)
+    problem = random_problem(layers, SEED)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

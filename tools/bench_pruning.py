@@ -55,27 +55,29 @@ def _allocate(prepared: bm.Prepared, budget: int | str, mode: str):
     """``budget``: a size limit in bytes, or a budget string (``latency=`` ones time layers at batch 64)."""
     from bitpass.frontend.errors import UsageError
     from bitpass.passes.allocation.joint import AllocateJoint
+    from bitpass.passes.pipeline import Pipeline, PipelineError
     from bitpass.passes.quantize import Quantize
 
-    model = prepared.base.clone()
     timed = isinstance(budget, str) and "latency" in budget
-    ctx = bm._context(prepared, latency_probe=timed)
+    ctx = bm.context(prepared, latency_probe=timed)
     spec = budget if isinstance(budget, str) else f"size={budget}"
+    pipeline = Pipeline([AllocateJoint(budget=spec, mode=mode, latency_batch=LATENCY_BATCH), Quantize()])
     try:
-        AllocateJoint(budget=spec, mode=mode, latency_batch=LATENCY_BATCH).run(model, ctx)
-    except UsageError:
-        return None, None
-    record = ctx.records["allocation"]
-    return Quantize().run(model, ctx).model, record
+        model = pipeline.run(prepared.base.clone(), ctx, verify=False)
+    except PipelineError as err:
+        if isinstance(err.cause, UsageError):  # this mode cannot meet the budget
+            return None, None
+        raise
+    return model, ctx.records["allocation"]
 
 
 def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
-    prepared = bm._prepare(name, latency_probe=False, say=say)
+    prepared = bm.prepare(name, latency_probe=False, say=say)
     fp32_bytes = prepared.base.to_bytes()
-    prepared.reference = [bm._outputs(fp32_bytes, prepared)]
+    prepared.reference = [bm.outputs(fp32_bytes, prepared)]
     fp32_weight = prepared.base.weight_bytes()
     fp32 = bm.Variant("fp32", "fp32", fp32_bytes, fp32_weight)
-    fp32.quality = bm._quality(prepared, prepared.reference[0])
+    fp32.quality = bm.quality(prepared, prepared.reference[0])
     variants = [fp32]
     fractions = [0.6, 0.4, 0.25, 0.15, 0.1, 0.07] if quick else [0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12,
                                                                   0.1, 0.085, 0.07]
@@ -94,8 +96,8 @@ def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
                 continue
             data = model.to_bytes()
             v = bm.Variant(f"{mode} {label}", mode, data, model.weight_bytes())
-            out = bm._outputs(data, prepared)
-            v.quality = bm._quality(prepared, out)
+            out = bm.outputs(data, prepared)
+            v.quality = bm.quality(prepared, out)
             v.per_sample = _per_sample(prepared, out)
             v.plan_bytes = record["totals"]["size"]
             row[mode] = v
@@ -105,7 +107,7 @@ def bench_joint(name: str, *, quick: bool, say) -> dict[str, Any]:
         rows.append(row)
     say(f"{name}: {len(variants) - 1} allocations built and measured in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    bm._time_in_subprocess(variants, quick, say)
+    bm.time_in_subprocess(variants, quick, say)
     say(f"{name}: latency of {len(variants)} variants in {time.perf_counter() - start:.1f} s")
     return {"name": name, "prepared": prepared, "rows": rows, "fp32": fp32, "fp32_zip": deflated_size(fp32_bytes)}
 
@@ -146,7 +148,7 @@ def _cell(prepared: bm.Prepared, v: bm.Variant | None, zip_bytes: int | None, tr
     if v is None:
         return f"{'(cannot fit)':^38}"
     lat = v.latency or {}
-    return (f"{bm._score(prepared, v):.4f} {v.weight_bytes:>7,} {zip_bytes or 0:>7,} "
+    return (f"{bm.score(prepared, v):.4f} {v.weight_bytes:>7,} {zip_bytes or 0:>7,} "
             f"{lat.get('batch_1', float('nan')):5.2f} {lat.get('batch_64', float('nan')):5.2f}")
 
 
@@ -155,7 +157,7 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
     transformer = prepared.head is not None
     fp32: bm.Variant = result["fp32"]
     metric = "cosine to fp32 embeddings" if transformer else "held-out accuracy"
-    print(f"\n== {result['name']}: {metric}; fp32 {bm._score(prepared, fp32):.4f}, {fp32.weight_bytes:,} weight B, "
+    print(f"\n== {result['name']}: {metric}; fp32 {bm.score(prepared, fp32):.4f}, {fp32.weight_bytes:,} weight B, "
           f"zip {result['fp32_zip']:,} B; fp32 latency {fp32.latency.get('ms_1', float('nan')):.3f} ms (b1), "
           f"{fp32.latency.get('ms_64', float('nan')):.3f} ms (b64) ==")
     print("each cell: quality, real weight bytes, zip bytes, fp32/variant time at batch 1 and 64 (> 1 faster)")
@@ -164,7 +166,7 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
           "joint vs best")
     wins = ties = losses = 0
     for row in result["rows"]:
-        others = [bm._score(prepared, row[m]) for m in ("bits", "sparsity") if row[m] is not None]
+        others = [bm.score(prepared, row[m]) for m in ("bits", "sparsity") if row[m] is not None]
         joint = row["joint"]
         if joint is None:
             verdict = "-"
@@ -173,9 +175,9 @@ def print_joint(result: dict[str, Any]) -> tuple[int, int, int]:
             wins += 1
         else:
             rival = max((row[m] for m in ("bits", "sparsity") if row[m] is not None),
-                        key=lambda v: bm._score(prepared, v))
+                        key=lambda v: bm.score(prepared, v))
             verdict, p = paired_verdict(joint.per_sample, rival.per_sample, binary=not transformer)
-            delta = bm._score(prepared, joint) - bm._score(prepared, rival)
+            delta = bm.score(prepared, joint) - bm.score(prepared, rival)
             if delta:
                 verdict += f" ({delta:+.4f}, p={p:.2g})"
             wins += verdict.startswith("WIN")
@@ -201,6 +203,7 @@ def bench_unstructured(name: str, *, say) -> dict[str, Any]:
 
     from bitpass.frontend import from_arrays, from_torch
     from bitpass.passes.infra import PassContext
+    from bitpass.passes.pipeline import Pipeline
     from bitpass.passes.pruning.passes import Prune
     from bitpass.plugins import default_registry
     from bitpass.tools import zoo
@@ -221,23 +224,23 @@ def bench_unstructured(name: str, *, say) -> dict[str, Any]:
         ctx = PassContext(calibration=from_arrays(calib, model.inputs), seed=SEED)
         base = default_registry().pipeline("fold-constants,eliminate-dead-nodes,fuse").run(model, ctx)
         prepared = bm.Prepared(name, base, {}, ctx.calibration, split.eval_x, split.eval_y, input_name, head)
-        prepared.reference = [bm._outputs(base.to_bytes(), prepared)]
+        prepared.reference = [bm.outputs(base.to_bytes(), prepared)]
         results: dict[tuple[str, str], float] = {}
         for allocation in ("global", "ecoflap"):
             for method in ("magnitude", "wanda", "gblm"):
-                pruned = base.clone()
                 pctx = PassContext(calibration=ctx.calibration, seed=SEED)
-                Prune(method=method, sparsity=0.5, allocation=allocation).run(pruned, pctx)
-                out = bm._outputs(pruned.to_bytes(), prepared)
-                results[(allocation, method)] = bm._score(prepared, bm.Variant("", "", b"", 0,
-                                                                               quality=bm._quality(prepared, out)))
+                pruned = Pipeline([Prune(method=method, sparsity=0.5, allocation=allocation)]).run(
+                    base.clone(), pctx, verify=False)
+                out = bm.outputs(pruned.to_bytes(), prepared)
+                results[(allocation, method)] = bm.score(prepared, bm.Variant("", "", b"", 0,
+                                                                               quality=bm.quality(prepared, out)))
                 results[(allocation, method, "per_sample")] = _per_sample(prepared, out)
                 results[(allocation, method, "mse")] = float(np.mean((out.astype(np.float64) -
                                                                       prepared.reference[0]) ** 2))
                 results[(allocation, method, "comparison")] = pctx.records["pruning"]["comparison"]
                 results[(allocation, method, "sparsity")] = pctx.records["pruning"]["sparsity"]
     say(f"{name}: unstructured pruning compared in {time.perf_counter() - start:.1f} s")
-    fp32 = bm._score(prepared, bm.Variant("", "", b"", 0, quality=bm._quality(prepared, prepared.reference[0])))
+    fp32 = bm.score(prepared, bm.Variant("", "", b"", 0, quality=bm.quality(prepared, prepared.reference[0])))
     return {"name": name, "fp32": fp32, "results": results, "transformer": head is not None}
 
 

@@ -104,7 +104,6 @@ PRECISIONS = {
 def _plan(base, specs: list[str], calib):
     """(the annotated model TVM compiles, the ORT model of the same plan), both from ``base``."""
     from bitpass.passes.infra import PassContext
-    from bitpass.passes.quantize import Quantize
     from bitpass.plugins import default_registry
 
     if not specs:
@@ -113,7 +112,7 @@ def _plan(base, specs: list[str], calib):
     ctx = PassContext(calibration=calib)
     annotated = default_registry().pipeline(",".join(["calibrate", *(s.format(dense=dense) for s in specs)])).run(
         base.clone(), ctx)
-    return annotated, Quantize().run(annotated.clone(), ctx).model
+    return annotated, default_registry().pipeline("quantize").run(annotated.clone(), ctx)
 
 
 def bench_models(threads: int, rounds: int) -> list[tuple[str, float, float, float]]:

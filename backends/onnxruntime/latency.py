@@ -4,7 +4,7 @@ Bit allocation needs to know, on *this* machine, whether a layer is faster as
 int8 QDQ, MatMulNBits, blocked DequantizeLinear or fp32: on a small CNN int8 is
 slower than fp32, MatMulNBits loses at large batch (NOTES.md). Each quantizable
 layer is cut out as a one-node model, materialized by bitpass's own
-``quantize`` pass exactly as the artifact will be, and timed against its fp32
+``materialize`` exactly as the artifact will be, and timed against its fp32
 form, alternating, at batch 1 and 64. Results are cached in a JSON file keyed
 by the layer's signature, the ORT version and the CPU, so they are measured
 once per target.
@@ -29,6 +29,8 @@ from bitpass.backends.measure import latency
 from bitpass.backends.onnxruntime.runner import OrtRunner
 from bitpass.frontend import Model, annotation, from_arrays, from_proto
 from bitpass.frontend.layers import Layer
+from bitpass.passes.calibrate import activation_ranges
+from bitpass.passes.materialize import LayerPlan, QuantizeOptions, materialize
 
 #: (bits, format) a layer can take; "fp32" is the reference every other variant is timed against
 Variant = tuple[int, str]
@@ -109,23 +111,19 @@ def _shapes(model: Model) -> dict[str, list[int | str]]:
     return shapes
 
 
-def _materialize(proto: onnx.ModelProto, input_name: str, variant: Variant, sample: np.ndarray) -> bytes:
-    """The one-layer model in ``variant``'s form, produced by bitpass's own calibrate + quantize passes."""
-    from bitpass.passes.calibrate import Calibrate
-    from bitpass.passes.infra import PassContext
-    from bitpass.passes.pipeline import Pipeline
-    from bitpass.passes.quantize import Quantize
-
+def variant_model(proto: onnx.ModelProto, input_name: str, variant: Variant, sample: np.ndarray) -> bytes:
+    """The one-layer model in ``variant``'s form, materialized exactly as the artifact's layer will be
+    (int8 QDQ calibrated with min-max ranges on ``sample``)."""
     model = from_proto(proto)
     if variant == FP32:
         return model.to_bytes()
     bits, fmt = variant
-    for layer in model.layers():
-        annotation.set_weight_bits(layer.node, bits)
-        annotation.set_activation_bits(layer.node, 8 if fmt == "qdq" else 32)
-        annotation.set_weight_format(layer.node, fmt)
-    ctx = PassContext(calibration=from_arrays({input_name: sample}, model.inputs, source="latency-probe"))
-    return Pipeline([Calibrate(), Quantize(preprocess=False)]).run(model, ctx, verify=False).to_bytes()
+    plan = {layer.id: LayerPlan(bits, 8 if fmt == "qdq" else annotation.FLOAT_BITS, fmt) for layer in model.layers()}
+    ranges = None
+    if fmt == "qdq":
+        data = from_arrays({input_name: sample}, model.inputs, source="latency-probe")
+        ranges = activation_ranges(model, data, method="minmax")
+    return materialize(model, plan, ranges=ranges, options=QuantizeOptions(preprocess=False)).to_bytes()
 
 
 def _key(proto: onnx.ModelProto, variant: Variant, batch: int, threads: int) -> str:
@@ -172,7 +170,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
             runners = {}
             for v in todo:
                 try:
-                    runners[v] = OrtRunner.from_bytes(_materialize(proto, input_name, v, sample), threads=threads,
+                    runners[v] = OrtRunner.from_bytes(variant_model(proto, input_name, v, sample), threads=threads,
                                                       for_timing=True)
                 except Exception as err:  # a variant this layer cannot take: leave it out of the table
                     say(f"layer {layer_id}: {v[0]}-bit {v[1]} unavailable ({str(err).splitlines()[0][:80]})")

@@ -1,4 +1,4 @@
-"""Run an ONNX model with ONNX Runtime's CPU execution provider."""
+"""Run an ONNX model with ONNX Runtime's CPU execution provider (sessions built by ``bitpass.passes.execution``)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,9 @@ import onnxruntime as ort
 
 from bitpass.backends.base import Runner
 from bitpass.frontend.errors import BitpassError
+from bitpass.passes.execution import DEFAULT_SESSION, create_session, session_options
 
-#: Saved beside the model as session.json; ``session_options`` rebuilds them on the device.
-DEFAULT_SESSION = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
-                   "execution_mode": "ORT_SEQUENTIAL"}
-
-
-def session_options(config: Mapping[str, Any] | None = None, *, threads: int | None = None,
-                    for_timing: bool = False) -> ort.SessionOptions:
-    """Options from a session.json config. ``for_timing`` turns off thread spinning: sessions timed
-    alternately in one process otherwise steal each other's cores (measured: 2.2x slower at batch 64)."""
-    config = {**DEFAULT_SESSION, **(config or {})}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, config["graph_optimization_level"])
-    options.execution_mode = getattr(ort.ExecutionMode, config["execution_mode"])
-    options.intra_op_num_threads = int(threads if threads is not None else config["intra_op_num_threads"])
-    options.log_severity_level = 3
-    if for_timing:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+__all__ = ["DEFAULT_SESSION", "OrtRunner", "session_options"]
 
 
 def read_session_config(directory: Path) -> dict[str, Any] | None:
@@ -83,13 +67,13 @@ class OrtRunner(Runner):
     @classmethod
     def from_bytes(cls, model: bytes, *, config: Mapping[str, Any] | None = None,
                    threads: int | None = None, for_timing: bool = False) -> OrtRunner:
-        try:
-            session = ort.InferenceSession(model, session_options(config, threads=threads, for_timing=for_timing),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as err:  # ORT raises its own exception types
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BitpassError(f"ONNX Runtime cannot load the model: {text}") from err
-        return cls(session)
+        return cls(create_session(model, config=config, threads=threads, for_timing=for_timing))
+
+    @classmethod
+    def from_path(cls, path: Path, *, config: Mapping[str, Any] | None = None, threads: int | None = None,
+                  for_timing: bool = False) -> OrtRunner:
+        """A session loaded by path: ONNX Runtime reads external data from beside the file."""
+        return cls(create_session(path, config=config, threads=threads, for_timing=for_timing))
 
     @classmethod
     def from_directory(cls, directory: Path, *, threads: int | None = None, for_timing: bool = False) -> OrtRunner:

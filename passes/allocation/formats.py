@@ -1,6 +1,6 @@
 """Which materialization a layer gets at a given width: the fastest one measured on the target.
 
-A width can be materialized several ways (see ``passes/quantize.py``): int8
+A width can be materialized several ways (see ``passes/materialize.py``): int8
 QDQ compute, ORT's MatMulNBits, blocked DequantizeLinear, or ``packed``
 storage that ONNX Runtime unpacks once at load and then runs at exactly fp32
 speed. Bit allocation decides the *width*; this module decides the *format*:
@@ -12,7 +12,7 @@ construction; so a format choice never makes a layer slower than fp32.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bitpass.frontend.layers import Layer
@@ -57,6 +57,8 @@ class Choice:
     #: seconds per call at each measured batch size (fp32's for packed)
     seconds: Mapping[int, float]
     why: str
+    #: the layer's fp32 seconds per call, which the choice was measured against
+    fp32: Mapping[int, float] = field(default_factory=dict)
 
 
 def choose(layer: Layer, bits: int, table: LatencyTable | None, mode: str = "auto") -> Choice:
@@ -64,22 +66,23 @@ def choose(layer: Layer, bits: int, table: LatencyTable | None, mode: str = "aut
     row = (table or {}).get(layer.id, {})
     fp32 = row.get((32, FP32), {})
     if bits >= 32:
-        return Choice(FP32, fp32, "fp32")
+        return Choice(FP32, fp32, "fp32", fp32)
     formats = compute_formats(layer, bits)
     if mode == PACKED or (mode == "auto" and not fp32):
-        return Choice(PACKED, fp32, "packed (no latency measurement)" if mode == "auto" else "packed (forced)")
+        return Choice(PACKED, fp32, "packed (no latency measurement)" if mode == "auto" else "packed (forced)",
+                      fp32)
     if mode == "compute":
         if formats:
-            return Choice(formats[0], row.get((bits, formats[0]), {}), "compute (forced)")
-        return Choice(PACKED, fp32, f"no compute format for {bits}-bit {layer.op_type}")
-    best = Choice(PACKED, fp32, f"packed: no compute format {MARGIN:.0%} faster than fp32")
+            return Choice(formats[0], row.get((bits, formats[0]), {}), "compute (forced)", fp32)
+        return Choice(PACKED, fp32, f"no compute format for {bits}-bit {layer.op_type}", fp32)
+    best = Choice(PACKED, fp32, f"packed: no compute format {MARGIN:.0%} faster than fp32", fp32)
     for fmt in formats:
         seconds = row.get((bits, fmt))
         if not seconds or any(b not in seconds for b in fp32):
             continue
         if all(seconds[b] <= fp32[b] * (1 - MARGIN) for b in fp32) and \
                 _score(seconds, fp32) < _score(best.seconds, fp32):
-            best = Choice(fmt, seconds, f"{fmt} measured faster than fp32")
+            best = Choice(fmt, seconds, f"{fmt} measured faster than fp32", fp32)
     return best
 
 
@@ -103,5 +106,7 @@ def latency_by_bits(layers: list[Layer], widths: Mapping[str, tuple[int, ...]], 
 
 
 def describe(choice: Choice) -> dict[str, Any]:
+    """The choice for the manifest: format, reason, its milliseconds per call and fp32's, per batch size."""
     return {"format": choice.format, "why": choice.why,
-            "ms": {str(b): round(1e3 * s, 4) for b, s in sorted(choice.seconds.items())}}
+            "ms": {str(b): round(1e3 * s, 4) for b, s in sorted(choice.seconds.items())},
+            "fp32_ms": {str(b): round(1e3 * s, 4) for b, s in sorted(choice.fp32.items())}}

@@ -12,12 +12,13 @@ What the context may supply:
 * widths per op type: ``ctx.target.options["capabilities"]`` (a backend's
   ``Capabilities``) or ``ctx.target.options["weight_bits"]`` ({op_type:
   widths}); else the option ``widths``; else 8/4/2 (+32) everywhere.
-* ``ctx.analyses`` ``"latency-table"``: {layer_id: {bits: seconds}}. It
-  enables ``latency=`` budgets and the rule *never slower than fp32*: a width
-  measured slower than the layer's fp32 is not offered, unless the budget
-  cannot be met without such widths (then all are offered and the record says so).
-* ``ctx.analyses`` ``"plan-evaluator"``: a callable ``plan -> accuracy`` in
-  [0, 1], needed by an ``accuracy-drop=`` budget.
+* ``ctx.target.options["latency_probe"]``: the backend's per-layer timer. Its table
+  (cached as the ``latency-variants`` analysis) picks each width's format and enables
+  ``latency=`` budgets and the rule *never slower than fp32*: a width measured slower than
+  the layer's fp32 is not offered, unless the budget cannot be met without such widths
+  (then all are offered and the record says so).
+* evaluation data, for an ``accuracy-drop=`` budget: each candidate plan is measured on it
+  (``evaluate.plan_evaluator``).
 """
 
 from __future__ import annotations
@@ -30,21 +31,15 @@ from typing import Any, Literal
 import pydantic
 
 from bitpass.frontend import Model, annotation
-from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.frontend.errors import UsageError
 from bitpass.passes.allocation import formats
 from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check_feasible, parse_budget
-from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits
+from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits, layer_sensitivity
+from bitpass.passes.allocation.evaluate import plan_evaluator
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
-from bitpass.passes.annotate import BITS_ANNOTATIONS  # the fact set-bits produces too
+from bitpass.passes.analyses import BITS, BITS_ANNOTATIONS, LATENCY_VARIANTS, SENSITIVITY
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 
-#: analyses and facts this pass reads and writes
-SENSITIVITY = "sensitivity"
-LATENCY_TABLE = "latency-table"
-#: {layer_id: {(bits, format): {batch: seconds}}} measured by the target's latency probe
-LATENCY_VARIANTS = "latency-variants"
-PLAN_EVALUATOR = "plan-evaluator"
-BITS = "bits"
 #: at most this many frontier points go into the record (evenly spread by cost)
 MAX_RECORDED_POINTS = 256
 #: frontier plans whose real quality a sweep measures on the evaluation data
@@ -114,20 +109,17 @@ class AllocateBits(Pass):
         layers = model.layers()
         if not layers:
             ctx.records["allocation"] = {"plan": {}, "note": "no quantizable layers"}
+            ctx.analyses.put(BITS, {})
             return PassResult(model, modified=False, preserved=PRESERVE_ALL)
         keep = self._keep_fp32([layer.id for layer in layers])
-        sensitivity, source = self._sensitivity(model, ctx)
+        sensitivity, source = layer_sensitivity(model, ctx.analyses, cfg.sensitivity, who=self.name)
         widths, widths_source = self._widths(ctx)
         problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
                                      zero_point=cfg.zero_point, latency=None, keep_fp32=keep)
         offered = {layer.id: layer.widths for layer in problem.layers}
-        latency = _latency_table(ctx)
-        variants = None if latency is not None or cfg.formats != "auto" else _measured_variants(model, offered, ctx)
-        latency_from_formats, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats,
-                                                                cfg.latency_batch)
-        if latency is None and latency_from_formats:
-            latency = latency_from_formats
-        if latency is not None:
+        variants = _latency_variants(model, offered, ctx, measure=cfg.formats == "auto")
+        latency, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats, cfg.latency_batch)
+        if latency:
             problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
                                          zero_point=cfg.zero_point, latency=latency, keep_fp32=keep)
         problem, latency_record = _never_slower_than_fp32(problem, budget.without_accuracy(), latency)
@@ -205,29 +197,6 @@ class AllocateBits(Pass):
             keep |= matched
         return keep
 
-    def _sensitivity(self, model: Model, ctx: PassContext) -> tuple[Mapping[str, Any], str]:
-        """The sensitivity analysis, else the node annotations of ``config.sensitivity``."""
-        method = self.config.sensitivity
-        try:
-            value = ctx.analyses.require(SENSITIVITY)
-        except BitpassError as err:
-            scores = {}
-            for layer in model.layers():
-                score = annotation.sensitivity(layer.node, method)
-                if score is not None:
-                    scores[layer.id] = score
-            if not scores:
-                raise UsageError(f"allocate-bits needs sensitivity: {err}; nor do the layers carry a "
-                                 f"{method!r} sensitivity annotation") from None
-            return scores, f"annotation:{method}"
-        if isinstance(value, Mapping) and method in value and isinstance(value[method], Mapping) \
-                and not any(layer.id == method for layer in model.layers()):
-            return value[method], f"analysis:{method}"  # {method: {layer_id: ...}}
-        if not isinstance(value, Mapping):
-            raise UsageError(f"the sensitivity analysis is a {type(value).__name__}, not {{layer_id: value}}")
-        per_bit = any(isinstance(v, Mapping) for v in value.values())
-        return value, "analysis:per-bit" if per_bit else "analysis"
-
     def _widths(self, ctx: PassContext) -> tuple[Any, str]:
         options = ctx.target.options or {}
         caps = options.get("capabilities")
@@ -241,13 +210,14 @@ class AllocateBits(Pass):
         return None, "default (8/4/2/32: the context gave no backend capabilities)"
 
 
-def _measured_variants(model: Model, offered: Mapping[str, tuple[int, ...]],
-                       ctx: PassContext) -> formats.LatencyTable | None:
-    """Per-layer latency of every compute format, from the target's probe (cached as an analysis)."""
+def _latency_variants(model: Model, offered: Mapping[str, tuple[int, ...]], ctx: PassContext, *,
+                      measure: bool) -> formats.LatencyTable | None:
+    """Per-layer latency of every compute format: the cached ``latency-variants`` analysis, else (``measure``)
+    from the target's probe, then cached."""
     if ctx.analyses.cached(LATENCY_VARIANTS):
         return ctx.analyses.require(LATENCY_VARIANTS)
     probe = (ctx.target.options or {}).get("latency_probe")
-    if probe is None:
+    if probe is None or not measure:
         return None
     wanted = formats.variants_to_measure(model.layers(), offered)
     table = probe(model, wanted, ctx.progress)
@@ -255,23 +225,13 @@ def _measured_variants(model: Model, offered: Mapping[str, tuple[int, ...]],
     return table
 
 
-def _latency_table(ctx: PassContext) -> Mapping[str, Mapping[Any, float]] | None:
-    return ctx.analyses.require(LATENCY_TABLE) if ctx.analyses.cached(LATENCY_TABLE) else None
-
-
-def _evaluator(model: Model, ctx: PassContext, group_size: int) -> Callable[[dict[str, int]], float]:
-    if ctx.analyses.cached(PLAN_EVALUATOR):
-        evaluate = ctx.analyses.require(PLAN_EVALUATOR)
-        if callable(evaluate):
-            return evaluate
-    if ctx.evaluation is not None:
-        from bitpass.passes.allocation.evaluate import plan_evaluator
-
-        ctx.records.setdefault("notes", []).append(
-            "accuracy-drop budget: plans were scored on the evaluation data, so its figures are not independent")
-        return plan_evaluator(model, ctx, block_size=group_size)
-    raise UsageError("an accuracy-drop budget needs a way to measure a plan's accuracy: give evaluation data "
-                     "(--eval FILE) to a pipeline that provides the plan evaluator, or use avg-bits/size")
+def _evaluator(model: Model, ctx: PassContext, group_size: int) -> Callable[[Mapping[str, int]], float]:
+    if ctx.evaluation is None:
+        raise UsageError("an accuracy-drop budget needs a way to measure a plan's accuracy: give evaluation data "
+                         "(--eval FILE), or use avg-bits/size")
+    ctx.records.setdefault("notes", []).append(
+        "accuracy-drop budget: plans were scored on the evaluation data, so its figures are not independent")
+    return plan_evaluator(model, ctx.evaluation, block_size=group_size)
 
 
 def _never_slower_than_fp32(problem: Problem, budget: Budget,
@@ -310,9 +270,7 @@ def _measure_frontier(model: Model, ctx: PassContext, frontier: list[Any], alloc
                       group_size: int) -> list[dict[str, Any]]:
     """Accuracy (or top-1 agreement with fp32) of up to ``MEASURED_POINTS`` frontier plans and the chosen one,
     measured on the evaluation data, so the report plots real quality against size."""
-    from bitpass.passes.allocation.evaluate import plan_evaluator
-
-    evaluate = plan_evaluator(model, ctx, block_size=group_size)
+    evaluate = plan_evaluator(model, ctx.evaluation, block_size=group_size)
     ctx.progress(f"sweep: measuring {min(len(frontier), MEASURED_POINTS)} frontier plans on the evaluation data")
     measured = []
     for point in _thin(frontier, MEASURED_POINTS):

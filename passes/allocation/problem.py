@@ -37,7 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from bitpass.frontend.errors import UsageError
+from bitpass.frontend import annotation
+from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.analyses import SENSITIVITY
+from bitpass.passes.infra import AnalysisManager
 from bitpass.passes.sensitivity.quant import fake_quantize as _per_channel_fake_quantize
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
@@ -420,3 +423,45 @@ def _inferred_shapes(model: Any) -> dict[str, tuple[Any, ...]]:
         if t.HasField("shape"):
             shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     return shapes
+
+
+def layer_sensitivity(model: Any, analyses: AnalysisManager, method: str, *,
+                      who: str = "allocation") -> tuple[Mapping[str, Any], str]:
+    """The ``sensitivity`` analysis (``{layer_id: s}`` or per-bit ``{layer_id: {bits: Ω}}``; a
+    ``{method: {...}}`` table gives its ``method`` entry), else the layers' ``sensitivity.<method>``
+    annotations; and where it came from (``analysis``, ``analysis:per-bit``, ``annotation:<method>``)."""
+    try:
+        value = analyses.require(SENSITIVITY)
+    except BitpassError as err:
+        scores = {}
+        for layer in model.layers():
+            score = annotation.sensitivity(layer.node, method)
+            if score is not None:
+                scores[layer.id] = score
+        if not scores:
+            raise UsageError(f"{who} needs sensitivity: {err}; nor do the layers carry a {method!r} sensitivity "
+                             f"annotation") from None
+        return scores, f"annotation:{method}"
+    if method in value and isinstance(value[method], Mapping) and not any(l.id == method for l in model.layers()):
+        return value[method], f"analysis:{method}"  # {method: {layer_id: ...}}
+    per_bit = any(isinstance(v, Mapping) for v in value.values())
+    return value, "analysis:per-bit" if per_bit else "analysis"
+
+
+def random_problem(layers: int, seed: int = 0, *, widths: Sequence[int] = (32, 8, 4, 2),
+                   latency: bool = False) -> Problem:
+    """A synthetic problem for solver tests and timings: layers of random size and sensitivity, with
+    Ω(b) = s·n·4^-b (the shape quantization noise has), random MACs and, optionally, latencies."""
+    rng = np.random.default_rng(seed)
+    ids = [f"l{i}" for i in range(layers)]
+    params = {i: int(rng.integers(500, 50_000)) for i in ids}
+    loss = {}
+    for i in ids:
+        s = rng.lognormal(0.0, 1.5)
+        loss[i] = {b: 0.0 if b == 32 else s * params[i] * 4.0 ** -b * rng.uniform(0.8, 1.25) for b in widths}
+    macs = {i: params[i] * int(rng.integers(1, 64)) for i in ids}
+    table = None
+    if latency:
+        speed = {32: 4, 16: 2, 8: 1.5, 4: 1.2, 3: 1.15, 2: 1.1}
+        table = {i: {b: params[i] * 1e-9 * speed[b] * rng.uniform(0.7, 1.3) for b in widths} for i in ids}
+    return Problem.from_tables(params, loss, macs=macs, latency=table)

@@ -3,6 +3,7 @@ uniform, global, ECoFLaP or from sensitivity), channels removed from the graph (
 and optional short recovery by distillation (``recover``).
 
 Modules: ``common`` (weight layouts, activation norms in ONNX Runtime), ``ratios`` (allocation and
-masks), ``gradients`` (torch scores), ``passes`` (``prune``), ``structured`` (``prune-channels``),
-``recovery`` (``recover``).
+masks), ``gradients`` (torch scores), ``channels`` (the channel-pruning core: trace, group, count,
+plan, apply), ``passes`` (``prune``), ``structured`` (``prune-channels``, a thin pass over
+``channels``), ``recovery`` (``recover``).
 """

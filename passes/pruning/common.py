@@ -27,11 +27,8 @@ import pydantic
 from bitpass.frontend import Dataset, Layer, Model
 from bitpass.frontend.errors import BitpassError
 from bitpass.passes.activations import layer_inputs
-
-#: analysis-cache key: ``{layer_id: bool mask of kept weights}`` (ONNX weight layout)
-PRUNING_MASKS = "pruning:masks"
-#: analysis-cache key: serialized bytes of the model as it was before the first pruning pass
-PRUNING_REFERENCE = "pruning:reference"
+from bitpass.passes.analyses import PRUNING_REFERENCE
+from bitpass.passes.infra import AnalysisManager
 
 
 def output_axis(layer: Layer) -> int:
@@ -122,13 +119,10 @@ def input_norms(model: Model, data: Dataset, layers: Iterable[Layer], *,
     return {lid: np.sqrt(s) for lid, s in sums.items()}
 
 
-def remember_reference(model: Model, ctx_analyses: object) -> None:
+def remember_reference(model: Model, analyses: AnalysisManager) -> None:
     """Keep the model as it was before the first pruning pass (the teacher of ``recover``)."""
-    from bitpass.passes.infra import AnalysisManager
-
-    assert isinstance(ctx_analyses, AnalysisManager)
-    if not ctx_analyses.cached(PRUNING_REFERENCE):
-        ctx_analyses.put(PRUNING_REFERENCE, model.to_bytes())
+    if not analyses.cached(PRUNING_REFERENCE):
+        analyses.put(PRUNING_REFERENCE, model.to_bytes())
 
 
 def _ids_as_strings(value: object) -> object:

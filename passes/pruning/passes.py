@@ -45,12 +45,11 @@ import pydantic
 from bitpass.frontend import Layer, Model, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.activations import model_outputs
+from bitpass.passes.analyses import PRUNING_MASKS, PRUNING_REFERENCE
 from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.pruning import ratios
 from bitpass.passes.pruning.common import (
     LayerIds,
-    PRUNING_MASKS,
-    PRUNING_REFERENCE,
     feature_scale,
     from_groups_view,
     from_rows_view,
@@ -172,6 +171,7 @@ class Prune(Pass):
                     layers.remove(layer)
         if not layers:
             ctx.records["pruning"] = {"method": cfg.method, "layers": {}, "skipped": skipped}
+            ctx.analyses.put(PRUNING_MASKS, dict(ctx.analyses.optional(PRUNING_MASKS) or {}))  # no new masks
             return PassResult(model, modified=False, preserved=frozenset())
         remember_reference(model, ctx.analyses)
         record: dict[str, Any] = {"method": cfg.method, "pattern": cfg.pattern, "allocation": cfg.allocation,
@@ -195,8 +195,7 @@ class Prune(Pass):
         record.update(comparison=comparison if pattern is None else f"{cfg.pattern} groups along the input",
                       layers=per_layer, allocated={k: round(v, 6) for k, v in layer_ratio.items()},
                       sparsity=round(zeros / total, 6), pruned_params=total, skipped=skipped)
-        previous = ctx.analyses.require(PRUNING_MASKS) if ctx.analyses.cached(PRUNING_MASKS) else {}
-        ctx.analyses.put(PRUNING_MASKS, {**previous, **masks})
+        ctx.analyses.put(PRUNING_MASKS, {**(ctx.analyses.optional(PRUNING_MASKS) or {}), **masks})
         ctx.records["pruning"] = record
         ctx.progress(f"prune({cfg.method}, {cfg.pattern}, {cfg.allocation}): {len(layers)} layers, "
                      f"overall sparsity {zeros / total:.3f}")
@@ -240,7 +239,7 @@ class Prune(Pass):
             group = cfg.comparison if cfg.comparison != "auto" else ("layer" if cfg.method == "magnitude" else "row")
             return group, self._masks(layers, scores, layer_ratio, pattern, group), {}
         data = ctx.calibration.head(self.config.samples)
-        reference = model_outputs(model.to_bytes(), data)
+        reference = model_outputs(model, data)
         errors: dict[str, float] = {}
         masks: dict[str, dict[str, np.ndarray]] = {}
         for group in ("row", "layer"):
@@ -249,7 +248,7 @@ class Prune(Pass):
             for twin in trial.layers():
                 if twin.id in masks[group]:
                     set_constant(twin.weight, self._zeroed(twin, masks[group][twin.id]))
-            errors[group] = float(np.mean((model_outputs(trial.to_bytes(), data) - reference) ** 2))
+            errors[group] = float(np.mean((model_outputs(trial, data) - reference) ** 2))
         choice = "layer" if errors["layer"] < errors["row"] else "row"
         return choice, masks[choice], {k: float(f"{v:.6g}") for k, v in errors.items()}
 

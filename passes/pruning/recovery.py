@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.frontend.layers import constant_tensor
+from bitpass.passes import execution
 from bitpass.passes.infra import DATA_CALIBRATION, Pass, PassConfig, PassContext, PassResult
-from bitpass.passes.pruning.common import PRUNING_MASKS, PRUNING_REFERENCE, set_constant
+from bitpass.passes.analyses import PRUNING_MASKS, PRUNING_REFERENCE
+from bitpass.passes.pruning.common import set_constant
 
 #: node op -> input indices whose float initializers are trained
 TRAINABLE = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
@@ -280,11 +282,8 @@ class Recover(Pass):
     @staticmethod
     def _teacher(model: Model, ctx: PassContext, data: Any) -> tuple[torch.Tensor, str]:
         if ctx.analyses.cached(PRUNING_REFERENCE):
-            from bitpass.backends.onnxruntime.runner import OrtRunner  # noqa: PLC0415 - heavy, only here
-
-            runner = OrtRunner.from_bytes(ctx.analyses.require(PRUNING_REFERENCE))
-            parts = [runner.run(feeds)[0] for feeds in data.batches(256)]
-            return torch.from_numpy(np.concatenate(parts)), "the model before pruning (ONNX Runtime)"
+            outputs = execution.predict(ctx.analyses.require(PRUNING_REFERENCE), data, batch_size=256)
+            return torch.from_numpy(outputs), "the model before pruning (ONNX Runtime)"
         if model.torch_module is not None:
             module = model.torch_module
             was = module.training

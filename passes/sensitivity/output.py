@@ -19,6 +19,7 @@ import onnx
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import UsageError
+from bitpass.passes import execution
 from bitpass.passes.sensitivity.quant import TABLE_BITS, fake_quantize, layer_channel_axis
 
 METRICS = ("kl", "mse")
@@ -86,15 +87,9 @@ class OutputProbe:
 
     def __init__(self, proto: onnx.ModelProto, weight_names: Iterable[str],
                  batches: Sequence[Mapping[str, np.ndarray]], *, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         self.proto = overridable(proto, weight_names)
-        self.session = ort.InferenceSession(self.proto.SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = execution.create_session(self.proto, threads=threads or None,
+                                                purpose="run the model to measure output sensitivity")
         self.batches = [dict(b) for b in batches]
         floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
         self.output_names = [o.name for o in self.proto.graph.output

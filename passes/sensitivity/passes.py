@@ -42,6 +42,7 @@ import torch
 
 from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import UsageError
+from bitpass.passes.analyses import SENSITIVITY, SENSITIVITY_BITS
 from bitpass.passes.infra import DATA_CALIBRATION, PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.sensitivity import fisher as fisher_mod
 from bitpass.passes.sensitivity import hessian
@@ -49,9 +50,6 @@ from bitpass.passes.sensitivity.objective import GRADIENT_METHODS, ORT_METHODS, 
 from bitpass.passes.sensitivity.output import output_sensitivity
 from bitpass.passes.sensitivity.quant import TABLE_BITS, fake_quantize
 
-#: analysis names this pass produces
-SENSITIVITY = "sensitivity"
-SENSITIVITY_BITS = "sensitivity:bits"
 #: methods whose ``sensitivity`` analysis is a per-bit table
 PER_BIT_METHODS = ("taylor", *ORT_METHODS)
 METHODS = (*GRADIENT_METHODS, *ORT_METHODS)

@@ -210,3 +210,11 @@ def test_check_schema_flags_bad_ids_and_non_finite_sensitivities(key, value):
     annotation.set(layer_node, key, value)
     problems = annotation.check_schema(model.ir)
     assert len(problems) == 1 and key in problems[0]
+
+
+def test_carried_says_whether_some_node_has_an_annotation_or_one_under_it():
+    model = tiny_model()
+    assert annotation.carried(model.ir, "layer_id") and not annotation.carried(model.ir, "bits")
+    annotation.set_activation_bits(node(model, "fc2"), 8)
+    assert annotation.carried(model.ir, "bits") and annotation.carried(model.ir, "bits.activation")
+    assert not annotation.carried(model.ir, "bits.weight") and not annotation.carried(model.ir, "bit")

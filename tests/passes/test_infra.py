@@ -23,6 +23,7 @@ from bitpass.passes.infra import (
     DATA_EVALUATION,
     PRESERVE_ALL,
     Analysis,
+    AnalysisKey,
     AnalysisManager,
     Pass,
     PassConfig,
@@ -265,7 +266,37 @@ def test_invalidation_only_records_what_was_cached():
         manager.require("ranges")
 
 
-def test_model_stays_valid_onnx_after_a_pass():
+def test_a_pass_edit_survives_serialization_as_valid_onnx_with_its_annotations():
     model = tiny_model()
-    ScaleWeights().run(model, PassContext())
-    onnx.checker.check_model(model.to_proto())
+    weight = model.layers()[0].weight_array.copy()
+    layer_id = model.layers()[0].id
+    ScaleWeights(factor=3).run(model, PassContext())
+    proto = model.to_proto()
+    onnx.checker.check_model(proto, full_check=True)
+    again = from_proto(proto, name="again")
+    np.testing.assert_array_equal(again.layer(layer_id).weight_array, weight * np.float32(3))
+    assert again.to_bytes() == model.to_bytes()
+
+
+# --- typed analysis keys --------------------------------------------------------
+
+RANGES: AnalysisKey[dict] = AnalysisKey("ranges", dict)
+
+
+def test_a_typed_key_checks_what_is_put_and_is_the_name_of_its_fact():
+    manager = AnalysisManager()
+    with pytest.raises(BitpassError, match="analysis 'ranges' must be dict, got list"):
+        manager.put(RANGES, [0.0, 1.0])
+    assert not manager.cached(RANGES)
+    manager.put(RANGES, {"x": (0.0, 1.0)})
+    assert manager.require(RANGES) == {"x": (0.0, 1.0)} and manager.require("ranges") is manager.require(RANGES)
+    assert RANGES == "ranges" and RANGES in frozenset({"ranges"}) and "ranges" in manager.names()
+    assert manager.optional(AnalysisKey("other", int)) is None
+    with pytest.raises(BitpassError, match="must be int or float, got str"):
+        manager.put(AnalysisKey("scale", (int, float)), "2")
+
+
+def test_cached_results_are_facts_the_requires_check_can_use():
+    ctx = PassContext()
+    ctx.analyses.put(RANGES, {})
+    assert ctx.facts() == {"ranges", "analysis:ranges"}

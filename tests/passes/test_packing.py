@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bitpass.passes.packing import dequantize_blocked, pack_weight, packed_bytes, quantize_blocked
+from bitpass.passes.packing import dequantize_blocked, pack_weight, quantize_blocked, stored_bytes
 
 CASES = [  # op, weight shape, output-channel axis, input shape
     ("Conv", (24, 5, 3, 3), 0, (2, 5, 6, 6)),   # 45 weights per channel: padded to 64
@@ -52,8 +52,9 @@ def test_packed_layer_computes_with_exactly_the_dequantized_weight(op, shape, ax
     # the unpacking chain is constant: ORT folds it at session start, leaving only the layer itself
     optimized_ops = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
     assert not optimized_ops & {"BitShift", "Mod", "Cast", "Mul", "Sub", "Slice"}
-    assert stored <= packed_bytes(weight.size, shape[axis], bits, 32) + 16
-    assert stored < weight.nbytes / 2
+    codes_and_scales = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+                           if t.name.endswith(("_c_codes", "_c_scales")))
+    assert stored == codes_and_scales < weight.nbytes / 2
 
 
 def test_the_original_fp32_weight_is_no_longer_stored():
@@ -67,3 +68,26 @@ def test_the_original_fp32_weight_is_no_longer_stored():
 def test_all_zero_channels_stay_zero():
     codes, scales = quantize_blocked(np.zeros((2, 40)), 4, 32)
     assert not codes.any() and np.isfinite(scales.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 1, 3, 3), 0), ((64, 1024), 0), ((10, 64), 1), ((33, 7), 0),
+                                        ((5, 3, 2, 2), 1)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_stored_bytes_are_the_bytes_pack_weight_writes(shape, axis, bits, block_size):
+    """Size budgets count ``stored_bytes``: it must equal every byte of every tensor the packed form adds."""
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    node = helper.make_node("Identity", ["w"], ["y"], name="n")
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph)
+    pack_weight(proto, proto.graph.node[0], 0, axis, bits, block_size)
+    assert "w" not in {t.name for t in proto.graph.initializer}
+    assert stored_bytes(shape, axis, bits, block_size) == sum(
+        numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+
+
+def test_stored_bytes_of_float_widths_are_the_float_tensor():
+    assert stored_bytes((10, 64), 1, 32) == 4 * 640 and stored_bytes((10, 64), 1, 16) == 2 * 640
+    with pytest.raises(ValueError, match="packed weights take"):
+        stored_bytes((10, 64), 1, 3)

@@ -18,7 +18,7 @@ from bitpass.frontend import Model, annotation, from_arrays, from_proto
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.passes.infra import DATA_CALIBRATION, PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 from bitpass.passes.instruments import PassInstrument, Timing, VerificationError, verify
-from bitpass.passes.pipeline import Pipeline, PipelineError
+from bitpass.passes.pipeline import ContractError, Pipeline, PipelineError, Sequential, missing_products
 
 
 def tiny_model() -> Model:
@@ -349,3 +349,129 @@ def test_progress_reports_each_pass():
     messages: list[str] = []
     Pipeline([AppendNeg(times=2), Sleep()]).run(tiny_model(), PassContext(progress=messages.append))
     assert messages == ["running append-neg(times=2)", "running sleep"]
+
+
+# --- produces: checked after each pass ---------------------------------------------------
+
+class ForgetsRanges(Pass):
+    """Declares the ranges but never puts them."""
+
+    name = "forgets-ranges"
+    produces = frozenset({"analysis:ranges"})
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return PassResult(model, modified=False)
+
+
+class PutsThenDrops(RecordRanges):
+    """Puts the ranges, then changes the graph without preserving them: they are gone when it returns."""
+
+    name = "puts-then-drops"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        super().run(model, ctx)
+        return AppendNeg().run(model, ctx)
+
+
+class ClaimsBits(Pass):
+    """Declares bits annotations it does not write."""
+
+    name = "claims-bits"
+    produces = frozenset({"annotation:bits"})
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return PassResult(model, modified=False)
+
+
+@pytest.mark.parametrize("pass_, missing", [(ForgetsRanges(), "analysis:ranges"),
+                                            (PutsThenDrops(), "analysis:ranges"),
+                                            (ClaimsBits(), "annotation:bits")])
+def test_a_pass_that_does_not_produce_what_it_declares_is_named(pass_, missing):
+    model = tiny_model()
+    with pytest.raises(PipelineError) as err:
+        Pipeline([AppendNeg(), pass_]).run(model, PassContext(calibration=calibration(model)))
+    assert isinstance(err.value.cause, ContractError)
+    assert str(err.value).startswith(f"pass '{pass_.name}' failed: it declares that it produces {missing}, but")
+    assert "(passes run before it: append-neg)" in str(err.value)
+
+
+def test_declared_products_that_exist_pass_the_check():
+    model = tiny_model()
+    ctx = PassContext(calibration=calibration(model))
+    out = Pipeline([RecordRanges(), UseRanges()]).run(model, ctx)  # analysis:ranges, annotation:bits.activation
+    assert missing_products(UseRanges(), out, ctx) == [] and missing_products(ClaimsBits(), out, ctx) == []
+    assert missing_products(ClaimsBits(), tiny_model(), ctx) == ["annotation:bits"]
+
+
+def test_a_model_without_layers_carries_every_layer_annotation_vacuously():
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "no-layers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]),
+        opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    Pipeline([ClaimsBits()]).run(from_proto(proto, name="no-layers"), PassContext())
+
+
+def test_results_cached_before_the_run_satisfy_requires():
+    ctx = PassContext()
+    ctx.analyses.put("ranges", {"x": (0.0, 1.0)})
+    Pipeline([UseRanges()]).run(tiny_model(), ctx)  # no calibration data needed: the ranges are there
+
+
+# --- Sequential: passes run inside the caller's run ------------------------------------------
+
+class NegTwice(Pass):
+    """A composite made of passes: runs them as a Sequential on the context it was given."""
+
+    name = "neg-twice"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return Sequential([AppendNeg(), AppendNeg()]).run(model, ctx)
+
+
+def test_a_composite_runs_its_passes_under_the_callers_instruments():
+    recorder, timing, messages = Recorder(), Timing(), []
+    model = tiny_model()
+    before = run_model(model)
+    out = Pipeline([Sleep(), NegTwice()]).run(model, PassContext(instruments=[recorder, timing],
+                                                                  progress=messages.append))
+    np.testing.assert_allclose(run_model(out), before)  # two Negs
+    assert recorder.events == ["before sleep (3 nodes)", "after sleep modified=False",
+                               "before neg-twice (3 nodes)",
+                               "before append-neg (3 nodes)", "after append-neg modified=True",
+                               "before append-neg (4 nodes)", "after append-neg modified=True",
+                               "after neg-twice modified=True"]
+    assert [name for name, _ in timing.seconds] == ["sleep", "append-neg", "append-neg", "neg-twice"]
+    assert messages == ["running sleep", "running neg-twice", "running append-neg", "running append-neg"]
+
+
+def test_a_failure_inside_a_sequential_names_the_inner_pass_and_everything_before_it():
+    with pytest.raises(PipelineError) as err:
+        Pipeline([AppendNeg(times=2), Sequential([AppendNeg(), Explode()])]).run(tiny_model(), PassContext())
+    assert str(err.value) == ("pass 'explode' failed: weights are on fire "
+                              "(passes run before it: append-neg(times=2), append-neg)")
+
+
+def test_passes_inside_a_sequential_are_verified_and_invalidate_results():
+    with pytest.raises(PipelineError, match="pass 'break-graph' failed: invalid ONNX"):
+        Pipeline([Sequential([AppendNeg(), BreakGraph()])]).run(tiny_model(), PassContext())
+    model = tiny_model()
+    with pytest.raises(PipelineError, match="ranges was invalidated by pass 'append-neg'"):
+        Pipeline([RecordRanges(), Sequential([AppendNeg(), UseRanges()])]).run(
+            model, PassContext(calibration=calibration(model)))
+
+
+def test_a_sequential_declares_what_its_members_need_from_outside_and_produce():
+    inner = Sequential([RecordRanges(), UseRanges()])
+    assert inner.requires == {DATA_CALIBRATION} and inner.produces == {"analysis:ranges", "annotation:bits.activation"}
+    assert inner.spec() == "record-ranges,use-ranges"
+    with pytest.raises(UsageError, match="step 1 'sequential' requires data:calibration"):
+        Pipeline([inner]).check(PassContext())
+    with pytest.raises(UsageError, match="'use-ranges' requires analysis:ranges"):
+        Sequential([UseRanges()]).run(tiny_model(), PassContext())
+
+
+def test_a_sequential_outside_a_pipeline_verifies_its_passes():
+    with pytest.raises(PipelineError, match="pass 'break-graph' failed: invalid ONNX"):
+        Sequential([BreakGraph()]).run(tiny_model(), PassContext())
+    assert Pipeline([AppendNeg()]).as_pass().passes[0].name == "append-neg"

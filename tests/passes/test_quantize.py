@@ -125,10 +125,31 @@ def test_unsupported_width_names_the_layer(cnn_model, calib_arrays):
             cnn_model, _ctx(cnn_model, calib_arrays))
 
 
-def test_bias_correction_runs_and_keeps_accuracy(cnn_model, calib_arrays, eval_arrays):
+def _biases(model) -> dict[str, np.ndarray]:
+    """Each layer's bias as the artifact computes with it (int8 QDQ biases are int32 times a scale)."""
+    out = {}
+    for node in model.graph:
+        layer_id = annotation.layer_id(node)
+        if layer_id is None or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        value = node.inputs[2]
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            q, scale = (v.const_value.numpy().astype(np.float64) for v in producer.inputs[:2])
+            out[layer_id] = q * scale
+        else:
+            out[layer_id] = value.const_value.numpy().astype(np.float64)
+    return out
+
+
+def test_bias_correction_changes_the_biases_and_keeps_accuracy(cnn_model, calib_arrays, int8_cnn, eval_arrays):
     ctx = _ctx(cnn_model, calib_arrays)
     corrected = Pipeline([Calibrate(), Quantize(bias_correction=True)]).run(cnn_model, ctx)
     assert ctx.records["quantization"]["bias_correction"] is True
+    plain, moved = _biases(int8_cnn[0]), _biases(corrected)
+    assert set(moved) == set(plain) and len(plain) >= 4  # the convs and the linear layers have biases
+    changed = [lid for lid in plain if np.abs(moved[lid] - plain[lid]).max() > 1e-6]
+    assert len(changed) >= 3, changed
     assert _accuracy(corrected, eval_arrays) >= _accuracy(cnn_model, eval_arrays) - 0.01
     with pytest.raises(UsageError, match="calibration data"):
         Quantize(bias_correction=True).run(cnn_model, PassContext())

@@ -124,12 +124,16 @@ def test_python_api_accepts_a_torch_module(trained_cnn, digits_split, tmp_path):
 def test_force_replaces_an_earlier_artifact_atomically(digits_files, tmp_path):
     out = tmp_path / "o"
     compile(digits_files / "model.onnx", out, pipeline="optimize", latency=False)
-    first = read_manifest(out)
-    compile(digits_files / "model.onnx", out, pipeline="fold-constants", latency=False, force=True)
-    second = read_manifest(out)
-    assert (first["pipeline_name"], second["pipeline"]) == ("optimize", "fold-constants")  # really replaced
+    first_model = (out / "model.onnx").read_bytes()
+    assert read_manifest(out)["pipeline"] == "fold-constants,eliminate-dead-nodes,fuse"
+    compile(digits_files / "model.onnx", out, calibration=digits_files / "calib.npz", latency=False, force=True)
+    replaced = read_manifest(out)
+    assert replaced["pipeline"] == "fold-constants,eliminate-dead-nodes,fuse,calibrate,quantize"  # the second one
+    assert (out / "model.onnx").read_bytes() != first_model  # int8 now, and every file is the second compile's
+    assert {layer["bits"]["weight"] for layer in replaced["layers"]} == {8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # nothing left beside it
     assert all(c.ok for c in verify(out))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no stage, work folder or old copy left
+
 
 def test_verify_finds_the_reference_by_its_sha256_and_refuses_another_model(artifact, digits_files, tmp_path,
                                                                              trained_mlp, capsys):

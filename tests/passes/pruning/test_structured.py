@@ -180,14 +180,19 @@ def test_a_residual_from_something_unprunable_is_refused_with_the_reason(outputs
     assert np.isfinite(outputs(model, data)).all()
 
 
-def test_pruned_cnn_is_faster_in_onnxruntime_at_batch_64(cnn_model, calib):
+def test_pruned_cnn_keeps_channel_counts_on_onnxruntimes_blocks_and_loses_macs(cnn_model, calib):
+    """What makes the pruned CNN faster in ONNX Runtime (timed by ``bench_pruning``, not here): fewer MACs, and
+    kept channel counts that stay multiples of 8 (ORT's blocked convolutions; 11/22/45 channels ran slower)."""
+    from bitpass.passes.allocation.problem import layer_macs
+
     ctx = PassContext(calibration=calib)
     dense = run_spec(cnn_model, "fold-constants,fuse", ctx).clone()
     pruned = run_spec(dense.clone(), "prune-channels(ratio=0.3)", PassContext(calibration=calib))
-    runners = {name: OrtRunner.from_bytes(m.to_bytes(), threads=1, for_timing=True)
-               for name, m in (("dense", dense), ("pruned", pruned))}
-    samples = measure.latency_samples(runners, measure.batch_of(calib, 64), rounds=11)
-    ratio = float(np.median(np.array(samples["dense"]) / np.array(samples["pruned"])))
-    print(f"\nbatch-64 latency: dense {1e3 * np.median(samples['dense']):.3f} ms, pruned "
-          f"{1e3 * np.median(samples['pruned']):.3f} ms, speedup {ratio:.2f}x")
-    assert ratio > 1.0  # speed claims belong to benchmarks; this only guards against a slowdown
+    channels = {l.id: l.weight_shape[output_axis(l)] for l in pruned.layers()}
+    before = {l.id: l.weight_shape[output_axis(l)] for l in dense.layers()}
+    changed = {lid for lid in channels if channels[lid] != before[lid]}
+    assert changed and all(channels[lid] % 8 == 0 for lid in changed)
+    macs_before, macs_after = (sum(layer_macs(m, m.layers()).values()) for m in (dense, pruned))
+    assert macs_after < 0.75 * macs_before
+    runner = OrtRunner.from_bytes(pruned.to_bytes())
+    assert runner.run(measure.batch_of(calib, 64))[0].shape == (64, 10)

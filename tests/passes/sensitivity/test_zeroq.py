@@ -42,12 +42,12 @@ def test_given_calibration_data_is_kept(cnn_model, calib_arrays):
     assert ctx.calibration is calib and "skipped" in ctx.records["synthesize-data"]
 
 
-def test_clear_errors_without_torch_module_or_batch_norm(cnn_model):
-    trained = cnn_model.torch_module
+def test_clear_errors_without_torch_module_or_batch_norm_leave_no_data_behind(cnn_model):
+    ctx = PassContext()
     cnn_model.torch_module = None
     with pytest.raises(UsageError, match="torch module"):
-        SynthesizeData().run(cnn_model, PassContext())
+        SynthesizeData().run(cnn_model, ctx)
     cnn_model.torch_module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))  # no BatchNorm
     with pytest.raises(UsageError, match="BatchNorm"):
-        SynthesizeData(iterations=5).run(cnn_model, PassContext())
-    assert trained is not None
+        SynthesizeData(iterations=5).run(cnn_model, ctx)
+    assert ctx.calibration is None and "synthesize-data" not in ctx.records  # nothing half-made is left

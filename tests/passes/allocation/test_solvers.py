@@ -10,6 +10,7 @@ import pytest
 
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.allocation.budget import parse_budget
+from bitpass.passes.allocation import problem as problem_module
 from bitpass.passes.allocation.problem import Problem
 from bitpass.passes.allocation.solvers import SOLVERS, pareto_frontier, solve
 
@@ -17,20 +18,7 @@ WIDTHS = (32, 8, 4, 2)
 
 
 def random_problem(layers: int, seed: int = 0, *, latency: bool = False) -> Problem:
-    """Layers of random size and sensitivity; Ω(b) = s·n·4^-b, the shape quantization noise has."""
-    rng = np.random.default_rng(seed)
-    ids = [f"l{i}" for i in range(layers)]
-    params = {i: int(rng.integers(500, 50_000)) for i in ids}
-    loss = {}
-    for i in ids:
-        s = rng.lognormal(0.0, 1.5)
-        loss[i] = {b: 0.0 if b == 32 else s * params[i] * 4.0 ** -b * rng.uniform(0.8, 1.25) for b in WIDTHS}
-    macs = {i: params[i] * int(rng.integers(1, 64)) for i in ids}
-    table = None
-    if latency:
-        table = {i: {b: params[i] * 1e-9 * {32: 4, 8: 1.5, 4: 1.2, 2: 1.1}[b] * rng.uniform(0.7, 1.3)
-                     for b in WIDTHS} for i in ids}
-    return Problem.from_tables(params, loss, macs=macs, latency=table)
+    return problem_module.random_problem(layers, seed, widths=WIDTHS, latency=latency)
 
 
 def brute_force(problem: Problem, budget) -> tuple[float, dict[str, int]]:

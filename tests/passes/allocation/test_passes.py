@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-from bitpass.frontend import annotation
+from bitpass.frontend import annotation, from_arrays
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.allocation.passes import AllocateBits
 from bitpass.passes.infra import PassContext, Target
@@ -72,37 +73,64 @@ def test_size_and_bops_budgets_on_the_real_model(cnn_model):
     assert totals["size"] <= 60_000 and totals["bops"] <= 60e6
 
 
-def test_a_latency_table_keeps_a_layer_fp32_when_quantized_is_slower(cnn_model):
+def measured(model, seconds: dict[str, dict[int, float]], batch: int = 1) -> dict:
+    """A latency probe's table (``latency-variants``): each layer's fp32 time and, per width, the time of its
+    first compute format (the one ``formats=compute`` takes); widths without one run packed, at fp32 speed."""
+    from bitpass.passes.allocation.formats import compute_formats
+
+    table = {}
+    for layer in model.layers():
+        row = {(32, "fp32"): {batch: seconds[layer.id][32]}}
+        for bits, value in seconds[layer.id].items():
+            for fmt in compute_formats(layer, bits)[:1]:
+                row[(bits, fmt)] = {batch: value}
+        table[layer.id] = row
+    return table
+
+
+def test_a_measured_table_keeps_a_layer_fp32_when_its_compute_formats_are_slower(cnn_model):
     ids = [layer.id for layer in cnn_model.layers()]
     first = ids[0]  # the first conv: 1 input channel, where an int8 conv does not pay off
     table = {i: {32: 1e-4, 8: 5e-5, 4: 4e-5, 2: 4e-5} for i in ids}
-    table[first] = {32: 1e-5, 8: 3e-5, 4: 3e-5, 2: 3e-5}
-    ctx = context(cnn_model, latency_table=table)
-    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    table[first] = {32: 1e-5, 8: 3e-5, 4: 3e-5}
+    ctx = context(cnn_model, latency_variants=measured(cnn_model, table))
+    AllocateBits(budget="avg-bits=4.5", formats="compute", widths=[8, 4]).run(cnn_model, ctx)
     assert ctx.records["allocation"]["plan"][first] == 32
     rule = ctx.records["allocation"]["latency_rule"]
     assert rule["applied"] and first in rule["kept_fp32"] and "slower than fp32" in rule["kept_fp32"][first]
-    assert annotated_avg_bits(cnn_model) <= 4 + 1e-9
+    assert annotated_avg_bits(cnn_model) <= 4.5 + 1e-9
     assert "latency" in ctx.records["allocation"]["totals"]
 
 
 def test_a_width_slower_than_fp32_is_not_offered(cnn_model):
     ids = [layer.id for layer in cnn_model.layers()]
     table = {i: {32: 1e-4, 8: 5e-5, 4: 4e-5, 2: 4e-5} for i in ids}
-    table[ids[1]] = {32: 1e-4, 8: 2e-4, 4: 5e-5, 2: 5e-5}  # only its 8-bit kernel is slow
-    ctx = context(cnn_model, latency_table=table)
-    AllocateBits(budget="avg-bits=6").run(cnn_model, ctx)
+    table[ids[1]] = {32: 1e-4, 8: 2e-4, 4: 5e-5}  # only its 8-bit kernel is slow (2-bit conv: packed, fp32 speed)
+    ctx = context(cnn_model, latency_variants=measured(cnn_model, table))
+    AllocateBits(budget="avg-bits=6", formats="compute").run(cnn_model, ctx)
     record = ctx.records["allocation"]
     assert record["candidates"][ids[1]] == [32, 4, 2]
     assert record["plan"][ids[1]] != 8
+
+
+def test_packed_widths_are_never_slower_so_auto_formats_never_drop_a_width(cnn_model):
+    """With ``formats=auto`` a width whose compute format is slower runs packed (fp32 speed): nothing is dropped."""
+    ids = [layer.id for layer in cnn_model.layers()]
+    table = {i: {32: 1e-4, 8: 2e-4, 4: 2e-4, 2: 2e-4} for i in ids}  # every compute format slower than fp32
+    ctx = context(cnn_model, latency_variants=measured(cnn_model, table))
+    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    record = ctx.records["allocation"]
+    assert "latency_rule" not in record and record["latency_measured"] is True
+    assert {f["format"] for f in record["formats"].values()} <= {"packed", "fp32"}
+    assert annotated_avg_bits(cnn_model) <= 4 + 1e-9
 
 
 def test_the_latency_rule_yields_when_the_budget_needs_the_slower_width(cnn_model):
     big = max(cnn_model.layers(), key=lambda layer: layer.params).id  # 64k of the ~90k weights
     table = {layer.id: {32: 1e-5, 8: 5e-6, 4: 5e-6, 2: 5e-6} for layer in cnn_model.layers()}
     table[big] = {32: 1e-5, 8: 2e-5, 4: 2e-5, 2: 2e-5}
-    ctx = context(cnn_model, latency_table=table)
-    AllocateBits(budget="avg-bits=4").run(cnn_model, ctx)
+    ctx = context(cnn_model, latency_variants=measured(cnn_model, table))
+    AllocateBits(budget="avg-bits=4", formats="compute").run(cnn_model, ctx)
     rule = ctx.records["allocation"]["latency_rule"]
     assert rule["applied"] is False and "budget needs widths slower than fp32" in rule["why"]
     assert ctx.records["allocation"]["plan"][big] != 32
@@ -111,9 +139,12 @@ def test_the_latency_rule_yields_when_the_budget_needs_the_slower_width(cnn_mode
 def test_a_latency_budget_is_met(cnn_model):
     ids = [layer.id for layer in cnn_model.layers()]
     table = {i: {32: 1e-4, 8: 5e-5, 4: 3e-5, 2: 2e-5} for i in ids}
-    ctx = context(cnn_model, latency_table=table)
-    AllocateBits(budget="latency=0.3ms").run(cnn_model, ctx)
-    assert ctx.records["allocation"]["totals"]["latency"] <= 0.3e-3 * (1 + 1e-9)  # summed floats
+    ctx = context(cnn_model, latency_variants=measured(cnn_model, table))
+    AllocateBits(budget="latency=0.3ms", formats="compute").run(cnn_model, ctx)
+    totals = ctx.records["allocation"]["totals"]
+    assert 0 < totals["latency"] <= 0.3e-3 * (1 + 1e-9)  # summed floats
+    with pytest.raises(UsageError, match="latency"):  # nothing measured: a latency budget cannot be checked
+        AllocateBits(budget="latency=0.3ms").run(cnn_model, context(cnn_model))
 
 
 def test_keep_fp32_layers_stay_fp32(cnn_model):
@@ -171,19 +202,23 @@ def test_falls_back_to_node_annotations_when_the_analysis_is_gone(cnn_model):
         AllocateBits(budget="avg-bits=4").run(cnn_model, PassContext())
 
 
-def test_accuracy_drop_uses_the_contexts_plan_evaluator(cnn_model):
-    sizes = {layer.id: layer.params for layer in cnn_model.layers()}
-    total = sum(sizes.values())
+def test_accuracy_drop_measures_each_plan_on_the_evaluation_data(cnn_model, eval_arrays):
+    from bitpass.passes.materialize import materialize, packed_plan
 
-    def evaluate(plan):  # monotone in bits: 0.99 at fp32, 1 point lost per bit below 8 on average
-        avg = sum(sizes[i] * min(b, 8) for i, b in plan.items()) / total
-        return 0.99 - 0.01 * (8 - avg)
-
-    ctx = context(cnn_model, plan_evaluator=evaluate)
+    ctx = context(cnn_model)
+    ctx.evaluation = from_arrays(eval_arrays, cnn_model.inputs)
     AllocateBits(budget="accuracy-drop=2").run(cnn_model, ctx)
-    search = ctx.records["allocation"]["accuracy_search"]
+    record = ctx.records["allocation"]
+    search = record["accuracy_search"]
     assert (search["baseline"] - search["accuracy"]) * 100 <= 2 + 1e-9
+    assert search["baseline"] == pytest.approx(0.998, abs=0.005)  # the trained CNN's held-out accuracy
     assert annotated_avg_bits(cnn_model) < 8
+    assert any("not independent" in note for note in ctx.records["notes"])
+    # the reported accuracy is the chosen plan's, packed, measured again here
+    packed = materialize(cnn_model, packed_plan(record["plan"]))
+    logits = ort.InferenceSession(packed.to_bytes(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": eval_arrays["input"]})[0]
+    assert float((logits.argmax(1) == eval_arrays["labels"]).mean()) == pytest.approx(search["accuracy"])
     with pytest.raises(UsageError, match="accuracy-drop budget needs"):
         AllocateBits(budget="accuracy-drop=2").run(cnn_model, context(cnn_model))
 

@@ -11,7 +11,8 @@ from bitpass.frontend.errors import UsageError
 from bitpass.passes.infra import PassContext
 from bitpass.passes.pipeline import Pipeline
 from bitpass.passes.pruning import ratios
-from bitpass.passes.pruning.common import PRUNING_MASKS, groups_view, input_axis
+from bitpass.passes.analyses import PRUNING_MASKS
+from bitpass.passes.pruning.common import groups_view, input_axis
 from bitpass.passes.pruning.passes import Prune
 from bitpass.passes.sensitivity.passes import Sensitivity
 from bitpass.plugins.registry import default_registry
