@@ -79,16 +79,8 @@ class OrtRunner(Runner):
     def from_directory(cls, directory: Path, *, threads: int | None = None, for_timing: bool = False) -> OrtRunner:
         """The artifact's model.onnx, loaded by path so that external data resolves inside ``directory``, after
         checking that every external-data location stays inside it (a hostile artifact cannot read other files)."""
-        config = read_session_config(directory)
-        model_path = confined_model_path(directory)
-        try:
-            session = ort.InferenceSession(str(model_path), session_options(config, threads=threads,
-                                                                             for_timing=for_timing),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as err:  # ORT raises its own exception types
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BitpassError(f"ONNX Runtime cannot load {model_path}: {text[:200]}") from err
-        return cls(session)
+        return cls.from_path(confined_model_path(directory), config=read_session_config(directory), threads=threads,
+                             for_timing=for_timing)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
