@@ -45,7 +45,7 @@ def test_fp32_artifact_matches_onnx_runtime(fp32_artifact, digits_files, digits_
     # outputs equal ORT fp32's to rtol 1e-3, for batches compiled (1, 64) and not (7, split and padded)
     from bitpass.frontend import from_onnx
 
-    ort = reference_runner(from_onnx(fp32_artifact.path / "reference.onnx"))
+    ort = reference_runner(from_onnx(digits_files / "model.onnx"))
     for size in (1, 7, 64):
         x = np.ascontiguousarray(digits_split.eval_x[:size])
         got = run(fp32_artifact.path, {"input": x})
