@@ -14,6 +14,12 @@ from onnx import external_data_helper, version_converter
 from bitpass.frontend.errors import ModelLoadError
 from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance
 
+# ONNX Runtime 1.32 writes a device id under ~/.cache/Microsoft/DeveloperTools and a ``.ses`` file in
+# TMPDIR when it is imported, unless telemetry is off: bitpass writes nothing outside the user's folder.
+# Set before any layer imports onnxruntime (every layer imports the frontend first); a user's own
+# ORT_DISABLE_TELEMETRY wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 #: Models below this default-domain opset are upgraded with onnx's version converter.
 MIN_OPSET = 17
 
