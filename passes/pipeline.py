@@ -73,6 +73,9 @@ class Pipeline:
                 raise
             except Exception as err:  # a third-party pass may raise anything: name it
                 raise PipelineError(pass_.spec(), ran, err) from err
+            except SystemExit as err:  # nor may a pass end the compile (exit 0 and no artifact)
+                raise PipelineError(pass_.spec(), ran, RuntimeError(f"the pass called sys.exit({err.code!r})")) \
+                    from None
             model = result.model
             ran.append(pass_.spec())
         return model
