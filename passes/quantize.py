@@ -170,7 +170,8 @@ class Quantize(Pass):
                         activation_type=activation, weight_type=QuantType.QInt8,
                         nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
                         calibration_cache_path=cache,
-                        extra_options={"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True},
+                        extra_options={"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True,
+                                       **_graph_output_ranges(work.ir.graph, ranges)},
                     )
                 except Exception as err:
                     raise BitpassError(f"ONNX Runtime's int8 quantizer failed: {_first_line(err)}") from err
@@ -224,6 +225,22 @@ class Quantize(Pass):
                        for p in plans},
         }
         return PassResult(result, modified=True, preserved=frozenset())
+
+
+def _graph_output_ranges(graph: ir.Graph, ranges: ActivationRanges) -> dict[str, Any]:
+    """ORT ``TensorQuantOverrides`` pinning graph outputs read by Relu/Clip to their own calibrated ranges.
+
+    ORT's quantizer gives a Relu/Clip input the activation's output range when the activation is its
+    only consumer (``adjust_tensor_ranges``) without checking that the input is also a graph output: a
+    model returning a MatMul's result beside Relu(MatMul) got that output back with its negatives
+    clipped to zero. Overrides win over that adjustment.
+    """
+    pinned = {}
+    for output in graph.outputs:
+        if output.name in ranges and any(use.node.op_type in ("Relu", "Clip") for use in output.uses()):
+            lo, hi = ranges[output.name]
+            pinned[output.name] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+    return {"TensorQuantOverrides": pinned} if pinned else {}
 
 
 # ----------------------------------------------------------------------
