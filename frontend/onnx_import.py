@@ -42,6 +42,12 @@ def _sniff(path: Path, head: bytes) -> None:
 MAX_MODEL_BYTES = (1 << 31) - 1
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """A user-controlled string quoted for a one-line message: escaped, shortened in the middle."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= limit else quoted[: limit // 2 - 2] + "..." + quoted[-(limit // 2 - 1):]
+
+
 def _human(count: int) -> str:
     return f"{count / (1 << 30):.2f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):.1f} MiB"
 
@@ -78,7 +84,7 @@ def _external_data_bytes(model: onnx.ModelProto, base_dir: Path, name: str) -> i
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        what = f"{name}: tensor {tensor.name[:80]!r}"
+        what = f"{name}: tensor {_short(tensor.name, 40)}"
         info = {}
         for entry in tensor.external_data:
             if entry.key not in ("location", "offset", "length", "checksum", "basepath"):
@@ -86,14 +92,14 @@ def _external_data_bytes(model: onnx.ModelProto, base_dir: Path, name: str) -> i
             info[entry.key] = entry.value
         location = info.get("location", "")
         if not location or "\0" in location:
-            raise ModelLoadError(f"{what}: external data location {location[:80]!r} is empty or holds a NUL byte; "
+            raise ModelLoadError(f"{what}: external data location {_short(location)} is empty or holds a NUL byte; "
                                  f"the file is damaged")
         target = (root / location).resolve()
         if os.path.isabs(location) or not target.is_relative_to(root):
-            raise ModelLoadError(f"{what}: external data path {location[:80]!r} points outside the model's folder "
-                                 f"{str(root)[-80:]}; bitpass reads weights only from the model's own folder")
+            raise ModelLoadError(f"{what}: external data path {_short(location)} points outside the model's folder; "
+                                 f"bitpass reads weights only from the model's own folder")
         if not target.is_file():
-            raise ModelLoadError(f"{what}: external data file {location[:80]!r} is missing (or not a regular file)")
+            raise ModelLoadError(f"{what}: external data file {_short(location)} is missing (or not a regular file)")
         try:
             offset = int(info.get("offset", "0"))
             length = int(info["length"]) if "length" in info else None
@@ -101,13 +107,13 @@ def _external_data_bytes(model: onnx.ModelProto, base_dir: Path, name: str) -> i
             raise ModelLoadError(f"{what}: external data offset/length are not integers; the file is damaged") from None
         size = target.stat().st_size
         if offset < 0 or offset > size:
-            raise ModelLoadError(f"{what}: external data offset {offset} is past the end of {location[:80]!r} "
+            raise ModelLoadError(f"{what}: external data offset {offset} is past the end of {_short(location)} "
                                  f"({size} bytes); the model or its data file is truncated or damaged")
         if length is None:
             length = size - offset
         if length < 0 or offset + length > size:
             raise ModelLoadError(f"{what}: external data length {length} at offset {offset} runs past the end of "
-                                 f"{location[:80]!r} ({size} bytes); the data file is truncated or damaged")
+                                 f"{_short(location)} ({size} bytes); the data file is truncated or damaged")
         expected = _expected_nbytes(tensor)
         if expected is not None and length != expected:
             raise ModelLoadError(f"{what}: external data holds {length} bytes but its shape "
@@ -208,6 +214,13 @@ def from_proto(model: onnx.ModelProto, *, name: str = "<ModelProto>", sha256: st
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{name}: not a valid ONNX model: {first}") from err
+    if not model.graph.output:
+        raise ModelLoadError(f"{name}: the graph has no outputs; there is nothing to compile")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > newest:
+        raise ModelLoadError(f"{name}: opset {opset} is newer than the newest this onnx {onnx.__version__} knows "
+                             f"({newest}); export the model at opset {newest} or lower")
     if sha256 is None:
         sha256 = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
     notes: list[str] = []

@@ -429,8 +429,7 @@ def user_files(box: Sandbox, *, calib: bool = True, evaluation: bool = True) -> 
 def external_tensor(name: str, shape: Sequence[int], location: str, offset: int | None = None,
                     length: int | None = None) -> TensorProto:
     """A float tensor whose bytes live in an external file at ``location`` (as written, not checked)."""
-    tensor = helper.make_tensor(name, TensorProto.FLOAT, list(shape), vals=[])
-    tensor.ClearField("float_data")
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
     tensor.data_location = TensorProto.EXTERNAL
     tensor.external_data.add(key="location", value=location)
     if offset is not None:
@@ -504,3 +503,73 @@ def start_paused(box: Sandbox, *argv: str | os.PathLike[str]) -> Paused:
                              f"right before the destination re-check and rename, read in backends/artifact.py):\n"
                              f"{result.describe()}")
     return paused
+
+
+# --- hostile files ----------------------------------------------------------------
+
+
+def deflate_bomb(path: Path, member: str = "x.npy", shape: tuple[int, ...] = (1 << 28,)) -> Path:
+    """A real .npz whose one member (float32 zeros of ``shape``, 1 GiB by default) deflates to about a
+    megabyte, built without compressing a gigabyte: a deflate block encoding 64 MiB of zeros only refers
+    back to zeros, so after the first block the same bytes repeat (the zip's CRC is computed honestly)."""
+    import struct
+    import zlib
+
+    header = io_header(shape, "<f4")
+    total = int(np.prod(shape)) * 4
+    block = 64 << 20
+    assert total % block == 0, "the bomb is built in 64 MiB blocks"
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = packer.compress(header + bytes(block)) + packer.flush(zlib.Z_SYNC_FLUSH)
+    repeat = packer.compress(bytes(block)) + packer.flush(zlib.Z_SYNC_FLUSH)
+    data = first + repeat * (total // block - 1) + packer.flush(zlib.Z_FINISH)
+    crc = zlib.crc32(header)
+    zeros = bytes(block)
+    for _ in range(total // block):
+        crc = zlib.crc32(zeros, crc)
+    size = len(header) + total
+    name = member.encode()
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, crc, len(data), size, len(name), 0) + name
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, crc, len(data), size, len(name),
+                          0, 0, 0, 0, 0o644 << 16, 0) + name
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + len(data), 0)
+    path.write_bytes(local + data + central + end)
+    return path
+
+
+def io_header(shape: tuple[int, ...], descr: str, fortran: bool = False) -> bytes:
+    """A version-1.0 .npy header for ``shape`` and ``descr``."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": fortran, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def npz_with_members(path: Path, members: Mapping[str, bytes], *, compress: bool = False) -> Path:
+    """An .npz (a zip) holding exactly ``members`` (raw bytes, .npy or not)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def pickle_payload(marker: Path) -> bytes:
+    """Pickle bytes that create ``marker`` when unpickled: unpickling shows as the file appearing."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps(Payload())
