@@ -6,8 +6,8 @@ separate process like the console script's: its own working folder, environment,
 resource limits; it runs ``bitpass.tools.cli:main`` exactly as the ``bitpass`` script does
 (``sys.exit(main())``, an uncaught exception printing its traceback) and exits with its status.
 
-Protocol: one JSON request per line on stdin, ``{"argv", "cwd", "env", "stdout", "stderr",
-"timeout", "rlimits"}``; one JSON reply per line on stdout, ``{"status", "timed_out", "seconds"}``.
+Protocol: one JSON request per line on stdin (``{"op", "argv", "cwd", "env", "stdout", "stderr",
+"timeout", "rlimits"}``, see ``main``); one JSON reply per line on stdout.
 """
 
 from __future__ import annotations
@@ -89,13 +89,16 @@ def _child(request: dict) -> None:
             os._exit(status)
 
 
-def _serve(request: dict) -> dict:
-    start = time.monotonic()
+def _spawn(request: dict) -> int:
     sys.stdout.flush()
     pid = os.fork()
     if pid == 0:
         _child(request)
-    deadline = start + request.get("timeout", 120)
+    return pid
+
+
+def _wait(pid: int, timeout: float, start: float) -> dict:
+    deadline = time.monotonic() + timeout
     timed_out = False
     while True:
         done, wait_status = os.waitpid(pid, os.WNOHANG)
@@ -110,16 +113,30 @@ def _serve(request: dict) -> dict:
             _, wait_status = os.waitpid(pid, 0)
             break
         time.sleep(0.005)
-    status = os.waitstatus_to_exitcode(wait_status)
-    return {"status": status, "timed_out": timed_out, "seconds": time.monotonic() - start}
+    return {"status": os.waitstatus_to_exitcode(wait_status), "timed_out": timed_out,
+            "seconds": time.monotonic() - start}
 
 
 def main() -> None:
+    """Requests: ``{"op": "run", ...}`` (spawn and wait), ``{"op": "spawn", ...}`` (reply the pid at once),
+    ``{"op": "wait", "pid", "timeout"}`` (the status of a spawned child)."""
     print(json.dumps({"ready": True}), flush=True)
+    started: dict[int, float] = {}
     for line in sys.stdin:
         if not line.strip():
             continue
-        print(json.dumps(_serve(json.loads(line))), flush=True)
+        request = json.loads(line)
+        op = request.get("op", "run")
+        if op == "spawn":
+            pid = _spawn(request)
+            started[pid] = time.monotonic()
+            reply: dict = {"pid": pid}
+        elif op == "wait":
+            reply = _wait(request["pid"], request.get("timeout", 120), started.pop(request["pid"], time.monotonic()))
+        else:
+            start = time.monotonic()
+            reply = _wait(_spawn(request), request.get("timeout", 120), start)
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,67 @@ class Zygote:
                 self.proc.kill()
 
 
+class Process:
+    """A running bitpass process: its pid, and ``finish()`` for its result."""
+
+    argv: list[str]
+    pid: int
+
+    def finish(self, timeout: float = 120) -> Result:
+        raise NotImplementedError
+
+    def exited(self) -> bool:
+        raise NotImplementedError
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+
+class ForkedProcess(Process):
+    """A child of the fork server (the server reaps it: ``finish`` asks the server)."""
+
+    def __init__(self, argv: list[str], pid: int, zygote: Zygote, out: Path, err: Path) -> None:
+        self.argv, self.pid, self.zygote, self.out, self.err = argv, pid, zygote, out, err
+        self.result: Result | None = None
+
+    def exited(self) -> bool:
+        return process_state(self.pid) in ("", "Z", "X")
+
+    def finish(self, timeout: float = 120) -> Result:
+        if self.result is None:
+            reply = self.zygote.run({"op": "wait", "pid": self.pid, "timeout": timeout})
+            self.result = Result(self.argv, reply["status"], self.out.read_text(errors="replace"),
+                                 self.err.read_text(errors="replace"), reply["seconds"], reply["timed_out"])
+            for path in (self.out, self.err):
+                path.unlink(missing_ok=True)
+        return self.result
+
+
+class FreshProcess(Process):
+    """The real console script in a new process."""
+
+    def __init__(self, argv: list[str], proc: subprocess.Popen[str]) -> None:
+        self.argv, self.proc, self.pid = argv, proc, proc.pid
+        self.start = time.monotonic()
+        self.result: Result | None = None
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def finish(self, timeout: float = 120) -> Result:
+        if self.result is None:
+            try:
+                stdout, stderr = self.proc.communicate(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                stdout, stderr = self.proc.communicate()
+                timed_out = True
+            self.result = Result(self.argv, self.proc.returncode, stdout, stderr, time.monotonic() - self.start,
+                                 timed_out)
+        return self.result
+
+
 # --- the sandbox ----------------------------------------------------------------
 
 
@@ -159,6 +220,7 @@ class Sandbox:
         self.canary.write_bytes(CANARY_BYTES)
         (self.outside / "notes.txt").write_text("the user's notes, outside the working folder\n")
         self.zygote = zygote
+        self._spawned = 0
         self.before: dict[str, dict[str, Entry]] = {}
         self.results: list[Result] = []
 
@@ -176,34 +238,25 @@ class Sandbox:
     # -- running
     def run(self, *argv: str | os.PathLike[str], env: Mapping[str, str] | None = None, fresh: bool = False,
             timeout: float = 120, rlimits: Mapping[str, int] | None = None, snapshot_first: bool = True) -> Result:
-        args = [str(a) for a in argv]
+        """Run ``bitpass ARGV`` in work/ to the end (a snapshot of the sandbox is taken first)."""
         if snapshot_first:
             self.take_snapshot()
-        out, err = self.root / "stdout.txt", self.root / "stderr.txt"
-        if fresh or self.zygote is None:
-            result = self._run_fresh(args, env, timeout, rlimits, out, err)
-        else:
-            reply = self.zygote.run({"argv": args, "cwd": str(self.work), "env": self.env(env), "stdout": str(out),
-                                     "stderr": str(err), "timeout": timeout, "rlimits": dict(rlimits or {})})
-            result = Result(args, reply["status"], out.read_text(errors="replace"), err.read_text(errors="replace"),
-                            reply["seconds"], reply["timed_out"])
-        for path in (out, err):
-            path.unlink(missing_ok=True)
+        result = self.spawn(*argv, env=env, fresh=fresh, rlimits=rlimits).finish(timeout)
         self.results.append(result)
         return result
 
-    def _run_fresh(self, args: list[str], env: Mapping[str, str] | None, timeout: float,
-                   rlimits: Mapping[str, int] | None, out: Path, err: Path) -> Result:
-        start = time.monotonic()
-        proc = self.popen(*args, env=env, rlimits=rlimits)
-        timed_out = False
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        return Result(args, proc.returncode, stdout, stderr, time.monotonic() - start, timed_out)
+    def spawn(self, *argv: str | os.PathLike[str], env: Mapping[str, str] | None = None, fresh: bool = False,
+              rlimits: Mapping[str, int] | None = None) -> Process:
+        """Start ``bitpass ARGV`` in work/ and return at once: a forked child of the fork server, or
+        (``fresh``, or no server) the real console script."""
+        args = [str(a) for a in argv]
+        if fresh or self.zygote is None:
+            return FreshProcess(args, self.popen(*args, env=env, rlimits=rlimits))
+        self._spawned += 1
+        out, err = self.root / f"stdout-{self._spawned}.txt", self.root / f"stderr-{self._spawned}.txt"
+        reply = self.zygote.run({"op": "spawn", "argv": args, "cwd": str(self.work), "env": self.env(env),
+                                 "stdout": str(out), "stderr": str(err), "rlimits": dict(rlimits or {})})
+        return ForkedProcess(args, reply["pid"], self.zygote, out, err)
 
     def popen(self, *argv: str | os.PathLike[str], env: Mapping[str, str] | None = None,
               rlimits: Mapping[str, int] | None = None) -> subprocess.Popen[str]:
@@ -218,17 +271,6 @@ class Sandbox:
         return subprocess.Popen([str(BITPASS), *[str(a) for a in argv]], cwd=self.work, env=self.env(env),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, preexec_fn=limit if rlimits else None)
-
-    @staticmethod
-    def collect(proc: subprocess.Popen[str], argv: Sequence[str], start: float, timeout: float = 120) -> Result:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            timed_out = True
-        return Result([str(a) for a in argv], proc.returncode, stdout, stderr, time.monotonic() - start, timed_out)
 
     # -- the promise
     def leftovers(self) -> list[str]:
@@ -463,13 +505,13 @@ def process_state(pid: int) -> str:
     return text.rsplit(")", 1)[1].split()[0]
 
 
-def wait_until_stopped(proc: subprocess.Popen[str], timeout: float = 90) -> bool:
-    """Wait for ``proc`` to stop itself at the pause hook; False if it exited (or never stopped) instead."""
+def wait_until_stopped(process: Process, timeout: float = 90) -> bool:
+    """Wait for ``process`` to stop itself at the pause hook; False if it exited (or never stopped) instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if process.exited():
             return False
-        if process_state(proc.pid) == "T":
+        if process_state(process.pid) == "T":
             return True
         time.sleep(0.02)
     return False
@@ -477,32 +519,28 @@ def wait_until_stopped(proc: subprocess.Popen[str], timeout: float = 90) -> bool
 
 @dataclass
 class Paused:
-    """A fresh bitpass process started with the pause hook, stopped just before it publishes."""
+    """A bitpass process started with the pause hook, stopped just before it publishes."""
 
-    proc: subprocess.Popen[str]
-    argv: list[str]
-    start: float = field(default_factory=time.monotonic)
+    process: Process
 
     def resume(self, sig: int | None = None) -> None:
         if sig is not None:
-            os.kill(self.proc.pid, sig)
-        os.kill(self.proc.pid, signal.SIGCONT)
+            self.process.signal(sig)
+        self.process.signal(signal.SIGCONT)
 
     def finish(self, timeout: float = 120) -> Result:
-        return Sandbox.collect(self.proc, self.argv, self.start, timeout)
+        return self.process.finish(timeout)
 
 
-def start_paused(box: Sandbox, *argv: str | os.PathLike[str]) -> Paused:
+def start_paused(box: Sandbox, *argv: str | os.PathLike[str], fresh: bool = False) -> Paused:
     """Start ``bitpass ARGV`` with the pause hook and wait until it stops before publishing."""
-    args = [str(a) for a in argv]
-    proc = box.popen(*args, env={PAUSE_HOOK: "1"})
-    paused = Paused(proc, args)
-    if not wait_until_stopped(proc):
-        result = paused.finish()
+    process = box.spawn(*argv, env={PAUSE_HOOK: "1"}, fresh=fresh)
+    if not wait_until_stopped(process):
+        result = process.finish()
         raise AssertionError(f"bitpass never stopped at the test-only pause hook ({PAUSE_HOOK}=1: SIGSTOP itself "
                              f"right before the destination re-check and rename, read in backends/artifact.py):\n"
                              f"{result.describe()}")
-    return paused
+    return Paused(process)
 
 
 # --- hostile files ----------------------------------------------------------------
