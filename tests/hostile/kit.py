@@ -367,13 +367,18 @@ def _npz_holds(data: bytes, needle: bytes) -> bool:
 # --- the checker --------------------------------------------------------------
 
 
+def has_traceback(text: str) -> bool:
+    """Whether ``text`` holds a Python traceback (a line of its own, not an escaped name quoting one)."""
+    return re.search(r"^\s*Traceback \(most recent call last\):", text, flags=re.M) is not None
+
+
 def one_line(result: Result) -> str:
     """The single stderr line of a refusal (asserts there is exactly one, short, without a traceback).
 
     Progress lines (``[bitpass] ...``, printed without ``-q``) are not part of the error report.
     """
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(PROGRESS)]
-    assert "Traceback" not in result.stderr, f"a traceback instead of one line:\n{result.describe()}"
+    assert not has_traceback(result.stderr), f"a traceback instead of one line:\n{result.describe()}"
     assert len(lines) == 1, f"expected ONE line on stderr, got {len(lines)}:\n{result.describe()}"
     assert len(lines[0]) < MAX_LINE, f"the error line has {len(lines[0])} characters (limit {MAX_LINE}):\n" \
                                      f"{lines[0][:600]}"
@@ -403,7 +408,7 @@ def succeeded(box: Sandbox, result: Result, *, creates: Iterable[str] = (), chan
     """A good (or hostile but answerable) input: exit 0, and still nothing lost, leaked or left over."""
     assert not result.timed_out, f"the command hung:\n{result.describe()}"
     assert result.status == 0, f"expected success:\n{result.describe()}"
-    assert "Traceback" not in result.stderr, result.describe()
+    assert not has_traceback(result.stderr), result.describe()
     untouched(box, result, new=creates, changed=changed)
 
 

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from hostile_kit import (
     artifact,
+    has_traceback,
     make_model,
     refused,
     samples,
@@ -252,7 +253,7 @@ def test_verify_fails_on_any_edit(box, how, with_eval):
     argv = ["verify", "art", *(["--eval", "eval.npz"] if with_eval else [])]
     result = box.run(*argv)
     assert result.status == 1, f"verify passed a tampered artifact ({how}):\n{result.describe()}"
-    assert "Traceback" not in result.stderr, result.describe()
+    assert not has_traceback(result.stderr), result.describe()
 
 
 def test_verify_passes_an_untouched_artifact(box):
