@@ -173,6 +173,8 @@ def _keep_prelu_per_channel(model: onnx.ModelProto, notes: list[str]) -> None:
             del copy.dims[:]
             copy.dims.extend(dims)
             graph.initializer.append(copy)
+            if model.ir_version < 4:  # IR < 4: every initializer is a graph input too
+                graph.input.append(onnx.helper.make_tensor_value_info(copy.name, copy.data_type, dims))
             uses[slope.name] -= 1
             node.input[1] = copy.name
         else:

@@ -349,3 +349,18 @@ def test_progress_reports_each_pass():
     messages: list[str] = []
     Pipeline([AppendNeg(times=2), Sleep()]).run(tiny_model(), PassContext(progress=messages.append))
     assert messages == ["running append-neg(times=2)", "running sleep"]
+
+
+class _Exits(Pass):
+    """Calls sys.exit, as a careless plugin might."""
+
+    name = "exits"
+
+    def run(self, model, ctx):
+        raise SystemExit(0)
+
+
+def test_a_pass_calling_sys_exit_is_a_pipeline_error_not_an_exit() -> None:
+    """sys.exit(0) inside a pass once ended the compile with exit 0 and no artifact."""
+    with pytest.raises(PipelineError, match=r"pass 'exits' failed: the pass called sys.exit\(0\)"):
+        Pipeline([_Exits()]).run(tiny_model(), PassContext())
