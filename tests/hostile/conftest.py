@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import configuration
+
+# hypothesis keeps caches (constants, unicode tables) in ./.hypothesis even without an example
+# database: keep them out of the repository
+configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "bitpass-tests-hypothesis")
 
 
 def _load_kit():
