@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import onnx
@@ -13,6 +14,12 @@ from onnx import external_data_helper, version_converter
 
 from bitpass.frontend.errors import ModelLoadError
 from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance
+
+# ONNX Runtime 1.32 writes a device id under ~/.cache/Microsoft/DeveloperTools and a ``.ses`` file in
+# TMPDIR when it is imported, unless telemetry is off: bitpass writes nothing outside the user's folder.
+# Set before any layer imports onnxruntime (every layer imports the frontend first); a user's own
+# ORT_DISABLE_TELEMETRY wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: Models below this default-domain opset are upgraded with onnx's version converter.
 MIN_OPSET = 17
@@ -30,26 +37,166 @@ def _sniff(path: Path, head: bytes) -> None:
         raise ModelLoadError(f"{path}: {_PICKLE_HINT}")
 
 
-def _confine_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external-data locations that resolve outside the model's folder."""
+#: protobuf cannot serialize a model (weights included) of 2 GiB or more, and bitpass hands models to
+#: ONNX Runtime as serialized bytes: bigger models are refused before anything is read.
+MAX_MODEL_BYTES = (1 << 31) - 1
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A user-controlled string quoted for a one-line message: escaped, shortened in the middle."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= limit else quoted[: limit // 2 - 2] + "..." + quoted[-(limit // 2 - 1):]
+
+
+def _human(count: int) -> str:
+    return f"{count / (1 << 30):.2f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):.1f} MiB"
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's data must have, from its dims and type; None for types without a fixed size."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or itemsize == 0:
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    if tensor.data_type in _SUB_BYTE:
+        return (count * _SUB_BYTE[tensor.data_type] + 7) // 8
+    return count * itemsize
+
+
+_SUB_BYTE = {getattr(onnx.TensorProto, name): bits for name, bits in
+             (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+
+
+def _external_data_bytes(model: onnx.ModelProto, base_dir: Path, name: str) -> int:
+    """Check every external-data reference before anything is read; the bytes they will load.
+
+    Each location must name a regular file inside the model's folder (no absolute paths, no ``..``,
+    no link leading out, no NUL), offset and length must be integers that fit the file, and the
+    length must match the tensor's dims. Errors name the tensor and what to do.
+    """
     root = base_dir.resolve()
+    total = 0
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
+        what = f"{name}: tensor {_short(tensor.name, 40)}"
+        info = {}
+        for entry in tensor.external_data:
+            if entry.key not in ("location", "offset", "length", "checksum", "basepath"):
+                raise ModelLoadError(f"{what}: unknown external-data key {entry.key[:40]!r}; the file is damaged")
+            info[entry.key] = entry.value
         location = info.get("location", "")
+        if not location or "\0" in location:
+            raise ModelLoadError(f"{what}: external data location {_short(location)} is empty or holds a NUL byte; "
+                                 f"the file is damaged")
         target = (root / location).resolve()
         if os.path.isabs(location) or not target.is_relative_to(root):
-            raise ModelLoadError(
-                f"tensor {tensor.name!r}: external data path {location!r} points outside the model's folder {root}"
-            )
+            raise ModelLoadError(f"{what}: external data path {_short(location)} points outside the model's folder; "
+                                 f"bitpass reads weights only from the model's own folder")
         if not target.is_file():
-            raise ModelLoadError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+            raise ModelLoadError(f"{what}: external data file {_short(location)} is missing (or not a regular file)")
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ModelLoadError(f"{what}: external data offset/length are not integers; the file is damaged") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size:
+            raise ModelLoadError(f"{what}: external data offset {offset} is past the end of {_short(location)} "
+                                 f"({size} bytes); the model or its data file is truncated or damaged")
+        if length is None:
+            length = size - offset
+        if length < 0 or offset + length > size:
+            raise ModelLoadError(f"{what}: external data length {length} at offset {offset} runs past the end of "
+                                 f"{_short(location)} ({size} bytes); the data file is truncated or damaged")
+        expected = _expected_nbytes(tensor)
+        if expected is not None and length != expected:
+            raise ModelLoadError(f"{what}: external data holds {length} bytes but its shape "
+                                 f"{list(tensor.dims)[:8]} needs {expected}; the model or its data file is damaged")
+        total += length
+    return total
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Known tensor ranks of the main graph, from declared shapes and then ONNX shape inference."""
+    def collect(graph: onnx.GraphProto) -> dict[str, int]:
+        found = {}
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                found[info.name] = len(info.type.tensor_type.shape.dim)
+        for tensor in graph.initializer:
+            found[tensor.name] = len(tensor.dims)
+        return found
+
+    ranks = collect(model.graph)
+    try:
+        ranks = {**collect(onnx.shape_inference.infer_shapes(model).graph), **ranks}
+    except Exception:  # shape inference is a help here, not a requirement
+        pass
+    return ranks
+
+
+def _keep_prelu_per_channel(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Opset 6 PRelu applied a slope of shape [C] per channel (axis 1); from opset 7 it broadcasts numpy-style
+    (against the last axis). Before the upgrade, reshape such slopes to [C, 1, ...] so they stay per channel."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    ranks: dict[str, int] | None = None
+    for node in graph.node:
+        if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        slope = initializers.get(node.input[1])
+        if slope is None or len(slope.dims) != 1 or slope.dims[0] <= 1:
+            continue
+        ranks = _ranks(model) if ranks is None else ranks
+        rank = ranks.get(node.input[0])
+        label = node.name or node.output[0]
+        if rank is None:
+            raise ModelLoadError(f"PRelu {label[:80]!r}: opset-6 per-channel slope on an input of unknown rank; "
+                                 f"cannot keep its meaning through the opset upgrade: give the input a shape")
+        if rank <= 2:
+            continue  # [N, C] against [C]: the same under both rules
+        dims = [slope.dims[0]] + [1] * (rank - 2)
+        if uses.get(slope.name, 0) > 1:  # shared: give this PRelu its own reshaped copy
+            copy = onnx.TensorProto()
+            copy.CopyFrom(slope)
+            copy.name = f"{slope.name}_per_channel_{len(graph.initializer)}"
+            del copy.dims[:]
+            copy.dims.extend(dims)
+            graph.initializer.append(copy)
+            if model.ir_version < 4:  # IR < 4: every initializer is a graph input too
+                graph.input.append(onnx.helper.make_tensor_value_info(copy.name, copy.data_type, dims))
+            uses[slope.name] -= 1
+            node.input[1] = copy.name
+        else:
+            del slope.dims[:]
+            slope.dims.extend(dims)
+            for info in graph.input:  # IR < 4: initializers are listed as inputs too, with their shape
+                if info.name == slope.name and info.type.HasField("tensor_type"):
+                    shape = info.type.tensor_type.shape
+                    del shape.dim[:]
+                    for dim in dims:
+                        shape.dim.add().dim_value = dim
+        notes.append(f"PRelu {label!r}: slope reshaped [{dims[0]}] -> {dims} to stay per-channel after the opset "
+                     f"upgrade (opset 7 broadcasts it against the last axis)")
 
 
 def _upgrade(model: onnx.ModelProto, name: str, notes: list[str]) -> onnx.ModelProto:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset < MIN_OPSET:
+        if opset < 7:
+            original, model = model, onnx.ModelProto()
+            model.CopyFrom(original)  # the caller's proto stays as it was
+            _keep_prelu_per_channel(model, notes)
         try:
             model = version_converter.convert_version(model, MIN_OPSET)
         except Exception as err:  # the converter raises bare RuntimeErrors
@@ -69,6 +216,13 @@ def from_proto(model: onnx.ModelProto, *, name: str = "<ModelProto>", sha256: st
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{name}: not a valid ONNX model: {first}") from err
+    if not model.graph.output:
+        raise ModelLoadError(f"{name}: the graph has no outputs; there is nothing to compile")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > newest:
+        raise ModelLoadError(f"{name}: opset {opset} is newer than the newest this onnx {onnx.__version__} knows "
+                             f"({newest}); export the model at opset {newest} or lower")
     if sha256 is None:
         sha256 = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
     notes: list[str] = []
@@ -82,6 +236,10 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise ModelLoadError(f"{path}: {_human(size)}, over protobuf's 2 GiB limit for one ONNX file; "
+                             f"save the weights as external data beside it (onnx.save(..., save_as_external_data=True))")
     data = path.read_bytes()
     _sniff(path, data[:4])
     try:
@@ -90,11 +248,17 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
         raise ModelLoadError(f"{path}: not an ONNX file (truncated or another format): {err}".splitlines()[0]) from err
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX file (no graph or opset): truncated or another format")
-    _confine_external_data(proto, path.parent)
+    external = _external_data_bytes(proto, path.parent, path.name)
+    if size + external > MAX_MODEL_BYTES:
+        raise ModelLoadError(f"{path}: {_human(size + external)} with its external data; bitpass handles models up "
+                             f"to 2 GiB (protobuf's limit: it passes models to ONNX Runtime serialized) in this version")
     try:
-        external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    except OSError as err:
-        raise ModelLoadError(f"{path}: cannot read external data: {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except (OSError, ValueError) as err:  # onnx raises ValueError for bounds and names, OSError for the file
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{path}: cannot read external data: {text[:160]}") from err
     return from_proto(proto, name=path.name, sha256=hashlib.sha256(data).hexdigest(), kind="onnx")
 
 

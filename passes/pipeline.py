@@ -113,6 +113,9 @@ class PassRunner:
             raise
         except Exception as err:  # a third-party pass may raise anything: name it
             raise PipelineError(pass_.spec(), self.ran, err) from err
+        except SystemExit as err:  # nor may a pass end the compile (exit 0 and no artifact)
+            raise PipelineError(pass_.spec(), self.ran, RuntimeError(f"the pass called sys.exit({err.code!r})")) \
+                from None
         if not pass_.composite:
             self.ran.append(pass_.spec())
         return result

@@ -52,8 +52,30 @@ def quantize_int8(path: Path, output: Path, ranges: ActivationRanges, exclude: I
             activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
             calibration_cache_path=cache,
-            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
+                           **graph_output_ranges(onnx.load(str(path), load_external_data=False), ranges)},
         )
     except Exception as err:
         raise BitpassError(f"ONNX Runtime's int8 quantizer failed: {first_line(err)}") from err
     return output
+
+
+def graph_output_ranges(model: onnx.ModelProto, ranges: ActivationRanges) -> dict[str, object]:
+    """ORT ``TensorQuantOverrides`` pinning graph outputs read by Relu/Clip to their own calibrated ranges.
+
+    ORT's quantizer gives a Relu/Clip input the activation's output range when the activation is its
+    only consumer (``adjust_tensor_ranges``) without checking that the input is also a graph output: a
+    model returning a MatMul's result beside Relu(MatMul) got that output back with its negatives
+    clipped to zero. Overrides win over that adjustment.
+    """
+    import numpy as np
+
+    outputs = {o.name for o in model.graph.output}
+    read_by_activation = {name for node in model.graph.node if node.op_type in ("Relu", "Clip")
+                          for name in node.input[:1]}
+    pinned = {}
+    for name in sorted(outputs & read_by_activation):
+        if name in ranges:
+            low, high = ranges[name]
+            pinned[name] = [{"rmin": np.float32(low), "rmax": np.float32(high)}]
+    return {"TensorQuantOverrides": pinned} if pinned else {}

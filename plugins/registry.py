@@ -49,9 +49,23 @@ class Broken:
         return f"{noun} {self.name!r} from {self.package}: {self.error}"
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    if isinstance(err, SystemExit):
+        return f"called sys.exit({err.code!r})"[:limit]
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    line = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _name(name: str, limit: int = 60) -> str:
+    """A user-given name quoted for a one-line message, shortened."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+#: close names suggested for an unknown one, at most
+SUGGESTIONS = 3
 
 
 @dataclass
@@ -73,7 +87,7 @@ class Registry:
                 seen.add((ep.name, ep.value))
                 try:
                     obj = ep.load()
-                except Exception as err:  # a broken plugin must not hide the others
+                except (Exception, SystemExit) as err:  # a broken plugin must not hide (or end) the others
                     registry.broken.append(Broken(group, ep.name, package, _one_line(err)))
                     continue
                 registry.add(group, ep.name, obj, package)
@@ -93,10 +107,18 @@ class Registry:
         self.entries[group][name] = Entry(name, obj, package)
 
     def load_path(self, path: Path) -> None:
-        """Import a plugin file (or package folder) the user named and register what it defines."""
-        target = path / "__init__.py" if path.is_dir() else path
-        if not target.is_file() or target.suffix != ".py":
-            raise UsageError(f"plugin path {path}: not a .py file or a package folder")
+        """Import a plugin file (or package folder) the user named and register what it defines.
+
+        The user asked for this file: if it cannot be imported (it raises, or calls ``sys.exit``),
+        that is an error naming the file, not a silently missing plugin.
+        """
+        try:
+            target = path / "__init__.py" if path.is_dir() else path
+            usable = target.is_file() and target.suffix == ".py"
+        except (OSError, ValueError):
+            usable = False
+        if not usable:
+            raise UsageError(f"plugin path {_name(str(path), 120)}: not a .py file or a package folder")
         module_name = f"bitpass_user_plugin_{abs(hash(str(target.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, target,
                                                       submodule_search_locations=[str(path)] if path.is_dir() else None)
@@ -105,9 +127,9 @@ class Registry:
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as err:
-            self.broken.append(Broken(PASSES, path.name, str(path), _one_line(err)))
-            return
+        except (Exception, SystemExit) as err:
+            sys.modules.pop(module_name, None)
+            raise RegistryError(f"plugin {_name(str(path), 120)} failed to import: {_one_line(err)}") from None
         from bitpass.backends.base import Backend
 
         for _, obj in sorted(vars(module).items()):
@@ -123,23 +145,29 @@ class Registry:
         if (group, name) in self.conflicts:
             packages = [self.entries[group][name].package, *self.conflicts[(group, name)][1:]] \
                 if name in self.entries[group] else self.conflicts[(group, name)]
-            raise RegistryError(f"{noun} {name!r} is registered by more than one package: {' and '.join(packages)}; "
+            listed = " and ".join(packages[:3]) + (f" (+{len(packages) - 3} more)" if len(packages) > 3 else "")
+            raise RegistryError(f"{noun} {_name(name)} is registered by more than one package: {listed}; "
                                 f"uninstall one of them")
         if name in self.entries[group]:
             return self.entries[group][name]
         for broken in self.broken:
             if broken.group == group and broken.name == name:
-                raise RegistryError(f"{noun} {name!r} from package {broken.package} failed to load: {broken.error}")
+                raise RegistryError(f"{noun} {_name(name)} from package {broken.package} failed to load: "
+                                    f"{broken.error}")
         if group == PASSES and name in self.entries[PIPELINES]:
-            raise UsageError(f"{name!r} is a named pipeline, not a pass: give it alone as the pipeline, "
-                             f"or spell out its passes: {self.entries[PIPELINES][name].obj}")
-        known = sorted(self.entries[group])
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; see 'bitpass {group.split('.')[-1]}'"
-        failed = [b for b in self.broken if b.group == group]
-        if failed:
-            hint += "; plugins that failed to load: " + "; ".join(f"{b.package}: {str(b.error)[:100]}" for b in failed)
-        raise UsageError(f"unknown {noun} {name!r}{hint}")
+            raise UsageError(f"{_name(name)} is a named pipeline, not a pass: give it alone as the pipeline, "
+                             f"or spell out its passes (`bitpass pipelines` shows them)")
+        raise UsageError(self.unknown_message(group, name, noun))
+
+    def unknown_message(self, group: str, name: str, noun: str) -> str:
+        """One short line however many plugins are installed: the closest names and where to find the rest."""
+        close = difflib.get_close_matches(name, sorted(self.entries[group]), n=SUGGESTIONS)
+        listing = {PASSES: "bitpass passes", PIPELINES: "bitpass pipelines"}.get(group, "bitpass passes")
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        failed = sum(1 for b in self.broken if b.group == group)
+        broken = f" ({failed} plugin{'s' if failed != 1 else ''} failed to load: `{listing}` says why)" \
+            if failed else ""
+        return f"unknown {noun} {_name(name)}; {hint}`{listing}` lists them all{broken}"
 
     def pass_class(self, name: str) -> type[Pass]:
         return self._lookup(PASSES, name, "pass").obj
@@ -158,7 +186,18 @@ class Registry:
 
     # --- building --------------------------------------------------------
     def build(self, items: Iterable[SpecItem], name: str | None = None) -> Pipeline:
-        return Pipeline([self.pass_class(n)(**options) for n, options in items], name=name)
+        return Pipeline([self._instantiate(n, options) for n, options in items], name=name)
+
+    def _instantiate(self, name: str, options: dict[str, Any]) -> Pass:
+        """A pass object; a plugin whose constructor raises (or exits) is named, not a traceback."""
+        cls = self.pass_class(name)
+        try:
+            return cls(**options)
+        except BitpassError:
+            raise
+        except (Exception, SystemExit) as err:
+            package = self.entries[PASSES][name].package
+            raise RegistryError(f"pass {_name(name)} from {package} failed to start: {_one_line(err)}") from None
 
     def pipeline(self, spec: str) -> Pipeline:
         """A named pipeline, a YAML/TOML file, or a one-line text spec."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitpass.frontend import DataError, TensorSpec, load_npz
+from bitpass.frontend import DataError, TensorSpec, from_arrays, load_npz
 
 SPECS = [TensorSpec("input", ("batch", 1, 8, 8), np.dtype("float32"))]
 
@@ -48,3 +48,89 @@ def test_not_an_npz(tmp_path):
 def test_float64_is_cast_to_the_input_dtype(tmp_path):
     np.savez(tmp_path / "d.npz", input=np.ones((2, 1, 8, 8)))
     assert load_npz(tmp_path / "d.npz", SPECS).inputs["input"].dtype == np.float32
+
+
+# --- read before inflating -------------------------------------------------------------------------------
+
+FLAT = [TensorSpec("x", ("n", 4), np.dtype("float32"))]
+
+
+def _save(path, **arrays):
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def test_the_byte_cap_is_checked_from_the_headers(tmp_path, monkeypatch):
+    path = _save(tmp_path / "d.npz", x=np.zeros((4096, 4), np.float32))  # 64 KiB inflated
+    monkeypatch.setenv("BITPASS_MAX_DATA_BYTES", "16K")
+    with pytest.raises(DataError, match=r"inflates to 64.1 KiB, over the cap of 16.0 KiB \(BITPASS_MAX_DATA_BYTES\)"):
+        load_npz(path, FLAT)
+    monkeypatch.setenv("BITPASS_MAX_DATA_BYTES", "1M")
+    assert len(load_npz(path, FLAT)) == 4096
+
+
+def test_the_sample_cap_applies_to_calibration_and_evaluation_not_run_inputs(tmp_path, monkeypatch):
+    path = _save(tmp_path / "d.npz", x=np.zeros((64, 4), np.float32))
+    monkeypatch.setenv("BITPASS_MAX_SAMPLES", "10")
+    for role in ("calibration", "evaluation"):
+        with pytest.raises(DataError, match="64 samples, over the cap of 10.*BITPASS_MAX_SAMPLES"):
+            load_npz(path, FLAT, role=role)
+    assert len(load_npz(path, FLAT, role="input")) == 64
+
+
+def test_a_header_that_disagrees_with_its_bytes_is_corrupt_not_pickled(tmp_path):
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, 4), np.float32))
+    data = buffer.getvalue().replace(b"(4, 4)", b"(9, 4)")
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as archive:
+        archive.writestr("x.npy", data)
+    with pytest.raises(DataError, match=r"declares shape \(9, 4\).*the file is corrupt") as err:
+        load_npz(tmp_path / "d.npz", FLAT)
+    assert "pickl" not in str(err.value)
+
+
+def test_non_finite_values_are_named_with_their_count(tmp_path):
+    x = np.zeros((8, 4), np.float32)
+    x[1, 1] = x[2, 2] = np.nan
+    x[3, 3] = np.inf
+    path = _save(tmp_path / "d.npz", x=x)
+    with pytest.raises(DataError, match="x holds 2 NaN and 1 infinite values \\(of 32\\)"):
+        load_npz(path, FLAT, role="calibration")
+
+
+def test_a_fixed_batch_is_kept_whatever_batch_size_is_asked():
+    specs = [TensorSpec("x", (2, 4), np.dtype("float32"))]
+    data = from_arrays({"x": np.zeros((6, 4), np.float32)}, specs)
+    assert data.fixed_batch == 2
+    assert [len(b["x"]) for b in data.batches(64)] == [2, 2, 2]
+    assert len(data.head(5)) == 4
+    with pytest.raises(DataError, match="fixed at 2: give a multiple of 2"):
+        from_arrays({"x": np.zeros((5, 4), np.float32)}, specs)
+
+
+def test_an_input_named_labels_is_an_input_and_labels_go_under_bitpass_labels():
+    specs = [TensorSpec("labels", ("n", 4), np.dtype("float32"))]
+    data = from_arrays({"labels": np.ones((3, 4)), "bitpass_labels": np.array([0, 1, 2])}, specs)
+    assert data.inputs["labels"].shape == (3, 4)
+    assert data.labels.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((3, 2), np.int64), "one class index per sample"),
+    (np.array([0.5, 1, 2]), "fractional"),
+    (np.array([-1, 0, 1]), "negative"),
+    (np.array(["a", "b", "c"]), "integer class indices"),
+    (np.int64(3), "one entry per sample"),
+])
+def test_labels_must_be_class_indices(labels, message):
+    with pytest.raises(DataError, match=message):
+        from_arrays({"x": np.zeros((3, 4), np.float32), "labels": labels}, FLAT)
+
+
+def test_one_hot_width_one_and_whole_float_labels_are_accepted():
+    data = from_arrays({"x": np.zeros((3, 4), np.float32), "labels": np.array([[0.0], [2.0], [1.0]])}, FLAT)
+    assert data.labels.tolist() == [0, 2, 1] and data.labels.dtype == np.int64

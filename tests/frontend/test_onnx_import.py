@@ -133,3 +133,95 @@ def test_imported_model_runs_unchanged_in_onnxruntime(tmp_path):
     want = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     got = ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+# --- external data checked before it is read --------------------------------------------------------------
+
+
+def _external_model(tmp_path, data: bytes, **info):
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4, 3], data_location=TensorProto.EXTERNAL)
+    for key, value in {"location": "w.bin", **info}.items():
+        weight.external_data.add(key=key, value=str(value))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [weight])
+    (tmp_path / "w.bin").write_bytes(data)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("data, info, message", [
+    (bytes(48), {"length": 4800}, "runs past the end"),
+    (bytes(48), {"offset": 4800}, "offset 4800 is past the end"),
+    (bytes(40), {}, "holds 40 bytes but its shape \\[4, 3\\] needs 48"),
+    (bytes(96), {"length": 96}, "needs 48"),
+    (bytes(48), {"location": "w.bin\0x"}, "NUL"),
+    (bytes(48), {"offset": "ten"}, "not integers"),
+    (bytes(48), {"compression": "zstd"}, "unknown external-data key"),
+], ids=["length-past-end", "offset-past-end", "short", "length-vs-shape", "nul", "offset-text", "unknown-key"])
+def test_bad_external_data_is_a_clear_error_before_reading(tmp_path, data, info, message):
+    with pytest.raises(ModelLoadError, match=message):
+        from_onnx(_external_model(tmp_path, data, **info))
+
+
+def test_a_model_over_two_gibibytes_is_refused_before_reading(tmp_path):
+    """Sparse: the 2.2 GiB file takes no disk and is never read."""
+    path = _external_model(tmp_path, b"")
+    with (tmp_path / "big.bin").open("wb") as handle:
+        handle.truncate(2200 << 20)
+    model = onnx.load(path, load_external_data=False)
+    count = (2200 << 20) // 4
+    model.graph.initializer[0].CopyFrom(TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[count],
+                                                    data_location=TensorProto.EXTERNAL))
+    model.graph.initializer[0].external_data.add(key="location", value="big.bin")
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="2 GiB"):
+        from_onnx(path)
+
+
+def test_models_without_outputs_or_with_a_future_opset_are_refused(tmp_path):
+    model = tiny_linear()
+    model.graph.ClearField("output")
+    with pytest.raises(ModelLoadError, match="no outputs"):
+        from_proto(model)
+    model = tiny_linear()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    with pytest.raises(ModelLoadError, match="newer than the newest"):
+        from_proto(model)
+
+
+# --- opset-6 PRelu ---------------------------------------------------------------------------------------
+
+
+def prelu6(shared: bool = False) -> onnx.ModelProto:
+    """PRelu as opset 6 had it: a slope [C] applied per channel of an [N, C, H, W] input (IR 3)."""
+    nodes = [helper.make_node("PRelu", ["x", "slope"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 5])]
+    if shared:  # the same slope also read by a node that wants it as it is
+        nodes.append(helper.make_node("Add", ["v", "slope"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [3]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5]),
+              helper.make_tensor_value_info("slope", TensorProto.FLOAT, [3]),
+              *([helper.make_tensor_value_info("v", TensorProto.FLOAT, [3])] if shared else [])]
+    slope = numpy_helper.from_array(np.array([0.1, -2.0, 3.0], np.float32), "slope")
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, [slope]),
+                              opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    return model
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_opset6_per_channel_prelu_slope_stays_per_channel(shared):
+    proto = prelu6(shared)
+    original = proto.SerializeToString()
+    model = from_proto(proto)
+    assert proto.SerializeToString() == original, "the caller's proto was changed"
+    assert any("PRelu" in note and "[3, 1, 1]" in note for note in model.provenance.notes)
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    feeds = {"x": x, **({"v": np.ones(3, np.float32)} if shared else {})}
+    got = ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    slope = np.array([0.1, -2.0, 3.0], np.float32).reshape(3, 1, 1)
+    np.testing.assert_allclose(got[0], np.where(x >= 0, x, x * slope), rtol=1e-6)
+    if shared:
+        np.testing.assert_allclose(got[1], 1 + np.array([0.1, -2.0, 3.0], np.float32))

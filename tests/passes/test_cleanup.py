@@ -154,3 +154,119 @@ def test_eliminate_dead_nodes_can_keep_identities() -> None:
     model = from_proto(dead_code_model())
     EliminateDeadNodes(identities=False).run(model, PassContext())
     assert [n.op_type for n in model.graph] == ["Identity", "MatMul", "Relu"]
+
+
+# --- subgraphs ------------------------------------------------------------------------------------
+
+
+def _run_all(model: Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.to_bytes(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def scan_state_and_copy() -> onnx.ModelProto:
+    """A Scan whose body returns its state and an Identity copy of it (the copy is the scan output)."""
+    info = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "x_i"], ["s_out"]), helper.make_node("Identity", ["s_out"], ["y_i"])],
+        "body", [info("s_in", TensorProto.FLOAT, [3]), info("x_i", TensorProto.FLOAT, [3])],
+        [info("s_out", TensorProto.FLOAT, [3]), info("y_i", TensorProto.FLOAT, [3])])
+    graph = helper.make_graph([helper.make_node("Scan", ["s0", "x"], ["s", "y"], num_scan_inputs=1, body=body)], "g",
+                              [info("x", TensorProto.FLOAT, [4, 3])], [info("y", TensorProto.FLOAT, [4, 3])],
+                              [array("s0", np.zeros(3, np.float32))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def branch_returning_an_outer_value() -> onnx.ModelProto:
+    info = helper.make_tensor_value_info
+    then = helper.make_graph([helper.make_node("Identity", ["m"], ["t"])], "then", [], [info("t", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Neg", ["m"], ["e"])], "else", [], [info("e", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["m"]),
+                               helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+                              [info("x", TensorProto.FLOAT, [2]), info("c", TensorProto.BOOL, [])],
+                              [info("y", TensorProto.FLOAT, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_eliminate_dead_nodes_keeps_a_scan_bodys_state_and_its_copy_apart() -> None:
+    model = from_proto(scan_state_and_copy())
+    feeds = {"x": RNG.standard_normal((4, 3)).astype(np.float32)}
+    before = _run_all(model, feeds)
+    EliminateDeadNodes().run(model, PassContext())
+    verify(model)
+    np.testing.assert_array_equal(_run_all(model, feeds)[0], before[0])
+    np.testing.assert_allclose(before[0], np.cumsum(feeds["x"], axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("condition", [True, False])
+def test_eliminate_dead_nodes_keeps_a_branch_returning_an_outer_value(condition: bool) -> None:
+    model = from_proto(branch_returning_an_outer_value())
+    feeds = {"x": np.array([1.5, -2.0], np.float32), "c": np.array(condition)}
+    before = _run_all(model, feeds)
+    EliminateDeadNodes().run(model, PassContext())
+    verify(model)
+    np.testing.assert_array_equal(_run_all(model, feeds)[0], before[0])
+
+
+def test_eliminate_dead_nodes_keeps_an_output_that_copies_another() -> None:
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"])], "g",
+                              [info("x", TensorProto.FLOAT, [2])],
+                              [info("a", TensorProto.FLOAT, [2]), info("b", TensorProto.FLOAT, [2])])
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    EliminateDeadNodes().run(model, PassContext())
+    assert [v.name for v in model.graph.outputs] == ["a", "b"]
+    out = _run_all(model, {"x": np.array([1.0, 2.0], np.float32)})
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+# --- the folding cap ------------------------------------------------------------------------------------
+
+
+def fold_bomb(shape: list[int]) -> onnx.ModelProto:
+    """y = x + ReduceSum(ConstantOfShape(shape)): a few bytes that fold into a tensor of ``shape``."""
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=array("v", np.ones(1, np.float32))),
+         helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0), helper.make_node("Add", ["x", "s"], ["y"])], "g",
+        [info("x", TensorProto.FLOAT, [2])], [info("y", TensorProto.FLOAT, [2])],
+        [array("shape", np.array(shape, np.int64))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_folding_never_adds_more_than_the_cap() -> None:
+    """256 MiB from a 200-byte model stays computed; the record names the node, the cap and the option."""
+    model = from_proto(fold_bomb([4096, 4096, 4]))
+    messages: list[str] = []
+    ctx = PassContext(progress=messages.append)
+    FoldConstants().run(model, ctx)
+    assert "ConstantOfShape" in [n.op_type for n in model.graph]
+    assert model.weight_bytes() < 1024
+    kept = ctx.records["fold-constants"]["kept_computed"]
+    assert kept == [{"node": kept[0]["node"], "bytes": 256 << 20}]
+    assert any("64.0 MiB" in m and "fold-constants(max_added_bytes=N)" in m for m in messages), messages
+
+
+def test_folding_within_the_cap_still_folds() -> None:
+    model = from_proto(fold_bomb([256, 256]))  # 256 KiB: well under the cap
+    x = np.array([1.0, 2.0], np.float32)
+    FoldConstants().run(model, PassContext())
+    assert "ConstantOfShape" not in [n.op_type for n in model.graph]
+    np.testing.assert_allclose(_run_all(model, {"x": x})[0], x + 256 * 256)
+
+
+def test_the_folding_cap_is_an_option() -> None:
+    model = from_proto(fold_bomb([256, 256]))
+    ctx = PassContext()
+    FoldConstants(max_added_bytes=1000).run(model, ctx)
+    assert "ConstantOfShape" in [n.op_type for n in model.graph]
+    assert ctx.records["fold-constants"]["max_added_bytes"] == 1000
+
+
+def test_the_default_cap_is_64_mib_or_the_models_own_weight_bytes() -> None:
+    from bitpass.passes.cleanup import DEFAULT_MAX_ADDED_BYTES, folding_budget
+
+    small = from_proto(fold_bomb([2]))
+    assert folding_budget(small, None) == DEFAULT_MAX_ADDED_BYTES == 64 << 20
+    assert folding_budget(small, 5) == 5

@@ -475,3 +475,18 @@ def test_a_sequential_outside_a_pipeline_verifies_its_passes():
     with pytest.raises(PipelineError, match="pass 'break-graph' failed: invalid ONNX"):
         Sequential([BreakGraph()]).run(tiny_model(), PassContext())
     assert Pipeline([AppendNeg()]).as_pass().passes[0].name == "append-neg"
+
+
+class _Exits(Pass):
+    """Calls sys.exit, as a careless plugin might."""
+
+    name = "exits"
+
+    def run(self, model, ctx):
+        raise SystemExit(0)
+
+
+def test_a_pass_calling_sys_exit_is_a_pipeline_error_not_an_exit() -> None:
+    """sys.exit(0) inside a pass once ended the compile with exit 0 and no artifact."""
+    with pytest.raises(PipelineError, match=r"pass 'exits' failed: the pass called sys.exit\(0\)"):
+        Pipeline([_Exits()]).run(tiny_model(), PassContext())

@@ -164,3 +164,64 @@ def test_missing_file(tmp_path):
 def test_file_specs_are_told_from_text_by_suffix():
     assert looks_like_file("p.yaml") and looks_like_file("dir/p.yml") and looks_like_file("p.toml")
     assert not looks_like_file("fuse,quantize") and not looks_like_file("calibrate(path=x.npz)")
+
+
+# --- bombs and odd files ---------------------------------------------------------------------------------
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ['a0: &a0 ["fuse"]'] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join([*lines, "passes: *a9"]) + "\n")
+    with pytest.raises(UsageError, match="expands to more than 10,000 YAML nodes") as err:
+        parse_file(path)
+    assert len(str(err.value)) < 300
+
+
+def test_anchors_within_the_cap_still_work(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("common: &c {method: entropy}\npasses:\n  - calibrate: *c\n  - quantize\n")
+    assert parse_file(path) == [("calibrate", {"method": "entropy"}), ("quantize", {})]
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("passes: &p\n  - *p\n")
+    with pytest.raises(UsageError, match="refers to itself"):
+        parse_file(path)
+
+
+@pytest.mark.parametrize("suffix, content, message", [
+    (".yaml", "passes:\n  - fuse # caf\xe9\n".encode("latin-1"), r"not UTF-8 text \(byte 0xe9"),
+    (".yaml", b"passes: " + b"[" * 3000 + b"]" * 3000, "nested more than 32 levels"),
+    (".yaml", b"passes: " + b"[" * 40 + b"]" * 40, "nested more than 32 levels"),
+    (".toml", b"x = " + b"[" * 3000 + b"]" * 3000, "nested more than 32 levels"),
+    (".toml", b"x = " + b"[" * 40 + b"]" * 40, "nested more than 32 levels"),
+])
+def test_odd_pipeline_files_are_one_line_usage_errors(tmp_path, suffix, content, message):
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message) as err:
+        parse_file(path)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_a_pipeline_file_over_a_mebibyte_is_refused_unread(tmp_path):
+    path = tmp_path / "p.yaml"
+    with path.open("wb") as handle:
+        handle.truncate(2 << 30)  # sparse
+    with pytest.raises(UsageError, match="at most 1,048,576 bytes"):
+        parse_file(path)
+
+
+def test_messages_quote_long_specs_shortened():
+    spec = "fuse(" + "x" * 10_000 + "=1,y=(2))"
+    with pytest.raises(UsageError) as err:
+        parse_text(spec)
+    assert len(str(err.value)) < 300
+
+
+def test_deeply_nested_list_values_are_refused():
+    with pytest.raises(UsageError, match="nested more than 32 deep"):
+        parse_text("fuse(x=" + "[" * 100 + "]" * 100 + ")")
+    assert parse_text("fuse(x=[[1],[2]])") == [("fuse", {"x": [[1], [2]]})]

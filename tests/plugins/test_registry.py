@@ -257,11 +257,29 @@ def test_plugin_paths_may_name_a_package_folder(tmp_path):
     assert registry.pass_class("folder-pass")().config.level == 7  # relative imports work
 
 
-def test_a_plugin_file_that_fails_is_broken_by_file_name(tmp_path):
+def test_a_plugin_file_that_fails_to_import_is_an_error_naming_the_file(tmp_path):
+    """The user named the file: a plugin that raises at import is reported, never silently missing."""
     path = tmp_path / "bad_passes.py"
     path.write_text("raise ImportError('needs tensorflow')\n")
+    with pytest.raises(RegistryError, match="bad_passes.py' failed to import: ImportError: needs tensorflow"):
+        Registry.discover(plugin_paths=[path])
+
+
+@pytest.mark.parametrize("code", ["0", "None", "'bye'"])
+def test_a_plugin_file_calling_sys_exit_at_import_is_an_error_not_an_exit(tmp_path, code):
+    path = tmp_path / "quitter.py"
+    path.write_text(f"import sys\nsys.exit({code})\n")
+    with pytest.raises(RegistryError, match=r"quitter.py' failed to import: called sys.exit"):
+        Registry.discover(plugin_paths=[path])
+
+
+def test_a_pass_whose_constructor_exits_is_named(tmp_path):
+    path = tmp_path / "starter.py"
+    path.write_text(good_pass("exits-early").replace("    Config = Options\n", "    Config = Options\n\n"
+                    "    def __init__(self, **options):\n        import sys\n        sys.exit(0)\n"))
     registry = Registry.discover(plugin_paths=[path])
-    assert Broken(PASSES, "bad_passes.py", str(path), "ImportError: needs tensorflow") in registry.broken
+    with pytest.raises(RegistryError, match="pass 'exits-early' from .*starter.py failed to start: called sys.exit"):
+        registry.pipeline("exits-early")
 
 
 @pytest.mark.parametrize("name", ["absent.py", "notes.txt"])
@@ -280,8 +298,22 @@ def test_unknown_pass_is_a_usage_error_with_a_suggestion(tmp_path):
     registry = Registry.discover(plugin_paths=[path])
     with pytest.raises(UsageError, match="unknown pass 'mark-layer'; did you mean 'mark-layers'\\?"):
         registry.pass_class("mark-layer")
-    with pytest.raises(UsageError, match="unknown pass 'zzzz'; see 'bitpass passes'"):
+    with pytest.raises(UsageError, match="unknown pass 'zzzz'; `bitpass passes` lists them all"):
         registry.pipeline("zzzz")
+
+
+def test_the_unknown_pass_message_stays_one_short_line_with_many_plugins(tmp_path):
+    """However many passes (and broken plugins) are installed: the closest names, and where to find the rest."""
+    path = tmp_path / "many.py"
+    path.write_text("".join(good_pass(f"pass-number-{i}", cls=f"P{i}") for i in range(300))
+                    + "".join(f"class B{i}(ThePass0):\n    name = 'Bad_{i}'\n" for i in range(50)).replace(
+                        "ThePass0", "P0"))
+    registry = Registry.discover(plugin_paths=[path])
+    with pytest.raises(UsageError) as err:
+        registry.pipeline("pass-number-1000")
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert "did you mean 'pass-number-100'" in message and "`bitpass passes`" in message
 
 
 def test_unknown_backend_and_pipeline_are_usage_errors():

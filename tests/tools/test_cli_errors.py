@@ -134,8 +134,8 @@ def test_plugin_that_fails_to_import(capsys, tmp_path, digits_files):
     out = tmp_path / "out"
     code, err = run_cli(capsys, "compile", str(digits_files / "model.onnx"), "-o", str(out),
                         "--plugin", str(plugin), "--pipeline", "fold-constants,broken-plugin")
-    assert_clean_failure(code, err, out, 2, "unknown pass 'broken-plugin'")
-    assert "broken_plugin.py" in err and "not_a_real_module_anywhere" in err
+    assert_clean_failure(code, err, out, 1, "broken_plugin.py' failed to import")
+    assert "not_a_real_module_anywhere" in err
 
 
 def test_plugin_pass_that_raises_inside_run_is_named(capsys, tmp_path, digits_files):
