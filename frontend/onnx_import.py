@@ -263,5 +263,6 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse a model whose external data would be read from outside ``base_dir`` (public: runners use it)."""
-    _confine_external_data(model, Path(base_dir))
+    """Refuse a model whose external data would be read from outside ``base_dir``, or is damaged (public:
+    runners check an artifact's model with it before ONNX Runtime loads it by path)."""
+    _external_data_bytes(model, Path(base_dir), "model.onnx")
