@@ -460,7 +460,7 @@ def run_case(case: Case) -> Row:
                 setattr(row, key, value)
         else:
             row.compile_s = round(finished.seconds, 1)
-            row.status, row.error, row.where = _stopped(finished, scratch)
+            row.status, row.error, row.where = stopped_reason(finished, scratch)
         if row.compile_s is not None:
             row.compile_s = round(row.compile_s, 2)
     finally:
@@ -471,7 +471,7 @@ def run_case(case: Case) -> Row:
     return row
 
 
-def _stopped(finished: Finished, scratch: Path) -> tuple[str, str, str]:
+def stopped_reason(finished: Finished, scratch: Path) -> tuple[str, str, str]:
     """(status, one-line error, what it was doing) for a worker that wrote no result."""
     doing = _last_progress(scratch / "progress.log")
     if finished.stopped == "timeout":

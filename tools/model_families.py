@@ -19,6 +19,7 @@ tokenizer (cosine to fp32 on held-out files).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -213,6 +214,7 @@ class TextCorpus:
     digest: str
 
 
+@functools.lru_cache(maxsize=2)
 def text_corpus(train_bytes: int = 6_000_000, heldout_bytes: int = 1_000_000) -> TextCorpus:
     """Python's standard-library sources (code, docstrings and comments), present wherever Python is.
 
