@@ -51,7 +51,7 @@ GATE = {"accuracy_drop_points": 1.0, "top1_agreement": 0.99, "min_cosine": 0.99}
 #: exports tried by default, the first one with every pipeline
 FAST_EXPORTS = ("torchscript-17", "dynamo-23", "module")
 FAST_TIMEOUT_S, FULL_TIMEOUT_S = 300.0, 900.0
-PREPARE_TIMEOUT_S = 3600.0
+PREPARE_TIMEOUT_S = 7200.0  # training a full-size family once (then cached) may take this long on a busy machine
 DEFAULT_MEMORY_LIMIT_MB = 8192
 #: CPU flags worth printing above the table (what int8 and fp32 kernels depend on)
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",

@@ -702,7 +702,7 @@ SENTENCE = {
     "fast": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
              "seq": 32, "steps": 300, "pairs": 16, "lr": 1e-3},
     "full": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
-             "seq": 64, "steps": 400, "pairs": 16, "lr": 5e-4},
+             "seq": 64, "steps": 150, "pairs": 8, "lr": 5e-4},
 }
 
 
