@@ -141,7 +141,9 @@ def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     ref = reference.astype(np.float64)
     got = candidate.astype(np.float64)
     norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
-    return np.sum(ref * got, axis=-1) / np.maximum(norms, 1e-30)
+    cos = np.sum(ref * got, axis=-1) / np.maximum(norms, 1e-30)
+    both_zero = ~ref.any(axis=-1) & ~got.any(axis=-1)  # two zero vectors are the same output
+    return np.where(both_zero, 1.0, cos)
 
 
 def fidelity(kind: str, reference: np.ndarray, output: np.ndarray, evaluation: dict[str, np.ndarray]) -> dict:
@@ -513,7 +515,11 @@ def prepare_isolated(family: str, size: str, exports: Sequence[str], folder: Pat
         reason = f"building the family stopped: {finished.stopped} after {finished.seconds:.0f} s"
     else:
         reason = f"building the family failed: {_last_line(log) or f'exit status {finished.returncode}'}"
-    info = {"family": family, "size": size, "output_kind": "", "trained": False, "input_names": [],
+    from bitpass.tools import model_families
+
+    known = model_families.family(family)
+    info = {"family": family, "size": size, "output_kind": known.output_kind, "trained": known.trained,
+            "input_names": [],
             "exports": {name: {"status": "export", "error": _clip(reason)} for name in exports}}
     prepared.write_text(json.dumps(info))
     return info

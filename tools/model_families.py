@@ -392,12 +392,19 @@ _torchvision_family("regnet_y_400mf", "torchvision RegNetY-400MF: grouped convs,
                     _small_regnet, lambda m: m.regnet_y_400mf())
 _torchvision_family("convnext_tiny", "torchvision ConvNeXt-T: 7x7 depthwise, LayerNorm, GELU (fast: 3 stages)",
                     _small_convnext, lambda m: m.convnext_tiny())
+def _vit(models: Any, **config: Any) -> nn.Module:
+    """torchvision's VisionTransformer with its classification head given random weights: torchvision
+    initialises the head to zeros (for fine-tuning), which makes every logit 0 and any fidelity meaningless."""
+    module = models.VisionTransformer(**config)
+    nn.init.normal_(module.heads.head.weight, std=0.02)
+    return module
+
+
 _torchvision_family(
     "vit", "torchvision VisionTransformer, small config (fast: 2 x 32, 32x32/8; full: ViT-S/16, 12 x 384)",
-    lambda m: m.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                  mlp_dim=64, num_classes=10),
-    lambda m: m.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384,
-                                  mlp_dim=1536))
+    lambda m: _vit(m, image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                   num_classes=10),
+    lambda m: _vit(m, image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536))
 
 
 # --- CNNs with learned weights: torchvision architectures trained on digits -------------------------------------
