@@ -76,9 +76,14 @@ class Dataset:
         """The first ``count`` samples (all if fewer; a whole number of batches for a fixed-batch model)."""
         if self.fixed_batch:
             count = max(self.fixed_batch, count - count % self.fixed_batch)
-        inputs = {k: v[:count] for k, v in self.inputs.items()}
-        labels = None if self.labels is None else self.labels[:count]
-        return Dataset(inputs, labels, _digest(inputs, labels), f"{self.source}[:{count}]", self.fixed_batch)
+        return self.take(0, count)
+
+    def take(self, start: int, stop: int | None = None) -> Dataset:
+        """Samples ``start:stop``, with their own digest (a held-back part of a calibration set, say)."""
+        inputs = {k: v[start:stop] for k, v in self.inputs.items()}
+        labels = None if self.labels is None else self.labels[start:stop]
+        where = f"{start if start else ''}:{'' if stop is None else stop}"
+        return Dataset(inputs, labels, _digest(inputs, labels), f"{self.source}[{where}]", self.fixed_batch)
 
 
 def _digest(inputs: Mapping[str, np.ndarray], labels: np.ndarray | None) -> str:

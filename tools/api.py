@@ -23,12 +23,14 @@ from bitpass.backends import artifact as artifact_io
 from bitpass.backends import layers as layer_report
 from bitpass.backends import measure, report
 from bitpass.backends.base import Backend, Runner, reference_runner
-from bitpass.frontend import Dataset, Model, from_arrays, load_model, load_npz
+from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
+from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.infra import PassContext, Target
-from bitpass.passes.instruments import Timing
+from bitpass.passes.instruments import PassInstrument, Timing
 from bitpass.passes.pipeline import Pipeline
 from bitpass.plugins import Registry, default_registry
+from bitpass.tools import quality
 
 REPORT = "report.html"
 _VERSIONED = ("bitpass", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "torch", "scipy")
@@ -145,6 +147,8 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     latency: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | bool | None = None,
+    tolerance: str | None = None,
+    allow_quality_loss: bool = False,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     registry: Registry | None = None,
     **unknown: Any,
@@ -178,6 +182,12 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
         seed: seed for randomized passes.
         progress: ``True`` prints progress to stderr, ``False`` nothing, or a callable taking one message;
             default: on when stderr is a terminal.
+        tolerance: the quality the artifact must keep against fp32, measured on ``evaluation`` (or on calibration
+            samples held back): ``"accuracy-drop=1"`` (points; the default with labels), ``"agreement=0.99"``
+            (top-1 agreement; the default for logits), ``"cosine=0.99"`` (lowest per-sample cosine; the default
+            for embeddings and features). A miss is repaired by putting layers back in fp32; if that fails too,
+            nothing is written.
+        allow_quality_loss: keep an artifact that misses ``tolerance`` (the manifest records by how much).
         overrides: ``{pass name: {option: value}}`` for passes of the pipeline, for what has no parameter here.
         registry: a plugin registry to use instead of the installed entry points.
 
@@ -194,10 +204,10 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     options: dict[str, Any] = dict(pipeline=pipeline, calibration=calibration, evaluation=evaluation,
                                    example_inputs=example_inputs, backend=backend, target=target,
                                    plugin_paths=plugin_paths, latency=latency, seed=seed, progress=say,
-                                   overrides=overrides, registry=registry)
+                                   overrides=overrides, registry=registry, tolerance=tolerance,
+                                   allow_quality_loss=allow_quality_loss)
     with artifact_io.Destination(output_dir, force=force) as destination:
-        stage = destination.stage()
-        manifest = _compile(model, stage, **options)
+        manifest, stage = _compile(model, destination, **options)
         slower = _slower_than_fp32(manifest)
         if slower:
             say(f"the artifact measured {slower}: recompiling with every quantized layer packed")
@@ -205,8 +215,7 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
             repacked["allocate-bits"] = {**repacked.get("allocate-bits", {}), "formats": "packed"}
             note = f"compute formats chosen from per-layer timings were slower end to end ({slower}); used packed"
             destination.discard(stage)
-            stage = destination.stage()
-            manifest = _compile(model, stage, **{**options, "overrides": repacked}, notes=[note])
+            manifest, stage = _compile(model, destination, **{**options, "overrides": repacked}, notes=[note])
         path = destination.publish(stage)
     return Artifact(path, manifest)
 
@@ -265,9 +274,38 @@ def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str 
     return ", ".join(slow) or None
 
 
+class _BeforeQuantize(PassInstrument):
+    """Keeps the model (and its activation ranges) as the first ``quantize`` pass receives it: the quality
+    gate's repair re-runs the pipeline from there with some layers back in fp32."""
+
+    def __init__(self) -> None:
+        self.index: int | None = None
+        self.model: Model | None = None
+        self.ranges: Any = None
+        self._seen = 0
+
+    def run_before_pass(self, pass_: Any, model: Model, ctx: PassContext) -> None:
+        if self.model is None and pass_.name == "quantize":
+            self.index, self.model = self._seen, model
+            if ctx.analyses.cached(ACTIVATION_RANGES):
+                self.ranges = ctx.analyses.require(ACTIVATION_RANGES)
+        if not getattr(pass_, "composite", False):
+            self._seen += 1
+
+
+@dataclass
+class _Built:
+    """One emitted artifact in a stage, with what measuring it needs."""
+
+    final: Model
+    stage: Path
+    files: list[str]
+    runner: Runner | None
+
+
 def _compile(
     model: Any,
-    stage: Path,
+    destination: artifact_io.Destination,
     *,
     pipeline: str = "default",
     calibration: DataSource = None,
@@ -281,9 +319,11 @@ def _compile(
     progress: Callable[[str], None] | None = None,
     registry: Registry | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    tolerance: str | None = None,
+    allow_quality_loss: bool = False,
     notes: Sequence[str] = (),
-) -> dict[str, Any]:
-    """One compilation into ``stage`` (see ``compile``); returns the manifest."""
+) -> tuple[dict[str, Any], Path]:
+    """One compilation into a stage of ``destination`` (see ``compile``); returns the manifest and the stage."""
     say = progress or (lambda _message: None)
     registry = registry or default_registry(plugin_paths)
     backend_impl: Backend = registry.backend(backend)()
@@ -292,35 +332,65 @@ def _compile(
     passes = registry.pipeline(pipeline)
     if overrides:
         passes = apply_overrides(passes, overrides, registry)
+    wanted = quality.parse_tolerance(tolerance) if tolerance else None
 
     say("importing model")
     source = load_model(model, example_inputs)
     calib = _dataset(calibration, source, "calibration")
     evaluation_data = _dataset(evaluation, source, "evaluation")
+    held_back = None
+    if evaluation_data is None:  # the gate measures on calibration samples held back from calibrating
+        calib, held_back = quality.hold_back(calib)
     _legalize(backend_impl, source, target, "input model")
     reference_model = source.clone()
 
-    timing = Timing()
+    timing, before_quantize = Timing(), _BeforeQuantize()
     target_options = {"capabilities": backend_impl.capabilities(target)}
     if latency:
         probe = backend_impl.latency_probe(target)
         if probe is not None:
             target_options["latency_probe"] = probe
-    ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=Target(backend, target, target_options),
-                      instruments=[timing], seed=seed, progress=say)
+    target_spec = Target(backend, target, target_options)
+    ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=target_spec,
+                      instruments=[timing, before_quantize], seed=seed, progress=say)
     final = passes.run(source, ctx)
     if notes:
         ctx.records.setdefault("notes", []).extend(notes)
-    _legalize(backend_impl, final, target, "compiled model")
+    on_host = backend_impl.runs_on_host(target)
 
-    say(f"emitting {backend} artifact")
-    files = backend_impl.emit(final, stage, target)
+    def build(candidate: Model) -> _Built:
+        _legalize(backend_impl, candidate, target, "compiled model")
+        stage = destination.stage()
+        say(f"emitting {backend} artifact")
+        files = backend_impl.emit(candidate, stage, target)
+        runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
+        return _Built(candidate, stage, files, runner)
+
+    built = build(final)
+    reference = reference_runner(reference_model, for_timing=True) if on_host else None
+    gate_data = evaluation_data or held_back
+    if reference is not None and built.runner is not None and gate_data is not None:
+        built, gate = _quality_gate(built, reference, gate_data, wanted, passes, before_quantize, build, destination,
+                                    reference_model, ctx, say)
+        ctx.records["quality_gate"] = gate
+        if not gate["passed"]:
+            message = (f"quality gate: the artifact misses the tolerance: {gate['final_text']}, "
+                       f"{gate['shortfall']}; tried {gate['tried']}")
+            if not allow_quality_loss:
+                raise BitpassError(message + "; nothing was written (--allow-quality-loss keeps it anyway, "
+                                             "--tolerance sets another bound)")
+            say(f"warning: {message}; kept because the loss is allowed")
+    elif gate_data is None:
+        ctx.records["quality_gate"] = {"passed": None, "skipped": "no evaluation data and too few calibration "
+                                                                  "samples to hold some back"}
+    else:
+        ctx.records["quality_gate"] = {"passed": None, "skipped": f"target {target} does not run on this machine"}
+
+    final, stage, files = built.final, built.stage, built.files
     stored = backend_impl.stored_weight_bytes(final, stage)
     reference_bytes = reference_model.to_bytes()
-    if backend_impl.runs_on_host(target):
-        runner = backend_impl.load(stage, {}, for_timing=True)
-        reference = reference_runner(reference_model, for_timing=True)
-        metrics = _measure(reference, runner, reference_bytes, stored, reference_model, stage, files,
+    if reference is not None and built.runner is not None:
+        metrics = _measure(reference, built.runner, reference_bytes, stored, reference_model, stage, files,
                            evaluation_data, calib, latency, say)
     else:
         say(f"target {target} does not run on this machine: quality and latency are not measured")
@@ -337,7 +407,8 @@ def _compile(
         "backend": backend, "target": target,
         "inputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape or []), "dtype": str(s.dtype)} for s in final.outputs],
-        "data": {"calibration": _data_record(calib), "evaluation": _data_record(evaluation_data)},
+        "data": {"calibration": _data_record(calib), "evaluation": _data_record(evaluation_data),
+                 "held_back_for_quality_gate": _data_record(held_back) if evaluation_data is None else None},
         "passes": [{"pass": name, "seconds": round(seconds, 4)} for name, seconds in timing.seconds],
         "records": _jsonable(ctx.records),
         "layers": records,
@@ -350,7 +421,77 @@ def _compile(
     (stage / REPORT).write_text(report.render(manifest))
     manifest["files"].update(artifact_io.file_table(stage, [REPORT]))
     artifact_io.write_manifest(stage, manifest)
-    return manifest
+    return manifest, stage
+
+
+def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quality.Tolerance | None,
+                  passes: Pipeline, before_quantize: _BeforeQuantize, build: Callable[[Model], _Built],
+                  destination: artifact_io.Destination, reference_model: Model, ctx: PassContext,
+                  say: Callable[[str], None]) -> tuple[_Built, dict[str, Any]]:
+    """Measure ``built`` against fp32 on ``data``; on a miss, put the layers that add the most error back in
+    fp32 (re-running the pipeline from its ``quantize`` pass) until the tolerance is met. Returns the artifact
+    to keep and the gate's record (every step, the tolerance, whether it passed)."""
+    import time
+
+    started = time.perf_counter()
+    ref_out = measure.predict(reference, data)
+    kind = quality.output_kind(ref_out, reference.output_names, data.labels)
+    tolerance = wanted or quality.default_tolerance(kind)
+    value = quality.score(tolerance, ref_out, measure.predict(built.runner, data), data.labels)
+    record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
+                              "samples": len(data), "initial": value, "final": value, "steps": [],
+                              "passed": tolerance.met(value), "final_text": tolerance.describe(value)}
+    say(f"quality gate: {tolerance.describe(value)} on {len(data)} held-out samples")
+    if record["passed"]:
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        return built, record
+    base, index = before_quantize.model, before_quantize.index
+    candidates = quality.quantized_layers(base) if base is not None else []
+    if base is None or index is None or not candidates:
+        record.update(shortfall=tolerance.shortfall(value), seconds=round(time.perf_counter() - started, 3),
+                      tried="nothing to repair (no quantized layer to put back in fp32)")
+        return built, record
+    say(f"quality gate: repairing: ranking {len(candidates)} quantized layers by the error they add")
+    ranked = quality.rank_by_added_error(base, built.final, data, candidates)
+    tail = Pipeline(passes.passes[index:], name=passes.name)
+    attempts: dict[int, _Built] = {}
+
+    def evaluate(k: int) -> float:
+        repaired = base.clone()
+        keep = set(ranked[:k])
+        for layer in repaired.layers():
+            if layer.id in keep:
+                annotation.set_weight_bits(layer.node, annotation.FLOAT_BITS)
+                annotation.set_activation_bits(layer.node, annotation.FLOAT_BITS)
+        inner = PassContext(calibration=ctx.calibration, evaluation=ctx.evaluation, target=ctx.target,
+                            seed=ctx.seed, progress=lambda _message: None)
+        if before_quantize.ranges is not None:
+            inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
+        candidate = build(tail.run(repaired, inner))
+        attempts[k] = candidate
+        got = quality.score(tolerance, ref_out, measure.predict(candidate.runner, data), data.labels)
+        say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
+        return got
+
+    search = quality.Search(ranked, tolerance, evaluate)
+    found = search.run()
+    record["steps"] = _jsonable(search.steps)
+    record["ranking"] = ranked
+    chosen = attempts.get(found) if found is not None else None
+    for k, attempt in attempts.items():  # keep only the stage that will be published
+        if attempt is not chosen:
+            destination.discard(attempt.stage)
+    if chosen is None:
+        last = search.steps[-1]["value"] if search.steps else value
+        record.update(final=last, final_text=tolerance.describe(last), shortfall=tolerance.shortfall(last),
+                      tried=f"all {len(ranked)} quantized layers back in fp32 ({len(search.steps)} rebuilds)",
+                      seconds=round(time.perf_counter() - started, 3))
+        return built, record
+    destination.discard(built.stage)
+    final_value = search.steps[[s["fp32_layers"] == ranked[:found] for s in search.steps].index(True)]["value"]
+    record.update(passed=True, final=final_value, final_text=tolerance.describe(final_value),
+                  fp32_layers=ranked[:found], seconds=round(time.perf_counter() - started, 3))
+    return chosen, record
 
 
 def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:
@@ -546,7 +687,9 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
         checks.append(Check("quality", False, "the fp32 reference model was not found (it never ships in the "
                                               "artifact): pass --reference MODEL.onnx, the model you compiled"))
         return checks
-    quality = measure.quality(reference_runner(reference_model), runner, data)
+    reference = reference_runner(reference_model)
+    checks.append(_gate_check(manifest, reference, runner, data))
+    quality = measure.quality(reference, runner, data)
     recorded = manifest["metrics"].get("quality")
     if recorded is None:
         checks.append(Check("quality", True, "no quality was recorded at compile time; measured only"))
@@ -562,6 +705,26 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
     if data.sha256 != (manifest["data"].get("evaluation") or {}).get("sha256"):
         checks.append(Check("data", True, "evaluation data differs from compile time: compared with tolerance"))
     return checks
+
+
+def _gate_check(manifest: Mapping[str, Any], reference: Runner, runner: Runner, data: Dataset) -> Check:
+    """The compile-time quality gate, re-run on ``data``: the recorded tolerance (or the default for the
+    output kind), so that no artifact that loses most of its quality can pass ``verify``."""
+    ref_out, got = measure.predict(reference, data), measure.predict(runner, data)
+    gate = (manifest.get("records") or {}).get("quality_gate") or {}
+    recorded = gate.get("tolerance") if isinstance(gate, Mapping) else None
+    if isinstance(recorded, Mapping) and recorded.get("metric") in quality.DEFAULTS:
+        tolerance = quality.Tolerance(recorded["metric"], float(recorded["threshold"]))
+    else:
+        tolerance = quality.default_tolerance(quality.output_kind(ref_out, reference.output_names, data.labels))
+    if tolerance.metric == "accuracy-drop" and data.labels is None:
+        tolerance = quality.default_tolerance(quality.output_kind(ref_out, reference.output_names, None))
+    value = quality.score(tolerance, ref_out, got, data.labels)
+    allowed = isinstance(gate, Mapping) and gate.get("passed") is False
+    detail = f"{tolerance.describe(value)} on {len(data)} samples"
+    if allowed and not tolerance.met(value):
+        detail += " (compiled with --allow-quality-loss)"
+    return Check("gate", tolerance.met(value), detail)
 
 
 def _plan_read_back(final: Model) -> list[dict[str, Any]]:

@@ -94,6 +94,13 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for randomized passes (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts) instead of a table")
+    q = p.add_argument_group("quality gate (measured on --eval, or on calibration samples held back from calibrating)")
+    q.add_argument("--tolerance", metavar="METRIC=VALUE",
+                   help="what the artifact must keep against fp32: accuracy-drop=1 (points; default with labels), "
+                        "agreement=0.99 (top-1; default for logits), cosine=0.99 (lowest per sample; default for "
+                        "embeddings). A miss puts layers back in fp32 until it is met; else nothing is written")
+    q.add_argument("--allow-quality-loss", action="store_true",
+                   help="write the artifact even if it misses the tolerance (the manifest records by how much)")
     g = p.add_argument_group("mixed precision (switches the default pipeline to 'mixed')")
     g.add_argument("--budget", action="append", default=[], metavar="DIM=VALUE",
                    help="avg-bits=4, size=40KB or size=0.2x, bops=1.2G, latency=2ms (allocate-joint also "
@@ -126,6 +133,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              sensitivity=args.sensitivity, formats=args.formats, sweep=args.sweep,
                              backend=args.backend, target=args.target, plugin_paths=args.plugin, force=args.force,
                              latency=not args.no_latency, seed=args.seed, progress=_progress(args) or False,
+                             tolerance=args.tolerance, allow_quality_loss=args.allow_quality_loss,
                              overrides=latency_batch)
     if args.json:
         print(json.dumps(summary_json(artifact.manifest, artifact.path), indent=2, sort_keys=True))
@@ -175,6 +183,14 @@ def print_summary(manifest: dict[str, Any], path: Path) -> None:
                       speed_verdict(row))
     console.print(table)
     console.print(f"pipeline: {manifest['pipeline']}")
+    gate = manifest.get("records", {}).get("quality_gate") or {}
+    if gate.get("passed") is not None:
+        repaired = gate.get("fp32_layers") or []
+        verdict = "met" if gate["passed"] else "[red]MISSED[/red] (kept: --allow-quality-loss)"
+        extra = f"; {len(repaired)} layer(s) put back in fp32 to meet it" if repaired else ""
+        console.print(f"quality gate {verdict}: {gate['final_text']} on {gate['samples']} held-out samples{extra}")
+    elif gate.get("skipped"):
+        console.print(f"quality gate not run: {gate['skipped']}")
     slower = any(speed_verdict(row).endswith("slower") for row in metrics.get("latency", {}).values())
     if slower and _computes_in_int8(manifest):
         console.print("note: int8 compute is slower than fp32 for this model on this machine; "

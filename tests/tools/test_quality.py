@@ -1,0 +1,79 @@
+"""The quality gate's parts: tolerances as users write them, output kinds, the repair search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitpass.frontend import from_arrays
+from bitpass.frontend.errors import UsageError
+from bitpass.frontend.model import TensorSpec
+from bitpass.tools import quality
+from bitpass.tools.quality import Search, Tolerance, parse_tolerance
+
+
+@pytest.mark.parametrize("text, metric, threshold", [
+    ("accuracy-drop=1", "accuracy-drop", 1.0), ("agreement=99%", "agreement", 0.99),
+    ("cosine=0.995", "cosine", 0.995), ("Cosine = 0.9", "cosine", 0.9)])
+def test_tolerances_are_written_as_metric_equals_value(text, metric, threshold):
+    assert parse_tolerance(text) == Tolerance(metric, pytest.approx(threshold))
+
+
+@pytest.mark.parametrize("text", ["cosine", "speed=2", "cosine=high", "agreement=150%", "accuracy-drop=-1"])
+def test_a_malformed_tolerance_is_a_usage_error(text):
+    with pytest.raises(UsageError, match="--tolerance"):
+        parse_tolerance(text)
+
+
+def test_accuracy_drop_is_an_upper_bound_and_the_others_lower_bounds():
+    assert Tolerance("accuracy-drop", 1.0).met(0.8) and not Tolerance("accuracy-drop", 1.0).met(1.2)
+    assert Tolerance("cosine", 0.99).met(0.995) and not Tolerance("cosine", 0.99).met(0.5)
+    assert not Tolerance("cosine", 0.99).met(float("nan"))
+
+
+def test_output_kinds():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 10))
+    unit = logits / np.linalg.norm(logits, axis=1, keepdims=True)
+    assert quality.output_kind([logits], ["out"], np.zeros(8, np.int64)) == "classification"
+    assert quality.output_kind([logits], ["out"], None) == "logits"
+    assert quality.output_kind([unit], ["sentence_embedding"], None) == "embedding"
+    assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["last_hidden_state"], None) == "embedding"
+    assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["logits"], None) == "logits"
+
+
+def test_agreement_is_per_position_for_sequence_logits():
+    reference = np.zeros((2, 4, 5))
+    reference[..., 0] = 1.0
+    candidate = reference.copy()
+    candidate[0, 0, 3] = 2.0  # one token of eight changes its argmax
+    assert quality.agreement(reference, candidate) == pytest.approx(7 / 8)
+
+
+def test_hold_back_keeps_the_tail_of_a_calibration_set_for_the_gate():
+    data = from_arrays({"x": np.arange(50, dtype=np.float32)[:, None]}, [TensorSpec("x", (None, 1), np.dtype("float32"))])
+    calibrate, held = quality.hold_back(data)
+    assert len(calibrate) == 40 and len(held) == 10
+    assert held.inputs["x"][0, 0] == 40 and calibrate.sha256 != data.sha256
+    small = from_arrays({"x": np.ones((5, 1), np.float32)}, [TensorSpec("x", (None, 1), np.dtype("float32"))])
+    assert quality.hold_back(small) == (small, None)
+
+
+@pytest.mark.parametrize("needed, expected_tries", [(1, [1]), (3, [1, 2, 4, 3]), (5, [1, 2, 4, 8, 6, 5]),
+                                                    (10, [1, 2, 4, 8, 10, 9])])
+def test_search_finds_the_fewest_layers_with_few_rebuilds(needed, expected_tries):
+    tried = []
+
+    def evaluate(k: int) -> float:
+        tried.append(k)
+        return 1.0 if k >= needed else 0.5
+
+    search = Search([f"l{i}" for i in range(10)], Tolerance("cosine", 0.99), evaluate)
+    assert search.run() == needed
+    assert tried == expected_tries
+    assert search.steps[-1]["fp32_layers"] == [f"l{i}" for i in range(tried[-1])]
+
+
+def test_search_gives_up_after_every_layer():
+    search = Search(["a", "b", "c"], Tolerance("cosine", 0.99), lambda k: 0.5)
+    assert search.run() is None and [len(s["fp32_layers"]) for s in search.steps] == [1, 2, 3]

@@ -1,0 +1,92 @@
+"""The quality gate end to end: an artifact that loses quality is repaired, or refused with one line and nothing
+written; verify re-checks the same gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bitpass.backends.artifact import read_manifest
+from bitpass.frontend.errors import BitpassError
+from bitpass.tools import compile, verify
+from bitpass.tools.cli import main
+
+
+@pytest.fixture(scope="module")
+def outlier_files(tmp_path_factory):
+    """An MLP whose hidden activation has one channel 2000x larger than the others: per-tensor int8 of that
+    activation leaves the other channels a handful of levels, and the class scores come out scrambled."""
+    folder = tmp_path_factory.mktemp("outlier")
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) / 4
+    w1[:, 0] *= 2000.0
+    w2 = rng.standard_normal((32, 10)).astype(np.float32)
+    w2[0, :] *= 1e-4  # the output barely uses the outlier channel
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2")]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, folder / "model.onnx")
+    np.savez(folder / "calib.npz", x=rng.standard_normal((200, 16)).astype(np.float32))
+    np.savez(folder / "eval.npz", x=rng.standard_normal((300, 16)).astype(np.float32))
+    return folder
+
+
+def test_an_artifact_that_misses_is_repaired_by_putting_layers_back_in_fp32(outlier_files, tmp_path):
+    artifact = compile(outlier_files / "model.onnx", tmp_path / "out", calibration=outlier_files / "calib.npz",
+                       evaluation=outlier_files / "eval.npz", latency=False, progress=False)
+    gate = artifact.manifest["records"]["quality_gate"]
+    assert gate["tolerance"] == {"metric": "agreement", "threshold": 0.99} and gate["output_kind"] == "logits"
+    assert gate["initial"] < 0.9  # int8 scrambled the classes ...
+    assert gate["passed"] and gate["final"] >= 0.99 and gate["fp32_layers"]  # ... and the repair fixed it
+    assert [step["met"] for step in gate["steps"]][-1] is True and len(gate["steps"]) >= 1
+    assert artifact.metrics["quality"]["fidelity"]["top1_agreement"] >= 0.99
+    bits = {layer["id"]: layer["bits"]["weight"] for layer in artifact.manifest["layers"]}
+    assert all(bits[layer_id] == 32 for layer_id in gate["fp32_layers"])
+    checks = {c.name: c for c in verify(artifact.path, outlier_files / "eval.npz")}
+    assert checks["gate"].ok and all(c.ok for c in checks.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the discarded attempts left nothing
+
+
+def test_without_eval_data_the_gate_uses_calibration_samples_held_back(outlier_files, tmp_path):
+    artifact = compile(outlier_files / "model.onnx", tmp_path / "out", calibration=outlier_files / "calib.npz",
+                       latency=False, progress=False)
+    data = artifact.manifest["data"]
+    assert data["calibration"]["samples"] == 160 and data["held_back_for_quality_gate"]["samples"] == 40
+    gate = artifact.manifest["records"]["quality_gate"]
+    assert gate["samples"] == 40 and gate["passed"]
+
+
+def test_a_loss_no_repair_can_undo_fails_with_one_line_and_writes_nothing(digits_files, tmp_path, capsys):
+    """Pruning 95 % of the weights is not undone by fp32 layers: the compile must not exit 0."""
+    out = tmp_path / "out"
+    code = main(["compile", str(digits_files / "model.onnx"), "-o", str(out), "--calib",
+                 str(digits_files / "calib.npz"), "--eval", str(digits_files / "eval.npz"), "--no-latency", "-q",
+                 "--pipeline", "fold-constants,prune(sparsity=0.95,allocation=uniform),calibrate,quantize"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "quality gate" in err[0] and "accuracy-drop" in err[0] and "nothing was written" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_allow_quality_loss_keeps_it_and_verify_still_fails_it(digits_files, tmp_path):
+    artifact = compile(digits_files / "model.onnx", tmp_path / "out", calibration=digits_files / "calib.npz",
+                       evaluation=digits_files / "eval.npz", latency=False, progress=False, allow_quality_loss=True,
+                       pipeline="fold-constants,prune(sparsity=0.95,allocation=uniform),calibrate,quantize")
+    gate = read_manifest(artifact.path)["records"]["quality_gate"]
+    assert gate["passed"] is False and gate["final"] > 1.0
+    checks = {c.name: c for c in verify(artifact.path, digits_files / "eval.npz")}
+    assert not checks["gate"].ok
+
+
+def test_a_tolerance_the_user_sets_is_the_one_enforced(digits_files, tmp_path):
+    with pytest.raises(BitpassError, match="quality gate.*cosine"):
+        compile(digits_files / "model.onnx", tmp_path / "out", calibration=digits_files / "calib.npz",
+                evaluation=digits_files / "eval.npz", latency=False, progress=False, tolerance="cosine=1.0",
+                pipeline="fold-constants,prune(sparsity=0.3,allocation=uniform),calibrate,quantize")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,298 @@
+"""The quality gate: an artifact that loses more than a tolerance is repaired or refused, never shipped silently.
+
+After compiling, the artifact is compared with the fp32 reference on held-out data (``--eval``; without it,
+on calibration samples held back from calibration). The tolerance depends on what the model outputs:
+
+* with class labels: accuracy may drop by at most 1 point (``accuracy-drop=1``);
+* logits without labels: top-1 agreement with fp32 of at least 99 %, per position for sequence outputs
+  (``agreement=0.99``);
+* embeddings and features: the lowest per-sample cosine to fp32 at least 0.99 (``cosine=0.99``).
+
+``--tolerance`` overrides it. When the artifact misses, layers go back to fp32, those that add the most
+error first (measured on the gate data: how much a layer's output error exceeds its input's), searching
+for the fewest such layers that meet the tolerance (one, two, four... then bisecting). Every step is
+recorded. If even the all-fp32-layers artifact misses, the compile fails with one line saying by how much
+and what was tried, unless the user allows the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from bitpass.backends import measure
+from bitpass.frontend import Dataset, Model, annotation
+from bitpass.frontend.errors import UsageError
+
+Metric = Literal["accuracy-drop", "agreement", "cosine"]
+#: default tolerance per metric: points of accuracy lost, or the least agreement / cosine kept
+DEFAULTS: dict[Metric, float] = {"accuracy-drop": 1.0, "agreement": 0.99, "cosine": 0.99}
+#: calibration samples held back for the gate when there is no evaluation data
+HOLD_BACK_FRACTION, HOLD_BACK_MAX, HOLD_BACK_MIN_SET = 0.2, 256, 10
+#: samples the per-layer error ranking runs on
+RANKING_SAMPLES = 32
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What the artifact must meet: ``accuracy-drop`` at most, or ``agreement`` / ``cosine`` at least."""
+
+    metric: Metric
+    threshold: float
+
+    def met(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value <= self.threshold + 1e-9 if self.metric == "accuracy-drop" else value >= self.threshold - 1e-12
+
+    def describe(self, value: float | None = None) -> str:
+        limit = f"≤ {self.threshold:g} pt" if self.metric == "accuracy-drop" else f"≥ {self.threshold:g}"
+        if value is None:
+            return f"{self.metric} {limit}"
+        shown = f"{value:.2f} pt" if self.metric == "accuracy-drop" else f"{value:.4f}"
+        return f"{self.metric} {shown} (needs {limit})"
+
+    def shortfall(self, value: float) -> str:
+        if self.metric == "accuracy-drop":
+            return f"{value - self.threshold:.2f} points more accuracy lost than allowed"
+        return f"{self.threshold - value:.4f} below the required {self.metric}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "threshold": self.threshold}
+
+
+def parse_tolerance(text: str) -> Tolerance:
+    """``accuracy-drop=1`` (points), ``agreement=0.99`` or ``agreement=99%``, ``cosine=0.995``."""
+    metric, sep, raw = text.partition("=")
+    metric = metric.strip().lower()
+    if not sep or metric not in DEFAULTS:
+        raise UsageError(f"--tolerance {text[:40]!r}: write accuracy-drop=POINTS, agreement=FRACTION or "
+                         f"cosine=FRACTION (e.g. cosine=0.99)")
+    raw = raw.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise UsageError(f"--tolerance {text[:40]!r}: {raw[:20]!r} is not a number") from None
+    if metric == "accuracy-drop" and not 0 <= value <= 100:
+        raise UsageError(f"--tolerance {text[:40]!r}: an accuracy drop is 0 to 100 points")
+    if metric != "accuracy-drop" and not -1 <= value <= 1:
+        raise UsageError(f"--tolerance {text[:40]!r}: {metric} is a fraction (0.99, or 99%)")
+    return Tolerance(metric, value)  # type: ignore[arg-type]
+
+
+def output_kind(reference: Sequence[np.ndarray], output_names: Sequence[str], labels: np.ndarray | None) -> str:
+    """``classification`` (labels given), ``logits`` (class scores per sample or per position) or ``embedding``
+    (features, embeddings: compared by cosine)."""
+    if labels is not None:
+        return "classification"
+    first = np.asarray(reference[0])
+    name = (output_names[0] if output_names else "").lower()
+    if "logit" in name and first.ndim >= 2 and first.shape[-1] >= 2:
+        return "logits"
+    if first.ndim == 2 and first.shape[1] >= 2:
+        norms = np.linalg.norm(first.astype(np.float64), axis=1)
+        unit = bool(np.all(np.abs(norms - 1.0) < 1e-3))
+        return "embedding" if unit else "logits"
+    return "embedding"
+
+
+def default_tolerance(kind: str) -> Tolerance:
+    metric: Metric = {"classification": "accuracy-drop", "logits": "agreement"}.get(kind, "cosine")  # type: ignore
+    return Tolerance(metric, DEFAULTS[metric])
+
+
+def score(tolerance: Tolerance, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+          labels: np.ndarray | None) -> float:
+    """The tolerance's metric for ``candidate`` against the fp32 ``reference`` outputs."""
+    if tolerance.metric == "accuracy-drop":
+        if labels is None:
+            raise UsageError("--tolerance accuracy-drop needs labelled data (a 'labels' array in --eval)")
+        return 100 * (measure.accuracy(list(reference), labels) - measure.accuracy(list(candidate), labels))
+    ref, got = np.asarray(reference[0]), np.asarray(candidate[0])
+    if tolerance.metric == "agreement":
+        return agreement(ref, got)
+    return float(np.min(measure.cosines(ref, got)))
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Top-1 agreement over the last axis, for every sample and position (per token for sequence logits)."""
+    if reference.ndim < 2 or reference.shape[-1] < 2:
+        return 1.0 if np.array_equal(np.sign(reference), np.sign(candidate)) else 0.0
+    ref = reference.reshape(-1, reference.shape[-1]).argmax(1)
+    got = candidate.reshape(-1, candidate.shape[-1]).argmax(1)
+    return float((ref == got).mean())
+
+
+def hold_back(calibration: Dataset | None) -> tuple[Dataset | None, Dataset | None]:
+    """(calibration to use, samples held back for the gate): the last 20 % (at most 256) of a calibration set
+    of at least 10 samples; small sets are not split (the gate then has no data)."""
+    if calibration is None or len(calibration) < HOLD_BACK_MIN_SET:
+        return calibration, None
+    held = min(HOLD_BACK_MAX, max(1, int(len(calibration) * HOLD_BACK_FRACTION)))
+    if calibration.fixed_batch:
+        held = max(calibration.fixed_batch, held - held % calibration.fixed_batch)
+        if held >= len(calibration):
+            return calibration, None
+    cut = len(calibration) - held
+    return calibration.take(0, cut), calibration.take(cut)
+
+
+# --- repair -----------------------------------------------------------------------------------------
+def quantized_layers(model: Model) -> list[str]:
+    """Ids of layers ``model`` will quantize (weights or activations below fp32; unannotated means int8)."""
+    ids = []
+    for layer in model.layers():
+        weight = annotation.weight_bits(layer.node)
+        activation = annotation.activation_bits(layer.node)
+        if (weight is None or weight < annotation.FLOAT_BITS) or (activation is not None
+                                                                  and activation < annotation.FLOAT_BITS):
+            ids.append(layer.id)
+    return ids
+
+
+def rank_by_added_error(before: Model, after: Model, data: Dataset, candidates: Sequence[str]) -> list[str]:
+    """``candidates`` ordered by how much error each layer's quantization adds, measured on a few samples:
+
+    * the rounding error of every activation the compiled model quantizes (a QuantizeLinear →
+      DequantizeLinear pair: DQ(Q(t)) against t in the same run), charged to the layers on both sides of
+      it, since ONNX Runtime quantizes a tensor when its producer *or* its consumer is quantized;
+    * for layers whose output tensor exists in both graphs, how much the output's relative error exceeds
+      the input's (``before`` is the same graph before quantization).
+
+    A layer scores the larger of the two. Layers nothing could be measured for keep their sensitivity
+    annotation's order, after the rest."""
+    from bitpass.passes import execution
+
+    wanted = set(candidates)
+    layers = {layer.id: layer for layer in before.layers() if layer.id in wanted}
+    sample = data.head(RANKING_SAMPLES)
+    scores: dict[str, float] = {}
+
+    def charge(layer_id: str | None, value: float) -> None:
+        if layer_id in wanted and math.isfinite(value):
+            scores[layer_id] = max(scores.get(layer_id, 0.0), value)
+
+    # 1. activation rounding, read off the compiled graph's Q -> DQ pairs
+    pairs = _quantized_activations(after)
+    if pairs:
+        names = sorted({n for tensor, dq, _, _ in pairs for n in (tensor, dq)})
+        try:
+            values = _gathered(execution.intermediates(after, sample, names))
+        except Exception:  # a graph the ranking cannot run: fall back to the other signals
+            values = {}
+        for tensor, dq, producer, consumers in pairs:
+            if tensor in values and dq in values:
+                error = _relative_error(values[tensor], values[dq])
+                for layer_id in (producer, *consumers):
+                    charge(layer_id, error)
+    # 2. output error beyond the input's, where the tensors carry the same names in both graphs
+    after_names = {v.name for node in after.graph.all_nodes() for v in node.outputs if v is not None} \
+        | {v.name for v in after.graph.inputs}
+    matched = {}
+    for layer_id, layer in layers.items():
+        x = layer.node.inputs[0].name if layer.node.inputs and layer.node.inputs[0] is not None else None
+        y = layer.node.outputs[0].name if layer.node.outputs else None
+        if y in after_names:
+            matched[layer_id] = (x if x in after_names else None, y)
+    names = sorted({n for pair in matched.values() for n in pair if n})
+    if names:
+        try:
+            ref = _gathered(execution.intermediates(before, sample, names))
+            got = _gathered(execution.intermediates(after, sample, names))
+        except Exception:
+            ref, got = {}, {}
+        for layer_id, (x, y) in matched.items():
+            if y in ref and y in got:
+                charge(layer_id, _relative_error(ref[y], got[y]) - (_relative_error(ref[x], got[x]) if x in ref else 0.0))
+    sensitivity = {layer_id: _sensitivity(layer) for layer_id, layer in layers.items()}
+    order = {layer_id: index for index, layer_id in enumerate(candidates)}
+    measured = sorted((l for l in candidates if l in scores), key=lambda l: (-scores[l], order[l]))
+    rest = sorted((l for l in candidates if l not in scores), key=lambda l: (-sensitivity.get(l, 0.0), order[l]))
+    return measured + rest
+
+
+def _quantized_activations(model: Model) -> list[tuple[str, str, str | None, list[str | None]]]:
+    """(tensor, its dequantized copy, producing layer, consuming layers) for every activation that goes through
+    QuantizeLinear -> DequantizeLinear in ``model`` (weights, which are constants, are not activations)."""
+    found = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "QuantizeLinear" or not node.inputs or node.inputs[0] is None:
+            continue
+        tensor = node.inputs[0]
+        if tensor.const_value is not None:
+            continue
+        producer = tensor.producer()
+        producer_id = annotation.layer_id(producer) if producer is not None else None
+        for use in node.outputs[0].uses():
+            dq = use.node
+            if dq.op_type != "DequantizeLinear" or not dq.outputs:
+                continue
+            consumers = [annotation.layer_id(u.node) for u in dq.outputs[0].uses()]
+            found.append((tensor.name, dq.outputs[0].name, producer_id, consumers))
+    return found
+
+
+def _gathered(batches: Any) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        for name, value in batch.items():
+            parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
+    return {name: np.concatenate(values) if values[0].ndim else values[0] for name, values in parts.items()}
+
+
+def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    if reference.shape != candidate.shape:
+        return 0.0
+    norm = float(np.linalg.norm(reference))
+    return float(np.linalg.norm(candidate - reference)) / norm if norm > 0 else 0.0
+
+
+def _sensitivity(layer: Any) -> float:
+    values = [v for v in annotation.sensitivities(layer.node).values() if isinstance(v, (int, float))]
+    return float(max(values)) if values else 0.0
+
+
+@dataclass
+class Search:
+    """The fewest top-ranked layers to put back in fp32 so that the artifact meets the tolerance.
+
+    ``evaluate(k)`` builds the artifact with the first ``k`` ranked layers in fp32 and returns the metric;
+    the search tries k = 1, 2, 4, ... (at most every layer) and then bisects between the last miss and the
+    first hit. Every evaluation is kept in ``steps``.
+    """
+
+    ranked: list[str]
+    tolerance: Tolerance
+    evaluate: Callable[[int], float]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def _try(self, k: int) -> bool:
+        value = self.evaluate(k)
+        self.steps.append({"fp32_layers": self.ranked[:k], "value": value, "met": self.tolerance.met(value)})
+        return self.tolerance.met(value)
+
+    def run(self) -> int | None:
+        """The smallest k found that meets the tolerance, or None when even every layer in fp32 misses."""
+        total = len(self.ranked)
+        if total == 0:
+            return None
+        low, k = 0, 1  # low: the largest k known to miss
+        while True:
+            k = min(k, total)
+            if self._try(k):
+                break
+            if k == total:
+                return None
+            low, k = k, 2 * k
+        high = k
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._try(middle):
+                high = middle
+            else:
+                low = middle
+        return high
