@@ -304,6 +304,7 @@ class Destination:
         if stage.parent != self.work:
             raise BitpassError(f"{stage} is not a stage of {self.out_dir}")
         out = self.out_dir
+        _pause_for_tests()
         try:
             if out.exists() or out.is_symlink():
                 self._set_aside_old()
@@ -364,6 +365,16 @@ class Destination:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         self._made_parents = []
+
+
+def _pause_for_tests() -> None:
+    """``BITPASS_TEST_PAUSE_BEFORE_PUBLISH=1`` stops the process (SIGSTOP) with the stage complete, just before the
+    destination is re-checked and the stage renamed: the race tests then create a folder at ``-o``, start a
+    second compile or send a signal, and continue it (SIGCONT). Read here, at that moment, and nowhere else."""
+    if os.environ.get("BITPASS_TEST_PAUSE_BEFORE_PUBLISH") == "1":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _owner_pid(owner: Path) -> str:

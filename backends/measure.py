@@ -143,7 +143,7 @@ def latency_table(reference: Runner, artifact: Runner, data: Dataset, batches: t
     ``speedup_band`` is the interquartile range of the per-round fp32/artifact ratios, so a reader
     (and ``speed_verdict``) can tell a real difference from noise."""
     table = {}
-    for size in batches:
+    for size in dict.fromkeys(data.batch_size(b) for b in batches):  # a fixed-batch model runs at its batch
         samples = latency_samples({"fp32": reference, "artifact": artifact}, batch_of(data, size))
         fp32_ms, artifact_ms = 1e3 * float(np.median(samples["fp32"])), 1e3 * float(np.median(samples["artifact"]))
         ratios = np.array(samples["fp32"]) / np.array(samples["artifact"])

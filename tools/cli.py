@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -367,8 +367,16 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the promise every bitpass error keeps) naming the --help."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"bitpass: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitpass", description=__doc__.splitlines()[0],
+    parser = _OneLineParser(prog="bitpass", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="start with: bitpass example   (trains, compiles and measures a digits CNN)")
     parser.add_argument("--version", action="version", version=_version())
@@ -488,6 +496,16 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime writes its own warnings to stderr in C++; errors reach the user through bitpass's one line."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # noqa: BLE001 - never fail a command over log settings
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. Every failure ends here as one line on stderr and a non-zero exit status;
     unexpected ones also leave their traceback in a log file (``--debug`` prints it instead)."""
@@ -495,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    _quiet_onnxruntime()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):

@@ -26,7 +26,9 @@ IMAGE = re.compile(r'<img alt="([^"]+)" width=(\d+) height=(\d+) src="data:image
 
 
 def _compile(digits_files: Path, out: Path, **options):
-    return compile(digits_files / "model.onnx", out, calibration=digits_files / "calib.npz", **options)
+    """Report tests are about rendering: an artifact that misses the quality gate is kept (and drawn)."""
+    return compile(digits_files / "model.onnx", out, calibration=digits_files / "calib.npz", allow_quality_loss=True,
+                   **options)
 
 
 @pytest.fixture(scope="module")
