@@ -274,9 +274,14 @@ def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str 
     return ", ".join(slow) or None
 
 
+#: passes that turn bit annotations into rounded weights: the quality gate's repair restarts before the first
+QUANTIZING_PASSES = ("refine-rounding", "quantize")
+
+
 class _BeforeQuantize(PassInstrument):
-    """Keeps the model (and its activation ranges) as the first ``quantize`` pass receives it: the quality
-    gate's repair re-runs the pipeline from there with some layers back in fp32."""
+    """Keeps the model (and its activation ranges) as the first quantizing pass (``refine-rounding`` or
+    ``quantize``) receives it: the quality gate's repair re-runs the pipeline from there with some layers
+    back in fp32."""
 
     def __init__(self) -> None:
         self.index: int | None = None
@@ -285,7 +290,7 @@ class _BeforeQuantize(PassInstrument):
         self._seen = 0
 
     def run_before_pass(self, pass_: Any, model: Model, ctx: PassContext) -> None:
-        if self.model is None and pass_.name == "quantize":
+        if self.model is None and pass_.name in QUANTIZING_PASSES:
             self.index, self.model = self._seen, model
             if ctx.analyses.cached(ACTIVATION_RANGES):
                 self.ranges = ctx.analyses.require(ACTIVATION_RANGES)
@@ -455,6 +460,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     ranked = quality.rank_by_added_error(base, built.final, data, candidates)
     tail = Pipeline(passes.passes[index:], name=passes.name)
     attempts: dict[int, _Built] = {}
+    attempt_records: dict[int, dict[str, Any]] = {}
 
     def evaluate(k: int) -> float:
         repaired = base.clone()
@@ -468,7 +474,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        attempts[k] = candidate
+        attempts[k], attempt_records[k] = candidate, inner.records
         got = quality.score(tolerance, ref_out, measure.predict(candidate.runner, data), data.labels)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         return got
@@ -488,6 +494,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
                       seconds=round(time.perf_counter() - started, 3))
         return built, record
     destination.discard(built.stage)
+    ctx.records.update(attempt_records[found])  # what the re-run passes record describes the artifact kept
     final_value = search.steps[[s["fp32_layers"] == ranked[:found] for s in search.steps].index(True)]["value"]
     record.update(passed=True, final=final_value, final_text=tolerance.describe(final_value),
                   fp32_layers=ranked[:found], seconds=round(time.perf_counter() - started, 3))

@@ -272,8 +272,9 @@ def compile_case(case: Case, artifact_dir: Path, progress_file: Path) -> dict[st
             log.write(f"{time.time():.1f} {message}\n")
 
     options: dict[str, Any] = {"pipeline": args.pipeline, "calibration": args.calib, "evaluation": args.eval,
-                               "backend": args.backend, "target": args.target, "seed": args.seed,
-                               "progress": progress, "overrides": cli.overrides_from(args)}
+                               "budget": args.budget, "method": args.method, "sensitivity": args.sensitivity,
+                               "formats": args.formats, "backend": args.backend, "target": args.target,
+                               "seed": args.seed, "progress": progress, "tolerance": args.tolerance}
     model: Any = args.model
     if case.export == "module":
         progress("building the torch module")

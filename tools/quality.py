@@ -8,7 +8,8 @@ on calibration samples held back from calibration). The tolerance depends on wha
   (``agreement=0.99``);
 * embeddings and features: the lowest per-sample cosine to fp32 at least 0.99 (``cosine=0.99``).
 
-``--tolerance`` overrides it. When the artifact misses, layers go back to fp32, those that add the most
+Whether an output is logits or an embedding is read from its name (``logits``, ``scores``, ``probs``...);
+anything else is compared by cosine. ``--tolerance`` overrides it. When the artifact misses, layers go back to fp32, those that add the most
 error first (measured on the gate data: how much a layer's output error exceeds its input's), searching
 for the fewest such layers that meet the tolerance (one, two, four... then bisecting). Every step is
 recorded. If even the all-fp32-layers artifact misses, the compile fails with one line saying by how much
@@ -84,19 +85,21 @@ def parse_tolerance(text: str) -> Tolerance:
     return Tolerance(metric, value)  # type: ignore[arg-type]
 
 
+#: output-name fragments that say "class scores" (everything else without labels is compared by cosine)
+LOGIT_NAMES = ("logit", "score", "prob", "class", "pred")
+
+
 def output_kind(reference: Sequence[np.ndarray], output_names: Sequence[str], labels: np.ndarray | None) -> str:
-    """``classification`` (labels given), ``logits`` (class scores per sample or per position) or ``embedding``
-    (features, embeddings: compared by cosine)."""
+    """``classification`` (labels given), ``logits`` (the output's name says class scores: ``logits``,
+    ``scores``, ``probs``...) or ``embedding`` (anything else: embeddings, features, hidden states, and outputs
+    whose meaning bitpass cannot tell, compared by cosine; ``--tolerance agreement=0.99`` asks for top-1
+    agreement instead)."""
     if labels is not None:
         return "classification"
     first = np.asarray(reference[0])
     name = (output_names[0] if output_names else "").lower()
-    if "logit" in name and first.ndim >= 2 and first.shape[-1] >= 2:
+    if any(fragment in name for fragment in LOGIT_NAMES) and first.ndim >= 2 and first.shape[-1] >= 2:
         return "logits"
-    if first.ndim == 2 and first.shape[1] >= 2:
-        norms = np.linalg.norm(first.astype(np.float64), axis=1)
-        unit = bool(np.all(np.abs(norms - 1.0) < 1e-3))
-        return "embedding" if unit else "logits"
     return "embedding"
 
 
@@ -119,12 +122,16 @@ def score(tolerance: Tolerance, reference: Sequence[np.ndarray], candidate: Sequ
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Top-1 agreement over the last axis, for every sample and position (per token for sequence logits)."""
+    """Top-1 agreement over the last axis, for every sample and position (per token for sequence logits).
+    Where the reference's maximum is tied (all-zero rows, saturated scores) any of the tied classes agrees."""
     if reference.ndim < 2 or reference.shape[-1] < 2:
         return 1.0 if np.array_equal(np.sign(reference), np.sign(candidate)) else 0.0
-    ref = reference.reshape(-1, reference.shape[-1]).argmax(1)
+    ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
     got = candidate.reshape(-1, candidate.shape[-1]).argmax(1)
-    return float((ref == got).mean())
+    top = ref.max(axis=1, keepdims=True)
+    slack = 1e-6 * np.maximum(np.abs(top), 1e-30)
+    tied = ref >= top - slack
+    return float(tied[np.arange(len(got)), got].mean())
 
 
 def hold_back(calibration: Dataset | None) -> tuple[Dataset | None, Dataset | None]:

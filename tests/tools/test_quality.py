@@ -36,7 +36,8 @@ def test_output_kinds():
     logits = rng.standard_normal((8, 10))
     unit = logits / np.linalg.norm(logits, axis=1, keepdims=True)
     assert quality.output_kind([logits], ["out"], np.zeros(8, np.int64)) == "classification"
-    assert quality.output_kind([logits], ["out"], None) == "logits"
+    assert quality.output_kind([logits], ["logits"], None) == "logits"
+    assert quality.output_kind([logits], ["output"], None) == "embedding"  # unknown meaning: compared by cosine
     assert quality.output_kind([unit], ["sentence_embedding"], None) == "embedding"
     assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["last_hidden_state"], None) == "embedding"
     assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["logits"], None) == "logits"
@@ -48,6 +49,12 @@ def test_agreement_is_per_position_for_sequence_logits():
     candidate = reference.copy()
     candidate[0, 0, 3] = 2.0  # one token of eight changes its argmax
     assert quality.agreement(reference, candidate) == pytest.approx(7 / 8)
+
+
+def test_tied_reference_maxima_count_as_agreement():
+    zero = np.zeros((3, 4))
+    assert quality.agreement(zero, np.eye(3, 4) * 1e-7) == 1.0  # dead outputs: any class agrees
+    assert quality.agreement(np.eye(3, 4), np.eye(3, 4)[[1, 1, 2]]) == pytest.approx(2 / 3)
 
 
 def test_hold_back_keeps_the_tail_of_a_calibration_set_for_the_gate():

@@ -90,7 +90,7 @@ def test_pruned_artifacts_compile_and_verify(digits_files, tmp_path):
     artifact = compile_artifact(digits_files / "model.onnx", out,
                                 pipeline="fold-constants,fuse,prune-channels(ratio=0.3),calibrate,quantize",
                                 calibration=digits_files / "calib.npz", evaluation=digits_files / "eval.npz",
-                                latency=False)
+                                latency=False, tolerance="accuracy-drop=3")  # 30 % of channels, no recovery
     records = artifact.manifest["records"]
     assert records["prune-channels"]["params_after"] < records["prune-channels"]["params_before"]
     assert "recovery" not in records  # off by default
