@@ -75,7 +75,7 @@ def spec_from_model(model: Model) -> DecoderSpec:
                              for key in ("layers", "kv_heads", "head_dim", "vocab", "max_positions")))
     except (KeyError, ValueError) as err:
         raise ModelLoadError(f"{model.provenance.name}: not a bitpass decoder graph (no bitpass.decoder.* "
-                             "metadata): export it with bitpass.frontend.decoder.from_decoder") from err
+                             "metadata): export it with bitpass.frontend.decoder.export_decoder") from err
 
 
 def import_transformers() -> Any:
@@ -232,7 +232,7 @@ def _name_dynamic_axes(proto: Any, spec: DecoderSpec) -> None:
 
 
 def _gemm_to_matmul_add(proto: Any) -> None:
-    """``Gemm(A, W, b)`` (HF ``Conv1D`` exports as addmm) -> ``Add(MatMul(A, W), b)``, in place and exact.
+    """``Gemm(A, W[, b])`` (HF ``Conv1D`` exports as addmm) -> ``Add(MatMul(A, W), b)``, in place and exact.
 
     ONNX Runtime's weight-only quantizers (MatMulNBits) and its decoder fusions act on MatMul only.
     """
@@ -241,16 +241,18 @@ def _gemm_to_matmul_add(proto: Any) -> None:
     kept = []
     for node in proto.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.input) != 3 \
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.input) not in (2, 3) \
                 or attrs.get("transA", 0) or attrs.get("transB", 0) \
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             kept.append(node)
             continue
-        product = f"{node.output[0]}_matmul"
+        with_bias = len(node.input) == 3 and node.input[2] != ""
+        product = f"{node.output[0]}_matmul" if with_bias else node.output[0]
         matmul = helper.make_node("MatMul", node.input[:2], [product], name=f"{node.name}_MatMul")
         matmul.metadata_props.extend(node.metadata_props)
-        add = helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{node.name}_Add")
-        kept.extend([matmul, add])
+        kept.append(matmul)
+        if with_bias:
+            kept.append(helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{node.name}_Add"))
     del proto.graph.node[:]
     proto.graph.node.extend(kept)
 
