@@ -28,19 +28,38 @@ from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.model import Model
 
 Past = dict[str, np.ndarray]
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
 
 
 class DecoderSession:
     """An ONNX Runtime session over a KV-cache decoder graph, with prefill and decode steps."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec) -> None:
-        missing = sorted(set(spec.input_names) - {i.name for i in session.get_inputs()})
+        inputs = {i.name: i for i in session.get_inputs()}
+        missing = sorted(set(spec.input_names) - set(inputs))
         if missing:
             raise BitpassError(f"not a KV-cache decoder graph: inputs {', '.join(missing[:4])} missing; "
                                "export the model with bitpass.frontend.decoder.export_decoder")
         self.session, self.spec = session, spec
-        self._outputs = spec.output_names
-        self._dtype = np.float16 if session.get_inputs()[2].type == "tensor(float16)" else np.float32
+        #: every cache input (keys, values, and any per-token scales of a quantized cache) and the output
+        #: that becomes it at the next step: ``present.X`` feeds ``past_key_values.X``
+        self._past = {name: value for name, value in inputs.items() if name.startswith("past_key_values.")}
+        outputs = [o.name for o in session.get_outputs()]
+        self._present = {name: "past_key_values." + name[len("present."):] for name in outputs
+                         if name.startswith("present.") and "past_key_values." + name[len("present."):] in self._past}
+        self._outputs = [spec.logits, *self._present]
+
+    def _past_array(self, name: str, batch: int, length: int, rng: np.random.Generator | None) -> np.ndarray:
+        value = self._past[name]
+        dims = [batch if i == 0 else length if i == 2 else int(d) for i, d in enumerate(value.shape)]
+        dtype = _ORT_TYPES.get(value.type, np.float32)
+        if rng is None:
+            return np.zeros(dims, dtype)
+        if np.issubdtype(dtype, np.integer):
+            return rng.integers(-100, 100, dims).astype(dtype)
+        return np.abs(rng.standard_normal(dims)).astype(dtype) if name.endswith("_scale") \
+            else rng.standard_normal(dims).astype(dtype)
 
     @classmethod
     def load(cls, source: Model | bytes | str | os.PathLike[str], spec: DecoderSpec | None = None, *,
@@ -63,32 +82,27 @@ class DecoderSession:
         return cls(session, spec)
 
     def empty_past(self, batch: int = 1) -> Past:
-        return self.spec.empty_past(batch, self._dtype)
+        """Zero-length cache tensors: the feeds of a prefill."""
+        return {name: self._past_array(name, batch, 0, None) for name in self._past}
 
     def random_past(self, batch: int, length: int, seed: int = 0) -> Past:
         """A past of ``length`` positions with random values: decode-step timing does not depend on values."""
         rng = np.random.default_rng(seed)
-        shape = (batch, self.spec.kv_heads, length, self.spec.head_dim)
-        return {name: rng.standard_normal(shape).astype(self._dtype)
-                for i in range(self.spec.layers) for name in self.spec.past_names(i)}
+        return {name: self._past_array(name, batch, length, rng) for name in self._past}
 
     def forward(self, ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
         """Logits for ``ids`` (batch, sequence) after ``past``; and the presents, renamed as the next past."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2:
             raise UsageError(f"token ids must be (batch, sequence), got shape {ids.shape}")
-        past_length = next(iter(past.values())).shape[2] if past else 0
+        past_length = past[self.spec.past_names(0)[0]].shape[2] if past else 0
         if past_length + ids.shape[1] > self.spec.max_positions:
             raise UsageError(f"{past_length + ids.shape[1]} positions exceed the model's {self.spec.max_positions}: "
                              "generate fewer tokens or use a shorter prompt")
         feeds = {self.spec.input_ids: ids,
                  self.spec.attention_mask: np.ones((ids.shape[0], past_length + ids.shape[1]), np.int64), **past}
         outputs = self.session.run(self._outputs, feeds)
-        present = {}
-        for i in range(self.spec.layers):
-            key, value = self.spec.past_names(i)
-            present[key], present[value] = outputs[1 + 2 * i], outputs[2 + 2 * i]
-        return outputs[0], present
+        return outputs[0], {self._present[name]: array for name, array in zip(self._outputs[1:], outputs[1:])}
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Past]:
         return self.forward(ids, self.empty_past(np.asarray(ids).shape[0]))
