@@ -125,7 +125,11 @@ def bitpass_weight_only(fp32_proto: Any, lm: Any, hessians: dict[str, np.ndarray
 
 def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, say: Any) -> tuple[Any, list[Row]]:
     """Export ``lm`` and write every variant beside it; returns (spec, rows)."""
+    import logging
+
     import onnx
+
+    logging.disable(logging.INFO)  # ORT's quantizers log every node at INFO
 
     from bitpass.frontend.decoder import export_decoder
     from bitpass.passes.weight_only.apply import WeightOnlyRecipe
