@@ -38,15 +38,22 @@ class DecoderSpec:
     head_dim: int
     vocab: int
     max_positions: int
+    #: 32: float cache; 8 or 4: integer codes (int8 containers), static per-channel key scales inside the
+    #: graph and per-token value scales as extra ``past_key_values.{i}.value_scale`` / ``present`` tensors
+    kv_bits: int = 32
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
     logits: str = "logits"
 
-    def past_names(self, layer: int) -> tuple[str, str]:
-        return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+    @property
+    def cache_parts(self) -> tuple[str, ...]:
+        return ("key", "value") if self.kv_bits >= 32 else ("key", "value", "value_scale")
 
-    def present_names(self, layer: int) -> tuple[str, str]:
-        return f"present.{layer}.key", f"present.{layer}.value"
+    def past_names(self, layer: int) -> tuple[str, ...]:
+        return tuple(f"past_key_values.{layer}.{part}" for part in self.cache_parts)
+
+    def present_names(self, layer: int) -> tuple[str, ...]:
+        return tuple(f"present.{layer}.{part}" for part in self.cache_parts)
 
     @property
     def input_names(self) -> list[str]:
@@ -56,16 +63,21 @@ class DecoderSpec:
     def output_names(self) -> list[str]:
         return [self.logits, *(n for i in range(self.layers) for n in self.present_names(i))]
 
-    def empty_past(self, batch: int = 1, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         """Zero-length past tensors: the feeds of a prefill."""
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, dtype) for i in range(self.layers) for name in self.past_names(i)}
+        shapes = {"key": (batch, self.kv_heads, 0, self.head_dim), "value": (batch, self.kv_heads, 0, self.head_dim),
+                  "value_scale": (batch, self.kv_heads, 0, 1)}
+        dtypes = {"key": np.float32 if self.kv_bits >= 32 else np.int8,
+                  "value": np.float32 if self.kv_bits >= 32 else np.int8, "value_scale": np.float32}
+        return {f"past_key_values.{i}.{part}": np.zeros(shapes[part], dtypes[part])
+                for i in range(self.layers) for part in self.cache_parts}
 
     def to_metadata(self) -> dict[str, str]:
         """Model-level metadata_props that let ``spec_from_model`` rebuild this spec from a saved graph."""
         return {"bitpass.decoder.layers": str(self.layers), "bitpass.decoder.kv_heads": str(self.kv_heads),
                 "bitpass.decoder.head_dim": str(self.head_dim), "bitpass.decoder.vocab": str(self.vocab),
-                "bitpass.decoder.max_positions": str(self.max_positions)}
+                "bitpass.decoder.max_positions": str(self.max_positions),
+                "bitpass.decoder.kv_bits": str(self.kv_bits)}
 
 
 def spec_from_model(model: Model) -> DecoderSpec:
@@ -73,7 +85,8 @@ def spec_from_model(model: Model) -> DecoderSpec:
     props = model.ir.metadata_props
     try:
         return DecoderSpec(*(int(props[f"bitpass.decoder.{key}"])
-                             for key in ("layers", "kv_heads", "head_dim", "vocab", "max_positions")))
+                             for key in ("layers", "kv_heads", "head_dim", "vocab", "max_positions")),
+                           kv_bits=int(props.get("bitpass.decoder.kv_bits", "32")))
     except (KeyError, ValueError) as err:
         raise ModelLoadError(f"{model.provenance.name}: not a bitpass decoder graph (no bitpass.decoder.* "
                              "metadata): export it with bitpass.frontend.decoder.export_decoder") from err
@@ -134,29 +147,55 @@ def decoder_spec(lm: Any) -> DecoderSpec:
     return DecoderSpec(int(layers), int(kv_heads), int(head_dim), int(config.vocab_size), int(positions))
 
 
-def _wrapper(lm: Any, spec: DecoderSpec) -> Any:
+def _wrapper(lm: Any, spec: DecoderSpec, key_scales: Any = None) -> Any:
     """An nn.Module whose forward takes the cache as explicit tensors and returns the presents as tensors
-    (transformers 5 passes a ``Cache`` object, which an exported graph cannot take)."""
+    (transformers 5 passes a ``Cache`` object, which an exported graph cannot take).
+
+    With ``spec.kv_bits < 32`` the cache crosses the graph boundary as integer codes (KVQuant's layout):
+    keys per channel with static ``key_scales`` (layers, kv_heads, head_dim) calibrated beforehand, values
+    per token with a scale computed when the token enters the cache. Old entries are dequantized and
+    re-encoded each step; both grids are idempotent, so their codes do not drift.
+    """
     import torch
 
     transformers = import_transformers()
+    parts = len(spec.cache_parts)
+    top = float(2 ** (spec.kv_bits - 1) - 1)
 
     class KVCacheDecoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.lm = lm
+            if key_scales is not None:
+                scales = torch.as_tensor(np.asarray(key_scales, np.float32))
+                self.register_buffer("key_scales", scales.reshape(spec.layers, 1, spec.kv_heads, 1, spec.head_dim))
 
         def forward(self, input_ids: Any, attention_mask: Any, past: list[Any]) -> tuple[Any, ...]:
-            cache = transformers.DynamicCache(
-                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(spec.layers)])
+            layers = []
+            for i in range(spec.layers):
+                entry = past[parts * i:parts * (i + 1)]
+                if parts == 2:
+                    layers.append((entry[0], entry[1]))
+                else:
+                    layers.append((entry[0].float() * self.key_scales[i], entry[1].float() * entry[2]))
+            cache = transformers.DynamicCache(ddp_cache_data=layers)
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
             present = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            return (out.logits, *(t for layer in present.layers for t in (layer.keys, layer.values)))
+            outputs = [out.logits]
+            for i, layer in enumerate(present.layers):
+                if parts == 2:
+                    outputs += [layer.keys, layer.values]
+                    continue
+                keys = torch.clamp(torch.round(layer.keys / self.key_scales[i]), -top, top).to(torch.int8)
+                scale = torch.clamp(layer.values.abs().amax(dim=-1, keepdim=True) / top, min=1e-12)
+                outputs += [keys, torch.round(layer.values / scale).to(torch.int8), scale]
+            return tuple(outputs)
 
     return KVCacheDecoder().eval()
 
 
-def export_decoder(lm: Any, *, name: str | None = None) -> tuple[Model, DecoderSpec]:
+def export_decoder(lm: Any, *, name: str | None = None, kv_bits: int = 32,
+                   key_scales: Any = None) -> tuple[Model, DecoderSpec]:
     """Export a transformers causal LM (GPT-2, Llama, ...) as one KV-cache ONNX graph -> (Model, spec).
 
     The attention implementation is switched to eager for the export (and restored): it exports as
@@ -165,26 +204,42 @@ def export_decoder(lm: Any, *, name: str | None = None) -> tuple[Model, DecoderS
     batch must have the same length (no left padding: positions follow the past length).
     Layer ids are the LM's module paths (``transformer.h.0.attn.c_attn``, ``lm_head``), so a tied
     embedding and its lm_head get distinct ids and ``model.torch_module.get_submodule(id)`` finds each.
+
+    ``kv_bits=8`` (or 4) exports a quantized cache (see ``_wrapper``); ``key_scales`` (layers, kv_heads,
+    head_dim) come from calibration, e.g. ``bitpass.passes.weight_only.kvcache.key_scales``.
     """
+    import dataclasses
+
     import torch
 
-    spec = decoder_spec(lm)
+    spec = dataclasses.replace(decoder_spec(lm), kv_bits=kv_bits)
+    if kv_bits not in (4, 8, 32):
+        raise ValueError(f"a {kv_bits}-bit cache is not offered: use 8 or 4 (or 32 for a float cache)")
+    if kv_bits < 32 and (key_scales is None or np.shape(key_scales) != (spec.layers, spec.kv_heads, spec.head_dim)):
+        raise ValueError(f"a {kv_bits}-bit cache needs key_scales of shape {(spec.layers, spec.kv_heads, spec.head_dim)}"
+                         " from calibration (bitpass.passes.weight_only.kvcache.key_scales)")
     lm = lm.eval()
     previous = getattr(lm.config, "_attn_implementation", None)
     if previous != "eager":
         lm.set_attn_implementation("eager")
     batch, sequence, past = 2, 3, 5
-    args = (torch.zeros(batch, sequence, dtype=torch.long), torch.ones(batch, past + sequence, dtype=torch.long),
-            [torch.zeros(batch, spec.kv_heads, past, spec.head_dim) for _ in range(2 * spec.layers)])
+    examples = {"key": torch.zeros(batch, spec.kv_heads, past, spec.head_dim),
+                "value": torch.zeros(batch, spec.kv_heads, past, spec.head_dim),
+                "value_scale": torch.ones(batch, spec.kv_heads, past, 1)}
+    if kv_bits < 32:
+        examples["key"], examples["value"] = examples["key"].to(torch.int8), examples["value"].to(torch.int8)
+    # one tensor object per input: torch.export treats a tensor passed twice as one aliased input
+    cache = [examples[part].clone() for _ in range(spec.layers) for part in spec.cache_parts]
+    args = (torch.zeros(batch, sequence, dtype=torch.long), torch.ones(batch, past + sequence, dtype=torch.long), cache)
     auto = torch.export.Dim.AUTO
-    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, [{0: auto, 2: auto} for _ in range(2 * spec.layers)])
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, [{0: auto, 2: auto} for _ in cache])
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                _wrapper(lm, spec), args, dynamo=True, optimize=True, opset_version=DECODER_OPSET,
+                _wrapper(lm, spec, key_scales), args, dynamo=True, optimize=True, opset_version=DECODER_OPSET,
                 dynamic_shapes=dynamic, input_names=spec.input_names, output_names=spec.output_names,
                 verbose=False)
     except Exception as err:

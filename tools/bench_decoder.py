@@ -216,7 +216,9 @@ def _time_request(request: dict) -> list[dict]:
     decode = np.zeros((request["rounds"], len(sessions)))
     fill = np.zeros_like(decode)
     for r in range(request["rounds"]):
-        for i, session in enumerate(sessions):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))  # no variant always first
+        for i in order:
+            session = sessions[i]
             decode[r, i] = decode_step_seconds(session, past_length=request["past"], repeats=20)
             fill[r, i] = prefill_seconds(session, length=request["prefill"], repeats=3)
     out = []
@@ -240,7 +242,7 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any)
     import torch
 
     from bitpass.passes.weight_only.apply import (WeightOnlyRecipe, apply_to_torch, layerwise_widths,
-                                                  quantize_layers)
+                                                  quantize_groupwise, quantize_layers)
     from bitpass.passes.weight_only.calibration import layer_hessians, linear_layer_ids, weight_matrix
     from bitpass.tools.decoders import bits_per_byte
 
@@ -253,7 +255,7 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any)
         reference_logp = torch.log_softmax(lm(input_ids=torch.from_numpy(windows[:, :-1])).logits, -1)
 
     def evaluate(label: str, recipe: Any) -> dict:
-        layers = quantize_layers(weights, hessians, recipe)
+        layers = recipe() if callable(recipe) else quantize_layers(weights, hessians, recipe)
         variant = copy.deepcopy(lm)
         apply_to_torch(variant, layers)
         with torch.no_grad():
@@ -277,13 +279,56 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any)
             rows.append(evaluate(f"gptq{bits}-g{group}-act-order", WeightOnlyRecipe("gptq", bits, group,
                                                                                    act_order=True)))
     for widths in ((2, 3, 4, 8), (2, 4, 8)):
-        rows.append(evaluate(f"group-wise 3.5 {widths} gptq", WeightOnlyRecipe("gptq", 3.5, 32, widths=widths)))
+        rows.append(evaluate(f"per-layer group-wise 3.5 {widths} gptq", WeightOnlyRecipe("gptq", 3.5, 32, widths=widths)))
+    for widths, proxy in (((3, 4), "rtn"), ((3, 4), "gptq"), ((2, 3, 4, 8), "gptq")):
+        rows.append(evaluate(f"model-wide group-wise 3.5 {widths} {proxy}-proxy",
+                             lambda w=widths, p=proxy: quantize_groupwise(weights, hessians, 3.5, widths=w, proxy=p)))
     per_layer = layerwise_widths(weights, hessians, (3, 4), 3.5)
     rows.append(evaluate("layer-wise 3/4 at 3.5 gptq", {i: WeightOnlyRecipe("gptq", b, 32) for i, b in
                                                        per_layer.items()}))
     for rank in (4, 8):
         rows.append(evaluate(f"gptq3-g32 + LoRC rank {rank}", WeightOnlyRecipe("gptq", 3, 32, lowrank=rank)))
     return rows
+
+
+# --------------------------------------------------------------------------- KV-cache quantization
+def kv_cache_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, workdir: Path, *, past: int, prefill: int,
+                   rounds: int, say: Any) -> list[dict]:
+    """fp32 weights with a float, int8 and int4 cache (KVQuant: per-channel keys, per-token values): decode-mode
+    bits per byte (prefill 32 tokens, then one step per token), cache bytes at ``prefill`` tokens, decode speed."""
+    from bitpass.backends.onnxruntime.generate import DecoderSession, lm_fidelity
+    from bitpass.frontend.decoder import export_decoder
+    from bitpass.passes.weight_only.kvcache import cache_bytes, key_scales, packed_cache_bytes
+
+    folder = workdir / "real-kv"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, specs = [], {}
+    for bits in (32, 8, 4):
+        scales = key_scales(lm, calibration, bits) if bits < 32 else None
+        model, spec = export_decoder(lm, kv_bits=bits, key_scales=scales)
+        path = folder / f"kv{bits}.onnx"
+        model.save(path)
+        specs[bits] = spec
+        rows.append(Row(f"fp32-weights kv{bits}", str(path), path.stat().st_size, weight_bytes(path)))
+    reference = DecoderSession.load(rows[0].path, specs[32])
+    ids = windows[:1, :prefill] if windows.shape[1] >= prefill else np.zeros((1, prefill), np.int64)
+    for row, bits in zip(rows, (32, 8, 4)):
+        session = DecoderSession.load(row.path, specs[bits])
+        result = lm_fidelity(session, reference, windows, batch=16, decode_after=32)
+        _, present = session.prefill(ids)
+        row.fidelity.update({"bits_per_byte": result.bits_per_byte,
+                             "bits_per_byte_increase": result.bits_per_byte_increase, "kl": result.kl,
+                             "top1_agreement": result.top1_agreement, "cache_bytes": cache_bytes(present),
+                             "cache_bytes_packed": packed_cache_bytes(present, bits) if bits < 32
+                             else cache_bytes(present)})
+        say(f"  kv{bits:<2d} decode-mode bpb {result.bits_per_byte:.4f} ({100 * result.bits_per_byte_increase:+.2f} %) "
+            f"KL {result.kl:.5f} agree {result.top1_agreement:.3f}  cache at {prefill} tokens: "
+            f"{row.fidelity['cache_bytes']:,} B (codes packed: {row.fidelity['cache_bytes_packed']:,} B)")
+    time_in_fresh_process(rows, specs[32], past=past, prefill=prefill, rounds=rounds)
+    for row in rows:
+        say(f"  {row.name:20s} decode {row.speed['decode_tokens_per_s']:8.1f} tok/s "
+            f"({row.speed['decode_vs_fp32']:.2f}x float cache)")
+    return [asdict(r) for r in rows]
 
 
 # --------------------------------------------------------------------------- report
@@ -356,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(name, rows, past=args.past, prefill=args.prefill)
         report[name] = [asdict(r) for r in rows]
         if args.study and name == "real":
+            report["kv_cache"] = kv_cache_study(lm, calibration, windows[:64], args.workdir, past=args.past,
+                                                prefill=args.prefill, rounds=args.rounds, say=say)
             report["width_study"] = width_study(lm, calibration, windows, say)
         del lm
     if args.json:

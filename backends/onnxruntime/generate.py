@@ -167,6 +167,23 @@ def teacher_forced(session: DecoderSession, windows: np.ndarray, *, batch: int =
         yield _log_softmax(logits)
 
 
+def decoded(session: DecoderSession, windows: np.ndarray, *, prefix: int, batch: int = 16) -> Iterator[np.ndarray]:
+    """Like ``teacher_forced``, but the first ``prefix`` tokens are a prefill and every later token is fed
+    in its own decode step: log-probabilities ``(batch, length - prefix, vocab)`` of tokens ``prefix..``,
+    each predicted from the cache (what a quantized cache changes; a prefill never reads its cache)."""
+    windows = np.asarray(windows, dtype=np.int64)
+    if not 0 < prefix < windows.shape[1]:
+        raise UsageError(f"prefix {prefix} must leave tokens to decode in windows of {windows.shape[1]}")
+    for start in range(0, len(windows), batch):
+        chunk = windows[start:start + batch]
+        logits, past = session.prefill(chunk[:, :prefix])
+        steps = [logits[:, -1:]]
+        for position in range(prefix, chunk.shape[1] - 1):
+            logits, past = session.forward(chunk[:, position:position + 1], past)
+            steps.append(logits)
+        yield _log_softmax(np.concatenate(steps, axis=1))
+
+
 def bits_per_byte(session: DecoderSession, windows: np.ndarray, *, batch: int = 16) -> float:
     """Teacher-forced mean bits per predicted token over ``windows`` (count, length) of token ids."""
     total, count = 0.0, 0
@@ -178,15 +195,24 @@ def bits_per_byte(session: DecoderSession, windows: np.ndarray, *, batch: int = 
 
 
 def lm_fidelity(candidate: DecoderSession, reference: DecoderSession, windows: np.ndarray, *,
-                batch: int = 16) -> LMFidelity:
-    """Bits per byte of both, per-token KL(reference || candidate) and per-token top-1 agreement."""
+                batch: int = 16, decode_after: int | None = None) -> LMFidelity:
+    """Bits per byte of both, per-token KL(reference || candidate) and per-token top-1 agreement.
+
+    Teacher-forced in one prefill per window, or with ``decode_after=P`` a prefill of P tokens and then
+    one decode step per token (scoring only the decoded predictions): the mode a quantized cache needs.
+    """
     windows = np.asarray(windows, dtype=np.int64)
     bits = ref_bits = kl = agree = 0.0
     count = 0
-    chunks = zip(range(0, len(windows), batch), teacher_forced(candidate, windows, batch=batch),
-                 teacher_forced(reference, windows, batch=batch))
-    for start, logq, logp in chunks:
-        targets = windows[start:start + batch, 1:, None]
+    if decode_after is None:
+        first = 1
+        streams = (teacher_forced(candidate, windows, batch=batch), teacher_forced(reference, windows, batch=batch))
+    else:
+        first = decode_after
+        streams = (decoded(candidate, windows, prefix=decode_after, batch=batch),
+                   decoded(reference, windows, prefix=decode_after, batch=batch))
+    for start, logq, logp in zip(range(0, len(windows), batch), *streams):
+        targets = windows[start:start + batch, first:, None]
         bits -= float(np.take_along_axis(logq, targets, -1).sum())
         ref_bits -= float(np.take_along_axis(logp, targets, -1).sum())
         kl += float((np.exp(logp) * (logp - logq)).sum())
@@ -236,8 +262,11 @@ session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionPro
 spec = json.loads(sys.argv[2])
 loaded = rss()
 feeds = {spec["input_ids"]: np.zeros((1, 8), np.int64), spec["attention_mask"]: np.ones((1, 8), np.int64)}
-for name in spec["past"]:
-    feeds[name] = np.zeros((1, spec["kv_heads"], 0, spec["head_dim"]), np.float32)
+types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+for value in session.get_inputs():
+    if value.name.startswith("past_key_values."):
+        dims = [1 if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(value.shape)]
+        feeds[value.name] = np.zeros(dims, types.get(value.type, np.float32))
 session.run(None, feeds)
 after = rss()
 print(json.dumps({"session_rss": after["VmRSS"] - before["VmRSS"], "loaded_rss": loaded["VmRSS"] - before["VmRSS"],
@@ -261,8 +290,7 @@ def session_memory(path: str | os.PathLike[str], spec: DecoderSpec, *, threads: 
     """
     if not Path("/proc/self/status").is_file():
         raise BitpassError("session memory is measured from /proc/self/status: Linux only")
-    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask,
-                            "past": sorted(spec.empty_past()), "kv_heads": spec.kv_heads, "head_dim": spec.head_dim})
+    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask})
     result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), spec_json, str(threads)],
                             capture_output=True, text=True, timeout=900, check=False)
     if result.returncode != 0:

@@ -17,7 +17,7 @@ import numpy as np
 from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
-from bitpass.passes.weight_only.mixed import allocate_widths, mixed_quantize
+from bitpass.passes.weight_only.mixed import allocate_widths, global_slice_widths, mixed_quantize
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,23 @@ def layerwise_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, n
     sizes = np.array([weights[i].size for i in ids], np.float64)
     chosen = allocate_widths(errors, widths, average_bits, sizes)
     return {layer_id: int(bits) for layer_id, bits in zip(ids, chosen)}
+
+
+def quantize_groupwise(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float, *,
+                       widths: Sequence[int] = (2, 4, 8), group_size: int = 32, method: str = "gptq",
+                       act_order: bool = False, proxy: str = "rtn") -> dict[str, QuantizedLayer]:
+    """Group-wise mixed widths under one model-wide average (``global_slice_widths``), then each layer
+    rounded at its slices' widths."""
+    chosen = global_slice_widths(weights, hessians, widths, average_bits, group_size, proxy=proxy)
+    out = {}
+    for layer_id, weight in weights.items():
+        h = hessians[layer_id]
+        if method == "gptq":
+            quantized = gptq(weight, h, chosen[layer_id], group_size, act_order=act_order)
+        else:
+            quantized = rtn(weight, chosen[layer_id], group_size)
+        out[layer_id] = QuantizedLayer(quantized, None, output_error(weight, quantized.dequantize(), h))
+    return out
 
 
 def apply_to_torch(lm: Any, layers: Mapping[str, QuantizedLayer]) -> None:

