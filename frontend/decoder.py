@@ -153,8 +153,9 @@ def _wrapper(lm: Any, spec: DecoderSpec, key_scales: Any = None) -> Any:
 
     With ``spec.kv_bits < 32`` the cache crosses the graph boundary as integer codes (KVQuant's layout):
     keys per channel with static ``key_scales`` (layers, kv_heads, head_dim) calibrated beforehand, values
-    per token with a scale computed when the token enters the cache. Old entries are dequantized and
-    re-encoded each step; both grids are idempotent, so their codes do not drift.
+    per token with a scale computed when the token enters the cache. Each step encodes only the new
+    positions and appends their codes: old codes pass through unchanged (the whole cache is dequantized
+    for attention, once per step).
     """
     import torch
 
@@ -186,9 +187,14 @@ def _wrapper(lm: Any, spec: DecoderSpec, key_scales: Any = None) -> Any:
                 if parts == 2:
                     outputs += [layer.keys, layer.values]
                     continue
-                keys = torch.clamp(torch.round(layer.keys / self.key_scales[i]), -top, top).to(torch.int8)
-                scale = torch.clamp(layer.values.abs().amax(dim=-1, keepdim=True) / top, min=1e-12)
-                outputs += [keys, torch.round(layer.values / scale).to(torch.int8), scale]
+                entry = past[parts * i:parts * (i + 1)]
+                cached = entry[0].shape[2]  # only the new positions are encoded; old codes pass through
+                new_keys, new_values = layer.keys[:, :, cached:], layer.values[:, :, cached:]
+                keys = torch.clamp(torch.round(new_keys / self.key_scales[i]), -top, top).to(torch.int8)
+                scale = torch.clamp(new_values.abs().amax(dim=-1, keepdim=True) / top, min=1e-12)
+                values = torch.round(new_values / scale).to(torch.int8)
+                outputs += [torch.cat([entry[0], keys], dim=2), torch.cat([entry[1], values], dim=2),
+                            torch.cat([entry[2], scale], dim=2)]
             return tuple(outputs)
 
     return KVCacheDecoder().eval()

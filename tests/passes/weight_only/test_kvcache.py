@@ -37,7 +37,7 @@ def test_an_int8_cache_holds_about_a_quarter_of_the_float_bytes(sessions):
     assert packed_cache_bytes(int8_cache, 4) < cache_bytes(int8_cache)
 
 
-def test_old_entries_keep_their_codes_when_the_cache_is_re_encoded(sessions):
+def test_old_entries_keep_their_codes_as_new_ones_are_appended(sessions):
     session = sessions[0][8]
     _, past = session.prefill(WINDOWS[:2, :20])
     _, after = session.forward(WINDOWS[:2, 20:21], past)
