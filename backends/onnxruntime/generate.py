@@ -1,0 +1,300 @@
+"""Run a KV-cache decoder graph in ONNX Runtime: greedy generation, decode/prefill speed, LM fidelity, memory.
+
+The graph is the one ``bitpass.frontend.decoder.export_decoder`` writes (ORT GenAI's layout: ``input_ids``,
+``attention_mask``, ``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.key/value`` out).
+Fidelity of a language model is per token: each predicted position is one sample (a top-1 agreement taken
+as one argmax over sequence x vocabulary says nothing about the tokens a generator would emit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bitpass.backends.onnxruntime.runner import session_options
+from bitpass.frontend.decoder import DecoderSpec, spec_from_model
+from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.frontend.model import Model
+
+Past = dict[str, np.ndarray]
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
+
+
+class DecoderSession:
+    """An ONNX Runtime session over a KV-cache decoder graph, with prefill and decode steps."""
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec) -> None:
+        inputs = {i.name: i for i in session.get_inputs()}
+        missing = sorted(set(spec.input_names) - set(inputs))
+        if missing:
+            raise BitpassError(f"not a KV-cache decoder graph: inputs {', '.join(missing[:4])} missing; "
+                               "export the model with bitpass.frontend.decoder.export_decoder")
+        self.session, self.spec = session, spec
+        #: every cache input (keys, values, and any per-token scales of a quantized cache) and the output
+        #: that becomes it at the next step: ``present.X`` feeds ``past_key_values.X``
+        self._past = {name: value for name, value in inputs.items() if name.startswith("past_key_values.")}
+        outputs = [o.name for o in session.get_outputs()]
+        self._present = {name: "past_key_values." + name[len("present."):] for name in outputs
+                         if name.startswith("present.") and "past_key_values." + name[len("present."):] in self._past}
+        self._outputs = [spec.logits, *self._present]
+
+    def _past_array(self, name: str, batch: int, length: int, rng: np.random.Generator | None) -> np.ndarray:
+        value = self._past[name]
+        dims = [batch if i == 0 else length if i == 2 else int(d) for i, d in enumerate(value.shape)]
+        dtype = _ORT_TYPES.get(value.type, np.float32)
+        if rng is None:
+            return np.zeros(dims, dtype)
+        if np.issubdtype(dtype, np.integer):
+            return rng.integers(-100, 100, dims).astype(dtype)
+        return np.abs(rng.standard_normal(dims)).astype(dtype) if name.endswith("_scale") \
+            else rng.standard_normal(dims).astype(dtype)
+
+    @classmethod
+    def load(cls, source: Model | bytes | str | os.PathLike[str], spec: DecoderSpec | None = None, *,
+             threads: int | None = None, for_timing: bool = False,
+             config: Mapping[str, Any] | None = None) -> DecoderSession:
+        """A session over a ``Model``, serialized bytes or a file path (a path keeps external data beside it)."""
+        if isinstance(source, Model):
+            spec = spec or spec_from_model(source)
+            source = source.to_bytes()
+        if spec is None:
+            raise UsageError("a decoder given as bytes or a path needs its DecoderSpec")
+        path_or_bytes = source if isinstance(source, bytes) else str(source)
+        try:
+            session = ort.InferenceSession(path_or_bytes, session_options(config, threads=threads,
+                                                                          for_timing=for_timing),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own exception types
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BitpassError(f"ONNX Runtime cannot load the decoder: {text[:200]}") from err
+        return cls(session, spec)
+
+    def empty_past(self, batch: int = 1) -> Past:
+        """Zero-length cache tensors: the feeds of a prefill."""
+        return {name: self._past_array(name, batch, 0, None) for name in self._past}
+
+    def random_past(self, batch: int, length: int, seed: int = 0) -> Past:
+        """A past of ``length`` positions with random values: decode-step timing does not depend on values."""
+        rng = np.random.default_rng(seed)
+        return {name: self._past_array(name, batch, length, rng) for name in self._past}
+
+    def forward(self, ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
+        """Logits for ``ids`` (batch, sequence) after ``past``; and the presents, renamed as the next past."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise UsageError(f"token ids must be (batch, sequence), got shape {ids.shape}")
+        past_length = past[self.spec.past_names(0)[0]].shape[2] if past else 0
+        if past_length + ids.shape[1] > self.spec.max_positions:
+            raise UsageError(f"{past_length + ids.shape[1]} positions exceed the model's {self.spec.max_positions}: "
+                             "generate fewer tokens or use a shorter prompt")
+        feeds = {self.spec.input_ids: ids,
+                 self.spec.attention_mask: np.ones((ids.shape[0], past_length + ids.shape[1]), np.int64), **past}
+        outputs = self.session.run(self._outputs, feeds)
+        return outputs[0], {self._present[name]: array for name, array in zip(self._outputs[1:], outputs[1:])}
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Past]:
+        return self.forward(ids, self.empty_past(np.asarray(ids).shape[0]))
+
+
+def generate(session: DecoderSession, prompt: np.ndarray | bytes | str, new_tokens: int) -> np.ndarray:
+    """Greedy decoding: prefill the prompt, then ``new_tokens`` one-token steps; returns (batch, new_tokens).
+
+    A ``bytes``/``str`` prompt is a byte-level prompt (UTF-8): one row of token ids = byte values.
+    """
+    ids = _prompt_ids(prompt)
+    if ids.size == 0:
+        raise UsageError("the prompt is empty: give at least one token")
+    logits, past = session.prefill(ids)
+    tokens = []
+    for step in range(new_tokens):
+        token = logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+        tokens.append(token)
+        if step + 1 < new_tokens:
+            logits, past = session.forward(token, past)
+    return np.concatenate(tokens, axis=1) if tokens else np.zeros((ids.shape[0], 0), np.int64)
+
+
+def _prompt_ids(prompt: np.ndarray | bytes | str) -> np.ndarray:
+    if isinstance(prompt, str):
+        prompt = prompt.encode("utf-8")
+    if isinstance(prompt, bytes):
+        return np.frombuffer(prompt, np.uint8).astype(np.int64)[None, :]
+    ids = np.asarray(prompt, dtype=np.int64)
+    return ids[None, :] if ids.ndim == 1 else ids
+
+
+# --- fidelity --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LMFidelity:
+    """Per-token fidelity of a language model to its reference, teacher-forced on held-out windows."""
+
+    bits_per_byte: float  # the candidate's mean cross-entropy in bits per predicted token
+    reference_bits_per_byte: float
+    kl: float  # mean over predicted tokens of KL(reference || candidate), in nats
+    top1_agreement: float  # fraction of predicted tokens whose argmax matches the reference's
+    tokens: int
+
+    @property
+    def bits_per_byte_increase(self) -> float:
+        """Relative increase of bits per byte over the reference (0.02 = 2 % worse)."""
+        return self.bits_per_byte / self.reference_bits_per_byte - 1.0
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def teacher_forced(session: DecoderSession, windows: np.ndarray, *, batch: int = 16) -> Iterator[np.ndarray]:
+    """Log-probabilities (batch, length - 1, vocab) of each window's next tokens, one chunk at a time
+    (a whole held-out set of a 50k-vocabulary model would not fit in memory)."""
+    windows = np.asarray(windows, dtype=np.int64)
+    for start in range(0, len(windows), batch):
+        logits, _ = session.prefill(windows[start:start + batch, :-1])
+        yield _log_softmax(logits)
+
+
+def decoded(session: DecoderSession, windows: np.ndarray, *, prefix: int, batch: int = 16) -> Iterator[np.ndarray]:
+    """Like ``teacher_forced``, but the first ``prefix`` tokens are a prefill and every later token is fed
+    in its own decode step: log-probabilities ``(batch, length - prefix, vocab)`` of tokens ``prefix..``,
+    each predicted from the cache (what a quantized cache changes; a prefill never reads its cache)."""
+    windows = np.asarray(windows, dtype=np.int64)
+    if not 0 < prefix < windows.shape[1]:
+        raise UsageError(f"prefix {prefix} must leave tokens to decode in windows of {windows.shape[1]}")
+    for start in range(0, len(windows), batch):
+        chunk = windows[start:start + batch]
+        logits, past = session.prefill(chunk[:, :prefix])
+        steps = [logits[:, -1:]]
+        for position in range(prefix, chunk.shape[1] - 1):
+            logits, past = session.forward(chunk[:, position:position + 1], past)
+            steps.append(logits)
+        yield _log_softmax(np.concatenate(steps, axis=1))
+
+
+def bits_per_byte(session: DecoderSession, windows: np.ndarray, *, batch: int = 16) -> float:
+    """Teacher-forced mean bits per predicted token over ``windows`` (count, length) of token ids."""
+    total, count = 0.0, 0
+    for start, logp in zip(range(0, len(windows), batch), teacher_forced(session, windows, batch=batch)):
+        targets = np.asarray(windows[start:start + batch, 1:], dtype=np.int64)
+        total -= float(np.take_along_axis(logp, targets[..., None], -1).sum())
+        count += targets.size
+    return total / count / math.log(2)
+
+
+def lm_fidelity(candidate: DecoderSession, reference: DecoderSession, windows: np.ndarray, *,
+                batch: int = 16, decode_after: int | None = None) -> LMFidelity:
+    """Bits per byte of both, per-token KL(reference || candidate) and per-token top-1 agreement.
+
+    Teacher-forced in one prefill per window, or with ``decode_after=P`` a prefill of P tokens and then
+    one decode step per token (scoring only the decoded predictions): the mode a quantized cache needs.
+    """
+    windows = np.asarray(windows, dtype=np.int64)
+    bits = ref_bits = kl = agree = 0.0
+    count = 0
+    if decode_after is None:
+        first = 1
+        streams = (teacher_forced(candidate, windows, batch=batch), teacher_forced(reference, windows, batch=batch))
+    else:
+        first = decode_after
+        streams = (decoded(candidate, windows, prefix=decode_after, batch=batch),
+                   decoded(reference, windows, prefix=decode_after, batch=batch))
+    for start, logq, logp in zip(range(0, len(windows), batch), *streams):
+        targets = windows[start:start + batch, first:, None]
+        bits -= float(np.take_along_axis(logq, targets, -1).sum())
+        ref_bits -= float(np.take_along_axis(logp, targets, -1).sum())
+        kl += float((np.exp(logp) * (logp - logq)).sum())
+        agree += float((logq.argmax(-1) == logp.argmax(-1)).sum())
+        count += targets.size
+    return LMFidelity(bits / count / math.log(2), ref_bits / count / math.log(2), kl / count, agree / count, count)
+
+
+# --- speed -----------------------------------------------------------------------------------------
+
+def _median_seconds(run: Any, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def decode_step_seconds(session: DecoderSession, *, past_length: int, batch: int = 1, repeats: int = 20) -> float:
+    """Median seconds of one decode step (one new token per row) after ``past_length`` cached positions."""
+    past = session.random_past(batch, past_length)
+    token = np.full((batch, 1), 65, np.int64)
+    return _median_seconds(lambda: session.forward(token, past), repeats)
+
+
+def prefill_seconds(session: DecoderSession, *, length: int, batch: int = 1, repeats: int = 5) -> float:
+    """Median seconds of a prefill of ``length`` tokens per row from an empty cache."""
+    ids = np.random.default_rng(0).integers(0, session.spec.vocab, (batch, length))
+    return _median_seconds(lambda: session.prefill(ids), repeats, warmup=1)
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+_MEMORY_PROBE = r"""
+import json, sys
+import numpy as np, onnxruntime as ort
+def rss():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+before = rss()
+options = ort.SessionOptions(); options.log_severity_level = 3
+options.intra_op_num_threads = int(sys.argv[3])
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+spec = json.loads(sys.argv[2])
+loaded = rss()
+feeds = {spec["input_ids"]: np.zeros((1, 8), np.int64), spec["attention_mask"]: np.ones((1, 8), np.int64)}
+types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+for value in session.get_inputs():
+    if value.name.startswith("past_key_values."):
+        dims = [1 if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(value.shape)]
+        feeds[value.name] = np.zeros(dims, types.get(value.type, np.float32))
+session.run(None, feeds)
+after = rss()
+print(json.dumps({"session_rss": after["VmRSS"] - before["VmRSS"], "loaded_rss": loaded["VmRSS"] - before["VmRSS"],
+                  "peak_rss": after["VmHWM"] - before["VmRSS"]}))
+"""
+
+
+@dataclass(frozen=True)
+class SessionMemory:
+    """Resident memory an ONNX Runtime session adds to a fresh process (bytes)."""
+
+    session_rss: int  # after loading and one short prefill: what serving the model holds
+    loaded_rss: int  # right after the session is created
+    peak_rss: int  # high-water mark during load and the first run (initializer folding, pre-packing)
+
+
+def session_memory(path: str | os.PathLike[str], spec: DecoderSpec, *, threads: int = 1) -> SessionMemory:
+    """Measure in a fresh Python process (an in-process delta mixes in whatever this process already freed).
+
+    Linux only: reads ``/proc/self/status``.
+    """
+    if not Path("/proc/self/status").is_file():
+        raise BitpassError("session memory is measured from /proc/self/status: Linux only")
+    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask})
+    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), spec_json, str(threads)],
+                            capture_output=True, text=True, timeout=900, check=False)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BitpassError(f"memory probe of {path} failed: {tail[:200]}")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return SessionMemory(figures["session_rss"], figures["loaded_rss"], figures["peak_rss"])

@@ -1,0 +1,110 @@
+"""GPTQ: error-compensating rounding of one weight, given the Hessian of its layer-local objective.
+
+The objective is the layer's output error on its own calibration inputs, ``||X W - X Q||^2`` with
+``H = X^T X / n``. GPTQ (Frantar et al., 2022) rounds one input feature (a row of the ``(K, N)`` weight)
+at a time and spreads its rounding error onto the rows not yet rounded, weighted by the inverse Hessian
+(Optimal Brain Surgeon's update), in blocks so the update is mostly matrix products. Groups are
+contiguous K-slices (MatMulNBits blocks); with ``act_order`` rows are rounded in order of decreasing
+Hessian diagonal while the grids stay those of the contiguous groups ("static groups"), so the result
+still fits MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from bitpass.passes.weight_only.grid import GroupQuantized, check_groups, group_params
+
+
+class HessianAccumulator:
+    """``X^T X / n`` over calibration inputs fed in chunks (float64, ``(K, K)``)."""
+
+    def __init__(self, features: int) -> None:
+        self.sum = np.zeros((features, features), np.float64)
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        rows = np.asarray(x, np.float64).reshape(-1, self.sum.shape[0])
+        self.sum += rows.T @ rows
+        self.count += rows.shape[0]
+
+    @property
+    def value(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("no calibration inputs were added")
+        return self.sum / self.count
+
+
+def hessian(inputs: Iterable[np.ndarray] | np.ndarray) -> np.ndarray:
+    """``X^T X / n`` of a layer's inputs (any leading shape; the last axis is the input features)."""
+    chunks = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+    accumulator = HessianAccumulator(chunks[0].shape[-1])
+    for chunk in chunks:
+        accumulator.add(chunk)
+    return accumulator.value
+
+
+def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper ``U`` with ``U^T U = H^-1``: row ``i`` of ``U`` gives the OBS update of the rows after ``i``."""
+    lower = np.linalg.cholesky(h)
+    inverse = np.linalg.inv(lower)
+    return np.linalg.cholesky(inverse.T @ inverse).T
+
+
+def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: int, *, act_order: bool = False,
+         static_groups: bool = True, damp: float = 0.01, block: int = 128) -> GroupQuantized:
+    """Quantize ``weight`` ``(K, N)`` group-wise to ``bits`` (one width, or one per K-slice of groups)
+    minimizing ``tr(E^T H E)`` greedily; ``damp`` adds that fraction of the mean diagonal to H.
+
+    ``static_groups`` (default) fixes every group's grid from the original weight before any error is
+    spread (always so with ``act_order``); otherwise a group's grid is fitted to its rows as compensated
+    so far, as in the GPTQ paper. Measured on correlated inputs: equal at 4 bits, and at 2 bits static
+    grids kept 0.10 relative output error where fitted ones kept 0.16-0.18 (worse than RTN's 0.17)."""
+    w = np.asarray(weight, np.float64)
+    k, n = w.shape
+    check_groups(k, group_size)
+    if h.shape != (k, k):
+        raise ValueError(f"the Hessian is {h.shape}; the weight has {k} input features")
+    slices = k // group_size
+    bits_per_slice = np.broadcast_to(np.asarray(bits, dtype=np.int64), (slices,)).copy()
+    h = np.array(h, np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    work = w.T.copy()  # (N, K): GPTQ's layout, one column per input feature
+    work[:, dead] = 0.0
+    static = static_groups or act_order
+    scales = np.zeros((slices, n), np.float32)
+    zeros = np.zeros((slices, n), np.uint8)
+    if static:
+        scales, zeros = group_params(work.T, bits_per_slice, group_size)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    work, h = work[:, order], h[np.ix_(order, order)]
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    upper = _upper_inverse_cholesky(h)
+    codes = np.zeros((n, k), np.uint8)
+    block = max(group_size, (block // group_size) * group_size)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        part = work[:, start:stop].copy()
+        errors = np.zeros_like(part)
+        for j in range(stop - start):
+            feature = order[start + j]
+            g = feature // group_size
+            if not static and feature % group_size == 0:
+                # grids from the current (already error-compensated) rows of this group
+                s, z = group_params(part[:, j:j + group_size].T, bits_per_slice[g:g + 1], group_size)
+                scales[g], zeros[g] = s[0], z[0]
+            top = 2 ** int(bits_per_slice[g]) - 1
+            column = part[:, j]
+            q = np.clip(np.round(column / scales[g] + zeros[g]), 0, top)
+            codes[:, start + j] = q.astype(np.uint8)
+            dequantized = (q - zeros[g].astype(np.float64)) * scales[g].astype(np.float64)
+            error = (column - dequantized) / upper[start + j, start + j]
+            part[:, j:] -= np.outer(error, upper[start + j, start + j:stop])
+            errors[:, j] = error
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
+    restored = np.empty_like(codes)
+    restored[:, order] = codes
+    return GroupQuantized(np.ascontiguousarray(restored.T), scales, zeros, bits_per_slice, group_size)

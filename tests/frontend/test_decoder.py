@@ -1,0 +1,117 @@
+"""KV-cache decoder export: one ONNX graph for prefill and decode that matches the torch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from bitpass.frontend import ModelLoadError, from_proto
+from bitpass.frontend.decoder import DecoderSpec, export_decoder, spec_from_model
+from bitpass.tools import decoders
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    lm = decoders.tiny_gpt2(width=96)  # lm_head 256x96: above the exporter's constant-folding size limit
+    lm.set_attn_implementation("sdpa")  # exported as eager, then restored (see the last test)
+    model, spec = export_decoder(lm)
+    return lm, model, spec
+
+
+@pytest.fixture(scope="module")
+def llama():
+    lm = decoders.llama_small()
+    model, spec = export_decoder(lm)
+    return lm, model, spec
+
+
+def session(model) -> ort.InferenceSession:
+    return ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"])
+
+
+def feeds(spec: DecoderSpec, ids: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    length = next(iter(past.values())).shape[2] + ids.shape[1]
+    return {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], length), np.int64), **past}
+
+
+def prefill_then_decode(lm, model, spec, batch: int, prompt: int) -> None:
+    rng = np.random.default_rng(batch * 100 + prompt)
+    ids = rng.integers(0, spec.vocab, (batch, prompt + 1))
+    run = session(model)
+    outputs = run.run(None, feeds(spec, ids[:, :-1], spec.empty_past(batch)))
+    past = {name: outputs[1 + i] for i, name in enumerate(n for layer in range(spec.layers)
+                                                             for n in spec.past_names(layer))}
+    step = run.run(None, feeds(spec, ids[:, -1:], past))
+    with torch.no_grad():
+        reference = lm(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(outputs[0], reference[:, :-1], atol=1e-4)
+    np.testing.assert_allclose(step[0][:, 0], reference[:, -1], atol=1e-4)
+    assert step[1].shape == (batch, spec.kv_heads, prompt + 1, spec.head_dim)
+
+
+@pytest.mark.parametrize(("batch", "prompt"), [(1, 1), (1, 6), (3, 4)])
+def test_gpt2_prefill_then_one_token_decode_matches_torch_at_any_batch_and_length(gpt2, batch, prompt):
+    prefill_then_decode(*gpt2, batch, prompt)
+
+
+def test_llama_with_grouped_query_attention_caches_only_the_kv_heads(llama):
+    lm, model, spec = llama
+    assert (spec.kv_heads, spec.head_dim) == (2, 16)
+    prefill_then_decode(lm, model, spec, 2, 5)
+
+
+def test_batch_sequence_and_past_axes_are_dynamic_and_named(gpt2):
+    _, model, spec = gpt2
+    shapes = {t.name: t.shape for t in [*model.inputs, *model.outputs]}
+    assert shapes["input_ids"] == ("batch", "sequence")
+    assert shapes["attention_mask"] == ("batch", "total_sequence")
+    assert shapes["past_key_values.1.value"] == ("batch", spec.kv_heads, "past_sequence", spec.head_dim)
+    assert shapes["present.0.key"] == ("batch", spec.kv_heads, "total_sequence", spec.head_dim)
+    assert shapes["logits"] == ("batch", "sequence", spec.vocab)
+
+
+def test_a_tied_embedding_and_the_lm_head_get_their_own_module_path_ids(gpt2):
+    lm, model, _ = gpt2
+    ids = [layer.id for layer in model.layers()]
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # tied
+    assert {"transformer.wte", "lm_head", "transformer.h.1.mlp.c_proj"} <= set(ids)
+    assert not any("#" in i for i in ids)
+    assert all(model.torch_module.get_submodule(i) is not None for i in ids)
+
+
+@pytest.mark.parametrize("exported", ["gpt2", "llama"])
+def test_every_linear_layer_of_the_lm_is_a_quantizable_matmul_layer(exported, request):
+    from bitpass.passes.weight_only.calibration import linear_layer_ids
+
+    lm, model, _ = request.getfixturevalue(exported)
+    layers = {layer.id: layer for layer in model.layers()}
+    assert set(linear_layer_ids(lm)) <= set(layers)
+    assert all(layers[i].op_type == "MatMul" for i in linear_layer_ids(lm))
+
+
+def test_conv1d_layers_export_as_matmul_with_their_in_out_weight(gpt2):
+    lm, model, _ = gpt2
+    layer = model.layer("transformer.h.0.attn.c_attn")
+    np.testing.assert_array_equal(layer.weight_array, lm.transformer.h[0].attn.c_attn.weight.detach().numpy())
+
+
+def test_the_spec_survives_saving_and_loading(gpt2, tmp_path):
+    _, model, spec = gpt2
+    path = tmp_path / "decoder.onnx"
+    model.save(path)
+    from bitpass.frontend import from_onnx
+
+    assert spec_from_model(from_onnx(path)) == spec
+
+
+def test_a_graph_without_decoder_metadata_is_refused_with_what_to_do(mlp_model):
+    with pytest.raises(ModelLoadError, match="export_decoder"):
+        spec_from_model(from_proto(mlp_model.to_proto()))
+
+
+def test_export_leaves_the_attention_implementation_as_it_was(gpt2):
+    lm, model, _ = gpt2
+    assert lm.config._attn_implementation == "sdpa"
+    assert "Softmax" in {node.op_type for node in model.graph}  # exported as eager attention

@@ -1,0 +1,86 @@
+"""Group-wise mixed widths (SliM-LLM style) under an average-bits budget."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bitpass.passes.weight_only.gptq import gptq, hessian
+from bitpass.passes.weight_only.grid import output_error, rtn
+from bitpass.passes.weight_only.mixed import allocate_widths, allocate_widths_greedy, mixed_quantize, slice_errors
+
+
+def salient_layer(k: int = 256, n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Input features whose scales span two orders of magnitude: some K-slices matter far more."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3000, k)) * rng.lognormal(0, 1.2, k)
+    return rng.standard_normal((k, n)).astype(np.float32), hessian(x)
+
+
+def brute_force(errors, widths, average):
+    feasible = (c for c in itertools.product(range(len(widths)), repeat=len(errors))
+                if sum(widths[j] for j in c) <= average * len(errors))
+    return min(sum(errors[i, j] for i, j in enumerate(c)) for c in feasible)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_optimal_on_small_problems_and_meets_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    errors = -np.sort(-rng.random((6, 3)), axis=1)
+    average = float(rng.uniform(2.5, 6.0))
+    chosen = allocate_widths(errors, (2, 4, 8), average)
+    assert chosen.sum() <= average * 6 + 1e-9
+    got = sum(errors[i, (2, 4, 8).index(b)] for i, b in enumerate(chosen))
+    assert got == pytest.approx(brute_force(errors, (2, 4, 8), average))
+
+
+def test_greedy_allocation_meets_a_fractional_budget_with_sizes():
+    rng = np.random.default_rng(0)
+    errors = -np.sort(-rng.random((400, 4)), axis=1)
+    sizes = rng.integers(1, 5, 400).astype(float)
+    chosen = allocate_widths_greedy(errors, (2, 3, 4, 8), 3.5, sizes)
+    assert (chosen * sizes).sum() <= 3.5 * sizes.sum() + 1e-9
+    assert (chosen * sizes).sum() >= 3.4 * sizes.sum()
+
+
+def test_the_most_salient_slices_get_the_wider_codes():
+    w, h = salient_layer()
+    chosen = allocate_widths(slice_errors(w, h, (2, 4, 8), 32), (2, 4, 8), 5.0)
+    salience = np.array([np.trace(h[i * 32:(i + 1) * 32, i * 32:(i + 1) * 32]) for i in range(8)])
+    assert sorted(chosen.tolist()) == [4, 4, 4, 4, 4, 4, 8, 8]
+    assert set(np.flatnonzero(chosen == 8)) == set(np.argsort(-salience)[:2])
+
+
+def test_mixed_widths_at_a_fractional_budget_beat_a_per_layer_mixture_of_three_and_four_bits():
+    w, h = salient_layer(seed=1)
+    mixed = mixed_quantize(w, h, 3.5, widths=(2, 3, 4, 8), group_size=32)
+    assert mixed.average_bits == pytest.approx(3.5, abs=1e-9)
+    halves = rtn(w, np.array([3, 3, 3, 3, 4, 4, 4, 4]), 32)  # same bytes, widths not chosen by salience
+    uniform3 = gptq(w, h, 3, 32)
+    assert output_error(w, mixed.dequantize(), h) < output_error(w, uniform3.dequantize(), h)
+    assert output_error(w, mixed.dequantize(), h) < output_error(w, halves.dequantize(), h)
+
+
+def test_a_budget_outside_the_widths_is_refused():
+    with pytest.raises(ValueError, match="outside the widths"):
+        allocate_widths(np.ones((4, 2)), (2, 4), 5.0)
+
+
+def test_one_model_wide_budget_gives_the_sensitive_layer_more_bits():
+    from bitpass.passes.weight_only.mixed import global_slice_widths
+
+    quiet_w, quiet_h = salient_layer(seed=2)
+    loud_w, loud_h = salient_layer(seed=3)
+    chosen = global_slice_widths({"quiet": quiet_w, "loud": loud_w}, {"quiet": quiet_h, "loud": 100 * loud_h},
+                                 (2, 4), 3.0)
+    assert chosen["loud"].mean() > chosen["quiet"].mean()
+    assert (chosen["loud"].sum() + chosen["quiet"].sum()) * 32 * 96 <= 3.0 * 2 * 256 * 96
+
+
+@pytest.mark.parametrize("proxy", ["rtn", "gptq"])
+def test_slice_errors_shrink_with_width_under_either_proxy(proxy):
+    w, h = salient_layer(k=128, n=32)
+    errors = slice_errors(w, h, (2, 4, 8), 32, proxy=proxy)
+    assert errors.shape == (4, 3) and np.all(np.diff(errors, axis=1) < 0)
