@@ -23,7 +23,7 @@ import numpy as np
 
 from bitpass.frontend.errors import ModelLoadError
 from bitpass.frontend.model import Model
-from bitpass.frontend.torch_import import _fold_weight_transposes
+from bitpass.frontend.torch_import import fold_weight_transposes
 
 #: opset of the exported decoder graph (21: what ORT needs for blocked int4 Q/DQ; MatMulNBits is com.microsoft)
 DECODER_OPSET = 21
@@ -258,7 +258,7 @@ def export_decoder(lm: Any, *, name: str | None = None, kv_bits: int = 32,
     _name_dynamic_axes(proto, spec)
     # the exporter's optimizer folds Transpose(weight) only below a size limit: nn.Linear weights and a
     # tied lm_head of a real model stay MatMul(x, Transpose(W)) without this, i.e. not quantizable layers
-    _fold_weight_transposes(proto)
+    fold_weight_transposes(proto)
     _gemm_to_matmul_add(proto)
     for key, value in spec.to_metadata().items():
         proto.metadata_props.add(key=key, value=value)

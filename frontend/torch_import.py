@@ -45,13 +45,13 @@ def from_torch(module: Any, example_inputs: Sequence[Any] | Any, *, input_names:
         raise ModelLoadError(f"torch export of {type(module).__name__} failed: {first}") from err
     proto = program.model_proto
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
-    _fold_weight_transposes(proto)
+    fold_weight_transposes(proto)
     model = from_proto(proto, name=type(module).__name__, sha256=digest, kind="torch")
     model.torch_module = module
     return model
 
 
-def _fold_weight_transposes(proto: Any) -> None:
+def fold_weight_transposes(proto: Any) -> None:
     """Replace ``Transpose(initializer)`` by the transposed initializer, in place (exact).
 
     ``nn.Linear`` on an input of rank > 2 (every transformer) exports as ``MatMul(x, Transpose(weight))``:

@@ -10,7 +10,7 @@ means 8/8). ``materialize`` turns it into a new ``Model``:
   0.11 for U8S8 against 0.014 for S8S8). Optional bias correction first (``bias_correction.py``).
 * 32: left in fp32.
 * 2 / 4 (and 8 with fp32 activations, i.e. weight-only) on MatMul / Gemm: ``MatMulNBits``; on Conv:
-  4/8-bit blocked ``DequantizeLinear`` at opset 21 (``weight_only.py``).
+  4/8-bit blocked ``DequantizeLinear`` at opset 21 (``weight_only/rewrite.py``).
 * ``packed`` (any quantizable op, 2/4/8 bits): low-bit codes with fp16 block scales that constant
   ops unpack, folded by ONNX Runtime at session start (``packing.py``): low-bit size, fp32 speed.
 * Anything else (2-bit Conv, which needs INT2 at opset 25; low-bit Gather/ConvTranspose; 3 or 16
@@ -40,7 +40,8 @@ import pydantic
 from bitpass.frontend import Dataset, Model, Provenance, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.layers import WEIGHT_INPUT
-from bitpass.passes import execution, qdq, weight_only
+from bitpass.passes import execution, qdq
+from bitpass.passes.weight_only import rewrite as weight_only
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.bias_correction import correct_biases
 from bitpass.passes.infra import PassConfig
