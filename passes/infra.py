@@ -19,6 +19,7 @@ import pydantic
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.progress import SILENT, Reporter, as_reporter
 from bitpass.passes.spec import parse_value
 
 #: Facts the context supplies rather than a pass: ``data:calibration`` and ``data:evaluation``.
@@ -175,12 +176,16 @@ class PassContext:
     seed: int = 0
     #: free-form facts passes record for the manifest (e.g. calibration method, layers skipped)
     records: dict[str, Any] = field(default_factory=dict)
-    #: progress callback for long work: progress(message)
-    progress: Callable[[str], None] = field(default=lambda _message: None)
+    #: progress of long work: ``progress(message)``, and ``with progress.task(description, total) as t:
+    #: ... t.advance()`` for loops (``passes/progress.py``); a plain callable is wrapped
+    progress: Reporter = field(default=SILENT)
 
     #: the pipeline run in progress (set by ``Pipeline.run``): a composite pass runs passes through it
     #: (``Sequential``), so they get the run's instruments, verifier and invalidation
     runner: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.progress = as_reporter(self.progress)
 
     def facts(self) -> set[str]:
         """Facts the context supplies to the pipeline's requires-check: its data and the cached analyses."""

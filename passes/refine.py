@@ -124,27 +124,27 @@ class RefineRounding(Pass):
             record["notes"] = [f"layer(s) {', '.join(unfused)} feed a BatchNormalization: run fuse before "
                                f"refine-rounding, else quantize's pre-processing folds it into the refined "
                                f"weights and re-quantizes them with slightly different fp16 scales"]
-        for layer in layers:
-            t0 = time.perf_counter()
-            bits = int(annotation.weight_bits(layer.node))
-            axis = layer_channel_axis(layer)
-            weight = layer.weight_array.astype(np.float32)
-            moved = np.moveaxis(weight, axis, 0)
-            w2d = moved.reshape(moved.shape[0], -1)
-            gram = grams[layer.id]
-            result = refine_codes(w2d, bits, cfg.block_size, gram.matrices, gram.row_groups,
-                                  iterations=cfg.iterations, damping=cfg.damping)
-            elements = gram.rows * w2d.shape[0]  # output elements: input rows x output channels
-            refined = _dequantize(result.codes, result.scales, cfg.block_size, w2d.shape[1])
-            new = np.moveaxis(refined.reshape(moved.shape), 0, axis)
-            set_constant(layer.weight, np.ascontiguousarray(new, dtype=np.float32))
-            record["layers"][layer.id] = {
-                "bits": bits, "mse_nearest": result.mse_before / elements,
-                "mse_refined": result.mse_after / elements,
-                "flipped": result.flipped, "weights": int(w2d.size), "sweeps": result.sweeps,
-                "seconds": round(time.perf_counter() - t0, 4)}
-            ctx.progress(f"refine-rounding: {layer.id} ({bits}-bit) output MSE "
-                         f"{result.mse_before / elements:.4g} -> {result.mse_after / elements:.4g}")
+        with ctx.progress.task("refine-rounding", total=len(layers), unit="layer") as task:
+            for layer in layers:
+                t0 = time.perf_counter()
+                bits = int(annotation.weight_bits(layer.node))
+                axis = layer_channel_axis(layer)
+                weight = layer.weight_array.astype(np.float32)
+                moved = np.moveaxis(weight, axis, 0)
+                w2d = moved.reshape(moved.shape[0], -1)
+                gram = grams[layer.id]
+                result = refine_codes(w2d, bits, cfg.block_size, gram.matrices, gram.row_groups,
+                                      iterations=cfg.iterations, damping=cfg.damping)
+                elements = gram.rows * w2d.shape[0]  # output elements: input rows x output channels
+                refined = _dequantize(result.codes, result.scales, cfg.block_size, w2d.shape[1])
+                new = np.moveaxis(refined.reshape(moved.shape), 0, axis)
+                set_constant(layer.weight, np.ascontiguousarray(new, dtype=np.float32))
+                record["layers"][layer.id] = {
+                    "bits": bits, "mse_nearest": result.mse_before / elements,
+                    "mse_refined": result.mse_after / elements,
+                    "flipped": result.flipped, "weights": int(w2d.size), "sweeps": result.sweeps,
+                    "seconds": round(time.perf_counter() - t0, 4)}
+                task.advance()
         record["seconds"] = round(time.perf_counter() - start, 4)
         return PassResult(model, modified=True, preserved=frozenset(
             {ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, PRUNING_MASKS, PRUNING_REFERENCE}))

@@ -29,6 +29,7 @@ from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.infra import PassContext, Target
 from bitpass.passes.instruments import PassInstrument, Timing
 from bitpass.passes.pipeline import Pipeline
+from bitpass.passes.progress import Reporter, as_reporter
 from bitpass.plugins import Registry, default_registry
 from bitpass.tools import quality
 
@@ -235,12 +236,14 @@ def _unknown_parameters(unknown: Mapping[str, Any], function: Callable[..., Any]
             f"see help(bitpass.tools.{function.__name__})")
 
 
-def _progress_callable(progress: Callable[[str], None] | bool | None) -> Callable[[str], None]:
+def _progress_callable(progress: Callable[[str], None] | bool | None) -> Reporter:
+    """``progress`` as a reporter: a callable is used as is; True: bars on a terminal, plain lines elsewhere;
+    None (the default): on when stderr is a terminal."""
+    from bitpass.tools.progress import console_reporter
+
     if callable(progress):
-        return progress
-    if progress is None:
-        progress = sys.stderr.isatty()
-    return default_progress if progress else (lambda _message: None)
+        return as_reporter(progress)
+    return console_reporter(sys.stderr.isatty() if progress is None else progress)
 
 
 def _merged_overrides(overrides: Mapping[str, Mapping[str, Any]] | None, *, budget: str | Sequence[str] | None,
@@ -329,7 +332,7 @@ def _compile(
     notes: Sequence[str] = (),
 ) -> tuple[dict[str, Any], Path]:
     """One compilation into a stage of ``destination`` (see ``compile``); returns the manifest and the stage."""
-    say = progress or (lambda _message: None)
+    say = as_reporter(progress)
     registry = registry or default_registry(plugin_paths)
     backend_impl: Backend = registry.backend(backend)()
     target = target or backend_impl.default_target
@@ -773,4 +776,7 @@ def _emulated_check(backend: Backend, path: Path, manifest: dict[str, Any], fina
 
 
 def default_progress(message: str) -> None:
-    print(f"[bitpass] {message}", file=sys.stderr, flush=True)
+    """A plain progress line on stderr (what the command line prints when stderr is not a terminal)."""
+    from bitpass.tools.progress import print_message
+
+    print_message(message)

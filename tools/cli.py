@@ -119,9 +119,10 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
 
 
 def _progress(args: argparse.Namespace):
-    from bitpass.tools.api import default_progress
+    """Progress bars on a terminal, plain lines otherwise, nothing with --quiet."""
+    from bitpass.tools.progress import console_reporter
 
-    return None if getattr(args, "quiet", False) else default_progress
+    return console_reporter(not getattr(args, "quiet", False))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -132,7 +133,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              evaluation=args.eval, budget=args.budget, method=args.method,
                              sensitivity=args.sensitivity, formats=args.formats, sweep=args.sweep,
                              backend=args.backend, target=args.target, plugin_paths=args.plugin, force=args.force,
-                             latency=not args.no_latency, seed=args.seed, progress=_progress(args) or False,
+                             latency=not args.no_latency, seed=args.seed, progress=_progress(args),
                              tolerance=args.tolerance, allow_quality_loss=args.allow_quality_loss,
                              overrides=latency_batch)
     if args.json:
