@@ -419,7 +419,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise BitpassError(f"{path}: manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a bitpass manifest")
         manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, ints past 4300 digits
         raise BitpassError(f"{path}: manifest is not valid JSON ({str(err)[:120]})") from err
     except OSError as err:
         raise _os_error("read", path, err) from err

@@ -147,7 +147,21 @@ def _png(figure: Figure, alt: str) -> str:
     return f'<img alt="{_esc(alt)}" width={width} height={height} src="data:image/png;base64,{data}">'
 
 
+def _matplotlib_home() -> None:
+    """matplotlib keeps its font cache in ``~/.config`` and ``~/.cache`` unless told otherwise: keep it in
+    bitpass's own cache folder, so a compile writes nothing outside the places bitpass says it uses. Must run
+    before matplotlib is first imported (a user's MPLCONFIGDIR wins)."""
+    import os
+    import sys
+
+    if "matplotlib" not in sys.modules:
+        from bitpass.frontend.cache import cache_dir
+
+        os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
+
+
 def _figure(width_in: float, height_in: float) -> Figure:
+    _matplotlib_home()
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_in, height_in), dpi=_DPI, layout="constrained")
@@ -155,6 +169,7 @@ def _figure(width_in: float, height_in: float) -> Figure:
 
 def _plot_style() -> Any:
     """matplotlib's default style whatever the user's matplotlibrc says (so the bytes do not depend on it)."""
+    _matplotlib_home()
     import matplotlib.style
 
     return matplotlib.style.context("default")

@@ -54,7 +54,7 @@ def session_options(config: Mapping[str, Any] | None = None, *, threads: int | N
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, config["graph_optimization_level"])
     options.execution_mode = getattr(ort.ExecutionMode, config["execution_mode"])
     options.intra_op_num_threads = int(threads if threads is not None else config["intra_op_num_threads"])
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors surface as exceptions; ORT need not print them too
     if for_timing:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

@@ -116,6 +116,10 @@ class PassRunner:
         except SystemExit as err:  # nor may a pass end the compile (exit 0 and no artifact)
             raise PipelineError(pass_.spec(), self.ran, RuntimeError(f"the pass called sys.exit({err.code!r})")) \
                 from None
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C and signals (the CLI's Terminated) unwind as they are
+            raise
+        except BaseException as err:  # a plugin raising a bare BaseException is still named
+            raise PipelineError(pass_.spec(), self.ran, err) from err
         if not pass_.composite:
             self.ran.append(pass_.spec())
         return result

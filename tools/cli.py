@@ -441,8 +441,9 @@ COMMANDS = {"compile": cmd_compile, "passes": cmd_passes, "pipelines": cmd_pipel
             "verify": cmd_verify, "run": cmd_run, "example": cmd_example}
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP: unwinds like Ctrl-C so every stage and temporary file is removed."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C (it is one, to code that catches it) so every stage and temporary
+    file is removed."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -502,7 +503,7 @@ def _quiet_onnxruntime() -> None:
     try:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)
+        onnxruntime.set_default_logger_severity(4)  # fatal only: a failed run is reported as bitpass's one line
     except Exception:  # noqa: BLE001 - never fail a command over log settings
         pass
 
@@ -528,19 +529,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"bitpass: error: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("bitpass: interrupted; nothing was written", file=sys.stderr)
-        return 130
     except Terminated as stop:
         print(f"bitpass: stopped by signal {stop.signum}; nothing was written", file=sys.stderr)
         return 128 + stop.signum
+    except KeyboardInterrupt:
+        print("bitpass: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except SystemExit as exit_:
         # a plugin or library called sys.exit(): never let it pass for success
         code = exit_.code if isinstance(exit_.code, int) and exit_.code != 0 else 1
         print(f"bitpass: error: something called sys.exit({one_line(repr(exit_.code), 40)}) during "
               f"'{args.command}'; nothing was written", file=sys.stderr)
         return code
-    except Exception as err:  # a bug or an unanticipated failure: one line here, the traceback in a log
+    except BaseException as err:  # a bug, or a plugin raising something odd: one line here, the traceback in a log
         if args.debug:
             import traceback
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from hostile_kit import (
+    succeeded,
     add_weight_model,
     artifact,
     external_tensor,
@@ -79,9 +80,17 @@ def test_output_parent_is_a_file(box):
     refused(box, result, "notes.txt", status=(1, 2))
 
 
-def test_output_parent_is_missing(box):
+def test_missing_output_parents_are_created(box):
+    """`-o out/sub` makes the missing folders (issue #13), inside the working folder and nowhere else."""
     result = _compile(box, "-o", "no/such/folder/out")
-    refused(box, result, "does not exist|no such", status=(1, 2))
+    succeeded(box, result, creates=["no"])
+    assert (box.work / "no/such/folder/out/manifest.json").is_file()
+
+
+def test_missing_output_parents_made_for_a_failing_compile_are_removed_again(box):
+    result = _compile(box, "-o", "no/such/folder/out", "--pipeline", "no-such-pass")
+    refused(box, result, "no-such-pass", status=2)
+    assert not (box.work / "no").exists()
 
 
 def test_output_name_too_long(box):
@@ -287,7 +296,7 @@ MANIFEST_EDITS = {
     "backend-unknown": lambda m: m.update(backend="../../evil"),
     "inputs-missing": lambda m: m.pop("inputs"),
     "metrics-null": lambda m: m.update(metrics=None),
-    "huge-number": lambda m: m.update(schema=10 ** 5000),
+    "huge-number": lambda m: m.update(schema=10 ** 4000),
 }
 
 

@@ -93,14 +93,17 @@ def test_external_data_inside_the_folder_is_read(box):
 
 
 def _rehash(folder, manifest=None):
-    """What an attacker does after editing an artifact: recompute the manifest's file hashes."""
+    """What an attacker does after editing an artifact: recompute the manifest's file hashes and re-seal the
+    manifest (its digest file), so that only the model's own contents can give the attack away."""
     manifest = manifest or json.loads((folder / "manifest.json").read_text())
     for name in list(manifest.get("files", {})):
         path = folder / name
         if path.is_file():
             data = path.read_bytes()
             manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    (folder / "manifest.json").write_text(text)
+    (folder / "manifest.sha256").write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  manifest.json\n")
     return manifest
 
 
