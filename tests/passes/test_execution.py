@@ -41,7 +41,7 @@ def test_session_options_come_from_a_session_config():
     options = execution.session_options({"graph_optimization_level": "ORT_DISABLE_ALL"}, threads=1,
                                         for_timing=True)
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert options.intra_op_num_threads == 1 and options.log_severity_level == 3
+    assert options.intra_op_num_threads == 1 and options.log_severity_level == 4
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     default = execution.session_options()
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
