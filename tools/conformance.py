@@ -726,7 +726,7 @@ def run_command(args: argparse.Namespace) -> int:
     rows: list[Row] = rows_from_json(out) if (out and args.resume and out.is_file()) else []
     done = [(r.family, r.export, r.pipeline) for r in rows]
     print(header(info), file=sys.stderr)
-    total = len(plan(families, exports, pipelines, cross=args.cross)) - len(done)
+    total = len(set(plan(families, exports, pipelines, cross=args.cross)) - set(done))
 
     def on_row(row: Row) -> None:
         rows.append(row)
