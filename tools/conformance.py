@@ -48,7 +48,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 }
 #: the quality gate of issue #9 part 2 (defaults by output kind)
 GATE = {"accuracy_drop_points": 1.0, "top1_agreement": 0.99, "min_cosine": 0.99}
-#: exports tried by default, the first one with every pipeline
+#: exports --fast tries by default (the first with every pipeline); a full run tries every export
 FAST_EXPORTS = ("torchscript-17", "dynamo-23", "module")
 FAST_TIMEOUT_S, FULL_TIMEOUT_S = 300.0, 900.0
 PREPARE_TIMEOUT_S = 7200.0  # training a full-size family once (then cached) may take this long on a busy machine
@@ -73,10 +73,6 @@ class Case:
     timeout_s: float = FAST_TIMEOUT_S
     memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB
     keep: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.family} / {self.export} / {self.pipeline}"
 
 
 @dataclass
@@ -731,7 +727,7 @@ def run_command(args: argparse.Namespace) -> int:
     rows: list[Row] = rows_from_json(out) if (out and args.resume and out.is_file()) else []
     done = [(r.family, r.export, r.pipeline) for r in rows]
     print(header(info), file=sys.stderr)
-    total = len(plan(families, exports, pipelines, cross=args.cross)) - len(done)
+    total = len(set(plan(families, exports, pipelines, cross=args.cross)) - set(done))
 
     def on_row(row: Row) -> None:
         rows.append(row)
