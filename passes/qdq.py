@@ -2,6 +2,8 @@
 
 Calibrated ranges are handed to ``quantize_static`` as a calibration cache, so ONNX Runtime does not
 recalibrate; layers that are not int8 are excluded by name (``nodes_to_include`` does not restrict).
+Which other nodes get Q/DQ is ``quant_scope``'s decision (operator types, nodes kept float and why),
+made on the very graph handed to the quantizer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnx
 from bitpass.frontend.errors import BitpassError
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.execution import first_line
+from bitpass.passes.quant_scope import GraphFacts, Scope, quant_scope
 
 
 def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str | None]:
@@ -38,26 +41,56 @@ def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str 
 
 def quantize_int8(path: Path, output: Path, ranges: ActivationRanges, exclude: Iterable[str], *,
                   per_channel: bool = True, reduce_range: bool = False,
-                  activation_type: Literal["int8", "uint8"] = "int8", symmetric_activations: bool = False) -> Path:
-    """Static int8 QDQ of every quantizable node not in ``exclude`` (per-channel symmetric int8 weights)."""
+                  activation_type: Literal["int8", "uint8"] = "int8", symmetric_activations: bool = False,
+                  profile: str | None = None) -> tuple[Path, Scope]:
+    """Static int8 QDQ of the nodes in scope (``quant_scope``) that are not in ``exclude`` (per-channel
+    symmetric int8 weights). Returns the quantized model's path and the scope it was given."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    structure = typed_structure(onnx.load(str(path), load_external_data=False))
+    excluded = set(exclude)
+    scope = quant_scope(GraphFacts.from_proto(structure), ranges=ranges.ranges.keys(), profile=profile,
+                        int8_nodes={n.name for n in structure.graph.node} - excluded)
     cache = output.with_name("ranges.json")
     save_tensors_data(ranges.to_tensors_data(), cache)
     try:
         quantize_static(
             str(path), str(output), None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(scope.op_types),
             per_channel=per_channel, reduce_range=reduce_range,
             activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=cache,
+            weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded | set(scope.exclude)),
+            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
             extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
-                           **graph_output_ranges(onnx.load(str(path), load_external_data=False), ranges)},
+                           **scope.extra_options, **graph_output_ranges(structure, ranges)},
         )
     except Exception as err:
         raise BitpassError(f"ONNX Runtime's int8 quantizer failed: {first_line(err)}") from err
-    return output
+    return output, scope
+
+
+def typed_structure(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``'s graph with every value typed by shape inference and large weights left out (their names, dims
+    and types stay): what graph rules read, without a second copy of the weights."""
+    skeleton = onnx.ModelProto(ir_version=proto.ir_version)
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    graph = skeleton.graph
+    graph.name = proto.graph.name
+    graph.node.extend(proto.graph.node)
+    graph.input.extend(proto.graph.input)
+    graph.output.extend(proto.graph.output)
+    graph.value_info.extend(proto.graph.value_info)
+    for tensor in proto.graph.initializer:
+        if tensor.ByteSize() <= 4096:
+            graph.initializer.append(tensor)
+        else:
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+    try:
+        return onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # noqa: BLE001 - untyped values only make the rules more conservative
+        return skeleton
 
 
 def graph_output_ranges(model: onnx.ModelProto, ranges: ActivationRanges) -> dict[str, object]:
