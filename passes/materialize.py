@@ -44,6 +44,7 @@ from bitpass.passes import execution, qdq, weight_only
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.bias_correction import correct_biases
 from bitpass.passes.infra import PassConfig
+from bitpass.passes.opset import raise_opset, required_opset
 from bitpass.passes.packing import PACKED_BITS, pack_weight
 from bitpass.passes.quant_scope import GraphFacts, detect_profile, layer_kept_float
 from bitpass.passes.sensitivity.quant import layer_channel_axis
@@ -200,6 +201,12 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
         annotate(work, plan)
     name_nodes(work.ir.graph)
     decisions = decide(work)
+    notes: list[str] = []
+    need, why = required_opset(decisions)
+    if need and work.opset < need:  # names and annotations survive the conversion
+        before = work.opset
+        raise_opset(work, need)
+        notes.append(f"opset raised {before} -> {work.opset} for {why}")
     int8 = [d for d in decisions if d.result == INT8_QDQ]
     if int8 and ranges is None:
         raise BitpassError(f"int8 QDQ layers ({', '.join(d.layer_id for d in int8)}) need activation ranges: "
@@ -207,7 +214,6 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
     originals = _annotations_by_node(work.ir.graph)
     excluded = sorted(d.node_name for d in decisions if d.result != INT8_QDQ)
 
-    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bitpass-quant-") as tmp_dir, execution.quiet():
         tmp = Path(tmp_dir)
         current = tmp / "input.onnx"

@@ -178,13 +178,23 @@ class GraphFacts:
                 on.update(o for o in node.outputs if o)
         return frozenset(on)
 
+    @functools.cached_property
+    def constant_derived(self) -> frozenset[str]:
+        """Constants and everything computed from constants only (an Identity of a shared bias, a folded shape)."""
+        known: set[str] = set(self.constants)
+        for node in self.nodes:
+            if node.inputs and all(name in known for name in node.inputs if name):
+                known.update(o for o in node.outputs if o)
+        return frozenset(known)
+
     def is_mask_value(self, name: str) -> bool:
-        """A float tensor computed without the data: an attention mask, position ids made float, a grid."""
-        return bool(name) and name not in self.constants and name not in self.data_path \
+        """A float tensor computed without the data but from some input: an attention mask, position ids made
+        float, a grid built from a shape."""
+        return bool(name) and name not in self.constant_derived and name not in self.data_path \
             and name not in self.graph_inputs
 
     def activation_inputs(self, node: NodeInfo) -> list[str]:
-        return [name for name in node.inputs if name and name not in self.constants]
+        return [name for name in node.inputs if name and name not in self.constant_derived]
 
 
 def _is_layer(node: NodeInfo, weights: Collection[str], constants: Collection[str]) -> bool:
@@ -256,8 +266,8 @@ class Rule:
 
 
 def _off_data_path(node: NodeInfo, facts: GraphFacts) -> bool:
-    if node.name in facts.layer_nodes:
-        return False
+    if node.name in facts.layer_nodes or all(o in facts.constant_derived for o in node.outputs if o):
+        return False  # a layer, or constant folding's business
     return not any(name in facts.data_path for name in node.inputs if name)
 
 
@@ -376,7 +386,7 @@ def quant_scope(facts: GraphFacts, *, ranges: Collection[str] | None = None, pro
             continue
         if ranges is not None:
             missing = [t for t in (*facts.activation_inputs(node), *node.outputs)
-                       if t and t in facts.float_tensors and t not in ranges and t not in facts.constants]
+                       if t and t in facts.float_tensors and t not in ranges and t not in facts.constant_derived]
             if missing:
                 kept.append(KeptFloat(node.name, node.op_type, UNCALIBRATED,
                                       "reads or writes a float tensor with no calibrated range (the graph changed "
