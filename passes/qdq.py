@@ -29,14 +29,30 @@ def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str 
     out = tmp / "pre.onnx"
     try:
         quant_pre_process(str(path), str(out), skip_symbolic_shape=True)
-        names = {n.name for n in onnx.load(str(out)).graph.node}
+        loaded = onnx.load(str(out))
+        names = {n.name for n in loaded.graph.node}
         if layer_names <= names:
+            if "" in names:  # ORT expanded a function into unnamed nodes: name them, or none can be excluded alone
+                _name_unnamed(loaded)
+                onnx.save(loaded, str(out))
             return out, None
         lost = sorted(layer_names - names)
         quant_pre_process(str(path), str(out), skip_symbolic_shape=True, skip_optimization=True)
         return out, f"quant_pre_process optimizer skipped: it would have merged layer node(s) {', '.join(lost)}"
     except Exception as err:  # pre-processing is an optimization: quantize the model as it is
         return path, f"quant_pre_process skipped: {first_line(err)}"
+
+
+def _name_unnamed(proto: onnx.ModelProto) -> None:
+    taken = {n.name for n in proto.graph.node}
+    for index, node in enumerate(proto.graph.node):
+        if not node.name:
+            candidate, suffix = f"{node.op_type}_pre_{index}", 1
+            while candidate in taken:
+                suffix += 1
+                candidate = f"{node.op_type}_pre_{index}_{suffix}"
+            node.name = candidate
+            taken.add(candidate)
 
 
 def quantize_int8(path: Path, output: Path, ranges: ActivationRanges, exclude: Iterable[str], *,

@@ -72,15 +72,42 @@ def smoothing_groups(model: Model) -> list[Group]:
         widths = {layer.weight_shape[_in_features_axis(layer)] for layer in group.layers}
         if len(widths) != 1:
             continue
-        producer = group.tensor.producer()
-        readers = {id(use.node) for use in group.tensor.uses()}
-        if (producer is not None and producer.op_type == "LayerNormalization" and producer.domain in ("", "ai.onnx")
-                and readers == {id(layer.node) for layer in group.layers}
-                and producer.attributes.get_int("axis", -1) == -1 and _constant(producer, 1) is not None
-                and (len(producer.inputs) < 3 or producer.inputs[2] is None or _constant(producer, 2) is not None)):
-            group.norm = producer
+        readers = {id(use.node) for use in group.tensor.uses() if use.node.op_type not in ("Shape", "Size")}
+        if readers == {id(layer.node) for layer in group.layers}:
+            group.norm = _absorbing_norm(group.tensor, widths.pop())
         groups.append(group)
     return groups
+
+
+#: ops between a LayerNormalization and the layers that keep its last axis as the last axis
+_RESHAPES = ("Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
+
+
+def _absorbing_norm(tensor: ir.Value, channels: int) -> ir.Node | None:
+    """The LayerNormalization (last axis, constant scale/bias of its own) whose output reaches ``tensor`` alone,
+    through reshapes only (GPT-2's ``x.view(-1, nx)``); else None.
+
+    A row-major reshape keeps every element's flat index, so when both ends have ``channels`` as their last
+    axis (the norm's scale, the layers' input) an element's channel is its flat index modulo ``channels`` at
+    both ends and a per-channel factor commutes with the reshapes. Shape/Size readers do not read values."""
+    value = tensor
+    for _ in range(4):
+        producer = value.producer()
+        if producer is None or producer.domain not in ("", "ai.onnx"):
+            return None
+        if producer.op_type == "LayerNormalization":
+            scale = _constant(producer, 1)
+            ok = (producer.attributes.get_int("axis", -1) == -1 and scale is not None and scale.shape[-1] == channels
+                  and (len(producer.inputs) < 3 or producer.inputs[2] is None or _constant(producer, 2) is not None))
+            return producer if ok else None
+        if producer.op_type not in _RESHAPES:
+            return None
+        source = producer.inputs[0]
+        if source is None or [u for u in source.uses() if u.node.op_type not in ("Shape", "Size")] != \
+                [u for u in source.uses() if u.node is producer]:
+            return None
+        value = source
+    return None
 
 
 def _constant(node: ir.Node, index: int) -> np.ndarray | None:

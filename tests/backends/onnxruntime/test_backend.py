@@ -15,7 +15,7 @@ from bitpass.tools import model_families as mf
 def _one_node(op_type: str, inputs: list[int], opset: int, domain: str = "", **attrs) -> onnx.ModelProto:
     values = [helper.make_tensor_value_info(f"x{i}", t, [2]) for i, t in enumerate(inputs)]
     node = helper.make_node(op_type, [v.name for v in values], ["y"], domain=domain or None, name="n", **attrs)
-    graph = helper.make_graph([node], "g", values, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([node], "g", values, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     return helper.make_model(graph, opset_imports=imports)
 
@@ -35,8 +35,8 @@ def test_an_operator_the_runtime_lacks_is_refused_with_the_runtimes_reason():
 
 
 def test_a_kernel_missing_for_the_input_type_is_refused():
-    # Relu has no CPU kernel for int32 at opset 14+: the probe uses the model's own input types
-    problems = OnnxRuntimeBackend().legalize(from_proto(_one_node("Relu", [TensorProto.INT32], 17)), "cpu")
+    # Relu has no CPU kernel for int64: the probe uses the model's own input types
+    problems = OnnxRuntimeBackend().legalize(from_proto(_one_node("Relu", [TensorProto.INT64], 17)), "cpu")
     assert problems and "Relu" in problems[0]
 
 
