@@ -23,6 +23,7 @@ import onnx_ir as ir
 from bitpass.frontend import Model
 from bitpass.frontend.errors import BitpassError
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.structure import skeleton
 
 #: (result, weight bits) -> the opset it needs, and why; ``None`` bits: any width
 FORMAT_OPSETS: dict[tuple[str, int | None], tuple[int, str]] = {
@@ -31,8 +32,6 @@ FORMAT_OPSETS: dict[tuple[str, int | None], tuple[int, str]] = {
     ("blocked-dq", 2): (25, "blocked int2 DequantizeLinear"),
     ("int8-qdq", None): (13, "per-channel QuantizeLinear/DequantizeLinear (axis)"),
 }
-#: weights above this many bytes are left out of the converter's copy and re-attached afterwards
-_DETACH_BYTES = 4096
 
 
 def required_opset(decisions: Iterable[object]) -> tuple[int, str]:
@@ -53,9 +52,9 @@ def raise_opset(model: Model, opset: int) -> bool:
     current = model.opset
     if current >= opset:
         return False
-    skeleton, detached = _skeleton(model.ir)
+    proto, detached = skeleton(model.ir)
     try:
-        converted = onnx.version_converter.convert_version(skeleton, opset)
+        converted = onnx.version_converter.convert_version(proto, opset)
     except Exception as err:  # the converter raises RuntimeError / ConvertError with a C++ message
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BitpassError(f"cannot raise the model's opset from {current} to {opset} (ONNX's version converter: "
@@ -75,26 +74,6 @@ def raise_opset(model: Model, opset: int) -> bool:
         new.functions.setdefault(key, function)
     model.ir = new
     return True
-
-
-def _skeleton(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
-    """``model`` as a protobuf whose large initializers hold no data (name, type and dims only)."""
-    graph = model.graph
-    detached: dict[str, ir.TensorProtocol] = {}
-    for name, value in graph.initializers.items():
-        if value.const_value is not None and value.const_value.nbytes > _DETACH_BYTES:
-            detached[name] = value.const_value
-    saved = {name: graph.initializers[name] for name in detached}
-    for name in detached:
-        graph.initializers.pop(name)
-    try:
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for name, value in saved.items():
-            graph.initializers[name] = value
-    for name, tensor in detached.items():
-        proto.graph.initializer.add(name=name, dims=list(tensor.shape), data_type=int(tensor.dtype))
-    return proto, detached
 
 
 class RaiseOpsetConfig(PassConfig):

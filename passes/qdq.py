@@ -18,6 +18,7 @@ from bitpass.frontend.errors import BitpassError
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.execution import first_line
 from bitpass.passes.quant_scope import GraphFacts, Scope, quant_scope
+from bitpass.passes.structure import typed_structure
 
 
 def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str | None]:
@@ -84,29 +85,6 @@ def quantize_int8(path: Path, output: Path, ranges: ActivationRanges, exclude: I
     except Exception as err:
         raise BitpassError(f"ONNX Runtime's int8 quantizer failed: {first_line(err)}") from err
     return output, scope
-
-
-def typed_structure(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto``'s graph with every value typed by shape inference and large weights left out (their names, dims
-    and types stay): what graph rules read, without a second copy of the weights."""
-    skeleton = onnx.ModelProto(ir_version=proto.ir_version)
-    skeleton.opset_import.extend(proto.opset_import)
-    skeleton.functions.extend(proto.functions)
-    graph = skeleton.graph
-    graph.name = proto.graph.name
-    graph.node.extend(proto.graph.node)
-    graph.input.extend(proto.graph.input)
-    graph.output.extend(proto.graph.output)
-    graph.value_info.extend(proto.graph.value_info)
-    for tensor in proto.graph.initializer:
-        if tensor.ByteSize() <= 4096:
-            graph.initializer.append(tensor)
-        else:
-            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
-    try:
-        return onnx.shape_inference.infer_shapes(skeleton)
-    except Exception:  # noqa: BLE001 - untyped values only make the rules more conservative
-        return skeleton
 
 
 def graph_output_ranges(model: onnx.ModelProto, ranges: ActivationRanges) -> dict[str, object]:

@@ -26,6 +26,7 @@ import onnx_ir as ir
 import pydantic
 
 from bitpass.frontend import Dataset, Layer, Model
+from bitpass.frontend.layers import constant_tensor
 from bitpass.frontend.errors import UsageError
 from bitpass.passes import execution
 from bitpass.passes.infra import DATA_CALIBRATION, PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
@@ -111,11 +112,30 @@ def _absorbing_norm(tensor: ir.Value, channels: int) -> ir.Node | None:
 
 
 def _constant(node: ir.Node, index: int) -> np.ndarray | None:
+    """The constant at ``node``'s input ``index`` (an initializer, a Constant, or an Identity of one), else None."""
     value = node.inputs[index] if len(node.inputs) > index else None
-    if value is None or value.const_value is None or len(value.uses()) != 1 \
-            or value.name not in (node.graph.initializers if node.graph else {}):
-        return None  # a shared scale (tied norms) cannot absorb one group's factors
-    return value.const_value.numpy()
+    if value is not None and value.producer() is not None and value.producer().op_type == "Identity":
+        value = value.producer().inputs[0]
+    tensor = constant_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _scale_private(model: Model, node: ir.Node, index: int, factor: np.ndarray) -> None:
+    """Multiply ``node``'s constant input ``index`` by ``factor`` for this node alone: an initializer of its own is
+    replaced; a shared one (exporters deduplicate equal LayerNorm scales) is copied into a new one first."""
+    value = node.inputs[index]
+    array = _constant(node, index)
+    if value is None or array is None:
+        return
+    scaled = (array.astype(np.float64) * factor).astype(array.dtype)
+    if value.producer() is None and len(value.uses()) == 1 and value.name in model.graph.initializers:
+        value.const_value = ir.tensor(scaled, name=value.name)
+        return
+    name = f"{node.name or node.op_type}__smoothed_{index}"
+    private = ir.Value(name=name, const_value=ir.tensor(scaled, name=name))
+    private.shape, private.dtype = ir.Shape(scaled.shape), ir.DataType.from_numpy(scaled.dtype)
+    model.graph.register_initializer(private)
+    node.replace_input_with(index, private)
 
 
 def activation_maxima(model: Model, data: Dataset, tensors: Iterable[str], *,
@@ -180,19 +200,17 @@ def _divide(model: Model, group: Group, s: np.ndarray, index: int) -> str:
     """Divide the group's activation by ``s``: in its LayerNormalization when it can absorb it, else a Mul."""
     inverse = (1.0 / s)
     if group.norm is not None:
-        norm = group.norm
         for position in (1, 2):
-            value = norm.inputs[position] if len(norm.inputs) > position else None
-            if value is None or value.const_value is None:
-                continue
-            array = value.const_value.numpy()
-            value.const_value = ir.tensor((array.astype(np.float64) * inverse).astype(array.dtype), name=value.name)
-        return f"LayerNormalization {norm.name}"
+            if len(group.norm.inputs) > position and group.norm.inputs[position] is not None:
+                _scale_private(model, group.norm, position, inverse)
+        return f"LayerNormalization {group.norm.name}"
     graph = model.graph
     x = group.tensor
     dtype = x.dtype.numpy() if x.dtype is not None else np.dtype(np.float32)
     base = f"{x.name}__smooth"
-    scale = ir.Value(name=f"{base}_scale", const_value=ir.tensor(inverse.astype(dtype), name=f"{base}_scale"))
+    # not "<tensor>_scale": ORT's quantizer names the Q/DQ scale of the Mul's output so, and would overwrite it
+    scale = ir.Value(name=f"{base}_inverse_factors",
+                     const_value=ir.tensor(inverse.astype(dtype), name=f"{base}_inverse_factors"))
     graph.register_initializer(scale)
     mul = ir.Node("", "Mul", [x, scale], name=f"{base}_{index}/Mul", num_outputs=1)
     mul.outputs[0].name = base

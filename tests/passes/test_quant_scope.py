@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from bitpass.frontend import from_onnx, load_npz
 from bitpass.passes.calibrate import activation_ranges
-from bitpass.passes.qdq import typed_structure
+from bitpass.passes.structure import typed_structure
 from bitpass.passes.quant_scope import CONVOLUTIONAL, TRANSFORMER, GraphFacts, detect_profile, quant_scope
 from bitpass.tools import model_families as mf
 
