@@ -55,6 +55,8 @@ def session_options(config: Mapping[str, Any] | None = None, *, threads: int | N
     options.execution_mode = getattr(ort.ExecutionMode, config["execution_mode"])
     options.intra_op_num_threads = int(threads if threads is not None else config["intra_op_num_threads"])
     options.log_severity_level = 4  # errors surface as exceptions; ORT need not print them too
+    if "execution_order" in config:  # PRIORITY_BASED: nodes run close to their producers (see calibrate)
+        options.execution_order = getattr(ort.ExecutionOrder, config["execution_order"])
     if for_timing:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

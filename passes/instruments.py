@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnx
@@ -26,19 +28,98 @@ class PassInstrument:
 
 
 class Timing(PassInstrument):
-    """Wall time of each pass, in run order (the members of a composite, not the composite itself)."""
+    """Wall time and peak resident memory of each pass, in run order (the members of a composite, not the
+    composite itself). Both go to ``ctx.records["resources"]`` for the manifest: per pass ``seconds`` and
+    ``peak_rss_mb`` (see ``PeakMemory``), and the process's peak so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, memory: bool = True) -> None:
         self.seconds: list[tuple[str, float]] = []
         self._starts: list[float] = []  # a stack: a composite's members start and end inside it
+        self.memory = PeakMemory() if memory else None
 
     def run_before_pass(self, pass_: Pass, model: Model, ctx: PassContext) -> None:
+        if self.memory is not None:
+            self.memory.run_before_pass(pass_, model, ctx)
         self._starts.append(time.perf_counter())
 
     def run_after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
         start = self._starts.pop()
+        elapsed = time.perf_counter() - start
+        if self.memory is not None:
+            self.memory.run_after_pass(pass_, result, ctx)
+        if pass_.composite:
+            return
+        self.seconds.append((pass_.spec(), elapsed))
+        peaks = self.memory.peaks if self.memory is not None else []
+        ctx.records["resources"] = {
+            "passes": [{"pass": name, "seconds": round(seconds, 4),
+                        **({"peak_rss_mb": peaks[i][1]} if i < len(peaks) else {})}
+                       for i, (name, seconds) in enumerate(self.seconds)],
+            "peak_rss_mb": round(lifetime_peak_mb() or 0.0, 1),
+        }
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory now, in MiB."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def lifetime_peak_mb() -> float | None:
+    """This process's peak resident memory so far (the kernel's high-water mark), in MiB."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return kib / 1024
+
+
+class PeakMemory(PassInstrument):
+    """Peak resident memory of each pass, in MiB, in run order (the members of a composite, not the composite).
+
+    Exact when the pass raised the process's high-water mark (the kernel's ``VmHWM``); otherwise the largest
+    resident size sampled every ``interval`` seconds while it ran (a spike shorter than that can be missed).
+    The high-water mark is never reset: a parent measuring this process's peak with ``wait4`` stays right."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peaks: list[tuple[str, float]] = []
+        self._stack: list[tuple[float, list[float], threading.Event, threading.Thread]] = []
+
+    def run_before_pass(self, pass_: Pass, model: Model, ctx: PassContext) -> None:
+        samples: list[float] = [resident_mb() or 0.0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.interval):
+                now = resident_mb()
+                if now is not None and now > samples[0]:
+                    samples[0] = now
+
+        thread = threading.Thread(target=sample, name="bitpass-peak-memory", daemon=True)
+        thread.start()
+        self._stack.append((lifetime_peak_mb() or 0.0, samples, stop, thread))
+
+    def run_after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
+        high_before, samples, stop, thread = self._stack.pop()
+        stop.set()
+        thread.join()
+        high_after = lifetime_peak_mb() or 0.0
+        peak = high_after if high_after > high_before else max(samples[0], resident_mb() or 0.0)
         if not pass_.composite:
-            self.seconds.append((pass_.spec(), time.perf_counter() - start))
+            self.peaks.append((pass_.spec(), round(peak, 1)))
 
 
 class VerificationError(BitpassError):

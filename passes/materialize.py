@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import onnx_ir as ir
@@ -45,7 +45,9 @@ from bitpass.passes.weight_only import rewrite as weight_only
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.bias_correction import correct_biases
 from bitpass.passes.infra import PassConfig
+from bitpass.passes.opset import raise_opset, required_opset
 from bitpass.passes.packing import PACKED_BITS, pack_weight
+from bitpass.passes.quant_scope import GraphFacts, detect_profile, layer_kept_float
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
 FLOAT_BITS = annotation.FLOAT_BITS
@@ -111,6 +113,8 @@ class Decision:
     activation_bits: int | None
     result: str
     channel_axis: int = 0
+    #: why an 8-bit layer stays fp32 anyway (int8 QDQ's scope leaves its operator type float), else ""
+    why: str = ""
 
 
 def annotate(model: Model, plan: Mapping[str, LayerPlan]) -> None:
@@ -127,9 +131,13 @@ def annotate(model: Model, plan: Mapping[str, LayerPlan]) -> None:
 
 
 def decide(model: Model) -> list[Decision]:
-    """What each annotated layer becomes; every unsupported combination is refused here, before any work."""
+    """What each annotated layer becomes; every unsupported combination is refused here, before any work.
+
+    An 8/8 layer whose operator type int8 QDQ's scope leaves float in this model's profile (an embedding
+    lookup in a transformer, see ``quant_scope``) becomes fp32, with the reason."""
     decisions: list[Decision] = []
     problems: list[str] = []
+    profile: str | None = None
     for layer in model.layers():
         wbits = annotation.weight_bits(layer.node)
         abits = annotation.activation_bits(layer.node)
@@ -149,6 +157,13 @@ def decide(model: Model) -> list[Decision]:
             problems.append(f"layer {layer.id!r} ({op}): {abits}-bit activations (supported: 8 or 32)")
         elif wbits == 8 and abits in (None, 8):
             result = INT8_QDQ
+            if profile is None:
+                profile = detect_profile(GraphFacts.from_graph(model.graph))[0]
+            why = layer_kept_float(op, profile)
+            if why is not None:
+                decisions.append(Decision(layer.id, layer.node.name or "", op, FLOAT_BITS, FLOAT_BITS, FP32,
+                                          layer_channel_axis(layer), f"{profile} int8 scope: {why}"))
+                continue
         elif wbits in (2, 4, 8) and op in ("MatMul", "Gemm"):
             result = MATMUL_NBITS
         elif wbits in (4, 8) and op == "Conv" and layer.node.attributes.get_int("group", 1) == 1:
@@ -170,11 +185,14 @@ def decide(model: Model) -> list[Decision]:
 def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
                 ranges: ActivationRanges | None = None, calibration: Dataset | None = None,
                 options: QuantizeOptions | None = None,
-                progress: Callable[[str], None] | None = None) -> Model:
+                progress: Callable[[str], None] | None = None,
+                details: dict[str, Any] | None = None) -> Model:
     """A new ``Model`` with ``plan`` (default: the layers' annotations) materialized; ``model`` is untouched.
 
     ``ranges`` are needed when some layer becomes int8 QDQ; ``calibration`` when
-    ``options.bias_correction`` is on. Notes (e.g. skipped pre-processing) go to the provenance."""
+    ``options.bias_correction`` is on. Notes (e.g. skipped pre-processing) go to the provenance. When
+    ``details`` is given, it receives ``int8_scope`` (which nodes int8 QDQ left float and why) and
+    ``kept_float`` ({layer id: why} for layers that stayed fp32 although the plan said 8 bits)."""
     options = options or QuantizeOptions()
     say = progress or (lambda _message: None)
     if options.bias_correction and calibration is None:
@@ -184,6 +202,12 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
         annotate(work, plan)
     name_nodes(work.ir.graph)
     decisions = decide(work)
+    notes: list[str] = []
+    need, why = required_opset(decisions)
+    if need and work.opset < need:  # names and annotations survive the conversion
+        before = work.opset
+        raise_opset(work, need)
+        notes.append(f"opset raised {before} -> {work.opset} for {why}")
     int8 = [d for d in decisions if d.result == INT8_QDQ]
     if int8 and ranges is None:
         raise BitpassError(f"int8 QDQ layers ({', '.join(d.layer_id for d in int8)}) need activation ranges: "
@@ -191,7 +215,6 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
     originals = _annotations_by_node(work.ir.graph)
     excluded = sorted(d.node_name for d in decisions if d.result != INT8_QDQ)
 
-    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bitpass-quant-") as tmp_dir, execution.quiet():
         tmp = Path(tmp_dir)
         current = tmp / "input.onnx"
@@ -213,10 +236,12 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
         if int8:
             say(f"quantize: int8 QDQ on {len(int8)} layer(s)")
             assert ranges is not None
-            current = qdq.quantize_int8(current, tmp / "qdq.onnx", ranges, excluded,
-                                        per_channel=options.per_channel, reduce_range=options.reduce_range,
-                                        activation_type=options.activation_type,
-                                        symmetric_activations=options.symmetric_activations)
+            current, scope = qdq.quantize_int8(current, tmp / "qdq.onnx", ranges, excluded,
+                                               per_channel=options.per_channel, reduce_range=options.reduce_range,
+                                               activation_type=options.activation_type,
+                                               symmetric_activations=options.symmetric_activations)
+            if details is not None:
+                details["int8_scope"] = scope.record()
         proto = onnx.load(str(current))
     low_bit = [d for d in decisions if d.result in (MATMUL_NBITS, BLOCKED_DQ)]
     output_to_layer: dict[str, str] = {}
@@ -234,18 +259,47 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
 
     ir_model = ir.serde.deserialize_model(proto)
     _restore_annotations(ir_model.graph, originals, output_to_layer)
+    kept_float = {d.layer_id: d.why for d in decisions if d.why}
+    scope_reasons = {k["node"]: k for k in _kept_nodes(details)}
     for decision in decisions:
         node = _find(ir_model.graph, decision, output_to_layer)
         if node is None:
             raise BitpassError(f"quantize lost layer {decision.layer_id!r} (node {decision.node_name!r})")
-        if decision.result == INT8_QDQ:
+        result = decision.result
+        if result == INT8_QDQ and not _reads_dequantized_weight(node, decision.op_type):
+            # the quantizer's scope left it float (a rule, or no calibrated range): say so, never claim int8
+            kept = scope_reasons.get(decision.node_name)
+            kept_float[decision.layer_id] = (f"int8 scope rule {kept['rule']}: {kept['why']}" if kept
+                                             else "ONNX Runtime's quantizer left it float")
+            result = FP32
+        if result == FP32 and decision.layer_id in kept_float:
+            annotation.set_weight_bits(node, FLOAT_BITS)
+            annotation.set_activation_bits(node, FLOAT_BITS)
+            annotation.delete(node, annotation.WEIGHT_FORMAT)
+        if result == INT8_QDQ:
             annotation.set_weight_bits(node, 8)
             annotation.set_activation_bits(node, 8)
-        if decision.result != FP32:
-            annotation.set_weight_format(node, FORMAT_OF[decision.result])
+        if result != FP32:
+            annotation.set_weight_format(node, FORMAT_OF[result])
+    if details is not None:
+        details["kept_float"] = dict(sorted(kept_float.items()))
     provenance = Provenance(model.provenance.kind, model.provenance.name, model.provenance.sha256,
                             [*model.provenance.notes, *notes])
     return Model(ir_model, provenance, model.torch_module)
+
+
+def _kept_nodes(details: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    scope = (details or {}).get("int8_scope") or {}
+    return [{"node": node, "rule": rule, "why": entry["why"]}
+            for rule, entry in scope.get("kept_float", {}).items() for node in entry["nodes"]]
+
+
+def _reads_dequantized_weight(node: ir.Node, op_type: str) -> bool:
+    """Whether int8 QDQ reached ``node``: its weight input comes out of a DequantizeLinear."""
+    index = WEIGHT_INPUT.get(op_type, 1)
+    value = node.inputs[index] if len(node.inputs) > index else None
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear"
 
 
 def name_nodes(graph: ir.Graph) -> None:

@@ -2,6 +2,8 @@
 
 Calibrated ranges are handed to ``quantize_static`` as a calibration cache, so ONNX Runtime does not
 recalibrate; layers that are not int8 are excluded by name (``nodes_to_include`` does not restrict).
+Which other nodes get Q/DQ is ``quant_scope``'s decision (operator types, nodes kept float and why),
+made on the very graph handed to the quantizer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import onnx
 from bitpass.frontend.errors import BitpassError
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.execution import first_line
+from bitpass.passes.quant_scope import GraphFacts, Scope, quant_scope
+from bitpass.passes.structure import typed_structure
 
 
 def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str | None]:
@@ -26,8 +30,12 @@ def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str 
     out = tmp / "pre.onnx"
     try:
         quant_pre_process(str(path), str(out), skip_symbolic_shape=True)
-        names = {n.name for n in onnx.load(str(out)).graph.node}
+        loaded = onnx.load(str(out))
+        names = {n.name for n in loaded.graph.node}
         if layer_names <= names:
+            if "" in names:  # ORT expanded a function into unnamed nodes: name them, or none can be excluded alone
+                _name_unnamed(loaded)
+                onnx.save(loaded, str(out))
             return out, None
         lost = sorted(layer_names - names)
         quant_pre_process(str(path), str(out), skip_symbolic_shape=True, skip_optimization=True)
@@ -36,28 +44,47 @@ def preprocess(path: Path, tmp: Path, layer_names: set[str]) -> tuple[Path, str 
         return path, f"quant_pre_process skipped: {first_line(err)}"
 
 
+def _name_unnamed(proto: onnx.ModelProto) -> None:
+    taken = {n.name for n in proto.graph.node}
+    for index, node in enumerate(proto.graph.node):
+        if not node.name:
+            candidate, suffix = f"{node.op_type}_pre_{index}", 1
+            while candidate in taken:
+                suffix += 1
+                candidate = f"{node.op_type}_pre_{index}_{suffix}"
+            node.name = candidate
+            taken.add(candidate)
+
+
 def quantize_int8(path: Path, output: Path, ranges: ActivationRanges, exclude: Iterable[str], *,
                   per_channel: bool = True, reduce_range: bool = False,
-                  activation_type: Literal["int8", "uint8"] = "int8", symmetric_activations: bool = False) -> Path:
-    """Static int8 QDQ of every quantizable node not in ``exclude`` (per-channel symmetric int8 weights)."""
+                  activation_type: Literal["int8", "uint8"] = "int8", symmetric_activations: bool = False,
+                  profile: str | None = None) -> tuple[Path, Scope]:
+    """Static int8 QDQ of the nodes in scope (``quant_scope``) that are not in ``exclude`` (per-channel
+    symmetric int8 weights). Returns the quantized model's path and the scope it was given."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    structure = typed_structure(onnx.load(str(path), load_external_data=False))
+    excluded = set(exclude)
+    scope = quant_scope(GraphFacts.from_proto(structure), ranges=ranges.ranges.keys(), profile=profile,
+                        int8_nodes={n.name for n in structure.graph.node} - excluded)
     cache = output.with_name("ranges.json")
     save_tensors_data(ranges.to_tensors_data(), cache)
     try:
         quantize_static(
             str(path), str(output), None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(scope.op_types),
             per_channel=per_channel, reduce_range=reduce_range,
             activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=cache,
+            weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded | set(scope.exclude)),
+            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
             extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
-                           **graph_output_ranges(onnx.load(str(path), load_external_data=False), ranges)},
+                           **scope.extra_options, **graph_output_ranges(structure, ranges)},
         )
     except Exception as err:
         raise BitpassError(f"ONNX Runtime's int8 quantizer failed: {first_line(err)}") from err
-    return output
+    return output, scope
 
 
 def graph_output_ranges(model: onnx.ModelProto, ranges: ActivationRanges) -> dict[str, object]:

@@ -15,7 +15,16 @@ from bitpass.frontend import Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes.analyses import ACTIVATION_RANGES, QUANTIZED
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassContext, PassResult
-from bitpass.passes.materialize import INT8_QDQ, MATMUL_NBITS, Decision, QuantizeOptions, decide, materialize
+from bitpass.passes.materialize import (
+    FLOAT_BITS,
+    FP32,
+    INT8_QDQ,
+    MATMUL_NBITS,
+    Decision,
+    QuantizeOptions,
+    decide,
+    materialize,
+)
 
 
 class Quantize(Pass):
@@ -41,16 +50,19 @@ class Quantize(Pass):
             raise UsageError("quantize(bias_correction=true) needs calibration data to estimate layer input means")
         ranges = ctx.analyses.require(ACTIVATION_RANGES)
         decisions = decide(model)  # refuses what cannot be done before any work
-        result = materialize(model, ranges=ranges, calibration=ctx.calibration, options=cfg, progress=ctx.progress)
-        record = _record(cfg, ranges.method, decisions, model, result)
+        details: dict[str, Any] = {}
+        result = materialize(model, ranges=ranges, calibration=ctx.calibration, options=cfg, progress=ctx.progress,
+                             details=details)
+        record = _record(cfg, ranges.method, decisions, model, result, details)
         ctx.records["quantization"] = record
         ctx.analyses.put(QUANTIZED, record)
         return PassResult(result, modified=True, preserved=frozenset({QUANTIZED}))
 
 
 def _record(cfg: QuantizeOptions, calibration_method: str, decisions: list[Decision], before: Model,
-            after: Model) -> dict[str, Any]:
-    return {
+            after: Model, details: dict[str, Any]) -> dict[str, Any]:
+    kept_float: dict[str, str] = details.get("kept_float", {})
+    record = {
         "format": "QDQ",
         "weight_type": "int8",
         "activation_type": cfg.activation_type,
@@ -64,12 +76,21 @@ def _record(cfg: QuantizeOptions, calibration_method: str, decisions: list[Decis
                         "symmetric": cfg.weight_only_symmetric},
         "weight_bytes": {"before": before.weight_bytes(), "after": after.weight_bytes()},
         "notes": after.provenance.notes[len(before.provenance.notes):],
-        "layers": {d.layer_id: {"op": d.op_type, "result": d.result if d.result != MATMUL_NBITS
-                                else f"matmulnbits-{d.weight_bits}",
-                                "weight_bits": d.weight_bits,
-                                "activation_bits": 8 if d.result == INT8_QDQ else d.activation_bits}
-                   for d in decisions},
+        "layers": {d.layer_id: _layer_record(d, kept_float.get(d.layer_id)) for d in decisions},
     }
+    if "int8_scope" in details:
+        record["int8_scope"] = details["int8_scope"]
+    if kept_float:
+        record["kept_float"] = kept_float
+    return record
+
+
+def _layer_record(d: Decision, kept_float: str | None) -> dict[str, Any]:
+    if kept_float is not None:
+        return {"op": d.op_type, "result": FP32, "weight_bits": FLOAT_BITS, "activation_bits": FLOAT_BITS,
+                "why": kept_float}
+    return {"op": d.op_type, "result": d.result if d.result != MATMUL_NBITS else f"matmulnbits-{d.weight_bits}",
+            "weight_bits": d.weight_bits, "activation_bits": 8 if d.result == INT8_QDQ else d.activation_bits}
 
 
 __all__ = ["Quantize"]

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: legalize, write model.onnx + session.json, load a runner."""
+"""The ONNX Runtime backend: legalize by asking the runtime, write model.onnx + session.json, load a runner."""
 
 from __future__ import annotations
 
@@ -8,23 +8,75 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnx_ir as ir
+
 from bitpass.backends.base import Backend, Capabilities, Runner
 from bitpass.backends.onnxruntime.runner import DEFAULT_SESSION, OrtRunner
 from bitpass.frontend import Model
+from bitpass.frontend.errors import BitpassError
+from bitpass.passes import execution
+
+#: ORT's words for "no kernel / no schema for this operator" (anything else a probe hits is not about support)
+_UNSUPPORTED_MARKERS = ("NOT_IMPLEMENTED", "Could not find an implementation", "No Op registered",
+                        "is not a registered function/op", "No opset import for domain")
 
 
 @functools.cache
 def _cpu_kernels() -> frozenset[tuple[str, str]]:
-    """(domain, op_type) pairs the installed ONNX Runtime has CPU kernels for."""
+    """(domain, op_type) pairs the installed ONNX Runtime registers CPU kernels for (informative: ``legalize``
+    asks the runtime itself, which also knows the functions it expands and the types each kernel takes)."""
     from onnxruntime.capi import _pybind_state
 
-    ops = {(k.domain or "", k.op_name) for k in _pybind_state.get_all_opkernel_def()
-           if k.provider == "CPUExecutionProvider"}
-    # Functions and ops ORT expands before kernel lookup (no kernel of their own).
-    ops |= {("", op) for op in ("Constant", "Identity", "LayerNormalization", "Gelu", "Celu",
-                                "MeanVarianceNormalization", "Shrink", "GreaterOrEqual", "LessOrEqual",
-                                "Softsign", "HardSwish", "Mish", "Range", "RMSNormalization")}
-    return frozenset(ops)
+    return frozenset((k.domain or "", k.op_name) for k in _pybind_state.get_all_opkernel_def()
+                     if k.provider == "CPUExecutionProvider")
+
+
+@functools.cache
+def operator_support(domain: str, op_type: str, opset: int, input_types: tuple[int, ...],
+                     attributes: bytes = b"") -> str | None:
+    """None when ONNX Runtime's CPU provider runs ``op_type`` at ``opset`` on inputs of these element types
+    (``onnx.TensorProto`` codes; 0 = an omitted optional input), else ORT's one-line reason.
+
+    Asked by building a one-node session (``execution.create_session``); cached per (domain, op, opset, input
+    types, attributes). ``attributes`` is a serialized ``NodeProto`` holding only the node's attributes (some
+    kernels depend on them, e.g. Cast's ``to``). A session that fails for another reason (the one-node graph
+    lacks shapes a kernel needs) does not count as unsupported."""
+    template = onnx.NodeProto()
+    if attributes:
+        template.ParseFromString(attributes)
+    inputs, names = [], []
+    for index, code in enumerate(input_types):
+        if code == 0:
+            names.append("")
+            continue
+        inputs.append(onnx.helper.make_tensor_value_info(f"in{index}", code, None))
+        names.append(f"in{index}")
+    node = onnx.helper.make_node(op_type, names, ["out"], domain=domain or None)
+    node.attribute.extend(template.attribute)
+    graph = onnx.helper.make_graph([node], "probe", inputs, [onnx.helper.make_empty_tensor_value_info("out")])
+    imports = [onnx.helper.make_opsetid("", opset if not domain else max(opset, 1))]
+    if domain:
+        imports = [onnx.helper.make_opsetid(domain, 1), onnx.helper.make_opsetid("", 21)]
+    model = onnx.helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 10
+    try:
+        execution.create_session(model, purpose=f"run {op_type}")
+    except BitpassError as err:
+        text = str(err)
+        if any(marker in text for marker in _UNSUPPORTED_MARKERS):
+            return text.split(": ", 1)[-1]
+    return None
+
+
+def _attributes_key(node: ir.Node) -> tuple[bytes, bool]:
+    """The node's attributes as bytes for the cache key, and whether it has a subgraph (not probed)."""
+    proto = onnx.NodeProto()
+    for attribute in node.attributes.values():
+        if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            return b"", True
+        proto.attribute.append(ir.serde.serialize_attribute(attribute))
+    return proto.SerializeToString(deterministic=True), False
 
 
 class OnnxRuntimeBackend(Backend):
@@ -46,6 +98,33 @@ class OnnxRuntimeBackend(Backend):
                          "MatMul": (2, 4, 8, 32), "Gather": (2, 4, 8, 32)},
             activation_bits=(8, 32),
         )
+
+    def legalize(self, model: Model, target: str) -> list[str]:
+        """Operators ONNX Runtime cannot run, judged by the runtime itself: one one-node session per distinct
+        (domain, operator, opset, input types, attributes), cached for the process."""
+        self.check_target(target)
+        opsets = dict(model.ir.opset_imports)
+        local_functions = {(f.domain, f.name) for f in model.ir.functions.values()}
+        problems: list[str] = []
+        for node in model.graph.all_nodes():
+            domain = node.domain if node.domain != "ai.onnx" else ""
+            if (node.domain, node.op_type) in local_functions:
+                continue  # a model-local function: ORT inlines it
+            attributes, has_subgraph = _attributes_key(node)
+            if has_subgraph:
+                continue  # control flow (If/Loop/Scan): ORT runs it; its body's nodes are checked themselves
+            types = tuple(0 if v is None or not v.name else (int(v.dtype) if v.dtype is not None else -1)
+                          for v in node.inputs)
+            guessed = -1 in types
+            types = tuple(onnx.TensorProto.FLOAT if t == -1 else t for t in types)
+            why = operator_support(domain, node.op_type, int(opsets.get(node.domain, opsets.get(domain, 1))),
+                                   types, attributes)
+            if why is None or guessed:  # an input of unknown type was probed as float: not a verdict
+                continue
+            label = f"{domain}.{node.op_type}" if domain else node.op_type
+            problems.append(f"operator {label} (node {node.name!r}) is not supported by {self.name} on target "
+                            f"{target!r}: {why}")
+        return problems
 
     def latency_probe(self, target: str, *, threads: int = 0):
         """A callable ``(model, variants, progress, batches=(1, 64)) -> {layer: {(bits, format): {batch: seconds}}}``."""

@@ -6,13 +6,21 @@ the KL divergence of the softmax outputs or the mean squared output error. One O
 serves every layer: the layers' weights become *overridable initializers* (initializers
 that are also graph inputs), so a run swaps a weight by feeding it, with no re-export and
 no new session.
+
+Cost is (layers x widths) full forward passes. Two options keep it bounded on real models:
+``time_budget`` (seconds): the reference run is timed and, when all runs would take longer,
+fewer samples are used (never fewer than ``min_samples``); ``extrapolate`` gives widths above
+the lowest measured one without running them: in the small-noise regime both KL and MSE are
+quadratic in the weight perturbation, so ``score(b) = score(m) * ||Q_b(W)-W||^2 / ||Q_m(W)-W||^2``
+with ``m`` the next lower measured width (8 bits from 4: about 1/256 of it).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -20,19 +28,20 @@ import onnx
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes import execution
-from bitpass.passes.sensitivity.quant import TABLE_BITS, fake_quantize, layer_channel_axis
+from bitpass.passes.sensitivity.quant import TABLE_BITS, fake_quantize, layer_channel_axis, quantization_error
 
 METRICS = ("kl", "mse")
 
 
-def overridable(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``proto`` in which each tensor in ``names`` is an initializer that is also a graph input.
+def overridable(proto: onnx.ModelProto, names: Iterable[str], *, in_place: bool = False) -> onnx.ModelProto:
+    """A copy of ``proto`` (``proto`` itself when ``in_place``: no second copy of a large model's weights) in
+    which each tensor in ``names`` is an initializer that is also a graph input.
 
     Weights held by ``Constant`` nodes are turned into initializers first. ORT then uses the
-    stored value unless a run feeds one under the same name.
+    stored value unless a run feeds one under the same name. Applying it twice changes nothing.
     """
     wanted = set(names)
-    out = copy.deepcopy(proto)
+    out = proto if in_place else copy.deepcopy(proto)
     graph = out.graph
     initializers = {t.name: t for t in graph.initializer}
     for node in list(graph.node):
@@ -86,8 +95,9 @@ class OutputProbe:
     """
 
     def __init__(self, proto: onnx.ModelProto, weight_names: Iterable[str],
-                 batches: Sequence[Mapping[str, np.ndarray]], *, threads: int | None = None) -> None:
-        self.proto = overridable(proto, weight_names)
+                 batches: Sequence[Mapping[str, np.ndarray]], *, threads: int | None = None,
+                 in_place: bool = False) -> None:
+        self.proto = overridable(proto, weight_names, in_place=in_place)
         self.session = execution.create_session(self.proto, threads=threads or None,
                                                 purpose="run the model to measure output sensitivity")
         self.batches = [dict(b) for b in batches]
@@ -136,23 +146,52 @@ class OutputSensitivity:
     runs: int
     #: layers that share a weight tensor with an earlier layer (measured together, same values)
     shared: dict[str, str]
+    #: widths given by extrapolation (not run): {bits: the measured width they were scaled from}
+    extrapolated: dict[int, int] = field(default_factory=dict)
+    #: why fewer samples than asked were used (the time budget), else ""
+    reduced: str = ""
+
+
+#: the fewest samples a time budget may reduce a measurement to
+MIN_SAMPLES = 8
 
 
 def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits: Iterable[int] = TABLE_BITS,
                        samples: int = 64, batch_size: int = 64, threads: int | None = None,
-                       progress: Callable[[str], None] | None = None) -> OutputSensitivity:
+                       progress: Callable[[str], None] | None = None, time_budget: float | None = None,
+                       extrapolate: bool = False, min_samples: int = MIN_SAMPLES) -> OutputSensitivity:
     """For every quantizable layer and each bit width, the output divergence when only that layer
-    is fake-quantized (symmetric, per output channel) and everything else stays float."""
+    is fake-quantized (symmetric, per output channel) and everything else stays float.
+
+    ``time_budget`` (seconds) caps the measuring runs by using fewer samples; ``extrapolate`` measures only
+    the lowest widths (all but the highest when there are three or more) and scales the others (see above)."""
     if metric not in METRICS:
         raise UsageError(f"unknown output metric {metric!r}; use one of {', '.join(METRICS)}")
     layers = model.layers()
     if not layers:
         return OutputSensitivity({}, metric, 0, 0, {})
     names = {layer.id: layer.weight.name or "" for layer in layers}
+    bits = sorted({int(b) for b in bits})
+    measured = bits[:-1] if extrapolate and len(bits) >= 3 else bits
+    extrapolated = {b: max(m for m in measured if m < b) for b in bits if b not in measured}
+    distinct = len(set(names.values()))
+    proto = model.to_proto()
     batches = _batches(model, data, samples, batch_size)
-    probe = OutputProbe(model.to_proto(), set(names.values()), batches, threads=threads)
+    start = time.perf_counter()
+    probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True)
+    reference_s = time.perf_counter() - start
     used = sum(len(next(iter(b.values()))) for b in batches)
-    bits = [int(b) for b in bits]
+    reduced = ""
+    runs_needed = distinct * len(measured)
+    if time_budget is not None and reference_s * runs_needed > time_budget and used > min_samples:
+        fewer = max(min_samples, int(used * time_budget / (reference_s * runs_needed)))
+        if fewer < used:
+            reduced = (f"{used} samples would take about {reference_s * runs_needed:.0f} s for {runs_needed} runs; "
+                       f"{fewer} fit the {time_budget:g} s budget")
+            batches = _batches(model, data, fewer, batch_size)
+            probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True)
+            used = sum(len(next(iter(b.values()))) for b in batches)
+    del proto
     table: dict[str, dict[int, float]] = {}
     seen: dict[str, str] = {}
     shared: dict[str, str] = {}
@@ -164,7 +203,11 @@ def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits:
             continue
         seen[name] = layer.id
         weight, axis = layer.weight_array, layer_channel_axis(layer)
-        table[layer.id] = {b: probe.divergence({name: fake_quantize(weight, b, axis)}, metric) for b in bits}
+        row = {b: probe.divergence({name: fake_quantize(weight, b, axis)}, metric) for b in measured}
+        for b, source in extrapolated.items():
+            base = quantization_error(weight, source, axis)
+            row[b] = row[source] * quantization_error(weight, b, axis) / base if base > 0 else 0.0
+        table[layer.id] = {b: row[b] for b in bits}
         if progress is not None:
             progress(f"output-{metric}: layer {index + 1}/{len(layers)} {layer.id}")
-    return OutputSensitivity(table, metric, used, probe.runs, shared)
+    return OutputSensitivity(table, metric, used, probe.runs, shared, extrapolated, reduced)

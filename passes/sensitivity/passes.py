@@ -71,6 +71,11 @@ class SensitivityConfig(PassConfig):
     max_samples: int = pydantic.Field(100, ge=2)
     #: samples per forward pass (Hessian products, ORT runs)
     batch_size: int = pydantic.Field(64, ge=1)
+    #: output-kl/-mse: seconds the per-layer runs may take; a slower model is measured on fewer samples (>= 8)
+    time_budget: float | None = pydantic.Field(30.0, gt=0)
+    #: output-kl/-mse: measure the lower widths only and scale the highest (8 bits) from the next lower by the
+    #: ratio of weight quantization errors (both metrics are quadratic in a small weight perturbation)
+    extrapolate: bool = True
     #: taylor: fisher (per-sample empirical Fisher diagonal) or hessian (exact block quadratic form)
     curvature: Literal["fisher", "hessian"] = "fisher"
     #: hutchinson: block (one product per layer, lower variance) or full (one product for all, HAWQ-V2)
@@ -136,8 +141,14 @@ class Sensitivity(Pass):
         assert ctx.calibration is not None
         metric = cfg.method.split("-", 1)[1]
         result = output_sensitivity(model, ctx.calibration, metric=metric, bits=bits, samples=cfg.samples,
-                                    batch_size=cfg.batch_size, progress=ctx.progress)
+                                    batch_size=cfg.batch_size, progress=ctx.progress, time_budget=cfg.time_budget,
+                                    extrapolate=cfg.extrapolate)
         record.update(samples=result.samples, ort_runs=result.runs, labels="none needed")
+        if result.reduced:
+            record["samples_reduced"] = result.reduced
+        if result.extrapolated:
+            record["extrapolated"] = {str(b): f"scaled from {m} bits by the weight-error ratio"
+                                      for b, m in sorted(result.extrapolated.items())}
         if result.shared:
             record["shared_weights"] = result.shared
         return {k: v[cfg.bits] for k, v in result.table.items()}, result.table

@@ -490,3 +490,28 @@ def test_a_pass_calling_sys_exit_is_a_pipeline_error_not_an_exit() -> None:
     """sys.exit(0) inside a pass once ended the compile with exit 0 and no artifact."""
     with pytest.raises(PipelineError, match=r"pass 'exits' failed: the pass called sys.exit\(0\)"):
         Pipeline([_Exits()]).run(tiny_model(), PassContext())
+
+
+def test_timing_records_seconds_and_peak_memory_of_every_pass_for_the_manifest(cnn_model):
+    from bitpass.passes.cleanup import EliminateDeadNodes
+
+    class Allocates(Pass):
+        """Holds 200 MB for a moment."""
+
+        name = "allocates"
+
+        def run(self, model, ctx):
+            block = np.ones(50_000_000, dtype=np.float32)
+            block[::4096] = 2.0
+            time.sleep(0.3)
+            del block
+            return PassResult(model, modified=False, preserved=PRESERVE_ALL)
+
+    timing = Timing()
+    ctx = PassContext(instruments=[timing])
+    Pipeline([EliminateDeadNodes(), Allocates()]).run(cnn_model, ctx, verify=False)
+    rows = ctx.records["resources"]["passes"]
+    assert [r["pass"] for r in rows] == ["eliminate-dead-nodes", "allocates"]
+    assert all(r["seconds"] >= 0 for r in rows)
+    assert rows[1]["peak_rss_mb"] >= rows[0]["peak_rss_mb"] + 150  # the 200 MB it held were seen
+    assert ctx.records["resources"]["peak_rss_mb"] >= rows[1]["peak_rss_mb"]

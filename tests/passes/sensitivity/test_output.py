@@ -90,3 +90,45 @@ def test_gradient_methods_on_an_onnx_only_model_name_the_alternatives(onnx_mlp, 
     model, data = onnx_mlp
     with pytest.raises(UsageError, match="output-kl, output-mse"):
         Sensitivity(method=method).run(model, PassContext(calibration=data))
+
+
+def test_a_time_budget_measures_on_fewer_samples_and_says_so(onnx_mlp):
+    model, data = onnx_mlp
+    full = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=8)
+    tight = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=8, time_budget=1e-9,
+                               min_samples=8)
+    assert full.samples == 40 and full.reduced == ""
+    assert tight.samples == 8 and "fit the" in tight.reduced
+    assert tight.table["fc1"][4] < 1e-9 < tight.table["fc1"][2]  # the same facts, on fewer samples
+
+
+def test_the_highest_width_can_be_scaled_from_the_next_lower_instead_of_run(onnx_mlp):
+    from bitpass.passes.sensitivity.quant import quantization_error
+
+    model, data = onnx_mlp
+    measured = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=16)
+    scaled = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=16, extrapolate=True)
+    assert scaled.extrapolated == {8: 4}
+    assert scaled.runs == 1 + 2 * 2  # 8 bits is not run
+    w = model.layer("fc2").weight_array
+    ratio = quantization_error(w, 8, 1) / quantization_error(w, 4, 1)
+    assert scaled.table["fc2"][8] == pytest.approx(scaled.table["fc2"][4] * ratio)
+    # quadratic in a small perturbation: the estimate has the measured value's order of magnitude
+    assert measured.table["fc2"][8] / 3 < scaled.table["fc2"][8] < 3 * measured.table["fc2"][8]
+
+
+def test_on_the_real_sentence_encoder_scaled_8_bit_scores_rank_layers_as_measured_ones(tmp_path):
+    from scipy.stats import spearmanr
+
+    from bitpass.frontend import from_onnx
+    from bitpass.tools import model_families as mf
+
+    built = mf.build("sentence_embedding", "fast")
+    model = from_onnx(mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path))
+    data = from_arrays(built.calibration, model.inputs)
+    measured = output_sensitivity(model, data, bits=(2, 4, 8), samples=32)
+    scaled = output_sensitivity(model, data, bits=(2, 4, 8), samples=32, extrapolate=True)
+    ids = sorted(measured.table)
+    rho = spearmanr([measured.table[i][8] for i in ids], [scaled.table[i][8] for i in ids]).correlation
+    assert rho > 0.9, rho
+    assert scaled.runs < measured.runs
