@@ -9,7 +9,7 @@ threads do not steal the next one's cores. The result is every round's seconds p
 take medians of *paired* ratios (a model against the reference of its own round), which cancels
 most of the drift of a shared machine.
 
-    python -m bitpass.backends.onnxruntime.timing JOB_DIR      # what time_groups runs
+    python .../bitpass/backends/onnxruntime/timing.py JOB_DIR   # what time_groups runs (imports numpy and ORT only)
 
 ``cpu()`` describes the CPU by its features (the flags the kernels depend on), not by its model name.
 """
@@ -130,7 +130,8 @@ def time_groups(groups: Sequence[Group], *, threads: int = 0, rounds: int = 9, m
         (folder / "job.json").write_text(json.dumps(job))
         if fresh_process:
             env = {**os.environ, **QUIET_ENV}
-            done = subprocess.run([sys.executable, "-m", "bitpass.backends.onnxruntime.timing", str(folder)],
+            # run as a file, not ``-m``: the package's imports (onnx-ir, sympy...) would cost seconds per call
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(folder)],
                                   capture_output=True, text=True, env=env, timeout=timeout, check=False)
             if done.returncode != 0 or not (folder / "result.json").is_file():
                 tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

@@ -37,11 +37,12 @@ QDQ_FLAVOURS = {"qdq-u8": "uint8", "qdq-s8": "int8"}
 MATMUL_NBITS_BLOCKS = (32, 64, 128)
 
 #: op type -> width -> compute formats to try besides packed
+#: (the first is what ``formats=compute`` takes without measurements: it needs no calibrated ranges below 8 bits)
 COMPUTE_FORMATS: dict[str, dict[int, tuple[str, ...]]] = {
-    "Conv": {8: (QDQ,), 4: (QDQ, BLOCKED_DQ), 2: (QDQ,)},
+    "Conv": {8: (QDQ,), 4: (BLOCKED_DQ, QDQ), 2: (QDQ,)},
     "ConvTranspose": {8: (QDQ,)},
-    "Gemm": {8: (QDQ, DYNAMIC, MATMUL_NBITS), 4: (QDQ, DYNAMIC, MATMUL_NBITS), 2: (QDQ, DYNAMIC, MATMUL_NBITS)},
-    "MatMul": {8: (QDQ, DYNAMIC, MATMUL_NBITS), 4: (QDQ, DYNAMIC, MATMUL_NBITS), 2: (QDQ, DYNAMIC, MATMUL_NBITS)},
+    "Gemm": {8: (QDQ, DYNAMIC, MATMUL_NBITS), 4: (MATMUL_NBITS, QDQ, DYNAMIC), 2: (MATMUL_NBITS, QDQ, DYNAMIC)},
+    "MatMul": {8: (QDQ, DYNAMIC, MATMUL_NBITS), 4: (MATMUL_NBITS, QDQ, DYNAMIC), 2: (MATMUL_NBITS, QDQ, DYNAMIC)},
 }
 
 #: variant key in a latency table: (bits, name)
