@@ -97,8 +97,9 @@ def to_uint8_activations(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 node.input[2] = renamed[node.input[2]]
             if node.op_type == "QuantizeLinear":
                 quantized.update(node.output)
-    # recorded types of the quantized activations would still say int8
-    kept = [v for v in out.graph.value_info if v.name not in quantized]
+    # recorded types of the quantized activations and of the moved zero points would still say int8
+    stale = quantized | set(activation_zps) | set(renamed.values())
+    kept = [v for v in out.graph.value_info if v.name not in stale]
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept)
     return out, moved
