@@ -10,7 +10,8 @@ fresh process, at batch 1 and a larger batch:
 
 1. the plan in each int8 flavour (U8S8, S8S8; U8S8 with 7-bit weights when U8S8 is not exact),
    each checked numerically on calibration samples against fp32 (saturation shows as error, so a
-   flavour whose error is well above the best one's is not eligible, whatever its speed);
+   flavour whose error is well above the best one's is not eligible, whatever its speed); and, when
+   most int8 layers are MatMul/Gemm (a transformer), those layers in dynamic int8;
 2. repairs of the fastest: layers whose one-layer timing says their compute format is no faster
    than fp32 fall back (fp32, or packed at their planned width when an allocation set the width);
    MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it;
@@ -189,6 +190,14 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     if U8S8 in flavours and not next(c for c in first if c.flavour == U8S8).eligible:
         say("format search: U8S8 is not exact on this CPU; trying it with 7-bit weights")
         first.append(build(Candidate(f"plan-{U8S8_REDUCED.name}", dict(plan), U8S8_REDUCED, "the plan as made")))
+        _eligibility(first)
+    ops = {layer.id: layer.op_type for layer in model.layers()}
+    dense = [lid for lid in compute if ops.get(lid) in ("MatMul", "Gemm") and plan[lid].format == "qdq"]
+    if len(dense) >= 2 and 2 * len(dense) >= len(compute):  # transformer-like: what ORT users run for BERT
+        as_dynamic = {lid: (LayerPlan(p.weight_bits, 8, "dynamic", p.block_size) if lid in dense else p)
+                      for lid, p in plan.items()}
+        first.append(build(Candidate(f"dynamic-{flavours[0].name}", as_dynamic, flavours[0],
+                                     "MatMul/Gemm layers in dynamic int8")))
         _eligibility(first)
     everything_back = {lid: (fallback_plan(p, fallback) if lid in compute else p) for lid, p in plan.items()}
     fallback_all = build(Candidate("fallback", everything_back, flavours[0],

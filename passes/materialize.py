@@ -49,6 +49,7 @@ import pydantic
 from bitpass.frontend import Dataset, Model, Provenance, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.layers import WEIGHT_INPUT
+from bitpass.passes import dynamic as dynamic_int8
 from bitpass.passes import execution, int8_flavours, qdq, weight_only
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.bias_correction import correct_biases
@@ -268,9 +269,9 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
     dynamic = [d for d in decisions if d.result == DYNAMIC]
     if dynamic:
         say(f"quantize: dynamic int8 on {len(dynamic)} layer(s)")
-        proto, mapped = _dynamic_int8(proto, dynamic, per_channel=options.per_channel,
-                                      reduce_range=options.reduce_range)
-        output_to_layer.update(mapped)
+        output_to_layer.update(dynamic_int8.quantize_layers(
+            proto, [d.node_name for d in dynamic], per_channel=options.per_channel, reduce_range=options.reduce_range,
+            low={d.node_name: low_bit[d.layer_id] for d in dynamic if d.widened}))
     weight_only_layers = [d for d in decisions if d.result in (MATMUL_NBITS, BLOCKED_DQ)]
     if weight_only_layers:
         say(f"quantize: weight-only on {len(weight_only_layers)} layer(s)")
@@ -289,8 +290,8 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
             pack_weight(proto, node, WEIGHT_INPUT[decision.op_type], decision.channel_axis, decision.weight_bits,
                         decision.block_size or options.block_size)
     for decision in decisions:
-        if decision.widened:
-            _widen(proto, decision, low_bit[decision.layer_id], output_to_layer)
+        if decision.widened and decision.result == INT8_QDQ:
+            _widen(proto, decision, low_bit[decision.layer_id])
 
     ir_model = ir.serde.deserialize_model(proto)
     _restore_annotations(ir_model.graph, originals, output_to_layer)
@@ -341,31 +342,18 @@ def _low_bit_weights(proto: onnx.ModelProto, widened: list[Decision], default_bl
     return out
 
 
-def _widen(proto: onnx.ModelProto, decision: Decision, low: LowBitWeight, output_to_layer: Mapping[str, str]) -> None:
-    """Replace the int8 weight ORT's quantizer wrote for a widened layer by the low-bit chain."""
+def _widen(proto: onnx.ModelProto, decision: Decision, low: LowBitWeight) -> None:
+    """Replace the int8 weight ORT's quantizer wrote for a widened QDQ layer by the low-bit chain."""
     producers = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name for t in proto.graph.initializer}
-    if decision.result == INT8_QDQ:
-        node = next((n for n in proto.graph.node if n.name == decision.node_name), None)
-        dq = producers.get(node.input[WEIGHT_INPUT[decision.op_type]]) if node is not None else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            raise BitpassError(f"layer {decision.layer_id!r}: ONNX Runtime's quantizer did not give it an int8 "
-                               f"weight, so its {decision.weight_bits}-bit storage cannot feed int8 compute")
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        _check_widened(proto, decision, low, dq.input[0], dq.input[1], axis)
-        widen_int8_weight(proto, dq.input[0], low, dq.input[1], dq.input[2], axis)
-        return
-    output = next(o for o, name in output_to_layer.items() if name == decision.node_name)
-    matmul = _dynamic_matmul(producers, output)
-    if matmul is None or matmul.input[1] not in inits:
-        raise BitpassError(f"layer {decision.layer_id!r}: ONNX Runtime's dynamic quantizer did not give it an "
-                           f"int8 weight")
-    scale, zero_point = _dynamic_weight_scale(producers, matmul, output)
-    if decision.op_type == "Gemm" and decision.channel_axis == 0:  # transB: MatMul reads the transposed weight
-        low = LowBitWeight(low.codes, low.scales, (low.shape[1], low.shape[0]), 1, low.bits, low.block_size)
-    _check_widened(proto, decision, low, matmul.input[1], scale, 1)
-    size = next(int(np.prod(t.dims)) for t in proto.graph.initializer if t.name == scale)
-    widen_int8_weight(proto, matmul.input[1], low, scale, zero_point, 1 if size > 1 else None)
+    node = next((n for n in proto.graph.node if n.name == decision.node_name), None)
+    dq = producers.get(node.input[WEIGHT_INPUT[decision.op_type]]) if node is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        raise BitpassError(f"layer {decision.layer_id!r}: ONNX Runtime's quantizer did not give it an int8 "
+                           f"weight, so its {decision.weight_bits}-bit storage cannot feed int8 compute")
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    _check_widened(proto, decision, low, dq.input[0], dq.input[1], axis)
+    widen_int8_weight(proto, dq.input[0], low, dq.input[1], dq.input[2], axis)
 
 
 def _check_widened(proto: onnx.ModelProto, decision: Decision, low: LowBitWeight, int8_name: str, scale_name: str,
@@ -385,52 +373,6 @@ def _check_widened(proto: onnx.ModelProto, decision: Decision, low: LowBitWeight
     if stored.shape != expected.shape or np.mean(np.abs(stored - expected) > 1) > 0.001:
         raise BitpassError(f"layer {decision.layer_id!r}: its int8 weight is not its {decision.weight_bits}-bit "
                            f"weight on the int8 grid (a pre-processing step changed it); use format packed")
-
-
-def _dynamic_matmul(producers: Mapping[str, onnx.NodeProto], output: str) -> onnx.NodeProto | None:
-    """The MatMulInteger behind a dynamically quantized layer's output (Mul <- Cast <- MatMulInteger)."""
-    seen, todo = set(), [output]
-    while todo:
-        name = todo.pop()
-        node = producers.get(name)
-        if node is None or name in seen:
-            continue
-        seen.add(name)
-        if node.op_type == "MatMulInteger":
-            return node
-        if node.op_type in ("Mul", "Cast", "Add"):
-            todo.extend(node.input)
-    return None
-
-
-def _dynamic_weight_scale(producers: Mapping[str, onnx.NodeProto], matmul: onnx.NodeProto,
-                          output: str) -> tuple[str, str]:
-    """The weight scale and zero point names of a dynamically quantized MatMul: the zero point is
-    MatMulInteger's 4th input; the scale is the initializer multiplied into the activation scale."""
-    zero_point = matmul.input[3]
-    activation_scale = producers[matmul.input[2]].output[1]  # DynamicQuantizeLinear: (y, scale, zero point)
-    for node in producers.values():
-        if node.op_type == "Mul" and activation_scale in node.input:
-            other = [i for i in node.input if i != activation_scale]
-            if other:
-                return other[0], zero_point
-    raise BitpassError(f"dynamic int8 layer at {output!r}: its weight scale was not found")
-
-
-def _dynamic_int8(proto: onnx.ModelProto, decisions: list[Decision], *, per_channel: bool,
-                  reduce_range: bool) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """ORT's ``quantize_dynamic`` on exactly these MatMul/Gemm layers (a Gemm becomes MatMul + Add first)."""
-    inits = {t.name: t for t in proto.graph.initializer}
-    output_to_layer: dict[str, str] = {}
-    names = []
-    for decision in decisions:
-        node = next(n for n in proto.graph.node if n.name == decision.node_name)
-        if node.op_type == "Gemm":
-            node = weight_only.gemm_to_matmul_add(proto, node, inits)
-        output_to_layer[node.output[0]] = decision.node_name
-        names.append(node.name)
-    proto = qdq.quantize_dynamic_int8(proto, names, per_channel=per_channel, reduce_range=reduce_range)
-    return proto, output_to_layer
 
 
 def name_nodes(graph: ir.Graph) -> None:

@@ -60,32 +60,6 @@ def quantize_int8(path: Path, output: Path, ranges: ActivationRanges, exclude: I
     return output
 
 
-def quantize_dynamic_int8(proto: onnx.ModelProto, node_names: Iterable[str], *, per_channel: bool = True,
-                          reduce_range: bool = False) -> onnx.ModelProto:
-    """ORT's ``quantize_dynamic`` (int8 weights, activations quantized at run time: DynamicQuantizeLinear +
-    MatMulInteger, which ORT fuses to DynamicQuantizeMatMul) on exactly the MatMul nodes ``node_names``."""
-    import tempfile
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    names = list(node_names)
-    with tempfile.TemporaryDirectory(prefix="bitpass-dynamic-") as tmp:
-        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(proto, str(source))
-        try:
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             reduce_range=reduce_range, nodes_to_quantize=names, op_types_to_quantize=["MatMul"],
-                             extra_options={"MatMulConstBOnly": True})
-        except Exception as err:
-            raise BitpassError(f"ONNX Runtime's dynamic int8 quantizer failed: {first_line(err)}") from err
-        out = onnx.load(str(target))
-    left = sorted(n.name for n in out.graph.node if n.name in names and n.op_type == "MatMul")
-    if left:
-        raise BitpassError(f"ONNX Runtime's dynamic quantizer left {', '.join(left)} in fp32: a dynamic int8 layer "
-                           f"needs a constant 2-D weight")
-    return out
-
-
 def graph_output_ranges(model: onnx.ModelProto, ranges: ActivationRanges) -> dict[str, object]:
     """ORT ``TensorQuantOverrides`` pinning graph outputs read by Relu/Clip to their own calibrated ranges.
 

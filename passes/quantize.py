@@ -70,7 +70,7 @@ class Quantize(Pass):
                 any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions):
             found = format_search.search(
                 model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
-                layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx),
+                layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx, cfg.search_batches),
                 fallback=PACKED if ctx.analyses.cached(BITS) else FP32, batches=tuple(cfg.search_batches),
                 progress=ctx.progress)
             result, searched, activation_type = found.model, found.record, found.flavour.activation_type
@@ -92,16 +92,17 @@ class Quantize(Pass):
         return PassResult(result, modified=True, preserved=frozenset({QUANTIZED}))
 
 
-def _layer_times(probe: Any, model: Model, wanted: Mapping[str, Sequence[tuple[int, str]]],
-                 ctx: PassContext) -> Mapping[str, Any]:
-    """Per-layer timings for the search's repairs: the allocation's table when it has every layer, else the probe."""
+def _layer_times(probe: Any, model: Model, wanted: Mapping[str, Sequence[tuple[int, str]]], ctx: PassContext,
+                 batches: Sequence[int]) -> Mapping[str, Any]:
+    """Per-layer timings for the search's repairs: the allocation's table when it has every layer, else the
+    probe at the search's batch sizes."""
     from bitpass.passes.allocation.passes import call_probe
 
     if ctx.analyses.cached(LATENCY_VARIANTS):
         table = ctx.analyses.require(LATENCY_VARIANTS)
         if all(lid in table and all(v in table[lid] for v in variants) for lid, variants in wanted.items()):
             return table
-    return call_probe(probe, model, wanted, ctx)
+    return call_probe(probe, model, wanted, ctx, batches=tuple(batches))
 
 
 def _final(decision: Decision, plan: Mapping[str, Any]) -> Decision:
