@@ -202,7 +202,11 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     everything_back = {lid: (fallback_plan(p, fallback) if lid in compute else p) for lid, p in plan.items()}
     fallback_all = build(Candidate("fallback", everything_back, flavours[0],
                                    f"every int8 compute layer {'packed' if fallback == PACKED else 'fp32'}"))
-    time_round([c for c in [*first, fallback_all] if c.eligible], None)
+    if fallback == PACKED or any(p.weight_bits < 32 for lid, p in everything_back.items() if lid not in compute):
+        time_round([c for c in [*first, fallback_all] if c.eligible], None)
+    else:  # the fp32 reference itself: 1.0 by definition, and one model less to time
+        fallback_all.speedup = {b: 1.0 for b in batches}
+        time_round([c for c in first if c.eligible], None)
     flavoured = [c for c in first if c.eligible and c.speedup]
     best = _best([*flavoured, fallback_all])
     best_int8 = _best(flavoured) if flavoured else None

@@ -1,15 +1,18 @@
 """Named pipelines shipped with bitpass (registered under ``bitpass.pipelines``)."""
 
-#: fp32 clean-up and fusion only: outputs stay equal to the input model's.
-OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse"
+#: fp32 clean-up and fusion only: outputs stay equal to the input model's (up to fp32 rounding). Transformer
+#: graphs also get ONNX Runtime's transformer fusions, attention included, kept when not slower on the target.
+OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse,fuse-transformer(attention=true,embed_layer_norm=true)"
 
-#: the default compile: optimize, calibrate activation ranges, int8 QDQ.
-DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),quantize"
+#: the default compile: optimize, calibrate activation ranges, int8 where it pays on the target: the int8
+#: flavour (U8S8 / S8S8 / 7-bit weights, or dynamic int8 for transformers) and the layers that stay fp32 are
+#: chosen by timing whole candidate artifacts (``quantize(search=true)``).
+DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,fuse-transformer,calibrate(method=minmax),quantize"
 
 #: mixed precision from measured sensitivity: per-layer bits under a budget (override with --budget),
 #: each width in the fastest format measured on the target (never slower than fp32), packed weights'
 #: rounding refined on the calibration data (AdaQuant/AdaRound-style) before they are written.
-MIXED = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity,"
+MIXED = ("fold-constants,eliminate-dead-nodes,fuse,fuse-transformer,calibrate(method=minmax),sensitivity,"
          "allocate-bits(budget=avg-bits=4),refine-rounding,quantize")
 
 #: one size budget spent on both bit widths and removed channels (override with --budget size=...)
