@@ -23,9 +23,13 @@ WEIGHT_BITS = "bits.weight"
 ACTIVATION_BITS = "bits.activation"
 SPARSITY = "sparsity"
 WEIGHT_FORMAT = "format.weight"
-#: how a quantized weight is materialized (see passes/materialize.py): compute in int8 QDQ, ORT's
-#: MatMulNBits, blocked DequantizeLinear, or ``packed`` (stored low-bit, unpacked once at load)
-WEIGHT_FORMATS = ("qdq", "matmulnbits", "blocked-dq", "packed")
+#: how a quantized weight is materialized (see passes/materialize.py): compute in int8 QDQ, int8 with
+#: activations quantized at run time (``dynamic``), ORT's MatMulNBits, blocked DequantizeLinear, or
+#: ``packed`` (stored low-bit, unpacked once at load)
+WEIGHT_FORMATS = ("qdq", "dynamic", "matmulnbits", "blocked-dq", "packed")
+#: weights per scale of a blocked format (MatMulNBits, blocked DequantizeLinear, packed storage)
+BLOCK_SIZE = "format.block_size"
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 SENSITIVITY_PREFIX = "sensitivity."
 
 #: Bits meaning "leave this layer in floating point".
@@ -92,6 +96,16 @@ def set_weight_format(node: ir.Node, value: str) -> None:
     set(node, WEIGHT_FORMAT, value)
 
 
+def block_size(node: ir.Node) -> int | None:
+    return get(node, BLOCK_SIZE)
+
+
+def set_block_size(node: ir.Node, value: int) -> None:
+    if value not in BLOCK_SIZES:
+        raise ValueError(f"block size {value!r} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    set(node, BLOCK_SIZE, int(value))
+
+
 def sparsity(node: ir.Node) -> float | None:
     return get(node, SPARSITY)
 
@@ -150,6 +164,8 @@ def check_schema(model: ir.Model) -> list[str]:
                 problems.append(f"node {node.name!r}: {key}={value!r} is not a finite number")
             if name == WEIGHT_FORMAT and value not in WEIGHT_FORMATS:
                 problems.append(f"node {node.name!r}: {key}={value!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+            if name == BLOCK_SIZE and value not in BLOCK_SIZES:
+                problems.append(f"node {node.name!r}: {key}={value!r} is not one of {BLOCK_SIZES}")
             if name == SPARSITY and not (isinstance(value, (int, float)) and 0 <= value < 1):
                 problems.append(f"node {node.name!r}: {key}={value} is not in [0, 1)")
     return problems

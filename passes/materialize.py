@@ -4,13 +4,21 @@ A plan says, per layer id, its weight bits, activation bits and weight format (`
 without a plan, the layers' ``bits.*`` / ``format.weight`` annotations are the plan (unannotated
 means 8/8). ``materialize`` turns it into a new ``Model``:
 
-* 8 / 8: static int8 QDQ from ONNX Runtime's ``quantize_static`` fed the calibrated ``ranges``
-  (``qdq.py``). Weights per-channel symmetric int8; activations int8 (S8S8) by default, because on
-  AVX2 without VNNI ORT's U8S8 path saturates (measured on the digits CNN: relative output error
-  0.11 for U8S8 against 0.014 for S8S8). Optional bias correction first (``bias_correction.py``).
+* 8 / 8 (``qdq``): static int8 QDQ from ONNX Runtime's ``quantize_static`` fed the calibrated
+  ``ranges`` (``qdq.py``). Weights per-channel symmetric int8; activations int8 (S8S8) or uint8
+  (U8S8) as ``options.activation_type`` says. Which one is fast and exact depends on the CPU
+  (``int8_flavours.py``): the ``quantize`` pass measures them (``format_search.py``); called
+  directly, ``auto`` means int8, which never saturates. Optional bias correction first.
+* 2 or 4-bit weights in ``qdq`` (or ``dynamic``): stored as packed low-bit codes, widened to int8
+  once at load by constant ops ORT folds (``packing.widen_int8_weight``): int8 compute at low-bit
+  storage. The per-channel int8 scale is taken over the low-bit weight, so the int8 grid holds it.
+* ``dynamic`` (MatMul / Gemm): ORT's dynamic quantization (``DynamicQuantizeLinear`` +
+  ``MatMulInteger``, fused by ORT into ``DynamicQuantizeMatMul``): int8 weights, activations
+  quantized at run time, no calibrated ranges. What ORT users run for BERT-class models.
 * 32: left in fp32.
 * 2 / 4 (and 8 with fp32 activations, i.e. weight-only) on MatMul / Gemm: ``MatMulNBits``; on Conv:
-  4/8-bit blocked ``DequantizeLinear`` at opset 21 (``weight_only/rewrite.py``).
+  4/8-bit blocked ``DequantizeLinear`` at opset 21 (``weight_only/rewrite.py``). The block size is the
+  layer's ``format.block_size`` annotation, else ``options.block_size``.
 * ``packed`` (any quantizable op, 2/4/8 bits): low-bit codes with fp16 block scales that constant
   ops unpack, folded by ONNX Runtime at session start (``packing.py``): low-bit size, fp32 speed.
 * Anything else (2-bit Conv, which needs INT2 at opset 25; low-bit Gather/ConvTranspose; 3 or 16
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pydantic
@@ -40,33 +49,41 @@ import pydantic
 from bitpass.frontend import Dataset, Model, Provenance, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.layers import WEIGHT_INPUT
-from bitpass.passes import execution, qdq
-from bitpass.passes.weight_only import rewrite as weight_only
+from bitpass.passes import dynamic as dynamic_int8
+from bitpass.passes import execution, int8_flavours, qdq
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.bias_correction import correct_biases
 from bitpass.passes.infra import PassConfig
 from bitpass.passes.opset import raise_opset, required_opset
-from bitpass.passes.packing import PACKED_BITS, pack_weight
+from bitpass.passes.packing import PACKED_BITS, LowBitWeight, pack_weight, widen_int8_weight
 from bitpass.passes.quant_scope import GraphFacts, detect_profile, layer_kept_float
+from bitpass.passes.weight_only import rewrite as weight_only
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
 FLOAT_BITS = annotation.FLOAT_BITS
 # what happens to a layer
 FP32 = "fp32"
 INT8_QDQ = "int8-qdq"
+DYNAMIC = "dynamic"
 MATMUL_NBITS = weight_only.MATMUL_NBITS
 BLOCKED_DQ = weight_only.BLOCKED_DQ
 PACKED = "packed"
 #: the ``format.weight`` annotation each result is stamped with
-FORMAT_OF = {INT8_QDQ: "qdq", MATMUL_NBITS: "matmulnbits", BLOCKED_DQ: "blocked-dq", PACKED: "packed"}
+FORMAT_OF = {INT8_QDQ: "qdq", DYNAMIC: "dynamic", MATMUL_NBITS: "matmulnbits", BLOCKED_DQ: "blocked-dq",
+             PACKED: "packed"}
+#: low weight widths int8 compute can hold (the codes are widened to int8 at load)
+WIDENED_BITS = (2, 4)
+#: ops whose int8 weight ``materialize`` can rebuild from low-bit storage
+WIDENED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 class QuantizeOptions(PassConfig):
     """How layers are quantized (the ``quantize`` pass's options)."""
 
     per_channel: bool = True
-    #: activation type of the int8 QDQ layers: int8 (S8S8, default) or uint8 (U8S8, saturates on AVX2)
-    activation_type: Literal["int8", "uint8"] = "int8"
+    #: activation type of the int8 QDQ layers: auto (measured on the target by the quantize pass; int8
+    #: when nothing is measured), int8 (S8S8) or uint8 (U8S8: fastest with VNNI, saturates on AVX2 without)
+    activation_type: Literal["auto", "int8", "uint8"] = "auto"
     symmetric_activations: bool = False
     #: 7-bit weights (avoids U8S8 saturation on non-VNNI CPUs at some accuracy cost)
     reduce_range: bool = False
@@ -89,6 +106,8 @@ class LayerPlan:
     weight_bits: int = 8
     activation_bits: int | None = None
     format: str | None = None
+    #: weights per scale of a blocked format (None: the options' block size)
+    block_size: int | None = None
 
     @classmethod
     def packed(cls, bits: int) -> LayerPlan:
@@ -113,8 +132,14 @@ class Decision:
     activation_bits: int | None
     result: str
     channel_axis: int = 0
+    block_size: int | None = None
     #: why an 8-bit layer stays fp32 anyway (int8 QDQ's scope leaves its operator type float), else ""
     why: str = ""
+
+    @property
+    def widened(self) -> bool:
+        """Int8 compute of low-bit storage: codes widened to int8 at load."""
+        return self.result in (INT8_QDQ, DYNAMIC) and self.weight_bits in WIDENED_BITS
 
 
 def annotate(model: Model, plan: Mapping[str, LayerPlan]) -> None:
@@ -128,6 +153,8 @@ def annotate(model: Model, plan: Mapping[str, LayerPlan]) -> None:
             annotation.set_activation_bits(layer.node, entry.activation_bits)
         if entry.format is not None:
             annotation.set_weight_format(layer.node, entry.format)
+        if entry.block_size is not None:
+            annotation.set_block_size(layer.node, entry.block_size)
 
 
 def decide(model: Model) -> list[Decision]:
@@ -155,6 +182,18 @@ def decide(model: Model) -> list[Decision]:
                                 f"activations, not {wbits}/{abits}")
         elif abits not in (None, 8, FLOAT_BITS):
             problems.append(f"layer {layer.id!r} ({op}): {abits}-bit activations (supported: 8 or 32)")
+        elif fmt == "dynamic":
+            if op in ("MatMul", "Gemm") and wbits in (*WIDENED_BITS, 8):
+                result = DYNAMIC
+            else:
+                problems.append(f"layer {layer.id!r} ({op}): dynamic int8 takes MatMul/Gemm layers with 2/4/8-bit "
+                                f"weights, not {wbits}-bit {op}")
+        elif fmt == "qdq" and wbits in WIDENED_BITS:
+            if op in WIDENED_OPS and abits in (None, 8):
+                result = INT8_QDQ
+            else:
+                problems.append(f"layer {layer.id!r} ({op}): int8 compute of {wbits}-bit weights takes "
+                                f"{'/'.join(WIDENED_OPS)} layers with 8-bit activations, not {op} with {abits}")
         elif wbits == 8 and abits in (None, 8):
             result = INT8_QDQ
             if profile is None:
@@ -162,7 +201,7 @@ def decide(model: Model) -> list[Decision]:
             why = layer_kept_float(op, profile)
             if why is not None:
                 decisions.append(Decision(layer.id, layer.node.name or "", op, FLOAT_BITS, FLOAT_BITS, FP32,
-                                          layer_channel_axis(layer), f"{profile} int8 scope: {why}"))
+                                          layer_channel_axis(layer), why=f"{profile} int8 scope: {why}"))
                 continue
         elif wbits in (2, 4, 8) and op in ("MatMul", "Gemm"):
             result = MATMUL_NBITS
@@ -173,10 +212,11 @@ def decide(model: Model) -> list[Decision]:
             problems.append(f"layer {layer.id!r} ({op}): {wbits}-bit weights"
                             f"{' with fp32 activations' if abits == FLOAT_BITS else ''} are not "
                             f"supported{': ' + why if why else ''} (supported: 8-bit everywhere, 2/4/8-bit "
-                            f"weight-only on MatMul/Gemm, 4/8-bit weight-only on Conv, 32 = fp32)")
+                            f"weight-only on MatMul/Gemm, 4/8-bit weight-only on Conv, 2/4-bit weights with "
+                            f"int8 compute (format qdq) on Conv/MatMul/Gemm, 32 = fp32)")
         if result is not None:
             decisions.append(Decision(layer.id, layer.node.name or "", op, wbits, abits, result,
-                                      layer_channel_axis(layer)))
+                                      layer_channel_axis(layer), annotation.block_size(layer.node)))
     if problems:
         raise BitpassError("cannot quantize: " + "; ".join(problems))
     return decisions
@@ -214,6 +254,8 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
                            f"run calibrate first")
     originals = _annotations_by_node(work.ir.graph)
     excluded = sorted(d.node_name for d in decisions if d.result != INT8_QDQ)
+    activation_type = "uint8" if options.activation_type == "uint8" else "int8"
+    scope_record: dict[str, Any] | None = None
 
     with tempfile.TemporaryDirectory(prefix="bitpass-quant-") as tmp_dir, execution.quiet():
         tmp = Path(tmp_dir)
@@ -224,6 +266,12 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
             current, note = qdq.preprocess(current, tmp, {d.node_name for d in decisions})
             if note:
                 notes.append(note)
+        low_bit: dict[str, LowBitWeight] = {}
+        if any(d.widened for d in decisions):
+            loaded = onnx.load(str(current))
+            low_bit = _low_bit_weights(loaded, [d for d in decisions if d.widened], options.block_size)
+            current = tmp / "low_bit.onnx"
+            onnx.save(loaded, str(current))
         if options.bias_correction and int8:
             say("quantize: bias correction")
             assert calibration is not None
@@ -234,33 +282,49 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
                 current = tmp / "bias_corrected.onnx"
                 onnx.save(corrected, str(current))
         if int8:
-            say(f"quantize: int8 QDQ on {len(int8)} layer(s)")
+            say(f"quantize: int8 QDQ ({int8_flavours.flavour_of(activation_type, options.reduce_range).name}) on "
+                f"{len(int8)} layer(s)")
             assert ranges is not None
             current, scope = qdq.quantize_int8(current, tmp / "qdq.onnx", ranges, excluded,
                                                per_channel=options.per_channel, reduce_range=options.reduce_range,
-                                               activation_type=options.activation_type,
+                                               activation_type=activation_type,
                                                symmetric_activations=options.symmetric_activations)
+            scope_record = scope.record()
             if details is not None:
-                details["int8_scope"] = scope.record()
+                details["int8_scope"] = scope_record
         proto = onnx.load(str(current))
-    low_bit = [d for d in decisions if d.result in (MATMUL_NBITS, BLOCKED_DQ)]
     output_to_layer: dict[str, str] = {}
-    if low_bit:
-        say(f"quantize: weight-only on {len(low_bit)} layer(s)")
+    dynamic = [d for d in decisions if d.result == DYNAMIC]
+    if dynamic:
+        say(f"quantize: dynamic int8 on {len(dynamic)} layer(s)")
+        output_to_layer.update(dynamic_int8.quantize_layers(
+            proto, [d.node_name for d in dynamic], per_channel=options.per_channel, reduce_range=options.reduce_range,
+            low={d.node_name: low_bit[d.layer_id] for d in dynamic if d.widened}))
+    weight_only_layers = [d for d in decisions if d.result in (MATMUL_NBITS, BLOCKED_DQ)]
+    if weight_only_layers:
+        say(f"quantize: weight-only on {len(weight_only_layers)} layer(s)")
+        by_block: dict[int, list[Decision]] = {}
+        for d in weight_only_layers:
+            by_block.setdefault(d.block_size or options.block_size, []).append(d)
         with execution.quiet():
-            proto, output_to_layer = weight_only.rewrite(proto, low_bit, block_size=options.block_size,
-                                                         accuracy_level=options.accuracy_level,
-                                                         symmetric=options.weight_only_symmetric)
+            for block, group in sorted(by_block.items()):
+                proto, mapped = weight_only.rewrite(proto, group, block_size=block,
+                                                    accuracy_level=options.accuracy_level,
+                                                    symmetric=options.weight_only_symmetric)
+                output_to_layer.update(mapped)
     for decision in decisions:
         if decision.result == PACKED:
             node = next(n for n in proto.graph.node if n.name == decision.node_name)
             pack_weight(proto, node, WEIGHT_INPUT[decision.op_type], decision.channel_axis, decision.weight_bits,
-                        options.block_size)
+                        decision.block_size or options.block_size)
+    for decision in decisions:
+        if decision.widened and decision.result == INT8_QDQ:
+            _widen(proto, decision, low_bit[decision.layer_id])
 
     ir_model = ir.serde.deserialize_model(proto)
     _restore_annotations(ir_model.graph, originals, output_to_layer)
     kept_float = {d.layer_id: d.why for d in decisions if d.why}
-    scope_reasons = {k["node"]: k for k in _kept_nodes(details)}
+    scope_reasons = {k["node"]: k for k in _kept_nodes(scope_record)}
     for decision in decisions:
         node = _find(ir_model.graph, decision, output_to_layer)
         if node is None:
@@ -276,8 +340,8 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
             annotation.set_weight_bits(node, FLOAT_BITS)
             annotation.set_activation_bits(node, FLOAT_BITS)
             annotation.delete(node, annotation.WEIGHT_FORMAT)
-        if result == INT8_QDQ:
-            annotation.set_weight_bits(node, 8)
+        if result in (INT8_QDQ, DYNAMIC):
+            annotation.set_weight_bits(node, decision.weight_bits)
             annotation.set_activation_bits(node, 8)
         if result != FP32:
             annotation.set_weight_format(node, FORMAT_OF[result])
@@ -288,8 +352,8 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
     return Model(ir_model, provenance, model.torch_module)
 
 
-def _kept_nodes(details: Mapping[str, Any] | None) -> list[dict[str, str]]:
-    scope = (details or {}).get("int8_scope") or {}
+def _kept_nodes(scope: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    scope = scope or {}
     return [{"node": node, "rule": rule, "why": entry["why"]}
             for rule, entry in scope.get("kept_float", {}).items() for node in entry["nodes"]]
 
@@ -300,6 +364,72 @@ def _reads_dequantized_weight(node: ir.Node, op_type: str) -> bool:
     value = node.inputs[index] if len(node.inputs) > index else None
     producer = value.producer() if value is not None else None
     return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _low_bit_weights(proto: onnx.ModelProto, widened: list[Decision], default_block: int) -> dict[str, LowBitWeight]:
+    """Each widened layer's low-bit codes; its float weight is replaced by their values (after ORT's
+    pre-processing, which may fuse into the weight), so that ORT's quantizers compute the per-channel int8
+    scale over the low-bit weight and the int8 grid holds it exactly."""
+    from onnx import numpy_helper
+
+    out: dict[str, LowBitWeight] = {}
+    inits = {t.name: t for t in proto.graph.initializer}
+    for decision in widened:
+        node = next((n for n in proto.graph.node if n.name == decision.node_name), None)
+        if node is None:
+            raise BitpassError(f"layer {decision.layer_id!r} (node {decision.node_name!r}) vanished before "
+                               f"quantization")
+        name = node.input[WEIGHT_INPUT[decision.op_type]]
+        if name not in inits:
+            raise BitpassError(f"layer {decision.layer_id!r}: int8 compute of {decision.weight_bits}-bit storage "
+                               f"needs the weight as an initializer (run fold-constants first)")
+        if decision.op_type == "Gemm" and any(a.name == "alpha" and a.f != 1.0 for a in node.attribute):
+            raise BitpassError(f"layer {decision.layer_id!r}: int8 compute of low-bit storage takes Gemm with "
+                               f"alpha=1 (use format packed)")
+        low = LowBitWeight.of(numpy_helper.to_array(inits[name]).astype(np.float32), decision.channel_axis,
+                              decision.weight_bits, decision.block_size or default_block)
+        own = f"{name}__w{decision.weight_bits}"
+        proto.graph.initializer.append(numpy_helper.from_array(low.dequantized(), own))
+        node.input[WEIGHT_INPUT[decision.op_type]] = own
+        out[decision.layer_id] = low
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return out
+
+
+def _widen(proto: onnx.ModelProto, decision: Decision, low: LowBitWeight) -> None:
+    """Replace the int8 weight ORT's quantizer wrote for a widened QDQ layer by the low-bit chain."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    node = next((n for n in proto.graph.node if n.name == decision.node_name), None)
+    dq = producers.get(node.input[WEIGHT_INPUT[decision.op_type]]) if node is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        raise BitpassError(f"layer {decision.layer_id!r}: ONNX Runtime's quantizer did not give it an int8 "
+                           f"weight, so its {decision.weight_bits}-bit storage cannot feed int8 compute")
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    _check_widened(proto, decision, low, dq.input[0], dq.input[1], axis)
+    widen_int8_weight(proto, dq.input[0], low, dq.input[1], dq.input[2], axis)
+
+
+def _check_widened(proto: onnx.ModelProto, decision: Decision, low: LowBitWeight, int8_name: str, scale_name: str,
+                   axis: int) -> None:
+    """The int8 weight ORT wrote must be the low-bit weight on the int8 grid: a pre-processing step that
+    rewrote the weight (a fusion) would make the rebuilt weight wrong, so that is refused, not shipped."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    stored = numpy_helper.to_array(inits[int8_name]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[scale_name]).astype(np.float64)
+    if scale.size > 1:
+        shape = [1] * stored.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    expected = np.rint(low.dequantized().astype(np.float64) / scale)
+    if stored.shape != expected.shape or np.mean(np.abs(stored - expected) > 1) > 0.001:
+        raise BitpassError(f"layer {decision.layer_id!r}: its int8 weight is not its {decision.weight_bits}-bit "
+                           f"weight on the int8 grid (a pre-processing step changed it); use format packed")
 
 
 def name_nodes(graph: ir.Graph) -> None:
@@ -343,5 +473,6 @@ def _find(graph: ir.Graph, decision: Decision, output_to_layer: dict[str, str]) 
     return None
 
 
-__all__ = ["BLOCKED_DQ", "FORMAT_OF", "FP32", "INT8_QDQ", "MATMUL_NBITS", "PACKED", "Decision", "LayerPlan",
+__all__ = ["BLOCKED_DQ", "DYNAMIC", "FORMAT_OF", "FP32", "INT8_QDQ", "MATMUL_NBITS", "PACKED", "WIDENED_BITS",
+           "Decision", "LayerPlan",
            "QuantizeOptions", "annotate", "decide", "materialize", "name_nodes", "packed_plan"]

@@ -8,6 +8,12 @@ Every input of that chain is constant, so ONNX Runtime's constant folding runs
 it once when the session is created: the file shrinks like a low-bit model's
 while the layer runs exactly as fast as fp32. This is what lets bit allocation
 meet a size budget without ever making a layer slower than fp32.
+
+The same storage can feed int8 compute (``widen_int8_weight``): the chain rebuilds the low-bit
+weight and a ``QuantizeLinear`` with the layer's per-channel int8 scale turns it into the int8
+weight of a QDQ (or MatMulInteger) layer. ONNX Runtime folds that too, so the layer runs the same
+int8 kernel as an 8-bit layer while the file holds 2- or 4-bit codes: storage width and compute
+width are separate choices.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -62,6 +69,47 @@ def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return packed.astype(np.uint8).reshape(-1, 1)
 
 
+@dataclass(frozen=True)
+class LowBitWeight:
+    """A float weight as ``bits``-bit codes with one fp16 scale per block of ``block_size`` along the
+    reduction axes (the output-channel ``axis`` moved first): what packed storage holds."""
+
+    codes: np.ndarray  # int8, rows x (blocks * block_size)
+    scales: np.ndarray  # float16, rows x blocks
+    shape: tuple[int, ...]  # the weight's own shape
+    axis: int
+    bits: int
+    block_size: int
+
+    @classmethod
+    def of(cls, weight: np.ndarray, axis: int, bits: int, block_size: int) -> LowBitWeight:
+        if bits not in PACKED_BITS:
+            raise ValueError(f"packed weights take {PACKED_BITS} bits, not {bits}")
+        moved = np.moveaxis(np.asarray(weight, np.float32), axis, 0)
+        rows = moved.shape[0]
+        codes, scales = quantize_blocked(moved.reshape(rows, -1), bits, block_size)
+        return cls(codes, scales, tuple(weight.shape), axis, bits, block_size)
+
+    @property
+    def moved_shape(self) -> tuple[int, ...]:
+        return (self.shape[self.axis], *(d for i, d in enumerate(self.shape) if i != self.axis))
+
+    def dequantized(self) -> np.ndarray:
+        """The fp32 weight the unpacking chain rebuilds, in the weight's own layout."""
+        moved = self.moved_shape
+        flat = dequantize_blocked(self.codes, self.scales, int(math.prod(moved[1:])))
+        return np.ascontiguousarray(np.moveaxis(flat.reshape(moved), 0, self.axis))
+
+    def stored(self) -> np.ndarray:
+        """The code bytes as the artifact stores them (int8 codes at 8 bits, else packed into uint8)."""
+        return self.codes if self.bits == 8 else _pack_codes(self.codes, self.bits)
+
+    def chain(self, prefix: str, const: Callable[[str, np.ndarray], str]) -> tuple[list[onnx.NodeProto], str]:
+        """The constant-only ops that rebuild the fp32 weight (see ``_unpacking_chain``)."""
+        return _unpacking_chain(prefix, self.moved_shape, self.axis, self.bits, self.block_size, self.stored(),
+                                self.codes.size, self.scales, const)
+
+
 def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, axis: int, bits: int,
                 block_size: int) -> int:
     """Replace ``node``'s constant weight input by its packed form and the unpacking chain.
@@ -69,14 +117,9 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
     ``axis`` is the weight's output-channel axis (blocks run along the others). Returns the
     bytes the packed weight occupies (codes and scales). The chain is inserted just before ``node``.
     """
-    if bits not in PACKED_BITS:
-        raise ValueError(f"packed weights take {PACKED_BITS} bits, not {bits}")
     inits = {t.name: t for t in proto.graph.initializer}
     name = node.input[input_index]
-    weight = numpy_helper.to_array(inits[name]).astype(np.float32)
-    moved = np.moveaxis(weight, axis, 0)
-    rows = moved.shape[0]
-    codes, scales = quantize_blocked(moved.reshape(rows, -1), bits, block_size)
+    low = LowBitWeight.of(numpy_helper.to_array(inits[name]).astype(np.float32), axis, bits, block_size)
     prefix = f"{name}__packed{bits}"
     consts: list[TensorProto] = []
 
@@ -84,18 +127,57 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
         consts.append(numpy_helper.from_array(array, f"{prefix}_c_{suffix}"))
         return consts[-1].name
 
-    stored = codes if bits == 8 else _pack_codes(codes, bits)
-    nodes, result = _unpacking_chain(prefix, moved.shape, axis, bits, block_size, stored, codes.size, scales, const)
+    nodes, result = low.chain(prefix, const)
     node.input[input_index] = result
     proto.graph.initializer.extend(consts)
+    _insert_before(proto, node.name, nodes)
+    if not any(name in n.input for n in proto.graph.node):
+        proto.graph.initializer.remove(inits[name])
+    return int(low.stored().nbytes + low.scales.nbytes)
+
+
+def widen_int8_weight(proto: onnx.ModelProto, int8_name: str, low: LowBitWeight, scale: str, zero_point: str,
+                      axis: int | None) -> str:
+    """Replace the int8 weight initializer ``int8_name`` (a QDQ weight's or MatMulInteger's) by ``low``'s
+    packed codes, the unpacking chain and ``QuantizeLinear(scale, zero_point, axis)``: the int8 weight is
+    rebuilt once at load from low-bit storage. ``low`` must be the weight the int8 one was quantized from
+    (its dequantized values), in the same layout. Returns the name of the rebuilt int8 tensor (``int8_name``,
+    now produced by the chain, so every consumer keeps reading it)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    if int8_name not in inits:
+        raise ValueError(f"{int8_name!r} is not an initializer")
+    stored = inits[int8_name]
+    if tuple(stored.dims) != low.shape:
+        raise ValueError(f"{int8_name!r} has shape {tuple(stored.dims)}, the low-bit weight {low.shape}")
+    prefix = f"{int8_name}__widened{low.bits}"
+    consts: list[TensorProto] = []
+
+    def const(suffix: str, array: np.ndarray) -> str:
+        consts.append(numpy_helper.from_array(array, f"{prefix}_c_{suffix}"))
+        return consts[-1].name
+
+    nodes, rebuilt = low.chain(prefix, const)
+    attrs = {} if axis is None else {"axis": axis}
+    nodes.append(helper.make_node("QuantizeLinear", [rebuilt, scale, zero_point], [int8_name],
+                                  name=f"{prefix}/quantize", **attrs))
+    proto.graph.initializer.remove(stored)
+    proto.graph.initializer.extend(consts)
+    first_use = next((i for i, n in enumerate(proto.graph.node) if int8_name in n.input), None)
+    if first_use is None:
+        raise ValueError(f"no node reads {int8_name!r}")
+    _insert_at(proto, first_use, nodes)
+    return int8_name
+
+
+def _insert_before(proto: onnx.ModelProto, node_name: str, nodes: list[onnx.NodeProto]) -> None:
+    _insert_at(proto, next(i for i, n in enumerate(proto.graph.node) if n.name == node_name), nodes)
+
+
+def _insert_at(proto: onnx.ModelProto, index: int, nodes: list[onnx.NodeProto]) -> None:
     graph_nodes = list(proto.graph.node)
-    index = next(i for i, n in enumerate(graph_nodes) if n.name == node.name)
     graph_nodes[index:index] = nodes
     del proto.graph.node[:]
     proto.graph.node.extend(graph_nodes)
-    if not any(name in n.input for n in proto.graph.node):
-        proto.graph.initializer.remove(inits[name])
-    return int(stored.nbytes + scales.nbytes)
 
 
 @functools.lru_cache(maxsize=65536)

@@ -1,25 +1,38 @@
 """``quantize``: materialize the bits annotations (``materialize.py``) with the calibrated ranges.
 
 Per layer (``bits.weight`` / ``bits.activation`` / ``format.weight`` annotations; unannotated means
-8/8): int8 QDQ with the ``activation-ranges`` of ``calibrate``, fp32, weight-only MatMulNBits or
-blocked DequantizeLinear, or packed low-bit storage; see ``materialize`` for what each becomes and
-what is refused. The pass is functional: it returns a new ``Model``. On a target whose backend
+8/8): int8 QDQ with the ``activation-ranges`` of ``calibrate`` (at 8 bits, or 2/4-bit storage with
+int8 compute), dynamic int8, fp32, weight-only MatMulNBits or blocked DequantizeLinear, or packed
+low-bit storage; see ``materialize`` for what each becomes and what is refused.
+
+Nothing about the CPU is assumed: with ``search`` on (the default) and a target that times whole
+models (``ctx.target.options["latency_probe"].graphs``), the int8 flavour (U8S8, S8S8, 7-bit
+weights) is chosen by timing the whole artifact in each flavour, each checked for saturation on
+calibration samples, and the plan is repaired where int8 does not pay (``format_search.py``):
+layers back to fp32 (packed at their width when an allocation set it). The record says what was
+timed and chosen. The pass is functional: it returns a new ``Model``. On a target whose backend
 lowers the bits annotations itself (TVM), it leaves the model as it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import pydantic
 
 from bitpass.frontend import Model
 from bitpass.frontend.errors import UsageError
-from bitpass.passes.analyses import ACTIVATION_RANGES, QUANTIZED
+from bitpass.passes import format_search
+from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, QUANTIZED
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassContext, PassResult
 from bitpass.passes.materialize import (
+    DYNAMIC,
     FLOAT_BITS,
     FP32,
     INT8_QDQ,
     MATMUL_NBITS,
+    PACKED,
     Decision,
     QuantizeOptions,
     decide,
@@ -27,15 +40,24 @@ from bitpass.passes.materialize import (
 )
 
 
+class QuantizeConfig(QuantizeOptions):
+    """The ``quantize`` pass's options: how layers are quantized, and whether the target's timings choose."""
+
+    #: time whole candidate artifacts on the target to choose the int8 flavour and repair the plan
+    search: bool = True
+    #: batch sizes the whole-graph search times (the first axis of the calibration data)
+    search_batches: list[int] = pydantic.Field(default_factory=lambda: [1, 8])
+
+
 class Quantize(Pass):
-    """Quantize to int8 QDQ (per-channel weights) with calibrated ranges; MatMulNBits / int4 for 2-4-bit layers."""
+    """Quantize with calibrated ranges (int8 QDQ / dynamic / MatMulNBits / packed); int8 flavour timed on the target."""
 
     name = "quantize"
-    Config = QuantizeOptions
+    Config = QuantizeConfig
     requires = frozenset({ACTIVATION_RANGES})
     produces = frozenset({QUANTIZED})
     in_place = False
-    config: QuantizeOptions
+    config: QuantizeConfig
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -50,22 +72,84 @@ class Quantize(Pass):
             raise UsageError("quantize(bias_correction=true) needs calibration data to estimate layer input means")
         ranges = ctx.analyses.require(ACTIVATION_RANGES)
         decisions = decide(model)  # refuses what cannot be done before any work
+        probe = (ctx.target.options or {}).get("latency_probe")
+        searched: dict[str, Any] | None = None
         details: dict[str, Any] = {}
-        result = materialize(model, ranges=ranges, calibration=ctx.calibration, options=cfg, progress=ctx.progress,
-                             details=details)
-        record = _record(cfg, ranges.method, decisions, model, result, details)
+        activation_type = "uint8" if cfg.activation_type == "uint8" else "int8"
+        options = QuantizeOptions(**{k: v for k, v in cfg.model_dump().items() if k in QuantizeOptions.model_fields})
+        if cfg.search and hasattr(probe, "graphs") and ctx.calibration is not None and \
+                any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions):
+            found = format_search.search(
+                model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
+                layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx, cfg.search_batches),
+                fallback=PACKED if ctx.analyses.cached(BITS) else FP32, batches=tuple(cfg.search_batches),
+                progress=ctx.progress)
+            result, searched, activation_type = found.model, found.record, found.flavour.activation_type
+            decisions = [_final(d, found.plan) for d in decisions]
+        else:
+            result = materialize(model, ranges=ranges, calibration=ctx.calibration,
+                                 options=options.model_copy(update={"activation_type": activation_type}),
+                                 progress=ctx.progress, details=details)
+        if searched is not None:  # the search materialized: layers the int8 scope kept float read as fp32
+            details["kept_float"] = _kept_float_in(result, decisions)
+        record = _record(cfg, activation_type, ranges.method, decisions, model, result, details)
+        if searched is not None:
+            record["search"] = searched
+            if searched.get("note"):
+                ctx.progress(f"quantize: {searched['note']}")
+        elif cfg.activation_type == "auto":
+            record["activation_type_why"] = ("int8 (S8S8): nothing was timed on the target (no whole-model timer, "
+                                              "no calibration data or search off), and int8 never saturates")
         ctx.records["quantization"] = record
         ctx.analyses.put(QUANTIZED, record)
         return PassResult(result, modified=True, preserved=frozenset({QUANTIZED}))
 
 
-def _record(cfg: QuantizeOptions, calibration_method: str, decisions: list[Decision], before: Model,
-            after: Model, details: dict[str, Any]) -> dict[str, Any]:
+def _layer_times(probe: Any, model: Model, wanted: Mapping[str, Sequence[tuple[int, str]]], ctx: PassContext,
+                 batches: Sequence[int]) -> Mapping[str, Any]:
+    """Per-layer timings for the search's repairs: the allocation's table when it has every layer, else the
+    probe at the search's batch sizes."""
+    from bitpass.passes.allocation.passes import call_probe
+
+    if ctx.analyses.cached(LATENCY_VARIANTS):
+        table = ctx.analyses.require(LATENCY_VARIANTS)
+        if all(lid in table and all(v in table[lid] for v in variants) for lid, variants in wanted.items()):
+            return table
+    return call_probe(probe, model, wanted, ctx, batches=tuple(batches))
+
+
+def _final(decision: Decision, plan: Mapping[str, Any]) -> Decision:
+    """The decision as the search left it (a layer it moved to fp32, packed or dynamic)."""
+    from dataclasses import replace
+
+    entry = plan.get(decision.layer_id)
+    if entry is None:
+        return decision
+    if entry.weight_bits >= 32:
+        return replace(decision, weight_bits=32, activation_bits=32, result=FP32)
+    if entry.format == "packed":
+        return replace(decision, weight_bits=entry.weight_bits, activation_bits=32, result=PACKED)
+    if entry.format == "dynamic":
+        return replace(decision, result=DYNAMIC)
+    return decision
+
+
+def _kept_float_in(model: Model, decisions: list[Decision]) -> dict[str, str]:
+    """Layers planned int8 that the materialized ``model`` keeps in fp32 (its annotations say so)."""
+    from bitpass.frontend import annotation
+
+    planned = {d.layer_id for d in decisions if d.result in (INT8_QDQ, DYNAMIC)}
+    return {layer.id: "the int8 scope kept it float (see int8_scope)" for layer in model.layers()
+            if layer.id in planned and annotation.weight_bits(layer.node) == FLOAT_BITS}
+
+
+def _record(cfg: QuantizeOptions, activation_type: str, calibration_method: str, decisions: list[Decision],
+            before: Model, after: Model, details: dict[str, Any]) -> dict[str, Any]:
     kept_float: dict[str, str] = details.get("kept_float", {})
     record = {
         "format": "QDQ",
         "weight_type": "int8",
-        "activation_type": cfg.activation_type,
+        "activation_type": activation_type,
         "per_channel": cfg.per_channel,
         "symmetric_activations": cfg.symmetric_activations,
         "reduce_range": cfg.reduce_range,
@@ -90,7 +174,7 @@ def _layer_record(d: Decision, kept_float: str | None) -> dict[str, Any]:
         return {"op": d.op_type, "result": FP32, "weight_bits": FLOAT_BITS, "activation_bits": FLOAT_BITS,
                 "why": kept_float}
     return {"op": d.op_type, "result": d.result if d.result != MATMUL_NBITS else f"matmulnbits-{d.weight_bits}",
-            "weight_bits": d.weight_bits, "activation_bits": 8 if d.result == INT8_QDQ else d.activation_bits}
+            "weight_bits": d.weight_bits, "activation_bits": 8 if d.result in (INT8_QDQ, DYNAMIC) else d.activation_bits}
 
 
-__all__ = ["Quantize"]
+__all__ = ["Quantize", "QuantizeConfig"]

@@ -1,19 +1,22 @@
 """Named pipelines shipped with bitpass (registered under ``bitpass.pipelines``)."""
 
-#: fp32 clean-up and fusion only: outputs stay equal to the input model's.
-OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse"
+#: fp32 clean-up and fusion only: outputs stay equal to the input model's (up to fp32 rounding). Transformer
+#: graphs also get ONNX Runtime's transformer fusions, attention included, kept when not slower on the target.
+OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse,fuse-transformer(attention=true,embed_layer_norm=true)"
 
 #: the default compile: optimize, expand the function operators the runtime would expand (so calibration sees the
-#: graph ORT quantizes; after fuse, which writes HardSwish), calibrate activation ranges, int8 QDQ (transformer-safe
-#: scope: quant_scope).
-DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,inline-functions,calibrate(method=minmax),quantize"
+#: graph ORT quantizes; after fuse, which writes HardSwish), ONNX Runtime's transformer fusions where they are not
+#: slower, calibrate activation ranges, int8 where it pays on the target: the int8 flavour (U8S8 / S8S8 / 7-bit
+#: weights, or dynamic int8 for transformers) and the layers that stay fp32 are chosen by timing whole candidate
+#: artifacts (``quantize(search=true)``), within the transformer-safe int8 scope (``quant_scope``).
+DEFAULT = "fold-constants,eliminate-dead-nodes,fuse,inline-functions,fuse-transformer,calibrate(method=minmax),quantize"
 
 #: mixed precision from measured sensitivity: per-layer bits under a budget (override with --budget),
 #: each width in the fastest format measured on the target (never slower than fp32), packed weights'
 #: rounding refined on the calibration data (AdaQuant/AdaRound-style) before they are written.
 #: raise-opset gives the model the opset the chosen formats need (blocked int4 DQ: 21) right after allocation.
-MIXED = ("fold-constants,eliminate-dead-nodes,fuse,inline-functions,calibrate(method=minmax),sensitivity,"
-         "allocate-bits(budget=avg-bits=4),raise-opset,refine-rounding,quantize")
+MIXED = ("fold-constants,eliminate-dead-nodes,fuse,inline-functions,fuse-transformer,calibrate(method=minmax),"
+         "sensitivity,allocate-bits(budget=avg-bits=4),raise-opset,refine-rounding,quantize")
 
 #: one size budget spent on both bit widths and removed channels (override with --budget size=...)
 JOINT = ("fold-constants,eliminate-dead-nodes,fuse,inline-functions,calibrate(method=minmax),sensitivity,"

@@ -127,15 +127,13 @@ class OnnxRuntimeBackend(Backend):
         return problems
 
     def latency_probe(self, target: str, *, threads: int = 0):
-        """A callable ``(model, variants, progress, batches=(1, 64)) -> {layer: {(bits, format): {batch: seconds}}}``."""
+        """The target's timer (``latency.LatencyProbe``): called as ``(model, variants, progress, batches=(1, 64),
+        calibration=None) -> {layer: {(bits, variant): {batch: seconds}}}``, one-layer models timed in a fresh
+        process; ``.graphs(models, feeds)`` times whole candidate artifacts against each other."""
         from bitpass.backends.onnxruntime import latency
 
         self.check_target(target)
-
-        def probe(model: Model, variants, progress=None, batches=latency.BATCHES):
-            return latency.measure(model, variants, batches=batches, threads=threads, progress=progress)
-
-        return probe
+        return latency.LatencyProbe(threads=threads)
 
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         self.check_target(target)

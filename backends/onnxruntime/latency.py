@@ -1,13 +1,24 @@
-"""Per-layer latency of each way a layer can be materialized, measured in ONNX Runtime, cached per target.
+"""Latency of each way a layer (or a whole model) can be materialized, measured on this machine.
 
-Bit allocation needs to know, on *this* machine, whether a layer is faster as
-int8 QDQ, MatMulNBits, blocked DequantizeLinear or fp32: on a small CNN int8 is
-slower than fp32, MatMulNBits loses at large batch (NOTES.md). Each quantizable
-layer is cut out as a one-node model, materialized by bitpass's own
-``materialize`` exactly as the artifact will be, and timed against its fp32
-form, alternating, at batch 1 and 64. Results are cached in a JSON file keyed
-by the layer's signature, the ORT version and the CPU, so they are measured
-once per target.
+Bit allocation and format choice need to know, on *this* CPU, whether a layer is faster as int8 QDQ
+with uint8 or int8 activations, dynamic int8, MatMulNBits at block 32/64/128, blocked
+DequantizeLinear or fp32: nothing about a CPU is assumed (on AVX2 without VNNI, U8S8 saturates; with
+VNNI it is 2-3x faster than S8S8; on depthwise convolutions every int8 flavour loses to fp32).
+
+Per layer: each quantizable layer is cut out as a one-node model whose input has the layer's *real*
+shape at each batch size and holds the layer's real input, taken from a run of the model on the
+calibration data (a transformer with dynamic axes has no static shapes to infer). Each variant is
+materialized by bitpass's own ``materialize``, exactly as the artifact's layer will be (QDQ ranges
+calibrated on that real input), and all variants of a layer are timed against its fp32 form,
+alternating, in a fresh process (``timing.py``). Figures are cached in a JSON file under a key made
+of the layer's op, attributes, weight shapes and input shape (never tensor names: a re-export with
+other names is not re-timed), the variant, batch, threads, ONNX Runtime's version and the CPU's
+feature flags. A layer that cannot be cut out or timed is recorded in ``LatencyTable.failures`` and
+left out of the table: allocation then keeps it in a safe format (packed or fp32); it never fails
+the compile.
+
+Whole models: ``LatencyProbe.graphs`` times complete candidate artifacts against each other in a
+fresh process (``format_search`` uses it to pick the int8 flavour and repair the plan).
 """
 
 from __future__ import annotations
@@ -15,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,70 +35,146 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from bitpass.backends.measure import latency
-from bitpass.backends.onnxruntime.runner import OrtRunner
-from bitpass.frontend import Model, annotation, from_arrays, from_proto
-from bitpass.frontend.layers import Layer
+from bitpass.backends.onnxruntime import timing
+from bitpass.frontend import Dataset, Model, from_arrays, from_proto
+from bitpass.frontend.cache import cache_dir
+from bitpass.frontend.layers import Layer, constant_tensor
+from bitpass.passes import execution
+from bitpass.passes.allocation.formats import variant_plan
 from bitpass.passes.calibrate import activation_ranges
 from bitpass.passes.materialize import LayerPlan, QuantizeOptions, materialize
 
-#: (bits, format) a layer can take; "fp32" is the reference every other variant is timed against
+#: (bits, name) a layer can take; "fp32" is the reference every other variant is timed against
 Variant = tuple[int, str]
 FP32: Variant = (32, "fp32")
 BATCHES = (1, 64)
 #: bump when the way layers are timed changes, so cached figures are re-measured
-METHOD_VERSION = 2
+METHOD_VERSION = 3
 #: ops whose first input is the activation (Gather's is an index tensor: not timed)
 TIMED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: at most this many bytes of layer inputs are collected from one run of the model
+COLLECT_BYTES = 256 << 20
+#: per layer and batch: at most this many alternating rounds, and this many seconds after the first three
+ROUNDS, GROUP_SECONDS = 7, 1.0
+
+
+class LatencyTable(dict):
+    """``{layer_id: {(bits, name): {batch: seconds}}}``, and the layers that could not be timed, with why."""
+
+    def __init__(self, *args: Any, failures: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures: dict[str, str] = dict(failures or {})
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("BITPASS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                / "bitpass")
-    return root / "latency.json"
+    return cache_dir() / "latency.json"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# --- the layer's real inputs -----------------------------------------------------------------------------
+def _activation(layer: Layer) -> str | None:
+    value = layer.node.inputs[0] if layer.node.inputs else None
+    return value.name if value is not None and constant_tensor(value) is None else None
 
 
-def _single_layer(model: Model, layer: Layer, shapes: Mapping[str, list[int | str]]) -> tuple[onnx.ModelProto, str]:
-    """A one-node model of ``layer`` (its constants included) with a symbolic batch axis; and its input name."""
+def layer_inputs(model: Model, layers: Sequence[Layer], calibration: Dataset,
+                 batches: Iterable[int]) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, str]]:
+    """Each layer's real input at each batch size: the model run on the first ``batch`` calibration samples
+    (repeated when there are fewer). Returns ``{layer_id: {batch: array}}`` and ``{layer_id: why not}``."""
+    names: dict[str, str] = {}
+    failures: dict[str, str] = {}
+    for layer in layers:
+        name = _activation(layer)
+        if name is None:
+            failures[layer.id] = "its first input is a constant, not an activation"
+        else:
+            names[layer.id] = name
+    out: dict[str, dict[int, np.ndarray]] = {layer_id: {} for layer_id in names}
+    if not names:
+        return out, failures
+    graph_inputs = {spec.name for spec in model.inputs}
+    per_sample: dict[str, int] = {}
+    for batch in sorted(set(batches)):
+        feeds = _batch_of(calibration, batch)
+        wanted = list(dict.fromkeys(names.values()))
+        chunks = _chunks(wanted, per_sample, batch)
+        got: dict[str, np.ndarray] = {n: feeds[n] for n in wanted if n in graph_inputs}
+        for chunk in chunks:
+            fetch = [n for n in chunk if n not in graph_inputs]
+            if not fetch:
+                continue
+            try:
+                session = execution.create_session(execution.expose(model, fetch), purpose="collect layer inputs")
+                got.update(zip(fetch, session.run(fetch, feeds)))
+            except Exception as err:  # the model does not run on this data: no layer can be timed
+                for layer_id in names:
+                    failures.setdefault(layer_id, f"the model did not run to collect layer inputs: "
+                                                  f"{execution.first_line(err)}")
+                return {}, failures
+        for name in wanted:
+            if name in got:
+                per_sample[name] = max(1, got[name].nbytes // max(batch, 1))
+        for layer_id, name in names.items():
+            value = got.get(name)
+            if value is None or value.dtype != np.float32:
+                failures.setdefault(layer_id, f"its input {name!r} is not a float32 tensor")
+            else:
+                out[layer_id][batch] = np.ascontiguousarray(value)
+    return {k: v for k, v in out.items() if k not in failures}, failures
+
+
+def _batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name, array in data.inputs.items():
+        reps = -(-size // len(array))
+        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
+    return out
+
+
+def _chunks(names: list[str], per_sample: Mapping[str, int], batch: int) -> list[list[str]]:
+    """Names grouped so that one run returns at most ``COLLECT_BYTES`` (sizes known after the first batch)."""
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        size = per_sample.get(name, 0) * batch
+        if chunks[-1] and (used + size > COLLECT_BYTES or (not per_sample and len(chunks[-1]) >= 64)):
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks
+
+
+# --- one-layer models ------------------------------------------------------------------------------------
+def single_layer(model: Model, layer: Layer, input_shape: Sequence[int]) -> onnx.ModelProto:
+    """A one-node model of ``layer`` (its constants included) reading ``x`` of ``input_shape``; names are
+    canonical (x, c1, c2..., y), so equal layers of two models give equal models."""
     node = layer.node
+    if layer.op_type not in TIMED_OPS:
+        raise ValueError(f"{layer.op_type} layers are not timed")
     activation = node.inputs[0]
-    if layer.op_type not in TIMED_OPS or activation is None:
-        raise ValueError(f"layer {layer.id!r}: {layer.op_type} layers are not timed")
-    initializers = []
-    for value in node.inputs:
-        if value is not None and value is not activation:
-            tensor = value.const_value
-            if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
-                tensor = value.producer().attributes["value"].as_tensor()
+    inputs, initializers = [], []
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            inputs.append("")
+        elif value is activation:
+            inputs.append("x")
+        else:
+            tensor = constant_tensor(value)
             if tensor is None:
-                raise ValueError(f"layer {layer.id!r}: input {value.name!r} is not constant")
-            initializers.append(numpy_helper.from_array(tensor.numpy(), value.name))
+                raise ValueError(f"input {value.name!r} is not constant")
+            name = f"c{index}"
+            initializers.append(numpy_helper.from_array(tensor.numpy(), name))
+            inputs.append(name)
     attrs = {name: attr.value for name, attr in node.attributes.items()}
-    proto_node = helper.make_node(node.op_type, [v.name if v is not None else "" for v in node.inputs],
-                                  [node.outputs[0].name], name=f"layer_{layer.id}", **_plain(attrs))
-    in_shape = list(shapes.get(activation.name) or [])
-    if not in_shape:
-        raise ValueError(f"layer {layer.id!r}: shape of its input {activation.name!r} is unknown")
-    in_shape[0] = "batch"
-    out_shape = list(shapes.get(node.outputs[0].name) or ["batch"])
-    dtype = helper.np_dtype_to_tensor_dtype(activation.dtype.numpy()) if activation.dtype else onnx.TensorProto.FLOAT
-    graph = helper.make_graph([proto_node], "layer", [helper.make_tensor_value_info(activation.name, dtype, in_shape)],
-                              [helper.make_tensor_value_info(node.outputs[0].name, onnx.TensorProto.FLOAT,
-                                                             ["batch", *out_shape[1:]])],
-                              initializers)
+    proto_node = helper.make_node(node.op_type, inputs, ["y"], name="layer", **_plain(attrs))
+    graph = helper.make_graph([proto_node], "layer",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(input_shape))],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(model.opset, 21))])
     proto.ir_version = 10
-    return proto, activation.name
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    proto.graph.output[0].CopyFrom(inferred.graph.output[0])
+    return proto
 
 
 def _plain(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,89 +188,193 @@ def _plain(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _shapes(model: Model) -> dict[str, list[int | str]]:
-    inferred = onnx.shape_inference.infer_shapes(model.to_proto())
-    shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-    return shapes
-
-
-def variant_model(proto: onnx.ModelProto, input_name: str, variant: Variant, sample: np.ndarray) -> bytes:
+def variant_model(proto: onnx.ModelProto, variant: Variant, sample: np.ndarray) -> bytes:
     """The one-layer model in ``variant``'s form, materialized exactly as the artifact's layer will be
-    (int8 QDQ calibrated with min-max ranges on ``sample``)."""
-    model = from_proto(proto)
+    (int8 QDQ calibrated with min-max ranges on ``sample``, the layer's real input)."""
+    model = from_proto(proto, name="layer")
     if variant == FP32:
         return model.to_bytes()
-    bits, fmt = variant
-    plan = {layer.id: LayerPlan(bits, 8 if fmt == "qdq" else annotation.FLOAT_BITS, fmt) for layer in model.layers()}
+    how = variant_plan(variant)
+    plan = {layer.id: LayerPlan(how.bits, how.activation_bits, how.format, how.block_size)
+            for layer in model.layers()}
     ranges = None
-    if fmt == "qdq":
-        data = from_arrays({input_name: sample}, model.inputs, source="latency-probe")
-        ranges = activation_ranges(model, data, method="minmax")
-    return materialize(model, plan, ranges=ranges, options=QuantizeOptions(preprocess=False)).to_bytes()
+    if how.format == "qdq":
+        data = from_arrays({"x": sample}, model.inputs, source="latency-probe")
+        ranges = activation_ranges(model, data, method="minmax", batch_size=max(1, len(sample)))
+    options = QuantizeOptions(preprocess=False, activation_type=how.activation_type)  # type: ignore[arg-type]
+    return materialize(model, plan, ranges=ranges, options=options).to_bytes()
 
 
-def _key(proto: onnx.ModelProto, variant: Variant, batch: int, threads: int) -> str:
+def signature(proto: onnx.ModelProto) -> dict[str, Any]:
+    """What a one-layer model's timing depends on: op, attributes, constant shapes, input shape."""
     node = proto.graph.node[0]
-    signature = {
-        "op": node.op_type, "attrs": sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute),
-        "weights": [(t.name, list(t.dims)) for t in proto.graph.initializer],
-        "input": [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]],
-        "variant": list(variant), "batch": batch, "threads": threads, "ort": ort.__version__, "cpu": _cpu(),
-        "method": METHOD_VERSION,
-    }
-    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:32]
+    return {"op": node.op_type,
+            "attrs": sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute),
+            "constants": [(t.name, list(t.dims), t.data_type) for t in proto.graph.initializer],
+            "input": [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]}
 
 
-def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches: Iterable[int] = BATCHES,
-            threads: int = 0, cache: Path | None = None,
-            progress: Callable[[str], None] | None = None) -> dict[str, dict[Variant, dict[int, float]]]:
-    """Seconds per call for every layer id × variant × batch (fp32 always included), from the cache when known."""
-    say = progress or (lambda _m: None)
-    cache = cache or cache_path()
-    try:
-        stored: dict[str, float] = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        stored = {}
-    shapes = _shapes(model)
+def _key(sig: Mapping[str, Any], variant: Variant, threads: int, cpu_key: str) -> str:
+    full = {**sig, "variant": list(variant), "threads": threads, "ort": ort.__version__, "cpu": cpu_key,
+            "method": METHOD_VERSION}
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _static_inputs(model: Model, layers: Sequence[Layer],
+                   batches: Iterable[int]) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, str]]:
+    """Without calibration data: inputs of the shapes static shape inference knows (batch axis set), random
+    non-negative values; a layer with any other unknown dimension cannot be timed (it is reported)."""
+    inferred = onnx.shape_inference.infer_shapes(model.to_proto())
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     rng = np.random.default_rng(0)
-    table: dict[str, dict[Variant, dict[int, float]]] = {}
-    layers = {layer.id: layer for layer in model.layers()}
-    for layer_id, wanted in variants.items():
-        if layers[layer_id].op_type not in TIMED_OPS:
+    out: dict[str, dict[int, np.ndarray]] = {}
+    failures: dict[str, str] = {}
+    for layer in layers:
+        name = _activation(layer)
+        shape = shapes.get(name or "")
+        if not shape or any(d is None for d in shape[1:]):
+            failures[layer.id] = f"the shape of its input {name!r} is not static: give calibration data"
             continue
-        proto, input_name = _single_layer(model, layers[layer_id], shapes)
-        todo = [FP32, *[v for v in wanted if v != FP32]]
-        table[layer_id] = {v: {} for v in todo}
+        out[layer.id] = {b: np.abs(rng.standard_normal([b, *shape[1:]])).astype(np.float32) for b in batches}
+    return out, failures
+
+
+# --- the probe ---------------------------------------------------------------------------------------------
+def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches: Iterable[int] = BATCHES,
+            threads: int = 0, cache: Path | None = None, progress: Callable[[str], None] | None = None,
+            calibration: Dataset | None = None, fresh_process: bool = True) -> LatencyTable:
+    """Seconds per call for every layer id x variant x batch (fp32 always included), from the cache when known.
+
+    Layers whose op is not timed (an embedding lookup) are left out silently; layers that cannot be cut out,
+    materialized in fp32 or run are in ``failures``. A variant a layer cannot take is left out of its row."""
+    say = progress or (lambda _m: None)
+    batches = tuple(sorted(set(batches)))
+    cache = cache or cache_path()
+    stored = _load(cache)
+    cpu_key = timing.cpu().key
+    layers = {layer.id: layer for layer in model.layers()}
+    timed = [layers[i] for i in variants if i in layers and layers[i].op_type in TIMED_OPS]
+    if calibration is not None:
+        inputs, failures = layer_inputs(model, timed, calibration, batches)
+    else:
+        inputs, failures = _static_inputs(model, timed, batches)
+    table = LatencyTable()
+    table.failures = failures
+    groups: list[tuple[str, int, dict[Variant, str], timing.Group]] = []
+    for layer in timed:
+        if layer.id in failures:
+            continue
+        todo = [FP32, *[tuple(v) for v in variants[layer.id] if tuple(v) != FP32]]
+        row: dict[Variant, dict[int, float]] = {v: {} for v in todo}
+        table[layer.id] = row
         for batch in batches:
-            keys = {v: _key(proto, v, batch, threads) for v in todo}
-            if all(k in stored for k in keys.values()):
-                for v, k in keys.items():
-                    table[layer_id][v][batch] = stored[k]
-                continue
-            say(f"measuring layer {layer_id} at batch {batch}: {', '.join(f'{b}-bit {f}' for b, f in todo)}")
-            dims = [batch, *[d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]]
-            sample = np.abs(rng.standard_normal(dims)).astype(np.float32)
-            runners = {}
+            sample = inputs[layer.id][batch]
+            try:
+                proto = single_layer(model, layer, sample.shape)
+            except Exception as err:
+                failures[layer.id] = f"cannot be cut out as a one-layer model: {execution.first_line(err)}"
+                break
+            sig = signature(proto)
+            keys = {v: _key(sig, v, threads, cpu_key) for v in todo}
+            missing = [v for v in todo if keys[v] not in stored]
             for v in todo:
+                if keys[v] in stored:
+                    row[v][batch] = stored[keys[v]]
+            if not missing:
+                continue
+            if FP32 not in missing:
+                missing = [FP32, *missing]  # every group is timed against its own fp32
+            models: dict[str, bytes | Path] = {}
+            for v in missing:
                 try:
-                    runners[v] = OrtRunner.from_bytes(variant_model(proto, input_name, v, sample), threads=threads,
-                                                      for_timing=True)
-                except Exception as err:  # a variant this layer cannot take: leave it out of the table
-                    say(f"layer {layer_id}: {v[0]}-bit {v[1]} unavailable ({str(err).splitlines()[0][:80]})")
-            times = latency({f"{b}/{f}": r for (b, f), r in runners.items()}, {input_name: sample},
-                            rounds=7, min_seconds=0.01)
-            for v in runners:
-                seconds = times[f"{v[0]}/{v[1]}"]
-                table[layer_id][v][batch] = seconds
-                stored[keys[v]] = seconds
+                    models[_name(v)] = variant_model(proto, v, sample)
+                except Exception as err:  # a variant this layer cannot take: left out of its row
+                    if v == FP32:
+                        failures[layer.id] = f"its fp32 form does not build: {execution.first_line(err)}"
+                    else:
+                        say(f"layer {layer.id}: {v[0]}-bit {v[1]} unavailable ({execution.first_line(err)[:80]})")
+            if layer.id in failures:
+                break
+            groups.append((layer.id, batch, keys, timing.Group(models, {batch: {"x": sample}})))
+    if groups:
+        count = len({layer_id for layer_id, *_ in groups})
+        say(f"timing {count} layer(s) in {len(groups)} group(s) in a fresh process")
+        timing.time_groups([g for *_, g in groups], threads=threads, rounds=ROUNDS, min_seconds=0.01,
+                           budget_seconds=GROUP_SECONDS, fresh_process=fresh_process)
+        for layer_id, batch, keys, group in groups:
+            if _name(FP32) in group.errors:
+                failures[layer_id] = f"its fp32 form does not run: {group.errors[_name(FP32)]}"
+                continue
+            for v, key in keys.items():
+                seconds = group.median(_name(v), batch)
+                if seconds is not None:
+                    table[layer_id][v][batch] = seconds
+                    stored[key] = seconds
+    for layer_id in list(table):
+        if layer_id in failures:
+            del table[layer_id]
+        else:
+            table[layer_id] = {v: t for v, t in table[layer_id].items() if len(t) == len(batches)}
+    for layer_id, why in sorted(failures.items()):
+        say(f"warning: layer {layer_id} was not timed ({why}); it stays in a safe format")
+    _save(cache, stored)
+    return table
+
+
+def _name(variant: Variant) -> str:
+    return f"{variant[0]}/{variant[1]}"
+
+
+def _load(cache: Path) -> dict[str, float]:
+    try:
+        data = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+
+def _save(cache: Path, stored: Mapping[str, float]) -> None:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_load(cache), **stored}  # another compile may have written meanwhile
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stored, sort_keys=True))
+        tmp.write_text(json.dumps(merged, sort_keys=True))
         tmp.replace(cache)
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
-    return {k: {v: t for v, t in row.items() if t} for k, row in table.items()}
+
+
+class LatencyProbe:
+    """The ONNX Runtime target's timer: per layer (``__call__``) and whole models (``graphs``), each in a fresh
+    process; what allocation and format search receive as ``ctx.target.options["latency_probe"]``."""
+
+    def __init__(self, *, threads: int = 0, cache: Path | None = None, fresh_process: bool = True) -> None:
+        self.threads = threads
+        self.cache = cache
+        self.fresh_process = fresh_process
+
+    def __call__(self, model: Model, variants: Mapping[str, Sequence[Variant]],
+                 progress: Callable[[str], None] | None = None, batches: Iterable[int] = BATCHES, *,
+                 calibration: Dataset | None = None) -> LatencyTable:
+        return measure(model, variants, batches=batches, threads=self.threads, cache=self.cache,
+                       progress=progress, calibration=calibration, fresh_process=self.fresh_process)
+
+    def graphs(self, models: Mapping[str, bytes | Path], feeds: Mapping[int, Mapping[str, np.ndarray]], *,
+               rounds: int = 9, budget_seconds: float | None = 8.0) -> timing.Group:
+        """Whole models timed against each other, alternating, at each batch of ``feeds``: a ``timing.Group``
+        with every round's seconds (``ratio(name, reference, batch)`` gives paired medians)."""
+        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()})
+        timing.time_groups([group], threads=self.threads, rounds=rounds, min_seconds=0.02,
+                           budget_seconds=budget_seconds, fresh_process=self.fresh_process)
+        return group
+
+    @staticmethod
+    def cpu() -> timing.Cpu:
+        return timing.cpu()
+
+
+__all__ = ["BATCHES", "FP32", "LatencyProbe", "LatencyTable", "cache_path", "layer_inputs", "measure",
+           "single_layer", "variant_model"]

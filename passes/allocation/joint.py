@@ -144,7 +144,9 @@ class AllocateJoint(Pass):
             row = table.get(layer_id, {}).get(fp32, {})
             return row.get(batch)
 
-        full = probe(model, {layer.id: [fp32] for layer in joint.layers}, ctx.progress, batches=(batch,))
+        from bitpass.passes.allocation.passes import call_probe
+
+        full = call_probe(probe, model, {layer.id: [fp32] for layer in joint.layers}, ctx, batches=(batch,))
         not_timed = []
         for layer in joint.layers:
             base = seconds(full, layer.id)
@@ -158,7 +160,7 @@ class AllocateJoint(Pass):
                     continue
                 trial = model.clone()
                 pruning.prune_layer(trial, layer.id, kept)
-                timed = seconds(probe(trial, {layer.id: [fp32]}, ctx.progress, batches=(batch,)), layer.id)
+                timed = seconds(call_probe(probe, trial, {layer.id: [fp32]}, ctx, batches=(batch,)), layer.id)
                 layer.seconds[kept] = base * kept / layer.channels if timed is None else timed
         total = sum(layer.seconds[layer.channels] for layer in joint.layers)
         return {"batch": batch, "fp32_seconds": total, "not_timed": not_timed,

@@ -12,8 +12,9 @@ What the context may supply:
 * widths per op type: ``ctx.target.options["capabilities"]`` (a backend's
   ``Capabilities``) or ``ctx.target.options["weight_bits"]`` ({op_type:
   widths}); else the option ``widths``; else 8/4/2 (+32) everywhere.
-* ``ctx.target.options["latency_probe"]``: the backend's per-layer timer. Its table
-  (cached as the ``latency-variants`` analysis) picks each width's format and enables
+* ``ctx.target.options["latency_probe"]``: the backend's per-layer timer (given the calibration
+  data, so layers are timed at their real shapes). Its table (cached as the ``latency-variants``
+  analysis) picks each width's format (and the model's int8 flavour) and enables
   ``latency=`` budgets and the rule *never slower than fp32*: a width measured slower than
   the layer's fp32 is not offered, unless the budget cannot be met without such widths
   (then all are offered and the record says so).
@@ -118,7 +119,9 @@ class AllocateBits(Pass):
                                      zero_point=cfg.zero_point, latency=None, keep_fp32=keep)
         offered = {layer.id: layer.widths for layer in problem.layers}
         variants = _latency_variants(model, offered, ctx, measure=cfg.formats == "auto")
-        latency, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats, cfg.latency_batch)
+        flavour = formats.best_flavour(variants)
+        latency, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats, cfg.latency_batch,
+                                                   flavour)
         if latency:
             problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
                                          zero_point=cfg.zero_point, latency=latency, keep_fp32=keep)
@@ -144,10 +147,12 @@ class AllocateBits(Pass):
             bits = allocation.plan[layer.id]
             choice = choices[layer.id][bits]
             annotation.set_weight_bits(layer.node, bits)
-            fp32_activations = bits >= FLOAT_BITS or choice.format != "qdq"
+            fp32_activations = bits >= FLOAT_BITS or choice.format not in (formats.QDQ, formats.DYNAMIC)
             annotation.set_activation_bits(layer.node, FLOAT_BITS if fp32_activations else activation_bits(bits))
             if bits < FLOAT_BITS:
                 annotation.set_weight_format(layer.node, choice.format)
+                if choice.block_size:
+                    annotation.set_block_size(layer.node, choice.block_size)
             chosen_formats[layer.id] = formats.describe(choice)
 
         record: dict[str, Any] = {
@@ -164,6 +169,11 @@ class AllocateBits(Pass):
             "formats": chosen_formats,
             "latency_measured": variants is not None,
         }
+        if flavour:
+            record["int8_flavour"] = flavour
+        failures = getattr(variants, "failures", None)
+        if failures:
+            record["not_timed"] = dict(failures)
         if keep:
             record["keep_fp32"] = sorted(keep)
         if latency_record:
@@ -220,9 +230,24 @@ def _latency_variants(model: Model, offered: Mapping[str, tuple[int, ...]], ctx:
     if probe is None or not measure:
         return None
     wanted = formats.variants_to_measure(model.layers(), offered)
-    table = probe(model, wanted, ctx.progress)
+    table = call_probe(probe, model, wanted, ctx)
     ctx.analyses.put(LATENCY_VARIANTS, table)
     return table
+
+
+def call_probe(probe: Callable[..., Any], model: Model, wanted: Mapping[str, Any], ctx: PassContext,
+               **options: Any) -> Any:
+    """The target's per-layer probe on ``wanted``, given the calibration data when it takes it (so layers are
+    timed at their real input shapes)."""
+    import inspect
+
+    try:
+        takes = "calibration" in inspect.signature(probe).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes and ctx.calibration is not None:
+        options["calibration"] = ctx.calibration
+    return probe(model, wanted, ctx.progress, **options)
 
 
 def _evaluator(model: Model, ctx: PassContext, group_size: int) -> Callable[[Mapping[str, int]], float]:

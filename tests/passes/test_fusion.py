@@ -137,7 +137,8 @@ def optimize(model: Model) -> Model:
 # --- the optimize pipeline ----------------------------------------------------
 
 def test_optimize_is_fold_eliminate_fuse() -> None:
-    assert default_registry().pipeline("optimize").spec() == "fold-constants,eliminate-dead-nodes,fuse"
+    assert default_registry().pipeline("optimize").spec() == (
+        "fold-constants,eliminate-dead-nodes,fuse,fuse-transformer(attention=true,embed_layer_norm=true)")
 
 
 @pytest.mark.parametrize("fixture", ["cnn_model", "mlp_model"])

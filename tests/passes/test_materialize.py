@@ -67,3 +67,76 @@ def test_unsupported_plans_are_refused_before_any_work(cnn_model):
         materialize(cnn_model, {conv: LayerPlan(2, 8, "packed")})
     with pytest.raises(UsageError, match="bias_correction=true\\) needs calibration data"):
         materialize(cnn_model, options=QuantizeOptions(bias_correction=True))
+
+
+# --- int8 compute of low-bit storage, dynamic int8 ------------------------------------------------------------
+def _optimized_ops(model, tmp_path) -> list[str]:
+    """The op types of ONNX Runtime's optimized graph of ``model`` (what really runs)."""
+    import onnx
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.to_bytes(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+def _with_weights(model, weights):
+    """A copy of ``model`` whose layer weights are replaced by ``weights`` ({layer id: array})."""
+    import onnx_ir as ir
+
+    out = model.clone()
+    for layer in out.layers():
+        if layer.id in weights:
+            layer.weight.const_value = ir.tensor(weights[layer.id], name=layer.weight.name)
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bit_storage_runs_the_int8_kernel_on_the_low_bit_weight(cnn_model, calib_arrays, eval_arrays, bits,
+                                                                    tmp_path):
+    """2/4-bit codes widened to int8 at load: the same outputs as 8-bit QDQ of the low-bit weight, the same fused
+    int8 kernels, at low-bit bytes."""
+    from bitpass.passes.packing import LowBitWeight
+    from bitpass.passes.sensitivity.quant import layer_channel_axis
+
+    layers = cnn_model.layers()
+    ranges = activation_ranges(cnn_model, from_arrays(calib_arrays, cnn_model.inputs))
+    options = QuantizeOptions(activation_type="uint8", preprocess=False)
+    widened = materialize(cnn_model, {l.id: LayerPlan(bits, 8, "qdq") for l in layers}, ranges=ranges,
+                          options=options)
+    low = {l.id: LowBitWeight.of(l.weight_array, layer_channel_axis(l), bits, 32).dequantized() for l in layers}
+    int8_of_low = materialize(_with_weights(cnn_model, low), {l.id: LayerPlan(8, 8) for l in layers},
+                              ranges=ranges, options=options)
+    x = eval_arrays["input"]
+    np.testing.assert_array_equal(_logits(widened, x), _logits(int8_of_low, x))
+    assert _optimized_ops(widened, tmp_path).count("QLinearConv") == _optimized_ops(int8_of_low, tmp_path).count(
+        "QLinearConv") >= 2
+    limit = {4: 0.16, 2: 0.10}[bits]
+    assert widened.weight_bytes() <= limit * cnn_model.weight_bytes() < int8_of_low.weight_bytes()
+    for layer in layers:
+        node = _layer_node(widened, layer.id)
+        assert (annotation.weight_bits(node), annotation.weight_format(node)) == (bits, "qdq")
+    if bits == 4:
+        assert (_logits(widened, x).argmax(1) == eval_arrays["labels"]).mean() >= 0.97
+
+
+def test_dynamic_int8_is_what_ort_fuses_to_dynamic_quantize_matmul(cnn_model, eval_arrays, tmp_path):
+    ids = [layer.id for layer in cnn_model.layers() if layer.op_type in ("Gemm", "MatMul")]
+    convs = {layer.id: LayerPlan(32) for layer in cnn_model.layers() if layer.id not in ids}
+    plan = {**convs, **{i: LayerPlan(8, 8, "dynamic") for i in ids}}
+    dynamic = materialize(cnn_model, plan)  # no activation ranges: activations are quantized at run time
+    assert _optimized_ops(dynamic, tmp_path).count("DynamicQuantizeMatMul") == len(ids)
+    x, y = eval_arrays["input"], eval_arrays["labels"]
+    assert (_logits(dynamic, x).argmax(1) == _logits(cnn_model, x).argmax(1)).mean() >= 0.99
+    assert [annotation.weight_format(_layer_node(dynamic, i)) for i in ids] == ["dynamic"] * len(ids)
+    four = materialize(cnn_model, {**convs, **{i: LayerPlan(4, 8, "dynamic") for i in ids}})
+    assert four.weight_bytes() < dynamic.weight_bytes()
+    assert (_logits(four, x).argmax(1) == y).mean() >= 0.97
+
+
+def test_dynamic_and_low_bit_int8_are_refused_where_they_do_not_apply(cnn_model):
+    conv = cnn_model.layers()[0].id
+    with pytest.raises(BitpassError, match=rf"layer '{conv}' \(Conv\): dynamic int8 takes MatMul/Gemm"):
+        materialize(cnn_model, {conv: LayerPlan(8, 8, "dynamic")})
+    with pytest.raises(BitpassError, match="int8 compute of 4-bit weights takes"):
+        materialize(cnn_model, {conv: LayerPlan(4, 32, "qdq")})

@@ -105,11 +105,13 @@ def test_a_measured_table_keeps_a_layer_fp32_when_its_compute_formats_are_slower
 def test_a_width_slower_than_fp32_is_not_offered(cnn_model):
     ids = [layer.id for layer in cnn_model.layers()]
     table = {i: {32: 1e-4, 8: 5e-5, 4: 4e-5, 2: 4e-5} for i in ids}
-    table[ids[1]] = {32: 1e-4, 8: 2e-4, 4: 5e-5}  # only its 8-bit kernel is slow (2-bit conv: packed, fp32 speed)
+    # its int8 kernel is slow, and so is 2-bit storage, whose compute is that int8 kernel; its 4-bit
+    # blocked-DequantizeLinear kernel is fast
+    table[ids[1]] = {32: 1e-4, 8: 2e-4, 4: 5e-5}
     ctx = context(cnn_model, latency_variants=measured(cnn_model, table))
     AllocateBits(budget="avg-bits=6", formats="compute").run(cnn_model, ctx)
     record = ctx.records["allocation"]
-    assert record["candidates"][ids[1]] == [32, 4, 2]
+    assert record["candidates"][ids[1]] == [32, 4]
     assert record["plan"][ids[1]] != 8
 
 

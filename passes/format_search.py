@@ -1,0 +1,513 @@
+"""Whole-graph format search: the int8 flavour and the repairs of a plan, chosen by timing whole artifacts.
+
+Per-layer timings miss what happens between layers: the Quantize/Dequantize pairs at every border
+between int8 and float layers, layout changes (ORT runs int8 convolutions in NHWC), fusions that
+only fire when both neighbours are int8. And no int8 flavour is fastest everywhere: U8S8 is 3-4x
+faster than fp32 on ResNets with VNNI and saturates without it; on depthwise convolutions every
+flavour loses to fp32. So after the plan is made (by allocation, or the default 8/8 everywhere),
+``search`` builds complete candidate artifacts and times them against fp32 on the target, in a
+fresh process, at batch 1 and a larger batch:
+
+1. the plan in each int8 flavour (U8S8, S8S8; U8S8 with 7-bit weights when U8S8 is not exact),
+   each checked numerically on calibration samples against fp32 (saturation shows as error, so a
+   flavour whose error is well above the best one's is not eligible, whatever its speed); and, when
+   most int8 layers are MatMul/Gemm (a transformer), those layers in dynamic int8;
+2. repairs of the fastest: layers whose one-layer timing says their compute format is no faster
+   than fp32 fall back (fp32, or packed at their planned width when an allocation set the width);
+   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it;
+3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
+   Quantize and a Dequantize for one layer's gain).
+
+Every round times the candidates against fp32 and the current best; a candidate wins when its
+geometric-mean time ratio over the batches beats the best's by ``MIN_GAIN`` and it is not more than
+``WORST_LOSS`` slower at any batch size (timings on a shared machine are noisy). The all-fallback plan
+(fp32 speed) is always a candidate, so the result is never slower than fp32 or than the plan in its
+fastest flavour, as measured. The choice is cached per model, plan, ranges, options and CPU, so the
+same inputs give the same artifact (bitpass's determinism) without timing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from bitpass.frontend import Dataset, Model, from_proto
+from bitpass.frontend.cache import cache_dir
+from bitpass.passes import execution
+from bitpass.passes.allocation import formats
+from bitpass.passes.analyses import ActivationRanges
+from bitpass.passes.int8_flavours import FLAVOURS, S8S8, U8S8, U8S8_REDUCED, Flavour, to_uint8_activations
+from bitpass.passes.materialize import (DYNAMIC, FP32, INT8_QDQ, PACKED, LayerPlan, QuantizeOptions, decide,
+                                        materialize)
+
+#: a candidate must be this much faster (geometric mean over batches) to replace the current best, and no
+#: more than WORST_LOSS slower at any batch size
+MIN_GAIN, WORST_LOSS = 0.05, 0.10
+#: a flavour is eligible when its output error is at most this many times the best flavour's (plus EPSILON)
+ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
+#: calibration samples the error check runs on
+CHECK_SAMPLES = 32
+#: bump when the search changes, so cached choices are searched again
+SEARCH_VERSION = 1
+
+
+class Timings(Protocol):
+    errors: Mapping[str, str]
+
+    def ratio(self, name: str, reference: str, batch: int) -> float | None: ...
+
+
+class GraphTimer(Protocol):
+    """What the target supplies: whole models timed against each other at each batch of ``feeds``."""
+
+    def graphs(self, models: Mapping[str, bytes], feeds: Mapping[int, Mapping[str, np.ndarray]]) -> Timings: ...
+
+
+@dataclass
+class Candidate:
+    name: str
+    plan: dict[str, LayerPlan]
+    flavour: Flavour
+    why: str
+    model: Model | None = None
+    error: float | None = None
+    #: batch -> fp32 seconds / candidate seconds (> 1: faster), from the round it was timed in
+    speedup: dict[int, float] = field(default_factory=dict)
+    eligible: bool = True
+
+    def score(self) -> float:
+        """Geometric mean over the batches of candidate time / fp32 time (lower is faster)."""
+        if not self.speedup:
+            return math.inf
+        return math.exp(-sum(math.log(max(r, 1e-9)) for r in self.speedup.values()) / len(self.speedup))
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "flavour": self.flavour.name, "why": self.why,
+                               "speedup": {str(b): round(r, 3) for b, r in sorted(self.speedup.items())}}
+        if self.error is not None:
+            out["relative_error"] = float(f"{self.error:.4g}")
+        if not self.eligible:
+            out["eligible"] = False
+        return out
+
+
+@dataclass
+class SearchResult:
+    model: Model
+    flavour: Flavour
+    plan: dict[str, LayerPlan]
+    record: dict[str, Any]
+
+
+_FORMAT_OF_RESULT = {FP32: None, INT8_QDQ: "qdq", DYNAMIC: "dynamic", PACKED: PACKED,
+                     formats.MATMUL_NBITS: formats.MATMUL_NBITS, formats.BLOCKED_DQ: formats.BLOCKED_DQ}
+
+
+def plan_of(model: Model) -> dict[str, LayerPlan]:
+    """The plan the layers' annotations describe (what ``materialize`` would do without a plan)."""
+    return {d.layer_id: LayerPlan(d.weight_bits, d.activation_bits, _FORMAT_OF_RESULT[d.result], d.block_size)
+            for d in decide(model)}
+
+
+def compute_layers(plan: Mapping[str, LayerPlan]) -> list[str]:
+    """Layers whose plan runs int8 compute (QDQ or dynamic): what flavours and repairs act on."""
+    return [lid for lid, p in plan.items() if p.weight_bits < 32 and p.format in ("qdq", "dynamic")]
+
+
+def fallback_plan(entry: LayerPlan, fallback: str) -> LayerPlan:
+    """What a compute layer becomes when int8 does not pay: fp32, or packed at its width (keeps the bytes)."""
+    if fallback == PACKED and entry.weight_bits < 32:
+        return LayerPlan.packed(entry.weight_bits)
+    return LayerPlan(32, 32)
+
+
+def search(model: Model, *, ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions,
+           timer: GraphTimer, layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None = None,
+           fallback: str = FP32, batches: Sequence[int] = (1, 8), use_cache: bool = True,
+           progress: Callable[[str], None] | None = None) -> SearchResult:
+    """The fastest eligible materialization of ``model``'s annotated plan on the target (see the module doc).
+
+    ``layer_times(variants)`` returns the per-layer latency table (the probe, or the allocation's cached one)
+    for the repairs; without it only flavours and isolated layers are searched."""
+    say = progress or (lambda _m: None)
+    plan = plan_of(model)
+    compute = compute_layers(plan)
+    flavours = _flavours(options)
+    if not compute:
+        built = _build(model, plan, flavours[-1], ranges, calibration, options)
+        return SearchResult(built, flavours[-1], plan, {"note": "no int8 compute layers: nothing to search"})
+    if calibration.fixed_batch:
+        batches = (calibration.fixed_batch,)
+    key = _cache_key(model, plan, ranges, options, fallback, batches) if use_cache else None
+    cached = _cached(key)
+    if cached is not None:
+        chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
+        flavour = FLAVOURS.get(cached["flavour"], S8S8)
+        say(f"format search: the choice made for this model on this CPU before ({cached['record']['chosen']})")
+        built = _build(model, chosen_plan, flavour, ranges, calibration, options)
+        return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
+
+    check = calibration.head(CHECK_SAMPLES)
+    reference = _outputs(model, check)
+    feeds = {b: _batch_of(calibration, b) for b in batches}
+    fp32_bytes = model.to_bytes()
+    rounds: list[dict[str, Any]] = []
+    s8_models: dict[str, Model] = {}
+
+    def build(c: Candidate) -> Candidate:
+        c.model = _build(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
+        c.error = _relative_error(reference, _outputs(c.model, check))
+        return c
+
+    def time_round(cands: list[Candidate], incumbent: Candidate | None) -> None:
+        models = {"fp32": fp32_bytes}
+        for c in [*cands, *([incumbent] if incumbent is not None else [])]:
+            assert c.model is not None
+            models[c.name] = c.model.to_bytes()
+        say(f"format search: timing {', '.join(n for n in models if n != 'fp32')} against fp32 at batch "
+            f"{', '.join(map(str, batches))}")
+        timed = timer.graphs(models, feeds)
+        for c in [*cands, *([incumbent] if incumbent is not None else [])]:
+            speed = {b: timed.ratio(c.name, "fp32", b) for b in batches}
+            if c.name in timed.errors or any(r is None for r in speed.values()):
+                c.eligible, c.speedup = False, {}
+                c.why += f"; did not run ({timed.errors.get(c.name, 'no timing')})"
+            else:
+                c.speedup = {b: float(r) for b, r in speed.items() if r is not None}
+        rounds.append({"candidates": [c.record() for c in cands],
+                       **({"against": incumbent.record()} if incumbent is not None else {})})
+
+    # 1. the plan in each flavour, and the all-fallback plan (fp32 speed)
+    first = [build(Candidate(f"plan-{f.name}", dict(plan), f, "the plan as made")) for f in flavours]
+    _eligibility(first)
+    if U8S8 in flavours and not next(c for c in first if c.flavour == U8S8).eligible:
+        say("format search: U8S8 is not exact on this CPU; trying it with 7-bit weights")
+        first.append(build(Candidate(f"plan-{U8S8_REDUCED.name}", dict(plan), U8S8_REDUCED, "the plan as made")))
+        _eligibility(first)
+    ops = {layer.id: layer.op_type for layer in model.layers()}
+    dense = [lid for lid in compute if ops.get(lid) in ("MatMul", "Gemm") and plan[lid].format == "qdq"]
+    if len(dense) >= 2 and 2 * len(dense) >= len(compute):  # transformer-like: what ORT users run for BERT
+        as_dynamic = {lid: (LayerPlan(p.weight_bits, 8, "dynamic", p.block_size) if lid in dense else p)
+                      for lid, p in plan.items()}
+        first.append(build(Candidate(f"dynamic-{flavours[0].name}", as_dynamic, flavours[0],
+                                     "MatMul/Gemm layers in dynamic int8")))
+        _eligibility(first)
+    everything_back = {lid: (fallback_plan(p, fallback) if lid in compute else p) for lid, p in plan.items()}
+    fallback_all = build(Candidate("fallback", everything_back, flavours[0],
+                                   f"every int8 compute layer {'packed' if fallback == PACKED else 'fp32'}"))
+    if fallback == PACKED or any(p.weight_bits < 32 for lid, p in everything_back.items() if lid not in compute):
+        time_round([c for c in [*first, fallback_all] if c.eligible], None)
+    else:  # the fp32 reference itself: 1.0 by definition, and one model less to time
+        fallback_all.speedup = {b: 1.0 for b in batches}
+        time_round([c for c in first if c.eligible], None)
+    flavoured = [c for c in first if c.eligible and c.speedup]
+    best = _best([*flavoured, fallback_all])
+    best_int8 = _best(flavoured) if flavoured else None
+
+    # 2. repairs of the fastest flavour: slow layers back, MatMul/Gemm to dynamic where that is faster
+    if best_int8 is not None and layer_times is not None:
+        table = layer_times(_variants(model, plan, compute))
+        f = best_int8.flavour
+        repaired, why = _repair_slow(plan, compute, table, f, fallback)
+        repairs = []
+        if why and len(why) < len(compute):
+            repairs.append(build(Candidate(f"repaired-{f.name}", repaired, f,
+                                           "layers no faster than fp32 alone fell back: " + _short(why))))
+        switched, why_dynamic = _dynamic_where_faster(repaired, table, f, model)
+        if why_dynamic:
+            repairs.append(build(Candidate(f"dynamic-{f.name}", switched, f,
+                                           "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))))
+        failures = getattr(table, "failures", None)
+        if failures:
+            rounds.append({"not_timed": dict(failures)})
+        if repairs:
+            _eligibility([*first, *repairs])
+            repairs = [c for c in repairs if c.eligible]
+        if repairs:
+            time_round(repairs, best)
+            best = _best([best, *repairs], incumbent=best)
+
+    # 3. isolated int8 layers of the winner fall back
+    if best is not fallback_all:
+        alone = _isolated(model, best.plan)
+        if alone and len(alone) < len(compute_layers(best.plan)):
+            trimmed = {lid: (fallback_plan(p, fallback) if lid in alone else p) for lid, p in best.plan.items()}
+            island = build(Candidate(f"{best.name}-islands", trimmed, best.flavour,
+                                     f"isolated int8 layers fell back: {_short({a: 'isolated' for a in alone})}"))
+            time_round([island], best)
+            best = _best([best, island], incumbent=best)
+
+    record = {"cpu_key": _cpu_key(), "batches": list(batches), "chosen": best.name,
+              "flavour": best.flavour.name, "speedup": {str(b): round(r, 3) for b, r in best.speedup.items()},
+              "rounds": rounds, "fallback": fallback,
+              "changed": {lid: _describe(p) for lid, p in best.plan.items() if p != plan[lid]}}
+    if best is fallback_all and compute:
+        record["note"] = ("int8 compute measured no faster than fp32 on this CPU for this model: its layers were "
+                          f"kept {'packed' if fallback == PACKED else 'in fp32'}")
+    say(f"format search: chose {best.name} ({best.flavour.describe()}), "
+        + ", ".join(f"{r:.2f}x fp32 at batch {b}" for b, r in sorted(best.speedup.items())))
+    if key is not None:
+        _store(key, {"plan": {lid: _fields(p) for lid, p in best.plan.items()}, "flavour": best.flavour.name,
+                     "record": record})
+    assert best.model is not None
+    return SearchResult(best.model, best.flavour, best.plan, record)
+
+
+# --- building and checking candidates ----------------------------------------------------------------------
+def _flavours(options: QuantizeOptions) -> list[Flavour]:
+    if options.activation_type == "uint8":
+        return [U8S8_REDUCED if options.reduce_range else U8S8]
+    if options.activation_type == "int8":
+        return [replace(S8S8, reduce_range=True, name="s8s8-reduce-range") if options.reduce_range else S8S8]
+    if options.symmetric_activations or options.reduce_range:  # no exact zero-point shift between the two
+        return [U8S8_REDUCED if options.reduce_range else S8S8]
+    return [U8S8, S8S8]
+
+
+def _build(model: Model, plan: Mapping[str, LayerPlan], flavour: Flavour, ranges: ActivationRanges | None,
+           calibration: Dataset, options: QuantizeOptions, built_s8: dict[str, Model] | None = None) -> Model:
+    """The plan materialized in ``flavour``: U8S8 is the S8S8 model with its activation zero points shifted
+    (exact, and one quantization instead of two); U8S8 with 7-bit weights is materialized itself."""
+    if flavour.name == U8S8.name and not options.symmetric_activations:
+        key = json.dumps({k: _fields(v) for k, v in sorted(plan.items())})
+        s8 = (built_s8 or {}).get(key)
+        if s8 is None:
+            s8 = materialize(model, plan, ranges=ranges, calibration=calibration,
+                             options=options.model_copy(update={"activation_type": "int8", "reduce_range": False}))
+            if built_s8 is not None:
+                built_s8[key] = s8
+        proto, _ = to_uint8_activations(s8.to_proto())
+        out = from_proto(proto, name=model.provenance.name)
+        return Model(out.ir, s8.provenance, model.torch_module)
+    update = {"activation_type": flavour.activation_type, "reduce_range": flavour.reduce_range}
+    built = materialize(model, plan, ranges=ranges, calibration=calibration, options=options.model_copy(update=update))
+    if built_s8 is not None and flavour.name == S8S8.name:
+        built_s8[json.dumps({k: _fields(v) for k, v in sorted(plan.items())})] = built
+    return built
+
+
+def _outputs(model: Model, data: Dataset) -> list[np.ndarray]:
+    session = execution.create_session(model, purpose="check a candidate's outputs")
+    parts: list[list[np.ndarray]] = []
+    for feeds in data.batches(64):
+        parts.append(session.run(None, dict(feeds)))
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _relative_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Summed squared error over summed squared reference, over every float output."""
+    num = den = 0.0
+    for ref, out in zip(reference, outputs):
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        r, o = ref.astype(np.float64), out.astype(np.float64)
+        num += float(np.sum((r - o) ** 2))
+        den += float(np.sum(r * r))
+    return num / den if den > 0 else num
+
+
+def _eligibility(candidates: list[Candidate]) -> None:
+    errors = [c.error for c in candidates if c.error is not None]
+    if not errors:
+        return
+    limit = ERROR_FACTOR * min(errors) + ERROR_EPSILON
+    for c in candidates:
+        if c.error is not None and c.error > limit:
+            if c.eligible:
+                c.why += f"; output error {c.error:.3g} is over {limit:.3g} (saturation?): not eligible"
+            c.eligible = False
+
+
+def _best(candidates: list[Candidate], incumbent: Candidate | None = None) -> Candidate:
+    timed = [c for c in candidates if c.eligible and c.speedup]
+    if not timed:
+        return incumbent or candidates[0]
+    if incumbent is None or not incumbent.speedup:
+        return min(timed, key=lambda c: c.score())
+    better = [c for c in timed if c is not incumbent and c.score() < incumbent.score() * (1 - MIN_GAIN)
+              and all(c.speedup.get(b, 0.0) >= r * (1 - WORST_LOSS) for b, r in incumbent.speedup.items())]
+    return min(better, key=lambda c: c.score()) if better else incumbent
+
+
+# --- repairs -------------------------------------------------------------------------------------------------
+def _variants(model: Model, plan: Mapping[str, LayerPlan], compute: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+    ops = {layer.id: layer.op_type for layer in model.layers()}
+    out = {}
+    for lid in compute:
+        wanted = [(8, name) for name in formats.QDQ_FLAVOURS]
+        if ops.get(lid) in ("MatMul", "Gemm"):
+            wanted.append((8, formats.DYNAMIC))
+        out[lid] = wanted
+    return out
+
+
+def _flavour_variant(flavour: Flavour) -> str:
+    return "qdq-u8" if flavour.activation_type == "uint8" else "qdq-s8"
+
+
+def _layer_seconds(row: Mapping[Any, Mapping[int, float]], entry: LayerPlan, flavour: Flavour) -> Mapping[int, float]:
+    if entry.format == "dynamic":
+        return row.get((8, formats.DYNAMIC), {})
+    return row.get((8, _flavour_variant(flavour)), {})
+
+
+def _repair_slow(plan: Mapping[str, LayerPlan], compute: Sequence[str], table: Mapping, flavour: Flavour,
+                 fallback: str) -> tuple[dict[str, LayerPlan], dict[str, str]]:
+    out, why = dict(plan), {}
+    for lid in compute:
+        row = table.get(lid)
+        if not row:
+            continue
+        fp32, mine = row.get((32, formats.FP32), {}), _layer_seconds(row, plan[lid], flavour)
+        if fp32 and mine and all(b in mine for b in fp32) and \
+                sum(mine[b] / fp32[b] for b in fp32) / len(fp32) >= 1.0:
+            out[lid] = fallback_plan(plan[lid], fallback)
+            why[lid] = f"{sum(mine[b] / fp32[b] for b in fp32) / len(fp32):.2f}x fp32's time alone"
+    return out, why
+
+
+def _dynamic_where_faster(plan: Mapping[str, LayerPlan], table: Mapping, flavour: Flavour,
+                          model: Model) -> tuple[dict[str, LayerPlan], dict[str, str]]:
+    ops = {layer.id: layer.op_type for layer in model.layers()}
+    out, why = dict(plan), {}
+    for lid, entry in plan.items():
+        if ops.get(lid) not in ("MatMul", "Gemm") or entry.format not in ("qdq", None) or entry.weight_bits >= 32 \
+                or (entry.format is None and entry.activation_bits not in (None, 8)):
+            continue
+        row = table.get(lid) or {}
+        fp32, qdq, dyn = row.get((32, formats.FP32), {}), _layer_seconds(row, entry, flavour), row.get(
+            (8, formats.DYNAMIC), {})
+        if not (fp32 and dyn and qdq) or any(b not in dyn or b not in qdq for b in fp32):
+            continue
+        score = sum(dyn[b] / fp32[b] for b in fp32) / len(fp32)
+        if score < 1.0 and score < 0.9 * sum(qdq[b] / fp32[b] for b in fp32) / len(fp32):
+            out[lid] = LayerPlan(entry.weight_bits, 8, "dynamic", entry.block_size)
+            why[lid] = f"dynamic {score:.2f}x fp32's time alone"
+    return out, why
+
+
+def _isolated(model: Model, plan: Mapping[str, LayerPlan]) -> list[str]:
+    """Int8 compute layers none of whose nearest quantizable neighbours (through non-layer nodes, both ways)
+    runs int8 compute."""
+    compute = set(compute_layers(plan))
+    if not compute:
+        return []
+    layer_of = {id(layer.node): layer.id for layer in model.layers()}
+
+    def neighbours(node: Any, upward: bool) -> set[str]:
+        found, seen, todo = set(), set(), [node]
+        while todo:
+            current = todo.pop()
+            nexts = []
+            if upward:
+                nexts = [v.producer() for v in current.inputs if v is not None and v.producer() is not None]
+            else:
+                nexts = [use.node if hasattr(use, "node") else use[0] for v in current.outputs for use in v.uses()]
+            for n in nexts:
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if id(n) in layer_of:
+                    found.add(layer_of[id(n)])
+                else:
+                    todo.append(n)
+        return found
+
+    return [layer.id for layer in model.layers() if layer.id in compute
+            and not ((neighbours(layer.node, True) | neighbours(layer.node, False)) & compute)]
+
+
+# --- cache ---------------------------------------------------------------------------------------------------
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(set(line.split(":", 1)[1].split())))
+                break
+    except OSError:
+        pass
+    import platform
+
+    return hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:16]
+
+
+def _fields(p: LayerPlan) -> dict[str, Any]:
+    return {"weight_bits": p.weight_bits, "activation_bits": p.activation_bits, "format": p.format,
+            "block_size": p.block_size}
+
+
+def _describe(p: LayerPlan) -> str:
+    if p.weight_bits >= 32:
+        return "fp32"
+    return f"{p.weight_bits}-bit {p.format or 'qdq'}"
+
+
+def _short(why: Mapping[str, str], limit: int = 6) -> str:
+    items = [f"{k} ({v})" for k, v in list(why.items())[:limit]]
+    return ", ".join(items) + (f" and {len(why) - limit} more" if len(why) > limit else "")
+
+
+def _cache_key(model: Model, plan: Mapping[str, LayerPlan], ranges: ActivationRanges | None,
+               options: QuantizeOptions, fallback: str, batches: Sequence[int]) -> str:
+    import onnxruntime
+
+    digest = hashlib.sha256(model.to_bytes())
+    digest.update(json.dumps({k: _fields(v) for k, v in sorted(plan.items())}, sort_keys=True).encode())
+    if ranges is not None:
+        digest.update(json.dumps(sorted(ranges.ranges.items())).encode())
+    digest.update(json.dumps(options.model_dump(), sort_keys=True, default=str).encode())
+    digest.update(json.dumps([fallback, list(batches), _cpu_key(), onnxruntime.__version__, SEARCH_VERSION,
+                              os.cpu_count()]).encode())
+    return digest.hexdigest()[:32]
+
+
+def _cache_file() -> Any:
+    return cache_dir() / "format_search.json"
+
+
+def _cached(key: str | None) -> dict[str, Any] | None:
+    if key is None:
+        return None
+    try:
+        data = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return None
+    entry = data.get(key) if isinstance(data, dict) else None
+    return entry if isinstance(entry, dict) and "plan" in entry else None
+
+
+def _store(key: str, entry: dict[str, Any]) -> None:
+    path = _cache_file()
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name, array in data.inputs.items():
+        reps = -(-size // len(array))
+        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
+    return out
+
+
+__all__ = ["Candidate", "GraphTimer", "SearchResult", "compute_layers", "fallback_plan", "plan_of", "search"]
