@@ -90,7 +90,8 @@ class Quantize(Pass):
             result = materialize(model, ranges=ranges, calibration=ctx.calibration,
                                  options=options.model_copy(update={"activation_type": activation_type}),
                                  progress=ctx.progress, details=details)
-        if searched is not None:  # the search materialized: layers the int8 scope kept float read as fp32
+        if searched is not None:  # the search materialized: the scope as the plan's graph gives it, and the
+            details["int8_scope"] = _scope_record(model, ranges, decisions)  # layers it kept float, from annotations
             details["kept_float"] = _kept_float_in(result, decisions)
         record = _record(cfg, activation_type, ranges.method, decisions, model, result, details)
         if searched is not None:
@@ -132,6 +133,14 @@ def _final(decision: Decision, plan: Mapping[str, Any]) -> Decision:
     if entry.format == "dynamic":
         return replace(decision, result=DYNAMIC)
     return decision
+
+
+def _scope_record(model: Model, ranges: Any, decisions: list[Decision]) -> dict[str, Any]:
+    """The int8 scope (``quant_scope``) of ``model``'s graph for its int8 layers."""
+    from bitpass.passes.quant_scope import GraphFacts, quant_scope
+
+    int8 = {d.node_name for d in decisions if d.result == INT8_QDQ}
+    return quant_scope(GraphFacts.from_graph(model.graph), ranges=ranges.ranges.keys(), int8_nodes=int8).record()
 
 
 def _kept_float_in(model: Model, decisions: list[Decision]) -> dict[str, str]:

@@ -66,6 +66,7 @@ def fuse_transformer(model: Model, *, model_type: str = "bert", attention: bool 
                                    optimization_options=options, opt_level=0)
         stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
         proto: onnx.ModelProto = optimized.model
+    _import_domains(proto)
     fused_model = Model(ir.serde.deserialize_model(proto),
                         Provenance(model.provenance.kind, model.provenance.name, model.provenance.sha256,
                                    list(model.provenance.notes)), model.torch_module)
@@ -73,6 +74,13 @@ def fuse_transformer(model: Model, *, model_type: str = "bert", attention: bool 
     if swallowed:
         _mark_fused_nodes(model, fused_model, swallowed)
     return fused_model, {"fused": stats, "swallowed_layers": swallowed}
+
+
+def _import_domains(proto: onnx.ModelProto) -> None:
+    """The optimizer writes com.microsoft nodes without always importing the domain (it does so on save only)."""
+    imported = {entry.domain for entry in proto.opset_import}
+    for domain in sorted({node.domain for node in proto.graph.node} - imported - {"", "ai.onnx"}):
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
 
 
 def _mark_fused_nodes(before: Model, after: Model, swallowed: list[str]) -> None:

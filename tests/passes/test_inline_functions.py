@@ -65,8 +65,9 @@ def test_default_int8_on_mobilenet_v3_calibrates_the_expanded_hardswish(mobilene
     from bitpass.tools import compile
 
     path, _ = mobilenet
+    # random-init logits are near ties, so top-1 agreement is noise there: the gate compares by cosine
     artifact = compile(str(path), tmp_path / "out", calibration=path.parent / "calib.npz",
-                       evaluation=path.parent / "eval.npz", latency=False)
+                       evaluation=path.parent / "eval.npz", latency=False, tolerance="cosine=0.99")
     records = artifact.manifest["records"]
     assert records["inline_functions"]["operators"]["HardSwish"] > 0
     assert "uncalibrated" not in records["quantization"]["int8_scope"]["kept_float"]
