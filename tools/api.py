@@ -202,6 +202,9 @@ def _compile(
         say(f"emitting {backend} artifact")
         files = backend_impl.emit(final, tmp, target)
         stored = backend_impl.stored_weight_bytes(final, tmp)
+        backend_records = backend_impl.records(tmp)
+        if backend_records:
+            ctx.records["backend"] = backend_records
         reference_bytes = reference_model.to_bytes()
         (tmp / REFERENCE).write_bytes(reference_bytes)
         if backend_impl.runs_on_host(target):

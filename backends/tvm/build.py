@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
+from bitpass.backends.tvm import kernels, schedules
 from bitpass.backends.tvm import lower as lowering
-from bitpass.backends.tvm import schedules
 from bitpass.backends.tvm.targets import TargetSpec
+from bitpass.frontend import Model
 
 #: batch sizes every artifact is compiled for; the runner splits or pads other batches onto them
 BATCHES = (1, 64)
@@ -24,13 +23,13 @@ class Built:
     report: lowering.LoweringReport
 
 
-def build(proto: onnx.ModelProto, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> Built:
+def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> Built:
     """Lower, schedule with bitpass's rules for ``spec``'s features, and build a VM executable."""
     import tvm
     from tvm import relax
 
     target = spec.tvm_target()
-    mod, report, names = lowering.lower(proto, batches, schedules.vector_lanes(spec.features))
+    mod, report, names = lowering.lower(model, batches, kernels.scheme_for(spec.features))
     mod = relax.transform.LegalizeOps()(mod)
     mod = relax.transform.DeadCodeElimination()(mod)
     mod = schedules.apply_rules(mod, target)

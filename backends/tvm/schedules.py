@@ -10,9 +10,9 @@ On AVX2 the int8 and 4-bit dense and the int8 conv rules return a schedule of a 
 of scheduling the TE compute; elsewhere (aarch64) they schedule the TE compute, which stays portable.
 VNNI and aarch64 dot-product intrinsics are a next step.
 
-Kernel rules recognise bitpass's own kernels by the ``bitpass.kernel`` attribute the lowering
-puts on them (``kernels.py``); ``Elementwise`` and ``Reduction`` handle what TVM's
-``LegalizeOps`` produced for the other operators (parallel outer loops, vectorized inner).
+Kernel rules recognise bitpass's own kernels by the attributes the lowering puts on them
+(``kernel_attrs.KernelAttrs``); ``Elementwise`` and ``Reduction`` handle what TVM's ``LegalizeOps``
+produced for the other operators (parallel outer loops, vectorized inner).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 from bitpass.backends.tvm import avx2
+from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
 #: below this many output elements (or multiply-adds for kernels) a function runs on one thread:
 #: waking the pool costs more than the work
@@ -60,24 +61,6 @@ def vector_lanes(features: Iterable[str]) -> int:
 
 def _int(value) -> int | None:
     return int(value) if isinstance(value, (int, tirx.IntImm)) else None
-
-
-def _kernel(func: tirx.PrimFunc) -> str | None:
-    attrs = func.attrs
-    return str(attrs["bitpass.kernel"]) if attrs is not None and "bitpass.kernel" in attrs else None
-
-
-def _attr(func: tirx.PrimFunc, name: str) -> int:
-    return int(func.attrs[name])
-
-
-def _act(func: tirx.PrimFunc) -> str:
-    """The fused activation a kernel was built with (``bitpass.act``; "none" when absent)."""
-    return str(func.attrs["bitpass.act"]) if "bitpass.act" in func.attrs else "none"
-
-
-def _ints(func: tirx.PrimFunc, name: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in func.attrs[name])
 
 
 def _shapes(func: tirx.PrimFunc) -> list[tuple[int, ...]]:
@@ -120,17 +103,17 @@ class Dense(_Rule):
     innermost loads contiguous; for M = 1 (GEMV) the kernel streams each tile's weights once."""
 
     def apply(self, func, target, tunable):
-        kind = _kernel(func)
-        if kind not in ("dense", "dense_int8", "dense_int4"):
+        tags = KernelAttrs.of(func)
+        if tags is None or tags.kernel not in ("dense", "dense_int8", "dense_int4"):
             return None
-        if kind == "dense_int4":
-            return self._int4_avx2(func) or self._int4(func)
-        if kind == "dense_int8":
-            hand = self._int8_avx2(func)
+        if tags.kernel == "dense_int4":
+            return self._int4_avx2(func, tags) or self._int4(func, tags)
+        if tags.kernel == "dense_int8":
+            hand = self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
         sch = s_tir.Schedule(func)
-        nb = _attr(func, "bitpass.nb")
+        nb = tags.nb
         acc = sch.get_sblock("dense_acc")
         out = sch.get_sblock("dense_out")
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
@@ -146,7 +129,7 @@ class Dense(_Rule):
         sch.vectorize(ji)
         init = sch.decompose_reduction(acc, k)
         sch.vectorize(sch.get_loops(init)[-1])
-        if kind == "dense_int8":
+        if tags.kernel == "dense_int8":
             for name in ("row_amax", "row_scale", "quantize_x"):
                 blk = sch.get_sblock(name)
                 loops = sch.get_loops(blk)
@@ -159,19 +142,19 @@ class Dense(_Rule):
                 sch.vectorize(vi)
         return sch
 
-    def _int8_avx2(self, func):
+    def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int8``) where the target has AVX2 and the tile fits."""
-        if "avx2" not in self.features or len(func.params) != 5:
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
             return None
         (m, k), codes = _shapes(func)[:2]
         nb = codes[2]
         if not avx2.dense_int8_supported(nb):
             return None
         n = codes[0] * nb
-        kernel = avx2.dense_int8(m, k, n, nb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
+        kernel = avx2.dense_int8(m, k, n, nb, tags.act, parallel=m * n * k >= PARALLEL_MIN_WORK)
         return _replacement(func, kernel)
 
-    def _int4_avx2(self, func):
+    def _int4_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int4``) where the target has AVX2 and the tile fits."""
         if "avx2" not in self.features:
             return None
@@ -180,20 +163,19 @@ class Dense(_Rule):
         if len(func.params) != 5 or not avx2.dense_int4_supported(k, nb, k // nkb):
             return None
         n = codes[0] * nb
-        kernel = avx2.dense_int4(m, k, n, nb, k // nkb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
+        kernel = avx2.dense_int4(m, k, n, nb, k // nkb, tags.act, parallel=m * n * k >= PARALLEL_MIN_WORK)
         return _replacement(func, kernel)
 
-    def _int4(self, func):
+    def _int4(self, func, tags: KernelAttrs):
         """Portable: per tile of ``nb`` outputs (parallel) and block of k, the int32 nibble × x_q sums in
         registers, vectorized over the tile, then one offset correction and scale per block."""
         sch = s_tir.Schedule(func)
-        nb = _attr(func, "bitpass.nb")
         part = sch.get_sblock("dense4_part")
         acc = sch.get_sblock("dense_acc")
         out = sch.get_sblock("dense_out")
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
         kk = _int(sch.get(sch.get_loops(part)[-1]).extent) * _int(sch.get(sch.get_loops(acc)[-1]).extent)
-        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, 1, nb)
+        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, 1, tags.nb)
         sch.reorder(kb, aj)
         sch.compute_at(part, kb)
         sch.set_scope(part, 0, "local")
@@ -211,74 +193,100 @@ class Dense(_Rule):
         return sch
 
 
+#: vector registers a conv tile's accumulators may hold (AVX-512 has 32, AVX2 and NEON 16: two are left
+#: for the weight vectors of a step and one for the broadcast activation)
+ACCUMULATORS = {16: 24, 8: 12, 4: 24}
+#: the widest output-column tile (longer ones unroll too far for little gain)
+MAX_TILE_COLUMNS = 14
+
+
+def conv_tile_columns(ow: int, vectors: int, lanes: int) -> int:
+    """Output columns per register tile: the largest divisor of ``ow`` whose tile of ``vectors`` vector
+    registers per column fits the accumulator budget (7 × 2 zmm for ResNet's 56/28/14/7-wide maps)."""
+    budget = max(1, ACCUMULATORS.get(lanes, 12) // max(vectors, 1))
+    return _divisor(ow, min(budget, MAX_TILE_COLUMNS))
+
+
 class Conv2d(_Rule):
     """NCHW fp32 and int8 conv (the portable path; AVX2 int8 gets ``avx2.conv2d_int8``): tiles of ``owt``
     output columns × ``ob`` output channels held in registers, channels innermost (vectorized), reduction
-    (c, ky, kx) outside the tile; bias + activation and the write back to NCHW per tile (int8: after
-    the convolution, as it also reads the sample's scale); parallel over (batch, output row)."""
+    (c, ky, kx) outside the tile; bias, residual and activation and the write back to NCHW per tile (int8:
+    after the convolution, as it also reads the sample's scale); parallel over (batch, output block, row,
+    column tile), output block outside the rows so a block's weights stay in cache across its rows.
+    Depthwise convolutions (one input channel per group) vectorize over output columns instead."""
 
     def apply(self, func, target, tunable):
-        kind = _kernel(func)
-        if kind not in ("conv2d", "conv2d_int8"):
+        tags = KernelAttrs.of(func)
+        if tags is None or tags.kernel not in ("conv2d", "conv2d_int8"):
             return None
-        if kind == "conv2d_int8":
-            hand = self._int8_avx2(func)
+        if tags.kernel == "conv2d_int8":
+            hand = self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
         sch = s_tir.Schedule(func)
-        if kind == "conv2d_int8":  # the scales are expressions of the sample's max, read where needed
+        int8 = tags.kernel == "conv2d_int8"
+        if int8:  # the scales are expressions of the sample's max, read where needed
             for name in ("sample_scale", "sample_inv"):
                 sch.compute_inline(sch.get_sblock(name))
-        ob = _attr(func, "bitpass.nb")
+        ob = tags.nb
         acc = sch.get_sblock("conv_acc")
         out = sch.get_sblock("conv_out")
         b, y, x, o, rc, ry, rx = sch.get_loops(acc)
         ow = _int(sch.get(x).extent)
-        oc = _int(sch.get(o).extent)
+        icg = _int(sch.get(rc).extent)
         work = 1
         for loop in (b, y, x, o, rc, ry, rx):
             work *= _int(sch.get(loop).extent) or 1
-        owt = _divisor(ow, 4 if ob > self.lanes else 8)
+        depthwise = tags.groups > 1 and icg == 1 and ob == 1
+        if depthwise:  # one channel per tile: vectorize the output columns
+            owt = _divisor(ow, self.lanes)
+        else:
+            owt = conv_tile_columns(ow, -(-ob // self.lanes), self.lanes)
         xo, xi = sch.split(x, [None, owt])
         oo, oi = sch.split(o, [None, ob])
-        sch.reorder(b, y, xo, oo, rc, ry, rx, xi, oi)
-        sch.unroll(xi)
-        if kind == "conv2d":
-            sch.reverse_compute_at(out, oo)
-            sch.set_scope(acc, 0, "local")
-        else:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
+        sch.reorder(b, oo, y, xo, rc, ry, rx, *((oi, xi) if depthwise else (xi, oi)))
+        outer = sch.fuse(b, oo, y, xo)
+        if int8:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
             oloops = sch.get_loops(out)
             ofused = sch.fuse(*oloops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(ofused)
-        outer = sch.fuse(b, y)
+            if depthwise or ow % self.lanes == 0:
+                _, vx = sch.split(oloops[-1], [None, self.lanes if ow % self.lanes == 0 else ow])
+                sch.vectorize(vx)
+        else:
+            sch.reverse_compute_at(out, outer)
+            sch.set_scope(acc, 0, "local")
+            if depthwise:
+                sch.vectorize(sch.get_loops(out)[-1])
         if work >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
-        sch.vectorize(oi)
+        if depthwise:
+            sch.vectorize(xi)
+        else:
+            sch.unroll(xi)
+            sch.vectorize(oi)
         init = sch.decompose_reduction(acc, rc)
         sch.vectorize(sch.get_loops(init)[-1])
-        pad = _sblock_or_none(sch, "conv_pad" if kind == "conv2d" else "quantize_x")
+        pad = _sblock_or_none(sch, "quantize_x" if int8 else "conv_pad")
         if pad is not None:
             loops = sch.get_loops(pad)
             pfused = sch.fuse(*loops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(pfused)
-        del oc
         return sch
 
-    def _int8_avx2(self, func):
+    def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
-        if "avx2" not in self.features or len(func.params) != 5:
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
             return None
         data, codes, _, _, out = _shapes(func)
-        ob, groups = codes[4], _attr(func, "bitpass.groups")
-        if not avx2.conv2d_int8_supported(ob, groups):
+        ob = codes[4]
+        if not avx2.conv2d_int8_supported(ob, tags.groups):
             return None
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
-        taps = _attr(func, "bitpass.taps") if "bitpass.taps" in func.attrs else 0
-        kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), _ints(func, "bitpass.strides"),
-                                  _ints(func, "bitpass.pads"), _ints(func, "bitpass.dilations"), _act(func),
-                                  parallel=work >= PARALLEL_MIN_WORK, taps=taps)
+        kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), tags.strides, tags.pads, tags.dilations,
+                                  tags.act, parallel=work >= PARALLEL_MIN_WORK, taps=tags.taps)
         return _replacement(func, kernel)
 
 
@@ -306,7 +314,7 @@ class Elementwise(_Rule):
     split into a parallel outer part and a vectorized inner part."""
 
     def apply(self, func, target, tunable):
-        if _kernel(func) is not None:
+        if KernelAttrs.of(func) is not None:
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
@@ -335,7 +343,7 @@ class Reduction(_Rule):
     means): parallel over that loop when the function is big enough."""
 
     def apply(self, func, target, tunable):
-        if _kernel(func) is not None:
+        if KernelAttrs.of(func) is not None:
             return None
         sch = s_tir.Schedule(func)
         if not _has_root(sch):

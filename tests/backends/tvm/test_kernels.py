@@ -11,6 +11,7 @@ tvm = pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip i
 from tvm import te  # noqa: E402
 
 from bitpass.backends.tvm import kernels, schedules, targets  # noqa: E402
+from bitpass.backends.tvm.kernel_attrs import KernelAttrs  # noqa: E402
 
 SPEC = targets.get(targets.host_target())
 LANES = schedules.vector_lanes(SPEC.features)
@@ -22,8 +23,7 @@ PORTABLE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64", "nu
 
 
 def _build(tensors, kind: str, nb: int, target: dict | None = None, **attrs):
-    func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb,
-                                                   **{f"bitpass.{k}": v for k, v in attrs.items()}})
+    func = KernelAttrs(kind, nb, **attrs).tag(te.create_prim_func(tensors))
     target = tvm.target.Target(target or HOST)
     mod = schedules.apply_rules(tvm.IRModule({"main": func}), target)
     assert mod["main"].attrs["tirx.is_scheduled"], "the rule did not schedule the kernel"
@@ -188,8 +188,7 @@ def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, str
         te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
     geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": groups}
     out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="relu", taps=taps)
-    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, target, act="relu", taps=taps,
-                  **{k: list(v) if isinstance(v, tuple) else v for k, v in geometry.items()})
+    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, target, act="relu", taps=taps, **geometry)
     want = np.maximum(_conv_int8_reference(x, codes, c // groups, sw, b, stride, pad, groups, taps), 0)
     got = _run(func, x, codes, sw, b, out_shape=want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -212,13 +211,13 @@ def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
     x8, d8, s8, b8 = te.placeholder((4, 60), "float32"), te.placeholder(c8.shape, "uint8"), \
         te.placeholder((32,), "float32"), te.placeholder((32,), "float32")
     funcs = {
-        "dense8": te.create_prim_func([x8, d8, s8, b8, kernels.dense_int8(x8, d8, s8, b8)])
-        .with_attr({"bitpass.kernel": "dense_int8", "bitpass.nb": 16, "global_symbol": "dense8"}),
-        "dense4": te.create_prim_func([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)])
-        .with_attr({"bitpass.kernel": "dense_int4", "bitpass.nb": 16, "global_symbol": "dense4"}),
-        "conv8": te.create_prim_func([cx, cc, cs, cb, conv]).with_attr(
-            {"bitpass.kernel": "conv2d_int8", "bitpass.nb": 8, "bitpass.strides": [1, 1], "bitpass.pads": [1] * 4,
-             "bitpass.dilations": [1, 1], "bitpass.groups": 1, "global_symbol": "conv8"}),
+        "dense8": KernelAttrs("dense_int8", 16).tag(
+            te.create_prim_func([x8, d8, s8, b8, kernels.dense_int8(x8, d8, s8, b8)])).with_attr("global_symbol",
+                                                                                                  "dense8"),
+        "dense4": KernelAttrs("dense_int4", 16).tag(te.create_prim_func(
+            [tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)])).with_attr("global_symbol", "dense4"),
+        "conv8": KernelAttrs("conv2d_int8", 8, pads=(1, 1, 1, 1)).tag(
+            te.create_prim_func([cx, cc, cs, cb, conv])).with_attr("global_symbol", "conv8"),
     }
     mod = schedules.apply_rules(tvm.IRModule(funcs), target)
     assert all(mod[name].attrs["tirx.is_scheduled"] for name in funcs)
