@@ -79,7 +79,9 @@ class TvmBackend(Backend):
     targets = {name: spec.description for name, spec in target_registry.TARGETS.items()}
     default_target = target_registry.host_target()
 
-    def __init__(self) -> None:
+    def __init__(self, batches: tuple[int, ...] | None = None) -> None:
+        """``batches``: the batch sizes the library is compiled for (default ``build.BATCHES``: 1 and 64)."""
+        self.batches = batches
         self._checked: dict[tuple[str, str], list[str]] = {}  # (model sha256, target) -> problems
 
     def capabilities(self, target: str) -> Capabilities:
@@ -133,7 +135,7 @@ class TvmBackend(Backend):
                                f"tools/setup_arm64.sh)")
         proto = model.to_proto()
         try:
-            built = tvm_build.build(model, spec)
+            built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES)
         except lower.LoweringError as err:
             raise BitpassError(f"tvm lowering: {err}") from err
         tvm_build.export(built, directory / LIBRARY, spec)

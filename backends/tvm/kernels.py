@@ -402,7 +402,7 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
 
 def _plus(value, tensor, *index):
     """``value + tensor[index]``, or ``value`` when there is no such tensor (no bias, no residual)."""
-    return value if tensor is None else value + tensor[index]
+    return value if tensor is None else value + tensor(*index)
 
 
 def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:

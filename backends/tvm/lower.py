@@ -257,6 +257,9 @@ class _Lowering:
         if node.domain not in ("", "ai.onnx"):
             return self.imported(bb, node, inputs)
         attrs = _attrs(node)
+        if op == "CastLike" and isinstance(inputs[0], np.ndarray):  # only the dtype of the second is read
+            self.report.count(op, FOLDED)
+            return [inputs[0].astype(self.dtype_of(inputs[1]))]
         if all(isinstance(v, np.ndarray) or v is None for v in inputs) and op not in KERNEL_OPS:
             folded = self.fold(node, attrs, inputs)
             if folded is None:
@@ -368,7 +371,7 @@ class _Lowering:
                 out = np.floor_divide(inputs[0], inputs[1])
             return [out.astype(inputs[0].dtype)]
         if op == "Shape":
-            return [np.array(x.shape, np.int64)]
+            return [np.array(x.shape, np.int64)[attrs.get("start", 0):attrs.get("end", None)]]
         return None
 
     @staticmethod

@@ -23,7 +23,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
 
-from bitpass.backends.tvm import avx2
+from bitpass.backends.tvm import avx2, avx512
 from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
 #: below this many output elements (or multiply-adds for kernels) a function runs on one thread:
@@ -79,9 +79,10 @@ def _tile_outputs(sch, acc, out, mt: int, nb: int):
     outer = sch.fuse(io, jo)
     sch.compute_at(acc, outer)
     sch.set_scope(acc, 0, "local")
-    tile = sch.get_loops(acc)[1:]
-    ai, aj, k = tile if len(tile) == 3 else (None, *tile)
-    return outer, ji, ai, aj, k
+    tile = list(sch.get_loops(acc)[1:])  # unit loops (mt == 1, a reduction of one) are gone
+    ai = tile.pop(0) if mt > 1 else None
+    aj = tile.pop(0)
+    return outer, ji, ai, aj, tile[0] if tile else None
 
 
 def _divisor(n: int, limit: int) -> int:
@@ -107,9 +108,9 @@ class Dense(_Rule):
         if tags is None or tags.kernel not in ("dense", "dense_int8", "dense_int4"):
             return None
         if tags.kernel == "dense_int4":
-            return self._int4_avx2(func, tags) or self._int4(func, tags)
+            return self._int4_vnni(func, tags) or self._int4_avx2(func, tags) or self._int4(func, tags)
         if tags.kernel == "dense_int8":
-            hand = self._int8_avx2(func, tags)
+            hand = self._int8_vnni(func, tags) or self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
         sch = s_tir.Schedule(func)
@@ -119,7 +120,8 @@ class Dense(_Rule):
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
         kk = _int(sch.get(sch.get_loops(acc)[-1]).extent)
         outer, ji, ai, aj, k = _tile_outputs(sch, acc, out, _divisor(m, 4), nb)
-        sch.reorder(k, *([ai] if ai is not None else []), aj)
+        if k is not None:
+            sch.reorder(k, *([ai] if ai is not None else []), aj)
         inner = aj
         if ai is not None:
             sch.unroll(ai)
@@ -127,8 +129,9 @@ class Dense(_Rule):
             sch.parallel(outer)
         sch.vectorize(inner)
         sch.vectorize(ji)
-        init = sch.decompose_reduction(acc, k)
-        sch.vectorize(sch.get_loops(init)[-1])
+        if k is not None:
+            init = sch.decompose_reduction(acc, k)
+            _vectorize_innermost(sch, init, outer)
         if tags.kernel == "dense_int8":
             for name in ("row_amax", "row_scale", "quantize_x"):
                 blk = sch.get_sblock(name)
@@ -141,6 +144,29 @@ class Dense(_Rule):
                 _, vi = sch.split(qloops[-1], [None, self.lanes])
                 sch.vectorize(vi)
         return sch
+
+    def _int8_vnni(self, func, tags: KernelAttrs):
+        """The ``vpdpbusd`` micro-kernel (``avx512.dense_int8``) where the target has AVX-512 VNNI."""
+        if "vnni" not in self.features or len(func.params) != 5:
+            return None
+        (m, k), codes = _shapes(func)[:2]
+        nb = codes[2]
+        if not avx512.dense_int8_supported(nb, tags.levels):
+            return None
+        n = codes[0] * nb
+        return _replacement(func, avx512.dense_int8(m, k, n, nb, tags.act, parallel=m * n * k >= PARALLEL_MIN_WORK))
+
+    def _int4_vnni(self, func, tags: KernelAttrs):
+        """The ``vpdpbusd`` micro-kernel (``avx512.dense_int4``) where the target has AVX-512 VNNI."""
+        if "vnni" not in self.features or len(func.params) != 5:
+            return None
+        (m, k), codes, scales = _shapes(func)[:3]
+        nb, nkb = codes[2], scales[1]
+        if not avx512.dense_int4_supported(k, nb, k // nkb):
+            return None
+        n = codes[0] * nb
+        return _replacement(func, avx512.dense_int4(m, k, n, nb, k // nkb, tags.act,
+                                                    parallel=m * n * k >= PARALLEL_MIN_WORK))
 
     def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int8``) where the target has AVX2 and the tile fits."""
@@ -176,8 +202,9 @@ class Dense(_Rule):
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
         kk = _int(sch.get(sch.get_loops(part)[-1]).extent) * _int(sch.get(sch.get_loops(acc)[-1]).extent)
         outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, 1, tags.nb)
-        sch.reorder(kb, aj)
-        sch.compute_at(part, kb)
+        if kb is not None:
+            sch.reorder(kb, aj)
+        sch.compute_at(part, kb if kb is not None else outer)
         sch.set_scope(part, 0, "local")
         pj, t = sch.get_loops(part)[-2:]
         sch.reorder(t, pj)
@@ -187,9 +214,10 @@ class Dense(_Rule):
         if m * n * kk >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
         pinit = sch.decompose_reduction(part, t)
-        sch.vectorize(sch.get_loops(pinit)[-1])
-        ainit = sch.decompose_reduction(acc, kb)
-        sch.vectorize(sch.get_loops(ainit)[-1])
+        _vectorize_innermost(sch, pinit, outer)
+        if kb is not None:
+            ainit = sch.decompose_reduction(acc, kb)
+            _vectorize_innermost(sch, ainit, outer)
         return sch
 
 
@@ -220,7 +248,7 @@ class Conv2d(_Rule):
         if tags is None or tags.kernel not in ("conv2d", "conv2d_int8"):
             return None
         if tags.kernel == "conv2d_int8":
-            hand = self._int8_avx2(func, tags)
+            hand = self._int8_vnni(func, tags) or self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
         sch = s_tir.Schedule(func)
@@ -258,7 +286,7 @@ class Conv2d(_Rule):
             sch.reverse_compute_at(out, outer)
             sch.set_scope(acc, 0, "local")
             if depthwise:
-                sch.vectorize(sch.get_loops(out)[-1])
+                _vectorize_innermost(sch, out, outer)
         if work >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
         if depthwise:
@@ -267,7 +295,7 @@ class Conv2d(_Rule):
             sch.unroll(xi)
             sch.vectorize(oi)
         init = sch.decompose_reduction(acc, rc)
-        sch.vectorize(sch.get_loops(init)[-1])
+        _vectorize_innermost(sch, init, outer)
         pad = _sblock_or_none(sch, "quantize_x" if int8 else "conv_pad")
         if pad is not None:
             loops = sch.get_loops(pad)
@@ -275,6 +303,20 @@ class Conv2d(_Rule):
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(pfused)
         return sch
+
+    def _int8_vnni(self, func, tags: KernelAttrs):
+        """The ``vpdpbusd`` micro-kernel (``avx512.conv2d_int8``) where the target has AVX-512 VNNI."""
+        if "vnni" not in self.features:
+            return None
+        shapes = _shapes(func)
+        data, codes, out = shapes[0], shapes[1], shapes[-1]
+        if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps):
+            return None
+        work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
+        kernel = avx512.conv2d_int8(data, out[1], codes[4], (codes[2], codes[3]), tags.strides, tags.pads,
+                                    tags.dilations, tags.act, parallel=work >= PARALLEL_MIN_WORK,
+                                    residual=tags.residual)
+        return _replacement(func, kernel)
 
     def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
@@ -288,6 +330,16 @@ class Conv2d(_Rule):
         kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), tags.strides, tags.pads, tags.dilations,
                                   tags.act, parallel=work >= PARALLEL_MIN_WORK, taps=tags.taps)
         return _replacement(func, kernel)
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block, outer) -> None:
+    """Vectorize ``block``'s innermost loop, unless that is the (parallel) ``outer`` loop itself: a tile's
+    unit loops vanish when its extents are 1, and vectorizing the outer loop instead makes one vector of
+    every tile (hundreds of lanes, minutes of LLVM)."""
+    loop = sch.get_loops(block)[-1]
+    if sch.get(loop).same_as(sch.get(outer)) or (_int(sch.get(loop).extent) or 0) <= 1:
+        return
+    sch.vectorize(loop)
 
 
 def _replacement(func: tirx.PrimFunc, kernel: tirx.PrimFunc) -> s_tir.Schedule:
