@@ -102,12 +102,20 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     rows = n * oh
     chw = c * h * wd
     lanes = LANES if chw % LANES == 0 else 1
-    xlanes = _divisor(wd, LANES)
     floor = _floor(act)
     loop = _loop(parallel)
     prologue = _loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
     steps = quads * kh * kw  # weight words per output
-    words = n * quads * hp * wp
+    # the quantized image: padded, or for a strided 1×1 conv without padding only the pixels it reads
+    # (a quarter of them at stride 2), which the main loop then walks with stride 1
+    sub = kh == kw == 1 and not any(pads) and (sh, sw) != (1, 1)
+    qh, qw = (oh, ow) if sub else (hp, wp)  # the quantized image's rows and columns
+    ih, iw = (oh, ow) if sub else (h, wd)  # the image pixels quantized into it
+    qy, qx = (sh, sw) if sub else (1, 1)  # source step per quantized pixel
+    qt, ql = (0, 0) if sub else (pt, pl)  # where the image starts in it
+    ks, kt = (1, 1) if sub else (sh, sw)  # the main loop's strides over it
+    xlanes = _divisor(iw, LANES)
+    words = n * quads * qh * qw
     inv_levels = float(LEVELS)
 
     @T.macro
@@ -139,11 +147,15 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                                                   wflat[T.ramp(((blk * steps + r) * ob + v * LANES) * 4, 1, 64)])
             for z in T.vectorized(LANES):
                 offset[blk * ob + v * LANES + z] = total[z]
-        for zo in range(words // LANES):  # padding and padding channels hold code 0, i.e. 128
-            for z in T.vectorized(LANES):
-                xq[zo * LANES + z] = T.uint32(PADDING_WORD)
-        for z in range(words % LANES):
-            xq[words // LANES * LANES + z] = T.uint32(PADDING_WORD)
+        for bq, y in T.grid(n * quads, qh):  # the padding border holds code 0, i.e. 128 (the image is overwritten)
+            if y < qt or y >= qt + ih:
+                for z in range(qw):
+                    xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
+            else:
+                for z in range(ql):
+                    xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
+                for z in range(qw - ql - iw):
+                    xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
         for b in prologue(n):  # per-sample amax, as kernels.conv2d_int8
             lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
             amax = T.alloc_buffer((1,), "float32", scope="local")
@@ -158,13 +170,13 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
             sx[b] = amax[0] / T.float32(inv_levels)
             inv[b] = T.float32(inv_levels) / amax[0]
         for bq in prologue(n * quads):  # 4 channel planes packed into words, 16 pixels per store
-            for y, xo in T.grid(h, wd // xlanes):
+            for y, xo in T.grid(ih, iw // xlanes):
                 for xx in T.vectorized(xlanes):
-                    xq[((bq * hp) + y + pt) * wp + xo * xlanes + xx + pl] = \
-                        _code(data, bq // quads, (bq % quads) * 4 + 0, c, y, xo * xlanes + xx, inv) \
-                        | (_code(data, bq // quads, (bq % quads) * 4 + 1, c, y, xo * xlanes + xx, inv) << 8) \
-                        | (_code(data, bq // quads, (bq % quads) * 4 + 2, c, y, xo * xlanes + xx, inv) << 16) \
-                        | (_code(data, bq // quads, (bq % quads) * 4 + 3, c, y, xo * xlanes + xx, inv) << 24)
+                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = \
+                        _code(data, bq // quads, (bq % quads) * 4 + 0, c, y * qy, (xo * xlanes + xx) * qx, inv) \
+                        | (_code(data, bq // quads, (bq % quads) * 4 + 1, c, y * qy, (xo * xlanes + xx) * qx, inv) << 8) \
+                        | (_code(data, bq // quads, (bq % quads) * 4 + 2, c, y * qy, (xo * xlanes + xx) * qx, inv) << 16) \
+                        | (_code(data, bq // quads, (bq % quads) * 4 + 3, c, y * qy, (xo * xlanes + xx) * qx, inv) << 24)
         for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
             acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
             for z in T.vectorized(owt * ob):
@@ -174,9 +186,9 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     for xi in T.unroll(owt):
                         acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
                             acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
-                            _broadcast_word(xq, ((((t % (rows * xtiles)) // xtiles // oh) * quads + q) * hp
-                                                 + ((t % (rows * xtiles)) // xtiles % oh) * sh + ky * dh) * wp
-                                            + ((t % xtiles) * owt + xi) * sw + kx * dw, "uint8"),
+                            _broadcast_word(xq, ((((t % (rows * xtiles)) // xtiles // oh) * quads + q) * qh
+                                                 + ((t % (rows * xtiles)) // xtiles % oh) * ks + ky * dh) * qw
+                                            + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
                             wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
                                           + v * LANES) * 4, 1, 64)])
             epilogue(acc, offset, sx, wscale, bias, res, out, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,

@@ -208,6 +208,7 @@ class _Lowering:
 
     def lower_node(self, bb, node: onnx.NodeProto) -> None:
         self._alias = []
+        self._how: str | None = None
         inputs = [self.env.get(i) if i else None for i in node.input]
         missing = [i for i, v in zip(node.input, inputs) if i and v is None]
         if missing:  # only after a failed node, in ``check``
@@ -229,6 +230,10 @@ class _Lowering:
             return
         for out_name, value in zip(node.output, outs):
             self.env[out_name] = value
+        layer = self.plan(node).layer_id
+        if layer is not None and layer not in self.report.layers:  # a layer without a bitpass kernel
+            self.report.layers[layer] = {"node": node.name, "lowering": self._how, "kernel": None,
+                                         "weight_bits": annotation.FLOAT_BITS}
         for alias in self._alias:  # a fused Relu's / Add's output is the kernel's output
             self.env[alias] = outs[0]
 
@@ -258,22 +263,27 @@ class _Lowering:
             return self.imported(bb, node, inputs)
         attrs = _attrs(node)
         if op == "CastLike" and isinstance(inputs[0], np.ndarray):  # only the dtype of the second is read
-            self.report.count(op, FOLDED)
+            self.mark(node, FOLDED)
             return [inputs[0].astype(self.dtype_of(inputs[1]))]
         if all(isinstance(v, np.ndarray) or v is None for v in inputs) and op not in KERNEL_OPS:
             folded = self.fold(node, attrs, inputs)
             if folded is None:
                 folded = self.evaluate(node, inputs)
             if folded is not None:
-                self.report.count(op, FOLDED)
+                self.mark(node, FOLDED)
                 return folded
         method = getattr(self, f"op_{op}", None)
         if method is None:
             return self.imported(bb, node, inputs)
         result = method(bb, node, attrs, inputs)
-        if op not in KERNEL_OPS or not any(e.get("node") == node.name for e in self.report.layers.values()):
-            self.report.count(op, BITPASS_RULE)
+        if self._how is None:
+            self.mark(node, BITPASS_RULE)
         return result if isinstance(result, list) else [result]
+
+    def mark(self, node: onnx.NodeProto, how: str) -> None:
+        """Record how ``node`` was lowered (a bitpass kernel or rule, TVM's importer, folded)."""
+        self._how = how
+        self.report.count(node.op_type, how)
 
     # --- TVM's importer for everything else ----------------------------------------------------
     def imported(self, bb, node: onnx.NodeProto, inputs: list[Any]) -> list[Any]:
@@ -315,7 +325,7 @@ class _Lowering:
         if missing:
             raise LoweringError(Problem(node.op_type, node.name, f"TVM has no implementation of {', '.join(missing)} "
                                         f"(its importer converts the node, its operator legalization does not)"))
-        self.report.count(node.op_type, TVM_IMPORTER)
+        self.mark(node, TVM_IMPORTER)
         gv = bb.add_func(func, f"onnx_{node.op_type.lower()}")
         result = bb.emit(relax.Call(gv, args))
         wanted = [o for o in node.output]
@@ -610,10 +620,10 @@ class _Lowering:
     def _record(self, node, kind: str, bits: int, nbytes: int, attrs: KernelAttrs) -> None:
         layer = self.plan(node).layer_id or node.name
         epilogue = "+".join(["bias", *(["residual"] if attrs.residual else []), *([attrs.act] if attrs.act != "none" else [])])
-        self.report.layers[str(layer)] = {"node": node.name, "kernel": kind, "weight_bits": bits,
-                                          "weight_bytes": int(nbytes), "epilogue": epilogue}
+        self.report.layers[str(layer)] = {"node": node.name, "lowering": BITPASS_KERNEL, "kernel": kind,
+                                          "weight_bits": bits, "weight_bytes": int(nbytes), "epilogue": epilogue}
         self.report.weight_bytes += nbytes
-        self.report.count(node.op_type, BITPASS_KERNEL)
+        self.mark(node, BITPASS_KERNEL)
 
     def _epilogue(self, node, out_shape: list[int], residual: bool) -> tuple[str, Any]:
         """The activation and residual input fused after ``node``'s kernel: a following Relu, or an Add of a

@@ -240,6 +240,25 @@ def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, str
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"), [(1, 64, 128, 14, 2), (2, 20, 32, 9, 2), (1, 32, 64, 7, 1)])
+def test_pointwise_int8_conv_quantizes_only_the_pixels_a_stride_reads(n, c, oc, hw, stride, path):
+    """1×1 convolutions (ResNet's downsampling shortcut: stride 2, no padding): the VNNI kernel quantizes a
+    subsampled image; the integers are the reference's."""
+    ob = kernels.out_block(oc, path.lanes)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, path.levels)
+    geometry = {"strides": (stride, stride), "pads": (0,) * 4, "dilations": (1, 1), "groups": 1}
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="none", levels=path.levels)
+    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, path.target, intrinsic=path.intrinsic, levels=path.levels,
+                  **geometry)
+    want = _conv_int8_reference(x, codes, c, sw, b, stride, 0, 1, 0, path.levels)
+    np.testing.assert_allclose(_run(func, x, codes, sw, b, out_shape=want.shape), want, rtol=1e-5, atol=1e-4)
+
+
 def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
     """The portable TE kernels (no AVX2 intrinsics) compile for aarch64, the cross-compiled artifacts' path."""
     target = targets.get("aarch64-neon").tvm_target()
