@@ -361,9 +361,55 @@ def _spatial_only(sch: s_tir.Schedule, block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
+class Matmul(_Rule):
+    """TVM's legalized ``matmul`` of two computed tensors (attention's Q·Kᵀ and P·V): [mt × nt] output tiles
+    in registers, the columns vectorized (the right operand's rows are contiguous), the reduction outside
+    the tile, parallel over batch dimensions and tiles."""
+
+    def apply(self, func, target, tunable):
+        if KernelAttrs.of(func) is not None or not _has_root(sch := s_tir.Schedule(func)):
+            return None
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) != 1 or sch.get(blocks[0]).name_hint != "matmul":
+            return None
+        block = blocks[0]
+        ivs = sch.get(block).iter_vars
+        loops = sch.get_loops(block)
+        if len(loops) != len(ivs) or len(ivs) < 3 or ivs[-1].iter_type != tirx.IterVar.CommReduce \
+                or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:-1]):
+            return None
+        extents = [_int(sch.get(lp).extent) for lp in loops]
+        if any(e is None for e in extents):
+            return None
+        *batch, i, j, k = loops
+        rows, cols = extents[-3], extents[-2]
+        nt = next((w for w in (2 * self.lanes, self.lanes) if cols % w == 0), _divisor(cols, self.lanes))
+        mt = _divisor(rows, max(1, ACCUMULATORS.get(self.lanes, 12) // max(1, nt // self.lanes)) if nt >= self.lanes
+                      else 4)
+        io, ii = sch.split(i, [None, mt])
+        jo, ji = sch.split(j, [None, nt])
+        sch.reorder(*batch, io, jo, k, ii, ji)
+        acc = sch.cache_write(block, 0, "local")
+        outer = sch.fuse(*batch, io, jo)
+        sch.reverse_compute_at(acc, outer)
+        work = 1
+        for e in extents:
+            work *= e
+        if work >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        sch.unroll(ii)
+        sch.vectorize(ji)
+        init = sch.decompose_reduction(block, k)
+        _vectorize_innermost(sch, init, outer)
+        _vectorize_innermost(sch, acc, outer)
+        return sch
+
+
 class Elementwise(_Rule):
-    """Functions whose blocks are all spatial (LegalizeOps' injective ops): each root block's loops fused,
-    split into a parallel outer part and a vectorized inner part."""
+    """Functions whose blocks are all spatial (LegalizeOps' injective ops, chains fused by TVM's operator
+    fusion): every block but the last inlined into its consumer where it can be (one pass over memory), then
+    each remaining block's loops fused, split into a parallel outer part and a vectorized inner part (not
+    for booleans, which TIR cannot store as vectors)."""
 
     def apply(self, func, target, tunable):
         if KernelAttrs.of(func) is not None:
@@ -372,7 +418,13 @@ class Elementwise(_Rule):
         blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
         if not blocks or not all(_spatial_only(sch, blk) for blk in blocks):
             return None
-        for blk in blocks:
+        for blk in blocks[:-1]:
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # noqa: BLE001 - e.g. read at other indices by a broadcast: stays a stage
+                pass
+        booleans = '"bool"' in func.script()  # a boolean buffer anywhere (parameters or intermediates)
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
             loops = sch.get_loops(blk)
             if not loops:
                 continue
@@ -380,7 +432,7 @@ class Elementwise(_Rule):
             extent = _int(sch.get(fused).extent)
             if extent is None:
                 continue
-            if extent % self.lanes == 0 and extent >= self.lanes:
+            if extent % self.lanes == 0 and extent >= self.lanes and not booleans:
                 outer, inner = sch.split(fused, [None, self.lanes])
                 sch.vectorize(inner)
             else:
@@ -431,7 +483,7 @@ def rules_for(features: Iterable[str]) -> list[dlight.ScheduleRule]:
     """The rule list for a target with ``features`` (first applicable rule wins)."""
     features = frozenset(features)
     lanes = vector_lanes(features)
-    return [Dense(lanes, features), Conv2d(lanes, features), Elementwise(lanes), Reduction(lanes)]
+    return [Dense(lanes, features), Conv2d(lanes, features), Matmul(lanes), Elementwise(lanes), Reduction(lanes)]
 
 
 def apply_rules(mod, target: Target):

@@ -259,6 +259,28 @@ def test_pointwise_int8_conv_quantizes_only_the_pixels_a_stride_reads(n, c, oc, 
     np.testing.assert_allclose(_run(func, x, codes, sw, b, out_shape=want.shape), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("a_shape", "b_shape"), [((2, 3, 20, 24), (2, 3, 24, 40)), ((1, 4, 128, 64), (1, 4, 64, 128)),
+                                              ((7, 5), (5, 3))])
+def test_tvms_own_matmul_of_two_computed_tensors_is_scheduled_and_exact(a_shape, b_shape, path):
+    """Attention's Q·Kᵀ: a Relax matmul legalized by TVM, tiled by the Matmul rule."""
+    from tvm import relax
+
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in (a_shape, b_shape))
+    bb = relax.BlockBuilder()
+    va, vb = relax.Var("a", relax.TensorType(a_shape, "float32")), relax.Var("b", relax.TensorType(b_shape, "float32"))
+    with bb.function("main", [va, vb]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(va, vb)))
+        bb.emit_func_output(out)
+    target = tvm.target.Target(path.target)
+    mod = schedules.apply_rules(relax.transform.LegalizeOps()(bb.get()), target)
+    tir = next(f for g, f in mod.functions.items() if g.name_hint == "matmul")
+    assert tir.attrs["tirx.is_scheduled"] and "vectorized" in tir.script()
+    vm = relax.VirtualMachine(relax.build(mod, target=target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-4)
+
+
 def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
     """The portable TE kernels (no AVX2 intrinsics) compile for aarch64, the cross-compiled artifacts' path."""
     target = targets.get("aarch64-neon").tvm_target()
