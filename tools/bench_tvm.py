@@ -345,7 +345,8 @@ def matmulnbits_model(w: np.ndarray, block_size: int) -> tuple[bytes, np.ndarray
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
                               [numpy_helper.from_array(packed, "b"),
                                numpy_helper.from_array(scale.astype(np.float32), "s")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     dequantized = ((q.astype(np.float32) - 8) * scale[..., None].astype(np.float32)).reshape(n, k).T
     return proto.SerializeToString(), dequantized
 
@@ -413,7 +414,8 @@ def print_gemv(result: dict[str, Any], bandwidth: float, threads: int) -> None:
     for name, seconds in result["seconds"].items():
         best = result["best"][name]
         rate = result["bytes"][name] / best
-        print(f"  {name:<28} {seconds * 1e3:10.3f} {best * 1e3:8.3f} {rate / 1e9:10.1f} {100 * rate / bandwidth:19.0f} %")
+        print(f"  {name:<28} {seconds * 1e3:10.3f} {best * 1e3:8.3f} {rate / 1e9:10.1f} "
+              f"{100 * rate / bandwidth:19.0f} %")
     for stat in ("seconds", "best"):
         ours = min(v for key, v in result[stat].items() if key.startswith("TVM"))
         theirs = min(v for key, v in result[stat].items() if key.startswith("ORT"))

@@ -172,11 +172,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         for bq in prologue(n * quads):  # 4 channel planes packed into words, 16 pixels per store
             for y, xo in T.grid(ih, iw // xlanes):
                 for xx in T.vectorized(xlanes):
-                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = \
-                        _code(data, bq // quads, (bq % quads) * 4 + 0, c, y * qy, (xo * xlanes + xx) * qx, inv) \
-                        | (_code(data, bq // quads, (bq % quads) * 4 + 1, c, y * qy, (xo * xlanes + xx) * qx, inv) << 8) \
-                        | (_code(data, bq // quads, (bq % quads) * 4 + 2, c, y * qy, (xo * xlanes + xx) * qx, inv) << 16) \
-                        | (_code(data, bq // quads, (bq % quads) * 4 + 3, c, y * qy, (xo * xlanes + xx) * qx, inv) << 24)
+                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
+                        data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
         for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
             acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
             for z in T.vectorized(owt * ob):
@@ -213,6 +210,14 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         body(data, codes, wscale, bias, out, out)
 
     return kernel_fn
+
+
+def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:
+    """Channels ``ch``..``ch`` + 3's u8 codes at (y, x) packed into one 32-bit word, lowest channel first."""
+    word = _code(data, b, ch, c, y, x, inv)
+    for i in range(1, 4):
+        word = word | (_code(data, b, ch + i, c, y, x, inv) << (8 * i))
+    return word
 
 
 def _code(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:

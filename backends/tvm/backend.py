@@ -138,6 +138,9 @@ class TvmBackend(Backend):
             built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES)
         except lower.LoweringError as err:
             raise BitpassError(f"tvm lowering: {err}") from err
+        except Exception as err:  # TVM raises its own error types; name the stage, keep the cause
+            raise BitpassError(f"tvm build for {target!r} failed: {lower.first_line(err)} (please report it with "
+                               f"the model)") from err
         tvm_build.export(built, directory / LIBRARY, spec)
         config = {
             "target": target, "tvm_target": spec.tvm_dict(),

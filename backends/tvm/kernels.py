@@ -33,9 +33,15 @@ Kernels
   ``[OC/ob, ICq/4, KH, KW, ob, 4]``: 4 input channels of one output per 32-bit lane; a single-channel
   conv (a first layer) holds a row of taps there instead (``conv_int8_taps``).
 
-The TE computes are the definition and the portable (aarch64) path; on AVX2 targets the schedule
-rules substitute the hand-written micro-kernels of ``avx2.py``, which read the same layouts and compute
-the same integers (TVM 0.27's ``tensorize`` crashes, so the intrinsics are called from TIR directly).
+The int8 code range depends on the target (``Scheme``): 7 bits (±63) where AVX2's ``vpmaddubsw`` sums
+pairs in int16, 8 bits (±127) with AVX-512 VNNI's ``vpdpbusd`` and on the portable path; the unsigned
+operand stores ``code + levels + 1``.
+
+The TE computes are the definition and the portable (aarch64) path; on AVX2 and AVX-512 VNNI targets the
+schedule rules substitute the hand-written micro-kernels of ``avx2.py`` and ``avx512.py``, which read the
+same layouts and compute the same integers (TVM 0.27's ``tensorize`` crashes, so the intrinsics are called
+from TIR directly). The fp32 and int8 convolutions fuse a residual input (a skip connection) into their
+epilogue.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def _np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     for line in text.splitlines():
         line = line.strip()
@@ -224,7 +224,7 @@ class _Lowering:
             self._placeholders(node)
             return
         except Exception as err:  # noqa: BLE001 - TVM raises its own error types; say which node
-            problem = Problem(node.op_type, node.name, _first_line(err))
+            problem = Problem(node.op_type, node.name, first_line(err))
             if self.collect is None:
                 raise LoweringError(problem) from err
             self.collect.append(problem)
@@ -316,7 +316,7 @@ class _Lowering:
             try:
                 mod = from_onnx(one, shape_dict=shapes, dtype_dict=dtypes, sanitize_input_names=False)
             except Exception as err:  # noqa: BLE001 - the importer raises many types
-                raise LoweringError(Problem(node.op_type, node.name, f"TVM's ONNX importer: {_first_line(err)}")) \
+                raise LoweringError(Problem(node.op_type, node.name, f"TVM's ONNX importer: {first_line(err)}")) \
                     from err
         func = mod["main"]
         func = func.without_attr("global_symbol").without_attr("num_input") if func.attrs is not None else func
@@ -628,7 +628,8 @@ class _Lowering:
     # --- bitpass kernels ---------------------------------------------------------------------
     def _record(self, node, kind: str, bits: int, nbytes: int, attrs: KernelAttrs) -> None:
         layer = self.plan(node).layer_id or node.name
-        epilogue = "+".join(["bias", *(["residual"] if attrs.residual else []), *([attrs.act] if attrs.act != "none" else [])])
+        epilogue = "+".join(["bias", *(["residual"] if attrs.residual else []),
+                             *([attrs.act] if attrs.act != "none" else [])])
         self.report.layers[str(layer)] = {"node": node.name, "lowering": BITPASS_KERNEL, "kernel": kind,
                                           "weight_bits": bits, "weight_bytes": int(nbytes), "epilogue": epilogue}
         self.report.weight_bytes += nbytes
@@ -659,7 +660,8 @@ class _Lowering:
     def op_Conv(self, bb, node, attrs, inputs):
         x, w = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
-        if not isinstance(w, np.ndarray) or len(w.shape) != 4 or (bias is not None and not isinstance(bias, np.ndarray)):
+        if not isinstance(w, np.ndarray) or len(w.shape) != 4 or \
+                (bias is not None and not isinstance(bias, np.ndarray)):
             return self.imported(bb, node, inputs)  # not a layer with constant weights: TVM's conv2d
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return self.imported(bb, node, inputs)
@@ -724,7 +726,8 @@ class _Lowering:
     def op_Gemm(self, bb, node, attrs, inputs):
         a, w = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
-        if not isinstance(w, np.ndarray) or attrs.get("transA", 0) or (bias is not None and not isinstance(bias, np.ndarray)):
+        if not isinstance(w, np.ndarray) or attrs.get("transA", 0) or \
+                (bias is not None and not isinstance(bias, np.ndarray)):
             return self.imported(bb, node, inputs)  # not a layer with a constant weight: TVM's matmul
         w_kn = w.T if attrs.get("transB", 0) else w
         w_kn = w_kn * attrs.get("alpha", 1.0)
@@ -878,14 +881,14 @@ def check(model: Model, scheme: kernels.Scheme, batch: int = 1) -> list[Problem]
         return [err.problem]
     except Exception as err:  # noqa: BLE001 - the function could not be closed (placeholders left in it)
         if not lowering.collect:
-            return [Problem("graph", model.provenance.name, _first_line(err))]
+            return [Problem("graph", model.provenance.name, first_line(err))]
     if lowering.collect:
         return list(lowering.collect)
     mod = relax.transform.InlinePrivateFunctions()(bb.get())
     try:
         legal = relax.transform.LegalizeOps()(mod)
     except Exception as err:  # noqa: BLE001
-        return [Problem("graph", model.provenance.name, f"TVM's operator legalization: {_first_line(err)}")]
+        return [Problem("graph", model.provenance.name, f"TVM's operator legalization: {first_line(err)}")]
     del legal
     return []
 

@@ -5,10 +5,10 @@ schedule, or None when it does not apply. ``rules_for(features)`` picks the rule
 target's features (vector width from AVX-512 / AVX2 / NEON), and ``apply_rules`` applies them to
 every PrimFunc of a module (TVM's default CPU pipeline schedules nothing; NOTES.md).
 
-On AVX2 the int8 and 4-bit dense and the int8 conv rules return a schedule of a hand-written micro-kernel
-(``avx2.py``: ``vpmaddubsw`` / ``vpmaddwd`` called from TIR) with the TE kernel's parameters, in place
-of scheduling the TE compute; elsewhere (aarch64) they schedule the TE compute, which stays portable.
-VNNI and aarch64 dot-product intrinsics are a next step.
+On AVX-512 VNNI targets the int8 and 4-bit dense and the int8 conv rules return a schedule of a
+hand-written ``vpdpbusd`` micro-kernel (``avx512.py``), on AVX2 one of ``vpmaddubsw`` / ``vpmaddwd``
+(``avx2.py``), with the TE kernel's parameters, in place of scheduling the TE compute; elsewhere (aarch64)
+they schedule the TE compute, which stays portable. aarch64 dot-product intrinsics are a next step.
 
 Kernel rules recognise bitpass's own kernels by the attributes the lowering puts on them
 (``kernel_attrs.KernelAttrs``); ``Elementwise`` and ``Reduction`` handle what TVM's ``LegalizeOps``

@@ -81,7 +81,8 @@ def test_legalize_names_each_node_tvm_cannot_run_and_why():
     graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
                                                 helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 8])],
                               [k, onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "b2")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model = from_proto(proto, name="g", kind="onnx")
     backend = TvmBackend()
     problems = backend.legalize(model, backend.default_target)

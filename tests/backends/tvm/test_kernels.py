@@ -172,8 +172,9 @@ def _conv_ref(x, w, b, stride, pad, groups):
 
 
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "pad", "groups", "residual"),
-                         [(1, 3, 16, 8, 1, 1, 1, False), (2, 8, 32, 9, 2, 1, 1, False), (2, 16, 16, 8, 1, 1, 16, False),
-                          (1, 32, 32, 14, 1, 1, 1, True), (1, 64, 64, 7, 1, 1, 1, True), (3, 24, 24, 10, 2, 1, 24, False),
+                         [(1, 3, 16, 8, 1, 1, 1, False), (2, 8, 32, 9, 2, 1, 1, False),
+                          (2, 16, 16, 8, 1, 1, 16, False), (1, 32, 32, 14, 1, 1, 1, True),
+                          (1, 64, 64, 7, 1, 1, 1, True), (3, 24, 24, 10, 2, 1, 24, False),
                           (64, 16, 32, 6, 1, 1, 1, True)])
 def test_conv2d_matches_numpy_including_depthwise_and_residual(n, c, oc, hw, stride, pad, groups, residual, path):
     ob = kernels.out_block(oc // groups if groups > 1 else oc, path.lanes)
@@ -203,11 +204,11 @@ def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups, taps=0, leve
 
 
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "pad", "groups", "residual"),
-                         [(1, 1, 16, 8, 1, 1, 1, False), (2, 16, 32, 8, 1, 1, 1, False), (3, 32, 64, 4, 1, 1, 1, False),
-                          (2, 3, 16, 9, 2, 1, 1, False), (1, 12, 24, 6, 1, 0, 1, False), (2, 16, 16, 8, 1, 1, 16, False),
-                          (1, 6, 8, 5, 1, 1, 1, False), (2, 1, 16, 9, 2, 1, 1, False), (1, 1, 8, 6, 1, 0, 1, False),
-                          (1, 64, 64, 7, 1, 1, 1, True), (1, 20, 32, 14, 2, 1, 1, True), (64, 16, 32, 6, 1, 1, 1, True),
-                          (64, 32, 32, 5, 1, 1, 32, False)])
+                         [(1, 1, 16, 8, 1, 1, 1, False), (2, 16, 32, 8, 1, 1, 1, False),
+                          (3, 32, 64, 4, 1, 1, 1, False), (2, 3, 16, 9, 2, 1, 1, False), (1, 12, 24, 6, 1, 0, 1, False),
+                          (2, 16, 16, 8, 1, 1, 16, False), (1, 6, 8, 5, 1, 1, 1, False), (2, 1, 16, 9, 2, 1, 1, False),
+                          (1, 1, 8, 6, 1, 0, 1, False), (1, 64, 64, 7, 1, 1, 1, True), (1, 20, 32, 14, 2, 1, 1, True),
+                          (64, 16, 32, 6, 1, 1, 1, True), (64, 32, 32, 5, 1, 1, 32, False)])
 def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, stride, pad, groups, residual, path):
     """M (batch) 1 and 64, single-channel (taps), channels not a multiple of 4, depthwise, residual epilogue."""
     if residual and not path.scheme.int8_residual:
