@@ -94,6 +94,11 @@ class Backend(abc.ABC):
         lowers bits itself counts its kernels' packed weights instead."""
         return model.weight_bytes()
 
+    def records(self, directory: Path) -> dict[str, Any]:
+        """What the backend tells the manifest about an artifact it emitted in ``directory`` (its
+        ``records["backend"]``): e.g. how each layer was lowered. Empty by default."""
+        return {}
+
     @abc.abstractmethod
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         """Write the deployable files into ``directory``; return their names."""

@@ -396,6 +396,9 @@ def _compile(
 
     final, stage, files = built.final, built.stage, built.files
     stored = backend_impl.stored_weight_bytes(final, stage)
+    backend_records = backend_impl.records(stage)
+    if backend_records:
+        ctx.records["backend"] = backend_records
     reference_bytes = reference_model.to_bytes()
     if reference is not None and built.runner is not None:
         metrics = _measure(reference, built.runner, reference_bytes, stored, reference_model, stage, files,

@@ -1,40 +1,141 @@
-"""Benchmark the TVM backend against ONNX Runtime, side by side, in one run.
+"""Benchmark the TVM backend against ONNX Runtime on this CPU, side by side, in one run.
 
-    .venv/bin/python -m bitpass.tools.bench_tvm [--quick | --dense-only] [--threads N]
+    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--only SECTION ...]
 
-* The project's CNN and transformer (trained on the digits) per precision (fp32; int8 everywhere; 4-bit
-  Gemm/MatMul weights): the TVM artifact vs the ORT artifact of the same plan (bitpass's ``quantize``:
-  int8 QDQ, MatMulNBits) vs ORT fp32, batch 1 and 64.
-* A 4096×4096 weight-only GEMV at batch 1: TVM fp32 / int8 / int4 kernels vs ORT fp32 MatMul and
-  ORT MatMulNBits 4-bit (block 128, accuracy_level 4, so int8 activations as ours), with the achieved
-  fraction of measured read bandwidth (best of a numpy max and a BLAS GEMV over 256 MiB; the numpy
-  copy figure is printed too). The int4 weight (8.4 MB) is about the size of an 8 MiB L3: part of it
-  may be served from cache.
-* The CNN's convolutions (shapes from ``zoo.digits_cnn``), batch 1 and 64: TVM int8 conv vs TVM fp32
-  conv, both with bias and ReLU fused, as the lowering emits them.
-* The int8 dense vs the fp32 dense (TVM, bias fused) on the CNN's Gemm, the transformer's MatMuls and
-  the 4096² layer, at batch 1 and 64 (the transformer's rows are batch × 8 tokens: 8 and 512 too).
+Sections (every table is printed beside the CPU's model, flags and caches):
 
-Variants alternate inside one process and medians are reported (NOTES.md: ORT timings drift); numpy
-is timed apart, after the others, because OpenBLAS's spinning threads slow whatever runs next.
-Ratios are "other / TVM" latency: above 1 means TVM is faster.
+* ``models``: ResNet-18 (torchvision, random init) at batch 1 and 32, MobileNetV3-small at batch 1, a
+  BERT-class encoder (transformers, random init; hidden 256, 4 layers, sequence 128) at batch 1: ORT fp32,
+  ORT int8 QDQ U8S8 (``quantize_static``, per-channel weights; the fastest ORT int8 on a VNNI CPU), TVM fp32
+  and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels). Ratios are ORT fp32 latency / variant
+  latency (> 1: faster than ORT fp32). TVM's outputs are checked against ORT fp32 first (cosine).
+* ``gemv``: a 4-bit weight-only GEMV at batch 1 on a weight at least twice the last-level cache (sized from
+  sysfs), TVM's int4 kernel vs ORT MatMulNBits at block sizes 32, 64 and 128 (accuracy_level 4: int8
+  activations, as ours), as a fraction of the measured read bandwidth.
+* ``kernels``: ResNet-18's convolutions, TVM fp32 vs TVM int8, in GMAC/s.
+
+Timing: variants alternate inside one process, thread spinning off on both sides (ORT
+``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), median of ``--rounds``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
+# before TVM's runtime starts its pool: timed alternately with ORT, a spinning pool steals the other's cores
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+#: the flags that decide which kernels run (x86 and ARM), printed beside every table
+RELEVANT_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                  "avx512_bf16", "avx_vnni", "amx_int8", "asimd", "asimddp", "sve")
+TIMING_MODE = ("alternating in one process, thread spinning off on both sides "
+               "(ORT allow_spinning=0, TVM_THREAD_POOL_SPIN_COUNT=0)")
+
+
+def cpu_description() -> dict[str, Any]:
+    """This CPU's model name, its relevant flags and cache sizes (from /proc/cpuinfo and sysfs)."""
+    model, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            if key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        with contextlib.suppress(OSError):
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            if kind != "Instruction":
+                caches[f"L{level}"] = _bytes((index / "size").read_text().strip())
+    return {"model": model, "flags": [f for f in RELEVANT_FLAGS if f in flags], "caches": caches,
+            "cores": len(os.sched_getaffinity(0))}
+
+
+def _bytes(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def print_cpu(threads: int) -> None:
+    cpu = cpu_description()
+    caches = ", ".join(f"{k} {v >> 10} KiB" for k, v in cpu["caches"].items())
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores, {threads} threads; flags: {' '.join(cpu['flags'])}; {caches}")
+    print(f"timing: {TIMING_MODE}")
+
+
+@contextlib.contextmanager
+def _tolerant_register_fake():
+    """torchvision's wheel here was built for another torch: importing it registers fake kernels for C++
+    operators (``torchvision::nms``) this torch does not have, and fails. The model definitions are pure
+    Python, so while torchvision (or transformers, which imports it) loads, a registration of a missing
+    operator is skipped."""
+    import torch
+
+    original = torch.library.register_fake
+
+    def register_fake(*args, **kwargs):
+        try:
+            decorate = original(*args, **kwargs)
+        except RuntimeError:
+            return lambda fn: fn
+
+        def apply(fn):
+            try:
+                return decorate(fn)
+            except RuntimeError:
+                return fn
+
+        return apply
+
+    torch.library.register_fake = register_fake
+    try:
+        yield
+    finally:
+        torch.library.register_fake = original
+
+
+def torchvision_model(name: str, **kwargs):
+    """A torchvision classification model (random init, eval mode), e.g. ``resnet18``, ``mobilenet_v3_small``."""
+    with _tolerant_register_fake():
+        import torchvision.models
+
+        return getattr(torchvision.models, name)(**kwargs).eval()
+
+
+def bert_encoder(hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int = 100, positions: int = 32):
+    """A BERT-class encoder from transformers (random init, eval mode); BERT-base is hidden 768, 12 layers, 12 heads."""
+    import torch
+
+    with _tolerant_register_fake():
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=4 * hidden, max_position_embeddings=positions)
+        torch.manual_seed(0)
+        return BertModel(config).eval()
 
 
 def _timed(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each function; the functions alternate within a round."""
+    return {name: statistics.median(v) for name, v in _samples(fns, rounds, min_seconds).items()}
+
+
+def _samples(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.05) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round (a round calls each function for ~``min_seconds``);
+    the functions alternate within a round."""
     for fn in fns.values():
         for _ in range(3):
             fn()
@@ -52,7 +153,7 @@ def _timed(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float
             for _ in range(calls[name]):
                 fn()
             samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
 
 
 def memory_bandwidth(mib: int = 256, repeats: int = 7) -> float:
@@ -82,315 +183,322 @@ def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
     return a.nbytes / best
 
 
-def _ort_session(proto, threads: int):
+def _ort_session_bytes(model_bytes: bytes, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-#: the model section's precisions: the ``set-bits`` specs both backends get (TVM lowers the annotations
-#: itself; ORT's artifact is bitpass's ``quantize`` of the same plan)
-PRECISIONS = {
-    "fp32": [],
-    "int8": ["set-bits(weight=8,activation=8,format=qdq)"],
-    "w4 dense": ["set-bits(layers='{dense}',weight=4,format=matmulnbits)"],
-}
+def ort_u8s8(model, feeds: list[dict[str, np.ndarray]]) -> bytes:
+    """ORT's static int8 QDQ model of ``model`` (a bitpass Model): U8S8 (uint8 activations, per-channel int8
+    weights), MinMax calibration on ``feeds``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
+        proto = model.to_proto()
+        del proto.graph.value_info[:]
+        onnx.save(proto, src)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        return dst.read_bytes()
 
 
-def _plan(base, specs: list[str], calib):
-    """(the annotated model TVM compiles, the ORT model of the same plan), both from ``base``."""
-    from bitpass.passes.infra import PassContext
-    from bitpass.plugins import default_registry
-
-    if not specs:
-        return base, base
-    dense = ",".join(l.id for l in base.layers() if l.op_type in ("Gemm", "MatMul"))
-    ctx = PassContext(calibration=calib)
-    annotated = default_registry().pipeline(",".join(["calibrate", *(s.format(dense=dense) for s in specs)])).run(
-        base.clone(), ctx)
-    return annotated, default_registry().pipeline("quantize").run(annotated.clone(), ctx)
-
-
-def bench_models(threads: int, rounds: int) -> list[tuple[str, float, float, float]]:
-    """(label, TVM s, ORT s of the same plan, ORT fp32 s) for the digits CNN and transformer per precision
-    and batch; TVM's outputs are checked against ORT fp32 first (fp32: rtol 1e-3; quantized: mean cosine
-    above 0.99: the two backends quantize activations differently, so they are not compared with each other)."""
+def _models(quick: bool) -> list[tuple[str, Any, dict[str, np.ndarray], tuple[int, ...]]]:
+    """(name, bitpass Model after ``optimize``, one batch-1 feed, batches to time)."""
     import torch
 
-    from bitpass.backends.tvm import TvmBackend
-    from bitpass.frontend import from_arrays, from_torch
+    from bitpass.frontend import from_torch
     from bitpass.passes.infra import PassContext
     from bitpass.plugins import default_registry
-    from bitpass.tools import zoo
+
+    rng = np.random.default_rng(0)
+    out = []
+    torch.manual_seed(0)
+    specs = [("ResNet-18", lambda: torchvision_model("resnet18"), "image", (1, 32)),
+             ("MobileNetV3-small", lambda: torchvision_model("mobilenet_v3_small"), "image", (1,)),
+             ("BERT-class encoder (h256, 4 layers, seq 128)", lambda: bert_encoder(256, 4, 4, 1000, 128), "text", (1,))]
+    for name, make, kind, batches in specs[:1] if quick else specs:
+        module = make()
+        if kind == "image":
+            example = (torch.zeros(1, 3, 224, 224),)
+        else:
+            example = (torch.zeros(1, 128, dtype=torch.int64), torch.ones(1, 128, dtype=torch.int64))
+        model = default_registry().pipeline("optimize").run(from_torch(module, example), PassContext())
+        if kind == "image":
+            feed = {model.inputs[0].name: rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+        else:
+            feed = {model.inputs[0].name: rng.integers(0, 1000, (1, 128)),
+                    model.inputs[1].name: np.ones((1, 128), np.int64)}
+        out.append((name, model, feed, batches))
+    return out
+
+
+def _int8_plan(model):
+    """Every Conv/Gemm/MatMul layer annotated 8-bit weights (TVM lowers them to its int8 kernels)."""
+    from bitpass.frontend import annotation
+
+    planned = model.clone()
+    for layer in planned.layers():
+        if layer.op_type in ("Conv", "Gemm", "MatMul"):
+            annotation.set_weight_bits(layer.node, 8)
+    return planned
+
+
+def bench_models(threads: int, rounds: int, quick: bool = False) -> list[dict[str, Any]]:
+    """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
+    ORT fp32 (outputs flattened per sample)."""
+    from bitpass.backends.measure import cosines
+    from bitpass.backends.tvm import TvmBackend
 
     rows = []
-    models = {"CNN": zoo.trained_digits_cnn()[0], "transformer": zoo.trained_digits_transformer()[0]}
-    split = zoo.digits_split()
-    backend = TvmBackend()
-    for name, module in models.items():
-        base = from_torch(module, (torch.zeros(1, 1, 8, 8),))
-        base = default_registry().pipeline("optimize").run(base, PassContext())
-        input_name = base.inputs[0].name
-        calib = from_arrays({input_name: split.calib_x}, base.inputs)
-        ort_fp32 = _ort_session(base.to_proto(), threads)
-        for precision, specs in PRECISIONS.items():
-            annotated, ort_model = _plan(base, specs, calib)
-            with tempfile.TemporaryDirectory() as tmp:
-                backend.emit(annotated, Path(tmp), backend.default_target)
-                runner = backend.load(Path(tmp), {})
-                session = _ort_session(ort_model.to_proto(), threads)
-                for batch in (1, 64):
-                    x = np.ascontiguousarray(np.resize(split.eval_x, (batch, 1, 8, 8)))
-                    got = runner.run({input_name: x})[0]
-                    _check_close(f"{name} {precision}", got, ort_fp32.run(None, {input_name: x})[0],
-                                 exact=precision == "fp32")
-                    t = _timed({"tvm": lambda: runner.run({input_name: x}),
-                                "ort": lambda: session.run(None, {input_name: x}),
-                                "fp32": lambda: ort_fp32.run(None, {input_name: x})}, rounds)
-                    rows.append((f"{name} {precision} batch {batch}", t["tvm"], t["ort"], t["fp32"]))
+    for name, model, feed, batches in _models(quick):
+        batched = {b: {k: np.ascontiguousarray(np.repeat(v, b, axis=0)) for k, v in feed.items()} for b in batches}
+        calib = [{k: (v + 0.1 * np.random.default_rng(i).standard_normal(v.shape)).astype(v.dtype)
+                  if v.dtype.kind == "f" else v for k, v in feed.items()} for i in range(8)]
+        sessions = {"ORT fp32": _ort_session_bytes(model.to_bytes(), threads),
+                    "ORT U8S8": _ort_session_bytes(ort_u8s8(model, calib), threads)}
+        backend = TvmBackend(batches=batches)
+        runners = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
+                start = time.perf_counter()
+                directory = Path(tmp) / label.replace(" ", "_")
+                directory.mkdir()
+                backend.emit(plan, directory, backend.default_target)
+                runners[label] = backend.load(directory, {})
+                print(f"  ({name}: {label} built in {time.perf_counter() - start:.0f} s)", flush=True)
+            for batch in batches:
+                x = batched[batch]
+                want = sessions["ORT fp32"].run(None, x)[0].reshape(batch, -1)
+                fns: dict[str, Callable[[], object]] = {
+                    label: (lambda s: lambda: s.run(None, x))(session) for label, session in sessions.items()}
+                fns.update({label: (lambda r: lambda: r.run(x))(runner) for label, runner in runners.items()})
+                row: dict[str, Any] = {"model": name, "batch": batch}
+                for label in runners:
+                    got = runners[label].run(x)[0].reshape(batch, -1)
+                    row[f"{label} cosine"] = float(np.mean(cosines(want, got)))
+                got = sessions["ORT U8S8"].run(None, x)[0].reshape(batch, -1)
+                row["ORT U8S8 cosine"] = float(np.mean(cosines(want, got)))
+                samples = _samples(fns, rounds)
+                row.update({label: statistics.median(v) for label, v in samples.items()})
+                row.update({f"{label} best": min(v) for label, v in samples.items()})
+                rows.append(row)
     return rows
 
 
-def _check_close(label: str, got: np.ndarray, want: np.ndarray, *, exact: bool) -> None:
-    if exact:
-        assert np.allclose(got, want, rtol=1e-3, atol=1e-4), f"{label}: TVM differs from ORT"
-        return
-    from bitpass.backends.measure import cosines
+def print_models(rows: list[dict[str, Any]], threads: int) -> None:
+    print()
+    print_cpu(threads)
+    labels = ("ORT fp32", "ORT U8S8", "TVM fp32", "TVM int8")
+    print(f"{'model':<46} {'batch':>5}  " + "  ".join(f"{lb + ' ms':>12}" for lb in labels)
+          + "   ratio to ORT fp32 (>1 faster): U8S8 / TVM fp32 / TVM int8   cosine TVM fp32 / int8 / ORT U8S8")
+    for row in rows:
+        base = row["ORT fp32"]
+        print(f"{row['model']:<46} {row['batch']:>5}  " + "  ".join(f"{row[lb] * 1e3:12.2f}" for lb in labels)
+              + f"   {base / row['ORT U8S8']:5.2f} / {base / row['TVM fp32']:5.2f} / {base / row['TVM int8']:5.2f}"
+              + f"   {row['TVM fp32 cosine']:.5f} / {row['TVM int8 cosine']:.4f} / {row['ORT U8S8 cosine']:.4f}")
+    for row in rows:
+        print(f"  {row['model']} batch {row['batch']}: TVM int8 vs ORT U8S8 {row['ORT U8S8'] / row['TVM int8']:.2f}x, "
+              f"TVM fp32 vs ORT fp32 {row['ORT fp32'] / row['TVM fp32']:.2f}x (medians); best times: "
+              f"{row['ORT U8S8 best'] / row['TVM int8 best']:.2f}x, {row['ORT fp32 best'] / row['TVM fp32 best']:.2f}x")
 
-    cosine = float(np.mean(cosines(want, got)))
-    assert cosine > 0.99, f"{label}: TVM's quantized outputs are far from fp32 (cosine {cosine:.4f})"
+
+def gemv_size(last_level_cache: int, factor: int = 2, step: int = 1024) -> int:
+    """K = N of a square int4 weight at least ``factor`` × the last-level cache (and at least 8192), a multiple
+    of ``step``: its 4-bit codes cannot be served from cache between calls."""
+    side = 8192
+    while side * side // 2 < factor * last_level_cache:
+        side += step
+    return side
 
 
-def bench_gemv(threads: int, rounds: int, k: int = 4096, n: int = 4096) -> dict[str, float]:
-    import onnx
-    import tvm
+def matmulnbits_model(w: np.ndarray, block_size: int) -> tuple[bytes, np.ndarray]:
+    """An ONNX model y = x @ w with ``w`` [K, N] as ORT's com.microsoft MatMulNBits (4 bits, symmetric,
+    ``block_size`` k per scale, accuracy_level 4), packed directly in numpy, and the weight it stands for."""
     from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    blocks = k // block_size
+    wt = w.T.reshape(n, blocks, block_size).astype(np.float64)
+    scale = np.abs(wt).max(axis=2) / 7.0
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(wt / scale[..., None]), -8, 7) + 8).astype(np.uint8)  # [N, blocks, bs], zero point 8
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # low nibble first
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block_size, accuracy_level=4)
+    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(packed, "b"),
+                               numpy_helper.from_array(scale.astype(np.float32), "s")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    dequantized = ((q.astype(np.float32) - 8) * scale[..., None].astype(np.float32)).reshape(n, k).T
+    return proto.SerializeToString(), dequantized
+
+
+def bench_gemv(threads: int, rounds: int) -> dict[str, Any]:
+    """TVM's int4 GEMV vs ORT MatMulNBits per block size on a weight ≥ 2× the last-level cache: seconds, bytes."""
+    import tvm
     from tvm import te
 
     from bitpass.backends.tvm import kernels, schedules, targets
+    from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
+    llc = max(cpu_description()["caches"].values(), default=32 << 20)
+    k = n = gemv_size(llc)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, k)).astype(np.float32)
     w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
     spec = targets.get(targets.host_target())
     target = spec.tvm_target()
-    lanes = schedules.vector_lanes(spec.features)
-    nb = kernels.out_block(n, lanes)
+    scheme = kernels.scheme_for(spec.features)
     dev = tvm.cpu()
+    fns: dict[str, Callable[[], object]] = {}
+    nbytes: dict[str, int] = {}
     tx = te.placeholder((1, k), "float32", "x")
-
-    def build(tensors, kind):
-        func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb})
-        return tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
-
     out = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
     tvm_x = tvm.runtime.tensor(x, dev)
-    fns: dict[str, Callable[[], object]] = {}
-    tw = te.placeholder((n // nb, k, nb), "float32", "w")
-    f32 = build([tx, tw, kernels.dense(tx, tw, None)], "dense")
-    w32 = tvm.runtime.tensor(kernels.pack_dense(w, nb), dev)
-    fns["tvm fp32"] = lambda: f32(tvm_x, w32, out)
-    codes8, scale8 = kernels.quantize_int8(w, nb)
-    tc, ts = te.placeholder(codes8.shape, "uint8", "c"), te.placeholder((n,), "float32", "s")
-    tb8 = te.placeholder((n,), "float32", "b")
-    f8 = build([tx, tc, ts, tb8, kernels.dense_int8(tx, tc, ts, tb8)], "dense_int8")
-    c8, s8 = tvm.runtime.tensor(codes8, dev), tvm.runtime.tensor(scale8, dev)
-    b8 = tvm.runtime.tensor(np.zeros(n, np.float32), dev)
-    fns["tvm int8"] = lambda: f8(tvm_x, c8, s8, b8, out)
-    nb = kernels.int4_out_block(n, lanes)
-    q4 = kernels.quantize_int4(w, nb, 128)
-    tc4, ts4 = te.placeholder(q4.codes.shape, "uint8", "c"), te.placeholder(q4.scales.shape, "float16", "s")
-    tb4 = te.placeholder((n,), "float32", "b")
-    f4 = build([tx, tc4, ts4, tb4, kernels.dense_int4(tx, tc4, ts4, tb4, block_size=128)], "dense_int4")
-    c4, s4 = tvm.runtime.tensor(q4.codes, dev), tvm.runtime.tensor(q4.scales, dev)
-    b4 = tvm.runtime.tensor(np.zeros(n, np.float32), dev)
-    fns["tvm int4"] = lambda: f4(tvm_x, c4, s4, b4, out)
-    f4(tvm_x, c4, s4, b4, out)
-    exact = x @ kernels.dequantize_int4(q4)  # int8 activations: off by the activation rounding only
-    assert np.abs(out.numpy() - exact).max() < 0.01 * np.abs(exact).max()
-
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                              [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    ort32 = _ort_session(proto, threads)
-    fns["ort fp32"] = lambda: ort32.run(None, {"x": x})
-    try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(onnx.ModelProto.FromString(proto.SerializeToString()), block_size=128,
-                                         is_symmetric=True, accuracy_level=4)
-        quantizer.process()
-        ort4 = _ort_session(quantizer.model.model, threads)
-        fns["ort MatMulNBits int4"] = lambda: ort4.run(None, {"x": x})
-    except Exception as err:  # noqa: BLE001 - report and go on
-        print(f"(ORT MatMulNBits unavailable: {err})")
-    times = _timed(fns, rounds)
-    # numpy last and on its own: OpenBLAS's threads spin after each call and halved the speed of whatever
-    # ran next when it alternated with the others (TVM int4 0.85 -> 0.39 ms without it)
-    times.update(_timed({"numpy fp32": lambda: x @ w}, rounds))
-    return times
+    for bs in (32, 128):
+        nb = kernels.int4_out_block(n, scheme.lanes)
+        q = kernels.quantize_int4(w, nb, bs)
+        tc, ts = te.placeholder(q.codes.shape, "uint8", "c"), te.placeholder(q.scales.shape, "float16", "s")
+        tb = te.placeholder((n,), "float32", "b")
+        func = KernelAttrs("dense_int4", nb).tag(te.create_prim_func(
+            [tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=bs)]))
+        built = tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
+        args = [tvm_x, tvm.runtime.tensor(q.codes, dev), tvm.runtime.tensor(q.scales, dev),
+                tvm.runtime.tensor(np.zeros(n, np.float32), dev), out]
+        built(*args)
+        exact = x @ kernels.dequantize_int4(q)  # int8 activations: off by the activation rounding only
+        assert np.abs(out.numpy() - exact).max() < 0.01 * np.abs(exact).max(), "TVM int4 GEMV is wrong"
+        fns[f"TVM int4 block {bs}"] = (lambda f, a: lambda: f(*a))(built, args)
+        nbytes[f"TVM int4 block {bs}"] = q.nbytes
+        del q
+    for bs in (32, 64, 128):
+        model, dequantized = matmulnbits_model(w, bs)
+        session = _ort_session_bytes(model, threads)
+        got = session.run(None, {"x": x})[0]
+        reference = x @ dequantized  # int8 activations: off by the activation rounding only
+        del model, dequantized
+        assert np.abs(got - reference).max() < 0.01 * np.abs(reference).max(), "ORT MatMulNBits is wrong"
+        fns[f"ORT MatMulNBits block {bs}"] = (lambda s: lambda: s.run(None, {"x": x}))(session)
+        nbytes[f"ORT MatMulNBits block {bs}"] = k * n // 2 + 4 * n * (k // bs)
+    del w
+    samples = _samples(fns, rounds)
+    return {"k": k, "n": n, "llc": llc, "seconds": {name: statistics.median(v) for name, v in samples.items()},
+            "best": {name: min(v) for name, v in samples.items()}, "bytes": nbytes}
 
 
-#: (K, N, where) of the dense layers the int8 section times: the CNN's Gemm, the transformer's attention
-#: projection (q, k, v together) and MLP, and the GEMV benchmark's layer
-DENSE_SHAPES = ((1024, 64, "CNN Gemm"), (64, 192, "transformer qkv"), (64, 256, "transformer MLP up"),
-                (256, 64, "transformer MLP down"), (4096, 4096, "4096²"))
-#: rows of each dense shape: batch 1 and 64, and for the transformer (8 tokens per sample, its MatMuls
-#: flattened to [batch × tokens, K] by the lowering) also the rows it really has at those batches
-DENSE_ROWS = {"CNN Gemm": (1, 64), "4096²": (1, 64)}
-TRANSFORMER_ROWS = (1, 8, 64, 512)
+def print_gemv(result: dict[str, Any], bandwidth: float, threads: int) -> None:
+    print()
+    print_cpu(threads)
+    k, n = result["k"], result["n"]
+    print(f"int4 GEMV batch 1, {k}x{n} ({k * n // 2 >> 20} MiB of codes, last-level cache {result['llc'] >> 20} MiB); "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s (best of numpy max and BLAS GEMV over 256 MiB)")
+    print(f"  {'variant':<28} {'median ms':>10} {'best ms':>8} {'GB/s best':>10} {'% of read bw (best)':>20}")
+    for name, seconds in result["seconds"].items():
+        best = result["best"][name]
+        rate = result["bytes"][name] / best
+        print(f"  {name:<28} {seconds * 1e3:10.3f} {best * 1e3:8.3f} {rate / 1e9:10.1f} "
+              f"{100 * rate / bandwidth:19.0f} %")
+    for stat in ("seconds", "best"):
+        ours = min(v for key, v in result[stat].items() if key.startswith("TVM"))
+        theirs = min(v for key, v in result[stat].items() if key.startswith("ORT"))
+        label = "medians" if stat == "seconds" else "best times"
+        print(f"  best TVM vs best ORT MatMulNBits ({label}): {theirs / ours:.2f}x (>1: TVM faster)")
 
 
-def bench_dense_int8(rounds: int) -> list[tuple[str, float, float]]:
-    """(label, fp32 seconds, int8 seconds) of TVM's fp32 and int8 dense kernels (bias fused, as the
-    lowering emits them) per shape and row count, timed side by side."""
+def resnet18_convs() -> list[tuple[int, int, int, int, int]]:
+    """(in channels, out channels, input size, kernel, stride) of ResNet-18's distinct convolutions."""
+    return [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (64, 128, 56, 1, 2), (128, 128, 28, 3, 1),
+            (128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (256, 512, 14, 3, 2), (512, 512, 7, 3, 1)]
+
+
+def bench_convs(rounds: int, batch: int = 1) -> list[tuple[str, float, float, float]]:
+    """(label, fp32 s, int8 s, multiply-adds) per ResNet-18 conv, TVM's kernels timed side by side."""
     import tvm
     from tvm import te
 
     from bitpass.backends.tvm import kernels, schedules, targets
+    from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
     spec = targets.get(targets.host_target())
     target = spec.tvm_target()
-    lanes = schedules.vector_lanes(spec.features)
+    scheme = kernels.scheme_for(spec.features)
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
-
-    def build(tensors, kind: str, nb: int):
-        func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb})
-        return tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
-
     rows = []
-    for k, n, where in DENSE_SHAPES:
-        nb = kernels.out_block(n, lanes)
-        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-        codes, scale = kernels.quantize_int8(w, nb)
-        for m in DENSE_ROWS.get(where, TRANSFORMER_ROWS):
-            x = rng.standard_normal((m, k)).astype(np.float32)
-            tx, tb = te.placeholder((m, k), "float32", "x"), te.placeholder((n,), "float32", "b")
-            tw = te.placeholder((n // nb, k, nb), "float32", "w")
-            tc, ts = te.placeholder(codes.shape, "uint8", "c"), te.placeholder((n,), "float32", "s")
-            f32 = build([tx, tw, tb, kernels.dense(tx, tw, tb)], "dense", nb)
-            f8 = build([tx, tc, ts, tb, kernels.dense_int8(tx, tc, ts, tb)], "dense_int8", nb)
-            out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
-            a32 = [tvm.runtime.tensor(a, dev) for a in (x, kernels.pack_dense(w, nb), np.zeros(n, np.float32))]
-            a8 = [tvm.runtime.tensor(a, dev) for a in (x, codes, scale, np.zeros(n, np.float32))]
-            t = _timed({"fp32": lambda: f32(*a32, out), "int8": lambda: f8(*a8, out)}, rounds)
-            rows.append((f"{where} {m}x{k}x{n}", t["fp32"], t["int8"]))
+    for c, oc, hw, kk, stride in resnet18_convs():
+        pad = kk // 2
+        geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": 1}
+        ob = kernels.out_block(oc, scheme.lanes)
+        w = rng.standard_normal((oc, c, kk, kk)).astype(np.float32)
+        x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32)
+        codes, scale = kernels.quantize_conv_int8(w, ob, 0, scheme.int8_levels)
+        tx, tb = te.placeholder(x.shape, "float32"), te.placeholder((oc,), "float32")
+        tw = te.placeholder((oc // ob, c, kk, kk, ob), "float32")
+        tc, ts = te.placeholder(codes.shape, "int8"), te.placeholder((oc,), "float32")
+        out32 = kernels.conv2d(tx, tw, tb, **geometry, act="relu")
+        out8 = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="relu", levels=scheme.int8_levels)
+        oh = int(out32.shape[2])
+        fns = {}
+        for label, tensors, kind, arrays in (("fp32", [tx, tw, tb, out32], "conv2d", (x, kernels.pack_conv(w, ob))),
+                                             ("int8", [tx, tc, ts, tb, out8], "conv2d_int8", (x, codes, scale))):
+            func = KernelAttrs(kind, ob, act="relu", levels=scheme.int8_levels if kind == "conv2d_int8" else 0,
+                               **geometry).tag(te.create_prim_func(tensors))
+            built = tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
+            tensors_ = [tvm.runtime.tensor(a, dev) for a in (*arrays, np.zeros(oc, np.float32),
+                                                             np.zeros((batch, oc, oh, oh), np.float32))]
+            fns[label] = (lambda f, t: lambda: f(*t))(built, tensors_)
+        t = _timed(fns, rounds)
+        macs = batch * oc * oh * oh * c * kk * kk
+        rows.append((f"{c}->{oc} {hw}x{hw} k{kk} s{stride}", t["fp32"], t["int8"], macs))
     return rows
 
 
-def cnn_conv_shapes() -> list[tuple[int, int, int, int, int]]:
-    """(in channels, out channels, height, width, kernel) of each conv of the project's CNN."""
-    import torch
-
-    from bitpass.tools import zoo
-
-    shapes = []
-    model = zoo.digits_cnn().eval()
-    hooks = [m.register_forward_hook(lambda mod, args, _: shapes.append(
-        (mod.in_channels, mod.out_channels, args[0].shape[2], args[0].shape[3], mod.kernel_size[0])))
-        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.zeros(1, 1, 8, 8))
-    for hook in hooks:
-        hook.remove()
-    return shapes
+def print_convs(rows, threads: int) -> None:
+    print()
+    print_cpu(threads)
+    print(f"ResNet-18 convolutions, batch 1 (TVM kernels)   {'fp32 ms':>8} {'int8 ms':>8} {'fp32 GMAC/s':>12} "
+          f"{'int8 GMAC/s':>12} {'int8 speed-up':>14}")
+    for label, fp32_s, int8_s, macs in rows:
+        print(f"  {label:<45} {fp32_s * 1e3:8.3f} {int8_s * 1e3:8.3f} {macs / fp32_s / 1e9:12.1f} "
+              f"{macs / int8_s / 1e9:12.1f} {fp32_s / int8_s:13.2f}x")
 
 
-def bench_conv(rounds: int) -> list[tuple[str, float, float]]:
-    """(label, fp32 seconds, int8 seconds) per CNN conv and batch, timed side by side."""
-    import tvm
-    from tvm import te
-
-    from bitpass.backends.tvm import kernels, schedules, targets
-
-    spec = targets.get(targets.host_target())
-    target = spec.tvm_target()
-    lanes = schedules.vector_lanes(spec.features)
-    dev = tvm.cpu()
-    geometry = {"strides": (1, 1), "dilations": (1, 1), "groups": 1}
-    attrs = {"bitpass.strides": [1, 1], "bitpass.dilations": [1, 1], "bitpass.groups": 1, "bitpass.act": "relu"}
-    rng = np.random.default_rng(0)
-    rows = []
-    for c, oc, h, wd, k in cnn_conv_shapes():
-        ob = kernels.out_block(oc, lanes)
-        pad = k // 2
-        w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
-        taps = kernels.conv_int8_taps(c, k, 1)  # as the lowering packs a single-channel conv
-        codes, scale = kernels.quantize_conv_int8(w, ob, taps)
-        for batch in (1, 64):
-            x = rng.standard_normal((batch, c, h, wd)).astype(np.float32)
-            tx, tb = te.placeholder(x.shape, "float32", "x"), te.placeholder((oc,), "float32", "b")
-            tw = te.placeholder((oc // ob, c, k, k, ob), "float32", "w")
-            tc, ts = te.placeholder(codes.shape, "int8", "c"), te.placeholder((oc,), "float32", "s")
-            f32 = te.create_prim_func([tx, tw, tb, kernels.conv2d(tx, tw, tb, pads=(pad,) * 4, act="relu", **geometry)])
-            f8 = te.create_prim_func([tx, tc, ts, tb, kernels.conv2d_int8(tx, tc, ts, tb, pads=(pad,) * 4, act="relu",
-                                                                          taps=taps, **geometry)])
-            fns = {}
-            args = {"fp32": (x, kernels.pack_conv(w, ob)), "int8": (x, codes, scale)}
-            for name, func, kind in (("fp32", f32, "conv2d"), ("int8", f8, "conv2d_int8")):
-                func = func.with_attr({"bitpass.kernel": kind, "bitpass.nb": ob, "bitpass.pads": [pad] * 4,
-                                       "bitpass.taps": taps, **attrs})
-                built = tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
-                tensors = [tvm.runtime.tensor(a, dev) for a in (*args[name], np.zeros(oc, np.float32),
-                                                                np.zeros((batch, oc, h, wd), np.float32))]
-                fns[name] = (lambda f, t: lambda: f(*t))(built, tensors)
-            t = _timed(fns, rounds)
-            rows.append((f"{c}->{oc} {h}x{wd} k{k} batch {batch}", t["fp32"], t["int8"]))
-    return rows
-
-
-def _print_dense(rounds: int) -> None:
-    print("\nint8 dense vs fp32 dense (M x K x N)        fp32 ms    int8 ms   fp32/int8 (>1: int8 faster)")
-    for label, fp32_s, int8_s in bench_dense_int8(rounds):
-        print(f"  {label:<40} {fp32_s * 1e3:8.3f} {int8_s * 1e3:10.3f} {fp32_s / int8_s:9.2f}x")
+SECTIONS = ("kernels", "gemv", "models")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true",
-                        help="GEMV, conv and dense layers and bandwidth only (no model training)")
-    parser.add_argument("--dense-only", action="store_true", help="the int8 vs fp32 dense section only")
+    parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-
-    if args.dense_only:
-        _print_dense(args.rounds)
-        return 0
-    copy = memory_bandwidth()
-    bandwidth = read_bandwidth()
-    print(f"memory bandwidth: read {bandwidth / 1e9:.1f} GB/s (best of numpy max and BLAS GEMV, 256 MiB; "
-          f"the % column below), copy {copy / 1e9:.1f} GB/s (read+write); threads {args.threads}")
-    gemv = bench_gemv(args.threads, args.rounds)
-    print("\n4096x4096 GEMV, batch 1            ms     GB/s   % of bandwidth   ORT fp32 / this")
-    weight_bytes = {"fp32": 4 * 4096 * 4096, "int8": 4096 * 4096 + 4 * 4096, "int4": 4096 * 4096 // 2 + 2 * 4096 * 32}
-    for name, seconds in gemv.items():
-        bits = name.split()[-1]
-        nbytes = weight_bytes.get(bits, weight_bytes["fp32"])
-        print(f"  {name:<30} {seconds * 1e3:7.3f} {nbytes / seconds / 1e9:8.1f}"
-              f" {100 * nbytes / seconds / bandwidth:12.0f} % {gemv['ort fp32'] / seconds:12.2f}x")
-    if "ort MatMulNBits int4" in gemv:
-        print(f"  TVM int4 vs ORT MatMulNBits: {gemv['ort MatMulNBits int4'] / gemv['tvm int4']:.2f}x (>1: TVM faster)")
-    print(f"  TVM int8 vs TVM fp32: {gemv['tvm fp32'] / gemv['tvm int8']:.2f}x; "
-          f"int4 vs fp32: {gemv['tvm fp32'] / gemv['tvm int4']:.2f}x")
-    print("\nCNN conv layer                     fp32 ms    int8 ms   fp32/int8")
-    for label, fp32_s, int8_s in bench_conv(args.rounds):
-        print(f"  {label:<30} {fp32_s * 1e3:8.3f} {int8_s * 1e3:10.3f} {fp32_s / int8_s:9.2f}x")
-    _print_dense(args.rounds)
-    if not args.quick:
-        print("\nmodel, precision, batch             TVM ms  ORT same plan ms  ORT fp32 ms   ORT same/TVM  "
-              "ORT fp32/TVM")
-        for label, tvm_s, ort_s, fp32_s in bench_models(args.threads, args.rounds):
-            print(f"  {label:<32} {tvm_s * 1e3:8.3f} {ort_s * 1e3:17.3f} {fp32_s * 1e3:12.3f} "
-                  f"{ort_s / tvm_s:13.2f}x {fp32_s / tvm_s:12.2f}x")
+    if "kernels" in args.only:
+        print_convs(bench_convs(args.rounds), args.threads)
+    if "gemv" in args.only:
+        bandwidth = read_bandwidth()
+        print_gemv(bench_gemv(args.threads, args.rounds), bandwidth, args.threads)
+    if "models" in args.only:
+        print_models(bench_models(args.threads, args.rounds, args.quick), args.threads)
     return 0
 
 

@@ -42,6 +42,8 @@ from bitpass.backends.tvm import kernels
 
 #: fp32 lanes (int32 lanes) of one AVX2 register
 LANES = 8
+#: the code range these kernels take: 7 bits (``kernels.CONV_INT8_LEVELS``), so ``vpmaddubsw`` never saturates
+LEVELS = kernels.CONV_INT8_LEVELS
 #: input elements below which the conv's quantization prologue runs on one thread (~10 µs to wake the
 #: pool on a busy machine, more than quantizing them)
 PROLOGUE_PARALLEL_MIN = 1 << 15

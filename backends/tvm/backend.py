@@ -6,9 +6,14 @@ inputs and outputs in graph order, target), ``tvm_run.py`` (a numpy + TVM-runtim
 the device) and ``model.onnx`` (the annotated IR the library was lowered from: the plan that
 ``bitpass verify`` checks). ``tvm`` is imported only when compiling or loading.
 
-Bits: the lowering reads ``bits.weight`` annotations directly (int8 and 4-bit kernels for
-Gemm/MatMul, int8 for Conv). Capabilities say ``lowers_bits``, so the ``quantize``
-pass leaves the graph to this backend and the ``default`` and ``mixed`` pipelines work as they are.
+Bits: the lowering reads ``bits.weight`` annotations (int8 and 4-bit kernels for Gemm/MatMul, int8
+for Conv). Capabilities say ``lowers_bits``, so the ``quantize`` pass leaves the graph to this backend
+and the ``default`` and ``mixed`` pipelines work as they are.
+
+Operators: bitpass's kernels and rules, and TVM's own ONNX importer for everything else. What cannot run
+is asked of TVM: ``legalize`` lowers the model once without building (``lower.check``) and reports each
+node TVM's importer or operator legalization refused. ``tvm.json`` records which layers run bitpass
+kernels, how every op type was lowered, and the library's time per call on the host after building.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 
 from bitpass.backends.base import Backend, Capabilities, Runner
 from bitpass.backends.tvm import targets as target_registry
-from bitpass.backends.tvm.lower import SUPPORTED_OPS, WEIGHT_BITS
+from bitpass.backends.tvm.lower import WEIGHT_BITS
 from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import BitpassError
 
@@ -74,10 +79,18 @@ class TvmBackend(Backend):
     targets = {name: spec.description for name, spec in target_registry.TARGETS.items()}
     default_target = target_registry.host_target()
 
+    def __init__(self, batches: tuple[int, ...] | None = None) -> None:
+        """``batches``: the batch sizes the library is compiled for (default ``build.BATCHES``: 1 and 64)."""
+        self.batches = batches
+        self._checked: dict[tuple[str, str], list[str]] = {}  # (model sha256, target) -> problems
+
     def capabilities(self, target: str) -> Capabilities:
         self.check_target(target)
-        # same kernels on every target for now; only their tiling depends on the target's features
-        return Capabilities(ops=frozenset(("", op) for op in SUPPORTED_OPS), weight_bits=dict(WEIGHT_BITS),
+        from bitpass.backends.tvm import lower
+
+        # bitpass's kernels and rules, and every op TVM's importer converts; ``legalize`` asks per node
+        ops = lower.rule_ops() | lower.importer_ops()
+        return Capabilities(ops=frozenset(("", op) for op in ops), weight_bits=dict(WEIGHT_BITS),
                             activation_bits=(8, 32), lowers_bits=True)
 
     def runs_on_host(self, target: str) -> bool:
@@ -87,21 +100,32 @@ class TvmBackend(Backend):
         return EmulatedRunner(Path(directory), manifest)
 
     def legalize(self, model: Model, target: str) -> list[str]:
-        problems = super().legalize(model, target)
-        if any("QuantizeLinear" in p or "MatMulNBits" in p for p in problems):
-            problems.insert(0, "the model holds ONNX Runtime quantization (QDQ / MatMulNBits): the tvm backend "
-                               "lowers bits annotations itself, so use a pipeline without the quantize pass "
-                               "(e.g. --pipeline optimize, or set-bits / allocate-bits without quantize)")
+        """Annotated widths without a kernel, then every node TVM cannot run (``lower.check``: the model is
+        lowered once without building, each node through bitpass's rules or TVM's importer, then TVM's
+        operator legalization). Remembered per model and target: the compile driver asks twice."""
+        self.check_target(target)
+        problems = []
         for node in model.graph.all_nodes():
             bits = annotation.weight_bits(node)
             if bits is not None and bits != annotation.FLOAT_BITS and \
                     bits not in WEIGHT_BITS.get(node.op_type, (annotation.FLOAT_BITS,)):
                 problems.append(f"{node.op_type} {node.name!r} is annotated {bits}-bit weights; the tvm backend "
                                 f"has {node.op_type} kernels for {WEIGHT_BITS.get(node.op_type, (32,))} bits")
-        return problems
+        if problems:
+            return problems
+        key = (model.sha256(), target)
+        if key not in self._checked:
+            try:
+                from bitpass.backends.tvm import kernels, lower
+            except ImportError as err:
+                raise BitpassError(f"the tvm backend needs apache-tvm: pip install -e '.[tvm]' ({err})") from err
+            spec = target_registry.get(target)
+            self._checked[key] = [str(p) for p in lower.check(model, kernels.scheme_for(spec.features))]
+        return list(self._checked[key])
 
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         from bitpass.backends.tvm import build as tvm_build
+        from bitpass.backends.tvm import lower
 
         self.check_target(target)
         spec = target_registry.get(target)
@@ -111,9 +135,12 @@ class TvmBackend(Backend):
                                f"tools/setup_arm64.sh)")
         proto = model.to_proto()
         try:
-            built = tvm_build.build(proto, spec)
-        except NotImplementedError as err:
+            built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES)
+        except lower.LoweringError as err:
             raise BitpassError(f"tvm lowering: {err}") from err
+        except Exception as err:  # TVM raises its own error types; name the stage, keep the cause
+            raise BitpassError(f"tvm build for {target!r} failed: {lower.first_line(err)} (please report it with "
+                               f"the model)") from err
         tvm_build.export(built, directory / LIBRARY, spec)
         config = {
             "target": target, "tvm_target": spec.tvm_dict(),
@@ -121,12 +148,24 @@ class TvmBackend(Backend):
             "inputs": [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}],
             "outputs": [o.name for o in proto.graph.output],
             "layers": built.report.layers,
+            "ops": built.report.ops,
             "kernel_weight_bytes": built.report.weight_bytes,
         }
         (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if spec.is_host_runnable():
+            from bitpass.backends.tvm import timing
+
+            config["host_timing"] = timing.measure(directory, model.inputs, sorted(built.functions))
+            (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name("vmrun.py"), directory / RUNNER)
         (directory / PLAN).write_bytes(model.to_bytes())
         return [LIBRARY, CONFIG, RUNNER, PLAN]
+
+    def records(self, directory: Path) -> dict[str, Any]:
+        """For the manifest: which layers run bitpass kernels (kernel, width, fused epilogue), how each op type
+        was lowered (bitpass kernel or rule, TVM's importer, folded) and the host timing after building."""
+        config = json.loads((Path(directory) / CONFIG).read_text())
+        return {key: config[key] for key in ("layers", "ops", "host_timing") if key in config}
 
     def stored_weight_bytes(self, model: Model, directory: Path) -> int:
         """The graph's constants with each lowered layer's fp32 weight replaced by its kernel's stored bytes

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
+from bitpass.backends.tvm import kernels, schedules
 from bitpass.backends.tvm import lower as lowering
-from bitpass.backends.tvm import schedules
 from bitpass.backends.tvm.targets import TargetSpec
+from bitpass.frontend import Model
 
 #: batch sizes every artifact is compiled for; the runner splits or pads other batches onto them
 BATCHES = (1, 64)
@@ -24,19 +23,44 @@ class Built:
     report: lowering.LoweringReport
 
 
-def build(proto: onnx.ModelProto, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> Built:
+def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> Built:
     """Lower, schedule with bitpass's rules for ``spec``'s features, and build a VM executable."""
     import tvm
     from tvm import relax
 
     target = spec.tvm_target()
-    mod, report, names = lowering.lower(proto, batches, schedules.vector_lanes(spec.features))
+    mod, report, names = lowering.lower(model, batches, kernels.scheme_for(spec.features))
+    # exp, tanh and erf as TVM's vectorizable approximations (libm's are scalar calls: GELU's erf was
+    # 4x slower than a BERT layer's dense kernels)
+    mod = relax.transform.FastMathTransform()(mod)
     mod = relax.transform.LegalizeOps()(mod)
+    mod = fuse_elementwise(mod)
     mod = relax.transform.DeadCodeElimination()(mod)
     mod = schedules.apply_rules(mod, target)
     with tvm.transform.PassContext(opt_level=3):
         executable = relax.build(mod, target=target, relax_pipeline="default")
     return Built(executable, dict(zip(batches, names)), report)
+
+
+def fuse_elementwise(mod):
+    """TVM's operator fusion for the functions TVM's lowering made (chains of element-wise operators become
+    one function: one pass over memory, one parallel region), leaving bitpass's kernels and TVM's matmuls
+    as they are: they are marked opaque, so nothing fuses into them and their schedule rules still find
+    their own blocks."""
+    import tvm
+    from tvm import relax, tirx
+
+    from bitpass.backends.tvm.kernel_attrs import KernelAttrs
+
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    out_fusable, opaque = 4, 8  # OpPatternKind: kOutEWiseFusable (matmul), kOpaque
+    updates = {gv: func.with_attr("op_pattern", opaque) for gv, func in mod.functions.items()
+               if isinstance(func, tirx.PrimFunc) and (KernelAttrs.of(func) is not None or
+                                                        int(func.attrs.get("op_pattern", 0)) >= out_fusable)}
+    if updates:
+        mod = tvm.IRModule({gv: updates.get(gv, func) for gv, func in mod.functions.items()}, attrs=mod.attrs)
+    mod = relax.transform.FuseOps()(mod)
+    return relax.transform.FuseTIR()(mod)
 
 
 def export(built: Built, path: Path, spec: TargetSpec) -> None:

@@ -33,9 +33,15 @@ Kernels
   ``[OC/ob, ICq/4, KH, KW, ob, 4]``: 4 input channels of one output per 32-bit lane; a single-channel
   conv (a first layer) holds a row of taps there instead (``conv_int8_taps``).
 
-The TE computes are the definition and the portable (aarch64) path; on AVX2 targets the schedule
-rules substitute the hand-written micro-kernels of ``avx2.py``, which read the same layouts and compute
-the same integers (TVM 0.27's ``tensorize`` crashes, so the intrinsics are called from TIR directly).
+The int8 code range depends on the target (``Scheme``): 7 bits (±63) where AVX2's ``vpmaddubsw`` sums
+pairs in int16, 8 bits (±127) with AVX-512 VNNI's ``vpdpbusd`` and on the portable path; the unsigned
+operand stores ``code + levels + 1``.
+
+The TE computes are the definition and the portable (aarch64) path; on AVX2 and AVX-512 VNNI targets the
+schedule rules substitute the hand-written micro-kernels of ``avx2.py`` and ``avx512.py``, which read the
+same layouts and compute the same integers (TVM 0.27's ``tensorize`` crashes, so the intrinsics are called
+from TIR directly). The fp32 and int8 convolutions fuse a residual input (a skip connection) into their
+epilogue.
 """
 
 from __future__ import annotations
@@ -46,6 +52,35 @@ from dataclasses import dataclass
 import numpy as np
 
 ACTIVATIONS = ("none", "relu")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a target's kernels look like: fp32 ``lanes`` per vector register (tile widths), the int8 code
+    range (±``int8_levels``) and whether the int8 conv kernel fuses a residual input. With VNNI
+    (``vpdpbusd``: u8 × s8, four products summed straight into int32) the codes use the full 8 bits; on
+    AVX2 without it, 7 bits (``vpmaddubsw`` sums pairs in int16, which 8-bit codes would saturate; see
+    ``CONV_INT8_LEVELS``); the portable TE kernels compute in int32 and take either."""
+
+    lanes: int
+    int8_levels: int
+    int8_residual: bool = True
+
+    @property
+    def int8_offset(self) -> int:
+        """The unsigned operand of the integer multiply-adds stores ``code + offset`` (1..2·levels+1)."""
+        return self.int8_levels + 1
+
+
+def scheme_for(features) -> Scheme:
+    """The kernel scheme of a target with ``features`` (``targets.TargetSpec`` vocabulary)."""
+    features = frozenset(features)
+    lanes = 16 if "avx512" in features else 8 if "avx2" in features else 4
+    if "vnni" in features:
+        return Scheme(lanes, 127)
+    if "avx2" in features:  # the AVX2 micro-kernels (avx2.py): 7-bit codes, no residual epilogue
+        return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False)
+    return Scheme(lanes, 127)
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -90,29 +125,30 @@ def dense_int8_depth(k: int) -> int:
     return -(-k // 8) * 8
 
 
-def quantize_int8(w_kn: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric 7-bit codes (``DENSE_INT8_LEVELS``) stored as bytes code + 64:
-    codes [N/nb, Kp/4, nb, 4] uint8 (``dense_int8_depth``; padding holds code 0) and scales [N] fp32."""
+def quantize_int8(w_kn: np.ndarray, nb: int, levels: int = DENSE_INT8_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric codes in ±``levels`` (7 bits by default, ``DENSE_INT8_LEVELS``) stored as
+    bytes code + levels + 1: codes [N/nb, Kp/4, nb, 4] uint8 (``dense_int8_depth``; padding holds code 0)
+    and scales [N] fp32."""
     k, n = w_kn.shape
     amax = np.abs(w_kn).max(axis=0)
-    scale = np.where(amax > 0, amax / DENSE_INT8_LEVELS, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w_kn / scale), -DENSE_INT8_LEVELS, DENSE_INT8_LEVELS).astype(np.int16)
+    scale = np.where(amax > 0, amax / levels, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_kn / scale), -levels, levels).astype(np.int16)
     kp = dense_int8_depth(k)
-    codes = np.pad(codes, ((0, kp - k), (0, 0))) + DENSE_INT8_OFFSET
+    codes = np.pad(codes, ((0, kp - k), (0, 0))) + (levels + 1)
     tiles = codes.reshape(kp // 4, 4, n // nb, nb).transpose(2, 0, 3, 1)  # [N/nb, Kp/4, nb, 4]
     return np.ascontiguousarray(tiles.astype(np.uint8)), scale
 
 
-def int8_codes(codes: np.ndarray, k: int) -> np.ndarray:
+def int8_codes(codes: np.ndarray, k: int, levels: int = DENSE_INT8_LEVELS) -> np.ndarray:
     """The signed codes [K, N] (int32) of a packed int8 dense weight (the padding dropped)."""
     blocks, quads, nb, _ = codes.shape
-    full = codes.transpose(1, 3, 0, 2).reshape(quads * 4, blocks * nb).astype(np.int32) - DENSE_INT8_OFFSET
+    full = codes.transpose(1, 3, 0, 2).reshape(quads * 4, blocks * nb).astype(np.int32) - (levels + 1)
     return full[:k]
 
 
-def dequantize_int8(codes: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+def dequantize_int8(codes: np.ndarray, scale: np.ndarray, k: int, levels: int = DENSE_INT8_LEVELS) -> np.ndarray:
     """The fp32 [K, N] weight a packed int8 dense weight stands for."""
-    return int8_codes(codes, k).astype(np.float32) * scale
+    return int8_codes(codes, k, levels).astype(np.float32) * scale
 
 
 @dataclass(frozen=True)
@@ -198,14 +234,16 @@ def conv_int8_taps(icg: int, kw: int, dilation_w: int) -> int:
     return kw if icg == 1 and 1 < kw <= 4 and dilation_w == 1 else 0
 
 
-def quantize_conv_int8(w_oihw: np.ndarray, ob: int, taps: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric 7-bit codes in int8 (``CONV_INT8_LEVELS``) and scales [OC] fp32.
+def quantize_conv_int8(w_oihw: np.ndarray, ob: int, taps: int = 0,
+                       levels: int = CONV_INT8_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric codes in ±``levels`` (7 bits by default, ``CONV_INT8_LEVELS``) in int8
+    and scales [OC] fp32.
     Codes [OC/ob, ICq/4, KH, KW, ob, 4] (zero channels pad IC to ``conv_int8_channels``), or with
     ``taps`` (``conv_int8_taps``) [OC/ob, 1, KH, 1, ob, 4] holding the taps of a row (zero-padded to 4)."""
     oc, icg, kh, kw = w_oihw.shape
     amax = np.abs(w_oihw).reshape(oc, -1).max(axis=1)
-    scale = np.where(amax > 0, amax / CONV_INT8_LEVELS, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w_oihw / scale[:, None, None, None]), -CONV_INT8_LEVELS, CONV_INT8_LEVELS)
+    scale = np.where(amax > 0, amax / levels, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_oihw / scale[:, None, None, None]), -levels, levels)
     codes = codes.astype(np.int8)
     if taps:
         codes = np.pad(codes, ((0, 0), (0, 0), (0, 0), (0, 4 - kw)))
@@ -305,16 +343,17 @@ def dense_int4(x, codes, scales, bias, *, block_size: int, act: str = "none"):
     return te.compute((m, n), lambda i, j: _activate(acc[i, j] + bias[j], act), name="dense_out")
 
 
-def dense_int8(x, codes, wscale, bias, *, act: str = "none"):
-    """7-bit × 7-bit → int32 dense: ``x`` fp32 [M, K] is quantized per row (symmetric,
-    ``DENSE_INT8_LEVELS``), ``codes`` (``quantize_int8``) [N/nb, Kp/4, nb, 4] uint8 = code + 64 with
-    per-output ``wscale`` [N], ``bias`` [N]; fp32 out = act(acc · sx · sw + b)."""
+def dense_int8(x, codes, wscale, bias, *, act: str = "none", levels: int = DENSE_INT8_LEVELS):
+    """int8 × int8 → int32 dense: ``x`` fp32 [M, K] is quantized per row (symmetric, ±``levels``),
+    ``codes`` (``quantize_int8``) [N/nb, Kp/4, nb, 4] uint8 = code + levels + 1 with per-output
+    ``wscale`` [N], ``bias`` [N]; fp32 out = act(acc · sx · sw + b)."""
     from tvm import te, tirx
 
     m, k = (int(v) for v in x.shape)
     blocks, _, nb, _ = (int(v) for v in codes.shape)
     n = blocks * nb
-    levels = tirx.const(float(DENSE_INT8_LEVELS), "float32")
+    offset = int(levels) + 1
+    levels = tirx.const(float(levels), "float32")
     ra = te.reduce_axis((0, k), name="ka")
     amax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, ra]), axis=ra), name="row_amax")
     sx = te.compute((m,), lambda i: _floored(amax[i]) / levels, name="row_scale")
@@ -324,15 +363,16 @@ def dense_int8(x, codes, wscale, bias, *, act: str = "none"):
     acc = te.compute(
         (m, n),
         lambda i, j: te.sum(xq[i, rk] * (codes[j // nb, rk // 4, j % nb, rk % 4].astype("int32")
-                                         - DENSE_INT8_OFFSET), axis=rk),
+                                         - offset), axis=rk),
         name="dense_acc")
     return te.compute(
         (m, n), lambda i, j: _activate(acc[i, j].astype("float32") * (sx[i] * wscale[j]) + bias[j], act),
         name="dense_out")
 
 
-def conv2d(data, w, bias, *, strides, pads, dilations, groups: int, act: str = "none"):
-    """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob]; ``pads`` (top, left, bottom, right)."""
+def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none"):
+    """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob]; ``pads`` (top, left, bottom, right);
+    out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection)."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -362,21 +402,24 @@ def conv2d(data, w, bias, *, strides, pads, dilations, groups: int, act: str = "
             padded[b, (o // ocg) * icg + rc, y * sh + ry * dh, x * sw + rx * dw] * w[o // ob, rc, ry, rx, o % ob],
             axis=[rc, ry, rx]),
         name="conv_acc")
-    if bias is None:
-        return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(acc[b, y, x, o], act), name="conv_out")
-    return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(acc[b, y, x, o] + bias[o], act),
-                      name="conv_out")
+    return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(_plus(_plus(acc[b, y, x, o], bias, o), residual,
+                                                                          b, o, y, x), act), name="conv_out")
+
+
+def _plus(value, tensor, *index):
+    """``value + tensor[index]``, or ``value`` when there is no such tensor (no bias, no residual)."""
+    return value if tensor is None else value + tensor(*index)
 
 
 def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: int, act: str = "none",
-                taps: int = 0):
-    """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric,
-    ``CONV_INT8_LEVELS``), ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output
-    ``wscale`` [OC], ``bias`` [OC]; fp32 out = act(acc · sx · sw + b). ``pads`` (top, left, bottom, right)."""
+def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dilations, groups: int,
+                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS):
+    """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric, ±``levels``),
+    ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output ``wscale`` [OC], ``bias``
+    [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right)."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -388,7 +431,7 @@ def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: 
     oh, ow = conv_out_size(h, pt + pb, kh, sh, dh), conv_out_size(wd, pl + pr, kw, sw, dw)
     rc, ry, rx = (te.reduce_axis((0, e), name=nm) for e, nm in ((c, "ac"), (h, "ay"), (wd, "ax")))
     amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]), name="sample_amax")
-    levels = tirx.const(float(CONV_INT8_LEVELS), "float32")
+    levels = tirx.const(float(levels), "float32")
     sx = te.compute((n,), lambda b: _floored(amax[b]) / levels, name="sample_scale")
     inv = te.compute((n,), lambda b: levels / _floored(amax[b]), name="sample_inv")
     xq = te.compute(
@@ -407,7 +450,8 @@ def conv2d_int8(data, codes, wscale, bias, *, strides, pads, dilations, groups: 
         name="conv_acc")
     return te.compute(
         (n, oc, oh, ow),
-        lambda b, o, y, x: _activate(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o], act),
+        lambda b, o, y, x: _activate(_plus(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o],
+                                           residual, b, o, y, x), act),
         name="conv_out")
 
 

@@ -1,17 +1,25 @@
 """Lower bitpass's annotated IR (ONNX) to a Relax module, one function per batch size.
 
-Not TVM's ONNX importer: that path cannot take the dynamic-batch flatten torch exports
-(Shape → Squeeze → Concat → Reshape), and it would hide the per-layer annotations. Here every
-node is visited in order; values are either numpy constants (initializers and everything computed
-from them alone, shapes included: the batch is fixed per function, so shape arithmetic folds) or
-Relax expressions. Conv, Gemm and MatMul with a constant weight become bitpass's own kernels
-(``kernels.py``) at the precision their annotations ask for; other operators become Relax ops,
-legalized by TVM and scheduled by ``schedules.py``.
+Every node is visited in order; values are either numpy constants (initializers and everything computed
+from them alone, shapes included: the batch is fixed per function, so shape arithmetic folds, by the
+rules below or ONNX's reference evaluator) or Relax expressions. Conv, Gemm and MatMul with a constant
+weight become bitpass's own kernels (``kernels.py``) at the precision their annotations ask for, with a
+following Relu, or a residual Add and Relu, fused into the kernel; the common operators have rules here
+(``op_*``), and every other operator is converted by TVM's own Relax ONNX importer, one node at a time
+(``imported``), legalized and scheduled by TVM's defaults plus ``schedules.py``. Not the importer for
+the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
+Reshape), and it would hide the per-layer annotations.
+
+``check`` runs the same lowering without building, to say which nodes cannot run and why (what TVM's
+importer or its operator legalization refused), before anything is compiled.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
+import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,27 +29,65 @@ import onnx
 from onnx import numpy_helper
 
 from bitpass.backends.tvm import kernels
+from bitpass.backends.tvm.kernel_attrs import KernelAttrs
+from bitpass.frontend import Model, annotation
 
-#: ONNX ops the lowering handles (default domain)
-SUPPORTED_OPS = frozenset({
-    "Conv", "Gemm", "MatMul", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape",
-    "Shape", "Squeeze", "Unsqueeze", "Concat", "Gather", "Transpose", "Add", "Sub", "Mul", "Div", "Softmax",
-    "LayerNormalization", "Gelu", "Erf", "Sigmoid", "Tanh", "Sqrt", "Pow", "ReduceMean", "Constant",
-    "Identity", "Cast", "Slice", "Split", "Clip", "BatchNormalization", "Dropout",
-})
+#: the op types with a kernel: constant-weight Conv, Gemm and MatMul
+KERNEL_OPS = ("Conv", "Gemm", "MatMul")
 
 #: weight widths per quantizable op the kernels implement (32 = fp32)
 WEIGHT_BITS = {"Conv": (8, 32), "Gemm": (4, 8, 32), "MatMul": (4, 8, 32)}
 
 INT4_BLOCK = 32
 
+#: how each node was lowered, for the manifest: a bitpass kernel, a rule of this module, or TVM's importer
+BITPASS_KERNEL, BITPASS_RULE, TVM_IMPORTER, FOLDED = "bitpass kernel", "bitpass rule", "tvm importer", "folded"
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What the annotations ask of one node (read through ``bitpass.frontend.annotation``)."""
+
+    layer_id: str | None = None
+    weight_bits: int = annotation.FLOAT_BITS
+
+
+def plans_of(model: Model) -> list[NodePlan]:
+    """One plan per top-level node of ``model``, in graph order (the order ``Model.to_proto`` writes)."""
+    return [NodePlan(annotation.layer_id(node), annotation.weight_bits(node) or annotation.FLOAT_BITS)
+            for node in model.graph]
+
 
 @dataclass
 class LoweringReport:
-    """What each layer became (kernel and width), for the manifest."""
+    """What each layer became (kernel and width) and how every other node was lowered, for the manifest."""
 
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     weight_bytes: int = 0
+    #: op type -> {how it was lowered -> nodes}
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, op: str, how: str) -> None:
+        per_op = self.ops.setdefault(op, {})
+        per_op[how] = per_op.get(how, 0) + 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A node the lowering cannot run: its op type, name and the reason TVM gave."""
+
+    op: str
+    node: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"operator {self.op} (node {self.node!r}) cannot run on TVM: {self.reason}"
+
+
+class LoweringError(NotImplementedError):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -52,34 +98,46 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
-def _meta(node: onnx.NodeProto, key: str) -> Any:
-    for p in node.metadata_props:
-        if p.key == "bitpass." + key:
-            return json.loads(p.value)
-    return None
-
-
 def _np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-class _Lowering:
-    def __init__(self, proto: onnx.ModelProto, lanes: int, report: LoweringReport) -> None:
-        from tvm import relax
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ", "^")):
+            return line[:300]
+    return type(err).__name__
 
-        self.relax = relax
+
+class _Lowering:
+    def __init__(self, proto: onnx.ModelProto, plans: Sequence[NodePlan], scheme: kernels.Scheme,
+                 report: LoweringReport) -> None:
         self.proto = proto
-        self.lanes = lanes
+        self.scheme = scheme
+        self.lanes = scheme.lanes
         self.report = report
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+        #: the nodes, held: protobuf may hand out a new wrapper per access, and ids below must stay valid
+        self.nodes = list(proto.graph.node)
+        self.plans = {id(node): plan for node, plan in zip(self.nodes, plans)}
         self.inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in proto.graph.node:
+        for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
+        self.graph_outputs = {o.name for o in proto.graph.output}
         self._weights: dict[tuple, Any] = {}  # packed weight constants shared between functions
-        self.fused: set[str] = set()
-        self._relu_alias: tuple[str, str] | None = None
-        self._pending_alias: str | None = None
+        self.env: dict[str, Any] = {}
+        self.fused: set[int] = set()  # id() of nodes folded into a kernel's epilogue
+        self._alias: list[str] = []  # outputs of fused nodes that are the current kernel's output
+        #: for ``check``: continue past failing nodes, collecting what TVM refused
+        self.collect: list[Problem] | None = None
+        self.value_info: dict[str, onnx.ValueInfoProto] = {}  # inferred types (``check``'s placeholders)
+
+    def plan(self, node: onnx.NodeProto) -> NodePlan:
+        return self.plans.get(id(node), NodePlan())
 
     # --- helpers -------------------------------------------------------------------------
     def const(self, array: np.ndarray):
@@ -103,58 +161,195 @@ class _Lowering:
             return list(value.shape)
         return [int(d) for d in value.ty.shape]
 
+    @staticmethod
+    def dtype_of(value) -> str:
+        if isinstance(value, np.ndarray):
+            return str(value.dtype)
+        return str(value.ty.dtype)
+
     # --- the function ----------------------------------------------------------------------
+    def params(self, batch: int) -> list[Any]:
+        """Relax parameters for the graph's inputs: a symbolic leading dimension is the batch; any other
+        symbolic dimension cannot be compiled ahead of time."""
+        from tvm import relax
+
+        params = []
+        for inp in self.proto.graph.input:
+            if inp.name in self.inits:
+                continue
+            dims = []
+            for axis, d in enumerate(inp.type.tensor_type.shape.dim):
+                if d.HasField("dim_value"):
+                    dims.append(d.dim_value)
+                elif axis == 0:
+                    dims.append(batch)
+                else:
+                    raise LoweringError(Problem("input", inp.name, f"dimension {axis} is symbolic "
+                                                f"({d.dim_param or '?'}); TVM artifacts are compiled for fixed "
+                                                f"shapes: export the model with a fixed size on that axis"))
+            params.append(relax.Var(inp.name, relax.TensorType(dims, str(_np_dtype(inp.type.tensor_type.elem_type)))))
+        return params
+
     def function(self, bb, batch: int, name: str) -> None:
         """Emit one Relax function for inputs whose symbolic (batch) dimensions are ``batch``."""
         from tvm import relax
 
-        graph = self.proto.graph
-        params = []
-        env: dict[str, Any] = dict(self.inits)
-        for inp in graph.input:
-            if inp.name in self.inits:
-                continue
-            dims = [d.dim_value if d.HasField("dim_value") else batch for d in inp.type.tensor_type.shape.dim]
-            var = relax.Var(inp.name, relax.TensorType(dims, str(_np_dtype(inp.type.tensor_type.elem_type))))
-            params.append(var)
-            env[inp.name] = var
+        params = self.params(batch)
+        self.env = dict(self.inits)
+        self.env.update({str(p.name): p for p in params})
         self.fused = set()
         with bb.function(name, params):
             with bb.dataflow():
-                for node in graph.node:
-                    if node.name and node.name in self.fused:
+                for node in self.nodes:
+                    if id(node) in self.fused:
                         continue
-                    self._pending_alias = None
-                    outs = self.node(bb, node, [env[i] if i else None for i in node.input])
-                    for out_name, value in zip(node.output, outs):
-                        env[out_name] = value
-                    if self._pending_alias is not None:  # a Relu fused into the kernel: same value
-                        env[self._pending_alias] = outs[0]
-                results = [self.expr(env[o.name]) for o in graph.output]
+                    self.lower_node(bb, node)
+                results = [self.expr(self.env[o.name]) for o in self.proto.graph.output]
                 out = bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
             bb.emit_func_output(out)
 
-    def _fusable_relu(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
-        users = self.consumers.get(node.output[0], [])
-        graph_outputs = {o.name for o in self.proto.graph.output}
-        if len(users) == 1 and users[0].op_type == "Relu" and node.output[0] not in graph_outputs and users[0].name:
+    def lower_node(self, bb, node: onnx.NodeProto) -> None:
+        self._alias = []
+        self._how: str | None = None
+        inputs = [self.env.get(i) if i else None for i in node.input]
+        missing = [i for i, v in zip(node.input, inputs) if i and v is None]
+        if missing:  # only after a failed node, in ``check``
+            raise LoweringError(Problem(node.op_type, node.name, f"input {missing[0]!r} was not computed"))
+        try:
+            outs = self.node(bb, node, inputs)
+        except LoweringError as err:
+            if self.collect is None:
+                raise
+            self.collect.append(err.problem)
+            self._placeholders(node)
+            return
+        except Exception as err:  # noqa: BLE001 - TVM raises its own error types; say which node
+            problem = Problem(node.op_type, node.name, first_line(err))
+            if self.collect is None:
+                raise LoweringError(problem) from err
+            self.collect.append(problem)
+            self._placeholders(node)
+            return
+        for out_name, value in zip(node.output, outs):
+            self.env[out_name] = value
+        layer = self.plan(node).layer_id
+        if layer is not None and layer not in self.report.layers:  # a layer without a bitpass kernel
+            self.report.layers[layer] = {"node": node.name, "lowering": self._how, "kernel": None,
+                                         "weight_bits": annotation.FLOAT_BITS}
+        for alias in self._alias:  # a fused Relu's / Add's output is the kernel's output
+            self.env[alias] = outs[0]
+
+    def _placeholders(self, node: onnx.NodeProto) -> None:
+        """``check`` goes on past a failing node with free variables of its outputs' inferred types."""
+        from tvm import relax
+
+        for name in node.output:
+            info = self.value_info.get(name)
+            if info is None:
+                continue
+            ttype = info.type.tensor_type
+            if not ttype.HasField("shape") or any(not d.HasField("dim_value") for d in ttype.shape.dim[1:]):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else 1 for d in ttype.shape.dim]
+            self.env[name] = relax.Var(name, relax.TensorType(dims, str(_np_dtype(ttype.elem_type))))
+
+    def _single_consumer(self, value: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(value, [])
+        if len(users) == 1 and value not in self.graph_outputs:
             return users[0]
         return None
 
     def node(self, bb, node: onnx.NodeProto, inputs: list[Any]) -> list[Any]:
         op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            return self.imported(bb, node, inputs)
         attrs = _attrs(node)
-        if all(isinstance(v, np.ndarray) or v is None for v in inputs) and op not in ("Conv", "Gemm", "MatMul"):
+        if op == "CastLike" and isinstance(inputs[0], np.ndarray):  # only the dtype of the second is read
+            self.mark(node, FOLDED)
+            return [inputs[0].astype(self.dtype_of(inputs[1]))]
+        if all(isinstance(v, np.ndarray) or v is None for v in inputs) and op not in KERNEL_OPS:
             folded = self.fold(node, attrs, inputs)
+            if folded is None:
+                folded = self.evaluate(node, inputs)
             if folded is not None:
+                self.mark(node, FOLDED)
                 return folded
         method = getattr(self, f"op_{op}", None)
         if method is None:
-            raise NotImplementedError(f"the TVM lowering has no rule for {op} (node {node.name!r})")
+            return self.imported(bb, node, inputs)
         result = method(bb, node, attrs, inputs)
+        if self._how is None:
+            self.mark(node, BITPASS_RULE)
         return result if isinstance(result, list) else [result]
 
+    def mark(self, node: onnx.NodeProto, how: str) -> None:
+        """Record how ``node`` was lowered (a bitpass kernel or rule, TVM's importer, folded)."""
+        self._how = how
+        self.report.count(node.op_type, how)
+
+    # --- TVM's importer for everything else ----------------------------------------------------
+    def imported(self, bb, node: onnx.NodeProto, inputs: list[Any]) -> list[Any]:
+        """Convert ``node`` with TVM's Relax ONNX importer: a one-node ONNX model (constant inputs as
+        initializers, the others as inputs of their Relax types) imported to a private Relax function,
+        called here and inlined after lowering (``InlinePrivateFunctions``)."""
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+
+        graph_inputs, initializers, args, shapes, dtypes = [], [], [], {}, {}
+        for name, value in zip(node.input, inputs):
+            if not name or any(i.name == name for i in graph_inputs) or any(t.name == name for t in initializers):
+                continue
+            if isinstance(value, np.ndarray):
+                initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+                continue
+            dtype, shape = self.dtype_of(value), self.shape_of(value)
+            graph_inputs.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+            shapes[name], dtypes[name] = shape, dtype
+            args.append(value)
+        outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]
+        graph = onnx.helper.make_graph([node], f"{node.op_type}_node", graph_inputs, outputs, initializers)
+        opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in self.proto.opset_import]
+        one = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=self.proto.ir_version)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                mod = from_onnx(one, shape_dict=shapes, dtype_dict=dtypes, sanitize_input_names=False)
+            except Exception as err:  # noqa: BLE001 - the importer raises many types
+                raise LoweringError(Problem(node.op_type, node.name, f"TVM's ONNX importer: {first_line(err)}")) \
+                    from err
+        func = mod["main"]
+        func = func.without_attr("global_symbol").without_attr("num_input") if func.attrs is not None else func
+        for gvar in mod.functions:
+            if gvar.name_hint != "main":
+                raise LoweringError(Problem(node.op_type, node.name, "TVM's ONNX importer made more than one function"))
+        missing = unimplemented_ops(func)
+        if missing:
+            raise LoweringError(Problem(node.op_type, node.name, f"TVM has no implementation of {', '.join(missing)} "
+                                        f"(its importer converts the node, its operator legalization does not)"))
+        self.mark(node, TVM_IMPORTER)
+        gv = bb.add_func(func, f"onnx_{node.op_type.lower()}")
+        result = bb.emit(relax.Call(gv, args))
+        wanted = [o for o in node.output]
+        if isinstance(result.ty, relax.TupleType):
+            items = [bb.emit(relax.TupleGetItem(result, i)) for i in range(len(result.ty.fields))]
+            return items[:len(wanted)]
+        return [result]
+
     # --- constant folding (numpy) --------------------------------------------------------
+    def evaluate(self, node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+        """Any operator on constant inputs, by ONNX's reference evaluator (None when it cannot)."""
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {name: value for name, value in zip(node.input, inputs) if name}
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its failures as well as raising them
+                evaluator = ReferenceEvaluator(node, opsets={o.domain: o.version for o in self.proto.opset_import})
+                results = evaluator.run(None, feeds)
+        except Exception:  # noqa: BLE001 - an operator the evaluator lacks: lowered as usual
+            return None
+        return [np.asarray(r) for r in results]
+
     def fold(self, node, attrs, inputs) -> list[np.ndarray] | None:
         op = node.op_type
         x = inputs[0] if inputs else None
@@ -189,7 +384,7 @@ class _Lowering:
                 out = np.floor_divide(inputs[0], inputs[1])
             return [out.astype(inputs[0].dtype)]
         if op == "Shape":
-            return [np.array(x.shape, np.int64)]
+            return [np.array(x.shape, np.int64)[attrs.get("start", 0):attrs.get("end", None)]]
         return None
 
     @staticmethod
@@ -353,7 +548,13 @@ class _Lowering:
 
         if attrs.get("approximate", "none") == "tanh":
             return bb.emit(relax.op.nn.gelu_tanh(inputs[0]))
-        return bb.emit(relax.op.nn.gelu(inputs[0]))
+        # x · (½ + ½ erf(x / √2)) with Relax's erf, which the build turns into TVM's vectorizable fast_erf
+        # (relax.nn.gelu legalizes to libm's scalar erf)
+        x = inputs[0]
+        dtype = self.dtype_of(x)
+        erf = bb.emit(relax.op.erf(bb.emit(relax.op.multiply(x, relax.const(0.7071067811865476, dtype)))))
+        half = relax.const(0.5, dtype)
+        return bb.emit(relax.op.multiply(x, bb.emit(relax.op.add(half, bb.emit(relax.op.multiply(erf, half))))))
 
     def op_Clip(self, bb, node, attrs, inputs):
         from tvm import relax
@@ -425,95 +626,111 @@ class _Lowering:
         return bb.emit(relax.op.nn.adaptive_avg_pool2d(inputs[0], (1, 1)))
 
     # --- bitpass kernels ---------------------------------------------------------------------
-    def _record(self, node, kind: str, bits: int, nbytes: int) -> None:
-        layer = _meta(node, "layer_id") or node.name
-        self.report.layers[str(layer)] = {"node": node.name, "kernel": kind, "weight_bits": bits,
-                                          "weight_bytes": int(nbytes)}
+    def _record(self, node, kind: str, bits: int, nbytes: int, attrs: KernelAttrs) -> None:
+        layer = self.plan(node).layer_id or node.name
+        epilogue = "+".join(["bias", *(["residual"] if attrs.residual else []),
+                             *([attrs.act] if attrs.act != "none" else [])])
+        self.report.layers[str(layer)] = {"node": node.name, "lowering": BITPASS_KERNEL, "kernel": kind,
+                                          "weight_bits": bits, "weight_bytes": int(nbytes), "epilogue": epilogue}
         self.report.weight_bytes += nbytes
+        self.mark(node, BITPASS_KERNEL)
 
-    def _epilogue(self, node) -> str:
-        relu = self._fusable_relu(node)
-        if relu is not None:
-            self.fused.add(relu.name)
-            self._relu_alias = (relu.output[0], node.output[0])
-            return "relu"
-        return "none"
+    def _epilogue(self, node, out_shape: list[int], residual: bool) -> tuple[str, Any]:
+        """The activation and residual input fused after ``node``'s kernel: a following Relu, or an Add of a
+        tensor of the output's shape that is already computed (a skip connection), then maybe a Relu. The
+        fused nodes are skipped and their outputs become the kernel's output."""
+        out = node.output[0]
+        user = self._single_consumer(out)
+        added = None
+        if residual and user is not None and user.op_type == "Add" and user.domain in ("", "ai.onnx") \
+                and len(user.input) == 2 and user.input[0] != user.input[1]:
+            other = self.env.get(user.input[1] if user.input[0] == out else user.input[0])
+            if other is not None and not isinstance(other, np.ndarray) and self.shape_of(other) == out_shape \
+                    and self.dtype_of(other) == "float32":
+                added = other
+                self.fused.add(id(user))
+                self._alias.append(user.output[0])
+                out, user = user.output[0], self._single_consumer(user.output[0])
+        if user is not None and user.op_type == "Relu" and user.domain in ("", "ai.onnx"):
+            self.fused.add(id(user))
+            self._alias.append(user.output[0])
+            return "relu", added
+        return "none", added
 
     def op_Conv(self, bb, node, attrs, inputs):
-        from tvm import relax
-
         x, w = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
-        if not isinstance(w, np.ndarray) or len(w.shape) != 4:
-            raise NotImplementedError(f"Conv {node.name!r}: only 2-D convolutions with constant weights are lowered")
+        if not isinstance(w, np.ndarray) or len(w.shape) != 4 or \
+                (bias is not None and not isinstance(bias, np.ndarray)):
+            return self.imported(bb, node, inputs)  # not a layer with constant weights: TVM's conv2d
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise NotImplementedError(f"Conv {node.name!r}: auto_pad is not lowered yet")
-        bits = _meta(node, "bits.weight") or 32
+            return self.imported(bb, node, inputs)
+        bits = self.plan(node).weight_bits
         if bits not in (8, 32):
-            raise NotImplementedError(f"Conv {node.name!r}: {bits}-bit weights have no TVM kernel")
+            raise LoweringError(Problem("Conv", node.name, f"{bits}-bit weights have no TVM kernel"))
         oc = w.shape[0]
         ob = kernels.out_block(oc, self.lanes)
         groups = attrs.get("group", 1)
         if groups > 1 and (oc // groups) % ob:
             ob = kernels.out_block(oc // groups, self.lanes)
         pads = attrs.get("pads", [0, 0, 0, 0])
-        geometry = {"strides": list(attrs.get("strides", [1, 1])), "pads": [pads[0], pads[1], pads[2], pads[3]],
-                    "dilations": list(attrs.get("dilations", [1, 1])), "groups": groups}
-        act = self._epilogue(node)
+        geometry = {"strides": tuple(attrs.get("strides", [1, 1])), "pads": (pads[0], pads[1], pads[2], pads[3]),
+                    "dilations": tuple(attrs.get("dilations", [1, 1])), "groups": groups}
+        n, _, h, wd = self.shape_of(x)
+        out_shape = [n, oc, kernels.conv_out_size(h, pads[0] + pads[2], w.shape[2], geometry["strides"][0],
+                                                  geometry["dilations"][0]),
+                     kernels.conv_out_size(wd, pads[1] + pads[3], w.shape[3], geometry["strides"][1],
+                                           geometry["dilations"][1])]
+        act, residual = self._epilogue(node, out_shape, residual=bits == 32 or self.scheme.int8_residual)
         if bits == 8:
-            out = self._conv_int8(bb, node, x, w, bias, ob, geometry, act)
-        else:
-            out = self._conv_fp32(bb, node, x, w, bias, ob, geometry, act)
-        return self._aliased(out, relax)
+            return self._conv_int8(bb, node, x, w, bias, ob, geometry, act, residual)
+        return self._conv_fp32(bb, node, x, w, bias, ob, geometry, act, residual)
 
-    def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str):
+    def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
         wp = self.shared(("conv", node.name, ob), lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob)))
-        args = [x, wp] + ([self.expr(bias.astype(np.float32))] if bias is not None else [])
-        self._record(node, "conv2d", 32, w.size * 4)
+        b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
+        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, **geometry)
+        self._record(node, "conv2d", 32, w.size * 4, tags)
 
-        def te_conv(data, weight, *rest):
-            return kernels.conv2d(data, weight, rest[0] if rest else None, **_conv_args(geometry), act=act)
+        def te_conv(data, weight, bias_, *rest):
+            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act)
 
-        return bb.emit_te(te_conv, *args, primfunc_name_hint="bitpass_conv2d",
-                          primfunc_attrs={"bitpass.kernel": "conv2d", "bitpass.nb": ob})
+        extra = [residual] if residual is not None else []
+        return bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
+                          primfunc_attrs=tags.to_func_attrs())
 
-    def _conv_int8(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str):
+    def _conv_int8(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
         """int8 weights (per output channel) × int8 activations quantized per sample: ``kernels.conv2d_int8``,
-        replaced by ``avx2.conv2d_int8`` on AVX2 targets (the geometry travels as function attributes)."""
+        replaced by a target's micro-kernel where it has one (the geometry travels as function attributes)."""
+        levels = self.scheme.int8_levels
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
 
         def make8():
-            codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob, taps)
+            codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob, taps, levels)
             return self.const(codes), self.const(scale), codes.nbytes + scale.nbytes
 
-        codes, scale, nbytes = self.shared(("conv8", node.name, ob), make8)
-        oc = w.shape[0]
-        b = bias.astype(np.float32) if bias is not None else np.zeros(oc, np.float32)
-        self._record(node, "conv2d_int8", 8, nbytes)
+        codes, scale, nbytes = self.shared(("conv8", node.name, ob, levels), make8)
+        b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
+        tags = KernelAttrs("conv2d_int8", ob, act=act, residual=residual is not None, taps=taps, levels=levels,
+                           **geometry)
+        self._record(node, "conv2d_int8", 8, nbytes, tags)
 
-        def te_conv8(data, cc, ss, bb_):
-            return kernels.conv2d_int8(data, cc, ss, bb_, **_conv_args(geometry), act=act, taps=taps)
+        def te_conv8(data, cc, ss, bb_, *rest):
+            return kernels.conv2d_int8(data, cc, ss, bb_, rest[0] if rest else None, **geometry, act=act, taps=taps,
+                                       levels=levels)
 
-        attrs = {"bitpass.kernel": "conv2d_int8", "bitpass.nb": ob, "bitpass.act": act, "bitpass.taps": taps,
-                 **{f"bitpass.{key}": value for key, value in geometry.items()}}
-        return bb.emit_te(te_conv8, x, codes, scale, self.expr(b), primfunc_name_hint="bitpass_conv2d_int8",
-                          primfunc_attrs=attrs)
-
-    def _aliased(self, out, relax):
-        """Record that a fused Relu's output is this kernel's output."""
-        if self._relu_alias is not None:
-            self._pending_alias, self._relu_alias = self._relu_alias[0], None
-        return out
+        extra = [residual] if residual is not None else []
+        return bb.emit_te(te_conv8, x, codes, scale, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d_int8",
+                          primfunc_attrs=tags.to_func_attrs())
 
     def op_Gemm(self, bb, node, attrs, inputs):
         a, w = inputs[0], inputs[1]
-        if not isinstance(w, np.ndarray):
-            raise NotImplementedError(f"Gemm {node.name!r}: only constant weights are lowered")
-        if attrs.get("transA", 0):
-            raise NotImplementedError(f"Gemm {node.name!r}: transA is not lowered")
+        bias = inputs[2] if len(inputs) > 2 else None
+        if not isinstance(w, np.ndarray) or attrs.get("transA", 0) or \
+                (bias is not None and not isinstance(bias, np.ndarray)):
+            return self.imported(bb, node, inputs)  # not a layer with a constant weight: TVM's matmul
         w_kn = w.T if attrs.get("transB", 0) else w
         w_kn = w_kn * attrs.get("alpha", 1.0)
-        bias = inputs[2] if len(inputs) > 2 else None
         if bias is not None:
             bias = np.broadcast_to(bias * attrs.get("beta", 1.0), (w_kn.shape[1],))
         return self._dense(bb, node, a, w_kn.astype(np.float32), bias)
@@ -522,7 +739,7 @@ class _Lowering:
         from tvm import relax
 
         a, w = inputs
-        if isinstance(w, np.ndarray) and w.ndim == 2:
+        if isinstance(w, np.ndarray) and w.ndim == 2 and not isinstance(a, np.ndarray):
             shape = self.shape_of(a)
             flat = bb.emit(relax.op.reshape(a, [int(np.prod(shape[:-1])), shape[-1]])) if len(shape) != 2 else a
             out = self._dense(bb, node, flat, w.astype(np.float32), None)
@@ -536,71 +753,96 @@ class _Lowering:
 
         k, n = w_kn.shape
         nb = kernels.out_block(n, self.lanes)
-        bits = _meta(node, "bits.weight") or 32
-        act = self._epilogue(node)
-        bias_arg = [self.expr(np.ascontiguousarray(bias, np.float32))] if bias is not None else []
+        bits = self.plan(node).weight_bits
+        if bits not in (4, 8, 32):
+            raise LoweringError(Problem(node.op_type, node.name, f"{bits}-bit weights have no TVM kernel"))
+        act, _ = self._epilogue(node, [], residual=False)
+        b = np.ascontiguousarray(bias, np.float32) if bias is not None else np.zeros(n, np.float32)
         if bits == 32:
             wp = self.shared(("dense", node.name), lambda: self.const(kernels.pack_dense(w_kn, nb)))
-            self._record(node, "dense", 32, w_kn.size * 4)
+            tags = KernelAttrs("dense", nb, act=act)
+            self._record(node, "dense", 32, w_kn.size * 4, tags)
 
-            def te_dense(xx, ww, *rest):
-                return kernels.dense(xx, ww, rest[0] if rest else None, act=act)
+            def te_dense(xx, ww, bb_):
+                return kernels.dense(xx, ww, bb_, act=act)
 
-            out = bb.emit_te(te_dense, x, wp, *bias_arg, primfunc_name_hint="bitpass_dense",
-                             primfunc_attrs={"bitpass.kernel": "dense", "bitpass.nb": nb})
-        elif bits == 8:
+            return bb.emit_te(te_dense, x, wp, self.expr(b), primfunc_name_hint="bitpass_dense",
+                              primfunc_attrs=tags.to_func_attrs())
+        if bits == 8:
+            levels = self.scheme.int8_levels
+
             def make8():
-                codes, scale = kernels.quantize_int8(w_kn, nb)
+                codes, scale = kernels.quantize_int8(w_kn, nb, levels)
                 return self.const(codes), self.const(scale), codes.nbytes + scale.nbytes
 
-            codes, scale, nbytes = self.shared(("dense8", node.name), make8)
-            self._record(node, "dense_int8", 8, nbytes)
-            bias8 = bias_arg[0] if bias_arg else self.expr(np.zeros(n, np.float32))
+            codes, scale, nbytes = self.shared(("dense8", node.name, levels), make8)
+            tags = KernelAttrs("dense_int8", nb, act=act, levels=levels)
+            self._record(node, "dense_int8", 8, nbytes, tags)
 
             def te_dense8(xx, cc, ss, bb_):
-                return kernels.dense_int8(xx, cc, ss, bb_, act=act)
+                return kernels.dense_int8(xx, cc, ss, bb_, act=act, levels=levels)
 
-            out = bb.emit_te(te_dense8, x, codes, scale, bias8, primfunc_name_hint="bitpass_dense_int8",
-                             primfunc_attrs={"bitpass.kernel": "dense_int8", "bitpass.nb": nb, "bitpass.act": act})
-        elif bits == 4:
-            nb = kernels.int4_out_block(n, self.lanes)
-            if k % INT4_BLOCK:  # the kernel reduces whole blocks: zero weights × zero inputs add nothing
-                kp = -(-k // INT4_BLOCK) * INT4_BLOCK
-                w_kn = np.concatenate([w_kn, np.zeros((kp - k, n), w_kn.dtype)])
-                x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, kp - k]))
+            return bb.emit_te(te_dense8, x, codes, scale, self.expr(b), primfunc_name_hint="bitpass_dense_int8",
+                              primfunc_attrs=tags.to_func_attrs())
+        nb = kernels.int4_out_block(n, self.lanes)
+        if k % INT4_BLOCK:  # the kernel reduces whole blocks: zero weights × zero inputs add nothing
+            kp = -(-k // INT4_BLOCK) * INT4_BLOCK
+            w_kn = np.concatenate([w_kn, np.zeros((kp - k, n), w_kn.dtype)])
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, kp - k]))
 
-            def make4():
-                q = kernels.quantize_int4(w_kn, nb, INT4_BLOCK)
-                return self.const(q.codes), self.const(q.scales), q.nbytes
+        def make4():
+            q = kernels.quantize_int4(w_kn, nb, INT4_BLOCK)
+            return self.const(q.codes), self.const(q.scales), q.nbytes
 
-            codes, scales, nbytes = self.shared(("dense4", node.name), make4)
-            self._record(node, "dense_int4", 4, nbytes)
-            bias4 = bias_arg[0] if bias_arg else self.expr(np.zeros(n, np.float32))
+        codes, scales, nbytes = self.shared(("dense4", node.name), make4)
+        tags = KernelAttrs("dense_int4", nb, act=act)
+        self._record(node, "dense_int4", 4, nbytes, tags)
 
-            def te_dense4(xx, cc, ss, bb_):
-                return kernels.dense_int4(xx, cc, ss, bb_, block_size=INT4_BLOCK, act=act)
+        def te_dense4(xx, cc, ss, bb_):
+            return kernels.dense_int4(xx, cc, ss, bb_, block_size=INT4_BLOCK, act=act)
 
-            out = bb.emit_te(te_dense4, x, codes, scales, bias4, primfunc_name_hint="bitpass_dense_int4",
-                             primfunc_attrs={"bitpass.kernel": "dense_int4", "bitpass.nb": nb, "bitpass.act": act})
-        else:
-            raise NotImplementedError(f"{node.op_type} {node.name!r}: {bits}-bit weights have no TVM kernel")
-        return self._aliased(out, relax)
+        return bb.emit_te(te_dense4, x, codes, scales, self.expr(b), primfunc_name_hint="bitpass_dense_int4",
+                          primfunc_attrs=tags.to_func_attrs())
 
 
-def _conv_args(geometry: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of ``kernels.conv2d`` / ``conv2d_int8`` from a Conv's geometry."""
-    pads = geometry["pads"]
-    return {"strides": geometry["strides"], "pads": (pads[0], pads[1], pads[2], pads[3]),
-            "dilations": geometry["dilations"], "groups": geometry["groups"]}
+@functools.cache
+def importer_ops() -> frozenset[str]:
+    """ONNX op types (default domain) TVM's Relax ONNX importer converts, asked of the importer itself: it is
+    given one node of every op type ONNX defines and names those it has no converter for (empty when its
+    answer cannot be read; ``check`` still asks per node)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    names = sorted({s.name for s in onnx.defs.get_all_schemas() if s.domain in ("", "ai.onnx")})
+    nodes = [onnx.helper.make_node(name, [], [f"probe_{i}"]) for i, name in enumerate(names)]
+    probe = onnx.helper.make_model(onnx.helper.make_graph(nodes, "probe", [], []),
+                                   opset_imports=[onnx.helper.make_opsetid("", onnx.defs.onnx_opset_version())])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from_onnx(probe)
+        except Exception as err:  # noqa: BLE001 - the answer comes as an OpNotImplemented error
+            text = str(err)
+            marker = "not supported for frontend ONNX:"
+            if marker not in text:
+                return frozenset()
+            refused = {n.strip() for n in text.split(marker, 1)[1].splitlines()[0].split(",")}
+            return frozenset(names) - refused
+    return frozenset(names)
 
 
-def lower(proto: onnx.ModelProto, batches: Sequence[int], lanes: int) -> tuple[Any, LoweringReport, list[str]]:
+def rule_ops() -> frozenset[str]:
+    """ONNX op types (default domain) this module lowers itself: bitpass's kernels and ``op_*`` rules."""
+    return frozenset(name[3:] for name in dir(_Lowering) if name.startswith("op_"))
+
+
+def lower(model: Model, batches: Sequence[int], scheme: kernels.Scheme) -> tuple[Any, LoweringReport, list[str]]:
     """A Relax IRModule with one function per batch size (``main`` for the first, ``main_b{n}`` for the
-    others), the lowering report, and the function names in ``batches`` order."""
+    others), the lowering report of the first, and the function names in ``batches`` order. Nodes TVM's
+    importer converted are inlined; raises ``LoweringError`` naming the first node that cannot be lowered."""
     from tvm import relax
 
     report = LoweringReport()
-    lowering = _Lowering(proto, lanes, report)
+    lowering = _Lowering(model.to_proto(), plans_of(model), scheme, report)
     bb = relax.BlockBuilder()
     names = []
     for index, batch in enumerate(batches):
@@ -608,5 +850,64 @@ def lower(proto: onnx.ModelProto, batches: Sequence[int], lanes: int) -> tuple[A
         lowering.report = report if index == 0 else LoweringReport()
         lowering.function(bb, batch, name)
         names.append(name)
-    return bb.get(), report, names
+    mod = relax.transform.InlinePrivateFunctions()(bb.get())
+    return relax.transform.DeadCodeElimination()(mod), report, names
 
+
+#: Relax operators that stay after ``LegalizeOps`` and are still run by the VM (builtins, packed calls)
+_VM_LEVEL = ("relax.call_tir", "relax.call_tir_inplace", "relax.call_dps_packed", "relax.call_packed",
+             "relax.call_pure_packed", "relax.call_builtin_with_ctx", "relax.shape_of", "relax.null_value",
+             "relax.tensor_to_shape", "relax.shape_to_tensor", "relax.print", "relax.assert_op")
+
+
+def check(model: Model, scheme: kernels.Scheme, batch: int = 1) -> list[Problem]:
+    """Every node of ``model`` that cannot run on TVM, asked of TVM: the lowering runs for one batch size
+    (each node through bitpass's kernels and rules or TVM's importer), going on past failures, then TVM's
+    operator legalization, whose leftovers (operators with no TIR implementation) are reported by node."""
+    from tvm import relax
+
+    proto = model.to_proto()
+    lowering = _Lowering(proto, plans_of(model), scheme, LoweringReport())
+    lowering.collect = []
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        lowering.value_info = {v.name: v for v in inferred.graph.value_info}
+    except Exception:  # noqa: BLE001 - no placeholders: a failure stops the check at that node
+        lowering.value_info = {}
+    bb = relax.BlockBuilder()
+    try:
+        lowering.function(bb, batch, "main")
+    except LoweringError as err:  # the inputs themselves
+        return [err.problem]
+    except Exception as err:  # noqa: BLE001 - the function could not be closed (placeholders left in it)
+        if not lowering.collect:
+            return [Problem("graph", model.provenance.name, first_line(err))]
+    if lowering.collect:
+        return list(lowering.collect)
+    mod = relax.transform.InlinePrivateFunctions()(bb.get())
+    try:
+        legal = relax.transform.LegalizeOps()(mod)
+    except Exception as err:  # noqa: BLE001
+        return [Problem("graph", model.provenance.name, f"TVM's operator legalization: {first_line(err)}")]
+    del legal
+    return []
+
+
+def unimplemented_ops(func) -> list[str]:
+    """Relax operators called in ``func`` that TVM can neither legalize to TIR nor run in the VM."""
+    import tvm
+    from tvm import relax
+
+    missing: list[str] = []
+    for block in getattr(func.body, "blocks", []):
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+                continue
+            name = str(value.op.name)
+            if name in _VM_LEVEL or name.startswith(("relax.builtin.", "relax.vm.", "relax.memory.")) \
+                    or value.op.get_attr("FCallPacked") is not None or value.op.get_attr("FLegalize") is not None:
+                continue
+            if name not in missing:
+                missing.append(name)
+    return missing

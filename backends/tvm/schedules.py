@@ -5,14 +5,14 @@ schedule, or None when it does not apply. ``rules_for(features)`` picks the rule
 target's features (vector width from AVX-512 / AVX2 / NEON), and ``apply_rules`` applies them to
 every PrimFunc of a module (TVM's default CPU pipeline schedules nothing; NOTES.md).
 
-On AVX2 the int8 and 4-bit dense and the int8 conv rules return a schedule of a hand-written micro-kernel
-(``avx2.py``: ``vpmaddubsw`` / ``vpmaddwd`` called from TIR) with the TE kernel's parameters, in place
-of scheduling the TE compute; elsewhere (aarch64) they schedule the TE compute, which stays portable.
-VNNI and aarch64 dot-product intrinsics are a next step.
+On AVX-512 VNNI targets the int8 and 4-bit dense and the int8 conv rules return a schedule of a
+hand-written ``vpdpbusd`` micro-kernel (``avx512.py``), on AVX2 one of ``vpmaddubsw`` / ``vpmaddwd``
+(``avx2.py``), with the TE kernel's parameters, in place of scheduling the TE compute; elsewhere (aarch64)
+they schedule the TE compute, which stays portable. aarch64 dot-product intrinsics are a next step.
 
-Kernel rules recognise bitpass's own kernels by the ``bitpass.kernel`` attribute the lowering
-puts on them (``kernels.py``); ``Elementwise`` and ``Reduction`` handle what TVM's
-``LegalizeOps`` produced for the other operators (parallel outer loops, vectorized inner).
+Kernel rules recognise bitpass's own kernels by the attributes the lowering puts on them
+(``kernel_attrs.KernelAttrs``); ``Elementwise`` and ``Reduction`` handle what TVM's ``LegalizeOps``
+produced for the other operators (parallel outer loops, vectorized inner).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
 
-from bitpass.backends.tvm import avx2
+from bitpass.backends.tvm import avx2, avx512
+from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
 #: below this many output elements (or multiply-adds for kernels) a function runs on one thread:
 #: waking the pool costs more than the work
@@ -62,24 +63,6 @@ def _int(value) -> int | None:
     return int(value) if isinstance(value, (int, tirx.IntImm)) else None
 
 
-def _kernel(func: tirx.PrimFunc) -> str | None:
-    attrs = func.attrs
-    return str(attrs["bitpass.kernel"]) if attrs is not None and "bitpass.kernel" in attrs else None
-
-
-def _attr(func: tirx.PrimFunc, name: str) -> int:
-    return int(func.attrs[name])
-
-
-def _act(func: tirx.PrimFunc) -> str:
-    """The fused activation a kernel was built with (``bitpass.act``; "none" when absent)."""
-    return str(func.attrs["bitpass.act"]) if "bitpass.act" in func.attrs else "none"
-
-
-def _ints(func: tirx.PrimFunc, name: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in func.attrs[name])
-
-
 def _shapes(func: tirx.PrimFunc) -> list[tuple[int, ...]]:
     """Static shapes of the function's buffer parameters, in order."""
     return [tuple(int(d) for d in p.ty.shape) for p in func.params]
@@ -96,9 +79,10 @@ def _tile_outputs(sch, acc, out, mt: int, nb: int):
     outer = sch.fuse(io, jo)
     sch.compute_at(acc, outer)
     sch.set_scope(acc, 0, "local")
-    tile = sch.get_loops(acc)[1:]
-    ai, aj, k = tile if len(tile) == 3 else (None, *tile)
-    return outer, ji, ai, aj, k
+    tile = list(sch.get_loops(acc)[1:])  # unit loops (mt == 1, a reduction of one) are gone
+    ai = tile.pop(0) if mt > 1 else None
+    aj = tile.pop(0)
+    return outer, ji, ai, aj, tile[0] if tile else None
 
 
 def _divisor(n: int, limit: int) -> int:
@@ -120,23 +104,24 @@ class Dense(_Rule):
     innermost loads contiguous; for M = 1 (GEMV) the kernel streams each tile's weights once."""
 
     def apply(self, func, target, tunable):
-        kind = _kernel(func)
-        if kind not in ("dense", "dense_int8", "dense_int4"):
+        tags = KernelAttrs.of(func)
+        if tags is None or tags.kernel not in ("dense", "dense_int8", "dense_int4"):
             return None
-        if kind == "dense_int4":
-            return self._int4_avx2(func) or self._int4(func)
-        if kind == "dense_int8":
-            hand = self._int8_avx2(func)
+        if tags.kernel == "dense_int4":
+            return self._int4_vnni(func, tags) or self._int4_avx2(func, tags) or self._int4(func, tags)
+        if tags.kernel == "dense_int8":
+            hand = self._int8_vnni(func, tags) or self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
         sch = s_tir.Schedule(func)
-        nb = _attr(func, "bitpass.nb")
+        nb = tags.nb
         acc = sch.get_sblock("dense_acc")
         out = sch.get_sblock("dense_out")
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
         kk = _int(sch.get(sch.get_loops(acc)[-1]).extent)
         outer, ji, ai, aj, k = _tile_outputs(sch, acc, out, _divisor(m, 4), nb)
-        sch.reorder(k, *([ai] if ai is not None else []), aj)
+        if k is not None:
+            sch.reorder(k, *([ai] if ai is not None else []), aj)
         inner = aj
         if ai is not None:
             sch.unroll(ai)
@@ -144,9 +129,10 @@ class Dense(_Rule):
             sch.parallel(outer)
         sch.vectorize(inner)
         sch.vectorize(ji)
-        init = sch.decompose_reduction(acc, k)
-        sch.vectorize(sch.get_loops(init)[-1])
-        if kind == "dense_int8":
+        if k is not None:
+            init = sch.decompose_reduction(acc, k)
+            _vectorize_innermost(sch, init, outer)
+        if tags.kernel == "dense_int8":
             for name in ("row_amax", "row_scale", "quantize_x"):
                 blk = sch.get_sblock(name)
                 loops = sch.get_loops(blk)
@@ -159,19 +145,42 @@ class Dense(_Rule):
                 sch.vectorize(vi)
         return sch
 
-    def _int8_avx2(self, func):
+    def _int8_vnni(self, func, tags: KernelAttrs):
+        """The ``vpdpbusd`` micro-kernel (``avx512.dense_int8``) where the target has AVX-512 VNNI."""
+        if "vnni" not in self.features or len(func.params) != 5:
+            return None
+        (m, k), codes = _shapes(func)[:2]
+        nb = codes[2]
+        if not avx512.dense_int8_supported(nb, tags.levels):
+            return None
+        n = codes[0] * nb
+        return _replacement(func, avx512.dense_int8(m, k, n, nb, tags.act, parallel=m * n * k >= PARALLEL_MIN_WORK))
+
+    def _int4_vnni(self, func, tags: KernelAttrs):
+        """The ``vpdpbusd`` micro-kernel (``avx512.dense_int4``) where the target has AVX-512 VNNI."""
+        if "vnni" not in self.features or len(func.params) != 5:
+            return None
+        (m, k), codes, scales = _shapes(func)[:3]
+        nb, nkb = codes[2], scales[1]
+        if not avx512.dense_int4_supported(k, nb, k // nkb):
+            return None
+        n = codes[0] * nb
+        return _replacement(func, avx512.dense_int4(m, k, n, nb, k // nkb, tags.act,
+                                                    parallel=m * n * k >= PARALLEL_MIN_WORK))
+
+    def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int8``) where the target has AVX2 and the tile fits."""
-        if "avx2" not in self.features or len(func.params) != 5:
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
             return None
         (m, k), codes = _shapes(func)[:2]
         nb = codes[2]
         if not avx2.dense_int8_supported(nb):
             return None
         n = codes[0] * nb
-        kernel = avx2.dense_int8(m, k, n, nb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
+        kernel = avx2.dense_int8(m, k, n, nb, tags.act, parallel=m * n * k >= PARALLEL_MIN_WORK)
         return _replacement(func, kernel)
 
-    def _int4_avx2(self, func):
+    def _int4_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int4``) where the target has AVX2 and the tile fits."""
         if "avx2" not in self.features:
             return None
@@ -180,22 +189,22 @@ class Dense(_Rule):
         if len(func.params) != 5 or not avx2.dense_int4_supported(k, nb, k // nkb):
             return None
         n = codes[0] * nb
-        kernel = avx2.dense_int4(m, k, n, nb, k // nkb, _act(func), parallel=m * n * k >= PARALLEL_MIN_WORK)
+        kernel = avx2.dense_int4(m, k, n, nb, k // nkb, tags.act, parallel=m * n * k >= PARALLEL_MIN_WORK)
         return _replacement(func, kernel)
 
-    def _int4(self, func):
+    def _int4(self, func, tags: KernelAttrs):
         """Portable: per tile of ``nb`` outputs (parallel) and block of k, the int32 nibble × x_q sums in
         registers, vectorized over the tile, then one offset correction and scale per block."""
         sch = s_tir.Schedule(func)
-        nb = _attr(func, "bitpass.nb")
         part = sch.get_sblock("dense4_part")
         acc = sch.get_sblock("dense_acc")
         out = sch.get_sblock("dense_out")
         m, n = (_int(sch.get(lp).extent) for lp in sch.get_loops(out))
         kk = _int(sch.get(sch.get_loops(part)[-1]).extent) * _int(sch.get(sch.get_loops(acc)[-1]).extent)
-        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, 1, nb)
-        sch.reorder(kb, aj)
-        sch.compute_at(part, kb)
+        outer, ji, ai, aj, kb = _tile_outputs(sch, acc, out, 1, tags.nb)
+        if kb is not None:
+            sch.reorder(kb, aj)
+        sch.compute_at(part, kb if kb is not None else outer)
         sch.set_scope(part, 0, "local")
         pj, t = sch.get_loops(part)[-2:]
         sch.reorder(t, pj)
@@ -205,81 +214,132 @@ class Dense(_Rule):
         if m * n * kk >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
         pinit = sch.decompose_reduction(part, t)
-        sch.vectorize(sch.get_loops(pinit)[-1])
-        ainit = sch.decompose_reduction(acc, kb)
-        sch.vectorize(sch.get_loops(ainit)[-1])
+        _vectorize_innermost(sch, pinit, outer)
+        if kb is not None:
+            ainit = sch.decompose_reduction(acc, kb)
+            _vectorize_innermost(sch, ainit, outer)
         return sch
+
+
+#: vector registers a conv tile's accumulators may hold (AVX-512 has 32, AVX2 and NEON 16: two are left
+#: for the weight vectors of a step and one for the broadcast activation)
+ACCUMULATORS = {16: 24, 8: 12, 4: 24}
+#: the widest output-column tile (longer ones unroll too far for little gain)
+MAX_TILE_COLUMNS = 14
+
+
+def conv_tile_columns(ow: int, vectors: int, lanes: int) -> int:
+    """Output columns per register tile: the largest divisor of ``ow`` whose tile of ``vectors`` vector
+    registers per column fits the accumulator budget (7 × 2 zmm for ResNet's 56/28/14/7-wide maps)."""
+    budget = max(1, ACCUMULATORS.get(lanes, 12) // max(vectors, 1))
+    return _divisor(ow, min(budget, MAX_TILE_COLUMNS))
 
 
 class Conv2d(_Rule):
     """NCHW fp32 and int8 conv (the portable path; AVX2 int8 gets ``avx2.conv2d_int8``): tiles of ``owt``
     output columns × ``ob`` output channels held in registers, channels innermost (vectorized), reduction
-    (c, ky, kx) outside the tile; bias + activation and the write back to NCHW per tile (int8: after
-    the convolution, as it also reads the sample's scale); parallel over (batch, output row)."""
+    (c, ky, kx) outside the tile; bias, residual and activation and the write back to NCHW per tile (int8:
+    after the convolution, as it also reads the sample's scale); parallel over (batch, output block, row,
+    column tile), output block outside the rows so a block's weights stay in cache across its rows.
+    Depthwise convolutions (one input channel per group) vectorize over output columns instead."""
 
     def apply(self, func, target, tunable):
-        kind = _kernel(func)
-        if kind not in ("conv2d", "conv2d_int8"):
+        tags = KernelAttrs.of(func)
+        if tags is None or tags.kernel not in ("conv2d", "conv2d_int8"):
             return None
-        if kind == "conv2d_int8":
-            hand = self._int8_avx2(func)
+        if tags.kernel == "conv2d_int8":
+            hand = self._int8_vnni(func, tags) or self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
         sch = s_tir.Schedule(func)
-        if kind == "conv2d_int8":  # the scales are expressions of the sample's max, read where needed
+        int8 = tags.kernel == "conv2d_int8"
+        if int8:  # the scales are expressions of the sample's max, read where needed
             for name in ("sample_scale", "sample_inv"):
                 sch.compute_inline(sch.get_sblock(name))
-        ob = _attr(func, "bitpass.nb")
+        ob = tags.nb
         acc = sch.get_sblock("conv_acc")
         out = sch.get_sblock("conv_out")
         b, y, x, o, rc, ry, rx = sch.get_loops(acc)
         ow = _int(sch.get(x).extent)
-        oc = _int(sch.get(o).extent)
+        icg = _int(sch.get(rc).extent)
         work = 1
         for loop in (b, y, x, o, rc, ry, rx):
             work *= _int(sch.get(loop).extent) or 1
-        owt = _divisor(ow, 4 if ob > self.lanes else 8)
+        depthwise = tags.groups > 1 and icg == 1 and ob == 1
+        if depthwise:  # one channel per tile: vectorize the output columns
+            owt = _divisor(ow, self.lanes)
+        else:
+            owt = conv_tile_columns(ow, -(-ob // self.lanes), self.lanes)
         xo, xi = sch.split(x, [None, owt])
         oo, oi = sch.split(o, [None, ob])
-        sch.reorder(b, y, xo, oo, rc, ry, rx, xi, oi)
-        sch.unroll(xi)
-        if kind == "conv2d":
-            sch.reverse_compute_at(out, oo)
-            sch.set_scope(acc, 0, "local")
-        else:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
+        sch.reorder(b, oo, y, xo, rc, ry, rx, *((oi, xi) if depthwise else (xi, oi)))
+        outer = sch.fuse(b, oo, y, xo)
+        if int8:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
             oloops = sch.get_loops(out)
             ofused = sch.fuse(*oloops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(ofused)
-        outer = sch.fuse(b, y)
+            if depthwise or ow % self.lanes == 0:
+                _, vx = sch.split(oloops[-1], [None, self.lanes if ow % self.lanes == 0 else ow])
+                sch.vectorize(vx)
+        else:
+            sch.reverse_compute_at(out, outer)
+            sch.set_scope(acc, 0, "local")
+            if depthwise:
+                _vectorize_innermost(sch, out, outer)
         if work >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
-        sch.vectorize(oi)
+        if depthwise:
+            sch.vectorize(xi)
+        else:
+            sch.unroll(xi)
+            sch.vectorize(oi)
         init = sch.decompose_reduction(acc, rc)
-        sch.vectorize(sch.get_loops(init)[-1])
-        pad = _sblock_or_none(sch, "conv_pad" if kind == "conv2d" else "quantize_x")
+        _vectorize_innermost(sch, init, outer)
+        pad = _sblock_or_none(sch, "quantize_x" if int8 else "conv_pad")
         if pad is not None:
             loops = sch.get_loops(pad)
             pfused = sch.fuse(*loops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(pfused)
-        del oc
         return sch
 
-    def _int8_avx2(self, func):
-        """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
-        if "avx2" not in self.features or len(func.params) != 5:
+    def _int8_vnni(self, func, tags: KernelAttrs):
+        """The ``vpdpbusd`` micro-kernel (``avx512.conv2d_int8``) where the target has AVX-512 VNNI."""
+        if "vnni" not in self.features:
             return None
-        data, codes, _, _, out = _shapes(func)
-        ob, groups = codes[4], _attr(func, "bitpass.groups")
-        if not avx2.conv2d_int8_supported(ob, groups):
+        shapes = _shapes(func)
+        data, codes, out = shapes[0], shapes[1], shapes[-1]
+        if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps):
             return None
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
-        taps = _attr(func, "bitpass.taps") if "bitpass.taps" in func.attrs else 0
-        kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), _ints(func, "bitpass.strides"),
-                                  _ints(func, "bitpass.pads"), _ints(func, "bitpass.dilations"), _act(func),
-                                  parallel=work >= PARALLEL_MIN_WORK, taps=taps)
+        kernel = avx512.conv2d_int8(data, out[1], codes[4], (codes[2], codes[3]), tags.strides, tags.pads,
+                                    tags.dilations, tags.act, parallel=work >= PARALLEL_MIN_WORK,
+                                    residual=tags.residual)
         return _replacement(func, kernel)
+
+    def _int8_avx2(self, func, tags: KernelAttrs):
+        """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
+            return None
+        data, codes, _, _, out = _shapes(func)
+        ob = codes[4]
+        if not avx2.conv2d_int8_supported(ob, tags.groups):
+            return None
+        work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
+        kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), tags.strides, tags.pads, tags.dilations,
+                                  tags.act, parallel=work >= PARALLEL_MIN_WORK, taps=tags.taps)
+        return _replacement(func, kernel)
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block, outer) -> None:
+    """Vectorize ``block``'s innermost loop, unless that is the (parallel) ``outer`` loop itself: a tile's
+    unit loops vanish when its extents are 1, and vectorizing the outer loop instead makes one vector of
+    every tile (hundreds of lanes, minutes of LLVM)."""
+    loop = sch.get_loops(block)[-1]
+    if sch.get(loop).same_as(sch.get(outer)) or (_int(sch.get(loop).extent) or 0) <= 1:
+        return
+    sch.vectorize(loop)
 
 
 def _replacement(func: tirx.PrimFunc, kernel: tirx.PrimFunc) -> s_tir.Schedule:
@@ -301,18 +361,70 @@ def _spatial_only(sch: s_tir.Schedule, block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-class Elementwise(_Rule):
-    """Functions whose blocks are all spatial (LegalizeOps' injective ops): each root block's loops fused,
-    split into a parallel outer part and a vectorized inner part."""
+class Matmul(_Rule):
+    """TVM's legalized ``matmul`` of two computed tensors (attention's Q·Kᵀ and P·V): [mt × nt] output tiles
+    in registers, the columns vectorized (the right operand's rows are contiguous), the reduction outside
+    the tile, parallel over batch dimensions and tiles."""
 
     def apply(self, func, target, tunable):
-        if _kernel(func) is not None:
+        if KernelAttrs.of(func) is not None or not _has_root(sch := s_tir.Schedule(func)):
+            return None
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) != 1 or sch.get(blocks[0]).name_hint != "matmul":
+            return None
+        block = blocks[0]
+        ivs = sch.get(block).iter_vars
+        loops = sch.get_loops(block)
+        if len(loops) != len(ivs) or len(ivs) < 3 or ivs[-1].iter_type != tirx.IterVar.CommReduce \
+                or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:-1]):
+            return None
+        extents = [_int(sch.get(lp).extent) for lp in loops]
+        if any(e is None for e in extents):
+            return None
+        *batch, i, j, k = loops
+        rows, cols = extents[-3], extents[-2]
+        nt = next((w for w in (2 * self.lanes, self.lanes) if cols % w == 0), _divisor(cols, self.lanes))
+        mt = _divisor(rows, max(1, ACCUMULATORS.get(self.lanes, 12) // max(1, nt // self.lanes)) if nt >= self.lanes
+                      else 4)
+        io, ii = sch.split(i, [None, mt])
+        jo, ji = sch.split(j, [None, nt])
+        sch.reorder(*batch, io, jo, k, ii, ji)
+        acc = sch.cache_write(block, 0, "local")
+        outer = sch.fuse(*batch, io, jo)
+        sch.reverse_compute_at(acc, outer)
+        work = 1
+        for e in extents:
+            work *= e
+        if work >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        sch.unroll(ii)
+        sch.vectorize(ji)
+        init = sch.decompose_reduction(block, k)
+        _vectorize_innermost(sch, init, outer)
+        _vectorize_innermost(sch, acc, outer)
+        return sch
+
+
+class Elementwise(_Rule):
+    """Functions whose blocks are all spatial (LegalizeOps' injective ops, chains fused by TVM's operator
+    fusion): every block but the last inlined into its consumer where it can be (one pass over memory), then
+    each remaining block's loops fused, split into a parallel outer part and a vectorized inner part (not
+    for booleans, which TIR cannot store as vectors)."""
+
+    def apply(self, func, target, tunable):
+        if KernelAttrs.of(func) is not None:
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
         if not blocks or not all(_spatial_only(sch, blk) for blk in blocks):
             return None
-        for blk in blocks:
+        for blk in blocks[:-1]:
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # noqa: BLE001 - e.g. read at other indices by a broadcast: stays a stage
+                pass
+        booleans = '"bool"' in func.script()  # a boolean buffer anywhere (parameters or intermediates)
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
             loops = sch.get_loops(blk)
             if not loops:
                 continue
@@ -320,7 +432,7 @@ class Elementwise(_Rule):
             extent = _int(sch.get(fused).extent)
             if extent is None:
                 continue
-            if extent % self.lanes == 0 and extent >= self.lanes:
+            if extent % self.lanes == 0 and extent >= self.lanes and not booleans:
                 outer, inner = sch.split(fused, [None, self.lanes])
                 sch.vectorize(inner)
             else:
@@ -335,7 +447,7 @@ class Reduction(_Rule):
     means): parallel over that loop when the function is big enough."""
 
     def apply(self, func, target, tunable):
-        if _kernel(func) is not None:
+        if KernelAttrs.of(func) is not None:
             return None
         sch = s_tir.Schedule(func)
         if not _has_root(sch):
@@ -371,7 +483,7 @@ def rules_for(features: Iterable[str]) -> list[dlight.ScheduleRule]:
     """The rule list for a target with ``features`` (first applicable rule wins)."""
     features = frozenset(features)
     lanes = vector_lanes(features)
-    return [Dense(lanes, features), Conv2d(lanes, features), Elementwise(lanes), Reduction(lanes)]
+    return [Dense(lanes, features), Conv2d(lanes, features), Matmul(lanes), Elementwise(lanes), Reduction(lanes)]
 
 
 def apply_rules(mod, target: Target):

@@ -11,22 +11,49 @@ tvm = pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip i
 from tvm import te  # noqa: E402
 
 from bitpass.backends.tvm import kernels, schedules, targets  # noqa: E402
+from bitpass.backends.tvm.kernel_attrs import KernelAttrs  # noqa: E402
 
 SPEC = targets.get(targets.host_target())
 LANES = schedules.vector_lanes(SPEC.features)
 rng = np.random.default_rng(0)
-#: the host's target (AVX2 micro-kernels on x86) and a plain x86-64 one (the portable TE schedules, which
-#: aarch64 gets), both runnable here
+#: the host's target and a plain x86-64 one (the portable TE schedules, which aarch64 gets)
 HOST = SPEC.tvm_dict()
 PORTABLE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64", "num-cores": 1}
 
 
-def _build(tensors, kind: str, nb: int, target: dict | None = None, **attrs):
-    func = te.create_prim_func(tensors).with_attr({"bitpass.kernel": kind, "bitpass.nb": nb,
-                                                   **{f"bitpass.{k}": v for k, v in attrs.items()}})
+class Path:
+    """One kernel path: a target, the features its rules see and the kernel scheme (lanes, int8 codes)."""
+
+    def __init__(self, name: str, target: dict, features: frozenset[str], intrinsic: str | None) -> None:
+        self.name, self.target, self.features, self.intrinsic = name, target, features, intrinsic
+        self.scheme = kernels.scheme_for(features)
+        self.lanes = self.scheme.lanes
+        self.levels = self.scheme.int8_levels
+
+
+#: AVX-512 VNNI micro-kernels (vpdpbusd), AVX2 micro-kernels (vpmaddubsw), portable TE schedules; a path
+#: whose features this CPU lacks is skipped
+PATHS = [Path("vnni", targets.get("x86-64-avx512").tvm_dict(), targets.get("x86-64-avx512").features, "vpdpbusd"),
+         Path("avx2", targets.get("x86-64-avx2").tvm_dict(), targets.get("x86-64-avx2").features, "pmadd"),
+         Path("portable", PORTABLE, frozenset(), None)]
+
+
+@pytest.fixture(params=PATHS, ids=[p.name for p in PATHS])
+def path(request) -> Path:
+    if not request.param.features <= targets.host_features():
+        pytest.skip(f"this CPU lacks {sorted(request.param.features - targets.host_features())}")
+    return request.param
+
+
+def _build(tensors, kind: str, nb: int, target: dict | None = None, *, intrinsic: str | None = None, **attrs):
+    """Schedule with the rules for ``target`` and compile; ``intrinsic``: the hand-written micro-kernel
+    (its LLVM intrinsic's name) must have replaced the TE compute, where the path has one."""
+    func = KernelAttrs(kind, nb, **attrs).tag(te.create_prim_func(tensors))
     target = tvm.target.Target(target or HOST)
     mod = schedules.apply_rules(tvm.IRModule({"main": func}), target)
     assert mod["main"].attrs["tirx.is_scheduled"], "the rule did not schedule the kernel"
+    if intrinsic is not None:
+        assert intrinsic in mod.script(), f"the {intrinsic} micro-kernel was not used"
     return tvm.compile(mod, target=target)["main"]
 
 
@@ -37,46 +64,48 @@ def _run(func, *arrays, out_shape):
     return out.numpy()
 
 
-@pytest.mark.parametrize(("m", "k", "n", "act"), [(1, 256, 64, "none"), (5, 64, 48, "relu"), (4, 32, 10, "none")])
-def test_dense_fp32_matches_numpy(m, k, n, act):
-    nb = kernels.out_block(n, LANES)
+@pytest.mark.parametrize(("m", "k", "n", "act"), [(1, 256, 64, "none"), (5, 64, 48, "relu"), (4, 32, 10, "none"),
+                                                 (64, 128, 96, "relu"), (1, 512, 1000, "none")])
+def test_dense_fp32_matches_numpy(m, k, n, act, path):
+    nb = kernels.out_block(n, path.lanes)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
     tx, tw, tb = te.placeholder((m, k), "float32"), te.placeholder((n // nb, k, nb), "float32"), \
         te.placeholder((n,), "float32")
-    func = _build([tx, tw, tb, kernels.dense(tx, tw, tb, act=act)], "dense", nb)
+    func = _build([tx, tw, tb, kernels.dense(tx, tw, tb, act=act)], "dense", nb, path.target, act=act)
     want = x @ w + b
     want = np.maximum(want, 0) if act == "relu" else want
     np.testing.assert_allclose(_run(func, x, kernels.pack_dense(w, nb), b, out_shape=(m, n)), want,
                                rtol=1e-4, atol=1e-4)
 
 
-def _int8_reference(x: np.ndarray, codes: np.ndarray, sw: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """numpy: 7-bit activations per row, integer product with the 7-bit weight codes, fp32 requantization."""
-    levels = np.float32(kernels.DENSE_INT8_LEVELS)
+def _int8_reference(x: np.ndarray, codes: np.ndarray, sw: np.ndarray, b: np.ndarray, levels: int) -> np.ndarray:
+    """numpy: activations per row in ±levels, integer product with the weight codes, fp32 requantization."""
     amax = np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-12))
-    xq = np.round(x * (levels / amax)).astype(np.int64)
-    acc = xq @ kernels.int8_codes(codes, x.shape[1]).astype(np.int64)
-    return acc * (amax / levels).astype(np.float64) * sw + b
+    xq = np.round(x * (np.float32(levels) / amax)).astype(np.int64)
+    acc = xq @ kernels.int8_codes(codes, x.shape[1], levels).astype(np.int64)
+    return acc * (amax / np.float32(levels)).astype(np.float64) * sw + b
 
 
-@pytest.mark.parametrize("target", [HOST, PORTABLE], ids=["host", "portable"])
 @pytest.mark.parametrize(("m", "k", "n", "act"),
                          [(1, 256, 64, "none"), (1, 1024, 64, "relu"), (64, 1024, 64, "none"), (64, 64, 192, "relu"),
                           (64, 256, 64, "none"), (64, 1024, 256, "relu"), (3, 128, 32, "none"), (5, 60, 48, "relu"),
                           (64, 36, 10, "none"), (16, 200, 16, "relu")])
-def test_dense_int8_is_integer_arithmetic_with_requantization(m, k, n, act, target):
-    """Both AVX2 loop orders (row tiles first for small weights at M = 64, output blocks first for M = 1 or
-    large weights), K not a multiple of 8 (zero-padded), N below a vector (portable schedule)."""
-    nb = kernels.out_block(n, LANES)
+def test_dense_int8_is_integer_arithmetic_with_requantization(m, k, n, act, path):
+    """M = 1 and 64; both AVX2 loop orders (row tiles first for small weights at M = 64, output blocks first
+    for M = 1 or large weights), K not a multiple of 8 (zero-padded), N below a vector (portable schedule)."""
+    nb = kernels.out_block(n, path.lanes)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
-    codes, sw = kernels.quantize_int8(w, nb)
+    codes, sw = kernels.quantize_int8(w, nb, path.levels)
     assert codes.dtype == np.uint8 and codes.nbytes == kernels.dense_int8_depth(k) * n
-    np.testing.assert_array_equal(kernels.int8_codes(codes, k), np.clip(np.rint(w / sw), -63, 63))  # lossless
+    np.testing.assert_array_equal(kernels.int8_codes(codes, k, path.levels),
+                                  np.clip(np.rint(w / sw), -path.levels, path.levels))  # lossless packing
     tx, tc, ts, tb = te.placeholder((m, k), "float32"), te.placeholder(codes.shape, "uint8"), \
         te.placeholder((n,), "float32"), te.placeholder((n,), "float32")
-    func = _build([tx, tc, ts, tb, kernels.dense_int8(tx, tc, ts, tb, act=act)], "dense_int8", nb, target, act=act)
+    hand = path.intrinsic if nb % path.lanes == 0 else None
+    func = _build([tx, tc, ts, tb, kernels.dense_int8(tx, tc, ts, tb, act=act, levels=path.levels)], "dense_int8", nb,
+                  path.target, intrinsic=hand, act=act, levels=path.levels)
     got = _run(func, x, codes, sw, b, out_shape=(m, n))
-    want = _int8_reference(x, codes, sw, b)
+    want = _int8_reference(x, codes, sw, b, path.levels)
     want = np.maximum(want, 0) if act == "relu" else want
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     # and close to fp32 (quantization error only)
@@ -99,12 +128,12 @@ def _int4_reference(x: np.ndarray, q: kernels.Int4Weight) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("target", [HOST, PORTABLE], ids=["host", "portable"])
 @pytest.mark.parametrize(("m", "k", "n", "bs", "act"),
                          [(1, 256, 64, 32, "none"), (2, 64, 32, 32, "relu"), (3, 128, 48, 64, "none"),
-                          (8, 64, 64, 32, "relu"), (1, 512, 256, 128, "none"), (2, 64, 12, 32, "none")])
-def test_dense_int4_is_integer_arithmetic_on_int8_activations(m, k, n, bs, act, target):
-    nb = kernels.int4_out_block(n, LANES)
+                          (8, 64, 64, 32, "relu"), (1, 512, 256, 128, "none"), (2, 64, 12, 32, "none"),
+                          (64, 256, 128, 32, "relu"), (64, 128, 64, 128, "none")])
+def test_dense_int4_is_integer_arithmetic_on_int8_activations(m, k, n, bs, act, path):
+    nb = kernels.int4_out_block(n, path.lanes)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
     q = kernels.quantize_int4(w, nb, bs)
     assert q.codes.dtype == np.uint8 and q.codes.size == k * n // 2
@@ -114,8 +143,9 @@ def test_dense_int4_is_integer_arithmetic_on_int8_activations(m, k, n, bs, act, 
     assert np.abs(kernels.dequantize_int4(q) - w).max() <= np.abs(w).max() / 7 / 2 * 1.01
     tx, tc, ts, tb = te.placeholder((m, k), "float32"), te.placeholder(q.codes.shape, "uint8"), \
         te.placeholder(q.scales.shape, "float16"), te.placeholder((n,), "float32")
+    hand = path.intrinsic if nb % path.lanes == 0 else None
     func = _build([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=bs, act=act)], "dense_int4", nb,
-                  target, act=act)
+                  path.target, intrinsic=hand, act=act)
     got = _run(func, x, q.codes, q.scales, b, out_shape=(m, n))
     want = _int4_reference(x, q) + b
     want = np.maximum(want, 0) if act == "relu" else want
@@ -141,61 +171,115 @@ def _conv_ref(x, w, b, stride, pad, groups):
     return out + b[None, :, None, None]
 
 
-@pytest.mark.parametrize(("c", "oc", "hw", "stride", "pad", "groups"),
-                         [(3, 16, 8, 1, 1, 1), (8, 32, 9, 2, 1, 1), (16, 16, 8, 1, 1, 16)])
-def test_conv2d_matches_numpy_including_depthwise(c, oc, hw, stride, pad, groups):
-    ob = kernels.out_block(oc // groups if groups > 1 else oc, LANES)
-    x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "pad", "groups", "residual"),
+                         [(1, 3, 16, 8, 1, 1, 1, False), (2, 8, 32, 9, 2, 1, 1, False),
+                          (2, 16, 16, 8, 1, 1, 16, False), (1, 32, 32, 14, 1, 1, 1, True),
+                          (1, 64, 64, 7, 1, 1, 1, True), (3, 24, 24, 10, 2, 1, 24, False),
+                          (64, 16, 32, 6, 1, 1, 1, True)])
+def test_conv2d_matches_numpy_including_depthwise_and_residual(n, c, oc, hw, stride, pad, groups, residual, path):
+    ob = kernels.out_block(oc // groups if groups > 1 else oc, path.lanes)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
     w = rng.standard_normal((oc, c // groups, 3, 3)).astype(np.float32)
     b = rng.standard_normal(oc).astype(np.float32)
+    want = _conv_ref(x, w, b, stride, pad, groups)
+    r = rng.standard_normal(want.shape).astype(np.float32) if residual else None
     tx, tw, tb = te.placeholder(x.shape, "float32"), te.placeholder((oc // ob, c // groups, 3, 3, ob), "float32"), \
         te.placeholder((oc,), "float32")
-    out = kernels.conv2d(tx, tw, tb, strides=(stride, stride), pads=(pad,) * 4, dilations=(1, 1), groups=groups,
-                         act="relu")
-    func = _build([tx, tw, tb, out], "conv2d", ob)
-    want = np.maximum(_conv_ref(x, w, b, stride, pad, groups), 0)
-    np.testing.assert_allclose(_run(func, x, kernels.pack_conv(w, ob), b, out_shape=want.shape), want,
-                               rtol=1e-4, atol=1e-4)
+    tr = [te.placeholder(want.shape, "float32")] if residual else []
+    geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": groups}
+    out = kernels.conv2d(tx, tw, tb, *tr, **geometry, act="relu")
+    func = _build([tx, tw, tb, *tr, out], "conv2d", ob, path.target, act="relu", residual=residual, **geometry)
+    want = np.maximum(want + (r if residual else 0), 0)
+    arrays = [x, kernels.pack_conv(w, ob), b, *([r] if residual else [])]
+    np.testing.assert_allclose(_run(func, *arrays, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
 
 
-def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups, taps=0):
-    """numpy: 7-bit activations per sample, integer convolution of the codes, fp32 requantization."""
-    levels = np.float32(kernels.CONV_INT8_LEVELS)
+def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups, taps=0, levels=kernels.CONV_INT8_LEVELS):
+    """numpy: activations per sample in ±levels, integer convolution of the codes, fp32 requantization."""
     amax = np.maximum(np.abs(x).reshape(len(x), -1).max(axis=1), np.float32(1e-12))
-    xq = np.round(x * (levels / amax)[:, None, None, None])
+    xq = np.round(x * (np.float32(levels) / amax)[:, None, None, None])
     acc = _conv_ref(xq.astype(np.float64), kernels.conv_int8_codes(codes, icg, taps).astype(np.float64),
                     np.zeros(len(sw)), stride, pad, groups)
-    return acc * ((amax / levels)[:, None, None, None] * sw[None, :, None, None]) + b[None, :, None, None]
+    return acc * ((amax / np.float32(levels))[:, None, None, None] * sw[None, :, None, None]) + b[None, :, None, None]
 
 
-@pytest.mark.parametrize("target", [HOST, PORTABLE], ids=["host", "portable"])
-@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "pad", "groups"),
-                         [(1, 1, 16, 8, 1, 1, 1), (2, 16, 32, 8, 1, 1, 1), (3, 32, 64, 4, 1, 1, 1),
-                          (2, 3, 16, 9, 2, 1, 1), (1, 12, 24, 6, 1, 0, 1), (2, 16, 16, 8, 1, 1, 16),
-                          (1, 6, 8, 5, 1, 1, 1), (2, 1, 16, 9, 2, 1, 1), (1, 1, 8, 6, 1, 0, 1)])
-def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, stride, pad, groups, target):
-    ob = kernels.out_block(oc // groups if groups > 1 else oc, LANES)
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "pad", "groups", "residual"),
+                         [(1, 1, 16, 8, 1, 1, 1, False), (2, 16, 32, 8, 1, 1, 1, False),
+                          (3, 32, 64, 4, 1, 1, 1, False), (2, 3, 16, 9, 2, 1, 1, False), (1, 12, 24, 6, 1, 0, 1, False),
+                          (2, 16, 16, 8, 1, 1, 16, False), (1, 6, 8, 5, 1, 1, 1, False), (2, 1, 16, 9, 2, 1, 1, False),
+                          (1, 1, 8, 6, 1, 0, 1, False), (1, 64, 64, 7, 1, 1, 1, True), (1, 20, 32, 14, 2, 1, 1, True),
+                          (64, 16, 32, 6, 1, 1, 1, True), (64, 32, 32, 5, 1, 1, 32, False)])
+def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, stride, pad, groups, residual, path):
+    """M (batch) 1 and 64, single-channel (taps), channels not a multiple of 4, depthwise, residual epilogue."""
+    if residual and not path.scheme.int8_residual:
+        pytest.skip(f"the {path.name} int8 conv has no residual epilogue (the lowering does not fuse one)")
+    ob = kernels.out_block(oc // groups if groups > 1 else oc, path.lanes)
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
     w = rng.standard_normal((oc, c // groups, 3, 3)).astype(np.float32)
     b = rng.standard_normal(oc).astype(np.float32)
     taps = kernels.conv_int8_taps(c // groups, 3, 1)
     assert bool(taps) == (c // groups == 1)
-    codes, sw = kernels.quantize_conv_int8(w, ob, taps)
-    assert codes.dtype == np.int8 and np.abs(codes).max() <= kernels.CONV_INT8_LEVELS
+    codes, sw = kernels.quantize_conv_int8(w, ob, taps, path.levels)
+    assert codes.dtype == np.int8 and np.abs(codes).max() <= path.levels
     np.testing.assert_array_equal(kernels.conv_int8_codes(codes, c // groups, taps),
-                                  np.clip(np.rint(w / sw[:, None, None, None]), -63, 63))  # lossless packing
+                                  np.clip(np.rint(w / sw[:, None, None, None]), -path.levels, path.levels))  # lossless
+    want = _conv_int8_reference(x, codes, c // groups, sw, b, stride, pad, groups, taps, path.levels)
+    r = rng.standard_normal(want.shape).astype(np.float32) if residual else None
     tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
         te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    tr = [te.placeholder(want.shape, "float32")] if residual else []
     geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": groups}
-    out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="relu", taps=taps)
-    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, target, act="relu", taps=taps,
-                  **{k: list(v) if isinstance(v, tuple) else v for k, v in geometry.items()})
-    want = np.maximum(_conv_int8_reference(x, codes, c // groups, sw, b, stride, pad, groups, taps), 0)
-    got = _run(func, x, codes, sw, b, out_shape=want.shape)
+    out = kernels.conv2d_int8(tx, tc, ts, tb, *tr, **geometry, act="relu", taps=taps, levels=path.levels)
+    hand = path.intrinsic if groups == 1 and ob % path.lanes == 0 and (path.name != "vnni" or not taps) else None
+    func = _build([tx, tc, ts, tb, *tr, out], "conv2d_int8", ob, path.target, intrinsic=hand, act="relu", taps=taps,
+                  levels=path.levels, residual=residual, **geometry)
+    want = np.maximum(want + (r if residual else 0), 0)
+    got = _run(func, x, codes, sw, b, *([r] if residual else []), out_shape=want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     # and close to the fp32 convolution (quantization error only)
-    exact = np.maximum(_conv_ref(x, w, b, stride, pad, groups), 0)
+    exact = np.maximum(_conv_ref(x, w, b, stride, pad, groups) + (r if residual else 0), 0)
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"), [(1, 64, 128, 14, 2), (2, 20, 32, 9, 2), (1, 32, 64, 7, 1)])
+def test_pointwise_int8_conv_quantizes_only_the_pixels_a_stride_reads(n, c, oc, hw, stride, path):
+    """1×1 convolutions (ResNet's downsampling shortcut: stride 2, no padding): the VNNI kernel quantizes a
+    subsampled image; the integers are the reference's."""
+    ob = kernels.out_block(oc, path.lanes)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, path.levels)
+    geometry = {"strides": (stride, stride), "pads": (0,) * 4, "dilations": (1, 1), "groups": 1}
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="none", levels=path.levels)
+    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, path.target, intrinsic=path.intrinsic, levels=path.levels,
+                  **geometry)
+    want = _conv_int8_reference(x, codes, c, sw, b, stride, 0, 1, 0, path.levels)
+    np.testing.assert_allclose(_run(func, x, codes, sw, b, out_shape=want.shape), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape"), [((2, 3, 20, 24), (2, 3, 24, 40)), ((1, 4, 128, 64), (1, 4, 64, 128)),
+                                              ((7, 5), (5, 3))])
+def test_tvms_own_matmul_of_two_computed_tensors_is_scheduled_and_exact(a_shape, b_shape, path):
+    """Attention's Q·Kᵀ: a Relax matmul legalized by TVM, tiled by the Matmul rule."""
+    from tvm import relax
+
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in (a_shape, b_shape))
+    bb = relax.BlockBuilder()
+    va, vb = relax.Var("a", relax.TensorType(a_shape, "float32")), relax.Var("b", relax.TensorType(b_shape, "float32"))
+    with bb.function("main", [va, vb]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(va, vb)))
+        bb.emit_func_output(out)
+    target = tvm.target.Target(path.target)
+    mod = schedules.apply_rules(relax.transform.LegalizeOps()(bb.get()), target)
+    tir = next(f for g, f in mod.functions.items() if g.name_hint == "matmul")
+    assert tir.attrs["tirx.is_scheduled"] and "vectorized" in tir.script()
+    vm = relax.VirtualMachine(relax.build(mod, target=target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-4)
 
 
 def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
@@ -212,13 +296,13 @@ def test_int4_layout_and_aarch64_compile_of_the_portable_kernels():
     x8, d8, s8, b8 = te.placeholder((4, 60), "float32"), te.placeholder(c8.shape, "uint8"), \
         te.placeholder((32,), "float32"), te.placeholder((32,), "float32")
     funcs = {
-        "dense8": te.create_prim_func([x8, d8, s8, b8, kernels.dense_int8(x8, d8, s8, b8)])
-        .with_attr({"bitpass.kernel": "dense_int8", "bitpass.nb": 16, "global_symbol": "dense8"}),
-        "dense4": te.create_prim_func([tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)])
-        .with_attr({"bitpass.kernel": "dense_int4", "bitpass.nb": 16, "global_symbol": "dense4"}),
-        "conv8": te.create_prim_func([cx, cc, cs, cb, conv]).with_attr(
-            {"bitpass.kernel": "conv2d_int8", "bitpass.nb": 8, "bitpass.strides": [1, 1], "bitpass.pads": [1] * 4,
-             "bitpass.dilations": [1, 1], "bitpass.groups": 1, "global_symbol": "conv8"}),
+        "dense8": KernelAttrs("dense_int8", 16).tag(
+            te.create_prim_func([x8, d8, s8, b8, kernels.dense_int8(x8, d8, s8, b8)])).with_attr("global_symbol",
+                                                                                                  "dense8"),
+        "dense4": KernelAttrs("dense_int4", 16).tag(te.create_prim_func(
+            [tx, tc, ts, tb, kernels.dense_int4(tx, tc, ts, tb, block_size=32)])).with_attr("global_symbol", "dense4"),
+        "conv8": KernelAttrs("conv2d_int8", 8, pads=(1, 1, 1, 1)).tag(
+            te.create_prim_func([cx, cc, cs, cb, conv])).with_attr("global_symbol", "conv8"),
     }
     mod = schedules.apply_rules(tvm.IRModule(funcs), target)
     assert all(mod[name].attrs["tirx.is_scheduled"] for name in funcs)

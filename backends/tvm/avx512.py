@@ -1,0 +1,384 @@
+"""Hand-written AVX-512 VNNI micro-kernels for bitpass's integer kernels, as TIR with LLVM intrinsic calls.
+
+As ``avx2.py`` (TVM 0.27's ``tensorize`` crashes, and LLVM does not find ``vpdpbusd`` in TIR's vectorized
+``sext × sext`` sums by itself), the schedule rules replace the TE kernel by one of these functions on
+targets with AVX-512 and VNNI: same parameters, same weight layouts, same integer arithmetic
+(``kernels.py``). ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``) multiplies 64 unsigned bytes by 64
+signed bytes and adds each group of four products straight into one of 16 int32 lanes: no int16 stage
+and no saturation, so the codes use the full 8 bits (±127, ``kernels.Scheme``): the unsigned operand
+stores ``code + 128``, taken back with 128 · Σ of the other operand.
+
+* ``conv2d_int8``: activations quantized per sample to u8 = code + 128, four input channels of one pixel
+  in one 32-bit word (written as whole words: four channel planes are read, packed by shifts, stored 16
+  pixels at a time), weights as s8 codes, 16 outputs × 4 channels per register (``[OC/ob, ICq/4, KH, KW,
+  ob, 4]``): per step, one broadcast word of activations, ``ob / 16`` weight registers, one ``vpdpbusd``
+  per output column × register; a tile of ``owt`` columns × ``ob`` channels stays in ≤ 24 registers.
+  Parallel over (output block, sample row, column tile), block outermost so a block's weights stay in
+  cache. The epilogue fuses bias, a residual input and ReLU.
+* ``dense_int8``: weights u8 = code + 128 (``[N/nb, Kp/4, nb, 4]``: 16 outputs × 4 k per register),
+  activations quantized per row to s8 codes, broadcast 4 at a time; a tile of rows × outputs in ≤ 24
+  registers; 128 · Σ x_q per row taken back in the epilogue.
+* ``dense_int4``: per 64 bytes of packed codes (16 outputs × 8 k), an AND and a shift give the low and
+  high nibbles, each one ``vpdpbusd`` with 4 broadcast int8 activations, summed in int32 per block of
+  ``bs`` k and scaled once per block. Parallel over output tiles, each streaming its contiguous weights.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.ir.expr import Expr
+from tvm.script import tirx as T
+
+from bitpass.backends.tvm import kernels
+
+#: int32 (fp32) lanes of one AVX-512 register
+LANES = 16
+#: the code range these kernels take: 8 bits (``kernels.Scheme`` with VNNI)
+LEVELS = 127
+OFFSET = LEVELS + 1
+#: a 32-bit word of four u8 code-0 bytes (128 each)
+PADDING_WORD = int.from_bytes(bytes([OFFSET] * 4), "little")
+#: accumulator registers of a tile (32 zmm: the rest hold a step's weights and broadcast activations)
+ACCUMULATORS = 24
+#: the widest output-column tile of the conv
+MAX_COLUMNS = 14
+#: input elements below which a prologue runs on one thread
+PROLOGUE_PARALLEL_MIN = 1 << 15
+
+
+def _floor(act: str) -> float:
+    """The epilogue's lower clamp: ReLU is max(v, 0); no activation is max(v, -FLT_MAX)."""
+    return 0.0 if act == "relu" else -3.4028234663852886e38
+
+
+def _loop(parallel: bool):
+    return T.parallel if parallel else T.serial
+
+
+def _divisor(n: int, limit: int) -> int:
+    return next(d for d in range(max(1, min(n, limit)), 0, -1) if n % d == 0)
+
+
+def _dot(acc: Expr, unsigned: Expr, signed: Expr) -> Expr:
+    """``vpdpbusd``: acc (int32x16) + Σ over each 4 bytes of unsigned (u8x64) × signed (s8x64)."""
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, unsigned, signed)
+
+
+def _broadcast_word(buffer, index: Expr, dtype: str) -> Expr:
+    """The 4 bytes at ``index`` (a 32-bit word) in all 16 lanes, as 64 bytes of ``dtype``."""
+    word = buffer[index]
+    return tirx.call_intrin(f"{dtype}x64", "tirx.reinterpret", tirx.Broadcast(word, LANES))
+
+
+def _broadcast_bytes(buffer, start: Expr, dtype: str) -> Expr:
+    """4 consecutive bytes of ``buffer`` from ``start`` in all 16 lanes, as 64 bytes of ``dtype``."""
+    word = tirx.call_intrin("int32", "tirx.reinterpret", buffer[tirx.Ramp(start, 1, 4)])
+    return tirx.call_intrin(f"{dtype}x64", "tirx.reinterpret", tirx.Broadcast(word, LANES))
+
+
+# --- conv ---------------------------------------------------------------------------------------
+def conv2d_int8_supported(ob: int, groups: int, levels: int, taps: int) -> bool:
+    return ob % LANES == 0 and groups == 1 and levels == LEVELS and taps == 0
+
+
+def conv_columns(ow: int, vecs: int) -> int:
+    """Output columns per tile: the largest divisor of ``ow`` within the accumulator budget."""
+    return _divisor(ow, min(MAX_COLUMNS, ACCUMULATORS // vecs))
+
+
+def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
+                strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
+                act: str, parallel: bool, residual: bool = False) -> tirx.PrimFunc:
+    """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``."""
+    n, c, h, wd = shape
+    kh, kw = kernel
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
+    hp, wp = h + pt + pb, wd + pl + pr
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    quads = kernels.conv_int8_channels(c) // 4
+    oblocks, vecs = oc // ob, ob // LANES
+    owt = conv_columns(ow, vecs)
+    xtiles = ow // owt
+    rows = n * oh
+    chw = c * h * wd
+    lanes = LANES if chw % LANES == 0 else 1
+    floor = _floor(act)
+    loop = _loop(parallel)
+    prologue = _loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
+    steps = quads * kh * kw  # weight words per output
+    # the quantized image: padded, or for a strided 1×1 conv without padding only the pixels it reads
+    # (a quarter of them at stride 2), which the main loop then walks with stride 1
+    sub = kh == kw == 1 and not any(pads) and (sh, sw) != (1, 1)
+    qh, qw = (oh, ow) if sub else (hp, wp)  # the quantized image's rows and columns
+    ih, iw = (oh, ow) if sub else (h, wd)  # the image pixels quantized into it
+    qy, qx = (sh, sw) if sub else (1, 1)  # source step per quantized pixel
+    qt, ql = (0, 0) if sub else (pt, pl)  # where the image starts in it
+    ks, kt = (1, 1) if sub else (sh, sw)  # the main loop's strides over it
+    xlanes = _divisor(iw, LANES)
+    words = n * quads * qh * qw
+    inv_levels = float(LEVELS)
+
+    @T.macro
+    def epilogue(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
+        for v, xi in T.grid(vecs, owt):  # requantized 16 channels at a time, stored to NCHW
+            for z in T.vectorized(LANES):
+                out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
+                    T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
+                    * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
+                    + (res[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] if residual
+                       else T.float32(0)),
+                    T.float32(floor))
+
+    @T.macro
+    def body(data, codes, wscale, bias, res, out):
+        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+        wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
+        wwords = T.decl_buffer((oblocks * steps * ob,), "int32", data=codes.data)
+        sx = T.alloc_buffer((n,), "float32")
+        inv = T.alloc_buffer((n,), "float32")
+        offset = T.alloc_buffer((oc,), "int32")
+        xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
+        for blk, v in T.grid(oblocks, vecs):  # Σ (code + 128)·w = Σ code·w + 128·Σ w: the second term
+            total = T.alloc_buffer((LANES,), "int32", scope="local")
+            for z in T.vectorized(LANES):
+                total[z] = 0
+            for r in range(steps):
+                total[T.ramp(0, 1, LANES)] = _dot(total[T.ramp(0, 1, LANES)], T.broadcast(T.uint8(OFFSET), 64),
+                                                  wflat[T.ramp(((blk * steps + r) * ob + v * LANES) * 4, 1, 64)])
+            for z in T.vectorized(LANES):
+                offset[blk * ob + v * LANES + z] = total[z]
+        for bq, y in T.grid(n * quads, qh):  # the padding border holds code 0, i.e. 128 (the image is overwritten)
+            if y < qt or y >= qt + ih:
+                for z in range(qw):
+                    xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
+            else:
+                for z in range(ql):
+                    xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
+                for z in range(qw - ql - iw):
+                    xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
+        for b in prologue(n):  # per-sample amax, as kernels.conv2d_int8
+            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            for v in T.vectorized(lanes):
+                lane_max[v] = T.float32(0)
+            for r in range(chw // lanes):
+                for v in T.vectorized(lanes):
+                    lane_max[v] = T.max(lane_max[v], T.fabs(dflat[b * chw + r * lanes + v]))
+            amax[0] = T.float32(1e-12)
+            for v in range(lanes):
+                amax[0] = T.max(amax[0], lane_max[v])
+            sx[b] = amax[0] / T.float32(inv_levels)
+            inv[b] = T.float32(inv_levels) / amax[0]
+        for bq in prologue(n * quads):  # 4 channel planes packed into words, 16 pixels per store
+            for y, xo in T.grid(ih, iw // xlanes):
+                for xx in T.vectorized(xlanes):
+                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
+                        data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+        for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+            acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+            for z in T.vectorized(owt * ob):
+                acc[z] = 0
+            for q, ky, kx in T.grid(quads, kh, kw):
+                for v in T.unroll(vecs):
+                    for xi in T.unroll(owt):
+                        acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
+                            acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
+                            _broadcast_word(xq, ((((t % (rows * xtiles)) // xtiles // oh) * quads + q) * qh
+                                                 + ((t % (rows * xtiles)) // xtiles % oh) * ks + ky * dh) * qw
+                                            + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
+                            wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
+                                          + v * LANES) * 4, 1, 64)])
+            epilogue(acc, offset, sx, wscale, bias, res, out, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
+                     t % xtiles)
+
+    if residual:
+        @T.prim_func(private=True)
+        def kernel_res(data: T.Buffer((n, c, h, wd), "float32"),
+                       codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
+                       wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
+                       res: T.Buffer((n, oc, oh, ow), "float32"), out: T.Buffer((n, oc, oh, ow), "float32")):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            body(data, codes, wscale, bias, res, out)
+
+        return kernel_res
+
+    @T.prim_func(private=True)
+    def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
+                  wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
+                  out: T.Buffer((n, oc, oh, ow), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        body(data, codes, wscale, bias, out, out)
+
+    return kernel_fn
+
+
+def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:
+    """Channels ``ch``..``ch`` + 3's u8 codes at (y, x) packed into one 32-bit word, lowest channel first."""
+    word = _code(data, b, ch, c, y, x, inv)
+    for i in range(1, 4):
+        word = word | (_code(data, b, ch + i, c, y, x, inv) << (8 * i))
+    return word
+
+
+def _code(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:
+    """Channel ``ch``'s u8 code (code + 128, in a uint32) at (y, x); 128 for the padding channels ≥ ``c``."""
+    value = data[b, tirx.min(ch, c - 1), y, x]
+    code = tirx.Cast("uint32", tirx.Cast("int32", tirx.round(value * inv[b])) + OFFSET)
+    return tirx.Select(ch < c, code, tirx.const(OFFSET, "uint32"))
+
+
+# --- dense --------------------------------------------------------------------------------------
+def dense_int8_supported(nb: int, levels: int) -> bool:
+    return nb % LANES == 0 and levels == LEVELS
+
+
+def dense_rows(m: int, vecs: int) -> int:
+    """Rows per register tile: ``rows × vecs`` accumulators within the budget."""
+    return _divisor(m, max(1, min(12, ACCUMULATORS // vecs)))
+
+
+def dense_int8(m: int, k: int, n: int, nb: int, act: str, parallel: bool) -> tirx.PrimFunc:
+    """8-bit dense (``kernels.dense_int8``) with ``vpdpbusd``: u8 weights (code + 128) × s8 activations."""
+    kp = kernels.dense_int8_depth(k)
+    quads, blocks, vecs = kp // 4, n // nb, nb // LANES
+    mt = dense_rows(m, vecs)
+    mtiles = m // mt
+    lanes = LANES if k % LANES == 0 else 1
+    floor = _floor(act)
+    loop = _loop(parallel)
+    prologue = _loop(parallel and m * k >= PROLOGUE_PARALLEL_MIN)
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, quads, nb, 4), "uint8"),
+               wscale: T.Buffer((n,), "float32"), bias: T.Buffer((n,), "float32"),
+               out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        wflat = T.decl_buffer((blocks * quads * nb * 4,), "uint8", data=codes.data)
+        sx = T.alloc_buffer((m,), "float32")
+        xoff = T.alloc_buffer((m,), "int32")
+        xq = T.alloc_buffer((m * kp,), "int8")
+        for i in prologue(m):  # row i's 8-bit activations, its scale and 128·Σ x_q
+            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+            lane_sum = T.alloc_buffer((lanes,), "int32", scope="local")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            total = T.alloc_buffer((1,), "int32", scope="local")
+            for v in T.vectorized(lanes):
+                lane_max[v] = T.float32(0)
+                lane_sum[v] = 0
+            for r in range(k // lanes):
+                for v in T.vectorized(lanes):
+                    lane_max[v] = T.max(lane_max[v], T.fabs(x[i, r * lanes + v]))
+            amax[0] = T.float32(1e-12)
+            for v in range(lanes):
+                amax[0] = T.max(amax[0], lane_max[v])
+            sx[i] = amax[0] / T.float32(LEVELS)
+            for r in range(k // lanes):
+                for v in T.vectorized(lanes):
+                    xq[i * kp + r * lanes + v] = T.Cast(
+                        "int8", T.Cast("int32", T.round(x[i, r * lanes + v] * (T.float32(LEVELS) / amax[0]))))
+                    lane_sum[v] = lane_sum[v] + T.Cast("int32", xq[i * kp + r * lanes + v])
+            for r in range(kp - k):
+                xq[i * kp + k + r] = T.int8(0)
+            total[0] = 0
+            for v in range(lanes):
+                total[0] = total[0] + lane_sum[v]
+            xoff[i] = total[0] * OFFSET
+        for t in loop(blocks * mtiles):  # output block major: a block's weights stay cached across row tiles
+            acc = T.alloc_buffer((mt * nb,), "int32", scope="local")
+            for z in T.vectorized(mt * nb):
+                acc[z] = 0
+            for q in range(quads):
+                for r in T.unroll(mt):
+                    for v in T.unroll(vecs):
+                        acc[T.ramp((r * vecs + v) * LANES, 1, LANES)] = _dot(
+                            acc[T.ramp((r * vecs + v) * LANES, 1, LANES)],
+                            wflat[T.ramp((((t // mtiles) * quads + q) * nb + v * LANES) * 4, 1, 64)],
+                            _broadcast_bytes(xq, ((t % mtiles) * mt + r) * kp + q * 4, "int8"))
+            for r, v in T.grid(mt, vecs):
+                for z in T.vectorized(LANES):
+                    out[(t % mtiles) * mt + r, (t // mtiles) * nb + v * LANES + z] = T.max(
+                        T.Cast("float32", acc[(r * vecs + v) * LANES + z] - xoff[(t % mtiles) * mt + r])
+                        * (sx[(t % mtiles) * mt + r] * wscale[(t // mtiles) * nb + v * LANES + z])
+                        + bias[(t // mtiles) * nb + v * LANES + z], T.float32(floor))
+
+    return kernel
+
+
+def dense_int4_supported(k: int, nb: int, block_size: int) -> bool:
+    return nb % LANES == 0 and block_size % 8 == 0 and k % block_size == 0
+
+
+def dense_int4(m: int, k: int, n: int, nb: int, block_size: int, act: str, parallel: bool) -> tirx.PrimFunc:
+    """4-bit weights × int8 activations (``kernels.dense_int4``) with ``vpdpbusd``."""
+    bs = block_size
+    blocks, nkb, kg = n // nb, k // bs, k // 8
+    groups = bs // 8
+    vecs = nb // LANES
+    floor = _floor(act)
+    loop = _loop(parallel)
+    lanes = LANES if bs % LANES == 0 else 1
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, kg, nb, 4), "uint8"),
+               scales: T.Buffer((blocks, nkb, nb), "float16"), bias: T.Buffer((n,), "float32"),
+               out: T.Buffer((m, n), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        flat = T.decl_buffer((blocks * kg * nb * 4,), "uint8", data=codes.data)
+        sx = T.alloc_buffer((m * nkb,), "float32")
+        xsum8 = T.alloc_buffer((m * nkb,), "int32")
+        xq = T.alloc_buffer((m * k,), "int8")
+        for i, b in T.grid(m, nkb):  # per-block int8 activations, as kernels.quantize_blocks
+            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            lane_sum = T.alloc_buffer((lanes,), "int32", scope="local")
+            total = T.alloc_buffer((1,), "int32", scope="local")
+            for v in T.vectorized(lanes):
+                lane_max[v] = T.float32(0)
+                lane_sum[v] = 0
+            for r in range(bs // lanes):
+                for v in T.vectorized(lanes):
+                    lane_max[v] = T.max(lane_max[v], T.fabs(x[i, b * bs + r * lanes + v]))
+            amax[0] = T.float32(1e-12)
+            for v in range(lanes):
+                amax[0] = T.max(amax[0], lane_max[v])
+            sx[i * nkb + b] = amax[0] / T.float32(127)
+            for r in range(bs // lanes):
+                for v in T.vectorized(lanes):
+                    xq[i * k + b * bs + r * lanes + v] = T.Cast(
+                        "int8", T.round(x[i, b * bs + r * lanes + v] * (T.float32(127) / amax[0])))
+                    lane_sum[v] = lane_sum[v] + T.Cast("int32", xq[i * k + b * bs + r * lanes + v])
+            total[0] = 0
+            for v in range(lanes):
+                total[0] = total[0] + lane_sum[v]
+            xsum8[i * nkb + b] = total[0] * 8
+        for t in loop(blocks):
+            for i in range(m):
+                acc = T.alloc_buffer((nb,), "float32", scope="local")
+                for j in T.vectorized(nb):
+                    acc[j] = T.float32(0)
+                for b in range(nkb):
+                    part = T.alloc_buffer((nb,), "int32", scope="local")
+                    for j in T.vectorized(nb):
+                        part[j] = 0
+                    for g in range(groups):
+                        for v in T.unroll(vecs):
+                            part[T.ramp(v * LANES, 1, LANES)] = _nibble_dots(
+                                part[T.ramp(v * LANES, 1, LANES)], flat,
+                                ((t * kg + b * groups + g) * nb + v * LANES) * 4, xq, i * k + b * bs + g * 8)
+                    for j in T.vectorized(nb):
+                        acc[j] = acc[j] + T.Cast("float32", part[j] - xsum8[i * nkb + b]) * (
+                            sx[i * nkb + b] * T.Cast("float32", scales[t, b, j]))
+                for j in T.vectorized(nb):
+                    out[i, t * nb + j] = T.max(acc[j] + bias[t * nb + j], T.float32(floor))
+
+    return kernel
+
+
+def _nibble_dots(acc: Expr, flat, byte: Expr, xq, xi: Expr) -> Expr:
+    """acc + for 16 outputs Σ over k..k+7 of nibble × x_q (two ``vpdpbusd``: low nibbles with x_q[k..k+3],
+    high nibbles with x_q[k+4..k+7])."""
+    codes = flat[tirx.Ramp(byte, 1, 64)]
+    mask = tirx.Broadcast(tirx.const(15, "uint8"), 64)
+    lo = tirx.bitwise_and(codes, mask)
+    hi = tirx.shift_right(codes, tirx.Broadcast(tirx.const(4, "uint8"), 64))
+    return _dot(_dot(acc, lo, _broadcast_bytes(xq, xi, "int8")), hi, _broadcast_bytes(xq, xi + 4, "int8"))

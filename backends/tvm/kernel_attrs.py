@@ -1,0 +1,87 @@
+"""The attributes a bitpass kernel's PrimFunc carries: one typed schema for the lowering that writes them
+(``lower.py``, the benchmarks and tests that build kernels directly) and the schedule rules that read them
+(``schedules.py``). The raw ``bitpass.*`` attribute names appear only here.
+
+A rule never guesses what a function is from its body: the attributes say which kernel it is, its output
+tile, its fused epilogue and, for convolutions, the geometry a hand-written micro-kernel needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+#: PrimFunc attribute names are ``PREFIX + field name``
+PREFIX = "bitpass."
+
+#: the kernels ``kernels.py`` defines
+KINDS = ("dense", "dense_int8", "dense_int4", "conv2d", "conv2d_int8")
+#: fused activations of a kernel's epilogue
+ACTIVATIONS = ("none", "relu")
+
+
+@dataclass(frozen=True)
+class KernelAttrs:
+    """What a scheduled bitpass kernel is. ``nb``: outputs per register tile (the weight layout's block);
+    ``act``: the fused activation; ``residual``: the epilogue adds one more input of the output's shape
+    (a skip connection) before the activation; ``taps``: a single-channel int8 conv packs a row of taps per
+    32-bit lane (``kernels.conv_int8_taps``); ``levels``: the int8 kernels' code range (±levels); the rest is
+    a convolution's geometry (``pads``: top, left, bottom, right)."""
+
+    kernel: str
+    nb: int
+    act: str = "none"
+    residual: bool = False
+    taps: int = 0
+    levels: int = 0
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KINDS:
+            raise ValueError(f"kernel {self.kernel!r} is not one of {', '.join(KINDS)}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"activation {self.act!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.nb < 1:
+            raise ValueError(f"output tile nb={self.nb} must be positive")
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kernel.startswith("conv2d")
+
+    def to_func_attrs(self) -> dict[str, Any]:
+        """The attribute dict for ``PrimFunc.with_attr`` / ``emit_te(primfunc_attrs=...)``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[PREFIX + f.name] = list(value) if isinstance(value, tuple) else (int(value) if isinstance(value, bool)
+                                                                                  else value)
+        return out
+
+    def tag(self, func):  # (tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc
+        """``func`` carrying these attributes."""
+        return func.with_attr(self.to_func_attrs())
+
+    @classmethod
+    def of(cls, func) -> KernelAttrs | None:
+        """The attributes of a PrimFunc the lowering tagged, or None for any other function."""
+        attrs = func.attrs
+        if attrs is None or PREFIX + "kernel" not in attrs:
+            return None
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = PREFIX + f.name
+            if key not in attrs:
+                continue
+            raw = attrs[key]
+            if f.name in ("kernel", "act"):
+                values[f.name] = str(raw)
+            elif f.name == "residual":
+                values[f.name] = bool(int(raw))
+            elif f.name in ("strides", "pads", "dilations"):
+                values[f.name] = tuple(int(v) for v in raw)
+            else:
+                values[f.name] = int(raw)
+        return cls(**values)

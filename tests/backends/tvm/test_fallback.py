@@ -1,0 +1,132 @@
+"""Operators without a bitpass kernel run through TVM's own Relax ONNX importer, so common models compile
+with ``--backend tvm``; what TVM cannot run is asked of TVM and named per node before anything is built."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip install -e '.[tvm]')")
+
+from bitpass.backends.base import reference_runner  # noqa: E402
+from bitpass.backends.tvm import TvmBackend  # noqa: E402
+from bitpass.frontend import from_proto, from_torch  # noqa: E402
+from bitpass.frontend.errors import UnsupportedOperatorError  # noqa: E402
+from bitpass.tools import compile, run  # noqa: E402
+from bitpass.tools.bench_tvm import bert_encoder, torchvision_model  # noqa: E402
+
+
+def _compiled_matches_onnx_runtime(model, feeds, tmp_path):
+    artifact = compile(model.clone(), tmp_path / "tvm", backend="tvm", pipeline="optimize", latency=False)
+    got = list(run(artifact.path, feeds).values())
+    want = reference_runner(model).run(feeds)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+    return artifact
+
+
+def test_mobilenet_v3_small_compiles_with_hardswish_and_hardsigmoid_from_tvms_importer(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    module = torchvision_model("mobilenet_v3_small", num_classes=10)
+    for m in module.modules():  # non-trivial batch-norm statistics, so the outputs are not all near zero
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model = from_torch(module, (torch.zeros(1, 3, 32, 32),))
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)  # batch 3: split onto batch 1
+    artifact = _compiled_matches_onnx_runtime(model, {model.inputs[0].name: x}, tmp_path)
+    backend = artifact.manifest["records"]["backend"]
+    assert backend["ops"]["HardSwish"] == {"tvm importer": 19} and "tvm importer" in backend["ops"]["HardSigmoid"]
+    convs = [layer for layer in backend["layers"].values() if layer["kernel"] == "conv2d"]
+    assert len(convs) == 52 and backend["ops"]["Conv"] == {"bitpass kernel": 52}
+    timing = backend["host_timing"]
+    assert timing["batch_1_ms"] > 0 and timing["batch_1_split"]["bitpass kernels calls"] == 54  # 52 convs, 2 Gemms
+
+
+def test_a_bert_class_encoder_compiles_with_where_and_gather_from_tvms_importer(tmp_path):
+    import torch
+
+    module = bert_encoder()
+    ids, mask = torch.randint(0, 100, (1, 16)), torch.ones(1, 16, dtype=torch.int64)
+    model = from_torch(module, (ids, mask))
+    rng = np.random.default_rng(0)
+    feeds = {model.inputs[0].name: rng.integers(0, 100, (2, 16)), model.inputs[1].name: np.ones((2, 16), np.int64)}
+    feeds[model.inputs[1].name][1, 10:] = 0  # padding: the attention mask matters
+    artifact = _compiled_matches_onnx_runtime(model, feeds, tmp_path)
+    ops = artifact.manifest["records"]["backend"]["ops"]
+    assert "tvm importer" in ops["Where"]
+    assert ops["MatMul"].get("bitpass kernel", 0) + ops.get("Gemm", {}).get("bitpass kernel", 0) >= 12
+
+
+def _graph(nodes, inputs, outputs, domains=(("", 21),)):
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in domains])
+    return from_proto(proto, name="g", kind="onnx")
+
+
+def test_legalize_names_each_node_tvm_cannot_run_and_why():
+    """Celu: TVM's importer has no converter; TopK: it converts, but TVM cannot legalize relax.topk;
+    a com.microsoft op: no importer. The checks go on past each failure (shapes from ONNX inference)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [3])
+    nodes = [helper.make_node("Celu", ["x"], ["a"], name="celu"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("TopK", ["b", "k"], ["v", "i"], name="topk"),
+             helper.make_node("FusedMatMul", ["b", "b2"], ["c"], name="fused", domain="com.microsoft"),
+             helper.make_node("Exp", ["v"], ["y"], name="exp")]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
+                                                helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 8])],
+                              [k, onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "b2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model = from_proto(proto, name="g", kind="onnx")
+    backend = TvmBackend()
+    problems = backend.legalize(model, backend.default_target)
+    assert len(problems) == 3, problems
+    celu, topk, fused = problems
+    assert "Celu (node 'celu')" in celu and "importer" in celu
+    assert "TopK (node 'topk')" in topk and "relax.topk" in topk
+    assert "FusedMatMul (node 'fused')" in fused
+    caps = backend.capabilities(backend.default_target)  # the importer's own list: HardSwish yes, Celu no
+    assert caps.supports_op("", "HardSwish") and caps.supports_op("", "GatherElements")
+    assert not caps.supports_op("", "Celu")
+
+
+def test_an_unrunnable_model_is_refused_before_anything_is_written(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    model = _graph([helper.make_node("Celu", ["x"], ["y"], name="celu")], [x], [y])
+    with pytest.raises(UnsupportedOperatorError, match="Celu"):
+        compile(model, tmp_path / "never", backend="tvm", pipeline="optimize", latency=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_symbolic_dimension_beyond_the_batch_is_named():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])
+    model = _graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], [x], [y])
+    backend = TvmBackend()
+    problems = backend.legalize(model, backend.default_target)
+    assert len(problems) == 1 and "dimension 1 is symbolic (seq)" in problems[0]
+
+
+def test_operators_of_constants_fold_at_compile_time(tmp_path):
+    """Range, ConstantOfShape and Where on shapes (ONNX's reference evaluator) leave no work for the library."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])
+    consts = [helper.make_tensor(n, TensorProto.INT64, [], [v]) for n, v in (("zero", 0), ("six", 6), ("one", 1))]
+    nodes = [helper.make_node("Range", ["zero", "six", "one"], ["r"], name="range"),
+             helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Add", ["x", "rf"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [x], [y], consts)
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), name="g", kind="onnx")
+    xs = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    backend = TvmBackend(batches=(2,))
+    backend.emit(model, tmp_path, backend.default_target)  # no passes: the lowering meets Range itself
+    np.testing.assert_allclose(backend.load(tmp_path).run({"x": xs})[0], xs + np.arange(6, dtype=np.float32))
+    ops = backend.records(tmp_path)["ops"]
+    assert ops["Range"] == {"folded": 1} and ops["Cast"] == {"folded": 1} and ops["Add"] == {"bitpass rule": 1}
