@@ -32,27 +32,34 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
 
 
+#: the key under which a decoder without a cache keeps the tokens so far in its ``Past``
+HISTORY = "bitpass.history"
+
+
 class DecoderSession:
-    """An ONNX Runtime session over a KV-cache decoder graph, with prefill and decode steps."""
+    """An ONNX Runtime session over a decoder graph, with prefill and decode steps.
+
+    With a KV cache, each step feeds the new tokens and the previous presents. A language model without a
+    cache (``spec.layers == 0``) keeps the token history instead and reruns it whole at every step."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec) -> None:
         inputs = {i.name: i for i in session.get_inputs()}
-        missing = sorted(set(spec.input_names) - set(inputs))
+        outputs = {o.name for o in session.get_outputs()}
+        missing = sorted((set(spec.input_names) - set(inputs)) | ({spec.logits, *spec.all_present} - outputs))
         if missing:
-            raise BitpassError(f"not a KV-cache decoder graph: inputs {', '.join(missing[:4])} missing; "
+            raise BitpassError(f"not the decoder graph its spec describes: {', '.join(missing[:4])} missing; "
                                "export the model with bitpass.frontend.decoder.export_decoder")
         self.session, self.spec = session, spec
-        #: every cache input (keys, values, and any per-token scales of a quantized cache) and the output
-        #: that becomes it at the next step: ``present.X`` feeds ``past_key_values.X``
-        self._past = {name: value for name, value in inputs.items() if name.startswith("past_key_values.")}
-        outputs = [o.name for o in session.get_outputs()]
-        self._present = {name: "past_key_values." + name[len("present."):] for name in outputs
-                         if name.startswith("present.") and "past_key_values." + name[len("present."):] in self._past}
+        #: every cache input (keys, values, and any per-token scales of a quantized cache)
+        self._past = {name: inputs[name] for name in spec.all_past}
+        #: the output that becomes each cache input at the next step
+        self._present = dict(zip(spec.all_present, spec.all_past))
         self._outputs = [spec.logits, *self._present]
 
     def _past_array(self, name: str, batch: int, length: int, rng: np.random.Generator | None) -> np.ndarray:
         value = self._past[name]
-        dims = [batch if i == 0 else length if i == 2 else int(d) for i, d in enumerate(value.shape)]
+        dims = [batch if i == 0 else length if i == 2 else int(d) if isinstance(d, int) else
+                int(d) if isinstance(d, str) and d.isdigit() else 1 for i, d in enumerate(value.shape)]
         dtype = _ORT_TYPES.get(value.type, np.float32)
         if rng is None:
             return np.zeros(dims, dtype)
@@ -81,27 +88,43 @@ class DecoderSession:
             raise BitpassError(f"ONNX Runtime cannot load the decoder: {text[:200]}") from err
         return cls(session, spec)
 
+    @property
+    def has_cache(self) -> bool:
+        return self.spec.layers > 0
+
     def empty_past(self, batch: int = 1) -> Past:
-        """Zero-length cache tensors: the feeds of a prefill."""
+        """Zero-length cache tensors (no history, for a model without a cache): the feeds of a prefill."""
+        if not self.has_cache:
+            return {HISTORY: np.zeros((batch, 0), np.int64)}
         return {name: self._past_array(name, batch, 0, None) for name in self._past}
 
     def random_past(self, batch: int, length: int, seed: int = 0) -> Past:
         """A past of ``length`` positions with random values: decode-step timing does not depend on values."""
         rng = np.random.default_rng(seed)
+        if not self.has_cache:
+            return {HISTORY: rng.integers(0, self.spec.vocab, (batch, length)).astype(np.int64)}
         return {name: self._past_array(name, batch, length, rng) for name in self._past}
+
+    @staticmethod
+    def past_length(past: Past) -> int:
+        first = next(iter(past.values()), None)
+        return 0 if first is None else int(first.shape[1] if HISTORY in past else first.shape[2])
 
     def forward(self, ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
         """Logits for ``ids`` (batch, sequence) after ``past``; and the presents, renamed as the next past."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2:
             raise UsageError(f"token ids must be (batch, sequence), got shape {ids.shape}")
-        past_length = past[self.spec.past_names(0)[0]].shape[2] if past else 0
-        if past_length + ids.shape[1] > self.spec.max_positions:
-            raise UsageError(f"{past_length + ids.shape[1]} positions exceed the model's {self.spec.max_positions}: "
+        past_length = self.past_length(past)
+        limit = self.spec.max_positions
+        if limit and past_length + ids.shape[1] > limit:
+            raise UsageError(f"{past_length + ids.shape[1]} positions exceed the model's {limit}: "
                              "generate fewer tokens or use a shorter prompt")
-        feeds = {self.spec.input_ids: ids,
-                 self.spec.attention_mask: np.ones((ids.shape[0], past_length + ids.shape[1]), np.int64), **past}
-        outputs = self.session.run(self._outputs, feeds)
+        if not self.has_cache:
+            history = np.concatenate([past.get(HISTORY, np.zeros((ids.shape[0], 0), np.int64)), ids], axis=1)
+            logits = self.session.run([self.spec.logits], self.spec.feeds(history))[0]
+            return logits[:, -ids.shape[1]:], {HISTORY: history}
+        outputs = self.session.run(self._outputs, self.spec.feeds(ids, past))
         return outputs[0], {self._present[name]: array for name, array in zip(self._outputs[1:], outputs[1:])}
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Past]:
@@ -261,11 +284,15 @@ options.intra_op_num_threads = int(sys.argv[3])
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 spec = json.loads(sys.argv[2])
 loaded = rss()
-feeds = {spec["input_ids"]: np.zeros((1, 8), np.int64), spec["attention_mask"]: np.ones((1, 8), np.int64)}
+feeds = {spec["input_ids"]: np.zeros((1, 8), np.int64)}
+if spec["attention_mask"]:
+    feeds[spec["attention_mask"]] = np.ones((1, 8), np.int64)
+if spec["position_ids"]:
+    feeds[spec["position_ids"]] = np.arange(8, dtype=np.int64)[None, :]
 types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 for value in session.get_inputs():
-    if value.name.startswith("past_key_values."):
-        dims = [1 if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(value.shape)]
+    if value.name in spec["past"]:
+        dims = [1 if i == 0 else 0 if i == 2 else int(d) if str(d).isdigit() else 1 for i, d in enumerate(value.shape)]
         feeds[value.name] = np.zeros(dims, types.get(value.type, np.float32))
 session.run(None, feeds)
 after = rss()
@@ -290,7 +317,8 @@ def session_memory(path: str | os.PathLike[str], spec: DecoderSpec, *, threads: 
     """
     if not Path("/proc/self/status").is_file():
         raise BitpassError("session memory is measured from /proc/self/status: Linux only")
-    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask})
+    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask,
+                            "position_ids": spec.position_ids, "past": spec.all_past})
     result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), spec_json, str(threads)],
                             capture_output=True, text=True, timeout=900, check=False)
     if result.returncode != 0:
