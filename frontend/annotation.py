@@ -24,8 +24,9 @@ ACTIVATION_BITS = "bits.activation"
 SPARSITY = "sparsity"
 WEIGHT_FORMAT = "format.weight"
 #: how a quantized weight is materialized (see passes/materialize.py): compute in int8 QDQ, ORT's
-#: MatMulNBits, blocked DequantizeLinear, or ``packed`` (stored low-bit, unpacked once at load)
-WEIGHT_FORMATS = ("qdq", "matmulnbits", "blocked-dq", "packed")
+#: MatMulNBits, blocked DequantizeLinear, or ``packed`` (stored low-bit, unpacked once at load); embedding
+#: tables as ORT's GatherBlockQuantized (rows unpacked only when looked up)
+WEIGHT_FORMATS = ("qdq", "matmulnbits", "blocked-dq", "packed", "gather-block-quantized")
 SENSITIVITY_PREFIX = "sensitivity."
 
 #: Bits meaning "leave this layer in floating point".

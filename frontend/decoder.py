@@ -179,6 +179,16 @@ def spec_from_model(model: Model) -> DecoderSpec:
     return spec
 
 
+def lm_spec(model: Model) -> DecoderSpec | None:
+    """``spec_from_model`` for a language model, None for any other model (a damaged record is an error)."""
+    try:
+        return spec_from_model(model)
+    except ModelLoadError:
+        if "bitpass.decoder" in model.ir.metadata_props:
+            raise
+        return None
+
+
 # --- recognizing a decoder graph -------------------------------------------------------------------
 
 _LAYER_INDEX = re.compile(r"(?<![A-Za-z])(\d+)(?![A-Za-z])")
@@ -256,7 +266,7 @@ def detect_decoder(model: Model) -> DecoderSpec | None:
     if "bitpass.decoder.kv_bits" in props and props["bitpass.decoder.kv_bits"].isdigit():  # older bitpass exports
         kv_bits = int(props["bitpass.decoder.kv_bits"])
     positions_table = int(props["bitpass.decoder.max_positions"]) \
-        if props.get("bitpass.decoder.max_positions", "").isdigit() else 0
+        if props.get("bitpass.decoder.max_positions", "").isdigit() else _position_table_rows(model, ids)
     if not past:
         return DecoderSpec(0, 0, 0, vocab, positions_table, 32, ids, mask, head.name, positions)
     parts = ("key", "value") if kv_bits >= 32 else ("key", "value", "value_scale")
@@ -272,6 +282,65 @@ def detect_decoder(model: Model) -> DecoderSpec | None:
     order = [(i, p) for i in layers for p in parts]
     return DecoderSpec(len(layers), kv_heads, head_dim, vocab, positions_table, kv_bits, ids, mask, head.name,
                        positions, tuple(past[r] for r in order), tuple(present[r] for r in order))
+
+
+def complete_lm_inputs(arrays: dict[str, np.ndarray], spec: DecoderSpec, *,
+                       where: str = "data") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """A language model's calibration or evaluation arrays as full feeds: token ids ``(samples, length)`` are all
+    a user gives; a missing attention mask becomes ones, missing position ids ``arange(length)``, and every cache
+    input an empty past ``(samples, kv_heads, 0, head_dim)`` (each sample is one prefill). Per-token ``labels``
+    ``(samples, length)`` are taken out and returned beside the feeds (transformers' alignment: the target of
+    position t is ``labels[:, t + 1]``; -100 ignored). Returns ``(feeds, labels or None)``."""
+    from bitpass.frontend.errors import DataError
+
+    arrays = dict(arrays)
+    labels = arrays.pop("labels", None)
+    ids = arrays.get(spec.input_ids)
+    if ids is None:
+        raise DataError(f"{where}: no {spec.input_ids!r} array: a language model's data is token ids, "
+                        f"(samples, length) integers under {spec.input_ids!r}")
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{where}: {spec.input_ids!r} has shape {ids.shape} of {ids.dtype}; give (samples, length) "
+                        f"integer token ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab):
+        raise DataError(f"{where}: token ids range from {ids.min()} to {ids.max()}, but the model's vocabulary is "
+                        f"0..{spec.vocab - 1}")
+    count, length = ids.shape
+    if spec.max_positions and length > spec.max_positions:
+        raise DataError(f"{where}: windows of {length} tokens exceed the model's {spec.max_positions} positions; "
+                        f"use shorter windows")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != ids.shape:
+            raise DataError(f"{where}: 'labels' has shape {labels.shape}; a language model's labels are per token, "
+                            f"shaped like {spec.input_ids!r} {ids.shape} (or leave them out: the next input token "
+                            f"is the target)")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{where}: 'labels' must be integer token ids (-100 for none), not {labels.dtype}")
+    if spec.attention_mask and spec.attention_mask not in arrays:
+        arrays[spec.attention_mask] = np.ones((count, length), np.int64)
+    if spec.position_ids and spec.position_ids not in arrays:
+        arrays[spec.position_ids] = np.broadcast_to(np.arange(length, dtype=np.int64), (count, length)).copy()
+    for name, value in spec.empty_past(count).items():
+        arrays.setdefault(name, value)
+    return arrays, labels
+
+
+def _position_table_rows(model: Model, ids: str) -> int:
+    """Rows of a learned position-embedding table (a constant 2-D table gathered by anything but the token ids),
+    the longest sequence the model takes; 0 when there is none (rotary positions have no such limit)."""
+    from bitpass.frontend.layers import constant_tensor
+
+    rows = []
+    for node in model.graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        table, indices = constant_tensor(node.inputs[0]), node.inputs[1]
+        if table is None or len(table.shape) != 2 or indices is None or indices.name == ids:
+            continue
+        rows.append(int(table.shape[0]))
+    return min(rows) if rows else 0
 
 
 def is_causal_lm(module: Any) -> bool:

@@ -15,3 +15,8 @@ MIXED = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sens
 #: one size budget spent on both bit widths and removed channels (override with --budget size=...)
 JOINT = ("fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),sensitivity,"
          "allocate-joint(budget=size=0.25x),quantize")
+
+#: decoder language models (what ``default`` and ``--budget avg-bits=N`` become for a graph with token ids in and
+#: logits out): weight-only GPTQ against each layer's calibration Hessian, written as ONNX Runtime MatMulNBits so
+#: the weights stay 4-bit in memory and decode runs on ORT's low-bit kernels; embedding tables 8-bit
+DECODER = "fold-constants,eliminate-dead-nodes,quantize-weights(method=gptq,bits=4,group_size=32,embeddings=8)"

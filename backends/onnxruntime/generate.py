@@ -270,6 +270,37 @@ def prefill_seconds(session: DecoderSession, *, length: int, batch: int = 1, rep
     return _median_seconds(lambda: session.prefill(ids), repeats, warmup=1)
 
 
+def decoder_latency(reference: DecoderSession, artifact: DecoderSession, *, past: int = 128, prefill: int = 128,
+                    rounds: int = 7, decode_repeats: int = 10) -> dict[str, dict[str, Any]]:
+    """Decode-step and prefill time of ``artifact`` beside ``reference`` (batch 1), alternating within each
+    round: ``{"decode": row, "prefill": row}``, each row with ``fp32_ms``, ``artifact_ms``, ``speedup``
+    (= fp32_ms / artifact_ms, medians), ``speedup_band`` (interquartile range of the per-round ratios),
+    ``past`` / ``tokens`` and tokens per second. Decode is one token after ``past`` cached positions; both
+    lengths are cut to the model's positions. This is the decode-shape timing a latency probe should call
+    for decoder layers' formats (one new token, a given past), not prefill shapes."""
+    limit = reference.spec.max_positions or (past + prefill + 1)
+    past = max(1, min(past, limit - 1))
+    prefill = max(1, min(prefill, limit))
+    times: dict[str, dict[str, list[float]]] = {"decode": {"fp32": [], "artifact": []},
+                                                "prefill": {"fp32": [], "artifact": []}}
+    sessions = {"fp32": reference, "artifact": artifact}
+    for index in range(rounds):
+        for name in (("fp32", "artifact") if index % 2 == 0 else ("artifact", "fp32")):
+            times["decode"][name].append(decode_step_seconds(sessions[name], past_length=past,
+                                                             repeats=decode_repeats))
+            times["prefill"][name].append(prefill_seconds(sessions[name], length=prefill, repeats=1))
+    table: dict[str, dict[str, Any]] = {}
+    for kind, tokens in (("decode", 1), ("prefill", prefill)):
+        fp32, got = np.array(times[kind]["fp32"]), np.array(times[kind]["artifact"])
+        ratios = fp32 / got
+        fp32_ms, got_ms = 1e3 * float(np.median(fp32)), 1e3 * float(np.median(got))
+        table[kind] = {"fp32_ms": fp32_ms, "artifact_ms": got_ms, "speedup": fp32_ms / got_ms,
+                       "speedup_band": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+                       "tokens": tokens, "past": past if kind == "decode" else 0,
+                       "fp32_tokens_per_s": tokens / (fp32_ms / 1e3), "artifact_tokens_per_s": tokens / (got_ms / 1e3)}
+    return table
+
+
 # --- memory ----------------------------------------------------------------------------------------
 
 _MEMORY_PROBE = r"""
