@@ -62,6 +62,12 @@ class DecoderSpec:
     #: the output that becomes each ``past`` entry at the next step (same order)
     present: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:  # no names given: GenAI's, written out (the manifest lists them)
+        if self.layers and not self.past:
+            object.__setattr__(self, "past", tuple(n for i in range(self.layers) for n in self.past_names(i)))
+        if self.layers and not self.present:
+            object.__setattr__(self, "present", tuple(n for i in range(self.layers) for n in self.present_names(i)))
+
     @property
     def cache_parts(self) -> tuple[str, ...]:
         return ("key", "value") if self.kv_bits >= 32 else ("key", "value", "value_scale")

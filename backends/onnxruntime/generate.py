@@ -149,6 +149,91 @@ def generate(session: DecoderSession, prompt: np.ndarray | bytes | str, new_toke
     return np.concatenate(tokens, axis=1) if tokens else np.zeros((ids.shape[0], 0), np.int64)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Greedy tokens generated after a prompt, with the time the prefill and the decode steps took."""
+
+    prompt: np.ndarray  # (1, prompt length)
+    tokens: np.ndarray  # (1, generated)
+    prefill_seconds: float
+    decode_seconds: float  # every one-token step after the prefill
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.tokens.shape[1] - 1  # the first token comes from the prefill
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt.shape[1] / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+
+def timed_generate(session: DecoderSession, prompt: np.ndarray, new_tokens: int) -> Generation:
+    """``generate`` for one prompt row, timing the prefill and the decode steps apart."""
+    ids = _prompt_ids(prompt)
+    if ids.size == 0:
+        raise UsageError("the prompt is empty: give at least one token")
+    if new_tokens < 1:
+        raise UsageError(f"--generate {new_tokens}: generate at least one token")
+    started = time.perf_counter()
+    logits, past = session.prefill(ids)
+    prefill = time.perf_counter() - started
+    tokens = [logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]]
+    started = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits, past = session.forward(tokens[-1], past)
+        tokens.append(logits[:, -1, :].argmax(-1).astype(np.int64)[:, None])
+    return Generation(ids, np.concatenate(tokens, axis=1), prefill, time.perf_counter() - started)
+
+
+def byte_level(spec: DecoderSpec) -> bool:
+    """A vocabulary of the 256 byte values: token ids are UTF-8 bytes (no tokenizer needed)."""
+    return spec.vocab == 256
+
+
+def prompt_tokens(spec: DecoderSpec, *, text: str | None = None, ids: str | None = None) -> np.ndarray:
+    """The prompt as one row of token ids: ``text``'s UTF-8 bytes for a byte-level model, or ``ids`` written
+    ``1,2,3``. Refused, saying what to give, when it does not fit the vocabulary."""
+    if (text is None) == (ids is None):
+        raise UsageError("give the prompt as --prompt TEXT (byte-level models) or --prompt-ids 1,2,3")
+    if text is not None:
+        if not byte_level(spec):
+            raise UsageError(f"--prompt is text, but this model's tokens are not bytes (a vocabulary of {spec.vocab}, "
+                             f"not 256) and bitpass has no tokenizer: give token ids with --prompt-ids 1,2,3")
+        return _prompt_ids(text)
+    try:
+        row = [int(part) for part in str(ids).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UsageError(f"--prompt-ids {str(ids)[:40]!r}: write integers separated by commas, e.g. 1,2,3") from None
+    bad = [t for t in row if not 0 <= t < spec.vocab]
+    if bad:
+        raise UsageError(f"--prompt-ids: token {bad[0]} is outside the vocabulary 0..{spec.vocab - 1}")
+    return np.asarray([row], np.int64)
+
+
+def open_decoder(directory: str | os.PathLike[str], *, threads: int | None = None) -> DecoderSession:
+    """A ``DecoderSession`` over an artifact folder, refused unless every file is as compiled and its graph is a
+    language model (``bitpass.decoder`` metadata, or recognizable inputs and outputs)."""
+    from bitpass.backends import artifact
+    from bitpass.backends.onnxruntime.runner import confined_model_path, read_session_config
+    from bitpass.frontend import from_onnx
+    from bitpass.frontend.decoder import lm_spec
+
+    folder = Path(directory)
+    manifest = artifact.read_manifest(folder)
+    problems = artifact.verify_files(folder, manifest)
+    if problems:
+        raise BitpassError(f"{folder}: {problems[0]}; run `bitpass verify` for details")
+    if manifest.get("backend") != "onnxruntime":
+        raise UsageError(f"{folder}: a {manifest.get('backend')} artifact; --generate runs ONNX Runtime artifacts")
+    path = confined_model_path(folder)
+    spec = lm_spec(from_onnx(path))
+    if spec is None:
+        raise UsageError(f"{folder}: not a language model (no token-id input and logits with a sequence axis): "
+                         f"--generate needs one; run it with --input instead")
+    return DecoderSession.load(path, spec, threads=threads, config=read_session_config(folder))
+
+
 def _prompt_ids(prompt: np.ndarray | bytes | str) -> np.ndarray:
     if isinstance(prompt, str):
         prompt = prompt.encode("utf-8")
