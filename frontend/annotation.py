@@ -25,8 +25,9 @@ SPARSITY = "sparsity"
 WEIGHT_FORMAT = "format.weight"
 #: how a quantized weight is materialized (see passes/materialize.py): compute in int8 QDQ, int8 with
 #: activations quantized at run time (``dynamic``), ORT's MatMulNBits, blocked DequantizeLinear, or
-#: ``packed`` (stored low-bit, unpacked once at load)
-WEIGHT_FORMATS = ("qdq", "dynamic", "matmulnbits", "blocked-dq", "packed")
+#: ``packed`` (stored low-bit, unpacked once at load); embedding tables as ORT's GatherBlockQuantized
+#: (rows unpacked only when looked up)
+WEIGHT_FORMATS = ("qdq", "dynamic", "matmulnbits", "blocked-dq", "packed", "gather-block-quantized")
 #: weights per scale of a blocked format (MatMulNBits, blocked DequantizeLinear, packed storage)
 BLOCK_SIZE = "format.block_size"
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -11,9 +11,12 @@ Batch, sequence and past length are dynamic axes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
+import json
 import logging
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -31,37 +34,76 @@ DECODER_OPSET = 21
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """What a generation loop needs to know about a KV-cache decoder graph."""
+    """What a generation loop needs to know about a decoder graph: its cache geometry and tensor names.
+
+    The names default to ONNX Runtime GenAI's (what ``export_decoder`` writes); ``detect_decoder`` fills them in
+    for other exporters' graphs (transformers' own ONNX exporter names the cache ``past_key_values.layers.{i}.keys``
+    / ``cache.layers.{i}.keys``). ``layers == 0`` is a language model without a cache (``use_cache=False``
+    exports): each generated token reruns the whole sequence.
+    """
 
     layers: int
     kv_heads: int
     head_dim: int
     vocab: int
+    #: the longest sequence the model takes (positions table); 0 when the graph does not say
     max_positions: int
     #: 32: float cache; 8 or 4: integer codes (int8 containers), static per-channel key scales inside the
     #: graph and per-token value scales as extra ``past_key_values.{i}.value_scale`` / ``present`` tensors
     kv_bits: int = 32
     input_ids: str = "input_ids"
-    attention_mask: str = "attention_mask"
+    #: None when the graph takes no mask (then nothing is fed for it)
+    attention_mask: str | None = "attention_mask"
     logits: str = "logits"
+    #: fed ``past + arange(sequence)`` when the graph takes it
+    position_ids: str | None = None
+    #: every cache input, layer by layer, in ``cache_parts`` order; empty: GenAI's names
+    past: tuple[str, ...] = ()
+    #: the output that becomes each ``past`` entry at the next step (same order)
+    present: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # no names given: GenAI's, written out (the manifest lists them)
+        if self.layers and not self.past:
+            object.__setattr__(self, "past", tuple(n for i in range(self.layers) for n in self.past_names(i)))
+        if self.layers and not self.present:
+            object.__setattr__(self, "present", tuple(n for i in range(self.layers) for n in self.present_names(i)))
 
     @property
     def cache_parts(self) -> tuple[str, ...]:
         return ("key", "value") if self.kv_bits >= 32 else ("key", "value", "value_scale")
 
     def past_names(self, layer: int) -> tuple[str, ...]:
+        parts = len(self.cache_parts)
+        if self.past:
+            return self.past[parts * layer:parts * (layer + 1)]
         return tuple(f"past_key_values.{layer}.{part}" for part in self.cache_parts)
 
     def present_names(self, layer: int) -> tuple[str, ...]:
+        parts = len(self.cache_parts)
+        if self.present:
+            return self.present[parts * layer:parts * (layer + 1)]
         return tuple(f"present.{layer}.{part}" for part in self.cache_parts)
 
     @property
+    def all_past(self) -> list[str]:
+        return [n for i in range(self.layers) for n in self.past_names(i)]
+
+    @property
+    def all_present(self) -> list[str]:
+        return [n for i in range(self.layers) for n in self.present_names(i)]
+
+    @property
+    def token_inputs(self) -> list[str]:
+        """The inputs besides the cache: token ids, and the mask and positions when the graph takes them."""
+        return [n for n in (self.input_ids, self.attention_mask, self.position_ids) if n]
+
+    @property
     def input_names(self) -> list[str]:
-        return [self.input_ids, self.attention_mask, *(n for i in range(self.layers) for n in self.past_names(i))]
+        return [*self.token_inputs, *self.all_past]
 
     @property
     def output_names(self) -> list[str]:
-        return [self.logits, *(n for i in range(self.layers) for n in self.present_names(i))]
+        return [self.logits, *self.all_present]
 
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         """Zero-length past tensors: the feeds of a prefill."""
@@ -69,27 +111,250 @@ class DecoderSpec:
                   "value_scale": (batch, self.kv_heads, 0, 1)}
         dtypes = {"key": np.float32 if self.kv_bits >= 32 else np.int8,
                   "value": np.float32 if self.kv_bits >= 32 else np.int8, "value_scale": np.float32}
-        return {f"past_key_values.{i}.{part}": np.zeros(shapes[part], dtypes[part])
-                for i in range(self.layers) for part in self.cache_parts}
+        return {name: np.zeros(shapes[part], dtypes[part])
+                for i in range(self.layers) for name, part in zip(self.past_names(i), self.cache_parts)}
+
+    def feeds(self, ids: np.ndarray, past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Every input of one step: ``ids`` (batch, sequence) after ``past`` (default: empty, a prefill)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        past = self.empty_past(ids.shape[0]) if past is None else past
+        cached = past[self.past_names(0)[0]].shape[2] if self.layers and past else 0
+        feeds = {self.input_ids: ids, **past}
+        if self.attention_mask:
+            feeds[self.attention_mask] = np.ones((ids.shape[0], cached + ids.shape[1]), np.int64)
+        if self.position_ids:
+            feeds[self.position_ids] = np.broadcast_to(np.arange(cached, cached + ids.shape[1], dtype=np.int64),
+                                                       ids.shape).copy()
+        return feeds
 
     def to_metadata(self) -> dict[str, str]:
         """Model-level metadata_props that let ``spec_from_model`` rebuild this spec from a saved graph."""
-        return {"bitpass.decoder.layers": str(self.layers), "bitpass.decoder.kv_heads": str(self.kv_heads),
-                "bitpass.decoder.head_dim": str(self.head_dim), "bitpass.decoder.vocab": str(self.vocab),
-                "bitpass.decoder.max_positions": str(self.max_positions),
-                "bitpass.decoder.kv_bits": str(self.kv_bits)}
+        return {"bitpass.decoder": json.dumps(self.to_json(), sort_keys=True)}
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as plain JSON (the manifest's ``decoder`` record)."""
+        record = dataclasses.asdict(self)
+        record["past"], record["present"] = list(self.past), list(self.present)
+        return record
+
+    @classmethod
+    def from_json(cls, record: Any) -> DecoderSpec:
+        """The spec ``to_json`` wrote; ``ValueError`` for anything else."""
+        if not isinstance(record, dict):
+            raise ValueError("a decoder record is a JSON object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(record) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown decoder fields {sorted(unknown)[:3]}")
+        values: dict[str, Any] = {}
+        for name, value in record.items():
+            if name in ("past", "present"):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"decoder field {name} must be a list of names")
+                value = tuple(value)
+            elif name in ("attention_mask", "position_ids"):
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"decoder field {name} must be a name or null")
+            elif name in ("input_ids", "logits"):
+                if not isinstance(value, str):
+                    raise ValueError(f"decoder field {name} must be a name")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"decoder field {name} must be a non-negative integer")
+            values[name] = value
+        spec = cls(**values)
+        if len(spec.past) != len(spec.present) or (spec.past and len(spec.past) != spec.layers * len(spec.cache_parts)):
+            raise ValueError("the decoder's past and present names do not pair up layer by layer")
+        return spec
 
 
 def spec_from_model(model: Model) -> DecoderSpec:
-    """The ``DecoderSpec`` recorded in a decoder graph's metadata (``export_decoder`` writes it)."""
+    """The decoder's ``DecoderSpec``: recorded in the graph's metadata (``export_decoder``, and every artifact
+    bitpass compiles from a decoder, write it), else read off the graph's inputs and outputs."""
     props = model.ir.metadata_props
+    if "bitpass.decoder" in props:
+        try:
+            return DecoderSpec.from_json(json.loads(props["bitpass.decoder"]))
+        except (ValueError, TypeError) as err:
+            raise ModelLoadError(f"{model.provenance.name}: its bitpass.decoder metadata is damaged ({err}): "
+                                 "re-export the model") from err
+    spec = detect_decoder(model)
+    if spec is None:
+        raise ModelLoadError(f"{model.provenance.name}: not a decoder language model (no int64 token-id input and "
+                             "logits output with a sequence axis): export it with "
+                             "bitpass.frontend.decoder.export_decoder")
+    return spec
+
+
+def lm_spec(model: Model) -> DecoderSpec | None:
+    """``spec_from_model`` for a language model, None for any other model (a damaged record is an error)."""
     try:
-        return DecoderSpec(*(int(props[f"bitpass.decoder.{key}"])
-                             for key in ("layers", "kv_heads", "head_dim", "vocab", "max_positions")),
-                           kv_bits=int(props.get("bitpass.decoder.kv_bits", "32")))
-    except (KeyError, ValueError) as err:
-        raise ModelLoadError(f"{model.provenance.name}: not a bitpass decoder graph (no bitpass.decoder.* "
-                             "metadata): export it with bitpass.frontend.decoder.export_decoder") from err
+        return spec_from_model(model)
+    except ModelLoadError:
+        if "bitpass.decoder" in model.ir.metadata_props:
+            raise
+        return None
+
+
+# --- recognizing a decoder graph -------------------------------------------------------------------
+
+_LAYER_INDEX = re.compile(r"(?<![A-Za-z])(\d+)(?![A-Za-z])")
+
+
+def _cache_role(name: str) -> tuple[int, str] | None:
+    """(layer index, key|value|value_scale) of a cache tensor name such as ``past_key_values.3.key``,
+    ``present.3.value``, ``past_key_values.layers.3.keys``, ``cache.layers.3.values``; None otherwise."""
+    lower = name.lower()
+    found = _LAYER_INDEX.findall(lower)
+    if len(found) != 1:
+        return None
+    tail = lower.rsplit(found[0], 1)[1]
+    if "scale" in tail:
+        part = "value_scale"
+    elif re.search(r"(^|[^a-z])keys?($|[^a-z])", tail) or tail.endswith(("key", "keys", "_k", ".k")):
+        part = "key"
+    elif re.search(r"(^|[^a-z])values?($|[^a-z])", tail) or tail.endswith(("value", "values", "_v", ".v")):
+        part = "value"
+    else:
+        return None
+    return int(found[0]), part
+
+
+def _dim(shape: Any, axis: int) -> int | None:
+    if shape is None or len(shape) <= axis:
+        return None
+    value = shape[axis]
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():  # transformers' exporter writes static dims as symbols "2"
+        return int(value)
+    return None
+
+
+def detect_decoder(model: Model) -> DecoderSpec | None:
+    """A ``DecoderSpec`` for a graph that looks like a causal language model, else None.
+
+    It must take int64 token ids ``(batch, sequence)`` and give logits ``(batch, sequence, vocab)``. A KV cache
+    is recognized by rank-4 inputs and outputs whose names carry a layer number and key/value (``past...`` in,
+    ``present...``/``cache...`` out) that pair up one to one; a mask and position ids are recognized by name.
+    Any other input makes it "not a decoder" (bitpass could not feed it).
+    """
+    inputs = {spec.name: spec for spec in model.inputs}
+    outputs = {spec.name: spec for spec in model.outputs}
+    token = [s for s in inputs.values() if np.issubdtype(s.dtype, np.integer) and s.shape is not None
+             and len(s.shape) == 2]
+    ids = next((s.name for s in token if "input_ids" in s.name.lower()), None) \
+        or next((s.name for s in token if re.search(r"(token|ids)", s.name.lower())), None)
+    if ids is None:
+        return None
+    logits = [s for s in outputs.values() if s.shape is not None and len(s.shape) == 3
+              and np.issubdtype(s.dtype, np.floating)]
+    head = next((s for s in logits if "logit" in s.name.lower()), None) or (logits[0] if logits else None)
+    vocab = _dim(head.shape, 2) if head is not None else None
+    if head is None or not vocab:
+        return None
+    mask = next((s.name for s in token if s.name != ids and "mask" in s.name.lower()), None)
+    positions = next((s.name for s in token if s.name not in (ids, mask) and "position" in s.name.lower()), None)
+    past: dict[tuple[int, str], str] = {}
+    for name, spec in inputs.items():
+        if name in (ids, mask, positions):
+            continue
+        role = _cache_role(name) if spec.shape is not None and len(spec.shape) == 4 else None
+        if role is None or role in past:
+            return None  # an input bitpass cannot feed
+        past[role] = name
+    present: dict[tuple[int, str], str] = {}
+    for name, spec in outputs.items():
+        role = _cache_role(name) if name != head.name and spec.shape is not None and len(spec.shape) == 4 else None
+        if role is not None:
+            present.setdefault(role, name)
+    props = model.ir.metadata_props
+    kv_bits = 8 if any(inputs[n].dtype == np.int8 for n in past.values()) else 32
+    if "bitpass.decoder.kv_bits" in props and props["bitpass.decoder.kv_bits"].isdigit():  # older bitpass exports
+        kv_bits = int(props["bitpass.decoder.kv_bits"])
+    positions_table = int(props["bitpass.decoder.max_positions"]) \
+        if props.get("bitpass.decoder.max_positions", "").isdigit() else _position_table_rows(model, ids)
+    if not past:
+        return DecoderSpec(0, 0, 0, vocab, positions_table, 32, ids, mask, head.name, positions)
+    parts = ("key", "value") if kv_bits >= 32 else ("key", "value", "value_scale")
+    layers = sorted({layer for layer, _ in past})
+    if layers != list(range(len(layers))) or set(past) != {(i, p) for i in layers for p in parts} \
+            or not set(past) <= set(present):
+        return None
+    first_key = past[(0, "key")]
+    kv_heads = _dim(inputs[first_key].shape, 1) or _dim(outputs[present[(0, "key")]].shape, 1)
+    head_dim = _dim(inputs[first_key].shape, 3) or _dim(outputs[present[(0, "key")]].shape, 3)
+    if not kv_heads or not head_dim:
+        return None
+    order = [(i, p) for i in layers for p in parts]
+    return DecoderSpec(len(layers), kv_heads, head_dim, vocab, positions_table, kv_bits, ids, mask, head.name,
+                       positions, tuple(past[r] for r in order), tuple(present[r] for r in order))
+
+
+def complete_lm_inputs(arrays: dict[str, np.ndarray], spec: DecoderSpec, *,
+                       where: str = "data") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """A language model's calibration or evaluation arrays as full feeds: token ids ``(samples, length)`` are all
+    a user gives; a missing attention mask becomes ones, missing position ids ``arange(length)``, and every cache
+    input an empty past ``(samples, kv_heads, 0, head_dim)`` (each sample is one prefill). Per-token ``labels``
+    ``(samples, length)`` are taken out and returned beside the feeds (transformers' alignment: the target of
+    position t is ``labels[:, t + 1]``; -100 ignored). Returns ``(feeds, labels or None)``."""
+    from bitpass.frontend.errors import DataError
+
+    arrays = dict(arrays)
+    labels = arrays.pop("labels", None)
+    ids = arrays.get(spec.input_ids)
+    if ids is None:
+        raise DataError(f"{where}: no {spec.input_ids!r} array: a language model's data is token ids, "
+                        f"(samples, length) integers under {spec.input_ids!r}")
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{where}: {spec.input_ids!r} has shape {ids.shape} of {ids.dtype}; give (samples, length) "
+                        f"integer token ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab):
+        raise DataError(f"{where}: token ids range from {ids.min()} to {ids.max()}, but the model's vocabulary is "
+                        f"0..{spec.vocab - 1}")
+    count, length = ids.shape
+    if spec.max_positions and length > spec.max_positions:
+        raise DataError(f"{where}: windows of {length} tokens exceed the model's {spec.max_positions} positions; "
+                        f"use shorter windows")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != ids.shape:
+            raise DataError(f"{where}: 'labels' has shape {labels.shape}; a language model's labels are per token, "
+                            f"shaped like {spec.input_ids!r} {ids.shape} (or leave them out: the next input token "
+                            f"is the target)")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{where}: 'labels' must be integer token ids (-100 for none), not {labels.dtype}")
+    if spec.attention_mask and spec.attention_mask not in arrays:
+        arrays[spec.attention_mask] = np.ones((count, length), np.int64)
+    if spec.position_ids and spec.position_ids not in arrays:
+        arrays[spec.position_ids] = np.broadcast_to(np.arange(length, dtype=np.int64), (count, length)).copy()
+    for name, value in spec.empty_past(count).items():
+        arrays.setdefault(name, value)
+    return arrays, labels
+
+
+def _position_table_rows(model: Model, ids: str) -> int:
+    """Rows of a learned position-embedding table (a constant 2-D table gathered by anything but the token ids),
+    the longest sequence the model takes; 0 when there is none (rotary positions have no such limit)."""
+    from bitpass.frontend.layers import constant_tensor
+
+    rows = []
+    for node in model.graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        table, indices = constant_tensor(node.inputs[0]), node.inputs[1]
+        if table is None or len(table.shape) != 2 or indices is None or indices.name == ids:
+            continue
+        rows.append(int(table.shape[0]))
+    return min(rows) if rows else 0
+
+
+def is_causal_lm(module: Any) -> bool:
+    """A transformers causal LM (``GPT2LMHeadModel``, ``LlamaForCausalLM``...): what ``export_decoder`` exports."""
+    config = getattr(module, "config", None)
+    return (config is not None and callable(getattr(module, "get_output_embeddings", None))
+            and type(module).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+            and getattr(config, "vocab_size", None) is not None)
 
 
 def import_transformers() -> Any:
@@ -214,7 +479,6 @@ def export_decoder(lm: Any, *, name: str | None = None, kv_bits: int = 32,
     ``kv_bits=8`` (or 4) exports a quantized cache (see ``_wrapper``); ``key_scales`` (layers, kv_heads,
     head_dim) come from calibration, e.g. ``bitpass.passes.weight_only.kvcache.key_scales``.
     """
-    import dataclasses
 
     import torch
 

@@ -24,6 +24,7 @@ from bitpass.backends import layers as layer_report
 from bitpass.backends import measure, report
 from bitpass.backends.base import Backend, Runner, reference_runner
 from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
+from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.infra import PassContext, Target
@@ -66,6 +67,9 @@ def _dataset(source: DataSource, model: Model, role: str) -> Dataset | None:
     tuple of arrays in input order (a torch module's ``forward()`` order: its input names need not be known)."""
     if source is None or isinstance(source, Dataset):
         return source
+    lm = lm_spec(model)
+    if lm is not None:
+        return _lm_dataset(source, model, lm, role)
     if isinstance(source, (str, Path)):
         return load_npz(source, model.inputs, role=role)
     names = [spec.name for spec in model.inputs]
@@ -83,6 +87,70 @@ def _dataset(source: DataSource, model: Model, role: str) -> Dataset | None:
         raise UsageError(f"{role} data must be an .npz path, {{input name: array}}, an array or a tuple of arrays, "
                          f"not {type(source).__name__}")
     return from_arrays(source, model.inputs, role=role)
+
+
+def _lm_dataset(source: DataSource, model: Model, lm: DecoderSpec, role: str) -> Dataset:
+    """A language model's data: token ids (an .npz with ``input_ids``, ``{name: array}``, or the ids array itself),
+    completed into full feeds (mask, positions, empty cache: each sample one prefill) with per-token labels."""
+    from bitpass.frontend.data import read_npz
+
+    name = str(source) if isinstance(source, (str, Path)) else "<arrays>"
+    if isinstance(source, (str, Path)):
+        arrays = read_npz(source, role=role)
+    elif isinstance(source, np.ndarray):
+        arrays = {lm.input_ids: source}
+    elif isinstance(source, Mapping):
+        arrays = dict(source)
+    elif isinstance(source, (tuple, list)):
+        arrays = dict(zip([spec.name for spec in model.inputs], source))
+    else:
+        raise UsageError(f"{role} data must be an .npz path, {{input name: array}} or an array of token ids, "
+                         f"not {type(source).__name__}")
+    feeds, labels = complete_lm_inputs(arrays, lm, where=f"{role} data {name}")
+    data = from_arrays(feeds, model.inputs, source=name, role=role)
+    if labels is None:
+        return data
+    digest = hashlib.sha256(data.sha256.encode() + np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
+    return Dataset(data.inputs, np.asarray(labels, np.int64), digest, data.source, data.fixed_batch)
+
+
+def _import(model: Any, example_inputs: Any) -> Model:
+    """The model as a ``Model``; a transformers causal LM is exported with its KV cache (prefill and one-token
+    decode in one graph: ``bitpass.frontend.decoder.export_decoder``), ``example_inputs`` not needed."""
+    if is_causal_lm(model):
+        return export_decoder(model)[0]
+    return load_model(model, example_inputs)
+
+
+def _decoder_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+    """The mixed-precision options as the decoder pipeline's: ``--budget avg-bits=N`` becomes
+    ``quantize-weights(bits=N)``; what the weight-only pipeline has no use for is refused with what to do."""
+    merged = {name: dict(options) for name, options in (overrides or {}).items()}
+    allocate = merged.pop("allocate-bits", {})
+    budget = str(allocate.pop("budget", "") or "")
+    if budget:
+        kind, _, value = budget.partition("=")
+        try:
+            bits = float(value)
+        except ValueError:
+            bits = float("nan")
+        if "," in budget or kind.strip() != "avg-bits" or not 2 <= bits <= 8:
+            raise UsageError(f"--budget {budget}: a decoder language model compiles weight-only (MatMulNBits), "
+                             f"budgeted by --budget avg-bits=N with N from 2 to 8 (3.5 mixes widths by group); "
+                             f"for other budgets use --pipeline mixed")
+        merged.setdefault("quantize-weights", {})["bits"] = bits
+    if allocate:
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(allocate))} chooses how the mixed "
+                         f"pipeline allocates bits; a decoder language model's weight-only pipeline has no such "
+                         f"step: leave it out, or use --pipeline mixed")
+    return merged or None
+
+
+def _decoder_pipeline_fits(lm: DecoderSpec, overrides: Mapping[str, Mapping[str, Any]] | None) -> bool:
+    """Whether ``default`` becomes ``decoder``: a language model (a KV cache, or a vocabulary head), unless the
+    user asked for packed storage (the mixed pipeline's)."""
+    wants_packed = (overrides or {}).get("allocate-bits", {}).get("formats") == "packed"
+    return (lm.layers > 0 or lm.vocab >= 256) and not wants_packed
 
 
 def _data_record(data: Dataset | None) -> dict[str, Any] | None:
@@ -116,8 +184,11 @@ def _sizes(reference_model: Model, weight_bytes: int, reference_bytes: bytes, di
 
 def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
-             progress: Callable[[str], None]) -> dict[str, Any]:
+             progress: Callable[[str], None], lm: DecoderSpec | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_bytes, directory, files)}
+    if lm is not None:
+        return {**metrics, **_measure_lm(reference, runner, reference_bytes, directory, evaluation, calibration, latency,
+                                         progress, lm)}
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
         metrics["quality"] = measure.quality(reference, runner, evaluation)
@@ -125,6 +196,44 @@ def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_b
     if latency and timing_data is not None:
         progress("measuring latency at batch 1 and 64 against fp32")
         metrics["latency"] = measure.latency_table(reference, runner, timing_data)
+    return metrics
+
+
+def _lm_fidelity(reference: Runner, runner: Runner, data: Dataset, lm: DecoderSpec) -> dict[str, Any]:
+    """Per-token fidelity of a language model (``quality.lm_quality``) on ``data``'s windows."""
+    index = reference.output_names.index(lm.logits)
+    ref = measure.predict(reference, data)[index]
+    got = measure.predict(runner, data)[index]
+    return {"samples": len(data), **quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)}
+
+
+def _measure_lm(reference: Runner, runner: Runner, reference_bytes: bytes, directory: Path,
+                evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
+                progress: Callable[[str], None], lm: DecoderSpec) -> dict[str, Any]:
+    """A language model's figures: per-token quality, decode and prefill speed, session memory (fresh processes)."""
+    import tempfile
+
+    from bitpass.backends.onnxruntime import generate
+
+    metrics: dict[str, Any] = {}
+    if evaluation is not None:
+        progress(f"measuring per-token quality on {len(evaluation)} held-out windows")
+        metrics["quality"] = _lm_fidelity(reference, runner, evaluation, lm)
+    model_path = directory / "model.onnx"
+    if latency and model_path.is_file():
+        progress("measuring decode (one token after 128 cached) and prefill (128 tokens) against fp32")
+        metrics["latency"] = generate.decoder_latency(generate.DecoderSession.load(reference_bytes, lm, for_timing=True),
+                                                      generate.DecoderSession.load(model_path, lm, for_timing=True))
+    if model_path.is_file():
+        progress("measuring session memory of fp32 and the artifact in fresh processes")
+        with tempfile.TemporaryDirectory(prefix="bitpass-reference-") as tmp:
+            reference_path = Path(tmp) / "reference.onnx"
+            reference_path.write_bytes(reference_bytes)
+            memory = {"fp32": generate.session_memory(reference_path, lm),
+                      "artifact": generate.session_memory(model_path, lm)}
+        metrics["memory"] = {name: {key: int(value) for key, value in vars(figures).items()}
+                             for name, figures in memory.items()}
+        metrics["memory"]["session_ratio"] = memory["artifact"].session_rss / max(memory["fp32"].session_rss, 1)
     return metrics
 
 
@@ -278,7 +387,7 @@ def _slower_than_fp32(manifest: dict[str, Any], tolerance: float = 0.05) -> str 
 
 
 #: passes that turn bit annotations into rounded weights: the quality gate's repair restarts before the first
-QUANTIZING_PASSES = ("refine-rounding", "quantize")
+QUANTIZING_PASSES = ("refine-rounding", "quantize", "quantize-weights")
 
 
 class _BeforeQuantize(PassInstrument):
@@ -338,12 +447,16 @@ def _compile(
     target = target or backend_impl.default_target
     backend_impl.check_target(target)
     passes = registry.pipeline(pipeline)
-    if overrides:
-        passes = apply_overrides(passes, overrides, registry)
     wanted = quality.parse_tolerance(tolerance) if tolerance else None
 
     say("importing model")
-    source = load_model(model, example_inputs)
+    source = _import(model, example_inputs)
+    lm = lm_spec(source)
+    if lm is not None and passes.name == "default" and _decoder_pipeline_fits(lm, overrides):
+        say("a decoder language model: weight-only pipeline 'decoder'")
+        passes, overrides = registry.pipeline("decoder"), _decoder_overrides(overrides)
+    if overrides:
+        passes = apply_overrides(passes, overrides, registry)
     calib = _dataset(calibration, source, "calibration")
     evaluation_data = _dataset(evaluation, source, "evaluation")
     held_back = None
@@ -351,6 +464,8 @@ def _compile(
         calib, held_back = quality.hold_back(calib)
     _legalize(backend_impl, source, target, "input model")
     reference_model = source.clone()
+    if lm is not None:  # the artifact's graph says how to generate with it (bitpass run --generate)
+        source.ir.metadata_props.update(lm.to_metadata())
 
     timing, before_quantize = Timing(), _BeforeQuantize()
     target_options = {"capabilities": backend_impl.capabilities(target)}
@@ -402,7 +517,7 @@ def _compile(
     reference_bytes = reference_model.to_bytes()
     if reference is not None and built.runner is not None:
         metrics = _measure(reference, built.runner, reference_bytes, stored, reference_model, stage, files,
-                           evaluation_data, calib, latency, say)
+                           evaluation_data, calib, latency, say, lm)
     else:
         say(f"target {target} does not run on this machine: quality and latency are not measured")
         metrics = {"size": _sizes(reference_model, stored, reference_bytes, stage, files),
@@ -429,6 +544,8 @@ def _compile(
         "reference": _keep_reference(model, reference_bytes),
         "files": artifact_io.file_table(stage, files),
     }
+    if lm is not None:
+        manifest["decoder"] = lm.to_json()
     (stage / REPORT).write_text(report.render(manifest))
     manifest["files"].update(artifact_io.file_table(stage, [REPORT]))
     artifact_io.write_manifest(stage, manifest)
@@ -702,7 +819,9 @@ def verify(path: str | Path, evaluation: DataSource = None, *, tolerance: float 
         return checks
     reference = reference_runner(reference_model)
     checks.append(_gate_check(manifest, reference, runner, data))
-    quality = measure.quality(reference, runner, data)
+    lm = lm_spec(final)
+    quality = _lm_fidelity(reference, runner, data, lm) if lm is not None \
+        else measure.quality(reference, runner, data)
     recorded = manifest["metrics"].get("quality")
     if recorded is None:
         checks.append(Check("quality", True, "no quality was recorded at compile time; measured only"))

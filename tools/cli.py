@@ -61,8 +61,11 @@ exit status: 0 when every check passes, 1 when one fails."""
 EPILOG_RUN = """examples:
   bitpass run out/ --input x.npz -o y.npz
   python -c "import numpy as np; print(np.load('y.npz')['logits'].argmax(1))"
+  bitpass run lm-out/ --generate 64 --prompt "def main("    # a language model: greedy tokens, with the KV cache
+  bitpass run lm-out/ --generate 20 --prompt-ids 464,3290,318
 
---input holds one array per model input (keyed by input name; 'bitpass inspect out/' shows them)."""
+--input holds one array per model input (keyed by input name; 'bitpass inspect out/' shows them).
+--prompt is text for byte-level models (its UTF-8 bytes are the token ids); other models take --prompt-ids."""
 
 EPILOG_EXAMPLE = """examples:
   bitpass example                     # into ./bitpass-example (about 10 s on two cores)
@@ -318,12 +321,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bitpass.frontend.errors import UsageError
     from bitpass.tools.api import run
 
+    if args.generate is not None:
+        return run_generate(args)
+    if args.prompt is not None or args.prompt_ids is not None:
+        raise UsageError("--prompt/--prompt-ids go with --generate N")
+    if not args.input or not args.output:
+        raise UsageError("give --input NPZ and -o NPZ (or --generate N --prompt TEXT for a language model)")
     outputs = run(args.artifact, args.input)
     output = write_npz(Path(args.output), outputs)
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in outputs.items())
     console.print(f"wrote {output}: {shapes}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """``bitpass run ARTIFACT --generate N --prompt TEXT``: greedy tokens with the KV cache, and their speed."""
+    from bitpass.backends.onnxruntime import generate
+    from bitpass.frontend.errors import UsageError
+
+    if args.input or args.output:
+        raise UsageError("--generate prints its tokens: leave out --input and -o")
+    session = generate.open_decoder(args.artifact)
+    prompt = generate.prompt_tokens(session.spec, text=args.prompt, ids=args.prompt_ids)
+    result = generate.timed_generate(session, prompt, args.generate)
+    tokens = result.tokens[0].tolist()
+    if generate.byte_level(session.spec):
+        text = bytes(tokens).decode("utf-8", errors="replace")
+        console.print(f"{bytes(prompt[0].astype('uint8').tolist()).decode('utf-8', errors='replace')}", end="",
+                      markup=False, highlight=False)
+        console.print(text, style="bold", markup=False, highlight=False)
+    else:
+        console.print(",".join(map(str, tokens)), markup=False)
+    console.print(f"{len(tokens)} tokens: prefill {prompt.shape[1]} tokens at {result.prefill_tokens_per_s:,.0f} "
+                  f"tokens/s, decode {result.decode_tokens_per_s:,.1f} tokens/s"
+                  f"{'' if session.has_cache else ' (no KV cache: each step reruns the sequence)'}",
+                  style="dim", markup=False)
     return 0
 
 
@@ -417,8 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run ARTIFACT on every sample of --input; write outputs, keyed by output name.",
                        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact")
-    p.add_argument("--input", required=True, metavar="NPZ", help="one array per model input, samples on axis 0")
-    p.add_argument("-o", "--output", required=True, metavar="NPZ", help="where to write the outputs (.npz)")
+    p.add_argument("--input", metavar="NPZ", help="one array per model input, samples on axis 0")
+    p.add_argument("-o", "--output", metavar="NPZ", help="where to write the outputs (.npz)")
+    p.add_argument("--generate", type=int, metavar="N",
+                   help="a language model: greedily generate N tokens after the prompt and print them and the speed")
+    p.add_argument("--prompt", metavar="TEXT", help="the prompt as text (byte-level models: its UTF-8 bytes)")
+    p.add_argument("--prompt-ids", metavar="IDS", help="the prompt as token ids, e.g. 1,2,3")
     p = sub.add_parser("example", help="train the bundled digits CNN, compile it, print the summary",
                        description="Train a small CNN on scikit-learn's digits, write model.onnx, calib.npz and "
                                    "eval.npz into DIR, compile with the default pipeline into DIR/artifact.",

@@ -32,27 +32,34 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
 
 
+#: the key under which a decoder without a cache keeps the tokens so far in its ``Past``
+HISTORY = "bitpass.history"
+
+
 class DecoderSession:
-    """An ONNX Runtime session over a KV-cache decoder graph, with prefill and decode steps."""
+    """An ONNX Runtime session over a decoder graph, with prefill and decode steps.
+
+    With a KV cache, each step feeds the new tokens and the previous presents. A language model without a
+    cache (``spec.layers == 0``) keeps the token history instead and reruns it whole at every step."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec) -> None:
         inputs = {i.name: i for i in session.get_inputs()}
-        missing = sorted(set(spec.input_names) - set(inputs))
+        outputs = {o.name for o in session.get_outputs()}
+        missing = sorted((set(spec.input_names) - set(inputs)) | ({spec.logits, *spec.all_present} - outputs))
         if missing:
-            raise BitpassError(f"not a KV-cache decoder graph: inputs {', '.join(missing[:4])} missing; "
+            raise BitpassError(f"not the decoder graph its spec describes: {', '.join(missing[:4])} missing; "
                                "export the model with bitpass.frontend.decoder.export_decoder")
         self.session, self.spec = session, spec
-        #: every cache input (keys, values, and any per-token scales of a quantized cache) and the output
-        #: that becomes it at the next step: ``present.X`` feeds ``past_key_values.X``
-        self._past = {name: value for name, value in inputs.items() if name.startswith("past_key_values.")}
-        outputs = [o.name for o in session.get_outputs()]
-        self._present = {name: "past_key_values." + name[len("present."):] for name in outputs
-                         if name.startswith("present.") and "past_key_values." + name[len("present."):] in self._past}
+        #: every cache input (keys, values, and any per-token scales of a quantized cache)
+        self._past = {name: inputs[name] for name in spec.all_past}
+        #: the output that becomes each cache input at the next step
+        self._present = dict(zip(spec.all_present, spec.all_past))
         self._outputs = [spec.logits, *self._present]
 
     def _past_array(self, name: str, batch: int, length: int, rng: np.random.Generator | None) -> np.ndarray:
         value = self._past[name]
-        dims = [batch if i == 0 else length if i == 2 else int(d) for i, d in enumerate(value.shape)]
+        dims = [batch if i == 0 else length if i == 2 else int(d) if isinstance(d, int) else
+                int(d) if isinstance(d, str) and d.isdigit() else 1 for i, d in enumerate(value.shape)]
         dtype = _ORT_TYPES.get(value.type, np.float32)
         if rng is None:
             return np.zeros(dims, dtype)
@@ -81,27 +88,43 @@ class DecoderSession:
             raise BitpassError(f"ONNX Runtime cannot load the decoder: {text[:200]}") from err
         return cls(session, spec)
 
+    @property
+    def has_cache(self) -> bool:
+        return self.spec.layers > 0
+
     def empty_past(self, batch: int = 1) -> Past:
-        """Zero-length cache tensors: the feeds of a prefill."""
+        """Zero-length cache tensors (no history, for a model without a cache): the feeds of a prefill."""
+        if not self.has_cache:
+            return {HISTORY: np.zeros((batch, 0), np.int64)}
         return {name: self._past_array(name, batch, 0, None) for name in self._past}
 
     def random_past(self, batch: int, length: int, seed: int = 0) -> Past:
         """A past of ``length`` positions with random values: decode-step timing does not depend on values."""
         rng = np.random.default_rng(seed)
+        if not self.has_cache:
+            return {HISTORY: rng.integers(0, self.spec.vocab, (batch, length)).astype(np.int64)}
         return {name: self._past_array(name, batch, length, rng) for name in self._past}
+
+    @staticmethod
+    def past_length(past: Past) -> int:
+        first = next(iter(past.values()), None)
+        return 0 if first is None else int(first.shape[1] if HISTORY in past else first.shape[2])
 
     def forward(self, ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
         """Logits for ``ids`` (batch, sequence) after ``past``; and the presents, renamed as the next past."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2:
             raise UsageError(f"token ids must be (batch, sequence), got shape {ids.shape}")
-        past_length = past[self.spec.past_names(0)[0]].shape[2] if past else 0
-        if past_length + ids.shape[1] > self.spec.max_positions:
-            raise UsageError(f"{past_length + ids.shape[1]} positions exceed the model's {self.spec.max_positions}: "
+        past_length = self.past_length(past)
+        limit = self.spec.max_positions
+        if limit and past_length + ids.shape[1] > limit:
+            raise UsageError(f"{past_length + ids.shape[1]} positions exceed the model's {limit}: "
                              "generate fewer tokens or use a shorter prompt")
-        feeds = {self.spec.input_ids: ids,
-                 self.spec.attention_mask: np.ones((ids.shape[0], past_length + ids.shape[1]), np.int64), **past}
-        outputs = self.session.run(self._outputs, feeds)
+        if not self.has_cache:
+            history = np.concatenate([past.get(HISTORY, np.zeros((ids.shape[0], 0), np.int64)), ids], axis=1)
+            logits = self.session.run([self.spec.logits], self.spec.feeds(history))[0]
+            return logits[:, -ids.shape[1]:], {HISTORY: history}
+        outputs = self.session.run(self._outputs, self.spec.feeds(ids, past))
         return outputs[0], {self._present[name]: array for name, array in zip(self._outputs[1:], outputs[1:])}
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Past]:
@@ -124,6 +147,91 @@ def generate(session: DecoderSession, prompt: np.ndarray | bytes | str, new_toke
         if step + 1 < new_tokens:
             logits, past = session.forward(token, past)
     return np.concatenate(tokens, axis=1) if tokens else np.zeros((ids.shape[0], 0), np.int64)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Greedy tokens generated after a prompt, with the time the prefill and the decode steps took."""
+
+    prompt: np.ndarray  # (1, prompt length)
+    tokens: np.ndarray  # (1, generated)
+    prefill_seconds: float
+    decode_seconds: float  # every one-token step after the prefill
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.tokens.shape[1] - 1  # the first token comes from the prefill
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt.shape[1] / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+
+def timed_generate(session: DecoderSession, prompt: np.ndarray, new_tokens: int) -> Generation:
+    """``generate`` for one prompt row, timing the prefill and the decode steps apart."""
+    ids = _prompt_ids(prompt)
+    if ids.size == 0:
+        raise UsageError("the prompt is empty: give at least one token")
+    if new_tokens < 1:
+        raise UsageError(f"--generate {new_tokens}: generate at least one token")
+    started = time.perf_counter()
+    logits, past = session.prefill(ids)
+    prefill = time.perf_counter() - started
+    tokens = [logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]]
+    started = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits, past = session.forward(tokens[-1], past)
+        tokens.append(logits[:, -1, :].argmax(-1).astype(np.int64)[:, None])
+    return Generation(ids, np.concatenate(tokens, axis=1), prefill, time.perf_counter() - started)
+
+
+def byte_level(spec: DecoderSpec) -> bool:
+    """A vocabulary of the 256 byte values: token ids are UTF-8 bytes (no tokenizer needed)."""
+    return spec.vocab == 256
+
+
+def prompt_tokens(spec: DecoderSpec, *, text: str | None = None, ids: str | None = None) -> np.ndarray:
+    """The prompt as one row of token ids: ``text``'s UTF-8 bytes for a byte-level model, or ``ids`` written
+    ``1,2,3``. Refused, saying what to give, when it does not fit the vocabulary."""
+    if (text is None) == (ids is None):
+        raise UsageError("give the prompt as --prompt TEXT (byte-level models) or --prompt-ids 1,2,3")
+    if text is not None:
+        if not byte_level(spec):
+            raise UsageError(f"--prompt is text, but this model's tokens are not bytes (a vocabulary of {spec.vocab}, "
+                             f"not 256) and bitpass has no tokenizer: give token ids with --prompt-ids 1,2,3")
+        return _prompt_ids(text)
+    try:
+        row = [int(part) for part in str(ids).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UsageError(f"--prompt-ids {str(ids)[:40]!r}: write integers separated by commas, e.g. 1,2,3") from None
+    bad = [t for t in row if not 0 <= t < spec.vocab]
+    if bad:
+        raise UsageError(f"--prompt-ids: token {bad[0]} is outside the vocabulary 0..{spec.vocab - 1}")
+    return np.asarray([row], np.int64)
+
+
+def open_decoder(directory: str | os.PathLike[str], *, threads: int | None = None) -> DecoderSession:
+    """A ``DecoderSession`` over an artifact folder, refused unless every file is as compiled and its graph is a
+    language model (``bitpass.decoder`` metadata, or recognizable inputs and outputs)."""
+    from bitpass.backends import artifact
+    from bitpass.backends.onnxruntime.runner import confined_model_path, read_session_config
+    from bitpass.frontend import from_onnx
+    from bitpass.frontend.decoder import lm_spec
+
+    folder = Path(directory)
+    manifest = artifact.read_manifest(folder)
+    problems = artifact.verify_files(folder, manifest)
+    if problems:
+        raise BitpassError(f"{folder}: {problems[0]}; run `bitpass verify` for details")
+    if manifest.get("backend") != "onnxruntime":
+        raise UsageError(f"{folder}: a {manifest.get('backend')} artifact; --generate runs ONNX Runtime artifacts")
+    path = confined_model_path(folder)
+    spec = lm_spec(from_onnx(path))
+    if spec is None:
+        raise UsageError(f"{folder}: not a language model (no token-id input and logits with a sequence axis): "
+                         f"--generate needs one; run it with --input instead")
+    return DecoderSession.load(path, spec, threads=threads, config=read_session_config(folder))
 
 
 def _prompt_ids(prompt: np.ndarray | bytes | str) -> np.ndarray:
@@ -247,6 +355,37 @@ def prefill_seconds(session: DecoderSession, *, length: int, batch: int = 1, rep
     return _median_seconds(lambda: session.prefill(ids), repeats, warmup=1)
 
 
+def decoder_latency(reference: DecoderSession, artifact: DecoderSession, *, past: int = 128, prefill: int = 128,
+                    rounds: int = 7, decode_repeats: int = 10) -> dict[str, dict[str, Any]]:
+    """Decode-step and prefill time of ``artifact`` beside ``reference`` (batch 1), alternating within each
+    round: ``{"decode": row, "prefill": row}``, each row with ``fp32_ms``, ``artifact_ms``, ``speedup``
+    (= fp32_ms / artifact_ms, medians), ``speedup_band`` (interquartile range of the per-round ratios),
+    ``past`` / ``tokens`` and tokens per second. Decode is one token after ``past`` cached positions; both
+    lengths are cut to the model's positions. This is the decode-shape timing a latency probe should call
+    for decoder layers' formats (one new token, a given past), not prefill shapes."""
+    limit = reference.spec.max_positions or (past + prefill + 1)
+    past = max(1, min(past, limit - 1))
+    prefill = max(1, min(prefill, limit))
+    times: dict[str, dict[str, list[float]]] = {"decode": {"fp32": [], "artifact": []},
+                                                "prefill": {"fp32": [], "artifact": []}}
+    sessions = {"fp32": reference, "artifact": artifact}
+    for index in range(rounds):
+        for name in (("fp32", "artifact") if index % 2 == 0 else ("artifact", "fp32")):
+            times["decode"][name].append(decode_step_seconds(sessions[name], past_length=past,
+                                                             repeats=decode_repeats))
+            times["prefill"][name].append(prefill_seconds(sessions[name], length=prefill, repeats=1))
+    table: dict[str, dict[str, Any]] = {}
+    for kind, tokens in (("decode", 1), ("prefill", prefill)):
+        fp32, got = np.array(times[kind]["fp32"]), np.array(times[kind]["artifact"])
+        ratios = fp32 / got
+        fp32_ms, got_ms = 1e3 * float(np.median(fp32)), 1e3 * float(np.median(got))
+        table[kind] = {"fp32_ms": fp32_ms, "artifact_ms": got_ms, "speedup": fp32_ms / got_ms,
+                       "speedup_band": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+                       "tokens": tokens, "past": past if kind == "decode" else 0,
+                       "fp32_tokens_per_s": tokens / (fp32_ms / 1e3), "artifact_tokens_per_s": tokens / (got_ms / 1e3)}
+    return table
+
+
 # --- memory ----------------------------------------------------------------------------------------
 
 _MEMORY_PROBE = r"""
@@ -261,11 +400,15 @@ options.intra_op_num_threads = int(sys.argv[3])
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 spec = json.loads(sys.argv[2])
 loaded = rss()
-feeds = {spec["input_ids"]: np.zeros((1, 8), np.int64), spec["attention_mask"]: np.ones((1, 8), np.int64)}
+feeds = {spec["input_ids"]: np.zeros((1, 8), np.int64)}
+if spec["attention_mask"]:
+    feeds[spec["attention_mask"]] = np.ones((1, 8), np.int64)
+if spec["position_ids"]:
+    feeds[spec["position_ids"]] = np.arange(8, dtype=np.int64)[None, :]
 types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 for value in session.get_inputs():
-    if value.name.startswith("past_key_values."):
-        dims = [1 if i == 0 else 0 if i == 2 else int(d) for i, d in enumerate(value.shape)]
+    if value.name in spec["past"]:
+        dims = [1 if i == 0 else 0 if i == 2 else int(d) if str(d).isdigit() else 1 for i, d in enumerate(value.shape)]
         feeds[value.name] = np.zeros(dims, types.get(value.type, np.float32))
 session.run(None, feeds)
 after = rss()
@@ -290,7 +433,8 @@ def session_memory(path: str | os.PathLike[str], spec: DecoderSpec, *, threads: 
     """
     if not Path("/proc/self/status").is_file():
         raise BitpassError("session memory is measured from /proc/self/status: Linux only")
-    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask})
+    spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask,
+                            "position_ids": spec.position_ids, "past": spec.all_past})
     result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), spec_json, str(threads)],
                             capture_output=True, text=True, timeout=900, check=False)
     if result.returncode != 0:

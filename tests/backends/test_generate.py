@@ -94,6 +94,6 @@ def test_a_sequence_past_the_position_limit_is_refused(decoder):
         gen.generate(decoder, b"x" * 120, 20)
 
 
-def test_a_graph_without_cache_inputs_is_refused(mlp_model, exported):
-    with pytest.raises(BitpassError, match="not a KV-cache decoder"):
+def test_a_graph_without_the_specs_inputs_is_refused(mlp_model, exported):
+    with pytest.raises(BitpassError, match="not the decoder graph its spec describes"):
         gen.DecoderSession.load(mlp_model.to_bytes(), exported[2])

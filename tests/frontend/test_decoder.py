@@ -115,3 +115,66 @@ def test_export_leaves_the_attention_implementation_as_it_was(gpt2):
     lm, model, _ = gpt2
     assert lm.config._attn_implementation == "sdpa"
     assert "Softmax" in {node.op_type for node in model.graph}  # exported as eager attention
+
+
+def _renamed(model, names: dict[str, str], drop_metadata: bool = True):
+    """The graph with inputs/outputs renamed as another exporter names them (and no bitpass metadata)."""
+    proto = model.to_proto()
+    for node in proto.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.name = names.get(value.name, value.name)
+    if drop_metadata:
+        del proto.metadata_props[:]
+    return from_proto(proto)
+
+
+def test_a_transformers_exporter_graph_is_recognized_by_its_cache_names(gpt2):
+    """transformers' own ONNX exporter names the cache past_key_values.layers.N.keys in, cache.layers.N.keys out."""
+    from bitpass.frontend.decoder import detect_decoder
+
+    _, model, spec = gpt2
+    names = {}
+    for layer in range(spec.layers):
+        for part in ("key", "value"):
+            names[f"past_key_values.{layer}.{part}"] = f"past_key_values.layers.{layer}.{part}s"
+            names[f"present.{layer}.{part}"] = f"cache.layers.{layer}.{part}s"
+    found = detect_decoder(_renamed(model, names))
+    assert (found.layers, found.kv_heads, found.head_dim, found.vocab) == (spec.layers, spec.kv_heads, spec.head_dim,
+                                                                           spec.vocab)
+    assert found.past_names(1) == ("past_key_values.layers.1.keys", "past_key_values.layers.1.values")
+    assert found.present_names(0) == ("cache.layers.0.keys", "cache.layers.0.values")
+
+
+def test_a_detected_decoder_runs_prefill_then_decode_through_its_own_names(gpt2):
+    from bitpass.backends.onnxruntime.generate import DecoderSession
+    from bitpass.frontend.decoder import detect_decoder
+
+    lm, model, spec = gpt2
+    names = {f"present.{i}.{p}": f"cache.{i}.{p}" for i in range(spec.layers) for p in ("key", "value")}
+    renamed = _renamed(model, names)
+    session = DecoderSession.load(renamed, detect_decoder(renamed))
+    ids = np.random.default_rng(3).integers(0, spec.vocab, (2, 6))
+    _, past = session.prefill(ids[:, :5])
+    logits, _ = session.forward(ids[:, 5:], past)
+    with torch.no_grad():
+        reference = lm(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits[:, 0], reference[:, -1], atol=1e-4)
+
+
+def test_unpaired_cache_tensors_or_inputs_bitpass_cannot_feed_mean_not_a_decoder(gpt2):
+    from bitpass.frontend.decoder import detect_decoder
+
+    _, model, _ = gpt2
+    assert detect_decoder(_renamed(model, {"present.1.value": "hidden_states"})) is None
+    assert detect_decoder(_renamed(model, {"past_key_values.0.key": "encoder_states"})) is None
+
+
+def test_spec_json_round_trips_and_a_damaged_record_is_refused(gpt2):
+    _, _, spec = gpt2
+    assert DecoderSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="pair up"):
+        DecoderSpec.from_json({**spec.to_json(), "present": ["present.0.key"]})
+    with pytest.raises(ValueError, match="non-negative"):
+        DecoderSpec.from_json({**spec.to_json(), "layers": -1})

@@ -40,7 +40,9 @@ def test_output_kinds():
     assert quality.output_kind([logits], ["output"], None) == "embedding"  # unknown meaning: compared by cosine
     assert quality.output_kind([unit], ["sentence_embedding"], None) == "embedding"
     assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["last_hidden_state"], None) == "embedding"
-    assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["logits"], None) == "logits"
+    # logits with a sequence axis are a language model's: per-token KL (issue #14), labels per token
+    assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["logits"], None) == "lm"
+    assert quality.output_kind([rng.standard_normal((8, 4, 64))], ["logits"], np.zeros((8, 4), np.int64)) == "lm"
 
 
 def test_agreement_is_per_position_for_sequence_logits():

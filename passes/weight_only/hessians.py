@@ -1,0 +1,74 @@
+"""Layer-local Hessians ``X^T X / n`` of an ONNX model's linear layers, from calibration data run in ONNX Runtime.
+
+What GPTQ and salience-driven widths need of each layer is the Gram matrix of its own inputs over the
+calibration samples (``calibration.py`` gets the same from a torch module with forward hooks). Here every
+layer input becomes an extra graph output of one session, the calibration set runs through it batch by
+batch, and each batch is folded into float32 accumulators and dropped: memory is the Hessians
+(``sum of K^2``, one per distinct input tensor: layers reading the same tensor, such as a Llama block's
+q/k/v projections, share one) plus one batch of activations, never the whole set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from bitpass.frontend import Dataset, Model
+from bitpass.frontend.errors import UsageError
+from bitpass.passes import execution
+
+#: tokens (positions x samples) per calibration batch: activations of one batch stay tens of MB
+TOKENS_PER_BATCH = 1024
+
+
+class Gram:
+    """``X^T X`` and the row count over chunks of rows, in float32 (a 4096-wide layer: 64 MB)."""
+
+    def __init__(self, features: int) -> None:
+        self.sum = np.zeros((features, features), np.float32)
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        rows = np.asarray(x, np.float32).reshape(-1, self.sum.shape[0])
+        self.sum += rows.T @ rows
+        self.count += rows.shape[0]
+
+    @property
+    def value(self) -> np.ndarray:
+        return (self.sum / max(self.count, 1)).astype(np.float64)
+
+
+def batch_size_for(data: Dataset, tokens: int = TOKENS_PER_BATCH) -> int:
+    """Samples per batch so that a batch holds about ``tokens`` positions (sequence inputs: samples x length)."""
+    ids = next(iter(data.inputs.values()))
+    length = int(ids.shape[1]) if ids.ndim >= 2 else 1
+    return max(1, tokens // max(length, 1))
+
+
+def layer_input_hessians(model: Model, inputs: Sequence[str], data: Dataset, *, samples: int | None = None,
+                         progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """``{tensor name: X^T X / n}`` of each named layer-input tensor (last axis = features) over ``data``
+    (its first ``samples`` samples when given)."""
+    if len(data) == 0:
+        raise UsageError("weight-only GPTQ needs calibration samples (--calib)")
+    used = data.head(samples) if samples else data
+    names = list(dict.fromkeys(inputs))
+    grams: dict[str, Gram] = {}
+    batch = batch_size_for(used)
+    total = -(-len(used) // batch)
+    for index, values in enumerate(execution.intermediates(model, used, names, batch_size=batch,
+                                                           purpose="run the model to collect layer inputs")):
+        for name in names:
+            x = values[name]
+            if name not in grams:
+                grams[name] = Gram(int(x.shape[-1]))
+            grams[name].add(x)
+        if progress is not None and (index + 1) % 8 == 0:
+            progress(f"quantize-weights: layer inputs of batch {index + 1}/{total}")
+    return {name: gram.value for name, gram in grams.items()}
+
+
+def shared(hessians: Mapping[str, np.ndarray], layer_inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """``{layer id: Hessian}`` from ``{tensor: Hessian}`` and ``{layer id: its input tensor}``."""
+    return {layer_id: hessians[tensor] for layer_id, tensor in layer_inputs.items()}

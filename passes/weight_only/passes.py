@@ -1,0 +1,70 @@
+"""``quantize-weights``: weight-only low-bit linear layers as MatMulNBits (GPTQ or RTN, group-wise, fractional
+averages by salience-driven mixed widths), the pass over ``bitpass.passes.weight_only.quantize``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from bitpass.frontend import Model
+from bitpass.passes.analyses import QUANTIZED
+from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.weight_only.quantize import Quantizer, Recipe
+
+
+class QuantizeWeights(Pass):
+    """Weight-only 2/4/8-bit linear layers as ONNX Runtime MatMulNBits (weights stay low-bit in memory); GPTQ
+    against each layer's own calibration Hessian, or round-to-nearest; a fractional ``bits`` (3.5) mixes widths
+    per group by salience under one model-wide average. The decoder language model pipeline's quantizer."""
+
+    name = "quantize-weights"
+
+    class Config(PassConfig):
+        #: gptq (error-compensating rounding against each layer's input Hessian; needs --calib) or rtn
+        method: Literal["gptq", "rtn"] = "gptq"
+        #: 2, 4 or 8; or an average between the widths (3.5): mixed widths chosen by salience
+        bits: float = pydantic.Field(4.0, ge=2, le=8)
+        #: input features per scale and zero point (MatMulNBits block size)
+        group_size: Literal[16, 32, 64, 128, 256] = 32
+        #: round input features in order of decreasing Hessian diagonal (grids stay the contiguous groups')
+        act_order: bool = False
+        #: rank of an activation-aware low-rank correction of each layer's rounding error (0: none)
+        lorc_rank: int = pydantic.Field(0, ge=0, le=256)
+        #: the widths a fractional average mixes
+        widths: list[Literal[2, 4, 8]] = [2, 4, 8]
+        #: group: widths per group of input features under one model-wide budget; layer: one width per layer
+        allocation: Literal["group", "layer"] = "group"
+        #: embedding tables (Gather) as GatherBlockQuantized at 4 or 8 bits, or left fp32 (32)
+        embeddings: Literal[4, 8, 32] = 32
+        #: calibration samples the Hessians are taken over (the first ones)
+        samples: int = pydantic.Field(128, ge=1)
+        #: MatMulNBits accuracy_level: 4 computes in int8 (fast at decode and prefill on CPUs)
+        accuracy_level: int = pydantic.Field(4, ge=0, le=4)
+
+    produces = frozenset({QUANTIZED})
+    in_place = False
+    config: Config
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._quantizer = Quantizer()  # memo across reruns (the quality gate's repair rebuilds from here)
+
+    def recipe(self) -> Recipe:
+        cfg = self.config
+        return Recipe(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, act_order=cfg.act_order,
+                      lorc_rank=cfg.lorc_rank, widths=tuple(sorted(set(cfg.widths))), allocation=cfg.allocation,
+                      embeddings=cfg.embeddings, embedding_block=cfg.group_size, samples=cfg.samples,
+                      accuracy_level=cfg.accuracy_level)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        recipe = self.recipe()
+        result, outcome = self._quantizer(model, ctx.calibration, recipe, progress=ctx.progress)
+        record = outcome.record(recipe)
+        record["weight_bytes"] = {"before": model.weight_bytes(), "after": result.weight_bytes()}
+        ctx.records["weight_only"] = record
+        ctx.analyses.put(QUANTIZED, record)
+        return PassResult(result, modified=True, preserved=frozenset({QUANTIZED}))
+
+
+__all__ = ["QuantizeWeights"]

@@ -1,0 +1,293 @@
+"""Weight-only low-bit quantization of a whole ONNX model: the library core the ``quantize-weights`` pass wraps.
+
+``quantize_weights(model, calibration, recipe)`` rounds every linear layer of ``model`` (MatMul / Gemm with a
+constant weight) group-wise by the recipe and writes it as ONNX Runtime ``MatMulNBits`` in place of the layer,
+so the weights stay 2/4/8-bit in memory and run on ORT's low-bit kernels (a compute format, not ``packed``):
+
+* ``method="gptq"`` (default): error-compensating rounding against each layer's own Hessian ``X^T X / n``
+  from calibration inputs (``hessians.py``: one ONNX Runtime pass over the calibration set); ``"rtn"``:
+  round-to-nearest (no data needed);
+* ``bits`` 2, 4 or 8, or a fractional average (3.5): widths per K-slice of groups chosen by salience under one
+  model-wide budget (``allocation="group"``, SliM-LLM style) or one width per layer (``"layer"``); slice and
+  layer errors are measured one layer at a time, so only one fp32 weight is unpacked at once;
+* ``lorc_rank``: an activation-aware low-rank correction of each layer's rounding error (ZeroQuant-V2's LoRC);
+* ``embeddings`` 4 or 8: embedding tables (``Gather``) as ``GatherBlockQuantized`` (round-to-nearest).
+
+Layers annotated ``bits.weight=32`` stay fp32 (``set-bits``, or the quality gate's repair); layers annotated
+2/4/8 take that width. The result of each layer is memoized on the ``Quantizer`` by its weight, Hessian and
+recipe, so rebuilding with some layers back in fp32 costs no second GPTQ run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bitpass.frontend import Dataset, Model, Provenance, annotation
+from bitpass.frontend.errors import UsageError
+from bitpass.frontend.layers import Layer
+from bitpass.passes.weight_only.apply import QuantizedLayer
+from bitpass.passes.weight_only.emit import (embedding_table, input_features, linear_weight, replace_embedding,
+                                             replace_linear)
+from bitpass.passes.weight_only.gptq import gptq
+from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
+from bitpass.passes.weight_only.hessians import layer_input_hessians
+from bitpass.passes.weight_only.lowrank import low_rank_compensation
+from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS
+from bitpass.passes.weight_only.mixed import allocate_widths, slice_errors
+
+#: the ``format.weight`` annotation of a MatMulNBits layer (as ``materialize`` stamps it)
+MATMULNBITS_FORMAT = "matmulnbits"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How ``quantize_weights`` rounds a model (the ``quantize-weights`` pass's options)."""
+
+    method: str = "gptq"
+    bits: float = 4.0
+    group_size: int = 32
+    act_order: bool = False
+    lorc_rank: int = 0
+    widths: tuple[int, ...] = (2, 4, 8)
+    allocation: str = "group"
+    embeddings: int = 32
+    embedding_block: int = 32
+    samples: int | None = 128
+    accuracy_level: int = 4
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise UsageError(f"quantize-weights: unknown method {self.method!r}: use gptq or rtn")
+        fractional = float(self.bits) != int(self.bits) or int(self.bits) not in MATMULNBITS_BITS
+        if fractional and not min(self.widths) <= self.bits <= max(self.widths):
+            raise UsageError(f"quantize-weights: bits={self.bits:g} is outside the widths {list(self.widths)}: an "
+                             f"average must lie between the narrowest and the widest")
+        if any(w not in MATMULNBITS_BITS for w in self.widths):
+            raise UsageError(f"quantize-weights: widths {list(self.widths)}: ONNX Runtime's MatMulNBits runs "
+                             f"{', '.join(map(str, MATMULNBITS_BITS))} bits")
+        if self.allocation not in ("group", "layer"):
+            raise UsageError(f"quantize-weights: allocation={self.allocation!r}: use group or layer")
+        if self.embeddings not in (4, 8, 32):
+            raise UsageError(f"quantize-weights: embeddings={self.embeddings}: use 4, 8 or 32 (fp32)")
+
+    @property
+    def mixed(self) -> bool:
+        """An average between widths (allocated per slice or per layer) rather than one width."""
+        return float(self.bits) != int(self.bits) or int(self.bits) not in MATMULNBITS_BITS
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method == "gptq" or self.mixed or self.lorc_rank > 0
+
+
+@dataclass
+class Outcome:
+    """What ``quantize_weights`` did: per layer, and the layers it left alone with why."""
+
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def record(self, recipe: Recipe) -> dict[str, Any]:
+        params = sum(r["params"] for r in self.layers.values() if r["kind"] == "linear")
+        bits = sum(r["average_bits"] * r["params"] for r in self.layers.values() if r["kind"] == "linear")
+        return {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
+                "act_order": recipe.act_order, "lorc_rank": recipe.lorc_rank, "widths": list(recipe.widths),
+                "allocation": recipe.allocation if recipe.mixed else None, "embeddings": recipe.embeddings,
+                "average_bits": bits / params if params else None, "layers": self.layers, "kept_fp32": self.skipped}
+
+
+def shallow_copy(model: Model) -> Model:
+    """A new ``Model`` whose graph structure is copied but whose weight tensors are shared (O(nodes), no weight
+    bytes copied): a pass that swaps nodes and initializers stays functional at no memory cost."""
+    source = model.ir
+    graph = source.graph.clone()
+    copy = ir.Model(graph, ir_version=source.ir_version, producer_name=source.producer_name,
+                    producer_version=source.producer_version, domain=source.domain, model_version=source.model_version,
+                    doc_string=source.doc_string, functions=list(source.functions.values()),
+                    metadata_props=dict(source.metadata_props))
+    return Model(copy, Provenance(model.provenance.kind, model.provenance.name, model.provenance.sha256,
+                                  list(model.provenance.notes)), model.torch_module)
+
+
+class Quantizer:
+    """``quantize_weights`` with a memo of layer results and Hessians that outlives one call (see module doc)."""
+
+    def __init__(self) -> None:
+        self._layers: dict[tuple[Any, ...], QuantizedLayer] = {}
+        self._hessians: dict[tuple[str, str, int | None], np.ndarray] = {}
+
+    def __call__(self, model: Model, calibration: Dataset | None, recipe: Recipe, *,
+                 progress: Callable[[str], None] | None = None) -> tuple[Model, Outcome]:
+        say = progress or (lambda _message: None)
+        result = shallow_copy(model)
+        outcome = Outcome()
+        linear, tables = self._select(result, recipe, outcome)
+        hessians: dict[str, np.ndarray] = {}
+        if linear and recipe.needs_data:
+            if calibration is None:
+                raise UsageError(f"quantize-weights(method={recipe.method}) needs calibration data for the layer "
+                                 f"Hessians: give --calib (token windows for a language model), or use method=rtn")
+            hessians = self._layer_hessians(model, linear, calibration, recipe, say)
+        widths = self._widths(result, linear, hessians, recipe, say)
+        for index, layer in enumerate(linear):
+            weight = linear_weight(layer)
+            assert weight is not None
+            quantized = self._quantize(layer.id, weight, hessians.get(layer.id), widths[layer.id], recipe)
+            created = replace_linear(result.graph, layer, quantized.quantized, lowrank=quantized.lowrank,
+                                     accuracy_level=recipe.accuracy_level)
+            node = _node_of(created, layer.id)
+            annotation.set_weight_bits(node, int(max(quantized.quantized.bits)))
+            annotation.set_activation_bits(node, annotation.FLOAT_BITS)
+            annotation.set_weight_format(node, MATMULNBITS_FORMAT)
+            outcome.layers[layer.id] = {
+                "kind": "linear", "op": layer.op_type, "params": int(weight.size),
+                "average_bits": float(np.mean(quantized.quantized.bits)),
+                "widths": {str(b): int(np.sum(quantized.quantized.bits == b)) for b in sorted(set(
+                    int(v) for v in quantized.quantized.bits))},
+                "output_error": quantized.output_error if layer.id in hessians else None,
+                "bytes": int(quantized.nbytes())}
+            del weight
+            if (index + 1) % 16 == 0:
+                say(f"quantize-weights: {index + 1}/{len(linear)} layers")
+        for layer, bits in tables:
+            created, _ = replace_embedding(result.graph, layer, bits, recipe.embedding_block)
+            node = _node_of(created, layer.id)
+            annotation.set_weight_bits(node, bits)
+            annotation.set_activation_bits(node, annotation.FLOAT_BITS)
+            annotation.set_weight_format(node, "gather-block-quantized")
+            outcome.layers[layer.id] = {"kind": "embedding", "op": "Gather", "params": int(layer.params),
+                                        "average_bits": float(bits), "block": recipe.embedding_block}
+        return result, outcome
+
+    # --- steps -------------------------------------------------------------------------------------
+    @staticmethod
+    def _select(model: Model, recipe: Recipe, outcome: Outcome) -> tuple[list[Layer], list[tuple[Layer, int]]]:
+        """Linear layers to round and embedding tables to quantize; the rest recorded with the reason."""
+        linear: list[Layer] = []
+        tables: list[tuple[Layer, int]] = []
+        for layer in model.layers():
+            wanted = annotation.weight_bits(layer.node)
+            if wanted == annotation.FLOAT_BITS:
+                outcome.skipped[layer.id] = "annotated fp32 (bits.weight=32)"
+                continue
+            if layer.op_type == "Gather":
+                bits = wanted if wanted in (4, 8) else recipe.embeddings
+                table = embedding_table(layer)
+                if bits == annotation.FLOAT_BITS:
+                    outcome.skipped[layer.id] = "embedding table (quantize-weights(embeddings=4|8) quantizes it)"
+                elif table is None or table.shape[1] % recipe.embedding_block:
+                    outcome.skipped[layer.id] = (f"not a 2-D table blocked by {recipe.embedding_block}"
+                                                 if table is not None else "not an embedding lookup on axis 0")
+                else:
+                    tables.append((layer, bits))
+                continue
+            features = input_features(layer)
+            if features is None:
+                outcome.skipped[layer.id] = f"{layer.op_type} is not a linear layer MatMulNBits can replace"
+            elif features % recipe.group_size:
+                outcome.skipped[layer.id] = (f"its {features} input features are not a multiple of the group "
+                                             f"size {recipe.group_size}")
+            elif wanted is not None and wanted not in MATMULNBITS_BITS:
+                outcome.skipped[layer.id] = f"annotated {wanted} bits; MatMulNBits runs {MATMULNBITS_BITS}"
+            else:
+                linear.append(layer)
+        return linear, tables
+
+    def _layer_hessians(self, model: Model, layers: Sequence[Layer], data: Dataset, recipe: Recipe,
+                        say: Callable[[str], None]) -> dict[str, np.ndarray]:
+        inputs = {layer.id: layer.node.inputs[0].name or "" for layer in layers}
+        wanted = [t for t in dict.fromkeys(inputs.values()) if (data.sha256, t, recipe.samples) not in self._hessians]
+        if wanted:
+            say(f"quantize-weights: collecting the inputs of {len(layers)} layers ({len(wanted)} distinct tensors)")
+            for tensor, h in layer_input_hessians(model, wanted, data, samples=recipe.samples,
+                                                  progress=say).items():
+                self._hessians[(data.sha256, tensor, recipe.samples)] = h
+        return {layer_id: self._hessians[(data.sha256, tensor, recipe.samples)] for layer_id, tensor in inputs.items()}
+
+    @staticmethod
+    def _widths(model: Model, layers: Sequence[Layer], hessians: Mapping[str, np.ndarray], recipe: Recipe,
+                say: Callable[[str], None]) -> dict[str, np.ndarray]:
+        """Bits per K-slice of each layer: the annotated or recipe width, or a mix under the average."""
+        out: dict[str, np.ndarray] = {}
+        mixed = []
+        for layer in layers:
+            slices = int(input_features(layer) or 0) // recipe.group_size
+            wanted = annotation.weight_bits(layer.node)
+            if wanted in MATMULNBITS_BITS:
+                out[layer.id] = np.full(slices, wanted)
+            elif not recipe.mixed:
+                out[layer.id] = np.full(slices, int(recipe.bits))
+            else:
+                mixed.append(layer)
+        if not mixed:
+            return out
+        widths = sorted(recipe.widths)
+        say(f"quantize-weights: {recipe.allocation}-wise widths from {widths} at {recipe.bits:g} average bits "
+            f"over {len(mixed)} layers")
+        errors, sizes, counts = [], [], []
+        for layer in mixed:  # one weight unpacked at a time: only the errors are kept
+            weight = linear_weight(layer)
+            assert weight is not None
+            per_slice = slice_errors(weight, hessians[layer.id], widths, recipe.group_size)
+            if recipe.allocation == "layer":
+                errors.append(per_slice.sum(axis=0, keepdims=True))
+                sizes.append(np.array([float(weight.size)]))
+            else:
+                errors.append(per_slice)
+                sizes.append(np.full(len(per_slice), float(recipe.group_size * weight.shape[1])))
+            counts.append(weight.shape[0] // recipe.group_size)
+        chosen = allocate_widths(np.concatenate(errors), widths, float(recipe.bits), np.concatenate(sizes))
+        start = 0
+        for layer, rows, count in zip(mixed, errors, counts):
+            part = chosen[start:start + len(rows)]
+            start += len(rows)
+            out[layer.id] = np.full(count, part[0]) if recipe.allocation == "layer" else np.asarray(part)
+        return out
+
+    def _quantize(self, layer_id: str, weight: np.ndarray, h: np.ndarray | None, bits: np.ndarray,
+                  recipe: Recipe) -> QuantizedLayer:
+        key = (layer_id, _digest(weight), None if h is None else _digest(h), tuple(int(b) for b in bits),
+               recipe.method, recipe.group_size, recipe.act_order, recipe.lorc_rank, recipe.damp)
+        if key in self._layers:
+            return self._layers[key]
+        if recipe.method == "gptq":
+            assert h is not None
+            quantized: GroupQuantized = gptq(weight, h, bits, recipe.group_size, act_order=recipe.act_order,
+                                             damp=recipe.damp)
+        else:
+            quantized = rtn(weight, bits, recipe.group_size)
+        lowrank = None
+        if recipe.lorc_rank:
+            assert h is not None
+            lowrank = low_rank_compensation(weight, quantized.dequantize(), recipe.lorc_rank, h)
+        approx = quantized.dequantize() if lowrank is None else quantized.dequantize() + lowrank[0] @ lowrank[1]
+        error = output_error(weight, approx, h) if h is not None else 0.0
+        self._layers[key] = QuantizedLayer(quantized, lowrank, error)
+        return self._layers[key]
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
+
+
+def _node_of(nodes: Sequence[ir.Node], layer_id: str) -> ir.Node:
+    for node in nodes:
+        if annotation.layer_id(node) == layer_id:
+            return node
+    raise AssertionError(f"layer {layer_id!r} vanished while it was written")
+
+
+def quantize_weights(model: Model, calibration: Dataset | None, recipe: Recipe | None = None, *,
+                     progress: Callable[[str], None] | None = None) -> tuple[Model, dict[str, Any]]:
+    """A new ``Model`` with every linear layer of ``model`` written as MatMulNBits by ``recipe`` (see the module
+    doc); ``model`` is untouched (its weights are shared, not copied). Returns the model and a record."""
+    recipe = recipe or Recipe()
+    result, outcome = Quantizer()(model, calibration, recipe, progress=progress)
+    return result, outcome.record(recipe)
