@@ -252,6 +252,9 @@ def detect_decoder(model: Model) -> DecoderSpec | None:
     vocab = _dim(head.shape, 2) if head is not None else None
     if head is None or not vocab:
         return None
+    table = _token_table_rows(model, ids)  # logits score the vocabulary; an encoder's hidden states do not
+    if (table and vocab != table) or (not table and "logit" not in head.name.lower()):
+        return None
     mask = next((s.name for s in token if s.name != ids and "mask" in s.name.lower()), None)
     positions = next((s.name for s in token if s.name not in (ids, mask) and "position" in s.name.lower()), None)
     past: dict[tuple[int, str], str] = {}
@@ -331,6 +334,19 @@ def complete_lm_inputs(arrays: dict[str, np.ndarray], spec: DecoderSpec, *,
     for name, value in spec.empty_past(count).items():
         arrays.setdefault(name, value)
     return arrays, labels
+
+
+def _token_table_rows(model: Model, ids: str) -> int:
+    """Rows of the embedding table the token ids index (the vocabulary), 0 when none is found."""
+    from bitpass.frontend.layers import constant_tensor
+
+    for node in model.graph:
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.inputs) >= 2 \
+                and node.inputs[1] is not None and node.inputs[1].name == ids:
+            table = constant_tensor(node.inputs[0])
+            if table is not None and len(table.shape) == 2:
+                return int(table.shape[0])
+    return 0
 
 
 def _position_table_rows(model: Model, ids: str) -> int:
@@ -482,7 +498,7 @@ def export_decoder(lm: Any, *, name: str | None = None, kv_bits: int = 32,
 
     import torch
 
-    spec = dataclasses.replace(decoder_spec(lm), kv_bits=kv_bits)
+    spec = dataclasses.replace(decoder_spec(lm), kv_bits=kv_bits, past=(), present=())  # names for these parts
     if kv_bits not in (4, 8, 32):
         raise ValueError(f"a {kv_bits}-bit cache is not offered: use 8 or 4 (or 32 for a float cache)")
     if kv_bits < 32 and (key_scales is None or np.shape(key_scales) != (spec.layers, spec.kv_heads, spec.head_dim)):

@@ -141,6 +141,11 @@ class FuseTransformer(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
+        if ctx.target.backend != "onnxruntime":  # com.microsoft contrib ops: only ONNX Runtime runs them
+            ctx.records["transformer_fusion"] = {"applied": False, "why": f"ONNX Runtime's contrib operators; the "
+                                                                          f"{ctx.target.backend} backend lowers the "
+                                                                          f"unfused graph itself"}
+            return PassResult(model, modified=False, preserved=frozenset())
         if cfg.model_type == "auto" and not looks_like_transformer(model):
             ctx.records["transformer_fusion"] = {"applied": False, "why": "no transformer subgraph (LayerNorm, "
                                                                           "Softmax and MatMul layers)"}

@@ -436,7 +436,8 @@ def session_memory(path: str | os.PathLike[str], spec: DecoderSpec, *, threads: 
     spec_json = json.dumps({"input_ids": spec.input_ids, "attention_mask": spec.attention_mask,
                             "position_ids": spec.position_ids, "past": spec.all_past})
     result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), spec_json, str(threads)],
-                            capture_output=True, text=True, timeout=900, check=False)
+                            capture_output=True, text=True, timeout=900, check=False,
+                            env={"ORT_DISABLE_TELEMETRY": "1", **os.environ})
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise BitpassError(f"memory probe of {path} failed: {tail[:200]}")

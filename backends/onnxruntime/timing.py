@@ -129,7 +129,8 @@ def time_groups(groups: Sequence[Group], *, threads: int = 0, rounds: int = 9, m
             job["groups"].append({"models": names, "feeds": feeds})
         (folder / "job.json").write_text(json.dumps(job))
         if fresh_process:
-            env = {**os.environ, **QUIET_ENV}
+            # telemetry off unless the user turned it on (ORT writes under HOME and TMPDIR otherwise)
+            env = {"ORT_DISABLE_TELEMETRY": "1", **os.environ, **QUIET_ENV}
             # run as a file, not ``-m``: the package's imports (onnx-ir, sympy...) would cost seconds per call
             done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(folder)],
                                   capture_output=True, text=True, env=env, timeout=timeout, check=False)

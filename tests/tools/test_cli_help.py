@@ -30,7 +30,7 @@ def test_the_subcommand_list_is_the_tested_one():
 def test_passes_name_explains_options_in_plain_words(capsys):
     assert main(["passes", "quantize"]) == 0
     out = capsys.readouterr().out
-    assert "activation_type" in out and "one of int8, uint8" in out and "true/false" in out
+    assert "activation_type" in out and "one of auto, int8, uint8" in out and "true/false" in out
     assert "Literal" not in out and "typing" not in out
 
 

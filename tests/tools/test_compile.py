@@ -42,10 +42,16 @@ def test_manifest_records_what_was_done_and_measured(artifact, digits_files):
     assert manifest["data"]["calibration"]["samples"] == 200
     assert manifest["data"]["evaluation"]["samples"] == 497
     assert [p["pass"].split("(")[0] for p in manifest["passes"]] == \
-        ["fold-constants", "eliminate-dead-nodes", "fuse", "calibrate", "quantize"]
+        ["fold-constants", "eliminate-dead-nodes", "fuse", "inline-functions", "fuse-transformer", "calibrate",
+         "quantize"]
     layers = {r["id"]: r for r in manifest["layers"]}
     assert len(layers) == 5
-    assert all(r["bits"]["weight"] == 8 and r["stored"]["format"] == "QDQ int8" for r in layers.values())
+    # int8 where it measured faster on this CPU; a layer the format search timed slower alone stays fp32, and
+    # the manifest says so
+    changed = manifest["records"]["quantization"].get("search", {}).get("changed", {})
+    assert sum(r["stored"]["format"] == "QDQ int8" for r in layers.values()) >= 3
+    assert all(r["bits"]["weight"] == 8 and r["stored"]["format"] == "QDQ int8" or changed.get(lid) == "fp32"
+               for lid, r in layers.items())
     assert manifest["summary"]["stored_bytes"] <= 0.35 * manifest["summary"]["fp32_bytes"]
     for key in ("batch_1", "batch_64"):
         row = manifest["metrics"]["latency"][key]
