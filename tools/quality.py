@@ -149,13 +149,15 @@ def score(tolerance: Tolerance, reference: Sequence[np.ndarray], candidate: Sequ
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Top-1 agreement over the last axis, for every sample and position (per token for sequence logits).
-    Where the reference's maximum is tied (all-zero rows, saturated scores) any of the tied classes agrees."""
+    Where the reference's maximum is tied (all-zero rows, saturated scores, or classes within 0.1 % of the
+    row's score range of the top: fp32 rounding alone flips those) any of the tied classes agrees."""
     if reference.ndim < 2 or reference.shape[-1] < 2:
         return 1.0 if np.array_equal(np.sign(reference), np.sign(candidate)) else 0.0
     ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
     got = candidate.reshape(-1, candidate.shape[-1]).argmax(1)
     top = ref.max(axis=1, keepdims=True)
-    slack = 1e-6 * np.maximum(np.abs(top), 1e-30)
+    spread = top - ref.min(axis=1, keepdims=True)
+    slack = np.maximum(1e-6 * np.abs(top), 1e-3 * spread) + 1e-30
     tied = ref >= top - slack
     return float(tied[np.arange(len(got)), got].mean())
 

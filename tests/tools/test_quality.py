@@ -57,6 +57,8 @@ def test_tied_reference_maxima_count_as_agreement():
     zero = np.zeros((3, 4))
     assert quality.agreement(zero, np.eye(3, 4) * 1e-7) == 1.0  # dead outputs: any class agrees
     assert quality.agreement(np.eye(3, 4), np.eye(3, 4)[[1, 1, 2]]) == pytest.approx(2 / 3)
+    near = np.array([[1.0, 0.9995, -1.0], [1.0, 0.99, -1.0]])  # a gap of 0.025 % and 0.5 % of the score range
+    assert quality.agreement(near, near[:, [1, 0, 2]]) == pytest.approx(1 / 2)
 
 
 def test_hold_back_keeps_the_tail_of_a_calibration_set_for_the_gate():
