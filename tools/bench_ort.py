@@ -363,11 +363,12 @@ def _repeat(array: np.ndarray, batch: int) -> np.ndarray:
 
 def bench_model(name: str, *, size: str = "full", batches: Sequence[int] = BATCHES, threads: int = 2,
                 rounds: int = 9, cache: Path, say: Say = say_stderr, verbose: bool = False,
-                keep: Path | None = None) -> ModelResult:
-    """Every variant of family ``name``: made, checked on held-out data and timed side by side."""
+                keep: Path | None = None, variants: Sequence[str] = VARIANTS) -> ModelResult:
+    """``variants`` (all by default; ORT fp32 always) of family ``name``: made, checked on held-out data and
+    timed side by side."""
     with contextlib.ExitStack() as stack:
         work = keep / name if keep else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ort-")))
-        built, rows = build_variants(name, size, work, cache, say, verbose=verbose)
+        built, rows = build_variants(name, size, work, cache, say, variants=variants, verbose=verbose)
         result = ModelResult(name, size, built.note, rows)
         measure_quality(rows, built, threads)
         start = time.perf_counter()
