@@ -1,0 +1,538 @@
+"""Benchmark: bitpass against ONNX Runtime's own int8 on the CNNs users bring, side by side on this CPU.
+
+    python -m bitpass.tools.bench_ort                      # resnet18, resnet50, mobilenet_v3_small (224 x 224,
+                                                           # random init) and the digits-trained CNNs (full size)
+    python -m bitpass.tools.bench_ort --quick              # resnet18 + resnet18_digits, fewer rounds
+    python -m bitpass.tools.bench_ort --models resnet50 --markdown --json out.json
+
+For each model family (``bitpass.tools.model_families``, exported with ``torchscript-17`` as users export):
+
+* ``ORT fp32``: the exported model, the reference of every ratio;
+* ``ORT U8S8`` / ``ORT S8S8``: ``quantize_static`` QDQ, per-channel int8 weights, uint8 / int8 activations,
+  MinMax calibration on the same calibration samples bitpass gets, after ``quant_pre_process`` as ORT documents;
+* ``ORT dynamic``: ``quantize_dynamic`` (int8 weights, ORT's default operator types), after ``quant_pre_process``;
+* ``bitpass default``: ``bitpass.tools.api.compile(path, out, calibration=..., evaluation=...)``, no options;
+* ``bitpass avg-bits=4``: the same with ``budget="avg-bits=4"``.
+
+The format column of a bitpass row is what its manifest says it chose (``records.quantization.search``: the
+candidate and int8 flavour the whole-graph search kept, and how many layers ended in each result).
+
+Speed: every variant of one model is timed in ONE fresh process without torch
+(``bitpass.backends.onnxruntime.timing.time_groups``: alternating, order reversed every other round, thread
+spinning off), at batch 1 and 8; a ratio is the median over rounds of the paired ratio ORT fp32 seconds /
+variant seconds (> 1: faster than ORT fp32), with the 25-75 % band of the per-round ratios beside it.
+Quality on the family's held-out evaluation samples (never the calibration samples): top-1 agreement with
+ORT fp32 and mean cosine of the logits; accuracy against the labels for the digits-trained families. Note:
+bitpass's quality gate is given the same evaluation samples (as a user gives them to ``compile``), so its
+figures there are what the gate kept. Bytes: the model file plus its external data, relative to the fp32 file.
+
+The bitpass compile cache (latency and format-search tables, kept references) lives in a temporary
+``BITPASS_CACHE_DIR`` deleted at the end, so runs are independent; ``--cache-dir`` keeps it. The digits
+families' trained weights still come from the usual model cache (they are not what is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "resnet18_digits", "mobilenet_v3_small_digits")
+QUICK_MODELS = ("resnet18", "resnet18_digits")
+FP32 = "ORT fp32"
+ORT_INT8 = ("ORT U8S8", "ORT S8S8", "ORT dynamic")
+BITPASS_DEFAULT, BITPASS_LOW = "bitpass default", "bitpass avg-bits=4"
+VARIANTS = (FP32, *ORT_INT8, BITPASS_DEFAULT, BITPASS_LOW)
+BATCHES = (1, 8)
+#: what ``compile`` gets per bitpass variant (nothing but the budget: the defaults are what is measured)
+BITPASS_OPTIONS: dict[str, dict[str, Any]] = {BITPASS_DEFAULT: {}, BITPASS_LOW: {"budget": "avg-bits=4"}}
+CALIBRATION_BATCH = 8
+QUALITY_COLUMNS = ("top-1 agree", "accuracy", "cosine", "bytes x fp32", "build s")
+
+
+def columns(batches: Sequence[int] = BATCHES) -> tuple[str, ...]:
+    """The table's columns: per batch size the median ms and the ratio to ORT fp32, then quality and size."""
+    timed = tuple(c for b in batches for c in (f"ms b{b}", f"x fp32 b{b}"))
+    return ("model", "variant", "format", *timed, *QUALITY_COLUMNS)
+
+Say = Callable[[str], None]
+
+
+def say_stderr(message: str) -> None:
+    print(f"[bench_ort] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Row:
+    """One variant of one model: how it was made, how fast, how faithful, how big."""
+
+    model: str
+    variant: str
+    path: str | None = None
+    format: str = ""
+    build_seconds: float | None = None
+    #: batch -> median seconds per call
+    seconds: dict[int, float] = field(default_factory=dict)
+    #: batch -> median paired ratio ORT fp32 / variant (> 1: faster), and its 25-75 % band
+    speedup: dict[int, float] = field(default_factory=dict)
+    speedup_band: dict[int, tuple[float, float]] = field(default_factory=dict)
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    cosine: float | None = None
+    min_cosine: float | None = None
+    file_bytes: int | None = None
+    bytes_ratio: float | None = None
+    manifest: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class ModelResult:
+    """A model's rows, and the comparisons issue #11 asks for (paired ratios from the same timing run)."""
+
+    model: str
+    size: str
+    note: str
+    rows: list[Row]
+    #: batch -> {"fastest_ort": name, "bitpass_default_vs_fastest_ort": ratio, "low_vs_default": ratio}
+    checks: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def row(self, variant: str) -> Row:
+        return next(r for r in self.rows if r.variant == variant)
+
+
+# --- making the variants --------------------------------------------------------------------------------------
+def file_bytes(path: Path) -> int:
+    """The ONNX file plus every external-data file it names (each counted once)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _initializers(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def _initializers(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for sub in attr.graphs:
+                yield from _initializers(sub)
+
+
+def preprocess(source: Path, target: Path) -> str:
+    """ORT's ``quant_pre_process`` (symbolic shape inference, optimization, ONNX shape inference), as ORT's
+    quantization guide runs it before quantizing; symbolic shape inference skipped only if it fails."""
+    from onnxruntime.quantization import quant_pre_process
+
+    try:
+        quant_pre_process(str(source), str(target))
+        return "quant_pre_process"
+    except Exception as err:  # noqa: BLE001 - ORT raises bare Exceptions from its shape inference
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+        return f"quant_pre_process(skip_symbolic_shape=True): symbolic shape inference failed ({_first_line(err)})"
+
+
+def ort_static(source: Path, target: Path, calibration: dict[str, np.ndarray], activation: str) -> None:
+    """``quantize_static`` QDQ, per-channel int8 weights, ``activation`` (uint8 or int8) activations, MinMax
+    calibration over ``calibration`` in batches."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    count = len(next(iter(calibration.values())))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, count, CALIBRATION_BATCH))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            return {name: array[start:start + CALIBRATION_BATCH] for name, array in calibration.items()}
+
+    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+
+
+def ort_dynamic(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+
+@contextlib.contextmanager
+def bitpass_cache(folder: Path) -> Iterator[None]:
+    """``BITPASS_CACHE_DIR`` set to ``folder`` for the duration (and restored), for compile's caches only."""
+    previous = os.environ.get("BITPASS_CACHE_DIR")
+    os.environ["BITPASS_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("BITPASS_CACHE_DIR", None)
+        else:
+            os.environ["BITPASS_CACHE_DIR"] = previous
+
+
+def bitpass_format(manifest: dict[str, Any]) -> str:
+    """What the manifest says bitpass chose: the searched candidate and int8 flavour, and layers by result."""
+    record = manifest.get("records", {}).get("quantization", {})
+    search = record.get("search") or {}
+    parts = []
+    if search:
+        parts.append(f"{search.get('chosen')} {search.get('flavour')}")
+    elif record.get("format"):
+        parts.append(str(record["format"]))
+    results = Counter(str(layer.get("result")) for layer in record.get("layers", {}).values())
+    if results:
+        parts.append(" ".join(f"{name}:{n}" for name, n in sorted(results.items())))
+    return "; ".join(parts) or "-"
+
+
+def compile_bitpass(source: Path, target: Path, built: Any, options: dict[str, Any], cache: Path,
+                    progress: Say | bool) -> dict[str, Any]:
+    from bitpass.tools import api
+
+    with bitpass_cache(cache):
+        artifact = api.compile(str(source), str(target), calibration=built.inputs_of(built.calibration),
+                               evaluation=built.evaluation, progress=progress, **options)
+    return artifact.manifest
+
+
+def build_variants(name: str, size: str, work: Path, cache: Path, say: Say = say_stderr,
+                   variants: Sequence[str] = VARIANTS, verbose: bool = False) -> tuple[Any, list[Row]]:
+    """Build family ``name`` at ``size``, export it and make every variant under ``work``; the rows (a variant
+    that could not be made carries its error) and the ``Built`` (its data)."""
+    from bitpass.tools import model_families
+
+    start = time.perf_counter()
+    built = model_families.build(name, size)  # trained weights from the usual model cache, not ``cache``
+    fp32 = model_families.export(built, model_families.EXPORTS["torchscript-17"], work / "fp32")
+    rows = [Row(name, FP32, str(fp32), "exported (torchscript-17)", time.perf_counter() - start)]
+    say(f"{name} ({size}): built and exported in {rows[0].build_seconds:.1f} s ({built.note})")
+    pre = work / "pre" / "model.onnx"
+    pre.parent.mkdir(parents=True, exist_ok=True)
+    how = ""
+    if any(v in ORT_INT8 for v in variants):
+        try:
+            how = preprocess(fp32, pre)
+        except Exception as err:  # noqa: BLE001 - reported in the table, the bitpass rows still run
+            how = f"quant_pre_process failed: {_first_line(err)}"
+    calibration = built.inputs_of(built.calibration)
+    makers: dict[str, Callable[[Path], None]] = {
+        "ORT U8S8": lambda out: ort_static(pre, out, calibration, "uint8"),
+        "ORT S8S8": lambda out: ort_static(pre, out, calibration, "int8"),
+        "ORT dynamic": lambda out: ort_dynamic(pre, out),
+    }
+    for variant in variants:
+        if variant == FP32:
+            continue
+        folder = work / variant.replace(" ", "_").replace("=", "")
+        row = Row(name, variant)
+        start = time.perf_counter()
+        try:
+            if variant in makers:
+                if not pre.is_file():
+                    raise RuntimeError(how)
+                folder.mkdir(parents=True)
+                out = folder / "model.onnx"
+                makers[variant](out)
+                row.path, row.format = str(out), f"QDQ per-channel after {how}" if "dynamic" not in variant \
+                    else f"dynamic int8 after {how}"
+            else:
+                progress: Say | bool = (lambda m, v=variant: say(f"{name} {v}: {m}")) if verbose else False
+                row.manifest = compile_bitpass(fp32, folder, built, BITPASS_OPTIONS[variant], cache, progress)
+                row.path = str(folder / row.manifest.get("metrics", {}).get("size", {}).get("file", "model.onnx"))
+                row.format = bitpass_format(row.manifest)
+        except Exception as err:  # noqa: BLE001 - one variant failing is a finding, not the end of the run
+            row.error = f"{type(err).__name__}: {_first_line(err)}"
+        row.build_seconds = time.perf_counter() - start
+        say(f"{name} {variant}: {'FAILED ' + row.error if row.error else 'made'} in {row.build_seconds:.1f} s")
+        rows.append(row)
+    return built, rows
+
+
+# --- quality and timing -------------------------------------------------------------------------------------
+def outputs(path: str, inputs: dict[str, np.ndarray], threads: int, batch: int = 16) -> np.ndarray:
+    """The first output of the model at ``path`` over ``inputs``, batch by batch (ORT, CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    count = len(inputs[names[0]])
+    parts = [session.run(None, {n: inputs[n][s:s + batch] for n in names})[0] for s in range(0, count, batch)]
+    return np.concatenate(parts)
+
+
+def fidelity(got: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
+    """Top-1 agreement with the reference, mean and lowest per-sample cosine of the logits, accuracy."""
+    got2, ref2 = got.reshape(len(got), -1).astype(np.float64), reference.reshape(len(reference), -1).astype(np.float64)
+    cosines = (got2 * ref2).sum(1) / np.maximum(np.linalg.norm(got2, axis=1) * np.linalg.norm(ref2, axis=1), 1e-30)
+    return {"top1_agreement": float(np.mean(got2.argmax(1) == ref2.argmax(1))), "cosine": float(cosines.mean()),
+            "min_cosine": float(cosines.min()),
+            "accuracy": None if labels is None else float(np.mean(got2.argmax(1) == labels))}
+
+
+def measure_quality(rows: list[Row], built: Any, threads: int) -> None:
+    inputs = built.inputs_of(built.evaluation)
+    labels = built.evaluation.get("labels")
+    reference = outputs(rows[0].path, inputs, threads)
+    fp32_bytes = file_bytes(Path(rows[0].path))
+    for row in rows:
+        if row.error or row.path is None:
+            continue
+        try:
+            got = reference if row.variant == FP32 else outputs(row.path, inputs, threads)
+            for key, value in fidelity(got, reference, labels).items():
+                setattr(row, key, value)
+            row.file_bytes = file_bytes(Path(row.path))
+            row.bytes_ratio = row.file_bytes / fp32_bytes
+        except Exception as err:  # noqa: BLE001 - an artifact ORT cannot run is reported in its row
+            row.error = f"running on the evaluation data: {type(err).__name__}: {_first_line(err)}"
+
+
+def measure_speed(result: ModelResult, built: Any, batches: Sequence[int], threads: int, rounds: int) -> None:
+    """Every variant of the model in one ``time_groups`` run; ratios paired per round against ORT fp32."""
+    from bitpass.backends.onnxruntime.timing import Group, time_groups
+
+    evaluation = built.inputs_of(built.evaluation)
+    feeds = {b: {n: np.ascontiguousarray(_repeat(a, b)) for n, a in evaluation.items()} for b in batches}
+    live = [r for r in result.rows if not r.error and r.path]
+    group = Group({r.variant: Path(r.path) for r in live}, feeds)
+    time_groups([group], threads=threads, rounds=rounds)
+    for row in live:
+        if row.variant in group.errors:
+            row.error = f"timing: {group.errors[row.variant]}"
+            continue
+        for b in batches:
+            median = group.median(row.variant, b)
+            if median is None:
+                continue
+            row.seconds[b] = median
+            row.speedup[b] = group.ratio(row.variant, FP32, b)
+            paired = _paired(group, row.variant, FP32, b)
+            row.speedup_band[b] = (float(np.percentile(paired, 25)), float(np.percentile(paired, 75)))
+    for b in batches:
+        timed = {r.variant: r.speedup.get(b) for r in live if r.speedup.get(b) is not None}
+        ort = {v: s for v, s in timed.items() if v == FP32 or v in ORT_INT8}
+        if not ort:
+            continue
+        fastest = max(ort, key=lambda v: ort[v])
+        check: dict[str, Any] = {"fastest_ort": fastest}
+        if BITPASS_DEFAULT in timed:
+            check["bitpass_default_vs_fastest_ort"] = group.ratio(BITPASS_DEFAULT, fastest, b)
+        if BITPASS_DEFAULT in timed and BITPASS_LOW in timed:
+            check["low_vs_default"] = group.ratio(BITPASS_LOW, BITPASS_DEFAULT, b)
+        result.checks[b] = check
+
+
+def _paired(group: Any, name: str, reference: str, batch: int) -> np.ndarray:
+    mine, theirs = group.samples[name][batch], group.samples[reference][batch]
+    n = min(len(mine), len(theirs))
+    return np.array(theirs[:n]) / np.array(mine[:n])
+
+
+def _repeat(array: np.ndarray, batch: int) -> np.ndarray:
+    """The first ``batch`` samples (repeated when there are fewer)."""
+    reps = -(-batch // len(array))
+    return np.concatenate([array] * reps)[:batch]
+
+
+def bench_model(name: str, *, size: str = "full", batches: Sequence[int] = BATCHES, threads: int = 2,
+                rounds: int = 9, cache: Path, say: Say = say_stderr, verbose: bool = False,
+                keep: Path | None = None, variants: Sequence[str] = VARIANTS) -> ModelResult:
+    """``variants`` (all by default; ORT fp32 always) of family ``name``: made, checked on held-out data and
+    timed side by side."""
+    with contextlib.ExitStack() as stack:
+        work = keep / name if keep else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ort-")))
+        built, rows = build_variants(name, size, work, cache, say, variants=variants, verbose=verbose)
+        result = ModelResult(name, size, built.note, rows)
+        measure_quality(rows, built, threads)
+        start = time.perf_counter()
+        say(f"{name}: timing {sum(1 for r in rows if not r.error)} variants at batch "
+            f"{', '.join(map(str, batches))} ({threads} threads, {rounds} rounds, one fresh process)")
+        measure_speed(result, built, batches, threads, rounds)
+        say(f"{name}: timed in {time.perf_counter() - start:.1f} s")
+    return result
+
+
+# --- reporting --------------------------------------------------------------------------------------------
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def cells(row: Row, batches: Sequence[int] = BATCHES) -> list[str]:
+    """The table's cells for one row (console and markdown)."""
+    def speed(b: int) -> str:
+        if b not in row.speedup:
+            return "-"
+        low, high = row.speedup_band.get(b, (row.speedup[b], row.speedup[b]))
+        return f"{row.speedup[b]:.2f} ({low:.2f}-{high:.2f})"
+
+    if row.error:
+        return [row.model, row.variant, f"FAILED: {row.error}"[:80]] + ["-"] * (2 * len(batches) + 4) + \
+            [_num(row.build_seconds, 1)]
+    timed = [c for b in batches for c in (_num(1e3 * row.seconds[b] if b in row.seconds else None), speed(b))]
+    return [row.model, row.variant, row.format[:60], *timed, _num(row.top1_agreement, 3), _num(row.accuracy, 3),
+            _num(row.cosine, 4), _num(row.bytes_ratio, 3), _num(row.build_seconds, 1)]
+
+
+def header(threads: int, rounds: int) -> str:
+    from bitpass.backends.onnxruntime.timing import cpu
+
+    import onnxruntime
+
+    return (f"CPU: {cpu().describe()}\nONNX Runtime {onnxruntime.__version__}, {threads} threads, up to {rounds} "
+            f"rounds; every variant of a model timed alternately in one fresh process, spinning off; "
+            f"x fp32 = median paired ratio ORT fp32 / variant (25-75 % band), > 1 faster; quality on held-out "
+            f"samples vs ORT fp32; bytes = model file + external data")
+
+
+def checks_lines(results: Sequence[ModelResult]) -> list[str]:
+    lines = []
+    for result in results:
+        for b, check in sorted(result.checks.items()):
+            text = f"{result.model} b{b}: fastest ORT is {check['fastest_ort']}"
+            if "bitpass_default_vs_fastest_ort" in check:
+                text += f"; bitpass default is {_num(check['bitpass_default_vs_fastest_ort'])}x its speed"
+            if "low_vs_default" in check:
+                low = result.row(BITPASS_LOW)
+                text += (f"; avg-bits=4 is {_num(check['low_vs_default'])}x bitpass default's speed at "
+                         f"{_num(low.bytes_ratio, 3)}x fp32 bytes")
+            lines.append(text)
+    return lines
+
+
+def table(results: Sequence[ModelResult], batches: Sequence[int] = BATCHES) -> str:
+    names = columns(batches)
+    rows = [list(names)] + [cells(r, batches) for result in results for r in result.rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(names))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def markdown(results: Sequence[ModelResult], batches: Sequence[int] = BATCHES) -> str:
+    names = columns(batches)
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r, batches)) + " |"
+              for res in results for r in res.rows]
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[ModelResult], info: dict[str, Any]) -> dict[str, Any]:
+    out = []
+    for result in results:
+        rows = []
+        for row in result.rows:
+            data = asdict(row)
+            manifest = data.pop("manifest")
+            if manifest:
+                data["search"] = manifest.get("records", {}).get("quantization", {}).get("search")
+                data["bitpass_metrics"] = manifest.get("metrics")
+            rows.append(data)
+        out.append({"model": result.model, "size": result.size, "note": result.note, "rows": rows,
+                    "checks": {str(b): c for b, c in result.checks.items()}})
+    return {**info, "results": out}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", help=f"comma-separated families (default: {','.join(MODELS)})")
+    parser.add_argument("--size", choices=("fast", "full"), default="full", help="family size (default full)")
+    parser.add_argument("--quick", action="store_true", help=f"{' + '.join(QUICK_MODELS)} and 5 rounds")
+    parser.add_argument("--rounds", type=int, help="timing rounds per batch size (default 9, --quick 5)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    parser.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
+    parser.add_argument("--cache-dir", type=Path, help="keep bitpass's compile cache here (default: a temporary "
+                                                       "folder, deleted at the end)")
+    parser.add_argument("--keep", type=Path, help="keep every variant's model under this folder")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    parser.add_argument("--json", type=Path, help="write every figure (and bitpass's search records) here")
+    parser.add_argument("--verbose", action="store_true", help="forward bitpass's own progress lines")
+    args = parser.parse_args(argv)
+    from bitpass.tools import model_families
+
+    models = tuple(m for m in args.models.split(",") if m) if args.models else \
+        (QUICK_MODELS if args.quick else MODELS)
+    unknown = [m for m in models if m not in model_families.FAMILIES]
+    if unknown:
+        parser.error(f"unknown model famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                     f"known: {', '.join(model_families.FAMILIES)}")
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        parser.error(f"--batches takes comma-separated integers, not {args.batches!r}")
+    rounds = args.rounds or (5 if args.quick else 9)
+    if args.keep and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep} is not empty: name a new folder")
+    results = []
+    with contextlib.ExitStack() as stack:
+        if args.cache_dir:
+            cache = args.cache_dir
+            cache.mkdir(parents=True, exist_ok=True)
+        else:
+            cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ort-cache-")))
+        say_stderr(f"bitpass compile cache: {cache}{'' if args.cache_dir else ' (temporary)'}")
+        for name in models:
+            results.append(bench_model(name, size=args.size, batches=batches, threads=args.threads, rounds=rounds,
+                                       cache=cache, verbose=args.verbose, keep=args.keep))
+    text = header(args.threads, rounds)
+    print(text)
+    print(table(results, batches))
+    for line in checks_lines(results):
+        print(line)
+    if args.markdown:
+        print()
+        print(markdown(results, batches))
+    if args.json:
+        info = {"header": text, "threads": args.threads, "rounds": rounds, "batches": list(batches),
+                "size": args.size}
+        args.json.write_text(json.dumps(to_json(results, info), indent=1, default=_jsonable))
+    failed = [f"{r.model} {r.variant}: {r.error}" for res in results for r in res.rows if r.error]
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["BITPASS_OPTIONS", "columns", "MODELS", "ModelResult", "Row", "VARIANTS", "bench_model",
+           "bitpass_format", "fidelity", "file_bytes", "markdown", "table"]
