@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 from bitpass.backends.onnxruntime import timing
 from bitpass.frontend import Dataset, Model, from_arrays, from_proto
 from bitpass.frontend.cache import cache_dir
+from bitpass.frontend.cpu import Cpu, host
 from bitpass.frontend.layers import Layer, constant_tensor
 from bitpass.passes import execution
 from bitpass.passes.allocation.formats import variant_plan
@@ -254,7 +255,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
     batches = tuple(sorted(set(batches)))
     cache = cache or cache_path()
     stored = _load(cache)
-    cpu_key = timing.cpu().key
+    cpu_key = host().key
     layers = {layer.id: layer for layer in model.layers()}
     timed = [layers[i] for i in variants if i in layers and layers[i].op_type in TIMED_OPS]
     if calibration is not None:
@@ -372,8 +373,9 @@ class LatencyProbe:
         return group
 
     @staticmethod
-    def cpu() -> timing.Cpu:
-        return timing.cpu()
+    def cpu() -> Cpu:
+        """The CPU the timings are taken (and cached) on."""
+        return host()
 
 
 __all__ = ["BATCHES", "FP32", "LatencyProbe", "LatencyTable", "cache_path", "layer_inputs", "measure",
