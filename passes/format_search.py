@@ -157,7 +157,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
 
     check = calibration.head(CHECK_SAMPLES)
     reference = _outputs(model, check)
-    feeds = {b: _batch_of(calibration, b) for b in batches}
+    feeds = {b: calibration.batch_of(b) for b in batches}
     fp32_bytes = model.to_bytes()
     rounds: list[dict[str, Any]] = []
     s8_models: dict[str, Model] = {}
@@ -487,14 +487,6 @@ def _store(key: str, entry: dict[str, Any]) -> None:
         tmp.replace(path)
     except OSError:
         pass
-
-
-def _batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, array in data.inputs.items():
-        reps = -(-size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
-    return out
 
 
 __all__ = ["Candidate", "GraphTimer", "SearchResult", "compute_layers", "fallback_plan", "plan_of", "search"]

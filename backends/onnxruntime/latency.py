@@ -95,7 +95,7 @@ def layer_inputs(model: Model, layers: Sequence[Layer], calibration: Dataset,
     graph_inputs = {spec.name for spec in model.inputs}
     per_sample: dict[str, int] = {}
     for batch in sorted(set(batches)):
-        feeds = _batch_of(calibration, batch)
+        feeds = calibration.batch_of(batch)
         wanted = list(dict.fromkeys(names.values()))
         chunks = _chunks(wanted, per_sample, batch)
         got: dict[str, np.ndarray] = {n: feeds[n] for n in wanted if n in graph_inputs}
@@ -121,14 +121,6 @@ def layer_inputs(model: Model, layers: Sequence[Layer], calibration: Dataset,
             else:
                 out[layer_id][batch] = np.ascontiguousarray(value)
     return {k: v for k, v in out.items() if k not in failures}, failures
-
-
-def _batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, array in data.inputs.items():
-        reps = -(-size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
-    return out
 
 
 def _chunks(names: list[str], per_sample: Mapping[str, int], batch: int) -> list[list[str]]:
