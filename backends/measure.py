@@ -101,12 +101,8 @@ def quality(reference: Runner, artifact: Runner, data: Dataset) -> dict:
 
 
 def batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
-    """``size`` samples from ``data`` (repeated when it has fewer)."""
-    out = {}
-    for name, array in data.inputs.items():
-        reps = -(-size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
-    return out
+    """``size`` samples from ``data`` (repeated when it has fewer): ``Dataset.batch_of``."""
+    return data.batch_of(size)
 
 
 def latency_samples(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], *, rounds: int = 15,

@@ -72,6 +72,15 @@ class Dataset:
         for start in range(0, len(self), size):
             yield {k: v[start : start + size] for k, v in self.inputs.items()}
 
+    def batch_of(self, size: int) -> dict[str, np.ndarray]:
+        """One feed of exactly ``size`` samples (the samples repeated when there are fewer), contiguous:
+        what timing a model at batch ``size`` runs on."""
+        out = {}
+        for name, array in self.inputs.items():
+            reps = -(-size // len(array))
+            out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
+        return out
+
     def head(self, count: int) -> Dataset:
         """The first ``count`` samples (all if fewer; a whole number of batches for a fixed-batch model)."""
         if self.fixed_batch:

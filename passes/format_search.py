@@ -40,6 +40,7 @@ import numpy as np
 
 from bitpass.frontend import Dataset, Model, from_proto
 from bitpass.frontend.cache import cache_dir
+from bitpass.frontend.cpu import host
 from bitpass.passes import execution
 from bitpass.passes.allocation import formats
 from bitpass.passes.analyses import ActivationRanges
@@ -156,7 +157,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
 
     check = calibration.head(CHECK_SAMPLES)
     reference = _outputs(model, check)
-    feeds = {b: _batch_of(calibration, b) for b in batches}
+    feeds = {b: calibration.batch_of(b) for b in batches}
     fp32_bytes = model.to_bytes()
     rounds: list[dict[str, Any]] = []
     s8_models: dict[str, Model] = {}
@@ -244,7 +245,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             time_round([island], best)
             best = _best([best, island], incumbent=best)
 
-    record = {"cpu_key": _cpu_key(), "batches": list(batches), "chosen": best.name,
+    record = {"cpu_key": host().key, "batches": list(batches), "chosen": best.name,
               "flavour": best.flavour.name, "speedup": {str(b): round(r, 3) for b, r in best.speedup.items()},
               "rounds": rounds, "fallback": fallback,
               "changed": {lid: _describe(p) for lid, p in best.plan.items() if p != plan[lid]}}
@@ -425,20 +426,6 @@ def _isolated(model: Model, plan: Mapping[str, LayerPlan]) -> list[str]:
 
 
 # --- cache ---------------------------------------------------------------------------------------------------
-def _cpu_key() -> str:
-    flags = ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith(("flags", "Features")):
-                flags = " ".join(sorted(set(line.split(":", 1)[1].split())))
-                break
-    except OSError:
-        pass
-    import platform
-
-    return hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:16]
-
-
 def _fields(p: LayerPlan) -> dict[str, Any]:
     return {"weight_bits": p.weight_bits, "activation_bits": p.activation_bits, "format": p.format,
             "block_size": p.block_size}
@@ -464,7 +451,7 @@ def _cache_key(model: Model, plan: Mapping[str, LayerPlan], ranges: ActivationRa
     if ranges is not None:
         digest.update(json.dumps(sorted(ranges.ranges.items())).encode())
     digest.update(json.dumps(options.model_dump(), sort_keys=True, default=str).encode())
-    digest.update(json.dumps([fallback, list(batches), _cpu_key(), onnxruntime.__version__, SEARCH_VERSION,
+    digest.update(json.dumps([fallback, list(batches), host().key, onnxruntime.__version__, SEARCH_VERSION,
                               os.cpu_count()]).encode())
     return digest.hexdigest()[:32]
 
@@ -500,14 +487,6 @@ def _store(key: str, entry: dict[str, Any]) -> None:
         tmp.replace(path)
     except OSError:
         pass
-
-
-def _batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, array in data.inputs.items():
-        reps = -(-size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
-    return out
 
 
 __all__ = ["Candidate", "GraphTimer", "SearchResult", "compute_layers", "fallback_plan", "plan_of", "search"]

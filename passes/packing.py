@@ -121,6 +121,18 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
     name = node.input[input_index]
     low = LowBitWeight.of(numpy_helper.to_array(inits[name]).astype(np.float32), axis, bits, block_size)
     prefix = f"{name}__packed{bits}"
+    nodes, result, consts = _chain_and_constants(low, prefix)
+    node.input[input_index] = result
+    proto.graph.initializer.extend(consts)
+    _insert_before(proto, node.name, nodes)
+    if not any(name in n.input for n in proto.graph.node):
+        proto.graph.initializer.remove(inits[name])
+    return int(low.stored().nbytes + low.scales.nbytes)
+
+
+def _chain_and_constants(low: LowBitWeight, prefix: str) -> tuple[list[onnx.NodeProto], str, list[TensorProto]]:
+    """``low``'s unpacking chain (nodes and the name of the weight it rebuilds) and the initializers it reads,
+    named ``{prefix}_c_...``, for the caller to add to the graph."""
     consts: list[TensorProto] = []
 
     def const(suffix: str, array: np.ndarray) -> str:
@@ -128,12 +140,7 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
         return consts[-1].name
 
     nodes, result = low.chain(prefix, const)
-    node.input[input_index] = result
-    proto.graph.initializer.extend(consts)
-    _insert_before(proto, node.name, nodes)
-    if not any(name in n.input for n in proto.graph.node):
-        proto.graph.initializer.remove(inits[name])
-    return int(low.stored().nbytes + low.scales.nbytes)
+    return nodes, result, consts
 
 
 def widen_int8_weight(proto: onnx.ModelProto, int8_name: str, low: LowBitWeight, scale: str, zero_point: str,
@@ -150,13 +157,7 @@ def widen_int8_weight(proto: onnx.ModelProto, int8_name: str, low: LowBitWeight,
     if tuple(stored.dims) != low.shape:
         raise ValueError(f"{int8_name!r} has shape {tuple(stored.dims)}, the low-bit weight {low.shape}")
     prefix = f"{int8_name}__widened{low.bits}"
-    consts: list[TensorProto] = []
-
-    def const(suffix: str, array: np.ndarray) -> str:
-        consts.append(numpy_helper.from_array(array, f"{prefix}_c_{suffix}"))
-        return consts[-1].name
-
-    nodes, rebuilt = low.chain(prefix, const)
+    nodes, rebuilt, consts = _chain_and_constants(low, prefix)
     attrs = {} if axis is None else {"axis": axis}
     nodes.append(helper.make_node("QuantizeLinear", [rebuilt, scale, zero_point], [int8_name],
                                   name=f"{prefix}/quantize", **attrs))

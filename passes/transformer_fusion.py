@@ -22,7 +22,6 @@ their ids; SkipLayerNormalization and the Gelu fusions take only non-layer nodes
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,20 +181,12 @@ def _timed(model: Model, fused: Model, ctx: PassContext) -> dict[str, float] | N
     if not hasattr(probe, "graphs") or ctx.calibration is None:
         return None
     batches = (ctx.calibration.fixed_batch,) if ctx.calibration.fixed_batch else (1, 8)
-    feeds = {b: _batch_of(ctx.calibration.inputs, b) for b in batches}
+    feeds = {b: ctx.calibration.batch_of(b) for b in batches}
     timed = probe.graphs({"unfused": model.to_bytes(), "fused": fused.to_bytes()}, feeds)
     ratios = {b: timed.ratio("fused", "unfused", b) for b in batches}
     if any(r is None for r in ratios.values()):
         return None
     return {str(b): round(float(r), 3) for b, r in ratios.items() if r is not None}
-
-
-def _batch_of(inputs: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, array in inputs.items():
-        reps = -(-size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
-    return out
 
 
 __all__ = ["FuseTransformer", "FuseTransformerConfig", "fuse_transformer", "looks_like_transformer"]

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,10 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-#: CPU flags that decide which kernels ONNX Runtime picks (printed above the table)
-FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-                     "avx512_bf16", "amx_tile", "amx_int8")
 
 
 @dataclass
@@ -55,20 +49,6 @@ class Row:
     memory: dict[str, int] = field(default_factory=dict)
     speed: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, float] = field(default_factory=dict)
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    present = [f for f in FLAGS_OF_INTEREST if f in flags]
-    return f"CPU: {model}, {os.cpu_count()} logical CPUs; flags: {' '.join(present) or 'none of interest'}"
 
 
 def weight_bytes(path: Path) -> int:
@@ -376,15 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
+    from bitpass.frontend.cpu import host
     from bitpass.tools import decoders
 
     torch.set_num_threads(1)  # torch work here is small; one thread was far faster on this shared machine
     say = lambda text: print(text, flush=True)  # noqa: E731
-    print(cpu_description())
+    print(host().describe())
     print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; timing: variants alternate in one "
           f"fresh process without torch, ORT thread spinning off, {args.rounds} rounds")
     corpus = decoders.text_corpus()
-    report: dict[str, Any] = {"cpu": cpu_description(), "args": {k: str(v) for k, v in vars(args).items()}}
+    report: dict[str, Any] = {"cpu": host().as_dict(), "args": {k: str(v) for k, v in vars(args).items()}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "real":
             lm = decoders.trained_byte_lm(corpus=corpus, progress=lambda s, b: say(f"  training step {s}: {b:.3f}"))

@@ -493,8 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     results = [bench_model(m, quick=args.quick, say=say) for m in models]
     import onnxruntime
 
+    from bitpass.frontend.cpu import host
+
     print(f"bitpass mixed-precision benchmark (seed {SEED}{', quick' if args.quick else ''}); "
-          f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+          f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}")
+    print(host().describe())
     for result in results:
         _print_model(result)
     median, times = ilp_solve_time(200, 3 if args.quick else 5)

@@ -32,7 +32,6 @@ Unstructured zeros do not shrink an ONNX Runtime artifact: only the zip shows th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 
 
 from bitpass.backends.artifact import deflated_size
+from bitpass.frontend.cpu import host
 from bitpass.tools import bench_mixed as bm
 
 SEED = 0
@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     joint = [bench_joint(m.strip(), quick=args.quick, say=say) for m in args.models.split(",") if m.strip()]
     unstructured = [bench_unstructured(m, say=say) for m in ("cnn", "mlp", "transformer")]
     print(f"bitpass pruning benchmark (seed {SEED}{', quick' if args.quick else ''}); onnxruntime "
-          f"{onnxruntime.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+          f"{onnxruntime.__version__}, torch {torch.__version__}")
+    print(host().describe())
     print("bits-only: widths 32/8/4/2, all channels; sparsity-only: fp32 weights, kept output channels "
           "1/0.75/0.5/0.25 (prune-channels, rounded to 8); joint: both. Same ILP, same Hutchinson loss estimate; "
           "quantized widths stored packed (fp32 speed); bytes = the artifact's real weight bytes.")

@@ -36,43 +36,14 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-#: the flags that decide which kernels run (x86 and ARM), printed beside every table
-RELEVANT_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                  "avx512_bf16", "avx_vnni", "amx_int8", "asimd", "asimddp", "sve")
 TIMING_MODE = ("alternating in one process, thread spinning off on both sides "
                "(ORT allow_spinning=0, TVM_THREAD_POOL_SPIN_COUNT=0)")
 
 
-def cpu_description() -> dict[str, Any]:
-    """This CPU's model name, its relevant flags and cache sizes (from /proc/cpuinfo and sysfs)."""
-    model, flags = "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            if key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    caches = {}
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        with contextlib.suppress(OSError):
-            level = (index / "level").read_text().strip()
-            kind = (index / "type").read_text().strip()
-            if kind != "Instruction":
-                caches[f"L{level}"] = _bytes((index / "size").read_text().strip())
-    return {"model": model, "flags": [f for f in RELEVANT_FLAGS if f in flags], "caches": caches,
-            "cores": len(os.sched_getaffinity(0))}
-
-
-def _bytes(size: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-
-
 def print_cpu(threads: int) -> None:
-    cpu = cpu_description()
-    caches = ", ".join(f"{k} {v >> 10} KiB" for k, v in cpu["caches"].items())
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores, {threads} threads; flags: {' '.join(cpu['flags'])}; {caches}")
+    from bitpass.frontend.cpu import host
+
+    print(f"{host().describe()}; {threads} threads")
     print(f"timing: {TIMING_MODE}")
 
 
@@ -358,8 +329,9 @@ def bench_gemv(threads: int, rounds: int) -> dict[str, Any]:
 
     from bitpass.backends.tvm import kernels, schedules, targets
     from bitpass.backends.tvm.kernel_attrs import KernelAttrs
+    from bitpass.frontend.cpu import host
 
-    llc = max(cpu_description()["caches"].values(), default=32 << 20)
+    llc = host().last_level_cache or 32 << 20
     k = n = gemv_size(llc)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, k)).astype(np.float32)

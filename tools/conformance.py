@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -53,9 +52,6 @@ FAST_EXPORTS = ("torchscript-17", "dynamo-23", "module")
 FAST_TIMEOUT_S, FULL_TIMEOUT_S = 300.0, 900.0
 PREPARE_TIMEOUT_S = 7200.0  # training a full-size family once (then cached) may take this long on a busy machine
 DEFAULT_MEMORY_LIMIT_MB = 8192
-#: CPU flags worth printing above the table (what int8 and fp32 kernels depend on)
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-             "avx512_bf16", "amx_tile", "amx_int8")
 
 
 # --- cases and rows ---------------------------------------------------------------------------------------------
@@ -566,17 +562,9 @@ def run(families: Sequence[str], exports: Sequence[str], pipelines: Sequence[str
 # --- output ---------------------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     """CPU model, the flags that matter to the kernels, core count, and the versions that ran."""
+    from bitpass.frontend.cpu import host
     from bitpass.tools.api import versions
 
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
     found = versions()
     from importlib import metadata
 
@@ -585,7 +573,8 @@ def machine() -> dict[str, Any]:
             found[extra] = metadata.version(extra)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": model, "flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(), "versions": found}
+    cpu = host()
+    return {"cpu": cpu.model, "flags": list(cpu.kernel_flags), "cores": cpu.cores, "versions": found}
 
 
 def describe_fidelity(row: Row) -> str:

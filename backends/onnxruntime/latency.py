@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 from bitpass.backends.onnxruntime import timing
 from bitpass.frontend import Dataset, Model, from_arrays, from_proto
 from bitpass.frontend.cache import cache_dir
+from bitpass.frontend.cpu import Cpu, host
 from bitpass.frontend.layers import Layer, constant_tensor
 from bitpass.passes import execution
 from bitpass.passes.allocation.formats import variant_plan
@@ -94,7 +95,7 @@ def layer_inputs(model: Model, layers: Sequence[Layer], calibration: Dataset,
     graph_inputs = {spec.name for spec in model.inputs}
     per_sample: dict[str, int] = {}
     for batch in sorted(set(batches)):
-        feeds = _batch_of(calibration, batch)
+        feeds = calibration.batch_of(batch)
         wanted = list(dict.fromkeys(names.values()))
         chunks = _chunks(wanted, per_sample, batch)
         got: dict[str, np.ndarray] = {n: feeds[n] for n in wanted if n in graph_inputs}
@@ -120,14 +121,6 @@ def layer_inputs(model: Model, layers: Sequence[Layer], calibration: Dataset,
             else:
                 out[layer_id][batch] = np.ascontiguousarray(value)
     return {k: v for k, v in out.items() if k not in failures}, failures
-
-
-def _batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, array in data.inputs.items():
-        reps = -(-size // len(array))
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:size])
-    return out
 
 
 def _chunks(names: list[str], per_sample: Mapping[str, int], batch: int) -> list[list[str]]:
@@ -254,7 +247,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
     batches = tuple(sorted(set(batches)))
     cache = cache or cache_path()
     stored = _load(cache)
-    cpu_key = timing.cpu().key
+    cpu_key = host().key
     layers = {layer.id: layer for layer in model.layers()}
     timed = [layers[i] for i in variants if i in layers and layers[i].op_type in TIMED_OPS]
     if calibration is not None:
@@ -372,8 +365,9 @@ class LatencyProbe:
         return group
 
     @staticmethod
-    def cpu() -> timing.Cpu:
-        return timing.cpu()
+    def cpu() -> Cpu:
+        """The CPU the timings are taken (and cached) on."""
+        return host()
 
 
 __all__ = ["BATCHES", "FP32", "LatencyProbe", "LatencyTable", "cache_path", "layer_inputs", "measure",

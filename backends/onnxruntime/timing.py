@@ -11,15 +11,13 @@ most of the drift of a shared machine.
 
     python .../bitpass/backends/onnxruntime/timing.py JOB_DIR   # what time_groups runs (imports numpy and ORT only)
 
-``cpu()`` describes the CPU by its features (the flags the kernels depend on), not by its model name.
+What CPU a timing ran on is ``bitpass.frontend.cpu.host()`` (keyed by its features, not its model name).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,50 +29,8 @@ from typing import Any
 
 import numpy as np
 
-#: flags worth printing beside a table (what ONNX Runtime's int8 and fp32 kernels depend on)
-KERNEL_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp",
-                "i8mm", "sve")
 #: environment of the timing process: single-threaded BLAS/OpenMP libraries (ORT has its own pool)
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@dataclass(frozen=True)
-class Cpu:
-    """This machine's CPU as timings depend on it."""
-
-    model: str
-    arch: str
-    cores: int
-    flags: tuple[str, ...]
-
-    @property
-    def kernel_flags(self) -> tuple[str, ...]:
-        return tuple(f for f in KERNEL_FLAGS if f in self.flags)
-
-    @property
-    def key(self) -> str:
-        """What a cached timing is keyed by: the architecture and every feature flag, not the model name."""
-        return hashlib.sha256(json.dumps([self.arch, sorted(self.flags)]).encode()).hexdigest()[:16]
-
-    def describe(self) -> str:
-        return f"{self.model} ({self.arch}, {self.cores} cores; {' '.join(self.kernel_flags) or 'no SIMD flags read'})"
-
-
-def cpu() -> Cpu:
-    """Model name, architecture, logical cores and feature flags, from /proc/cpuinfo where there is one."""
-    model, flags = "", ()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model", "Hardware") and not model:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = tuple(sorted(set(value.split())))
-    except OSError:
-        pass
-    return Cpu(model or platform.processor() or platform.machine(), platform.machine(), os.cpu_count() or 1, flags)
 
 
 @dataclass
@@ -229,4 +185,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["KERNEL_FLAGS", "Cpu", "Group", "cpu", "run_job", "time_groups"]
+__all__ = ["Group", "run_job", "time_groups"]

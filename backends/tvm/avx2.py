@@ -38,7 +38,7 @@ from tvm import tirx
 from tvm.ir.expr import Expr
 from tvm.script import tirx as T
 
-from bitpass.backends.tvm import kernels
+from bitpass.backends.tvm import kernels, microkernels
 
 #: fp32 lanes (int32 lanes) of one AVX2 register
 LANES = 8
@@ -56,92 +56,33 @@ ROWS_FIRST_WEIGHT_BYTES = 128 << 10
 INT16_GROUPS = 4
 
 
-def _floor(act: str) -> float:
-    """The epilogue's lower clamp: ReLU is max(v, 0); no activation is max(v, -FLT_MAX)."""
-    return 0.0 if act == "relu" else -3.4028234663852886e38
-
-
-def _loop(parallel: bool):
-    return T.parallel if parallel else T.serial
-
-
 def dense_int4_supported(k: int, nb: int, block_size: int) -> bool:
     return nb % LANES == 0 and block_size % 8 == 0 and k % block_size == 0
 
 
 def dense_int4(m: int, k: int, n: int, nb: int, block_size: int, act: str, parallel: bool) -> tirx.PrimFunc:
-    """4-bit weights × int8 activations (``kernels.dense_int4``) with ``vpmaddubsw``."""
+    """4-bit weights × int8 activations (``kernels.dense_int4``) with ``vpmaddubsw``: up to ``INT16_GROUPS``
+    groups of 8 k summed in int16, then widened by ``vpmaddwd``."""
     bs = block_size
-    blocks, nkb, kg = n // nb, k // bs, k // 8
-    groups = bs // 8
+    kg, groups, vecs = k // 8, bs // 8, nb // LANES
     gacc = next(g for g in range(min(INT16_GROUPS, groups), 0, -1) if groups % g == 0)
-    vecs = nb // LANES
-    floor = _floor(act)
-    loop = _loop(parallel)
-    amax_lanes = LANES if bs % LANES == 0 else 1
 
-    @T.prim_func(private=True)
-    def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, kg, nb, 4), "uint8"),
-               scales: T.Buffer((blocks, nkb, nb), "float16"), bias: T.Buffer((n,), "float32"),
-               out: T.Buffer((m, n), "float32")):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        flat = T.decl_buffer((blocks * kg * nb * 4,), "uint8", data=codes.data)
-        sx = T.alloc_buffer((m * nkb,), "float32")
-        xsum8 = T.alloc_buffer((m * nkb,), "int32")
-        xq = T.alloc_buffer((m * k,), "int8")
-        for i, b in T.grid(m, nkb):  # per-block int8 activations, as kernels.quantize_blocks
-            lane_max = T.alloc_buffer((amax_lanes,), "float32", scope="local")
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            lane_sum = T.alloc_buffer((amax_lanes,), "int32", scope="local")
-            total = T.alloc_buffer((1,), "int32", scope="local")
-            for v in T.vectorized(amax_lanes):
-                lane_max[v] = T.float32(0)
-                lane_sum[v] = 0
-            for r in range(bs // amax_lanes):
-                for v in T.vectorized(amax_lanes):
-                    lane_max[v] = T.max(lane_max[v], T.fabs(x[i, b * bs + r * amax_lanes + v]))
-            amax[0] = T.float32(1e-12)
-            for v in range(amax_lanes):
-                amax[0] = T.max(amax[0], lane_max[v])
-            sx[i * nkb + b] = amax[0] / T.float32(127)
-            for r in range(bs // amax_lanes):
-                for v in T.vectorized(amax_lanes):
-                    xq[i * k + b * bs + r * amax_lanes + v] = T.Cast(
-                        "int8", T.round(x[i, b * bs + r * amax_lanes + v] * (T.float32(127) / amax[0])))
-                    lane_sum[v] = lane_sum[v] + T.Cast("int32", xq[i * k + b * bs + r * amax_lanes + v])
-            total[0] = 0
-            for v in range(amax_lanes):
-                total[0] = total[0] + lane_sum[v]
-            xsum8[i * nkb + b] = total[0] * 8
-        for t in loop(blocks):
-            for i in range(m):
-                acc = T.alloc_buffer((nb,), "float32", scope="local")
-                for j in T.vectorized(nb):
-                    acc[j] = T.float32(0)
-                for b in range(nkb):
-                    part = T.alloc_buffer((nb,), "int32", scope="local")
-                    for j in T.vectorized(nb):
-                        part[j] = 0
-                    for go in range(groups // gacc):
-                        s16 = T.alloc_buffer((nb * 2,), "int16", scope="local")
-                        for j in T.vectorized(nb * 2):
-                            s16[j] = T.int16(0)
-                        for gi in T.unroll(gacc):
-                            for v in T.unroll(vecs):
-                                s16[T.ramp(v * 16, 1, 16)] = s16[T.ramp(v * 16, 1, 16)] + _nibble_dot(
-                                    flat, xq, ((t * kg + (b * bs + (go * gacc + gi) * 8) // 8) * nb + v * 8) * 4,
-                                    i * k + b * bs + (go * gacc + gi) * 8)
-                        for v in T.unroll(vecs):
-                            part[T.ramp(v * 8, 1, 8)] = part[T.ramp(v * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                                "int32x8", "llvm.x86.avx2.pmadd.wd", s16[T.ramp(v * 16, 1, 16)],
-                                T.broadcast(T.int16(1), 16))
-                    for j in T.vectorized(nb):
-                        acc[j] = acc[j] + T.Cast("float32", part[j] - xsum8[i * nkb + b]) * (
-                            sx[i * nkb + b] * T.Cast("float32", scales[t, b, j]))
-                for j in T.vectorized(nb):
-                    out[i, t * nb + j] = T.max(acc[j] + bias[t * nb + j], T.float32(floor))
+    @T.macro
+    def accumulate(part, flat, xq, t, i, b):
+        for go in range(groups // gacc):
+            s16 = T.alloc_buffer((nb * 2,), "int16", scope="local")
+            for j in T.vectorized(nb * 2):
+                s16[j] = T.int16(0)
+            for gi in T.unroll(gacc):
+                for v in T.unroll(vecs):
+                    s16[T.ramp(v * 16, 1, 16)] = s16[T.ramp(v * 16, 1, 16)] + _nibble_dot(
+                        flat, xq, ((t * kg + (b * bs + (go * gacc + gi) * 8) // 8) * nb + v * 8) * 4,
+                        i * k + b * bs + (go * gacc + gi) * 8)
+            for v in T.unroll(vecs):
+                part[T.ramp(v * 8, 1, 8)] = part[T.ramp(v * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd", s16[T.ramp(v * 16, 1, 16)], T.broadcast(T.int16(1), 16))
 
-    return kernel
+    return microkernels.dense_int4(m, k, n, nb, bs, act, parallel, LANES, accumulate)
 
 
 def _nibble_dot(flat, xq, byte: Expr, xi: Expr) -> Expr:
@@ -168,7 +109,7 @@ def dense_int8_supported(nb: int) -> bool:
 def dense_int8_rows(m: int, vecs: int) -> int:
     """Rows per register tile: ``rows × vecs`` int32 accumulators stay ≤ 8 registers, beside the 2 · vecs
     weight vectors of a step (16 ymm registers in all)."""
-    return next(d for d in range(min(m, max(1, 8 // vecs)), 0, -1) if m % d == 0)
+    return microkernels.divisor(m, 8 // vecs)
 
 
 def dense_int8_rows_first(m: int, k: int, n: int, nb: int) -> bool:
@@ -185,13 +126,13 @@ def dense_int8(m: int, k: int, n: int, nb: int, act: str, parallel: bool) -> tir
     quads, blocks, vecs = kp // 4, n // nb, nb // LANES
     mt = dense_int8_rows(m, vecs)
     mtiles = m // mt
-    lanes = LANES if k % LANES == 0 else 1
+    lanes = microkernels.simd_lanes(k, LANES)
     qlanes = 4 * LANES if k % (4 * LANES) == 0 else lanes  # 32 codes: one store per 4 conversions
     levels = float(kernels.DENSE_INT8_LEVELS)
     offset = kernels.DENSE_INT8_OFFSET
-    floor = _floor(act)
-    loop = _loop(parallel)
-    prologue = _loop(parallel and m * k >= PROLOGUE_PARALLEL_MIN)
+    floor = microkernels.floor(act)
+    loop = microkernels.loop(parallel)
+    prologue = microkernels.loop(parallel and m * k >= PROLOGUE_PARALLEL_MIN)
 
     @T.macro
     def quantize_row(x, i, amax, sx, lane_max, lane_sum, xoff, xq):
@@ -289,6 +230,45 @@ def _weight_dots(wflat, xq, weight: Expr, weight_step: int, xi: Expr) -> Expr:
     return total
 
 
+@T.macro
+def _weight_offsets(wflat, offset, oblocks, ob, words):
+    """``offset[o]`` = 64·Σ w over output o's ``words`` weight words: with activations stored as code + 64,
+    Σ (code + 64)·w = Σ code·w + 64·Σ w, and this is the second term (the kernel's own multiply-add with
+    every activation at 64)."""
+    for blk, v in T.grid(oblocks, ob // LANES):
+        total = T.alloc_buffer((LANES,), "int32", scope="local")
+        for z in T.vectorized(LANES):
+            total[z] = 0
+        for r in range(words):
+            total[T.ramp(0, 1, LANES)] = total[T.ramp(0, 1, LANES)] + T.call_llvm_pure_intrin(
+                "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
+                    "int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.broadcast(T.int8(64), 32),
+                    wflat[T.ramp(((blk * words + r) * ob + v * LANES) * 4, 1, 32)]),
+                T.broadcast(T.int16(1), 16))
+        for z in T.vectorized(LANES):
+            offset[blk * ob + v * LANES + z] = total[z]
+
+
+@T.macro
+def _fill_code_zero(xq, size):
+    """Every byte of the quantized image at code 0 (64), for the padding the prologue does not overwrite."""
+    for zo in range(size // 32):
+        for z in T.vectorized(32):
+            xq[zo * 32 + z] = T.uint8(64)
+
+
+@T.macro
+def _requantize_nchw(acc, offset, sx, wscale, bias, out, row, xo, blk, oh, ob, owt, clamp):
+    """A conv tile's int32 sums (``owt`` columns × ``ob`` channels) less the weight offsets, scaled, biased
+    and clamped, stored to NCHW 8 channels at a time."""
+    for v, xi in T.grid(ob // LANES, owt):
+        for z in T.vectorized(LANES):
+            out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
+                T.Cast("float32", acc[xi * ob + v * LANES + z] - offset[blk * ob + v * LANES + z])
+                * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z],
+                T.float32(clamp))
+
+
 def conv2d_int8_supported(ob: int, groups: int) -> bool:
     return ob % LANES == 0 and groups == 1
 
@@ -307,13 +287,13 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     quads = kernels.conv_int8_channels(c) // 4
     pair = 2 if quads % 2 == 0 else 1  # quads summed in int16 before widening
     oblocks, vecs = oc // ob, ob // LANES
-    owt = next(d for d in range(min(ow, max(1, 8 // vecs)), 0, -1) if ow % d == 0)
+    owt = microkernels.divisor(ow, 8 // vecs)
     chw = c * h * wd
-    lanes = LANES if chw % LANES == 0 else 1
+    lanes = microkernels.simd_lanes(chw, LANES)
     levels = float(kernels.CONV_INT8_LEVELS)
-    floor = _floor(act)
-    loop = _loop(parallel)
-    prologue = _loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
+    floor = microkernels.floor(act)
+    loop = microkernels.loop(parallel)
+    prologue = microkernels.loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
     steps = quads * kh * kw * 4  # weight codes per output
     xsize = n * quads * hp * wp * 4
     xsize += -xsize % 32
@@ -329,33 +309,12 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         sx = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
         xq = T.alloc_buffer((xsize,), "uint8")
-        for blk, v in T.grid(oblocks, vecs):  # Σ (code + 64)·w = Σ code·w + 64·Σ w: the second term
-            total = T.alloc_buffer((LANES,), "int32", scope="local")
-            for z in T.vectorized(LANES):
-                total[z] = 0
-            for r in range(steps // 4):  # the kernel's own multiply-add, with every activation at 64
-                total[T.ramp(0, 1, LANES)] = total[T.ramp(0, 1, LANES)] + T.call_llvm_pure_intrin(
-                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
-                        "int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.broadcast(T.int8(64), 32),
-                        wflat[T.ramp(((blk * (steps // 4) + r) * ob + v * LANES) * 4, 1, 32)]),
-                    T.broadcast(T.int16(1), 16))
-            for z in T.vectorized(LANES):
-                offset[blk * ob + v * LANES + z] = total[z]
-        for zo in range(xsize // 32):  # padding and padding channels hold code 0, i.e. 64
-            for z in T.vectorized(32):
-                xq[zo * 32 + z] = T.uint8(64)
+        _weight_offsets(wflat, offset, oblocks, ob, steps // 4)
+        _fill_code_zero(xq, xsize)  # padding and padding channels hold code 0, i.e. 64
         for b in prologue(n):  # per-sample 7-bit activations, as kernels.conv2d_int8
             lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
             amax = T.alloc_buffer((1,), "float32", scope="local")
-            for v in T.vectorized(lanes):
-                lane_max[v] = T.float32(0)
-            for r in range(chw // lanes):
-                for v in T.vectorized(lanes):
-                    lane_max[v] = T.max(lane_max[v], T.fabs(dflat[b * chw + r * lanes + v]))
-            amax[0] = T.float32(1e-12)
-            for v in range(lanes):
-                amax[0] = T.max(amax[0], lane_max[v])
-            sx[b] = amax[0] / T.float32(levels)
+            microkernels.absmax_scale(dflat, b * chw, chw, lanes, levels, lane_max, amax, sx, b)
             for ch, y, xo in T.grid(c, h, wd // xlanes):
                 for xx in T.vectorized(xlanes):
                     xq[(((b * quads + ch // 4) * hp + y + pt) * wp + xo * xlanes + xx + pl) * 4 + ch % 4] = T.Cast(
@@ -378,12 +337,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                                           ((((blk * quads + qq * pair) * kh + ky) * kw + kx) * ob + v * 8) * 4,
                                           kh * kw * ob * 4),
                                     T.broadcast(T.int16(1), 16))
-                for v, xi in T.grid(vecs, owt):  # requantized 8 channels at a time, stored to NCHW
-                    for z in T.vectorized(LANES):
-                        out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
-                            T.Cast("float32", acc[xi * ob + v * LANES + z] - offset[blk * ob + v * LANES + z])
-                            * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z],
-                            T.float32(floor))
+                _requantize_nchw(acc, offset, sx, wscale, bias, out, row, xo, blk, oh, ob, owt, floor)
 
     return kernel_fn
 
@@ -401,13 +355,13 @@ def _conv2d_int8_taps(shape: tuple[int, int, int, int], oc: int, ob: int, kernel
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - kw) // sw + 1
     wq = wp + 4 - kw  # room for the zero taps
     oblocks, vecs = oc // ob, ob // LANES
-    owt = next(d for d in range(min(ow, max(1, 8 // vecs)), 0, -1) if ow % d == 0)
+    owt = microkernels.divisor(ow, 8 // vecs)
     hw = h * wd
-    lanes = LANES if hw % LANES == 0 else 1
+    lanes = microkernels.simd_lanes(hw, LANES)
     levels = float(kernels.CONV_INT8_LEVELS)
-    floor = _floor(act)
-    loop = _loop(parallel)
-    prologue = _loop(parallel and n * hw >= PROLOGUE_PARALLEL_MIN)
+    floor = microkernels.floor(act)
+    loop = microkernels.loop(parallel)
+    prologue = microkernels.loop(parallel and n * hw >= PROLOGUE_PARALLEL_MIN)
     xsize = n * hp * wq
     xsize += -xsize % 32
     xlanes = next(d for d in (8, 4, 2, 1) if wd % d == 0)
@@ -422,33 +376,12 @@ def _conv2d_int8_taps(shape: tuple[int, int, int, int], oc: int, ob: int, kernel
         sx = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
         xq = T.alloc_buffer((xsize,), "uint8")
-        for blk, v in T.grid(oblocks, vecs):  # 64·Σ w per output (activations are code + 64)
-            total = T.alloc_buffer((LANES,), "int32", scope="local")
-            for z in T.vectorized(LANES):
-                total[z] = 0
-            for ky in range(kh):
-                total[T.ramp(0, 1, LANES)] = total[T.ramp(0, 1, LANES)] + T.call_llvm_pure_intrin(
-                    "int32x8", "llvm.x86.avx2.pmadd.wd", T.call_llvm_pure_intrin(
-                        "int16x16", "llvm.x86.avx2.pmadd.ub.sw", T.broadcast(T.int8(64), 32),
-                        wflat[T.ramp(((blk * kh + ky) * ob + v * LANES) * 4, 1, 32)]),
-                    T.broadcast(T.int16(1), 16))
-            for z in T.vectorized(LANES):
-                offset[blk * ob + v * LANES + z] = total[z]
-        for zo in range(xsize // 32):
-            for z in T.vectorized(32):
-                xq[zo * 32 + z] = T.uint8(64)
+        _weight_offsets(wflat, offset, oblocks, ob, kh)
+        _fill_code_zero(xq, xsize)
         for b in prologue(n):
             lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
             amax = T.alloc_buffer((1,), "float32", scope="local")
-            for v in T.vectorized(lanes):
-                lane_max[v] = T.float32(0)
-            for r in range(hw // lanes):
-                for v in T.vectorized(lanes):
-                    lane_max[v] = T.max(lane_max[v], T.fabs(dflat[b * hw + r * lanes + v]))
-            amax[0] = T.float32(1e-12)
-            for v in range(lanes):
-                amax[0] = T.max(amax[0], lane_max[v])
-            sx[b] = amax[0] / T.float32(levels)
+            microkernels.absmax_scale(dflat, b * hw, hw, lanes, levels, lane_max, amax, sx, b)
             for y, xo in T.grid(h, wd // xlanes):
                 for xx in T.vectorized(xlanes):
                     xq[(b * hp + y + pt) * wq + xo * xlanes + xx + pl] = T.Cast(
@@ -480,12 +413,7 @@ def _conv2d_int8_taps(shape: tuple[int, int, int, int], oc: int, ob: int, kernel
                                           ((row // oh) * hp + (row % oh) * sh + (kh - 1 + kt) * dh) * wq
                                           + (xo * owt + xi) * sw, 0, ((blk * kh + kh - 1 + kt) * ob + v * 8) * 4, 0),
                                     T.broadcast(T.int16(1), 16))
-                for v, xi in T.grid(vecs, owt):  # requantized 8 channels at a time, stored to NCHW
-                    for z in T.vectorized(LANES):
-                        out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
-                            T.Cast("float32", acc[xi * ob + v * LANES + z] - offset[blk * ob + v * LANES + z])
-                            * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z],
-                            T.float32(floor))
+                _requantize_nchw(acc, offset, sx, wscale, bias, out, row, xo, blk, oh, ob, owt, floor)
 
     return kernel_fn
 

@@ -29,7 +29,7 @@ from tvm import tirx
 from tvm.ir.expr import Expr
 from tvm.script import tirx as T
 
-from bitpass.backends.tvm import kernels
+from bitpass.backends.tvm import kernels, microkernels
 
 #: int32 (fp32) lanes of one AVX-512 register
 LANES = 16
@@ -44,19 +44,6 @@ ACCUMULATORS = 24
 MAX_COLUMNS = 14
 #: input elements below which a prologue runs on one thread
 PROLOGUE_PARALLEL_MIN = 1 << 15
-
-
-def _floor(act: str) -> float:
-    """The epilogue's lower clamp: ReLU is max(v, 0); no activation is max(v, -FLT_MAX)."""
-    return 0.0 if act == "relu" else -3.4028234663852886e38
-
-
-def _loop(parallel: bool):
-    return T.parallel if parallel else T.serial
-
-
-def _divisor(n: int, limit: int) -> int:
-    return next(d for d in range(max(1, min(n, limit)), 0, -1) if n % d == 0)
 
 
 def _dot(acc: Expr, unsigned: Expr, signed: Expr) -> Expr:
@@ -83,7 +70,7 @@ def conv2d_int8_supported(ob: int, groups: int, levels: int, taps: int) -> bool:
 
 def conv_columns(ow: int, vecs: int) -> int:
     """Output columns per tile: the largest divisor of ``ow`` within the accumulator budget."""
-    return _divisor(ow, min(MAX_COLUMNS, ACCUMULATORS // vecs))
+    return microkernels.divisor(ow, min(MAX_COLUMNS, ACCUMULATORS // vecs))
 
 
 def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
@@ -101,10 +88,10 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     xtiles = ow // owt
     rows = n * oh
     chw = c * h * wd
-    lanes = LANES if chw % LANES == 0 else 1
-    floor = _floor(act)
-    loop = _loop(parallel)
-    prologue = _loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
+    lanes = microkernels.simd_lanes(chw, LANES)
+    floor = microkernels.floor(act)
+    loop = microkernels.loop(parallel)
+    prologue = microkernels.loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
     steps = quads * kh * kw  # weight words per output
     # the quantized image: padded, or for a strided 1×1 conv without padding only the pixels it reads
     # (a quarter of them at stride 2), which the main loop then walks with stride 1
@@ -114,7 +101,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     qy, qx = (sh, sw) if sub else (1, 1)  # source step per quantized pixel
     qt, ql = (0, 0) if sub else (pt, pl)  # where the image starts in it
     ks, kt = (1, 1) if sub else (sh, sw)  # the main loop's strides over it
-    xlanes = _divisor(iw, LANES)
+    xlanes = microkernels.divisor(iw, LANES)
     words = n * quads * qh * qw
     inv_levels = float(LEVELS)
 
@@ -159,15 +146,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         for b in prologue(n):  # per-sample amax, as kernels.conv2d_int8
             lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
             amax = T.alloc_buffer((1,), "float32", scope="local")
-            for v in T.vectorized(lanes):
-                lane_max[v] = T.float32(0)
-            for r in range(chw // lanes):
-                for v in T.vectorized(lanes):
-                    lane_max[v] = T.max(lane_max[v], T.fabs(dflat[b * chw + r * lanes + v]))
-            amax[0] = T.float32(1e-12)
-            for v in range(lanes):
-                amax[0] = T.max(amax[0], lane_max[v])
-            sx[b] = amax[0] / T.float32(inv_levels)
+            microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
             inv[b] = T.float32(inv_levels) / amax[0]
         for bq in prologue(n * quads):  # 4 channel planes packed into words, 16 pixels per store
             for y, xo in T.grid(ih, iw // xlanes):
@@ -234,7 +213,7 @@ def dense_int8_supported(nb: int, levels: int) -> bool:
 
 def dense_rows(m: int, vecs: int) -> int:
     """Rows per register tile: ``rows × vecs`` accumulators within the budget."""
-    return _divisor(m, max(1, min(12, ACCUMULATORS // vecs)))
+    return microkernels.divisor(m, max(1, min(12, ACCUMULATORS // vecs)))
 
 
 def dense_int8(m: int, k: int, n: int, nb: int, act: str, parallel: bool) -> tirx.PrimFunc:
@@ -243,10 +222,10 @@ def dense_int8(m: int, k: int, n: int, nb: int, act: str, parallel: bool) -> tir
     quads, blocks, vecs = kp // 4, n // nb, nb // LANES
     mt = dense_rows(m, vecs)
     mtiles = m // mt
-    lanes = LANES if k % LANES == 0 else 1
-    floor = _floor(act)
-    loop = _loop(parallel)
-    prologue = _loop(parallel and m * k >= PROLOGUE_PARALLEL_MIN)
+    lanes = microkernels.simd_lanes(k, LANES)
+    floor = microkernels.floor(act)
+    loop = microkernels.loop(parallel)
+    prologue = microkernels.loop(parallel and m * k >= PROLOGUE_PARALLEL_MIN)
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, quads, nb, 4), "uint8"),
@@ -309,69 +288,19 @@ def dense_int4_supported(k: int, nb: int, block_size: int) -> bool:
 
 
 def dense_int4(m: int, k: int, n: int, nb: int, block_size: int, act: str, parallel: bool) -> tirx.PrimFunc:
-    """4-bit weights × int8 activations (``kernels.dense_int4``) with ``vpdpbusd``."""
+    """4-bit weights × int8 activations (``kernels.dense_int4``) with ``vpdpbusd``: int32 sums throughout."""
     bs = block_size
-    blocks, nkb, kg = n // nb, k // bs, k // 8
-    groups = bs // 8
-    vecs = nb // LANES
-    floor = _floor(act)
-    loop = _loop(parallel)
-    lanes = LANES if bs % LANES == 0 else 1
+    kg, groups, vecs = k // 8, bs // 8, nb // LANES
 
-    @T.prim_func(private=True)
-    def kernel(x: T.Buffer((m, k), "float32"), codes: T.Buffer((blocks, kg, nb, 4), "uint8"),
-               scales: T.Buffer((blocks, nkb, nb), "float16"), bias: T.Buffer((n,), "float32"),
-               out: T.Buffer((m, n), "float32")):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        flat = T.decl_buffer((blocks * kg * nb * 4,), "uint8", data=codes.data)
-        sx = T.alloc_buffer((m * nkb,), "float32")
-        xsum8 = T.alloc_buffer((m * nkb,), "int32")
-        xq = T.alloc_buffer((m * k,), "int8")
-        for i, b in T.grid(m, nkb):  # per-block int8 activations, as kernels.quantize_blocks
-            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            lane_sum = T.alloc_buffer((lanes,), "int32", scope="local")
-            total = T.alloc_buffer((1,), "int32", scope="local")
-            for v in T.vectorized(lanes):
-                lane_max[v] = T.float32(0)
-                lane_sum[v] = 0
-            for r in range(bs // lanes):
-                for v in T.vectorized(lanes):
-                    lane_max[v] = T.max(lane_max[v], T.fabs(x[i, b * bs + r * lanes + v]))
-            amax[0] = T.float32(1e-12)
-            for v in range(lanes):
-                amax[0] = T.max(amax[0], lane_max[v])
-            sx[i * nkb + b] = amax[0] / T.float32(127)
-            for r in range(bs // lanes):
-                for v in T.vectorized(lanes):
-                    xq[i * k + b * bs + r * lanes + v] = T.Cast(
-                        "int8", T.round(x[i, b * bs + r * lanes + v] * (T.float32(127) / amax[0])))
-                    lane_sum[v] = lane_sum[v] + T.Cast("int32", xq[i * k + b * bs + r * lanes + v])
-            total[0] = 0
-            for v in range(lanes):
-                total[0] = total[0] + lane_sum[v]
-            xsum8[i * nkb + b] = total[0] * 8
-        for t in loop(blocks):
-            for i in range(m):
-                acc = T.alloc_buffer((nb,), "float32", scope="local")
-                for j in T.vectorized(nb):
-                    acc[j] = T.float32(0)
-                for b in range(nkb):
-                    part = T.alloc_buffer((nb,), "int32", scope="local")
-                    for j in T.vectorized(nb):
-                        part[j] = 0
-                    for g in range(groups):
-                        for v in T.unroll(vecs):
-                            part[T.ramp(v * LANES, 1, LANES)] = _nibble_dots(
-                                part[T.ramp(v * LANES, 1, LANES)], flat,
-                                ((t * kg + b * groups + g) * nb + v * LANES) * 4, xq, i * k + b * bs + g * 8)
-                    for j in T.vectorized(nb):
-                        acc[j] = acc[j] + T.Cast("float32", part[j] - xsum8[i * nkb + b]) * (
-                            sx[i * nkb + b] * T.Cast("float32", scales[t, b, j]))
-                for j in T.vectorized(nb):
-                    out[i, t * nb + j] = T.max(acc[j] + bias[t * nb + j], T.float32(floor))
+    @T.macro
+    def accumulate(part, flat, xq, t, i, b):
+        for g in range(groups):
+            for v in T.unroll(vecs):
+                part[T.ramp(v * LANES, 1, LANES)] = _nibble_dots(
+                    part[T.ramp(v * LANES, 1, LANES)], flat,
+                    ((t * kg + b * groups + g) * nb + v * LANES) * 4, xq, i * k + b * bs + g * 8)
 
-    return kernel
+    return microkernels.dense_int4(m, k, n, nb, bs, act, parallel, LANES, accumulate)
 
 
 def _nibble_dots(acc: Expr, flat, byte: Expr, xq, xi: Expr) -> Expr:

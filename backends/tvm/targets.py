@@ -13,8 +13,9 @@ import platform
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from bitpass.frontend import cpu
 
 
 @dataclass(frozen=True)
@@ -80,20 +81,14 @@ TARGETS: dict[str, TargetSpec] = {
 
 
 def _cpuinfo_flags(text: str) -> set[str]:
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+    """The feature flags of a ``/proc/cpuinfo`` text (``frontend.cpu.parse_cpuinfo``)."""
+    return set(cpu.parse_cpuinfo(text)[1])
 
 
 @functools.cache
 def host_features() -> frozenset[str]:
     """Features of this machine's CPU, in the vocabulary of ``TargetSpec.features``."""
-    try:
-        flags = _cpuinfo_flags(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        flags = set()
+    flags = set(cpu.host().flags)
     found = set()
     if "avx2" in flags:
         found.add("avx2")

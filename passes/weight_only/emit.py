@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from bitpass.frontend.layers import Layer
 from bitpass.passes.weight_only.grid import GroupQuantized
-from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS, matmulnbits_tensors, pack_rows
+from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS, pack_rows, width_parts
 
 MS_DOMAIN = "com.microsoft"
 #: code widths ``GatherBlockQuantized`` takes for uint8 data (4: two codes per byte)
@@ -111,11 +111,7 @@ def replace_linear(graph: ir.Graph, layer: Layer, quantized: GroupQuantized, *,
     metadata = dict(node.metadata_props)
     new_nodes: list[ir.Node] = []
     partials: list[ir.Value] = []
-    for bits in widths:
-        slices = np.flatnonzero(quantized.bits == bits)
-        rows = (slices[:, None] * quantized.group_size + np.arange(quantized.group_size)).reshape(-1)
-        b, scales, zeros = matmulnbits_tensors(quantized.codes[rows], quantized.scales[slices],
-                                               quantized.zeros[slices], bits, quantized.group_size)
+    for bits, rows, b, scales, zeros in width_parts(quantized):
         tag = f"{base}_q{bits}"
         source = x
         if len(widths) > 1:

@@ -11,6 +11,8 @@ correction ``A B`` adds ``(x A) B``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -47,6 +49,32 @@ def matmulnbits_tensors(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray
             np.ascontiguousarray(pack_rows(zeros.T, bits).reshape(-1)))
 
 
+class WidthPart(NamedTuple):
+    """The part of a layer quantized at one width: one MatMulNBits node's tensors."""
+
+    bits: int
+    #: the input features (rows of the ``(K, N)`` weight) it covers: what its Gather reads when a layer
+    #: has several widths
+    rows: np.ndarray
+    b: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+
+
+def width_parts(quantized: GroupQuantized) -> list[WidthPart]:
+    """One ``WidthPart`` per bit width of ``quantized``'s K-slices, narrowest first (a single part where the
+    layer has one width): the graph builders (``replace_matmul`` on a ModelProto, ``emit.replace_linear``
+    on onnx-ir) turn each into a MatMulNBits node."""
+    parts = []
+    for bits in sorted({int(b) for b in quantized.bits}):
+        slices = np.flatnonzero(quantized.bits == bits)
+        rows = (slices[:, None] * quantized.group_size + np.arange(quantized.group_size)).reshape(-1)
+        b, scales, zeros = matmulnbits_tensors(quantized.codes[rows], quantized.scales[slices],
+                                               quantized.zeros[slices], bits, quantized.group_size)
+        parts.append(WidthPart(bits, rows, b, scales, zeros))
+    return parts
+
+
 def find_layer_node(proto: onnx.ModelProto, layer_id: str) -> onnx.NodeProto:
     for node in proto.graph.node:
         for prop in node.metadata_props:
@@ -68,12 +96,9 @@ def replace_matmul(proto: onnx.ModelProto, layer_id: str, quantized: GroupQuanti
     initializers: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     partials: list[str] = []
-    widths = sorted(set(int(b) for b in quantized.bits))
-    for bits in widths:
-        slices = np.flatnonzero(quantized.bits == bits)
-        rows = (slices[:, None] * quantized.group_size + np.arange(quantized.group_size)).reshape(-1)
-        b, scales, zeros = matmulnbits_tensors(quantized.codes[rows], quantized.scales[slices],
-                                               quantized.zeros[slices], bits, quantized.group_size)
+    parts = width_parts(quantized)
+    widths = [part.bits for part in parts]
+    for bits, rows, b, scales, zeros in parts:
         tag = f"{base}_q{bits}"
         initializers += [numpy_helper.from_array(b, f"{tag}_B"), numpy_helper.from_array(scales, f"{tag}_scales"),
                          numpy_helper.from_array(zeros, f"{tag}_zero_points")]

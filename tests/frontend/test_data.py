@@ -112,6 +112,15 @@ def test_a_fixed_batch_is_kept_whatever_batch_size_is_asked():
         from_arrays({"x": np.zeros((5, 4), np.float32)}, specs)
 
 
+def test_batch_of_gives_exactly_the_size_asked_repeating_samples_when_there_are_fewer():
+    x = np.arange(3 * 64, dtype=np.float32).reshape(3, 1, 8, 8)
+    data = from_arrays({"input": x}, SPECS)
+    five = data.batch_of(5)["input"]
+    assert five.shape == (5, 1, 8, 8) and five.flags.c_contiguous
+    np.testing.assert_array_equal(five, x[[0, 1, 2, 0, 1]])
+    np.testing.assert_array_equal(data.batch_of(2)["input"], x[:2])
+
+
 def test_an_input_named_labels_is_an_input_and_labels_go_under_bitpass_labels():
     specs = [TensorSpec("labels", ("n", 4), np.dtype("float32"))]
     data = from_arrays({"labels": np.ones((3, 4)), "bitpass_labels": np.array([0, 1, 2])}, specs)

@@ -11,17 +11,11 @@ from onnx import TensorProto, helper
 from bitpass.frontend import from_onnx, from_proto
 from bitpass.passes import execution
 from bitpass.passes.inline_functions import inline_functions, runtime_has_kernel
-from bitpass.tools import model_families as mf
 
 
 @pytest.fixture(scope="module")
-def mobilenet(tmp_path_factory):
-    built = mf.build("mobilenet_v3_small", "fast")
-    folder = tmp_path_factory.mktemp("mobilenet")
-    path = mf.export(built, mf.EXPORTS["torchscript-17"], folder)
-    np.savez(folder / "calib.npz", **built.calibration)
-    np.savez(folder / "eval.npz", **built.evaluation)
-    return path, built
+def mobilenet(family_export):
+    return family_export("mobilenet_v3_small")
 
 
 def test_the_runtime_is_asked_which_function_operators_it_runs_itself():

@@ -15,23 +15,16 @@ from bitpass.frontend import from_onnx, load_npz
 from bitpass.passes.calibrate import activation_ranges
 from bitpass.passes.structure import typed_structure
 from bitpass.passes.quant_scope import CONVOLUTIONAL, TRANSFORMER, GraphFacts, detect_profile, quant_scope
-from bitpass.tools import model_families as mf
 
 
 @pytest.fixture(scope="module")
-def sentence_export(tmp_path_factory):
-    built = mf.build("sentence_embedding", "fast")
-    folder = tmp_path_factory.mktemp("sentence")
-    path = mf.export(built, mf.EXPORTS["torchscript-17"], folder)
-    np.savez(folder / "calib.npz", **built.calibration)
-    np.savez(folder / "eval.npz", **built.inputs_of(built.evaluation))
-    return path, built
+def sentence_export(family_export):
+    return family_export("sentence_embedding", eval_labels=False)
 
 
 @pytest.fixture(scope="module")
-def resnet_export(tmp_path_factory):
-    built = mf.build("resnet18", "fast")
-    return mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path_factory.mktemp("resnet")), built
+def resnet_export(family_export):
+    return family_export("resnet18")
 
 
 def _facts(path) -> GraphFacts:
