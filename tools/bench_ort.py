@@ -401,7 +401,7 @@ def cells(row: Row, batches: Sequence[int] = BATCHES) -> list[str]:
 
 
 def header(threads: int, rounds: int) -> str:
-    from bitpass.backends.onnxruntime.timing import cpu
+    from bitpass.frontend.cpu import host as cpu
 
     import onnxruntime
 
