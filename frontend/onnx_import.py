@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +21,10 @@ from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance
 # Set before any layer imports onnxruntime (every layer imports the frontend first); a user's own
 # ORT_DISABLE_TELEMETRY wins.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# onnxscript's constant folder (torch's exporter and fold-constants run it) logs each subgraph it cannot
+# evaluate as a warning, which Python prints when nothing is configured: noise to a user, unless they asked.
+if logging.getLogger("onnxscript").level == logging.NOTSET:
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
 
 #: Models below this default-domain opset are upgraded with onnx's version converter.
 MIN_OPSET = 17
