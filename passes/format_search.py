@@ -142,7 +142,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     compute = compute_layers(plan)
     flavours = _flavours(options)
     if not compute:
-        built = _build(model, plan, flavours[-1], ranges, calibration, options)
+        built = materialize_in(model, plan, flavours[-1], ranges, calibration, options)
         return SearchResult(built, flavours[-1], plan, {"note": "no int8 compute layers: nothing to search"})
     if calibration.fixed_batch:
         batches = (calibration.fixed_batch,)
@@ -152,7 +152,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
         flavour = FLAVOURS.get(cached["flavour"], S8S8)
         say(f"format search: the choice made for this model on this CPU before ({cached['record']['chosen']})")
-        built = _build(model, chosen_plan, flavour, ranges, calibration, options)
+        built = materialize_in(model, chosen_plan, flavour, ranges, calibration, options)
         return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
 
     check = calibration.head(CHECK_SAMPLES)
@@ -163,7 +163,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     s8_models: dict[str, Model] = {}
 
     def build(c: Candidate) -> Candidate:
-        c.model = _build(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
+        c.model = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
         c.error = _relative_error(reference, _outputs(c.model, check))
         return c
 
@@ -272,8 +272,8 @@ def _flavours(options: QuantizeOptions) -> list[Flavour]:
     return [U8S8, S8S8]
 
 
-def _build(model: Model, plan: Mapping[str, LayerPlan], flavour: Flavour, ranges: ActivationRanges | None,
-           calibration: Dataset, options: QuantizeOptions, built_s8: dict[str, Model] | None = None) -> Model:
+def materialize_in(model: Model, plan: Mapping[str, LayerPlan], flavour: Flavour, ranges: ActivationRanges | None,
+                   calibration: Dataset, options: QuantizeOptions, built_s8: dict[str, Model] | None = None) -> Model:
     """The plan materialized in ``flavour``: U8S8 is the S8S8 model with its activation zero points shifted
     (exact, and one quantization instead of two); U8S8 with 7-bit weights is materialized itself."""
     if flavour.name == U8S8.name and not options.symmetric_activations:

@@ -24,6 +24,7 @@ import pydantic
 from bitpass.frontend import Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes import format_search
+from bitpass.passes.int8_flavours import FLAVOURS
 from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, QUANTIZED
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassContext, PassResult
 from bitpass.passes.materialize import (
@@ -77,7 +78,17 @@ class Quantize(Pass):
         details: dict[str, Any] = {}
         activation_type = "uint8" if cfg.activation_type == "uint8" else "int8"
         options = QuantizeOptions(**{k: v for k, v in cfg.model_dump().items() if k in QuantizeOptions.model_fields})
-        if cfg.search and hasattr(probe, "graphs") and ctx.calibration is not None and \
+        pinned = (ctx.target.options or {}).get("int8_flavour")  # a re-run (the quality gate's) keeps the choice
+        if pinned in FLAVOURS and ctx.calibration is not None and \
+                any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions):
+            flavour = FLAVOURS[pinned]
+            result = format_search.materialize_in(model, format_search.plan_of(model), flavour, ranges,
+                                                  ctx.calibration, options)
+            activation_type = flavour.activation_type
+            details["int8_scope"] = _scope_record(model, ranges, decisions)
+            details["kept_float"] = _kept_float_in(result, decisions)
+            details["pinned"] = f"{pinned}, as chosen by the first run's format search"
+        elif cfg.search and hasattr(probe, "graphs") and ctx.calibration is not None and \
                 any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions):
             found = format_search.search(
                 model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
@@ -94,6 +105,8 @@ class Quantize(Pass):
             details["int8_scope"] = _scope_record(model, ranges, decisions)  # layers it kept float, from annotations
             details["kept_float"] = _kept_float_in(result, decisions)
         record = _record(cfg, activation_type, ranges.method, decisions, model, result, details)
+        if "pinned" in details:
+            record["flavour_pinned"] = details["pinned"]
         if searched is not None:
             record["search"] = searched
             if searched.get("note"):

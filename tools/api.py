@@ -582,6 +582,12 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     say(f"quality gate: repairing: ranking {len(candidates)} quantized layers by the error they add")
     ranked = quality.rank_by_added_error(base, built.final, data, candidates)
     tail = Pipeline(passes.passes[index:], name=passes.name)
+    # repairs keep the int8 flavour the format search chose, and do not search again (minutes on a ResNet-50)
+    searched = (ctx.records.get("quantization") or {}).get("search") or {}
+    repair_options = {k: v for k, v in (ctx.target.options or {}).items() if k != "latency_probe"}
+    if searched.get("flavour"):
+        repair_options["int8_flavour"] = searched["flavour"]
+    repair_target = Target(ctx.target.backend, ctx.target.name, repair_options)
     attempts: dict[int, _Built] = {}
     attempt_records: dict[int, dict[str, Any]] = {}
 
@@ -592,7 +598,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
             if layer.id in keep:
                 annotation.set_weight_bits(layer.node, annotation.FLOAT_BITS)
                 annotation.set_activation_bits(layer.node, annotation.FLOAT_BITS)
-        inner = PassContext(calibration=ctx.calibration, evaluation=ctx.evaluation, target=ctx.target,
+        inner = PassContext(calibration=ctx.calibration, evaluation=ctx.evaluation, target=repair_target,
                             seed=ctx.seed, progress=lambda _message: None)
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)

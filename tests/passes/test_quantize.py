@@ -182,3 +182,22 @@ def test_graph_change_after_calibration_invalidates_ranges(cnn_model, calib_arra
     with pytest.raises(PipelineError, match="invalidated by pass 'add-identity'") as info:
         Pipeline([Calibrate(), _AddIdentity(), Quantize()]).run(cnn_model, _ctx(cnn_model, calib_arrays))
     assert "quantize" in str(info.value) and "calibrate" in str(info.value)
+
+
+def test_a_pinned_int8_flavour_is_materialized_without_searching(cnn_model, calib_arrays, eval_arrays):
+    """The quality gate's repairs pin the flavour the first run's format search chose: no timing again, even
+    with a whole-model timer at hand, and the flavour's activation type in the graph."""
+    from bitpass.backends.onnxruntime.latency import LatencyProbe
+    from bitpass.passes.infra import Target
+
+    ctx = PassContext(calibration=from_arrays(calib_arrays, cnn_model.inputs),
+                      target=Target(options={"latency_probe": LatencyProbe(), "int8_flavour": "u8s8"}))
+    quantized = Pipeline([Calibrate(), Quantize()]).run(cnn_model, ctx)
+    record = ctx.records["quantization"]
+    assert "search" not in record and record["flavour_pinned"].startswith("u8s8")
+    assert record["activation_type"] == "uint8"
+    activation_zero_points = [n for n in quantized.graph if n.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(n.inputs[2].const_value.dtype == ir.DataType.UINT8
+                                          for n in activation_zero_points)
+    assert _accuracy(quantized, eval_arrays) > 0.9
+
