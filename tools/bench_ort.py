@@ -24,7 +24,8 @@ variant seconds (> 1: faster than ORT fp32), with the 25-75 % band of the per-ro
 Quality on the family's held-out evaluation samples (never the calibration samples): top-1 agreement with
 ORT fp32 and mean cosine of the logits; accuracy against the labels for the digits-trained families. Note:
 bitpass's quality gate is given the same evaluation samples (as a user gives them to ``compile``), so its
-figures there are what the gate kept. Bytes: the model file plus its external data, relative to the fp32 file.
+figures there are what the gate kept; for random-init families the gate compares by cosine (0.99), since
+their near-tied logits make top-1 agreement noise. Bytes: the model file plus its external data, relative to the fp32 file.
 
 The bitpass compile cache (latency and format-search tables, kept references) lives in a temporary
 ``BITPASS_CACHE_DIR`` deleted at the end, so runs are independent; ``--cache-dir`` keeps it. The digits
@@ -213,6 +214,12 @@ def compile_bitpass(source: Path, target: Path, built: Any, options: dict[str, A
                     progress: Say | bool) -> dict[str, Any]:
     from bitpass.tools import api
 
+    from bitpass.tools import model_families
+
+    if not model_families.family(built.family).trained and "tolerance" not in options:
+        # random-init logits are near ties: top-1 agreement is noise there, so the gate compares by cosine
+        # (what the README's tour tells users with random weights); trained families keep the default gate
+        options = {**options, "tolerance": "cosine=0.99"}
     with bitpass_cache(cache):
         artifact = api.compile(str(source), str(target), calibration=built.inputs_of(built.calibration),
                                evaluation=built.evaluation, progress=progress, **options)
