@@ -603,9 +603,17 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        attempts[k], attempt_records[k] = candidate, inner.records
         got = quality.score(tolerance, ref_out, measure.predict(candidate.runner, data), data.labels)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
+        # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each
+        # holds an ONNX Runtime session; a ResNet-50's attempts together outgrew 24 GB)
+        if tolerance.met(got) and all(other > k for other in attempts):
+            for other in list(attempts):
+                destination.discard(attempts.pop(other).stage)
+                attempt_records.pop(other, None)
+            attempts[k], attempt_records[k] = candidate, inner.records
+        else:
+            destination.discard(candidate.stage)
         return got
 
     search = quality.Search(ranked, tolerance, evaluate)
@@ -616,6 +624,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     for k, attempt in attempts.items():  # keep only the stage that will be published
         if attempt is not chosen:
             destination.discard(attempt.stage)
+    attempts.clear()
     if chosen is None:
         last = search.steps[-1]["value"] if search.steps else value
         record.update(final=last, final_text=tolerance.describe(last), shortfall=tolerance.shortfall(last),

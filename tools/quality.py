@@ -48,6 +48,8 @@ _AT_MOST = ("accuracy-drop", "kl")
 HOLD_BACK_FRACTION, HOLD_BACK_MAX, HOLD_BACK_MIN_SET = 0.2, 256, 10
 #: samples the per-layer error ranking runs on
 RANKING_SAMPLES = 32
+#: samples per run while ranking (each run exposes every quantized activation of the graph)
+RANKING_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -307,15 +309,17 @@ def rank_by_added_error(before: Model, after: Model, data: Dataset, candidates: 
     pairs = _quantized_activations(after)
     if pairs:
         names = sorted({n for tensor, dq, _, _ in pairs for n in (tensor, dq)})
+        errors = _Errors()
         try:
-            values = _gathered(execution.intermediates(after, sample, names))
+            for batch in execution.intermediates(after, sample, names, batch_size=RANKING_BATCH):
+                for tensor, dq, _, _ in pairs:
+                    if tensor in batch and dq in batch:
+                        errors.add(tensor, batch[tensor], batch[dq])
         except Exception:  # a graph the ranking cannot run: fall back to the other signals
-            values = {}
-        for tensor, dq, producer, consumers in pairs:
-            if tensor in values and dq in values:
-                error = _relative_error(values[tensor], values[dq])
-                for layer_id in (producer, *consumers):
-                    charge(layer_id, error)
+            errors = _Errors()
+        for tensor, _, producer, consumers in pairs:
+            for layer_id in (producer, *consumers):
+                charge(layer_id, errors.relative(tensor))
     # 2. output error beyond the input's, where the tensors carry the same names in both graphs
     after_names = {v.name for node in after.graph.all_nodes() for v in node.outputs if v is not None} \
         | {v.name for v in after.graph.inputs}
@@ -327,14 +331,18 @@ def rank_by_added_error(before: Model, after: Model, data: Dataset, candidates: 
             matched[layer_id] = (x if x in after_names else None, y)
     names = sorted({n for pair in matched.values() for n in pair if n})
     if names:
-        try:
-            ref = _gathered(execution.intermediates(before, sample, names))
-            got = _gathered(execution.intermediates(after, sample, names))
+        errors = _Errors()
+        try:  # both graphs batch by batch in step: one batch of tensors in memory at a time
+            for ref, got in zip(execution.intermediates(before, sample, names, batch_size=RANKING_BATCH),
+                                execution.intermediates(after, sample, names, batch_size=RANKING_BATCH)):
+                for name in names:
+                    if name in ref and name in got:
+                        errors.add(name, ref[name], got[name])
         except Exception:
-            ref, got = {}, {}
+            errors = _Errors()
         for layer_id, (x, y) in matched.items():
-            if y in ref and y in got:
-                charge(layer_id, _relative_error(ref[y], got[y]) - (_relative_error(ref[x], got[x]) if x in ref else 0.0))
+            if errors.has(y):
+                charge(layer_id, errors.relative(y) - (errors.relative(x) if x and errors.has(x) else 0.0))
     sensitivity = {layer_id: _sensitivity(layer) for layer_id, layer in layers.items()}
     order = {layer_id: index for index, layer_id in enumerate(candidates)}
     measured = sorted((l for l in candidates if l in scores), key=lambda l: (-scores[l], order[l]))
@@ -363,19 +371,27 @@ def _quantized_activations(model: Model) -> list[tuple[str, str, str | None, lis
     return found
 
 
-def _gathered(batches: Any) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        for name, value in batch.items():
-            parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
-    return {name: np.concatenate(values) if values[0].ndim else values[0] for name, values in parts.items()}
+class _Errors:
+    """Streaming relative errors ``|candidate - reference| / |reference|`` per tensor name, summed over batches
+    (whole activations of a ResNet-50 over the ranking samples would not fit in memory)."""
 
+    def __init__(self) -> None:
+        self.diff: dict[str, float] = {}
+        self.norm: dict[str, float] = {}
 
-def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
-    if reference.shape != candidate.shape:
-        return 0.0
-    norm = float(np.linalg.norm(reference))
-    return float(np.linalg.norm(candidate - reference)) / norm if norm > 0 else 0.0
+    def add(self, name: str, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            return
+        reference = np.asarray(reference, dtype=np.float64)
+        self.diff[name] = self.diff.get(name, 0.0) + float(np.square(np.asarray(candidate, np.float64) - reference).sum())
+        self.norm[name] = self.norm.get(name, 0.0) + float(np.square(reference).sum())
+
+    def has(self, name: str) -> bool:
+        return name in self.norm
+
+    def relative(self, name: str) -> float:
+        norm = self.norm.get(name, 0.0)
+        return math.sqrt(self.diff[name] / norm) if norm > 0 else (0.0 if name in self.norm else math.nan)
 
 
 def _sensitivity(layer: Any) -> float:
