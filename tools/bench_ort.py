@@ -412,7 +412,7 @@ def header(threads: int, rounds: int) -> str:
 
     import onnxruntime
 
-    return (f"CPU: {cpu().describe()}\nONNX Runtime {onnxruntime.__version__}, {threads} threads, up to {rounds} "
+    return (f"{cpu().describe()}\nONNX Runtime {onnxruntime.__version__}, {threads} threads, up to {rounds} "
             f"rounds; every variant of a model timed alternately in one fresh process, spinning off; "
             f"x fp32 = median paired ratio ORT fp32 / variant (25-75 % band), > 1 faster; quality on held-out "
             f"samples vs ORT fp32; bytes = model file + external data")
