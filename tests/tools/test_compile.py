@@ -48,8 +48,10 @@ def test_manifest_records_what_was_done_and_measured(artifact, digits_files):
     assert len(layers) == 5
     # int8 where it measured faster on this CPU; a layer the format search timed slower alone stays fp32, and
     # the manifest says so
-    changed = manifest["records"]["quantization"].get("search", {}).get("changed", {})
-    assert sum(r["stored"]["format"] == "QDQ int8" for r in layers.values()) >= 3
+    search = manifest["records"]["quantization"].get("search", {})
+    changed = search.get("changed", {})
+    # where int8 measures no faster than fp32, the search keeps fp32 (its fallback) and records it
+    assert sum(r["stored"]["format"] == "QDQ int8" for r in layers.values()) >= 3 or search.get("chosen") == "fallback"
     assert all(r["bits"]["weight"] == 8 and r["stored"]["format"] == "QDQ int8" or changed.get(lid) == "fp32"
                for lid, r in layers.items())
     assert manifest["summary"]["stored_bytes"] <= 0.35 * manifest["summary"]["fp32_bytes"]
