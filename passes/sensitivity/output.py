@@ -17,6 +17,7 @@ with ``m`` the next lower measured width (8 bits from 4: about 1/256 of it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ import onnx
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes import execution
+from bitpass.passes.progress import Reporter
 from bitpass.passes.sensitivity.quant import TABLE_BITS, fake_quantize, layer_channel_axis, quantization_error
 
 METRICS = ("kl", "mse")
@@ -195,19 +197,25 @@ def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits:
     table: dict[str, dict[int, float]] = {}
     seen: dict[str, str] = {}
     shared: dict[str, str] = {}
-    for index, layer in enumerate(layers):
-        name = names[layer.id]
-        if name in seen:
-            shared[layer.id] = seen[name]
-            table[layer.id] = dict(table[seen[name]])
-            continue
-        seen[name] = layer.id
-        weight, axis = layer.weight_array, layer_channel_axis(layer)
-        row = {b: probe.divergence({name: fake_quantize(weight, b, axis)}, metric) for b in measured}
-        for b, source in extrapolated.items():
-            base = quantization_error(weight, source, axis)
-            row[b] = row[source] * quantization_error(weight, b, axis) / base if base > 0 else 0.0
-        table[layer.id] = {b: row[b] for b in bits}
-        if progress is not None:
-            progress(f"output-{metric}: layer {index + 1}/{len(layers)} {layer.id}")
+    # a counted task (a bar with an ETA on a terminal) when the caller's reporter has tasks, else plain messages
+    task = progress.task(f"sensitivity (output-{metric})", total=len(layers), unit="layer") \
+        if isinstance(progress, Reporter) else None
+    with task if task is not None else contextlib.nullcontext():
+        for index, layer in enumerate(layers):
+            name = names[layer.id]
+            if name in seen:
+                shared[layer.id] = seen[name]
+                table[layer.id] = dict(table[seen[name]])
+            else:
+                seen[name] = layer.id
+                weight, axis = layer.weight_array, layer_channel_axis(layer)
+                row = {b: probe.divergence({name: fake_quantize(weight, b, axis)}, metric) for b in measured}
+                for b, source in extrapolated.items():
+                    base = quantization_error(weight, source, axis)
+                    row[b] = row[source] * quantization_error(weight, b, axis) / base if base > 0 else 0.0
+                table[layer.id] = {b: row[b] for b in bits}
+            if task is not None:
+                task.advance()
+            elif progress is not None:
+                progress(f"output-{metric}: layer {index + 1}/{len(layers)} {layer.id}")
     return OutputSensitivity(table, metric, used, probe.runs, shared, extrapolated, reduced)

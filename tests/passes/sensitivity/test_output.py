@@ -132,3 +132,14 @@ def test_on_the_real_sentence_encoder_scaled_8_bit_scores_rank_layers_as_measure
     rho = spearmanr([measured.table[i][8] for i in ids], [scaled.table[i][8] for i in ids]).correlation
     assert rho > 0.9, rho
     assert scaled.runs < measured.runs
+
+
+def test_a_reporter_gets_one_counted_task_over_the_layers(onnx_mlp):
+    from bitpass.passes.progress import MessageReporter
+
+    model, data = onnx_mlp
+    lines: list[str] = []
+    output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=16,
+                       progress=MessageReporter(lines.append, interval=0.0))
+    assert lines[0] == "sensitivity (output-mse): 2 layers"
+    assert lines[-1].startswith("sensitivity (output-mse): done in")
