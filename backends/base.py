@@ -101,7 +101,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
-        """Write the deployable files into ``directory``; return their names."""
+        """Write the deployable files into ``directory``; return their names. A backend whose emit takes
+        minutes may accept a keyword ``progress`` (a ``bitpass.passes.progress.Reporter``): the compile passes
+        it when the signature has it."""
 
     @abc.abstractmethod
     def load(self, directory: Path, manifest: Mapping[str, Any], *, for_timing: bool = False) -> Runner:

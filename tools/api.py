@@ -485,7 +485,7 @@ def _compile(
         _legalize(backend_impl, candidate, target, "compiled model")
         stage = destination.stage()
         say(f"emitting {backend} artifact")
-        files = backend_impl.emit(candidate, stage, target)
+        files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress))
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
@@ -637,6 +637,16 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     record.update(passed=True, final=final_value, final_text=tolerance.describe(final_value),
                   fp32_layers=ranked[:found], seconds=round(time.perf_counter() - started, 3))
     return chosen, record
+
+
+def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]:
+    """``{"progress": ...}`` for a backend whose ``emit`` takes it (a plugin's may not)."""
+    import inspect
+
+    try:
+        return {"progress": progress} if "progress" in inspect.signature(emit).parameters else {}
+    except (TypeError, ValueError):
+        return {}
 
 
 def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:

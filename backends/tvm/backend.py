@@ -123,9 +123,24 @@ class TvmBackend(Backend):
             self._checked[key] = [str(p) for p in lower.check(model, kernels.scheme_for(spec.features))]
         return list(self._checked[key])
 
-    def emit(self, model: Model, directory: Path, target: str) -> list[str]:
+    def emit(self, model: Model, directory: Path, target: str, *, progress: Any = None) -> list[str]:
         from bitpass.backends.tvm import build as tvm_build
         from bitpass.backends.tvm import lower
+        from bitpass.passes.progress import SILENT, as_reporter
+
+        reporter = as_reporter(progress) if progress is not None else SILENT
+        with reporter.task(f"tvm build for {target}", total=4, unit="stage") as task:
+            return self._emit(model, directory, target, reporter, task, tvm_build, lower)
+
+    def _emit(self, model: Model, directory: Path, target: str, reporter: Any, task: Any, tvm_build: Any,
+              lower: Any) -> list[str]:
+        done: list[str] = []
+
+        def step(name: str) -> None:
+            if done:
+                task.advance()
+            done.append(name)
+            reporter(f"tvm: {name}")
 
         self.check_target(target)
         spec = target_registry.get(target)
@@ -135,12 +150,13 @@ class TvmBackend(Backend):
                                f"tools/setup_arm64.sh)")
         proto = model.to_proto()
         try:
-            built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES)
+            built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES, step=step)
         except lower.LoweringError as err:
             raise BitpassError(f"tvm lowering: {err}") from err
         except Exception as err:  # TVM raises its own error types; name the stage, keep the cause
             raise BitpassError(f"tvm build for {target!r} failed: {lower.first_line(err)} (please report it with "
                                f"the model)") from err
+        step("export the library")
         tvm_build.export(built, directory / LIBRARY, spec)
         config = {
             "target": target, "tvm_target": spec.tvm_dict(),
@@ -155,10 +171,12 @@ class TvmBackend(Backend):
         if spec.is_host_runnable():
             from bitpass.backends.tvm import timing
 
+            step("time the library on this machine")
             config["host_timing"] = timing.measure(directory, model.inputs, sorted(built.functions))
             (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__).with_name("vmrun.py"), directory / RUNNER)
         (directory / PLAN).write_bytes(model.to_bytes())
+        task.advance(4 - len(done) + 1)
         return [LIBRARY, CONFIG, RUNNER, PLAN]
 
     def records(self, directory: Path) -> dict[str, Any]:

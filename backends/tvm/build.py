@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,15 @@ class Built:
     report: lowering.LoweringReport
 
 
-def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> Built:
-    """Lower, schedule with bitpass's rules for ``spec``'s features, and build a VM executable."""
+def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES,
+          step: Callable[[str], None] | None = None) -> Built:
+    """Lower, schedule with bitpass's rules for ``spec``'s features, and build a VM executable; ``step(name)``
+    is told before each stage (the compile's progress)."""
     import tvm
     from tvm import relax
 
+    step = step or (lambda _name: None)
+    step("lower to bitpass kernels and TVM operators")
     target = spec.tvm_target()
     mod, report, names = lowering.lower(model, batches, kernels.scheme_for(spec.features))
     # exp, tanh and erf as TVM's vectorizable approximations (libm's are scalar calls: GELU's erf was
@@ -37,6 +41,7 @@ def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES) -> B
     mod = fuse_elementwise(mod)
     mod = relax.transform.DeadCodeElimination()(mod)
     mod = schedules.apply_rules(mod, target)
+    step("compile with LLVM (the long stage)")
     with tvm.transform.PassContext(opt_level=3):
         executable = relax.build(mod, target=target, relax_pipeline="default")
     return Built(executable, dict(zip(batches, names)), report)

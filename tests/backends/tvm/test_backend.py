@@ -165,3 +165,14 @@ def test_the_transformer_compiles_fp32_and_with_every_matmul_at_4_bits(trained_t
     assert len(layers) == 9 and {entry["kernel"] for entry in layers.values()} == {"dense_int4"}
     cosine = float(np.mean(cosines(want, first(run(w4.path, {name: x})))))
     assert cosine > 0.98, cosine
+
+
+def test_the_build_reports_its_stages_as_one_counted_task(digits_files, tmp_path):
+    """A TVM compile takes minutes at real sizes: it says which stage it is in, LLVM's included."""
+    lines: list[str] = []
+    compile(str(digits_files / "model.onnx"), tmp_path / "cnn", backend="tvm", pipeline="optimize", latency=False,
+            progress=lines.append)
+    stages = [line for line in lines if line.startswith("tvm")]
+    assert stages[0].startswith("tvm build for ") and stages[0].endswith(": 4 stages")
+    assert any("compile with LLVM" in line for line in stages)
+    assert any("time the library on this machine" in line for line in stages)
