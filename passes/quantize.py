@@ -79,17 +79,14 @@ class Quantize(Pass):
         activation_type = "uint8" if cfg.activation_type == "uint8" else "int8"
         options = QuantizeOptions(**{k: v for k, v in cfg.model_dump().items() if k in QuantizeOptions.model_fields})
         pinned = (ctx.target.options or {}).get("int8_flavour")  # a re-run (the quality gate's) keeps the choice
-        if pinned in FLAVOURS and ctx.calibration is not None and \
-                any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions):
+        int8_work = ctx.calibration is not None and any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions)
+        via_format_search = int8_work and (pinned in FLAVOURS or (cfg.search and hasattr(probe, "graphs")))
+        if via_format_search and pinned in FLAVOURS:
             flavour = FLAVOURS[pinned]
             result = format_search.materialize_in(model, format_search.plan_of(model), flavour, ranges,
                                                   ctx.calibration, options)
             activation_type = flavour.activation_type
-            details["int8_scope"] = _scope_record(model, ranges, decisions)
-            details["kept_float"] = _kept_float_in(result, decisions)
-            details["pinned"] = f"{pinned}, as chosen by the first run's format search"
-        elif cfg.search and hasattr(probe, "graphs") and ctx.calibration is not None and \
-                any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions):
+        elif via_format_search:
             found = format_search.search(
                 model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
                 layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx, cfg.search_batches),
@@ -101,12 +98,12 @@ class Quantize(Pass):
             result = materialize(model, ranges=ranges, calibration=ctx.calibration,
                                  options=options.model_copy(update={"activation_type": activation_type}),
                                  progress=ctx.progress, details=details)
-        if searched is not None:  # the search materialized: the scope as the plan's graph gives it, and the
-            details["int8_scope"] = _scope_record(model, ranges, decisions)  # layers it kept float, from annotations
-            details["kept_float"] = _kept_float_in(result, decisions)
+        if via_format_search:  # materialized by the format-search core: the scope as the plan's graph gives it,
+            details["int8_scope"] = _scope_record(model, ranges, decisions)  # and the layers kept float, read
+            details["kept_float"] = _kept_float_in(result, decisions)  # back from the annotations
         record = _record(cfg, activation_type, ranges.method, decisions, model, result, details)
-        if "pinned" in details:
-            record["flavour_pinned"] = details["pinned"]
+        if via_format_search and pinned in FLAVOURS:
+            record["flavour_pinned"] = f"{pinned}, as chosen by the first run's format search"
         if searched is not None:
             record["search"] = searched
             if searched.get("note"):
