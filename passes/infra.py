@@ -19,6 +19,7 @@ import pydantic
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes.executors import SERIAL, Executor
 from bitpass.passes.progress import SILENT, Reporter, as_reporter
 from bitpass.passes.spec import parse_value
 
@@ -179,6 +180,9 @@ class PassContext:
     #: progress of long work: ``progress(message)``, and ``with progress.task(description, total) as t:
     #: ... t.advance()`` for loops (``passes/progress.py``); a plain callable is wrapped
     progress: Reporter = field(default=SILENT)
+    #: where a pass's expensive independent loops run (``passes/executors.py``: serial, local:N, ray); results
+    #: must not depend on it
+    executor: Executor = field(default=SERIAL, repr=False, compare=False)
 
     #: the pipeline run in progress (set by ``Pipeline.run``): a composite pass runs passes through it
     #: (``Sequential``), so they get the run's instruments, verifier and invalidation

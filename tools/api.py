@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -27,6 +28,7 @@ from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model
 from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
 from bitpass.passes.analyses import ACTIVATION_RANGES
+from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
 from bitpass.passes.infra import PassContext, Target
 from bitpass.passes.instruments import PassInstrument, Timing
 from bitpass.passes.pipeline import Pipeline
@@ -261,6 +263,7 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
     allow_quality_loss: bool = False,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     registry: Registry | None = None,
+    executor: str | Executor | None = None,
     **unknown: Any,
 ) -> Artifact:
     """Compile ``model`` into an artifact folder at ``output_dir`` and measure it against fp32.
@@ -300,6 +303,9 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
         allow_quality_loss: keep an artifact that misses ``tolerance`` (the manifest records by how much).
         overrides: ``{pass name: {option: value}}`` for passes of the pipeline, for what has no parameter here.
         registry: a plugin registry to use instead of the installed entry points.
+        executor: where the expensive per-layer loops run: ``"serial"`` (default), ``"local:N"`` (N worker
+            processes), ``"ray"`` (``RAY_ADDRESS``'s cluster, else a local one) or ``"ray://HOST:PORT"``, or an
+            ``Executor``. The artifact is the same byte for byte wherever they ran.
 
     Returns the ``Artifact`` (its path and manifest). Nothing is written unless everything succeeds: the
     artifact appears atomically. Never slower than fp32: when bit allocation picked compute formats from
@@ -316,7 +322,10 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
                                    plugin_paths=plugin_paths, latency=latency, seed=seed, progress=say,
                                    overrides=overrides, registry=registry, tolerance=tolerance,
                                    allow_quality_loss=allow_quality_loss)
-    with artifact_io.Destination(output_dir, force=force) as destination:
+    workers = executor_from_spec(executor)  # one the caller gave stays open; one made here is closed here
+    with (contextlib.nullcontext() if workers is executor else workers), \
+            artifact_io.Destination(output_dir, force=force) as destination:
+        options["executor"] = workers
         manifest, stage = _compile(model, destination, **options)
         slower = _slower_than_fp32(manifest)
         if slower:
@@ -439,6 +448,7 @@ def _compile(
     tolerance: str | None = None,
     allow_quality_loss: bool = False,
     notes: Sequence[str] = (),
+    executor: Executor = SERIAL,
 ) -> tuple[dict[str, Any], Path]:
     """One compilation into a stage of ``destination`` (see ``compile``); returns the manifest and the stage."""
     say = as_reporter(progress)
@@ -475,7 +485,7 @@ def _compile(
             target_options["latency_probe"] = probe
     target_spec = Target(backend, target, target_options)
     ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=target_spec,
-                      instruments=[timing, before_quantize], seed=seed, progress=say)
+                      instruments=[timing, before_quantize], seed=seed, progress=say, executor=executor)
     final = passes.run(source, ctx)
     if notes:
         ctx.records.setdefault("notes", []).extend(notes)
@@ -599,7 +609,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
                 annotation.set_weight_bits(layer.node, annotation.FLOAT_BITS)
                 annotation.set_activation_bits(layer.node, annotation.FLOAT_BITS)
         inner = PassContext(calibration=ctx.calibration, evaluation=ctx.evaluation, target=repair_target,
-                            seed=ctx.seed, progress=lambda _message: None)
+                            seed=ctx.seed, progress=lambda _message: None, executor=ctx.executor)
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))

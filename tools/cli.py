@@ -95,6 +95,10 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                    help="replace OUTPUT if it is an earlier bitpass artifact (never any other folder)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized passes (default: %(default)s)")
+    p.add_argument("--executor", metavar="SPEC",
+                   help="where the per-layer loops (sensitivity, rounding) run: serial (default), local:N (N worker "
+                        "processes), ray (RAY_ADDRESS's cluster, else a local one) or ray://HOST:PORT; the artifact "
+                        "is the same wherever they run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts) instead of a table")
     q = p.add_argument_group("quality gate (measured on --eval, or on calibration samples held back from calibrating)")
@@ -138,7 +142,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              backend=args.backend, target=args.target, plugin_paths=args.plugin, force=args.force,
                              latency=not args.no_latency, seed=args.seed, progress=_progress(args),
                              tolerance=args.tolerance, allow_quality_loss=args.allow_quality_loss,
-                             overrides=latency_batch)
+                             overrides=latency_batch, executor=args.executor)
     if args.json:
         print(json.dumps(summary_json(artifact.manifest, artifact.path), indent=2, sort_keys=True))
     else:

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from bitpass.passes.executors import EXECUTOR_HELP, SERIAL, Executor, executor_from_spec
+
 #: pipeline name -> the ``bitpass compile`` options that select it
 PIPELINES: dict[str, tuple[str, ...]] = {
     "optimize": ("--pipeline", "optimize"),
@@ -536,10 +538,13 @@ def run(families: Sequence[str], exports: Sequence[str], pipelines: Sequence[str
         cross: bool = False, seed: int = 0, timeout_s: float = FAST_TIMEOUT_S,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB, keep: bool = False,
         on_row: Callable[[Row], None] = lambda row: None,
-        run_one: Callable[[Case], Row] = run_case, done: Iterable[tuple[str, str, str]] = ()) -> list[Row]:
+        run_one: Callable[[Case], Row] = run_case, done: Iterable[tuple[str, str, str]] = (),
+        executor: Executor = SERIAL) -> list[Row]:
     """Prepare each family once and compile its cases; rows in plan order (``done`` triples are skipped).
 
-    ``run_one`` is the per-case function (``run_case``; an executor's map may stand in for the loop)."""
+    ``run_one`` is the per-case function (``run_case``). ``executor`` runs a family's cases (``--executor
+    local:2`` compiles two at once; ``ray`` spreads them over a cluster that sees ``work``); ``on_row`` is
+    called as each finishes."""
     rows = []
     skip = set(done)
     triples = [t for t in plan(families, exports, pipelines, cross=cross) if t not in skip]
@@ -549,14 +554,17 @@ def run(families: Sequence[str], exports: Sequence[str], pipelines: Sequence[str
         needed = list(dict.fromkeys(t[1] for t in mine))
         prepare_isolated(fam, size, needed, folder, seed, timeout_s=max(PREPARE_TIMEOUT_S, timeout_s),
                          memory_limit_mb=memory_limit_mb)
-        for _, exp, pipe in mine:
-            case = Case(fam, size, exp, pipe, str(folder), seed, timeout_s, memory_limit_mb, keep)
-            row = run_one(case)
-            rows.append(row)
-            on_row(row)
+        cases = [Case(fam, size, exp, pipe, str(folder), seed, timeout_s, memory_limit_mb, keep)
+                 for _, exp, pipe in mine]
+        rows += executor.map(_run_one, run_one, cases, on_result=lambda _, row: on_row(row))
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def _run_one(run_one: Callable[[Case], Row], case: Case) -> Row:
+    """``executor.map``'s task: the per-case function is the shared argument (picklable by name)."""
+    return run_one(case)
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
@@ -687,6 +695,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write every row as JSON (rewritten after each case)")
     p.add_argument("--resume", action="store_true", help="with --json: skip the cases OUT already holds")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown (for the README)")
+    p.add_argument("--executor", default="serial", metavar="SPEC",
+                   help=f"{EXECUTOR_HELP}; cases run side by side, so their timings disturb each other")
     p.add_argument("--list", action="store_true", help="list families, exports and pipelines, then exit")
 
 
@@ -729,8 +739,10 @@ def run_command(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bitpass-conformance-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        run(families, exports, pipelines, size=size, work=work, cross=args.cross, seed=args.seed, timeout_s=timeout,
-            memory_limit_mb=args.memory_limit, keep=args.keep, on_row=on_row, done=done)
+        with executor_from_spec(args.executor) as executor:
+            run(families, exports, pipelines, size=size, work=work, cross=args.cross, seed=args.seed,
+                timeout_s=timeout, memory_limit_mb=args.memory_limit, keep=args.keep, on_row=on_row, done=done,
+                executor=executor)
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)

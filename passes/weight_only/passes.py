@@ -59,7 +59,8 @@ class QuantizeWeights(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         recipe = self.recipe()
-        result, outcome = self._quantizer(model, ctx.calibration, recipe, progress=ctx.progress)
+        result, outcome = self._quantizer(model, ctx.calibration, recipe, progress=ctx.progress,
+                                          executor=ctx.executor)
         record = outcome.record(recipe)
         record["weight_bytes"] = {"before": model.weight_bytes(), "after": result.weight_bytes()}
         ctx.records["weight_only"] = record

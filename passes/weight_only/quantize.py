@@ -31,6 +31,7 @@ import onnx_ir as ir
 from bitpass.frontend import Dataset, Model, Provenance, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.frontend.layers import Layer
+from bitpass.passes.executors import SERIAL, Executor
 from bitpass.passes.weight_only.apply import QuantizedLayer
 from bitpass.passes.weight_only.emit import (embedding_table, input_features, linear_weight, replace_embedding,
                                              replace_linear)
@@ -124,7 +125,9 @@ class Quantizer:
         self._hessians: dict[tuple[str, str, int | None], np.ndarray] = {}
 
     def __call__(self, model: Model, calibration: Dataset | None, recipe: Recipe, *,
-                 progress: Callable[[str], None] | None = None) -> tuple[Model, Outcome]:
+                 progress: Callable[[str], None] | None = None,
+                 executor: Executor = SERIAL) -> tuple[Model, Outcome]:
+        """``executor`` runs the per-layer work (slice errors, rounding); the result does not depend on it."""
         say = progress or (lambda _message: None)
         result = shallow_copy(model)
         outcome = Outcome()
@@ -135,7 +138,8 @@ class Quantizer:
                 raise UsageError(f"quantize-weights(method={recipe.method}) needs calibration data for the layer "
                                  f"Hessians: give --calib (token windows for a language model), or use method=rtn")
             hessians = self._layer_hessians(model, linear, calibration, recipe, say)
-        widths = self._widths(result, linear, hessians, recipe, say)
+        widths = self._widths(result, linear, hessians, recipe, say, executor)
+        self._round_ahead(linear, hessians, widths, recipe, executor, say)
         for index, layer in enumerate(linear):
             weight = linear_weight(layer)
             assert weight is not None
@@ -213,7 +217,7 @@ class Quantizer:
 
     @staticmethod
     def _widths(model: Model, layers: Sequence[Layer], hessians: Mapping[str, np.ndarray], recipe: Recipe,
-                say: Callable[[str], None]) -> dict[str, np.ndarray]:
+                say: Callable[[str], None], executor: Executor = SERIAL) -> dict[str, np.ndarray]:
         """Bits per K-slice of each layer: the annotated or recipe width, or a mix under the average."""
         out: dict[str, np.ndarray] = {}
         mixed = []
@@ -232,10 +236,11 @@ class Quantizer:
         say(f"quantize-weights: {recipe.allocation}-wise widths from {widths} at {recipe.bits:g} average bits "
             f"over {len(mixed)} layers")
         errors, sizes, counts = [], [], []
-        for layer in mixed:  # one weight unpacked at a time: only the errors are kept
+        per_layer = _in_batches(executor, _slice_errors_task, (tuple(widths), recipe.group_size), mixed,
+                                lambda layer: (linear_weight(layer), hessians[layer.id]))
+        for layer, per_slice in zip(mixed, per_layer):  # only the errors are kept, not the unpacked weights
             weight = linear_weight(layer)
             assert weight is not None
-            per_slice = slice_errors(weight, hessians[layer.id], widths, recipe.group_size)
             if recipe.allocation == "layer":
                 errors.append(per_slice.sum(axis=0, keepdims=True))
                 sizes.append(np.array([float(weight.size)]))
@@ -251,26 +256,77 @@ class Quantizer:
             out[layer.id] = np.full(count, part[0]) if recipe.allocation == "layer" else np.asarray(part)
         return out
 
+    def _round_ahead(self, layers: Sequence[Layer], hessians: Mapping[str, np.ndarray],
+                     widths: Mapping[str, np.ndarray], recipe: Recipe, executor: Executor,
+                     say: Callable[[str], None]) -> None:
+        """With workers to spare, round the layers the memo lacks on them (GPTQ dominates a decoder's compile);
+        the serial executor rounds each layer when it is written instead, holding one at a time."""
+        if executor.workers <= 1:
+            return
+        todo = [layer for layer in layers
+                if self._key(layer.id, linear_weight(layer), hessians.get(layer.id), widths[layer.id], recipe)
+                not in self._layers]
+        if not todo:
+            return
+        say(f"quantize-weights: rounding {len(todo)} layers on {executor.workers} workers ({executor.spec})")
+        done = _in_batches(executor, _round_task, recipe, todo,
+                           lambda layer: (linear_weight(layer), hessians.get(layer.id), widths[layer.id]))
+        for layer, quantized in zip(todo, done):
+            weight = linear_weight(layer)
+            self._layers[self._key(layer.id, weight, hessians.get(layer.id), widths[layer.id], recipe)] = quantized
+
+    @staticmethod
+    def _key(layer_id: str, weight: np.ndarray | None, h: np.ndarray | None, bits: np.ndarray,
+             recipe: Recipe) -> tuple[Any, ...]:
+        assert weight is not None
+        return (layer_id, _digest(weight), None if h is None else _digest(h), tuple(int(b) for b in bits),
+                recipe.method, recipe.group_size, recipe.act_order, recipe.lorc_rank, recipe.damp)
+
     def _quantize(self, layer_id: str, weight: np.ndarray, h: np.ndarray | None, bits: np.ndarray,
                   recipe: Recipe) -> QuantizedLayer:
-        key = (layer_id, _digest(weight), None if h is None else _digest(h), tuple(int(b) for b in bits),
-               recipe.method, recipe.group_size, recipe.act_order, recipe.lorc_rank, recipe.damp)
-        if key in self._layers:
-            return self._layers[key]
-        if recipe.method == "gptq":
-            assert h is not None
-            quantized: GroupQuantized = gptq(weight, h, bits, recipe.group_size, act_order=recipe.act_order,
-                                             damp=recipe.damp)
-        else:
-            quantized = rtn(weight, bits, recipe.group_size)
-        lowrank = None
-        if recipe.lorc_rank:
-            assert h is not None
-            lowrank = low_rank_compensation(weight, quantized.dequantize(), recipe.lorc_rank, h)
-        approx = quantized.dequantize() if lowrank is None else quantized.dequantize() + lowrank[0] @ lowrank[1]
-        error = output_error(weight, approx, h) if h is not None else 0.0
-        self._layers[key] = QuantizedLayer(quantized, lowrank, error)
+        key = self._key(layer_id, weight, h, bits, recipe)
+        if key not in self._layers:
+            self._layers[key] = round_layer(weight, h, bits, recipe)
         return self._layers[key]
+
+
+def round_layer(weight: np.ndarray, h: np.ndarray | None, bits: np.ndarray, recipe: Recipe) -> QuantizedLayer:
+    """One linear layer rounded by ``recipe`` at ``bits`` per K-slice (GPTQ against ``h``, or RTN), with its
+    optional low-rank compensation and output error: a pure function, so any worker may compute it."""
+    if recipe.method == "gptq":
+        assert h is not None
+        quantized: GroupQuantized = gptq(weight, h, bits, recipe.group_size, act_order=recipe.act_order,
+                                         damp=recipe.damp)
+    else:
+        quantized = rtn(weight, bits, recipe.group_size)
+    lowrank = None
+    if recipe.lorc_rank:
+        assert h is not None
+        lowrank = low_rank_compensation(weight, quantized.dequantize(), recipe.lorc_rank, h)
+    approx = quantized.dequantize() if lowrank is None else quantized.dequantize() + lowrank[0] @ lowrank[1]
+    error = output_error(weight, approx, h) if h is not None else 0.0
+    return QuantizedLayer(quantized, lowrank, error)
+
+
+def _round_task(recipe: Recipe, item: tuple[np.ndarray, np.ndarray | None, np.ndarray]) -> QuantizedLayer:
+    weight, h, bits = item
+    return round_layer(weight, h, bits, recipe)
+
+
+def _slice_errors_task(shared: tuple[tuple[int, ...], int], item: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    widths, group_size = shared
+    weight, h = item
+    return slice_errors(weight, h, widths, group_size)
+
+
+def _in_batches(executor: Executor, fn: Callable[[Any, Any], Any], shared: Any, layers: Sequence[Layer],
+                item: Callable[[Layer], Any]) -> list[Any]:
+    """``executor.map`` over ``layers`` a few at a time, so only that many unpacked weights are held at once."""
+    out: list[Any] = []
+    step = max(1, 2 * executor.workers)
+    for start in range(0, len(layers), step):
+        out += executor.map(fn, shared, [item(layer) for layer in layers[start:start + step]])
+    return out
 
 
 def _digest(array: np.ndarray) -> str:
@@ -285,9 +341,10 @@ def _node_of(nodes: Sequence[ir.Node], layer_id: str) -> ir.Node:
 
 
 def quantize_weights(model: Model, calibration: Dataset | None, recipe: Recipe | None = None, *,
-                     progress: Callable[[str], None] | None = None) -> tuple[Model, dict[str, Any]]:
+                     progress: Callable[[str], None] | None = None,
+                     executor: Executor = SERIAL) -> tuple[Model, dict[str, Any]]:
     """A new ``Model`` with every linear layer of ``model`` written as MatMulNBits by ``recipe`` (see the module
     doc); ``model`` is untouched (its weights are shared, not copied). Returns the model and a record."""
     recipe = recipe or Recipe()
-    result, outcome = Quantizer()(model, calibration, recipe, progress=progress)
+    result, outcome = Quantizer()(model, calibration, recipe, progress=progress, executor=executor)
     return result, outcome.record(recipe)

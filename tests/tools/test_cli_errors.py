@@ -171,3 +171,10 @@ def test_console_script_exit_status(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("bitpass: error:")]
     assert len(errors) == 1 and "no such model file" in errors[0]
     assert result.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_an_unknown_executor_says_what_to_write(capsys, tmp_path, digits_files):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "compile", str(digits_files / "model.onnx"), "-o", str(out), "--calib",
+                        str(digits_files / "calib.npz"), "--executor", "threads:4")
+    assert_clean_failure(code, err, out, 2, "local:N|serial, local")

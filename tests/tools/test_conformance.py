@@ -175,3 +175,19 @@ def test_command_line_lists_and_refuses_unknown_names():
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("conformance: error: unknown family nope")
+
+
+def test_cases_run_in_worker_processes_give_the_serial_rows(tmp_path):
+    from bitpass.passes.executors import SERIAL, ProcessExecutor
+
+    folder = _prepared(tmp_path, b"\x08\x07 not an onnx model")
+    info = json.loads((folder / cf.PREPARED).read_text())
+    info["exports"]["dynamo-23"] = {"status": "export", "error": "export failed: ValueError: no"}
+    (folder / cf.PREPARED).write_text(json.dumps(info))
+    cases = [_case(folder, timeout_s=120), cf.Case("broken", "fast", "dynamo-23", "default", str(folder))]
+    finished = []
+    parallel = ProcessExecutor(2).map(cf._run_one, cf.run_case, cases, on_result=lambda i, _: finished.append(i))
+    serial = SERIAL.map(cf._run_one, cf.run_case, cases)
+    assert sorted(finished) == [0, 1]
+    assert [(r.export, r.status, r.error) for r in parallel] == [(r.export, r.status, r.error) for r in serial]
+    assert [r.status for r in parallel] == ["error", "export"]
