@@ -9,8 +9,9 @@ care:
 
 ``fn(shared, item)`` must be a module-level function (it is pickled by name) and pure: the same ``shared`` and
 ``item`` give the same result wherever it runs, and ``map`` returns results in the order of ``items``. That is what
-makes an artifact compiled with ``--executor ray`` byte-identical to one compiled in one process. ``shared`` is
-sent to each worker once (a Ray object-store reference, or a process pool's initializer), not once per item.
+makes an artifact compiled with ``--executor ray`` byte-identical to one compiled in one process. On Ray,
+``shared`` is put in the object store once per ``map``; local workers receive it with each item, so callers
+send a few large chunks rather than many small items.
 
 Specs (``executor_from_spec``):
 
@@ -90,42 +91,42 @@ class SerialExecutor(Executor):
         return results
 
 
-_SHARED: Any = None
-
-
-def _keep_shared(shared: Any) -> None:
-    global _SHARED
-    _SHARED = shared
-
-
-def _call_with_shared(fn: Callable[[Any, Any], Any], item: Any) -> Any:
-    return fn(_SHARED, item)
-
-
 class ProcessExecutor(Executor):
-    """Worker processes on this machine (``concurrent.futures``, ``spawn``): ``shared`` goes to each worker once."""
+    """Worker processes on this machine (``concurrent.futures``, ``spawn``), started at the first ``map`` and kept
+    until ``close``: a worker imports bitpass once, not once per call."""
 
     def __init__(self, workers: int | None = None) -> None:
         cores = host().cores
         self.workers = max(1, workers or cores)
         self.threads_per_task = max(1, cores // self.workers)
         self.spec = f"local:{self.workers}"
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T], *,
             on_result: OnResult | None = None) -> list[R]:
         if not items:
             return []
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers,
+                                                                mp_context=multiprocessing.get_context("spawn"))
         results: list[Any] = [None] * len(items)
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context,
-                                                    initializer=_keep_shared, initargs=(shared,)) as pool:
-            futures = {pool.submit(_call_with_shared, fn, item): index for index, item in enumerate(items)}
+        futures = {self._pool.submit(_call_remote, fn, shared, item): index for index, item in enumerate(items)}
+        try:
             for future in concurrent.futures.as_completed(futures):
                 index = futures[future]
                 results[index] = future.result()
                 if on_result is not None:
                     on_result(index, results[index])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
         return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 class RayExecutor(Executor):

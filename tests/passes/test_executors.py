@@ -20,7 +20,7 @@ def test_serial_is_the_default_and_runs_in_order():
 
 
 def test_worker_processes_return_the_serial_results_in_item_order():
-    shared = np.arange(12, dtype=np.float64).reshape(3, 4)  # sent to each worker once
+    shared = np.arange(12, dtype=np.float64).reshape(3, 4)
     items = [np.full((4,), k, dtype=np.float64) for k in range(7)]
     finished = []
     with executor_from_spec("local:2") as executor:
