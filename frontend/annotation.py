@@ -27,7 +27,9 @@ WEIGHT_FORMAT = "format.weight"
 #: activations quantized at run time (``dynamic``), ORT's MatMulNBits, blocked DequantizeLinear, or
 #: ``packed`` (stored low-bit, unpacked once at load); embedding tables as ORT's GatherBlockQuantized
 #: (rows unpacked only when looked up)
-WEIGHT_FORMATS = ("qdq", "dynamic", "matmulnbits", "blocked-dq", "packed", "gather-block-quantized")
+#: ``codebook-fp4`` / ``-nf4`` / ``-fp8``: floating-point codebook codes widened to fp32 at load (weight-only)
+WEIGHT_FORMATS = ("qdq", "dynamic", "matmulnbits", "blocked-dq", "packed", "gather-block-quantized",
+                  "codebook-fp4", "codebook-nf4", "codebook-fp8")
 #: weights per scale of a blocked format (MatMulNBits, blocked DequantizeLinear, packed storage)
 BLOCK_SIZE = "format.block_size"
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -33,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,9 +215,11 @@ def _time_request(request: dict) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the torch-side width study
-def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any) -> list[dict]:
+def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
+                only: Sequence[str] = ()) -> list[dict]:
     """Held-out bits per byte of many weight-only recipes, materialized in the torch model (any width,
-    3 bits included): GPTQ against RTN at equal bits, group-wise against layer-wise mixtures, LoRC."""
+    3 bits included): GPTQ against RTN at equal bits, group-wise against layer-wise mixtures, LoRC, FP4/NF4/FP8
+    codebooks against integer grids. ``only``: run just the recipes whose label contains one of these."""
     import copy
 
     import torch
@@ -234,7 +237,9 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any)
     with torch.no_grad():
         reference_logp = torch.log_softmax(lm(input_ids=torch.from_numpy(windows[:, :-1])).logits, -1)
 
-    def evaluate(label: str, recipe: Any) -> dict:
+    def evaluate(label: str, recipe: Any) -> dict | None:
+        if only and not any(token in label for token in only):
+            return None
         layers = recipe() if callable(recipe) else quantize_layers(weights, hessians, recipe)
         variant = copy.deepcopy(lm)
         apply_to_torch(variant, layers)
@@ -258,17 +263,26 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any)
             rows.append(evaluate(f"gptq{bits}-g{group}", WeightOnlyRecipe("gptq", bits, group)))
             rows.append(evaluate(f"gptq{bits}-g{group}-act-order", WeightOnlyRecipe("gptq", bits, group,
                                                                                    act_order=True)))
+    # floating-point and normal-float codebooks against integer grids at the same code width and group size
+    # (codebooks store no zero point, so they are the smaller by one byte per 2 groups at 4 bits)
+    for grid, group in (("nf4", 32), ("fp4", 32), ("nf4", 128), ("fp4", 128), ("fp8", 128)):
+        bits = 8 if grid == "fp8" else 4
+        for method in ("rtn", "gptq"):
+            rows.append(evaluate(f"{method}-{grid}-g{group}", WeightOnlyRecipe(method, bits, group, grid=grid)))
+    for method in ("rtn", "gptq"):
+        rows.append(evaluate(f"{method}8-g128", WeightOnlyRecipe(method, 8, 128)))
     for widths in ((2, 3, 4, 8), (2, 4, 8)):
         rows.append(evaluate(f"per-layer group-wise 3.5 {widths} gptq", WeightOnlyRecipe("gptq", 3.5, 32, widths=widths)))
     for widths, proxy in (((3, 4), "rtn"), ((3, 4), "gptq"), ((2, 3, 4, 8), "gptq")):
         rows.append(evaluate(f"model-wide group-wise 3.5 {widths} {proxy}-proxy",
                              lambda w=widths, p=proxy: quantize_groupwise(weights, hessians, 3.5, widths=w, proxy=p)))
-    per_layer = layerwise_widths(weights, hessians, (3, 4), 3.5)
-    rows.append(evaluate("layer-wise 3/4 at 3.5 gptq", {i: WeightOnlyRecipe("gptq", b, 32) for i, b in
-                                                       per_layer.items()}))
+    if not only or any(token in "layer-wise 3/4 at 3.5 gptq" for token in only):
+        per_layer = layerwise_widths(weights, hessians, (3, 4), 3.5)
+        rows.append(evaluate("layer-wise 3/4 at 3.5 gptq", {i: WeightOnlyRecipe("gptq", b, 32) for i, b in
+                                                           per_layer.items()}))
     for rank in (4, 8):
         rows.append(evaluate(f"gptq3-g32 + LoRC rank {rank}", WeightOnlyRecipe("gptq", 3, 32, lowrank=rank)))
-    return rows
+    return [row for row in rows if row is not None]
 
 
 # --------------------------------------------------------------------------- KV-cache quantization
@@ -344,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("bench-decoder"))
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--study", action="store_true", help="add the torch-side width study (real-weight LM)")
+    parser.add_argument("--study-only", metavar="A,B", default="",
+                        help="only the real LM's width-study recipes whose label contains one of these (e.g. "
+                             "'fp4,nf4,fp8,rtn4-g,gptq4-g,8-g128' compares the codebook formats with integer grids at "
+                             "equal bytes): no speed table, no KV-cache study")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 32 windows")
     parser.add_argument("--time-request", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -375,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown model {name!r}")
         windows = corpus.evaluation(min(129, lm.config.n_positions), args.windows)
+        if args.study_only:
+            if name == "real":
+                report["width_study"] = width_study(lm, calibration, windows, say,
+                                                    tuple(t for t in args.study_only.split(",") if t))
+            continue
         spec, rows = build(name, lm, args.workdir, calibration=calibration, say=say)
         measure_fidelity(rows, spec, windows if name == "real" else windows[:8], with_bits=name == "real")
         measure_memory(rows, spec)

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from bitpass.passes.weight_only.codebooks import BITS as CODEBOOK_BITS
+from bitpass.passes.weight_only.codebooks import FORMATS as CODEBOOK_FORMATS
+from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook_gptq, codebook_rtn
 from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
@@ -31,10 +34,16 @@ class WeightOnlyRecipe:
     widths: tuple[int, ...] | None = None  # group-wise mixed widths (SliM-LLM style) when given
     act_order: bool = False
     lowrank: int = 0  # rank of an activation-aware LoRC correction; 0 = none
+    #: "int" (MatMulNBits' affine integer grids) or a codebook format of ``codebooks.py``: fp4, nf4, fp8
+    grid: str = "int"
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
             raise ValueError(f"unknown rounding method {self.method!r}: use 'gptq' or 'rtn'")
+        if self.grid != "int" and (self.grid not in CODEBOOK_FORMATS or self.widths is not None
+                                   or self.bits != CODEBOOK_BITS[self.grid]):
+            raise ValueError(f"grid {self.grid!r}: use int, or one of {', '.join(CODEBOOK_FORMATS)} at its own "
+                             f"width ({CODEBOOK_BITS}) without mixed widths")
         if self.widths is None and float(self.bits) != int(self.bits):
             raise ValueError(f"{self.bits} bits is fractional: give widths to mix (e.g. widths=(2, 4, 8))")
 
@@ -43,7 +52,7 @@ class WeightOnlyRecipe:
 class QuantizedLayer:
     """One layer's result: codes and grids, an optional low-rank correction, and its layer-local error."""
 
-    quantized: GroupQuantized
+    quantized: GroupQuantized | CodebookQuantized
     lowrank: tuple[np.ndarray, np.ndarray] | None
     output_error: float
 
@@ -58,7 +67,11 @@ class QuantizedLayer:
 
 def quantize_layer(weight: np.ndarray, h: np.ndarray, recipe: WeightOnlyRecipe) -> QuantizedLayer:
     """Round one ``(K, N)`` weight by ``recipe`` against its layer Hessian ``h``."""
-    if recipe.widths is not None:
+    quantized: GroupQuantized | CodebookQuantized
+    if recipe.grid != "int":
+        quantized = (codebook_gptq(weight, h, recipe.grid, recipe.group_size) if recipe.method == "gptq"
+                     else codebook_rtn(weight, recipe.grid, recipe.group_size))
+    elif recipe.widths is not None:
         quantized = mixed_quantize(weight, h, float(recipe.bits), widths=recipe.widths, group_size=recipe.group_size,
                                    method=recipe.method, act_order=recipe.act_order)
     elif recipe.method == "gptq":

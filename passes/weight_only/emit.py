@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitpass.frontend.layers import Layer
+from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook
 from bitpass.passes.weight_only.grid import GroupQuantized
 from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS, pack_rows, width_parts
 
@@ -98,23 +99,67 @@ def _ensure_domain(graph: ir.Graph) -> None:
         graph.opset_imports[MS_DOMAIN] = 1
 
 
-def replace_linear(graph: ir.Graph, layer: Layer, quantized: GroupQuantized, *,
+def codebook_weight(graph: ir.Graph, quantized: CodebookQuantized, tag: str) -> tuple[list[ir.Node], ir.Value]:
+    """Constant-only nodes that rebuild the fp32 ``(K, N)`` weight from codebook codes: 4-bit codes two to a byte
+    (low nibble first), 8-bit codes one per byte; ``Gather`` from the format's table, times each group's scale.
+    Every input is an initializer, so ONNX Runtime folds the chain once at session start (the layer then runs
+    the fp32 MatMul; the file holds the codes)."""
+    k, n = quantized.shape
+    g = quantized.group_size
+    flat = np.ascontiguousarray(quantized.codes).reshape(-1)
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes: object) -> ir.Value:
+        nodes.append(ir.node(op_type, inputs, attributes, name=f"{tag}_{suffix}"))
+        return nodes[-1].outputs[0]
+
+    if int(quantized.bits[0]) == 4:
+        packed = _constant(graph, (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).reshape(-1, 1), f"{tag}_codes")
+        shifts = _constant(graph, np.array([0, 4], np.uint8), f"{tag}_shifts")
+        lanes = op("BitShift", [packed, shifts], "lanes", direction="RIGHT")
+        nibbles = op("Mod", [lanes, _constant(graph, np.array(16, np.uint8), f"{tag}_modulus")], "nibbles")
+        codes = op("Reshape", [nibbles, _constant(graph, np.array([-1], np.int64), f"{tag}_flat")], "codes")
+    else:
+        codes = _constant(graph, flat, f"{tag}_codes")
+    indices = op("Cast", [codes], "indices", to=ir.DataType.INT64)
+    table = graph.initializers.get(f"codebook_{quantized.format}")  # one table per graph, shared by the layers
+    if table is None or not np.array_equal(table.const_value.numpy(), codebook(quantized.format)):  # type: ignore
+        table = _constant(graph, codebook(quantized.format), f"codebook_{quantized.format}")
+    values = op("Gather", [table, indices], "values", axis=0)
+    grouped = op("Reshape", [values, _constant(graph, np.array([k // g, g, n], np.int64), f"{tag}_grouped")],
+                 "grouped")
+    scales = _constant(graph, quantized.scales.reshape(k // g, 1, n).astype(np.float32), f"{tag}_scales")
+    scaled = op("Mul", [grouped, scales], "scaled")
+    weight = op("Reshape", [scaled, _constant(graph, np.array([k, n], np.int64), f"{tag}_shape")], "weight")
+    return nodes, weight
+
+
+def replace_linear(graph: ir.Graph, layer: Layer, quantized: GroupQuantized | CodebookQuantized, *,
                    lowrank: tuple[np.ndarray, np.ndarray] | None = None, accuracy_level: int = 4) -> list[ir.Node]:
-    """Replace ``layer`` (MatMul or Gemm) by MatMulNBits node(s) holding ``quantized``; returns the new nodes."""
+    """Replace ``layer`` (MatMul or Gemm) by MatMulNBits node(s) holding ``quantized`` (integer grids), or by a
+    MatMul of the weight a codebook chain rebuilds at load (FP4/NF4/FP8); returns the new nodes."""
     node = layer.node
     k, n = quantized.shape
-    widths = sorted({int(b) for b in quantized.bits})
-    if any(b not in MATMULNBITS_BITS for b in widths):
-        raise ValueError(f"layer {layer.id!r}: MatMulNBits runs {MATMULNBITS_BITS} bits, not {widths}")
     x = node.inputs[0]
     base = (node.name or layer.id).replace("/", "_")
     metadata = dict(node.metadata_props)
     new_nodes: list[ir.Node] = []
     partials: list[ir.Value] = []
-    for bits, rows, b, scales, zeros in width_parts(quantized):
+    if isinstance(quantized, CodebookQuantized):
+        new_nodes, weight = codebook_weight(graph, quantized, f"{base}_{quantized.format}")
+        matmul = ir.node("MatMul", [x, weight], name=node.name or base, metadata_props=metadata)
+        new_nodes.append(matmul)
+        partials.append(matmul.outputs[0])
+        parts = []
+    else:
+        widths = sorted({int(b) for b in quantized.bits})
+        if any(b not in MATMULNBITS_BITS for b in widths):
+            raise ValueError(f"layer {layer.id!r}: MatMulNBits runs {MATMULNBITS_BITS} bits, not {widths}")
+        parts = width_parts(quantized)
+    for bits, rows, b, scales, zeros in parts:
         tag = f"{base}_q{bits}"
         source = x
-        if len(widths) > 1:
+        if len(parts) > 1:
             features = _constant(graph, rows.astype(np.int64), f"{tag}_features")
             gather = ir.node("Gather", [x, features], {"axis": -1}, name=f"{tag}_Gather")
             new_nodes.append(gather)

@@ -46,7 +46,7 @@ def hessian(inputs: Iterable[np.ndarray] | np.ndarray) -> np.ndarray:
     return accumulator.value
 
 
-def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
+def upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """Upper ``U`` with ``U^T U = H^-1``: row ``i`` of ``U`` gives the OBS update of the rows after ``i``."""
     lower = np.linalg.cholesky(h)
     inverse = np.linalg.inv(lower)
@@ -82,7 +82,7 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: 
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     work, h = work[:, order], h[np.ix_(order, order)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    upper = _upper_inverse_cholesky(h)
+    upper = upper_inverse_cholesky(h)
     codes = np.zeros((n, k), np.uint8)
     block = max(group_size, (block // group_size) * group_size)
     for start in range(0, k, block):

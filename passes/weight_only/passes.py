@@ -10,6 +10,7 @@ import pydantic
 from bitpass.frontend import Model
 from bitpass.passes.analyses import QUANTIZED
 from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
+from bitpass.passes.weight_only.codebooks import BITS as CODEBOOK_BITS
 from bitpass.passes.weight_only.quantize import Quantizer, Recipe
 
 
@@ -35,6 +36,9 @@ class QuantizeWeights(Pass):
         widths: list[Literal[2, 4, 8]] = [2, 4, 8]
         #: group: widths per group of input features under one model-wide budget; layer: one width per layer
         allocation: Literal["group", "layer"] = "group"
+        #: int: MatMulNBits integer grids (low-bit compute); fp4 (E2M1), nf4 (NormalFloat) or fp8 (E4M3):
+        #: codebook storage widened to fp32 at session start (bits is then the format's: 4, or 8 for fp8)
+        grid: Literal["int", "fp4", "nf4", "fp8"] = "int"
         #: embedding tables (Gather) as GatherBlockQuantized at 4 or 8 bits, or left fp32 (32)
         embeddings: Literal[4, 8, 32] = 32
         #: calibration samples the Hessians are taken over (the first ones)
@@ -52,7 +56,9 @@ class QuantizeWeights(Pass):
 
     def recipe(self) -> Recipe:
         cfg = self.config
-        return Recipe(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, act_order=cfg.act_order,
+        bits = float(CODEBOOK_BITS[cfg.grid]) if cfg.grid in CODEBOOK_BITS and "bits" not in cfg.model_fields_set \
+            else cfg.bits
+        return Recipe(method=cfg.method, bits=bits, grid=cfg.grid, group_size=cfg.group_size, act_order=cfg.act_order,
                       lorc_rank=cfg.lorc_rank, widths=tuple(sorted(set(cfg.widths))), allocation=cfg.allocation,
                       embeddings=cfg.embeddings, embedding_block=cfg.group_size, samples=cfg.samples,
                       accuracy_level=cfg.accuracy_level)

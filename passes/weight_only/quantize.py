@@ -11,7 +11,10 @@ so the weights stay 2/4/8-bit in memory and run on ORT's low-bit kernels (a comp
   model-wide budget (``allocation="group"``, SliM-LLM style) or one width per layer (``"layer"``); slice and
   layer errors are measured one layer at a time, so only one fp32 weight is unpacked at once;
 * ``lorc_rank``: an activation-aware low-rank correction of each layer's rounding error (ZeroQuant-V2's LoRC);
-* ``embeddings`` 4 or 8: embedding tables (``Gather``) as ``GatherBlockQuantized`` (round-to-nearest).
+* ``embeddings`` 4 or 8: embedding tables (``Gather``) as ``GatherBlockQuantized`` (round-to-nearest);
+* ``grid`` ``fp4``, ``nf4`` or ``fp8``: codebook formats instead of integer grids (``codebooks.py``; one width,
+  4 or 8 bits): no CPU kernel computes with them, so the layer is a MatMul of a weight rebuilt at session start
+  (a storage format, fp32 compute).
 
 Layers annotated ``bits.weight=32`` stay fp32 (``set-bits``, or the quality gate's repair); layers annotated
 2/4/8 take that width. The result of each layer is memoized on the ``Quantizer`` by its weight, Hessian and
@@ -35,6 +38,8 @@ from bitpass.passes.executors import SERIAL, Executor
 from bitpass.passes.weight_only.apply import QuantizedLayer
 from bitpass.passes.weight_only.emit import (embedding_table, input_features, linear_weight, replace_embedding,
                                              replace_linear)
+from bitpass.passes.weight_only.codebooks import BITS as CODEBOOK_BITS
+from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook_gptq, codebook_rtn
 from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
 from bitpass.passes.weight_only.hessians import layer_input_hessians
@@ -62,10 +67,19 @@ class Recipe:
     samples: int | None = 128
     accuracy_level: int = 4
     damp: float = 0.01
+    #: "int" (MatMulNBits grids) or a codebook format: fp4, nf4 (4 bits), fp8 (8 bits)
+    grid: str = "int"
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
             raise UsageError(f"quantize-weights: unknown method {self.method!r}: use gptq or rtn")
+        if self.grid != "int":
+            if self.grid not in CODEBOOK_BITS:
+                raise UsageError(f"quantize-weights: grid={self.grid!r}: use int, {', '.join(CODEBOOK_BITS)}")
+            if float(self.bits) != CODEBOOK_BITS[self.grid] or self.lorc_rank:
+                raise UsageError(f"quantize-weights: grid={self.grid} stores {CODEBOOK_BITS[self.grid]}-bit codes "
+                                 f"at one width without LoRC: set bits={CODEBOOK_BITS[self.grid]} (not {self.bits:g})"
+                                 f"{' and lorc_rank=0' if self.lorc_rank else ''}")
         fractional = float(self.bits) != int(self.bits) or int(self.bits) not in MATMULNBITS_BITS
         if fractional and not min(self.widths) <= self.bits <= max(self.widths):
             raise UsageError(f"quantize-weights: bits={self.bits:g} is outside the widths {list(self.widths)}: an "
@@ -149,7 +163,7 @@ class Quantizer:
             node = _node_of(created, layer.id)
             annotation.set_weight_bits(node, int(max(quantized.quantized.bits)))
             annotation.set_activation_bits(node, annotation.FLOAT_BITS)
-            annotation.set_weight_format(node, MATMULNBITS_FORMAT)
+            annotation.set_weight_format(node, MATMULNBITS_FORMAT if recipe.grid == "int" else f"codebook-{recipe.grid}")
             outcome.layers[layer.id] = {
                 "kind": "linear", "op": layer.op_type, "params": int(weight.size),
                 "average_bits": float(np.mean(quantized.quantized.bits)),
@@ -280,7 +294,7 @@ class Quantizer:
              recipe: Recipe) -> tuple[Any, ...]:
         assert weight is not None
         return (layer_id, _digest(weight), None if h is None else _digest(h), tuple(int(b) for b in bits),
-                recipe.method, recipe.group_size, recipe.act_order, recipe.lorc_rank, recipe.damp)
+                recipe.method, recipe.group_size, recipe.act_order, recipe.lorc_rank, recipe.damp, recipe.grid)
 
     def _quantize(self, layer_id: str, weight: np.ndarray, h: np.ndarray | None, bits: np.ndarray,
                   recipe: Recipe) -> QuantizedLayer:
@@ -293,10 +307,14 @@ class Quantizer:
 def round_layer(weight: np.ndarray, h: np.ndarray | None, bits: np.ndarray, recipe: Recipe) -> QuantizedLayer:
     """One linear layer rounded by ``recipe`` at ``bits`` per K-slice (GPTQ against ``h``, or RTN), with its
     optional low-rank compensation and output error: a pure function, so any worker may compute it."""
-    if recipe.method == "gptq":
+    quantized: GroupQuantized | CodebookQuantized
+    if recipe.grid != "int":
+        quantized = (codebook_gptq(weight, h, recipe.grid, recipe.group_size, damp=recipe.damp)
+                     if recipe.method == "gptq" and h is not None else codebook_rtn(weight, recipe.grid,
+                                                                                   recipe.group_size))
+    elif recipe.method == "gptq":
         assert h is not None
-        quantized: GroupQuantized = gptq(weight, h, bits, recipe.group_size, act_order=recipe.act_order,
-                                         damp=recipe.damp)
+        quantized = gptq(weight, h, bits, recipe.group_size, act_order=recipe.act_order, damp=recipe.damp)
     else:
         quantized = rtn(weight, bits, recipe.group_size)
     lowrank = None
