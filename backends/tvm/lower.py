@@ -273,7 +273,7 @@ class _Lowering:
                 folded = self.evaluate(node, inputs)
             if folded is not None:
                 self.mark(node, FOLDED)
-                return folded
+                return [np.asarray(v) for v in folded]  # numpy scalars (a 0-d Gather) stay constants too
         method = getattr(self, f"op_{op}", None)
         if method is None:
             return self.imported(bb, node, inputs)
@@ -877,8 +877,8 @@ def check(model: Model, scheme: kernels.Scheme, batch: int = 1) -> list[Problem]
     bb = relax.BlockBuilder()
     try:
         lowering.function(bb, batch, "main")
-    except LoweringError as err:  # the inputs themselves
-        return [err.problem]
+    except LoweringError as err:  # the inputs themselves, or a node fed by one that failed (reported first)
+        return [*lowering.collect, err.problem]
     except Exception as err:  # noqa: BLE001 - the function could not be closed (placeholders left in it)
         if not lowering.collect:
             return [Problem("graph", model.provenance.name, first_line(err))]

@@ -130,3 +130,27 @@ def test_operators_of_constants_fold_at_compile_time(tmp_path):
     np.testing.assert_allclose(backend.load(tmp_path).run({"x": xs})[0], xs + np.arange(6, dtype=np.float32))
     ops = backend.records(tmp_path)["ops"]
     assert ops["Range"] == {"folded": 1} and ops["Cast"] == {"folded": 1} and ops["Add"] == {"bitpass rule": 1}
+
+
+def test_a_dynamic_reshape_from_the_inputs_shape_folds_for_each_batch(tmp_path):
+    """TorchScript's ViT export computes its patch reshape from Shape -> Gather (a scalar) -> Unsqueeze -> Concat:
+    for a fixed batch every step is a constant, the scalar included."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4])
+    consts = [helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+              helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+              helper.make_tensor("rest", TensorProto.INT64, [2], [4, 3])]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0, name="gather"),
+             helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"], name="unsqueeze"),
+             helper.make_node("Concat", ["batch1", "rest"], ["target"], axis=0, name="concat"),
+             helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+             helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 1], name="transpose")]
+    graph = helper.make_graph(nodes, "g", [x], [y], consts)
+    model = from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), name="g", kind="onnx")
+    assert TvmBackend().legalize(model, TvmBackend().default_target) == []
+    xs = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    backend = TvmBackend(batches=(2,))
+    backend.emit(model, tmp_path, backend.default_target)
+    np.testing.assert_allclose(backend.load(tmp_path).run({"x": xs})[0], xs.transpose(0, 2, 1))
+    assert backend.records(tmp_path)["ops"]["Unsqueeze"] == {"folded": 1}
