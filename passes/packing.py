@@ -116,18 +116,41 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
 
     ``axis`` is the weight's output-channel axis (blocks run along the others). Returns the
     bytes the packed weight occupies (codes and scales). The chain is inserted just before ``node``.
+    A weight several layers share (a detector's heads over FPN levels) is packed once when they pack it the
+    same way: the later layers read the first chain's output, and 0 bytes are returned for them.
     """
     inits = {t.name: t for t in proto.graph.initializer}
     name = node.input[input_index]
     low = LowBitWeight.of(numpy_helper.to_array(inits[name]).astype(np.float32), axis, bits, block_size)
     prefix = f"{name}__packed{bits}"
     nodes, result, consts = _chain_and_constants(low, prefix)
+    produced = {output for n in proto.graph.node for output in n.output}
+    packed_bytes = int(low.stored().nbytes + low.scales.nbytes)
+    if result in produced:
+        if _same_constants(inits, consts):
+            node.input[input_index], packed_bytes, consts = result, 0, []
+            # the shared chain must run before every reader: move it up to this node when it comes later
+            chain_names = {n.name for n in nodes}
+            nodes = [n for n in proto.graph.node if n.name in chain_names]
+            kept = [n for n in proto.graph.node if n.name not in chain_names]
+            del proto.graph.node[:]
+            proto.graph.node.extend(kept)
+        else:  # the same weight packed another way for another layer: a chain of its own
+            taken = {*produced, *inits}
+            prefix = next(f"{prefix}_{k}" for k in range(2, 1 << 20)
+                          if not any(n.startswith(f"{prefix}_{k}") for n in taken))
+            nodes, result, consts = _chain_and_constants(low, prefix)
     node.input[input_index] = result
     proto.graph.initializer.extend(consts)
     _insert_before(proto, node.name, nodes)
     if not any(name in n.input for n in proto.graph.node):
         proto.graph.initializer.remove(inits[name])
-    return int(low.stored().nbytes + low.scales.nbytes)
+    return packed_bytes
+
+
+def _same_constants(inits: dict[str, TensorProto], consts: list[TensorProto]) -> bool:
+    """Whether the graph already holds exactly these constants (an identical chain was inserted before)."""
+    return all(c.name in inits and inits[c.name].SerializeToString() == c.SerializeToString() for c in consts)
 
 
 def _chain_and_constants(low: LowBitWeight, prefix: str) -> tuple[list[onnx.NodeProto], str, list[TensorProto]]:

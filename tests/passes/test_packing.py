@@ -91,3 +91,34 @@ def test_stored_bytes_of_float_widths_are_the_float_tensor():
     assert stored_bytes((10, 64), 1, 32) == 4 * 640 and stored_bytes((10, 64), 1, 16) == 2 * 640
     with pytest.raises(ValueError, match="packed weights take"):
         stored_bytes((10, 64), 1, 3)
+
+
+@pytest.mark.parametrize("bits_first, bits_second", [(4, 4), (4, 8)])
+def test_a_weight_two_layers_share_is_packed_once_and_runs_before_both(bits_first, bits_second):
+    """A detector's head weight read by several layers: packing the later layer first, then the earlier one,
+    leaves a valid, topologically sorted graph; packed the same way, the chain (and its bytes) is shared."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+             helper.make_node("MatMul", ["a2", "w"], ["b"], name="second")]
+    nodes.insert(1, helper.make_node("Slice", ["a", "s0", "s16", "ax"], ["a_part"], name="slice"))
+    nodes.insert(2, helper.make_node("Concat", ["a_part", "a_part"], ["a2"], axis=1, name="widen"))
+    consts = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int64), "s0"),
+              numpy_helper.from_array(np.array([8], np.int64), "s16"), numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 8])], consts)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    def node(name: str) -> onnx.NodeProto:  # looked up after each edit: the graph's node list is rebuilt
+        return next(n for n in proto.graph.node if n.name == name)
+
+    later = pack_weight(proto, node("second"), 1, axis=1, bits=bits_second, block_size=16)
+    earlier = pack_weight(proto, node("first"), 1, axis=1, bits=bits_first, block_size=16)
+    onnx.checker.check_model(proto, full_check=True)
+    assert "w" not in {t.name for t in proto.graph.initializer}
+    assert later > 0 and (earlier == 0) == (bits_first == bits_second)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    w1 = dequantize_blocked(*quantize_blocked(w.T, bits_first, 16), 16).T
+    w2 = dequantize_blocked(*quantize_blocked(w.T, bits_second, 16), 16).T
+    a = x @ w1
+    np.testing.assert_allclose(got, np.concatenate([a[:, :8], a[:, :8]], axis=1) @ w2, rtol=1e-4, atol=1e-4)
