@@ -49,6 +49,9 @@ class Backend(abc.ABC):
     """A code generator for one runtime, with named targets."""
 
     name: ClassVar[str]
+    #: whether artifacts are compiled for fixed input shapes besides the batch (symbolic dimensions then take
+    #: the calibration data's sizes: ``frontend.shapes.fix_dims``)
+    static_shapes: ClassVar[bool] = False
     #: target name -> one-line description
     targets: ClassVar[Mapping[str, str]]
     default_target: ClassVar[str]

@@ -27,6 +27,7 @@ from bitpass.backends.base import Backend, Runner, reference_runner
 from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
 from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
+from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
 from bitpass.passes.infra import PassContext, Target
@@ -472,6 +473,15 @@ def _compile(
     held_back = None
     if evaluation_data is None:  # the gate measures on calibration samples held back from calibrating
         calib, held_back = quality.hold_back(calib)
+    if backend_impl.static_shapes and calib is not None:
+        fixed = fix_dims(source, calib)
+        if fixed:
+            sizes = ", ".join(f"{name}={size}" for name, size in fixed.items())
+            say(f"{backend} compiles fixed shapes: {sizes} (the calibration data's), the batch stays free")
+            notes = [*notes, f"symbolic dimensions fixed from the calibration data: {sizes}"]
+            for role, data in (("evaluation", evaluation_data), ("held-back calibration", held_back)):
+                if data is not None:
+                    check_fixed(fixed, source, data, role)
     _legalize(backend_impl, source, target, "input model")
     reference_model = source.clone()
     if lm is not None:  # the artifact's graph says how to generate with it (bitpass run --generate)

@@ -76,6 +76,7 @@ class TvmBackend(Backend):
     """TVM (Relax VM) with bitpass's own TIR kernels and schedules, cross-compiled per named target."""
 
     name = "tvm"
+    static_shapes = True
     targets = {name: spec.description for name, spec in target_registry.TARGETS.items()}
     default_target = target_registry.host_target()
 

@@ -415,7 +415,8 @@ class _Lowering:
         from tvm import relax
 
         shape = self.shape_of(inputs[0])
-        axis = attrs.get("axis", 1) % max(len(shape), 1)
+        axis = attrs.get("axis", 1)
+        axis += len(shape) if axis < 0 else 0  # axis may be the rank itself: (everything, 1)
         return bb.emit(relax.op.reshape(inputs[0], [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]))
 
     def op_Squeeze(self, bb, node, attrs, inputs):

@@ -154,3 +154,38 @@ def test_a_dynamic_reshape_from_the_inputs_shape_folds_for_each_batch(tmp_path):
     backend.emit(model, tmp_path, backend.default_target)
     np.testing.assert_allclose(backend.load(tmp_path).run({"x": xs})[0], xs.transpose(0, 2, 1))
     assert backend.records(tmp_path)["ops"]["Unsqueeze"] == {"folded": 1}
+
+
+def test_a_dynamic_sequence_axis_is_compiled_at_the_calibration_datas_length(tmp_path):
+    """A BERT exported as users export it (dynamic batch and sequence) compiles for TVM at the sequence length of
+    --calib; the manifest says so, and evaluation data of another length is refused with what to give."""
+    import torch
+
+    from bitpass.frontend.errors import UsageError
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert_encoder()
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    path = tmp_path / "bert.onnx"
+    ids, mask = torch.randint(0, 100, (2, 12)), torch.ones(2, 12, dtype=torch.int64)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "hidden": {0: "batch", 1: "sequence"}}
+    torch.onnx.export(Hidden().eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = {"input_ids": rng.integers(0, 100, (8, 16)), "attention_mask": np.ones((8, 16), np.int64)}
+    evaluation = {"input_ids": rng.integers(0, 100, (4, 16)), "attention_mask": np.ones((4, 16), np.int64)}
+    artifact = compile(str(path), tmp_path / "tvm", backend="tvm", pipeline="optimize", latency=False,
+                       calibration=calib, evaluation=evaluation)
+    assert any("sequence=16" in note for note in artifact.manifest["records"]["notes"])
+    assert artifact.manifest["metrics"]["quality"]["fidelity"]["cosine"] > 0.999
+    other = {"input_ids": rng.integers(0, 100, (4, 24)), "attention_mask": np.ones((4, 24), np.int64)}
+    with pytest.raises(UsageError, match="compiled for sequence=16"):
+        compile(str(path), tmp_path / "tvm2", backend="tvm", pipeline="optimize", latency=False, calibration=calib,
+                evaluation=other)
+    assert not (tmp_path / "tvm2").exists()
