@@ -1,4 +1,5 @@
-"""Import a PyTorch module: torch.export, then the dynamo ONNX exporter."""
+"""Import a PyTorch module: torch.export, then the dynamo ONNX exporter (the TorchScript exporter where torch.export
+cannot trace the module)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -41,14 +43,53 @@ def from_torch(module: Any, example_inputs: Sequence[Any] | Any, *, input_names:
                 verbose=False,
             )
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"torch export of {type(module).__name__} failed: {first}") from err
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch colours its messages
+        first = first.splitlines()[0] if first else type(err).__name__
+        proto = _torchscript_export(module, args, input_names, dynamic_batch)
+        if proto is None:
+            raise ModelLoadError(f"torch export of {type(module).__name__} failed: {first}") from err
+        model = from_proto(proto, name=type(module).__name__, kind="torch")
+        # the TorchScript graph's node names are not module paths: passes that need the module (gradients,
+        # channel pruning) treat it as an ONNX model
+        model.provenance.notes.append(f"torch.export failed ({first[:200]}); exported with the TorchScript "
+                                      f"exporter (dynamo=False, opset {TORCHSCRIPT_OPSET}) instead")
+        return model
     proto = program.model_proto
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
     fold_weight_transposes(proto)
     model = from_proto(proto, name=type(module).__name__, sha256=digest, kind="torch")
     model.torch_module = module
     return model
+
+
+#: the newest opset the TorchScript exporter writes (the fallback for modules torch.export cannot trace)
+TORCHSCRIPT_OPSET = 20
+
+
+def _torchscript_export(module: Any, args: tuple[Any, ...], input_names: Sequence[str] | None,
+                        dynamic_batch: bool) -> Any | None:
+    """``module`` through the TorchScript exporter (what users run when torch.export fails: T5's reshapes of
+    symbolic strides, for one), the first axis dynamic; None when that fails too."""
+    import inspect
+
+    import onnx
+    import torch
+
+    try:
+        names = list(input_names) if input_names else \
+            [p for p in inspect.signature(module.forward).parameters][:len(args)]
+    except (TypeError, ValueError):
+        names = [f"input_{i}" for i in range(len(args))]
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, buffer, dynamo=False, opset_version=TORCHSCRIPT_OPSET,
+                              input_names=names, dynamic_axes={n: {0: "batch"} for n in names} if dynamic_batch
+                              else None)
+    except Exception:  # noqa: BLE001 - the caller reports torch.export's error, the one users search for
+        return None
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def fold_weight_transposes(proto: Any) -> None:
