@@ -277,6 +277,8 @@ def detect_decoder(model: Model) -> DecoderSpec | None:
     positions_table = int(props["bitpass.decoder.max_positions"]) \
         if props.get("bitpass.decoder.max_positions", "").isdigit() else _position_table_rows(model, ids)
     if not past:
+        if _dim(inputs[ids].shape, 1) is not None:
+            return None  # a fixed sequence length and no cache: nothing can be generated with it, token by token
         return DecoderSpec(0, 0, 0, vocab, positions_table, 32, ids, mask, head.name, positions)
     parts = ("key", "value") if kv_bits >= 32 else ("key", "value", "value_scale")
     layers = sorted({layer for layer, _ in past})

@@ -178,3 +178,24 @@ def test_spec_json_round_trips_and_a_damaged_record_is_refused(gpt2):
         DecoderSpec.from_json({**spec.to_json(), "present": ["present.0.key"]})
     with pytest.raises(ValueError, match="non-negative"):
         DecoderSpec.from_json({**spec.to_json(), "layers": -1})
+
+
+def test_logits_of_a_fixed_length_graph_without_a_cache_are_not_a_generating_decoder():
+    """A causal LM wrapped to return logits and exported at one sequence length cannot take one token at a
+    time: it is compiled as a plain model (its logits judged by agreement), not run as a decoder."""
+    from bitpass.frontend import from_torch
+    from bitpass.frontend.decoder import detect_decoder
+
+    lm = decoders.tiny_gpt2()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids).logits
+
+    fixed = from_torch(Logits().eval(), (torch.randint(0, 256, (2, 12)),))
+    assert fixed.inputs[0].shape[1] == 12
+    assert detect_decoder(fixed) is None
