@@ -267,3 +267,18 @@ def test_an_unsure_int8_is_timed_again_longer_and_kept_only_if_the_pooled_rounds
     assert refused.record["chosen"] == "fallback" and len(timer.calls) == 2
     assert "still unsure" in refused.record["rounds"][0]["decisions"][0]["why"]
     assert all(p.weight_bits == 32 for p in refused.plan.values())
+
+
+def test_a_narrow_win_must_hold_in_a_second_timing_of_its_own(cnn_model, calib_arrays):
+    """1.15x in every round of one timing is what a loaded machine can show a 0.3 ms model that is really
+    slower; a second, longer timing must say faster on its own."""
+    narrow = [1.12, 1.15, 1.18, 1.14, 1.16, 1.13, 1.17, 1.15, 1.16]
+    assert faster_with_confidence({1: narrow, 8: narrow}).faster is None
+    assert faster_with_confidence({1: narrow, 8: narrow}, clear=1.0).faster is True
+    first = {"plan-s8s8": [1.0 / r for r in narrow]}
+    timer = Scripted(first, {"plan-s8s8": [1.0 / r for r in narrow * 2]})
+    assert _scripted_search(cnn_model, calib_arrays, timer).record["chosen"].startswith("plan-s8s8")
+    slower = {"plan-s8s8": [1.0 / r for r in (0.85, 0.9, 0.8, 0.88, 0.86, 0.84, 0.9, 0.87, 0.85) * 2]}
+    timer = Scripted(first, slower)
+    result = _scripted_search(cnn_model, calib_arrays, timer)
+    assert result.record["chosen"] == "fallback" and len(timer.calls) == 2
