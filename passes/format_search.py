@@ -18,12 +18,20 @@ fresh process, at batch 1 and a larger batch:
 3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
    Quantize and a Dequantize for one layer's gain).
 
-Every round times the candidates against fp32 and the current best; a candidate wins when its
-geometric-mean time ratio over the batches beats the best's by ``MIN_GAIN`` and it is not more than
-``WORST_LOSS`` slower at any batch size (timings on a shared machine are noisy). The all-fallback plan
-(fp32 speed) is always a candidate, so the result is never slower than fp32 or than the plan in its
-fastest flavour, as measured. The choice is cached per model, plan, ranges, options and CPU, so the
-same inputs give the same artifact (bitpass's determinism) without timing again.
+Every round times the candidates against fp32 and the current best, alternating, in one fresh
+process; each round of the timer gives one *paired* ratio (incumbent seconds / challenger seconds in
+the same round), which cancels the drift of a shared machine but not its noise: a 0.3 ms model's
+rounds scatter by 2x under load. So a challenger replaces the incumbent (fp32 first: the all-fallback
+plan) only when it is faster with confidence (``faster_with_confidence``): at *every* batch size the
+lower quartile of its paired ratios is above 1 (faster in at least three rounds of four), and the
+geometric mean of the medians over the batches is at least ``1 + MIN_GAIN``. A win is taken at once
+when every lower quartile is above ``CLEAR_WIN`` (ResNet's U8S8: about 3x); a narrower one, or one
+where the medians say faster but a lower quartile does not, is timed again in a fresh process with
+``CONFIRM_ROUNDS`` longer rounds, and wins only if that timing alone and the pooled rounds both say
+faster; otherwise the incumbent stays. The all-fallback plan
+is always a candidate, so the result is never slower than fp32 or than the plan in its fastest flavour,
+as measured. The choice is cached per model, plan, ranges, options and CPU, so the same inputs give
+the same artifact (bitpass's determinism) without timing again.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -48,27 +57,99 @@ from bitpass.passes.int8_flavours import FLAVOURS, S8S8, U8S8, U8S8_REDUCED, Fla
 from bitpass.passes.materialize import (DYNAMIC, FP32, INT8_QDQ, PACKED, LayerPlan, QuantizeOptions, decide,
                                         materialize)
 
-#: a candidate must be this much faster (geometric mean over batches) to replace the current best, and no
-#: more than WORST_LOSS slower at any batch size
-MIN_GAIN, WORST_LOSS = 0.05, 0.10
+#: a challenger must be this much faster (geometric mean over batches of its median paired ratios) to replace the
+#: incumbent, besides being faster than it in at least three rounds of four at every batch (see the module doc)
+MIN_GAIN = 0.05
+#: which quantile of the paired ratios must be above 1: the lower quartile
+CONFIDENCE_QUANTILE = 25.0
+#: an unsure challenger and its incumbent are timed again: this many rounds of at least CONFIRM_SECONDS each
+#: per model, at most CONFIRM_BUDGET seconds per batch after the first three rounds
+CONFIRM_ROUNDS, CONFIRM_SECONDS, CONFIRM_BUDGET = 21, 0.05, 10.0
+#: a win whose lower quartile is above this at every batch is clear at once; a narrower one is confirmed
+CLEAR_WIN = 1.25
 #: a flavour is eligible when its output error is at most this many times the best flavour's (plus EPSILON)
 ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2
 
 
 class Timings(Protocol):
+    """Whole models timed against each other. A timer that measures (``timing.Group``) also has ``samples``:
+    name -> batch -> seconds per call in each round, so that ratios can be paired round by round; without it
+    ``ratio`` is taken as exact (a cost model)."""
+
     errors: Mapping[str, str]
 
     def ratio(self, name: str, reference: str, batch: int) -> float | None: ...
 
 
 class GraphTimer(Protocol):
-    """What the target supplies: whole models timed against each other at each batch of ``feeds``."""
+    """What the target supplies: whole models timed against each other at each batch of ``feeds``;
+    ``rounds``/``min_seconds``/``budget_seconds``, when given, ask for a longer timing (a confirmation)."""
 
-    def graphs(self, models: Mapping[str, bytes], feeds: Mapping[int, Mapping[str, np.ndarray]]) -> Timings: ...
+    def graphs(self, models: Mapping[str, bytes], feeds: Mapping[int, Mapping[str, np.ndarray]],
+               **longer: Any) -> Timings: ...
+
+
+def paired_ratios(timed: Timings, name: str, reference: str, batch: int) -> list[float]:
+    """``reference``'s seconds / ``name``'s in each round at ``batch`` (> 1: ``name`` is faster), or the one
+    exact ratio of a timer without per-round samples; empty when either was not timed."""
+    samples = getattr(timed, "samples", None)
+    if isinstance(samples, Mapping):
+        mine, theirs = samples.get(name, {}).get(batch), samples.get(reference, {}).get(batch)
+        if not mine or not theirs:
+            return []
+        return [float(t / m) for t, m in zip(theirs, mine) if m > 0]
+    ratio = timed.ratio(name, reference, batch)
+    return [] if ratio is None else [float(ratio)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a challenger is faster than its incumbent: True (with confidence), False, or None (the medians
+    say faster but the spread does not: time again). ``median``/``low``: per batch, of the paired ratios."""
+
+    faster: bool | None
+    median: dict[int, float]
+    low: dict[int, float]
+    why: str
+
+    def record(self) -> dict[str, Any]:
+        return {"faster": self.faster, "why": self.why,
+                "median": {str(b): round(v, 3) for b, v in sorted(self.median.items())},
+                "lower_quartile": {str(b): round(v, 3) for b, v in sorted(self.low.items())}}
+
+
+def faster_with_confidence(ratios: Mapping[int, Sequence[float]], min_gain: float = MIN_GAIN,
+                           clear: float = CLEAR_WIN) -> Verdict:
+    """The decision rule of the search (see the module doc), on the paired ratios incumbent seconds /
+    challenger seconds of each round, per batch. Faster: at every batch the lower quartile is above ``clear``
+    and the geometric mean of the medians over the batches is at least ``1 + min_gain``. Not faster: some
+    batch's median is at most 1, or the gain is short of ``min_gain``. Otherwise unsure (None): a lower
+    quartile at or below 1, or a win narrower than ``clear`` (one timing of a sub-millisecond model on a busy
+    machine can show one; a second timing must agree)."""
+    if not ratios or any(len(r) == 0 for r in ratios.values()):
+        return Verdict(False, {}, {}, "not timed at every batch")
+    median = {b: float(np.median(r)) for b, r in ratios.items()}
+    low = {b: float(np.percentile(r, CONFIDENCE_QUANTILE)) for b, r in ratios.items()}
+    gain = math.exp(sum(math.log(max(m, 1e-9)) for m in median.values()) / len(median))
+    slower = sorted(b for b, m in median.items() if m <= 1.0)
+    if slower:
+        return Verdict(False, median, low, f"not faster at batch {', '.join(map(str, slower))} "
+                                           f"(median {', '.join(f'{median[b]:.2f}x' for b in slower)})")
+    if gain < 1.0 + min_gain:
+        return Verdict(False, median, low, f"{gain:.2f}x overall, short of the {1 + min_gain:.2f}x needed")
+    unsure = sorted(b for b, v in low.items() if v <= 1.0)
+    if unsure:
+        return Verdict(None, median, low, f"{gain:.2f}x overall, but slower in more than a quarter of the rounds "
+                                          f"at batch {', '.join(map(str, unsure))}")
+    narrow = sorted(b for b, v in low.items() if v <= clear)
+    if narrow:
+        return Verdict(None, median, low, f"{gain:.2f}x overall, faster in at least 3 rounds of 4 at every batch, "
+                                          f"but by less than {clear:.2f}x at batch {', '.join(map(str, narrow))}")
+    return Verdict(True, median, low, f"{gain:.2f}x overall, faster in at least 3 rounds of 4 at every batch")
 
 
 @dataclass
@@ -167,15 +248,23 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         c.error = _relative_error(reference, _outputs(c.model, check))
         return c
 
-    def time_round(cands: list[Candidate], incumbent: Candidate | None) -> None:
+    def name_of(c: Candidate) -> str:
+        """What ``c`` is called in the timings: the untimed all-fp32 fallback is the fp32 reference itself."""
+        return "fp32" if c is fallback_all and not fallback_timed else c.name
+
+    def time_round(cands: list[Candidate], incumbent: Candidate | None) -> Timings:
         models = {"fp32": fp32_bytes}
         for c in [*cands, *([incumbent] if incumbent is not None else [])]:
+            if name_of(c) == "fp32":
+                continue
             assert c.model is not None
             models[c.name] = c.model.to_bytes()
         say(f"format search: timing {', '.join(n for n in models if n != 'fp32')} against fp32 at batch "
             f"{', '.join(map(str, batches))}")
         timed = timer.graphs(models, feeds)
         for c in [*cands, *([incumbent] if incumbent is not None else [])]:
+            if name_of(c) == "fp32":
+                continue
             speed = {b: timed.ratio(c.name, "fp32", b) for b in batches}
             if c.name in timed.errors or any(r is None for r in speed.values()):
                 c.eligible, c.speedup = False, {}
@@ -184,6 +273,43 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
                 c.speedup = {b: float(r) for b, r in speed.items() if r is not None}
         rounds.append({"candidates": [c.record() for c in cands],
                        **({"against": incumbent.record()} if incumbent is not None else {})})
+        return timed
+
+    def confirm(c: Candidate, incumbent: Candidate, first: Mapping[int, list[float]]) -> Verdict:
+        """Time an unsure challenger against its incumbent again, longer: faster only if that timing alone and
+        the rounds of both timings pooled each say faster (lower quartiles above 1)."""
+        theirs = name_of(incumbent)
+        assert c.model is not None and (theirs == "fp32" or incumbent.model is not None)
+        models = {theirs: fp32_bytes if theirs == "fp32" else incumbent.model.to_bytes(),  # type: ignore[union-attr]
+                  c.name: c.model.to_bytes()}
+        say(f"format search: {c.name} against {theirs} is unsure: timing both again, longer")
+        started = time.perf_counter()
+        again = timer.graphs(models, feeds, rounds=CONFIRM_ROUNDS, min_seconds=CONFIRM_SECONDS,
+                             budget_seconds=CONFIRM_BUDGET)
+        spent = f"; the longer timing took {time.perf_counter() - started:.1f} s"
+        if c.name in again.errors or theirs in again.errors:
+            return Verdict(False, {}, {}, "the confirmation did not run" + spent)
+        second = {b: paired_ratios(again, c.name, theirs, b) for b in batches}
+        pooled = {b: [*first[b], *second[b]] for b in batches}
+        verdict, alone = faster_with_confidence(pooled, clear=1.0), faster_with_confidence(second, clear=1.0)
+        if verdict.faster and not alone.faster:
+            verdict = replace(verdict, faster=None, why=f"pooled: {verdict.why}; the longer timing alone: {alone.why}")
+        if verdict.faster is None:
+            verdict = replace(verdict, faster=False, why=verdict.why + "; still unsure after a longer timing")
+        return replace(verdict, why=verdict.why + f" ({min(len(r) for r in pooled.values())} rounds pooled{spent})")
+
+    def challenge(challengers: list[Candidate], incumbent: Candidate, timed: Timings) -> Candidate:
+        """The fastest challenger (by median) that beats ``incumbent`` with confidence, else ``incumbent``."""
+        decisions = rounds[-1].setdefault("decisions", [])
+        for c in sorted((c for c in challengers if c.eligible and c.speedup), key=lambda c: c.score()):
+            ratios = {b: paired_ratios(timed, c.name, name_of(incumbent), b) for b in batches}
+            verdict = faster_with_confidence(ratios)
+            if verdict.faster is None:
+                verdict = confirm(c, incumbent, ratios)
+            decisions.append({"challenger": c.name, "incumbent": incumbent.name, **verdict.record()})
+            if verdict.faster:
+                return c
+        return incumbent
 
     # 1. the plan in each flavour, and the all-fallback plan (fp32 speed)
     first = [build(Candidate(f"plan-{f.name}", dict(plan), f, "the plan as made")) for f in flavours]
@@ -203,14 +329,16 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     everything_back = {lid: (fallback_plan(p, fallback) if lid in compute else p) for lid, p in plan.items()}
     fallback_all = build(Candidate("fallback", everything_back, flavours[0],
                                    f"every int8 compute layer {'packed' if fallback == PACKED else 'fp32'}"))
-    if fallback == PACKED or any(p.weight_bits < 32 for lid, p in everything_back.items() if lid not in compute):
-        time_round([c for c in [*first, fallback_all] if c.eligible], None)
+    fallback_timed = fallback == PACKED or any(p.weight_bits < 32 for lid, p in everything_back.items()
+                                               if lid not in compute)
+    if fallback_timed:
+        timed = time_round([c for c in [*first, fallback_all] if c.eligible], None)
     else:  # the fp32 reference itself: 1.0 by definition, and one model less to time
         fallback_all.speedup = {b: 1.0 for b in batches}
-        time_round([c for c in first if c.eligible], None)
+        timed = time_round([c for c in first if c.eligible], None)
     flavoured = [c for c in first if c.eligible and c.speedup]
-    best = _best([*flavoured, fallback_all])
-    best_int8 = _best(flavoured) if flavoured else None
+    best = challenge(flavoured, fallback_all, timed)
+    best_int8 = min(flavoured, key=lambda c: c.score()) if flavoured else None
 
     # 2. repairs of the fastest flavour: slow layers back, MatMul/Gemm to dynamic where that is faster
     if best_int8 is not None and layer_times is not None:
@@ -232,8 +360,8 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             _eligibility([*first, *repairs])
             repairs = [c for c in repairs if c.eligible]
         if repairs:
-            time_round(repairs, best)
-            best = _best([best, *repairs], incumbent=best)
+            timed = time_round(repairs, best)
+            best = challenge(repairs, best, timed)
 
     # 3. isolated int8 layers of the winner fall back
     if best is not fallback_all:
@@ -242,11 +370,13 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             trimmed = {lid: (fallback_plan(p, fallback) if lid in alone else p) for lid, p in best.plan.items()}
             island = build(Candidate(f"{best.name}-islands", trimmed, best.flavour,
                                      f"isolated int8 layers fell back: {_short({a: 'isolated' for a in alone})}"))
-            time_round([island], best)
-            best = _best([best, island], incumbent=best)
+            timed = time_round([island], best)
+            best = challenge([island], best, timed)
 
     record = {"cpu_key": host().key, "batches": list(batches), "chosen": best.name,
               "flavour": best.flavour.name, "speedup": {str(b): round(r, 3) for b, r in best.speedup.items()},
+              "rule": f"a challenger replaces the incumbent when faster in at least 3 rounds of 4 at every batch and "
+                      f"{1 + MIN_GAIN:.2f}x overall (paired medians)",
               "rounds": rounds, "fallback": fallback,
               "changed": {lid: _describe(p) for lid, p in best.plan.items() if p != plan[lid]}}
     if best is fallback_all and compute:
@@ -324,17 +454,6 @@ def _eligibility(candidates: list[Candidate]) -> None:
             if c.eligible:
                 c.why += f"; output error {c.error:.3g} is over {limit:.3g} (saturation?): not eligible"
             c.eligible = False
-
-
-def _best(candidates: list[Candidate], incumbent: Candidate | None = None) -> Candidate:
-    timed = [c for c in candidates if c.eligible and c.speedup]
-    if not timed:
-        return incumbent or candidates[0]
-    if incumbent is None or not incumbent.speedup:
-        return min(timed, key=lambda c: c.score())
-    better = [c for c in timed if c is not incumbent and c.score() < incumbent.score() * (1 - MIN_GAIN)
-              and all(c.speedup.get(b, 0.0) >= r * (1 - WORST_LOSS) for b, r in incumbent.speedup.items())]
-    return min(better, key=lambda c: c.score()) if better else incumbent
 
 
 # --- repairs -------------------------------------------------------------------------------------------------
@@ -489,4 +608,5 @@ def _store(key: str, entry: dict[str, Any]) -> None:
         pass
 
 
-__all__ = ["Candidate", "GraphTimer", "SearchResult", "compute_layers", "fallback_plan", "plan_of", "search"]
+__all__ = ["Candidate", "GraphTimer", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
+           "faster_with_confidence", "paired_ratios", "plan_of", "search"]

@@ -7,7 +7,9 @@ group are timed against each other: each round runs every model of the group in 
 reversed every other round), after a warm-up, with thread spinning off so that one session's idle
 threads do not steal the next one's cores. The result is every round's seconds per call, so callers
 take medians of *paired* ratios (a model against the reference of its own round), which cancels
-most of the drift of a shared machine.
+most of the drift of a shared machine. A round's seconds per call are the mean over its calls, or
+with ``per_round="median"`` the median of the calls timed one by one: a call the scheduler preempted
+(on a busy 2-core machine a 0.3 ms model's round of 20 ms is often cut) then does not move the round.
 
     python .../bitpass/backends/onnxruntime/timing.py JOB_DIR   # what time_groups runs (imports numpy and ORT only)
 
@@ -59,12 +61,17 @@ class Group:
 
 
 def time_groups(groups: Sequence[Group], *, threads: int = 0, rounds: int = 9, min_seconds: float = 0.02,
-                budget_seconds: float | None = None, fresh_process: bool = True, timeout: float = 3600.0) -> None:
+                budget_seconds: float | None = None, fresh_process: bool = True, timeout: float = 3600.0,
+                per_round: str = "mean") -> None:
     """Time every group (fills ``group.samples`` / ``group.errors``), in a fresh process by default.
 
     ``rounds`` is the most rounds per group and batch (at least 3 are run); ``budget_seconds`` caps the
-    time spent per group and batch after the first 3 rounds. ``threads`` 0 means ONNX Runtime's default."""
-    options = {"threads": threads, "rounds": rounds, "min_seconds": min_seconds, "budget_seconds": budget_seconds}
+    time spent per group and batch after the first 3 rounds. ``threads`` 0 means ONNX Runtime's default.
+    ``per_round``: a round's seconds per call are the ``mean`` of its calls or their ``median``."""
+    if per_round not in ("mean", "median"):
+        raise ValueError(f"per_round is 'mean' or 'median', not {per_round!r}")
+    options = {"threads": threads, "rounds": rounds, "min_seconds": min_seconds, "budget_seconds": budget_seconds,
+               "per_round": per_round}
     with tempfile.TemporaryDirectory(prefix="bitpass-timing-") as tmp:
         folder = Path(tmp)
         job = {"options": options, "groups": []}
@@ -146,12 +153,21 @@ def _alternate(sessions: Mapping[str, Any], feeds: Mapping[str, Mapping[str, np.
         calls[name] = max(1, int(opts["min_seconds"] / max(time.perf_counter() - start, 1e-7)))
     rounds: dict[str, list[float]] = {name: [] for name in sessions}
     names = list(sessions)
+    by_median = opts.get("per_round") == "median"
     started = time.perf_counter()
     for r in range(max(3, int(opts["rounds"]))):
         if r >= 3 and opts.get("budget_seconds") and time.perf_counter() - started > opts["budget_seconds"]:
             break
         for name in (names if r % 2 == 0 else names[::-1]):
             session, feed, n = sessions[name], feeds[name], calls[name]
+            if by_median:
+                each = []
+                for _ in range(n):
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    each.append(time.perf_counter() - start)
+                rounds[name].append(float(np.median(each)))
+                continue
             start = time.perf_counter()
             for _ in range(n):
                 session.run(None, feed)
