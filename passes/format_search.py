@@ -50,6 +50,7 @@ import numpy as np
 from bitpass.frontend import Dataset, Model, from_proto
 from bitpass.frontend.cache import cache_dir
 from bitpass.frontend.cpu import host
+from bitpass.frontend.errors import BitpassError
 from bitpass.passes import execution
 from bitpass.passes.allocation import formats
 from bitpass.passes.analyses import ActivationRanges
@@ -245,7 +246,11 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
 
     def build(c: Candidate) -> Candidate:
         c.model = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
-        c.error = _relative_error(reference, _outputs(c.model, check))
+        try:
+            c.error = _relative_error(reference, _outputs(c.model, check))
+        except BitpassError as err:  # e.g. ORT's own graph rewrites break S8 QDQ at opset 21+ (output_dtype)
+            c.eligible, c.speedup = False, {}
+            c.why += f"; {err}: not eligible"
         return c
 
     def name_of(c: Candidate) -> str:

@@ -22,11 +22,11 @@ from typing import Any
 import pydantic
 
 from bitpass.frontend import Model
-from bitpass.frontend.errors import UsageError
-from bitpass.passes import format_search
-from bitpass.passes.int8_flavours import FLAVOURS
+from bitpass.frontend.errors import BitpassError, UsageError
+from bitpass.passes import execution, format_search
 from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, QUANTIZED
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassContext, PassResult
+from bitpass.passes.int8_flavours import FLAVOURS, U8S8_REDUCED
 from bitpass.passes.materialize import (
     DYNAMIC,
     FLOAT_BITS,
@@ -98,6 +98,15 @@ class Quantize(Pass):
             result = materialize(model, ranges=ranges, calibration=ctx.calibration,
                                  options=options.model_copy(update={"activation_type": activation_type}),
                                  progress=ctx.progress, details=details)
+            refused = _refused_by_runtime(result) if activation_type == "int8" and int8_work else None
+            if refused:  # ORT's Q/DQ rewrites break some S8 graphs at opset 21+: 7-bit U8S8 never saturates
+                flavour = U8S8_REDUCED
+                ctx.progress(f"quantize: ONNX Runtime refuses the S8S8 model ({refused[:120]}); using "
+                             f"{flavour.name}")
+                result = format_search.materialize_in(model, format_search.plan_of(model), flavour, ranges,
+                                                      ctx.calibration, options)
+                activation_type = flavour.activation_type
+                details["flavour_fallback"] = f"{flavour.name}: ONNX Runtime refused S8S8 ({refused})"
         if via_format_search:  # materialized by the format-search core: the scope as the plan's graph gives it,
             details["int8_scope"] = _scope_record(model, ranges, decisions)  # and the layers kept float, read
             details["kept_float"] = _kept_float_in(result, decisions)  # back from the annotations
@@ -114,6 +123,15 @@ class Quantize(Pass):
         ctx.records["quantization"] = record
         ctx.analyses.put(QUANTIZED, record)
         return PassResult(result, modified=True, preserved=frozenset({QUANTIZED}))
+
+
+def _refused_by_runtime(model: Model) -> str | None:
+    """Why ONNX Runtime cannot load ``model`` with its default graph rewrites, or None when it can."""
+    try:
+        execution.create_session(model, purpose="load the quantized model")
+    except BitpassError as err:
+        return str(err)
+    return None
 
 
 def _layer_times(probe: Any, model: Model, wanted: Mapping[str, Sequence[tuple[int, str]]], ctx: PassContext,
@@ -183,6 +201,8 @@ def _record(cfg: QuantizeOptions, activation_type: str, calibration_method: str,
     }
     if "int8_scope" in details:
         record["int8_scope"] = details["int8_scope"]
+    if "flavour_fallback" in details:
+        record["flavour_fallback"] = details["flavour_fallback"]
     if kept_float:
         record["kept_float"] = kept_float
     return record

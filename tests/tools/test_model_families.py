@@ -165,3 +165,19 @@ def test_byte_encoding_marks_start_end_and_padding():
     assert mask.tolist() == [1, 1, 1, 1, 0, 0]
     small, _ = mf.encode(bytes([255]), 4, vocab=100)
     assert small.max() < 100
+
+
+def test_a_vit_exported_by_dynamo_at_the_newest_opset_compiles_with_the_default_pipeline(tmp_path):
+    """At opset 21+, ONNX Runtime's own Q/DQ rewrites make an S8S8 ViT unloadable (a propagated QuantizeLinear's
+    output_dtype no longer matches its zero point): without timing, quantize falls back to 7-bit U8S8 and says
+    why (with timing, the format search drops the S8S8 candidate the same way)."""
+    from bitpass.tools import compile
+
+    built = mf.build("vit", "fast")
+    path = mf.export(built, mf.EXPORTS["dynamo-23"], tmp_path / "vit")
+    artifact = compile(str(path), tmp_path / "out", calibration=built.calibration, evaluation=built.evaluation,
+                       latency=False)
+    assert artifact.manifest["metrics"]["quality"]["fidelity"]["top1_agreement"] >= 0.99
+    quantization = artifact.manifest["records"]["quantization"]
+    assert quantization.get("flavour_fallback", "").startswith("u8s8-reduce-range: ONNX Runtime refused S8S8") \
+        or quantization["activation_type"] == "int8", "S8S8, or the fallback and why (ONNX Runtime 1.32 refuses)"
