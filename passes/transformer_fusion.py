@@ -12,11 +12,16 @@ Layer ids: nodes the optimizer leaves alone keep their metadata (bitpass annotat
 Attention swallows the Q, K and V projections (one concatenated weight) and EmbedLayerNormalization
 the embedding tables: those layers would no longer be quantizable units. So ``attention`` and
 ``embed_layer_norm`` are off by default, for pipelines that quantize afterwards (the MatMuls keep
-their ids; SkipLayerNormalization and the Gelu fusions take only non-layer nodes), and the
-``optimize`` pipeline (fp32) turns them on; the record lists the layers a fusion took
-(``swallowed_layers``), and the fused node carries the first of their ids.
+their ids; the Gelu fusions take only non-layer nodes), and the ``optimize`` pipeline (fp32) turns
+them on; the record lists the layers a fusion took (``swallowed_layers``), and the fused node carries
+the first of their ids.
 
-``fuse_transformer`` is the library core; ``FuseTransformer`` (``fuse-transformer``) the thin pass.
+SkipLayerNormalization follows ``attention`` unless set (``skip_layer_norm``): on the real-weight sentence
+encoder (6 x 384, CPU B, 2 threads, alternating runs on a busy machine) dynamic int8 of the graph with the
+offline SkipLayerNorm ran 1.97x / 1.94x fp32 at batch 1 / 16, without it 2.44x / 2.38x (ORT's own
+``quantize_dynamic`` 2.22x / 2.32x), so quantizing pipelines do not fuse it offline. Note: ORT's session
+optimizer fuses SkipLayerNorm itself at load when the residual Add's input shapes are known, which bitpass's
+artifacts carry; disabling that session fusion measured faster in one run and not in another (issue #9, open).
 """
 
 from __future__ import annotations
@@ -48,31 +53,76 @@ def looks_like_transformer(model: Model) -> bool:
 
 
 def fuse_transformer(model: Model, *, model_type: str = "bert", attention: bool = False,
-                     embed_layer_norm: bool = False, num_heads: int = 0,
+                     embed_layer_norm: bool = False, skip_layer_norm: bool | None = None, num_heads: int = 0,
                      hidden_size: int = 0) -> tuple[Model, dict[str, Any]]:
-    """The model with ORT's transformer fusions applied (``model`` is untouched), and what was fused."""
+    """The model with ORT's transformer fusions applied (``model`` is untouched), and what was fused.
+
+    ``skip_layer_norm`` None follows ``attention`` (see the module docstring: offline SkipLayerNorm slows
+    dynamic int8 down, so only fp32 pipelines fuse it)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions(model_type)
     options.enable_attention = attention
     options.enable_embed_layer_norm = embed_layer_norm
+    options.enable_skip_layer_norm = attention if skip_layer_norm is None else skip_layer_norm
     before = {layer.id for layer in model.layers()}
-    with tempfile.TemporaryDirectory(prefix="bitpass-transformer-") as tmp, quiet():
-        path = Path(tmp) / "model.onnx"
-        model.save(path)
-        optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                                   optimization_options=options, opt_level=0)
+    proto = model.to_proto()
+    # Without attention fusion no fusion reads a large weight (Attention concatenates Q/K/V; the others match
+    # structure and small constants), so the optimizer gets the graph without them: BERT-base's 440 MB of
+    # weights otherwise cost the optimizer about 2.5 GB of copies. They come back from ``model`` by name.
+    stripped = _strip_large_initializers(proto) if not attention else set()
+    with quiet():
+        # the proto itself, not a saved file: at opt_level 0 the optimizer only rewrites the proto it is given
+        optimized = optimize_model(proto, model_type=model_type, num_heads=num_heads,
+                                   hidden_size=hidden_size, optimization_options=options, opt_level=0)
         stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
-        proto: onnx.ModelProto = optimized.model
+        proto = optimized.model
+    del optimized
     _import_domains(proto)
-    fused_model = Model(ir.serde.deserialize_model(proto),
-                        Provenance(model.provenance.kind, model.provenance.name, model.provenance.sha256,
-                                   list(model.provenance.notes)), model.torch_module)
+    fused_ir = ir.serde.deserialize_model(proto)
+    if stripped:
+        _restore_initializers(fused_ir, model, stripped)
+    fused_model = Model(fused_ir, Provenance(model.provenance.kind, model.provenance.name, model.provenance.sha256,
+                                             list(model.provenance.notes)), model.torch_module)
     swallowed = sorted(before - {layer.id for layer in fused_model.layers()})
     if swallowed:
         _mark_fused_nodes(model, fused_model, swallowed)
     return fused_model, {"fused": stats, "swallowed_layers": swallowed}
+
+
+#: initializers with at least this many elements are left out of the proto the optimizer sees (unless attention)
+_STRIP_ELEMENTS = 1 << 14
+_STRIPPED_LOCATION = "bitpass-stripped-initializer"
+
+
+def _strip_large_initializers(proto: onnx.ModelProto) -> set[str]:
+    """Replace the data of every large initializer of ``proto`` (a copy of the model's) by an external-data
+    stub (type and shape kept); their names."""
+    stripped = set()
+    for tensor in proto.graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) < _STRIP_ELEMENTS:
+            continue
+        dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
+        tensor.Clear()
+        tensor.name, tensor.data_type = name, data_type
+        tensor.dims.extend(dims)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=_STRIPPED_LOCATION)
+        stripped.add(name)
+    return stripped
+
+
+def _restore_initializers(fused: ir.Model, original: Model, stripped: set[str]) -> None:
+    """Give the fused graph's stub initializers back the original model's tensors (the same objects: no copy)."""
+    originals = original.ir.graph.initializers
+    for name, value in fused.graph.initializers.items():
+        if name not in stripped:
+            continue
+        source = originals.get(name)
+        if source is None or source.const_value is None:
+            raise RuntimeError(f"fuse-transformer: the optimizer renamed or rewrote the large initializer {name!r}")
+        value.const_value = source.const_value
 
 
 def _import_domains(proto: onnx.ModelProto) -> None:
@@ -122,6 +172,8 @@ class FuseTransformerConfig(PassConfig):
     attention: bool = False
     #: fuse the embedding lookups, their sum and LayerNorm (swallows the embedding tables)
     embed_layer_norm: bool = False
+    #: fuse residual Add + LayerNorm offline (None: as ``attention``; slower under dynamic int8 when offline)
+    skip_layer_norm: bool | None = None
     #: heads and hidden size (0: the optimizer detects them from the graph)
     num_heads: int = 0
     hidden_size: int = 0
@@ -152,7 +204,8 @@ class FuseTransformer(Pass):
         model_type = "bert" if cfg.model_type == "auto" else cfg.model_type
         try:
             fused, record = fuse_transformer(model, model_type=model_type, attention=cfg.attention,
-                                             embed_layer_norm=cfg.embed_layer_norm, num_heads=cfg.num_heads,
+                                             embed_layer_norm=cfg.embed_layer_norm,
+                                             skip_layer_norm=cfg.skip_layer_norm, num_heads=cfg.num_heads,
                                              hidden_size=cfg.hidden_size)
         except Exception as err:  # the optimizer is an optimization: an unrecognised graph stays as it is
             ctx.records["transformer_fusion"] = {"applied": False, "why": f"the optimizer failed: {first_line(err)}"}
@@ -182,7 +235,12 @@ def _timed(model: Model, fused: Model, ctx: PassContext) -> dict[str, float] | N
         return None
     batches = (ctx.calibration.fixed_batch,) if ctx.calibration.fixed_batch else (1, 8)
     feeds = {b: ctx.calibration.batch_of(b) for b in batches}
-    timed = probe.graphs({"unfused": model.to_bytes(), "fused": fused.to_bytes()}, feeds)
+    with tempfile.TemporaryDirectory(prefix="bitpass-transformer-") as tmp:
+        # files, one written at a time, not both models' bytes held while the timing process runs
+        paths = {"unfused": Path(tmp) / "unfused.onnx", "fused": Path(tmp) / "fused.onnx"}
+        model.save(paths["unfused"])
+        fused.save(paths["fused"])
+        timed = probe.graphs(paths, feeds)
     ratios = {b: timed.ratio("fused", "unfused", b) for b in batches}
     if any(r is None for r in ratios.values()):
         return None

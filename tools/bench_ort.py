@@ -1,11 +1,12 @@
-"""Benchmark: bitpass against ONNX Runtime's own int8 on the CNNs users bring, side by side on this CPU.
+"""Benchmark: bitpass against ONNX Runtime's own int8 on the models users bring, side by side on this CPU.
 
     python -m bitpass.tools.bench_ort                      # resnet18, resnet50, mobilenet_v3_small (224 x 224,
                                                            # random init) and the digits-trained CNNs (full size)
     python -m bitpass.tools.bench_ort --quick              # resnet18 + resnet18_digits, fewer rounds
     python -m bitpass.tools.bench_ort --models resnet50 --markdown --json out.json
+    python -m bitpass.tools.bench_ort --models sentence_embedding   # the real-weight transformer, batch 1 and 16
 
-For each model family (``bitpass.tools.model_families``, exported with ``torchscript-17`` as users export):
+For each CNN family (``bitpass.tools.model_families``, exported with ``torchscript-17`` as users export):
 
 * ``ORT fp32``: the exported model, the reference of every ratio;
 * ``ORT U8S8`` / ``ORT S8S8``: ``quantize_static`` QDQ, per-channel int8 weights, uint8 / int8 activations,
@@ -13,6 +14,23 @@ For each model family (``bitpass.tools.model_families``, exported with ``torchsc
 * ``ORT dynamic``: ``quantize_dynamic`` (int8 weights, ORT's default operator types), after ``quant_pre_process``;
 * ``bitpass default``: ``bitpass.tools.api.compile(path, out, calibration=..., evaluation=...)``, no options;
 * ``bitpass avg-bits=4``: the same with ``budget="avg-bits=4"``.
+
+For a transformer family (``TRANSFORMER_FAMILIES``: output kind ``embedding``, e.g. ``sentence_embedding``, the
+6 x 384 BERT-like encoder with real learned weights) the variants are what transformer users compare
+(``TRANSFORMER_VARIANTS``), timed at batch 1 and 16 (the family's sequence length, 64):
+
+* ``ORT fp32`` (as exported, dynamic batch/sequence axes) and ``ORT fp32 optimized``: ORT's transformer
+  optimizer (``onnxruntime.transformers.optimizer.optimize_model``, model type bert, heads and width detected);
+* ``ORT dynamic``: ``quantize_dynamic`` after ``quant_pre_process``, what ORT documents for BERT-class models;
+* ``ORT NNCF-style``: ``quantize_static`` QDQ, uint8 activations x per-channel int8 weights, MinMax, with
+  ``op_types_to_quantize=[MatMul, Gemm]``, ``DedicatedQDQPair`` and ``OpTypesToExcludeOutputQuantization``:
+  only MatMul/Gemm inputs (weights and activations) read Q/DQ, so LayerNorm, Softmax, the mask's Where/Add, GELU and the residual Adds stay fp32, as
+  NNCF's transformer model type leaves them (its ignored patterns); NNCF's SmoothQuant step is not reproduced;
+* ``bitpass optimize`` (``pipeline="optimize"``, fp32), ``bitpass default``, ``bitpass packed``
+  (``formats="packed"``: the mixed pipeline's default budget, weights stored low-bit, computed in fp32) and
+  ``bitpass avg-bits=5`` (``budget="avg-bits=5"``).
+
+Quality for an embedding output is the cosine per held-out sample (mean and lowest), not top-1 agreement.
 
 The format column of a bitpass row is what its manifest says it chose (``records.quantization.search``: the
 candidate and int8 flavour the whole-graph search kept, and how many layers ended in each result).
@@ -53,13 +71,36 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "resnet18_digits", "mobi
 QUICK_MODELS = ("resnet18", "resnet18_digits")
 FP32 = "ORT fp32"
 ORT_INT8 = ("ORT U8S8", "ORT S8S8", "ORT dynamic")
+ORT_OPTIMIZED, ORT_NNCF = "ORT fp32 optimized", "ORT NNCF-style"
+#: every ORT-made variant (the "fastest ORT" comparison picks among these)
+ORT_VARIANTS = (FP32, *ORT_INT8, ORT_OPTIMIZED, ORT_NNCF)
 BITPASS_DEFAULT, BITPASS_LOW = "bitpass default", "bitpass avg-bits=4"
+BITPASS_OPTIMIZE, BITPASS_PACKED, BITPASS_MIXED5 = "bitpass optimize", "bitpass packed", "bitpass avg-bits=5"
 VARIANTS = (FP32, *ORT_INT8, BITPASS_DEFAULT, BITPASS_LOW)
+TRANSFORMER_VARIANTS = (FP32, ORT_OPTIMIZED, "ORT dynamic", ORT_NNCF, BITPASS_OPTIMIZE, BITPASS_DEFAULT,
+                        BITPASS_PACKED, BITPASS_MIXED5)
+#: output kinds benchmarked as transformers (their variants, batches and cosine quality)
+TRANSFORMER_KINDS = ("embedding",)
 BATCHES = (1, 8)
+TRANSFORMER_BATCHES = (1, 16)
 #: what ``compile`` gets per bitpass variant (nothing but the budget: the defaults are what is measured)
-BITPASS_OPTIONS: dict[str, dict[str, Any]] = {BITPASS_DEFAULT: {}, BITPASS_LOW: {"budget": "avg-bits=4"}}
+BITPASS_OPTIONS: dict[str, dict[str, Any]] = {
+    BITPASS_DEFAULT: {}, BITPASS_LOW: {"budget": "avg-bits=4"}, BITPASS_OPTIMIZE: {"pipeline": "optimize"},
+    BITPASS_PACKED: {"formats": "packed"}, BITPASS_MIXED5: {"budget": "avg-bits=5"}}
 CALIBRATION_BATCH = 8
-QUALITY_COLUMNS = ("top-1 agree", "accuracy", "cosine", "bytes x fp32", "build s")
+QUALITY_COLUMNS = ("top-1 agree", "accuracy", "cosine", "min cosine", "bytes x fp32", "build s")
+
+
+def is_transformer(name: str) -> bool:
+    """Whether family ``name`` is benchmarked with the transformer variants (by its output kind)."""
+    from bitpass.tools import model_families
+
+    return model_families.family(name).output_kind in TRANSFORMER_KINDS
+
+
+def variants_for(name: str) -> tuple[str, ...]:
+    """The variants family ``name`` is benchmarked with."""
+    return TRANSFORMER_VARIANTS if is_transformer(name) else VARIANTS
 
 
 def columns(batches: Sequence[int] = BATCHES) -> tuple[str, ...]:
@@ -144,17 +185,23 @@ def preprocess(source: Path, target: Path) -> str:
     quantization guide runs it before quantizing; symbolic shape inference skipped only if it fails."""
     from onnxruntime.quantization import quant_pre_process
 
-    try:
-        quant_pre_process(str(source), str(target))
-        return "quant_pre_process"
-    except Exception as err:  # noqa: BLE001 - ORT raises bare Exceptions from its shape inference
-        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
-        return f"quant_pre_process(skip_symbolic_shape=True): symbolic shape inference failed ({_first_line(err)})"
+    # ORT writes temporary models (sym_shape_infer_temp.onnx, <uuid>.data) into the working directory:
+    # keep them beside the target, not in the user's folder
+    source, target = source.resolve(), target.resolve()
+    with contextlib.chdir(target.parent):
+        try:
+            quant_pre_process(str(source), str(target))
+            return "quant_pre_process"
+        except Exception as err:  # noqa: BLE001 - ORT raises bare Exceptions from its shape inference
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+            return (f"quant_pre_process(skip_symbolic_shape=True): symbolic shape inference failed "
+                    f"({_first_line(err)})")
 
 
-def ort_static(source: Path, target: Path, calibration: dict[str, np.ndarray], activation: str) -> None:
+def ort_static(source: Path, target: Path, calibration: dict[str, np.ndarray], activation: str,
+               op_types: Sequence[str] | None = None, extra_options: dict[str, Any] | None = None) -> None:
     """``quantize_static`` QDQ, per-channel int8 weights, ``activation`` (uint8 or int8) activations, MinMax
-    calibration over ``calibration`` in batches."""
+    calibration over ``calibration`` in batches; ``op_types``: quantize only these (default: ORT's own set)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
 
@@ -172,13 +219,60 @@ def ort_static(source: Path, target: Path, calibration: dict[str, np.ndarray], a
 
     quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=list(op_types) if op_types else None, extra_options=extra_options)
 
 
 def ort_dynamic(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+
+def ort_nncf_style(source: Path, target: Path, calibration: dict[str, np.ndarray]) -> None:
+    """QDQ U8S8 per-channel int8 on MatMul/Gemm inputs only (weights and activations; their outputs are not
+    re-quantized), one dedicated Q/DQ pair per MatMul input: every other operator (LayerNorm, Softmax, the
+    mask's Where/Add on the scores, the residual Add that reads the same LayerNorm output as the projections)
+    reads fp32, as NNCF's transformer mode leaves it."""
+    import onnx
+
+    ort_static(source, target, calibration, "uint8", op_types=("MatMul", "Gemm"),
+               extra_options={"DedicatedQDQPair": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
+    proto = onnx.load(str(target))
+    if _float_reads_for_others(proto, ("MatMul", "Gemm")):
+        onnx.save(proto, str(target))
+
+
+def _float_reads_for_others(proto: Any, quantized: Sequence[str]) -> int:
+    """Rewire every node that is not one of ``quantized`` from a Q -> DQ pair back to the float tensor the pair
+    quantizes (ORT shares a LayerNorm output's pair with the residual Add even with ``DedicatedQDQPair``);
+    the number of inputs rewired."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    rewired = 0
+    for node in proto.graph.node:
+        if node.op_type in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                rewired += 1
+    while True:  # the Q/DQ pairs nothing reads any more
+        read = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+        dead = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(out in read for out in n.output)]
+        if not dead:
+            return rewired
+        for node in dead:
+            proto.graph.node.remove(node)
+
+
+def ort_optimized(source: Path, target: Path) -> None:
+    """ORT's transformer optimizer (model type bert; heads and hidden size detected from the graph), fp32."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimize_model(str(source), model_type="bert", num_heads=0, hidden_size=0).save_model_to_file(str(target))
 
 
 @contextlib.contextmanager
@@ -240,7 +334,7 @@ def build_variants(name: str, size: str, work: Path, cache: Path, say: Say = say
     pre = work / "pre" / "model.onnx"
     pre.parent.mkdir(parents=True, exist_ok=True)
     how = ""
-    if any(v in ORT_INT8 for v in variants):
+    if any(v in (*ORT_INT8, ORT_NNCF) for v in variants):
         try:
             how = preprocess(fp32, pre)
         except Exception as err:  # noqa: BLE001 - reported in the table, the bitpass rows still run
@@ -250,6 +344,7 @@ def build_variants(name: str, size: str, work: Path, cache: Path, say: Say = say
         "ORT U8S8": lambda out: ort_static(pre, out, calibration, "uint8"),
         "ORT S8S8": lambda out: ort_static(pre, out, calibration, "int8"),
         "ORT dynamic": lambda out: ort_dynamic(pre, out),
+        ORT_NNCF: lambda out: ort_nncf_style(pre, out, calibration),
     }
     for variant in variants:
         if variant == FP32:
@@ -258,13 +353,18 @@ def build_variants(name: str, size: str, work: Path, cache: Path, say: Say = say
         row = Row(name, variant)
         start = time.perf_counter()
         try:
-            if variant in makers:
+            if variant == ORT_OPTIMIZED:
+                folder.mkdir(parents=True)
+                ort_optimized(fp32, folder / "model.onnx")
+                row.path, row.format = str(folder / "model.onnx"), "fp32, ORT transformer optimizer (bert)"
+            elif variant in makers:
                 if not pre.is_file():
                     raise RuntimeError(how)
                 folder.mkdir(parents=True)
                 out = folder / "model.onnx"
                 makers[variant](out)
-                row.path, row.format = str(out), f"QDQ per-channel after {how}" if "dynamic" not in variant \
+                scope = " MatMul/Gemm only" if variant == ORT_NNCF else ""
+                row.path, row.format = str(out), f"QDQ per-channel{scope} after {how}" if "dynamic" not in variant \
                     else f"dynamic int8 after {how}"
             else:
                 progress: Say | bool = (lambda m, v=variant: say(f"{name} {v}: {m}")) if verbose else False
@@ -304,6 +404,8 @@ def fidelity(got: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
 
 
 def measure_quality(rows: list[Row], built: Any, threads: int) -> None:
+    """Fidelity of every row against ORT fp32 on the held-out samples (cosine only for embeddings: the argmax
+    of an embedding means nothing), and its bytes."""
     inputs = built.inputs_of(built.evaluation)
     labels = built.evaluation.get("labels")
     reference = outputs(rows[0].path, inputs, threads)
@@ -315,6 +417,8 @@ def measure_quality(rows: list[Row], built: Any, threads: int) -> None:
             got = reference if row.variant == FP32 else outputs(row.path, inputs, threads)
             for key, value in fidelity(got, reference, labels).items():
                 setattr(row, key, value)
+            if built.output_kind in TRANSFORMER_KINDS:
+                row.top1_agreement = None
             row.file_bytes = file_bytes(Path(row.path))
             row.bytes_ratio = row.file_bytes / fp32_bytes
         except Exception as err:  # noqa: BLE001 - an artifact ORT cannot run is reported in its row
@@ -344,7 +448,7 @@ def measure_speed(result: ModelResult, built: Any, batches: Sequence[int], threa
             row.speedup_band[b] = (float(np.percentile(paired, 25)), float(np.percentile(paired, 75)))
     for b in batches:
         timed = {r.variant: r.speedup.get(b) for r in live if r.speedup.get(b) is not None}
-        ort = {v: s for v, s in timed.items() if v == FP32 or v in ORT_INT8}
+        ort = {v: s for v, s in timed.items() if v in ORT_VARIANTS}
         if not ort:
             continue
         fastest = max(ort, key=lambda v: ort[v])
@@ -370,9 +474,10 @@ def _repeat(array: np.ndarray, batch: int) -> np.ndarray:
 
 def bench_model(name: str, *, size: str = "full", batches: Sequence[int] = BATCHES, threads: int = 2,
                 rounds: int = 9, cache: Path, say: Say = say_stderr, verbose: bool = False,
-                keep: Path | None = None, variants: Sequence[str] = VARIANTS) -> ModelResult:
-    """``variants`` (all by default; ORT fp32 always) of family ``name``: made, checked on held-out data and
-    timed side by side."""
+                keep: Path | None = None, variants: Sequence[str] | None = None) -> ModelResult:
+    """``variants`` (by default ``variants_for(name)``; ORT fp32 always) of family ``name``: made, checked on
+    held-out data and timed side by side."""
+    variants = variants_for(name) if variants is None else variants
     with contextlib.ExitStack() as stack:
         work = keep / name if keep else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ort-")))
         built, rows = build_variants(name, size, work, cache, say, variants=variants, verbose=verbose)
@@ -400,11 +505,11 @@ def cells(row: Row, batches: Sequence[int] = BATCHES) -> list[str]:
         return f"{row.speedup[b]:.2f} ({low:.2f}-{high:.2f})"
 
     if row.error:
-        return [row.model, row.variant, f"FAILED: {row.error}"[:80]] + ["-"] * (2 * len(batches) + 4) + \
+        return [row.model, row.variant, f"FAILED: {row.error}"[:80]] + ["-"] * (2 * len(batches) + 5) + \
             [_num(row.build_seconds, 1)]
     timed = [c for b in batches for c in (_num(1e3 * row.seconds[b] if b in row.seconds else None), speed(b))]
     return [row.model, row.variant, row.format[:60], *timed, _num(row.top1_agreement, 3), _num(row.accuracy, 3),
-            _num(row.cosine, 4), _num(row.bytes_ratio, 3), _num(row.build_seconds, 1)]
+            _num(row.cosine, 4), _num(row.min_cosine, 4), _num(row.bytes_ratio, 3), _num(row.build_seconds, 1)]
 
 
 def header(threads: int, rounds: int) -> str:
@@ -477,7 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{' + '.join(QUICK_MODELS)} and 5 rounds")
     parser.add_argument("--rounds", type=int, help="timing rounds per batch size (default 9, --quick 5)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
-    parser.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
+    parser.add_argument("--batches", help=f"batch sizes to time (default {','.join(map(str, BATCHES))}; "
+                                          f"{','.join(map(str, TRANSFORMER_BATCHES))} when a transformer "
+                                          f"family is among --models)")
+    parser.add_argument("--variants", help="comma-separated variants (default: every variant of each family's "
+                                           "kind; ORT fp32 is always made)")
     parser.add_argument("--cache-dir", type=Path, help="keep bitpass's compile cache here (default: a temporary "
                                                        "folder, deleted at the end)")
     parser.add_argument("--keep", type=Path, help="keep every variant's model under this folder")
@@ -493,10 +602,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
                      f"known: {', '.join(model_families.FAMILIES)}")
+    default_batches = TRANSFORMER_BATCHES if any(is_transformer(m) for m in models) else BATCHES
     try:
-        batches = tuple(int(b) for b in args.batches.split(","))
+        batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else default_batches
     except ValueError:
         parser.error(f"--batches takes comma-separated integers, not {args.batches!r}")
+    chosen: tuple[str, ...] | None = None
+    if args.variants:
+        chosen = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        known = (*ORT_VARIANTS, *BITPASS_OPTIONS)
+        wrong = [v for v in chosen if v not in known]
+        if wrong:
+            parser.error(f"unknown variant {', '.join(wrong)}; known: {', '.join(known)}")
+        chosen = (FP32, *(v for v in chosen if v != FP32))
     rounds = args.rounds or (5 if args.quick else 9)
     if args.keep and args.keep.exists() and any(args.keep.iterdir()):
         parser.error(f"--keep {args.keep} is not empty: name a new folder")
@@ -510,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say_stderr(f"bitpass compile cache: {cache}{'' if args.cache_dir else ' (temporary)'}")
         for name in models:
             results.append(bench_model(name, size=args.size, batches=batches, threads=args.threads, rounds=rounds,
-                                       cache=cache, verbose=args.verbose, keep=args.keep))
+                                       cache=cache, verbose=args.verbose, keep=args.keep, variants=chosen))
     text = header(args.threads, rounds)
     print(text)
     print(table(results, batches))
@@ -541,5 +659,6 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["BITPASS_OPTIONS", "columns", "MODELS", "ModelResult", "Row", "VARIANTS", "bench_model",
+__all__ = ["BITPASS_OPTIONS", "columns", "MODELS", "ModelResult", "Row", "TRANSFORMER_VARIANTS", "VARIANTS",
+           "bench_model", "variants_for",
            "bitpass_format", "fidelity", "file_bytes", "markdown", "table"]

@@ -67,3 +67,32 @@ def test_fidelity_of_identical_and_of_swapped_logits():
                     "accuracy": 0.5}
     swapped = bench_ort.fidelity(logits[:, ::-1], logits, None)
     assert swapped["top1_agreement"] == 0.0 and swapped["cosine"] < 0.5 and swapped["accuracy"] is None
+
+
+def test_transformer_families_get_the_transformer_variants_and_every_bitpass_variant_has_options():
+    assert bench_ort.variants_for("sentence_embedding") == bench_ort.TRANSFORMER_VARIANTS
+    assert bench_ort.variants_for("resnet18") == bench_ort.VARIANTS
+    for variant in (*bench_ort.VARIANTS, *bench_ort.TRANSFORMER_VARIANTS):
+        assert variant in bench_ort.ORT_VARIANTS or variant in bench_ort.BITPASS_OPTIONS, variant
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory):
+    variants = (bench_ort.FP32, bench_ort.ORT_OPTIMIZED, bench_ort.ORT_NNCF)
+    return bench_ort.bench_model("sentence_embedding", size="fast", batches=(1,), threads=2, rounds=2,
+                                 cache=tmp_path_factory.mktemp("cache"), say=lambda _m: None, variants=variants,
+                                 keep=tmp_path_factory.mktemp("variants"))
+
+
+def test_transformer_rows_compare_embeddings_by_cosine_and_the_nncf_style_scope_is_matmul_only(transformer):
+    import onnx
+
+    for row in transformer.rows:
+        assert row.error is None, f"{row.variant}: {row.error}"
+        assert row.top1_agreement is None  # an embedding's argmax means nothing
+        assert row.min_cosine <= row.cosine <= 1.0 + 1e-9 and row.speedup[1] > 0
+    assert transformer.row(bench_ort.ORT_OPTIMIZED).min_cosine > 0.9999  # fp32 fusions: same function
+    nncf = onnx.load(transformer.row(bench_ort.ORT_NNCF).path)
+    producers = {out: n.op_type for n in nncf.graph.node for out in n.output}
+    fed = {n.op_type for n in nncf.graph.node if any(producers.get(i) == "DequantizeLinear" for i in n.input)}
+    assert fed and fed <= {"MatMul", "Gemm"}, fed
