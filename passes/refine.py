@@ -227,12 +227,12 @@ class Gram:
 
 
 def _im2col(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """Conv input (N, C, [H,] W) -> patches (N * positions, C * prod(kernel)), ONNX weight-flattening order."""
-    import torch
-    import torch.nn.functional as F
+    """Conv input (N, C, [H,] W) -> patches (N * positions, C * prod(kernel)), ONNX weight-flattening order.
 
+    A strided view over the padded input (numpy's sliding windows), copied once into the patch matrix:
+    ``torch``'s ``unfold`` took 0.5 CPU s on a (64, 512, 1, 1) input with a 3x3 kernel."""
     attrs = layer.node.attributes
-    kernel = layer.weight_shape[2:]
+    kernel = list(layer.weight_shape[2:])
     dims = len(kernel)
     strides = list(attrs.get_ints("strides", [1] * dims))
     dilations = list(attrs.get_ints("dilations", [1] * dims))
@@ -241,12 +241,16 @@ def _im2col(layer: Layer, x: np.ndarray) -> np.ndarray:
         pads = [0] * 2 * dims
     width = [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]
     x = np.pad(np.asarray(x, np.float32), width)
-    if dims == 1:  # a 1-D conv is a 2-D conv over a height-1 image
-        x, kernel = x[:, :, None, :], (1, *kernel)
-        strides, dilations = [1, *strides], [1, *dilations]
-    cols = F.unfold(torch.from_numpy(np.ascontiguousarray(x)), tuple(kernel), dilation=tuple(dilations),
-                    stride=tuple(strides))  # (N, C*k, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]  # the receptive field of one output
+    axes = tuple(range(2, 2 + dims))
+    windows = np.lib.stride_tricks.sliding_window_view(x, spans, axis=axes)  # (N, C, *positions, *spans)
+    picked = (slice(None), slice(None), *[slice(None, None, s) for s in strides],
+              *[slice(None, None, d) for d in dilations])
+    windows = windows[picked]  # (N, C, *out positions, *kernel)
+    # -> (N, *out positions, C, *kernel): one row per output position, columns in weight order
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    windows = windows.transpose(order)
+    return windows.reshape(-1, x.shape[1] * int(np.prod(kernel)))
 
 
 def input_grams(model: Model, data: Dataset, layers: Iterable[Layer], *, batch_size: int = 64) -> dict[str, Gram]:
