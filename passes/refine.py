@@ -64,6 +64,8 @@ from bitpass.passes.pruning.common import is_initializer, set_constant
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
 RECORD = "refine_rounding"
+#: patches (as float64) gathered per layer before their Gram matrix is accumulated
+PENDING_BYTES = 64 << 20
 #: columns whose gradient updates are applied to the rest of the row as one matrix product (``_sweep``)
 COLUMN_BLOCK = 128
 PACKED = "packed"
@@ -261,27 +263,37 @@ def input_grams(model: Model, data: Dataset, layers: Iterable[Layer], *, batch_s
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
     groups: dict[str, list[slice]] = {}
+    pending: dict[str, list[np.ndarray]] = {}
+
+    def flush(layer_id: str) -> None:
+        """Add the pending patches' Gram matrices (one product over all of them: a batch of 64 images gives a
+        4608-wide layer only 64 rows, too few for an efficient product of its own)."""
+        layer = by_id[layer_id]
+        patches = np.concatenate(pending.pop(layer_id)).astype(np.float64)
+        group = layer.node.attributes.get_int("group", 1) if layer.op_type == "Conv" else 1
+        k = patches.shape[1] // group
+        for g in range(group):
+            part = patches[:, g * k:(g + 1) * k]
+            sums[layer_id][g] += part.T @ part
+
     for batch in layer_inputs(model, data, layers, batch_size=batch_size):
         for layer_id, x in batch.items():
             layer = by_id[layer_id]
             x = np.asarray(x, dtype=np.float32)
             rows = layer.weight_shape[layer_channel_axis(layer)]
-            if layer.op_type == "Conv":
-                patches = _im2col(layer, x)
-                group = layer.node.attributes.get_int("group", 1)
-            else:
-                patches = x.reshape(-1, x.shape[-1])
-                group = 1
-            k = patches.shape[1] // group
-            patches = patches.astype(np.float64)
-            grams = [patches[:, g * k:(g + 1) * k].T @ patches[:, g * k:(g + 1) * k] for g in range(group)]
-            if layer.id in sums:
-                sums[layer.id] = [a + b for a, b in zip(sums[layer.id], grams)]
-            else:
-                sums[layer.id] = grams
+            patches = _im2col(layer, x) if layer.op_type == "Conv" else x.reshape(-1, x.shape[-1])
+            if layer_id not in sums:
+                group = layer.node.attributes.get_int("group", 1) if layer.op_type == "Conv" else 1
+                k = patches.shape[1] // group
+                sums[layer_id] = [np.zeros((k, k)) for _ in range(group)]
                 per = rows // group
-                groups[layer.id] = [slice(g * per, (g + 1) * per) for g in range(group)]
-            counts[layer.id] = counts.get(layer.id, 0) + patches.shape[0]
+                groups[layer_id] = [slice(g * per, (g + 1) * per) for g in range(group)]
+            pending.setdefault(layer_id, []).append(np.ascontiguousarray(patches, dtype=np.float32))
+            counts[layer_id] = counts.get(layer_id, 0) + patches.shape[0]
+            if sum(p.size for p in pending[layer_id]) * 8 >= PENDING_BYTES:
+                flush(layer_id)
+    for layer_id in list(pending):
+        flush(layer_id)
     return {lid: Gram(sums[lid], groups[lid], counts[lid]) for lid in sums}
 
 
@@ -412,7 +424,8 @@ def _sweep(c: np.ndarray, other: np.ndarray, s: np.ndarray, m: np.ndarray, g: np
             if not take.any():
                 continue
             step = np.where(take, delta, 0.0)
-            g[lo:hi] += h[lo:hi, j][:, None] * step[None, :]
+            flips = np.flatnonzero(take)  # few rows flip per column: update only theirs
+            g[lo:hi, flips] += h[lo:hi, j][:, None] * step[flips][None, :]
             steps[j - lo] = step
             c[j], other[j] = np.where(take, other[j], c[j]), np.where(take, c[j], other[j])
             changed += int(take.sum())
