@@ -219,31 +219,43 @@ class OutputProbe:
 
     def _reference(self, plans: list[Suffix], inner: list[str], cache_bytes: int) -> list[np.ndarray]:
         """The outputs without overrides; on the way, the cut tensors of the suffixes that fit ``cache_bytes``."""
+        if plans:
+            self._choose(plans, self._bytes_per_sample(inner), cache_bytes)
+        wanted = {c for plan in self.suffixes.values() for c in plan.cut}
+        fetch = list(self.output_names) + [n for n in inner if n in wanted]
         parts: list[list[np.ndarray]] = [[] for _ in self.output_names]
-        fetch = list(self.output_names) + inner
         for index, batch in enumerate(self.batches):
             got = dict(zip(fetch, self.session.run(fetch, batch)))
             for part, name in zip(parts, self.output_names):
                 part.append(np.asarray(got[name]))
-            if index == 0 and plans:
-                self._choose(plans, {**got, **batch}, cache_bytes)
-                keep = {c for plan in self.suffixes.values() for c in plan.cut}
-                fetch = list(self.output_names) + [n for n in inner if n in keep]
-            if self.suffixes:
-                wanted = {c for plan in self.suffixes.values() for c in plan.cut}
+            if wanted:
                 self.cut_values[index] = {n: np.asarray(v) for n, v in {**got, **batch}.items() if n in wanted}
         self.runs += 1
         self.nodes_run += self._total_nodes
         return [np.concatenate(p, axis=0) if p[0].ndim else np.stack(p) for p in parts]
 
-    def _choose(self, plans: list[Suffix], first: Mapping[str, np.ndarray], cache_bytes: int) -> None:
-        """Suffixes to run, smallest first, while their cut tensors (over all batches, each once) fit."""
-        scale = len(self.batches)
+    def _bytes_per_sample(self, inner: list[str]) -> dict[str, float]:
+        """Bytes per sample of each inner tensor, from a one-sample run (the first batch where the model's batch
+        is fixed): the cache is sized before any batch's tensors are held."""
+        batch = self.batches[0]
+        count = len(next(iter(batch.values())))
+        one = {k: v[:1] for k, v in batch.items()}
+        try:
+            got = dict(zip(inner, self.session.run(inner, one))) if inner else {}
+            count = 1
+        except Exception:  # noqa: BLE001 - a fixed batch size: measure on the whole first batch instead
+            got = dict(zip(inner, self.session.run(inner, batch))) if inner else {}
+            one = batch
+        return {name: np.asarray(value).nbytes / count for name, value in {**got, **one}.items()}
+
+    def _choose(self, plans: list[Suffix], per_sample: Mapping[str, float], cache_bytes: int) -> None:
+        """Suffixes to run, smallest first, while their cut tensors (over all samples, each once) fit."""
+        samples = sum(len(next(iter(b.values()))) for b in self.batches)
         held: set[str] = set()
-        spent = 0
+        spent = 0.0
         for plan in sorted(plans, key=lambda p: len(p.nodes)):
             extra = [c for c in plan.cut if c not in held]
-            cost = scale * sum(np.asarray(first[c]).nbytes for c in extra)
+            cost = samples * sum(per_sample[c] for c in extra)
             if spent + cost > cache_bytes:
                 continue
             spent += cost
