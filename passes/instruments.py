@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -28,35 +29,48 @@ class PassInstrument:
 
 
 class Timing(PassInstrument):
-    """Wall time and peak resident memory of each pass, in run order (the members of a composite, not the
-    composite itself). Both go to ``ctx.records["resources"]`` for the manifest: per pass ``seconds`` and
+    """Wall time, CPU time and peak resident memory of each pass, in run order (the members of a composite, not
+    the composite itself). They go to ``ctx.records["resources"]`` for the manifest: per pass ``seconds``,
+    ``cpu_seconds`` (user + system of this process and the child processes it waited for, e.g. timing
+    subprocesses: on a shared machine wall time counts other people's work, CPU time does not) and
     ``peak_rss_mb`` (see ``PeakMemory``), and the process's peak so far."""
 
     def __init__(self, *, memory: bool = True) -> None:
         self.seconds: list[tuple[str, float]] = []
+        self.cpu_seconds: list[float] = []
         self._starts: list[float] = []  # a stack: a composite's members start and end inside it
+        self._cpu_starts: list[float] = []
         self.memory = PeakMemory() if memory else None
 
     def run_before_pass(self, pass_: Pass, model: Model, ctx: PassContext) -> None:
         if self.memory is not None:
             self.memory.run_before_pass(pass_, model, ctx)
         self._starts.append(time.perf_counter())
+        self._cpu_starts.append(process_cpu_seconds())
 
     def run_after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
         start = self._starts.pop()
         elapsed = time.perf_counter() - start
+        cpu = process_cpu_seconds() - self._cpu_starts.pop()
         if self.memory is not None:
             self.memory.run_after_pass(pass_, result, ctx)
         if pass_.composite:
             return
         self.seconds.append((pass_.spec(), elapsed))
+        self.cpu_seconds.append(cpu)
         peaks = self.memory.peaks if self.memory is not None else []
         ctx.records["resources"] = {
-            "passes": [{"pass": name, "seconds": round(seconds, 4),
+            "passes": [{"pass": name, "seconds": round(seconds, 4), "cpu_seconds": round(self.cpu_seconds[i], 3),
                         **({"peak_rss_mb": peaks[i][1]} if i < len(peaks) else {})}
                        for i, (name, seconds) in enumerate(self.seconds)],
             "peak_rss_mb": round(lifetime_peak_mb() or 0.0, 1),
         }
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the children it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _status_kib(field: str) -> int | None:

@@ -7,7 +7,11 @@ serves every layer: the layers' weights become *overridable initializers* (initi
 that are also graph inputs), so a run swaps a weight by feeding it, with no re-export and
 no new session.
 
-Cost is (layers x widths) full forward passes. Two options keep it bounded on real models:
+Cost is (layers x widths) forward passes, each over only the nodes downstream of the layer's weight
+(``suffixes``, default): the reference run keeps the tensors those nodes read from upstream (skip
+connections, masks) and feeds them back, so a late layer costs a fraction of a full run (about 0.4-0.5
+of the full runs' work on ResNet-18 and a 6-layer sentence encoder, same scores to 1e-4 relative).
+Two options keep it bounded on real models:
 ``time_budget`` (seconds): the reference run is timed and, when all runs would take longer,
 fewer samples are used (never fewer than ``min_samples``); ``extrapolate`` gives widths above
 the lowest measured one without running them: in the small-noise regime both KL and MSE are
@@ -22,6 +26,7 @@ import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -89,37 +94,216 @@ def divergence(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], m
     return total
 
 
+# ----------------------------------------------------------------------
+# suffix runs: only the nodes downstream of the quantized weight
+#: the most bytes of cached cut tensors (all batches) that suffix runs may hold
+SUFFIX_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class Suffix:
+    """The part of a graph that a weight influences: ``nodes`` (indices, in graph order) and the ``cut`` tensors
+    they read from outside it (graph inputs or other nodes' outputs; not initializers)."""
+
+    weight: str
+    nodes: list[int]
+    cut: list[str]
+    #: the graph outputs it computes (the others do not depend on the weight)
+    outputs: list[str]
+
+
+def downstream(graph: onnx.GraphProto, weight: str) -> Suffix | None:
+    """The nodes that depend on ``weight`` and what they read from the rest of the graph; None when the graph
+    has subgraphs (their outer-scope reads are not traced) or sparse initializers."""
+    if graph.sparse_initializer or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                       for n in graph.node for a in n.attribute):
+        return None
+    initializers = {t.name for t in graph.initializer}
+    dirty, nodes = {weight}, []
+    for index, node in enumerate(graph.node):
+        if any(name in dirty for name in node.input):
+            nodes.append(index)
+            dirty.update(o for o in node.output if o)
+    constants = {o: i for i, n in enumerate(graph.node) if n.op_type == "Constant" and not n.input for o in n.output}
+    chosen = set(nodes)
+    cut: dict[str, None] = {}
+    for index in nodes:
+        for name in graph.node[index].input:
+            if not name or name in dirty or name in initializers:
+                continue
+            if name in constants:  # a Constant's value travels with the suffix rather than as a fed tensor
+                chosen.add(constants[name])
+            else:
+                cut[name] = None
+    return Suffix(weight, sorted(chosen), list(cut), [o.name for o in graph.output if o.name in dirty])
+
+
+def suffix_model(proto: onnx.ModelProto, suffix: Suffix, cut_values: Mapping[str, np.ndarray],
+                 outputs: Sequence[str]) -> onnx.ModelProto:
+    """A model of only ``suffix``'s nodes: the cut tensors are its inputs (typed from ``cut_values``), the weight
+    an overridable initializer, ``outputs`` (those of the graph's outputs it computes) its outputs."""
+    graph = proto.graph
+    nodes = [graph.node[i] for i in suffix.nodes]
+    used = {name for node in nodes for name in node.input}
+    out = onnx.ModelProto()
+    out.ir_version = proto.ir_version
+    out.opset_import.extend(proto.opset_import)
+    out.functions.extend(proto.functions)
+    g = out.graph
+    g.name = graph.name + "-suffix"
+    g.node.extend(nodes)
+    g.initializer.extend(t for t in graph.initializer if t.name in used)
+    for name in suffix.cut:
+        value = cut_values[name]
+        # the first axis may differ between batches (the last one): a symbol of its own, so no two inputs are
+        # claimed equal (a broadcast (1, seq, width) tensor is not batch-sized)
+        shape = [f"{name}:0", *value.shape[1:]] if value.ndim else []
+        g.input.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), shape))
+    by_name = {o.name: o for o in graph.output}
+    g.output.extend(by_name[name] for name in outputs)
+    return overridable(out, [suffix.weight], in_place=True)
+
+
 class OutputProbe:
     """One ORT session over fixed input batches; ``run(overrides)`` returns the float outputs.
 
     ``weight_names`` are the tensors that may be overridden. ``reference`` holds the outputs
     with no override; ``divergence(overrides, metric)`` compares a run against it.
+
+    With ``suffixes``, a run that overrides one weight executes only the nodes downstream of it (``downstream``):
+    the reference run also keeps the tensors those nodes read from upstream (at most ``cache_bytes`` of them,
+    the weights with the smallest suffixes first), and a small session per weight feeds them back. The outputs
+    are the full model's (upstream nodes compute the same values either way), at a fraction of the work:
+    about half a ResNet on average over its layers.
     """
 
     def __init__(self, proto: onnx.ModelProto, weight_names: Iterable[str],
                  batches: Sequence[Mapping[str, np.ndarray]], *, threads: int | None = None,
-                 in_place: bool = False) -> None:
-        self.proto = overridable(proto, weight_names, in_place=in_place)
-        self.session = execution.create_session(self.proto, threads=threads or None,
-                                                purpose="run the model to measure output sensitivity")
+                 in_place: bool = False, suffixes: bool = False, cache_bytes: int = SUFFIX_CACHE_BYTES) -> None:
+        names = list(dict.fromkeys(weight_names))
+        self.proto = overridable(proto, names, in_place=in_place)
+        self.threads = threads or None
         self.batches = [dict(b) for b in batches]
         floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
         self.output_names = [o.name for o in self.proto.graph.output
                              if o.type.tensor_type.elem_type in floats]
         if not self.output_names:
             raise UsageError("output sensitivity needs at least one floating-point model output")
+        plans = [plan for plan in (downstream(self.proto.graph, n) for n in names) if plan is not None] \
+            if suffixes else []
+        total = len(self.proto.graph.node)
+        # a suffix that is (nearly) the whole graph saves nothing over the full session
+        plans = [plan for plan in plans if len(plan.nodes) < 0.9 * total]
+        inputs = {i.name for i in self.proto.graph.input}
+        inner = list(dict.fromkeys(c for plan in plans for c in plan.cut if c not in inputs))
+        present = {o.name for o in self.proto.graph.output}
+        declared = len(self.proto.graph.output)
+        for name in inner:
+            if name not in present:
+                self.proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        self.session = execution.create_session(self.proto, threads=self.threads,
+                                                purpose="run the model to measure output sensitivity")
+        del self.proto.graph.output[declared:]  # the session has them; the model (maybe the caller's) does not
         self.runs = 0
-        self.reference = self.run({})
+        #: weight name -> its suffix, for the weights whose cut tensors are cached
+        self.suffixes: dict[str, Suffix] = {}
+        #: per batch, the cached cut tensors
+        self.cut_values: list[dict[str, np.ndarray]] = [{} for _ in self.batches]
+        #: runs that executed only a suffix, and the nodes those runs executed against a full run's
+        self.suffix_runs = 0
+        self.nodes_run = 0
+        self._total_nodes = total
+        self._session_for: tuple[str, Any] | None = None
+        self.reference = self._reference(plans, inner, cache_bytes)
+
+    def _reference(self, plans: list[Suffix], inner: list[str], cache_bytes: int) -> list[np.ndarray]:
+        """The outputs without overrides; on the way, the cut tensors of the suffixes that fit ``cache_bytes``."""
+        if plans:
+            self._choose(plans, self._bytes_per_sample(inner), cache_bytes)
+        wanted = {c for plan in self.suffixes.values() for c in plan.cut}
+        fetch = list(self.output_names) + [n for n in inner if n in wanted]
+        parts: list[list[np.ndarray]] = [[] for _ in self.output_names]
+        for index, batch in enumerate(self.batches):
+            got = dict(zip(fetch, self.session.run(fetch, batch)))
+            for part, name in zip(parts, self.output_names):
+                part.append(np.asarray(got[name]))
+            if wanted:
+                self.cut_values[index] = {n: np.asarray(v) for n, v in {**got, **batch}.items() if n in wanted}
+        self.runs += 1
+        self.nodes_run += self._total_nodes
+        return [np.concatenate(p, axis=0) if p[0].ndim else np.stack(p) for p in parts]
+
+    def _bytes_per_sample(self, inner: list[str]) -> dict[str, float]:
+        """Bytes per sample of each inner tensor, from a one-sample run (the first batch where the model's batch
+        is fixed): the cache is sized before any batch's tensors are held."""
+        batch = self.batches[0]
+        count = len(next(iter(batch.values())))
+        one = {k: v[:1] for k, v in batch.items()}
+        try:
+            got = dict(zip(inner, self.session.run(inner, one))) if inner else {}
+            count = 1
+        except Exception:  # noqa: BLE001 - a fixed batch size: measure on the whole first batch instead
+            got = dict(zip(inner, self.session.run(inner, batch))) if inner else {}
+            one = batch
+        return {name: np.asarray(value).nbytes / count for name, value in {**got, **one}.items()}
+
+    def _choose(self, plans: list[Suffix], per_sample: Mapping[str, float], cache_bytes: int) -> None:
+        """Suffixes to run, smallest first, while their cut tensors (over all samples, each once) fit."""
+        samples = sum(len(next(iter(b.values()))) for b in self.batches)
+        held: set[str] = set()
+        spent = 0.0
+        for plan in sorted(plans, key=lambda p: len(p.nodes)):
+            extra = [c for c in plan.cut if c not in held]
+            cost = samples * sum(per_sample[c] for c in extra)
+            if spent + cost > cache_bytes:
+                continue
+            spent += cost
+            held.update(extra)
+            self.suffixes[plan.weight] = plan
+
+    def _suffix_session(self, plan: Suffix) -> Any:
+        """The session of ``plan``'s suffix (the last one is kept: each layer's widths run one after another)."""
+        if self._session_for is None or self._session_for[0] != plan.weight:
+            self._session_for = None  # let the previous session go before building the next
+            model = suffix_model(self.proto, plan, self.cut_values[0],
+                                 [n for n in self.output_names if n in plan.outputs])
+            self._session_for = (plan.weight, execution.create_session(
+                model, threads=self.threads, purpose="run part of the model to measure output sensitivity"))
+        return self._session_for[1]
 
     def run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs over all batches (concatenated on the first axis) with ``overrides`` fed as weights."""
+        plan = self.suffixes.get(next(iter(overrides))) if len(overrides) == 1 else None
+        if plan is None:
+            outputs = self._run_full(overrides)
+        else:
+            outputs = self._run_suffix(plan, overrides)
+        self.runs += 1
+        return outputs
+
+    def _run_full(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         parts: list[list[np.ndarray]] = [[] for _ in self.output_names]
         for batch in self.batches:
             feeds = {**batch, **overrides}
             for part, value in zip(parts, self.session.run(self.output_names, feeds)):
                 part.append(np.asarray(value))
-        self.runs += 1
+        self.nodes_run += self._total_nodes
         return [np.concatenate(p, axis=0) if p[0].ndim else np.stack(p) for p in parts]
+
+    def _run_suffix(self, plan: Suffix, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        session = self._suffix_session(plan)
+        computed = [n for n in self.output_names if n in plan.outputs]
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in computed}
+        for cut in self.cut_values:
+            feeds = {name: cut[name] for name in plan.cut}
+            for name, value in zip(computed, session.run(computed, {**feeds, **overrides})):
+                parts[name].append(np.asarray(value))
+        self.suffix_runs += 1
+        self.nodes_run += len(plan.nodes)
+        # an output the weight does not reach keeps its reference value
+        return [(np.concatenate(parts[n], axis=0) if parts[n][0].ndim else np.stack(parts[n])) if n in parts
+                else ref for n, ref in zip(self.output_names, self.reference)]
 
     def divergence(self, overrides: Mapping[str, np.ndarray], metric: str) -> float:
         return divergence(self.reference, self.run(overrides), metric)
@@ -152,6 +336,10 @@ class OutputSensitivity:
     extrapolated: dict[int, int] = field(default_factory=dict)
     #: why fewer samples than asked were used (the time budget), else ""
     reduced: str = ""
+    #: runs that executed only the nodes downstream of the weight, and the share of a full run's nodes that
+    #: all runs executed on average (1.0 without suffix runs)
+    suffix_runs: int = 0
+    work: float = 1.0
 
 
 #: the fewest samples a time budget may reduce a measurement to
@@ -161,12 +349,14 @@ MIN_SAMPLES = 8
 def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits: Iterable[int] = TABLE_BITS,
                        samples: int = 64, batch_size: int = 64, threads: int | None = None,
                        progress: Callable[[str], None] | None = None, time_budget: float | None = None,
-                       extrapolate: bool = False, min_samples: int = MIN_SAMPLES) -> OutputSensitivity:
+                       extrapolate: bool = False, min_samples: int = MIN_SAMPLES,
+                       suffixes: bool = True) -> OutputSensitivity:
     """For every quantizable layer and each bit width, the output divergence when only that layer
     is fake-quantized (symmetric, per output channel) and everything else stays float.
 
     ``time_budget`` (seconds) caps the measuring runs by using fewer samples; ``extrapolate`` measures only
-    the lowest widths (all but the highest when there are three or more) and scales the others (see above)."""
+    the lowest widths (all but the highest when there are three or more) and scales the others (see above);
+    ``suffixes`` runs only the nodes downstream of each layer (``OutputProbe``): same values, less work."""
     if metric not in METRICS:
         raise UsageError(f"unknown output metric {metric!r}; use one of {', '.join(METRICS)}")
     layers = model.layers()
@@ -180,18 +370,25 @@ def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits:
     proto = model.to_proto()
     batches = _batches(model, data, samples, batch_size)
     start = time.perf_counter()
-    probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True)
+    probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True, suffixes=suffixes)
     reference_s = time.perf_counter() - start
     used = sum(len(next(iter(b.values()))) for b in batches)
     reduced = ""
     runs_needed = distinct * len(measured)
-    if time_budget is not None and reference_s * runs_needed > time_budget and used > min_samples:
-        fewer = max(min_samples, int(used * time_budget / (reference_s * runs_needed)))
+    # a suffix run costs about its share of the graph's nodes
+    nodes = max(1, len(proto.graph.node))
+    share = float(np.mean([len(probe.suffixes[n].nodes) / nodes if n in probe.suffixes else 1.0
+                           for n in set(names.values())]))
+    expected = reference_s * runs_needed * share
+    if time_budget is not None and expected > time_budget and used > min_samples:
+        fewer = max(min_samples, int(used * time_budget / expected))
         if fewer < used:
-            reduced = (f"{used} samples would take about {reference_s * runs_needed:.0f} s for {runs_needed} runs; "
+            reduced = (f"{used} samples would take about {expected:.0f} s for {runs_needed} runs; "
                        f"{fewer} fit the {time_budget:g} s budget")
             batches = _batches(model, data, fewer, batch_size)
-            probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True)
+            probe = None  # type: ignore[assignment]  # its cached tensors go before the next probe's come
+            probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True,
+                                suffixes=suffixes)
             used = sum(len(next(iter(b.values()))) for b in batches)
     del proto
     table: dict[str, dict[int, float]] = {}
@@ -218,4 +415,7 @@ def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits:
                 task.advance()
             elif progress is not None:
                 progress(f"output-{metric}: layer {index + 1}/{len(layers)} {layer.id}")
-    return OutputSensitivity(table, metric, used, probe.runs, shared, extrapolated, reduced)
+    work = probe.nodes_run / (probe.runs * nodes) if probe.runs else 1.0
+    return OutputSensitivity(table, metric, used, probe.runs, shared, extrapolated, reduced, probe.suffix_runs,
+                             round(work, 3))
+

@@ -515,3 +515,30 @@ def test_timing_records_seconds_and_peak_memory_of_every_pass_for_the_manifest(c
     assert all(r["seconds"] >= 0 for r in rows)
     assert rows[1]["peak_rss_mb"] >= rows[0]["peak_rss_mb"] + 150  # the 200 MB it held were seen
     assert ctx.records["resources"]["peak_rss_mb"] >= rows[1]["peak_rss_mb"]
+
+
+def test_timing_records_cpu_seconds_apart_from_wall_seconds(cnn_model):
+    """On a shared machine wall time includes waiting; the CPU seconds of a pass count only its own work."""
+
+    class Sleeps(Pass):
+        name = "sleeps"
+
+        def run(self, model, ctx):
+            time.sleep(0.4)
+            return PassResult(model, modified=False, preserved=PRESERVE_ALL)
+
+    class Spins(Pass):
+        name = "spins"
+
+        def run(self, model, ctx):
+            start = time.process_time()
+            while time.process_time() - start < 0.3:
+                pass
+            return PassResult(model, modified=False, preserved=PRESERVE_ALL)
+
+    timing = Timing()
+    ctx = PassContext(instruments=[timing])
+    Pipeline([Sleeps(), Spins()]).run(cnn_model, ctx, verify=False)
+    sleeps, spins = ctx.records["resources"]["passes"]
+    assert sleeps["seconds"] >= 0.4 and sleeps["cpu_seconds"] < 0.2
+    assert spins["cpu_seconds"] >= 0.29

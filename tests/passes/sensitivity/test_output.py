@@ -143,3 +143,59 @@ def test_a_reporter_gets_one_counted_task_over_the_layers(onnx_mlp):
                        progress=MessageReporter(lines.append, interval=0.0))
     assert lines[0] == "sensitivity (output-mse): 2 layers"
     assert lines[-1].startswith("sensitivity (output-mse): done in")
+
+
+def _residual_proto() -> onnx.ModelProto:
+    """x -> MatMul(W1) -> a -> Relu -> r -> MatMul(W2) -> b; y = Add(r, b) (a skip connection) -> MatMul(W3) -> z,
+    plus a second output ``s`` = Sigmoid(a) that only W1 reaches."""
+    rng = np.random.default_rng(4)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}") for i in (1, 2, 3)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="m1"),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Sigmoid", ["a"], ["s"]),
+        helper.make_node("MatMul", ["r", "w2"], ["b"], name="m2"),
+        helper.make_node("Add", ["r", "b"], ["y"]),
+        helper.make_node("MatMul", ["y", "w3"], ["z"], name="m3"),
+    ]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8]),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 8])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_the_suffix_of_a_weight_reads_the_skip_connection_from_upstream():
+    from bitpass.passes.sensitivity.output import downstream
+
+    graph = _residual_proto().graph
+    second = downstream(graph, "w2")
+    assert [graph.node[i].name or graph.node[i].op_type for i in second.nodes] == ["m2", "Add", "m3"]
+    assert second.cut == ["r"] and second.outputs == ["z"]  # s does not depend on w2
+    first = downstream(graph, "w1")
+    assert len(first.nodes) == len(graph.node) and first.cut == ["x"] and first.outputs == ["z", "s"]
+
+
+def test_suffix_runs_give_the_full_runs_scores_while_executing_fewer_nodes():
+    model = from_proto(_residual_proto(), name="residual")
+    x = np.random.default_rng(5).standard_normal((30, 8)).astype(np.float32)
+    data = from_arrays({"x": x}, model.inputs)  # 30 samples in batches of 16: the last batch is smaller
+    full = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=16, suffixes=False)
+    part = output_sensitivity(model, data, metric="mse", bits=(2, 4, 8), batch_size=16, suffixes=True)
+    assert full.suffix_runs == 0 and full.work == 1.0
+    assert part.suffix_runs == 2 * 3  # m2 and m3 at each width; m1's suffix is the whole graph
+    assert part.work < 0.8  # counted from the nodes each run executed
+    for layer, row in full.table.items():
+        assert row[2] > 0
+        for bits, value in row.items():
+            assert part.table[layer][bits] == pytest.approx(value, rel=1e-5)
+
+
+def test_suffixes_whose_cut_tensors_do_not_fit_the_cache_run_the_whole_model():
+    model = from_proto(_residual_proto(), name="residual")
+    batches = [{"x": np.ones((4, 8), np.float32)}]
+    probe = OutputProbe(model.to_proto(), ["w1", "w2", "w3"], batches, suffixes=True, cache_bytes=4 * 8 * 4)
+    assert set(probe.suffixes) == {"w3"}  # room for one (4, 8) float tensor: the smallest suffix's input
+    roomy = OutputProbe(model.to_proto(), ["w1", "w2", "w3"], batches, suffixes=True)
+    assert set(roomy.suffixes) == {"w2", "w3"}
+    w3 = np.zeros((8, 8), np.float32)
+    np.testing.assert_allclose(probe.run({"w3": w3})[0], roomy.run({"w3": w3})[0], atol=1e-6)
