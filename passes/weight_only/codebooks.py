@@ -23,7 +23,7 @@ from functools import cache
 import ml_dtypes
 import numpy as np
 
-from bitpass.passes.weight_only.gptq import upper_inverse_cholesky
+from bitpass.passes.weight_only.gptq import compensated_sweep, upper_inverse_cholesky
 from bitpass.passes.weight_only.grid import check_groups
 
 #: the NF4 levels of QLoRA (Dettmers et al., 2023): normal quantiles, asymmetric so that 0 is exact
@@ -124,17 +124,11 @@ def codebook_gptq(weight: np.ndarray, h: np.ndarray, name: str, group_size: int,
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     upper = upper_inverse_cholesky(h)
     codes = np.zeros((n, k), np.uint8)
-    block = max(group_size, (block // group_size) * group_size)
-    for start in range(0, k, block):
-        stop = min(start + block, k)
-        part = work[:, start:stop].copy()
-        errors = np.zeros_like(part)
-        for j in range(stop - start):
-            scale = scales[(start + j) // group_size].astype(np.float64)
-            column = part[:, j]
-            codes[:, start + j] = nearest_codes(column / scale, name)
-            error = (column - book[codes[:, start + j]] * scale) / upper[start + j, start + j]
-            part[:, j:] -= np.outer(error, upper[start + j, start + j:stop])
-            errors[:, j] = error
-        work[:, stop:] -= errors @ upper[start:stop, stop:]
+
+    def round_feature(index: int, column: np.ndarray, _rest: np.ndarray) -> np.ndarray:
+        scale = scales[index // group_size].astype(np.float64)
+        codes[:, index] = nearest_codes(column / scale, name)
+        return book[codes[:, index]] * scale
+
+    compensated_sweep(work, upper, round_feature, group_size, block)
     return CodebookQuantized(np.ascontiguousarray(codes.T), scales, name, group_size)

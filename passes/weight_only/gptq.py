@@ -11,7 +11,7 @@ still fits MatMulNBits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -53,6 +53,27 @@ def upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(inverse.T @ inverse).T
 
 
+def compensated_sweep(work: np.ndarray, upper: np.ndarray,
+                      round_feature: Callable[[int, np.ndarray, np.ndarray], np.ndarray], group_size: int,
+                      block: int = 128) -> None:
+    """GPTQ's update, whatever the grid: input features (columns of ``work``, ``(N, K)``, in place) are rounded in
+    order by ``round_feature(index, column, rest_of_block)``, which returns the rounded column, and each one's
+    error is spread onto the features not yet rounded through ``upper`` (``upper_inverse_cholesky``), in blocks
+    so that most of the update is one matrix product."""
+    k = work.shape[1]
+    block = max(group_size, (block // group_size) * group_size)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        part = work[:, start:stop].copy()
+        errors = np.zeros_like(part)
+        for j in range(stop - start):
+            column = part[:, j]
+            error = (column - round_feature(start + j, column, part[:, j:])) / upper[start + j, start + j]
+            part[:, j:] -= np.outer(error, upper[start + j, start + j:stop])
+            errors[:, j] = error
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
+
+
 def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: int, *, act_order: bool = False,
          static_groups: bool = True, damp: float = 0.01, block: int = 128) -> GroupQuantized:
     """Quantize ``weight`` ``(K, N)`` group-wise to ``bits`` (one width, or one per K-slice of groups)
@@ -84,27 +105,20 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: 
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     upper = upper_inverse_cholesky(h)
     codes = np.zeros((n, k), np.uint8)
-    block = max(group_size, (block // group_size) * group_size)
-    for start in range(0, k, block):
-        stop = min(start + block, k)
-        part = work[:, start:stop].copy()
-        errors = np.zeros_like(part)
-        for j in range(stop - start):
-            feature = order[start + j]
-            g = feature // group_size
-            if not static and feature % group_size == 0:
-                # grids from the current (already error-compensated) rows of this group
-                s, z = group_params(part[:, j:j + group_size].T, bits_per_slice[g:g + 1], group_size)
-                scales[g], zeros[g] = s[0], z[0]
-            top = 2 ** int(bits_per_slice[g]) - 1
-            column = part[:, j]
-            q = np.clip(np.round(column / scales[g] + zeros[g]), 0, top)
-            codes[:, start + j] = q.astype(np.uint8)
-            dequantized = (q - zeros[g].astype(np.float64)) * scales[g].astype(np.float64)
-            error = (column - dequantized) / upper[start + j, start + j]
-            part[:, j:] -= np.outer(error, upper[start + j, start + j:stop])
-            errors[:, j] = error
-        work[:, stop:] -= errors @ upper[start:stop, stop:]
+
+    def round_feature(index: int, column: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        feature = order[index]
+        g = feature // group_size
+        if not static and feature % group_size == 0:
+            # grids from the current (already error-compensated) rows of this group
+            s, z = group_params(rest[:, :group_size].T, bits_per_slice[g:g + 1], group_size)
+            scales[g], zeros[g] = s[0], z[0]
+        top = 2 ** int(bits_per_slice[g]) - 1
+        q = np.clip(np.round(column / scales[g] + zeros[g]), 0, top)
+        codes[:, index] = q.astype(np.uint8)
+        return (q - zeros[g].astype(np.float64)) * scales[g].astype(np.float64)
+
+    compensated_sweep(work, upper, round_feature, group_size, block)
     restored = np.empty_like(codes)
     restored[:, order] = codes
     return GroupQuantized(np.ascontiguousarray(restored.T), scales, zeros, bits_per_slice, group_size)

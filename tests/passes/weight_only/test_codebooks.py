@@ -9,13 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bitpass.frontend import UsageError, annotation, from_arrays
-from bitpass.frontend.decoder import complete_lm_inputs, export_decoder
+from bitpass.frontend import UsageError, annotation
 from bitpass.passes.weight_only.codebooks import codebook, codebook_gptq, codebook_rtn
 from bitpass.passes.weight_only.grid import output_error, rtn
 from bitpass.passes.weight_only.passes import QuantizeWeights
 from bitpass.passes.weight_only.quantize import Quantizer, Recipe
-from bitpass.tools import decoders
 
 
 def test_the_tables_are_the_published_formats():
@@ -64,16 +62,6 @@ def test_gptq_onto_a_codebook_keeps_the_layer_output_closer_than_rounding(name):
     assert compensated < 0.95 * plain
 
 
-@pytest.fixture(scope="module")
-def decoder():
-    model, spec = export_decoder(decoders.tiny_gpt2(width=64))
-    rng = np.random.default_rng(0)
-    feeds, _ = complete_lm_inputs({"input_ids": rng.integers(0, 256, (12, 24))}, spec)
-    calibration = from_arrays(feeds, model.inputs)
-    feeds, _ = complete_lm_inputs({"input_ids": rng.integers(0, 256, (4, 24))}, spec)
-    return model, calibration, feeds
-
-
 def _logits(model, feeds) -> np.ndarray:
     return ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
 
@@ -82,7 +70,7 @@ def _logits(model, feeds) -> np.ndarray:
 def test_the_onnx_model_computes_with_exactly_the_rounded_weights(decoder, grid):
     import onnx_ir as ir
 
-    model, calibration, feeds = decoder
+    model, _, calibration, feeds = decoder
     quantizer = Quantizer()
     bits = 8 if grid == "fp8" else 4
     result, outcome = quantizer(model, calibration, Recipe(method="gptq", bits=bits, grid=grid, group_size=32))

@@ -7,24 +7,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bitpass.frontend import UsageError, annotation, from_arrays
-from bitpass.frontend.decoder import complete_lm_inputs, export_decoder
+from bitpass.frontend import UsageError, annotation
 from bitpass.passes.infra import PassContext
 from bitpass.passes.weight_only.apply import QuantizedLayer
 from bitpass.passes.weight_only.emit import linear_weight
 from bitpass.passes.weight_only.passes import QuantizeWeights
 from bitpass.passes.weight_only.quantize import Quantizer, Recipe, quantize_weights
-from bitpass.tools import decoders
-
-
-@pytest.fixture(scope="module")
-def decoder():
-    model, spec = export_decoder(decoders.tiny_gpt2(width=64))
-    rng = np.random.default_rng(0)
-    feeds, _ = complete_lm_inputs({"input_ids": rng.integers(0, 256, (12, 24))}, spec)
-    calibration = from_arrays(feeds, model.inputs)
-    feeds, _ = complete_lm_inputs({"input_ids": rng.integers(0, 256, (4, 24))}, spec)
-    return model, spec, calibration, feeds
 
 
 def logits(model, feeds) -> np.ndarray:
