@@ -323,6 +323,9 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
                                    plugin_paths=plugin_paths, latency=latency, seed=seed, progress=say,
                                    overrides=overrides, registry=registry, tolerance=tolerance,
                                    allow_quality_loss=allow_quality_loss)
+    # plugins and passes are imported (torch among them) before anything is written: a signal that lands inside
+    # a C extension's import aborts the process, and must not find a half-made destination
+    options["registry"] = registry or default_registry(plugin_paths)
     workers = executor_from_spec(executor)  # one the caller gave stays open; one made here is closed here
     with (contextlib.nullcontext() if workers is executor else workers), \
             artifact_io.Destination(output_dir, force=force) as destination:
