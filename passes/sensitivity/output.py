@@ -213,6 +213,8 @@ class OutputProbe:
         #: runs that executed only a suffix, and the nodes those runs executed against a full run's
         self.suffix_runs = 0
         self.nodes_run = 0
+        #: weight name -> why ONNX Runtime could not run its suffix (it was then measured on the whole model)
+        self.suffix_failures: dict[str, str] = {}
         self._total_nodes = total
         self._session_for: tuple[str, Any] | None = None
         self.reference = self._reference(plans, inner, cache_bytes)
@@ -275,10 +277,17 @@ class OutputProbe:
     def run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs over all batches (concatenated on the first axis) with ``overrides`` fed as weights."""
         plan = self.suffixes.get(next(iter(overrides))) if len(overrides) == 1 else None
-        if plan is None:
+        outputs = None
+        if plan is not None:
+            try:
+                outputs = self._run_suffix(plan, overrides)
+            except Exception as err:  # noqa: BLE001 - ORT cannot run the cut graph (a Resize whose sizes came
+                # from above the cut loses its shape inference): this weight is measured on the whole model
+                self._session_for = None
+                del self.suffixes[plan.weight]
+                self.suffix_failures[plan.weight] = execution.first_line(err)
+        if outputs is None:
             outputs = self._run_full(overrides)
-        else:
-            outputs = self._run_suffix(plan, overrides)
         self.runs += 1
         return outputs
 

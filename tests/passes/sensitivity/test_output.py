@@ -199,3 +199,17 @@ def test_suffixes_whose_cut_tensors_do_not_fit_the_cache_run_the_whole_model():
     assert set(roomy.suffixes) == {"w2", "w3"}
     w3 = np.zeros((8, 8), np.float32)
     np.testing.assert_allclose(probe.run({"w3": w3})[0], roomy.run({"w3": w3})[0], atol=1e-6)
+
+
+def test_a_weight_whose_cut_graph_onnx_runtime_refuses_is_measured_on_the_whole_model(tmp_path):
+    """The detector's FPN: a Resize whose sizes come from above a weight's cut loses its shape inference in the
+    cut graph, which ONNX Runtime refuses; that weight is measured on the whole model, and every layer scores."""
+    from bitpass.frontend import from_onnx
+    from bitpass.tools import model_families as mf
+
+    built = mf.build("detector", "fast")
+    model = from_onnx(mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path / "detector"))
+    data = from_arrays(built.calibration, model.inputs)
+    result = output_sensitivity(model, data, samples=8, bits=(4, 8))
+    assert set(result.table) == {layer.id for layer in model.layers()}
+    assert all(np.isfinite(v) for row in result.table.values() for v in row.values())
