@@ -488,6 +488,10 @@ def _compile(
             sizes = ", ".join(f"{name}={size}" for name, size in fixed.items())
             say(f"{backend} compiles fixed shapes: {sizes} (the calibration data's), the batch stays free")
             notes = [*notes, f"symbolic dimensions fixed from the calibration data: {sizes}"]
+            if lm is not None:  # a library of one sequence length cannot take one token at a time
+                lm = None
+                notes.append("a language model compiled at one sequence length: measured as a plain model "
+                             "(no token-by-token generation)")
             for role, data in (("evaluation", evaluation_data), ("held-back calibration", held_back)):
                 if data is not None:
                     check_fixed(fixed, source, data, role)

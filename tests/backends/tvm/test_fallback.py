@@ -189,3 +189,17 @@ def test_a_dynamic_sequence_axis_is_compiled_at_the_calibration_datas_length(tmp
         compile(str(path), tmp_path / "tvm2", backend="tvm", pipeline="optimize", latency=False, calibration=calib,
                 evaluation=other)
     assert not (tmp_path / "tvm2").exists()
+
+
+def test_a_language_model_with_a_dynamic_sequence_compiles_at_one_length_and_is_measured_as_a_plain_model(tmp_path):
+    """GPT-2's logits exported with dynamic batch and sequence: TVM fixes the sequence from --calib, so the artifact
+    cannot generate token by token; it is measured on whole sequences, and the manifest says why."""
+    from bitpass.tools import model_families as mf
+
+    built = mf.build("gpt2_lm", "fast")
+    path = mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path / "gpt2")
+    artifact = compile(str(path), tmp_path / "tvm", backend="tvm", pipeline="optimize", latency=False,
+                       calibration=built.calibration, evaluation=built.evaluation)
+    notes = artifact.manifest["records"]["notes"]
+    assert any("measured as a plain model" in note for note in notes)
+    assert "decoder" not in artifact.manifest
