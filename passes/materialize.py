@@ -312,9 +312,15 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
                                                     accuracy_level=options.accuracy_level,
                                                     symmetric=options.weight_only_symmetric)
                 output_to_layer.update(mapped)
+    initializers = {t.name for t in proto.graph.initializer}
     for decision in decisions:
         if decision.result == PACKED:
             node = next(n for n in proto.graph.node if n.name == decision.node_name)
+            if node.input[WEIGHT_INPUT[decision.op_type]] not in initializers:
+                # a weight this layer shares with a QDQ layer (a detector's heads) is already that layer's int8
+                # DequantizeLinear: it reads that, and is not packed a second time
+                say(f"quantize: {decision.layer_id} shares its weight with an int8 layer and reads that")
+                continue
             pack_weight(proto, node, WEIGHT_INPUT[decision.op_type], decision.channel_axis, decision.weight_bits,
                         decision.block_size or options.block_size)
     for decision in decisions:

@@ -127,12 +127,11 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
     produced = {output for n in proto.graph.node for output in n.output}
     packed_bytes = int(low.stored().nbytes + low.scales.nbytes)
     if result in produced:
-        if _same_constants(inits, consts):
-            node.input[input_index], packed_bytes, consts = result, 0, []
-            # the shared chain must run before every reader: move it up to this node when it comes later
-            chain_names = {n.name for n in nodes}
-            nodes = [n for n in proto.graph.node if n.name in chain_names]
-            kept = [n for n in proto.graph.node if n.name not in chain_names]
+        if _same_constants(inits, consts):  # shared with a layer packed before: take its chain out, to re-insert
+            packed_bytes, consts = 0, []
+            chain = {n.name for n in nodes}
+            nodes = [_copy(n) for n in proto.graph.node if n.name in chain]
+            kept = [_copy(n) for n in proto.graph.node if n.name not in chain]
             del proto.graph.node[:]
             proto.graph.node.extend(kept)
         else:  # the same weight packed another way for another layer: a chain of its own
@@ -140,12 +139,20 @@ def pack_weight(proto: onnx.ModelProto, node: onnx.NodeProto, input_index: int, 
             prefix = next(f"{prefix}_{k}" for k in range(2, 1 << 20)
                           if not any(n.startswith(f"{prefix}_{k}") for n in taken))
             nodes, result, consts = _chain_and_constants(low, prefix)
-    node.input[input_index] = result
+    reader = next(n for n in proto.graph.node if n.output[:1] == node.output[:1])  # the graph's own message
+    reader.input[input_index] = result
     proto.graph.initializer.extend(consts)
-    _insert_before(proto, node.name, nodes)
+    # the chain runs before its first reader (this layer, or one that shares the weight and comes earlier)
+    _insert_before(proto, next(n for n in proto.graph.node if result in n.input), nodes)
     if not any(name in n.input for n in proto.graph.node):
         proto.graph.initializer.remove(inits[name])
     return packed_bytes
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def _same_constants(inits: dict[str, TensorProto], consts: list[TensorProto]) -> bool:
@@ -193,8 +200,9 @@ def widen_int8_weight(proto: onnx.ModelProto, int8_name: str, low: LowBitWeight,
     return int8_name
 
 
-def _insert_before(proto: onnx.ModelProto, node_name: str, nodes: list[onnx.NodeProto]) -> None:
-    _insert_at(proto, next(i for i, n in enumerate(proto.graph.node) if n.name == node_name), nodes)
+def _insert_before(proto: onnx.ModelProto, node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+    """Insert ``nodes`` just before ``node``, found by its first output (names may be empty or repeated)."""
+    _insert_at(proto, next(i for i, n in enumerate(proto.graph.node) if n.output[:1] == node.output[:1]), nodes)
 
 
 def _insert_at(proto: onnx.ModelProto, index: int, nodes: list[onnx.NodeProto]) -> None:

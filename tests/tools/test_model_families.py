@@ -181,3 +181,18 @@ def test_a_vit_exported_by_dynamo_at_the_newest_opset_compiles_with_the_default_
     quantization = artifact.manifest["records"]["quantization"]
     assert quantization.get("flavour_fallback", "").startswith("u8s8-reduce-range: ONNX Runtime refused S8S8") \
         or quantization["activation_type"] == "int8", "S8S8, or the fallback and why (ONNX Runtime 1.32 refuses)"
+
+
+@pytest.mark.parametrize("budget", ["avg-bits=4", "size=0.3x"])
+def test_the_detector_whose_heads_share_weights_compiles_mixed_and_joint(tmp_path, budget):
+    """One head weight read at every FPN level: packed once however many layers read it, read as the int8 weight
+    where another reader quantized it, and its cut graph measured whole where ONNX Runtime refuses it."""
+    from bitpass.tools import compile
+
+    built = mf.build("detector", "fast")
+    path = mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path / "detector")
+    pipeline = "joint" if budget.startswith("size") else "default"
+    artifact = compile(str(path), tmp_path / "out", pipeline=pipeline, budget=budget, calibration=built.calibration,
+                       evaluation=built.evaluation, latency=False)
+    assert artifact.manifest["metrics"]["quality"]["fidelity"]["cosine"] >= 0.99
+    assert artifact.manifest["metrics"]["size"]["weight_ratio"] < 0.5
