@@ -247,7 +247,9 @@ def test_a_signal_mid_compile_leaves_nothing_behind(tmp_path, digits_files, sign
     with log.open("w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "bitpass.tools.cli", "compile",
                                     str(digits_files / "model.onnx"), "-o", str(out), "--plugin", str(plugin),
-                                    "--pipeline", "sleepy"], stderr=stderr, text=True, env=env)
+                                    "--pipeline", "sleepy"], stderr=stderr, text=True, env=env,
+                                   # a suite started in the background ignores SIGINT, and children inherit that
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while "[bitpass] running sleepy" not in log.read_text():  # the signal lands inside the sleeping pass
             assert time.monotonic() < deadline and process.poll() is None, log.read_text()
