@@ -23,9 +23,6 @@ Specs (``executor_from_spec``):
   ``ray start --address=HEAD:6379`` on the others; Ray's client port is 10001). Ray is optional:
   ``pip install 'ray[default]'``.
 
-Each task gets ``threads_per_task`` ONNX Runtime threads (cores divided by local workers; 1 on a Ray cluster's
-CPU slot), so N workers do not oversubscribe a machine's cores.
-
 What Ray ships between processes is pickled by Ray; everything sent is built by bitpass in this run (models,
 arrays, options), never read from untrusted pickles.
 """
@@ -56,8 +53,6 @@ class Executor(abc.ABC):
 
     #: how many tasks run at once
     workers: int = 1
-    #: ONNX Runtime intra-op threads each task should use (None: the session's default, every core)
-    threads_per_task: int | None = None
     spec: str = "serial"
 
     @abc.abstractmethod
@@ -96,9 +91,7 @@ class ProcessExecutor(Executor):
     until ``close``: a worker imports bitpass once, not once per call."""
 
     def __init__(self, workers: int | None = None) -> None:
-        cores = host().cores
-        self.workers = max(1, workers or cores)
-        self.threads_per_task = max(1, cores // self.workers)
+        self.workers = max(1, workers or host().cores)
         self.spec = f"local:{self.workers}"
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
@@ -151,7 +144,6 @@ class RayExecutor(Executor):
                 raise UsageError(f"cannot reach the Ray cluster at {address}: {err}") from err
             self._started = True
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.threads_per_task = 1
         self.spec = f"ray:{address}" if address else "ray"
         self._remote = ray.remote(num_cpus=1)(_call_remote)
 
@@ -205,14 +197,3 @@ def executor_from_spec(spec: str | Executor | None) -> Executor:
         return RayExecutor(rest or None)
     raise UsageError(f"--executor {text!r}: use serial, local, local:N, ray, ray:ADDRESS or ray://HOST:PORT")
 
-
-def chunks(items: Sequence[T], count: int) -> list[list[T]]:
-    """``items`` split into at most ``count`` contiguous, nearly equal runs (order kept, none empty)."""
-    count = max(1, min(count, len(items)))
-    size, extra = divmod(len(items), count)
-    out, start = [], 0
-    for index in range(count):
-        end = start + size + (1 if index < extra else 0)
-        out.append(list(items[start:end]))
-        start = end
-    return [c for c in out if c]

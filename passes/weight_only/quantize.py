@@ -277,17 +277,16 @@ class Quantizer:
         the serial executor rounds each layer when it is written instead, holding one at a time."""
         if executor.workers <= 1:
             return
-        todo = [layer for layer in layers
-                if self._key(layer.id, linear_weight(layer), hessians.get(layer.id), widths[layer.id], recipe)
-                not in self._layers]
+        keys = {layer.id: self._key(layer.id, linear_weight(layer), hessians.get(layer.id), widths[layer.id], recipe)
+                for layer in layers}  # each weight unpacked and hashed once here, once more when sent
+        todo = [layer for layer in layers if keys[layer.id] not in self._layers]
         if not todo:
             return
         say(f"quantize-weights: rounding {len(todo)} layers on {executor.workers} workers ({executor.spec})")
         done = _in_batches(executor, _round_task, recipe, todo,
                            lambda layer: (linear_weight(layer), hessians.get(layer.id), widths[layer.id]))
         for layer, quantized in zip(todo, done):
-            weight = linear_weight(layer)
-            self._layers[self._key(layer.id, weight, hessians.get(layer.id), widths[layer.id], recipe)] = quantized
+            self._layers[keys[layer.id]] = quantized
 
     @staticmethod
     def _key(layer_id: str, weight: np.ndarray | None, h: np.ndarray | None, bits: np.ndarray,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bitpass.frontend.errors import UsageError
-from bitpass.passes.executors import SERIAL, ProcessExecutor, SerialExecutor, chunks, executor_from_spec
+from bitpass.passes.executors import SERIAL, ProcessExecutor, SerialExecutor, executor_from_spec
 
 
 def test_serial_is_the_default_and_runs_in_order():
@@ -25,7 +25,6 @@ def test_worker_processes_return_the_serial_results_in_item_order():
     finished = []
     with executor_from_spec("local:2") as executor:
         assert isinstance(executor, ProcessExecutor) and executor.workers == 2
-        assert executor.threads_per_task >= 1
         got = executor.map(np.dot, shared, items, on_result=lambda i, _: finished.append(i))
     want = SerialExecutor().map(np.dot, shared, items)
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
@@ -38,9 +37,3 @@ def test_a_wrong_spec_says_what_to_write(spec):
     with pytest.raises(UsageError, match="local:2|serial, local"):
         executor_from_spec(spec)
 
-
-def test_chunks_keep_order_and_balance():
-    assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert chunks([1, 2], 5) == [[1], [2]]
-    assert chunks([], 3) == []
-    assert sum(chunks(list(range(100)), 8), []) == list(range(100))
