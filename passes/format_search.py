@@ -28,9 +28,13 @@ geometric mean of the medians over the batches is at least ``1 + MIN_GAIN``. A w
 when every lower quartile is above ``CLEAR_WIN`` (ResNet's U8S8: about 3x); a narrower one, or one
 where the medians say faster but a lower quartile does not, is timed again in a fresh process with
 ``CONFIRM_ROUNDS`` longer rounds, and wins only if that timing alone and the pooled rounds both say
-faster; otherwise the incumbent stays. The all-fallback plan
-is always a candidate, so the result is never slower than fp32 or than the plan in its fastest flavour,
-as measured. The choice is cached per model, plan, ranges, options and CPU, so the same inputs give
+faster; otherwise the incumbent stays. A challenger at most half
+the incumbent's bytes (int8 against the fp32 fallback: a 4x smaller artifact) needs less: to be *not slower*
+(``not_slower_with_confidence``: every batch's median at least ``1 - TIE``, confirmed by a longer timing
+when a median is below 1 or a lower quartile far below), because a user asked for a small artifact and a
+tie in speed should not cost them 4x the bytes. The all-fallback plan
+is always a candidate, so the result is never slower than fp32 (beyond ``TIE``) or than the plan in its
+fastest flavour, as measured. The choice is cached per model, plan, ranges, options and CPU, so the same inputs give
 the same artifact (bitpass's determinism) without timing again.
 """
 
@@ -68,12 +72,16 @@ CONFIDENCE_QUANTILE = 25.0
 CONFIRM_ROUNDS, CONFIRM_SECONDS, CONFIRM_BUDGET = 21, 0.05, 10.0
 #: a win whose lower quartile is above this at every batch is clear at once; a narrower one is confirmed
 CLEAR_WIN = 1.25
+#: a challenger at most SMALLER of the incumbent's bytes replaces it when not slower: every batch's median paired
+#: ratio at least 1 - TIE; sure at once when also every median is at least 1 and every lower quartile at least
+#: 1 - TIE_SPREAD, else timed again longer
+SMALLER, TIE, TIE_SPREAD = 0.5, 0.03, 0.10
 #: a flavour is eligible when its output error is at most this many times the best flavour's (plus EPSILON)
 ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 2
+SEARCH_VERSION = 3
 
 
 class Timings(Protocol):
@@ -153,6 +161,26 @@ def faster_with_confidence(ratios: Mapping[int, Sequence[float]], min_gain: floa
     return Verdict(True, median, low, f"{gain:.2f}x overall, faster in at least 3 rounds of 4 at every batch")
 
 
+def not_slower_with_confidence(ratios: Mapping[int, Sequence[float]], tie: float = TIE,
+                               spread: float = TIE_SPREAD, confirmed: bool = False) -> Verdict:
+    """The rule for a much smaller challenger (see the module doc): not slower when every batch's median paired
+    ratio is at least ``1 - tie``. Sure at once when every median is at least 1 and every lower quartile at least
+    ``1 - spread``; otherwise unsure (None) until ``confirmed`` (the ratios pool a longer second timing)."""
+    if not ratios or any(len(r) == 0 for r in ratios.values()):
+        return Verdict(False, {}, {}, "not timed at every batch")
+    median = {b: float(np.median(r)) for b, r in ratios.items()}
+    low = {b: float(np.percentile(r, CONFIDENCE_QUANTILE)) for b, r in ratios.items()}
+    slower = sorted(b for b, m in median.items() if m < 1.0 - tie)
+    if slower:
+        return Verdict(False, median, low, f"smaller, but slower at batch {', '.join(map(str, slower))} "
+                                           f"(median {', '.join(f'{median[b]:.2f}x' for b in slower)}, "
+                                           f"{1 - tie:.2f}x allowed)")
+    ratio_text = ", ".join(f"{median[b]:.2f}x at batch {b}" for b in sorted(median))
+    if not confirmed and (min(median.values()) < 1.0 or min(low.values()) < 1.0 - spread):
+        return Verdict(None, median, low, f"smaller and about as fast ({ratio_text}), but close or scattered")
+    return Verdict(True, median, low, f"smaller and not slower ({ratio_text}; {1 - tie:.2f}x allowed)")
+
+
 @dataclass
 class Candidate:
     name: str
@@ -164,6 +192,8 @@ class Candidate:
     #: batch -> fp32 seconds / candidate seconds (> 1: faster), from the round it was timed in
     speedup: dict[int, float] = field(default_factory=dict)
     eligible: bool = True
+    #: the serialized model's size (what "smaller" compares)
+    nbytes: int = 0
 
     def score(self) -> float:
         """Geometric mean over the batches of candidate time / fp32 time (lower is faster)."""
@@ -246,6 +276,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
 
     def build(c: Candidate) -> Candidate:
         c.model = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
+        c.nbytes = len(c.model.to_bytes())
         try:
             c.error = _relative_error(reference, _outputs(c.model, check))
         except BitpassError as err:  # e.g. ORT's own graph rewrites break S8 QDQ at opset 21+ (output_dtype)
@@ -296,19 +327,27 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             return Verdict(False, {}, {}, "the confirmation did not run" + spent)
         second = {b: paired_ratios(again, c.name, theirs, b) for b in batches}
         pooled = {b: [*first[b], *second[b]] for b in batches}
-        verdict, alone = faster_with_confidence(pooled, clear=1.0), faster_with_confidence(second, clear=1.0)
+        if much_smaller(c, incumbent):
+            verdict = not_slower_with_confidence(pooled, confirmed=True)
+            alone = not_slower_with_confidence(second, confirmed=True)
+        else:
+            verdict, alone = faster_with_confidence(pooled, clear=1.0), faster_with_confidence(second, clear=1.0)
         if verdict.faster and not alone.faster:
             verdict = replace(verdict, faster=None, why=f"pooled: {verdict.why}; the longer timing alone: {alone.why}")
         if verdict.faster is None:
             verdict = replace(verdict, faster=False, why=verdict.why + "; still unsure after a longer timing")
         return replace(verdict, why=verdict.why + f" ({min(len(r) for r in pooled.values())} rounds pooled{spent})")
 
+    def much_smaller(c: Candidate, incumbent: Candidate) -> bool:
+        """Whether ``c`` is at most SMALLER of ``incumbent``'s bytes (int8 against fp32), so a tie is enough."""
+        return 0 < c.nbytes <= SMALLER * (incumbent.nbytes or len(fp32_bytes))
+
     def challenge(challengers: list[Candidate], incumbent: Candidate, timed: Timings) -> Candidate:
         """The fastest challenger (by median) that beats ``incumbent`` with confidence, else ``incumbent``."""
         decisions = rounds[-1].setdefault("decisions", [])
         for c in sorted((c for c in challengers if c.eligible and c.speedup), key=lambda c: c.score()):
             ratios = {b: paired_ratios(timed, c.name, name_of(incumbent), b) for b in batches}
-            verdict = faster_with_confidence(ratios)
+            verdict = (not_slower_with_confidence if much_smaller(c, incumbent) else faster_with_confidence)(ratios)
             if verdict.faster is None:
                 verdict = confirm(c, incumbent, ratios)
             decisions.append({"challenger": c.name, "incumbent": incumbent.name, **verdict.record()})
@@ -381,11 +420,13 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     record = {"cpu_key": host().key, "batches": list(batches), "chosen": best.name,
               "flavour": best.flavour.name, "speedup": {str(b): round(r, 3) for b, r in best.speedup.items()},
               "rule": f"a challenger replaces the incumbent when faster in at least 3 rounds of 4 at every batch and "
-                      f"{1 + MIN_GAIN:.2f}x overall (paired medians)",
+                      f"{1 + MIN_GAIN:.2f}x overall (paired medians); one at most {SMALLER:g}x its bytes when not "
+                      f"slower (median at least {1 - TIE:.2f}x at every batch)",
               "rounds": rounds, "fallback": fallback,
               "changed": {lid: _describe(p) for lid, p in best.plan.items() if p != plan[lid]}}
     if best is fallback_all and compute:
-        record["note"] = ("int8 compute measured no faster than fp32 on this CPU for this model: its layers were "
+        record["note"] = ("int8 compute measured no faster than fp32 on this CPU for this model (slower, where it "
+                          f"was smaller: beyond {TIE:.0%}): its layers were "
                           f"kept {'packed' if fallback == PACKED else 'in fp32'}")
     say(f"format search: chose {best.name} ({best.flavour.describe()}), "
         + ", ".join(f"{r:.2f}x fp32 at batch {b}" for b, r in sorted(best.speedup.items())))
