@@ -45,6 +45,8 @@ def test_mobilenet_v3_small_compiles_with_hardswish_and_hardsigmoid_from_tvms_im
     assert len(convs) == 52 and backend["ops"]["Conv"] == {"bitpass kernel": 52}
     timing = backend["host_timing"]
     assert timing["batch_1_ms"] > 0 and timing["batch_1_split"]["bitpass kernels calls"] == 54  # 52 convs, 2 Gemms
+    split = timing["batch_1_split"]
+    assert split["bitpass kernels ms"] > 0 and split["tvm default calls"] > 0
 
 
 def test_a_bert_class_encoder_compiles_with_where_and_gather_from_tvms_importer(tmp_path):
