@@ -605,7 +605,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
                               "passed": tolerance.met(value), "final_text": tolerance.describe(value)}
-    if mask is not None:
+    if mask is not None and tolerance.metric == "cosine":
         record["per_token"] = f"cosine per real token ({int(mask.sum())} tokens, '{quality.ATTENTION_MASK}' input)"
     say(f"quality gate: {tolerance.describe(value)} on {len(data)} held-out samples")
     too_few = quality.too_few_samples(tolerance, len(data), quality.gate_units(tolerance, ref_out[0], data.labels,
