@@ -529,6 +529,8 @@ def _compile(
         built, gate = _quality_gate(built, reference, gate_data, wanted, passes, before_quantize, build, destination,
                                     reference_model, ctx, say)
         ctx.records["quality_gate"] = gate
+        if gate.get("warning"):
+            ctx.records.setdefault("notes", []).append(gate["warning"])
         if not gate["passed"]:
             message = (f"quality gate: the artifact misses the tolerance: {gate['final_text']}, "
                        f"{gate['shortfall']}; tried {gate['tried']}")
@@ -598,11 +600,19 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     ref_out = measure.predict(reference, data)
     kind = quality.output_kind(ref_out, reference.output_names, data.labels)
     tolerance = wanted or quality.default_tolerance(kind)
-    value = quality.score(tolerance, ref_out, measure.predict(built.runner, data), data.labels)
+    mask = quality.token_mask(data.inputs, ref_out[0])
+    value = quality.score(tolerance, ref_out, measure.predict(built.runner, data), data.labels, mask)
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
                               "passed": tolerance.met(value), "final_text": tolerance.describe(value)}
+    if mask is not None and tolerance.metric == "cosine":
+        record["per_token"] = f"cosine per real token ({int(mask.sum())} tokens, '{quality.ATTENTION_MASK}' input)"
     say(f"quality gate: {tolerance.describe(value)} on {len(data)} held-out samples")
+    too_few = quality.too_few_samples(tolerance, len(data), quality.gate_units(tolerance, ref_out[0], data.labels,
+                                                                                mask))
+    if too_few:
+        record["warning"] = too_few
+        say(f"warning: {too_few}")
     if record["passed"]:
         record["seconds"] = round(time.perf_counter() - started, 3)
         return built, record
@@ -636,7 +646,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        got = quality.score(tolerance, ref_out, measure.predict(candidate.runner, data), data.labels)
+        got = quality.score(tolerance, ref_out, measure.predict(candidate.runner, data), data.labels, mask)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each
         # holds an ONNX Runtime session; a ResNet-50's attempts together outgrew 24 GB)
@@ -909,7 +919,7 @@ def _gate_check(manifest: Mapping[str, Any], reference: Runner, runner: Runner, 
         tolerance = quality.default_tolerance(quality.output_kind(ref_out, reference.output_names, data.labels))
     if tolerance.metric == "accuracy-drop" and data.labels is None:
         tolerance = quality.default_tolerance(quality.output_kind(ref_out, reference.output_names, None))
-    value = quality.score(tolerance, ref_out, got, data.labels)
+    value = quality.score(tolerance, ref_out, got, data.labels, quality.token_mask(data.inputs, ref_out[0]))
     allowed = isinstance(gate, Mapping) and gate.get("passed") is False
     detail = f"{tolerance.describe(value)} on {len(data)} samples"
     if allowed and not tolerance.met(value):

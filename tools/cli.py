@@ -197,6 +197,8 @@ def print_summary(manifest: dict[str, Any], path: Path) -> None:
         verdict = "met" if gate["passed"] else "[red]MISSED[/red] (kept: --allow-quality-loss)"
         extra = f"; {len(repaired)} layer(s) put back in fp32 to meet it" if repaired else ""
         console.print(f"quality gate {verdict}: {gate['final_text']} on {gate['samples']} held-out samples{extra}")
+        if gate.get("warning"):
+            console.print(f"warning: {gate['warning']}", markup=False)
     elif gate.get("skipped"):
         console.print(f"quality gate not run: {gate['skipped']}")
     slower = any(speed_verdict(row).endswith("slower") for row in metrics.get("latency", {}).values())

@@ -6,7 +6,9 @@ on calibration samples held back from calibration). The tolerance depends on wha
 * with class labels: accuracy may drop by at most 1 point (``accuracy-drop=1``);
 * logits without labels: top-1 agreement with fp32 of at least 99 %, per position for sequence outputs
   (``agreement=0.99``);
-* embeddings and features: the lowest per-sample cosine to fp32 at least 0.99 (``cosine=0.99``);
+* embeddings and features: the lowest cosine to fp32 at least 0.99 (``cosine=0.99``), per sample, or per real
+  token for ``(batch, sequence, width)`` outputs of a model that takes an ``attention_mask`` (one bad token is not
+  hidden by its well-kept neighbours, nor by padding);
 * language models (token ids in, logits with a sequence axis out): the mean per-token KL divergence from the
   fp32 next-token distribution at most ``LM_KL_DEFAULT`` nats (``kl=0.03``), teacher-forced on token windows;
   ``lm_quality`` reports it with per-token top-1 agreement and bits per token (bits per byte for a byte-level
@@ -18,12 +20,16 @@ error first (measured on the gate data: how much a layer's output error exceeds 
 for the fewest such layers that meet the tolerance (one, two, four... then bisecting). Every step is
 recorded. If even the all-fp32-layers artifact misses, the compile fails with one line saying by how much
 and what was tried, unless the user allows the loss.
+
+A gate on too few samples cannot see what its tolerance allows (one disagreement in 12 samples is 8 %, so 12
+samples cannot tell 99 % agreement from 92 %): ``too_few_samples`` says so in one line, which the compile prints
+as a warning and records in the manifest (the artifact is still written: the user may have no more data).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +52,9 @@ DEFAULTS: dict[Metric, float] = {"accuracy-drop": 1.0, "agreement": 0.99, "cosin
 _AT_MOST = ("accuracy-drop", "kl")
 #: calibration samples held back for the gate when there is no evaluation data
 HOLD_BACK_FRACTION, HOLD_BACK_MAX, HOLD_BACK_MIN_SET = 0.2, 256, 10
+#: the fewest samples a gate should measure on, whatever its metric: the lowest cosine, or a mean, over fewer says
+#: little about the next input
+MIN_GATE_SAMPLES = 32
 #: samples the per-layer error ranking runs on
 RANKING_SAMPLES = 32
 #: samples per run while ranking (each run exposes every quantized activation of the graph)
@@ -133,8 +142,9 @@ def default_tolerance(kind: str) -> Tolerance:
 
 
 def score(tolerance: Tolerance, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
-          labels: np.ndarray | None) -> float:
-    """The tolerance's metric for ``candidate`` against the fp32 ``reference`` outputs."""
+          labels: np.ndarray | None, mask: np.ndarray | None = None) -> float:
+    """The tolerance's metric for ``candidate`` against the fp32 ``reference`` outputs; ``mask`` (from
+    ``token_mask``) makes the cosine per real token."""
     if tolerance.metric == "accuracy-drop":
         if labels is None:
             raise UsageError("--tolerance accuracy-drop needs labelled data (a 'labels' array in --eval)")
@@ -146,7 +156,74 @@ def score(tolerance: Tolerance, reference: Sequence[np.ndarray], candidate: Sequ
         return token_kl(ref, got)
     if tolerance.metric == "agreement":
         return agreement(ref, got)
-    return float(np.min(measure.cosines(ref, got)))
+    return float(np.min(cosines(ref, got, mask)))
+
+
+#: the input that marks real tokens (1) and padding (0) in transformers' models
+ATTENTION_MASK = "attention_mask"
+
+
+def token_mask(inputs: Mapping[str, np.ndarray], reference: np.ndarray) -> np.ndarray | None:
+    """The ``attention_mask`` input when ``reference`` is a ``(batch, sequence, width)`` output of the same batch
+    and sequence (a transformer's hidden states), else None: then outputs are compared per sample."""
+    mask = inputs.get(ATTENTION_MASK)
+    reference = np.asarray(reference)
+    if mask is None or reference.ndim != 3 or np.shape(mask) != reference.shape[:2]:
+        return None
+    return np.asarray(mask).astype(bool)
+
+
+def cosines(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Cosine to fp32 per sample, or, with a token ``mask``, per real token (padding left out)."""
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    if mask is not None and reference.ndim == 3 and mask.shape == reference.shape[:2]:
+        return measure.cosines(reference[mask], candidate[mask])
+    return measure.cosines(reference, candidate)
+
+
+def gate_units(tolerance: Tolerance, reference: np.ndarray, labels: np.ndarray | None,
+               mask: np.ndarray | None = None) -> int:
+    """How many values the tolerance's metric is a fraction, mean or minimum of: positions for sequence logits
+    (agreement, KL) and per-token labels, real tokens for a masked cosine, else samples."""
+    reference = np.asarray(reference)
+    if tolerance.metric == "accuracy-drop" and labels is not None and np.ndim(labels) == 2:
+        return int(np.sum(np.asarray(labels) >= 0))
+    if tolerance.metric in ("agreement", "kl") and reference.ndim >= 3:
+        return int(np.prod(reference.shape[:-1]))
+    if tolerance.metric == "cosine" and mask is not None and reference.ndim == 3 and mask.shape == reference.shape[:2]:
+        return int(mask.sum())
+    return len(reference)
+
+
+def samples_needed(tolerance: Tolerance) -> int:
+    """The fewest values that resolve ``tolerance``: agreement ≥ t sees a disagreement rate of 1 - t only over
+    1 / (1 - t) of them (0.99: 100), an accuracy drop of d points only over 100 / d samples (1 point: 100); any
+    metric needs ``MIN_GATE_SAMPLES``."""
+    slack = 1 - tolerance.threshold if tolerance.metric == "agreement" else \
+        tolerance.threshold / 100 if tolerance.metric == "accuracy-drop" else 0.0
+    needed = math.ceil(1 / slack - 1e-9) if slack > 0 else 0
+    return max(MIN_GATE_SAMPLES, needed)
+
+
+def too_few_samples(tolerance: Tolerance, samples: int, units: int | None = None) -> str | None:
+    """One line when a gate on ``samples`` samples (``units`` values: positions, tokens) cannot resolve
+    ``tolerance``, else None. A share (agreement, accuracy) counts ``units``; the floor counts samples."""
+    units = samples if units is None else units
+    needed = samples_needed(tolerance)
+    step = 100 / max(units, 1)
+    if tolerance.metric in ("agreement", "accuracy-drop") and needed > MIN_GATE_SAMPLES and units < needed:
+        what = "disagreement" if tolerance.metric == "agreement" else "sample"
+        counted = "samples" if units == samples else f"positions ({samples} samples)"
+        noun = counted.split(" ")[0]
+        why = f"one {what} moves it by {step:.1f} {'%' if tolerance.metric == 'agreement' else 'points'}"
+        return (f"quality gate measured on {units} {counted}: too few to resolve {tolerance.describe()} ({why}); "
+                f"pass --eval with at least {needed} held-out {noun}")
+    if samples < MIN_GATE_SAMPLES:
+        return (f"quality gate measured on {samples} samples: too few to resolve {tolerance.describe()} (a "
+                f"{'lowest value' if tolerance.metric == 'cosine' else 'mean'} over fewer than {MIN_GATE_SAMPLES} "
+                f"samples says little about the next input); pass --eval with at least {MIN_GATE_SAMPLES} held-out "
+                f"samples")
+    return None
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -38,6 +38,9 @@ def test_the_runner_gives_a_row_per_case_with_its_measurements(detector_rows):
     assert optimized.output_kind == "features" and optimized.fidelity["samples"] > 0
     assert optimized.fidelity["cos_min"] > 0.9999, "fp32 folding and fusion keep the outputs"
     assert optimized.gate == "pass"
+    assert optimized.bitpass_gate == f"cosine 1 on {optimized.fidelity['samples']}"  # the runner's data, its bound
+    module = detector_rows[2]
+    assert module.status == "ok" and module.bitpass_gate.startswith("cosine ")
     assert optimized.weight_ratio == pytest.approx(1.0, abs=0.01)
     assert set(optimized.latency) == {"batch_1", "batch_64"}
     assert optimized.compile_s > 0 and optimized.peak_mb > 50
@@ -150,9 +153,60 @@ def test_fidelity_is_judged_by_output_kind():
     shifted = lm.copy()
     shifted[0, 0] = -shifted[0, 0]
     t = cf.fidelity("lm-logits", lm, shifted, {"attention_mask": np.ones((2, 5), np.int64)})
-    assert t["top1_agreement"] == pytest.approx(0.9) and cf.gate("lm-logits", t).startswith("miss")
+    assert t["top1_agreement"] == pytest.approx(0.9) and t["tokens"] == 10 and t["kl"] > 0.1
+    assert cf.gate("lm-logits", t).startswith("miss: KL")
     with pytest.raises(ValueError, match="shape"):
         cf.fidelity("features", hidden, hidden[:, :3], {})
+
+
+def test_the_runner_judges_as_bitpass_gate_does():
+    """Its bounds are bitpass's default tolerances, measured as bitpass's gate measures them, so an artifact that
+    passes bitpass's gate on the runner's data passes the runner: tied fp32 maxima agree, a language model is
+    judged by per-token KL, hidden states per real token."""
+    from bitpass.tools import quality
+
+    assert cf.GATE == {"accuracy_drop_points": quality.DEFAULTS["accuracy-drop"],
+                       "top1_agreement": quality.DEFAULTS["agreement"], "min_cosine": quality.DEFAULTS["cosine"],
+                       "kl": quality.DEFAULTS["kl"]}
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((100, 10))
+    top = logits.argmax(1)
+    tied = logits.copy()
+    second = np.argsort(logits[:3], axis=1)[:, -2]
+    tied[np.arange(3), second] = logits[np.arange(3), top[:3]] - 1e-6  # three near ties, flipped
+    flipped = tied.copy()
+    flipped[np.arange(3), second] += 2e-6
+    f = cf.fidelity("logits", tied, flipped, {})
+    assert f["top1_agreement"] == pytest.approx(0.97) and f["top1_agreement_ties"] == 1.0
+    assert cf.gate("logits", f) == "pass" and "(100.0 % with ties)" in cf.describe_fidelity(cf.Row(
+        "f", "fast", "e", "p", "ok", fidelity=f))
+    real = logits.copy()
+    real[:2] = -real[:2]  # two real disagreements in 100: 98 %
+    assert cf.gate("logits", cf.fidelity("logits", logits, real, {})) == "miss: top-1 98.0 %"
+
+    flat = rng.standard_normal((4, 8, 50)) * 1e-3  # a random-init language model: near-uniform next tokens
+    noisy = flat + rng.standard_normal(flat.shape) * 1e-3
+    lm = cf.fidelity("lm-logits", flat, noisy, {"attention_mask": np.ones((4, 8), np.int64)})
+    assert lm["top1_agreement"] < 0.9 and lm["kl"] < 1e-4 and cf.gate("lm-logits", lm) == "pass"
+
+
+def test_a_module_is_given_the_runners_bound_as_its_tolerance():
+    """A module's outputs are named after torch's ops (``linear``): bitpass cannot tell logits from an embedding."""
+    assert cf.tolerance_for("logits", labelled=False) == "agreement=0.99"
+    assert cf.tolerance_for("logits", labelled=True) == "accuracy-drop=1"
+    assert cf.tolerance_for("lm-logits", labelled=False) == "kl=0.03"
+    assert cf.tolerance_for("features", labelled=False) == "cosine=0.99"
+    assert cf.tolerance_for("embedding", labelled=False) == "cosine=0.99"
+
+
+def test_bitpass_gate_is_described_from_its_record():
+    assert cf.describe_gate({}) == ""
+    assert cf.describe_gate({"passed": None, "skipped": "no data"}) == "not run: no data"
+    record = {"passed": True, "tolerance": {"metric": "agreement", "threshold": 0.99}, "final": 0.9921875,
+              "samples": 128, "fp32_layers": ["a", "b"]}
+    assert cf.describe_gate(record) == "agreement 0.9922 on 128, 2 fp32"
+    record.update(passed=False, warning="quality gate measured on 12 samples: ...", fp32_layers=[])
+    assert cf.describe_gate(record) == "agreement 0.9922 on 128, missed, too few samples"
 
 
 def test_one_line_names_the_innermost_cause():

@@ -88,3 +88,73 @@ def test_search_finds_the_fewest_layers_with_few_rebuilds(needed, expected_tries
 def test_search_gives_up_after_every_layer():
     search = Search(["a", "b", "c"], Tolerance("cosine", 0.99), lambda k: 0.5)
     assert search.run() is None and [len(s["fp32_layers"]) for s in search.steps] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tolerance, samples, units, needed", [
+    ("agreement=0.99", 12, None, 100),  # one disagreement in 12 is 8.3 %: 99 % cannot be told from 92 %
+    ("agreement=0.99", 64, None, 100),
+    ("accuracy-drop=1", 50, None, 100),  # one sample is 2 points of accuracy
+    ("cosine=0.99", 12, None, 32),  # a lowest cosine over 12 samples says little about the next input
+    ("kl=0.03", 8, 8 * 64, 32),  # 512 positions, but from 8 windows
+    ("agreement=0.99", 12, 12 * 16, 32),  # per-token agreement: positions resolve 1 %, the samples are too few
+])
+def test_a_gate_on_too_few_samples_says_so_in_one_line(tolerance, samples, units, needed):
+    warning = quality.too_few_samples(parse_tolerance(tolerance), samples, units)
+    assert warning is not None and "\n" not in warning
+    assert warning.startswith("quality gate measured on ") and "too few to resolve" in warning
+    assert parse_tolerance(tolerance).describe() in warning
+    assert warning.endswith(f"pass --eval with at least {needed} held-out samples")
+
+
+@pytest.mark.parametrize("tolerance, samples, units", [
+    ("agreement=0.99", 128, None), ("accuracy-drop=1", 100, None), ("cosine=0.99", 32, None),
+    ("kl=0.03", 32, 32 * 16, ), ("agreement=0.99", 40, 40 * 4), ("agreement=0.9", 32, None),
+    ("accuracy-drop=5", 32, None), ("agreement=1.0", 32, None)])
+def test_a_gate_on_enough_samples_says_nothing(tolerance, samples, units):
+    assert quality.too_few_samples(parse_tolerance(tolerance), samples, units) is None
+
+
+def test_samples_needed_follows_the_tolerance():
+    assert quality.samples_needed(Tolerance("agreement", 0.99)) == 100
+    assert quality.samples_needed(Tolerance("agreement", 0.995)) == 200
+    assert quality.samples_needed(Tolerance("accuracy-drop", 0.5)) == 200
+    assert quality.samples_needed(Tolerance("agreement", 0.9)) == quality.MIN_GATE_SAMPLES
+    assert quality.samples_needed(Tolerance("cosine", 0.999)) == quality.MIN_GATE_SAMPLES
+
+
+def test_gate_units_count_what_the_metric_averages_over():
+    sequence_logits, hidden = np.zeros((4, 6, 10)), np.zeros((4, 6, 8))
+    mask = np.ones((4, 6), bool)
+    mask[:, 4:] = False
+    assert quality.gate_units(Tolerance("agreement", 0.99), sequence_logits, None) == 24
+    assert quality.gate_units(Tolerance("kl", 0.03), sequence_logits, None) == 24
+    assert quality.gate_units(Tolerance("cosine", 0.99), hidden, None, mask) == 16
+    assert quality.gate_units(Tolerance("cosine", 0.99), hidden, None) == 4
+    assert quality.gate_units(Tolerance("agreement", 0.99), np.zeros((4, 10)), None) == 4
+
+
+def test_the_cosine_of_hidden_states_is_per_real_token_with_an_attention_mask():
+    """One token of 24 ruined: a per-sample cosine over the flattened sequence hides it, a per-token one does not;
+    padded positions carry no meaning and are left out."""
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((4, 8, 16))
+    mask = np.ones((4, 8), np.int64)
+    mask[:, 6:] = 0
+    candidate = hidden.copy()
+    candidate[0, 2] = rng.standard_normal(16)  # a real token, unrelated to fp32
+    candidate[:, 6:] = rng.standard_normal((4, 2, 16))  # padding: anything
+    found = quality.token_mask({"input_ids": mask, "attention_mask": mask}, hidden)
+    assert found is not None and found.dtype == bool and found.sum() == 24
+    per_token = quality.score(Tolerance("cosine", 0.99), [hidden], [candidate], None, found)
+    per_sample = quality.score(Tolerance("cosine", 0.99), [hidden], [candidate], None)
+    assert per_token < 0.5 < per_sample < 0.9
+    clean = candidate.copy()
+    clean[0, 2] = hidden[0, 2]
+    assert quality.score(Tolerance("cosine", 0.99), [hidden], [clean], None, found) == pytest.approx(1.0)
+
+
+def test_token_mask_is_only_for_hidden_states_of_the_masked_batch():
+    mask = np.ones((4, 8), np.int64)
+    assert quality.token_mask({"attention_mask": mask}, np.zeros((4, 16))) is None  # pooled: per sample
+    assert quality.token_mask({"attention_mask": mask}, np.zeros((4, 7, 16))) is None  # another sequence axis
+    assert quality.token_mask({"input_ids": mask}, np.zeros((4, 8, 16))) is None

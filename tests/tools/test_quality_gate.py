@@ -44,6 +44,7 @@ def test_an_artifact_that_misses_is_repaired_by_putting_layers_back_in_fp32(outl
     assert gate["tolerance"] == {"metric": "agreement", "threshold": 0.99} and gate["output_kind"] == "logits"
     assert gate["initial"] < 0.9  # int8 scrambled the classes ...
     assert gate["passed"] and gate["final"] >= 0.99 and gate["fp32_layers"]  # ... and the repair fixed it
+    assert gate["samples"] == 300 and "warning" not in gate  # 300 samples resolve 99 % agreement
     assert [step["met"] for step in gate["steps"]][-1] is True and len(gate["steps"]) >= 1
     assert artifact.metrics["quality"]["fidelity"]["top1_agreement"] >= 0.99
     bits = {layer["id"]: layer["bits"]["weight"] for layer in artifact.manifest["layers"]}
@@ -60,6 +61,59 @@ def test_without_eval_data_the_gate_uses_calibration_samples_held_back(outlier_f
     assert data["calibration"]["samples"] == 160 and data["held_back_for_quality_gate"]["samples"] == 40
     gate = artifact.manifest["records"]["quality_gate"]
     assert gate["samples"] == 40 and gate["passed"]
+
+
+def test_a_gate_on_too_few_samples_warns_records_it_and_still_writes_the_artifact(outlier_files, tmp_path, capsys):
+    """40 held-back samples cannot resolve 99 % agreement (one disagreement is 2.5 %): the compile says so in one
+    line, the manifest keeps it, and the artifact is written (the user may have no more data)."""
+    out = tmp_path / "out"
+    code = main(["compile", str(outlier_files / "model.onnx"), "-o", str(out), "--calib",
+                 str(outlier_files / "calib.npz"), "--no-latency", "-q"])
+    printed = capsys.readouterr().out
+    assert code == 0 and (out / "manifest.json").is_file()
+    manifest = read_manifest(out)
+    gate = manifest["records"]["quality_gate"]
+    expected = ("quality gate measured on 40 samples: too few to resolve agreement ≥ 0.99 (one disagreement moves "
+                "it by 2.5 %); pass --eval with at least 100 held-out samples")
+    assert gate["warning"] == expected and expected in manifest["records"]["notes"]
+    assert f"warning: {expected}" in " ".join(printed.split())
+
+
+@pytest.fixture(scope="module")
+def encoder_files(tmp_path_factory):
+    """A one-layer 'encoder' whose hidden states are (batch, sequence, width), padding zeroed by attention_mask."""
+    folder = tmp_path_factory.mktemp("encoder")
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+             helper.make_node("Mul", ["h", "m3"], ["last_hidden_state"])]
+    graph = helper.make_graph(
+        nodes, "encoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 8]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["n", 6])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["n", 6, 16])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2], np.int64), "axis")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
+
+    def samples(count: int) -> dict[str, np.ndarray]:
+        mask = np.ones((count, 6), np.int64)
+        mask[::2, 4:] = 0  # every other sample has two padded positions
+        return {"x": rng.standard_normal((count, 6, 8)).astype(np.float32), "attention_mask": mask}
+
+    np.savez(folder / "calib.npz", **samples(32))
+    np.savez(folder / "eval.npz", **samples(40))
+    return folder
+
+
+def test_hidden_states_with_an_attention_mask_are_gated_per_real_token(encoder_files, tmp_path):
+    artifact = compile(encoder_files / "model.onnx", tmp_path / "out", calibration=encoder_files / "calib.npz",
+                       evaluation=encoder_files / "eval.npz", latency=False, progress=False)
+    gate = artifact.manifest["records"]["quality_gate"]
+    assert gate["output_kind"] == "embedding" and gate["tolerance"]["metric"] == "cosine"
+    assert gate["per_token"].startswith("cosine per real token (200 tokens")  # 40 x 6, less 20 x 2 padded
+    assert gate["passed"] and "warning" not in gate
 
 
 def test_a_loss_no_repair_can_undo_fails_with_one_line_and_writes_nothing(digits_files, tmp_path, capsys):
