@@ -473,28 +473,32 @@ def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits:
     measured = bits[:-1] if extrapolate and len(bits) >= 3 else bits
     extrapolated = {b: max(m for m in measured if m < b) for b in bits if b not in measured}
     distinct = list(dict.fromkeys(names.values()))
-    proto = model.to_proto()
+    proto = overridable(model.to_proto(), distinct, in_place=True)
     batches = _batches(model, data, samples, batch_size)
-    start = time.perf_counter()
-    probe = OutputProbe(proto, distinct, batches, threads=threads, in_place=True, suffixes=suffixes)
-    reference_s = time.perf_counter() - start
     used = sum(len(next(iter(b.values()))) for b in batches)
-    reduced = ""
-    runs_needed = len(distinct) * len(measured)
-    # a suffix run costs about its share of the graph's nodes
     nodes = max(1, len(proto.graph.node))
-    share = float(np.mean([len(probe.suffixes[n].nodes) / nodes if n in probe.suffixes else 1.0
-                           for n in distinct]))
-    expected = reference_s * runs_needed * share
-    if time_budget is not None and expected > time_budget and used > min_samples:
-        fewer = max(min_samples, int(used * time_budget / expected))
-        if fewer < used:
-            reduced = (f"{used} samples would take about {expected:.0f} s for {runs_needed} runs; "
-                       f"{fewer} fit the {time_budget:g} s budget")
-            batches = _batches(model, data, fewer, batch_size)
-            probe = None  # type: ignore[assignment]  # its cached tensors go before the next probe's come
-            probe = OutputProbe(proto, distinct, batches, threads=threads, in_place=True, suffixes=suffixes)
-            used = sum(len(next(iter(b.values()))) for b in batches)
+    reduced = ""
+    probe: OutputProbe | None = None
+    if executor.workers <= 1 or time_budget is not None:  # workers build their own probes: this one times
+        start = time.perf_counter()
+        probe = OutputProbe(proto, distinct, batches, threads=threads, in_place=True, suffixes=suffixes)
+        reference_s = time.perf_counter() - start
+        runs_needed = len(distinct) * len(measured)
+        # a suffix run costs about its share of the graph's nodes
+        share = float(np.mean([len(probe.suffixes[n].nodes) / nodes if n in probe.suffixes else 1.0
+                               for n in distinct]))
+        expected = reference_s * runs_needed * share
+        if time_budget is not None and expected > time_budget and used > min_samples:
+            fewer = max(min_samples, int(used * time_budget / expected))
+            if fewer < used:
+                reduced = (f"{used} samples would take about {expected:.0f} s for {runs_needed} runs; "
+                           f"{fewer} fit the {time_budget:g} s budget")
+                batches = _batches(model, data, fewer, batch_size)
+                probe = None  # its cached tensors go before the next probe's come
+                probe = OutputProbe(proto, distinct, batches, threads=threads, in_place=True, suffixes=suffixes)
+                used = sum(len(next(iter(b.values()))) for b in batches)
+        if executor.workers > 1:
+            probe = None  # the workers' probes measure; this one only timed the reference run
     del proto
     first = {name: next(layer for layer in layers if names[layer.id] == name) for name in distinct}
     tasks = [(name, layer_channel_axis(first[name])) for name in distinct]
@@ -517,6 +521,7 @@ def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits:
     with task if task is not None else contextlib.nullcontext():
         if executor.workers <= 1:  # this process's probe serves every task, here
             global _PROBE
+            assert probe is not None
             _PROBE = (source.key, probe)
             try:
                 scores = SERIAL.map(measure_layer, source, tasks, on_result=advance)
