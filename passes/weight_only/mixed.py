@@ -166,3 +166,55 @@ def global_slice_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
     chosen = allocate_widths(np.concatenate(errors), widths, average_bits, sizes)
     bounds = np.cumsum([0, *(len(e) for e in errors)])
     return {i: chosen[bounds[n]:bounds[n + 1]] for n, i in enumerate(ids)}
+
+
+def upgrade_order(weight: np.ndarray, h: np.ndarray, low: int, high: int, group_size: int = 32, *,
+                  proxy: str = "gptq") -> np.ndarray:
+    """The layer's K-slices, most salient first: by how much widening a slice from ``low`` to ``high`` bits
+    lowers its share of the layer's output error (``slice_errors``); ties keep slice order."""
+    errors = slice_errors(weight, h, (low, high), group_size, proxy=proxy)
+    return np.argsort(-(errors[:, 0] - errors[:, 1]), kind="stable")
+
+
+def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps: int = 4, group_size: int = 32, *,
+                   proxy: str = "gptq", act_order: bool = False) -> list[tuple[float, GroupQuantized, float]]:
+    """One layer at ``steps + 1`` averages from ``low`` to ``high`` bits: the first ``i / steps`` of its slices
+    in salience order (``upgrade_order``) at ``high``, the rest at ``low``, each rounded with GPTQ at exactly
+    those widths. Returns ``(average code bits, codes, absolute output error tr(E^T H E))`` per mixture: the
+    error measured after GPTQ has spread each slice's rounding error over the others, which a per-slice
+    proxy summed over slices does not see."""
+    order = upgrade_order(weight, h, low, high, group_size, proxy=proxy)
+    slices = len(order)
+    w = np.asarray(weight, np.float64)
+    out = []
+    for step in range(steps + 1):
+        bits = np.full(slices, low)
+        bits[order[:round(step * slices / steps)]] = high
+        quantized = gptq(weight, h, bits, group_size, act_order=act_order)
+        error = w - quantized.dequantize().astype(np.float64)
+        out.append((float(np.mean(bits)), quantized, float(np.einsum("kn,kj,jn->", error, h, error))))
+    return out
+
+
+def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
+                        low: int, high: int, *, steps: int = 4, group_size: int = 32, proxy: str = "gptq",
+                        act_order: bool = False) -> dict[str, GroupQuantized]:
+    """Group-wise mixed widths in two levels (SliM-LLM's salience inside a layer, one budget across layers):
+    each layer is rounded at ``steps + 1`` mixtures of ``low``/``high`` slices (``layer_mixtures``), and one
+    multiple-choice knapsack over layers picks the mixture per layer with the least summed output error at
+    ``average_bits`` (code bits, weighted by each layer's elements). ``steps=1`` is the per-layer baseline
+    (each layer all ``low`` or all ``high``) judged by the same measured GPTQ errors."""
+    ids = list(weights)
+    options = {i: layer_mixtures(weights[i], hessians[i], low, high, steps, group_size, proxy=proxy,
+                                 act_order=act_order) for i in ids}
+    averages = [[bits for bits, _, _ in options[i]] for i in ids]
+    # every layer's mixtures sit on the same grid when its slices divide evenly by steps; the knapsack's costs are
+    # then integer multiples of 1/steps bit
+    scaled = np.rint(np.asarray(averages) * steps).astype(np.int64)
+    if not np.allclose(scaled / steps, averages) or len({tuple(row) for row in scaled}) != 1:
+        raise ValueError(f"every layer's slice count must divide by steps={steps}")
+    errors = np.array([[error for _, _, error in options[i]] for i in ids])
+    sizes = np.array([weights[i].size for i in ids], np.float64)
+    chosen = allocate_widths(errors, scaled[0], average_bits * steps, sizes)
+    index = {int(width): n for n, width in enumerate(scaled[0])}
+    return {i: options[i][index[int(width)]][1] for i, width in zip(ids, chosen)}
