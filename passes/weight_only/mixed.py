@@ -11,7 +11,7 @@ fractional averages (3.5) included; the weight is then rounded with GPTQ (or RTN
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -198,12 +198,17 @@ def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps
 
 def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
                         low: int, high: int, *, steps: int = 4, group_size: int = 32, proxy: str = "gptq",
-                        act_order: bool = False) -> dict[str, GroupQuantized]:
+                        act_order: bool = False,
+                        score: Callable[[str, GroupQuantized], float] | None = None) -> dict[str, GroupQuantized]:
     """Group-wise mixed widths in two levels (SliM-LLM's salience inside a layer, one budget across layers):
     each layer is rounded at ``steps + 1`` mixtures of ``low``/``high`` slices (``layer_mixtures``), and one
     multiple-choice knapsack over layers picks the mixture per layer with the least summed output error at
     ``average_bits`` (code bits, weighted by each layer's elements). ``steps=1`` is the per-layer baseline
-    (each layer all ``low`` or all ``high``) judged by the same measured GPTQ errors."""
+    (each layer all ``low`` or all ``high``) judged by the same measured GPTQ errors.
+
+    ``score(layer_id, codes)`` replaces the layer-local error as what the knapsack sums, e.g. the model's output
+    divergence with only that layer quantized (errors of different layers then weigh by their effect on the
+    output, not by their own outputs' scale)."""
     ids = list(weights)
     options = {i: layer_mixtures(weights[i], hessians[i], low, high, steps, group_size, proxy=proxy,
                                  act_order=act_order) for i in ids}
@@ -213,7 +218,7 @@ def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
     scaled = np.rint(np.asarray(averages) * steps).astype(np.int64)
     if not np.allclose(scaled / steps, averages) or len({tuple(row) for row in scaled}) != 1:
         raise ValueError(f"every layer's slice count must divide by steps={steps}")
-    errors = np.array([[error for _, _, error in options[i]] for i in ids])
+    errors = np.array([[score(i, q) if score is not None else error for _, q, error in options[i]] for i in ids])
     sizes = np.array([weights[i].size for i in ids], np.float64)
     chosen = allocate_widths(errors, scaled[0], average_bits * steps, sizes)
     index = {int(width): n for n, width in enumerate(scaled[0])}

@@ -125,3 +125,17 @@ def test_two_level_widths_meet_the_average_and_do_no_worse_than_whole_layers_on_
     assert all(len(np.unique(q.bits)) == 1 for q in whole.values())
     # whole layers are among the two-level options (0 and 4 quarters), so its optimum is no worse
     assert summed_error(two_level) <= summed_error(whole) * (1 + 1e-9)
+
+
+def test_a_score_in_place_of_the_layer_error_decides_which_layer_gets_the_wide_codes():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths
+
+    layers = {f"l{i}": salient_layer(k=64, n=32, seed=i) for i in range(2)}
+    weights = {i: w for i, (w, _) in layers.items()}
+    hessians = {i: h for i, (_, h) in layers.items()}
+
+    def only_l1_matters(layer_id, codes):  # as if l1's output errors reached the model's output and l0's did not
+        return (100.0 if layer_id == "l1" else 1.0) * float(np.sum(codes.bits == 3))
+
+    chosen = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=2, score=only_l1_matters)
+    assert set(chosen["l1"].bits) == {4} and set(chosen["l0"].bits) == {3}
