@@ -178,7 +178,7 @@ def upgrade_order(weight: np.ndarray, h: np.ndarray, low: int, high: int, group_
 
 def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps: int = 4, group_size: int = 32, *,
                    proxy: str = "gptq", act_order: bool = False) -> list[tuple[float, GroupQuantized, float]]:
-    """One layer at ``steps + 1`` averages from ``low`` to ``high`` bits: the first ``i / steps`` of its slices
+    """One layer at ``steps + 1`` averages from ``low`` to ``high`` bits (fewer when it has fewer slices): the first ``i / steps`` of its slices
     in salience order (``upgrade_order``) at ``high``, the rest at ``low``, each rounded with GPTQ at exactly
     those widths. Returns ``(average code bits, codes, absolute output error tr(E^T H E))`` per mixture: the
     error measured after GPTQ has spread each slice's rounding error over the others, which a per-slice
@@ -187,9 +187,9 @@ def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps
     slices = len(order)
     w = np.asarray(weight, np.float64)
     out = []
-    for step in range(steps + 1):
+    for count in dict.fromkeys(round(step * slices / steps) for step in range(steps + 1)):  # fewer when slices < steps
         bits = np.full(slices, low)
-        bits[order[:round(step * slices / steps)]] = high
+        bits[order[:count]] = high
         quantized = gptq(weight, h, bits, group_size, act_order=act_order)
         error = w - quantized.dequantize().astype(np.float64)
         out.append((float(np.mean(bits)), quantized, float(np.einsum("kn,kj,jn->", error, h, error))))
@@ -212,14 +212,38 @@ def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
     ids = list(weights)
     options = {i: layer_mixtures(weights[i], hessians[i], low, high, steps, group_size, proxy=proxy,
                                  act_order=act_order) for i in ids}
-    averages = [[bits for bits, _, _ in options[i]] for i in ids]
-    # every layer's mixtures sit on the same grid when its slices divide evenly by steps; the knapsack's costs are
-    # then integer multiples of 1/steps bit
-    scaled = np.rint(np.asarray(averages) * steps).astype(np.int64)
-    if not np.allclose(scaled / steps, averages) or len({tuple(row) for row in scaled}) != 1:
-        raise ValueError(f"every layer's slice count must divide by steps={steps}")
-    errors = np.array([[score(i, q) if score is not None else error for _, q, error in options[i]] for i in ids])
-    sizes = np.array([weights[i].size for i in ids], np.float64)
-    chosen = allocate_widths(errors, scaled[0], average_bits * steps, sizes)
-    index = {int(width): n for n, width in enumerate(scaled[0])}
-    return {i: options[i][index[int(width)]][1] for i, width in zip(ids, chosen)}
+    # a layer with fewer slices than steps has fewer mixtures: its row is padded with its widest (never chosen
+    # over it: same cost and error)
+    width = max(len(o) for o in options.values())
+    errors = np.array([_padded([score(i, q) if score is not None else error for _, q, error in options[i]], width)
+                       for i in ids])
+    costs = np.array([_padded([bits * weights[i].size for bits, _, _ in options[i]], width) for i in ids])
+    budget = average_bits * sum(weights[i].size for i in ids)
+    chosen = _choose_options(errors, costs, budget)
+    return {i: options[i][min(int(c), len(options[i]) - 1)][1] for i, c in zip(ids, chosen)}
+
+
+def _padded(values: list[float], width: int) -> list[float]:
+    return values + [values[-1]] * (width - len(values))
+
+
+def _choose_options(errors: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
+    """One option per item (row) minimizing the summed error with the summed cost within ``budget``: a
+    multiple-choice knapsack with any costs per option, exactly by scipy's HiGHS MILP."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    items, options = errors.shape
+    if costs.min(axis=1).sum() > budget * (1 + 1e-12):
+        raise ValueError("the budget is below the cheapest option of every item")
+    rows = np.repeat(np.arange(items), options)
+    one_each = coo_matrix((np.ones(items * options), (rows, np.arange(items * options))), shape=(items, items * options))
+    scale_cost, scale_error = max(float(costs.max()), 1e-300), max(float(np.abs(errors).max()), 1e-300)
+    result = milp(errors.reshape(-1) / scale_error, integrality=np.ones(items * options), bounds=Bounds(0, 1),
+                  constraints=[LinearConstraint(one_each, 1, 1),
+                               LinearConstraint(costs.reshape(1, -1) / scale_cost, -np.inf,
+                                                budget / scale_cost + 1e-9)],
+                  options={"time_limit": 60.0, "mip_rel_gap": 1e-9})
+    if result.x is None:
+        raise ValueError(f"no allocation found: {result.message}")
+    return result.x.reshape(items, options).argmax(axis=1)

@@ -139,3 +139,14 @@ def test_a_score_in_place_of_the_layer_error_decides_which_layer_gets_the_wide_c
 
     chosen = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=2, score=only_l1_matters)
     assert set(chosen["l1"].bits) == {4} and set(chosen["l0"].bits) == {3}
+
+
+def test_a_layer_with_fewer_slices_than_steps_has_fewer_mixtures_and_still_takes_part():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths, layer_mixtures
+
+    small, big = salient_layer(k=64, n=32, seed=1), salient_layer(k=256, n=32, seed=2)
+    assert [bits for bits, _, _ in layer_mixtures(*small, 3, 4, steps=8)] == [3.0, 3.5, 4.0]
+    chosen = hierarchical_widths({"small": small[0], "big": big[0]}, {"small": small[1], "big": big[1]}, 3.5, 3, 4,
+                                 steps=8)
+    total = sum(np.mean(chosen[i].bits) * w.size for i, w in (("small", small[0]), ("big", big[0])))
+    assert total <= 3.5 * (small[0].size + big[0].size) + 1e-9
