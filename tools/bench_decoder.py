@@ -307,7 +307,7 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
         return float((logp.exp() * (logp - logq)).sum(-1).mean())
 
     kl_windows = calibration[:, :-1]
-    for steps in (1, 4, 8):
+    for steps in (1, 2, 4, 8):
         kind = "layer-wise 3/4 at 3.5 gptq, output-KL scored" if steps == 1 else \
             f"two-level group-wise 3/4 at 3.5, 1/{steps} steps, output-KL scored"
         rows.append(evaluate(kind, lambda s=steps: quantize_hierarchical(weights, hessians, 3.5, steps=s,

@@ -127,11 +127,11 @@ def quantize_groupwise(weights: Mapping[str, np.ndarray], hessians: Mapping[str,
 
 def quantize_hierarchical(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
                           *, low: int = 3, high: int = 4, steps: int = 4, group_size: int = 32,
-                          proxy: str = "gptq", score: Any = None) -> dict[str, QuantizedLayer]:
+                          proxy: str = "gptq", score: Any = None, cost: str = "bytes") -> dict[str, QuantizedLayer]:
     """Two-level group-wise widths (``hierarchical_widths``): salient slices widened inside each layer, the
     layers' mixtures chosen under one model-wide average by their measured GPTQ output errors (or ``score``)."""
     chosen = hierarchical_widths(weights, hessians, average_bits, low, high, steps=steps, group_size=group_size,
-                                 proxy=proxy, score=score)
+                                 proxy=proxy, score=score, cost=cost)
     return {i: QuantizedLayer(q, None, output_error(weights[i], q.dequantize(), hessians[i])) for i, q in chosen.items()}
 
 

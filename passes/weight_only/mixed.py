@@ -198,8 +198,8 @@ def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps
 
 def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
                         low: int, high: int, *, steps: int = 4, group_size: int = 32, proxy: str = "gptq",
-                        act_order: bool = False,
-                        score: Callable[[str, GroupQuantized], float] | None = None) -> dict[str, GroupQuantized]:
+                        act_order: bool = False, score: Callable[[str, GroupQuantized], float] | None = None,
+                        cost: str = "bytes") -> dict[str, GroupQuantized]:
     """Group-wise mixed widths in two levels (SliM-LLM's salience inside a layer, one budget across layers):
     each layer is rounded at ``steps + 1`` mixtures of ``low``/``high`` slices (``layer_mixtures``), and one
     multiple-choice knapsack over layers picks the mixture per layer with the least summed output error at
@@ -208,7 +208,14 @@ def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
 
     ``score(layer_id, codes)`` replaces the layer-local error as what the knapsack sums, e.g. the model's output
     divergence with only that layer quantized (errors of different layers then weigh by their effect on the
-    output, not by their own outputs' scale)."""
+    output, not by their own outputs' scale).
+
+    ``cost="bytes"`` (default) budgets what MatMulNBits stores: a mixed layer is one node per width, each with its
+    own packed zero points, so mixing costs a few bytes more than its code bits say; the budget is the bytes of
+    every layer at the same ``average_bits`` interpolated between all-``low`` and all-``high`` (what a per-layer
+    mixture at that average stores). ``cost="bits"``: code bits only, as ``allocate_widths`` counts."""
+    if cost not in ("bytes", "bits"):
+        raise ValueError(f"unknown cost {cost!r}: use 'bytes' or 'bits'")
     ids = list(weights)
     options = {i: layer_mixtures(weights[i], hessians[i], low, high, steps, group_size, proxy=proxy,
                                  act_order=act_order) for i in ids}
@@ -217,8 +224,13 @@ def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
     width = max(len(o) for o in options.values())
     errors = np.array([_padded([score(i, q) if score is not None else error for _, q, error in options[i]], width)
                        for i in ids])
-    costs = np.array([_padded([bits * weights[i].size for bits, _, _ in options[i]], width) for i in ids])
-    budget = average_bits * sum(weights[i].size for i in ids)
+    if cost == "bits":
+        costs = np.array([_padded([bits * weights[i].size for bits, _, _ in options[i]], width) for i in ids])
+        budget = average_bits * sum(weights[i].size for i in ids)
+    else:
+        costs = np.array([_padded([float(q.nbytes()) for _, q, _ in options[i]], width) for i in ids])
+        share = (average_bits - low) / (high - low)
+        budget = float(sum(costs[n, 0] + share * (costs[n, -1] - costs[n, 0]) for n in range(len(ids))))
     chosen = _choose_options(errors, costs, budget)
     return {i: options[i][min(int(c), len(options[i]) - 1)][1] for i, c in zip(ids, chosen)}
 
