@@ -150,3 +150,18 @@ def test_a_layer_with_fewer_slices_than_steps_has_fewer_mixtures_and_still_takes
                                  steps=8)
     total = sum(np.mean(chosen[i].bits) * w.size for i, w in (("small", small[0]), ("big", big[0])))
     assert total <= 3.5 * (small[0].size + big[0].size) + 1e-9
+
+
+def test_two_level_widths_budget_the_bytes_matmulnbits_stores_a_mixed_layer_in():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths
+
+    layers = {f"l{i}": salient_layer(k=128, n=32, seed=i) for i in range(3)}
+    weights = {i: w for i, (w, _) in layers.items()}
+    hessians = {i: h for i, (_, h) in layers.items()}
+    midpoint = sum((gptq(w, hessians[i], 3, 32).nbytes() + gptq(w, hessians[i], 4, 32).nbytes()) / 2
+                   for i, w in weights.items())
+    chosen = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=4)
+    assert sum(q.nbytes() for q in chosen.values()) <= midpoint
+    by_bits = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=4, cost="bits")
+    assert sum(np.mean(q.bits) * weights[i].size for i, q in by_bits.items()) <= 3.5 * sum(
+        w.size for w in weights.values()) + 1e-9
