@@ -17,6 +17,10 @@ fewer samples are used (never fewer than ``min_samples``); ``extrapolate`` gives
 the lowest measured one without running them: in the small-noise regime both KL and MSE are
 quadratic in the weight perturbation, so ``score(b) = score(m) * ||Q_b(W)-W||^2 / ||Q_m(W)-W||^2``
 with ``m`` the next lower measured width (8 bits from 4: about 1/256 of it).
+
+The per-layer runs are tasks on an executor (``passes/executors.py``; ``--executor local:2`` or ``ray``): one
+task per distinct weight (``measure_layer``), each process measuring against its own probe built once from the
+same model and batches, so the table is the serial one bit for bit wherever the tasks ran.
 """
 
 from __future__ import annotations
