@@ -54,6 +54,9 @@ class Executor(abc.ABC):
     #: how many tasks run at once
     workers: int = 1
     spec: str = "serial"
+    #: whether every task runs on this machine (it may then read files the caller wrote, instead of being sent
+    #: their bytes); a Ray cluster this executor did not start may be elsewhere
+    local: bool = True
 
     @abc.abstractmethod
     def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T], *,
@@ -145,6 +148,7 @@ class RayExecutor(Executor):
             self._started = True
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.spec = f"ray:{address}" if address else "ray"
+        self.local = self._started and address is None
         self._remote = ray.remote(num_cpus=1)(_call_remote)
 
     def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T], *,

@@ -225,7 +225,7 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
     import torch
 
     from bitpass.passes.weight_only.apply import (WeightOnlyRecipe, apply_to_torch, layerwise_widths,
-                                                  quantize_groupwise, quantize_layers)
+                                                  quantize_groupwise, quantize_hierarchical, quantize_layers)
     from bitpass.passes.weight_only.calibration import layer_hessians, linear_layer_ids, weight_matrix
     from bitpass.tools.decoders import bits_per_byte
 
@@ -271,7 +271,7 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
             rows.append(evaluate(f"{method}-{grid}-g{group}", WeightOnlyRecipe(method, bits, group, grid=grid)))
     for method in ("rtn", "gptq"):
         rows.append(evaluate(f"{method}8-g128", WeightOnlyRecipe(method, 8, 128)))
-    for widths in ((2, 3, 4, 8), (2, 4, 8)):
+    for widths in ((2, 3, 4, 8), (2, 4, 8), (3, 4)):
         rows.append(evaluate(f"per-layer group-wise 3.5 {widths} gptq", WeightOnlyRecipe("gptq", 3.5, 32, widths=widths)))
     for widths, proxy in (((3, 4), "rtn"), ((3, 4), "gptq"), ((2, 3, 4, 8), "gptq")):
         rows.append(evaluate(f"model-wide group-wise 3.5 {widths} {proxy}-proxy",
@@ -280,6 +280,38 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
         per_layer = layerwise_widths(weights, hessians, (3, 4), 3.5)
         rows.append(evaluate("layer-wise 3/4 at 3.5 gptq", {i: WeightOnlyRecipe("gptq", b, 32) for i, b in
                                                            per_layer.items()}))
+    # two levels: salient slices widened inside each layer (SliM-LLM), the layers' 3/4 mixtures chosen under one
+    # budget by their measured GPTQ errors; steps=1 is the per-layer 3/4 mixture judged by the same errors
+    for steps in (1, 2, 4, 8):
+        kind = "layer-wise 3/4 at 3.5 gptq, measured errors" if steps == 1 else \
+            f"two-level group-wise 3/4 at 3.5, 1/{steps} steps"
+        rows.append(evaluate(kind, lambda s=steps: quantize_hierarchical(weights, hessians, 3.5, steps=s)))
+    # the same mixtures judged by the model's output KL to fp32 with only that layer quantized, on the
+    # calibration windows (never the held-out ones): layers weigh by their effect on the output
+    calibration_logp: list[Any] = []
+
+    def output_kl(layer_id: str, quantized: Any) -> float:
+        from bitpass.passes.weight_only.calibration import set_weight_matrix
+
+        if not calibration_logp:
+            with torch.no_grad():
+                calibration_logp.append(torch.log_softmax(lm(input_ids=torch.from_numpy(kl_windows)).logits, -1))
+        variant = copy.deepcopy(lm)
+        from bitpass.passes.weight_only.calibration import untie_output_embedding
+
+        untie_output_embedding(variant)
+        set_weight_matrix(variant.get_submodule(layer_id), quantized.dequantize())
+        with torch.no_grad():
+            logq = torch.log_softmax(variant(input_ids=torch.from_numpy(kl_windows)).logits, -1)
+        logp = calibration_logp[0]
+        return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+    kl_windows = calibration[:, :-1]
+    for steps in (1, 2, 4, 8):
+        kind = "layer-wise 3/4 at 3.5 gptq, output-KL scored" if steps == 1 else \
+            f"two-level group-wise 3/4 at 3.5, 1/{steps} steps, output-KL scored"
+        rows.append(evaluate(kind, lambda s=steps: quantize_hierarchical(weights, hessians, 3.5, steps=s,
+                                                                         score=output_kl)))
     for rank in (4, 8):
         rows.append(evaluate(f"gptq3-g32 + LoRC rank {rank}", WeightOnlyRecipe("gptq", 3, 32, lowrank=rank)))
     return [row for row in rows if row is not None]

@@ -17,23 +17,33 @@ fewer samples are used (never fewer than ``min_samples``); ``extrapolate`` gives
 the lowest measured one without running them: in the small-noise regime both KL and MSE are
 quadratic in the weight perturbation, so ``score(b) = score(m) * ||Q_b(W)-W||^2 / ||Q_m(W)-W||^2``
 with ``m`` the next lower measured width (8 bits from 4: about 1/256 of it).
+
+The per-layer runs are tasks on an executor (``passes/executors.py``; ``--executor local:2`` or ``ray``): one
+task per distinct weight (``measure_layer``), each process measuring against its own probe built once from the
+same model and batches, so the table is the serial one bit for bit wherever the tasks ran.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import UsageError
 from bitpass.passes import execution
+from bitpass.passes.executors import SERIAL, Executor
 from bitpass.passes.progress import Reporter
 from bitpass.passes.sensitivity.quant import TABLE_BITS, fake_quantize, layer_channel_axis, quantization_error
 
@@ -79,14 +89,39 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def divergence(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], metric: str) -> float:
-    """``kl``: mean over positions of KL(softmax(reference) || softmax(output)) on the last axis;
-    ``mse``: mean squared difference. Summed over the (float) outputs given."""
+#: elements of one block of rows the KL is computed over (float64 temporaries of 8 MB, not a full-vocabulary copy
+#: of every position: a 124 M decoder's logits over 8 x 128 tokens are 411 MB in float64)
+KL_BLOCK = 1 << 20
+
+
+def log_probs(x: np.ndarray) -> np.ndarray:
+    """``log_softmax`` over the last axis, in float64."""
+    return _log_softmax(x)
+
+
+def _mean_kl(reference_logp: np.ndarray, output: np.ndarray) -> float:
+    """Mean over positions of KL(p || q), p from ``reference_logp``, q = softmax(``output``), block by block."""
+    width = reference_logp.shape[-1] if reference_logp.ndim else 1
+    ref_rows, out_rows = reference_logp.reshape(-1, width), np.asarray(output).reshape(-1, width)
+    step = max(1, KL_BLOCK // width)
     total = 0.0
-    for ref, out in zip(reference, outputs):
+    for start in range(0, len(ref_rows), step):
+        lp = ref_rows[start:start + step]
+        lq = _log_softmax(out_rows[start:start + step])
+        total += float(np.sum(np.exp(lp) * (lp - lq)))
+    return total / max(1, len(ref_rows))
+
+
+def divergence(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], metric: str, *,
+               reference_logp: Sequence[np.ndarray] | None = None) -> float:
+    """``kl``: mean over positions of KL(softmax(reference) || softmax(output)) on the last axis;
+    ``mse``: mean squared difference. Summed over the (float) outputs given. ``reference_logp``: the
+    references' ``log_probs``, when the caller keeps them for many comparisons."""
+    total = 0.0
+    for index, (ref, out) in enumerate(zip(reference, outputs)):
         if metric == "kl":
-            lp, lq = _log_softmax(ref), _log_softmax(out)
-            total += float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+            lp = reference_logp[index] if reference_logp is not None else log_probs(ref)
+            total += _mean_kl(lp, out)
         elif metric == "mse":
             total += float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
         else:
@@ -218,6 +253,7 @@ class OutputProbe:
         self._total_nodes = total
         self._session_for: tuple[str, Any] | None = None
         self.reference = self._reference(plans, inner, cache_bytes)
+        self._reference_logp: list[np.ndarray] | None = None
 
     def _reference(self, plans: list[Suffix], inner: list[str], cache_bytes: int) -> list[np.ndarray]:
         """The outputs without overrides; on the way, the cut tensors of the suffixes that fit ``cache_bytes``."""
@@ -315,7 +351,17 @@ class OutputProbe:
                 else ref for n, ref in zip(self.output_names, self.reference)]
 
     def divergence(self, overrides: Mapping[str, np.ndarray], metric: str) -> float:
-        return divergence(self.reference, self.run(overrides), metric)
+        if metric == "kl" and self._reference_logp is None:  # once, not once per run
+            self._reference_logp = [log_probs(r) for r in self.reference]
+        return divergence(self.reference, self.run(overrides), metric,
+                          reference_logp=self._reference_logp if metric == "kl" else None)
+
+    def weight(self, name: str) -> np.ndarray:
+        """The stored value of the overridable weight ``name``."""
+        for tensor in self.proto.graph.initializer:
+            if tensor.name == name:
+                return numpy_helper.to_array(tensor)
+        raise KeyError(name)
 
 
 def _batches(model: Model, data: Dataset, samples: int, batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -349,82 +395,218 @@ class OutputSensitivity:
     #: all runs executed on average (1.0 without suffix runs)
     suffix_runs: int = 0
     work: float = 1.0
+    #: where the per-layer runs ran (``Executor.spec``) and the reference runs made (one per process that ran)
+    executor: str = "serial"
+    reference_runs: int = 1
 
 
 #: the fewest samples a time budget may reduce a measurement to
 MIN_SAMPLES = 8
 
 
+# ----------------------------------------------------------------------
+# the per-layer runs as executor tasks
+@dataclass(frozen=True)
+class ProbeSource:
+    """What a process needs to build the ``OutputProbe`` every layer's task measures against: small, sent with
+    each task. On this machine (``folder``) the model and batches are files the caller wrote; elsewhere
+    (``payload``: model bytes and batches) they travel once per ``map`` in Ray's object store. ``key`` names
+    one measurement: a process builds its probe (one reference run) at its first task and reuses it after."""
+
+    key: str
+    weights: tuple[str, ...]
+    metric: str
+    measured: tuple[int, ...]
+    threads: int | None
+    suffixes: bool
+    cache_bytes: int
+    folder: str | None = None
+    payload: tuple[bytes, tuple[dict[str, np.ndarray], ...]] | None = None
+
+    def load(self) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+        if self.payload is not None:
+            data, batches = self.payload
+            return onnx.load_from_string(data), [dict(b) for b in batches]
+        assert self.folder is not None
+        folder = Path(self.folder)
+        proto = onnx.load(str(folder / "model.onnx"), load_external_data=True)
+        batches = []
+        with np.load(folder / "batches.npz", allow_pickle=False) as stored:
+            count = len({k.split("/", 1)[0] for k in stored.files})
+            for index in range(count):
+                prefix = f"{index}/"
+                batches.append({k[len(prefix):]: stored[k] for k in stored.files if k.startswith(prefix)})
+        return proto, batches
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """One weight's measured widths and what its runs cost (``failure``: why its suffix could not run)."""
+
+    row: dict[int, float]
+    suffix_runs: int
+    nodes_run: int
+    failure: str | None
+
+
+#: this process's probe: (key, probe); one at a time, replaced when a task of another measurement arrives
+_PROBE: tuple[str, OutputProbe] | None = None
+
+
+def _probe_for(source: ProbeSource) -> OutputProbe:
+    global _PROBE
+    if _PROBE is None or _PROBE[0] != source.key:
+        _PROBE = None  # let the previous measurement's model and cached tensors go first
+        proto, batches = source.load()
+        _PROBE = (source.key, OutputProbe(proto, source.weights, batches, threads=source.threads, in_place=True,
+                                          suffixes=source.suffixes, cache_bytes=source.cache_bytes))
+    return _PROBE[1]
+
+
+def _forget_probe(key: str) -> None:
+    global _PROBE
+    if _PROBE is not None and _PROBE[0] == key:
+        _PROBE = None
+
+
+def measure_layer(source: ProbeSource, task: tuple[str, int]) -> LayerScores:
+    """The divergence of quantizing weight ``task[0]`` (channel axis ``task[1]``) at each measured width: a pure
+    function of its inputs, so a worker process or a Ray task returns what the serial loop does."""
+    name, axis = task
+    probe = _probe_for(source)
+    weight = probe.weight(name)
+    suffix_runs, nodes_run = probe.suffix_runs, probe.nodes_run
+    row = {b: probe.divergence({name: fake_quantize(weight, b, axis)}, source.metric) for b in source.measured}
+    return LayerScores(row, probe.suffix_runs - suffix_runs, probe.nodes_run - nodes_run,
+                       probe.suffix_failures.get(name))
+
+
 def output_sensitivity(model: Model, data: Dataset, *, metric: str = "kl", bits: Iterable[int] = TABLE_BITS,
                        samples: int = 64, batch_size: int = 64, threads: int | None = None,
                        progress: Callable[[str], None] | None = None, time_budget: float | None = None,
                        extrapolate: bool = False, min_samples: int = MIN_SAMPLES,
-                       suffixes: bool = True) -> OutputSensitivity:
+                       suffixes: bool = True, executor: Executor = SERIAL) -> OutputSensitivity:
     """For every quantizable layer and each bit width, the output divergence when only that layer
     is fake-quantized (symmetric, per output channel) and everything else stays float.
 
     ``time_budget`` (seconds) caps the measuring runs by using fewer samples; ``extrapolate`` measures only
     the lowest widths (all but the highest when there are three or more) and scales the others (see above);
-    ``suffixes`` runs only the nodes downstream of each layer (``OutputProbe``): same values, less work."""
+    ``suffixes`` runs only the nodes downstream of each layer (``OutputProbe``): same values, less work.
+    ``executor`` runs the layers as tasks (``measure_layer``), one per distinct weight: each worker process
+    builds its own probe (one reference run) from the model and batches written once to a temporary folder
+    (sent as bytes to a Ray cluster elsewhere), so the scores are the serial loop's whatever runs them. The
+    time budget is judged on this process's reference run, the same whatever the executor."""
     if metric not in METRICS:
         raise UsageError(f"unknown output metric {metric!r}; use one of {', '.join(METRICS)}")
     layers = model.layers()
     if not layers:
-        return OutputSensitivity({}, metric, 0, 0, {})
+        return OutputSensitivity({}, metric, 0, 0, {}, executor=executor.spec, reference_runs=0)
     names = {layer.id: layer.weight.name or "" for layer in layers}
     bits = sorted({int(b) for b in bits})
     measured = bits[:-1] if extrapolate and len(bits) >= 3 else bits
     extrapolated = {b: max(m for m in measured if m < b) for b in bits if b not in measured}
-    distinct = len(set(names.values()))
-    proto = model.to_proto()
+    distinct = list(dict.fromkeys(names.values()))
+    proto = overridable(model.to_proto(), distinct, in_place=True)
     batches = _batches(model, data, samples, batch_size)
-    start = time.perf_counter()
-    probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True, suffixes=suffixes)
-    reference_s = time.perf_counter() - start
     used = sum(len(next(iter(b.values()))) for b in batches)
-    reduced = ""
-    runs_needed = distinct * len(measured)
-    # a suffix run costs about its share of the graph's nodes
     nodes = max(1, len(proto.graph.node))
-    share = float(np.mean([len(probe.suffixes[n].nodes) / nodes if n in probe.suffixes else 1.0
-                           for n in set(names.values())]))
-    expected = reference_s * runs_needed * share
-    if time_budget is not None and expected > time_budget and used > min_samples:
-        fewer = max(min_samples, int(used * time_budget / expected))
-        if fewer < used:
-            reduced = (f"{used} samples would take about {expected:.0f} s for {runs_needed} runs; "
-                       f"{fewer} fit the {time_budget:g} s budget")
-            batches = _batches(model, data, fewer, batch_size)
-            probe = None  # type: ignore[assignment]  # its cached tensors go before the next probe's come
-            probe = OutputProbe(proto, set(names.values()), batches, threads=threads, in_place=True,
-                                suffixes=suffixes)
-            used = sum(len(next(iter(b.values()))) for b in batches)
+    reduced = ""
+    probe: OutputProbe | None = None
+    if executor.workers <= 1 or time_budget is not None:  # workers build their own probes: this one times
+        start = time.perf_counter()
+        probe = OutputProbe(proto, distinct, batches, threads=threads, in_place=True, suffixes=suffixes)
+        reference_s = time.perf_counter() - start
+        runs_needed = len(distinct) * len(measured)
+        # a suffix run costs about its share of the graph's nodes
+        share = float(np.mean([len(probe.suffixes[n].nodes) / nodes if n in probe.suffixes else 1.0
+                               for n in distinct]))
+        expected = reference_s * runs_needed * share
+        if time_budget is not None and expected > time_budget and used > min_samples:
+            fewer = max(min_samples, int(used * time_budget / expected))
+            if fewer < used:
+                reduced = (f"{used} samples would take about {expected:.0f} s for {runs_needed} runs; "
+                           f"{fewer} fit the {time_budget:g} s budget")
+                batches = _batches(model, data, fewer, batch_size)
+                probe = None  # its cached tensors go before the next probe's come
+                probe = OutputProbe(proto, distinct, batches, threads=threads, in_place=True, suffixes=suffixes)
+                used = sum(len(next(iter(b.values()))) for b in batches)
+        if executor.workers > 1:
+            probe = None  # the workers' probes measure; this one only timed the reference run
     del proto
-    table: dict[str, dict[int, float]] = {}
-    seen: dict[str, str] = {}
-    shared: dict[str, str] = {}
+    first = {name: next(layer for layer in layers if names[layer.id] == name) for name in distinct}
+    tasks = [(name, layer_channel_axis(first[name])) for name in distinct]
+    source = ProbeSource(uuid.uuid4().hex, tuple(distinct), metric, tuple(measured), threads, suffixes,
+                         SUFFIX_CACHE_BYTES)
+    per_weight = {name: [layer for layer in layers if names[layer.id] == name] for name in distinct}
     # a counted task (a bar with an ETA on a terminal) when the caller's reporter has tasks, else plain messages
     task = progress.task(f"sensitivity (output-{metric})", total=len(layers), unit="layer") \
         if isinstance(progress, Reporter) else None
-    with task if task is not None else contextlib.nullcontext():
-        for index, layer in enumerate(layers):
-            name = names[layer.id]
-            if name in seen:
-                shared[layer.id] = seen[name]
-                table[layer.id] = dict(table[seen[name]])
-            else:
-                seen[name] = layer.id
-                weight, axis = layer.weight_array, layer_channel_axis(layer)
-                row = {b: probe.divergence({name: fake_quantize(weight, b, axis)}, metric) for b in measured}
-                for b, source in extrapolated.items():
-                    base = quantization_error(weight, source, axis)
-                    row[b] = row[source] * quantization_error(weight, b, axis) / base if base > 0 else 0.0
-                table[layer.id] = {b: row[b] for b in bits}
+    done = [0]
+
+    def advance(index: int, _result: LayerScores) -> None:
+        for layer in per_weight[tasks[index][0]]:
+            done[0] += 1
             if task is not None:
                 task.advance()
             elif progress is not None:
-                progress(f"output-{metric}: layer {index + 1}/{len(layers)} {layer.id}")
-    work = probe.nodes_run / (probe.runs * nodes) if probe.runs else 1.0
-    return OutputSensitivity(table, metric, used, probe.runs, shared, extrapolated, reduced, probe.suffix_runs,
-                             round(work, 3))
+                progress(f"output-{metric}: layer {done[0]}/{len(layers)} {layer.id}")
 
+    with task if task is not None else contextlib.nullcontext():
+        if executor.workers <= 1:  # this process's probe serves every task, here
+            global _PROBE
+            assert probe is not None
+            _PROBE = (source.key, probe)
+            try:
+                scores = SERIAL.map(measure_layer, source, tasks, on_result=advance)
+            finally:
+                _forget_probe(source.key)
+            reference_runs = 1
+        else:
+            scores, reference_runs = _measure_elsewhere(model, batches, source, tasks, executor, advance, threads)
+    del probe
+    table: dict[str, dict[int, float]] = {}
+    shared: dict[str, str] = {}
+    by_name = dict(zip(distinct, scores))
+    for layer in layers:
+        name = names[layer.id]
+        owner = first[name].id
+        if owner != layer.id:
+            shared[layer.id] = owner
+        row = dict(by_name[name].row)
+        weight, axis = first[name].weight_array, layer_channel_axis(first[name])
+        for b, source_bits in extrapolated.items():
+            base = quantization_error(weight, source_bits, axis)
+            row[b] = row[source_bits] * quantization_error(weight, b, axis) / base if base > 0 else 0.0
+        table[layer.id] = {b: row[b] for b in bits}
+    runs = reference_runs + len(distinct) * len(measured)
+    nodes_run = reference_runs * nodes + sum(s.nodes_run for s in scores)
+    work = nodes_run / (runs * nodes)
+    return OutputSensitivity(table, metric, used, runs, shared, extrapolated, reduced,
+                             sum(s.suffix_runs for s in scores), round(work, 3), executor.spec, reference_runs)
+
+
+def _measure_elsewhere(model: Model, batches: Sequence[Mapping[str, np.ndarray]], source: ProbeSource,
+                       tasks: list[tuple[str, int]], executor: Executor, on_result: Callable[[int, Any], None],
+                       threads: int | None) -> tuple[list[LayerScores], int]:
+    """The tasks on ``executor``'s workers: the model and batches written once to a temporary folder they read
+    (bytes in the object store for a remote Ray cluster); ORT threads split between the workers."""
+    from bitpass.frontend.cpu import host
+
+    per_worker = threads or max(1, host().cores // executor.workers)
+    source = replace(source, threads=per_worker)
+    with tempfile.TemporaryDirectory(prefix="bitpass-sensitivity-") as folder:
+        if executor.local:
+            ir.save(model.ir, Path(folder) / "model.onnx", external_data="model.onnx.data")
+            np.savez(Path(folder) / "batches.npz",
+                     **{f"{i}/{k}": np.asarray(v) for i, b in enumerate(batches) for k, v in b.items()})
+            source = replace(source, folder=folder)
+        else:
+            proto = model.to_proto()
+            if proto.ByteSize() >= 2**31 - 1:
+                raise UsageError("output sensitivity on a remote Ray cluster sends the model as one protobuf, "
+                                 "which is limited to 2 GB: run it with --executor local (or ray on this "
+                                 "machine)")
+            source = replace(source, payload=(proto.SerializeToString(), tuple(dict(b) for b in batches)))
+            del proto
+        scores = executor.map(measure_layer, source, tasks, on_result=on_result)
+    return scores, min(executor.workers, len(tasks))

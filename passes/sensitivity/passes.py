@@ -144,8 +144,8 @@ class Sensitivity(Pass):
         metric = cfg.method.split("-", 1)[1]
         result = output_sensitivity(model, ctx.calibration, metric=metric, bits=bits, samples=cfg.samples,
                                     batch_size=cfg.batch_size, progress=ctx.progress, time_budget=cfg.time_budget,
-                                    extrapolate=cfg.extrapolate)
-        record.update(samples=result.samples, ort_runs=result.runs, labels="none needed",
+                                    extrapolate=cfg.extrapolate, executor=ctx.executor)
+        record.update(samples=result.samples, ort_runs=result.runs, labels="none needed", executor=result.executor,
                       suffix_runs=result.suffix_runs, work_vs_full_runs=result.work)
         if result.reduced:
             record["samples_reduced"] = result.reduced

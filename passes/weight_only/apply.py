@@ -20,7 +20,8 @@ from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook_gpt
 from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
-from bitpass.passes.weight_only.mixed import allocate_widths, global_slice_widths, mixed_quantize
+from bitpass.passes.weight_only.mixed import (allocate_widths, global_slice_widths, hierarchical_widths,
+                                              mixed_quantize)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,16 @@ def quantize_groupwise(weights: Mapping[str, np.ndarray], hessians: Mapping[str,
             quantized = rtn(weight, chosen[layer_id], group_size)
         out[layer_id] = QuantizedLayer(quantized, None, output_error(weight, quantized.dequantize(), h))
     return out
+
+
+def quantize_hierarchical(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
+                          *, low: int = 3, high: int = 4, steps: int = 4, group_size: int = 32,
+                          proxy: str = "gptq", score: Any = None, cost: str = "bytes") -> dict[str, QuantizedLayer]:
+    """Two-level group-wise widths (``hierarchical_widths``): salient slices widened inside each layer, the
+    layers' mixtures chosen under one model-wide average by their measured GPTQ output errors (or ``score``)."""
+    chosen = hierarchical_widths(weights, hessians, average_bits, low, high, steps=steps, group_size=group_size,
+                                 proxy=proxy, score=score, cost=cost)
+    return {i: QuantizedLayer(q, None, output_error(weights[i], q.dequantize(), hessians[i])) for i, q in chosen.items()}
 
 
 def apply_to_torch(lm: Any, layers: Mapping[str, QuantizedLayer]) -> None:

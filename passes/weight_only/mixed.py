@@ -11,7 +11,7 @@ fractional averages (3.5) included; the weight is then rounded with GPTQ (or RTN
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -166,3 +166,96 @@ def global_slice_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
     chosen = allocate_widths(np.concatenate(errors), widths, average_bits, sizes)
     bounds = np.cumsum([0, *(len(e) for e in errors)])
     return {i: chosen[bounds[n]:bounds[n + 1]] for n, i in enumerate(ids)}
+
+
+def upgrade_order(weight: np.ndarray, h: np.ndarray, low: int, high: int, group_size: int = 32, *,
+                  proxy: str = "gptq") -> np.ndarray:
+    """The layer's K-slices, most salient first: by how much widening a slice from ``low`` to ``high`` bits
+    lowers its share of the layer's output error (``slice_errors``); ties keep slice order."""
+    errors = slice_errors(weight, h, (low, high), group_size, proxy=proxy)
+    return np.argsort(-(errors[:, 0] - errors[:, 1]), kind="stable")
+
+
+def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps: int = 4, group_size: int = 32, *,
+                   proxy: str = "gptq", act_order: bool = False) -> list[tuple[float, GroupQuantized, float]]:
+    """One layer at ``steps + 1`` averages from ``low`` to ``high`` bits (fewer when it has fewer slices): the first ``i / steps`` of its slices
+    in salience order (``upgrade_order``) at ``high``, the rest at ``low``, each rounded with GPTQ at exactly
+    those widths. Returns ``(average code bits, codes, absolute output error tr(E^T H E))`` per mixture: the
+    error measured after GPTQ has spread each slice's rounding error over the others, which a per-slice
+    proxy summed over slices does not see."""
+    order = upgrade_order(weight, h, low, high, group_size, proxy=proxy)
+    slices = len(order)
+    w = np.asarray(weight, np.float64)
+    out = []
+    for count in dict.fromkeys(round(step * slices / steps) for step in range(steps + 1)):  # fewer when slices < steps
+        bits = np.full(slices, low)
+        bits[order[:count]] = high
+        quantized = gptq(weight, h, bits, group_size, act_order=act_order)
+        error = w - quantized.dequantize().astype(np.float64)
+        out.append((float(np.mean(bits)), quantized, float(np.einsum("kn,kj,jn->", error, h, error))))
+    return out
+
+
+def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
+                        low: int, high: int, *, steps: int = 4, group_size: int = 32, proxy: str = "gptq",
+                        act_order: bool = False, score: Callable[[str, GroupQuantized], float] | None = None,
+                        cost: str = "bytes") -> dict[str, GroupQuantized]:
+    """Group-wise mixed widths in two levels (SliM-LLM's salience inside a layer, one budget across layers):
+    each layer is rounded at ``steps + 1`` mixtures of ``low``/``high`` slices (``layer_mixtures``), and one
+    multiple-choice knapsack over layers picks the mixture per layer with the least summed output error at
+    ``average_bits`` (code bits, weighted by each layer's elements). ``steps=1`` is the per-layer baseline
+    (each layer all ``low`` or all ``high``) judged by the same measured GPTQ errors.
+
+    ``score(layer_id, codes)`` replaces the layer-local error as what the knapsack sums, e.g. the model's output
+    divergence with only that layer quantized (errors of different layers then weigh by their effect on the
+    output, not by their own outputs' scale).
+
+    ``cost="bytes"`` (default) budgets what MatMulNBits stores: a mixed layer is one node per width, each with its
+    own packed zero points, so mixing costs a few bytes more than its code bits say; the budget is the bytes of
+    every layer at the same ``average_bits`` interpolated between all-``low`` and all-``high`` (what a per-layer
+    mixture at that average stores). ``cost="bits"``: code bits only, as ``allocate_widths`` counts."""
+    if cost not in ("bytes", "bits"):
+        raise ValueError(f"unknown cost {cost!r}: use 'bytes' or 'bits'")
+    ids = list(weights)
+    options = {i: layer_mixtures(weights[i], hessians[i], low, high, steps, group_size, proxy=proxy,
+                                 act_order=act_order) for i in ids}
+    # a layer with fewer slices than steps has fewer mixtures: its row is padded with its widest (never chosen
+    # over it: same cost and error)
+    width = max(len(o) for o in options.values())
+    errors = np.array([_padded([score(i, q) if score is not None else error for _, q, error in options[i]], width)
+                       for i in ids])
+    if cost == "bits":
+        costs = np.array([_padded([bits * weights[i].size for bits, _, _ in options[i]], width) for i in ids])
+        budget = average_bits * sum(weights[i].size for i in ids)
+    else:
+        costs = np.array([_padded([float(q.nbytes()) for _, q, _ in options[i]], width) for i in ids])
+        share = (average_bits - low) / (high - low)
+        budget = float(sum(costs[n, 0] + share * (costs[n, -1] - costs[n, 0]) for n in range(len(ids))))
+    chosen = _choose_options(errors, costs, budget)
+    return {i: options[i][min(int(c), len(options[i]) - 1)][1] for i, c in zip(ids, chosen)}
+
+
+def _padded(values: list[float], width: int) -> list[float]:
+    return values + [values[-1]] * (width - len(values))
+
+
+def _choose_options(errors: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
+    """One option per item (row) minimizing the summed error with the summed cost within ``budget``: a
+    multiple-choice knapsack with any costs per option, exactly by scipy's HiGHS MILP."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    items, options = errors.shape
+    if costs.min(axis=1).sum() > budget * (1 + 1e-12):
+        raise ValueError("the budget is below the cheapest option of every item")
+    rows = np.repeat(np.arange(items), options)
+    one_each = coo_matrix((np.ones(items * options), (rows, np.arange(items * options))), shape=(items, items * options))
+    scale_cost, scale_error = max(float(costs.max()), 1e-300), max(float(np.abs(errors).max()), 1e-300)
+    result = milp(errors.reshape(-1) / scale_error, integrality=np.ones(items * options), bounds=Bounds(0, 1),
+                  constraints=[LinearConstraint(one_each, 1, 1),
+                               LinearConstraint(costs.reshape(1, -1) / scale_cost, -np.inf,
+                                                budget / scale_cost + 1e-9)],
+                  options={"time_limit": 60.0, "mip_rel_gap": 1e-9})
+    if result.x is None:
+        raise ValueError(f"no allocation found: {result.message}")
+    return result.x.reshape(items, options).argmax(axis=1)

@@ -37,3 +37,8 @@ def test_a_wrong_spec_says_what_to_write(spec):
     with pytest.raises(UsageError, match="local:2|serial, local"):
         executor_from_spec(spec)
 
+
+
+def test_serial_and_worker_processes_say_their_tasks_run_on_this_machine():
+    # a task may then read files the caller wrote instead of being sent their bytes (output sensitivity does)
+    assert SERIAL.local and ProcessExecutor(2).local

@@ -1,16 +1,20 @@
-"""The scale-out benchmark runs end to end on a tiny GPT-2 and checks that every executor wrote the same model
-(the speed-up itself is measured by running the tool, not asserted here)."""
+"""The scale-out benchmark runs end to end on a tiny GPT-2 and checks that every executor gave the serial result
+(the sensitivity table, or the written model); the speed-up itself is measured by running the tool, not asserted."""
 
 from __future__ import annotations
+
+import pytest
 
 from bitpass.tools import bench_scaleout
 
 
-def test_serial_and_worker_processes_write_the_same_model(capsys):
-    code = bench_scaleout.main(["--size", "tiny", "--executors", "serial,local:2", "--windows", "8",
+@pytest.mark.parametrize("step", ["sensitivity", "quantize-weights"])
+def test_serial_and_worker_processes_give_the_same_result(capsys, step):
+    code = bench_scaleout.main(["--size", "tiny", "--step", step, "--executors", "serial,local:2", "--windows", "8",
                                 "--length", "32"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith("CPU: ")
+    assert ("sensitivity(method=output-kl)" in out) == (step == "sensitivity")
     rows = [line for line in out.splitlines() if line.startswith("| serial") or line.startswith("| local:2")]
     assert len(rows) == 2 and all("| yes |" in row for row in rows)

@@ -213,3 +213,67 @@ def test_a_weight_whose_cut_graph_onnx_runtime_refuses_is_measured_on_the_whole_
     result = output_sensitivity(model, data, samples=8, bits=(4, 8))
     assert set(result.table) == {layer.id for layer in model.layers()}
     assert all(np.isfinite(v) for row in result.table.values() for v in row.values())
+
+
+# --------------------------------------------------------------------------- the per-layer runs on an executor
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    """A 2-layer, 64-wide GPT-2 with its KV cache (13 linear layers and the tied lm_head) and token windows."""
+    from bitpass.frontend.decoder import complete_lm_inputs, export_decoder
+    from bitpass.tools import decoders
+
+    model, spec = export_decoder(decoders.tiny_gpt2(width=64))
+    feeds, _ = complete_lm_inputs({"input_ids": np.random.default_rng(0).integers(0, 256, (12, 24))}, spec)
+    return model, from_arrays(feeds, model.inputs)
+
+
+def _same_measurement(got, want):
+    assert got.table == want.table, "every score equal to the last bit"
+    assert (got.samples, got.shared, got.suffix_runs, got.extrapolated) == \
+        (want.samples, want.shared, want.suffix_runs, want.extrapolated)
+
+
+def test_worker_processes_measure_the_serial_scores_bit_for_bit(tiny_decoder):
+    from bitpass.passes.executors import ProcessExecutor
+
+    model, data = tiny_decoder
+    serial = output_sensitivity(model, data, bits=(2, 4, 8), batch_size=4, extrapolate=True)
+    assert serial.executor == "serial" and serial.reference_runs == 1 and serial.suffix_runs > 0
+    with ProcessExecutor(2) as executor:
+        parallel = output_sensitivity(model, data, bits=(2, 4, 8), batch_size=4, extrapolate=True,
+                                      executor=executor)
+        again = output_sensitivity(model, data, metric="mse", bits=(2, 4), batch_size=4, executor=executor)
+    _same_measurement(parallel, serial)
+    assert parallel.executor == "local:2" and parallel.reference_runs == 2  # one per worker, none repeated
+    assert again.table == output_sensitivity(model, data, metric="mse", bits=(2, 4), batch_size=4).table, \
+        "a worker's probe of the last measurement is not reused for another"
+
+
+def test_the_sensitivity_pass_runs_its_layers_on_the_context_executor(onnx_mlp):
+    from bitpass.passes.executors import ProcessExecutor
+
+    model, data = onnx_mlp
+    serial_ctx = PassContext(calibration=data)
+    Sensitivity(method="output-kl", bits=4, time_budget=None).run(model, serial_ctx)
+    with ProcessExecutor(2) as executor:
+        ctx = PassContext(calibration=data, executor=executor)
+        Sensitivity(method="output-kl", bits=4, time_budget=None).run(model, ctx)
+    assert ctx.analyses.require("sensitivity") == serial_ctx.analyses.require("sensitivity")
+    assert ctx.records["sensitivity"]["executor"] == "local:2"
+
+
+def test_a_local_ray_cluster_measures_the_serial_scores_bit_for_bit(tiny_decoder):
+    pytest.importorskip("ray", reason="Ray is in the test extra; install it to run the scale-out check")
+    from bitpass.passes.executors import executor_from_spec
+
+    model, data = tiny_decoder
+    serial = output_sensitivity(model, data, bits=(2, 4, 8), batch_size=4, extrapolate=True)
+    with executor_from_spec("ray") as executor:  # ray.init() on this machine: the model travels as files
+        assert executor.local
+        on_ray = output_sensitivity(model, data, bits=(2, 4, 8), batch_size=4, extrapolate=True,
+                                    executor=executor)
+        executor.local = False  # as for a cluster elsewhere: the model and batches travel in the object store
+        remote = output_sensitivity(model, data, bits=(2, 4, 8), batch_size=4, extrapolate=True,
+                                    executor=executor)
+    _same_measurement(on_ray, serial)
+    _same_measurement(remote, serial)

@@ -84,3 +84,84 @@ def test_slice_errors_shrink_with_width_under_either_proxy(proxy):
     w, h = salient_layer(k=128, n=32)
     errors = slice_errors(w, h, (2, 4, 8), 32, proxy=proxy)
     assert errors.shape == (4, 3) and np.all(np.diff(errors, axis=1) < 0)
+
+
+def test_layer_mixtures_widen_the_most_salient_slices_first_and_lower_the_measured_error():
+    from bitpass.passes.weight_only.mixed import layer_mixtures, upgrade_order
+
+    w, h = salient_layer(k=128, n=48)
+    order = upgrade_order(w, h, 3, 4, 32)
+    mixtures = layer_mixtures(w, h, 3, 4, steps=4, group_size=32)
+    assert [bits for bits, _, _ in mixtures] == [3.0, 3.25, 3.5, 3.75, 4.0]
+    assert mixtures[1][1].bits[order[0]] == 4 and int(np.sum(mixtures[1][1].bits == 4)) == 1
+    errors = [error for _, _, error in mixtures]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    # the error is GPTQ's at exactly those widths, absolute (not relative to the layer's output)
+    exact = gptq(w, h, mixtures[2][1].bits, 32)
+    e = w.astype(np.float64) - exact.dequantize()
+    assert errors[2] == pytest.approx(float(np.einsum("kn,kj,jn->", e, h, e)))
+
+
+def test_two_level_widths_meet_the_average_and_do_no_worse_than_whole_layers_on_their_objective():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths
+
+    layers = {f"l{i}": salient_layer(k=128, n=32, seed=i) for i in range(3)}
+    weights = {i: w for i, (w, _) in layers.items()}
+    hessians = {i: h for i, (_, h) in layers.items()}
+
+    def summed_error(chosen):
+        total = 0.0
+        for i, q in chosen.items():
+            e = weights[i].astype(np.float64) - q.dequantize()
+            total += float(np.einsum("kn,kj,jn->", e, hessians[i], e))
+        return total
+
+    two_level = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=4)
+    whole = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=1)
+    size = sum(w.size for w in weights.values())
+    for chosen in (two_level, whole):
+        assert sum(np.mean(q.bits) * weights[i].size for i, q in chosen.items()) <= 3.5 * size + 1e-9
+    assert all(set(np.unique(q.bits)) <= {3, 4} for q in whole.values())
+    assert all(len(np.unique(q.bits)) == 1 for q in whole.values())
+    # whole layers are among the two-level options (0 and 4 quarters), so its optimum is no worse
+    assert summed_error(two_level) <= summed_error(whole) * (1 + 1e-9)
+
+
+def test_a_score_in_place_of_the_layer_error_decides_which_layer_gets_the_wide_codes():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths
+
+    layers = {f"l{i}": salient_layer(k=64, n=32, seed=i) for i in range(2)}
+    weights = {i: w for i, (w, _) in layers.items()}
+    hessians = {i: h for i, (_, h) in layers.items()}
+
+    def only_l1_matters(layer_id, codes):  # as if l1's output errors reached the model's output and l0's did not
+        return (100.0 if layer_id == "l1" else 1.0) * float(np.sum(codes.bits == 3))
+
+    chosen = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=2, score=only_l1_matters)
+    assert set(chosen["l1"].bits) == {4} and set(chosen["l0"].bits) == {3}
+
+
+def test_a_layer_with_fewer_slices_than_steps_has_fewer_mixtures_and_still_takes_part():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths, layer_mixtures
+
+    small, big = salient_layer(k=64, n=32, seed=1), salient_layer(k=256, n=32, seed=2)
+    assert [bits for bits, _, _ in layer_mixtures(*small, 3, 4, steps=8)] == [3.0, 3.5, 4.0]
+    chosen = hierarchical_widths({"small": small[0], "big": big[0]}, {"small": small[1], "big": big[1]}, 3.5, 3, 4,
+                                 steps=8)
+    total = sum(np.mean(chosen[i].bits) * w.size for i, w in (("small", small[0]), ("big", big[0])))
+    assert total <= 3.5 * (small[0].size + big[0].size) + 1e-9
+
+
+def test_two_level_widths_budget_the_bytes_matmulnbits_stores_a_mixed_layer_in():
+    from bitpass.passes.weight_only.mixed import hierarchical_widths
+
+    layers = {f"l{i}": salient_layer(k=128, n=32, seed=i) for i in range(3)}
+    weights = {i: w for i, (w, _) in layers.items()}
+    hessians = {i: h for i, (_, h) in layers.items()}
+    midpoint = sum((gptq(w, hessians[i], 3, 32).nbytes() + gptq(w, hessians[i], 4, 32).nbytes()) / 2
+                   for i, w in weights.items())
+    chosen = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=4)
+    assert sum(q.nbytes() for q in chosen.values()) <= midpoint
+    by_bits = hierarchical_widths(weights, hessians, 3.5, 3, 4, steps=4, cost="bits")
+    assert sum(np.mean(q.bits) * weights[i].size for i, q in by_bits.items()) <= 3.5 * sum(
+        w.size for w in weights.values()) + 1e-9
