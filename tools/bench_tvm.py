@@ -1,6 +1,7 @@
 """Benchmark the TVM backend against ONNX Runtime on this CPU, side by side, in one run.
 
-    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--only SECTION ...]
+    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--batches B ...]
+        [--only SECTION ...]
 
 Sections (every table is printed beside the CPU's model, flags and caches):
 
@@ -233,7 +234,8 @@ def _int8_plan(model):
     return planned
 
 
-def bench_models(threads: int, rounds: int, quick: bool = False) -> list[dict[str, Any]]:
+def bench_models(threads: int, rounds: int, quick: bool = False,
+                 only_batches: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
     ORT fp32 (outputs flattened per sample)."""
     from bitpass.backends.measure import cosines
@@ -241,6 +243,7 @@ def bench_models(threads: int, rounds: int, quick: bool = False) -> list[dict[st
 
     rows = []
     for name, model, feed, batches in _models(quick):
+        batches = tuple(b for b in batches if only_batches is None or b in only_batches) or batches
         batched = {b: {k: np.ascontiguousarray(np.repeat(v, b, axis=0)) for k, v in feed.items()} for b in batches}
         calib = [{k: (v + 0.1 * np.random.default_rng(i).standard_normal(v.shape)).astype(v.dtype)
                   if v.dtype.kind == "f" else v for k, v in feed.items()} for i in range(8)]
@@ -525,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
+    parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -534,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = read_bandwidth()
         print_gemv(bench_gemv(args.threads, args.rounds), bandwidth, args.threads)
     if "models" in args.only:
-        print_models(bench_models(args.threads, args.rounds, args.quick), args.threads)
+        print_models(bench_models(args.threads, args.rounds, args.quick,
+                                  tuple(args.batches) if args.batches else None), args.threads)
     return 0
 
 
