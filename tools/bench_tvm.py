@@ -17,7 +17,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   single Conv + ReLU (fp32, and a U8S8 QDQ conv that ORT fuses to QLinearConv), in GMAC/s.
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
-``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), median of ``--rounds``.
+``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
+(``TVM_BIND_THREADS=0``, as ORT's), median of ``--rounds``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import os
 
 # before TVM's runtime starts its pool: timed alternately with ORT, a spinning pool steals the other's cores
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+# TVM binds each pool thread to one core by default; on a shared machine that made its kernels 1.6-1.8x slower
+# (the artifacts' runner unbinds them too: ``vmrun.use_all_cores``)
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -39,7 +43,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 TIMING_MODE = ("alternating in one process, thread spinning off on both sides "
-               "(ORT allow_spinning=0, TVM_THREAD_POOL_SPIN_COUNT=0)")
+               "(ORT allow_spinning=0, TVM_THREAD_POOL_SPIN_COUNT=0), TVM threads unbound (TVM_BIND_THREADS=0)")
 
 
 def print_cpu(threads: int) -> None:
