@@ -518,8 +518,9 @@ def print_convs(rows, threads: int) -> None:
     for label, seconds, macs in rows:
         for v in CONV_VARIANTS:
             totals[v] += seconds[v]
+        fp32, int8 = seconds["ORT fp32"] / seconds["TVM fp32"], seconds["ORT U8S8"] / seconds["TVM int8"]
         print(f"  {label:<38} " + " ".join(f"{macs / seconds[v] / 1e9:9.1f}" for v in CONV_VARIANTS)
-              + f"   {seconds['ORT fp32'] / seconds['TVM fp32']:12.2f}  {seconds['ORT U8S8'] / seconds['TVM int8']:17.2f}")
+              + f"   {fp32:12.2f}  {int8:17.2f}")
     print(f"  {'sum of times (ms)':<38} " + " ".join(f"{totals[v] * 1e3:9.2f}" for v in CONV_VARIANTS)
           + f"   {totals['ORT fp32'] / totals['TVM fp32']:12.2f}  {totals['ORT U8S8'] / totals['TVM int8']:17.2f}")
 
