@@ -1,6 +1,7 @@
 """Benchmark the TVM backend against ONNX Runtime on this CPU, side by side, in one run.
 
-    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--only SECTION ...]
+    .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--batches B ...]
+        [--only SECTION ...]
 
 Sections (every table is printed beside the CPU's model, flags and caches):
 
@@ -12,10 +13,12 @@ Sections (every table is printed beside the CPU's model, flags and caches):
 * ``gemv``: a 4-bit weight-only GEMV at batch 1 on a weight at least twice the last-level cache (sized from
   sysfs), TVM's int4 kernel vs ORT MatMulNBits at block sizes 32, 64 and 128 (accuracy_level 4: int8
   activations, as ours), as a fraction of the measured read bandwidth.
-* ``kernels``: ResNet-18's convolutions, TVM fp32 vs TVM int8, in GMAC/s.
+* ``kernels``: ResNet-18's convolutions at batch 1, TVM fp32 and int8 beside ONNX Runtime running the same
+  single Conv + ReLU (fp32, and a U8S8 QDQ conv that ORT fuses to QLinearConv), in GMAC/s.
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
-``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), median of ``--rounds``.
+``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
+(``TVM_BIND_THREADS=0``, as ORT's), median of ``--rounds``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import os
 
 # before TVM's runtime starts its pool: timed alternately with ORT, a spinning pool steals the other's cores
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+# TVM binds each pool thread to one core by default; on a shared machine that made its kernels 1.6-1.8x slower
+# (the artifacts' runner unbinds them too: ``vmrun.use_all_cores``)
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -37,7 +43,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 TIMING_MODE = ("alternating in one process, thread spinning off on both sides "
-               "(ORT allow_spinning=0, TVM_THREAD_POOL_SPIN_COUNT=0)")
+               "(ORT allow_spinning=0, TVM_THREAD_POOL_SPIN_COUNT=0), TVM threads unbound (TVM_BIND_THREADS=0)")
 
 
 def print_cpu(threads: int) -> None:
@@ -232,7 +238,8 @@ def _int8_plan(model):
     return planned
 
 
-def bench_models(threads: int, rounds: int, quick: bool = False) -> list[dict[str, Any]]:
+def bench_models(threads: int, rounds: int, quick: bool = False,
+                 only_batches: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
     ORT fp32 (outputs flattened per sample)."""
     from bitpass.backends.measure import cosines
@@ -240,6 +247,7 @@ def bench_models(threads: int, rounds: int, quick: bool = False) -> list[dict[st
 
     rows = []
     for name, model, feed, batches in _models(quick):
+        batches = tuple(b for b in batches if only_batches is None or b in only_batches) or batches
         batched = {b: {k: np.ascontiguousarray(np.repeat(v, b, axis=0)) for k, v in feed.items()} for b in batches}
         calib = [{k: (v + 0.1 * np.random.default_rng(i).standard_normal(v.shape)).astype(v.dtype)
                   if v.dtype.kind == "f" else v for k, v in feed.items()} for i in range(8)]
@@ -403,8 +411,54 @@ def resnet18_convs() -> list[tuple[int, int, int, int, int]]:
             (128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (256, 512, 14, 3, 2), (512, 512, 7, 3, 1)]
 
 
-def bench_convs(rounds: int, batch: int = 1) -> list[tuple[str, float, float, float]]:
-    """(label, fp32 s, int8 s, multiply-adds) per ResNet-18 conv, TVM's kernels timed side by side."""
+def conv_model_fp32(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> bytes:
+    """A single Conv + ReLU ONNX model for ORT (zero bias)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    oc = w.shape[0]
+    attrs = {"strides": [stride, stride], "pads": [pad] * 4}
+    fp32 = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs), helper.make_node("Relu", ["c"], ["y"])],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(oc, np.float32), "b")])
+    return helper.make_model(fp32, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+
+def conv_model_u8s8(x: np.ndarray, w: np.ndarray, stride: int, pad: int, y_max: float) -> bytes:
+    """The same conv as U8S8 QDQ (input uint8 from this input's range, output uint8 up to ``y_max``, weights
+    int8 per output channel), which ORT fuses to QuantizeLinear → QLinearConv → DequantizeLinear."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    oc = w.shape[0]
+    attrs = {"strides": [stride, stride], "pads": [pad] * 4}
+    xs = np.float32(np.abs(x).max() / 127.0)
+    wscale = (np.abs(w).reshape(oc, -1).max(axis=1) / 127.0).astype(np.float32)
+    wq = np.clip(np.rint(w / wscale[:, None, None, None]), -127, 127).astype(np.int8)
+    ys = np.float32(max(y_max, 1e-6) / 255.0)
+    inits = [numpy_helper.from_array(np.array(xs, np.float32), "xs"),
+             numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wscale, "ws"),
+             numpy_helper.from_array(np.zeros(oc, np.int8), "wz"),
+             numpy_helper.from_array(np.zeros(oc, np.int32), "bq"),
+             numpy_helper.from_array((wscale * xs).astype(np.float32), "bs"),
+             numpy_helper.from_array(np.array(ys, np.float32), "ys"),
+             numpy_helper.from_array(np.array(0, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["bq", "bs"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], **attrs), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    qdq = helper.make_graph(nodes, "conv_qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(qdq, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+
+def bench_convs(rounds: int, batch: int = 1, threads: int = 2) -> list[tuple[str, dict[str, float], float]]:
+    """(label, seconds per variant, multiply-adds) per ResNet-18 conv: TVM fp32 and int8 kernels and ORT's
+    fp32 and U8S8 QDQ single Conv + ReLU, timed side by side (alternating) in this process."""
     import tvm
     from tvm import te
 
@@ -421,7 +475,7 @@ def bench_convs(rounds: int, batch: int = 1) -> list[tuple[str, float, float, fl
         pad = kk // 2
         geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": 1}
         ob = kernels.out_block(oc, scheme.lanes)
-        w = rng.standard_normal((oc, c, kk, kk)).astype(np.float32)
+        w = (rng.standard_normal((oc, c, kk, kk)) / np.sqrt(c * kk * kk)).astype(np.float32)
         x = rng.standard_normal((batch, c, hw, hw)).astype(np.float32)
         codes, scale = kernels.quantize_conv_int8(w, ob, 0, scheme.int8_levels)
         tx, tb = te.placeholder(x.shape, "float32"), te.placeholder((oc,), "float32")
@@ -430,29 +484,45 @@ def bench_convs(rounds: int, batch: int = 1) -> list[tuple[str, float, float, fl
         out32 = kernels.conv2d(tx, tw, tb, **geometry, act="relu")
         out8 = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act="relu", levels=scheme.int8_levels)
         oh = int(out32.shape[2])
-        fns = {}
-        for label, tensors, kind, arrays in (("fp32", [tx, tw, tb, out32], "conv2d", (x, kernels.pack_conv(w, ob))),
-                                             ("int8", [tx, tc, ts, tb, out8], "conv2d_int8", (x, codes, scale))):
+        fns: dict[str, Callable[[], object]] = {}
+        for label, tensors, kind, arrays in (("TVM fp32", [tx, tw, tb, out32], "conv2d", (x, kernels.pack_conv(w, ob))),
+                                             ("TVM int8", [tx, tc, ts, tb, out8], "conv2d_int8", (x, codes, scale))):
             func = KernelAttrs(kind, ob, act="relu", levels=scheme.int8_levels if kind == "conv2d_int8" else 0,
                                **geometry).tag(te.create_prim_func(tensors))
             built = tvm.compile(schedules.apply_rules(tvm.IRModule({"main": func}), target), target=target)["main"]
             tensors_ = [tvm.runtime.tensor(a, dev) for a in (*arrays, np.zeros(oc, np.float32),
                                                              np.zeros((batch, oc, oh, oh), np.float32))]
             fns[label] = (lambda f, t: lambda: f(*t))(built, tensors_)
+        fp32 = _ort_session_bytes(conv_model_fp32(x, w, stride, pad), threads)
+        want = fp32.run(None, {"x": x})[0]
+        u8s8 = _ort_session_bytes(conv_model_u8s8(x, w, stride, pad, float(want.max())), threads)
+        got = u8s8.run(None, {"x": x})[0]
+        assert np.abs(got - want).max() < 0.05 * want.max(), "ORT's U8S8 conv is wrong"
+        for label, session in (("ORT fp32", fp32), ("ORT U8S8", u8s8)):
+            fns[label] = (lambda s: lambda: s.run(None, {"x": x}))(session)
         t = _timed(fns, rounds)
         macs = batch * oc * oh * oh * c * kk * kk
-        rows.append((f"{c}->{oc} {hw}x{hw} k{kk} s{stride}", t["fp32"], t["int8"], macs))
+        rows.append((f"{c}->{oc} {hw}x{hw} k{kk} s{stride}", t, macs))
     return rows
+
+
+CONV_VARIANTS = ("TVM fp32", "ORT fp32", "TVM int8", "ORT U8S8")
 
 
 def print_convs(rows, threads: int) -> None:
     print()
     print_cpu(threads)
-    print(f"ResNet-18 convolutions, batch 1 (TVM kernels)   {'fp32 ms':>8} {'int8 ms':>8} {'fp32 GMAC/s':>12} "
-          f"{'int8 GMAC/s':>12} {'int8 speed-up':>14}")
-    for label, fp32_s, int8_s, macs in rows:
-        print(f"  {label:<45} {fp32_s * 1e3:8.3f} {int8_s * 1e3:8.3f} {macs / fp32_s / 1e9:12.1f} "
-              f"{macs / int8_s / 1e9:12.1f} {fp32_s / int8_s:13.2f}x")
+    print(f"ResNet-18 convolutions, batch 1, GMAC/s  " + " ".join(f"{v:>9}" for v in CONV_VARIANTS)
+          + "   TVM/ORT fp32  TVM int8/ORT U8S8 (>1: TVM faster)")
+    totals = dict.fromkeys(CONV_VARIANTS, 0.0)
+    for label, seconds, macs in rows:
+        for v in CONV_VARIANTS:
+            totals[v] += seconds[v]
+        fp32, int8 = seconds["ORT fp32"] / seconds["TVM fp32"], seconds["ORT U8S8"] / seconds["TVM int8"]
+        print(f"  {label:<38} " + " ".join(f"{macs / seconds[v] / 1e9:9.1f}" for v in CONV_VARIANTS)
+              + f"   {fp32:12.2f}  {int8:17.2f}")
+    print(f"  {'sum of times (ms)':<38} " + " ".join(f"{totals[v] * 1e3:9.2f}" for v in CONV_VARIANTS)
+          + f"   {totals['ORT fp32'] / totals['TVM fp32']:12.2f}  {totals['ORT U8S8'] / totals['TVM int8']:17.2f}")
 
 
 SECTIONS = ("kernels", "gemv", "models")
@@ -463,16 +533,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
+    parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     if "kernels" in args.only:
-        print_convs(bench_convs(args.rounds), args.threads)
+        print_convs(bench_convs(args.rounds, threads=args.threads), args.threads)
     if "gemv" in args.only:
         bandwidth = read_bandwidth()
         print_gemv(bench_gemv(args.threads, args.rounds), bandwidth, args.threads)
     if "models" in args.only:
-        print_models(bench_models(args.threads, args.rounds, args.quick), args.threads)
+        print_models(bench_models(args.threads, args.rounds, args.quick,
+                                  tuple(args.batches) if args.batches else None), args.threads)
     return 0
 
 

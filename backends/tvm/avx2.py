@@ -293,7 +293,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     levels = float(kernels.CONV_INT8_LEVELS)
     floor = microkernels.floor(act)
     loop = microkernels.loop(parallel)
-    prologue = microkernels.loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
+    # per sample: at batch 1 one iteration, which a parallel loop would only wake the pool for
+    prologue = microkernels.loop(parallel and n > 1 and n * chw >= PROLOGUE_PARALLEL_MIN)
     steps = quads * kh * kw * 4  # weight codes per output
     xsize = n * quads * hp * wp * 4
     xsize += -xsize % 32
@@ -361,7 +362,8 @@ def _conv2d_int8_taps(shape: tuple[int, int, int, int], oc: int, ob: int, kernel
     levels = float(kernels.CONV_INT8_LEVELS)
     floor = microkernels.floor(act)
     loop = microkernels.loop(parallel)
-    prologue = microkernels.loop(parallel and n * hw >= PROLOGUE_PARALLEL_MIN)
+    # per sample: at batch 1 one iteration, which a parallel loop would only wake the pool for
+    prologue = microkernels.loop(parallel and n > 1 and n * hw >= PROLOGUE_PARALLEL_MIN)
     xsize = n * hp * wq
     xsize += -xsize % 32
     xlanes = next(d for d in (8, 4, 2, 1) if wd % d == 0)

@@ -92,6 +92,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     floor = microkernels.floor(act)
     loop = microkernels.loop(parallel)
     prologue = microkernels.loop(parallel and n * chw >= PROLOGUE_PARALLEL_MIN)
+    # one sample's absmax is one iteration: a parallel loop of one would only wake the pool and wait for it
+    per_sample = microkernels.loop(parallel and n > 1 and n * chw >= PROLOGUE_PARALLEL_MIN)
     steps = quads * kh * kw  # weight words per output
     # the quantized image: padded, or for a strided 1×1 conv without padding only the pixels it reads
     # (a quarter of them at stride 2), which the main loop then walks with stride 1
@@ -143,7 +145,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
                 for z in range(qw - ql - iw):
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
-        for b in prologue(n):  # per-sample amax, as kernels.conv2d_int8
+        for b in per_sample(n):  # per-sample amax, as kernels.conv2d_int8
             lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
             amax = T.alloc_buffer((1,), "float32", scope="local")
             microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)

@@ -22,21 +22,25 @@ LIBRARY = "model.so"
 
 
 def use_all_cores():
-    """Run TVM's parallel loops on every core this process may use, unless TVM_NUM_THREADS says otherwise.
+    """Run TVM's parallel loops on every core this process may use (as many threads as TVM_NUM_THREADS says,
+    where set), with no thread bound to a core.
 
     On x86-64 TVM's default halves the hardware thread count to skip hyper-threads; on a VM whose
-    vCPUs are real cores (2 here) that left one thread and made batch-64 calls twice as slow."""
+    vCPUs are real cores (2 here) that left one thread and made batch-64 calls twice as slow. It also binds
+    each thread to one core: on a shared machine a bound thread waits for its own core while another is free,
+    and every parallel loop waits for its slowest thread (ResNet-18's convolutions at batch 1 took 1.6-1.8x
+    as long bound as unbound, ``bench_tvm --only kernels`` with TVM_BIND_THREADS=1 and 0, alternating)."""
     import tvm
 
-    if os.environ.get("TVM_NUM_THREADS"):
-        return
+    os.environ.setdefault("TVM_BIND_THREADS", "0")  # read where the pool starts; the -3 mode below unbinds too
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = list(range(os.cpu_count() or 1))
+    threads = int(os.environ.get("TVM_NUM_THREADS") or 0) or len(cpus)
     configure = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if configure is not None and len(cpus) > 1:
-        configure(-3, len(cpus), [str(c) for c in cpus])  # -3: threads share all these cores, none pinned
+    if configure is not None and threads > 1 and len(cpus) > 1:
+        configure(-3, threads, [str(c) for c in cpus])  # -3: threads share all these cores, none pinned
 
 
 class VmModel:

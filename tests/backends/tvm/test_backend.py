@@ -91,6 +91,49 @@ def test_the_runner_uses_every_available_core(fp32_artifact, monkeypatch):
     assert tvm.get_global_func("runtime.NumThreads")() == len(os.sched_getaffinity(0))
 
 
+def test_the_runners_threads_are_not_bound_to_single_cores(fp32_artifact, tmp_path):
+    """TVM binds each pool thread to one core by default; on a shared machine a bound thread waits for its own
+    core while another is free. The artifact's runner (in a fresh process, TVM_NUM_THREADS set as a user
+    would) leaves every thread free to use every core."""
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: nothing to bind")
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from tvm_run import VmModel\n"
+        "model = VmModel(sys.argv[1])\n"
+        "model.run({model.input_names[0]: np.zeros((64, 1, 8, 8), np.float32)})  # batch 64 starts the pool\n"
+        "for task in Path('/proc/self/task').iterdir():\n"
+        "    status = (task / 'status').read_text().splitlines()\n"
+        "    print(next(line.split(':', 1)[1].strip() for line in status if line.startswith('Cpus_allowed_list')))\n")
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    env.pop("TVM_BIND_THREADS", None)
+    done = subprocess.run([sys.executable, str(script), str(fp32_artifact.path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    allowed = os.sched_getaffinity(0)
+    lists = done.stdout.split()
+    assert len(lists) > 1  # the pool's workers are there
+    for cpus in lists:
+        assert _cpu_set(cpus) >= allowed, f"a thread is bound to cores {cpus}"
+
+
+def _cpu_set(text: str) -> set[int]:
+    """``0-3,6`` → {0, 1, 2, 3, 6}."""
+    out: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
 def test_unsupported_widths_are_refused_before_emitting(cnn_model, tmp_path):
     from bitpass.frontend import annotation
 

@@ -1,0 +1,39 @@
+"""The per-conv comparison in ``bench_tvm --only kernels``: ORT's side must run what it claims to run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bitpass.tools.bench_tvm import conv_model_fp32, conv_model_u8s8, print_convs
+
+
+def _session(model: bytes, optimized: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def test_u8s8_conv_runs_as_qlinearconv_and_matches_the_fp32_conv(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 10, 10)).astype(np.float32)
+    w = (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32)
+    want = _session(conv_model_fp32(x, w, 2, 1)).run(None, {"x": x})[0]
+    assert want.shape == (1, 32, 5, 5) and want.min() >= 0  # Conv + ReLU
+    optimized = tmp_path / "optimized.onnx"
+    got = _session(conv_model_u8s8(x, w, 2, 1, float(want.max())), str(optimized)).run(None, {"x": x})[0]
+    ops = {node.op_type for node in onnx.load(optimized).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops, ops
+    # 8-bit input, weights and output: off by quantization error only
+    assert np.abs(got - want).max() < 0.05 * want.max()
+
+
+def test_conv_table_prints_gmacs_and_ratios_per_variant(capsys):
+    seconds = {"TVM fp32": 2e-3, "ORT fp32": 1e-3, "TVM int8": 1e-3, "ORT U8S8": 2e-3}
+    print_convs([("64->64 56x56 k3 s1", seconds, 2_000_000_000)], threads=2)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64->64"))
+    values = [float(v) for v in row.split()[4:]]
+    assert values == [1000.0, 2000.0, 2000.0, 1000.0, 0.5, 2.0]
