@@ -418,14 +418,23 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
         table = layer_times(_variants(model, plan, compute))
         f = best_int8.flavour
         repaired, why = _repair_slow(plan, compute, table, f, fallback)
-        repairs = []
+        repairs: list[Candidate] = []
+        timed_before = [*first, fallback_all]
+
+        def new(name: str, repair_plan: dict[str, LayerPlan], why_text: str) -> None:
+            """Build a repair unless a candidate with its plan and flavour was timed already (BERT's dynamic
+            int8 repair is often the first round's dynamic candidate again: a build and a timing for nothing);
+            a name already taken gets a suffix, so the timings do not mix two models up."""
+            if any(c.plan == repair_plan and c.flavour == f for c in [*timed_before, *repairs]):
+                return
+            taken = {c.name for c in [*timed_before, *repairs]}
+            repairs.append(build(Candidate(name if name not in taken else f"{name}-repair", repair_plan, f, why_text)))
+
         if why and len(why) < len(compute):
-            repairs.append(build(Candidate(f"repaired-{f.name}", repaired, f,
-                                           "layers no faster than fp32 alone fell back: " + _short(why))))
+            new(f"repaired-{f.name}", repaired, "layers no faster than fp32 alone fell back: " + _short(why))
         switched, why_dynamic = _dynamic_where_faster(repaired, table, f, model)
         if why_dynamic:
-            repairs.append(build(Candidate(f"dynamic-{f.name}", switched, f,
-                                           "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))))
+            new(f"dynamic-{f.name}", switched, "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))
         failures = getattr(table, "failures", None)
         if failures:
             rounds.append({"not_timed": dict(failures)})

@@ -361,3 +361,17 @@ def test_the_timer_is_handed_files_which_go_when_the_search_returns(cnn_model, c
 
     _search(cnn_model, calib_arrays, Files())
     assert seen and not any(p.exists() for p in seen), "the search's folder is removed when it returns"
+
+
+def test_a_repair_that_is_a_candidate_timed_already_is_not_built_or_timed_again(mlp_model, calib_arrays):
+    """All dense: the first round's dynamic int8 candidate is what the dynamic repair would build again."""
+    rounds = []
+
+    class Recording(CostModelTarget):
+        def graphs(self, models, feeds, **longer):
+            rounds.append(sorted(models))
+            return super().graphs(models, feeds, **longer)
+
+    result = _search(mlp_model, calib_arrays, Recording(u8=0.6, s8=0.9, dynamic=0.2))
+    assert result.record["chosen"] == "dynamic-u8s8"
+    assert rounds == [["dynamic-u8s8", "fp32", "plan-s8s8", "plan-u8s8"]]
