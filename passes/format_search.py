@@ -36,6 +36,10 @@ tie in speed should not cost them 4x the bytes. The all-fallback plan
 is always a candidate, so the result is never slower than fp32 (beyond ``TIE``) or than the plan in its
 fastest flavour, as measured. The choice is cached per model, plan, ranges, options and CPU, so the same inputs give
 the same artifact (bitpass's determinism) without timing again.
+
+Memory: a candidate is built, written to a temporary folder (weights as external data) and dropped; the error
+check and the timing process load it by path, and the winner is read back from its file (the same bytes). A
+BERT-base search held every candidate's serialized bytes and the fp32 bytes at once before (gigabytes).
 """
 
 from __future__ import annotations
