@@ -36,6 +36,10 @@ tie in speed should not cost them 4x the bytes. The all-fallback plan
 is always a candidate, so the result is never slower than fp32 (beyond ``TIE``) or than the plan in its
 fastest flavour, as measured. The choice is cached per model, plan, ranges, options and CPU, so the same inputs give
 the same artifact (bitpass's determinism) without timing again.
+
+Memory: a candidate is built, written to a temporary folder (weights as external data) and dropped; the error
+check and the timing process load it by path, and the winner is read back from its file (the same bytes). A
+BERT-base search held every candidate's serialized bytes and the fp32 bytes at once before (gigabytes).
 """
 
 from __future__ import annotations
@@ -44,12 +48,15 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import onnx_ir as ir
 
 from bitpass.frontend import Dataset, Model, from_proto
 from bitpass.frontend.cache import cache_dir
@@ -81,7 +88,7 @@ ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 3
+SEARCH_VERSION = 4
 
 
 class Timings(Protocol):
@@ -96,9 +103,11 @@ class Timings(Protocol):
 
 class GraphTimer(Protocol):
     """What the target supplies: whole models timed against each other at each batch of ``feeds``;
-    ``rounds``/``min_seconds``/``budget_seconds``, when given, ask for a longer timing (a confirmation)."""
+    ``rounds``/``min_seconds``/``budget_seconds``, when given, ask for a longer timing (a confirmation). The
+    search hands it ONNX files (weights as external data beside them), never serialized bytes: a BERT-base
+    candidate set held as bytes cost gigabytes in the compiling process."""
 
-    def graphs(self, models: Mapping[str, bytes], feeds: Mapping[int, Mapping[str, np.ndarray]],
+    def graphs(self, models: Mapping[str, Path], feeds: Mapping[int, Mapping[str, np.ndarray]],
                **longer: Any) -> Timings: ...
 
 
@@ -187,12 +196,16 @@ class Candidate:
     plan: dict[str, LayerPlan]
     flavour: Flavour
     why: str
-    model: Model | None = None
+    #: the built candidate on disk (weights as external data beside it): what is checked and timed; the
+    #: ``Model`` itself is not kept (the winner is read back from here)
+    path: Path | None = None
+    #: the built model's provenance (what a model read back from ``path`` carries)
+    provenance: Any = None
     error: float | None = None
     #: batch -> fp32 seconds / candidate seconds (> 1: faster), from the round it was timed in
     speedup: dict[int, float] = field(default_factory=dict)
     eligible: bool = True
-    #: the serialized model's size (what "smaller" compares)
+    #: the saved model's size, its external data included (what "smaller" compares)
     nbytes: int = 0
 
     def score(self) -> float:
@@ -258,27 +271,46 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         return SearchResult(built, flavours[-1], plan, {"note": "no int8 compute layers: nothing to search"})
     if calibration.fixed_batch:
         batches = (calibration.fixed_batch,)
-    key = _cache_key(model, plan, ranges, options, fallback, batches) if use_cache else None
-    cached = _cached(key)
-    if cached is not None:
-        chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
-        flavour = FLAVOURS.get(cached["flavour"], S8S8)
-        say(f"format search: the choice made for this model on this CPU before ({cached['record']['chosen']})")
-        built = materialize_in(model, chosen_plan, flavour, ranges, calibration, options)
-        return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
+    # every model the search checks or times lives on disk here, weights as external data (see GraphTimer)
+    with tempfile.TemporaryDirectory(prefix="bitpass-search-") as tmp:
+        folder = Path(tmp)
+        fp32_path = folder / "fp32.onnx"
+        fp32_nbytes = save_external(model, fp32_path)
+        key = _cache_key(fp32_path, plan, ranges, options, fallback, batches) if use_cache else None
+        cached = _cached(key)
+        if cached is not None:
+            chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
+            flavour = FLAVOURS.get(cached["flavour"], S8S8)
+            say(f"format search: the choice made for this model on this CPU before ({cached['record']['chosen']})")
+            built = materialize_in(model, chosen_plan, flavour, ranges, calibration, options)
+            return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
+        return _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration, options=options,
+                            timer=timer, layer_times=layer_times, fallback=fallback, batches=batches, say=say,
+                            key=key, folder=folder, fp32_path=fp32_path, fp32_nbytes=fp32_nbytes)
 
+
+def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], flavours: list[Flavour], *,
+                 ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
+                 layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None, fallback: str,
+                 batches: Sequence[int], say: Callable[[str], None], key: str | None, folder: Path,
+                 fp32_path: Path, fp32_nbytes: int) -> SearchResult:
+    """The search itself (no cached choice): candidates are built one at a time, each written to ``folder`` and
+    dropped from memory; only their files, plans and measurements are kept, and the winner is read back."""
     check = calibration.head(CHECK_SAMPLES)
-    reference = _outputs(model, check)
+    reference = _outputs(fp32_path, check)
     feeds = {b: calibration.batch_of(b) for b in batches}
-    fp32_bytes = model.to_bytes()
     rounds: list[dict[str, Any]] = []
     s8_models: dict[str, Model] = {}
+    built_count = [0]
 
     def build(c: Candidate) -> Candidate:
-        c.model = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
-        c.nbytes = len(c.model.to_bytes())
+        built = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
+        built_count[0] += 1  # names can repeat (a repair may be called as a first-round candidate): files do not
+        c.path, c.provenance = folder / f"candidate{built_count[0]}.onnx", built.provenance
+        c.nbytes = save_external(built, c.path)
+        del built
         try:
-            c.error = _relative_error(reference, _outputs(c.model, check))
+            c.error = _relative_error(reference, _outputs(c.path, check))
         except BitpassError as err:  # e.g. ORT's own graph rewrites break S8 QDQ at opset 21+ (output_dtype)
             c.eligible, c.speedup = False, {}
             c.why += f"; {err}: not eligible"
@@ -289,12 +321,12 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         return "fp32" if c is fallback_all and not fallback_timed else c.name
 
     def time_round(cands: list[Candidate], incumbent: Candidate | None) -> Timings:
-        models = {"fp32": fp32_bytes}
+        models = {"fp32": fp32_path}
         for c in [*cands, *([incumbent] if incumbent is not None else [])]:
             if name_of(c) == "fp32":
                 continue
-            assert c.model is not None
-            models[c.name] = c.model.to_bytes()
+            assert c.path is not None
+            models[c.name] = c.path
         say(f"format search: timing {', '.join(n for n in models if n != 'fp32')} against fp32 at batch "
             f"{', '.join(map(str, batches))}")
         timed = timer.graphs(models, feeds)
@@ -315,9 +347,8 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         """Time an unsure challenger against its incumbent again, longer: faster only if that timing alone and
         the rounds of both timings pooled each say faster (lower quartiles above 1)."""
         theirs = name_of(incumbent)
-        assert c.model is not None and (theirs == "fp32" or incumbent.model is not None)
-        models = {theirs: fp32_bytes if theirs == "fp32" else incumbent.model.to_bytes(),  # type: ignore[union-attr]
-                  c.name: c.model.to_bytes()}
+        assert c.path is not None and (theirs == "fp32" or incumbent.path is not None)
+        models = {theirs: fp32_path if theirs == "fp32" else incumbent.path, c.name: c.path}
         say(f"format search: {c.name} against {theirs} is unsure: timing both again, longer")
         started = time.perf_counter()
         again = timer.graphs(models, feeds, rounds=CONFIRM_ROUNDS, min_seconds=CONFIRM_SECONDS,
@@ -340,7 +371,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
 
     def much_smaller(c: Candidate, incumbent: Candidate) -> bool:
         """Whether ``c`` is at most SMALLER of ``incumbent``'s bytes (int8 against fp32), so a tie is enough."""
-        return 0 < c.nbytes <= SMALLER * (incumbent.nbytes or len(fp32_bytes))
+        return 0 < c.nbytes <= SMALLER * (incumbent.nbytes or fp32_nbytes)
 
     def challenge(challengers: list[Candidate], incumbent: Candidate, timed: Timings) -> Candidate:
         """The fastest challenger (by median) that beats ``incumbent`` with confidence, else ``incumbent``."""
@@ -370,12 +401,14 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         first.append(build(Candidate(f"dynamic-{flavours[0].name}", as_dynamic, flavours[0],
                                      "MatMul/Gemm layers in dynamic int8")))
         _eligibility(first)
+    s8_models.clear()  # the S8 build U8S8 was made from: no later candidate has the same plan
     everything_back = {lid: (fallback_plan(p, fallback) if lid in compute else p) for lid, p in plan.items()}
-    fallback_all = build(Candidate("fallback", everything_back, flavours[0],
-                                   f"every int8 compute layer {'packed' if fallback == PACKED else 'fp32'}"))
+    fallback_all = Candidate("fallback", everything_back, flavours[0],
+                             f"every int8 compute layer {'packed' if fallback == PACKED else 'fp32'}")
     fallback_timed = fallback == PACKED or any(p.weight_bits < 32 for lid, p in everything_back.items()
                                                if lid not in compute)
-    if fallback_timed:
+    if fallback_timed:  # else it is the fp32 reference itself, built only if it is chosen
+        build(fallback_all)
         timed = time_round([c for c in [*first, fallback_all] if c.eligible], None)
     else:  # the fp32 reference itself: 1.0 by definition, and one model less to time
         fallback_all.speedup = {b: 1.0 for b in batches}
@@ -389,14 +422,23 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         table = layer_times(_variants(model, plan, compute))
         f = best_int8.flavour
         repaired, why = _repair_slow(plan, compute, table, f, fallback)
-        repairs = []
+        repairs: list[Candidate] = []
+        timed_before = [*first, fallback_all]
+
+        def new(name: str, repair_plan: dict[str, LayerPlan], why_text: str) -> None:
+            """Build a repair unless a candidate with its plan and flavour was timed already (BERT's dynamic
+            int8 repair is often the first round's dynamic candidate again: a build and a timing for nothing);
+            a name already taken gets a suffix, so the timings do not mix two models up."""
+            if any(c.plan == repair_plan and c.flavour == f for c in [*timed_before, *repairs]):
+                return
+            taken = {c.name for c in [*timed_before, *repairs]}
+            repairs.append(build(Candidate(name if name not in taken else f"{name}-repair", repair_plan, f, why_text)))
+
         if why and len(why) < len(compute):
-            repairs.append(build(Candidate(f"repaired-{f.name}", repaired, f,
-                                           "layers no faster than fp32 alone fell back: " + _short(why))))
+            new(f"repaired-{f.name}", repaired, "layers no faster than fp32 alone fell back: " + _short(why))
         switched, why_dynamic = _dynamic_where_faster(repaired, table, f, model)
         if why_dynamic:
-            repairs.append(build(Candidate(f"dynamic-{f.name}", switched, f,
-                                           "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))))
+            new(f"dynamic-{f.name}", switched, "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))
         failures = getattr(table, "failures", None)
         if failures:
             rounds.append({"not_timed": dict(failures)})
@@ -433,8 +475,11 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     if key is not None:
         _store(key, {"plan": {lid: _fields(p) for lid, p in best.plan.items()}, "flavour": best.flavour.name,
                      "record": record})
-    assert best.model is not None
-    return SearchResult(best.model, best.flavour, best.plan, record)
+    if best.path is None:  # the untimed all-fp32 fallback: built now that it is chosen
+        chosen = materialize_in(model, best.plan, best.flavour, ranges, calibration, options)
+    else:
+        chosen = read_back(best.path, best.provenance, model)
+    return SearchResult(chosen, best.flavour, best.plan, record)
 
 
 # --- building and checking candidates ----------------------------------------------------------------------
@@ -458,7 +503,8 @@ def materialize_in(model: Model, plan: Mapping[str, LayerPlan], flavour: Flavour
         if s8 is None:
             s8 = materialize(model, plan, ranges=ranges, calibration=calibration,
                              options=options.model_copy(update={"activation_type": "int8", "reduce_range": False}))
-            if built_s8 is not None:
+            if built_s8 is not None:  # one entry: the S8S8 candidate of the same plan is built next
+                built_s8.clear()
                 built_s8[key] = s8
         proto, _ = to_uint8_activations(s8.to_proto())
         out = from_proto(proto, name=model.provenance.name)
@@ -466,11 +512,34 @@ def materialize_in(model: Model, plan: Mapping[str, LayerPlan], flavour: Flavour
     update = {"activation_type": flavour.activation_type, "reduce_range": flavour.reduce_range}
     built = materialize(model, plan, ranges=ranges, calibration=calibration, options=options.model_copy(update=update))
     if built_s8 is not None and flavour.name == S8S8.name:
+        built_s8.clear()
         built_s8[json.dumps({k: _fields(v) for k, v in sorted(plan.items())})] = built
     return built
 
 
-def _outputs(model: Model, data: Dataset) -> list[np.ndarray]:
+def save_external(model: Model, path: Path) -> int:
+    """Write ``model`` to ``path`` with its weights in ``<name>.data`` beside it; the bytes of both files.
+
+    Written tensor by tensor: no serialized copy of the whole model is held in memory (a BERT-base model's is
+    440 MB, twice over while protobuf writes it), and ONNX Runtime loads the file by path."""
+    data = path.with_name(path.name + ".data")
+    ir.save(model.ir, path, external_data=data.name, size_threshold_bytes=1024)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def read_back(path: Path, provenance: Any, like: Model) -> Model:
+    """The model ``save_external`` wrote to ``path``, its weights loaded into memory (the files may go), with the
+    provenance it was built with: serialized, the same bytes as the model that was written."""
+    loaded = ir.load(path)
+    external = [v.const_value for g in loaded.graphs() for v in g.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor)]
+    ir.external_data.load_to_model(loaded)  # in-memory tensors, serialized as the ones written were
+    for tensor in external:
+        tensor.release()  # close the memory maps of the files
+    return Model(loaded, provenance, like.torch_module)
+
+
+def _outputs(model: Model | Path, data: Dataset) -> list[np.ndarray]:
     session = execution.create_session(model, purpose="check a candidate's outputs")
     parts: list[list[np.ndarray]] = []
     for feeds in data.batches(64):
@@ -607,11 +676,18 @@ def _short(why: Mapping[str, str], limit: int = 6) -> str:
     return ", ".join(items) + (f" and {len(why) - limit} more" if len(why) > limit else "")
 
 
-def _cache_key(model: Model, plan: Mapping[str, LayerPlan], ranges: ActivationRanges | None,
+def _cache_key(fp32_path: Path, plan: Mapping[str, LayerPlan], ranges: ActivationRanges | None,
                options: QuantizeOptions, fallback: str, batches: Sequence[int]) -> str:
+    """Of the model (as ``save_external`` wrote it: read back in chunks, never whole), plan, ranges, options,
+    batches and CPU."""
     import onnxruntime
 
-    digest = hashlib.sha256(model.to_bytes())
+    digest = hashlib.sha256()
+    for part in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
+        if part.is_file():
+            with part.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
     digest.update(json.dumps({k: _fields(v) for k, v in sorted(plan.items())}, sort_keys=True).encode())
     if ranges is not None:
         digest.update(json.dumps(sorted(ranges.ranges.items())).encode())
@@ -655,4 +731,4 @@ def _store(key: str, entry: dict[str, Any]) -> None:
 
 
 __all__ = ["Candidate", "GraphTimer", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
-           "faster_with_confidence", "paired_ratios", "plan_of", "search"]
+           "faster_with_confidence", "paired_ratios", "plan_of", "read_back", "save_external", "search"]

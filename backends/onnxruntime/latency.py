@@ -26,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -94,33 +96,63 @@ def layer_inputs(model: Model, layers: Sequence[Layer], calibration: Dataset,
         return out, failures
     graph_inputs = {spec.name for spec in model.inputs}
     per_sample: dict[str, int] = {}
-    for batch in sorted(set(batches)):
-        feeds = calibration.batch_of(batch)
-        wanted = list(dict.fromkeys(names.values()))
-        chunks = _chunks(wanted, per_sample, batch)
-        got: dict[str, np.ndarray] = {n: feeds[n] for n in wanted if n in graph_inputs}
-        for chunk in chunks:
-            fetch = [n for n in chunk if n not in graph_inputs]
-            if not fetch:
-                continue
-            try:
-                session = execution.create_session(execution.expose(model, fetch), purpose="collect layer inputs")
-                got.update(zip(fetch, session.run(fetch, feeds)))
-            except Exception as err:  # the model does not run on this data: no layer can be timed
-                for layer_id in names:
-                    failures.setdefault(layer_id, f"the model did not run to collect layer inputs: "
-                                                  f"{execution.first_line(err)}")
-                return {}, failures
-        for name in wanted:
-            if name in got:
-                per_sample[name] = max(1, got[name].nbytes // max(batch, 1))
-        for layer_id, name in names.items():
-            value = got.get(name)
-            if value is None or value.dtype != np.float32:
-                failures.setdefault(layer_id, f"its input {name!r} is not a float32 tensor")
-            else:
-                out[layer_id][batch] = np.ascontiguousarray(value)
+    with tempfile.TemporaryDirectory(prefix="bitpass-layer-inputs-") as tmp:
+        exposed = _Exposer(model, Path(tmp))
+        for batch in sorted(set(batches)):
+            feeds = calibration.batch_of(batch)
+            wanted = list(dict.fromkeys(names.values()))
+            chunks = _chunks(wanted, per_sample, batch)
+            got: dict[str, np.ndarray] = {n: feeds[n] for n in wanted if n in graph_inputs}
+            for chunk in chunks:
+                fetch = [n for n in chunk if n not in graph_inputs]
+                if not fetch:
+                    continue
+                try:
+                    session = execution.create_session(exposed.path(fetch), purpose="collect layer inputs")
+                    got.update(zip(fetch, session.run(fetch, feeds)))
+                    del session
+                except Exception as err:  # the model does not run on this data: no layer can be timed
+                    for layer_id in names:
+                        failures.setdefault(layer_id, f"the model did not run to collect layer inputs: "
+                                                      f"{execution.first_line(err)}")
+                    return {}, failures
+            for name in wanted:
+                if name in got:
+                    per_sample[name] = max(1, got[name].nbytes // max(batch, 1))
+            for layer_id, name in names.items():
+                value = got.get(name)
+                if value is None or value.dtype != np.float32:
+                    failures.setdefault(layer_id, f"its input {name!r} is not a float32 tensor")
+                else:
+                    out[layer_id][batch] = np.ascontiguousarray(value)
     return {k: v for k, v in out.items() if k not in failures}, failures
+
+
+class _Exposer:
+    """The model with some inner tensors as extra outputs, as files ONNX Runtime loads by path: the weights are
+    written once (external data), each set of outputs is a small model file that refers to them. (A copy of the
+    model per set, serialized in memory, cost a BERT-base compile over a gigabyte at a time.)"""
+
+    def __init__(self, model: Model, folder: Path) -> None:
+        self.model, self.folder, self.count = model, folder, 0
+        self.base: ir.Model | None = None
+
+    def path(self, names: Sequence[str]) -> Path:
+        if self.base is None:
+            from bitpass.passes.format_search import save_external
+
+            save_external(self.model, self.folder / "model.onnx")
+            self.base = ir.load(self.folder / "model.onnx")  # weights: views of model.onnx.data, not copies
+        copy = self.base.clone()
+        values = {v.name: v for node in copy.graph for v in node.outputs}
+        present = {v.name for v in copy.graph.outputs} | {v.name for v in copy.graph.inputs}
+        for name in dict.fromkeys(names):
+            if name not in present and name in values:
+                copy.graph.outputs.append(values[name])
+        self.count += 1
+        path = self.folder / f"exposed{self.count}.onnx"
+        ir.save(copy, path)  # external tensors keep their place in model.onnx.data (same folder)
+        return path
 
 
 def _chunks(names: list[str], per_sample: Mapping[str, int], batch: int) -> list[list[str]]:
@@ -257,6 +289,10 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
     table = LatencyTable()
     table.failures = failures
     groups: list[tuple[str, int, dict[Variant, str], timing.Group]] = []
+    # the one-layer models wait for the timing process on disk: in memory, a BERT-base set (72 layers x 2 batches x
+    # 4 variants) held over a gigabyte
+    holder = tempfile.TemporaryDirectory(prefix="bitpass-layers-")
+    folder = Path(holder.name)
     for layer in timed:
         if layer.id in failures:
             continue
@@ -283,7 +319,9 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
             models: dict[str, bytes | Path] = {}
             for v in missing:
                 try:
-                    models[_name(v)] = variant_model(proto, v, sample)
+                    path = folder / f"g{len(groups)}_m{len(models)}.onnx"
+                    path.write_bytes(variant_model(proto, v, sample))
+                    models[_name(v)] = path
                 except Exception as err:  # a variant this layer cannot take: left out of its row
                     if v == FP32:
                         failures[layer.id] = f"its fp32 form does not build: {execution.first_line(err)}"
@@ -306,6 +344,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                 if seconds is not None:
                     table[layer_id][v][batch] = seconds
                     stored[key] = seconds
+    holder.cleanup()
     for layer_id in list(table):
         if layer_id in failures:
             del table[layer_id]

@@ -6,6 +6,8 @@ CPU), so the expected choice is known; the last ones run the real ONNX Runtime p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -40,8 +42,8 @@ class CostModelTarget:
         self.u8, self.s8, self.dynamic, self.slow, self.slow_cost = u8, s8, dynamic, set(slow), slow_cost
         self.calls = 0
 
-    def cost(self, model_bytes: bytes) -> float:
-        proto = onnx.load_model_from_string(model_bytes)
+    def cost(self, path) -> float:
+        proto = onnx.load(str(path), load_external_data=False)  # the graph is what costs
         constant = constant_tensors(proto)
         inits = {t.name: t for t in proto.graph.initializer}
         uint8 = any(n.op_type == "QuantizeLinear" and n.input[0] not in constant
@@ -328,3 +330,48 @@ def test_the_tie_rule_is_sure_only_when_close_and_steady():
     assert not_slower_with_confidence({1: SCATTERED, 8: SCATTERED}).faster is None  # lower quartile 0.89
     assert not_slower_with_confidence({1: [0.96] * 9, 8: [1.0] * 9}, confirmed=True).faster is False
     assert not_slower_with_confidence({1: TIED, 8: []}).faster is False
+
+
+# --- memory: candidates live on disk, the winner is read back ------------------------------------------------
+@pytest.mark.parametrize("flavour", [U8S8, S8S8])
+def test_a_candidate_saved_with_external_data_reads_back_to_the_same_bytes(cnn_model, calib_arrays, tmp_path,
+                                                                           flavour):
+    """The search keeps candidates as files, not models: the one chosen must come back byte for byte."""
+    data = from_arrays(calib_arrays, cnn_model.inputs)
+    built = format_search.materialize_in(cnn_model, format_search.plan_of(cnn_model), flavour,
+                                         activation_ranges(cnn_model, data), data, QuantizeOptions())
+    path = tmp_path / "candidate.onnx"
+    nbytes = format_search.save_external(built, path)
+    assert (tmp_path / "candidate.onnx.data").is_file()
+    assert nbytes == path.stat().st_size + (tmp_path / "candidate.onnx.data").stat().st_size
+    back = format_search.read_back(path, built.provenance, cnn_model)
+    for f in tmp_path.iterdir():
+        f.unlink()  # the weights were read into memory: the files may go
+    assert back.to_bytes() == built.to_bytes()
+
+
+def test_the_timer_is_handed_files_which_go_when_the_search_returns(cnn_model, calib_arrays):
+    seen = []
+
+    class Files(CostModelTarget):
+        def graphs(self, models, feeds, **longer):
+            seen.extend(models.values())
+            assert all(isinstance(p, Path) and p.is_file() for p in models.values())
+            return super().graphs(models, feeds, **longer)
+
+    _search(cnn_model, calib_arrays, Files())
+    assert seen and not any(p.exists() for p in seen), "the search's folder is removed when it returns"
+
+
+def test_a_repair_that_is_a_candidate_timed_already_is_not_built_or_timed_again(mlp_model, calib_arrays):
+    """All dense: the first round's dynamic int8 candidate is what the dynamic repair would build again."""
+    rounds = []
+
+    class Recording(CostModelTarget):
+        def graphs(self, models, feeds, **longer):
+            rounds.append(sorted(models))
+            return super().graphs(models, feeds, **longer)
+
+    result = _search(mlp_model, calib_arrays, Recording(u8=0.6, s8=0.9, dynamic=0.2))
+    assert result.record["chosen"] == "dynamic-u8s8"
+    assert rounds == [["dynamic-u8s8", "fp32", "plan-s8s8", "plan-u8s8"]]
