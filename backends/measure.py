@@ -105,12 +105,22 @@ def batch_of(data: Dataset, size: int) -> dict[str, np.ndarray]:
     return data.batch_of(size)
 
 
+#: the timed rounds of one batch stop after this many seconds once ``MIN_ROUNDS`` are done: a BERT-size model at
+#: batch 64 takes a second per call, and 15 rounds of it were half a minute of a compile
+BUDGET_SECONDS, MIN_ROUNDS = 8.0, 5
+
+
 def latency_samples(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray], *, rounds: int = 15,
-                    min_seconds: float = 0.02) -> dict[str, list[float]]:
-    """Seconds per call of each runner in each round; the runners alternate within a round, after a warm-up."""
+                    min_seconds: float = 0.02, budget_seconds: float = BUDGET_SECONDS,
+                    min_rounds: int = MIN_ROUNDS) -> dict[str, list[float]]:
+    """Seconds per call of each runner in each round; the runners alternate within a round, after a warm-up.
+    Up to ``rounds`` rounds, but no more once ``budget_seconds`` have gone and ``min_rounds`` are done."""
     for runner in runners.values():
-        for _ in range(3):
-            runner.run(feeds)
+        start = time.perf_counter()
+        runner.run(feeds)
+        if time.perf_counter() - start < 0.1:  # a slow model is warm after one call
+            for _ in range(2):
+                runner.run(feeds)
     # calls per round so that one round of each variant lasts about min_seconds
     calls = {}
     for name, runner in runners.items():
@@ -118,7 +128,10 @@ def latency_samples(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarra
         runner.run(feeds)
         calls[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
+    began = time.perf_counter()
+    for done in range(rounds):
+        if done >= min_rounds and time.perf_counter() - began > budget_seconds:
+            break
         for name, runner in runners.items():
             start = time.perf_counter()
             for _ in range(calls[name]):

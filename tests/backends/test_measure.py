@@ -40,3 +40,29 @@ def test_accuracy_takes_one_class_index_per_sample():
 def test_labels_that_cannot_be_classes_are_a_clear_error_not_zero_accuracy(labels, message):
     with pytest.raises(DataError, match=message):
         accuracy([np.eye(3)[[0, 1, 2, 1]]], labels)
+
+
+class _Sleeper:
+    """A runner whose call takes ``seconds`` (a model too slow to time 15 rounds of within a compile)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def run(self, feeds):
+        import time
+
+        self.calls += 1
+        if self.seconds:
+            time.sleep(self.seconds)
+        return []
+
+
+def test_latency_rounds_stop_at_the_time_budget_once_enough_are_done():
+    from bitpass.backends.measure import latency_samples
+
+    slow = {"fp32": _Sleeper(0.12), "artifact": _Sleeper(0.12)}
+    samples = latency_samples(slow, {}, rounds=15, budget_seconds=0.5, min_rounds=3)
+    assert all(3 <= len(v) <= 4 for v in samples.values())
+    assert slow["fp32"].calls <= 1 + 1 + 4  # one warm-up call for a slow model, one to size the rounds, the rounds
+    fast = {"fp32": _Sleeper(0.0), "artifact": _Sleeper(0.0)}
+    assert all(len(v) == 15 for v in latency_samples(fast, {}, rounds=15, budget_seconds=5.0).values())
