@@ -102,15 +102,20 @@ class DescendantMemory:
 
 
 def _sensitivity(model: Any, calibration: Any, executor: Any, windows: int) -> tuple[str, dict[str, Any]]:
-    from bitpass.passes.infra import PassContext
-    from bitpass.passes.sensitivity.passes import Sensitivity
+    import dataclasses
 
-    ctx = PassContext(calibration=calibration, executor=executor)
-    Sensitivity(method="output-kl", samples=windows, batch_size=min(windows, 8), time_budget=None).run(model, ctx)
-    table = ctx.analyses.require("sensitivity")
-    digest = hashlib.sha256(json.dumps({k: {str(b): v.hex() for b, v in row.items()} for k, row in table.items()},
+    from bitpass.passes.sensitivity.output import output_sensitivity
+    from bitpass.passes.sensitivity.passes import SensitivityConfig, table_bits
+
+    # the library core the sensitivity pass (method=output-kl) wraps, with the pass's defaults, time budget off
+    defaults = SensitivityConfig()
+    result = output_sensitivity(model, calibration, metric="kl", bits=table_bits(defaults.bits), samples=windows,
+                                batch_size=min(windows, 8), time_budget=None, extrapolate=defaults.extrapolate,
+                                executor=executor)
+    digest = hashlib.sha256(json.dumps({k: {str(b): v.hex() for b, v in row.items()} for k, row in result.table.items()},
                                        sort_keys=True).encode()).hexdigest()
-    return digest, ctx.records["sensitivity"]
+    record = {k: v for k, v in dataclasses.asdict(result).items() if k != "table"}
+    return digest, {**record, "layers": len(result.table), "ort_runs": result.runs}
 
 
 def _quantize(model: Any, calibration: Any, executor: Any, windows: int) -> tuple[str, dict[str, Any]]:
