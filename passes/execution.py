@@ -36,7 +36,9 @@ from bitpass.frontend.errors import BitpassError
 
 #: Saved beside the model as session.json; ``session_options`` rebuilds them on the device.
 DEFAULT_SESSION = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
-                   "execution_mode": "ORT_SEQUENTIAL"}
+                   "execution_mode": "ORT_SEQUENTIAL", "disabled_optimizers": []}
+#: ORT's session config entry that turns named graph optimizers off (``disabled_optimizers`` in session.json)
+DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
 #: options for sessions that compute statistics on a model exactly as written (no graph rewrites)
 UNOPTIMIZED = {"graph_optimization_level": "ORT_DISABLE_ALL"}
 PROVIDERS = ["CPUExecutionProvider"]
@@ -57,6 +59,8 @@ def session_options(config: Mapping[str, Any] | None = None, *, threads: int | N
     options.log_severity_level = 4  # errors surface as exceptions; ORT need not print them too
     if "execution_order" in config:  # PRIORITY_BASED: nodes run close to their producers (see calibrate)
         options.execution_order = getattr(ort.ExecutionOrder, config["execution_order"])
+    if config.get("disabled_optimizers"):  # e.g. SkipLayerNormFusion where the format search timed it slower
+        options.add_session_config_entry(DISABLE_OPTIMIZERS, ";".join(config["disabled_optimizers"]))  # ORT splits on ";"
     if for_timing:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

@@ -16,6 +16,7 @@ from bitpass.backends.onnxruntime.runner import DEFAULT_SESSION, OrtRunner
 from bitpass.frontend import Model
 from bitpass.frontend.errors import BitpassError
 from bitpass.passes import execution
+from bitpass.passes.format_search import disabled_optimizers
 
 #: ORT's words for "no kernel / no schema for this operator" (anything else a probe hits is not about support)
 _UNSUPPORTED_MARKERS = ("NOT_IMPLEMENTED", "Could not find an implementation", "No Op registered",
@@ -138,7 +139,9 @@ class OnnxRuntimeBackend(Backend):
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         self.check_target(target)
         (directory / "model.onnx").write_bytes(model.to_bytes())
-        (directory / "session.json").write_text(json.dumps(DEFAULT_SESSION, indent=2, sort_keys=True) + "\n")
+        # the format search's timed choice of ORT's load-time fusions (format_search.set_disabled_optimizers)
+        session = {**DEFAULT_SESSION, "disabled_optimizers": disabled_optimizers(model)}
+        (directory / "session.json").write_text(json.dumps(session, indent=2, sort_keys=True) + "\n")
         return ["model.onnx", "session.json"]
 
     def load(self, directory: Path, manifest: Mapping[str, Any] | None = None, *,

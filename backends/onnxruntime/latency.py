@@ -395,12 +395,15 @@ class LatencyProbe:
                        progress=progress, calibration=calibration, fresh_process=self.fresh_process)
 
     def graphs(self, models: Mapping[str, bytes | Path], feeds: Mapping[int, Mapping[str, np.ndarray]], *,
-               rounds: int = 9, min_seconds: float = 0.02, budget_seconds: float | None = 8.0) -> timing.Group:
+               rounds: int = 9, min_seconds: float = 0.02, budget_seconds: float | None = 8.0,
+               disabled_optimizers: Mapping[str, Sequence[str]] | None = None) -> timing.Group:
         """Whole models timed against each other, alternating, at each batch of ``feeds``: a ``timing.Group``
         with every round's seconds (``ratio(name, reference, batch)`` gives paired medians). Each round runs a
         model for at least ``min_seconds`` and counts the median of its calls (a preempted call does not move
-        it); ``budget_seconds`` caps a batch's rounds after the first three."""
-        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()})
+        it); ``budget_seconds`` caps a batch's rounds after the first three; ``disabled_optimizers`` (name ->
+        ORT optimizer names) times a model with those graph optimizers off."""
+        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()},
+                             disabled_optimizers={n: list(v) for n, v in (disabled_optimizers or {}).items()})
         timing.time_groups([group], threads=self.threads, rounds=rounds, min_seconds=min_seconds,
                            budget_seconds=budget_seconds, fresh_process=self.fresh_process, per_round="median")
         return group

@@ -32,9 +32,16 @@ def read_session_config(directory: Path) -> dict[str, Any] | None:
     level, mode = config.get("graph_optimization_level"), config.get("execution_mode")
     if (level is not None and not hasattr(ort.GraphOptimizationLevel, level)) \
             or (mode is not None and not hasattr(ort.ExecutionMode, mode)) \
-            or not 0 <= config.get("intra_op_num_threads", 0) <= 4096:
+            or not 0 <= config.get("intra_op_num_threads", 0) <= 4096 \
+            or not _optimizer_names(config.get("disabled_optimizers", [])):
         raise BitpassError(f"{path}: a value is not one ONNX Runtime knows")
     return config
+
+
+def _optimizer_names(names: Any) -> bool:
+    """Whether ``names`` is a short list of optimizer names (letters and digits: nothing else reaches ORT)."""
+    return isinstance(names, list) and len(names) <= 32 and all(
+        isinstance(n, str) and 0 < len(n) <= 64 and n.isascii() and n.isalnum() for n in names)
 
 
 def confined_model_path(directory: Path, name: str = "model.onnx") -> Path:

@@ -46,6 +46,8 @@ class Group:
     samples: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     #: name -> why it could not be timed (session creation or a run failed)
     errors: dict[str, str] = field(default_factory=dict)
+    #: name -> ONNX Runtime graph optimizers its session turns off (a session option timed as a candidate)
+    disabled_optimizers: dict[str, list[str]] = field(default_factory=dict)
 
     def median(self, name: str, batch: int) -> float | None:
         rounds = self.samples.get(name, {}).get(batch)
@@ -89,7 +91,8 @@ def time_groups(groups: Sequence[Group], *, threads: int = 0, rounds: int = 9, m
                 path = folder / f"g{g}_b{batch}.npz"
                 np.savez(path, **arrays)
                 feeds[str(batch)] = str(path)
-            job["groups"].append({"models": names, "feeds": feeds})
+            job["groups"].append({"models": names, "feeds": feeds,
+                                  "disabled_optimizers": {n: list(v) for n, v in group.disabled_optimizers.items()}})
         (folder / "job.json").write_text(json.dumps(job))
         if fresh_process:
             # telemetry off unless the user turned it on (ORT writes under HOME and TMPDIR otherwise)
@@ -119,8 +122,8 @@ def run_job(folder: Path) -> None:
         sessions, errors = {}, {}
         for name, path in spec["models"].items():
             try:
-                sessions[name] = ort.InferenceSession(path, _session_options(ort, opts["threads"]),
-                                                      providers=["CPUExecutionProvider"])
+                options = _session_options(ort, opts["threads"], spec.get("disabled_optimizers", {}).get(name))
+                sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             except Exception as err:  # ORT raises its own types; the model is reported, the rest still timed
                 errors[name] = _first_line(err)
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in sessions}
@@ -175,11 +178,13 @@ def _alternate(sessions: Mapping[str, Any], feeds: Mapping[str, Mapping[str, np.
     return rounds
 
 
-def _session_options(ort: Any, threads: int) -> Any:
+def _session_options(ort: Any, threads: int, disabled: Sequence[str] | None = None) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if disabled:  # as passes.execution.session_options does for an artifact's session.json (ORT splits on ";")
+        options.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
     return options
 
 

@@ -320,7 +320,10 @@ def test_malformed_manifests_are_one_line(box, command, edit):
     {"intra_op_num_threads": "many"},
     {"execution_mode": None},
     [1, 2],
-], ids=["level-dunder", "level-int", "threads-string", "mode-null", "a-list"])
+    {"disabled_optimizers": ["SkipLayerNormFusion;ep.context_enable"]},
+    {"disabled_optimizers": "SkipLayerNormFusion"},
+], ids=["level-dunder", "level-int", "threads-string", "mode-null", "a-list", "optimizer-smuggles-a-key",
+        "optimizers-not-a-list"])
 def test_a_hostile_session_json_is_one_line(box, config):
     folder = artifact(box)
     (folder / "session.json").write_text(json.dumps(config))

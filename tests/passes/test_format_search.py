@@ -375,3 +375,67 @@ def test_a_repair_that_is_a_candidate_timed_already_is_not_built_or_timed_again(
     result = _search(mlp_model, calib_arrays, Recording(u8=0.6, s8=0.9, dynamic=0.2))
     assert result.record["chosen"] == "dynamic-u8s8"
     assert rounds == [["dynamic-u8s8", "fp32", "plan-s8s8", "plan-u8s8"]]
+
+
+# --- ONNX Runtime's load-time fusions: timed with and without ----------------------------------------------
+def _skip_layer_norm_model(tmp_path):
+    """MatMul + residual Add + LayerNormalization: what ONNX Runtime fuses into SkipLayerNormalization at load."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = 32
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "beta")]
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), onnx.helper.make_node("Add", ["h", "x"], ["s"]),
+             onnx.helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "skip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8, hidden])], inits)
+    path = tmp_path / "skip.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, {b: {"x": rng.standard_normal((b, 8, hidden)).astype(np.float32)} for b in (1, 8)}
+
+
+def test_a_fusion_ort_makes_at_load_is_found_and_a_session_option_turns_it_off(tmp_path):
+    import onnxruntime as ort
+
+    from bitpass.passes import execution
+    from bitpass.passes.format_search import fused_at_load
+
+    path, _ = _skip_layer_norm_model(tmp_path)
+    assert fused_at_load(path, tmp_path) == ["SkipLayerNormFusion"]
+    options = execution.session_options({"disabled_optimizers": ["SkipLayerNormFusion"]})
+    options.optimized_model_filepath = str(tmp_path / "without.onnx")
+    ort.InferenceSession(str(path), options, providers=execution.PROVIDERS)
+    assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(tmp_path / "without.onnx").graph.node}
+
+
+def test_the_chosen_model_is_timed_with_and_without_ort_fusions_in_a_fresh_process(tmp_path):
+    from bitpass.backends.onnxruntime.latency import LatencyProbe
+    from bitpass.passes.format_search import _session_fusions
+
+    path, feeds = _skip_layer_norm_model(tmp_path)
+    said = []
+    disabled, record = _session_fusions(path, tmp_path, feeds, LatencyProbe(), said.append)
+    assert record["fused_at_load"] == ["SkipLayerNormFusion"] and disabled in ([], ["SkipLayerNormFusion"])
+    assert set(record["without_them"]["median"]) == {"1", "8"}  # both sessions ran at both batches
+    assert (disabled == ["SkipLayerNormFusion"]) == record["without_them"]["faster"]
+    assert any("with and without" in m for m in said)
+
+
+def test_the_choice_travels_to_the_artifacts_session_json(tmp_path, cnn_model):
+    import json
+
+    from bitpass.backends.onnxruntime.backend import OnnxRuntimeBackend
+    from bitpass.passes.format_search import set_disabled_optimizers
+
+    model = cnn_model.clone()
+    set_disabled_optimizers(model, ["SkipLayerNormFusion"])
+    backend = OnnxRuntimeBackend()
+    backend.emit(model, tmp_path, backend.default_target)
+    assert json.loads((tmp_path / "session.json").read_text())["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    runner = backend.load(tmp_path)  # read back and applied (an unknown or smuggled name would be refused)
+    assert runner is not None
+    set_disabled_optimizers(model, [])
+    backend.emit(model, tmp_path, backend.default_target)
+    assert json.loads((tmp_path / "session.json").read_text())["disabled_optimizers"] == []
