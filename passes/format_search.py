@@ -550,6 +550,8 @@ def _session_fusions(path: Path, folder: Path, feeds: Mapping[int, Mapping[str, 
         return [], {"fused_at_load": fused, "note": "the timer cannot vary session options"}
     ratios = {b: paired_ratios(timed, "without", "with", b) for b in feeds}
     verdict = faster_with_confidence(ratios, min_gain=SESSION_MIN_GAIN, clear=1.0)
+    if verdict.faster is None:  # unsure: ORT's defaults stay
+        verdict = replace(verdict, faster=False, why=verdict.why + "; unsure, so ORT's defaults stay")
     record = {"fused_at_load": fused, "without_them": verdict.record()}
     return (fused if verdict.faster else []), record
 
