@@ -127,10 +127,9 @@ def reference_runner(model: Model, *, threads: int | None = None, for_timing: bo
     import tempfile
 
     from bitpass.backends.onnxruntime.runner import OrtRunner
-    from bitpass.passes.format_search import save_external
 
     with tempfile.TemporaryDirectory(prefix="bitpass-reference-") as tmp:
         path = Path(tmp) / "reference.onnx"
-        save_external(model, path)
+        model.save_external(path)
         return OrtRunner.from_path(path, threads=threads, for_timing=for_timing)
 

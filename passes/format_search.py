@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx_ir as ir
 
 from bitpass.frontend import Dataset, Model, from_proto
 from bitpass.frontend.cache import cache_dir
@@ -103,7 +102,9 @@ class Timings(Protocol):
 
 class GraphTimer(Protocol):
     """What the target supplies: whole models timed against each other at each batch of ``feeds``;
-    ``rounds``/``min_seconds``/``budget_seconds``, when given, ask for a longer timing (a confirmation). The
+    ``rounds``/``min_seconds``/``budget_seconds``, when given, ask for a longer timing (a confirmation);
+    ``disabled_optimizers`` (name -> ORT optimizer names) times a model with those optimizers off (a timer that
+    cannot, a cost model, ignores it and times both alike, so nothing is turned off). The
     search hands it ONNX files (weights as external data beside them), never serialized bytes: a BERT-base
     candidate set held as bytes cost gigabytes in the compiling process."""
 
@@ -275,7 +276,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     with tempfile.TemporaryDirectory(prefix="bitpass-search-") as tmp:
         folder = Path(tmp)
         fp32_path = folder / "fp32.onnx"
-        fp32_nbytes = save_external(model, fp32_path)
+        fp32_nbytes = model.save_external(fp32_path)
         key = _cache_key(fp32_path, plan, ranges, options, fallback, batches) if use_cache else None
         cached = _cached(key)
         if cached is not None:
@@ -308,7 +309,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
         built = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
         built_count[0] += 1  # names can repeat (a repair may be called as a first-round candidate): files do not
         c.path, c.provenance = folder / f"candidate{built_count[0]}.onnx", built.provenance
-        c.nbytes = save_external(built, c.path)
+        c.nbytes = built.save_external(c.path)
         del built
         try:
             c.error = _relative_error(reference, _outputs(c.path, check))
@@ -486,7 +487,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     if best.path is None:  # the untimed all-fp32 fallback: built now that it is chosen
         chosen = materialize_in(model, best.plan, best.flavour, ranges, calibration, options)
     else:
-        chosen = read_back(best.path, best.provenance, model)
+        chosen = Model.read_back(best.path, best.provenance, model.torch_module)
     set_disabled_optimizers(chosen, disabled)
     return SearchResult(chosen, best.flavour, best.plan, record)
 
@@ -544,10 +545,7 @@ def _session_fusions(path: Path, folder: Path, feeds: Mapping[int, Mapping[str, 
     if not fused:
         return [], {}
     say(f"format search: timing the chosen model with and without ONNX Runtime's {', '.join(fused)}")
-    try:
-        timed = timer.graphs({"with": path, "without": path}, feeds, disabled_optimizers={"without": fused})
-    except TypeError:  # a timer that cannot vary session options (a cost model): keep ORT's defaults
-        return [], {"fused_at_load": fused, "note": "the timer cannot vary session options"}
+    timed = timer.graphs({"with": path, "without": path}, feeds, disabled_optimizers={"without": fused})
     ratios = {b: paired_ratios(timed, "without", "with", b) for b in feeds}
     verdict = faster_with_confidence(ratios, min_gain=SESSION_MIN_GAIN, clear=1.0)
     if verdict.faster is None:  # unsure: ORT's defaults stay
@@ -589,28 +587,6 @@ def materialize_in(model: Model, plan: Mapping[str, LayerPlan], flavour: Flavour
         built_s8.clear()
         built_s8[json.dumps({k: _fields(v) for k, v in sorted(plan.items())})] = built
     return built
-
-
-def save_external(model: Model, path: Path) -> int:
-    """Write ``model`` to ``path`` with its weights in ``<name>.data`` beside it; the bytes of both files.
-
-    Written tensor by tensor: no serialized copy of the whole model is held in memory (a BERT-base model's is
-    440 MB, twice over while protobuf writes it), and ONNX Runtime loads the file by path."""
-    data = path.with_name(path.name + ".data")
-    ir.save(model.ir, path, external_data=data.name, size_threshold_bytes=1024)
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
-def read_back(path: Path, provenance: Any, like: Model) -> Model:
-    """The model ``save_external`` wrote to ``path``, its weights loaded into memory (the files may go), with the
-    provenance it was built with: serialized, the same bytes as the model that was written."""
-    loaded = ir.load(path)
-    external = [v.const_value for g in loaded.graphs() for v in g.initializers.values()
-                if isinstance(v.const_value, ir.ExternalTensor)]
-    ir.external_data.load_to_model(loaded)  # in-memory tensors, serialized as the ones written were
-    for tensor in external:
-        tensor.release()  # close the memory maps of the files
-    return Model(loaded, provenance, like.torch_module)
 
 
 def _outputs(model: Model | Path, data: Dataset) -> list[np.ndarray]:
@@ -752,7 +728,7 @@ def _short(why: Mapping[str, str], limit: int = 6) -> str:
 
 def _cache_key(fp32_path: Path, plan: Mapping[str, LayerPlan], ranges: ActivationRanges | None,
                options: QuantizeOptions, fallback: str, batches: Sequence[int]) -> str:
-    """Of the model (as ``save_external`` wrote it: read back in chunks, never whole), plan, ranges, options,
+    """Of the model (as ``Model.save_external`` wrote it: read back in chunks, never whole), plan, ranges, options,
     batches and CPU."""
     import onnxruntime
 
@@ -805,4 +781,4 @@ def _store(key: str, entry: dict[str, Any]) -> None:
 
 
 __all__ = ["Candidate", "GraphTimer", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
-           "faster_with_confidence", "paired_ratios", "plan_of", "read_back", "save_external", "search"]
+           "faster_with_confidence", "paired_ratios", "plan_of", "search"]

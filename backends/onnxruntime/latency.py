@@ -139,9 +139,7 @@ class _Exposer:
 
     def path(self, names: Sequence[str]) -> Path:
         if self.base is None:
-            from bitpass.passes.format_search import save_external
-
-            save_external(self.model, self.folder / "model.onnx")
+            self.model.save_external(self.folder / "model.onnx")
             self.base = ir.load(self.folder / "model.onnx")  # weights: views of model.onnx.data, not copies
         copy = self.base.clone()
         values = {v.name: v for node in copy.graph for v in node.outputs}

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnx import numpy_helper
 
 from bitpass.frontend import Dataset, Model
@@ -94,11 +93,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 KL_BLOCK = 1 << 20
 
 
-def log_probs(x: np.ndarray) -> np.ndarray:
-    """``log_softmax`` over the last axis, in float64."""
-    return _log_softmax(x)
-
-
 def _mean_kl(reference_logp: np.ndarray, output: np.ndarray) -> float:
     """Mean over positions of KL(p || q), p from ``reference_logp``, q = softmax(``output``), block by block."""
     width = reference_logp.shape[-1] if reference_logp.ndim else 1
@@ -116,11 +110,11 @@ def divergence(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], m
                reference_logp: Sequence[np.ndarray] | None = None) -> float:
     """``kl``: mean over positions of KL(softmax(reference) || softmax(output)) on the last axis;
     ``mse``: mean squared difference. Summed over the (float) outputs given. ``reference_logp``: the
-    references' ``log_probs``, when the caller keeps them for many comparisons."""
+    references' ``_log_softmax``, when the caller keeps them for many comparisons."""
     total = 0.0
     for index, (ref, out) in enumerate(zip(reference, outputs)):
         if metric == "kl":
-            lp = reference_logp[index] if reference_logp is not None else log_probs(ref)
+            lp = reference_logp[index] if reference_logp is not None else _log_softmax(ref)
             total += _mean_kl(lp, out)
         elif metric == "mse":
             total += float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
@@ -352,7 +346,7 @@ class OutputProbe:
 
     def divergence(self, overrides: Mapping[str, np.ndarray], metric: str) -> float:
         if metric == "kl" and self._reference_logp is None:  # once, not once per run
-            self._reference_logp = [log_probs(r) for r in self.reference]
+            self._reference_logp = [_log_softmax(r) for r in self.reference]
         return divergence(self.reference, self.run(overrides), metric,
                           reference_logp=self._reference_logp if metric == "kl" else None)
 
@@ -596,7 +590,7 @@ def _measure_elsewhere(model: Model, batches: Sequence[Mapping[str, np.ndarray]]
     source = replace(source, threads=per_worker)
     with tempfile.TemporaryDirectory(prefix="bitpass-sensitivity-") as folder:
         if executor.local:
-            ir.save(model.ir, Path(folder) / "model.onnx", external_data="model.onnx.data")
+            model.save_external(Path(folder) / "model.onnx")
             np.savez(Path(folder) / "batches.npz",
                      **{f"{i}/{k}": np.asarray(v) for i, b in enumerate(batches) for k, v in b.items()})
             source = replace(source, folder=folder)

@@ -341,10 +341,10 @@ def test_a_candidate_saved_with_external_data_reads_back_to_the_same_bytes(cnn_m
     built = format_search.materialize_in(cnn_model, format_search.plan_of(cnn_model), flavour,
                                          activation_ranges(cnn_model, data), data, QuantizeOptions())
     path = tmp_path / "candidate.onnx"
-    nbytes = format_search.save_external(built, path)
+    nbytes = built.save_external(path)
     assert (tmp_path / "candidate.onnx.data").is_file()
     assert nbytes == path.stat().st_size + (tmp_path / "candidate.onnx.data").stat().st_size
-    back = format_search.read_back(path, built.provenance, cnn_model)
+    back = type(built).read_back(path, built.provenance, cnn_model.torch_module)
     for f in tmp_path.iterdir():
         f.unlink()  # the weights were read into memory: the files may go
     assert back.to_bytes() == built.to_bytes()
