@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import scipy.special
 
 from bitpass.backends import measure
 from bitpass.frontend import Dataset, Model, annotation
@@ -268,9 +269,8 @@ def is_lm_output(first: np.ndarray, name: str) -> bool:
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    rows = rows.astype(np.float64)
-    rows -= rows.max(-1, keepdims=True)
-    return rows - np.log(np.exp(rows).sum(-1, keepdims=True))
+    """Log-probabilities over the last axis, in float64 (scipy's stable form)."""
+    return scipy.special.log_softmax(np.asarray(rows, np.float64), axis=-1)
 
 
 def _position_chunks(reference: np.ndarray, candidate: np.ndarray):  # noqa: ANN202 - a small generator

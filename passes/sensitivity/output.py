@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.special
 import onnx
 from onnx import numpy_helper
 
@@ -82,10 +83,9 @@ def overridable(proto: onnx.ModelProto, names: Iterable[str], *, in_place: bool 
     return out
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (scipy's stable form)."""
+    return scipy.special.log_softmax(np.asarray(rows, np.float64), axis=-1)
 
 
 #: elements of one block of rows the KL is computed over (float64 temporaries of 8 MB, not a full-vocabulary copy
