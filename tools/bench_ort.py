@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "resnet18_digits", "mobilenet_v3_small_digits")
+MODELS = ("resnet18", "resnet50", "mobilenet_v3_small", "resnet18_digits", "resnet50_digits", "mobilenet_v3_small_digits")
 QUICK_MODELS = ("resnet18", "resnet18_digits")
 FP32 = "ORT fp32"
 ORT_INT8 = ("ORT U8S8", "ORT S8S8", "ORT dynamic")

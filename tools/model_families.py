@@ -9,8 +9,8 @@ output (so fidelity is judged by kind) and calibration / held-out evaluation dat
 ``fast`` configs are small versions of each architecture (same layer types and graph patterns) for CI;
 ``full`` configs are the real sizes (BERT-base 110 M, a MiniLM-size 6 x 384 sentence encoder, ResNet-50 at
 224 x 224...) for the benchmark. Most families keep their random initialisation: enough for "compiles and
-runs", not for fidelity (random logits are nearly flat). Three have learned weights, trained here in
-seconds to minutes on data already on the machine and cached (see ``trained_state``): two torchvision CNNs
+runs", not for fidelity (random logits are nearly flat). Four have learned weights, trained here in
+seconds to minutes on data already on the machine and cached (see ``trained_state``): three torchvision CNNs
 on scikit-learn's digits upsampled to 32 x 32 (accuracy on held-out digits), and a BERT-like sentence encoder
 (mean pooling + L2 normalisation in the graph) on Python's standard-library sources with a byte-level
 tokenizer (cosine to fp32 on held-out files).
@@ -442,6 +442,9 @@ def _digits_trained(name: str, summary: str, fast: Callable[[Any], nn.Module], f
 _digits_trained("resnet18_digits", "torchvision ResNet-18 trained on digits 32x32, 10 classes (fast: one block per stage)",
                 lambda m: m.ResNet(m.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10),
                 lambda m: m.resnet18(num_classes=10), epochs={"fast": 4, "full": 10})
+_digits_trained("resnet50_digits", "torchvision ResNet-50 trained on digits 32x32, 10 classes (fast: one bottleneck per stage)",
+                lambda m: m.ResNet(m.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10),
+                lambda m: m.resnet50(num_classes=10), epochs={"fast": 4, "full": 10})
 _digits_trained("mobilenet_v3_small_digits", "torchvision MobileNetV3-small trained on digits 32x32 (fast: width 0.5)",
                 lambda m: m.mobilenet_v3_small(width_mult=0.5, num_classes=10),
                 lambda m: m.mobilenet_v3_small(num_classes=10), epochs={"fast": 6, "full": 15})
