@@ -271,8 +271,10 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
             calibration: Dataset | None = None, fresh_process: bool = True) -> LatencyTable:
     """Seconds per call for every layer id x variant x batch (fp32 always included), from the cache when known.
 
-    Layers whose op is not timed (an embedding lookup) are left out silently; layers that cannot be cut out,
-    materialized in fp32 or run are in ``failures``. A variant a layer cannot take is left out of its row."""
+    Layers with the same signature (op, attributes, weight shapes, input shape: a transformer's Q, K, V and O
+    projections, a ResNet stage's repeated convolutions) are timed once, as the first of them, and share its
+    figures. Layers whose op is not timed (an embedding lookup) are left out silently; layers that cannot be cut
+    out, materialized in fp32 or run are in ``failures``. A variant a layer cannot take is left out of its row."""
     say = progress or (lambda _m: None)
     batches = tuple(sorted(set(batches)))
     cache = cache or cache_path()
@@ -284,9 +286,10 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
         inputs, failures = layer_inputs(model, timed, calibration, batches)
     else:
         inputs, failures = _static_inputs(model, timed, batches)
-    table = LatencyTable()
-    table.failures = failures
-    groups: list[tuple[str, int, dict[Variant, str], timing.Group]] = []
+    # layer id -> batch -> variant -> cache key; the figures come from ``stored`` once every group is timed
+    wanted: dict[str, dict[int, dict[Variant, str]]] = {}
+    # (signature, batch) -> the group timing it, the cache keys of its models, and the signature's failure
+    scheduled: dict[str, _Scheduled] = {}
     # the one-layer models wait for the timing process on disk: in memory, a BERT-base set (72 layers x 2 batches x
     # 4 variants) held over a gigabyte
     holder = tempfile.TemporaryDirectory(prefix="bitpass-layers-")
@@ -295,8 +298,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
         if layer.id in failures:
             continue
         todo = [FP32, *[tuple(v) for v in variants[layer.id] if tuple(v) != FP32]]
-        row: dict[Variant, dict[int, float]] = {v: {} for v in todo}
-        table[layer.id] = row
+        wanted[layer.id] = {}
         for batch in batches:
             sample = inputs[layer.id][batch]
             try:
@@ -306,52 +308,86 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                 break
             sig = signature(proto)
             keys = {v: _key(sig, v, threads, cpu_key) for v in todo}
+            wanted[layer.id][batch] = keys
             missing = [v for v in todo if keys[v] not in stored]
-            for v in todo:
-                if keys[v] in stored:
-                    row[v][batch] = stored[keys[v]]
             if not missing:
                 continue
-            if FP32 not in missing:
-                missing = [FP32, *missing]  # every group is timed against its own fp32
-            models: dict[str, bytes | Path] = {}
-            for v in missing:
-                try:
-                    path = folder / f"g{len(groups)}_m{len(models)}.onnx"
-                    path.write_bytes(variant_model(proto, v, sample))
-                    models[_name(v)] = path
-                except Exception as err:  # a variant this layer cannot take: left out of its row
-                    if v == FP32:
-                        failures[layer.id] = f"its fp32 form does not build: {execution.first_line(err)}"
-                    else:
-                        say(f"layer {layer.id}: {v[0]}-bit {v[1]} unavailable ({execution.first_line(err)[:80]})")
-            if layer.id in failures:
+            slot = scheduled.setdefault(keys[FP32], _Scheduled(len(scheduled)))
+            if slot.failure is None:
+                # every group is timed against its own fp32; a layer equal to one already scheduled adds only
+                # the variants that one did not ask for
+                for v in [FP32, *missing]:
+                    if _name(v) in slot.models or v in slot.unavailable:
+                        continue
+                    try:
+                        path = folder / f"g{slot.index}_m{len(slot.models)}.onnx"
+                        path.write_bytes(variant_model(proto, v, sample))
+                        slot.models[_name(v)] = path
+                        slot.keys[v] = keys[v]
+                    except Exception as err:  # a variant this layer cannot take: left out of its row
+                        if v == FP32:
+                            slot.failure = f"its fp32 form does not build: {execution.first_line(err)}"
+                            break
+                        slot.unavailable.add(v)
+                        say(f"layer {layer.id}: {v[0]}-bit {v[1]} unavailable "
+                            f"({execution.first_line(err)[:80]})")
+                if not slot.feeds:  # a fixed-batch model gives every batch the same shape: one feed is enough
+                    slot.feeds[batch] = {"x": sample}
+            if slot.failure is not None:
+                failures[layer.id] = slot.failure
                 break
-            groups.append((layer.id, batch, keys, timing.Group(models, {batch: {"x": sample}})))
+    groups = [slot for slot in scheduled.values() if slot.failure is None]
     if groups:
-        count = len({layer_id for layer_id, *_ in groups})
-        say(f"timing {count} layer(s) in {len(groups)} group(s) in a fresh process")
-        timing.time_groups([g for *_, g in groups], threads=threads, rounds=ROUNDS, min_seconds=0.01,
+        count = len({lid for lid, per in wanted.items() if any(k[FP32] in scheduled for k in per.values())})
+        say(f"timing {count} layer(s) as {len(groups)} distinct (shape, batch) group(s) in a fresh process")
+        timing.time_groups([slot.group() for slot in groups], threads=threads, rounds=ROUNDS, min_seconds=0.01,
                            budget_seconds=GROUP_SECONDS, fresh_process=fresh_process)
-        for layer_id, batch, keys, group in groups:
-            if _name(FP32) in group.errors:
-                failures[layer_id] = f"its fp32 form does not run: {group.errors[_name(FP32)]}"
+        for slot in groups:
+            if _name(FP32) in slot.timed.errors:
+                slot.failure = f"its fp32 form does not run: {slot.timed.errors[_name(FP32)]}"
                 continue
-            for v, key in keys.items():
-                seconds = group.median(_name(v), batch)
+            (batch,) = slot.feeds
+            for v, key in slot.keys.items():
+                seconds = slot.timed.median(_name(v), batch)
                 if seconds is not None:
-                    table[layer_id][v][batch] = seconds
                     stored[key] = seconds
     holder.cleanup()
-    for layer_id in list(table):
+    table = LatencyTable()
+    for layer_id, per_batch in wanted.items():
+        for keys in per_batch.values():
+            slot = scheduled.get(keys[FP32])
+            if slot is not None and slot.failure is not None:
+                failures.setdefault(layer_id, slot.failure)
         if layer_id in failures:
-            del table[layer_id]
-        else:
-            table[layer_id] = {v: t for v, t in table[layer_id].items() if len(t) == len(batches)}
+            continue
+        row: dict[Variant, dict[int, float]] = {}
+        for batch, keys in per_batch.items():
+            for v, key in keys.items():
+                if key in stored:
+                    row.setdefault(v, {})[batch] = stored[key]
+        table[layer_id] = {v: t for v, t in row.items() if len(t) == len(batches)}
+    table.failures = failures
     for layer_id, why in sorted(failures.items()):
         say(f"warning: layer {layer_id} was not timed ({why}); it stays in a safe format")
     _save(cache, stored)
     return table
+
+
+class _Scheduled:
+    """The one-layer models of one signature at one batch, timed as one group (shared by every equal layer)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.models: dict[str, bytes | Path] = {}
+        self.keys: dict[Variant, str] = {}
+        self.feeds: dict[int, dict[str, np.ndarray]] = {}
+        self.unavailable: set[Variant] = set()
+        self.failure: str | None = None
+        self.timed = timing.Group({}, {})
+
+    def group(self) -> timing.Group:
+        self.timed = timing.Group(self.models, self.feeds)
+        return self.timed
 
 
 def _name(variant: Variant) -> str:
