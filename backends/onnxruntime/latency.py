@@ -421,6 +421,51 @@ def _save(cache: Path, stored: Mapping[str, float]) -> None:
         pass  # a read-only home only costs a re-measurement next time
 
 
+#: file (beside the per-layer cache) of whole-graph timings asked for with ``graphs(..., cached=True)``
+GRAPHS_CACHE = "graphs.json"
+
+
+def _content_digest(model: bytes | Path) -> str:
+    """A model's content: its bytes, or its file and the external data file ``Model.save_external`` puts beside it."""
+    digest = hashlib.sha256()
+    if isinstance(model, Path):
+        for path in (model, model.with_name(model.name + ".data")):
+            if path.is_file():
+                with path.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 24), b""):
+                        digest.update(block)
+    else:
+        digest.update(model)
+    return digest.hexdigest()
+
+
+def _graphs_key(group: timing.Group, options: Mapping[str, Any]) -> str:
+    feeds = {str(b): {name: [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest(), list(a.shape), str(a.dtype)]
+                      for name, a in sorted(f.items())} for b, f in sorted(group.feeds.items())}
+    full = {"models": {name: _content_digest(m) for name, m in sorted(group.models.items())}, "feeds": feeds,
+            "options": dict(options), "ort": ort.__version__, "cpu": host().key, "method": METHOD_VERSION}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_json(path: Path, entries: Mapping[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_load_json(path), **entries}  # another compile may have written meanwhile
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+
+
 class LatencyProbe:
     """The ONNX Runtime target's timer: per layer (``__call__``) and whole models (``graphs``), each in a fresh
     process; what allocation and format search receive as ``ctx.target.options["latency_probe"]``."""
@@ -438,16 +483,30 @@ class LatencyProbe:
 
     def graphs(self, models: Mapping[str, bytes | Path], feeds: Mapping[int, Mapping[str, np.ndarray]], *,
                rounds: int = 9, min_seconds: float = 0.02, budget_seconds: float | None = 8.0,
-               disabled_optimizers: Mapping[str, Sequence[str]] | None = None) -> timing.Group:
+               disabled_optimizers: Mapping[str, Sequence[str]] | None = None, cached: bool = False) -> timing.Group:
         """Whole models timed against each other, alternating, at each batch of ``feeds``: a ``timing.Group``
         with every round's seconds (``ratio(name, reference, batch)`` gives paired medians). Each round runs a
         model for at least ``min_seconds`` and counts the median of its calls (a preempted call does not move
         it); ``budget_seconds`` caps a batch's rounds after the first three; ``disabled_optimizers`` (name ->
-        ORT optimizer names) times a model with those graph optimizers off."""
-        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()},
-                             disabled_optimizers={n: list(v) for n, v in (disabled_optimizers or {}).items()})
+        ORT optimizer names) times a model with those graph optimizers off. ``cached``: the rounds of the same
+        models (by content), feeds and options on this CPU and ONNX Runtime come from the cache when known, so a
+        decision taken on them is taken the same way by the next compile (bitpass's determinism)."""
+        disabled = {n: list(v) for n, v in (disabled_optimizers or {}).items()}
+        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()}, disabled_optimizers=disabled)
+        options = {"rounds": rounds, "min_seconds": min_seconds, "budget_seconds": budget_seconds,
+                   "disabled": disabled, "threads": self.threads}
+        key = _graphs_key(group, options) if cached else None
+        path = (self.cache or cache_path()).with_name(GRAPHS_CACHE)
+        known = _load_json(path).get(key) if key else None
+        if isinstance(known, dict) and isinstance(known.get("samples"), dict):
+            group.samples = {name: {int(b): [float(x) for x in v] for b, v in per.items()}
+                             for name, per in known["samples"].items()}
+            group.errors = dict(known.get("errors") or {})
+            return group
         timing.time_groups([group], threads=self.threads, rounds=rounds, min_seconds=min_seconds,
                            budget_seconds=budget_seconds, fresh_process=self.fresh_process, per_round="median")
+        if key:
+            _store_json(path, {key: {"samples": group.samples, "errors": group.errors}})
         return group
 
     @staticmethod

@@ -167,3 +167,16 @@ def test_whole_models_are_timed_against_each_other(cnn_model, calib_arrays, tmp_
     assert set(group.samples) == {"a", "b"} and "broken" in group.errors
     assert len(group.samples["a"][2]) >= 3 and 0.2 < group.ratio("b", "a", 2) < 5
     assert probe.cpu().flags  # what cached timings are keyed by
+
+
+def test_cached_whole_model_timings_are_reused_for_the_same_models_and_feeds(cnn_model, calib_arrays, tmp_path):
+    probe = LatencyProbe(cache=tmp_path / "c.json")
+    x = calib_arrays["input"][:2]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(cnn_model.to_bytes())
+    first = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3, cached=True)
+    again = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3, cached=True)
+    assert again.samples == first.samples and (tmp_path / "graphs.json").is_file()  # not timed again
+    other = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x + 1}}, rounds=3, cached=True)
+    fresh = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3)
+    assert other.samples != first.samples and fresh.samples != first.samples  # other feeds, or not cached: timed
