@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,13 @@ ROUNDS, GROUP_SECONDS = 5, 0.5
 
 
 class LatencyTable(dict):
-    """``{layer_id: {(bits, name): {batch: seconds}}}``, and the layers that could not be timed, with why."""
+    """``{layer_id: {(bits, name): {batch: seconds}}}``, the layers that could not be timed, with why, and what the
+    probe did (``work``: layers, distinct groups timed, models built, wall seconds of each step)."""
 
     def __init__(self, *args: Any, failures: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failures: dict[str, str] = dict(failures or {})
+        self.work: dict[str, Any] = {}
 
 
 def cache_path() -> Path:
@@ -289,10 +292,13 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
     cpu_key = host().key
     layers = {layer.id: layer for layer in model.layers()}
     timed = [layers[i] for i in variants if i in layers and layers[i].op_type in TIMED_OPS]
+    started = time.perf_counter()
     if calibration is not None:
         inputs, failures = layer_inputs(model, timed, calibration, batches)
     else:
         inputs, failures = _static_inputs(model, timed, batches)
+    phase_seconds = {"layer_inputs": time.perf_counter() - started}
+    started = time.perf_counter()
     # layer id -> batch -> variant -> cache key; the figures come from ``stored`` once every group is timed
     wanted: dict[str, dict[int, dict[Variant, str]]] = {}
     # (signature, batch) -> the group timing it, the cache keys of its models, and the signature's failure
@@ -344,6 +350,8 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                 failures[layer.id] = slot.failure
                 break
     groups = [slot for slot in scheduled.values() if slot.failure is None]
+    phase_seconds["build"] = time.perf_counter() - started
+    started = time.perf_counter()
     if groups:
         count = len({lid for lid, per in wanted.items() if any(k[FP32] in scheduled for k in per.values())})
         say(f"timing {count} layer(s) as {len(groups)} distinct (shape, batch) group(s) in a fresh process")
@@ -359,6 +367,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                 if seconds is not None:
                     stored[key] = seconds
     holder.cleanup()
+    phase_seconds["timing"] = time.perf_counter() - started
     table = LatencyTable()
     for layer_id, per_batch in wanted.items():
         for keys in per_batch.values():
@@ -374,6 +383,8 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                     row.setdefault(v, {})[batch] = stored[key]
         table[layer_id] = {v: t for v, t in row.items() if len(t) == len(batches)}
     table.failures = failures
+    table.work = {"layers": len(timed), "groups_timed": len(groups), "models_built": sum(len(g.models) for g in groups),
+                  "seconds": {k: round(v, 3) for k, v in phase_seconds.items()}}
     for layer_id, why in sorted(failures.items()):
         say(f"warning: layer {layer_id} was not timed ({why}); it stays in a safe format")
     _save(cache, stored)

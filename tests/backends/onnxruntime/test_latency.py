@@ -117,6 +117,8 @@ def test_layers_of_one_signature_are_timed_once_and_share_the_figures(tmp_path):
     table = measure(model, wanted, batches=(1, 4), cache=tmp_path / "c.json", calibration=data,
                     progress=messages.append)
     assert any("2 layer(s) as 2 distinct" in m for m in messages), messages  # one group per batch, not per layer
+    assert table.work["groups_timed"] == 2 and table.work["models_built"] == 3 * 2
+    assert set(table.work["seconds"]) == {"layer_inputs", "build", "timing"}
     stored = json.loads((tmp_path / "c.json").read_text())
     assert len(stored) == 3 * 2  # fp32, qdq-u8 and dynamic at two batches: each timed once for both layers
     assert table[first.id] == {v: table[second.id][v] for v in (FP32, (8, "qdq-u8"))}
