@@ -283,7 +283,8 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
             flavour = FLAVOURS.get(cached["flavour"], S8S8)
             say(f"format search: the choice made for this model on this CPU before ({cached['record']['chosen']})")
-            built = materialize_in(model, chosen_plan, flavour, ranges, calibration, options)
+            built = _as_written(materialize_in(model, chosen_plan, flavour, ranges, calibration, options),
+                                folder, model)
             set_disabled_optimizers(built, cached["record"].get("disabled_optimizers", []))
             return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
         return _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration, options=options,
@@ -485,11 +486,21 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
         _store(key, {"plan": {lid: _fields(p) for lid, p in best.plan.items()}, "flavour": best.flavour.name,
                      "record": record})
     if best.path is None:  # the untimed all-fp32 fallback: built now that it is chosen
-        chosen = materialize_in(model, best.plan, best.flavour, ranges, calibration, options)
+        chosen = _as_written(materialize_in(model, best.plan, best.flavour, ranges, calibration, options), folder,
+                             model)
     else:
         chosen = Model.read_back(best.path, best.provenance, model.torch_module)
     set_disabled_optimizers(chosen, disabled)
     return SearchResult(chosen, best.flavour, best.plan, record)
+
+
+def _as_written(built: Model, folder: Path, model: Model) -> Model:
+    """``built`` written and read back, as a timed winner is: ORT's quantizer stores some scales as float_data, a
+    file read back holds them as raw bytes, so a choice taken from the cache gave other artifact bytes than the
+    same choice made by timing (same values)."""
+    path = folder / "chosen.onnx"
+    built.save_external(path)
+    return Model.read_back(path, built.provenance, model.torch_module)
 
 
 # --- ONNX Runtime's load-time fusions ---------------------------------------------------------------------

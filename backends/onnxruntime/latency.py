@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,20 @@ METHOD_VERSION = 3
 TIMED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: at most this many bytes of layer inputs are collected from one run of the model
 COLLECT_BYTES = 256 << 20
-#: per layer and batch: at most this many alternating rounds, and this many seconds after the first three
-ROUNDS, GROUP_SECONDS = 7, 1.0
+#: per layer and batch: at most this many alternating rounds, and this many seconds after the first three (each
+#: round runs a model for at least 10 ms; a format is chosen only when 10 % faster than fp32 at every batch, and the
+#: whole-graph format search checks the plan again: 7 rounds and 1 s were a third of a ResNet-18 probe)
+ROUNDS, GROUP_SECONDS = 5, 0.5
 
 
 class LatencyTable(dict):
-    """``{layer_id: {(bits, name): {batch: seconds}}}``, and the layers that could not be timed, with why."""
+    """``{layer_id: {(bits, name): {batch: seconds}}}``, the layers that could not be timed, with why, and what the
+    probe did (``work``: layers, distinct groups timed, models built, wall seconds of each step)."""
 
     def __init__(self, *args: Any, failures: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failures: dict[str, str] = dict(failures or {})
+        self.work: dict[str, Any] = {}
 
 
 def cache_path() -> Path:
@@ -211,9 +216,11 @@ def _plain(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def variant_model(proto: onnx.ModelProto, variant: Variant, sample: np.ndarray) -> bytes:
+def variant_model(proto: onnx.ModelProto, variant: Variant, sample: np.ndarray,
+                  memo: dict[str, Any] | None = None) -> bytes:
     """The one-layer model in ``variant``'s form, materialized exactly as the artifact's layer will be
-    (int8 QDQ calibrated with min-max ranges on ``sample``, the layer's real input)."""
+    (int8 QDQ calibrated with min-max ranges on ``sample``, the layer's real input). ``memo``: a dict kept across
+    the variants of one ``proto`` and ``sample``, so their ranges are computed once (both int8 flavours use them)."""
     model = from_proto(proto, name="layer")
     if variant == FP32:
         return model.to_bytes()
@@ -222,8 +229,11 @@ def variant_model(proto: onnx.ModelProto, variant: Variant, sample: np.ndarray) 
             for layer in model.layers()}
     ranges = None
     if how.format == "qdq":
-        data = from_arrays({"x": sample}, model.inputs, source="latency-probe")
-        ranges = activation_ranges(model, data, method="minmax", batch_size=max(1, len(sample)))
+        memo = {} if memo is None else memo
+        if "ranges" not in memo:
+            data = from_arrays({"x": sample}, model.inputs, source="latency-probe")
+            memo["ranges"] = activation_ranges(model, data, method="minmax", batch_size=max(1, len(sample)))
+        ranges = memo["ranges"]
     options = QuantizeOptions(preprocess=False, activation_type=how.activation_type)  # type: ignore[arg-type]
     return materialize(model, plan, ranges=ranges, options=options).to_bytes()
 
@@ -271,8 +281,10 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
             calibration: Dataset | None = None, fresh_process: bool = True) -> LatencyTable:
     """Seconds per call for every layer id x variant x batch (fp32 always included), from the cache when known.
 
-    Layers whose op is not timed (an embedding lookup) are left out silently; layers that cannot be cut out,
-    materialized in fp32 or run are in ``failures``. A variant a layer cannot take is left out of its row."""
+    Layers with the same signature (op, attributes, weight shapes, input shape: a transformer's Q, K, V and O
+    projections, a ResNet stage's repeated convolutions) are timed once, as the first of them, and share its
+    figures. Layers whose op is not timed (an embedding lookup) are left out silently; layers that cannot be cut
+    out, materialized in fp32 or run are in ``failures``. A variant a layer cannot take is left out of its row."""
     say = progress or (lambda _m: None)
     batches = tuple(sorted(set(batches)))
     cache = cache or cache_path()
@@ -280,13 +292,17 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
     cpu_key = host().key
     layers = {layer.id: layer for layer in model.layers()}
     timed = [layers[i] for i in variants if i in layers and layers[i].op_type in TIMED_OPS]
+    started = time.perf_counter()
     if calibration is not None:
         inputs, failures = layer_inputs(model, timed, calibration, batches)
     else:
         inputs, failures = _static_inputs(model, timed, batches)
-    table = LatencyTable()
-    table.failures = failures
-    groups: list[tuple[str, int, dict[Variant, str], timing.Group]] = []
+    phase_seconds = {"layer_inputs": time.perf_counter() - started}
+    started = time.perf_counter()
+    # layer id -> batch -> variant -> cache key; the figures come from ``stored`` once every group is timed
+    wanted: dict[str, dict[int, dict[Variant, str]]] = {}
+    # (signature, batch) -> the group timing it, the cache keys of its models, and the signature's failure
+    scheduled: dict[str, _Scheduled] = {}
     # the one-layer models wait for the timing process on disk: in memory, a BERT-base set (72 layers x 2 batches x
     # 4 variants) held over a gigabyte
     holder = tempfile.TemporaryDirectory(prefix="bitpass-layers-")
@@ -295,8 +311,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
         if layer.id in failures:
             continue
         todo = [FP32, *[tuple(v) for v in variants[layer.id] if tuple(v) != FP32]]
-        row: dict[Variant, dict[int, float]] = {v: {} for v in todo}
-        table[layer.id] = row
+        wanted[layer.id] = {}
         for batch in batches:
             sample = inputs[layer.id][batch]
             try:
@@ -306,52 +321,92 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                 break
             sig = signature(proto)
             keys = {v: _key(sig, v, threads, cpu_key) for v in todo}
+            wanted[layer.id][batch] = keys
             missing = [v for v in todo if keys[v] not in stored]
-            for v in todo:
-                if keys[v] in stored:
-                    row[v][batch] = stored[keys[v]]
             if not missing:
                 continue
-            if FP32 not in missing:
-                missing = [FP32, *missing]  # every group is timed against its own fp32
-            models: dict[str, bytes | Path] = {}
-            for v in missing:
-                try:
-                    path = folder / f"g{len(groups)}_m{len(models)}.onnx"
-                    path.write_bytes(variant_model(proto, v, sample))
-                    models[_name(v)] = path
-                except Exception as err:  # a variant this layer cannot take: left out of its row
-                    if v == FP32:
-                        failures[layer.id] = f"its fp32 form does not build: {execution.first_line(err)}"
-                    else:
-                        say(f"layer {layer.id}: {v[0]}-bit {v[1]} unavailable ({execution.first_line(err)[:80]})")
-            if layer.id in failures:
+            slot = scheduled.setdefault(keys[FP32], _Scheduled(len(scheduled)))
+            if slot.failure is None:
+                # every group is timed against its own fp32; a layer equal to one already scheduled adds only
+                # the variants that one did not ask for
+                for v in [FP32, *missing]:
+                    if _name(v) in slot.models or v in slot.unavailable:
+                        continue
+                    try:
+                        path = folder / f"g{slot.index}_m{len(slot.models)}.onnx"
+                        path.write_bytes(variant_model(proto, v, sample, slot.memo))
+                        slot.models[_name(v)] = path
+                        slot.keys[v] = keys[v]
+                    except Exception as err:  # a variant this layer cannot take: left out of its row
+                        if v == FP32:
+                            slot.failure = f"its fp32 form does not build: {execution.first_line(err)}"
+                            break
+                        slot.unavailable.add(v)
+                        say(f"layer {layer.id}: {v[0]}-bit {v[1]} unavailable "
+                            f"({execution.first_line(err)[:80]})")
+                if not slot.feeds:  # a fixed-batch model gives every batch the same shape: one feed is enough
+                    slot.feeds[batch] = {"x": sample}
+            if slot.failure is not None:
+                failures[layer.id] = slot.failure
                 break
-            groups.append((layer.id, batch, keys, timing.Group(models, {batch: {"x": sample}})))
+    groups = [slot for slot in scheduled.values() if slot.failure is None]
+    phase_seconds["build"] = time.perf_counter() - started
+    started = time.perf_counter()
     if groups:
-        count = len({layer_id for layer_id, *_ in groups})
-        say(f"timing {count} layer(s) in {len(groups)} group(s) in a fresh process")
-        timing.time_groups([g for *_, g in groups], threads=threads, rounds=ROUNDS, min_seconds=0.01,
+        count = len({lid for lid, per in wanted.items() if any(k[FP32] in scheduled for k in per.values())})
+        say(f"timing {count} layer(s) as {len(groups)} distinct (shape, batch) group(s) in a fresh process")
+        timing.time_groups([slot.group() for slot in groups], threads=threads, rounds=ROUNDS, min_seconds=0.01,
                            budget_seconds=GROUP_SECONDS, fresh_process=fresh_process)
-        for layer_id, batch, keys, group in groups:
-            if _name(FP32) in group.errors:
-                failures[layer_id] = f"its fp32 form does not run: {group.errors[_name(FP32)]}"
+        for slot in groups:
+            if _name(FP32) in slot.timed.errors:
+                slot.failure = f"its fp32 form does not run: {slot.timed.errors[_name(FP32)]}"
                 continue
-            for v, key in keys.items():
-                seconds = group.median(_name(v), batch)
+            (batch,) = slot.feeds
+            for v, key in slot.keys.items():
+                seconds = slot.timed.median(_name(v), batch)
                 if seconds is not None:
-                    table[layer_id][v][batch] = seconds
                     stored[key] = seconds
     holder.cleanup()
-    for layer_id in list(table):
+    phase_seconds["timing"] = time.perf_counter() - started
+    table = LatencyTable()
+    for layer_id, per_batch in wanted.items():
+        for keys in per_batch.values():
+            slot = scheduled.get(keys[FP32])
+            if slot is not None and slot.failure is not None:
+                failures.setdefault(layer_id, slot.failure)
         if layer_id in failures:
-            del table[layer_id]
-        else:
-            table[layer_id] = {v: t for v, t in table[layer_id].items() if len(t) == len(batches)}
+            continue
+        row: dict[Variant, dict[int, float]] = {}
+        for batch, keys in per_batch.items():
+            for v, key in keys.items():
+                if key in stored:
+                    row.setdefault(v, {})[batch] = stored[key]
+        table[layer_id] = {v: t for v, t in row.items() if len(t) == len(batches)}
+    table.failures = failures
+    table.work = {"layers": len(timed), "groups_timed": len(groups), "models_built": sum(len(g.models) for g in groups),
+                  "seconds": {k: round(v, 3) for k, v in phase_seconds.items()}}
     for layer_id, why in sorted(failures.items()):
         say(f"warning: layer {layer_id} was not timed ({why}); it stays in a safe format")
     _save(cache, stored)
     return table
+
+
+class _Scheduled:
+    """The one-layer models of one signature at one batch, timed as one group (shared by every equal layer)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.models: dict[str, bytes | Path] = {}
+        self.keys: dict[Variant, str] = {}
+        self.feeds: dict[int, dict[str, np.ndarray]] = {}
+        self.unavailable: set[Variant] = set()
+        self.failure: str | None = None
+        self.timed = timing.Group({}, {})
+        self.memo: dict[str, Any] = {}  # what the variants of its one-layer model share (calibrated ranges)
+
+    def group(self) -> timing.Group:
+        self.timed = timing.Group(self.models, self.feeds)
+        return self.timed
 
 
 def _name(variant: Variant) -> str:
@@ -377,6 +432,51 @@ def _save(cache: Path, stored: Mapping[str, float]) -> None:
         pass  # a read-only home only costs a re-measurement next time
 
 
+#: file (beside the per-layer cache) of whole-graph timings asked for with ``graphs(..., cached=True)``
+GRAPHS_CACHE = "graphs.json"
+
+
+def _content_digest(model: bytes | Path) -> str:
+    """A model's content: its bytes, or its file and the external data file ``Model.save_external`` puts beside it."""
+    digest = hashlib.sha256()
+    if isinstance(model, Path):
+        for path in (model, model.with_name(model.name + ".data")):
+            if path.is_file():
+                with path.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 24), b""):
+                        digest.update(block)
+    else:
+        digest.update(model)
+    return digest.hexdigest()
+
+
+def _graphs_key(group: timing.Group, options: Mapping[str, Any]) -> str:
+    feeds = {str(b): {name: [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest(), list(a.shape), str(a.dtype)]
+                      for name, a in sorted(f.items())} for b, f in sorted(group.feeds.items())}
+    full = {"models": {name: _content_digest(m) for name, m in sorted(group.models.items())}, "feeds": feeds,
+            "options": dict(options), "ort": ort.__version__, "cpu": host().key, "method": METHOD_VERSION}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_json(path: Path, entries: Mapping[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_load_json(path), **entries}  # another compile may have written meanwhile
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+
+
 class LatencyProbe:
     """The ONNX Runtime target's timer: per layer (``__call__``) and whole models (``graphs``), each in a fresh
     process; what allocation and format search receive as ``ctx.target.options["latency_probe"]``."""
@@ -394,16 +494,30 @@ class LatencyProbe:
 
     def graphs(self, models: Mapping[str, bytes | Path], feeds: Mapping[int, Mapping[str, np.ndarray]], *,
                rounds: int = 9, min_seconds: float = 0.02, budget_seconds: float | None = 8.0,
-               disabled_optimizers: Mapping[str, Sequence[str]] | None = None) -> timing.Group:
+               disabled_optimizers: Mapping[str, Sequence[str]] | None = None, cached: bool = False) -> timing.Group:
         """Whole models timed against each other, alternating, at each batch of ``feeds``: a ``timing.Group``
         with every round's seconds (``ratio(name, reference, batch)`` gives paired medians). Each round runs a
         model for at least ``min_seconds`` and counts the median of its calls (a preempted call does not move
         it); ``budget_seconds`` caps a batch's rounds after the first three; ``disabled_optimizers`` (name ->
-        ORT optimizer names) times a model with those graph optimizers off."""
-        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()},
-                             disabled_optimizers={n: list(v) for n, v in (disabled_optimizers or {}).items()})
+        ORT optimizer names) times a model with those graph optimizers off. ``cached``: the rounds of the same
+        models (by content), feeds and options on this CPU and ONNX Runtime come from the cache when known, so a
+        decision taken on them is taken the same way by the next compile (bitpass's determinism)."""
+        disabled = {n: list(v) for n, v in (disabled_optimizers or {}).items()}
+        group = timing.Group(dict(models), {b: dict(f) for b, f in feeds.items()}, disabled_optimizers=disabled)
+        options = {"rounds": rounds, "min_seconds": min_seconds, "budget_seconds": budget_seconds,
+                   "disabled": disabled, "threads": self.threads}
+        key = _graphs_key(group, options) if cached else None
+        path = (self.cache or cache_path()).with_name(GRAPHS_CACHE)
+        known = _load_json(path).get(key) if key else None
+        if isinstance(known, dict) and isinstance(known.get("samples"), dict):
+            group.samples = {name: {int(b): [float(x) for x in v] for b, v in per.items()}
+                             for name, per in known["samples"].items()}
+            group.errors = dict(known.get("errors") or {})
+            return group
         timing.time_groups([group], threads=self.threads, rounds=rounds, min_seconds=min_seconds,
                            budget_seconds=budget_seconds, fresh_process=self.fresh_process, per_round="median")
+        if key:
+            _store_json(path, {key: {"samples": group.samples, "errors": group.errors}})
         return group
 
     @staticmethod

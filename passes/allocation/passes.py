@@ -174,6 +174,8 @@ class AllocateBits(Pass):
         failures = getattr(variants, "failures", None)
         if failures:
             record["not_timed"] = dict(failures)
+        if getattr(variants, "work", None):
+            record["latency_probe"] = dict(variants.work)
         if keep:
             record["keep_fp32"] = sorted(keep)
         if latency_record:

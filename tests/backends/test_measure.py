@@ -66,3 +66,39 @@ def test_latency_rounds_stop_at_the_time_budget_once_enough_are_done():
     assert slow["fp32"].calls <= 1 + 1 + 4  # one warm-up call for a slow model, one to size the rounds, the rounds
     fast = {"fp32": _Sleeper(0.0), "artifact": _Sleeper(0.0)}
     assert all(len(v) == 15 for v in latency_samples(fast, {}, rounds=15, budget_seconds=5.0).values())
+
+
+class _PerSample(_Sleeper):
+    """A runner whose call takes ``seconds`` per sample of its batch (as a model's time grows with the batch)."""
+
+    def run(self, feeds):
+        import time
+
+        self.calls += 1
+        self.batches = [*getattr(self, "batches", []), len(feeds["x"])]
+        time.sleep(self.seconds * len(feeds["x"]))
+        return []
+
+
+def test_the_larger_batch_keeps_one_fp32_call_short():
+    from bitpass.backends.measure import LARGE_BATCH_SECONDS, LARGE_BATCHES, large_batch
+
+    assert large_batch(0.001) == 64  # a small model is timed at batch 64
+    assert large_batch(0.005) == 16
+    assert large_batch(0.015) == 8  # a sentence encoder or ResNet-18 at 224²: batch 64 would take a second a call
+    assert large_batch(1.0) == LARGE_BATCHES[-1]  # never below the smallest larger batch
+    assert all(large_batch(t) * t <= LARGE_BATCH_SECONDS for t in (0.001, 0.002, 0.004, 0.01))
+
+
+def test_the_latency_table_times_batch_1_then_the_batch_its_fp32_time_allows():
+    from bitpass.backends.measure import large_batch, latency_table
+    from bitpass.frontend import Dataset
+
+    data = Dataset({"x": np.zeros((4, 3), np.float32)}, None, "0", "test")
+    reference, artifact = _PerSample(0.005), _PerSample(0.0025)
+    table = latency_table(reference, artifact, data)
+    chosen = large_batch(table["batch_1"]["fp32_ms"] / 1e3)
+    assert list(table) == ["batch_1", f"batch_{chosen}"] and chosen < 64  # 64 x 5 ms: over 0.1 s a call
+    assert "fp32 call" in table[f"batch_{chosen}"]["batch_chosen"]
+    assert set(reference.batches) == {1, chosen}
+    assert list(latency_table(reference, artifact, data, batches=(2,))) == ["batch_2"]  # asked for: as asked

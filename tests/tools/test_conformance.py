@@ -42,7 +42,7 @@ def test_the_runner_gives_a_row_per_case_with_its_measurements(detector_rows):
     module = detector_rows[2]
     assert module.status == "ok" and module.bitpass_gate.startswith("cosine ")
     assert optimized.weight_ratio == pytest.approx(1.0, abs=0.01)
-    assert set(optimized.latency) == {"batch_1", "batch_64"}
+    assert "batch_1" in optimized.latency and len(optimized.latency) == 2  # and the larger batch (64 when quick)
     assert optimized.compile_s > 0 and optimized.peak_mb > 50
     assert [name.split("(")[0] for name, _ in optimized.passes] == ["fold-constants", "eliminate-dead-nodes", "fuse",
                                                                     "fuse-transformer"]

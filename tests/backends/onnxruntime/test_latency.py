@@ -94,6 +94,38 @@ def test_layers_are_timed_at_their_real_shapes_from_the_calibration_run(tmp_path
     assert all(set(row) == {FP32, (8, "qdq-u8"), (8, "dynamic")} for row in table.values())
 
 
+def repeated_block():
+    """x[N, S, 8] -> MatMul(w[8, 8]) -> Relu -> MatMul(v[8, 8]) -> y: two layers equal but for their weights' values
+    (as a transformer's Q, K, V and O projections are)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "v"], ["y"], name="second")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "v")])
+    return from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10),
+                      name="repeated")
+
+
+def test_layers_of_one_signature_are_timed_once_and_share_the_figures(tmp_path):
+    model = repeated_block()
+    data = from_arrays({"x": np.random.default_rng(1).standard_normal((5, 12, 8)).astype(np.float32)}, model.inputs)
+    first, second = model.layers()
+    wanted = {first.id: [(8, "qdq-u8")], second.id: [(8, "qdq-u8"), (8, "dynamic")]}
+    messages = []
+    table = measure(model, wanted, batches=(1, 4), cache=tmp_path / "c.json", calibration=data,
+                    progress=messages.append)
+    assert any("2 layer(s) as 2 distinct" in m for m in messages), messages  # one group per batch, not per layer
+    assert table.work["groups_timed"] == 2 and table.work["models_built"] == 3 * 2
+    assert set(table.work["seconds"]) == {"layer_inputs", "build", "timing"}
+    stored = json.loads((tmp_path / "c.json").read_text())
+    assert len(stored) == 3 * 2  # fp32, qdq-u8 and dynamic at two batches: each timed once for both layers
+    assert table[first.id] == {v: table[second.id][v] for v in (FP32, (8, "qdq-u8"))}
+    assert set(table[second.id]) == {FP32, (8, "qdq-u8"), (8, "dynamic")}
+    assert set(table[first.id]) == {FP32, (8, "qdq-u8")}  # a layer gets the variants it asked for
+
+
 def test_without_calibration_a_layer_of_unknown_shape_is_recorded_not_fatal(tmp_path):
     model = dynamic_transformer_block()
     messages = []
@@ -137,3 +169,16 @@ def test_whole_models_are_timed_against_each_other(cnn_model, calib_arrays, tmp_
     assert set(group.samples) == {"a", "b"} and "broken" in group.errors
     assert len(group.samples["a"][2]) >= 3 and 0.2 < group.ratio("b", "a", 2) < 5
     assert probe.cpu().flags  # what cached timings are keyed by
+
+
+def test_cached_whole_model_timings_are_reused_for_the_same_models_and_feeds(cnn_model, calib_arrays, tmp_path):
+    probe = LatencyProbe(cache=tmp_path / "c.json")
+    x = calib_arrays["input"][:2]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(cnn_model.to_bytes())
+    first = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3, cached=True)
+    again = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3, cached=True)
+    assert again.samples == first.samples and (tmp_path / "graphs.json").is_file()  # not timed again
+    other = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x + 1}}, rounds=3, cached=True)
+    fresh = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3)
+    assert other.samples != first.samples and fresh.samples != first.samples  # other feeds, or not cached: timed
