@@ -64,7 +64,9 @@ from bitpass.passes.pruning.common import is_initializer, set_constant
 from bitpass.passes.sensitivity.quant import layer_channel_axis
 
 RECORD = "refine_rounding"
-#: patches (as float64) gathered per layer before their Gram matrix is accumulated
+#: patches (float32) gathered per layer before their Gram matrix is accumulated. The product runs in float32
+#: (a chunk of ~100k rows sums with ~1e-5 relative error) and is added to a float64 sum: on ResNet-18 224²'s first
+#: convolution (800k x 147 patches) the float64 product and the conversion to it took 17 of 25 s under load.
 PENDING_BYTES = 64 << 20
 #: columns whose gradient updates are applied to the rest of the row as one matrix product (``_sweep``)
 COLUMN_BLOCK = 128
@@ -269,12 +271,12 @@ def input_grams(model: Model, data: Dataset, layers: Iterable[Layer], *, batch_s
         """Add the pending patches' Gram matrices (one product over all of them: a batch of 64 images gives a
         4608-wide layer only 64 rows, too few for an efficient product of its own)."""
         layer = by_id[layer_id]
-        patches = np.concatenate(pending.pop(layer_id)).astype(np.float64)
+        patches = np.concatenate(pending.pop(layer_id))  # float32: one product per chunk, summed in float64
         group = layer.node.attributes.get_int("group", 1) if layer.op_type == "Conv" else 1
         k = patches.shape[1] // group
         for g in range(group):
             part = patches[:, g * k:(g + 1) * k]
-            sums[layer_id][g] += part.T @ part
+            sums[layer_id][g] += (part.T @ part).astype(np.float64)
 
     for batch in layer_inputs(model, data, layers, batch_size=batch_size):
         for layer_id, x in batch.items():
@@ -290,7 +292,7 @@ def input_grams(model: Model, data: Dataset, layers: Iterable[Layer], *, batch_s
                 groups[layer_id] = [slice(g * per, (g + 1) * per) for g in range(group)]
             pending.setdefault(layer_id, []).append(np.ascontiguousarray(patches, dtype=np.float32))
             counts[layer_id] = counts.get(layer_id, 0) + patches.shape[0]
-            if sum(p.size for p in pending[layer_id]) * 8 >= PENDING_BYTES:
+            if sum(p.size for p in pending[layer_id]) * 4 >= PENDING_BYTES:
                 flush(layer_id)
     for layer_id in list(pending):
         flush(layer_id)
