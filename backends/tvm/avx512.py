@@ -109,8 +109,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
 
     @T.macro
     def epilogue(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
-        for v, xi in T.grid(vecs, owt):  # requantized 16 channels at a time, stored to NCHW
-            for z in T.vectorized(LANES):
+        for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
+            for xi in T.vectorized(owt):
                 out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
                     T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
                     * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]

@@ -26,6 +26,9 @@ from tvm.target import Target
 from bitpass.backends.tvm import avx2, avx512
 from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
+#: a parallel loop fuses outer loops until it has this many iterations (one per thread would leave a
+#: straggler's share to the others)
+PARALLEL_MIN_ITERATIONS = 64
 #: below this many output elements (or multiply-adds for kernels) a function runs on one thread:
 #: waking the pool costs more than the work
 PARALLEL_MIN_WORK = 1 << 15
@@ -285,8 +288,10 @@ class Conv2d(_Rule):
         else:
             sch.reverse_compute_at(out, outer)
             sch.set_scope(acc, 0, "local")
-            if depthwise:
-                _vectorize_innermost(sch, out, outer)
+            # the tile written back a channel at a time, its columns one vector (contiguous in NCHW): left to
+            # LLVM, the channels became the vector and each store a scatter (vscatterdps; 1.1-1.3x slower at
+            # batch 8 with a residual: the stem and 56x56 convs of ResNet-18)
+            _vectorize_innermost(sch, out, outer)
         if work >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
         if depthwise:
@@ -465,8 +470,15 @@ class Reduction(_Rule):
             work = 1
             for lp in loops:
                 work *= _int(sch.get(lp).extent) or 1
-            if work >= PARALLEL_MIN_WORK and (_int(sch.get(loops[0]).extent) or 0) > 1:
-                sch.parallel(loops[0])
+            # the leading spatial loops (batch, channels, ...) fused: at batch 1 the batch loop alone is one
+            # iteration (ResNet's max pooling ran on one thread)
+            lead = 0
+            while lead < len(loops) - 1 and ivs[lead + 1].iter_type == tirx.IterVar.DataPar and \
+                    (_int(sch.get(loops[lead]).extent) or 0) < PARALLEL_MIN_ITERATIONS:
+                lead += 1
+            outer = sch.fuse(*loops[:lead + 1]) if lead else loops[0]
+            if work >= PARALLEL_MIN_WORK and (_int(sch.get(outer).extent) or 0) > 1:
+                sch.parallel(outer)
                 changed = True
         return sch if changed else None
 
