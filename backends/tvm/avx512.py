@@ -119,6 +119,38 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     T.float32(floor))
 
     @T.macro
+    def sample_scale(dflat, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
+        lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+        amax = T.alloc_buffer((1,), "float32", scope="local")
+        microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
+        inv[b] = T.float32(inv_levels) / amax[0]
+
+    @T.macro
+    def pack_plane(data, inv, xq, bq):  # 4 channel planes packed into words, 16 pixels per store
+        for y, xo in T.grid(ih, iw // xlanes):
+            for xx in T.vectorized(xlanes):
+                xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
+                    data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+
+    @T.macro
+    def quantize_all_then_pack(data, dflat, sx, inv, xq):
+        for b in per_sample(n):
+            sample_scale(dflat, sx, inv, b)
+        for bq in prologue(n * quads):
+            pack_plane(data, inv, xq, bq)
+
+    @T.macro
+    def quantize_per_sample(data, dflat, sx, inv, xq):
+        for b in per_sample(n):  # a sample packed right after its amax pass, while it is in cache
+            sample_scale(dflat, sx, inv, b)
+            for q in range(quads):
+                pack_plane(data, inv, xq, b * quads + q)
+
+    # a batch's samples are quantized one at a time (the packing reads the sample the amax pass just read:
+    # from cache, not memory); a single sample is split over its channel planes instead
+    quantize = quantize_per_sample if n > 1 else quantize_all_then_pack
+
+    @T.macro
     def body(data, codes, wscale, bias, res, out):
         dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
         wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
@@ -145,16 +177,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
                 for z in range(qw - ql - iw):
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
-        for b in per_sample(n):  # per-sample amax, as kernels.conv2d_int8
-            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
-            inv[b] = T.float32(inv_levels) / amax[0]
-        for bq in prologue(n * quads):  # 4 channel planes packed into words, 16 pixels per store
-            for y, xo in T.grid(ih, iw // xlanes):
-                for xx in T.vectorized(xlanes):
-                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
-                        data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+        quantize(data, dflat, sx, inv, xq)
         for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
             acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
             for z in T.vectorized(owt * ob):
