@@ -227,6 +227,9 @@ class Dense(_Rule):
 #: vector registers a conv tile's accumulators may hold (AVX-512 has 32, AVX2 and NEON 16: two are left
 #: for the weight vectors of a step and one for the broadcast activation)
 ACCUMULATORS = {16: 24, 8: 12, 4: 24}
+#: the batch from which an fp32 conv with padding runs parallel over samples (``Conv2d``): enough samples
+#: per thread to balance
+PER_SAMPLE_MIN_BATCH = 8
 #: the widest output-column tile (longer ones unroll too far for little gain)
 MAX_TILE_COLUMNS = 14
 
@@ -276,7 +279,12 @@ class Conv2d(_Rule):
         xo, xi = sch.split(x, [None, owt])
         oo, oi = sch.split(o, [None, ob])
         sch.reorder(b, oo, y, xo, rc, ry, rx, *((oi, xi) if depthwise else (xi, oi)))
-        outer = sch.fuse(b, oo, y, xo)
+        batch = _int(sch.get(b).extent) or 1
+        # fp32 with padding over a batch: parallel over samples, each sample padded under its iteration and
+        # convolved while the padded copy is in cache (not the whole batch padded, written to memory and read
+        # back); else parallel over (sample, block, row, column tile)
+        per_sample = not int8 and batch >= PER_SAMPLE_MIN_BATCH and _sblock_or_none(sch, "conv_pad") is not None
+        outer = sch.fuse(oo, y, xo) if per_sample else sch.fuse(b, oo, y, xo)
         if int8:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
             oloops = sch.get_loops(out)
             ofused = sch.fuse(*oloops[:2])
@@ -293,7 +301,7 @@ class Conv2d(_Rule):
             # batch 8 with a residual: the stem and 56x56 convs of ResNet-18)
             _vectorize_innermost(sch, out, outer)
         if work >= PARALLEL_MIN_WORK:
-            sch.parallel(outer)
+            sch.parallel(b if per_sample else outer)
         if depthwise:
             sch.vectorize(xi)
         else:
@@ -302,7 +310,9 @@ class Conv2d(_Rule):
         init = sch.decompose_reduction(acc, rc)
         _vectorize_innermost(sch, init, outer)
         pad = _sblock_or_none(sch, "quantize_x" if int8 else "conv_pad")
-        if pad is not None:
+        if per_sample:
+            sch.compute_at(pad, b)
+        elif pad is not None:
             loops = sch.get_loops(pad)
             pfused = sch.fuse(*loops[:2])
             if work >= PARALLEL_MIN_WORK:
