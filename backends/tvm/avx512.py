@@ -14,7 +14,9 @@ stores ``code + 128``, taken back with 128 · Σ of the other operand.
   ob, 4]``): per step, one broadcast word of activations, ``ob / 16`` weight registers, one ``vpdpbusd``
   per output column × register; a tile of ``owt`` columns × ``ob`` channels stays in ≤ 24 registers.
   Parallel over (output block, sample row, column tile), block outermost so a block's weights stay in
-  cache. The epilogue fuses bias, a residual input and ReLU.
+  cache, in one parallel launch with the prologue stages (weight sums, padding border, per-sample amax and
+  packing, a batch's samples each packed while cached) separated by barriers. The epilogue fuses bias, a
+  residual input and ReLU and stores each channel's columns as one vector.
 * ``dense_int8``: weights u8 = code + 128 (``[N/nb, Kp/4, nb, 4]``: 16 outputs × 4 k per register),
   activations quantized per row to s8 codes, broadcast 4 at a time; a tile of rows × outputs in ≤ 24
   registers; 128 · Σ x_q per row taken back in the epilogue.

@@ -12,7 +12,7 @@ they schedule the TE compute, which stays portable. aarch64 dot-product intrinsi
 
 Kernel rules recognise bitpass's own kernels by the attributes the lowering puts on them
 (``kernel_attrs.KernelAttrs``); ``Elementwise`` and ``Reduction`` handle what TVM's ``LegalizeOps``
-produced for the other operators (parallel outer loops, vectorized inner).
+produced for the other operators (parallel outer loops, vectorized inner), and ``Pool`` TVM's max pooling.
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ class Matmul(_Rule):
 class Pool(_Rule):
     """TVM's legalized max pooling (NCHW): parallel over (batch, channel), each channel plane padded under that
     loop while it is in cache, not the whole padded input written and read back (ResNet-18's max pooling at
-    batch 32: 1.7x faster; the same at batch 1)."""
+    batch 32: 1.7x faster; batch 1 unchanged)."""
 
     def apply(self, func, target, tunable):
         if KernelAttrs.of(func) is not None:
@@ -516,8 +516,8 @@ class Reduction(_Rule):
             work = 1
             for lp in loops:
                 work *= _int(sch.get(lp).extent) or 1
-            # the leading spatial loops (batch, channels, ...) fused: at batch 1 the batch loop alone is one
-            # iteration (ResNet's max pooling ran on one thread)
+            # the leading spatial loops (batch, channels, ...) fused until there are enough iterations: at
+            # batch 1 the batch loop alone is one, and the reduction ran on one thread
             lead = 0
             while lead < len(loops) - 1 and ivs[lead + 1].iter_type == tirx.IterVar.DataPar and \
                     (_int(sch.get(loops[lead]).extent) or 0) < PARALLEL_MIN_ITERATIONS:
