@@ -15,6 +15,11 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   activations, as ours), as a fraction of the measured read bandwidth.
 * ``kernels``: ResNet-18's convolutions at batch 1, TVM fp32 and int8 beside ONNX Runtime running the same
   single Conv + ReLU (fp32, and a U8S8 QDQ conv that ORT fuses to QLinearConv), in GMAC/s.
+* ``profile``: the whole ResNet-18 where it runs, per operator kind (conv, pool, dense, quantize, other):
+  TVM's functions timed by the Relax VM's instrument hooks, ORT's nodes by its own profiler
+  (``enable_profiling``), beside each model's whole call. Single ops in isolation hide what a model pays
+  between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's int8 kernels quantize their
+  fp32 input on every call).
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
 ``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
@@ -525,7 +530,137 @@ def print_convs(rows, threads: int) -> None:
           + f"   {totals['ORT fp32'] / totals['TVM fp32']:12.2f}  {totals['ORT U8S8'] / totals['TVM int8']:17.2f}")
 
 
-SECTIONS = ("kernels", "gemv", "models")
+def tvm_op_kind(function: str) -> str:
+    """The operator kind of a Relax VM function (``bitpass_conv2d_int83``, ``max_pool2d1``, ``mean``)."""
+    name = function.lower()
+    for kind, words in (("conv", ("conv",)), ("dense", ("dense", "matmul")), ("pool", ("pool",))):
+        if any(w in name for w in words):
+            return kind
+    return "other"
+
+
+def ort_op_kind(op_type: str) -> str:
+    """The operator kind of an ONNX Runtime node (``QLinearConv``, ``NhwcMaxPool``, ``QGemm``, ...)."""
+    name = op_type.lower()
+    for kind, words in (("conv", ("conv",)), ("dense", ("gemm", "matmul")), ("pool", ("pool",)),
+                        ("quantize", ("quantizelinear",))):
+        if any(w in name for w in words):
+            return kind
+    return "other"
+
+
+PROFILE_KINDS = ("conv", "pool", "dense", "quantize", "other")
+
+
+def profile_tvm(runner, feed: dict[str, np.ndarray], batch: int, calls: int) -> dict[str, float]:
+    """Median seconds per call of each operator kind and of the whole call, TVM's functions timed where they
+    run (the VM's instrument hooks; the VM's own builtins count as "other")."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(runner.library, runner.device)
+    started: dict[str, float] = {}
+    per_call: list[dict[str, float]] = []
+
+    def record(func, name, before_run, ret_value, *args):
+        name, now = str(name), time.perf_counter()
+        if before_run:
+            started[name] = now
+        elif name in started:
+            kind = "other" if name.startswith("vm.") else tvm_op_kind(name)
+            per_call[-1][kind] = per_call[-1].get(kind, 0.0) + now - started.pop(name)
+        return 0
+
+    vm.set_instrument(record)
+    function = vm[runner.functions[batch]]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), runner.device) for n in runner.input_names]
+    per_call.append({})
+    function(*args)
+    per_call.clear()
+    for _ in range(calls):
+        per_call.append({})
+        start = time.perf_counter()
+        function(*args)
+        per_call[-1]["whole"] = time.perf_counter() - start
+    return {kind: statistics.median(c.get(kind, 0.0) for c in per_call) for kind in (*PROFILE_KINDS, "whole")}
+
+
+def profile_ort(model_bytes: bytes, feed: dict[str, np.ndarray], threads: int, calls: int) -> dict[str, float]:
+    """Median seconds per call of each operator kind (ORT's profiler, per node) and of the whole call."""
+    import json
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        session.run(None, feed)
+        wholes = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            session.run(None, feed)
+            wholes.append(time.perf_counter() - start)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][1:]
+    per_call: list[dict[str, float]] = [{} for _ in runs]
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        index = next((i for i, r in enumerate(runs) if r["ts"] <= event["ts"] <= r["ts"] + r["dur"]), None)
+        if index is not None:
+            kind = ort_op_kind(event["args"]["op_name"])
+            per_call[index][kind] = per_call[index].get(kind, 0.0) + event["dur"] * 1e-6
+    out = {kind: statistics.median(c.get(kind, 0.0) for c in per_call) if per_call else 0.0
+           for kind in PROFILE_KINDS}
+    out["whole"] = statistics.median(wholes)
+    return out
+
+
+def bench_profile(threads: int, calls: int, batches: tuple[int, ...] = (1, 32)) -> list[dict[str, Any]]:
+    """Per batch and variant (TVM fp32, ORT fp32, TVM int8, ORT U8S8) of ResNet-18: seconds per operator kind."""
+    from bitpass.backends.tvm import TvmBackend
+
+    (name, model, feed, _), = _models(quick=True)
+    calib = [{k: (v + 0.1 * np.random.default_rng(i).standard_normal(v.shape)).astype(v.dtype)
+              for k, v in feed.items()} for i in range(8)]
+    onnx_models = {"ORT fp32": model.to_bytes(), "ORT U8S8": ort_u8s8(model, calib)}
+    backend = TvmBackend(batches=batches)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
+            directory = Path(tmp) / label.replace(" ", "_")
+            directory.mkdir()
+            backend.emit(plan, directory, backend.default_target)
+            runners[label] = backend.load(directory, {}).model
+        for batch in batches:
+            batched = {k: np.ascontiguousarray(np.repeat(v, batch, axis=0)) for k, v in feed.items()}
+            row: dict[str, Any] = {"model": name, "batch": batch}
+            for label in ("TVM fp32", "ORT fp32", "TVM int8", "ORT U8S8"):
+                row[label] = (profile_tvm(runners[label], batched, batch, calls) if label.startswith("TVM")
+                              else profile_ort(onnx_models[label], batched, threads, calls))
+            rows.append(row)
+    return rows
+
+
+def print_profile(rows: list[dict[str, Any]], threads: int) -> None:
+    print()
+    print_cpu(threads)
+    labels = ("TVM fp32", "ORT fp32", "TVM int8", "ORT U8S8")
+    for row in rows:
+        print(f"{row['model']} batch {row['batch']}, ms per call (medians; kinds timed where they run, "
+              f"'whole' is an uninstrumented call)")
+        print(f"  {'kind':<10} " + " ".join(f"{lb:>10}" for lb in labels))
+        for kind in (*PROFILE_KINDS, "whole"):
+            print(f"  {kind:<10} " + " ".join(f"{row[lb][kind] * 1e3:10.2f}" for lb in labels))
+
+
+SECTIONS = ("kernels", "gemv", "models", "profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
     parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "profile"],
+                        help="sections to run (profile only when named)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     if "kernels" in args.only:
@@ -542,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     if "gemv" in args.only:
         bandwidth = read_bandwidth()
         print_gemv(bench_gemv(args.threads, args.rounds), bandwidth, args.threads)
+    if "profile" in args.only:
+        print_profile(bench_profile(args.threads, args.rounds, tuple(args.batches) if args.batches else (1, 32)),
+                      args.threads)
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
                                   tuple(args.batches) if args.batches else None), args.threads)

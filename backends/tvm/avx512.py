@@ -14,7 +14,9 @@ stores ``code + 128``, taken back with 128 · Σ of the other operand.
   ob, 4]``): per step, one broadcast word of activations, ``ob / 16`` weight registers, one ``vpdpbusd``
   per output column × register; a tile of ``owt`` columns × ``ob`` channels stays in ≤ 24 registers.
   Parallel over (output block, sample row, column tile), block outermost so a block's weights stay in
-  cache. The epilogue fuses bias, a residual input and ReLU.
+  cache, in one parallel launch with the prologue stages (weight sums, padding border, per-sample amax and
+  packing, a batch's samples each packed while cached) separated by barriers. The epilogue fuses bias, a
+  residual input and ReLU and stores each channel's columns as one vector.
 * ``dense_int8``: weights u8 = code + 128 (``[N/nb, Kp/4, nb, 4]``: 16 outputs × 4 k per register),
   activations quantized per row to s8 codes, broadcast 4 at a time; a tile of rows × outputs in ≤ 24
   registers; 128 · Σ x_q per row taken back in the epilogue.
@@ -44,6 +46,9 @@ ACCUMULATORS = 24
 MAX_COLUMNS = 14
 #: input elements below which a prologue runs on one thread
 PROLOGUE_PARALLEL_MIN = 1 << 15
+#: a parallel conv runs as one parallel launch with barriers between its stages (``body_one_launch``); False
+#: gives the former launch per stage, for timing one against the other
+ONE_LAUNCH = True
 
 
 def _dot(acc: Expr, unsigned: Expr, signed: Expr) -> Expr:
@@ -109,8 +114,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
 
     @T.macro
     def epilogue(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
-        for v, xi in T.grid(vecs, owt):  # requantized 16 channels at a time, stored to NCHW
-            for z in T.vectorized(LANES):
+        for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
+            for xi in T.vectorized(owt):
                 out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
                     T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
                     * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
@@ -119,15 +124,40 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     T.float32(floor))
 
     @T.macro
-    def body(data, codes, wscale, bias, res, out):
-        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
-        wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
-        wwords = T.decl_buffer((oblocks * steps * ob,), "int32", data=codes.data)
-        sx = T.alloc_buffer((n,), "float32")
-        inv = T.alloc_buffer((n,), "float32")
-        offset = T.alloc_buffer((oc,), "int32")
-        xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
-        for blk, v in T.grid(oblocks, vecs):  # Σ (code + 128)·w = Σ code·w + 128·Σ w: the second term
+    def sample_scale(dflat, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
+        lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
+        amax = T.alloc_buffer((1,), "float32", scope="local")
+        microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
+        inv[b] = T.float32(inv_levels) / amax[0]
+
+    @T.macro
+    def pack_plane(data, inv, xq, bq):  # 4 channel planes packed into words, 16 pixels per store
+        for y, xo in T.grid(ih, iw // xlanes):
+            for xx in T.vectorized(xlanes):
+                xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
+                    data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+
+    @T.macro
+    def quantize_all_then_pack(data, dflat, sx, inv, xq):
+        for b in per_sample(n):
+            sample_scale(dflat, sx, inv, b)
+        for bq in prologue(n * quads):
+            pack_plane(data, inv, xq, bq)
+
+    @T.macro
+    def quantize_per_sample(data, dflat, sx, inv, xq):
+        for b in per_sample(n):  # a sample packed right after its amax pass, while it is in cache
+            sample_scale(dflat, sx, inv, b)
+            for q in range(quads):
+                pack_plane(data, inv, xq, b * quads + q)
+
+    # a batch's samples are quantized one at a time (the packing reads the sample the amax pass just read:
+    # from cache, not memory); a single sample is split over its channel planes instead
+    quantize = quantize_per_sample if n > 1 else quantize_all_then_pack
+
+    @T.macro
+    def weight_sums(wflat, offset, blk):  # Σ (code + 128)·w = Σ code·w + 128·Σ w: the second term
+        for v in range(vecs):
             total = T.alloc_buffer((LANES,), "int32", scope="local")
             for z in T.vectorized(LANES):
                 total[z] = 0
@@ -136,7 +166,10 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                                                   wflat[T.ramp(((blk * steps + r) * ob + v * LANES) * 4, 1, 64)])
             for z in T.vectorized(LANES):
                 offset[blk * ob + v * LANES + z] = total[z]
-        for bq, y in T.grid(n * quads, qh):  # the padding border holds code 0, i.e. 128 (the image is overwritten)
+
+    @T.macro
+    def border(xq, bq):  # the padding border holds code 0, i.e. 128 (the image is overwritten)
+        for y in range(qh):
             if y < qt or y >= qt + ih:
                 for z in range(qw):
                     xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
@@ -145,32 +178,88 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + z] = T.uint32(PADDING_WORD)
                 for z in range(qw - ql - iw):
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
-        for b in per_sample(n):  # per-sample amax, as kernels.conv2d_int8
-            lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
-            inv[b] = T.float32(inv_levels) / amax[0]
-        for bq in prologue(n * quads):  # 4 channel planes packed into words, 16 pixels per store
-            for y, xo in T.grid(ih, iw // xlanes):
-                for xx in T.vectorized(xlanes):
-                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
-                        data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+
+    @T.macro
+    def tile(wflat, xq, offset, sx, wscale, bias, res, out, t):
+        acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+        for z in T.vectorized(owt * ob):
+            acc[z] = 0
+        for q, ky, kx in T.grid(quads, kh, kw):
+            for v in T.unroll(vecs):
+                for xi in T.unroll(owt):
+                    acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
+                        acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
+                        _broadcast_word(xq, ((((t % (rows * xtiles)) // xtiles // oh) * quads + q) * qh
+                                             + ((t % (rows * xtiles)) // xtiles % oh) * ks + ky * dh) * qw
+                                        + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
+                        wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
+                                      + v * LANES) * 4, 1, 64)])
+        epilogue(acc, offset, sx, wscale, bias, res, out, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
+                 t % xtiles)
+
+    @T.macro
+    def body_serial_stages(data, codes, wscale, bias, res, out):
+        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+        wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
+        sx = T.alloc_buffer((n,), "float32")
+        inv = T.alloc_buffer((n,), "float32")
+        offset = T.alloc_buffer((oc,), "int32")
+        xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
+        for blk in range(oblocks):
+            weight_sums(wflat, offset, blk)
+        for bq in range(n * quads):
+            border(xq, bq)
+        quantize(data, dflat, sx, inv, xq)
         for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-            acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
-            for z in T.vectorized(owt * ob):
-                acc[z] = 0
-            for q, ky, kx in T.grid(quads, kh, kw):
-                for v in T.unroll(vecs):
-                    for xi in T.unroll(owt):
-                        acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
-                            acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
-                            _broadcast_word(xq, ((((t % (rows * xtiles)) // xtiles // oh) * quads + q) * qh
-                                                 + ((t % (rows * xtiles)) // xtiles % oh) * ks + ky * dh) * qw
-                                            + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
-                            wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
-                                          + v * LANES) * 4, 1, 64)])
-            epilogue(acc, offset, sx, wscale, bias, res, out, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
-                     t % xtiles)
+            tile(wflat, xq, offset, sx, wscale, bias, res, out, t)
+
+    @T.macro
+    def scale_first(dflat, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
+        for b in T.parallel(n):
+            sample_scale(dflat, sx, inv, b)
+
+    @T.macro
+    def pack_second(data, dflat, sx, inv, xq):
+        for bq in T.parallel(n * quads):
+            pack_plane(data, inv, xq, bq)
+
+    @T.macro
+    def no_stage(dflat, sx, inv):
+        T.evaluate(0)
+
+    @T.macro
+    def scale_and_pack_second(data, dflat, sx, inv, xq):  # a batch: each sample's amax and packing together
+        for b in T.parallel(n):
+            sample_scale(dflat, sx, inv, b)
+            for q in range(quads):
+                pack_plane(data, inv, xq, b * quads + q)
+
+    first_scales, second = (scale_first, pack_second) if n == 1 else (no_stage, scale_and_pack_second)
+
+    @T.macro
+    def body_one_launch(data, codes, wscale, bias, res, out):
+        # one parallel launch per call: the pool's threads are woken once and wait for each other at two
+        # barriers (weight sums, padding border and a single sample's amax; packing), not woken for every
+        # stage with the serial stages run by one thread while the others sleep
+        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+        wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
+        sx = T.alloc_buffer((n,), "float32")
+        inv = T.alloc_buffer((n,), "float32")
+        offset = T.alloc_buffer((oc,), "int32")
+        xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
+        with T.attr(0, "pragma_parallel_launch_point", 1):
+            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                for blk in T.parallel(oblocks):
+                    weight_sums(wflat, offset, blk)
+                for bq in T.parallel(n * quads):
+                    border(xq, bq)
+                first_scales(dflat, sx, inv)
+            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                second(data, dflat, sx, inv, xq)
+            for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+                tile(wflat, xq, offset, sx, wscale, bias, res, out, t)
+
+    body = body_one_launch if parallel and ONE_LAUNCH else body_serial_stages
 
     if residual:
         @T.prim_func(private=True)

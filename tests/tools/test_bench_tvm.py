@@ -1,4 +1,5 @@
-"""The per-conv comparison in ``bench_tvm --only kernels``: ORT's side must run what it claims to run."""
+"""The per-conv comparison in ``bench_tvm --only kernels``: ORT's side must run what it claims to run; the
+``profile`` section's per-kind split of ORT's own profile."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bitpass.tools.bench_tvm import conv_model_fp32, conv_model_u8s8, print_convs
+from bitpass.tools.bench_tvm import conv_model_fp32, conv_model_u8s8, print_convs, profile_ort, tvm_op_kind
 
 
 def _session(model: bytes, optimized: str | None = None) -> ort.InferenceSession:
@@ -37,3 +38,14 @@ def test_conv_table_prints_gmacs_and_ratios_per_variant(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64->64"))
     values = [float(v) for v in row.split()[4:]]
     assert values == [1000.0, 2000.0, 2000.0, 1000.0, 0.5, 2.0]
+
+
+def test_profile_puts_ort_qlinearconv_time_under_conv_and_vm_functions_by_name():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 20, 20)).astype(np.float32)
+    w = (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32)
+    kinds = profile_ort(conv_model_u8s8(x, w, 1, 1, 4.0), {"x": x}, threads=1, calls=3)
+    assert kinds["conv"] > 0 and kinds["quantize"] > 0 and kinds["pool"] == 0 and kinds["dense"] == 0
+    assert kinds["whole"] >= kinds["conv"]
+    assert [tvm_op_kind(n) for n in ("bitpass_conv2d_int83", "max_pool2d1", "bitpass_dense", "mean")] == \
+        ["conv", "pool", "dense", "other"]

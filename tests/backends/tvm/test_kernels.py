@@ -175,7 +175,7 @@ def _conv_ref(x, w, b, stride, pad, groups):
                          [(1, 3, 16, 8, 1, 1, 1, False), (2, 8, 32, 9, 2, 1, 1, False),
                           (2, 16, 16, 8, 1, 1, 16, False), (1, 32, 32, 14, 1, 1, 1, True),
                           (1, 64, 64, 7, 1, 1, 1, True), (3, 24, 24, 10, 2, 1, 24, False),
-                          (64, 16, 32, 6, 1, 1, 1, True)])
+                          (64, 16, 32, 6, 1, 1, 1, True), (8, 24, 24, 10, 2, 1, 24, False)])
 def test_conv2d_matches_numpy_including_depthwise_and_residual(n, c, oc, hw, stride, pad, groups, residual, path):
     ob = kernels.out_block(oc // groups if groups > 1 else oc, path.lanes)
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
