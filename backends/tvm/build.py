@@ -9,6 +9,7 @@ from typing import Any
 
 from bitpass.backends.tvm import kernels, schedules
 from bitpass.backends.tvm import lower as lowering
+from bitpass.backends.tvm.legalize import register_missing
 from bitpass.backends.tvm.targets import TargetSpec
 from bitpass.frontend import Model
 
@@ -37,6 +38,7 @@ def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES,
     # exp, tanh and erf as TVM's vectorizable approximations (libm's are scalar calls: GELU's erf was
     # 4x slower than a BERT layer's dense kernels)
     mod = relax.transform.FastMathTransform()(mod)
+    register_missing()  # before LegalizeOps: operators TVM's importer emits but TVM cannot legalize itself
     mod = relax.transform.LegalizeOps()(mod)
     mod = fuse_elementwise(mod)
     mod = relax.transform.DeadCodeElimination()(mod)

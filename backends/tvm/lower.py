@@ -30,6 +30,7 @@ from onnx import numpy_helper
 
 from bitpass.backends.tvm import kernels
 from bitpass.backends.tvm.kernel_attrs import KernelAttrs
+from bitpass.backends.tvm.legalize import register_missing
 from bitpass.frontend import Model, annotation
 
 #: the op types with a kernel: constant-weight Conv, Gemm and MatMul
@@ -144,7 +145,9 @@ class _Lowering:
         from tvm import relax
 
         array = np.asarray(array)
-        return relax.const(array if array.flags.c_contiguous else array.copy())  # keeps 0-d arrays 0-d
+        # keeps 0-d arrays 0-d; the dtype is explicit because TVM 0.27's relax.const makes a 0-d int64 array int32
+        # (RoBERTa's position ids then failed: "int64 on the LHS ... int32 on the RHS")
+        return relax.const(array if array.flags.c_contiguous else array.copy(), str(array.dtype))
 
     def shared(self, key: tuple, make):
         if key not in self._weights:
@@ -895,9 +898,12 @@ def check(model: Model, scheme: kernels.Scheme, batch: int = 1) -> list[Problem]
 
 
 def unimplemented_ops(func) -> list[str]:
-    """Relax operators called in ``func`` that TVM can neither legalize to TIR nor run in the VM."""
+    """Relax operators called in ``func`` that TVM can neither legalize to TIR nor run in the VM (after
+    bitpass's own legalizations of operators this TVM lacks, ``legalize.register_missing``)."""
     import tvm
     from tvm import relax
+
+    register_missing()
 
     missing: list[str] = []
     for block in getattr(func.body, "blocks", []):

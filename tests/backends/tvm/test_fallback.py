@@ -205,3 +205,29 @@ def test_a_language_model_with_a_dynamic_sequence_compiles_at_one_length_and_is_
     notes = artifact.manifest["records"]["notes"]
     assert any("measured as a plain model" in note for note in notes)
     assert "decoder" not in artifact.manifest
+
+
+def test_roberta_style_position_ids_compile_cumsum_through_topi_and_keep_int64_scalars(tmp_path):
+    """RoBERTa's ``cumsum(mask) * mask + padding_idx``: TVM's importer makes ``relax.cumsum``, which TVM 0.27
+    cannot legalize on its own (bitpass registers TOPI's scan), and a 0-d int64 constant that ``relax.const``
+    would silently make int32."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])
+    out = helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", 8])
+    nodes = [
+        helper.make_node("Constant", [], ["pad"], value=helper.make_tensor("pad", TensorProto.INT64, [], [1])),
+        helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [], [1])),
+        helper.make_node("Equal", ["ids", "pad"], ["is_pad"]),
+        helper.make_node("Not", ["is_pad"], ["real"]),
+        helper.make_node("Cast", ["real"], ["mask"], to=TensorProto.INT32),
+        helper.make_node("CumSum", ["mask", "axis"], ["counted"]),
+        helper.make_node("Mul", ["counted", "mask"], ["masked"]),
+        helper.make_node("Cast", ["masked"], ["wide"], to=TensorProto.INT64),
+        helper.make_node("Add", ["wide", "pad"], ["positions"]),
+    ]
+    proto = helper.make_model(helper.make_graph(nodes, "positions", [ids], [out]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = from_proto(proto)
+    feeds = {"ids": np.array([[5, 6, 7, 1, 1, 8, 9, 1], [1, 2, 3, 4, 5, 6, 7, 8]], np.int64)}
+    artifact = _compiled_matches_onnx_runtime(model, feeds, tmp_path)
+    assert artifact.manifest["records"]["backend"]["ops"]["CumSum"] == {"tvm importer": 1}
+    np.testing.assert_array_equal(run(artifact.path, feeds)["positions"][0], [2, 3, 4, 1, 1, 5, 6, 1])
