@@ -16,7 +16,10 @@ speed and memory, and fidelity to its own fp32). Each is exported once as a KV-c
   same MatMuls;
 * ``bitpass-*`` (real-weight LM): ``bitpass.passes.weight_only`` codes written as MatMulNBits, with
   Hessians from calibration windows of the *training* text: ``rtn4-g32`` (control: must match ORT's
-  RTN), ``gptq4-g32``, ``gptq4-g128``, ``mixed3.5-g32`` (group-wise 2/4/8-bit slices at 3.5 average bits).
+  RTN), ``gptq4-g32``, ``gptq4-g128``, ``mixed3.5-g32`` (group-wise 2/4/8-bit slices at 3.5 average bits);
+* ``bitpass-decoder`` (every model): what ``compile --budget avg-bits=4`` writes for a decoder, the named
+  ``decoder`` pipeline run on the exported graph (GPTQ 4-bit group 64 MatMulNBits, 8-bit embedding tables),
+  calibrated on the real LM's training windows, or on random token windows for the sized random-init models.
 
 Measured per variant: file and weight bytes, session RSS and peak in a fresh process (after one short
 prefill), decode tokens/s (one token, batch 1, after ``--past`` cached positions), prefill tokens/s
@@ -104,7 +107,24 @@ def bitpass_weight_only(fp32_proto: Any, lm: Any, hessians: dict[str, np.ndarray
             "layer_bytes": sum(q.nbytes() for q in layers.values())}
 
 
-def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, say: Any) -> tuple[Any, list[Row]]:
+def decoder_pipeline(model: Any, spec: Any, calibration: np.ndarray, out: Path) -> dict:
+    """The artifact model ``compile --budget avg-bits=4`` writes for a decoder: the named ``decoder`` pipeline on
+    ``model`` with token windows ``calibration``; saved to ``out``, returns the pass's summary."""
+    from bitpass.frontend import from_arrays
+    from bitpass.frontend.decoder import complete_lm_inputs
+    from bitpass.passes.infra import PassContext
+    from bitpass.plugins.registry import default_registry
+
+    feeds, _ = complete_lm_inputs({spec.input_ids: calibration}, spec)
+    ctx = PassContext(calibration=from_arrays(feeds, model.inputs))
+    result = default_registry().pipeline("decoder").run(model, ctx)
+    result.save(out)
+    record = ctx.records["weight_only"]
+    return {"average_bits": float(record["average_bits"])}
+
+
+def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, say: Any,
+          pipeline_calibration: np.ndarray | None = None) -> tuple[Any, list[Row]]:
     """Export ``lm`` and write every variant beside it; returns (spec, rows)."""
     import logging
 
@@ -147,6 +167,12 @@ def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, 
             notes[variant] = bitpass_weight_only(proto, lm, hessians, recipe, paths[variant])
             say(f"[{name}] {variant}: {time.perf_counter() - started:.0f} s, "
                 f"{notes[variant]['average_bits']:.2f} average bits")
+    if pipeline_calibration is not None:
+        started = time.perf_counter()
+        paths["bitpass-decoder"] = folder / "bitpass-decoder.onnx"
+        notes["bitpass-decoder"] = decoder_pipeline(model, spec, pipeline_calibration, paths["bitpass-decoder"])
+        say(f"[{name}] bitpass-decoder (the decoder pipeline, {pipeline_calibration.shape} calibration windows): "
+            f"{time.perf_counter() - started:.0f} s")
     onnx.checker.check_model(str(fp32))
     rows = [Row(v, str(p), p.stat().st_size, weight_bytes(p)) for v, p in paths.items()]
     for row in rows:
@@ -430,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
                 report["width_study"] = width_study(lm, calibration, windows, say,
                                                     tuple(t for t in args.study_only.split(",") if t))
             continue
-        spec, rows = build(name, lm, args.workdir, calibration=calibration, say=say)
+        # the decoder pipeline's calibration: the real LM's training windows; for random-init sizes, text bytes
+        # as token ids (only speed and memory are compared there)
+        pipeline_calibration = calibration if calibration is not None else corpus.calibration(128, 16)
+        spec, rows = build(name, lm, args.workdir, calibration=calibration, say=say,
+                           pipeline_calibration=pipeline_calibration)
         measure_fidelity(rows, spec, windows if name == "real" else windows[:8], with_bits=name == "real")
         measure_memory(rows, spec)
         time_in_fresh_process(rows, spec, past=args.past, prefill=args.prefill, rounds=args.rounds)
