@@ -34,8 +34,17 @@ class QuantizeWeights(Pass):
         lorc_rank: int = pydantic.Field(0, ge=0, le=256)
         #: the widths a fractional average mixes
         widths: list[Literal[2, 4, 8]] = [2, 4, 8]
-        #: group: widths per group of input features under one model-wide budget; layer: one width per layer
-        allocation: Literal["group", "layer"] = "group"
+        #: group: widths per group of input features under one model-wide budget; layer: one width per layer;
+        #: two-level: each layer's most salient groups widened (the two widths around bits: 2/4 or 4/8), one
+        #: mixture per layer chosen under the model-wide bytes budget
+        allocation: Literal["group", "layer", "two-level"] = "group"
+        #: two-level: mixtures per layer, from all-narrow to all-wide in this many steps (a GPTQ run each)
+        steps: int = pydantic.Field(4, ge=1, le=16)
+        #: two-level: what the budget trades, error (each layer's own output error) or output-kl (the model's
+        #: output KL on score_samples calibration samples with only that layer rounded: an ORT run per mixture)
+        score: Literal["error", "output-kl"] = "error"
+        #: two-level with score=output-kl: calibration samples the output KL runs on
+        score_samples: int = pydantic.Field(16, ge=1)
         #: int: MatMulNBits integer grids (low-bit compute); fp4 (E2M1), nf4 (NormalFloat) or fp8 (E4M3):
         #: codebook storage widened to fp32 at session start (bits is then the format's: 4, or 8 for fp8)
         grid: Literal["int", "fp4", "nf4", "fp8"] = "int"
@@ -61,7 +70,8 @@ class QuantizeWeights(Pass):
         return Recipe(method=cfg.method, bits=bits, grid=cfg.grid, group_size=cfg.group_size, act_order=cfg.act_order,
                       lorc_rank=cfg.lorc_rank, widths=tuple(sorted(set(cfg.widths))), allocation=cfg.allocation,
                       embeddings=cfg.embeddings, embedding_block=cfg.group_size, samples=cfg.samples,
-                      accuracy_level=cfg.accuracy_level)
+                      accuracy_level=cfg.accuracy_level, steps=cfg.steps, score=cfg.score,
+                      score_samples=cfg.score_samples)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         recipe = self.recipe()
