@@ -343,6 +343,48 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
     return [row for row in rows if row is not None]
 
 
+# --------------------------------------------------------------------------- allocations through the pass
+def allocation_study(model: Any, spec: Any, calibration: np.ndarray, windows: np.ndarray, averages: Sequence[float],
+                     say: Any, *, group_size: int = 32) -> list[dict]:
+    """Held-out bits per byte of the ``quantize-weights`` pass's allocations of a fractional average (``group``,
+    ``layer``, ``two-level`` by layer-local error and by output KL) at each of ``averages``, beside the uniform
+    widths around it: every artifact written as MatMulNBits and scored in ONNX Runtime, bytes as stored."""
+    from bitpass.backends.onnxruntime.generate import DecoderSession, lm_fidelity
+    from bitpass.frontend import from_arrays
+    from bitpass.frontend.decoder import complete_lm_inputs
+    from bitpass.passes.weight_only.quantize import Quantizer, Recipe
+
+    feeds, _ = complete_lm_inputs({spec.input_ids: calibration}, spec)
+    data = from_arrays(feeds, model.inputs)
+    reference = DecoderSession.load(model, spec)
+    quantizer = Quantizer()  # one memo: the Hessians are taken once
+    rows = []
+    for average in averages:
+        low, high = Recipe(bits=average).two_widths
+        recipes: dict[str, Recipe] = {f"uniform {b}-bit": Recipe(bits=b, group_size=group_size) for b in (low, high)}
+        recipes.update({f"group {average:g}": Recipe(bits=average, group_size=group_size, allocation="group"),
+                        f"layer {average:g}": Recipe(bits=average, group_size=group_size, allocation="layer")})
+        for steps in (2, 4):
+            for score in ("error", "output-kl"):
+                recipes[f"two-level {average:g} 1/{steps} steps {score}"] = Recipe(
+                    bits=average, group_size=group_size, allocation="two-level", steps=steps, score=score)
+        for label, recipe in recipes.items():
+            started = time.perf_counter()
+            result, outcome = quantizer(model, data, recipe)
+            seconds = time.perf_counter() - started
+            record = outcome.record(recipe)
+            fidelity = lm_fidelity(DecoderSession.load(result, spec), reference, windows, batch=8)
+            row = {"recipe": label, "average_bits": record["average_bits"],
+                   "layer_bytes": int(sum(r["bytes"] for r in record["layers"].values() if "bytes" in r)),
+                   "bits_per_byte": fidelity.bits_per_byte, "increase": fidelity.bits_per_byte_increase,
+                   "kl": fidelity.kl, "top1_agreement": fidelity.top1_agreement, "seconds": seconds}
+            rows.append(row)
+            say(f"  {label:36s} {row['average_bits']:5.2f} b {row['layer_bytes']:9,d} B  bpb "
+                f"{row['bits_per_byte']:.4f} ({100 * row['increase']:+.2f} %)  KL {row['kl']:.5f}  "
+                f"agree {row['top1_agreement']:.3f}  {seconds:5.1f} s")
+    return rows
+
+
 # --------------------------------------------------------------------------- KV-cache quantization
 def kv_cache_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, workdir: Path, *, past: int, prefill: int,
                    rounds: int, say: Any) -> list[dict]:
@@ -420,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the real LM's width-study recipes whose label contains one of these (e.g. "
                              "'fp4,nf4,fp8,rtn4-g,gptq4-g,8-g128' compares the codebook formats with integer grids at "
                              "equal bytes): no speed table, no KV-cache study")
+    parser.add_argument("--allocations", metavar="A,B", default="",
+                        help="only the real LM's allocation study through the quantize-weights pass at these "
+                             "averages (e.g. '3,6': group / layer / two-level against uniform widths, group 32)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 32 windows")
     parser.add_argument("--time-request", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -451,6 +496,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown model {name!r}")
         windows = corpus.evaluation(min(129, lm.config.n_positions), args.windows)
+        if args.allocations:
+            if name == "real":
+                from bitpass.frontend.decoder import export_decoder
+
+                model, spec = export_decoder(lm, name=name)
+                say(f"allocation study: {len(windows)} held-out windows, {calibration.shape} calibration windows")
+                report["allocations"] = allocation_study(
+                    model, spec, calibration, windows, [float(a) for a in args.allocations.split(",") if a], say)
+            continue
         if args.study_only:
             if name == "real":
                 report["width_study"] = width_study(lm, calibration, windows, say,

@@ -79,10 +79,10 @@ class Recipe:
     #: "int" (MatMulNBits grids) or a codebook format: fp4, nf4 (4 bits), fp8 (8 bits)
     grid: str = "int"
     #: allocation="two-level": mixtures per layer from all-narrow to all-wide (steps + 1 GPTQ runs per layer)
-    steps: int = 4
-    #: allocation="two-level": what the knapsack across layers sums, "error" (each layer's own tr(E^T H E)) or
-    #: "output-kl" (the model's output KL on calibration samples with only that layer rounded)
-    score: str = "error"
+    steps: int = 2
+    #: allocation="two-level": what the knapsack across layers sums, "output-kl" (the model's output KL on
+    #: calibration samples with only that layer rounded) or "error" (each layer's own tr(E^T H E))
+    score: str = "output-kl"
     #: score="output-kl": calibration samples the output KL runs on
     score_samples: int = 16
 
