@@ -11,6 +11,7 @@ nodes downstream of it.
 from __future__ import annotations
 
 import numpy as np
+import scipy.special
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.decoder import lm_spec
@@ -57,12 +58,8 @@ def mean_kl(reference: np.ndarray, output: np.ndarray) -> float:
     ref_rows, out_rows = reference.reshape(-1, width), np.asarray(output).reshape(-1, width)
     total = 0.0
     for start in range(0, len(ref_rows), KL_ROWS):
-        lp = _log_softmax(ref_rows[start:start + KL_ROWS])
-        lq = _log_softmax(out_rows[start:start + KL_ROWS])
+        lp = scipy.special.log_softmax(ref_rows[start:start + KL_ROWS].astype(np.float64), axis=-1)
+        lq = scipy.special.log_softmax(out_rows[start:start + KL_ROWS].astype(np.float64), axis=-1)
         total += float(np.sum(np.exp(lp) * (lp - lq)))
     return total / max(1, len(ref_rows))
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
