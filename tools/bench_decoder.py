@@ -16,7 +16,10 @@ speed and memory, and fidelity to its own fp32). Each is exported once as a KV-c
   same MatMuls;
 * ``bitpass-*`` (real-weight LM): ``bitpass.passes.weight_only`` codes written as MatMulNBits, with
   Hessians from calibration windows of the *training* text: ``rtn4-g32`` (control: must match ORT's
-  RTN), ``gptq4-g32``, ``gptq4-g128``, ``mixed3.5-g32`` (group-wise 2/4/8-bit slices at 3.5 average bits).
+  RTN), ``gptq4-g32``, ``gptq4-g128``, ``mixed3.5-g32`` (group-wise 2/4/8-bit slices at 3.5 average bits);
+* ``bitpass-decoder`` (every model): what ``compile --budget avg-bits=4`` writes for a decoder, the named
+  ``decoder`` pipeline run on the exported graph (GPTQ 4-bit group 64 MatMulNBits, 8-bit embedding tables),
+  calibrated on the real LM's training windows, or on random token windows for the sized random-init models.
 
 Measured per variant: file and weight bytes, session RSS and peak in a fresh process (after one short
 prefill), decode tokens/s (one token, batch 1, after ``--past`` cached positions), prefill tokens/s
@@ -104,7 +107,24 @@ def bitpass_weight_only(fp32_proto: Any, lm: Any, hessians: dict[str, np.ndarray
             "layer_bytes": sum(q.nbytes() for q in layers.values())}
 
 
-def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, say: Any) -> tuple[Any, list[Row]]:
+def decoder_pipeline(model: Any, spec: Any, calibration: np.ndarray, out: Path) -> dict:
+    """The artifact model ``compile --budget avg-bits=4`` writes for a decoder: the named ``decoder`` pipeline on
+    ``model`` with token windows ``calibration``; saved to ``out``, returns the pass's summary."""
+    from bitpass.frontend import from_arrays
+    from bitpass.frontend.decoder import complete_lm_inputs
+    from bitpass.passes.infra import PassContext
+    from bitpass.plugins.registry import default_registry
+
+    feeds, _ = complete_lm_inputs({spec.input_ids: calibration}, spec)
+    ctx = PassContext(calibration=from_arrays(feeds, model.inputs))
+    result = default_registry().pipeline("decoder").run(model, ctx)
+    result.save(out)
+    record = ctx.records["weight_only"]
+    return {"average_bits": float(record["average_bits"])}
+
+
+def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, say: Any,
+          pipeline_calibration: np.ndarray | None = None) -> tuple[Any, list[Row]]:
     """Export ``lm`` and write every variant beside it; returns (spec, rows)."""
     import logging
 
@@ -147,6 +167,12 @@ def build(name: str, lm: Any, workdir: Path, *, calibration: np.ndarray | None, 
             notes[variant] = bitpass_weight_only(proto, lm, hessians, recipe, paths[variant])
             say(f"[{name}] {variant}: {time.perf_counter() - started:.0f} s, "
                 f"{notes[variant]['average_bits']:.2f} average bits")
+    if pipeline_calibration is not None:
+        started = time.perf_counter()
+        paths["bitpass-decoder"] = folder / "bitpass-decoder.onnx"
+        notes["bitpass-decoder"] = decoder_pipeline(model, spec, pipeline_calibration, paths["bitpass-decoder"])
+        say(f"[{name}] bitpass-decoder (the decoder pipeline, {pipeline_calibration.shape} calibration windows): "
+            f"{time.perf_counter() - started:.0f} s")
     onnx.checker.check_model(str(fp32))
     rows = [Row(v, str(p), p.stat().st_size, weight_bytes(p)) for v, p in paths.items()]
     for row in rows:
@@ -317,6 +343,48 @@ def width_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, say: Any,
     return [row for row in rows if row is not None]
 
 
+# --------------------------------------------------------------------------- allocations through the pass
+def allocation_study(model: Any, spec: Any, calibration: np.ndarray, windows: np.ndarray, averages: Sequence[float],
+                     say: Any, *, group_size: int = 32) -> list[dict]:
+    """Held-out bits per byte of the ``quantize-weights`` pass's allocations of a fractional average (``group``,
+    ``layer``, ``two-level`` by layer-local error and by output KL) at each of ``averages``, beside the uniform
+    widths around it: every artifact written as MatMulNBits and scored in ONNX Runtime, bytes as stored."""
+    from bitpass.backends.onnxruntime.generate import DecoderSession, lm_fidelity
+    from bitpass.frontend import from_arrays
+    from bitpass.frontend.decoder import complete_lm_inputs
+    from bitpass.passes.weight_only.quantize import Quantizer, Recipe
+
+    feeds, _ = complete_lm_inputs({spec.input_ids: calibration}, spec)
+    data = from_arrays(feeds, model.inputs)
+    reference = DecoderSession.load(model, spec)
+    quantizer = Quantizer()  # one memo: the Hessians are taken once
+    rows = []
+    for average in averages:
+        low, high = Recipe(bits=average).two_widths
+        recipes: dict[str, Recipe] = {f"uniform {b}-bit": Recipe(bits=b, group_size=group_size) for b in (low, high)}
+        recipes.update({f"group {average:g}": Recipe(bits=average, group_size=group_size, allocation="group"),
+                        f"layer {average:g}": Recipe(bits=average, group_size=group_size, allocation="layer")})
+        for steps in (2, 4):
+            for score in ("error", "output-kl"):
+                recipes[f"two-level {average:g} 1/{steps} steps {score}"] = Recipe(
+                    bits=average, group_size=group_size, allocation="two-level", steps=steps, score=score)
+        for label, recipe in recipes.items():
+            started = time.perf_counter()
+            result, outcome = quantizer(model, data, recipe)
+            seconds = time.perf_counter() - started
+            record = outcome.record(recipe)
+            fidelity = lm_fidelity(DecoderSession.load(result, spec), reference, windows, batch=8)
+            row = {"recipe": label, "average_bits": record["average_bits"],
+                   "layer_bytes": int(sum(r["bytes"] for r in record["layers"].values() if "bytes" in r)),
+                   "bits_per_byte": fidelity.bits_per_byte, "increase": fidelity.bits_per_byte_increase,
+                   "kl": fidelity.kl, "top1_agreement": fidelity.top1_agreement, "seconds": seconds}
+            rows.append(row)
+            say(f"  {label:36s} {row['average_bits']:5.2f} b {row['layer_bytes']:9,d} B  bpb "
+                f"{row['bits_per_byte']:.4f} ({100 * row['increase']:+.2f} %)  KL {row['kl']:.5f}  "
+                f"agree {row['top1_agreement']:.3f}  {seconds:5.1f} s")
+    return rows
+
+
 # --------------------------------------------------------------------------- KV-cache quantization
 def kv_cache_study(lm: Any, calibration: np.ndarray, windows: np.ndarray, workdir: Path, *, past: int, prefill: int,
                    rounds: int, say: Any) -> list[dict]:
@@ -394,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the real LM's width-study recipes whose label contains one of these (e.g. "
                              "'fp4,nf4,fp8,rtn4-g,gptq4-g,8-g128' compares the codebook formats with integer grids at "
                              "equal bytes): no speed table, no KV-cache study")
+    parser.add_argument("--allocations", metavar="A,B", default="",
+                        help="only the real LM's allocation study through the quantize-weights pass at these "
+                             "averages (e.g. '3,6': group / layer / two-level against uniform widths, group 32)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 32 windows")
     parser.add_argument("--time-request", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -425,12 +496,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown model {name!r}")
         windows = corpus.evaluation(min(129, lm.config.n_positions), args.windows)
+        if args.allocations:
+            if name == "real":
+                from bitpass.frontend.decoder import export_decoder
+
+                model, spec = export_decoder(lm, name=name)
+                say(f"allocation study: {len(windows)} held-out windows, {calibration.shape} calibration windows")
+                report["allocations"] = allocation_study(
+                    model, spec, calibration, windows, [float(a) for a in args.allocations.split(",") if a], say)
+            continue
         if args.study_only:
             if name == "real":
                 report["width_study"] = width_study(lm, calibration, windows, say,
                                                     tuple(t for t in args.study_only.split(",") if t))
             continue
-        spec, rows = build(name, lm, args.workdir, calibration=calibration, say=say)
+        # the decoder pipeline's calibration: the real LM's training windows; for random-init sizes, text bytes
+        # as token ids (only speed and memory are compared there)
+        pipeline_calibration = calibration if calibration is not None else corpus.calibration(128, 16)
+        spec, rows = build(name, lm, args.workdir, calibration=calibration, say=say,
+                           pipeline_calibration=pipeline_calibration)
         measure_fidelity(rows, spec, windows if name == "real" else windows[:8], with_bits=name == "real")
         measure_memory(rows, spec)
         time_in_fresh_process(rows, spec, past=args.past, prefill=args.prefill, rounds=args.rounds)

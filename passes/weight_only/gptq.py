@@ -64,14 +64,16 @@ def compensated_sweep(work: np.ndarray, upper: np.ndarray,
     block = max(group_size, (block // group_size) * group_size)
     for start in range(0, k, block):
         stop = min(start + block, k)
-        part = work[:, start:stop].copy()
+        # one row per feature, contiguous: a feature's N values are read and updated in one sweep of memory
+        # (as columns of the (N, K) work they were strided: 2-3x slower on a 50k-column head)
+        part = np.ascontiguousarray(work[:, start:stop].T)
         errors = np.zeros_like(part)
         for j in range(stop - start):
-            column = part[:, j]
-            error = (column - round_feature(start + j, column, part[:, j:])) / upper[start + j, start + j]
-            part[:, j:] -= np.outer(error, upper[start + j, start + j:stop])
-            errors[:, j] = error
-        work[:, stop:] -= errors @ upper[start:stop, stop:]
+            column = part[j]
+            error = (column - round_feature(start + j, column, part[j:].T)) / upper[start + j, start + j]
+            part[j:] -= np.outer(upper[start + j, start + j:stop], error)
+            errors[j] = error
+        work[:, stop:] -= errors.T @ upper[start:stop, stop:]
 
 
 def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: int, *, act_order: bool = False,

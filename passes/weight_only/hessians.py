@@ -10,12 +10,15 @@ q/k/v projections, share one) plus one batch of activations, never the whole set
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from bitpass.frontend import Dataset, Model
-from bitpass.frontend.errors import UsageError
+from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.passes import execution
 
 #: tokens (positions x samples) per calibration batch: activations of one batch stay tens of MB
@@ -57,8 +60,7 @@ def layer_input_hessians(model: Model, inputs: Sequence[str], data: Dataset, *, 
     grams: dict[str, Gram] = {}
     batch = batch_size_for(used)
     total = -(-len(used) // batch)
-    for index, values in enumerate(execution.intermediates(model, used, names, batch_size=batch,
-                                                           purpose="run the model to collect layer inputs")):
+    for index, values in enumerate(layer_inputs(model, used, names, batch_size=batch)):
         for name in names:
             x = values[name]
             if name not in grams:
@@ -67,6 +69,43 @@ def layer_input_hessians(model: Model, inputs: Sequence[str], data: Dataset, *, 
         if progress is not None and (index + 1) % 8 == 0:
             progress(f"quantize-weights: layer inputs of batch {index + 1}/{total}")
     return {name: gram.value for name, gram in grams.items()}
+
+
+def layer_inputs(model: Model, data: Dataset, names: Sequence[str], *,
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Per batch of ``data``: ``{name: value}`` of each tensor in ``names``, with bounded memory: the model (its
+    inner tensors made outputs on a clone that shares the weights) is written with external data to a temporary
+    folder and ONNX Runtime loads it by path, so no serialized copy of the weights is held (a 1.4 GB model's
+    would be three: the proto, its bytes, ORT's parse), and weight pre-packing is off (one more copy, for a
+    session that runs a few batches)."""
+    work = model.clone()
+    graph = work.ir.graph
+    values = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for node in graph for v in node.outputs})
+    present = {v.name for v in graph.outputs}
+    missing = [n for n in dict.fromkeys(names) if n not in values]
+    if missing:
+        raise UsageError(f"quantize-weights: no tensor {missing[0]!r} in the model to collect layer inputs from")
+    inputs = {v.name for v in graph.inputs}
+    for name in dict.fromkeys(names):
+        if name not in present and name not in inputs:
+            graph.outputs.append(values[name])
+    with tempfile.TemporaryDirectory(prefix="bitpass-hessians-") as folder:
+        path = Path(folder) / "model.onnx"
+        work.save_external(path)
+        del work, graph, values
+        options = execution.session_options()
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=execution.PROVIDERS)
+        except Exception as err:  # ORT raises its own exception types
+            raise BitpassError(f"ONNX Runtime cannot run the model to collect layer inputs: "
+                               f"{execution.first_line(err)}") from err
+        fetch = [n for n in dict.fromkeys(names) if n not in inputs]
+        for feeds in data.batches(batch_size):
+            got = dict(zip(fetch, session.run(fetch, dict(feeds)))) if fetch else {}
+            got.update({n: feeds[n] for n in names if n in inputs})
+            yield got
 
 
 def shared(hessians: Mapping[str, np.ndarray], layer_inputs: Mapping[str, str]) -> dict[str, np.ndarray]:

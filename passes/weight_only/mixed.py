@@ -12,6 +12,7 @@ fractional averages (3.5) included; the weight is then rounded with GPTQ (or RTN
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -177,12 +178,13 @@ def upgrade_order(weight: np.ndarray, h: np.ndarray, low: int, high: int, group_
 
 
 def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps: int = 4, group_size: int = 32, *,
-                   proxy: str = "gptq", act_order: bool = False) -> list[tuple[float, GroupQuantized, float]]:
-    """One layer at ``steps + 1`` averages from ``low`` to ``high`` bits (fewer when it has fewer slices): the first ``i / steps`` of its slices
-    in salience order (``upgrade_order``) at ``high``, the rest at ``low``, each rounded with GPTQ at exactly
-    those widths. Returns ``(average code bits, codes, absolute output error tr(E^T H E))`` per mixture: the
-    error measured after GPTQ has spread each slice's rounding error over the others, which a per-slice
-    proxy summed over slices does not see."""
+                   proxy: str = "gptq", act_order: bool = False,
+                   damp: float = 0.01) -> list[tuple[float, GroupQuantized, float]]:
+    """One layer at ``steps + 1`` averages from ``low`` to ``high`` bits (fewer when it has fewer slices): the first
+    ``i / steps`` of its slices in salience order (``upgrade_order``) at ``high``, the rest at ``low``, each rounded
+    with GPTQ at exactly those widths. Returns ``(average code bits, codes, absolute output error tr(E^T H E))`` per
+    mixture: the error measured after GPTQ has spread each slice's rounding error over the others, which a
+    per-slice proxy summed over slices does not see."""
     order = upgrade_order(weight, h, low, high, group_size, proxy=proxy)
     slices = len(order)
     w = np.asarray(weight, np.float64)
@@ -190,10 +192,54 @@ def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps
     for count in dict.fromkeys(round(step * slices / steps) for step in range(steps + 1)):  # fewer when slices < steps
         bits = np.full(slices, low)
         bits[order[:count]] = high
-        quantized = gptq(weight, h, bits, group_size, act_order=act_order)
+        quantized = gptq(weight, h, bits, group_size, act_order=act_order, damp=damp)
         error = w - quantized.dequantize().astype(np.float64)
         out.append((float(np.mean(bits)), quantized, float(np.einsum("kn,kj,jn->", error, h, error))))
     return out
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """One of a layer's ``low``/``high`` mixtures, without its codes: what the cross-layer knapsack needs."""
+
+    widths: np.ndarray  # bits per K-slice
+    nbytes: int  # as MatMulNBits stores it (one node per width)
+    error: float  # layer-local tr(E^T H E), or the score that replaced it
+
+    @property
+    def code_bits(self) -> float:
+        return float(np.mean(self.widths))
+
+
+def mixtures_of(options: Sequence[tuple[float, GroupQuantized, float]]) -> list[Mixture]:
+    """``layer_mixtures``' result without the codes (a worker sends back only these)."""
+    return [Mixture(np.asarray(q.bits).copy(), int(q.nbytes()), float(error)) for _, q, error in options]
+
+
+def choose_mixtures(options: Mapping[str, Sequence[Mixture]], sizes: Mapping[str, int], average_bits: float,
+                    low: int, high: int, *, cost: str = "bytes") -> dict[str, int]:
+    """The second level: one mixture per layer (its index in ``options[layer]``) with the least summed error under
+    one model-wide budget, a multiple-choice knapsack (scipy's HiGHS MILP). ``sizes``: each layer's elements.
+
+    ``cost="bytes"``: what MatMulNBits stores, against the bytes of every layer at ``average_bits`` interpolated
+    between its all-``low`` and all-``high`` mixtures; ``cost="bits"``: code bits only, as ``allocate_widths``
+    counts."""
+    if cost not in ("bytes", "bits"):
+        raise ValueError(f"unknown cost {cost!r}: use 'bytes' or 'bits'")
+    ids = list(options)
+    # a layer with fewer slices than steps has fewer mixtures: its row is padded with its widest (never chosen
+    # over it: same cost and error)
+    width = max(len(o) for o in options.values())
+    errors = np.array([_padded([m.error for m in options[i]], width) for i in ids])
+    if cost == "bits":
+        costs = np.array([_padded([m.code_bits * sizes[i] for m in options[i]], width) for i in ids])
+        budget = average_bits * sum(sizes[i] for i in ids)
+    else:
+        costs = np.array([_padded([float(m.nbytes) for m in options[i]], width) for i in ids])
+        share = (average_bits - low) / (high - low)
+        budget = float(sum(costs[n, 0] + share * (costs[n, -1] - costs[n, 0]) for n in range(len(ids))))
+    chosen = _choose_options(errors, costs, budget)
+    return {i: min(int(c), len(options[i]) - 1) for i, c in zip(ids, chosen)}
 
 
 def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], average_bits: float,
@@ -202,37 +248,25 @@ def hierarchical_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str
                         cost: str = "bytes") -> dict[str, GroupQuantized]:
     """Group-wise mixed widths in two levels (SliM-LLM's salience inside a layer, one budget across layers):
     each layer is rounded at ``steps + 1`` mixtures of ``low``/``high`` slices (``layer_mixtures``), and one
-    multiple-choice knapsack over layers picks the mixture per layer with the least summed output error at
-    ``average_bits`` (code bits, weighted by each layer's elements). ``steps=1`` is the per-layer baseline
-    (each layer all ``low`` or all ``high``) judged by the same measured GPTQ errors.
+    multiple-choice knapsack over layers (``choose_mixtures``) picks the mixture per layer with the least summed
+    output error at ``average_bits`` (code bits, weighted by each layer's elements). ``steps=1`` is the per-layer
+    baseline (each layer all ``low`` or all ``high``) judged by the same measured GPTQ errors.
 
     ``score(layer_id, codes)`` replaces the layer-local error as what the knapsack sums, e.g. the model's output
     divergence with only that layer quantized (errors of different layers then weigh by their effect on the
     output, not by their own outputs' scale).
 
     ``cost="bytes"`` (default) budgets what MatMulNBits stores: a mixed layer is one node per width, each with its
-    own packed zero points, so mixing costs a few bytes more than its code bits say; the budget is the bytes of
-    every layer at the same ``average_bits`` interpolated between all-``low`` and all-``high`` (what a per-layer
-    mixture at that average stores). ``cost="bits"``: code bits only, as ``allocate_widths`` counts."""
-    if cost not in ("bytes", "bits"):
-        raise ValueError(f"unknown cost {cost!r}: use 'bytes' or 'bits'")
+    own packed zero points, so mixing costs a few bytes more than its code bits say; ``cost="bits"``: code bits
+    only. This holds every layer's weight and mixtures at once: the ``quantize-weights`` pass
+    (``allocation=two-level``) runs the same two levels one layer at a time."""
     ids = list(weights)
     options = {i: layer_mixtures(weights[i], hessians[i], low, high, steps, group_size, proxy=proxy,
                                  act_order=act_order) for i in ids}
-    # a layer with fewer slices than steps has fewer mixtures: its row is padded with its widest (never chosen
-    # over it: same cost and error)
-    width = max(len(o) for o in options.values())
-    errors = np.array([_padded([score(i, q) if score is not None else error for _, q, error in options[i]], width)
-                       for i in ids])
-    if cost == "bits":
-        costs = np.array([_padded([bits * weights[i].size for bits, _, _ in options[i]], width) for i in ids])
-        budget = average_bits * sum(weights[i].size for i in ids)
-    else:
-        costs = np.array([_padded([float(q.nbytes()) for _, q, _ in options[i]], width) for i in ids])
-        share = (average_bits - low) / (high - low)
-        budget = float(sum(costs[n, 0] + share * (costs[n, -1] - costs[n, 0]) for n in range(len(ids))))
-    chosen = _choose_options(errors, costs, budget)
-    return {i: options[i][min(int(c), len(options[i]) - 1)][1] for i, c in zip(ids, chosen)}
+    summaries = {i: [Mixture(m.widths, m.nbytes, score(i, q) if score is not None else m.error)
+                     for m, (_, q, _) in zip(mixtures_of(options[i]), options[i])] for i in ids}
+    chosen = choose_mixtures(summaries, {i: int(weights[i].size) for i in ids}, average_bits, low, high, cost=cost)
+    return {i: options[i][chosen[i]][1] for i in ids}
 
 
 def _padded(values: list[float], width: int) -> list[float]:

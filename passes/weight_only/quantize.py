@@ -8,8 +8,12 @@ so the weights stay 2/4/8-bit in memory and run on ORT's low-bit kernels (a comp
   from calibration inputs (``hessians.py``: one ONNX Runtime pass over the calibration set); ``"rtn"``:
   round-to-nearest (no data needed);
 * ``bits`` 2, 4 or 8, or a fractional average (3.5): widths per K-slice of groups chosen by salience under one
-  model-wide budget (``allocation="group"``, SliM-LLM style) or one width per layer (``"layer"``); slice and
-  layer errors are measured one layer at a time, so only one fp32 weight is unpacked at once;
+  model-wide budget (``allocation="group"``, SliM-LLM style), one width per layer (``"layer"``), or in two levels
+  (``"two-level"``, ``mixed.choose_mixtures``): inside each layer its most salient slices widened from the two
+  widths around the average (2/4 for 3 bits, 4/8 for 6), each layer rounded with GPTQ at ``steps + 1`` such
+  mixtures, one knapsack across layers picking a mixture per layer under the bytes budget, by each mixture's
+  layer-local error or (``score="output-kl"``) the model's output KL with only that layer rounded; slice, layer
+  and mixture errors are measured one layer at a time, so only one fp32 weight is unpacked at once;
 * ``lorc_rank``: an activation-aware low-rank correction of each layer's rounding error (ZeroQuant-V2's LoRC);
 * ``embeddings`` 4 or 8: embedding tables (``Gather``) as ``GatherBlockQuantized`` (round-to-nearest);
 * ``grid`` ``fp4``, ``nf4`` or ``fp8``: codebook formats instead of integer grids (``codebooks.py``; one width,
@@ -45,10 +49,15 @@ from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
 from bitpass.passes.weight_only.hessians import layer_input_hessians
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
 from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS
-from bitpass.passes.weight_only.mixed import allocate_widths, slice_errors
+from bitpass.passes.weight_only.mixed import Mixture, allocate_widths, choose_mixtures, layer_mixtures, mixtures_of, \
+    slice_errors
 
 #: the ``format.weight`` annotation of a MatMulNBits layer (as ``materialize`` stamps it)
 MATMULNBITS_FORMAT = "matmulnbits"
+#: how a fractional average is spread (``Recipe.allocation``)
+ALLOCATIONS = ("group", "layer", "two-level")
+#: what the two-level knapsack sums (``Recipe.score``)
+SCORES = ("error", "output-kl")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,13 @@ class Recipe:
     damp: float = 0.01
     #: "int" (MatMulNBits grids) or a codebook format: fp4, nf4 (4 bits), fp8 (8 bits)
     grid: str = "int"
+    #: allocation="two-level": mixtures per layer from all-narrow to all-wide (steps + 1 GPTQ runs per layer)
+    steps: int = 2
+    #: allocation="two-level": what the knapsack across layers sums, "output-kl" (the model's output KL on
+    #: calibration samples with only that layer rounded) or "error" (each layer's own tr(E^T H E))
+    score: str = "output-kl"
+    #: score="output-kl": calibration samples the output KL runs on
+    score_samples: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -87,8 +103,16 @@ class Recipe:
         if any(w not in MATMULNBITS_BITS for w in self.widths):
             raise UsageError(f"quantize-weights: widths {list(self.widths)}: ONNX Runtime's MatMulNBits runs "
                              f"{', '.join(map(str, MATMULNBITS_BITS))} bits")
-        if self.allocation not in ("group", "layer"):
-            raise UsageError(f"quantize-weights: allocation={self.allocation!r}: use group or layer")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"quantize-weights: allocation={self.allocation!r}: use {', '.join(ALLOCATIONS)}")
+        if self.allocation == "two-level" and fractional:
+            if self.method != "gptq" or self.grid != "int":
+                raise UsageError("quantize-weights: allocation=two-level rounds each layer's mixtures with GPTQ on "
+                                 "integer grids: use method=gptq and grid=int (or allocation=group)")
+            if self.steps < 1:
+                raise UsageError(f"quantize-weights: steps={self.steps}: two-level needs at least 1 step per layer")
+        if self.score not in SCORES:
+            raise UsageError(f"quantize-weights: score={self.score!r}: use {', '.join(SCORES)}")
         if self.embeddings not in (4, 8, 32):
             raise UsageError(f"quantize-weights: embeddings={self.embeddings}: use 4, 8 or 32 (fp32)")
 
@@ -96,6 +120,11 @@ class Recipe:
     def mixed(self) -> bool:
         """An average between widths (allocated per slice or per layer) rather than one width."""
         return float(self.bits) != int(self.bits) or int(self.bits) not in MATMULNBITS_BITS
+
+    @property
+    def two_widths(self) -> tuple[int, int]:
+        """The narrowest and widest of ``widths`` around a fractional ``bits``: what two-level mixes."""
+        return (max(w for w in self.widths if w <= self.bits), min(w for w in self.widths if w >= self.bits))
 
     @property
     def needs_data(self) -> bool:
@@ -115,6 +144,8 @@ class Outcome:
         return {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
                 "act_order": recipe.act_order, "lorc_rank": recipe.lorc_rank, "widths": list(recipe.widths),
                 "allocation": recipe.allocation if recipe.mixed else None, "embeddings": recipe.embeddings,
+                **({"two_level": {"widths": list(recipe.two_widths), "steps": recipe.steps, "score": recipe.score}}
+                   if recipe.mixed and recipe.allocation == "two-level" else {}),
                 "average_bits": bits / params if params else None, "layers": self.layers, "kept_fp32": self.skipped}
 
 
@@ -152,7 +183,7 @@ class Quantizer:
                 raise UsageError(f"quantize-weights(method={recipe.method}) needs calibration data for the layer "
                                  f"Hessians: give --calib (token windows for a language model), or use method=rtn")
             hessians = self._layer_hessians(model, linear, calibration, recipe, say)
-        widths = self._widths(result, linear, hessians, recipe, say, executor)
+        widths = self._widths(result, linear, hessians, recipe, say, executor, calibration)
         self._round_ahead(linear, hessians, widths, recipe, executor, say)
         for index, layer in enumerate(linear):
             weight = linear_weight(layer)
@@ -231,7 +262,8 @@ class Quantizer:
 
     @staticmethod
     def _widths(model: Model, layers: Sequence[Layer], hessians: Mapping[str, np.ndarray], recipe: Recipe,
-                say: Callable[[str], None], executor: Executor = SERIAL) -> dict[str, np.ndarray]:
+                say: Callable[[str], None], executor: Executor = SERIAL,
+                calibration: Dataset | None = None) -> dict[str, np.ndarray]:
         """Bits per K-slice of each layer: the annotated or recipe width, or a mix under the average."""
         out: dict[str, np.ndarray] = {}
         mixed = []
@@ -245,6 +277,9 @@ class Quantizer:
             else:
                 mixed.append(layer)
         if not mixed:
+            return out
+        if recipe.allocation == "two-level":
+            out.update(two_level_widths(model, mixed, hessians, recipe, say, executor, calibration))
             return out
         widths = sorted(recipe.widths)
         say(f"quantize-weights: {recipe.allocation}-wise widths from {widths} at {recipe.bits:g} average bits "
@@ -323,6 +358,45 @@ def round_layer(weight: np.ndarray, h: np.ndarray | None, bits: np.ndarray, reci
     approx = quantized.dequantize() if lowrank is None else quantized.dequantize() + lowrank[0] @ lowrank[1]
     error = output_error(weight, approx, h) if h is not None else 0.0
     return QuantizedLayer(quantized, lowrank, error)
+
+
+def two_level_widths(model: Model, layers: Sequence[Layer], hessians: Mapping[str, np.ndarray], recipe: Recipe,
+                     say: Callable[[str], None], executor: Executor = SERIAL,
+                     calibration: Dataset | None = None) -> dict[str, np.ndarray]:
+    """Bits per K-slice of each layer by the two levels (see the module doc): the mixtures of a few layers at a
+    time are rounded (on the executor's workers), scored, and kept without their codes; one knapsack picks."""
+    low, high = recipe.two_widths
+    say(f"quantize-weights: two-level widths, {low}/{high}-bit mixtures in {recipe.steps} steps per layer, at "
+        f"{recipe.bits:g} average bits over {len(layers)} layers (scored by {recipe.score})")
+    scorer = None
+    if recipe.score == "output-kl":
+        from bitpass.passes.weight_only.scores import OutputKL
+
+        assert calibration is not None
+        scorer = OutputKL(model, list(layers), calibration, samples=recipe.score_samples)
+    shared = (low, high, recipe.steps, recipe.group_size, recipe.act_order, recipe.damp)
+    options: dict[str, list[Mixture]] = {}
+    step = max(1, 2 * executor.workers)
+    for start in range(0, len(layers), step):
+        batch = layers[start:start + step]
+        done = executor.map(_mixtures_task, shared, [(linear_weight(layer), hessians[layer.id]) for layer in batch])
+        for layer, mixtures in zip(batch, done):
+            summary = mixtures_of(mixtures)
+            if scorer is not None:
+                summary = [Mixture(m.widths, m.nbytes, scorer(layer, q.dequantize()))
+                           for m, (_, q, _) in zip(summary, mixtures)]
+            options[layer.id] = summary
+    del scorer  # its session held a second copy of the weights
+    sizes = {layer.id: int(layer.params) for layer in layers}
+    chosen = choose_mixtures(options, sizes, float(recipe.bits), low, high, cost="bytes")
+    return {layer_id: options[layer_id][index].widths for layer_id, index in chosen.items()}
+
+
+def _mixtures_task(shared: tuple[int, int, int, int, bool, float],
+                   item: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, GroupQuantized, float]]:
+    low, high, steps, group_size, act_order, damp = shared
+    weight, h = item
+    return layer_mixtures(weight, h, low, high, steps, group_size, act_order=act_order, damp=damp)
 
 
 def _round_task(recipe: Recipe, item: tuple[np.ndarray, np.ndarray | None, np.ndarray]) -> QuantizedLayer:

@@ -74,8 +74,8 @@ def test_gptq_keeps_each_layers_output_closer_than_round_to_nearest(decoder):
 
 def test_a_fractional_average_mixes_widths_by_group_within_the_budget(decoder):
     model, _, calibration, feeds = decoder
-    result, outcome = Quantizer()(model, calibration, Recipe(method="gptq", bits=3, group_size=32))
-    record = outcome.record(Recipe(bits=3))
+    result, outcome = Quantizer()(model, calibration, Recipe(method="gptq", bits=3, group_size=32, allocation="group"))
+    record = outcome.record(Recipe(bits=3, allocation="group"))
     assert record["average_bits"] == pytest.approx(3.0, abs=0.02)
     widths = {w for layer in outcome.layers.values() for w in layer["widths"]}
     assert {"2", "4"} <= widths
@@ -177,3 +177,70 @@ def test_a_local_ray_cluster_rounds_the_same_codes_and_writes_the_same_model(dec
         on_ray, ray_record = quantize_weights(model, calibration, recipe, executor=executor)
     assert on_ray.to_bytes() == serial.to_bytes()
     assert ray_record == serial_record
+
+
+def test_two_level_mixes_the_two_widths_around_the_average_within_the_bytes_budget_and_matches_torch(decoder):
+    from bitpass.passes.weight_only.apply import apply_to_torch
+    from bitpass.tools import decoders
+
+    model, _, calibration, feeds = decoder
+    quantizer = Quantizer()
+    recipe = Recipe(method="gptq", bits=3, group_size=32, allocation="two-level", steps=2, score="error",
+                    accuracy_level=0)
+    result, outcome = quantizer(model, calibration, recipe)
+    record = outcome.record(recipe)
+    assert record["allocation"] == "two-level" and record["two_level"] == {"widths": [2, 4], "steps": 2,
+                                                                           "score": "error"}
+    assert {w for layer in outcome.layers.values() if layer["kind"] == "linear" for w in layer["widths"]} == {"2", "4"}
+    low = sum(Quantizer()(model, calibration, Recipe(method="rtn", bits=b, group_size=32))[1].layers[i]["bytes"]
+              for b in (2, 4) for i in outcome.layers) / 2  # the bytes of every layer at 3 bits, interpolated
+    assert sum(layer["bytes"] for layer in outcome.layers.values()) <= low
+    assert {n.attributes.get_int("bits", 0) for n in result.graph if n.op_type == "MatMulNBits"} == {2, 4}
+    # the artifact computes in ONNX Runtime what the torch module computes with the chosen codes' weights
+    lm = decoders.tiny_gpt2(width=64)
+    chosen = {key[0]: layer for key, layer in quantizer._layers.items() if key[0] in outcome.layers}
+    assert len(chosen) == len(outcome.layers)
+    apply_to_torch(lm, chosen)
+    import torch
+
+    with torch.no_grad():
+        want = lm(input_ids=torch.from_numpy(feeds["input_ids"])).logits.numpy()
+    np.testing.assert_allclose(logits(result, feeds), want, atol=5e-4)
+
+
+def test_two_level_spends_the_wide_codes_where_the_chosen_score_says(decoder):
+    """The knapsack follows its score: by layer-local errors and by the model's output KL it may pick
+    differently, but either way it stays at the budget and every layer is a mixture of the two widths."""
+    model, _, calibration, _ = decoder
+    by_error = Quantizer()(model, calibration, Recipe(bits=3, allocation="two-level", steps=2, score="error"))[1]
+    by_kl = Quantizer()(model, calibration, Recipe(bits=3, allocation="two-level", steps=2, score="output-kl",
+                                                   score_samples=4))[1]
+    for outcome in (by_error, by_kl):
+        bits = [layer["average_bits"] for layer in outcome.layers.values() if layer["kind"] == "linear"]
+        assert all(2 <= b <= 4 for b in bits) and len(set(bits)) > 1
+    assert by_kl.record(Recipe(bits=3, allocation="two-level", score="output-kl"))["two_level"]["score"] == \
+        "output-kl"
+
+
+def test_two_level_needs_gptq_and_an_average_between_two_widths_matmulnbits_runs():
+    with pytest.raises(UsageError, match="two-level"):
+        Recipe(method="rtn", bits=3, allocation="two-level")
+    with pytest.raises(UsageError, match="allocation"):
+        Recipe(bits=3, allocation="three-level")
+    assert Recipe(bits=3, allocation="two-level").two_widths == (2, 4)
+    assert Recipe(bits=6, allocation="two-level").two_widths == (4, 8)
+    assert QuantizeWeights(bits=3.5, allocation="group").recipe().allocation == "group"
+    # the pass's default where it applies (GPTQ on integer grids), group elsewhere
+    assert (QuantizeWeights(bits=3.5).recipe().allocation, QuantizeWeights(bits=3.5).recipe().score) == \
+        ("two-level", "output-kl")
+    assert QuantizeWeights(bits=3.5, method="rtn").recipe().allocation == "group"
+
+
+def test_two_level_on_worker_processes_writes_the_serial_model(decoder):
+    from bitpass.passes.executors import ProcessExecutor
+
+    model, _, calibration, _ = decoder
+    recipe = Recipe(bits=3, group_size=32, allocation="two-level", steps=2, score="output-kl", score_samples=4)
+    serial, serial_record = quantize_weights(model, calibration, recipe)
+    parallel, parallel_record = quantize_weights(model, calibration, recipe, executor=ProcessExecutor(2))
+    assert parallel.to_bytes() == serial.to_bytes() and parallel_record == serial_record
