@@ -139,8 +139,9 @@ def _decoder_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> dic
             bits = float("nan")
         if "," in budget or kind.strip() != "avg-bits" or not 2 <= bits <= 8:
             raise UsageError(f"--budget {budget}: a decoder language model compiles weight-only (MatMulNBits), "
-                             f"budgeted by --budget avg-bits=N with N from 2 to 8 (3.5 mixes widths by group); "
-                             f"for other budgets use --pipeline mixed")
+                             f"budgeted by --budget avg-bits=N with N from 2 to 8 (a fraction such as 3.5 mixes "
+                             f"the two widths around it inside and across layers); for other budgets use "
+                             f"--pipeline mixed")
         merged.setdefault("quantize-weights", {})["bits"] = bits
     if allocate:
         raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(allocate))} chooses how the mixed "
