@@ -45,6 +45,7 @@ BERT-base search held every candidate's serialized bytes and the fp32 bytes at o
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -464,7 +465,8 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
 
     # 4. ORT's own load-time fusions of the winner, each kept only when the winner is not faster without it
     best_path = fp32_path if best.path is None else best.path
-    disabled, session_record = _session_fusions(best_path, folder, feeds, timer, say)
+    disabled, session_record = _session_fusions(best_path, folder, feeds, timer,
+                                                lambda m: say(f"format search: {m}"))
 
     record = {"cpu_key": host().key, "batches": list(batches), "chosen": best.name,
               "flavour": best.flavour.name, "speedup": {str(b): round(r, 3) for b, r in best.speedup.items()},
@@ -548,15 +550,34 @@ def fused_at_load(path: Path, folder: Path) -> list[str]:
     return sorted(name for op, name in SESSION_FUSIONS.items() if op in ops)
 
 
+def choose_session_fusions(model: Model, calibration: Dataset, timer: GraphTimer, *, batches: Sequence[int] = (1, 8),
+                           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Step 4 of the search on its own, for a model the search does not time (no int8 compute: packed or fp32
+    layers only): ORT's load-time fusions of ``model``, each timed with and without it and turned off
+    (``set_disabled_optimizers`` on ``model``) when that is faster with confidence. The rounds are cached, so the
+    next compile decides the same way. Returns the record (empty when ORT fuses nothing)."""
+    say = progress or (lambda _m: None)
+    batches = (calibration.fixed_batch,) if calibration.fixed_batch else tuple(batches)
+    with tempfile.TemporaryDirectory(prefix="bitpass-fusions-") as tmp:  # the model on disk, as the timer wants
+        path = Path(tmp) / "model.onnx"
+        model.save_external(path)
+        disabled, record = _session_fusions(path, Path(tmp), {b: calibration.batch_of(b) for b in batches}, timer,
+                                            say, cached=True)
+    set_disabled_optimizers(model, disabled)
+    return {**record, "disabled_optimizers": disabled} if record else {}
+
+
 def _session_fusions(path: Path, folder: Path, feeds: Mapping[int, Mapping[str, np.ndarray]], timer: GraphTimer,
-                     say: Callable[[str], None]) -> tuple[list[str], dict[str, Any]]:
+                     say: Callable[[str], None], *, cached: bool = False) -> tuple[list[str], dict[str, Any]]:
     """The fusions to turn off for the chosen model: each one ORT applies at load, timed with and without it in
-    one fresh process, and turned off only when that is faster with confidence."""
+    one fresh process, and turned off only when that is faster with confidence. ``cached``: rounds from the
+    timer's cache when it has them (a caller whose choice is not cached with the search's)."""
     fused = fused_at_load(path, folder)
     if not fused:
         return [], {}
-    say(f"format search: timing the chosen model with and without ONNX Runtime's {', '.join(fused)}")
-    timed = timer.graphs({"with": path, "without": path}, feeds, disabled_optimizers={"without": fused})
+    say(f"timing the model with and without ONNX Runtime's {', '.join(fused)}")
+    extra = {"cached": True} if cached and "cached" in inspect.signature(timer.graphs).parameters else {}
+    timed = timer.graphs({"with": path, "without": path}, feeds, disabled_optimizers={"without": fused}, **extra)
     ratios = {b: paired_ratios(timed, "without", "with", b) for b in feeds}
     verdict = faster_with_confidence(ratios, min_gain=SESSION_MIN_GAIN, clear=1.0)
     if verdict.faster is None:  # unsure: ORT's defaults stay

@@ -107,6 +107,14 @@ class Quantize(Pass):
                                                       ctx.calibration, options)
                 activation_type = flavour.activation_type
                 details["flavour_fallback"] = f"{flavour.name}: ONNX Runtime refused S8S8 ({refused})"
+            if not int8_work and cfg.search and hasattr(probe, "graphs") and ctx.calibration is not None:
+                # packed / fp32 layers only: no search ran, but ORT's load-time fusions are still chosen by timing
+                # (SkipLayerNormalization made a packed transformer 0.95x fp32 on an AVX-512 EPYC)
+                fusions = format_search.choose_session_fusions(result, ctx.calibration, probe,
+                                                               batches=cfg.search_batches,
+                                                               progress=lambda m: ctx.progress(f"quantize: {m}"))
+                if fusions:
+                    details["session_fusions"] = fusions
         if via_format_search:  # materialized by the format-search core: the scope as the plan's graph gives it,
             details["int8_scope"] = _scope_record(model, ranges, decisions)  # and the layers kept float, read
             details["kept_float"] = _kept_float_in(result, decisions)  # back from the annotations
@@ -203,6 +211,8 @@ def _record(cfg: QuantizeOptions, activation_type: str, calibration_method: str,
         record["int8_scope"] = details["int8_scope"]
     if "flavour_fallback" in details:
         record["flavour_fallback"] = details["flavour_fallback"]
+    if "session_fusions" in details:
+        record["session_fusions"] = details["session_fusions"]
     if kept_float:
         record["kept_float"] = kept_float
     return record

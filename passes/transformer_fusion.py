@@ -16,12 +16,15 @@ their ids; the Gelu fusions take only non-layer nodes), and the ``optimize`` pip
 them on; the record lists the layers a fusion took (``swallowed_layers``), and the fused node carries
 the first of their ids.
 
-SkipLayerNormalization follows ``attention`` unless set (``skip_layer_norm``): on the real-weight sentence
+SkipLayerNormalization follows ``attention`` unless set (``skip_layer_norm``) or ``session_fusions`` is on (then
+never offline): on the real-weight sentence
 encoder (6 x 384, CPU B, 2 threads, alternating runs on a busy machine) dynamic int8 of the graph with the
 offline SkipLayerNorm ran 1.97x / 1.94x fp32 at batch 1 / 16, without it 2.44x / 2.38x (ORT's own
 ``quantize_dynamic`` 2.22x / 2.32x), so quantizing pipelines do not fuse it offline. Note: ORT's session
 optimizer fuses SkipLayerNorm itself at load when the residual Add's input shapes are known, which bitpass's
-artifacts carry; disabling that session fusion measured faster in one run and not in another (issue #9, open).
+artifacts carry. Whether that pays is timed per model: by the format search for quantized artifacts, and here
+with ``session_fusions`` (the ``optimize`` pipeline, which ends with this pass): the sentence encoder's
+``optimize`` artifact measured 1.06x faster with ORT's SkipLayerNormFusion off (quiet, batch 1 and 8).
 """
 
 from __future__ import annotations
@@ -180,6 +183,9 @@ class FuseTransformerConfig(PassConfig):
     #: auto: when the target times whole models, keep the fused graph only if it is not slower than the
     #: unfused one; always: keep it untimed
     keep: Literal["auto", "always"] = "auto"
+    #: also time ORT's own load-time fusions of the result and turn off those that make it slower (for pipelines
+    #: that end here, such as ``optimize``: a quantizing pipeline's format search makes that choice later)
+    session_fusions: bool = False
 
 
 class FuseTransformer(Pass):
@@ -191,6 +197,28 @@ class FuseTransformer(Pass):
     config: FuseTransformerConfig
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        result = self._fuse(model, ctx)
+        probe = (ctx.target.options or {}).get("latency_probe")
+        if not self.config.session_fusions or ctx.target.backend != "onnxruntime" or not hasattr(probe, "graphs") \
+                or ctx.calibration is None:
+            return result
+        from bitpass.passes.format_search import choose_session_fusions
+
+        kept = result.model if result.modified else model.clone()  # the choice is model metadata: not on the input
+        fusions = choose_session_fusions(kept, ctx.calibration, probe,
+                                         progress=lambda m: ctx.progress(f"fuse-transformer: {m}"))
+        if not fusions and not result.modified:
+            return result
+        ctx.records.setdefault("transformer_fusion", {})["session_fusions"] = fusions
+        return PassResult(kept, modified=True, preserved=frozenset())
+
+    def _skip_layer_norm(self) -> bool | None:
+        """Offline SkipLayerNorm fusion: not when ORT's own load-time fusion is timed (``session_fusions``): ORT
+        makes the same node at load unless turned off, and turning it off is only possible for the one it makes."""
+        cfg = self.config
+        return False if cfg.skip_layer_norm is None and cfg.session_fusions else cfg.skip_layer_norm
+
+    def _fuse(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         if ctx.target.backend != "onnxruntime":  # com.microsoft contrib ops: only ONNX Runtime runs them
             ctx.records["transformer_fusion"] = {"applied": False, "why": f"ONNX Runtime's contrib operators; the "
@@ -205,7 +233,7 @@ class FuseTransformer(Pass):
         try:
             fused, record = fuse_transformer(model, model_type=model_type, attention=cfg.attention,
                                              embed_layer_norm=cfg.embed_layer_norm,
-                                             skip_layer_norm=cfg.skip_layer_norm, num_heads=cfg.num_heads,
+                                             skip_layer_norm=self._skip_layer_norm(), num_heads=cfg.num_heads,
                                              hidden_size=cfg.hidden_size)
         except Exception as err:  # the optimizer is an optimization: an unrecognised graph stays as it is
             ctx.records["transformer_fusion"] = {"applied": False, "why": f"the optimizer failed: {first_line(err)}"}

@@ -1,8 +1,10 @@
 """Named pipelines shipped with bitpass (registered under ``bitpass.pipelines``)."""
 
 #: fp32 clean-up and fusion only: outputs stay equal to the input model's (up to fp32 rounding). Transformer
-#: graphs also get ONNX Runtime's transformer fusions, attention included, kept when not slower on the target.
-OPTIMIZE = "fold-constants,eliminate-dead-nodes,fuse,fuse-transformer(attention=true,embed_layer_norm=true)"
+#: graphs also get ONNX Runtime's transformer fusions, attention included, kept when not slower on the target, and
+#: ORT's own load-time fusions (SkipLayerNormalization) are turned off where they measure slower.
+OPTIMIZE = ("fold-constants,eliminate-dead-nodes,fuse,"
+            "fuse-transformer(attention=true,embed_layer_norm=true,session_fusions=true)")
 
 #: the default compile: optimize, expand the function operators the runtime would expand (so calibration sees the
 #: graph ORT quantizes; after fuse, which writes HardSwish), ONNX Runtime's transformer fusions where they are not

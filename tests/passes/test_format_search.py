@@ -439,3 +439,24 @@ def test_the_choice_travels_to_the_artifacts_session_json(tmp_path, cnn_model):
     set_disabled_optimizers(model, [])
     backend.emit(model, tmp_path, backend.default_target)
     assert json.loads((tmp_path / "session.json").read_text())["disabled_optimizers"] == []
+
+
+def test_a_model_without_int8_layers_gets_the_fusion_choice_too_and_the_next_compile_takes_it_the_same_way(tmp_path):
+    """Packed or fp32 layers only: the search does not run, but ORT's load-time fusions are still timed (and the
+    rounds cached, so the choice, and with it the artifact, is the same next time)."""
+    from bitpass.backends.onnxruntime.latency import LatencyProbe
+    from bitpass.frontend import load_model
+    from bitpass.passes.format_search import choose_session_fusions, disabled_optimizers
+
+    path, feeds = _skip_layer_norm_model(tmp_path)
+    model = load_model(path)
+    data = from_arrays({"x": np.concatenate([feeds[8]["x"], feeds[8]["x"]])}, model.inputs)
+    said: list[str] = []
+    record = choose_session_fusions(model, data, LatencyProbe(), progress=said.append)
+    assert record["fused_at_load"] == ["SkipLayerNormFusion"]
+    assert disabled_optimizers(model) == record["disabled_optimizers"]
+    assert (record["disabled_optimizers"] == ["SkipLayerNormFusion"]) == record["without_them"]["faster"]
+    again = load_model(path)
+    assert choose_session_fusions(again, data, LatencyProbe())["without_them"] == record["without_them"]
+    assert disabled_optimizers(again) == disabled_optimizers(model)
+    assert any("with and without" in m for m in said)

@@ -138,7 +138,8 @@ def optimize(model: Model) -> Model:
 
 def test_optimize_is_fold_eliminate_fuse() -> None:
     assert default_registry().pipeline("optimize").spec() == (
-        "fold-constants,eliminate-dead-nodes,fuse,fuse-transformer(attention=true,embed_layer_norm=true)")
+        "fold-constants,eliminate-dead-nodes,fuse,"
+        "fuse-transformer(attention=true,embed_layer_norm=true,session_fusions=true)")
 
 
 @pytest.mark.parametrize("fixture", ["cnn_model", "mlp_model"])

@@ -62,3 +62,21 @@ def test_the_optimizer_never_copies_large_weights_they_are_shared_with_the_input
     large = [name for name, value in originals.items() if value.const_value.size >= 1 << 14]
     assert large and set(large) <= set(shared)
     np.testing.assert_allclose(run(fused, feeds), run(model, feeds), rtol=1e-3, atol=1e-4)
+
+
+def test_the_optimize_pipeline_times_orts_load_time_skip_layer_norm_and_records_its_choice(bert, tmp_path):
+    """``optimize`` ends at this pass: ORT's own SkipLayerNormalization (made at load, which offline fusion would
+    make impossible to turn off) is timed with and without, and the choice travels to the artifact."""
+    import json
+
+    from bitpass.tools import compile
+
+    model, feeds = bert
+    artifact = compile(model.clone(), tmp_path / "out", pipeline="optimize", calibration=feeds)  # timed on this CPU
+    record = artifact.manifest["records"]["transformer_fusion"]
+    assert "SkipLayerNormalization" not in record.get("fused", {})  # left to the session, where it can be timed
+    choice = record["session_fusions"]
+    assert choice["fused_at_load"] == ["SkipLayerNormFusion"]
+    assert (choice["disabled_optimizers"] == ["SkipLayerNormFusion"]) == choice["without_them"]["faster"]
+    session = json.loads((tmp_path / "out" / "session.json").read_text())
+    assert session["disabled_optimizers"] == choice["disabled_optimizers"]
