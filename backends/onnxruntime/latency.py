@@ -387,7 +387,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                   "seconds": {k: round(v, 3) for k, v in phase_seconds.items()}}
     for layer_id, why in sorted(failures.items()):
         say(f"warning: layer {layer_id} was not timed ({why}); it stays in a safe format")
-    _save(cache, stored)
+    _store_json(cache, stored)
     return table
 
 
@@ -414,22 +414,8 @@ def _name(variant: Variant) -> str:
 
 
 def _load(cache: Path) -> dict[str, float]:
-    try:
-        data = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
-
-
-def _save(cache: Path, stored: Mapping[str, float]) -> None:
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**_load(cache), **stored}  # another compile may have written meanwhile
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, sort_keys=True))
-        tmp.replace(cache)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
+    """The per-layer timings stored in ``cache`` (entries that are not numbers are ignored)."""
+    return {k: float(v) for k, v in _load_json(cache).items() if isinstance(v, (int, float))}
 
 
 #: file (beside the per-layer cache) of whole-graph timings asked for with ``graphs(..., cached=True)``
