@@ -45,7 +45,6 @@ BERT-base search held every candidate's serialized bytes and the fp32 bytes at o
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -105,7 +104,9 @@ class GraphTimer(Protocol):
     """What the target supplies: whole models timed against each other at each batch of ``feeds``;
     ``rounds``/``min_seconds``/``budget_seconds``, when given, ask for a longer timing (a confirmation);
     ``disabled_optimizers`` (name -> ORT optimizer names) times a model with those optimizers off (a timer that
-    cannot, a cost model, ignores it and times both alike, so nothing is turned off). The
+    cannot, a cost model, ignores it and times both alike, so nothing is turned off); ``cached=True`` lets it answer
+    from rounds it timed before for the same models, feeds and options on this CPU (one that keeps none ignores
+    it). The
     search hands it ONNX files (weights as external data beside them), never serialized bytes: a BERT-base
     candidate set held as bytes cost gigabytes in the compiling process."""
 
@@ -576,8 +577,8 @@ def _session_fusions(path: Path, folder: Path, feeds: Mapping[int, Mapping[str, 
     if not fused:
         return [], {}
     say(f"timing the model with and without ONNX Runtime's {', '.join(fused)}")
-    extra = {"cached": True} if cached and "cached" in inspect.signature(timer.graphs).parameters else {}
-    timed = timer.graphs({"with": path, "without": path}, feeds, disabled_optimizers={"without": fused}, **extra)
+    timed = timer.graphs({"with": path, "without": path}, feeds, disabled_optimizers={"without": fused},
+                         **({"cached": True} if cached else {}))
     ratios = {b: paired_ratios(timed, "without", "with", b) for b in feeds}
     verdict = faster_with_confidence(ratios, min_gain=SESSION_MIN_GAIN, clear=1.0)
     if verdict.faster is None:  # unsure: ORT's defaults stay
