@@ -189,7 +189,7 @@ def _sizes(reference_model: Model, weight_bytes: int, reference_bytes: bytes, di
 def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None], lm: DecoderSpec | None = None,
-             predicted: tuple[list[np.ndarray] | None, list[np.ndarray] | None] | None = None) -> dict[str, Any]:
+             predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
     """Size, quality on ``evaluation`` and latency against fp32; ``predicted``: (fp32, artifact) outputs on
     ``evaluation`` the quality gate already has."""
     metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_bytes, directory, files)}
@@ -443,8 +443,8 @@ class _Built:
     stage: Path
     files: list[str]
     runner: Runner | None
-    #: its outputs on the quality gate's data, once predicted (the summary's quality reuses them)
-    gate_outputs: list[np.ndarray] | None = field(default=None, repr=False)
+    #: (fp32's, its own) outputs on the quality gate's data, once predicted (the summary's quality reuses them)
+    gate_outputs: tuple[list[np.ndarray], list[np.ndarray]] | None = field(default=None, repr=False)
 
 
 def _compile(
@@ -533,10 +533,9 @@ def _compile(
     built = build(final)
     reference = reference_runner(reference_model, for_timing=True) if on_host else None
     gate_data = evaluation_data or held_back
-    reference_outputs: dict[int, list[np.ndarray]] = {}  # id(dataset) -> fp32 outputs on it
     if reference is not None and built.runner is not None and gate_data is not None:
         built, gate = _quality_gate(built, reference, gate_data, wanted, passes, before_quantize, build, destination,
-                                    reference_model, ctx, say, reference_outputs)
+                                    reference_model, ctx, say)
         ctx.records["quality_gate"] = gate
         if gate.get("warning"):
             ctx.records.setdefault("notes", []).append(gate["warning"])
@@ -560,9 +559,7 @@ def _compile(
         ctx.records["backend"] = backend_records
     reference_bytes = reference_model.to_bytes()
     if reference is not None and built.runner is not None:
-        predicted = None
-        if evaluation_data is not None and evaluation_data is gate_data and built.gate_outputs is not None:
-            predicted = (reference_outputs.get(id(evaluation_data)), built.gate_outputs)
+        predicted = built.gate_outputs if evaluation_data is not None and evaluation_data is gate_data else None
         metrics = _measure(reference, built.runner, reference_bytes, stored, reference_model, stage, files,
                            evaluation_data, calib, latency, say, lm, predicted)
     else:
@@ -602,8 +599,7 @@ def _compile(
 def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quality.Tolerance | None,
                   passes: Pipeline, before_quantize: _BeforeQuantize, build: Callable[[Model], _Built],
                   destination: artifact_io.Destination, reference_model: Model, ctx: PassContext,
-                  say: Callable[[str], None],
-                  reference_outputs: dict[int, list[np.ndarray]] | None = None) -> tuple[_Built, dict[str, Any]]:
+                  say: Callable[[str], None]) -> tuple[_Built, dict[str, Any]]:
     """Measure ``built`` against fp32 on ``data``; on a miss, put the layers that add the most error back in
     fp32 (re-running the pipeline from its ``quantize`` pass) until the tolerance is met. Returns the artifact
     to keep and the gate's record (every step, the tolerance, whether it passed)."""
@@ -611,13 +607,11 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
 
     started = time.perf_counter()
     ref_out = measure.predict(reference, data)
-    if reference_outputs is not None:
-        reference_outputs[id(data)] = ref_out
     kind = quality.output_kind(ref_out, reference.output_names, data.labels)
     tolerance = wanted or quality.default_tolerance(kind)
     mask = quality.token_mask(data.inputs, ref_out[0])
-    built.gate_outputs = measure.predict(built.runner, data)
-    value = quality.score(tolerance, ref_out, built.gate_outputs, data.labels, mask)
+    built.gate_outputs = (ref_out, measure.predict(built.runner, data))
+    value = quality.score(tolerance, ref_out, built.gate_outputs[1], data.labels, mask)
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
                               "passed": tolerance.met(value), "final_text": tolerance.describe(value)}
@@ -662,8 +656,8 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        candidate.gate_outputs = measure.predict(candidate.runner, data)
-        got = quality.score(tolerance, ref_out, candidate.gate_outputs, data.labels, mask)
+        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data))
+        got = quality.score(tolerance, ref_out, candidate.gate_outputs[1], data.labels, mask)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each
         # holds an ONNX Runtime session; a ResNet-50's attempts together outgrew 24 GB)
