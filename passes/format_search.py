@@ -14,7 +14,12 @@ fresh process, at batch 1 and a larger batch:
    most int8 layers are MatMul/Gemm (a transformer), those layers in dynamic int8;
 2. repairs of the fastest: layers whose one-layer timing says their compute format is no faster
    than fp32 fall back (fp32, or packed at their planned width when an allocation set the width);
-   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it;
+   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it; and the opposite, the
+   plan's packed Conv/MatMul/Gemm layers computing in int8 on their widened codes (``merged``: same
+   bytes; one-layer timings, which pay a Quantize and a Dequantize per layer, leave a size plan's
+   ResNet-50 mostly packed at 0.4-0.6x the all-int8 speed, while the whole graph in int8 runs at
+   int8 speed). A plan with no int8 compute layer at all is searched from its merged form, the plan
+   itself being the fallback;
 3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
    Quantize and a Dequantize for one layer's gain).
 
@@ -65,8 +70,8 @@ from bitpass.passes import execution
 from bitpass.passes.allocation import formats
 from bitpass.passes.analyses import ActivationRanges
 from bitpass.passes.int8_flavours import FLAVOURS, S8S8, U8S8, U8S8_REDUCED, Flavour, to_uint8_activations
-from bitpass.passes.materialize import (DYNAMIC, FP32, INT8_QDQ, PACKED, LayerPlan, QuantizeOptions, decide,
-                                        materialize)
+from bitpass.passes.materialize import (DYNAMIC, FP32, INT8_QDQ, PACKED, WIDENED_OPS, LayerPlan, QuantizeOptions,
+                                        decide, materialize)
 
 #: a challenger must be this much faster (geometric mean over batches of its median paired ratios) to replace the
 #: incumbent, besides being faster than it in at least three rounds of four at every batch (see the module doc)
@@ -87,7 +92,7 @@ ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 5
+SEARCH_VERSION = 6
 
 
 class Timings(Protocol):
@@ -257,6 +262,13 @@ def fallback_plan(entry: LayerPlan, fallback: str) -> LayerPlan:
     return LayerPlan(32, 32)
 
 
+def merged_plan(model: Model, plan: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """``plan`` with its packed Conv/MatMul/Gemm layers computing in int8 on their widened codes (same bytes)."""
+    ops = {layer.id: layer.op_type for layer in model.layers()}
+    return {lid: (LayerPlan(p.weight_bits, 8, "qdq", p.block_size)
+                  if p.format == PACKED and ops.get(lid) in WIDENED_OPS else p) for lid, p in plan.items()}
+
+
 def search(model: Model, *, ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions,
            timer: GraphTimer, layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None = None,
            fallback: str = FP32, batches: Sequence[int] = (1, 8), use_cache: bool = True,
@@ -269,7 +281,8 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     plan = plan_of(model)
     compute = compute_layers(plan)
     flavours = _flavours(options)
-    if not compute:
+    merged = merged_plan(model, plan) if ranges is not None else plan
+    if not compute and (merged == plan or fallback != PACKED):
         built = materialize_in(model, plan, flavours[-1], ranges, calibration, options)
         return SearchResult(built, flavours[-1], plan, {"note": "no int8 compute layers: nothing to search"})
     if calibration.fixed_batch:
@@ -289,18 +302,25 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
                                 folder, model)
             set_disabled_optimizers(built, cached["record"].get("disabled_optimizers", []))
             return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
-        return _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration, options=options,
-                            timer=timer, layer_times=layer_times, fallback=fallback, batches=batches, say=say,
-                            key=key, folder=folder, fp32_path=fp32_path, fp32_nbytes=fp32_nbytes)
+        return _search_cold(model, plan, compute, flavours, merged=merged, ranges=ranges, calibration=calibration,
+                            options=options, timer=timer, layer_times=layer_times, fallback=fallback,
+                            batches=batches, say=say, key=key, folder=folder, fp32_path=fp32_path,
+                            fp32_nbytes=fp32_nbytes)
 
 
 def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], flavours: list[Flavour], *,
-                 ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
+                 merged: dict[str, LayerPlan], ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
                  layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None, fallback: str,
                  batches: Sequence[int], say: Callable[[str], None], key: str | None, folder: Path,
                  fp32_path: Path, fp32_nbytes: int) -> SearchResult:
     """The search itself (no cached choice): candidates are built one at a time, each written to ``folder`` and
-    dropped from memory; only their files, plans and measurements are kept, and the winner is read back."""
+    dropped from memory; only their files, plans and measurements are kept, and the winner is read back.
+
+    ``merged``: ``plan`` with its packed layers computing in int8 (``merged_plan``); when ``plan`` has no int8
+    compute layer, the search starts from it (its fallback, every layer packed again, is ``plan``)."""
+    first_name = "plan"
+    if not compute:
+        plan, compute, first_name = merged, compute_layers(merged), "merged"
     check = calibration.head(CHECK_SAMPLES)
     reference = _outputs(fp32_path, check)
     feeds = {b: calibration.batch_of(b) for b in batches}
@@ -392,7 +412,8 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
         return incumbent
 
     # 1. the plan in each flavour, and the all-fallback plan (fp32 speed)
-    first = [build(Candidate(f"plan-{f.name}", dict(plan), f, "the plan as made")) for f in flavours]
+    first = [build(Candidate(f"{first_name}-{f.name}", dict(plan), f, "the plan as made" if first_name == "plan" else
+                             "the plan's packed layers computing in int8")) for f in flavours]
     _eligibility(first)
     if U8S8 in flavours and not next(c for c in first if c.flavour == U8S8).eligible:
         say("format search: U8S8 is not exact on this CPU; trying it with 7-bit weights")
@@ -422,11 +443,10 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     best = challenge(flavoured, fallback_all, timed)
     best_int8 = min(flavoured, key=lambda c: c.score()) if flavoured else None
 
-    # 2. repairs of the fastest flavour: slow layers back, MatMul/Gemm to dynamic where that is faster
-    if best_int8 is not None and layer_times is not None:
-        table = layer_times(_variants(model, plan, compute))
+    # 2. repairs of the fastest flavour: slow layers back, MatMul/Gemm to dynamic where that is faster, packed
+    #    layers computing in int8
+    if best_int8 is not None:
         f = best_int8.flavour
-        repaired, why = _repair_slow(plan, compute, table, f, fallback)
         repairs: list[Candidate] = []
         timed_before = [*first, fallback_all]
 
@@ -439,14 +459,22 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
             taken = {c.name for c in [*timed_before, *repairs]}
             repairs.append(build(Candidate(name if name not in taken else f"{name}-repair", repair_plan, f, why_text)))
 
-        if why and len(why) < len(compute):
-            new(f"repaired-{f.name}", repaired, "layers no faster than fp32 alone fell back: " + _short(why))
-        switched, why_dynamic = _dynamic_where_faster(repaired, table, f, model)
-        if why_dynamic:
-            new(f"dynamic-{f.name}", switched, "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))
-        failures = getattr(table, "failures", None)
-        if failures:
-            rounds.append({"not_timed": dict(failures)})
+        if merged != plan:
+            widened = sorted(lid for lid, p in merged.items() if p != plan[lid])
+            new(f"merged-{f.name}", merged, f"{len(widened)} packed layer(s) computing in int8 on their widened "
+                                             f"codes: {_short({lid: 'packed' for lid in widened})}")
+        if layer_times is not None:
+            table = layer_times(_variants(model, plan, compute))
+            repaired, why = _repair_slow(plan, compute, table, f, fallback)
+            if why and len(why) < len(compute):
+                new(f"repaired-{f.name}", repaired, "layers no faster than fp32 alone fell back: " + _short(why))
+            switched, why_dynamic = _dynamic_where_faster(repaired, table, f, model)
+            if why_dynamic:
+                new(f"dynamic-{f.name}", switched,
+                    "MatMul/Gemm layers whose dynamic int8 is faster: " + _short(why_dynamic))
+            failures = getattr(table, "failures", None)
+            if failures:
+                rounds.append({"not_timed": dict(failures)})
         if repairs:
             _eligibility([*first, *repairs])
             repairs = [c for c in repairs if c.eligible]

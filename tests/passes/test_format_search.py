@@ -152,6 +152,36 @@ def test_an_allocated_plan_falls_back_to_packed_at_its_width(cnn_model, calib_ar
     assert {(p.weight_bits, p.format) for p in result.plan.values()} == {(4, "packed")}
 
 
+def test_packed_layers_of_a_size_plan_compute_in_int8_when_the_whole_graph_is_faster(cnn_model, calib_arrays):
+    """One-layer timings leave most of a size plan packed; the whole graph with those layers in int8 (their
+    codes widened at load, the same bytes) is a candidate, timed like the others."""
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    layers = cnn_model.layers()
+    plan = {layer.id: LayerPlan(4, 8, "qdq") if i == 0 else LayerPlan.packed(4) for i, layer in enumerate(layers)}
+    annotate(cnn_model, plan)
+    result = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
+    assert result.record["chosen"] == "merged-u8s8"
+    assert {(p.weight_bits, p.format) for p in result.plan.values()} == {(4, "qdq")}
+    assert set(_formats(result.model).values()) == {"qdq"}
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=1.5, s8=2.0, dynamic=1.8), fallback="packed",
+                   use_cache=False)
+    assert not any(p.format == "qdq" for lid, p in slow.plan.items() if lid != layers[0].id)
+
+
+def test_a_plan_with_no_int8_layer_is_searched_from_its_packed_layers_in_int8(cnn_model, calib_arrays):
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    annotate(cnn_model, {layer.id: LayerPlan.packed(4) for layer in cnn_model.layers()})
+    fast = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
+    assert fast.record["chosen"] == "merged-u8s8"
+    assert {(p.weight_bits, p.format) for p in fast.plan.values()} == {(4, "qdq")}
+    annotate(cnn_model, {layer.id: LayerPlan.packed(4) for layer in cnn_model.layers()})
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=1.5, s8=2.0, dynamic=1.8), fallback="packed",
+                   use_cache=False)
+    assert {(p.weight_bits, p.format) for p in slow.plan.values()} == {(4, "packed")}
+
+
 def test_the_choice_is_cached_so_the_same_inputs_give_the_same_artifact(cnn_model, calib_arrays):
     target = CostModelTarget()
     first = _search(cnn_model, calib_arrays, target)
