@@ -138,7 +138,7 @@ class OnnxRuntimeBackend(Backend):
 
     def emit(self, model: Model, directory: Path, target: str) -> list[str]:
         self.check_target(target)
-        (directory / "model.onnx").write_bytes(model.to_bytes())
+        model.save(directory / "model.onnx")  # streamed tensor by tensor: no serialized copy of the model held
         # the format search's timed choice of ORT's load-time fusions (format_search.set_disabled_optimizers)
         session = {**DEFAULT_SESSION, "disabled_optimizers": disabled_optimizers(model)}
         (directory / "session.json").write_text(json.dumps(session, indent=2, sort_keys=True) + "\n")
