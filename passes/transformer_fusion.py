@@ -212,7 +212,7 @@ class FuseTransformer(Pass):
         from bitpass.passes.format_search import choose_session_fusions
 
         kept = result.model if result.modified else model.clone()  # the choice is model metadata: not on the input
-        fusions = choose_session_fusions(kept, ctx.calibration, probe,
+        fusions = choose_session_fusions(kept, ctx.calibration, probe, batches=_timing_batches(model),
                                          progress=lambda m: ctx.progress(f"fuse-transformer: {m}"))
         if not fusions and not result.modified:
             return result
@@ -263,12 +263,24 @@ class FuseTransformer(Pass):
         return PassResult(fused, modified=True, preserved=frozenset())
 
 
+def _timing_batches(model: Model) -> tuple[int, ...]:
+    """Batches whole graphs are timed at: 1 and 8, but only 1 for a language model, whose calibration samples are
+    whole windows (8 windows of 128 tokens through a 355 M GPT-2 took seconds a call, and it serves one sequence
+    at a time)."""
+    from bitpass.frontend.decoder import lm_spec
+
+    try:
+        return (1,) if lm_spec(model) is not None else (1, 8)
+    except Exception:  # noqa: BLE001 - a damaged decoder record: time it as any model
+        return (1, 8)
+
+
 def _timed(model: Model, fused: Model, ctx: PassContext) -> dict[str, float] | None:
     """Batch -> unfused seconds / fused seconds on the target (None when it cannot time whole models)."""
     probe = (ctx.target.options or {}).get("latency_probe")
     if not hasattr(probe, "graphs") or ctx.calibration is None:
         return None
-    batches = (ctx.calibration.fixed_batch,) if ctx.calibration.fixed_batch else (1, 8)
+    batches = (ctx.calibration.fixed_batch,) if ctx.calibration.fixed_batch else _timing_batches(model)
     feeds = {b: ctx.calibration.batch_of(b) for b in batches}
     with tempfile.TemporaryDirectory(prefix="bitpass-transformer-") as tmp:
         # files, one written at a time, not both models' bytes held while the timing process runs

@@ -232,6 +232,19 @@ def _lm_fidelity(reference: Runner, runner: Runner, data: Dataset, lm: DecoderSp
     return {"samples": len(data), **quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)}
 
 
+def _decoder_session(runner: Runner, source: bytes | Path, lm: DecoderSpec) -> Any:
+    """A decoder session over ``runner``'s ONNX Runtime session (made for timing already: a second session of a
+    350 M model would cost its weights again and seconds to build), else one loaded from ``source``."""
+    import onnxruntime as ort
+
+    from bitpass.backends.onnxruntime import generate
+
+    session = getattr(runner, "session", None)
+    if isinstance(session, ort.InferenceSession):
+        return generate.DecoderSession(session, lm)
+    return generate.DecoderSession.load(source, lm, for_timing=True)
+
+
 def _measure_lm(reference: Runner, runner: Runner, reference_bytes: bytes, directory: Path,
                 evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
                 progress: Callable[[str], None], lm: DecoderSpec,
@@ -248,8 +261,8 @@ def _measure_lm(reference: Runner, runner: Runner, reference_bytes: bytes, direc
     model_path = directory / "model.onnx"
     if latency and model_path.is_file():
         progress("measuring decode (one token after 128 cached) and prefill (128 tokens) against fp32")
-        metrics["latency"] = generate.decoder_latency(generate.DecoderSession.load(reference_bytes, lm, for_timing=True),
-                                                      generate.DecoderSession.load(model_path, lm, for_timing=True))
+        metrics["latency"] = generate.decoder_latency(_decoder_session(reference, reference_bytes, lm),
+                                                      _decoder_session(runner, model_path, lm))
     if model_path.is_file():
         progress("measuring session memory of fp32 and the artifact in fresh processes")
         with tempfile.TemporaryDirectory(prefix="bitpass-reference-") as tmp:
