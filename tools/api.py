@@ -12,6 +12,7 @@ import hashlib
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -175,7 +176,7 @@ def _legalize(backend: Backend, model: Model, target: str, when: str) -> None:
 ZIP_ALWAYS_BYTES = 256 << 20
 
 
-def _sizes(reference_model: Model, weight_bytes: int, reference_bytes: bytes, directory: Path,
+def _sizes(reference_model: Model, weight_bytes: int, reference_file: Path, directory: Path,
            files: Sequence[str], *, sparse: bool = True) -> dict[str, Any]:
     """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference;
     the zipped sizes too when the artifact is ``sparse`` or the model small (``ZIP_ALWAYS_BYTES``)."""
@@ -183,12 +184,12 @@ def _sizes(reference_model: Model, weight_bytes: int, reference_bytes: bytes, di
     size = (directory / deployable).stat().st_size
     sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": weight_bytes,
              "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
-             "fp32_file_bytes": len(reference_bytes), "file": deployable, "file_bytes": size,
-             "file_ratio": size / max(len(reference_bytes), 1)}
-    if not sparse and len(reference_bytes) > ZIP_ALWAYS_BYTES:
+             "fp32_file_bytes": reference_file.stat().st_size, "file": deployable, "file_bytes": size,
+             "file_ratio": size / max(reference_file.stat().st_size, 1)}
+    if not sparse and reference_file.stat().st_size > ZIP_ALWAYS_BYTES:
         return sizes
     # unstructured zeros save nothing uncompressed: the zipped sizes show them
-    fp32_zip = artifact_io.deflated_size(reference_bytes)
+    fp32_zip = artifact_io.deflated_size(reference_file)
     zipped = artifact_io.deflated_size(directory / deployable)
     sizes.update(fp32_compressed_bytes=fp32_zip, compressed_bytes=zipped, compressed_ratio=zipped / max(fp32_zip, 1))
     return sizes
@@ -199,16 +200,16 @@ def _sparse(model: Model) -> bool:
     return any((annotation.sparsity(layer.node) or 0) > 0 for layer in model.layers())
 
 
-def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_bytes: int, reference_model: Model,
+def _measure(reference: Runner, runner: Runner, reference_file: Path, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None], lm: DecoderSpec | None = None,
              predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None, sparse: bool = True) -> dict[str, Any]:
     """Size, quality on ``evaluation`` and latency against fp32; ``predicted``: (fp32, artifact) outputs on
     ``evaluation`` the quality gate already has; ``sparse``: whether the artifact has pruned layers."""
-    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_bytes, directory, files,
+    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_file, directory, files,
                                               sparse=sparse)}
     if lm is not None:
-        return {**metrics, **_measure_lm(reference, runner, reference_bytes, directory, evaluation, calibration, latency,
+        return {**metrics, **_measure_lm(reference, runner, reference_file, directory, evaluation, calibration, latency,
                                          progress, lm, predicted)}
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
@@ -245,13 +246,11 @@ def _decoder_session(runner: Runner, source: bytes | Path, lm: DecoderSpec) -> A
     return generate.DecoderSession.load(source, lm, for_timing=True)
 
 
-def _measure_lm(reference: Runner, runner: Runner, reference_bytes: bytes, directory: Path,
+def _measure_lm(reference: Runner, runner: Runner, reference_file: Path, directory: Path,
                 evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
                 progress: Callable[[str], None], lm: DecoderSpec,
                 predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
     """A language model's figures: per-token quality, decode and prefill speed, session memory (fresh processes)."""
-    import tempfile
-
     from bitpass.backends.onnxruntime import generate
 
     metrics: dict[str, Any] = {}
@@ -261,15 +260,12 @@ def _measure_lm(reference: Runner, runner: Runner, reference_bytes: bytes, direc
     model_path = directory / "model.onnx"
     if latency and model_path.is_file():
         progress("measuring decode (one token after 128 cached) and prefill (128 tokens) against fp32")
-        metrics["latency"] = generate.decoder_latency(_decoder_session(reference, reference_bytes, lm),
+        metrics["latency"] = generate.decoder_latency(_decoder_session(reference, reference_file, lm),
                                                       _decoder_session(runner, model_path, lm))
     if model_path.is_file():
         progress("measuring session memory of fp32 and the artifact in fresh processes")
-        with tempfile.TemporaryDirectory(prefix="bitpass-reference-") as tmp:
-            reference_path = Path(tmp) / "reference.onnx"
-            reference_path.write_bytes(reference_bytes)
-            memory = {"fp32": generate.session_memory(reference_path, lm),
-                      "artifact": generate.session_memory(model_path, lm)}
+        memory = {"fp32": generate.session_memory(reference_file, lm),
+                  "artifact": generate.session_memory(model_path, lm)}
         metrics["memory"] = {name: {key: int(value) for key, value in vars(figures).items()}
                              for name, figures in memory.items()}
         metrics["memory"]["session_ratio"] = memory["artifact"].session_rss / max(memory["fp32"].session_rss, 1)
@@ -587,14 +583,17 @@ def _compile(
     backend_records = backend_impl.records(stage)
     if backend_records:
         ctx.records["backend"] = backend_records
-    reference_bytes = reference_model.to_bytes()
+    # the fp32 reference as a file (streamed: a 355 M model's bytes are never held), removed when the compile ends
+    scratch = tempfile.TemporaryDirectory(prefix="bitpass-reference-")
+    reference_file = Path(scratch.name) / "reference.onnx"
+    reference_model.save(reference_file)
     if reference is not None and built.runner is not None:
         predicted = built.gate_outputs if evaluation_data is not None and evaluation_data is gate_data else None
-        metrics = _measure(reference, built.runner, reference_bytes, stored, reference_model, stage, files,
+        metrics = _measure(reference, built.runner, reference_file, stored, reference_model, stage, files,
                            evaluation_data, calib, latency, say, lm, predicted, sparse=_sparse(final))
     else:
         say(f"target {target} does not run on this machine: quality and latency are not measured")
-        metrics = {"size": _sizes(reference_model, stored, reference_bytes, stage, files, sparse=_sparse(final)),
+        metrics = {"size": _sizes(reference_model, stored, reference_file, stage, files, sparse=_sparse(final)),
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
     manifest = {
@@ -615,7 +614,7 @@ def _compile(
         "summary": layer_report.summarize(records),
         "metrics": metrics,
         "seed": seed,
-        "reference": _keep_reference(model, reference_bytes),
+        "reference": _keep_reference(model, reference_file),
         "files": artifact_io.file_table(stage, files),
     }
     if lm is not None:
@@ -623,6 +622,7 @@ def _compile(
     (stage / REPORT).write_text(report.render(manifest))
     manifest["files"].update(artifact_io.file_table(stage, [REPORT]))
     artifact_io.write_manifest(stage, manifest)
+    scratch.cleanup()
     return manifest, stage
 
 
@@ -733,10 +733,13 @@ def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]
         return {}
 
 
-def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:
+def _keep_reference(model: Any, reference_file: Path) -> dict[str, Any]:
     """Where ``verify`` will find the fp32 reference, which never ships inside the artifact: the input file
     itself when the model came from one, else a content-addressed copy in the cache folder."""
-    digest = hashlib.sha256(reference_bytes).hexdigest()
+    import shutil
+
+    with reference_file.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     if isinstance(model, (str, os.PathLike)):
         return {"sha256": digest, "source": str(Path(model).resolve()), "cached": False}
     cached = reference_cache() / f"{digest}.onnx"
@@ -744,7 +747,7 @@ def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{os.getpid()}.partial")
-            partial.write_bytes(reference_bytes)
+            shutil.copyfile(reference_file, partial)
             partial.replace(cached)
     except OSError:
         return {"sha256": digest, "source": None, "cached": False}
