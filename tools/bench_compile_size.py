@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,8 @@ class Phase:
     cpu_at_s: float  # the child's CPU seconds then
     seconds: float = 0.0
     cpu_seconds: float = 0.0
-    peak_rss_mb: float = 0.0  # largest resident size polled until the next line
+    peak_rss_mb: float = 0.0  # largest resident size (the child and its descendants) polled until the next line
+    main_rss_mb: float = 0.0  # the same, of the child alone (the rest: timing subprocesses it started)
 
 
 @dataclass
@@ -74,8 +76,8 @@ def _proc_cpu_s(pid: int) -> float | None:
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks  # utime stime cutime cstime
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and its descendants (timing subprocesses), in MiB; 0 when it is gone."""
+def _tree_rss_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of ``pid`` and its descendants (timing subprocesses), and of ``pid`` alone, in MiB."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -85,7 +87,7 @@ def _tree_rss_mb(pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(parent, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    total, own, todo = 0, 0, [pid]
     while todo:
         current = todo.pop()
         todo.extend(children.get(current, []))
@@ -93,9 +95,11 @@ def _tree_rss_mb(pid: int) -> float:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
+                    if current == pid:
+                        own = int(line.split()[1])
         except (OSError, ValueError, IndexError):
             pass
-    return total / 1024
+    return total / 1024, own / 1024
 
 
 def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, memory_limit_mb: float,
@@ -131,9 +135,10 @@ def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, mem
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid == process.pid:
             break
-        rss = _tree_rss_mb(process.pid)
+        rss, own = _tree_rss_mb(process.pid)
         with lock:
             phases[-1].peak_rss_mb = max(phases[-1].peak_rss_mb, rss)
+            phases[-1].main_rss_mb = max(phases[-1].main_rss_mb, own)
         elapsed = time.perf_counter() - start
         if not stopped and elapsed > timeout_s:
             stopped = "timeout"
@@ -153,6 +158,7 @@ def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, mem
         here.seconds = round(after.at_s - here.at_s, 2)
         here.cpu_seconds = round(after.cpu_at_s - here.cpu_at_s, 2)
         here.peak_rss_mb = round(here.peak_rss_mb, 1)
+        here.main_rss_mb = round(here.main_rss_mb, 1)
     return Finished(process.returncode, round(wall, 2), round(cpu, 2), round(usage.ru_maxrss / 1024, 1), stopped,
                     phases, "\n".join(lines[-5:]))
 
@@ -197,8 +203,10 @@ class Row:
 
 
 def _pipeline_args(pipeline: str) -> list[str]:
-    """``optimize`` -> ``--pipeline optimize``; ``avg-bits=4`` -> ``--budget avg-bits=4``."""
-    return ["--budget", pipeline] if "=" in pipeline else ["--pipeline", pipeline]
+    """``optimize`` -> ``--pipeline optimize``; ``avg-bits=4`` -> ``--budget avg-bits=4``; a spec with options
+    (``fuse-transformer(attention=true)``) is a pipeline."""
+    budget = "=" in pipeline and "(" not in pipeline
+    return ["--budget", pipeline] if budget else ["--pipeline", pipeline]
 
 
 def _manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +250,7 @@ def bench(name: str, pipelines: list[str], args: argparse.Namespace) -> list[Row
         stamp.write_text(json.dumps(exported))
     rows = []
     for pipeline in pipelines:
-        out = args.workdir / f"{name}-{layout}-{pipeline.replace('=', '')}"
+        out = args.workdir / f"{name}-{layout}-{re.sub(r'[^A-Za-z0-9.-]+', '', pipeline)[:40]}"
         with tempfile.TemporaryDirectory(prefix="bitpass-bench-cache-") as cache:
             argv = [sys.executable, "-m", "bitpass.tools", "compile", str(folder / "model.onnx"), "-o", str(out),
                     "--force", *_pipeline_args(pipeline), "--calib", str(folder / "calib.npz"),
@@ -269,10 +277,11 @@ def print_row(row: Row) -> None:
     gb = 1024.0
     print(f"\n{row.model} {row.pipeline}: exit {done['returncode']}{' (' + done['stopped'] + ')' if done['stopped'] else ''}"
           f", wall {done['wall_s']:.0f} s, CPU {done['cpu_s']:.0f} s, peak RSS {done['peak_rss_mb'] / gb:.2f} GB")
-    print(f"  {'phase (progress line)':70s} {'wall s':>7s} {'CPU s':>7s} {'peak GB':>8s}")
+    print(f"  {'phase (progress line)':70s} {'wall s':>7s} {'CPU s':>7s} {'peak GB':>8s} {'main GB':>8s}")
     for phase in done["phases"]:
-        peak = f"{phase['peak_rss_mb'] / gb:8.2f}" if phase["peak_rss_mb"] else f"{'-':>8s}"  # shorter than a poll
-        print(f"  {phase['message'][:70]:70s} {phase['seconds']:7.1f} {phase['cpu_seconds']:7.1f} {peak}")
+        peaks = [f"{phase[k] / gb:8.2f}" if phase[k] else f"{'-':>8s}"  # shorter than a poll
+                 for k in ("peak_rss_mb", "main_rss_mb")]
+        print(f"  {phase['message'][:70]:70s} {phase['seconds']:7.1f} {phase['cpu_seconds']:7.1f} {' '.join(peaks)}")
     resources = row.manifest.get("resources") or {}
     if resources:
         print(f"  manifest: peak {resources.get('peak_rss_mb', 0) / gb:.2f} GB at the end of the passes; per pass:")
