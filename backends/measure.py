@@ -24,10 +24,15 @@ EVAL_BATCH = 256
 
 def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH) -> list[np.ndarray]:
     """All outputs of ``runner`` over ``data``, concatenated along the first axis."""
-    parts: list[list[np.ndarray]] = []
+    parts: list[list[np.ndarray | None]] = []
     for feeds in data.batches(batch_size):
-        parts.append(runner.run(feeds))
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        parts.append(list(runner.run(feeds)))
+    outputs = []
+    for i in range(len(parts[0])):  # output by output, each batch's piece dropped once joined: not twice the memory
+        outputs.append(np.concatenate([p[i] for p in parts]))
+        for p in parts:
+            p[i] = None
+    return outputs
 
 
 def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
