@@ -32,7 +32,7 @@ from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
 from bitpass.passes.infra import PassContext, Target
-from bitpass.passes.instruments import PassInstrument, Timing
+from bitpass.passes.instruments import PassInstrument, Timing, lifetime_peak_mb
 from bitpass.passes.pipeline import Pipeline
 from bitpass.passes.progress import Reporter, as_reporter
 from bitpass.plugins import Registry, default_registry
@@ -597,6 +597,8 @@ def _compile(
         metrics = {"size": _sizes(reference_model, stored, reference_file, stage, files, sparse=_sparse(final)),
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
+    # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``
+    ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
