@@ -216,11 +216,24 @@ def _upgrade(model: onnx.ModelProto, name: str, notes: list[str]) -> onnx.ModelP
 def from_proto(model: onnx.ModelProto, *, name: str = "<ModelProto>", sha256: str | None = None,
                kind: str = "proto") -> Model:
     """Check, upgrade and wrap a ModelProto whose external data is already loaded."""
+    _check(model, name)
+    if sha256 is None:
+        sha256 = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    return _wrap(model, name, sha256, kind)
+
+
+def _check(model: onnx.ModelProto | Path, name: str) -> None:
+    """ONNX's checker on a proto, or on a file by path (then it reads the graph itself and only checks that the
+    external data files exist: no copy of the weights is made, where a proto is serialized to be checked)."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{name}: not a valid ONNX model: {first}") from err
+
+
+def _wrap(model: onnx.ModelProto, name: str, sha256: str, kind: str) -> Model:
+    """A checked proto (external data loaded) upgraded and wrapped; the ir tensors wrap its TensorProtos (no copy)."""
     if not model.graph.output:
         raise ModelLoadError(f"{name}: the graph has no outputs; there is nothing to compile")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -228,8 +241,6 @@ def from_proto(model: onnx.ModelProto, *, name: str = "<ModelProto>", sha256: st
     if opset is not None and opset > newest:
         raise ModelLoadError(f"{name}: opset {opset} is newer than the newest this onnx {onnx.__version__} knows "
                              f"({newest}); export the model at opset {newest} or lower")
-    if sha256 is None:
-        sha256 = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
     notes: list[str] = []
     model = _upgrade(model, name, notes)
     ir_model = ir.serde.deserialize_model(model)
@@ -247,16 +258,20 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
                              f"save the weights as external data beside it (onnx.save(..., save_as_external_data=True))")
     data = path.read_bytes()
     _sniff(path, data[:4])
+    digest = hashlib.sha256(data).hexdigest()
     try:
         proto = onnx.load_model_from_string(data)
     except (DecodeError, RuntimeError, ValueError) as err:
         raise ModelLoadError(f"{path}: not an ONNX file (truncated or another format): {err}".splitlines()[0]) from err
+    del data  # a single-file model's weights: the proto holds them now
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX file (no graph or opset): truncated or another format")
     external = _external_data_bytes(proto, path.parent, path.name)
     if size + external > MAX_MODEL_BYTES:
         raise ModelLoadError(f"{path}: {_human(size + external)} with its external data; bitpass handles models up "
                              f"to 2 GiB (protobuf's limit: it passes models to ONNX Runtime serialized) in this version")
+    # checked by path before the weights are read: checking the proto would serialize it (two more copies)
+    _check(path, path.name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -264,7 +279,7 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
     except (OSError, ValueError) as err:  # onnx raises ValueError for bounds and names, OSError for the file
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{path}: cannot read external data: {text[:160]}") from err
-    return from_proto(proto, name=path.name, sha256=hashlib.sha256(data).hexdigest(), kind="onnx")
+    return _wrap(proto, path.name, digest, "onnx")
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:

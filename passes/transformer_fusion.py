@@ -63,25 +63,20 @@ def fuse_transformer(model: Model, *, model_type: str = "bert", attention: bool 
     ``skip_layer_norm`` None follows ``attention`` (see the module docstring: offline SkipLayerNorm slows
     dynamic int8 down, so only fp32 pipelines fuse it)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions(model_type)
     options.enable_attention = attention
     options.enable_embed_layer_norm = embed_layer_norm
     options.enable_skip_layer_norm = attention if skip_layer_norm is None else skip_layer_norm
     before = {layer.id for layer in model.layers()}
-    proto = model.to_proto()
-    # Without attention fusion no fusion reads a large weight (Attention concatenates Q/K/V; the others match
-    # structure and small constants), so the optimizer gets the graph without them: BERT-base's 440 MB of
-    # weights otherwise cost the optimizer about 2.5 GB of copies. They come back from ``model`` by name.
-    stripped = _strip_large_initializers(proto) if not attention else set()
-    with quiet():
-        # the proto itself, not a saved file: at opt_level 0 the optimizer only rewrites the proto it is given
-        optimized = optimize_model(proto, model_type=model_type, num_heads=num_heads,
-                                   hidden_size=hidden_size, optimization_options=options, opt_level=0)
-        stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
-        proto = optimized.model
-    del optimized
+    # The optimizer gets the graph without its large weights (type and shape kept): a GPT-2-small-size model's
+    # 650 MB otherwise cost the optimizer 1.9 GB of copies, and the fused graph a second copy of every weight. Only
+    # the attention fusion reads a large weight (it concatenates Q, K and V): when it fails for want of one, the
+    # optimizer runs again on the whole model. The weights come back from ``model`` by name, shared (no copy).
+    try:
+        proto, stats, stripped = _optimize(model, model_type, options, num_heads, hidden_size, strip=True)
+    except Exception:  # noqa: BLE001 - a fusion needed a stripped weight (or failed anyway: tried once more)
+        proto, stats, stripped = _optimize(model, model_type, options, num_heads, hidden_size, strip=False)
     _import_domains(proto)
     fused_ir = ir.serde.deserialize_model(proto)
     if stripped:
@@ -94,26 +89,38 @@ def fuse_transformer(model: Model, *, model_type: str = "bert", attention: bool 
     return fused_model, {"fused": stats, "swallowed_layers": swallowed}
 
 
-#: initializers with at least this many elements are left out of the proto the optimizer sees (unless attention)
+def _optimize(model: Model, model_type: str, options: Any, num_heads: int, hidden_size: int, *,
+              strip: bool) -> tuple[onnx.ModelProto, dict[str, int], set[str]]:
+    """ORT's optimizer at opt_level 0 on ``model``'s proto (its large initializers stubbed when ``strip``): the
+    optimized proto, the fused-operator counts, and the names of the stubbed initializers."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    proto, stripped = _proto_without_large_weights(model) if strip else (model.to_proto(), set())
+    with quiet():
+        # the proto itself, not a saved file: at opt_level 0 the optimizer only rewrites the proto it is given
+        optimized = optimize_model(proto, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                                   optimization_options=options, opt_level=0)
+        stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
+    return optimized.model, stats, stripped
+
+
+#: initializers with at least this many elements are left out of the proto the optimizer sees
 _STRIP_ELEMENTS = 1 << 14
 _STRIPPED_LOCATION = "bitpass-stripped-initializer"
 
 
-def _strip_large_initializers(proto: onnx.ModelProto) -> set[str]:
-    """Replace the data of every large initializer of ``proto`` (a copy of the model's) by an external-data
-    stub (type and shape kept); their names."""
+def _proto_without_large_weights(model: Model) -> tuple[onnx.ModelProto, set[str]]:
+    """``model`` serialized with every large initializer an external-data stub (type and shape kept, no data), and
+    their names: the weights are never copied into the proto (``to_proto`` then stripping held them once more)."""
+    work = model.ir.clone()  # shares the tensors: only the clone's values take stubs
     stripped = set()
-    for tensor in proto.graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) < _STRIP_ELEMENTS:
-            continue
-        dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
-        tensor.Clear()
-        tensor.name, tensor.data_type = name, data_type
-        tensor.dims.extend(dims)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        tensor.external_data.add(key="location", value=_STRIPPED_LOCATION)
-        stripped.add(name)
-    return stripped
+    for value in work.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and value.name and int(np.prod(tensor.shape.numpy(), dtype=np.int64)) >= _STRIP_ELEMENTS:
+            value.const_value = ir.ExternalTensor(_STRIPPED_LOCATION, 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name)
+            stripped.add(value.name)
+    return ir.serde.serialize_model(work), stripped
 
 
 def _restore_initializers(fused: ir.Model, original: Model, stripped: set[str]) -> None:
@@ -205,7 +212,7 @@ class FuseTransformer(Pass):
         from bitpass.passes.format_search import choose_session_fusions
 
         kept = result.model if result.modified else model.clone()  # the choice is model metadata: not on the input
-        fusions = choose_session_fusions(kept, ctx.calibration, probe,
+        fusions = choose_session_fusions(kept, ctx.calibration, probe, batches=_timing_batches(model),
                                          progress=lambda m: ctx.progress(f"fuse-transformer: {m}"))
         if not fusions and not result.modified:
             return result
@@ -256,18 +263,30 @@ class FuseTransformer(Pass):
         return PassResult(fused, modified=True, preserved=frozenset())
 
 
+def _timing_batches(model: Model) -> tuple[int, ...]:
+    """Batches whole graphs are timed at: 1 and 8, but only 1 for a language model, whose calibration samples are
+    whole windows (8 windows of 128 tokens through a 355 M GPT-2 took seconds a call, and it serves one sequence
+    at a time)."""
+    from bitpass.frontend.decoder import lm_spec
+
+    try:
+        return (1,) if lm_spec(model) is not None else (1, 8)
+    except Exception:  # noqa: BLE001 - a damaged decoder record: time it as any model
+        return (1, 8)
+
+
 def _timed(model: Model, fused: Model, ctx: PassContext) -> dict[str, float] | None:
     """Batch -> unfused seconds / fused seconds on the target (None when it cannot time whole models)."""
     probe = (ctx.target.options or {}).get("latency_probe")
     if not hasattr(probe, "graphs") or ctx.calibration is None:
         return None
-    batches = (ctx.calibration.fixed_batch,) if ctx.calibration.fixed_batch else (1, 8)
+    batches = (ctx.calibration.fixed_batch,) if ctx.calibration.fixed_batch else _timing_batches(model)
     feeds = {b: ctx.calibration.batch_of(b) for b in batches}
     with tempfile.TemporaryDirectory(prefix="bitpass-transformer-") as tmp:
         # files, one written at a time, not both models' bytes held while the timing process runs
         paths = {"unfused": Path(tmp) / "unfused.onnx", "fused": Path(tmp) / "fused.onnx"}
-        model.save(paths["unfused"])
-        fused.save(paths["fused"])
+        model.save_external(paths["unfused"])  # weights streamed tensor by tensor: no serialized copy held
+        fused.save_external(paths["fused"])
         # cached where the probe can: the same two graphs on this CPU get the same verdict next compile (a fresh
         # timing near the threshold flipped it, and with it every later pass and the artifact's bytes)
         timed = probe.graphs(paths, feeds, cached=True)

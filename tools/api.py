@@ -12,6 +12,7 @@ import hashlib
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -31,7 +32,7 @@ from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
 from bitpass.passes.infra import PassContext, Target
-from bitpass.passes.instruments import PassInstrument, Timing
+from bitpass.passes.instruments import PassInstrument, Timing, lifetime_peak_mb
 from bitpass.passes.pipeline import Pipeline
 from bitpass.passes.progress import Reporter, as_reporter
 from bitpass.plugins import Registry, default_registry
@@ -170,32 +171,46 @@ def _legalize(backend: Backend, model: Model, target: str, when: str) -> None:
         raise UnsupportedOperatorError(f"{when}: {problems[0]}{more}")
 
 
-def _sizes(reference_model: Model, weight_bytes: int, reference_bytes: bytes, directory: Path,
-           files: Sequence[str]) -> dict[str, Any]:
-    """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference."""
+#: fp32 models up to this size always get their zipped size measured; larger ones only when the artifact is sparse
+#: (deflating costs ~30 CPU s per GB, and dense weights do not compress: a 124 M GPT-2 spent 42 s on it)
+ZIP_ALWAYS_BYTES = 256 << 20
+
+
+def _sizes(reference_model: Model, weight_bytes: int, reference_file: Path, directory: Path,
+           files: Sequence[str], *, sparse: bool = True) -> dict[str, Any]:
+    """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference;
+    the zipped sizes too when the artifact is ``sparse`` or the model small (``ZIP_ALWAYS_BYTES``)."""
     deployable = next((name for name in files if name.endswith(".so")), "model.onnx")
     size = (directory / deployable).stat().st_size
     sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": weight_bytes,
              "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
-             "fp32_file_bytes": len(reference_bytes), "file": deployable, "file_bytes": size,
-             "file_ratio": size / max(len(reference_bytes), 1)}
+             "fp32_file_bytes": reference_file.stat().st_size, "file": deployable, "file_bytes": size,
+             "file_ratio": size / max(reference_file.stat().st_size, 1)}
+    if not sparse and reference_file.stat().st_size > ZIP_ALWAYS_BYTES:
+        return sizes
     # unstructured zeros save nothing uncompressed: the zipped sizes show them
-    fp32_zip = artifact_io.deflated_size(reference_bytes)
+    fp32_zip = artifact_io.deflated_size(reference_file)
     zipped = artifact_io.deflated_size(directory / deployable)
     sizes.update(fp32_compressed_bytes=fp32_zip, compressed_bytes=zipped, compressed_ratio=zipped / max(fp32_zip, 1))
     return sizes
 
 
-def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_bytes: int, reference_model: Model,
+def _sparse(model: Model) -> bool:
+    """Whether any layer of ``model`` was pruned (its zipped size can then differ from its file size)."""
+    return any((annotation.sparsity(layer.node) or 0) > 0 for layer in model.layers())
+
+
+def _measure(reference: Runner, runner: Runner, reference_file: Path, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None], lm: DecoderSpec | None = None,
-             predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
+             predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None, sparse: bool = True) -> dict[str, Any]:
     """Size, quality on ``evaluation`` and latency against fp32; ``predicted``: (fp32, artifact) outputs on
-    ``evaluation`` the quality gate already has."""
-    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_bytes, directory, files)}
+    ``evaluation`` the quality gate already has; ``sparse``: whether the artifact has pruned layers."""
+    metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_file, directory, files,
+                                              sparse=sparse)}
     if lm is not None:
-        return {**metrics, **_measure_lm(reference, runner, reference_bytes, directory, evaluation, calibration, latency,
-                                         progress, lm)}
+        return {**metrics, **_measure_lm(reference, runner, reference_file, directory, evaluation, calibration, latency,
+                                         progress, lm, predicted)}
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
         known_reference, known_artifact = predicted or (None, None)
@@ -208,38 +223,50 @@ def _measure(reference: Runner, runner: Runner, reference_bytes: bytes, weight_b
     return metrics
 
 
-def _lm_fidelity(reference: Runner, runner: Runner, data: Dataset, lm: DecoderSpec) -> dict[str, Any]:
-    """Per-token fidelity of a language model (``quality.lm_quality``) on ``data``'s windows."""
+def _lm_fidelity(reference: Runner, runner: Runner, data: Dataset, lm: DecoderSpec,
+                 predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
+    """Per-token fidelity of a language model (``quality.lm_quality``) on ``data``'s windows; ``predicted``: the
+    (fp32, artifact) outputs on ``data`` when known (a 124 M model's two predictions cost 20 CPU s and 1 GB)."""
     index = reference.output_names.index(lm.logits)
-    ref = measure.predict(reference, data)[index]
-    got = measure.predict(runner, data)[index]
+    if predicted is None or index >= min(len(predicted[0]), len(predicted[1])):
+        predicted = measure.predict(reference, data), measure.predict(runner, data)
+    ref, got = predicted[0][index], predicted[1][index]
     return {"samples": len(data), **quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)}
 
 
-def _measure_lm(reference: Runner, runner: Runner, reference_bytes: bytes, directory: Path,
-                evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
-                progress: Callable[[str], None], lm: DecoderSpec) -> dict[str, Any]:
-    """A language model's figures: per-token quality, decode and prefill speed, session memory (fresh processes)."""
-    import tempfile
+def _decoder_session(runner: Runner, source: bytes | Path, lm: DecoderSpec) -> Any:
+    """A decoder session over ``runner``'s ONNX Runtime session (made for timing already: a second session of a
+    350 M model would cost its weights again and seconds to build), else one loaded from ``source``."""
+    import onnxruntime as ort
 
+    from bitpass.backends.onnxruntime import generate
+
+    session = getattr(runner, "session", None)
+    if isinstance(session, ort.InferenceSession):
+        return generate.DecoderSession(session, lm)
+    return generate.DecoderSession.load(source, lm, for_timing=True)
+
+
+def _measure_lm(reference: Runner, runner: Runner, reference_file: Path, directory: Path,
+                evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
+                progress: Callable[[str], None], lm: DecoderSpec,
+                predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
+    """A language model's figures: per-token quality, decode and prefill speed, session memory (fresh processes)."""
     from bitpass.backends.onnxruntime import generate
 
     metrics: dict[str, Any] = {}
     if evaluation is not None:
         progress(f"measuring per-token quality on {len(evaluation)} held-out windows")
-        metrics["quality"] = _lm_fidelity(reference, runner, evaluation, lm)
+        metrics["quality"] = _lm_fidelity(reference, runner, evaluation, lm, predicted)
     model_path = directory / "model.onnx"
     if latency and model_path.is_file():
         progress("measuring decode (one token after 128 cached) and prefill (128 tokens) against fp32")
-        metrics["latency"] = generate.decoder_latency(generate.DecoderSession.load(reference_bytes, lm, for_timing=True),
-                                                      generate.DecoderSession.load(model_path, lm, for_timing=True))
+        metrics["latency"] = generate.decoder_latency(_decoder_session(reference, reference_file, lm),
+                                                      _decoder_session(runner, model_path, lm))
     if model_path.is_file():
         progress("measuring session memory of fp32 and the artifact in fresh processes")
-        with tempfile.TemporaryDirectory(prefix="bitpass-reference-") as tmp:
-            reference_path = Path(tmp) / "reference.onnx"
-            reference_path.write_bytes(reference_bytes)
-            memory = {"fp32": generate.session_memory(reference_path, lm),
-                      "artifact": generate.session_memory(model_path, lm)}
+        memory = {"fp32": generate.session_memory(reference_file, lm),
+                  "artifact": generate.session_memory(model_path, lm)}
         metrics["memory"] = {name: {key: int(value) for key, value in vars(figures).items()}
                              for name, figures in memory.items()}
         metrics["memory"]["session_ratio"] = memory["artifact"].session_rss / max(memory["fp32"].session_rss, 1)
@@ -557,16 +584,21 @@ def _compile(
     backend_records = backend_impl.records(stage)
     if backend_records:
         ctx.records["backend"] = backend_records
-    reference_bytes = reference_model.to_bytes()
+    # the fp32 reference as a file (streamed: a 355 M model's bytes are never held), removed when the compile ends
+    scratch = tempfile.TemporaryDirectory(prefix="bitpass-reference-")
+    reference_file = Path(scratch.name) / "reference.onnx"
+    reference_model.save(reference_file)
     if reference is not None and built.runner is not None:
         predicted = built.gate_outputs if evaluation_data is not None and evaluation_data is gate_data else None
-        metrics = _measure(reference, built.runner, reference_bytes, stored, reference_model, stage, files,
-                           evaluation_data, calib, latency, say, lm, predicted)
+        metrics = _measure(reference, built.runner, reference_file, stored, reference_model, stage, files,
+                           evaluation_data, calib, latency, say, lm, predicted, sparse=_sparse(final))
     else:
         say(f"target {target} does not run on this machine: quality and latency are not measured")
-        metrics = {"size": _sizes(reference_model, stored, reference_bytes, stage, files),
+        metrics = {"size": _sizes(reference_model, stored, reference_file, stage, files, sparse=_sparse(final)),
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
+    # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``
+    ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
@@ -585,7 +617,7 @@ def _compile(
         "summary": layer_report.summarize(records),
         "metrics": metrics,
         "seed": seed,
-        "reference": _keep_reference(model, reference_bytes),
+        "reference": _keep_reference(model, reference_file),
         "files": artifact_io.file_table(stage, files),
     }
     if lm is not None:
@@ -593,6 +625,7 @@ def _compile(
     (stage / REPORT).write_text(report.render(manifest))
     manifest["files"].update(artifact_io.file_table(stage, [REPORT]))
     artifact_io.write_manifest(stage, manifest)
+    scratch.cleanup()
     return manifest, stage
 
 
@@ -608,9 +641,12 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
     started = time.perf_counter()
     ref_out = measure.predict(reference, data)
     kind = quality.output_kind(ref_out, reference.output_names, data.labels)
+    # a language model is judged on its logits alone: its KV-cache outputs (0.4 GB per model at 355 M) are dropped
+    outputs_kept = 1 if kind == "lm" else len(ref_out)
+    ref_out = ref_out[:outputs_kept]
     tolerance = wanted or quality.default_tolerance(kind)
     mask = quality.token_mask(data.inputs, ref_out[0])
-    built.gate_outputs = (ref_out, measure.predict(built.runner, data))
+    built.gate_outputs = (ref_out, measure.predict(built.runner, data)[:outputs_kept])
     value = quality.score(tolerance, ref_out, built.gate_outputs[1], data.labels, mask)
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
@@ -656,7 +692,7 @@ def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quali
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data))
+        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data)[:outputs_kept])
         got = quality.score(tolerance, ref_out, candidate.gate_outputs[1], data.labels, mask)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each
@@ -703,10 +739,13 @@ def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]
         return {}
 
 
-def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:
+def _keep_reference(model: Any, reference_file: Path) -> dict[str, Any]:
     """Where ``verify`` will find the fp32 reference, which never ships inside the artifact: the input file
     itself when the model came from one, else a content-addressed copy in the cache folder."""
-    digest = hashlib.sha256(reference_bytes).hexdigest()
+    import shutil
+
+    with reference_file.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     if isinstance(model, (str, os.PathLike)):
         return {"sha256": digest, "source": str(Path(model).resolve()), "cached": False}
     cached = reference_cache() / f"{digest}.onnx"
@@ -714,7 +753,7 @@ def _keep_reference(model: Any, reference_bytes: bytes) -> dict[str, Any]:
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{os.getpid()}.partial")
-            partial.write_bytes(reference_bytes)
+            shutil.copyfile(reference_file, partial)
             partial.replace(cached)
     except OSError:
         return {"sha256": digest, "source": None, "cached": False}
@@ -749,7 +788,7 @@ def find_reference(manifest: Mapping[str, Any], given: str | Path | None = None)
                 raise UsageError(f"--reference {path}: no such model file")
             continue
         model = from_onnx(path)
-        if model.provenance.sha256 == source_digest or hashlib.sha256(model.to_bytes()).hexdigest() == digest:
+        if model.provenance.sha256 in (source_digest, digest) or hashlib.sha256(model.to_bytes()).hexdigest() == digest:
             return model
         if given is not None and path == Path(given):
             raise UsageError(f"--reference {path} is not the model this artifact was compiled from (sha256 differs)")

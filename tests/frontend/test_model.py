@@ -27,3 +27,62 @@ def test_a_clone_is_equal_independent_in_structure_and_shares_the_weight_tensors
     before = model.layers()[0].weight_array.copy()
     layer.weight.const_value = ir.tensor(np.zeros_like(before), name=layer.weight.name)
     np.testing.assert_array_equal(model.layers()[0].weight_array, before)
+
+
+def _model_with_weights(tmp_path, sizes=(300_000, 20_000, 7)):
+    """A small graph with initializers above and below the streamed threshold, saved with external data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "x"
+    for i, size in enumerate(sizes):
+        inits.append(numpy_helper.from_array(rng.standard_normal(size).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Slice", [f"w{i}", "start", "stop"], [f"w{i}_slice"]))
+        nodes.append(helper.make_node("Add", [current, f"w{i}_slice"], [f"a{i}"]))
+        current = f"a{i}"
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "start"),
+              numpy_helper.from_array(np.array([4], np.int64), "stop")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, [4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "weights.onnx"
+    onnx.save(proto, path, save_as_external_data=True, location="weights.onnx.data", size_threshold=1024)
+    return path
+
+
+def test_streamed_bytes_are_the_same_model_deterministic_and_equal_to_what_save_writes(tmp_path):
+    """``to_bytes`` and ``save`` write initializers one at a time (no serialized copy of the whole model): the file
+    parses to exactly the proto ``to_proto`` builds, and the same model always gives the same bytes."""
+    import onnx
+
+    model = from_onnx(_model_with_weights(tmp_path))
+    data = model.to_bytes()
+    assert onnx.load_model_from_string(data) == model.to_proto()
+    assert model.clone().to_bytes() == data
+    model.save(tmp_path / "saved.onnx")
+    assert (tmp_path / "saved.onnx").read_bytes() == data
+    onnx.checker.check_model(str(tmp_path / "saved.onnx"))
+
+
+def test_memory_mapped_external_tensors_are_written_inline(tmp_path):
+    """A model read lazily by onnx-ir (its weights memory-mapped from the data file) still saves as one
+    self-contained file: the data is inlined, not referenced."""
+    import onnx
+
+    path = _model_with_weights(tmp_path)
+    lazy = ir.load(path)
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in lazy.graph.initializers.values())
+    from bitpass.frontend.model import write_streamed
+
+    target = tmp_path / "inline.onnx"
+    with target.open("wb") as handle:
+        write_streamed(lazy, handle)
+    proto = onnx.load(str(target), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    from onnx import numpy_helper
+
+    expected = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert {t.name for t in proto.graph.initializer} == set(expected)
+    for tensor in proto.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected[tensor.name])

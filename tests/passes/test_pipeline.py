@@ -302,6 +302,18 @@ def test_verifier_catches_a_pass_that_breaks_the_graph():
     assert "(passes run before it: append-neg)" in message
 
 
+def test_a_large_model_is_verified_from_a_file_with_the_same_verdicts(monkeypatch):
+    """Past ``VERIFY_IN_MEMORY_BYTES`` the checker and shape inference read the model by path, its weights as
+    external data (in memory they held a 1.4 GB model five times): a broken graph is still refused."""
+    from bitpass.passes import instruments
+
+    monkeypatch.setattr(instruments, "VERIFY_IN_MEMORY_BYTES", 0)
+    verify(Pipeline([AppendNeg()]).run(tiny_model(), PassContext()))
+    with pytest.raises(PipelineError) as err:
+        Pipeline([AppendNeg(), BreakGraph()]).run(tiny_model(), PassContext())
+    assert isinstance(err.value.cause, VerificationError) and "NoSuchOp" in str(err.value)
+
+
 def test_verifier_catches_bad_annotations():
     with pytest.raises(PipelineError, match="pass 'bad-bits' failed: bad annotations: .*bits.weight=5"):
         Pipeline([BadBits()]).run(tiny_model(), PassContext())

@@ -80,3 +80,29 @@ def test_the_optimize_pipeline_times_orts_load_time_skip_layer_norm_and_records_
     assert (choice["disabled_optimizers"] == ["SkipLayerNormFusion"]) == choice["without_them"]["faster"]
     session = json.loads((tmp_path / "out" / "session.json").read_text())
     assert session["disabled_optimizers"] == choice["disabled_optimizers"]
+
+
+def test_with_attention_fusion_on_the_optimizer_still_sees_no_large_weight(bert):
+    """The fp32 configuration (``optimize``: attention and embedding fusions on) also hands the optimizer weight
+    stubs: a GPT-2-small-size model's weights cost it 2 GB of copies and the fused graph a second copy of each."""
+    model, feeds = bert
+    fused, record = fuse_transformer(model, attention=True, embed_layer_norm=True)
+    originals = model.ir.graph.initializers
+    large = [name for name, value in fused.ir.graph.initializers.items()
+             if name in originals and value.const_value.size >= 1 << 14]
+    assert large and all(fused.ir.graph.initializers[n].const_value is originals[n].const_value for n in large)
+    assert record["fused"]
+    np.testing.assert_allclose(run(fused, feeds), run(model, feeds), rtol=1e-3, atol=1e-4)
+
+
+def test_a_fusion_that_needs_a_stubbed_weight_gets_the_whole_model(bert, monkeypatch):
+    """When a fusion reads a weight the stubbed graph lacks (every initializer stubbed here), the optimizer runs
+    again on the whole model: the same fusions as without stubs, never a silently skipped pass."""
+    from bitpass.passes import transformer_fusion
+
+    model, feeds = bert
+    expected, _ = fuse_transformer(model, attention=True, embed_layer_norm=True)
+    monkeypatch.setattr(transformer_fusion, "_STRIP_ELEMENTS", 1)
+    fused, record = fuse_transformer(model, attention=True, embed_layer_norm=True)
+    assert ops(fused) == ops(expected) and record["fused"]
+    np.testing.assert_allclose(run(fused, feeds), run(expected, feeds), rtol=1e-5, atol=1e-6)

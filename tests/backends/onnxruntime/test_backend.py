@@ -72,3 +72,29 @@ def test_compiling_a_resnet18_module_is_not_refused(tmp_path):
         artifact = compile(built.module, tmp_path / "out", example_inputs=built.example_inputs,
                            pipeline="optimize", latency=False)
     assert artifact.manifest["backend"] == "onnxruntime"
+
+
+def test_a_tied_embedding_table_is_written_once_and_the_outputs_do_not_change(tmp_path):
+    """GPT-2's lm_head shares the token embedding; the import folds the lm_head's transpose into its own
+    initializer (a quantizable layer). An fp32 artifact stores the table once: the Gather reads the transposed
+    copy, with the same layer id, and every output is bit-identical."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bitpass.frontend.decoder import export_decoder
+    from bitpass.tools import decoders
+
+    model, spec = export_decoder(decoders.tiny_gpt2(vocab=300, width=32))
+    vocab_tables = [v for v in model.graph.initializers.values() if 300 in v.const_value.shape.numpy()]
+    assert len(vocab_tables) == 2  # the embedding and the folded lm_head
+    files = OnnxRuntimeBackend().emit(model, tmp_path, "cpu")
+    written = onnx.load(str(tmp_path / files[0]))
+    assert [t.name for t in written.graph.initializer if 300 in t.dims] == [vocab_tables[1].name]
+    feeds = spec.feeds(np.arange(7).reshape(1, 7))
+    expected = ort.InferenceSession(model.to_bytes(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(tmp_path / files[0]), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    from bitpass.frontend import from_onnx
+
+    assert {layer.id for layer in from_onnx(tmp_path / files[0]).layers()} == {layer.id for layer in model.layers()}
+    assert len(model.graph.initializers) == len(written.graph.initializer) + 1  # the model itself is untouched
