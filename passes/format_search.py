@@ -18,8 +18,7 @@ fresh process, at batch 1 and a larger batch:
    plan's packed Conv/MatMul/Gemm layers computing in int8 on their widened codes (``merged``: same
    bytes; one-layer timings, which pay a Quantize and a Dequantize per layer, leave a size plan's
    ResNet-50 mostly packed at 0.4-0.6x the all-int8 speed, while the whole graph in int8 runs at
-   int8 speed). A plan with no int8 compute layer at all is searched from its merged form, the plan
-   itself being the fallback;
+   int8 speed);
 3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
    Quantize and a Dequantize for one layer's gain).
 
@@ -281,8 +280,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
     plan = plan_of(model)
     compute = compute_layers(plan)
     flavours = _flavours(options)
-    merged = merged_plan(model, plan) if ranges is not None else plan
-    if not compute and (merged == plan or fallback != PACKED):
+    if not compute:  # an all-packed plan (``formats=packed``, or no compute format paid) is what was asked for
         built = materialize_in(model, plan, flavours[-1], ranges, calibration, options)
         return SearchResult(built, flavours[-1], plan, {"note": "no int8 compute layers: nothing to search"})
     if calibration.fixed_batch:
@@ -302,6 +300,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
                                 folder, model)
             set_disabled_optimizers(built, cached["record"].get("disabled_optimizers", []))
             return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
+        merged = merged_plan(model, plan) if fallback == PACKED and ranges is not None else plan
         return _search_cold(model, plan, compute, flavours, merged=merged, ranges=ranges, calibration=calibration,
                             options=options, timer=timer, layer_times=layer_times, fallback=fallback,
                             batches=batches, say=say, key=key, folder=folder, fp32_path=fp32_path,
@@ -316,11 +315,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     """The search itself (no cached choice): candidates are built one at a time, each written to ``folder`` and
     dropped from memory; only their files, plans and measurements are kept, and the winner is read back.
 
-    ``merged``: ``plan`` with its packed layers computing in int8 (``merged_plan``); when ``plan`` has no int8
-    compute layer, the search starts from it (its fallback, every layer packed again, is ``plan``)."""
-    first_name = "plan"
-    if not compute:
-        plan, compute, first_name = merged, compute_layers(merged), "merged"
+    ``merged``: ``plan`` with its packed layers computing in int8 (``merged_plan``), a candidate of round 2."""
     check = calibration.head(CHECK_SAMPLES)
     reference = _outputs(fp32_path, check)
     feeds = {b: calibration.batch_of(b) for b in batches}
@@ -412,8 +407,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
         return incumbent
 
     # 1. the plan in each flavour, and the all-fallback plan (fp32 speed)
-    first = [build(Candidate(f"{first_name}-{f.name}", dict(plan), f, "the plan as made" if first_name == "plan" else
-                             "the plan's packed layers computing in int8")) for f in flavours]
+    first = [build(Candidate(f"plan-{f.name}", dict(plan), f, "the plan as made")) for f in flavours]
     _eligibility(first)
     if U8S8 in flavours and not next(c for c in first if c.flavour == U8S8).eligible:
         say("format search: U8S8 is not exact on this CPU; trying it with 7-bit weights")

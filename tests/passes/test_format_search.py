@@ -169,19 +169,6 @@ def test_packed_layers_of_a_size_plan_compute_in_int8_when_the_whole_graph_is_fa
     assert not any(p.format == "qdq" for lid, p in slow.plan.items() if lid != layers[0].id)
 
 
-def test_a_plan_with_no_int8_layer_is_searched_from_its_packed_layers_in_int8(cnn_model, calib_arrays):
-    from bitpass.passes.materialize import LayerPlan, annotate
-
-    annotate(cnn_model, {layer.id: LayerPlan.packed(4) for layer in cnn_model.layers()})
-    fast = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
-    assert fast.record["chosen"] == "merged-u8s8"
-    assert {(p.weight_bits, p.format) for p in fast.plan.values()} == {(4, "qdq")}
-    annotate(cnn_model, {layer.id: LayerPlan.packed(4) for layer in cnn_model.layers()})
-    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=1.5, s8=2.0, dynamic=1.8), fallback="packed",
-                   use_cache=False)
-    assert {(p.weight_bits, p.format) for p in slow.plan.values()} == {(4, "packed")}
-
-
 def test_the_choice_is_cached_so_the_same_inputs_give_the_same_artifact(cnn_model, calib_arrays):
     target = CostModelTarget()
     first = _search(cnn_model, calib_arrays, target)
