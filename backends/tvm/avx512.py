@@ -80,8 +80,11 @@ def conv_columns(ow: int, vecs: int) -> int:
 
 def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
                 strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
-                act: str, parallel: bool, residual: bool = False) -> tirx.PrimFunc:
-    """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``."""
+                act: str, parallel: bool, residual: bool = False, amax_in: bool = False,
+                amax_out: bool = False) -> tirx.PrimFunc:
+    """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``; ``residual``,
+    ``amax_in`` and ``amax_out`` add the TE kernel's optional parameters, in its order (data, codes, wscale,
+    bias, [residual], [input absmax], out, [output absmax])."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
@@ -113,7 +116,11 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     inv_levels = float(LEVELS)
 
     @T.macro
-    def epilogue(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
+    def epilogue(acc, offset, sx, wscale, bias, res, out, pmax, blk, row, xo, t):
+        tmax = T.alloc_buffer((owt,), "float32", scope="local")  # |out| per column of the tile (amax_out)
+        if amax_out:
+            for xi in T.vectorized(owt):
+                tmax[xi] = T.float32(0)
         for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
             for xi in T.vectorized(owt):
                 out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
@@ -122,12 +129,31 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     + (res[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] if residual
                        else T.float32(0)),
                     T.float32(floor))
+                if amax_out:
+                    tmax[xi] = T.max(tmax[xi], T.fabs(out[row // oh, blk * ob + v * LANES + z, row % oh,
+                                                          xo * owt + xi]))
+        if amax_out:  # the tile's absmax, one slot per tile: no two threads write the same
+            pmax[t] = T.float32(0)
+            for xi in range(owt):
+                pmax[t] = T.max(pmax[t], tmax[xi])
 
     @T.macro
-    def sample_scale(dflat, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
+    def reduce_amax(pmax, aout, b):  # sample b's absmax over its tiles' slots
+        total = T.alloc_buffer((1,), "float32", scope="local")
+        total[0] = T.float32(0)
+        for blk, y, xo in T.grid(oblocks, oh, xtiles):
+            total[0] = T.max(total[0], pmax[(blk * rows + b * oh + y) * xtiles + xo])
+        aout[b] = total[0]
+
+    @T.macro
+    def sample_scale(dflat, ain, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
         lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
         amax = T.alloc_buffer((1,), "float32", scope="local")
-        microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
+        if amax_in:  # the writer of the input computed it: no pass over the input
+            amax[0] = T.max(ain[b], T.float32(microkernels.ABSMAX_FLOOR))
+            sx[b] = amax[0] / T.float32(inv_levels)
+        else:
+            microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
         inv[b] = T.float32(inv_levels) / amax[0]
 
     @T.macro
@@ -138,16 +164,16 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
 
     @T.macro
-    def quantize_all_then_pack(data, dflat, sx, inv, xq):
+    def quantize_all_then_pack(data, dflat, ain, sx, inv, xq):
         for b in per_sample(n):
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
         for bq in prologue(n * quads):
             pack_plane(data, inv, xq, bq)
 
     @T.macro
-    def quantize_per_sample(data, dflat, sx, inv, xq):
+    def quantize_per_sample(data, dflat, ain, sx, inv, xq):
         for b in per_sample(n):  # a sample packed right after its amax pass, while it is in cache
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
             for q in range(quads):
                 pack_plane(data, inv, xq, b * quads + q)
 
@@ -180,7 +206,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
 
     @T.macro
-    def tile(wflat, xq, offset, sx, wscale, bias, res, out, t):
+    def tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t):
         acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
         for z in T.vectorized(owt * ob):
             acc[z] = 0
@@ -194,50 +220,54 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                                         + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
                         wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
                                       + v * LANES) * 4, 1, 64)])
-        epilogue(acc, offset, sx, wscale, bias, res, out, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
-                 t % xtiles)
+        epilogue(acc, offset, sx, wscale, bias, res, out, pmax, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
+                 t % xtiles, t)
 
     @T.macro
-    def body_serial_stages(data, codes, wscale, bias, res, out):
+    def body_serial_stages(data, codes, wscale, bias, res, ain, out, aout):
         dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
         wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
         sx = T.alloc_buffer((n,), "float32")
         inv = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
         xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
+        pmax = T.alloc_buffer((oblocks * rows * xtiles if amax_out else 1,), "float32")  # per tile |out|
         for blk in range(oblocks):
             weight_sums(wflat, offset, blk)
         for bq in range(n * quads):
             border(xq, bq)
-        quantize(data, dflat, sx, inv, xq)
+        quantize(data, dflat, ain, sx, inv, xq)
         for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-            tile(wflat, xq, offset, sx, wscale, bias, res, out, t)
+            tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t)
+        if amax_out:
+            for b in range(n):
+                reduce_amax(pmax, aout, b)
 
     @T.macro
-    def scale_first(dflat, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
+    def scale_first(dflat, ain, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
         for b in T.parallel(n):
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
 
     @T.macro
-    def pack_second(data, dflat, sx, inv, xq):
+    def pack_second(data, dflat, ain, sx, inv, xq):
         for bq in T.parallel(n * quads):
             pack_plane(data, inv, xq, bq)
 
     @T.macro
-    def no_stage(dflat, sx, inv):
+    def no_stage(dflat, ain, sx, inv):
         T.evaluate(0)
 
     @T.macro
-    def scale_and_pack_second(data, dflat, sx, inv, xq):  # a batch: each sample's amax and packing together
+    def scale_and_pack_second(data, dflat, ain, sx, inv, xq):  # a batch: each sample's amax and packing together
         for b in T.parallel(n):
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
             for q in range(quads):
                 pack_plane(data, inv, xq, b * quads + q)
 
     first_scales, second = (scale_first, pack_second) if n == 1 else (no_stage, scale_and_pack_second)
 
     @T.macro
-    def body_one_launch(data, codes, wscale, bias, res, out):
+    def body_one_launch(data, codes, wscale, bias, res, ain, out, aout):
         # one parallel launch per call: the pool's threads are woken once and wait for each other at two
         # barriers (weight sums, padding border and a single sample's amax; packing), not woken for every
         # stage with the serial stages run by one thread while the others sleep
@@ -247,39 +277,39 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         inv = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
         xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
+        pmax = T.alloc_buffer((oblocks * rows * xtiles if amax_out else 1,), "float32")  # per tile |out|
         with T.attr(0, "pragma_parallel_launch_point", 1):
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 for blk in T.parallel(oblocks):
                     weight_sums(wflat, offset, blk)
                 for bq in T.parallel(n * quads):
                     border(xq, bq)
-                first_scales(dflat, sx, inv)
+                first_scales(dflat, ain, sx, inv)
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                second(data, dflat, sx, inv, xq)
-            for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-                tile(wflat, xq, offset, sx, wscale, bias, res, out, t)
+                second(data, dflat, ain, sx, inv, xq)
+            if amax_out:  # the tiles' slots are all written before a sample's absmax is taken from them
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    for t in T.parallel(oblocks * rows * xtiles):
+                        tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t)
+                for b in T.parallel(n):
+                    reduce_amax(pmax, aout, b)
+            else:
+                for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+                    tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t)
 
     body = body_one_launch if parallel and ONE_LAUNCH else body_serial_stages
 
-    if residual:
-        @T.prim_func(private=True)
-        def kernel_res(data: T.Buffer((n, c, h, wd), "float32"),
-                       codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
-                       wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
-                       res: T.Buffer((n, oc, oh, ow), "float32"), out: T.Buffer((n, oc, oh, ow), "float32")):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            body(data, codes, wscale, bias, res, out)
-
-        return kernel_res
-
+    # every optional parameter declared, then those this kernel does not take dropped from the signature (the
+    # body reads none of them)
     @T.prim_func(private=True)
     def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
                   wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
-                  out: T.Buffer((n, oc, oh, ow), "float32")):
+                  res: T.Buffer((n, oc, oh, ow), "float32"), ain: T.Buffer((n,), "float32"),
+                  out: T.Buffer((n, oc, oh, ow), "float32"), aout: T.Buffer((n,), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        body(data, codes, wscale, bias, out, out)
+        body(data, codes, wscale, bias, res, ain, out, aout)
 
-    return kernel_fn
+    return microkernels.taking(kernel_fn, (True, True, True, True, residual, amax_in, True, amax_out))
 
 
 def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:

@@ -415,11 +415,16 @@ def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) 
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dilations, groups: int,
-                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS):
+def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides, pads, dilations, groups: int,
+                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS, emit_amax: bool = False):
     """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric, ±``levels``),
     ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output ``wscale`` [OC], ``bias``
-    [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right)."""
+    [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right).
+
+    Carrying the per-sample absmax between consecutive int8 convs: ``amax`` [N] (fp32), when given, is
+    max |data| per sample as the kernel that wrote ``data`` computed it, and replaces this kernel's own
+    pass over its input; ``emit_amax`` returns ``(out, out_amax)`` with out_amax [N] = max |out| per
+    sample, for the next int8 conv. Max is exact in any order, so the codes are the same either way."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -430,7 +435,9 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dila
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
     oh, ow = conv_out_size(h, pt + pb, kh, sh, dh), conv_out_size(wd, pl + pr, kw, sw, dw)
     rc, ry, rx = (te.reduce_axis((0, e), name=nm) for e, nm in ((c, "ac"), (h, "ay"), (wd, "ax")))
-    amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]), name="sample_amax")
+    if amax is None:
+        amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]),
+                          name="sample_amax")
     levels = tirx.const(float(levels), "float32")
     sx = te.compute((n,), lambda b: _floored(amax[b]) / levels, name="sample_scale")
     inv = te.compute((n,), lambda b: levels / _floored(amax[b]), name="sample_inv")
@@ -448,11 +455,23 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dila
             xq[b, (o // ocg) * icg + kc, y * sh + ky * dh, x * sw + kx * dw]
             * _conv_int8_code(codes, o, kc, ky, kx, ob, taps).astype("int32"), axis=[kc, ky, kx]),
         name="conv_acc")
-    return te.compute(
+    out = te.compute(
         (n, oc, oh, ow),
         lambda b, o, y, x: _activate(_plus(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o],
                                            residual, b, o, y, x), act),
         name="conv_out")
+    if not emit_amax:
+        return out
+    return out, sample_absmax(out, name="conv_out_amax")
+
+
+def sample_absmax(x, name: str = "sample_absmax"):
+    """TE: max |x| per sample (the leading axis) of a 4-d tensor, [N] fp32 (no floor: the reader applies it)."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    rc, ry, rx = te.reduce_axis((0, c), name="mc"), te.reduce_axis((0, h), name="my"), te.reduce_axis((0, w), name="mx")
+    return te.compute((n,), lambda b: te.max(tirx.abs(x[b, rc, ry, rx]), axis=[rc, ry, rx]), name=name)
 
 
 def _conv_int8_code(codes, o, kc, ky, kx, ob: int, taps: int):
