@@ -57,7 +57,8 @@ ACTIVATIONS = ("none", "relu")
 @dataclass(frozen=True)
 class Scheme:
     """What a target's kernels look like: fp32 ``lanes`` per vector register (tile widths), the int8 code
-    range (±``int8_levels``) and whether the int8 conv kernel fuses a residual input. With VNNI
+    range (±``int8_levels``), whether the int8 conv kernel fuses a residual input and whether int8 convs pass
+    each other their activations' absmax (``int8_amax_carry``). With VNNI
     (``vpdpbusd``: u8 × s8, four products summed straight into int32) the codes use the full 8 bits; on
     AVX2 without it, 7 bits (``vpmaddubsw`` sums pairs in int16, which 8-bit codes would saturate; see
     ``CONV_INT8_LEVELS``); the portable TE kernels compute in int32 and take either."""
@@ -65,6 +66,9 @@ class Scheme:
     lanes: int
     int8_levels: int
     int8_residual: bool = True
+    #: consecutive int8 convs carry the per-sample absmax (``conv2d_int8``'s ``amax`` / ``emit_amax``): where the
+    #: target's micro-kernel takes it in its epilogue (VNNI); the portable schedule would reduce it serially
+    int8_amax_carry: bool = False
 
     @property
     def int8_offset(self) -> int:
@@ -77,7 +81,7 @@ def scheme_for(features) -> Scheme:
     features = frozenset(features)
     lanes = 16 if "avx512" in features else 8 if "avx2" in features else 4
     if "vnni" in features:
-        return Scheme(lanes, 127)
+        return Scheme(lanes, 127, int8_amax_carry=True)
     if "avx2" in features:  # the AVX2 micro-kernels (avx2.py): 7-bit codes, no residual epilogue
         return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False)
     return Scheme(lanes, 127)
