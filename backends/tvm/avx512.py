@@ -80,11 +80,11 @@ def conv_columns(ow: int, vecs: int) -> int:
 
 def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
                 strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
-                act: str, parallel: bool, residual: bool = False, amax_in: bool = False,
+                act: str, parallel: bool, residual: bool = False, amax_in: int = 0,
                 amax_out: bool = False) -> tirx.PrimFunc:
     """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``; ``residual``,
-    ``amax_in`` and ``amax_out`` add the TE kernel's optional parameters, in its order (data, codes, wscale,
-    bias, [residual], [input absmax], out, [output absmax])."""
+    ``amax_in`` (the input absmax's slots per sample; 0: none) and ``amax_out`` add the TE kernel's optional
+    parameters, in its order (data, codes, wscale, bias, [residual], [input absmax], out, [output absmax])."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
@@ -114,13 +114,10 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     xlanes = microkernels.divisor(iw, LANES)
     words = n * quads * qh * qw
     inv_levels = float(LEVELS)
+    slots_in, reads_amax = max(amax_in, 1), amax_in > 0
 
     @T.macro
-    def epilogue(acc, offset, sx, wscale, bias, res, out, pmax, blk, row, xo, t):
-        tmax = T.alloc_buffer((owt,), "float32", scope="local")  # |out| per column of the tile (amax_out)
-        if amax_out:
-            for xi in T.vectorized(owt):
-                tmax[xi] = T.float32(0)
+    def epilogue(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
         for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
             for xi in T.vectorized(owt):
                 out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
@@ -129,28 +126,18 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     + (res[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] if residual
                        else T.float32(0)),
                     T.float32(floor))
-                if amax_out:
+                if amax_out:  # |out| per column, over the tiles of one (block, row)
                     tmax[xi] = T.max(tmax[xi], T.fabs(out[row // oh, blk * ob + v * LANES + z, row % oh,
                                                           xo * owt + xi]))
-        if amax_out:  # the tile's absmax, one slot per tile: no two threads write the same
-            pmax[t] = T.float32(0)
-            for xi in range(owt):
-                pmax[t] = T.max(pmax[t], tmax[xi])
-
-    @T.macro
-    def reduce_amax(pmax, aout, b):  # sample b's absmax over its tiles' slots
-        total = T.alloc_buffer((1,), "float32", scope="local")
-        total[0] = T.float32(0)
-        for blk, y, xo in T.grid(oblocks, oh, xtiles):
-            total[0] = T.max(total[0], pmax[(blk * rows + b * oh + y) * xtiles + xo])
-        aout[b] = total[0]
 
     @T.macro
     def sample_scale(dflat, ain, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
         lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
         amax = T.alloc_buffer((1,), "float32", scope="local")
-        if amax_in:  # the writer of the input computed it: no pass over the input
-            amax[0] = T.max(ain[b], T.float32(microkernels.ABSMAX_FLOOR))
+        if reads_amax:  # the writer of the input left its absmax per (block, row): no pass over the input
+            amax[0] = T.float32(microkernels.ABSMAX_FLOOR)
+            for p in range(amax_in):
+                amax[0] = T.max(amax[0], ain[b, p])
             sx[b] = amax[0] / T.float32(inv_levels)
         else:
             microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
@@ -206,7 +193,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
 
     @T.macro
-    def tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t):
+    def tile(wflat, xq, offset, sx, wscale, bias, res, out, tmax, t):
         acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
         for z in T.vectorized(owt * ob):
             acc[z] = 0
@@ -220,8 +207,23 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                                         + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
                         wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
                                       + v * LANES) * 4, 1, 64)])
-        epilogue(acc, offset, sx, wscale, bias, res, out, pmax, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
-                 t % xtiles, t)
+        epilogue(acc, offset, sx, wscale, bias, res, out, tmax, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
+                 t % xtiles)
+
+    @T.macro
+    def row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr):
+        # amax_out: the tiles of one (block, output row) in one iteration, their absmax to that slot (no two
+        # threads write one slot, and no barrier: the reader reduces the slots)
+        tmax = T.alloc_buffer((owt,), "float32", scope="local")
+        total = T.alloc_buffer((1,), "float32", scope="local")
+        for xi in T.vectorized(owt):
+            tmax[xi] = T.float32(0)
+        for xo in range(xtiles):
+            tile(wflat, xq, offset, sx, wscale, bias, res, out, tmax, tr * xtiles + xo)
+        total[0] = T.float32(0)
+        for xi in range(owt):
+            total[0] = T.max(total[0], tmax[xi])
+        aout[(tr % rows) // oh, (tr // rows) * oh + tr % rows % oh] = total[0]
 
     @T.macro
     def body_serial_stages(data, codes, wscale, bias, res, ain, out, aout):
@@ -231,17 +233,17 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         inv = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
         xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
-        pmax = T.alloc_buffer((oblocks * rows * xtiles if amax_out else 1,), "float32")  # per tile |out|
         for blk in range(oblocks):
             weight_sums(wflat, offset, blk)
         for bq in range(n * quads):
             border(xq, bq)
         quantize(data, dflat, ain, sx, inv, xq)
-        for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-            tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t)
         if amax_out:
-            for b in range(n):
-                reduce_amax(pmax, aout, b)
+            for tr in loop(oblocks * rows):
+                row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
+        else:
+            for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+                tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)
 
     @T.macro
     def scale_first(dflat, ain, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
@@ -277,7 +279,6 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         inv = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
         xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
-        pmax = T.alloc_buffer((oblocks * rows * xtiles if amax_out else 1,), "float32")  # per tile |out|
         with T.attr(0, "pragma_parallel_launch_point", 1):
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 for blk in T.parallel(oblocks):
@@ -287,15 +288,12 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 first_scales(dflat, ain, sx, inv)
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 second(data, dflat, ain, sx, inv, xq)
-            if amax_out:  # the tiles' slots are all written before a sample's absmax is taken from them
-                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    for t in T.parallel(oblocks * rows * xtiles):
-                        tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t)
-                for b in T.parallel(n):
-                    reduce_amax(pmax, aout, b)
+            if amax_out:
+                for tr in T.parallel(oblocks * rows):
+                    row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
             else:
                 for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-                    tile(wflat, xq, offset, sx, wscale, bias, res, out, pmax, t)
+                    tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)
 
     body = body_one_launch if parallel and ONE_LAUNCH else body_serial_stages
 
@@ -304,12 +302,12 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     @T.prim_func(private=True)
     def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
                   wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
-                  res: T.Buffer((n, oc, oh, ow), "float32"), ain: T.Buffer((n,), "float32"),
-                  out: T.Buffer((n, oc, oh, ow), "float32"), aout: T.Buffer((n,), "float32")):
+                  res: T.Buffer((n, oc, oh, ow), "float32"), ain: T.Buffer((n, slots_in), "float32"),
+                  out: T.Buffer((n, oc, oh, ow), "float32"), aout: T.Buffer((n, oblocks * oh), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         body(data, codes, wscale, bias, res, ain, out, aout)
 
-    return microkernels.taking(kernel_fn, (True, True, True, True, residual, amax_in, True, amax_out))
+    return microkernels.taking(kernel_fn, (True, True, True, True, residual, amax_in > 0, True, amax_out))
 
 
 def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:

@@ -425,10 +425,11 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides,
     ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output ``wscale`` [OC], ``bias``
     [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right).
 
-    Carrying the per-sample absmax between consecutive int8 convs: ``amax`` [N] (fp32), when given, is
-    max |data| per sample as the kernel that wrote ``data`` computed it, and replaces this kernel's own
-    pass over its input; ``emit_amax`` returns ``(out, out_amax)`` with out_amax [N] = max |out| per
-    sample, for the next int8 conv. Max is exact in any order, so the codes are the same either way."""
+    Carrying the per-sample absmax between consecutive int8 convs: ``amax`` [N, P] (fp32), when given, holds
+    max |data| per sample in P slots as the kernel that wrote ``data`` left it (``block_row_absmax``); their
+    maximum replaces this kernel's own pass over its input. ``emit_amax`` returns ``(out, out_amax)``,
+    out_amax = ``block_row_absmax(out, ob)`` for the next int8 conv. Max is exact in any order, so the codes
+    are the same either way."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -442,6 +443,9 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides,
     if amax is None:
         amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]),
                           name="sample_amax")
+    else:  # the writer's absmax per (output block, row): its maximum
+        rp = te.reduce_axis((0, int(amax.shape[1])), name="rp")
+        amax = te.compute((n,), lambda b: te.max(amax[b, rp], axis=rp), name="sample_amax")
     levels = tirx.const(float(levels), "float32")
     sx = te.compute((n,), lambda b: _floored(amax[b]) / levels, name="sample_scale")
     inv = te.compute((n,), lambda b: levels / _floored(amax[b]), name="sample_inv")
@@ -466,16 +470,19 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides,
         name="conv_out")
     if not emit_amax:
         return out
-    return out, sample_absmax(out, name="conv_out_amax")
+    return out, block_row_absmax(out, ob)
 
 
-def sample_absmax(x, name: str = "sample_absmax"):
-    """TE: max |x| per sample (the leading axis) of a 4-d tensor, [N] fp32 (no floor: the reader applies it)."""
+def block_row_absmax(x, ob: int):
+    """TE: max |x| of a 4-d NCHW tensor per sample, block of ``ob`` channels and row: [N, C/ob · H] fp32 (slot
+    block · H + row; no floor: the reader applies it). The int8 conv's epilogue leaves its output's absmax in
+    these slots, each written by one thread, for the next int8 conv to reduce."""
     from tvm import te, tirx
 
     n, c, h, w = (int(v) for v in x.shape)
-    rc, ry, rx = te.reduce_axis((0, c), name="mc"), te.reduce_axis((0, h), name="my"), te.reduce_axis((0, w), name="mx")
-    return te.compute((n,), lambda b: te.max(tirx.abs(x[b, rc, ry, rx]), axis=[rc, ry, rx]), name=name)
+    rj, rx = te.reduce_axis((0, ob), name="mj"), te.reduce_axis((0, w), name="mx")
+    return te.compute((n, c // ob * h), lambda b, p: te.max(tirx.abs(x[b, p // h * ob + rj, p % h, rx]), axis=[rj, rx]),
+                      name="conv_out_amax")
 
 
 def _conv_int8_code(codes, o, kc, ky, kx, ob: int, taps: int):

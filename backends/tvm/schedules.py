@@ -330,7 +330,8 @@ class Conv2d(_Rule):
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
         kernel = avx512.conv2d_int8(data, out[1], codes[4], (codes[2], codes[3]), tags.strides, tags.pads,
                                     tags.dilations, tags.act, parallel=work >= PARALLEL_MIN_WORK,
-                                    residual=tags.residual, amax_in=tags.amax_in, amax_out=tags.amax_out)
+                                    residual=tags.residual, amax_in=shapes[4 + tags.residual][1] if tags.amax_in else 0,
+                                    amax_out=tags.amax_out)
         return _replacement(func, kernel)
 
     def _int8_avx2(self, func, tags: KernelAttrs):
