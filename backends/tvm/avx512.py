@@ -16,7 +16,10 @@ stores ``code + 128``, taken back with 128 · Σ of the other operand.
   Parallel over (output block, sample row, column tile), block outermost so a block's weights stay in
   cache, in one parallel launch with the prologue stages (weight sums, padding border, per-sample amax and
   packing, a batch's samples each packed while cached) separated by barriers. The epilogue fuses bias, a
-  residual input and ReLU and stores each channel's columns as one vector.
+  residual input and ReLU and stores each channel's columns as one vector. Between consecutive int8 convs
+  the absmax travels with the activation: a writer keeps max |out| of each (output block, row) it stores
+  in one slot (one iteration per slot: no barrier), the reader takes the maximum of the slots instead of a
+  pass over its input (``kernels.conv2d_int8``'s ``amax`` / ``emit_amax``).
 * ``dense_int8``: weights u8 = code + 128 (``[N/nb, Kp/4, nb, 4]``: 16 outputs × 4 k per register),
   activations quantized per row to s8 codes, broadcast 4 at a time; a tile of rows × outputs in ≤ 24
   registers; 128 · Σ x_q per row taken back in the epilogue.

@@ -6,7 +6,10 @@ rules below or ONNX's reference evaluator) or Relax expressions. Conv, Gemm and 
 weight become bitpass's own kernels (``kernels.py``) at the precision their annotations ask for, with a
 following Relu, or a residual Add and Relu, fused into the kernel; the common operators have rules here
 (``op_*``), and every other operator is converted by TVM's own Relax ONNX importer, one node at a time
-(``imported``), legalized and scheduled by TVM's defaults plus ``schedules.py``. Not the importer for
+(``imported``), legalized and scheduled by TVM's defaults plus ``schedules.py``. Where the target's scheme
+says so (VNNI), an int8 conv read by another int8 conv (directly, or through a max pooling of non-negative
+values whose windows cover every pixel) passes it its output's per-sample absmax, so the reader skips its own
+pass over the input; the codes are the same (max is exact), so are the outputs. Not the importer for
 the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
 Reshape), and it would hide the per-layer annotations.
 
