@@ -136,7 +136,8 @@ class _Lowering:
         self.env: dict[str, Any] = {}
         self.fused: set[int] = set()  # id() of nodes folded into a kernel's epilogue
         self._alias: list[str] = []  # outputs of fused nodes that are the current kernel's output
-        #: value name -> its per-sample absmax (a Relax [N] fp32), where the int8 conv that wrote it took it
+        #: value name -> its absmax slots (a Relax [N, P] fp32: ``kernels.block_row_absmax``), where the int8 conv
+        #: that wrote it took them
         self.absmax: dict[str, Any] = {}
         self.nonnegative: set[str] = set()  # values known ≥ 0 (a fused ReLU) among those with an absmax
         self._absmax: Any = None  # the current node's output's absmax, if it has one
