@@ -78,3 +78,17 @@ def test_consecutive_int8_convs_carry_the_absmax_and_compute_what_each_would_alo
         reference = module(torch.from_numpy(x)).numpy()
     cosine = (carried * reference).sum(1) / np.linalg.norm(carried, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() > 0.99  # int8 error only
+
+
+@pytest.mark.parametrize(("features", "carried"), [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False),
+                                                   (set(), False)])
+def test_only_targets_whose_int8_conv_takes_the_absmax_in_its_epilogue_carry_it(int8_cnn, features, carried):
+    """The lowering alone (no build, any host): VNNI's micro-kernel takes the absmax in its epilogue; AVX2's
+    kernel and the portable schedule do not, and their convs keep their own pass over the input."""
+    from bitpass.backends.tvm import lower
+
+    _, model = int8_cnn
+    _, report, _ = lower.lower(model, (1,), kernels.scheme_for(features))
+    convs = [entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8"]
+    assert len(convs) == 4
+    assert any(entry.get("input_absmax") == "carried" for entry in convs) == carried
