@@ -246,7 +246,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
         else:
             for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-                tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)
+                tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)  # (no absmax: its buffer is not read)
 
     @T.macro
     def scale_first(dflat, ain, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
