@@ -92,3 +92,31 @@ def test_only_targets_whose_int8_conv_takes_the_absmax_in_its_epilogue_carry_it(
     convs = [entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8"]
     assert len(convs) == 4
     assert any(entry.get("input_absmax") == "carried" for entry in convs) == carried
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_a_dense_layer_with_outputs_not_filling_a_vector_gets_zero_columns_and_a_sliced_output(bits):
+    """A 10-class head: its weight is widened with zero columns to a whole vector register (the fast tiles,
+    on VNNI the micro-kernel), the padding sliced off the output; the result is the layer's."""
+    from tvm import relax
+
+    from bitpass.backends.tvm import lower
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.ReLU(), torch.nn.Linear(10, 7)).eval()
+    model = from_torch(module, (torch.zeros(1, 64),))
+    for layer in model.layers():
+        annotation.set_weight_bits(layer.node, bits)
+    scheme = kernels.scheme_for(SPEC.features)
+    mod, _, _ = lower.lower(model, (3,), scheme)
+    kinds = {32: "dense", 8: "dense_int8"}
+    tiles = sorted(int(f.params[1].ty.shape[-2 if bits == 8 else -1]) for gv, f in mod.functions.items()
+                   if gv.name_hint.startswith(f"bitpass_{kinds[bits]}"))
+    assert tiles and all(tile % scheme.lanes == 0 for tile in tiles)  # 10 and 7 outputs: whole vectors
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    built = build.build(model, SPEC, batches=(3,))
+    got = relax.VirtualMachine(built.executable, tvm.cpu())[built.functions[3]](tvm.runtime.tensor(x)).numpy()
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    assert got.shape == (3, 7)
+    np.testing.assert_allclose(got, want, rtol=1e-4 if bits == 32 else 0.05, atol=1e-4 if bits == 32 else 0.05)
