@@ -110,6 +110,12 @@ def bert_encoder(hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int =
         return BertModel(config).eval()
 
 
+def rotation(names: list[str], index: int) -> list[str]:
+    """Round ``index``'s order of ``names``: the list rotated by ``index``."""
+    shift = index % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
 def _timed(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each function; the functions alternate within a round."""
     return {name: statistics.median(v) for name, v in _samples(fns, rounds, min_seconds).items()}
@@ -117,7 +123,8 @@ def _timed(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float
 
 def _samples(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.05) -> dict[str, list[float]]:
     """Seconds per call of each function in each round (a round calls each function for ~``min_seconds``);
-    the functions alternate within a round."""
+    the functions alternate within a round, each round starting one function later (``rotation``): the
+    function that runs right after another runtime's (the pool's threads waking) is not always the same."""
     for fn in fns.values():
         for _ in range(3):
             fn()
@@ -129,8 +136,9 @@ def _samples(fns: dict[str, Callable[[], object]], rounds: int, min_seconds: flo
             n += 1
         calls[name] = n
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for index in range(rounds):
+        for name in rotation(list(fns), index):
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(calls[name]):
                 fn()

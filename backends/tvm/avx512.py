@@ -16,7 +16,10 @@ stores ``code + 128``, taken back with 128 · Σ of the other operand.
   Parallel over (output block, sample row, column tile), block outermost so a block's weights stay in
   cache, in one parallel launch with the prologue stages (weight sums, padding border, per-sample amax and
   packing, a batch's samples each packed while cached) separated by barriers. The epilogue fuses bias, a
-  residual input and ReLU and stores each channel's columns as one vector.
+  residual input and ReLU and stores each channel's columns as one vector. Between consecutive int8 convs
+  the absmax travels with the activation: a writer keeps max |out| of each (output block, row) it stores
+  in one slot (one iteration per slot: no barrier), the reader takes the maximum of the slots instead of a
+  pass over its input (``kernels.conv2d_int8``'s ``amax`` / ``emit_amax``).
 * ``dense_int8``: weights u8 = code + 128 (``[N/nb, Kp/4, nb, 4]``: 16 outputs × 4 k per register),
   activations quantized per row to s8 codes, broadcast 4 at a time; a tile of rows × outputs in ≤ 24
   registers; 128 · Σ x_q per row taken back in the epilogue.
@@ -80,8 +83,11 @@ def conv_columns(ow: int, vecs: int) -> int:
 
 def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
                 strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
-                act: str, parallel: bool, residual: bool = False) -> tirx.PrimFunc:
-    """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``."""
+                act: str, parallel: bool, residual: bool = False, amax_in: int = 0,
+                amax_out: bool = False) -> tirx.PrimFunc:
+    """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``; ``residual``,
+    ``amax_in`` (the input absmax's slots per sample; 0: none) and ``amax_out`` add the TE kernel's optional
+    parameters, in its order (data, codes, wscale, bias, [residual], [input absmax], out, [output absmax])."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
@@ -111,9 +117,10 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     xlanes = microkernels.divisor(iw, LANES)
     words = n * quads * qh * qw
     inv_levels = float(LEVELS)
+    slots_in, reads_amax = max(amax_in, 1), amax_in > 0
 
     @T.macro
-    def epilogue(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
+    def epilogue(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
         for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
             for xi in T.vectorized(owt):
                 out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
@@ -122,12 +129,21 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     + (res[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] if residual
                        else T.float32(0)),
                     T.float32(floor))
+                if amax_out:  # |out| per column, over the tiles of one (block, row)
+                    tmax[xi] = T.max(tmax[xi], T.fabs(out[row // oh, blk * ob + v * LANES + z, row % oh,
+                                                          xo * owt + xi]))
 
     @T.macro
-    def sample_scale(dflat, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
+    def sample_scale(dflat, ain, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
         lane_max = T.alloc_buffer((lanes,), "float32", scope="local")
         amax = T.alloc_buffer((1,), "float32", scope="local")
-        microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
+        if reads_amax:  # the writer of the input left its absmax per (block, row): no pass over the input
+            amax[0] = T.float32(microkernels.ABSMAX_FLOOR)
+            for p in range(amax_in):
+                amax[0] = T.max(amax[0], ain[b, p])
+            sx[b] = amax[0] / T.float32(inv_levels)
+        else:
+            microkernels.absmax_scale(dflat, b * chw, chw, lanes, inv_levels, lane_max, amax, sx, b)
         inv[b] = T.float32(inv_levels) / amax[0]
 
     @T.macro
@@ -138,16 +154,16 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
 
     @T.macro
-    def quantize_all_then_pack(data, dflat, sx, inv, xq):
+    def quantize_all_then_pack(data, dflat, ain, sx, inv, xq):
         for b in per_sample(n):
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
         for bq in prologue(n * quads):
             pack_plane(data, inv, xq, bq)
 
     @T.macro
-    def quantize_per_sample(data, dflat, sx, inv, xq):
+    def quantize_per_sample(data, dflat, ain, sx, inv, xq):
         for b in per_sample(n):  # a sample packed right after its amax pass, while it is in cache
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
             for q in range(quads):
                 pack_plane(data, inv, xq, b * quads + q)
 
@@ -180,7 +196,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
 
     @T.macro
-    def tile(wflat, xq, offset, sx, wscale, bias, res, out, t):
+    def tile(wflat, xq, offset, sx, wscale, bias, res, out, tmax, t):
         acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
         for z in T.vectorized(owt * ob):
             acc[z] = 0
@@ -194,11 +210,26 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                                         + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
                         wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
                                       + v * LANES) * 4, 1, 64)])
-        epilogue(acc, offset, sx, wscale, bias, res, out, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
+        epilogue(acc, offset, sx, wscale, bias, res, out, tmax, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
                  t % xtiles)
 
     @T.macro
-    def body_serial_stages(data, codes, wscale, bias, res, out):
+    def row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr):
+        # amax_out: the tiles of one (block, output row) in one iteration, their absmax to that slot (no two
+        # threads write one slot, and no barrier: the reader reduces the slots)
+        tmax = T.alloc_buffer((owt,), "float32", scope="local")
+        total = T.alloc_buffer((1,), "float32", scope="local")
+        for xi in T.vectorized(owt):
+            tmax[xi] = T.float32(0)
+        for xo in range(xtiles):
+            tile(wflat, xq, offset, sx, wscale, bias, res, out, tmax, tr * xtiles + xo)
+        total[0] = T.float32(0)
+        for xi in range(owt):
+            total[0] = T.max(total[0], tmax[xi])
+        aout[(tr % rows) // oh, (tr // rows) * oh + tr % rows % oh] = total[0]
+
+    @T.macro
+    def body_serial_stages(data, codes, wscale, bias, res, ain, out, aout):
         dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
         wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
         sx = T.alloc_buffer((n,), "float32")
@@ -209,35 +240,39 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
             weight_sums(wflat, offset, blk)
         for bq in range(n * quads):
             border(xq, bq)
-        quantize(data, dflat, sx, inv, xq)
-        for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-            tile(wflat, xq, offset, sx, wscale, bias, res, out, t)
+        quantize(data, dflat, ain, sx, inv, xq)
+        if amax_out:
+            for tr in loop(oblocks * rows):
+                row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
+        else:
+            for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+                tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)  # (no absmax: its buffer is not read)
 
     @T.macro
-    def scale_first(dflat, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
+    def scale_first(dflat, ain, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
         for b in T.parallel(n):
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
 
     @T.macro
-    def pack_second(data, dflat, sx, inv, xq):
+    def pack_second(data, dflat, ain, sx, inv, xq):
         for bq in T.parallel(n * quads):
             pack_plane(data, inv, xq, bq)
 
     @T.macro
-    def no_stage(dflat, sx, inv):
+    def no_stage(dflat, ain, sx, inv):
         T.evaluate(0)
 
     @T.macro
-    def scale_and_pack_second(data, dflat, sx, inv, xq):  # a batch: each sample's amax and packing together
+    def scale_and_pack_second(data, dflat, ain, sx, inv, xq):  # a batch: each sample's amax and packing together
         for b in T.parallel(n):
-            sample_scale(dflat, sx, inv, b)
+            sample_scale(dflat, ain, sx, inv, b)
             for q in range(quads):
                 pack_plane(data, inv, xq, b * quads + q)
 
     first_scales, second = (scale_first, pack_second) if n == 1 else (no_stage, scale_and_pack_second)
 
     @T.macro
-    def body_one_launch(data, codes, wscale, bias, res, out):
+    def body_one_launch(data, codes, wscale, bias, res, ain, out, aout):
         # one parallel launch per call: the pool's threads are woken once and wait for each other at two
         # barriers (weight sums, padding border and a single sample's amax; packing), not woken for every
         # stage with the serial stages run by one thread while the others sleep
@@ -253,33 +288,29 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     weight_sums(wflat, offset, blk)
                 for bq in T.parallel(n * quads):
                     border(xq, bq)
-                first_scales(dflat, sx, inv)
+                first_scales(dflat, ain, sx, inv)
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                second(data, dflat, sx, inv, xq)
-            for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-                tile(wflat, xq, offset, sx, wscale, bias, res, out, t)
+                second(data, dflat, ain, sx, inv, xq)
+            if amax_out:
+                for tr in T.parallel(oblocks * rows):
+                    row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
+            else:
+                for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+                    tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)
 
     body = body_one_launch if parallel and ONE_LAUNCH else body_serial_stages
 
-    if residual:
-        @T.prim_func(private=True)
-        def kernel_res(data: T.Buffer((n, c, h, wd), "float32"),
-                       codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
-                       wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
-                       res: T.Buffer((n, oc, oh, ow), "float32"), out: T.Buffer((n, oc, oh, ow), "float32")):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            body(data, codes, wscale, bias, res, out)
-
-        return kernel_res
-
+    # every optional parameter declared, then those this kernel does not take dropped from the signature (the
+    # body reads none of them)
     @T.prim_func(private=True)
     def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
                   wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
-                  out: T.Buffer((n, oc, oh, ow), "float32")):
+                  res: T.Buffer((n, oc, oh, ow), "float32"), ain: T.Buffer((n, slots_in), "float32"),
+                  out: T.Buffer((n, oc, oh, ow), "float32"), aout: T.Buffer((n, oblocks * oh), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        body(data, codes, wscale, bias, out, out)
+        body(data, codes, wscale, bias, res, ain, out, aout)
 
-    return kernel_fn
+    return microkernels.taking(kernel_fn, (True, True, True, True, residual, amax_in > 0, True, amax_out))
 
 
 def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:

@@ -26,7 +26,9 @@ class KernelAttrs:
     ``act``: the fused activation; ``residual``: the epilogue adds one more input of the output's shape
     (a skip connection) before the activation; ``taps``: a single-channel int8 conv packs a row of taps per
     32-bit lane (``kernels.conv_int8_taps``); ``levels``: the int8 kernels' code range (±levels); the rest is
-    a convolution's geometry (``pads``: top, left, bottom, right)."""
+    a convolution's geometry (``pads``: top, left, bottom, right); ``amax_in`` / ``amax_out``: an int8 conv reads
+    its input's per-sample absmax from one more input (after the residual) instead of computing it / returns
+    its output's per-sample absmax as a second output (``kernels.conv2d_int8``)."""
 
     kernel: str
     nb: int
@@ -38,12 +40,16 @@ class KernelAttrs:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     dilations: tuple[int, int] = (1, 1)
     groups: int = 1
+    amax_in: bool = False
+    amax_out: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel not in KINDS:
             raise ValueError(f"kernel {self.kernel!r} is not one of {', '.join(KINDS)}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"activation {self.act!r} is not one of {', '.join(ACTIVATIONS)}")
+        if (self.amax_in or self.amax_out) and self.kernel != "conv2d_int8":
+            raise ValueError(f"only the int8 conv carries a per-sample absmax, not {self.kernel!r}")
         if self.nb < 1:
             raise ValueError(f"output tile nb={self.nb} must be positive")
 
@@ -78,7 +84,7 @@ class KernelAttrs:
             raw = attrs[key]
             if f.name in ("kernel", "act"):
                 values[f.name] = str(raw)
-            elif f.name == "residual":
+            elif f.name in ("residual", "amax_in", "amax_out"):
                 values[f.name] = bool(int(raw))
             elif f.name in ("strides", "pads", "dilations"):
                 values[f.name] = tuple(int(v) for v in raw)

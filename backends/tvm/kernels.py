@@ -57,7 +57,8 @@ ACTIVATIONS = ("none", "relu")
 @dataclass(frozen=True)
 class Scheme:
     """What a target's kernels look like: fp32 ``lanes`` per vector register (tile widths), the int8 code
-    range (±``int8_levels``) and whether the int8 conv kernel fuses a residual input. With VNNI
+    range (±``int8_levels``), whether the int8 conv kernel fuses a residual input and whether int8 convs pass
+    each other their activations' absmax (``int8_amax_carry``). With VNNI
     (``vpdpbusd``: u8 × s8, four products summed straight into int32) the codes use the full 8 bits; on
     AVX2 without it, 7 bits (``vpmaddubsw`` sums pairs in int16, which 8-bit codes would saturate; see
     ``CONV_INT8_LEVELS``); the portable TE kernels compute in int32 and take either."""
@@ -65,6 +66,9 @@ class Scheme:
     lanes: int
     int8_levels: int
     int8_residual: bool = True
+    #: consecutive int8 convs carry the per-sample absmax (``conv2d_int8``'s ``amax`` / ``emit_amax``): where the
+    #: target's micro-kernel takes it in its epilogue (VNNI); the portable schedule would reduce it serially
+    int8_amax_carry: bool = False
 
     @property
     def int8_offset(self) -> int:
@@ -77,7 +81,7 @@ def scheme_for(features) -> Scheme:
     features = frozenset(features)
     lanes = 16 if "avx512" in features else 8 if "avx2" in features else 4
     if "vnni" in features:
-        return Scheme(lanes, 127)
+        return Scheme(lanes, 127, int8_amax_carry=True)
     if "avx2" in features:  # the AVX2 micro-kernels (avx2.py): 7-bit codes, no residual epilogue
         return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False)
     return Scheme(lanes, 127)
@@ -415,11 +419,17 @@ def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) 
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dilations, groups: int,
-                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS):
+def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides, pads, dilations, groups: int,
+                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS, emit_amax: bool = False):
     """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric, ±``levels``),
     ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output ``wscale`` [OC], ``bias``
-    [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right)."""
+    [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right).
+
+    Carrying the per-sample absmax between consecutive int8 convs: ``amax`` [N, P] (fp32), when given, holds
+    max |data| per sample in P slots as the kernel that wrote ``data`` left it (``block_row_absmax``); their
+    maximum replaces this kernel's own pass over its input. ``emit_amax`` returns ``(out, out_amax)``,
+    out_amax = ``block_row_absmax(out, ob)`` for the next int8 conv. Max is exact in any order, so the codes
+    are the same either way."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -430,7 +440,12 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dila
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
     oh, ow = conv_out_size(h, pt + pb, kh, sh, dh), conv_out_size(wd, pl + pr, kw, sw, dw)
     rc, ry, rx = (te.reduce_axis((0, e), name=nm) for e, nm in ((c, "ac"), (h, "ay"), (wd, "ax")))
-    amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]), name="sample_amax")
+    if amax is None:
+        amax = te.compute((n,), lambda b: te.max(tirx.abs(data[b, rc, ry, rx]), axis=[rc, ry, rx]),
+                          name="sample_amax")
+    else:  # the writer's absmax per (output block, row): its maximum
+        rp = te.reduce_axis((0, int(amax.shape[1])), name="rp")
+        amax = te.compute((n,), lambda b: te.max(amax[b, rp], axis=rp), name="sample_amax")
     levels = tirx.const(float(levels), "float32")
     sx = te.compute((n,), lambda b: _floored(amax[b]) / levels, name="sample_scale")
     inv = te.compute((n,), lambda b: levels / _floored(amax[b]), name="sample_inv")
@@ -448,11 +463,26 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, *, strides, pads, dila
             xq[b, (o // ocg) * icg + kc, y * sh + ky * dh, x * sw + kx * dw]
             * _conv_int8_code(codes, o, kc, ky, kx, ob, taps).astype("int32"), axis=[kc, ky, kx]),
         name="conv_acc")
-    return te.compute(
+    out = te.compute(
         (n, oc, oh, ow),
         lambda b, o, y, x: _activate(_plus(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o],
                                            residual, b, o, y, x), act),
         name="conv_out")
+    if not emit_amax:
+        return out
+    return out, block_row_absmax(out, ob)
+
+
+def block_row_absmax(x, ob: int):
+    """TE: max |x| of a 4-d NCHW tensor per sample, block of ``ob`` channels and row: [N, C/ob · H] fp32 (slot
+    block · H + row; no floor: the reader applies it). The int8 conv's epilogue leaves its output's absmax in
+    these slots, each written by one thread, for the next int8 conv to reduce."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    rj, rx = te.reduce_axis((0, ob), name="mj"), te.reduce_axis((0, w), name="mx")
+    return te.compute((n, c // ob * h), lambda b, p: te.max(tirx.abs(x[b, p // h * ob + rj, p % h, rx]), axis=[rj, rx]),
+                      name="conv_out_amax")
 
 
 def _conv_int8_code(codes, o, kc, ky, kx, ob: int, taps: int):

@@ -6,7 +6,10 @@ rules below or ONNX's reference evaluator) or Relax expressions. Conv, Gemm and 
 weight become bitpass's own kernels (``kernels.py``) at the precision their annotations ask for, with a
 following Relu, or a residual Add and Relu, fused into the kernel; the common operators have rules here
 (``op_*``), and every other operator is converted by TVM's own Relax ONNX importer, one node at a time
-(``imported``), legalized and scheduled by TVM's defaults plus ``schedules.py``. Not the importer for
+(``imported``), legalized and scheduled by TVM's defaults plus ``schedules.py``. Where the target's scheme
+says so (VNNI), an int8 conv read by another int8 conv (directly, or through a max pooling of non-negative
+values whose windows cover every pixel) passes it its output's per-sample absmax, so the reader skips its own
+pass over the input; the codes are the same (max is exact), so are the outputs. Not the importer for
 the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
 Reshape), and it would hide the per-layer annotations.
 
@@ -133,6 +136,12 @@ class _Lowering:
         self.env: dict[str, Any] = {}
         self.fused: set[int] = set()  # id() of nodes folded into a kernel's epilogue
         self._alias: list[str] = []  # outputs of fused nodes that are the current kernel's output
+        #: value name -> its absmax slots (a Relax [N, P] fp32: ``kernels.block_row_absmax``), where the int8 conv
+        #: that wrote it took them
+        self.absmax: dict[str, Any] = {}
+        self.nonnegative: set[str] = set()  # values known ≥ 0 (a fused ReLU) among those with an absmax
+        self._absmax: Any = None  # the current node's output's absmax, if it has one
+        self._nonnegative = False
         #: for ``check``: continue past failing nodes, collecting what TVM refused
         self.collect: list[Problem] | None = None
         self.value_info: dict[str, onnx.ValueInfoProto] = {}  # inferred types (``check``'s placeholders)
@@ -201,6 +210,7 @@ class _Lowering:
         self.env = dict(self.inits)
         self.env.update({str(p.name): p for p in params})
         self.fused = set()
+        self.absmax, self.nonnegative = {}, set()
         with bb.function(name, params):
             with bb.dataflow():
                 for node in self.nodes:
@@ -214,6 +224,7 @@ class _Lowering:
     def lower_node(self, bb, node: onnx.NodeProto) -> None:
         self._alias = []
         self._how: str | None = None
+        self._absmax, self._nonnegative = None, False
         inputs = [self.env.get(i) if i else None for i in node.input]
         missing = [i for i, v in zip(node.input, inputs) if i and v is None]
         if missing:  # only after a failed node, in ``check``
@@ -241,6 +252,11 @@ class _Lowering:
                                          "weight_bits": annotation.FLOAT_BITS}
         for alias in self._alias:  # a fused Relu's / Add's output is the kernel's output
             self.env[alias] = outs[0]
+        if self._absmax is not None:
+            for name in (node.output[0], *self._alias):
+                self.absmax[name] = self._absmax
+                if self._nonnegative:
+                    self.nonnegative.add(name)
 
     def _placeholders(self, node: onnx.NodeProto) -> None:
         """``check`` goes on past a failing node with free variables of its outputs' inferred types."""
@@ -613,8 +629,24 @@ class _Lowering:
         from tvm import relax
 
         kernel, strides, dilations, pads = self._pool_args(attrs, 4)
-        return bb.emit(relax.op.nn.max_pool2d(inputs[0], kernel, strides, pads, dilations,
-                                              ceil_mode=bool(attrs.get("ceil_mode", 0))))
+        out = bb.emit(relax.op.nn.max_pool2d(inputs[0], kernel, strides, pads, dilations,
+                                             ceil_mode=bool(attrs.get("ceil_mode", 0))))
+        source = node.input[0]
+        if source in self.nonnegative and self._pool_covers(self.shape_of(inputs[0]), self.shape_of(out), kernel,
+                                                            strides, dilations, pads):
+            # every input pixel is in some window and none is negative: the pooled maximum is the input's
+            self._absmax, self._nonnegative = self.absmax[source], True
+        return out
+
+    @staticmethod
+    def _pool_covers(in_shape, out_shape, kernel, strides, dilations, pads) -> bool:
+        """Whether a pooling's windows together read every input pixel (no stride skips one, the last window
+        reaches the last pixel)."""
+        for axis, (k, s, d) in enumerate(zip(kernel, strides, dilations)):
+            size, windows = in_shape[2 + axis], out_shape[2 + axis]
+            if d != 1 or s > k or (windows - 1) * s - pads[axis] + k < size:
+                return False
+        return True
 
     def op_AveragePool(self, bb, node, attrs, inputs):
         from tvm import relax
@@ -633,9 +665,11 @@ class _Lowering:
     def _record(self, node, kind: str, bits: int, nbytes: int, attrs: KernelAttrs) -> None:
         layer = self.plan(node).layer_id or node.name
         epilogue = "+".join(["bias", *(["residual"] if attrs.residual else []),
-                             *([attrs.act] if attrs.act != "none" else [])])
+                             *([attrs.act] if attrs.act != "none" else []), *(["absmax"] if attrs.amax_out else [])])
         self.report.layers[str(layer)] = {"node": node.name, "lowering": BITPASS_KERNEL, "kernel": kind,
                                           "weight_bits": bits, "weight_bytes": int(nbytes), "epilogue": epilogue}
+        if attrs.amax_in:  # its input's scale came with the input: no pass over it
+            self.report.layers[str(layer)]["input_absmax"] = "carried"
         self.report.weight_bytes += nbytes
         self.mark(node, BITPASS_KERNEL)
 
@@ -687,7 +721,7 @@ class _Lowering:
                                            geometry["dilations"][1])]
         act, residual = self._epilogue(node, out_shape, residual=bits == 32 or self.scheme.int8_residual)
         if bits == 8:
-            return self._conv_int8(bb, node, x, w, bias, ob, geometry, act, residual)
+            return self._conv_int8(bb, node, x, w, bias, ob, geometry, act, residual, out_shape)
         return self._conv_fp32(bb, node, x, w, bias, ob, geometry, act, residual)
 
     def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
@@ -703,11 +737,30 @@ class _Lowering:
         return bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
                           primfunc_attrs=tags.to_func_attrs())
 
-    def _conv_int8(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
+    def _int8_conv_reads(self, value: str, through_pool: bool = True) -> bool:
+        """Whether an int8 conv reads ``value`` (directly, or through a max pooling that passes its absmax on)."""
+        for user in self.consumers.get(value, []):
+            if user.op_type == "Conv" and user.input[0] == value and self.plan(user).weight_bits == 8:
+                return True
+            if through_pool and user.op_type == "MaxPool" and self._int8_conv_reads(user.output[0], False):
+                return True
+        return False
+
+    def _conv_int8(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual,
+                   out_shape: list[int]):
         """int8 weights (per output channel) × int8 activations quantized per sample: ``kernels.conv2d_int8``,
-        replaced by a target's micro-kernel where it has one (the geometry travels as function attributes)."""
+        replaced by a target's micro-kernel where it has one (the geometry travels as function attributes).
+        Where the scheme carries the absmax, the conv reads its input's from the int8 conv that wrote it and
+        writes its own output's when an int8 conv reads that (its micro-kernel takes it in the epilogue)."""
+        from tvm import relax
+
         levels = self.scheme.int8_levels
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
+        carry = self.scheme.int8_amax_carry
+        amax_in = self.absmax.get(node.input[0]) if carry else None
+        final = self._alias[-1] if self._alias else node.output[0]
+        amax_out = carry and geometry["groups"] == 1 and not taps and ob % self.lanes == 0 and \
+            self._int8_conv_reads(final) and len(out_shape) == 4
 
         def make8():
             codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob, taps, levels)
@@ -716,16 +769,23 @@ class _Lowering:
         codes, scale, nbytes = self.shared(("conv8", node.name, ob, levels), make8)
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
         tags = KernelAttrs("conv2d_int8", ob, act=act, residual=residual is not None, taps=taps, levels=levels,
-                           **geometry)
+                           amax_in=amax_in is not None, amax_out=amax_out, **geometry)
         self._record(node, "conv2d_int8", 8, nbytes, tags)
+        has_residual = residual is not None
 
         def te_conv8(data, cc, ss, bb_, *rest):
-            return kernels.conv2d_int8(data, cc, ss, bb_, rest[0] if rest else None, **geometry, act=act, taps=taps,
-                                       levels=levels)
+            return kernels.conv2d_int8(data, cc, ss, bb_, rest[0] if has_residual else None,
+                                       rest[-1] if amax_in is not None else None, **geometry, act=act, taps=taps,
+                                       levels=levels, emit_amax=amax_out)
 
-        extra = [residual] if residual is not None else []
-        return bb.emit_te(te_conv8, x, codes, scale, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d_int8",
-                          primfunc_attrs=tags.to_func_attrs())
+        extra = [v for v in (residual, amax_in) if v is not None]
+        result = bb.emit_te(te_conv8, x, codes, scale, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d_int8",
+                            primfunc_attrs=tags.to_func_attrs())
+        if not amax_out:
+            return result
+        self._absmax = bb.emit(relax.TupleGetItem(result, 1))
+        self._nonnegative = act == "relu"
+        return bb.emit(relax.TupleGetItem(result, 0))
 
     def op_Gemm(self, bb, node, attrs, inputs):
         a, w = inputs[0], inputs[1]
@@ -753,6 +813,21 @@ class _Lowering:
         return bb.emit(relax.op.matmul(self.expr(a), self.expr(w)))
 
     def _dense(self, bb, node, x, w_kn: np.ndarray, bias):
+        """fp32 and int8 dense with N not a multiple of the vector width (a 1000-class head) get zero weight
+        columns up to one, and their output is sliced back: whole-register tiles, and on VNNI the micro-kernel
+        (11x faster than the TE schedule's 8-wide tiles for 32 × 512 → 1000 here)."""
+        from tvm import relax
+
+        n = w_kn.shape[1]
+        pad = (-n) % self.lanes if kernels.out_block(n, self.lanes) < self.lanes else 0
+        if pad == 0 or self.plan(node).weight_bits not in (8, 32):
+            return self._dense_tiles(bb, node, x, w_kn, bias)
+        wide = np.pad(w_kn, ((0, 0), (0, pad)))
+        b = np.pad(np.broadcast_to(bias, (n,)) if bias is not None else np.zeros(n, np.float32), (0, pad))
+        out = self._dense_tiles(bb, node, x, wide, b)
+        return bb.emit(relax.op.strided_slice(out, [1], [0], [n]))
+
+    def _dense_tiles(self, bb, node, x, w_kn: np.ndarray, bias):
         from tvm import relax
 
         k, n = w_kn.shape

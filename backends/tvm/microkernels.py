@@ -33,6 +33,13 @@ def divisor(n: int, limit: int) -> int:
     return next(d for d in range(max(1, min(n, limit)), 0, -1) if n % d == 0)
 
 
+def taking(func: tirx.PrimFunc, keep: tuple[bool, ...]) -> tirx.PrimFunc:
+    """``func`` with only the parameters ``keep`` marks: a micro-kernel written once with every optional
+    parameter of its TE kernel takes exactly the TE kernel's (its body must not read the ones dropped)."""
+    params = [p for p, kept in zip(func.params, keep, strict=True) if kept]
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+
+
 def simd_lanes(count: int, lanes: int) -> int:
     """``lanes`` where they divide ``count`` (vectorized reductions), else 1."""
     return lanes if count % lanes == 0 else 1

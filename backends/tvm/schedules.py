@@ -324,13 +324,14 @@ class Conv2d(_Rule):
         if "vnni" not in self.features:
             return None
         shapes = _shapes(func)
-        data, codes, out = shapes[0], shapes[1], shapes[-1]
+        data, codes, out = shapes[0], shapes[1], shapes[-2 if tags.amax_out else -1]
         if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps):
             return None
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
         kernel = avx512.conv2d_int8(data, out[1], codes[4], (codes[2], codes[3]), tags.strides, tags.pads,
                                     tags.dilations, tags.act, parallel=work >= PARALLEL_MIN_WORK,
-                                    residual=tags.residual)
+                                    residual=tags.residual, amax_in=shapes[4 + tags.residual][1] if tags.amax_in else 0,
+                                    amax_out=tags.amax_out)
         return _replacement(func, kernel)
 
     def _int8_avx2(self, func, tags: KernelAttrs):

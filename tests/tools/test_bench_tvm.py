@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bitpass.tools.bench_tvm import conv_model_fp32, conv_model_u8s8, print_convs, profile_ort, tvm_op_kind
+from bitpass.tools.bench_tvm import conv_model_fp32, conv_model_u8s8, print_convs, profile_ort, rotation, tvm_op_kind
 
 
 def _session(model: bytes, optimized: str | None = None) -> ort.InferenceSession:
@@ -49,3 +49,12 @@ def test_profile_puts_ort_qlinearconv_time_under_conv_and_vm_functions_by_name()
     assert kinds["whole"] >= kinds["conv"]
     assert [tvm_op_kind(n) for n in ("bitpass_conv2d_int83", "max_pool2d1", "bitpass_dense", "mean")] == \
         ["conv", "pool", "dense", "other"]
+
+
+def test_each_round_starts_with_another_variant():
+    """Timed alternately, the variant that runs right after another runtime's changes from round to round."""
+    names = ["ORT fp32", "ORT U8S8", "TVM fp32", "TVM int8"]
+    orders = [rotation(names, i) for i in range(4)]
+    assert [order[0] for order in orders] == names
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert rotation(names, 5) == orders[1]

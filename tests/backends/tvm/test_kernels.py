@@ -194,9 +194,12 @@ def test_conv2d_matches_numpy_including_depthwise_and_residual(n, c, oc, hw, str
     np.testing.assert_allclose(_run(func, *arrays, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
 
 
-def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups, taps=0, levels=kernels.CONV_INT8_LEVELS):
-    """numpy: activations per sample in ±levels, integer convolution of the codes, fp32 requantization."""
-    amax = np.maximum(np.abs(x).reshape(len(x), -1).max(axis=1), np.float32(1e-12))
+def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups, taps=0, levels=kernels.CONV_INT8_LEVELS,
+                         amax=None):
+    """numpy: activations per sample in ±levels (of ``amax`` per sample, by default max |x|), integer
+    convolution of the codes, fp32 requantization."""
+    amax = np.abs(x).reshape(len(x), -1).max(axis=1) if amax is None else amax
+    amax = np.maximum(amax, np.float32(1e-12))
     xq = np.round(x * (np.float32(levels) / amax)[:, None, None, None])
     acc = _conv_ref(xq.astype(np.float64), kernels.conv_int8_codes(codes, icg, taps).astype(np.float64),
                     np.zeros(len(sw)), stride, pad, groups)
@@ -239,6 +242,63 @@ def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, str
     # and close to the fp32 convolution (quantization error only)
     exact = np.maximum(_conv_ref(x, w, b, stride, pad, groups) + (r if residual else 0), 0)
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "residual"),
+                         [(1, 32, 32, 14, 1, False), (2, 16, 32, 9, 2, True), (64, 16, 32, 6, 1, True),
+                          (1, 64, 64, 7, 1, False)])
+def test_int8_conv_writes_its_output_absmax_and_the_next_reads_it_instead_of_its_own_pass(
+        n, c, oc, hw, stride, residual, path):
+    """Consecutive int8 convs carry the per-sample absmax: the first returns max |out| per sample beside its
+    output (taken in its epilogue), the second reads it instead of a pass over its input. Same codes, same
+    outputs as each conv on its own."""
+    if residual and not path.scheme.int8_residual:
+        pytest.skip(f"the {path.name} int8 conv has no residual epilogue (the lowering does not fuse one)")
+    ob = kernels.out_block(oc, path.lanes)
+    geometry = {"strides": (stride, stride), "pads": (1,) * 4, "dilations": (1, 1), "groups": 1}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w1 = rng.standard_normal((oc, c, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((oc, oc, 3, 3)).astype(np.float32)
+    b1, b2 = rng.standard_normal(oc).astype(np.float32), rng.standard_normal(oc).astype(np.float32)
+    codes1, sw1 = kernels.quantize_conv_int8(w1, ob, 0, path.levels)
+    codes2, sw2 = kernels.quantize_conv_int8(w2, ob, 0, path.levels)
+    y_want = _conv_int8_reference(x, codes1, c, sw1, b1, stride, 1, 1, 0, path.levels)
+    r = rng.standard_normal(y_want.shape).astype(np.float32) if residual else None
+    y_want = np.maximum(y_want + (r if residual else 0), 0)
+    dev = tvm.cpu()
+    hand = path.intrinsic if ob % path.lanes == 0 and path.name == "vnni" else None  # AVX2: the TE schedule
+
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes1.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    tr = [te.placeholder(y_want.shape, "float32")] if residual else []
+    out, out_amax = kernels.conv2d_int8(tx, tc, ts, tb, *tr, **geometry, act="relu", levels=path.levels,
+                                        emit_amax=True)
+    first = _build([tx, tc, ts, tb, *tr, out, out_amax], "conv2d_int8", ob, path.target, intrinsic=hand, act="relu",
+                   levels=path.levels, residual=residual, amax_out=True, **geometry)
+    y = tvm.runtime.tensor(np.zeros(y_want.shape, np.float32), dev)
+    oh = y_want.shape[2]
+    y_amax = tvm.runtime.tensor(np.zeros((n, oc // ob * oh), np.float32), dev)
+    first(*[tvm.runtime.tensor(a, dev) for a in (x, codes1, sw1, b1, *([r] if residual else []))], y, y_amax)
+    np.testing.assert_allclose(y.numpy(), y_want, rtol=1e-5, atol=1e-4)
+    # one slot per sample, block of ob output channels and row
+    per_block_row = np.abs(y.numpy()).reshape(n, oc // ob, ob, oh, -1).max(axis=(2, 4)).reshape(n, -1)
+    np.testing.assert_array_equal(y_amax.numpy(), per_block_row)
+
+    ty, ta = te.placeholder(y_want.shape, "float32"), te.placeholder(y_amax.shape, "float32")
+    tc2 = te.placeholder(codes2.shape, "int8")
+    geometry["strides"] = (1, 1)
+    out2 = kernels.conv2d_int8(ty, tc2, ts, tb, None, ta, **geometry, levels=path.levels)
+    second = _build([ty, tc2, ts, tb, ta, out2], "conv2d_int8", ob, path.target, intrinsic=hand, levels=path.levels,
+                    amax_in=True, **geometry)
+    got = _run(second, y.numpy(), codes2, sw2, b2, y_amax.numpy(), out_shape=(n, oc, *y_want.shape[2:]))
+    want = _conv_int8_reference(y.numpy(), codes2, oc, sw2, b2, 1, 1, 1, 0, path.levels)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # the absmax it is given is the one it quantizes with (twice the true one: half the code range used)
+    doubled = (2 * y_amax.numpy()).astype(np.float32)
+    got = _run(second, y.numpy(), codes2, sw2, b2, doubled, out_shape=want.shape)
+    coarse = _conv_int8_reference(y.numpy(), codes2, oc, sw2, b2, 1, 1, 1, 0, path.levels, amax=doubled.max(axis=1))
+    np.testing.assert_allclose(got, coarse, rtol=1e-5, atol=1e-4)
+    assert np.abs(coarse - want).max() > 1e-3  # the two scales give different results: the test can tell them apart
 
 
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"), [(1, 64, 128, 14, 2), (2, 20, 32, 9, 2), (1, 32, 64, 7, 1)])

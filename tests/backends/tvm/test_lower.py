@@ -1,0 +1,122 @@
+"""The lowering's rules between bitpass's kernels: what consecutive int8 convolutions pass each other."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip install -e '.[tvm]')")
+
+from bitpass.backends.tvm import build, kernels, targets  # noqa: E402
+from bitpass.frontend import annotation, from_torch  # noqa: E402
+
+SPEC = targets.get(targets.host_target())
+
+
+class _ResidualCnn(torch.nn.Module):
+    """ResNet's shape in small: stem conv + ReLU, max pooling, a basic block (its skip added in the second conv's
+    epilogue), a strided conv, global pooling and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(3, 2, 1)
+        self.conv1 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.down = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        x = torch.relu(self.down(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def int8_cnn():
+    """(the torch module, its bitpass Model with every conv annotated 8-bit)"""
+    torch.manual_seed(0)
+    module = _ResidualCnn().eval()
+    model = from_torch(module, (torch.zeros(1, 3, 16, 16),))
+    for layer in model.layers():
+        if layer.op_type == "Conv":
+            annotation.set_weight_bits(layer.node, 8)
+    return module, model
+
+
+def _run(model, scheme, monkeypatch, x):
+    from tvm import relax
+
+    monkeypatch.setattr(kernels, "scheme_for", lambda _features: scheme)
+    built = build.build(model, SPEC, batches=(len(x),))
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    return vm[built.functions[len(x)]](tvm.runtime.tensor(x)).numpy(), built.report
+
+
+def test_consecutive_int8_convs_carry_the_absmax_and_compute_what_each_would_alone(int8_cnn, monkeypatch):
+    """On a VNNI target each int8 conv read by another int8 conv takes its output's per-sample absmax in its
+    epilogue (the stem's passes through the max pooling: non-negative, every pixel in a window), and the
+    reader quantizes with it instead of a pass of its own: the same outputs as without carrying."""
+    module, model = int8_cnn
+    scheme = kernels.scheme_for(SPEC.features)
+    if not scheme.int8_amax_carry:
+        pytest.skip("this CPU's int8 kernels do not carry the absmax (no AVX-512 VNNI)")
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    carried, report = _run(model, scheme, monkeypatch, x)
+    alone, report_alone = _run(model, dataclasses.replace(scheme, int8_amax_carry=False), monkeypatch, x)
+    convs = [entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8"]
+    assert len(convs) == 4
+    assert [entry.get("input_absmax") for entry in convs] == [None, "carried", "carried", "carried"]
+    assert ["absmax" in entry["epilogue"] for entry in convs] == [True, True, True, False]
+    assert not any("input_absmax" in entry or "absmax" in entry["epilogue"] for entry in report_alone.layers.values())
+    np.testing.assert_allclose(carried, alone, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        reference = module(torch.from_numpy(x)).numpy()
+    cosine = (carried * reference).sum(1) / np.linalg.norm(carried, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.99  # int8 error only
+
+
+@pytest.mark.parametrize(("features", "carried"), [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False),
+                                                   (set(), False)])
+def test_only_targets_whose_int8_conv_takes_the_absmax_in_its_epilogue_carry_it(int8_cnn, features, carried):
+    """The lowering alone (no build, any host): VNNI's micro-kernel takes the absmax in its epilogue; AVX2's
+    kernel and the portable schedule do not, and their convs keep their own pass over the input."""
+    from bitpass.backends.tvm import lower
+
+    _, model = int8_cnn
+    _, report, _ = lower.lower(model, (1,), kernels.scheme_for(features))
+    convs = [entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8"]
+    assert len(convs) == 4
+    assert any(entry.get("input_absmax") == "carried" for entry in convs) == carried
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_a_dense_layer_with_outputs_not_filling_a_vector_gets_zero_columns_and_a_sliced_output(bits):
+    """A 10-class head: its weight is widened with zero columns to a whole vector register (the fast tiles,
+    on VNNI the micro-kernel), the padding sliced off the output; the result is the layer's."""
+    from tvm import relax
+
+    from bitpass.backends.tvm import lower
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.ReLU(), torch.nn.Linear(10, 7)).eval()
+    model = from_torch(module, (torch.zeros(1, 64),))
+    for layer in model.layers():
+        annotation.set_weight_bits(layer.node, bits)
+    scheme = kernels.scheme_for(SPEC.features)
+    mod, _, _ = lower.lower(model, (3,), scheme)
+    kinds = {32: "dense", 8: "dense_int8"}
+    tiles = sorted(int(f.params[1].ty.shape[-2 if bits == 8 else -1]) for gv, f in mod.functions.items()
+                   if gv.name_hint.startswith(f"bitpass_{kinds[bits]}"))
+    assert tiles and all(tile % scheme.lanes == 0 for tile in tiles)  # 10 and 7 outputs: whole vectors
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    built = build.build(model, SPEC, batches=(3,))
+    got = relax.VirtualMachine(built.executable, tvm.cpu())[built.functions[3]](tvm.runtime.tensor(x)).numpy()
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    assert got.shape == (3, 7)
+    np.testing.assert_allclose(got, want, rtol=1e-4 if bits == 32 else 0.05, atol=1e-4 if bits == 32 else 0.05)
