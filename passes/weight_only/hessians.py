@@ -11,7 +11,7 @@ q/k/v projections, share one) plus one batch of activations, never the whole set
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +115,57 @@ def layer_inputs(model: Model, data: Dataset, names: Sequence[str], *,
             got = dict(zip(fetch, session.run(fetch, {n: v for n, v in feeds.items() if n in wanted})))
             got.update({n: feeds[n] for n in names if n in inputs})
             yield got
+
+
+class SpilledArrays(Mapping[Hashable, np.ndarray]):
+    """Arrays kept in ``.npy`` files of a private temporary folder and read back on each access: what a memo holds
+    between uses without holding it in memory (GPT-2-medium's Hessians are 1.9 GB; between the rounding and a
+    quality-gate repair that reuses them they are file pages the kernel may drop, not process memory). The
+    folder goes when the object does."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="bitpass-spilled-")
+        self._files: dict[Hashable, Path] = {}
+
+    @property
+    def folder(self) -> Path:
+        return Path(self._folder.name)
+
+    def __setitem__(self, key: Hashable, value: np.ndarray) -> None:
+        path = self.folder / f"{len(self._files)}.npy"
+        np.save(path, np.asarray(value), allow_pickle=False)
+        self._files[key] = path
+
+    def __getitem__(self, key: Hashable) -> np.ndarray:
+        return np.load(self._files[key], allow_pickle=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+class Renamed(Mapping[str, np.ndarray]):
+    """``{name: store[keys[name]]}``, read from ``store`` on each access (layer ids onto a memo's keys)."""
+
+    def __init__(self, store: Mapping[Hashable, np.ndarray], keys: Mapping[str, Hashable]) -> None:
+        self._store, self._keys = store, dict(keys)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._store[self._keys[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def shared(hessians: Mapping[str, np.ndarray], layer_inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
