@@ -18,7 +18,7 @@ from bitpass.passes.weight_only.codebooks import BITS as CODEBOOK_BITS
 from bitpass.passes.weight_only.codebooks import FORMATS as CODEBOOK_FORMATS
 from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook_gptq, codebook_rtn
 from bitpass.passes.weight_only.gptq import gptq
-from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
+from bitpass.passes.weight_only.grid import GroupQuantized, output_error, quadratic_form, rtn
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
 from bitpass.passes.weight_only.mixed import (allocate_widths, global_slice_widths, hierarchical_widths,
                                               mixed_quantize)
@@ -101,7 +101,7 @@ def layerwise_widths(weights: Mapping[str, np.ndarray], hessians: Mapping[str, n
     The per-layer baseline that group-wise mixed widths are compared with."""
     ids = list(weights)
     errors = np.array([[output_error(weights[i], rtn(weights[i], b, group_size).dequantize(), hessians[i])
-                        * float(np.einsum("kn,kj,jn->", weights[i], hessians[i], weights[i])) for b in widths]
+                        * quadratic_form(weights[i], hessians[i]) for b in widths]
                        for i in ids])
     sizes = np.array([weights[i].size for i in ids], np.float64)
     chosen = allocate_widths(errors, widths, average_bits, sizes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from scipy.linalg import lapack
 
 from bitpass.passes.weight_only.grid import GroupQuantized, check_groups, group_params
 
@@ -47,10 +48,17 @@ def hessian(inputs: Iterable[np.ndarray] | np.ndarray) -> np.ndarray:
 
 
 def upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper ``U`` with ``U^T U = H^-1``: row ``i`` of ``U`` gives the OBS update of the rows after ``i``."""
-    lower = np.linalg.cholesky(h)
-    inverse = np.linalg.inv(lower)
-    return np.linalg.cholesky(inverse.T @ inverse).T
+    """Upper ``U`` with ``U^T U = H^-1``: row ``i`` of ``U`` gives the OBS update of the rows after ``i``.
+
+    With ``J`` the order-reversing permutation, ``J H J = L L^T`` gives ``H^-1 = (J L^-T J)(J L^-1 J)`` and
+    ``J L^-1 J`` is upper with a positive diagonal: the Cholesky factor of ``H^-1`` (unique), from one Cholesky
+    and one triangular inverse (LAPACK ``dtrtri``), about ``2/3 K^3`` flops. Inverting ``L`` as a general
+    matrix, forming ``H^-1`` and factoring it again (as it was) took about ``4.7 K^3``: 2.4x the time at K=3072."""
+    lower = np.linalg.cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    inverse, info = lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the Cholesky factor of the Hessian is singular (LAPACK dtrtri info {info})")
+    return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
 def compensated_sweep(work: np.ndarray, upper: np.ndarray,
@@ -62,6 +70,7 @@ def compensated_sweep(work: np.ndarray, upper: np.ndarray,
     so that most of the update is one matrix product."""
     k = work.shape[1]
     block = max(group_size, (block // group_size) * group_size)
+    scratch = np.empty((min(block, k), work.shape[0]))  # the rank-1 updates' products, allocated once
     for start in range(0, k, block):
         stop = min(start + block, k)
         # one row per feature, contiguous: a feature's N values are read and updated in one sweep of memory
@@ -71,7 +80,8 @@ def compensated_sweep(work: np.ndarray, upper: np.ndarray,
         for j in range(stop - start):
             column = part[j]
             error = (column - round_feature(start + j, column, part[j:].T)) / upper[start + j, start + j]
-            part[j:] -= np.outer(upper[start + j, start + j:stop], error)
+            product = np.multiply.outer(upper[start + j, start + j:stop], error, out=scratch[:stop - start - j])
+            part[j:] -= product
             errors[j] = error
         work[:, stop:] -= errors.T @ upper[start:stop, stop:]
 
@@ -85,8 +95,7 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: 
     spread (always so with ``act_order``); otherwise a group's grid is fitted to its rows as compensated
     so far, as in the GPTQ paper. Measured on correlated inputs: equal at 4 bits, and at 2 bits static
     grids kept 0.10 relative output error where fitted ones kept 0.16-0.18 (worse than RTN's 0.17)."""
-    w = np.asarray(weight, np.float64)
-    k, n = w.shape
+    k, n = np.shape(weight)
     check_groups(k, group_size)
     if h.shape != (k, k):
         raise ValueError(f"the Hessian is {h.shape}; the weight has {k} input features")
@@ -95,18 +104,25 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: 
     h = np.array(h, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    work = w.T.copy()  # (N, K): GPTQ's layout, one column per input feature
-    work[:, dead] = 0.0
     static = static_groups or act_order
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    # (N, K) float64, GPTQ's layout (one column per input feature), in rounding order: one copy of the weight
+    work = np.empty((n, k))
+    work[...] = (np.asarray(weight)[order] if act_order else np.asarray(weight)).T
+    work[:, dead[order]] = 0.0
     scales = np.zeros((slices, n), np.float32)
     zeros = np.zeros((slices, n), np.uint8)
     if static:
-        scales, zeros = group_params(work.T, bits_per_slice, group_size)
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    work, h = work[:, order], h[np.ix_(order, order)]
+        original = work.T if not act_order else np.where(dead[:, None], 0.0, np.asarray(weight, np.float64))
+        scales, zeros = group_params(original, bits_per_slice, group_size)
+        del original
+    if act_order:
+        h = h[np.ix_(order, order)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     upper = upper_inverse_cholesky(h)
-    codes = np.zeros((n, k), np.uint8)
+    del h
+    codes = np.zeros((k, n), np.uint8)  # (K, N): a feature's codes are one contiguous row
+    levels = (2 ** bits_per_slice - 1).astype(np.float64)
 
     def round_feature(index: int, column: np.ndarray, rest: np.ndarray) -> np.ndarray:
         feature = order[index]
@@ -115,12 +131,9 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int | np.ndarray, group_size: 
             # grids from the current (already error-compensated) rows of this group
             s, z = group_params(rest[:, :group_size].T, bits_per_slice[g:g + 1], group_size)
             scales[g], zeros[g] = s[0], z[0]
-        top = 2 ** int(bits_per_slice[g]) - 1
-        q = np.clip(np.round(column / scales[g] + zeros[g]), 0, top)
-        codes[:, index] = q.astype(np.uint8)
+        q = np.clip(np.round(column / scales[g] + zeros[g]), 0, levels[g])
+        codes[feature] = q
         return (q - zeros[g].astype(np.float64)) * scales[g].astype(np.float64)
 
     compensated_sweep(work, upper, round_feature, group_size, block)
-    restored = np.empty_like(codes)
-    restored[:, order] = codes
-    return GroupQuantized(np.ascontiguousarray(restored.T), scales, zeros, bits_per_slice, group_size)
+    return GroupQuantized(codes, scales, zeros, bits_per_slice, group_size)

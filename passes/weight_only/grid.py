@@ -90,9 +90,31 @@ def rtn(w: np.ndarray, bits: int | np.ndarray, group_size: int) -> GroupQuantize
     return GroupQuantized(codes, scales, zeros, bits_per_slice, group_size)
 
 
+#: output columns per block of ``quadratic_form``: the ``H @ E`` block stays tens of MB on a 50k-wide head
+QUADRATIC_BLOCK = 4096
+
+
+def quadratic_form(e: np.ndarray, hessian: np.ndarray) -> float:
+    """``tr(E^T H E)`` of a ``(K, N)`` matrix ``E`` in float64, as ``sum(E * (H @ E))`` one block of columns at
+    a time: a BLAS product and ``K x block`` of scratch. (``np.einsum("kn,kj,jn->", ...)`` over the three
+    operands runs a plain loop without BLAS: 25-100 s on one GPT-2 layer, most of a compile.)"""
+    h = np.asarray(hessian, np.float64)
+    total = 0.0
+    for start in range(0, e.shape[1], QUADRATIC_BLOCK):
+        block = np.asarray(e[:, start:start + QUADRATIC_BLOCK], np.float64)
+        total += float(np.sum(block * (h @ block)))
+    return total
+
+
 def output_error(w: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
     """Layer-local objective: ``tr(E^T H E) / tr(W^T H W)`` with ``E = W - approx`` and ``H = X^T X / n``:
-    the relative mean squared error of the layer's outputs on its calibration inputs."""
-    error = np.asarray(w, np.float64) - np.asarray(approx, np.float64)
+    the relative mean squared error of the layer's outputs on its calibration inputs (block by block of
+    output columns, as ``quadratic_form``: no float64 copy of the whole weight)."""
     h = np.asarray(hessian, np.float64)
-    return float(np.einsum("kn,kj,jn->", error, h, error) / max(np.einsum("kn,kj,jn->", w, h, w), 1e-30))
+    error = reference = 0.0
+    for start in range(0, w.shape[1], QUADRATIC_BLOCK):
+        columns = slice(start, start + QUADRATIC_BLOCK)
+        block = np.asarray(w[:, columns], np.float64)
+        reference += quadratic_form(block, h)
+        error += quadratic_form(block - np.asarray(approx[:, columns], np.float64), h)
+    return error / max(reference, 1e-30)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitpass.passes.weight_only.gptq import gptq
-from bitpass.passes.weight_only.grid import GroupQuantized, check_groups, rtn
+from bitpass.passes.weight_only.grid import GroupQuantized, check_groups, quadratic_form, rtn
 
 
 def slice_errors(weight: np.ndarray, h: np.ndarray, widths: Sequence[int], group_size: int, *,
@@ -41,7 +41,7 @@ def slice_errors(weight: np.ndarray, h: np.ndarray, widths: Sequence[int], group
         for s in range(k // group_size):
             rows = slice(s * group_size, (s + 1) * group_size)
             errors[s, j] = float(np.sum(error[rows] * spread[rows])) if spread is not None \
-                else np.einsum("kn,kj,jn->", error[rows], h[rows, rows], error[rows])
+                else quadratic_form(error[rows], h[rows, rows])
     return errors
 
 
@@ -194,7 +194,7 @@ def layer_mixtures(weight: np.ndarray, h: np.ndarray, low: int, high: int, steps
         bits[order[:count]] = high
         quantized = gptq(weight, h, bits, group_size, act_order=act_order, damp=damp)
         error = w - quantized.dequantize().astype(np.float64)
-        out.append((float(np.mean(bits)), quantized, float(np.einsum("kn,kj,jn->", error, h, error))))
+        out.append((float(np.mean(bits)), quantized, quadratic_form(error, h)))
     return out
 
 

@@ -46,7 +46,7 @@ from bitpass.passes.weight_only.codebooks import BITS as CODEBOOK_BITS
 from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook_gptq, codebook_rtn
 from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
-from bitpass.passes.weight_only.hessians import layer_input_hessians
+from bitpass.passes.weight_only.hessians import Renamed, SpilledArrays, layer_input_hessians
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
 from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS
 from bitpass.passes.weight_only.mixed import Mixture, allocate_widths, choose_mixtures, layer_mixtures, mixtures_of, \
@@ -167,7 +167,7 @@ class Quantizer:
 
     def __init__(self) -> None:
         self._layers: dict[tuple[Any, ...], QuantizedLayer] = {}
-        self._hessians: dict[tuple[str, str, int | None], np.ndarray] = {}
+        self._hessians = SpilledArrays()  # {(data digest, tensor, samples): X^T X / n}, on disk between uses
 
     def __call__(self, model: Model, calibration: Dataset | None, recipe: Recipe, *,
                  progress: Callable[[str], None] | None = None,
@@ -177,7 +177,7 @@ class Quantizer:
         result = shallow_copy(model)
         outcome = Outcome()
         linear, tables = self._select(result, recipe, outcome)
-        hessians: dict[str, np.ndarray] = {}
+        hessians: Mapping[str, np.ndarray] = {}
         if linear and recipe.needs_data:
             if calibration is None:
                 raise UsageError(f"quantize-weights(method={recipe.method}) needs calibration data for the layer "
@@ -250,7 +250,8 @@ class Quantizer:
         return linear, tables
 
     def _layer_hessians(self, model: Model, layers: Sequence[Layer], data: Dataset, recipe: Recipe,
-                        say: Callable[[str], None]) -> dict[str, np.ndarray]:
+                        say: Callable[[str], None]) -> Mapping[str, np.ndarray]:
+        """``{layer id: its input Hessian}``, each read from the memo when used (one layer's in memory at once)."""
         inputs = {layer.id: layer.node.inputs[0].name or "" for layer in layers}
         wanted = [t for t in dict.fromkeys(inputs.values()) if (data.sha256, t, recipe.samples) not in self._hessians]
         if wanted:
@@ -258,7 +259,8 @@ class Quantizer:
             for tensor, h in layer_input_hessians(model, wanted, data, samples=recipe.samples,
                                                   progress=say).items():
                 self._hessians[(data.sha256, tensor, recipe.samples)] = h
-        return {layer_id: self._hessians[(data.sha256, tensor, recipe.samples)] for layer_id, tensor in inputs.items()}
+        return Renamed(self._hessians, {layer_id: (data.sha256, tensor, recipe.samples)
+                                        for layer_id, tensor in inputs.items()})
 
     @staticmethod
     def _widths(model: Model, layers: Sequence[Layer], hessians: Mapping[str, np.ndarray], recipe: Recipe,

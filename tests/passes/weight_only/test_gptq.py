@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitpass.passes.weight_only.gptq import HessianAccumulator, gptq, hessian
+from bitpass.passes.weight_only.gptq import HessianAccumulator, gptq, hessian, upper_inverse_cholesky
 from bitpass.passes.weight_only.grid import output_error, rtn
 
 
@@ -70,3 +70,35 @@ def test_a_group_size_that_does_not_divide_k_is_refused():
     w, h = correlated_layer()
     with pytest.raises(ValueError, match="group size 48"):
         gptq(w, h, 4, 48)
+
+
+def test_the_inverse_hessians_upper_cholesky_factor_is_the_textbook_one():
+    _, h = correlated_layer(k=96)
+    upper = upper_inverse_cholesky(h)
+    assert np.all(np.tril(upper, -1) == 0) and np.all(np.diag(upper) > 0)
+    np.testing.assert_allclose(upper.T @ upper @ h, np.eye(96), atol=1e-9)
+    np.testing.assert_allclose(upper, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-5, atol=1e-12)
+
+
+def optimal_brain_surgeon_rounding(w: np.ndarray, h: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """GPTQ by its definition, unblocked: round input feature i on the original weight's grid, then move the
+    remaining features by the inverse Hessian's row i (``H^-1`` from ``np.linalg.inv``), one at a time."""
+    work = w.astype(np.float64)
+    grids = rtn(w, bits, group_size)
+    scales = np.repeat(grids.scales, group_size, axis=0).astype(np.float64)
+    zeros = np.repeat(grids.zeros, group_size, axis=0).astype(np.float64)
+    h = h + 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.zeros(w.shape, np.uint8)
+    for i in range(len(w)):
+        q = np.clip(np.round(work[i] / scales[i] + zeros[i]), 0, 2 ** bits - 1)
+        codes[i] = q
+        error = (work[i] - (q - zeros[i]) * scales[i]) / upper[i, i]
+        work[i + 1:] -= np.outer(upper[i, i + 1:], error)
+    return codes
+
+
+def test_blocked_gptq_makes_the_codes_of_its_unblocked_definition():
+    w, h = correlated_layer(k=128, n=48, seed=4)
+    reference = optimal_brain_surgeon_rounding(w, h, 4, 32)
+    assert (gptq(w, h, 4, 32, block=64).codes == reference).mean() > 0.999

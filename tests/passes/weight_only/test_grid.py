@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from bitpass.passes.weight_only.grid import output_error, rtn
+from bitpass.passes.weight_only import grid
+from bitpass.passes.weight_only.grid import output_error, quadratic_form, rtn
 
 
 def test_rtn_error_is_at_most_half_a_step_per_element():
@@ -36,3 +38,15 @@ def test_output_error_is_relative_and_zero_for_an_exact_copy():
     w, h = rng.standard_normal((8, 3)), np.eye(8)
     assert output_error(w, w, h) == 0.0
     assert output_error(w, np.zeros_like(w), h) == 1.0
+
+
+def test_the_quadratic_form_is_the_trace_of_e_h_e_block_by_block_of_columns(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 24))
+    h, e = x.T @ x / 200, rng.standard_normal((24, 11)).astype(np.float32)
+    expected = float(np.trace(e.T.astype(np.float64) @ h @ e))
+    monkeypatch.setattr(grid, "QUADRATIC_BLOCK", 4)  # 11 columns: blocks of 4, 4 and 3
+    assert quadratic_form(e, h) == pytest.approx(expected, rel=1e-12)
+    approx = e + 0.1 * rng.standard_normal(e.shape).astype(np.float32)
+    assert output_error(e, approx, h) == pytest.approx(quadratic_form(e - approx.astype(np.float64), h) / expected,
+                                                       rel=1e-12)

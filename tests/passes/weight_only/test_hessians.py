@@ -22,3 +22,22 @@ def test_layer_input_hessians_are_the_gram_matrices_of_the_inner_tensors_and_the
     assert set(hessians) == set(names)
     for name, gram in expected.items():
         np.testing.assert_allclose(hessians[name], gram.value, rtol=1e-5, atol=1e-6)
+
+
+def test_spilled_arrays_read_back_equal_and_their_folder_goes_with_them():
+    import gc
+
+    from bitpass.passes.weight_only.hessians import Renamed, SpilledArrays
+
+    store = SpilledArrays()
+    h = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32)
+    store[("digest", "x", 128)] = h
+    view = Renamed(store, {"layer.a": ("digest", "x", 128), "layer.b": ("digest", "x", 128)})
+    np.testing.assert_array_equal(view["layer.b"], h)
+    assert view["layer.a"].dtype == np.float32 and "layer.a" in view and view.get("layer.c") is None
+    assert sorted(view) == ["layer.a", "layer.b"] and len(store) == 1
+    folder = store.folder
+    assert folder.is_dir()
+    del store, view
+    gc.collect()
+    assert not folder.exists()
