@@ -96,3 +96,21 @@ def test_transformer_rows_compare_embeddings_by_cosine_and_the_nncf_style_scope_
     producers = {out: n.op_type for n in nncf.graph.node for out in n.output}
     fed = {n.op_type for n in nncf.graph.node if any(producers.get(i) == "DequantizeLinear" for i in n.input)}
     assert fed and fed <= {"MatMul", "Gemm"}, fed
+
+
+def test_bitpass_artifacts_are_timed_with_the_session_options_they_ship(tmp_path):
+    """What ``session.json`` turns off (a timed choice of ORT's load-time fusions) is turned off when timing."""
+    shipped = tmp_path / "bitpass_default"
+    shipped.mkdir()
+    (shipped / "model.onnx").write_bytes(b"")
+    (shipped / "session.json").write_text(json.dumps({"disabled_optimizers": ["SkipLayerNormFusion"]}))
+    plain = tmp_path / "bitpass_packed"
+    plain.mkdir()
+    (plain / "session.json").write_text(json.dumps({"disabled_optimizers": []}))
+    ort_dir = tmp_path / "ORT_dynamic"
+    ort_dir.mkdir()
+    (ort_dir / "session.json").write_text(json.dumps({"disabled_optimizers": ["SkipLayerNormFusion"]}))
+    rows = [bench_ort.Row("m", "bitpass default", str(shipped / "model.onnx")),
+            bench_ort.Row("m", "bitpass packed", str(plain / "model.onnx")),
+            bench_ort.Row("m", "ORT dynamic", str(ort_dir / "model.onnx"))]
+    assert bench_ort.shipped_session_options(rows) == {"bitpass default": ["SkipLayerNormFusion"]}
