@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bitpass.tools.processes import kill_group, tree_rss_mb
 
 #: the models this bench builds: name -> GPT-2 size of ``bitpass.tools.decoders.GPT2_SIZES`` ("tiny": a smoke test)
 MODELS = {"gpt2-small": "small", "gpt2-medium": "medium", "gpt2-tiny": "tiny"}
@@ -76,32 +77,6 @@ def _proc_cpu_s(pid: int) -> float | None:
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks  # utime stime cutime cstime
 
 
-def _tree_rss_mb(pid: int) -> tuple[float, float]:
-    """Resident memory of ``pid`` and its descendants (timing subprocesses), and of ``pid`` alone, in MiB."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    total, own, todo = 0, 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    if current == pid:
-                        own = int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1024, own / 1024
-
-
 def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, memory_limit_mb: float,
                   log: Path, echo: bool = True) -> Finished:
     """Run ``argv``; stamp each line it prints; kill its process group past ``timeout_s`` or above
@@ -135,7 +110,7 @@ def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, mem
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid == process.pid:
             break
-        rss, own = _tree_rss_mb(process.pid)
+        rss, own = tree_rss_mb(process.pid)
         with lock:
             phases[-1].peak_rss_mb = max(phases[-1].peak_rss_mb, rss)
             phases[-1].main_rss_mb = max(phases[-1].main_rss_mb, own)
@@ -145,7 +120,7 @@ def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, mem
         elif not stopped and rss > memory_limit_mb:
             stopped = "memory"
         if stopped:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process.pid)
             _, status, usage = os.wait4(process.pid, 0)
             break
         time.sleep(POLL_S)

@@ -44,6 +44,7 @@ import numpy as np
 
 from bitpass.passes.executors import EXECUTOR_HELP, SERIAL, Executor, executor_from_spec
 from bitpass.tools import quality
+from bitpass.tools.processes import kill_group, tree_rss_mb
 
 #: pipeline name -> the ``bitpass compile`` options that select it
 PIPELINES: dict[str, tuple[str, ...]] = {
@@ -423,46 +424,15 @@ def run_isolated(argv: Sequence[str], *, timeout_s: float, memory_limit_mb: int,
         elapsed = time.perf_counter() - start
         if not stopped and elapsed > timeout_s:
             stopped = "timeout"
-        elif not stopped and _rss_mb(process.pid) > memory_limit_mb:
+        elif not stopped and tree_rss_mb(process.pid)[0] > memory_limit_mb:
             stopped = "memory"
         if stopped:
-            _kill_group(process.pid)
+            kill_group(process.pid)
             _, status, usage = os.wait4(process.pid, 0)
             break
         time.sleep(0.2)
     process.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
     return Finished(process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024, stopped)
-
-
-def _rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and its descendants, in MiB (0 when it is gone)."""
-    total = 0
-    for child in [pid, *_descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{child}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError):
-            continue
-    return total / 1024
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    found = [int(c) for c in children]
-    for child in list(found):
-        found.extend(_descendants(child))
-    return found
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _worker_command(*args: str) -> list[str]:
