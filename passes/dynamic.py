@@ -11,8 +11,8 @@ It is written here rather than by calling ``quantize_dynamic`` because that func
 dynamic ones and bitpass's layer tracking. Weights are per output channel, symmetric (zero points
 0), on the narrow int8 grid [-127, 127] ([-63, 63] with ``reduce_range``). Layers that read the same
 activation (a transformer's Q, K and V projections) share one ``DynamicQuantizeLinear``, as ORT's
-quantizer writes them: quantizing that activation once per reader cost bitpass 7-13 % of a
-BERT-class encoder's int8 speed against ``quantize_dynamic``. With ``low`` (2/4-bit
+quantizer writes them: one quantization of that activation instead of one per reader (the outputs
+are the same bit for bit; on the sentence encoder the speed-up was within noise). With ``low`` (2/4-bit
 storage), the int8 weight is not stored: the packed codes and the chain that widens them are
 (``packing.widen_int8_weight``), folded by ORT at load.
 """

@@ -300,22 +300,18 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
                                 folder, model)
             set_disabled_optimizers(built, cached["record"].get("disabled_optimizers", []))
             return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
-        merged = merged_plan(model, plan) if fallback == PACKED and ranges is not None else plan
-        return _search_cold(model, plan, compute, flavours, merged=merged, ranges=ranges, calibration=calibration,
-                            options=options, timer=timer, layer_times=layer_times, fallback=fallback,
-                            batches=batches, say=say, key=key, folder=folder, fp32_path=fp32_path,
-                            fp32_nbytes=fp32_nbytes)
+        return _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration, options=options,
+                            timer=timer, layer_times=layer_times, fallback=fallback, batches=batches, say=say,
+                            key=key, folder=folder, fp32_path=fp32_path, fp32_nbytes=fp32_nbytes)
 
 
 def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], flavours: list[Flavour], *,
-                 merged: dict[str, LayerPlan], ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
+                 ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
                  layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None, fallback: str,
                  batches: Sequence[int], say: Callable[[str], None], key: str | None, folder: Path,
                  fp32_path: Path, fp32_nbytes: int) -> SearchResult:
     """The search itself (no cached choice): candidates are built one at a time, each written to ``folder`` and
-    dropped from memory; only their files, plans and measurements are kept, and the winner is read back.
-
-    ``merged``: ``plan`` with its packed layers computing in int8 (``merged_plan``), a candidate of round 2."""
+    dropped from memory; only their files, plans and measurements are kept, and the winner is read back."""
     check = calibration.head(CHECK_SAMPLES)
     reference = _outputs(fp32_path, check)
     feeds = {b: calibration.batch_of(b) for b in batches}
@@ -453,7 +449,8 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
             taken = {c.name for c in [*timed_before, *repairs]}
             repairs.append(build(Candidate(name if name not in taken else f"{name}-repair", repair_plan, f, why_text)))
 
-        if merged != plan:
+        merged = merged_plan(model, plan) if fallback == PACKED and ranges is not None else plan
+        if merged != plan:  # an allocated plan's packed layers computing in int8
             widened = sorted(lid for lid, p in merged.items() if p != plan[lid])
             new(f"merged-{f.name}", merged, f"{len(widened)} packed layer(s) computing in int8 on their widened "
                                              f"codes: {_short({lid: 'packed' for lid in widened})}")

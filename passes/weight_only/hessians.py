@@ -166,8 +166,3 @@ class Renamed(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._keys)
-
-
-def shared(hessians: Mapping[str, np.ndarray], layer_inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """``{layer id: Hessian}`` from ``{tensor: Hessian}`` and ``{layer id: its input tensor}``."""
-    return {layer_id: hessians[tensor] for layer_id, tensor in layer_inputs.items()}
