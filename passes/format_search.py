@@ -14,11 +14,18 @@ fresh process, at batch 1 and a larger batch:
    most int8 layers are MatMul/Gemm (a transformer), those layers in dynamic int8;
 2. repairs of the fastest: layers whose one-layer timing says their compute format is no faster
    than fp32 fall back (fp32, or packed at their planned width when an allocation set the width);
-   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it; and the opposite, the
-   plan's packed Conv/MatMul/Gemm layers computing in int8 on their widened codes (``merged``: same
-   bytes; one-layer timings, which pay a Quantize and a Dequantize per layer, leave a size plan's
-   ResNet-50 mostly packed at 0.4-0.6x the all-int8 speed, while the whole graph in int8 runs at
-   int8 speed);
+   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it; and the opposite for a
+   size plan, ``merged``: the plan computing int8 QDQ wherever the int8 artifact does, at the plan's
+   storage widths (packed and dynamic Conv/MatMul/Gemm layers on their widened codes, fp32 ones the
+   allocation bought at 8 bits unless the user kept them fp32; the plan's bytes or fewer). One-layer
+   timings, which pay a Quantize and a Dequantize per layer, choose packed or fp32 where the whole
+   graph in int8 is faster (a 4-bit ResNet-50 was left at 0.4-0.6x, later 0.94-0.95x, the int8
+   artifact's speed). When ONNX Runtime's session graph of ``merged`` (its optimized model after
+   constant folding and QDQ fusion, compared by structure: ``session_signature``) is that of the same
+   plan with plain int8 weights, it runs the same kernels on the same shapes as the int8 model, so it
+   is as fast by construction and becomes the incumbent: the plan as made and the slow-layer and
+   dynamic repairs (taken from ``merged``) are deviations that must beat it with confidence. When the
+   graphs differ (the widening was not folded), ``merged`` is one more challenger of the plan;
 3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
    Quantize and a Dequantize for one layer's gain).
 
@@ -286,16 +293,17 @@ def int8_twin(plan: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:
             for lid, p in plan.items()}
 
 
-def session_signature(path: Path, folder: Path) -> str | None:
+def session_signature(path: Path, folder: Path, disabled_optimizers: Sequence[str] = ()) -> str | None:
     """A digest of the graph ONNX Runtime runs for the model at ``path``: its optimized graph after load (constant
     folding, QDQ fusion, layout), by structure only: op types, domains, attributes, wiring, and initializers' types
     and shapes; not names, not values. Two models with the same digest run the same kernels on the same shapes,
-    so their speed is the same by construction. None when ONNX Runtime cannot load the model."""
+    so their speed is the same by construction. ``disabled_optimizers``: ORT optimizers the session turns off
+    (what an artifact's session.json says). None when ONNX Runtime cannot load the model."""
     import onnx
     import onnxruntime as ort
 
     out = folder / f"{path.stem}.session.onnx"
-    options = execution.session_options(threads=1)
+    options = execution.session_options({"disabled_optimizers": list(disabled_optimizers)}, threads=1)
     options.optimized_model_filepath = str(out)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                      f"{path.stem}.session.weights")
@@ -962,4 +970,5 @@ def _store(key: str, entry: dict[str, Any]) -> None:
 
 
 __all__ = ["Candidate", "GraphTimer", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
-           "faster_with_confidence", "paired_ratios", "plan_of", "search"]
+           "faster_with_confidence", "graph_signature", "int8_twin", "merged_plan", "paired_ratios", "plan_of",
+           "search", "session_signature"]
