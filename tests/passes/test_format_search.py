@@ -181,6 +181,15 @@ def test_the_merged_plan_computes_int8_wherever_the_int8_artifact_does_at_the_pl
     assert format_search.int8_twin(merged)[ids[2]] == LayerPlan(8, 8, "qdq")
 
 
+def test_the_merged_plan_of_a_dense_model_computes_in_dynamic_int8_as_its_int8_artifact_does(mlp_model):
+    from bitpass.passes.materialize import LayerPlan
+
+    ids = [layer.id for layer in mlp_model.layers()]
+    plan = {ids[0]: LayerPlan.packed(4), ids[1]: LayerPlan(4, 8, "qdq"), ids[2]: LayerPlan(32, 32)}
+    assert format_search.merged_plan(mlp_model, plan) == {i: LayerPlan(b, 8, "dynamic")
+                                                          for i, b in zip(ids, (4, 4, 8))}
+
+
 def test_4_bit_codes_widened_at_load_run_the_same_onnx_runtime_graph_as_int8_weights(cnn_model, calib_arrays,
                                                                                        tmp_path):
     """ORT folds the widening: the session graph of a 4-bit QDQ model is the int8 model's (same kernels, same
