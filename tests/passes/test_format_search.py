@@ -256,6 +256,23 @@ def test_a_size_plan_that_runs_the_int8_graph_is_kept_unless_the_plan_as_made_is
     assert slow.record["chosen"] == "plan-u8s8" and slow.plan[ids[1]].format == "packed"
 
 
+def test_an_fp32_layer_of_a_size_plan_computes_int8_when_that_pays_and_else_stays_fp32_not_packed(
+        cnn_model, calib_arrays):
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    ids = [layer.id for layer in cnn_model.layers()]
+    plan = {i: LayerPlan(4, 8, "qdq") for i in ids}
+    plan[ids[0]] = LayerPlan(32, 32)  # what an allocation buys for a small layer
+    annotate(cnn_model, plan)
+    fast = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
+    assert fast.record["chosen"] == "merged-u8s8" and fast.plan[ids[0]] == LayerPlan(8, 8, "qdq")
+    assert fast.record["changed"] == {ids[0]: "8-bit qdq"}
+    # in int8 that layer costs 3x its fp32 time: it goes back to fp32 (the plan's own choice), not 8-bit packed
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6, slow={ids[0]}, slow_cost=3.0),
+                   fallback="packed", use_cache=False)
+    assert slow.plan[ids[0]] == LayerPlan(32, 32) and slow.record["chosen"] == "plan-u8s8"
+
+
 def test_the_choice_is_cached_so_the_same_inputs_give_the_same_artifact(cnn_model, calib_arrays):
     target = CostModelTarget()
     first = _search(cnn_model, calib_arrays, target)
