@@ -570,8 +570,9 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
                                              f"load): {_short(moved)}")
             merged_c = repairs[-1] if repairs and repairs[-1].plan == merged else None
             if merged_c is not None and merged_c.eligible and best is not fallback_all:
+                started = time.perf_counter()
                 structure = _as_int8(model, merged_c, ranges, calibration, options, folder)
-                rounds.append({"int8_structure": structure})
+                rounds.append({"int8_structure": {**structure, "seconds": round(time.perf_counter() - started, 2)}})
                 if structure["equal"]:  # int8 speed by construction: the plan as made is now the deviation
                     base = merged
         if layer_times is not None:
@@ -656,7 +657,10 @@ def _as_int8(model: Model, candidate: Candidate, ranges: ActivationRanges | None
     low = sum(1 for lid, p in candidate.plan.items() if p != twin_plan[lid])
     if not low:
         return {"equal": True, "why": "no low-bit int8 layers: it is the int8 plan itself"}
-    twin = materialize_in(model, twin_plan, candidate.flavour, ranges, calibration, options)
+    try:
+        twin = materialize_in(model, twin_plan, candidate.flavour, ranges, calibration, options)
+    except BitpassError as err:
+        return {"equal": False, "why": f"the plan with int8 weights could not be built ({err}): timed instead"}
     twin_path = folder / f"{candidate.path.stem}.int8-twin.onnx"
     twin.save_external(twin_path)
     del twin
