@@ -99,7 +99,7 @@ ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 7
+SEARCH_VERSION = 8
 
 
 class Timings(Protocol):
