@@ -647,8 +647,8 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     return SearchResult(chosen, best.flavour, best.plan, record)
 
 
-def _as_int8(model: Model, candidate: Candidate, ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions,
-             folder: Path) -> dict[str, Any]:
+def _as_int8(model: Model, candidate: Candidate, ranges: ActivationRanges | None, calibration: Dataset,
+             options: QuantizeOptions, folder: Path) -> dict[str, Any]:
     """Whether ``candidate`` (low-bit codes widened to int8 at load) runs the very session graph of the same plan
     with plain int8 weights, after ONNX Runtime's constant folding and fusions: if so it runs the same kernels on
     the same shapes as that int8 model, and no timing is needed to know it is as fast."""
