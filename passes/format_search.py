@@ -14,11 +14,19 @@ fresh process, at batch 1 and a larger batch:
    most int8 layers are MatMul/Gemm (a transformer), those layers in dynamic int8;
 2. repairs of the fastest: layers whose one-layer timing says their compute format is no faster
    than fp32 fall back (fp32, or packed at their planned width when an allocation set the width);
-   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it; and the opposite, the
-   plan's packed Conv/MatMul/Gemm layers computing in int8 on their widened codes (``merged``: same
-   bytes; one-layer timings, which pay a Quantize and a Dequantize per layer, leave a size plan's
-   ResNet-50 mostly packed at 0.4-0.6x the all-int8 speed, while the whole graph in int8 runs at
-   int8 speed);
+   MatMul/Gemm layers whose dynamic int8 is faster than their QDQ switch to it; and the opposite for a
+   size plan, ``merged``: the plan computing int8 wherever the int8 artifact does, at the plan's
+   storage widths (packed Conv/MatMul/Gemm layers on their widened codes, fp32 ones the allocation
+   bought at 8 bits unless the user kept them fp32; the plan's bytes or fewer; QDQ, with MatMul/Gemm
+   in dynamic int8 when most layers are MatMul/Gemm). One-layer
+   timings, which pay a Quantize and a Dequantize per layer, choose packed or fp32 where the whole
+   graph in int8 is faster (a 4-bit ResNet-50 was left at 0.4-0.6x, later 0.94-0.95x, the int8
+   artifact's speed). When ONNX Runtime's session graph of ``merged`` (its optimized model after
+   constant folding and QDQ fusion, compared by structure: ``session_signature``) is that of the same
+   plan with plain int8 weights, it runs the same kernels on the same shapes as the int8 model, so it
+   is as fast by construction and becomes the incumbent: the plan as made and the slow-layer and
+   dynamic repairs (taken from ``merged``) are deviations that must beat it with confidence. When the
+   graphs differ (the widening was not folded), ``merged`` is one more challenger of the plan;
 3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
    Quantize and a Dequantize for one layer's gain).
 
@@ -54,7 +62,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,7 +99,7 @@ ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 6
+SEARCH_VERSION = 8
 
 
 class Timings(Protocol):
@@ -261,21 +269,116 @@ def fallback_plan(entry: LayerPlan, fallback: str) -> LayerPlan:
     return LayerPlan(32, 32)
 
 
-def merged_plan(model: Model, plan: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:
-    """``plan`` with its packed Conv/MatMul/Gemm layers computing in int8 on their widened codes (same bytes)."""
+def merged_plan(model: Model, plan: Mapping[str, LayerPlan], keep_fp32: Collection[str] = ()) -> dict[str, LayerPlan]:
+    """``plan`` computing int8 wherever the int8 artifact does, at the plan's storage widths (its bytes or fewer):
+    packed Conv/MatMul/Gemm layers on their widened codes, and fp32 ones at 8 bits (an allocation buys fp32 for
+    small layers to shave a little loss, which costs two Q/DQ borders each), except ``keep_fp32`` (the user's).
+    Conv layers compute in QDQ; MatMul/Gemm layers in QDQ too, or in dynamic int8 in a transformer-like model
+    (most layers MatMul/Gemm), where dynamic int8 is what ORT users run."""
     ops = {layer.id: layer.op_type for layer in model.layers()}
-    return {lid: (LayerPlan(p.weight_bits, 8, "qdq", p.block_size)
-                  if p.format == PACKED and ops.get(lid) in WIDENED_OPS else p) for lid, p in plan.items()}
+    dense = [lid for lid in plan if ops.get(lid) in ("MatMul", "Gemm")]
+    quantizable = [lid for lid in plan if ops.get(lid) in WIDENED_OPS]
+    dense_format = "dynamic" if len(dense) >= 2 and 2 * len(dense) >= len(quantizable) else "qdq"
+    out = {}
+    for lid, p in plan.items():
+        op = ops.get(lid)
+        fmt = dense_format if op in ("MatMul", "Gemm") else "qdq"
+        if op not in WIDENED_OPS or lid in keep_fp32 or (p.format == fmt and p.weight_bits < 32):
+            out[lid] = p
+        elif p.weight_bits >= 32:
+            out[lid] = LayerPlan(8, 8, fmt)
+        elif p.format in (PACKED, "qdq", "dynamic"):
+            out[lid] = LayerPlan(p.weight_bits, 8, fmt, p.block_size)
+        else:  # MatMulNBits / blocked DQ: a weight-only format the int8 artifact has no twin of
+            out[lid] = p
+    return out
+
+
+def int8_twin(plan: Mapping[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """``plan`` with every low-bit int8-compute layer at 8 bits: what the same graph is with plain int8 weights."""
+    return {lid: (LayerPlan(8, 8, p.format, None) if p.format in ("qdq", "dynamic") and p.weight_bits < 8 else p)
+            for lid, p in plan.items()}
+
+
+def session_signature(path: Path, folder: Path, disabled_optimizers: Sequence[str] = ()) -> str | None:
+    """A digest of the graph ONNX Runtime runs for the model at ``path``: its optimized graph after load (constant
+    folding, QDQ fusion, layout), by structure only: op types, domains, attributes, wiring, and initializers' types
+    and shapes; not names, not values. Two models with the same digest run the same kernels on the same shapes,
+    so their speed is the same by construction. ``disabled_optimizers``: ORT optimizers the session turns off
+    (what an artifact's session.json says). None when ONNX Runtime cannot load the model."""
+    import onnx
+    import onnxruntime as ort
+
+    out = folder / f"{path.stem}.session.onnx"
+    options = execution.session_options({"disabled_optimizers": list(disabled_optimizers)}, threads=1)
+    options.optimized_model_filepath = str(out)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     f"{path.stem}.session.weights")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(path), options, providers=execution.PROVIDERS)
+        graph = onnx.load(str(out), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - ORT's own error types: nothing is known about its graph
+        return None
+    finally:
+        for leftover in (out, folder / f"{path.stem}.session.weights"):
+            leftover.unlink(missing_ok=True)
+    return graph_signature(graph)
+
+
+def graph_signature(graph: Any) -> str:
+    """A structural digest of an ONNX ``GraphProto`` (see ``session_signature``): every value is named by what
+    computes it (a Merkle hash over its producers), so node order and tensor names do not matter."""
+    def digest(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def attribute(a: Any) -> Any:
+        import onnx
+
+        value = onnx.helper.get_attribute_value(a)
+        if isinstance(value, onnx.TensorProto):
+            return ["tensor", value.data_type, list(value.dims)]
+        if isinstance(value, onnx.GraphProto):
+            return ["graph", graph_signature(value)]
+        if isinstance(value, bytes):
+            return value.decode(errors="replace")
+        if isinstance(value, list):
+            return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in value]
+        return value
+
+    values: dict[str, str] = {"": ""}
+    for tensor in graph.initializer:
+        values[tensor.name] = digest("initializer", tensor.data_type, list(tensor.dims))
+    for value in graph.input:
+        values.setdefault(value.name, digest("input", value.name))
+    pending, nodes = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in values for i in n.input)]
+        if not ready:  # an input from outside the graph (a subgraph's outer scope): named by itself
+            for n in pending:
+                for i in n.input:
+                    values.setdefault(i, digest("outer", i))
+            continue
+        for node in ready:
+            key = digest(node.domain, node.op_type, sorted((a.name, attribute(a)) for a in node.attribute),
+                         [values[i] for i in node.input])
+            nodes.append(key)
+            for index, name in enumerate(node.output):
+                values[name] = digest(key, index)
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
+    return digest(sorted(nodes), [values.get(o.name, o.name) for o in graph.output])
 
 
 def search(model: Model, *, ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions,
            timer: GraphTimer, layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None = None,
            fallback: str = FP32, batches: Sequence[int] = (1, 8), use_cache: bool = True,
-           progress: Callable[[str], None] | None = None) -> SearchResult:
+           progress: Callable[[str], None] | None = None, keep_fp32: Collection[str] = ()) -> SearchResult:
     """The fastest eligible materialization of ``model``'s annotated plan on the target (see the module doc).
 
     ``layer_times(variants)`` returns the per-layer latency table (the probe, or the allocation's cached one)
-    for the repairs; without it only flavours and isolated layers are searched."""
+    for the repairs; without it only flavours and isolated layers are searched. ``keep_fp32``: layers the user
+    kept fp32, which the merged candidate of a size plan leaves fp32."""
     say = progress or (lambda _m: None)
     plan = plan_of(model)
     compute = compute_layers(plan)
@@ -290,7 +393,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         folder = Path(tmp)
         fp32_path = folder / "fp32.onnx"
         fp32_nbytes = model.save_external(fp32_path)
-        key = _cache_key(fp32_path, plan, ranges, options, fallback, batches) if use_cache else None
+        key = _cache_key(fp32_path, plan, ranges, options, fallback, batches, keep_fp32) if use_cache else None
         cached = _cached(key)
         if cached is not None:
             chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
@@ -302,14 +405,15 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
         return _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration, options=options,
                             timer=timer, layer_times=layer_times, fallback=fallback, batches=batches, say=say,
-                            key=key, folder=folder, fp32_path=fp32_path, fp32_nbytes=fp32_nbytes)
+                            key=key, folder=folder, fp32_path=fp32_path, fp32_nbytes=fp32_nbytes,
+                            keep_fp32=frozenset(keep_fp32))
 
 
 def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], flavours: list[Flavour], *,
                  ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
                  layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None, fallback: str,
                  batches: Sequence[int], say: Callable[[str], None], key: str | None, folder: Path,
-                 fp32_path: Path, fp32_nbytes: int) -> SearchResult:
+                 fp32_path: Path, fp32_nbytes: int, keep_fp32: Collection[str] = ()) -> SearchResult:
     """The search itself (no cached choice): candidates are built one at a time, each written to ``folder`` and
     dropped from memory; only their files, plans and measurements are kept, and the winner is read back."""
     check = calibration.head(CHECK_SAMPLES)
@@ -433,6 +537,13 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     best = challenge(flavoured, fallback_all, timed)
     best_int8 = min(flavoured, key=lambda c: c.score()) if flavoured else None
 
+    moved: set[str] = set()  # layers the merged plan (step 2) moved: they fall back to what the plan made them
+
+    def back(lid: str, entry: LayerPlan) -> LayerPlan:
+        """What a compute layer becomes when int8 does not pay: the fallback, or, for a layer the merged plan
+        moved, the plan's own entry (an fp32 layer stays fp32, not packed at 8 bits)."""
+        return plan[lid] if lid in moved else fallback_plan(entry, fallback)
+
     # 2. repairs of the fastest flavour: slow layers back, MatMul/Gemm to dynamic where that is faster, packed
     #    layers computing in int8
     if best_int8 is not None:
@@ -449,15 +560,27 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
             taken = {c.name for c in [*timed_before, *repairs]}
             repairs.append(build(Candidate(name if name not in taken else f"{name}-repair", repair_plan, f, why_text)))
 
-        merged = merged_plan(model, plan) if fallback == PACKED and ranges is not None else plan
-        if merged != plan:  # an allocated plan's packed layers computing in int8
-            widened = sorted(lid for lid, p in merged.items() if p != plan[lid])
-            new(f"merged-{f.name}", merged, f"{len(widened)} packed layer(s) computing in int8 on their widened "
-                                             f"codes: {_short({lid: 'packed' for lid in widened})}")
+        merged = merged_plan(model, plan, keep_fp32) if fallback == PACKED and ranges is not None else plan
+        merged_c: Candidate | None = None
+        base = plan  # what the slow-layer and dynamic repairs start from
+        if merged != plan:  # an allocated plan computing int8 where the int8 artifact does
+            moved.update(lid for lid, p in merged.items() if p != plan[lid])
+            moved = {lid: _describe(plan[lid]) for lid, p in merged.items() if p != plan[lid]}
+            new(f"merged-{f.name}", merged, f"{len(moved)} layer(s) computing in int8 (low-bit codes widened at "
+                                             f"load): {_short(moved)}")
+            merged_c = repairs[-1] if repairs and repairs[-1].plan == merged else None
+            if merged_c is not None and merged_c.eligible and best is not fallback_all:
+                started = time.perf_counter()
+                structure = _as_int8(model, merged_c, ranges, calibration, options, folder)
+                rounds.append({"int8_structure": {**structure, "seconds": round(time.perf_counter() - started, 2)}})
+                if structure["equal"]:  # int8 speed by construction: the plan as made is now the deviation
+                    base = merged
         if layer_times is not None:
-            table = layer_times(_variants(model, plan, compute))
-            repaired, why = _repair_slow(plan, compute, table, f, fallback)
-            if why and len(why) < len(compute):
+            base_compute = compute_layers(base)
+            table = layer_times(_variants(model, base, base_compute))
+            repaired, why = _repair_slow(base, base_compute, table, f, fallback)
+            repaired = {lid: (back(lid, base[lid]) if lid in why else p) for lid, p in repaired.items()}
+            if why and len(why) < len(base_compute):
                 new(f"repaired-{f.name}", repaired, "layers no faster than fp32 alone fell back: " + _short(why))
             switched, why_dynamic = _dynamic_where_faster(repaired, table, f, model)
             if why_dynamic:
@@ -467,9 +590,17 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
             if failures:
                 rounds.append({"not_timed": dict(failures)})
         if repairs:
-            _eligibility([*first, *repairs])
+            # the error rule catches a saturating flavour; merged runs the flavour round 1 found exact, and its
+            # larger error (int8 activations where the plan had fp32 ones) is the quality gate's to judge, on
+            # held-out data
+            _eligibility([*first, *(c for c in repairs if c is not merged_c)])
             repairs = [c for c in repairs if c.eligible]
-        if repairs:
+        if repairs and base is merged and merged_c is not None:
+            # the merged plan runs the int8 plan's session graph; the plan as made and the repairs must beat it
+            deviations = [best, *(c for c in repairs if c is not merged_c)]
+            timed = time_round(deviations, merged_c)
+            best = challenge(deviations, merged_c, timed)
+        elif repairs:
             timed = time_round(repairs, best)
             best = challenge(repairs, best, timed)
 
@@ -477,7 +608,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     if best is not fallback_all:
         alone = _isolated(model, best.plan)
         if alone and len(alone) < len(compute_layers(best.plan)):
-            trimmed = {lid: (fallback_plan(p, fallback) if lid in alone else p) for lid, p in best.plan.items()}
+            trimmed = {lid: (back(lid, p) if lid in alone else p) for lid, p in best.plan.items()}
             island = build(Candidate(f"{best.name}-islands", trimmed, best.flavour,
                                      f"isolated int8 layers fell back: {_short({a: 'isolated' for a in alone})}"))
             timed = time_round([island], best)
@@ -514,6 +645,35 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
         chosen = Model.read_back(best.path, best.provenance, model.torch_module)
     set_disabled_optimizers(chosen, disabled)
     return SearchResult(chosen, best.flavour, best.plan, record)
+
+
+def _as_int8(model: Model, candidate: Candidate, ranges: ActivationRanges | None, calibration: Dataset,
+             options: QuantizeOptions, folder: Path) -> dict[str, Any]:
+    """Whether ``candidate`` (low-bit codes widened to int8 at load) runs the very session graph of the same plan
+    with plain int8 weights, after ONNX Runtime's constant folding and fusions: if so it runs the same kernels on
+    the same shapes as that int8 model, and no timing is needed to know it is as fast."""
+    assert candidate.path is not None
+    twin_plan = int8_twin(candidate.plan)
+    low = sum(1 for lid, p in candidate.plan.items() if p != twin_plan[lid])
+    if not low:
+        return {"equal": True, "why": "no low-bit int8 layers: it is the int8 plan itself"}
+    try:
+        twin = materialize_in(model, twin_plan, candidate.flavour, ranges, calibration, options)
+    except BitpassError as err:
+        return {"equal": False, "why": f"the plan with int8 weights could not be built ({err}): timed instead"}
+    twin_path = folder / f"{candidate.path.stem}.int8-twin.onnx"
+    twin.save_external(twin_path)
+    del twin
+    mine, theirs = session_signature(candidate.path, folder), session_signature(twin_path, folder)
+    for leftover in (twin_path, twin_path.with_name(twin_path.name + ".data")):
+        leftover.unlink(missing_ok=True)
+    if mine is None or theirs is None:
+        return {"equal": False, "why": "ONNX Runtime could not load one of them"}
+    if mine != theirs:
+        return {"equal": False, "why": f"ONNX Runtime's session graph differs from the plan with int8 weights for its "
+                                       f"{low} low-bit layer(s) (the widening was not folded away?): timed instead"}
+    return {"equal": True, "why": f"ONNX Runtime's session graph equals the plan with int8 weights for its {low} "
+                                  f"low-bit layer(s): the same kernels on the same shapes, int8 speed by construction"}
 
 
 def _as_written(built: Model, folder: Path, model: Model) -> Model:
@@ -779,7 +939,7 @@ def _short(why: Mapping[str, str], limit: int = 6) -> str:
 
 
 def _cache_key(fp32_path: Path, plan: Mapping[str, LayerPlan], ranges: ActivationRanges | None,
-               options: QuantizeOptions, fallback: str, batches: Sequence[int]) -> str:
+               options: QuantizeOptions, fallback: str, batches: Sequence[int], keep_fp32: Collection[str] = ()) -> str:
     """Of the model (as ``Model.save_external`` wrote it: read back in chunks, never whole), plan, ranges, options,
     batches and CPU."""
     import onnxruntime
@@ -795,7 +955,7 @@ def _cache_key(fp32_path: Path, plan: Mapping[str, LayerPlan], ranges: Activatio
         digest.update(json.dumps(sorted(ranges.ranges.items())).encode())
     digest.update(json.dumps(options.model_dump(), sort_keys=True, default=str).encode())
     digest.update(json.dumps([fallback, list(batches), host().key, onnxruntime.__version__, SEARCH_VERSION,
-                              os.cpu_count()]).encode())
+                              os.cpu_count(), sorted(keep_fp32)]).encode())
     return digest.hexdigest()[:32]
 
 
@@ -833,4 +993,5 @@ def _store(key: str, entry: dict[str, Any]) -> None:
 
 
 __all__ = ["Candidate", "GraphTimer", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
-           "faster_with_confidence", "paired_ratios", "plan_of", "search"]
+           "faster_with_confidence", "graph_signature", "int8_twin", "merged_plan", "paired_ratios", "plan_of",
+           "search", "session_signature"]

@@ -91,7 +91,7 @@ class Quantize(Pass):
                 model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
                 layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx, cfg.search_batches),
                 fallback=PACKED if ctx.analyses.cached(BITS) else FP32, batches=tuple(cfg.search_batches),
-                progress=ctx.progress)
+                progress=ctx.progress, keep_fp32=(ctx.records.get("allocation") or {}).get("keep_fp32", ()))
             result, searched, activation_type = found.model, found.record, found.flavour.activation_type
             decisions = [_final(d, found.plan) for d in decisions]
         else:
@@ -167,7 +167,9 @@ def _final(decision: Decision, plan: Mapping[str, Any]) -> Decision:
     if entry.format == "packed":
         return replace(decision, weight_bits=entry.weight_bits, activation_bits=32, result=PACKED)
     if entry.format == "dynamic":
-        return replace(decision, result=DYNAMIC)
+        return replace(decision, weight_bits=entry.weight_bits, activation_bits=8, result=DYNAMIC)
+    if entry.format in ("qdq", None) and decision.result in (FP32, PACKED, DYNAMIC):  # the merged plan's int8 layers
+        return replace(decision, weight_bits=entry.weight_bits, activation_bits=8, result=INT8_QDQ)
     return decision
 
 

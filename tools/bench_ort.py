@@ -33,7 +33,11 @@ For a transformer family (``TRANSFORMER_FAMILIES``: output kind ``embedding``, e
 Quality for an embedding output is the cosine per held-out sample (mean and lowest), not top-1 agreement.
 
 The format column of a bitpass row is what its manifest says it chose (``records.quantization.search``: the
-candidate and int8 flavour the whole-graph search kept, and how many layers ended in each result).
+candidate and int8 flavour the whole-graph search kept, and how many layers ended in each result). Beside the
+timings, each bitpass artifact's ONNX Runtime session graph (its optimized model as loaded with the options it
+ships, compared by structure: ``format_search.session_signature``) says whether ``avg-bits=4`` runs the very graph
+of ``bitpass default``: then it runs the same kernels on the same shapes, and its speed is the int8 artifact's by
+construction, whatever a timing on a busy machine scatters to.
 
 Speed: every variant of one model is timed in ONE fresh process without torch
 (``bitpass.backends.onnxruntime.timing.time_groups``: alternating, order reversed every other round, thread
@@ -137,6 +141,9 @@ class Row:
     bytes_ratio: float | None = None
     manifest: dict[str, Any] | None = None
     error: str | None = None
+    #: structural digest of the graph ONNX Runtime runs for a bitpass artifact, with the session options it ships
+    #: (``format_search.session_signature``): two rows with the same digest run the same kernels on the same shapes
+    session_graph: str | None = None
 
 
 @dataclass
@@ -147,7 +154,8 @@ class ModelResult:
     size: str
     note: str
     rows: list[Row]
-    #: batch -> {"fastest_ort": name, "bitpass_default_vs_fastest_ort": ratio, "low_vs_default": ratio}
+    #: batch -> {"fastest_ort": name, "bitpass_default_vs_fastest_ort": ratio, "low_vs_default": ratio,
+    #: "low_same_graph_as_default": whether avg-bits=4 runs bitpass default's session graph}
     checks: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def row(self, variant: str) -> Row:
@@ -457,7 +465,30 @@ def measure_speed(result: ModelResult, built: Any, batches: Sequence[int], threa
             check["bitpass_default_vs_fastest_ort"] = group.ratio(BITPASS_DEFAULT, fastest, b)
         if BITPASS_DEFAULT in timed and BITPASS_LOW in timed:
             check["low_vs_default"] = group.ratio(BITPASS_LOW, BITPASS_DEFAULT, b)
+            same = same_session_graph(result.row(BITPASS_LOW), result.row(BITPASS_DEFAULT))
+            if same is not None:
+                check["low_same_graph_as_default"] = same
         result.checks[b] = check
+
+
+def session_graphs(rows: Sequence[Row]) -> None:
+    """Each bitpass row's ``session_graph``: what ONNX Runtime runs for it, loaded as it ships (session.json)."""
+    from bitpass.passes.format_search import session_signature
+
+    disabled = shipped_session_options(rows)
+    for row in rows:
+        if row.error or row.path is None or not row.variant.startswith("bitpass"):
+            continue
+        with tempfile.TemporaryDirectory(prefix="bench-ort-graph-") as tmp:
+            row.session_graph = session_signature(Path(row.path), Path(tmp), disabled.get(row.variant, ()))
+
+
+def same_session_graph(row: Row, other: Row) -> bool | None:
+    """Whether two rows run the same ONNX Runtime session graph (same kernels, same shapes: the same speed by
+    construction, whatever a timing on a busy machine says); None when either is unknown."""
+    if row.session_graph is None or other.session_graph is None:
+        return None
+    return row.session_graph == other.session_graph
 
 
 def shipped_session_options(rows: Sequence[Row]) -> dict[str, list[str]]:
@@ -497,6 +528,7 @@ def bench_model(name: str, *, size: str = "full", batches: Sequence[int] = BATCH
         built, rows = build_variants(name, size, work, cache, say, variants=variants, verbose=verbose)
         result = ModelResult(name, size, built.note, rows)
         measure_quality(rows, built, threads)
+        session_graphs(rows)
         start = time.perf_counter()
         say(f"{name}: timing {sum(1 for r in rows if not r.error)} variants at batch "
             f"{', '.join(map(str, batches))} ({threads} threads, {rounds} rounds, one fresh process)")
@@ -548,6 +580,10 @@ def checks_lines(results: Sequence[ModelResult]) -> list[str]:
                 low = result.row(BITPASS_LOW)
                 text += (f"; avg-bits=4 is {_num(check['low_vs_default'])}x bitpass default's speed at "
                          f"{_num(low.bytes_ratio, 3)}x fp32 bytes")
+            if "low_same_graph_as_default" in check:
+                text += ("; it runs bitpass default's ONNX Runtime session graph (same kernels and shapes: equal "
+                         "speed by construction)" if check["low_same_graph_as_default"] else
+                         "; its ONNX Runtime session graph differs from bitpass default's")
             lines.append(text)
     return lines
 

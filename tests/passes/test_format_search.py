@@ -169,6 +169,110 @@ def test_packed_layers_of_a_size_plan_compute_in_int8_when_the_whole_graph_is_fa
     assert not any(p.format == "qdq" for lid, p in slow.plan.items() if lid != layers[0].id)
 
 
+def test_the_merged_plan_computes_int8_wherever_the_int8_artifact_does_at_the_plans_widths(cnn_model):
+    from bitpass.passes.materialize import LayerPlan
+
+    ids = [layer.id for layer in cnn_model.layers()]
+    plan = {ids[0]: LayerPlan(32, 32), ids[1]: LayerPlan(32, 32), ids[2]: LayerPlan.packed(2),
+            ids[3]: LayerPlan(8, 8, "dynamic"), ids[4]: LayerPlan(4, 8, "qdq")}
+    merged = format_search.merged_plan(cnn_model, plan, keep_fp32={ids[1]})
+    assert merged == {ids[0]: LayerPlan(8, 8, "qdq"), ids[1]: LayerPlan(32, 32), ids[2]: LayerPlan(2, 8, "qdq"),
+                      ids[3]: LayerPlan(8, 8, "qdq"), ids[4]: LayerPlan(4, 8, "qdq")}
+    assert format_search.int8_twin(merged)[ids[2]] == LayerPlan(8, 8, "qdq")
+
+
+def test_the_merged_plan_of_a_dense_model_computes_in_dynamic_int8_as_its_int8_artifact_does(mlp_model):
+    from bitpass.passes.materialize import LayerPlan
+
+    ids = [layer.id for layer in mlp_model.layers()]
+    plan = {ids[0]: LayerPlan.packed(4), ids[1]: LayerPlan(4, 8, "qdq"), ids[2]: LayerPlan(32, 32)}
+    assert format_search.merged_plan(mlp_model, plan) == {i: LayerPlan(b, 8, "dynamic")
+                                                          for i, b in zip(ids, (4, 4, 8))}
+
+
+def test_4_bit_codes_widened_at_load_run_the_same_onnx_runtime_graph_as_int8_weights(cnn_model, calib_arrays,
+                                                                                       tmp_path):
+    """ORT folds the widening: the session graph of a 4-bit QDQ model is the int8 model's (same kernels, same
+    shapes), while a packed (fp32-compute) layer gives another graph."""
+    from bitpass.passes.materialize import LayerPlan
+
+    data = from_arrays(calib_arrays, cnn_model.inputs)
+    ranges = activation_ranges(cnn_model, data)
+    ids = [layer.id for layer in cnn_model.layers()]
+    signatures = {}
+    for name, plan in {"4-bit": {i: LayerPlan(4, 8, "qdq") for i in ids},
+                       "8-bit": {i: LayerPlan(8, 8, "qdq") for i in ids},
+                       "packed": {**{i: LayerPlan(8, 8, "qdq") for i in ids}, ids[1]: LayerPlan.packed(4)}}.items():
+        built = format_search.materialize_in(cnn_model, plan, U8S8, ranges, data, QuantizeOptions())
+        path = tmp_path / f"{name}.onnx"
+        built.save_external(path)
+        signatures[name] = format_search.session_signature(path, tmp_path)
+    assert signatures["4-bit"] is not None and signatures["4-bit"] == signatures["8-bit"]
+    assert signatures["packed"] != signatures["8-bit"]
+
+
+def test_the_graph_signature_ignores_names_order_and_values_but_not_structure():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(weight, names=("x", "w", "h", "y"), reverse=False, op="Relu"):
+        x, w, h, y = names
+        nodes = [helper.make_node("MatMul", [x, w], [h]), helper.make_node(op, [h], [y])]
+        return helper.make_graph(nodes[::-1] if reverse else nodes, "g",
+                                 [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])],
+                                 [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4])],
+                                 [numpy_helper.from_array(weight, w)])
+
+    one, two = np.ones((4, 4), np.float32), np.full((4, 4), 2.0, np.float32)
+    same = format_search.graph_signature(graph(one))
+    assert format_search.graph_signature(graph(two, ("x", "b", "c", "y"), reverse=True)) == same
+    assert format_search.graph_signature(graph(one, op="Sigmoid")) != same
+    assert format_search.graph_signature(graph(np.ones((4, 4), np.int8))) != same
+    assert format_search.graph_signature(graph(np.ones((4, 2), np.float32))) != same
+
+
+def test_a_size_plan_that_runs_the_int8_graph_is_kept_unless_the_plan_as_made_is_faster_with_confidence(
+        cnn_model, calib_arrays):
+    """Its session graph is the int8 plan's (checked with ONNX Runtime), so it is as fast as the int8 artifact by
+    construction; the packed layers the one-layer timings chose are the deviation, kept only when they win."""
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    ids = [layer.id for layer in cnn_model.layers()]
+    plan = {i: LayerPlan(4, 8, "qdq") for i in ids}
+    plan[ids[1]] = LayerPlan.packed(4)
+    annotate(cnn_model, plan)
+    # the packed layer costs 1.0 in fp32 and 1.02 in int8: the plan as made is 1.01x faster, which is not a win
+    result = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6, slow={ids[1]}, slow_cost=1.02),
+                     fallback="packed")
+    structure = next(r["int8_structure"] for r in result.record["rounds"] if "int8_structure" in r)
+    assert structure["equal"] is True and "by construction" in structure["why"]
+    assert result.record["chosen"] == "merged-u8s8"
+    assert {(p.weight_bits, p.format) for p in result.plan.values()} == {(4, "qdq")}
+    decisions = [d for r in result.record["rounds"] for d in r.get("decisions", [])]
+    assert {"challenger": "plan-u8s8", "incumbent": "merged-u8s8", "faster": False} in [
+        {k: d[k] for k in ("challenger", "incumbent", "faster")} for d in decisions]
+    # in int8 it costs 3.0: the plan as made is clearly faster and stays
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6, slow={ids[1]}, slow_cost=3.0),
+                   fallback="packed", use_cache=False)
+    assert slow.record["chosen"] == "plan-u8s8" and slow.plan[ids[1]].format == "packed"
+
+
+def test_an_fp32_layer_of_a_size_plan_computes_int8_when_that_pays_and_else_stays_fp32_not_packed(
+        cnn_model, calib_arrays):
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    ids = [layer.id for layer in cnn_model.layers()]
+    plan = {i: LayerPlan(4, 8, "qdq") for i in ids}
+    plan[ids[0]] = LayerPlan(32, 32)  # what an allocation buys for a small layer
+    annotate(cnn_model, plan)
+    fast = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
+    assert fast.record["chosen"] == "merged-u8s8" and fast.plan[ids[0]] == LayerPlan(8, 8, "qdq")
+    assert fast.record["changed"] == {ids[0]: "8-bit qdq"}
+    # in int8 that layer costs 3x its fp32 time: it goes back to fp32 (the plan's own choice), not 8-bit packed
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6, slow={ids[0]}, slow_cost=3.0),
+                   fallback="packed", use_cache=False)
+    assert slow.plan[ids[0]] == LayerPlan(32, 32) and slow.record["chosen"] == "plan-u8s8"
+
+
 def test_the_choice_is_cached_so_the_same_inputs_give_the_same_artifact(cnn_model, calib_arrays):
     target = CostModelTarget()
     first = _search(cnn_model, calib_arrays, target)

@@ -114,3 +114,17 @@ def test_bitpass_artifacts_are_timed_with_the_session_options_they_ship(tmp_path
             bench_ort.Row("m", "bitpass packed", str(plain / "model.onnx")),
             bench_ort.Row("m", "ORT dynamic", str(ort_dir / "model.onnx"))]
     assert bench_ort.shipped_session_options(rows) == {"bitpass default": ["SkipLayerNormFusion"]}
+
+
+def test_a_bitpass_row_carries_its_session_graph_and_equal_graphs_are_reported_as_equal_speed(result):
+    default = result.row(bench_ort.BITPASS_DEFAULT)
+    assert default.session_graph is not None and all(r.session_graph is None for r in result.rows
+                                                     if not r.variant.startswith("bitpass"))
+    same = bench_ort.Row(result.model, bench_ort.BITPASS_LOW, session_graph=default.session_graph, bytes_ratio=0.14)
+    other = bench_ort.Row(result.model, bench_ort.BITPASS_LOW, session_graph="another graph", bytes_ratio=0.14)
+    assert bench_ort.same_session_graph(same, default) is True
+    assert bench_ort.same_session_graph(other, default) is False
+    assert bench_ort.same_session_graph(bench_ort.Row(result.model, bench_ort.BITPASS_LOW), default) is None
+    check = {"fastest_ort": bench_ort.FP32, "low_vs_default": 0.97, "low_same_graph_as_default": True}
+    both = bench_ort.ModelResult(result.model, "fast", "", [default, same], {1: check})
+    assert "runs bitpass default's ONNX Runtime session graph" in bench_ort.checks_lines([both])[0]
