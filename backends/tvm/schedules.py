@@ -173,7 +173,7 @@ class Dense(_Rule):
 
     def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int8``) where the target has AVX2 and the tile fits."""
-        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS) or tags.pool[0]:
             return None
         (m, k), codes = _shapes(func)[:2]
         nb = codes[2]
@@ -257,6 +257,8 @@ class Conv2d(_Rule):
             hand = self._int8_vnni(func, tags) or self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
+            if tags.pool[0]:  # a fused max pooling only has the VNNI micro-kernel (the lowering fuses it only there)
+                return None
         sch = s_tir.Schedule(func)
         int8 = tags.kernel == "conv2d_int8"
         if int8:  # the scales are expressions of the sample's max, read where needed
@@ -325,18 +327,19 @@ class Conv2d(_Rule):
             return None
         shapes = _shapes(func)
         data, codes, out = shapes[0], shapes[1], shapes[-2 if tags.amax_out else -1]
-        if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps):
+        if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps) or \
+                (tags.pool[0] and (tags.residual or not avx512.conv2d_int8_pool_supported(tags.pool))):
             return None
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
         kernel = avx512.conv2d_int8(data, out[1], codes[4], (codes[2], codes[3]), tags.strides, tags.pads,
                                     tags.dilations, tags.act, parallel=work >= PARALLEL_MIN_WORK,
                                     residual=tags.residual, amax_in=shapes[4 + tags.residual][1] if tags.amax_in else 0,
-                                    amax_out=tags.amax_out)
+                                    amax_out=tags.amax_out, pool=tags.pool)
         return _replacement(func, kernel)
 
     def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
-        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS) or tags.pool[0]:
             return None
         data, codes, _, _, out = _shapes(func)
         ob = codes[4]
