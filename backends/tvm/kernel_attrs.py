@@ -29,7 +29,7 @@ class KernelAttrs:
     a convolution's geometry (``pads``: top, left, bottom, right); ``amax_in`` / ``amax_out``: an int8 conv reads
     its input's per-sample absmax from one more input (after the residual) instead of computing it / returns
     its output's per-sample absmax as a second output (``kernels.conv2d_int8``); ``pool``: a max pooling
-    (kernel, stride, pad; kernel 0: none) fused after the int8 conv's activation, its output the pooled one."""
+    (kernel, stride, pad; kernel 0: none) fused after a conv's activation, its output the pooled one."""
 
     kernel: str
     nb: int
@@ -52,8 +52,8 @@ class KernelAttrs:
             raise ValueError(f"activation {self.act!r} is not one of {', '.join(ACTIVATIONS)}")
         if (self.amax_in or self.amax_out) and self.kernel != "conv2d_int8":
             raise ValueError(f"only the int8 conv carries a per-sample absmax, not {self.kernel!r}")
-        if self.pool[0] and self.kernel != "conv2d_int8":
-            raise ValueError(f"only the int8 conv fuses a max pooling, not {self.kernel!r}")
+        if self.pool[0] and not self.kernel.startswith("conv2d"):
+            raise ValueError(f"only a conv fuses a max pooling, not {self.kernel!r}")
         if self.nb < 1:
             raise ValueError(f"output tile nb={self.nb} must be positive")
 

@@ -377,9 +377,12 @@ def dense_int8(x, codes, wscale, bias, *, act: str = "none", levels: int = DENSE
         name="dense_out")
 
 
-def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none"):
+def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none",
+           pool: tuple[int, int, int] = (0, 0, 0)):
     """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob]; ``pads`` (top, left, bottom, right);
-    out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection)."""
+    out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection).
+    ``pool`` (kernel, stride, pad) fuses a max pooling (``max_pool``, no residual): the activated conv stays
+    channels-last (``conv_rows``, a sample at a time in cache under the schedule) and out is the pooled tensor."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -409,6 +412,12 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
             padded[b, (o // ocg) * icg + rc, y * sh + ry * dh, x * sw + rx * dw] * w[o // ob, rc, ry, rx, o % ob],
             axis=[rc, ry, rx]),
         name="conv_acc")
+    if pool[0]:
+        if residual is not None:
+            raise ValueError("a conv with a fused max pooling takes no residual input")
+        rows = te.compute((n, oh, ow, oc), lambda b, y, x, o: _activate(_plus(acc[b, y, x, o], bias, o), act),
+                          name="conv_rows")
+        return max_pool(lambda b, o, y, x: rows[b, y, x, o], (n, oc, oh, ow), pool)
     return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(_plus(_plus(acc[b, y, x, o], bias, o), residual,
                                                                           b, o, y, x), act), name="conv_out")
 
@@ -445,21 +454,28 @@ def pool_out_size(size: int, pool: tuple[int, int, int]) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def max_pool(x, pool: tuple[int, int, int]):
-    """TE: square max pooling (kernel, stride, pad) of NCHW ``x``, window pixels outside the image clamped to
-    its edge (a pixel the window holds anyway: the same maximum as padding with -inf, when pad < kernel)."""
+def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int]):
+    """TE: square max pooling (kernel, stride, pad) of the NCHW tensor of ``shape`` that ``read(b, c, y, x)``
+    reads, as one element-wise maximum of each window's pixels (a spatial block: a schedule can vectorize it
+    over channels), pixels outside the image clamped to its edge (a pixel the window holds anyway: the same
+    maximum as padding with -inf, when pad < kernel)."""
     from tvm import te, tirx
 
-    n, c, h, w = (int(v) for v in x.shape)
+    n, c, h, w = shape
     k, s, p = pool
-    ry, rx = te.reduce_axis((0, k), name="py"), te.reduce_axis((0, k), name="px")
 
     def clamp(v, size):
         return tirx.max(tirx.min(v, size - 1), 0)
 
-    return te.compute((n, c, pool_out_size(h, pool), pool_out_size(w, pool)),
-                      lambda b, o, y, xx: te.max(x[b, o, clamp(y * s - p + ry, h), clamp(xx * s - p + rx, w)],
-                                                 axis=[ry, rx]), name="pool_out")
+    def window(b, o, y, x):
+        value = None
+        for ky in range(k):
+            for kx in range(k):
+                item = read(b, o, clamp(y * s - p + ky, h), clamp(x * s - p + kx, w))
+                value = item if value is None else tirx.max(value, item)
+        return value
+
+    return te.compute((n, c, pool_out_size(h, pool), pool_out_size(w, pool)), window, name="pool_out")
 
 
 def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides, pads, dilations, groups: int,
@@ -514,7 +530,7 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides,
                                            residual, b, o, y, x), act),
         name="conv_out")
     if pool[0]:
-        out = max_pool(out, pool)
+        out = max_pool(out, (n, oc, oh, ow), pool)
         if emit_amax:
             return out, band_absmax(out, ob, pool_bands(n * oblocks, int(out.shape[2])))
     if not emit_amax:

@@ -729,11 +729,14 @@ class _Lowering:
     def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
         wp = self.shared(("conv", node.name, ob), lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob)))
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
-        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, **geometry)
+        # a batch is pooled a sample per parallel task (``schedules.Conv2d``): only with enough samples to share
+        pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, 0, ob, residual,
+                                fp32=True) if self.shape_of(x)[0] >= kernels.POOL_MIN_TASKS else (0, 0, 0)
+        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, **geometry)
         self._record(node, "conv2d", 32, w.size * 4, tags)
 
         def te_conv(data, weight, bias_, *rest):
-            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act)
+            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act, pool=pool)
 
         extra = [residual] if residual is not None else []
         return bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
@@ -790,14 +793,16 @@ class _Lowering:
         self._nonnegative = act == "relu"
         return bb.emit(relax.TupleGetItem(result, 0))
 
-    def _fused_pool(self, value: str, geometry: dict[str, Any], taps: int, ob: int, residual) -> tuple[int, int, int]:
-        """(kernel, stride, pad) of the max pooling that alone reads ``value``, the output of an int8 conv, where
-        the scheme's micro-kernel computes it in the conv's epilogue (the conv's full output, 102 MB for ResNet's
-        stem at batch 32, then never reaches memory); the pooling node is skipped and its output is the conv's.
-        (0, 0, 0) when there is none, or it cannot be fused (non-square, dilated, ceil mode, Indices output)."""
+    def _fused_pool(self, value: str, geometry: dict[str, Any], taps: int, ob: int, residual,
+                    fp32: bool = False) -> tuple[int, int, int]:
+        """(kernel, stride, pad) of the max pooling that alone reads ``value``, the output of a conv, computed in
+        the conv's epilogue (the conv's full output, 102 MB for ResNet's stem at batch 32, then never reaches
+        memory): fp32 convs' TE schedule, int8 convs where the scheme's micro-kernel does it. The pooling node is
+        skipped and its output is the conv's. (0, 0, 0) when there is none, or it cannot be fused (non-square,
+        dilated, ceil mode, Indices output)."""
         none = (0, 0, 0)
         user = self._single_consumer(value)
-        if not self.scheme.int8_pool or user is None or user.op_type != "MaxPool" or \
+        if not (fp32 or self.scheme.int8_pool) or user is None or user.op_type != "MaxPool" or \
                 user.domain not in ("", "ai.onnx") or residual is not None or taps or geometry["groups"] != 1 or \
                 ob % self.lanes or len([o for o in user.output if o]) != 1:
             return none

@@ -259,6 +259,8 @@ class Conv2d(_Rule):
                 return hand
             if tags.pool[0]:  # a fused max pooling only has the VNNI micro-kernel (the lowering fuses it only there)
                 return None
+        elif tags.pool[0]:
+            return self._fp32_pooled(func, tags)
         sch = s_tir.Schedule(func)
         int8 = tags.kernel == "conv2d_int8"
         if int8:  # the scales are expressions of the sample's max, read where needed
@@ -319,6 +321,42 @@ class Conv2d(_Rule):
             pfused = sch.fuse(*loops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(pfused)
+        return sch
+
+    def _fp32_pooled(self, func, tags: KernelAttrs):
+        """fp32 conv with a fused max pooling (``kernels.conv2d``'s ``pool``), parallel over samples: a sample's
+        activated conv is computed in the plain conv's register tiles into a channels-last buffer (in cache),
+        then pooled, each window's maximum vectorized over channels; the conv's full output never reaches
+        memory."""
+        sch = s_tir.Schedule(func)
+        pool, rows, acc = (sch.get_sblock(name) for name in ("pool_out", "conv_rows", "conv_acc"))
+        pad = _sblock_or_none(sch, "conv_pad")
+        ob = tags.nb
+        b, po, py, px = sch.get_loops(pool)
+        lanes = self.lanes if (_int(sch.get(po).extent) or 1) % self.lanes == 0 else 1
+        pco, pci = sch.split(po, [None, lanes])
+        sch.reorder(b, py, px, pco, pci)
+        if (_int(sch.get(b).extent) or 1) > 1:
+            sch.parallel(b)
+        sch.compute_at(rows, b, preserve_unit_loops=True)
+        y, x, o = sch.get_loops(rows)[-3:]
+        owt = conv_tile_columns(_int(sch.get(x).extent), -(-ob // self.lanes), self.lanes)
+        xo, xi = sch.split(x, [None, owt])
+        oo, oi = sch.split(o, [None, ob])
+        sch.reorder(oo, y, xo, xi, oi)
+        sch.compute_at(acc, xo, preserve_unit_loops=True)
+        sch.set_scope(acc, 0, "local")
+        axi, aoi, rc, ry, rx = sch.get_loops(acc)[-5:]
+        sch.reorder(rc, ry, rx, axi, aoi)
+        sch.unroll(axi)
+        sch.vectorize(aoi)
+        sch.vectorize(oi)
+        if lanes > 1:
+            sch.vectorize(pci)
+        init = sch.decompose_reduction(acc, rc)
+        _vectorize_innermost(sch, init, b)
+        if pad is not None:
+            sch.compute_at(pad, b)
         return sch
 
     def _int8_vnni(self, func, tags: KernelAttrs):

@@ -40,7 +40,7 @@ def test_untagged_functions_are_not_kernels():
                                                   ({"kernel": "dense", "nb": 8, "act": "gelu"}, "activation"),
                                                   ({"kernel": "dense", "nb": 0}, "positive"),
                                                   ({"kernel": "dense_int8", "nb": 16, "amax_in": True}, "absmax"),
-                                                  ({"kernel": "conv2d", "nb": 16, "pool": (3, 2, 1)}, "max pooling")])
+                                                  ({"kernel": "dense", "nb": 16, "pool": (3, 2, 1)}, "max pooling")])
 def test_invalid_attributes_are_refused_where_they_are_written(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KernelAttrs(**kwargs)

@@ -257,6 +257,27 @@ def _max_pool_reference(y, kernel, stride, pad):
 
 
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "act", "pool"),
+                         [(8, 3, 32, 30, 7, 2, "relu", (3, 2, 1)), (9, 8, 16, 13, 3, 1, "none", (3, 1, 1)),
+                          (2, 4, 32, 12, 3, 1, "none", (2, 2, 0))])
+def test_fp32_conv_with_a_fused_max_pooling_writes_the_pooling_of_its_output(n, c, oc, hw, k, stride, act, pool, path):
+    """A max pooling fused after the fp32 conv (ResNet's stem at batch ≥ 8: a sample's conv in cache, pooled
+    there) gives the pooling of the conv's output, on every path (the TE schedule is portable)."""
+    ob = kernels.out_block(oc, path.lanes)
+    geometry = {"strides": (stride, stride), "pads": (k // 2,) * 4, "dilations": (1, 1), "groups": 1}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    conv = _conv_ref(x, w, b, stride, k // 2, 1)
+    want = _max_pool_reference(np.maximum(conv, 0) if act == "relu" else conv, *pool)
+    tx, tw, tb = te.placeholder(x.shape, "float32"), te.placeholder((oc // ob, c, k, k, ob), "float32"), \
+        te.placeholder((oc,), "float32")
+    out = kernels.conv2d(tx, tw, tb, **geometry, act=act, pool=pool)
+    func = _build([tx, tw, tb, out], "conv2d", ob, path.target, act=act, pool=pool, **geometry)
+    got = _run(func, x, kernels.pack_conv(w, ob), b, out_shape=want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "act", "pool"),
                          [(2, 3, 64, 30, 7, 2, "relu", (3, 2, 1)), (1, 3, 32, 17, 3, 1, "relu", (3, 2, 1)),
                           (3, 8, 32, 16, 3, 1, "none", (2, 2, 0)), (1, 16, 16, 13, 3, 1, "none", (3, 1, 1)),
                           (9, 8, 32, 12, 1, 1, "relu", (3, 3, 2))])

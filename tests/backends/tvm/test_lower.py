@@ -111,6 +111,29 @@ def test_an_int8_conv_read_by_a_max_pooling_computes_it_in_its_epilogue_with_the
     np.testing.assert_array_equal(fused, apart)
 
 
+def test_an_fp32_conv_read_by_a_max_pooling_pools_in_its_epilogue_at_batches_of_enough_samples():
+    """fp32: the stem conv computes the max pooling that reads it, a sample per parallel task, from batch
+    ``kernels.POOL_MIN_TASKS`` (at batch 1 one task would leave a core idle: the pooling stays apart); both
+    functions compute the module's outputs."""
+    from tvm import relax
+
+    torch.manual_seed(0)
+    module = _ResidualCnn().eval()
+    model = from_torch(module, (torch.zeros(1, 3, 16, 16),))
+    batch = kernels.POOL_MIN_TASKS
+    built = build.build(model, SPEC, batches=(batch, 1))
+    stem = next(entry for entry in built.report.layers.values() if entry["kernel"] == "conv2d")
+    assert stem["epilogue"] == "bias+relu+maxpool" and "MaxPool" not in built.report.ops
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    x = np.random.default_rng(2).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    got = vm[built.functions[batch]](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    one = vm[built.functions[1]](tvm.runtime.tensor(x[:1])).numpy()
+    np.testing.assert_allclose(one, want[:1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("features", "fused"), [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False), (set(), False)])
 def test_only_targets_whose_int8_conv_pools_in_its_epilogue_fuse_the_max_pooling(int8_cnn, features, fused):
     """The lowering alone (no build, any host): only VNNI's micro-kernel pools in its epilogue; elsewhere the
