@@ -128,6 +128,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     qt, ql = (0, 0) if sub else (pt, pl)  # where the image starts in it
     ks, kt = (1, 1) if sub else (sh, sw)  # the main loop's strides over it
     xlanes = microkernels.divisor(iw, LANES)
+    # strided (sub) packing of whole channel quads reads each row's pixels as contiguous vectors, not gathers
+    deinterleave = sub and qx > 1 and c % 4 == 0 and iw * qx <= wd
     words = n * quads * qh * qw
     inv_levels = float(LEVELS)
     slots_in, reads_amax = max(amax_in, 1), amax_in > 0
@@ -171,10 +173,17 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
 
     @T.macro
     def pack_plane(data, inv, xq, bq):  # 4 channel planes packed into words, 16 pixels per store
-        for y, xo in T.grid(ih, iw // xlanes):
-            for xx in T.vectorized(xlanes):
-                xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
-                    data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+        if deinterleave:  # a strided 1×1 conv's pixels: contiguous loads, every qx-th lane kept (not a gather)
+            dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+            for y, xo in T.grid(ih, iw // xlanes):
+                xq[T.ramp(((bq * qh) + y + qt) * qw + xo * xlanes + ql, 1, xlanes)] = _word_strided(
+                    dflat, (((bq // quads) * c + (bq % quads) * 4) * h + y * qy) * wd + xo * xlanes * qx, h * wd,
+                    xlanes, qx, inv[bq // quads])
+        else:
+            for y, xo in T.grid(ih, iw // xlanes):
+                for xx in T.vectorized(xlanes):
+                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
+                        data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
 
     @T.macro
     def quantize_all_then_pack(data, dflat, ain, sx, inv, xq):
@@ -411,6 +420,22 @@ def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:
     word = _code(data, b, ch, c, y, x, inv)
     for i in range(1, 4):
         word = word | (_code(data, b, ch + i, c, y, x, inv) << (8 * i))
+    return word
+
+
+def _word_strided(dflat, start: Expr, plane: int, lanes: int, step: int, inv: Expr) -> Expr:
+    """``lanes`` words of 4 channels' u8 codes from every ``step``-th pixel from ``start`` (flat NCHW) on, the
+    channels ``plane`` apart: each channel's pixels one contiguous load, its every ``step``-th lane kept by a
+    shuffle (the vectorizer would make ``lanes`` scalar loads of a strided index)."""
+    scale = tirx.Broadcast(inv, lanes)
+    word = None
+    for i in range(4):
+        wide = dflat[tirx.Ramp(start + i * plane, 1, lanes * step)]
+        pixels = tirx.Shuffle([wide], [tirx.const(j * step, "int32") for j in range(lanes)])
+        code = tirx.Cast(f"uint32x{lanes}", tirx.Cast(f"int32x{lanes}", tirx.round(pixels * scale))
+                         + tirx.Broadcast(tirx.const(OFFSET, "int32"), lanes))
+        code = code if i == 0 else code << tirx.Broadcast(tirx.const(8 * i, "uint32"), lanes)
+        word = code if word is None else word | code
     return word
 
 

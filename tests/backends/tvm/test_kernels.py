@@ -244,6 +244,27 @@ def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, str
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"),
+                         [(2, 64, 32, 14, 2), (1, 16, 32, 13, 2), (3, 6, 16, 12, 2), (1, 32, 64, 28, 2), (2, 8, 16, 9, 3)])
+def test_a_strided_1x1_int8_conv_is_the_integer_conv_of_the_pixels_it_reads(n, c, oc, hw, stride, path):
+    """ResNet's downsampling shortcut (1×1, stride 2, no padding): only the pixels it reads are quantized (on VNNI
+    whole channel quads are read as contiguous rows, every stride-th pixel kept), odd and even widths, channels
+    not a multiple of 4."""
+    ob = kernels.out_block(oc, path.lanes)
+    geometry = {"strides": (stride, stride), "pads": (0,) * 4, "dilations": (1, 1), "groups": 1}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, path.levels)
+    want = _conv_int8_reference(x, codes, c, sw, b, stride, 0, 1, 0, path.levels)
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, levels=path.levels)
+    hand = path.intrinsic if ob % path.lanes == 0 else None
+    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, path.target, intrinsic=hand, levels=path.levels, **geometry)
+    np.testing.assert_allclose(_run(func, x, codes, sw, b, out_shape=want.shape), want, rtol=1e-5, atol=1e-4)
+
+
 def _max_pool_reference(y, kernel, stride, pad):
     """numpy: square max pooling of NCHW ``y``, padding with -inf."""
     n, c, h, w = y.shape
