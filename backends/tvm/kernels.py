@@ -431,7 +431,8 @@ def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) 
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-#: parallel tasks an int8 conv with a fused max pooling is split into at least (``pool_bands``)
+#: parallel tasks a conv with a fused max pooling is split into at least: an int8 conv's bands of pooled rows
+#: (``pool_bands``); an fp32 conv pools a sample per task, so it fuses the pooling from this batch on
 POOL_MIN_TASKS = 8
 
 
@@ -443,8 +444,8 @@ def pool_bands(tasks: int, rows: int) -> int:
 
 
 def pool_fusable(pool: tuple[int, int, int]) -> bool:
-    """Whether a square max pooling (kernel, stride, pad) can run in an int8 conv's epilogue (``conv2d_int8``):
-    its windows advance (stride ≤ kernel) and each holds an image pixel (pad < kernel)."""
+    """Whether a square max pooling (kernel, stride, pad) can run in a conv's epilogue (``conv2d``,
+    ``conv2d_int8``): its windows advance (stride ≤ kernel) and each holds an image pixel (pad < kernel)."""
     k, s, p = pool
     return k > 0 and 0 < s <= k and 0 <= p < k
 

@@ -10,7 +10,8 @@ following Relu, or a residual Add and Relu, fused into the kernel; the common op
 says so (VNNI), an int8 conv read by another int8 conv (directly, or through a max pooling of non-negative
 values whose windows cover every pixel) passes it its output's per-sample absmax, so the reader skips its own
 pass over the input; the codes are the same (max is exact), so are the outputs. There, too, a max pooling
-that alone reads an int8 conv's output runs in the conv's epilogue (``_fused_pool``). Not the importer for
+that alone reads an int8 conv's output runs in the conv's epilogue, as it does after an fp32 conv from batch
+``kernels.POOL_MIN_TASKS`` on (``_fused_pool``). Not the importer for
 the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
 Reshape), and it would hide the per-layer annotations.
 
