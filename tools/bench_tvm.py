@@ -15,7 +15,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   activations, as ours), as a fraction of the measured read bandwidth.
 * ``kernels``: ResNet-18's convolutions at batch 1, TVM fp32 and int8 beside ONNX Runtime running the same
   single Conv + ReLU (fp32, and a U8S8 QDQ conv that ORT fuses to QLinearConv), in GMAC/s.
-* ``profile``: the whole ResNet-18 where it runs, per operator kind (conv, pool, dense, quantize, other):
+* ``profile``: the whole ResNet-18 where it runs, per operator kind (conv, pool, dense, quantize, other; a
+  max pooling TVM fused into the stem conv counts as conv, as ORT's fused Relu does):
   TVM's functions timed by the Relax VM's instrument hooks, ORT's nodes by its own profiler
   (``enable_profiling``), beside each model's whole call. Single ops in isolation hide what a model pays
   between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's int8 kernels quantize their

@@ -19,7 +19,9 @@ stores ``code + 128``, taken back with 128 · Σ of the other operand.
   residual input and ReLU and stores each channel's columns as one vector. Between consecutive int8 convs
   the absmax travels with the activation: a writer keeps max |out| of each (output block, row) it stores
   in one slot (one iteration per slot: no barrier), the reader takes the maximum of the slots instead of a
-  pass over its input (``kernels.conv2d_int8``'s ``amax`` / ``emit_amax``).
+  pass over its input (``kernels.conv2d_int8``'s ``amax`` / ``emit_amax``). A max pooling that reads the conv
+  (ResNet's stem) runs in its epilogue: conv rows go to a per-task ring of rows in cache, pooled as soon as a
+  window is complete, so the conv's full output is never written (``pool``).
 * ``dense_int8``: weights u8 = code + 128 (``[N/nb, Kp/4, nb, 4]``: 16 outputs × 4 k per register),
   activations quantized per row to s8 codes, broadcast 4 at a time; a tile of rows × outputs in ≤ 24
   registers; 128 · Σ x_q per row taken back in the epilogue.
@@ -76,6 +78,10 @@ def conv2d_int8_supported(ob: int, groups: int, levels: int, taps: int) -> bool:
     return ob % LANES == 0 and groups == 1 and levels == LEVELS and taps == 0
 
 
+def conv2d_int8_pool_supported(pool: tuple[int, int, int]) -> bool:
+    return kernels.pool_fusable(pool)
+
+
 def conv_columns(ow: int, vecs: int) -> int:
     """Output columns per tile: the largest divisor of ``ow`` within the accumulator budget."""
     return microkernels.divisor(ow, min(MAX_COLUMNS, ACCUMULATORS // vecs))
@@ -84,10 +90,17 @@ def conv_columns(ow: int, vecs: int) -> int:
 def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
                 strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
                 act: str, parallel: bool, residual: bool = False, amax_in: int = 0,
-                amax_out: bool = False) -> tirx.PrimFunc:
+                amax_out: bool = False, pool: tuple[int, int, int] = (0, 0, 0)) -> tirx.PrimFunc:
     """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``; ``residual``,
     ``amax_in`` (the input absmax's slots per sample; 0: none) and ``amax_out`` add the TE kernel's optional
-    parameters, in its order (data, codes, wscale, bias, [residual], [input absmax], out, [output absmax])."""
+    parameters, in its order (data, codes, wscale, bias, [residual], [input absmax], out, [output absmax]).
+
+    ``pool`` (kernel, stride, pad; kernel 0: none) fuses a square max pooling after the activation: per
+    (output block, sample, band of pooled rows) the conv rows a band's windows need are computed into a ring of
+    ``kernel`` rows held in cache ([row, column, channel]: a tile's accumulators are whole channel vectors per
+    column), and each pooled row is taken from it as soon as its window is complete; ``out`` is the pooled
+    tensor and the output absmax one slot per band. The conv's full output (102 MB for ResNet's stem at batch
+    32) never reaches memory."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
@@ -115,9 +128,21 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     qt, ql = (0, 0) if sub else (pt, pl)  # where the image starts in it
     ks, kt = (1, 1) if sub else (sh, sw)  # the main loop's strides over it
     xlanes = microkernels.divisor(iw, LANES)
+    # strided (sub) packing of whole channel quads reads each row's pixels as contiguous vectors, not gathers
+    deinterleave = sub and qx > 1 and c % 4 == 0 and iw * qx <= wd
     words = n * quads * qh * qw
     inv_levels = float(LEVELS)
     slots_in, reads_amax = max(amax_in, 1), amax_in > 0
+    pk, ps, pp = pool
+    pooled = pk > 0
+    if pooled and (residual or not conv2d_int8_pool_supported(pool)):
+        raise ValueError(f"max pooling {pool} (kernel, stride, pad) cannot be fused: stride and pad must be below "
+                         f"the kernel, and the conv must have no residual input")
+    ph, pw = ((oh + 2 * pp - pk) // ps + 1, (ow + 2 * pp - pk) // ps + 1) if pooled else (oh, ow)
+    bands = kernels.pool_bands(n * oblocks, ph) if pooled else 1
+    brows = ph // bands
+    out_shape = (n, oc, ph, pw)
+    aout_slots = oblocks * bands if pooled else oblocks * oh
 
     @T.macro
     def epilogue(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
@@ -148,10 +173,17 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
 
     @T.macro
     def pack_plane(data, inv, xq, bq):  # 4 channel planes packed into words, 16 pixels per store
-        for y, xo in T.grid(ih, iw // xlanes):
-            for xx in T.vectorized(xlanes):
-                xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
-                    data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
+        if deinterleave:  # a strided 1×1 conv's pixels: contiguous loads, every qx-th lane kept (not a gather)
+            dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+            for y, xo in T.grid(ih, iw // xlanes):
+                xq[T.ramp(((bq * qh) + y + qt) * qw + xo * xlanes + ql, 1, xlanes)] = _word_strided(
+                    dflat, (((bq // quads) * c + (bq % quads) * 4) * h + y * qy) * wd + xo * xlanes * qx, h * wd,
+                    xlanes, qx, inv[bq // quads])
+        else:
+            for y, xo in T.grid(ih, iw // xlanes):
+                for xx in T.vectorized(xlanes):
+                    xq[((bq * qh) + y + qt) * qw + xo * xlanes + xx + ql] = _word(
+                        data, bq // quads, (bq % quads) * 4, c, y * qy, (xo * xlanes + xx) * qx, inv)
 
     @T.macro
     def quantize_all_then_pack(data, dflat, ain, sx, inv, xq):
@@ -196,8 +228,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
 
     @T.macro
-    def tile(wflat, xq, offset, sx, wscale, bias, res, out, tmax, t):
-        acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+    def accumulate(wflat, xq, acc, blk, row, xo):  # the int32 sums of one tile: (block, sample row, column tile)
         for z in T.vectorized(owt * ob):
             acc[z] = 0
         for q, ky, kx in T.grid(quads, kh, kw):
@@ -205,13 +236,78 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 for xi in T.unroll(owt):
                     acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
                         acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
-                        _broadcast_word(xq, ((((t % (rows * xtiles)) // xtiles // oh) * quads + q) * qh
-                                             + ((t % (rows * xtiles)) // xtiles % oh) * ks + ky * dh) * qw
-                                        + ((t % xtiles) * owt + xi) * kt + kx * dw, "uint8"),
-                        wflat[T.ramp((((((t // (rows * xtiles)) * quads + q) * kh + ky) * kw + kx) * ob
-                                      + v * LANES) * 4, 1, 64)])
+                        _broadcast_word(xq, (((row // oh) * quads + q) * qh + (row % oh) * ks + ky * dh) * qw
+                                        + (xo * owt + xi) * kt + kx * dw, "uint8"),
+                        wflat[T.ramp(((((blk * quads + q) * kh + ky) * kw + kx) * ob + v * LANES) * 4, 1, 64)])
+
+    @T.macro
+    def tile(wflat, xq, offset, sx, wscale, bias, res, out, tmax, t):
+        acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+        accumulate(wflat, xq, acc, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles, t % xtiles)
         epilogue(acc, offset, sx, wscale, bias, res, out, tmax, t // (rows * xtiles), (t % (rows * xtiles)) // xtiles,
                  t % xtiles)
+
+    @T.macro
+    def ring_row(wflat, xq, offset, sx, wscale, bias, ring, blk, b, y):
+        # conv row y of sample b and block blk into ring slot y % pk as [column, channel]: whole-vector stores of
+        # the accumulators (bias, activation; no residual: ``conv2d_int8_pool_supported``)
+        for xo in range(xtiles):
+            acc = T.alloc_buffer((owt * ob,), "int32", scope="local")
+            accumulate(wflat, xq, acc, blk, b * oh + y, xo)
+            for xi, v in T.grid(owt, vecs):
+                for z in T.vectorized(LANES):
+                    ring[((y % pk) * ow + xo * owt + xi) * ob + v * LANES + z] = T.max(
+                        T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
+                        * (sx[b] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z],
+                        T.float32(floor))
+
+    def window_max(ring, py, px, ch):
+        """max over pooled pixel (py, px)'s window of channel ``ch``'s conv outputs in the ring: rows and
+        columns outside the image are clamped to its edge, a pixel the window holds anyway (no padding value,
+        whatever the activation)."""
+        value = None
+        for ky in range(pk):
+            y = tirx.max(tirx.min(py * ps - pp + ky, oh - 1), 0)
+            for kx in range(pk):
+                x = tirx.max(tirx.min(px * ps - pp + kx, ow - 1), 0)
+                item = ring[(tirx.floormod(y, pk) * ow + x) * ob + ch]
+                value = item if value is None else tirx.max(value, item)
+        return value
+
+    @T.macro
+    def pool_row(ring, out, pmax, blk, b, py):
+        for px, v in T.grid(pw, vecs):
+            for z in T.vectorized(LANES):
+                out[b, blk * ob + v * LANES + z, py, px] = window_max(ring, py, px, v * LANES + z)
+                if amax_out:
+                    pmax[z] = T.max(pmax[z], T.fabs(out[b, blk * ob + v * LANES + z, py, px]))
+
+    @T.macro
+    def pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it):
+        # task it: block it // (n·bands), sample it // bands % n, band it % bands of pooled rows; the conv rows
+        # of its windows computed once each, in order, into a ring of pk rows (the band's first window also
+        # needs the pk - ps rows above its own)
+        ring = T.alloc_buffer((pk * ow * ob,), "float32")
+        pmax = T.alloc_buffer((LANES,), "float32", scope="local")
+        total = T.alloc_buffer((1,), "float32", scope="local")
+        for z in T.vectorized(LANES):
+            pmax[z] = T.float32(0)
+        for r in range(pk - ps):
+            if (it % bands) * brows * ps - pp + r >= 0:
+                ring_row(wflat, xq, offset, sx, wscale, bias, ring, it // (n * bands), it // bands % n,
+                         (it % bands) * brows * ps - pp + r)
+        for i in range(brows):
+            for r in range(ps):
+                if ((it % bands) * brows + i) * ps - pp + pk - ps + r >= 0 and \
+                        ((it % bands) * brows + i) * ps - pp + pk - ps + r < oh:
+                    ring_row(wflat, xq, offset, sx, wscale, bias, ring, it // (n * bands), it // bands % n,
+                             ((it % bands) * brows + i) * ps - pp + pk - ps + r)
+            pool_row(ring, out, pmax, it // (n * bands), it // bands % n, (it % bands) * brows + i)
+        if amax_out:
+            total[0] = T.float32(0)
+            for z in range(LANES):
+                total[0] = T.max(total[0], pmax[z])
+            aout[it // bands % n, (it // (n * bands)) * bands + it % bands] = total[0]
 
     @T.macro
     def row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr):
@@ -241,7 +337,10 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         for bq in range(n * quads):
             border(xq, bq)
         quantize(data, dflat, ain, sx, inv, xq)
-        if amax_out:
+        if pooled:
+            for it in loop(oblocks * n * bands):
+                pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it)
+        elif amax_out:
             for tr in loop(oblocks * rows):
                 row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
         else:
@@ -291,7 +390,10 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 first_scales(dflat, ain, sx, inv)
             with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                 second(data, dflat, ain, sx, inv, xq)
-            if amax_out:
+            if pooled:
+                for it in T.parallel(oblocks * n * bands):
+                    pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it)
+            elif amax_out:
                 for tr in T.parallel(oblocks * rows):
                     row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
             else:
@@ -306,7 +408,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
                   wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
                   res: T.Buffer((n, oc, oh, ow), "float32"), ain: T.Buffer((n, slots_in), "float32"),
-                  out: T.Buffer((n, oc, oh, ow), "float32"), aout: T.Buffer((n, oblocks * oh), "float32")):
+                  out: T.Buffer(out_shape, "float32"), aout: T.Buffer((n, aout_slots), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         body(data, codes, wscale, bias, res, ain, out, aout)
 
@@ -318,6 +420,22 @@ def _word(data, b: Expr, ch: Expr, c: int, y: Expr, x: Expr, inv) -> Expr:
     word = _code(data, b, ch, c, y, x, inv)
     for i in range(1, 4):
         word = word | (_code(data, b, ch + i, c, y, x, inv) << (8 * i))
+    return word
+
+
+def _word_strided(dflat, start: Expr, plane: int, lanes: int, step: int, inv: Expr) -> Expr:
+    """``lanes`` words of 4 channels' u8 codes from every ``step``-th pixel from ``start`` (flat NCHW) on, the
+    channels ``plane`` apart: each channel's pixels one contiguous load, its every ``step``-th lane kept by a
+    shuffle (the vectorizer would make ``lanes`` scalar loads of a strided index)."""
+    scale = tirx.Broadcast(inv, lanes)
+    word = None
+    for i in range(4):
+        wide = dflat[tirx.Ramp(start + i * plane, 1, lanes * step)]
+        pixels = tirx.Shuffle([wide], [tirx.const(j * step, "int32") for j in range(lanes)])
+        code = tirx.Cast(f"uint32x{lanes}", tirx.Cast(f"int32x{lanes}", tirx.round(pixels * scale))
+                         + tirx.Broadcast(tirx.const(OFFSET, "int32"), lanes))
+        code = code if i == 0 else code << tirx.Broadcast(tirx.const(8 * i, "uint32"), lanes)
+        word = code if word is None else word | code
     return word
 
 

@@ -28,7 +28,8 @@ class KernelAttrs:
     32-bit lane (``kernels.conv_int8_taps``); ``levels``: the int8 kernels' code range (±levels); the rest is
     a convolution's geometry (``pads``: top, left, bottom, right); ``amax_in`` / ``amax_out``: an int8 conv reads
     its input's per-sample absmax from one more input (after the residual) instead of computing it / returns
-    its output's per-sample absmax as a second output (``kernels.conv2d_int8``)."""
+    its output's per-sample absmax as a second output (``kernels.conv2d_int8``); ``pool``: a max pooling
+    (kernel, stride, pad; kernel 0: none) fused after a conv's activation, its output the pooled one."""
 
     kernel: str
     nb: int
@@ -42,6 +43,7 @@ class KernelAttrs:
     groups: int = 1
     amax_in: bool = False
     amax_out: bool = False
+    pool: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         if self.kernel not in KINDS:
@@ -50,6 +52,8 @@ class KernelAttrs:
             raise ValueError(f"activation {self.act!r} is not one of {', '.join(ACTIVATIONS)}")
         if (self.amax_in or self.amax_out) and self.kernel != "conv2d_int8":
             raise ValueError(f"only the int8 conv carries a per-sample absmax, not {self.kernel!r}")
+        if self.pool[0] and not self.kernel.startswith("conv2d"):
+            raise ValueError(f"only a conv fuses a max pooling, not {self.kernel!r}")
         if self.nb < 1:
             raise ValueError(f"output tile nb={self.nb} must be positive")
 
@@ -86,7 +90,7 @@ class KernelAttrs:
                 values[f.name] = str(raw)
             elif f.name in ("residual", "amax_in", "amax_out"):
                 values[f.name] = bool(int(raw))
-            elif f.name in ("strides", "pads", "dilations"):
+            elif f.name in ("strides", "pads", "dilations", "pool"):
                 values[f.name] = tuple(int(v) for v in raw)
             else:
                 values[f.name] = int(raw)

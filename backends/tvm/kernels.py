@@ -69,6 +69,9 @@ class Scheme:
     #: consecutive int8 convs carry the per-sample absmax (``conv2d_int8``'s ``amax`` / ``emit_amax``): where the
     #: target's micro-kernel takes it in its epilogue (VNNI); the portable schedule would reduce it serially
     int8_amax_carry: bool = False
+    #: an int8 conv followed by a max pooling computes the pooling in its epilogue (``conv2d_int8``'s ``pool``):
+    #: where the target's micro-kernel does (VNNI)
+    int8_pool: bool = False
 
     @property
     def int8_offset(self) -> int:
@@ -81,7 +84,7 @@ def scheme_for(features) -> Scheme:
     features = frozenset(features)
     lanes = 16 if "avx512" in features else 8 if "avx2" in features else 4
     if "vnni" in features:
-        return Scheme(lanes, 127, int8_amax_carry=True)
+        return Scheme(lanes, 127, int8_amax_carry=True, int8_pool=True)
     if "avx2" in features:  # the AVX2 micro-kernels (avx2.py): 7-bit codes, no residual epilogue
         return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False)
     return Scheme(lanes, 127)
@@ -374,9 +377,12 @@ def dense_int8(x, codes, wscale, bias, *, act: str = "none", levels: int = DENSE
         name="dense_out")
 
 
-def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none"):
+def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none",
+           pool: tuple[int, int, int] = (0, 0, 0)):
     """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob]; ``pads`` (top, left, bottom, right);
-    out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection)."""
+    out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection).
+    ``pool`` (kernel, stride, pad) fuses a max pooling (``max_pool``, no residual): the activated conv stays
+    channels-last (``conv_rows``, a sample at a time in cache under the schedule) and out is the pooled tensor."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -406,6 +412,12 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
             padded[b, (o // ocg) * icg + rc, y * sh + ry * dh, x * sw + rx * dw] * w[o // ob, rc, ry, rx, o % ob],
             axis=[rc, ry, rx]),
         name="conv_acc")
+    if pool[0]:
+        if residual is not None:
+            raise ValueError("a conv with a fused max pooling takes no residual input")
+        rows = te.compute((n, oh, ow, oc), lambda b, y, x, o: _activate(_plus(acc[b, y, x, o], bias, o), act),
+                          name="conv_rows")
+        return max_pool(lambda b, o, y, x: rows[b, y, x, o], (n, oc, oh, ow), pool)
     return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(_plus(_plus(acc[b, y, x, o], bias, o), residual,
                                                                           b, o, y, x), act), name="conv_out")
 
@@ -419,8 +431,57 @@ def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) 
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
+#: parallel tasks a conv with a fused max pooling is split into at least: an int8 conv's bands of pooled rows
+#: (``pool_bands``); an fp32 conv pools a sample per task, so it fuses the pooling from this batch on
+POOL_MIN_TASKS = 8
+
+
+def pool_bands(tasks: int, rows: int) -> int:
+    """Bands of pooled rows per (output block, sample) of an int8 conv with a fused max pooling: the fewest
+    (each band recomputes the conv rows its first window shares with the band above) that give at least
+    ``POOL_MIN_TASKS`` parallel tasks, a divisor of ``rows``. Its output absmax has one slot per (block, band)."""
+    return next((d for d in range(1, rows + 1) if rows % d == 0 and tasks * d >= POOL_MIN_TASKS), rows)
+
+
+def pool_fusable(pool: tuple[int, int, int]) -> bool:
+    """Whether a square max pooling (kernel, stride, pad) can run in a conv's epilogue (``conv2d``,
+    ``conv2d_int8``): its windows advance (stride ≤ kernel) and each holds an image pixel (pad < kernel)."""
+    k, s, p = pool
+    return k > 0 and 0 < s <= k and 0 <= p < k
+
+
+def pool_out_size(size: int, pool: tuple[int, int, int]) -> int:
+    kernel, stride, pad = pool
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int]):
+    """TE: square max pooling (kernel, stride, pad) of the NCHW tensor of ``shape`` that ``read(b, c, y, x)``
+    reads, as one element-wise maximum of each window's pixels (a spatial block: a schedule can vectorize it
+    over channels), pixels outside the image clamped to its edge (a pixel the window holds anyway: the same
+    maximum as padding with -inf, when pad < kernel)."""
+    from tvm import te, tirx
+
+    n, c, h, w = shape
+    k, s, p = pool
+
+    def clamp(v, size):
+        return tirx.max(tirx.min(v, size - 1), 0)
+
+    def window(b, o, y, x):
+        value = None
+        for ky in range(k):
+            for kx in range(k):
+                item = read(b, o, clamp(y * s - p + ky, h), clamp(x * s - p + kx, w))
+                value = item if value is None else tirx.max(value, item)
+        return value
+
+    return te.compute((n, c, pool_out_size(h, pool), pool_out_size(w, pool)), window, name="pool_out")
+
+
 def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides, pads, dilations, groups: int,
-                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS, emit_amax: bool = False):
+                act: str = "none", taps: int = 0, levels: int = CONV_INT8_LEVELS, emit_amax: bool = False,
+                pool: tuple[int, int, int] = (0, 0, 0)):
     """int8 × int8 → int32 NCHW conv: ``data`` fp32 is quantized per sample (symmetric, ±``levels``),
     ``codes`` (``quantize_conv_int8``, ``taps`` as packed) int8 with per-output ``wscale`` [OC], ``bias``
     [OC]; fp32 out = act(acc · sx · sw + b [+ residual]). ``pads`` (top, left, bottom, right).
@@ -429,7 +490,8 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides,
     max |data| per sample in P slots as the kernel that wrote ``data`` left it (``block_row_absmax``); their
     maximum replaces this kernel's own pass over its input. ``emit_amax`` returns ``(out, out_amax)``,
     out_amax = ``block_row_absmax(out, ob)`` for the next int8 conv. Max is exact in any order, so the codes
-    are the same either way."""
+    are the same either way. ``pool`` (kernel, stride, pad) fuses a max pooling (``max_pool``) after the
+    activation: out is the pooled tensor, its absmax one slot per (block, band of pooled rows: ``pool_bands``)."""
     from tvm import te, tirx
 
     n, c, h, wd = (int(v) for v in data.shape)
@@ -468,9 +530,26 @@ def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides,
         lambda b, o, y, x: _activate(_plus(acc[b, y, x, o].astype("float32") * (sx[b] * wscale[o]) + bias[o],
                                            residual, b, o, y, x), act),
         name="conv_out")
+    if pool[0]:
+        out = max_pool(out, (n, oc, oh, ow), pool)
+        if emit_amax:
+            return out, band_absmax(out, ob, pool_bands(n * oblocks, int(out.shape[2])))
     if not emit_amax:
         return out
     return out, block_row_absmax(out, ob)
+
+
+def band_absmax(x, ob: int, bands: int):
+    """TE: max |x| of a 4-d NCHW tensor per sample, block of ``ob`` channels and band of rows: [N, C/ob ·
+    bands] (slot block · bands + band), the slots of an int8 conv with a fused max pooling."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    rows = h // bands
+    rj, ry, rx = (te.reduce_axis((0, e), name=nm) for e, nm in ((ob, "bj"), (rows, "by"), (w, "bx")))
+    return te.compute((n, c // ob * bands),
+                      lambda b, p: te.max(tirx.abs(x[b, p // bands * ob + rj, p % bands * rows + ry, rx]),
+                                          axis=[rj, ry, rx]), name="conv_out_amax")
 
 
 def block_row_absmax(x, ob: int):

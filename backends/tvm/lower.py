@@ -9,7 +9,9 @@ following Relu, or a residual Add and Relu, fused into the kernel; the common op
 (``imported``), legalized and scheduled by TVM's defaults plus ``schedules.py``. Where the target's scheme
 says so (VNNI), an int8 conv read by another int8 conv (directly, or through a max pooling of non-negative
 values whose windows cover every pixel) passes it its output's per-sample absmax, so the reader skips its own
-pass over the input; the codes are the same (max is exact), so are the outputs. Not the importer for
+pass over the input; the codes are the same (max is exact), so are the outputs. There, too, a max pooling
+that alone reads an int8 conv's output runs in the conv's epilogue, as it does after an fp32 conv from batch
+``kernels.POOL_MIN_TASKS`` on (``_fused_pool``). Not the importer for
 the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
 Reshape), and it would hide the per-layer annotations.
 
@@ -665,7 +667,8 @@ class _Lowering:
     def _record(self, node, kind: str, bits: int, nbytes: int, attrs: KernelAttrs) -> None:
         layer = self.plan(node).layer_id or node.name
         epilogue = "+".join(["bias", *(["residual"] if attrs.residual else []),
-                             *([attrs.act] if attrs.act != "none" else []), *(["absmax"] if attrs.amax_out else [])])
+                             *([attrs.act] if attrs.act != "none" else []), *(["maxpool"] if attrs.pool[0] else []),
+                             *(["absmax"] if attrs.amax_out else [])])
         self.report.layers[str(layer)] = {"node": node.name, "lowering": BITPASS_KERNEL, "kernel": kind,
                                           "weight_bits": bits, "weight_bytes": int(nbytes), "epilogue": epilogue}
         if attrs.amax_in:  # its input's scale came with the input: no pass over it
@@ -727,11 +730,14 @@ class _Lowering:
     def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
         wp = self.shared(("conv", node.name, ob), lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob)))
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
-        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, **geometry)
+        # a batch is pooled a sample per parallel task (``schedules.Conv2d``): only with enough samples to share
+        pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, 0, ob, residual,
+                                fp32=True) if self.shape_of(x)[0] >= kernels.POOL_MIN_TASKS else (0, 0, 0)
+        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, **geometry)
         self._record(node, "conv2d", 32, w.size * 4, tags)
 
         def te_conv(data, weight, bias_, *rest):
-            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act)
+            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act, pool=pool)
 
         extra = [residual] if residual is not None else []
         return bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
@@ -758,6 +764,7 @@ class _Lowering:
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
         carry = self.scheme.int8_amax_carry
         amax_in = self.absmax.get(node.input[0]) if carry else None
+        pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, taps, ob, residual)
         final = self._alias[-1] if self._alias else node.output[0]
         amax_out = carry and geometry["groups"] == 1 and not taps and ob % self.lanes == 0 and \
             self._int8_conv_reads(final) and len(out_shape) == 4
@@ -769,14 +776,14 @@ class _Lowering:
         codes, scale, nbytes = self.shared(("conv8", node.name, ob, levels), make8)
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
         tags = KernelAttrs("conv2d_int8", ob, act=act, residual=residual is not None, taps=taps, levels=levels,
-                           amax_in=amax_in is not None, amax_out=amax_out, **geometry)
+                           amax_in=amax_in is not None, amax_out=amax_out, pool=pool, **geometry)
         self._record(node, "conv2d_int8", 8, nbytes, tags)
         has_residual = residual is not None
 
         def te_conv8(data, cc, ss, bb_, *rest):
             return kernels.conv2d_int8(data, cc, ss, bb_, rest[0] if has_residual else None,
                                        rest[-1] if amax_in is not None else None, **geometry, act=act, taps=taps,
-                                       levels=levels, emit_amax=amax_out)
+                                       levels=levels, emit_amax=amax_out, pool=pool)
 
         extra = [v for v in (residual, amax_in) if v is not None]
         result = bb.emit_te(te_conv8, x, codes, scale, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d_int8",
@@ -786,6 +793,34 @@ class _Lowering:
         self._absmax = bb.emit(relax.TupleGetItem(result, 1))
         self._nonnegative = act == "relu"
         return bb.emit(relax.TupleGetItem(result, 0))
+
+    def _fused_pool(self, value: str, geometry: dict[str, Any], taps: int, ob: int, residual,
+                    fp32: bool = False) -> tuple[int, int, int]:
+        """(kernel, stride, pad) of the max pooling that alone reads ``value``, the output of a conv, computed in
+        the conv's epilogue (the conv's full output, 102 MB for ResNet's stem at batch 32, then never reaches
+        memory): fp32 convs' TE schedule, int8 convs where the scheme's micro-kernel does it. The pooling node is
+        skipped and its output is the conv's. (0, 0, 0) when there is none, or it cannot be fused (non-square,
+        dilated, ceil mode, Indices output)."""
+        none = (0, 0, 0)
+        user = self._single_consumer(value)
+        if not (fp32 or self.scheme.int8_pool) or user is None or user.op_type != "MaxPool" or \
+                user.domain not in ("", "ai.onnx") or residual is not None or taps or geometry["groups"] != 1 or \
+                ob % self.lanes or len([o for o in user.output if o]) != 1:
+            return none
+        attrs = _attrs(user)
+        kernel = list(attrs.get("kernel_shape", []))
+        strides = list(attrs.get("strides", [1] * len(kernel)))
+        pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+        if len(kernel) != 2 or len(set(kernel)) != 1 or len(set(strides)) != 1 or len(set(pads)) != 1 or \
+                any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("ceil_mode", 0) or \
+                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return none
+        pool = (int(kernel[0]), int(strides[0]), int(pads[0]))
+        if not kernels.pool_fusable(pool):
+            return none
+        self.fused.add(id(user))
+        self._alias.append(user.output[0])
+        return pool
 
     def op_Gemm(self, bb, node, attrs, inputs):
         a, w = inputs[0], inputs[1]

@@ -173,7 +173,7 @@ class Dense(_Rule):
 
     def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddubsw`` micro-kernel (``avx2.dense_int8``) where the target has AVX2 and the tile fits."""
-        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS) or tags.pool[0]:
             return None
         (m, k), codes = _shapes(func)[:2]
         nb = codes[2]
@@ -257,6 +257,10 @@ class Conv2d(_Rule):
             hand = self._int8_vnni(func, tags) or self._int8_avx2(func, tags)
             if hand is not None:
                 return hand
+            if tags.pool[0]:  # a fused max pooling only has the VNNI micro-kernel (the lowering fuses it only there)
+                return None
+        elif tags.pool[0]:
+            return self._fp32_pooled(func, tags)
         sch = s_tir.Schedule(func)
         int8 = tags.kernel == "conv2d_int8"
         if int8:  # the scales are expressions of the sample's max, read where needed
@@ -319,24 +323,61 @@ class Conv2d(_Rule):
                 sch.parallel(pfused)
         return sch
 
+    def _fp32_pooled(self, func, tags: KernelAttrs):
+        """fp32 conv with a fused max pooling (``kernels.conv2d``'s ``pool``), parallel over samples: a sample's
+        activated conv is computed in the plain conv's register tiles into a channels-last buffer (in cache),
+        then pooled, each window's maximum vectorized over channels; the conv's full output never reaches
+        memory."""
+        sch = s_tir.Schedule(func)
+        pool, rows, acc = (sch.get_sblock(name) for name in ("pool_out", "conv_rows", "conv_acc"))
+        pad = _sblock_or_none(sch, "conv_pad")
+        ob = tags.nb
+        b, po, py, px = sch.get_loops(pool)
+        lanes = self.lanes if (_int(sch.get(po).extent) or 1) % self.lanes == 0 else 1
+        pco, pci = sch.split(po, [None, lanes])
+        sch.reorder(b, py, px, pco, pci)
+        if (_int(sch.get(b).extent) or 1) > 1:
+            sch.parallel(b)
+        sch.compute_at(rows, b, preserve_unit_loops=True)
+        y, x, o = sch.get_loops(rows)[-3:]
+        owt = conv_tile_columns(_int(sch.get(x).extent), -(-ob // self.lanes), self.lanes)
+        xo, xi = sch.split(x, [None, owt])
+        oo, oi = sch.split(o, [None, ob])
+        sch.reorder(oo, y, xo, xi, oi)
+        sch.compute_at(acc, xo, preserve_unit_loops=True)
+        sch.set_scope(acc, 0, "local")
+        axi, aoi, rc, ry, rx = sch.get_loops(acc)[-5:]
+        sch.reorder(rc, ry, rx, axi, aoi)
+        sch.unroll(axi)
+        sch.vectorize(aoi)
+        sch.vectorize(oi)
+        if lanes > 1:
+            sch.vectorize(pci)
+        init = sch.decompose_reduction(acc, rc)
+        _vectorize_innermost(sch, init, b)
+        if pad is not None:
+            sch.compute_at(pad, b)
+        return sch
+
     def _int8_vnni(self, func, tags: KernelAttrs):
         """The ``vpdpbusd`` micro-kernel (``avx512.conv2d_int8``) where the target has AVX-512 VNNI."""
         if "vnni" not in self.features:
             return None
         shapes = _shapes(func)
         data, codes, out = shapes[0], shapes[1], shapes[-2 if tags.amax_out else -1]
-        if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps):
+        if not avx512.conv2d_int8_supported(codes[4], tags.groups, tags.levels, tags.taps) or \
+                (tags.pool[0] and (tags.residual or not avx512.conv2d_int8_pool_supported(tags.pool))):
             return None
         work = out[0] * out[1] * out[2] * out[3] * data[1] * codes[2] * codes[3]
         kernel = avx512.conv2d_int8(data, out[1], codes[4], (codes[2], codes[3]), tags.strides, tags.pads,
                                     tags.dilations, tags.act, parallel=work >= PARALLEL_MIN_WORK,
                                     residual=tags.residual, amax_in=shapes[4 + tags.residual][1] if tags.amax_in else 0,
-                                    amax_out=tags.amax_out)
+                                    amax_out=tags.amax_out, pool=tags.pool)
         return _replacement(func, kernel)
 
     def _int8_avx2(self, func, tags: KernelAttrs):
         """The ``vpmaddwd`` micro-kernel (``avx2.conv2d_int8``) where the target has AVX2 and groups = 1."""
-        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS):
+        if "avx2" not in self.features or len(func.params) != 5 or tags.levels not in (0, avx2.LEVELS) or tags.pool[0]:
             return None
         data, codes, _, _, out = _shapes(func)
         ob = codes[4]

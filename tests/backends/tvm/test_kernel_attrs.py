@@ -18,7 +18,7 @@ def _func():
 
 def test_attributes_round_trip_through_a_primfunc():
     tags = KernelAttrs("conv2d_int8", 32, act="relu", residual=True, taps=3, levels=127, strides=(2, 2),
-                       pads=(1, 0, 1, 0), dilations=(1, 1), groups=1, amax_in=True, amax_out=True)
+                       pads=(1, 0, 1, 0), dilations=(1, 1), groups=1, amax_in=True, amax_out=True, pool=(3, 2, 1))
     func = tags.tag(_func())
     assert KernelAttrs.of(func) == tags
     # and survive TVMScript printing and parsing, as a module does between passes
@@ -29,7 +29,7 @@ def test_attributes_round_trip_through_a_primfunc():
 def test_defaults_fill_what_a_kernel_does_not_say():
     tags = KernelAttrs.of(KernelAttrs("dense", 16).tag(_func()))
     assert (tags.act, tags.residual, tags.levels, tags.groups, tags.pads) == ("none", False, 0, 1, (0, 0, 0, 0))
-    assert (tags.amax_in, tags.amax_out) == (False, False)
+    assert (tags.amax_in, tags.amax_out, tags.pool) == (False, False, (0, 0, 0))
 
 
 def test_untagged_functions_are_not_kernels():
@@ -39,7 +39,8 @@ def test_untagged_functions_are_not_kernels():
 @pytest.mark.parametrize(("kwargs", "message"), [({"kernel": "matmul", "nb": 8}, "not one of"),
                                                   ({"kernel": "dense", "nb": 8, "act": "gelu"}, "activation"),
                                                   ({"kernel": "dense", "nb": 0}, "positive"),
-                                                  ({"kernel": "dense_int8", "nb": 16, "amax_in": True}, "absmax")])
+                                                  ({"kernel": "dense_int8", "nb": 16, "amax_in": True}, "absmax"),
+                                                  ({"kernel": "dense", "nb": 16, "pool": (3, 2, 1)}, "max pooling")])
 def test_invalid_attributes_are_refused_where_they_are_written(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KernelAttrs(**kwargs)

@@ -244,6 +244,97 @@ def test_conv2d_int8_is_integer_arithmetic_with_requantization(n, c, oc, hw, str
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"),
+                         [(2, 64, 32, 14, 2), (1, 16, 32, 13, 2), (3, 6, 16, 12, 2), (1, 32, 64, 28, 2), (2, 8, 16, 9, 3)])
+def test_a_strided_1x1_int8_conv_is_the_integer_conv_of_the_pixels_it_reads(n, c, oc, hw, stride, path):
+    """ResNet's downsampling shortcut (1×1, stride 2, no padding): only the pixels it reads are quantized (on VNNI
+    whole channel quads are read as contiguous rows, every stride-th pixel kept), odd and even widths, channels
+    not a multiple of 4."""
+    ob = kernels.out_block(oc, path.lanes)
+    geometry = {"strides": (stride, stride), "pads": (0,) * 4, "dilations": (1, 1), "groups": 1}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, path.levels)
+    want = _conv_int8_reference(x, codes, c, sw, b, stride, 0, 1, 0, path.levels)
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    out = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, levels=path.levels)
+    hand = path.intrinsic if ob % path.lanes == 0 else None
+    func = _build([tx, tc, ts, tb, out], "conv2d_int8", ob, path.target, intrinsic=hand, levels=path.levels, **geometry)
+    np.testing.assert_allclose(_run(func, x, codes, sw, b, out_shape=want.shape), want, rtol=1e-5, atol=1e-4)
+
+
+def _max_pool_reference(y, kernel, stride, pad):
+    """numpy: square max pooling of NCHW ``y``, padding with -inf."""
+    n, c, h, w = y.shape
+    padded = np.pad(y, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=-np.inf)
+    oh, ow = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    out = np.full((n, c, oh, ow), -np.inf)
+    for ky in range(kernel):
+        for kx in range(kernel):
+            out = np.maximum(out, padded[:, :, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride])
+    return out
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "act", "pool"),
+                         [(8, 3, 32, 30, 7, 2, "relu", (3, 2, 1)), (9, 8, 16, 13, 3, 1, "none", (3, 1, 1)),
+                          (2, 4, 32, 12, 3, 1, "none", (2, 2, 0))])
+def test_fp32_conv_with_a_fused_max_pooling_writes_the_pooling_of_its_output(n, c, oc, hw, k, stride, act, pool, path):
+    """A max pooling fused after the fp32 conv (ResNet's stem at batch ≥ 8: a sample's conv in cache, pooled
+    there) gives the pooling of the conv's output, on every path (the TE schedule is portable)."""
+    ob = kernels.out_block(oc, path.lanes)
+    geometry = {"strides": (stride, stride), "pads": (k // 2,) * 4, "dilations": (1, 1), "groups": 1}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    conv = _conv_ref(x, w, b, stride, k // 2, 1)
+    want = _max_pool_reference(np.maximum(conv, 0) if act == "relu" else conv, *pool)
+    tx, tw, tb = te.placeholder(x.shape, "float32"), te.placeholder((oc // ob, c, k, k, ob), "float32"), \
+        te.placeholder((oc,), "float32")
+    out = kernels.conv2d(tx, tw, tb, **geometry, act=act, pool=pool)
+    func = _build([tx, tw, tb, out], "conv2d", ob, path.target, act=act, pool=pool, **geometry)
+    got = _run(func, x, kernels.pack_conv(w, ob), b, out_shape=want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "act", "pool"),
+                         [(2, 3, 64, 30, 7, 2, "relu", (3, 2, 1)), (1, 3, 32, 17, 3, 1, "relu", (3, 2, 1)),
+                          (3, 8, 32, 16, 3, 1, "none", (2, 2, 0)), (1, 16, 16, 13, 3, 1, "none", (3, 1, 1)),
+                          (9, 8, 32, 12, 1, 1, "relu", (3, 3, 2))])
+def test_int8_conv_with_a_fused_max_pooling_writes_the_pooling_of_its_output(n, c, oc, hw, k, stride, act, pool):
+    """VNNI: a max pooling fused after the int8 conv (ResNet's stem: 7×7/2 conv, 3×3/2 pooling) gives exactly
+    the pooling of the conv's own output (every window clamped to the image, so no padding value is needed
+    whatever the activation: ``act="none"``), batch 1 (bands of pooled rows split over threads) and beyond,
+    and its output absmax per (sample, block, band of pooled rows) for the next int8 conv."""
+    vnni = next(p for p in PATHS if p.name == "vnni")
+    if not vnni.features <= targets.host_features():
+        pytest.skip("the fused max pooling has only the VNNI micro-kernel; this CPU lacks AVX-512 VNNI")
+    ob = kernels.out_block(oc, vnni.lanes)
+    geometry = {"strides": (stride, stride), "pads": (k // 2,) * 4, "dilations": (1, 1), "groups": 1}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, vnni.levels)
+    conv = _conv_int8_reference(x, codes, c, sw, b, stride, k // 2, 1, 0, vnni.levels)
+    want = _max_pool_reference(np.maximum(conv, 0) if act == "relu" else conv, *pool)
+    tx, tc, ts, tb = te.placeholder(x.shape, "float32"), te.placeholder(codes.shape, "int8"), \
+        te.placeholder((oc,), "float32"), te.placeholder((oc,), "float32")
+    out, out_amax = kernels.conv2d_int8(tx, tc, ts, tb, **geometry, act=act, levels=vnni.levels, emit_amax=True,
+                                        pool=pool)
+    assert tuple(int(d) for d in out.shape) == want.shape
+    func = _build([tx, tc, ts, tb, out, out_amax], "conv2d_int8", ob, vnni.target, intrinsic=vnni.intrinsic, act=act,
+                  levels=vnni.levels, amax_out=True, pool=pool, **geometry)
+    dev = tvm.cpu()
+    bands = kernels.pool_bands(n * oc // ob, want.shape[2])
+    got, got_amax = (tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
+                     for shape in (want.shape, (n, oc // ob * bands)))
+    func(*[tvm.runtime.tensor(a, dev) for a in (x, codes, sw, b)], got, got_amax)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-4)
+    per_band = np.abs(got.numpy()).reshape(n, oc // ob, ob, bands, -1).max(axis=(2, 4)).reshape(n, -1)
+    np.testing.assert_array_equal(got_amax.numpy(), per_band)
+
+
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "residual"),
                          [(1, 32, 32, 14, 1, False), (2, 16, 32, 9, 2, True), (64, 16, 32, 6, 1, True),
                           (1, 64, 64, 7, 1, False)])

@@ -94,6 +94,59 @@ def test_only_targets_whose_int8_conv_takes_the_absmax_in_its_epilogue_carry_it(
     assert any(entry.get("input_absmax") == "carried" for entry in convs) == carried
 
 
+def test_an_int8_conv_read_by_a_max_pooling_computes_it_in_its_epilogue_with_the_same_outputs(int8_cnn, monkeypatch):
+    """On a VNNI target the stem's int8 conv takes the max pooling that reads it into its epilogue (its full
+    output never reaches memory): the pooling node is gone, the outputs are those of conv and pooling apart,
+    bit for bit (max is exact, and so is the absmax the pooled output passes on)."""
+    module, model = int8_cnn
+    scheme = kernels.scheme_for(SPEC.features)
+    if not scheme.int8_pool:
+        pytest.skip("this CPU's int8 conv does not fuse a max pooling (no AVX-512 VNNI)")
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    fused, report = _run(model, scheme, monkeypatch, x)
+    apart, report_apart = _run(model, dataclasses.replace(scheme, int8_pool=False), monkeypatch, x)
+    stem = next(entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8")
+    assert stem["epilogue"] == "bias+relu+maxpool+absmax"
+    assert "MaxPool" not in report.ops and report_apart.ops["MaxPool"] == {"bitpass rule": 1}
+    np.testing.assert_array_equal(fused, apart)
+
+
+def test_an_fp32_conv_read_by_a_max_pooling_pools_in_its_epilogue_at_batches_of_enough_samples():
+    """fp32: the stem conv computes the max pooling that reads it, a sample per parallel task, from batch
+    ``kernels.POOL_MIN_TASKS`` (at batch 1 one task would leave a core idle: the pooling stays apart); both
+    functions compute the module's outputs."""
+    from tvm import relax
+
+    torch.manual_seed(0)
+    module = _ResidualCnn().eval()
+    model = from_torch(module, (torch.zeros(1, 3, 16, 16),))
+    batch = kernels.POOL_MIN_TASKS
+    built = build.build(model, SPEC, batches=(batch, 1))
+    stem = next(entry for entry in built.report.layers.values() if entry["kernel"] == "conv2d")
+    assert stem["epilogue"] == "bias+relu+maxpool" and "MaxPool" not in built.report.ops
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    x = np.random.default_rng(2).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    got = vm[built.functions[batch]](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    one = vm[built.functions[1]](tvm.runtime.tensor(x[:1])).numpy()
+    np.testing.assert_allclose(one, want[:1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("features", "fused"), [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False), (set(), False)])
+def test_only_targets_whose_int8_conv_pools_in_its_epilogue_fuse_the_max_pooling(int8_cnn, features, fused):
+    """The lowering alone (no build, any host): only VNNI's micro-kernel pools in its epilogue; elsewhere the
+    max pooling stays a function of its own."""
+    from bitpass.backends.tvm import lower
+
+    _, model = int8_cnn
+    _, report, _ = lower.lower(model, (1,), kernels.scheme_for(features))
+    stem = next(entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8")
+    assert ("maxpool" in stem["epilogue"]) == fused
+    assert ("MaxPool" in report.ops) != fused
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 def test_a_dense_layer_with_outputs_not_filling_a_vector_gets_zero_columns_and_a_sliced_output(bits):
     """A 10-class head: its weight is widened with zero columns to a whole vector register (the fast tiles,
