@@ -34,7 +34,7 @@ from typing import Any
 from bitpass.tools.processes import kill_group, tree_rss_mb
 
 #: the models this bench builds: name -> GPT-2 size of ``bitpass.tools.decoders.GPT2_SIZES`` ("tiny": a smoke test)
-MODELS = {"gpt2-small": "small", "gpt2-medium": "medium", "gpt2-tiny": "tiny"}
+MODELS = {"gpt2-small": "small", "gpt2-medium": "medium", "gpt2-wide": "wide", "gpt2-tiny": "tiny"}
 #: seconds between resident-memory polls of a child
 POLL_S = 0.1
 #: the lines of a child that start a phase (``bitpass`` progress lines on stderr; the rest is only logged)
@@ -223,6 +223,8 @@ def bench(name: str, pipelines: list[str], args: argparse.Namespace) -> list[Row
             raise SystemExit(f"{name}: export failed ({done.stopped or f'exit {done.returncode}'}):\n{done.tail}")
         exported = {k: v for k, v in asdict(done).items() if k != "tail"}
         stamp.write_text(json.dumps(exported))
+    if args.export_only:
+        return []
     rows = []
     for pipeline in pipelines:
         out = args.workdir / f"{name}-{layout}-{re.sub(r'[^A-Za-z0-9.-]+', '', pipeline)[:40]}"
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit-mb", type=float, default=12000,
                         help="resident MiB (child and its descendants) above which a child is killed")
     parser.add_argument("--keep", action="store_true", help="keep the artifacts")
+    parser.add_argument("--export-only", action="store_true", help="export the models (reused later), compile nothing")
     parser.add_argument("--quiet", action="store_true", help="do not echo the compile's progress lines")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--compile-arg", dest="compile_args", action="append", default=[],
