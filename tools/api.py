@@ -181,18 +181,24 @@ def _sizes(reference_model: Model, weight_bytes: int, reference_file: Path, dire
     """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference;
     the zipped sizes too when the artifact is ``sparse`` or the model small (``ZIP_ALWAYS_BYTES``)."""
     deployable = next((name for name in files if name.endswith(".so")), "model.onnx")
-    size = (directory / deployable).stat().st_size
+    size, fp32_size = _with_external_data(directory / deployable), _with_external_data(reference_file)
     sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": weight_bytes,
              "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
-             "fp32_file_bytes": reference_file.stat().st_size, "file": deployable, "file_bytes": size,
-             "file_ratio": size / max(reference_file.stat().st_size, 1)}
-    if not sparse and reference_file.stat().st_size > ZIP_ALWAYS_BYTES:
+             "fp32_file_bytes": fp32_size, "file": deployable, "file_bytes": size,
+             "file_ratio": size / max(fp32_size, 1)}
+    if not sparse and fp32_size > ZIP_ALWAYS_BYTES:
         return sizes
     # unstructured zeros save nothing uncompressed: the zipped sizes show them
     fp32_zip = artifact_io.deflated_size(reference_file)
     zipped = artifact_io.deflated_size(directory / deployable)
     sizes.update(fp32_compressed_bytes=fp32_zip, compressed_bytes=zipped, compressed_ratio=zipped / max(fp32_zip, 1))
     return sizes
+
+
+def _with_external_data(path: Path) -> int:
+    """Bytes of a model file and of the external data ``Model.save`` writes beside it past 2 GiB."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def _sparse(model: Model) -> bool:
@@ -617,7 +623,7 @@ def _compile(
         "summary": layer_report.summarize(records),
         "metrics": metrics,
         "seed": seed,
-        "reference": _keep_reference(model, reference_file),
+        "reference": _keep_reference(model, reference_file, reference_model),
         "files": artifact_io.file_table(stage, files),
     }
     if lm is not None:
@@ -739,25 +745,38 @@ def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]
         return {}
 
 
-def _keep_reference(model: Any, reference_file: Path) -> dict[str, Any]:
+def _keep_reference(model: Any, reference_file: Path, reference_model: Model) -> dict[str, Any]:
     """Where ``verify`` will find the fp32 reference, which never ships inside the artifact: the input file
-    itself when the model came from one, else a content-addressed copy in the cache folder."""
+    itself when the model came from one, else a content-addressed copy in the cache folder (past 2 GiB a folder
+    ``<sha256>/`` holding the file and its external data). The sha256 is the file's, or past 2 GiB the model's
+    (``Model.sha256``: its weights included)."""
     import shutil
 
-    with reference_file.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    data = reference_file.with_name(reference_file.name + ".data")
+    if data.is_file():
+        digest = reference_model.sha256()
+    else:
+        with reference_file.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
     if isinstance(model, (str, os.PathLike)):
         return {"sha256": digest, "source": str(Path(model).resolve()), "cached": False}
-    cached = reference_cache() / f"{digest}.onnx"
+    cached = _cached_reference(digest, external=data.is_file())
     try:
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
+            if data.is_file():  # the folder is complete once its model file appears (written last)
+                shutil.copyfile(data, cached.parent / data.name)
             partial = cached.with_suffix(f".{os.getpid()}.partial")
             shutil.copyfile(reference_file, partial)
             partial.replace(cached)
     except OSError:
         return {"sha256": digest, "source": None, "cached": False}
     return {"sha256": digest, "source": None, "cached": True}
+
+
+def _cached_reference(digest: str, *, external: bool) -> Path:
+    """The cached reference of ``digest``: ``<sha256>.onnx``, or ``<sha256>/reference.onnx`` with external data."""
+    return reference_cache() / digest / "reference.onnx" if external else reference_cache() / f"{digest}.onnx"
 
 
 def reference_cache() -> Path:
@@ -779,7 +798,7 @@ def find_reference(manifest: Mapping[str, Any], given: str | Path | None = None)
     if given is not None:
         candidates.append(Path(given))
     if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-        candidates.append(reference_cache() / f"{digest}.onnx")
+        candidates.extend(_cached_reference(digest, external=external) for external in (False, True))
     if recorded.get("source"):
         candidates.append(Path(str(recorded["source"])))
     for path in candidates:
@@ -788,7 +807,7 @@ def find_reference(manifest: Mapping[str, Any], given: str | Path | None = None)
                 raise UsageError(f"--reference {path}: no such model file")
             continue
         model = from_onnx(path)
-        if model.provenance.sha256 in (source_digest, digest) or hashlib.sha256(model.to_bytes()).hexdigest() == digest:
+        if model.provenance.sha256 in (source_digest, digest) or model.sha256() == digest:
             return model
         if given is not None and path == Path(given):
             raise UsageError(f"--reference {path} is not the model this artifact was compiled from (sha256 differs)")
