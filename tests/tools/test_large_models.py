@@ -14,7 +14,7 @@ import pytest
 
 from bitpass.frontend import model as model_module
 from bitpass.frontend.decoder import export_decoder
-from bitpass.tools import compile, decoders, verify
+from bitpass.tools import api, compile, decoders, verify
 
 RNG = np.random.default_rng(1)
 CALIB = RNG.integers(0, 256, (16, 32))
@@ -35,8 +35,9 @@ def decoder_folder(tmp_path_factory):
 
 def _compile(folder, out, *, lowered: bool, **options):
     with pytest.MonkeyPatch.context() as patch:
-        if lowered:
+        if lowered:  # a model past 2 GiB, measured holding one ONNX Runtime session at a time
             patch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", LOWERED)
+            patch.setattr(api, "ONE_SESSION_AT_A_TIME_BYTES", LOWERED)
         return compile(folder / "lm.onnx", out, calibration=folder / "calib.npz", evaluation=folder / "eval.npz",
                        **options)
 
@@ -63,6 +64,8 @@ def test_a_model_past_the_protobuf_limit_compiles_to_the_same_artifact_with_exte
     assert big.manifest["records"]["quality_gate"]["passed"]
     assert big.metrics["quality"]["lm"] == small.metrics["quality"]["lm"]
     assert big.metrics["memory"]["artifact"]["session_rss"] > 0
+    assert big.metrics["latency"]["decode"]["in_turn"] and "in_turn" not in small.metrics["latency"]["decode"]
+    assert big.metrics["latency"]["decode"]["artifact_tokens_per_s"] > 0
     assert big.manifest["records"]["resources"]["compile_peak_rss_mb"] > 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", LOWERED)
