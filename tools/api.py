@@ -671,8 +671,14 @@ def _compile(
         metrics = {"size": _sizes(reference_model, stored, reference_file, stage, files, sparse=_sparse(final)),
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
-    # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``
-    ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
+    # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``:
+    # this process's high-water mark; the largest child it waited for (timing and session-memory processes, which
+    # run beside it) is recorded apart, as the kernel keeps it (``RUSAGE_CHILDREN``: one child's peak, not a sum)
+    import resource
+
+    resources = ctx.records.setdefault("resources", {})
+    resources["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
+    resources["largest_child_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
