@@ -77,7 +77,8 @@ def create_session(model: ModelSource, *, config: Mapping[str, Any] | None = Non
     """A CPU session for ``model``; a path is loaded by path, a model over protobuf's 2 GiB from a file with
     external data in a temporary folder (``Model.fits_one_proto``). Errors: ``BitpassError`` "ONNX Runtime cannot
     <purpose>: <its first line>"."""
-    if isinstance(model, onnx.ModelProto) and frontend_model.proto_weight_bytes(model) > frontend_model.SINGLE_PROTO_MAX_WEIGHT_BYTES:
+    limit = frontend_model.SINGLE_PROTO_MAX_WEIGHT_BYTES
+    if isinstance(model, onnx.ModelProto) and frontend_model.proto_weight_bytes(model) > limit:
         model = Model(ir.serde.deserialize_model(model), Provenance("proto", "<ModelProto>", ""))  # wraps, no copy
     options = session_options(config, threads=threads, for_timing=for_timing)
     if isinstance(model, Model) and not model.fits_one_proto():

@@ -319,8 +319,9 @@ def _measure_lm(sessions: _Sessions, output_names: Sequence[str], reference_file
                 lambda: _decoder_session(sessions.get_reference(), reference_file, lm),
                 lambda: _decoder_session(sessions.get_artifact(), model_path, lm))
         else:
-            metrics["latency"] = generate.decoder_latency(_decoder_session(sessions.get_reference(), reference_file, lm),
-                                                          _decoder_session(sessions.get_artifact(), model_path, lm))
+            metrics["latency"] = generate.decoder_latency(
+                _decoder_session(sessions.get_reference(), reference_file, lm),
+                _decoder_session(sessions.get_artifact(), model_path, lm))
     sessions.release()  # the children below measure a session's memory: none of this process's is held beside them
     if model_path.is_file():
         progress("measuring session memory of fp32 and the artifact in fresh processes")
