@@ -147,6 +147,18 @@ def proto_weight_bytes(proto: onnx.ModelProto) -> int:
                for t in proto.graph.initializer)
 
 
+def save_proto(proto: onnx.ModelProto, path: str | Path) -> None:
+    """``onnx.save``, with the weights in ``<name>.data`` beside ``path`` when they are past protobuf's 2 GiB
+    (``SINGLE_PROTO_MAX_WEIGHT_BYTES``); ``onnx.load(path)`` reads either back. Past the limit onnx moves the
+    weights out of ``proto`` as it writes them: read the file, not ``proto``, afterwards."""
+    path = Path(path)
+    if proto_weight_bytes(proto) <= SINGLE_PROTO_MAX_WEIGHT_BYTES:
+        onnx.save(proto, str(path))
+    else:
+        onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+
+
 def proto_sha256(proto: onnx.ModelProto) -> str:
     """The sha256 of ``proto``'s deterministic serialization; past protobuf's 2 GiB (which cannot be serialized)
     of the stream ``write_streamed`` writes for it instead, the weights hashed tensor by tensor without a copy."""

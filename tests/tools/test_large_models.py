@@ -82,3 +82,16 @@ def test_the_external_data_artifact_is_byte_identical_across_compiles(decoder_fo
             hashlib.sha256((second.path / name).read_bytes()).digest(), name
     manifest = json.loads((first.path / "manifest.json").read_text())
     assert manifest["files"]["model.onnx.data"]["bytes"] == (first.path / "model.onnx.data").stat().st_size
+
+
+def test_a_cnn_past_the_protobuf_limit_gets_int8_through_the_default_pipeline(trained_cnn, digits_split, tmp_path):
+    """The int8 path (calibration, ORT's quantizer, the format search's candidates) on files with external data."""
+    import torch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", LOWERED)
+        artifact = compile(trained_cnn, tmp_path / "out", example_inputs=(torch.zeros(1, 1, 8, 8),),
+                           calibration=digits_split.calib_x[:128], evaluation=digits_split.eval_x[:64], latency=False)
+    assert (artifact.path / "model.onnx.data").is_file()
+    assert artifact.manifest["records"]["quality_gate"]["passed"]
+    assert any(r["bits"]["weight"] == 8 for r in artifact.manifest["layers"])
