@@ -673,13 +673,9 @@ def _compile(
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
     # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``:
-    # this process's high-water mark; the largest child it waited for (timing and session-memory processes, which
-    # run beside it) is recorded apart, as the kernel keeps it (``RUSAGE_CHILDREN``: one child's peak, not a sum)
-    import resource
-
-    resources = ctx.records.setdefault("resources", {})
-    resources["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
-    resources["largest_child_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    # this process's high-water mark. The timing and session-memory processes it starts run beside it and are not
+    # in it (``RUSAGE_CHILDREN`` cannot say: a forked child starts with the parent's pages resident)
+    ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),

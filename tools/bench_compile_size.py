@@ -262,8 +262,8 @@ def print_row(row: Row) -> None:
     resources = row.manifest.get("resources") or {}
     if resources:
         print(f"  manifest: peak {resources.get('peak_rss_mb', 0) / gb:.2f} GB at the end of the passes, "
-              f"{resources.get('compile_peak_rss_mb', 0) / gb:.2f} GB for the whole compile (its largest child "
-              f"{resources.get('largest_child_peak_rss_mb', 0) / gb:.2f} GB); per pass:")
+              f"{resources.get('compile_peak_rss_mb', 0) / gb:.2f} GB for the whole compile (without its children); "
+              f"per pass:")
         for entry in resources.get("passes", []):
             print(f"    {entry['pass'][:60]:60s} {entry['seconds']:7.1f} s {entry.get('cpu_seconds', 0):7.1f} CPU s "
                   f"{entry.get('peak_rss_mb', 0) / gb:6.2f} GB")

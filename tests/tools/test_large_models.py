@@ -66,8 +66,7 @@ def test_a_model_past_the_protobuf_limit_compiles_to_the_same_artifact_with_exte
     assert big.metrics["memory"]["artifact"]["session_rss"] > 0
     assert big.metrics["latency"]["decode"]["in_turn"] and "in_turn" not in small.metrics["latency"]["decode"]
     assert big.metrics["latency"]["decode"]["artifact_tokens_per_s"] > 0
-    resources = big.manifest["records"]["resources"]
-    assert resources["compile_peak_rss_mb"] > 0 and resources["largest_child_peak_rss_mb"] > 0  # the memory probes
+    assert big.manifest["records"]["resources"]["compile_peak_rss_mb"] > 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", LOWERED)
         checks = verify(big.path, decoder_folder / "eval.npz")
