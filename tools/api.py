@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from bitpass.backends import artifact as artifact_io
 from bitpass.backends import layers as layer_report
@@ -621,11 +622,19 @@ def _compile(
     # removed when the compile ends: sessions of it are loaded by path
     scratch = tempfile.TemporaryDirectory(prefix="bitpass-reference-")
     reference_file = Path(scratch.name) / "reference.onnx"
-    reference_model.save(reference_file)
-    gate_data = evaluation_data or held_back
+    provenance = source.provenance
     # a large language model is measured holding one session at a time: fp32's outputs on the gate's data are
-    # predicted before the artifact's session exists, and its session released
+    # predicted before the artifact's session exists, and its session released; and its fp32 weights are not held
+    # in memory beside the artifact's (fusions give the artifact new tensors): the reference reads them from its
+    # file, memory-mapped, from here on
     in_turn = lm is not None and reference_model.weight_bytes() > ONE_SESSION_AT_A_TIME_BYTES
+    if in_turn:
+        reference_model.save_external(reference_file)
+        reference_model = Model(ir.load(reference_file), provenance)
+        del source
+    else:
+        reference_model.save(reference_file)
+    gate_data = evaluation_data or held_back
     reference = _reference_runner(reference_file) if on_host else None
     reference_outputs, output_names = None, [spec.name for spec in reference_model.outputs]
     if reference is not None and gate_data is not None:
@@ -679,8 +688,8 @@ def _compile(
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
-        "input_model": {"name": source.provenance.name, "kind": source.provenance.kind,
-                        "sha256": source.provenance.sha256, "notes": source.provenance.notes},
+        "input_model": {"name": provenance.name, "kind": provenance.kind, "sha256": provenance.sha256,
+                        "notes": provenance.notes},
         "pipeline": passes.spec(),
         "pipeline_name": passes.name,
         "backend": backend, "target": target,
