@@ -2,8 +2,8 @@
 
     python -m bitpass.tools.bench_compile_size --models gpt2-small,gpt2-medium --pipelines optimize,avg-bits=4
 
-Each model is built from a transformers config (GPT-2 small 124 M / medium 355 M parameters, seeded random init: no
-hub download), exported with its KV cache the way ``compile`` exports a transformers causal LM
+Each model is built from a transformers config (GPT-2 small 124 M / medium 355 M parameters, and ``gpt2-wide``: width
+2048, 12 layers, 709 M, over protobuf's 2 GiB in fp32; seeded random init: no hub download), exported with its KV cache the way ``compile`` exports a transformers causal LM
 (``export_decoder``), and saved as a user's exporter saves it: ``model.onnx`` with the weights as external data
 beside it (``--layout single`` writes one file). Calibration and held-out token ids are windows of the standard
 library's text as bytes (only time and memory are measured here: the weights are random).
