@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bitpass.frontend.errors import ModelLoadError
-from bitpass.frontend.model import Model
+from bitpass.frontend.model import Model, proto_sha256
 from bitpass.frontend.torch_import import fold_weight_transposes
 
 #: opset of the exported decoder graph (21: what ORT needs for blocked int4 Q/DQ; MatMulNBits is com.microsoft)
@@ -544,7 +543,7 @@ def export_decoder(lm: Any, *, name: str | None = None, kv_bits: int = 32,
     _gemm_to_matmul_add(proto)
     for key, value in spec.to_metadata().items():
         proto.metadata_props.add(key=key, value=value)
-    digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    digest = proto_sha256(proto)
     from bitpass.frontend.onnx_import import from_proto
 
     _label_layers_by_module(proto)

@@ -18,10 +18,18 @@ import onnx
 import onnx_ir as ir
 
 from bitpass.frontend import annotation
+from bitpass.frontend.errors import BitpassError
 from bitpass.frontend.layers import Layer, assign_layer_ids, quantizable_layers
 
 #: Node-level metadata_props are saved only from ONNX IR version 10 on.
 MIN_IR_VERSION = 10
+
+#: protobuf refuses to serialize or parse a message of 2 GiB or more
+PROTOBUF_LIMIT_BYTES = (1 << 31) - 1
+#: models whose constant tensors hold more bytes than this are never made one protobuf: they are saved with external
+#: data and handed to ONNX Runtime and onnx by path (the rest of the limit is room for the graph itself). Tests lower
+#: it to send small models down the same path.
+SINGLE_PROTO_MAX_WEIGHT_BYTES = PROTOBUF_LIMIT_BYTES - (64 << 20)
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,45 @@ def write_streamed(model: ir.Model, handle: Any) -> int:
     return written
 
 
+class _Hasher:
+    """A binary "file" that only hashes what is written to it."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+
+def proto_weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers held in ``proto`` (what decides whether it can be serialized)."""
+    return sum(len(t.raw_data) or 4 * (len(t.float_data) + len(t.int32_data)) + 8 * len(t.int64_data)
+               for t in proto.graph.initializer)
+
+
+def save_proto(proto: onnx.ModelProto, path: str | Path) -> None:
+    """``onnx.save``, with the weights in ``<name>.data`` beside ``path`` when they are past protobuf's 2 GiB
+    (``SINGLE_PROTO_MAX_WEIGHT_BYTES``); ``onnx.load(path)`` reads either back. Past the limit onnx moves the
+    weights out of ``proto`` as it writes them: read the file, not ``proto``, afterwards."""
+    path = Path(path)
+    if proto_weight_bytes(proto) <= SINGLE_PROTO_MAX_WEIGHT_BYTES:
+        onnx.save(proto, str(path))
+    else:
+        onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+
+
+def proto_sha256(proto: onnx.ModelProto) -> str:
+    """The sha256 of ``proto``'s deterministic serialization; past protobuf's 2 GiB (which cannot be serialized)
+    of the stream ``write_streamed`` writes for it instead, the weights hashed tensor by tensor without a copy."""
+    if proto_weight_bytes(proto) <= SINGLE_PROTO_MAX_WEIGHT_BYTES:
+        return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    hasher = _Hasher()
+    write_streamed(ir.serde.deserialize_model(proto), hasher)  # the ir tensors wrap the proto's: no copy
+    return hasher.digest.hexdigest()
+
+
 class Model:
     """An ONNX model in memory with bitpass annotations."""
 
@@ -192,23 +239,47 @@ class Model:
     def to_proto(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.ir)
 
+    def fits_one_proto(self) -> bool:
+        """Whether the model can be one protobuf (``to_bytes``, a single-file ``save``); else it travels as a file
+        with external data (``save_external``), by path (``SINGLE_PROTO_MAX_WEIGHT_BYTES``)."""
+        return self.weight_bytes() <= SINGLE_PROTO_MAX_WEIGHT_BYTES
+
     def to_bytes(self) -> bytes:
         """Deterministic protobuf bytes: the same model always gives the same bytes (the bytes ``save`` writes,
-        built tensor by tensor: the model once more at the peak, not three times)."""
+        built tensor by tensor: the model once more at the peak, not three times). A model over protobuf's 2 GiB
+        has no such bytes: ``BitpassError`` (save it with ``save_external`` and load it by path)."""
         import io
 
+        self._require_one_proto("be serialized into one protobuf")
         buffer = io.BytesIO()
         write_streamed(self.ir, buffer)
         return buffer.getvalue()
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+    def _require_one_proto(self, what: str) -> None:
+        if not self.fits_one_proto():
+            raise BitpassError(f"{self.provenance.name}: {self.weight_bytes() / (1 << 30):.2f} GiB of weights cannot "
+                               f"{what} (protobuf's 2 GiB limit); bitpass saves such models with external data: "
+                               f"this is a bug, please report it")
 
-    def save(self, path: str | Path) -> None:
-        """Write the model to one ONNX file, initializer by initializer (``write_streamed``): a serialized copy of
-        the whole model is never held (``to_bytes`` holds three at its peak: a 650 MB GPT-2 took 1.9 GB more)."""
-        with Path(path).open("wb") as handle:
+    def sha256(self) -> str:
+        """A digest of the model's deterministic serialization, hashed as it is written (any size: no bytes held)."""
+        hasher = _Hasher()
+        write_streamed(self.ir, hasher)
+        return hasher.digest.hexdigest()
+
+    def save(self, path: str | Path) -> list[str]:
+        """Write the model to ``path``; the names of the files written (in ``path``'s folder).
+
+        One ONNX file, initializer by initializer (``write_streamed``): a serialized copy of the whole model is
+        never held (``to_bytes`` holds three at its peak: a 650 MB GPT-2 took 1.9 GB more). A model over protobuf's
+        2 GiB (``fits_one_proto``) is written as ``save_external`` writes it: its weights in ``<name>.data``."""
+        path = Path(path)
+        if not self.fits_one_proto():
+            self.save_external(path)
+            return [path.name, path.name + ".data"]
+        with path.open("wb") as handle:
             write_streamed(self.ir, handle)
+        return [path.name]
 
     def save_external(self, path: str | Path) -> int:
         """Write the model to ``path`` with its weights in ``<name>.data`` beside it; the bytes of both files.

@@ -14,7 +14,8 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, version_converter
 
 from bitpass.frontend.errors import ModelLoadError
-from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance
+from bitpass.frontend import model as model_module
+from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance, proto_sha256, proto_weight_bytes
 
 # ONNX Runtime 1.32 writes a device id under ~/.cache/Microsoft/DeveloperTools and a ``.ses`` file in
 # TMPDIR when it is imported, unless telemetry is off: bitpass writes nothing outside the user's folder.
@@ -42,9 +43,20 @@ def _sniff(path: Path, head: bytes) -> None:
         raise ModelLoadError(f"{path}: {_PICKLE_HINT}")
 
 
-#: protobuf cannot serialize a model (weights included) of 2 GiB or more, and bitpass hands models to
-#: ONNX Runtime as serialized bytes: bigger models are refused before anything is read.
+#: protobuf cannot parse one message of 2 GiB or more: a model file (its graph, with any weights stored inside it)
+#: over this is refused before anything is read; weights as external data beside it may be of any size.
 MAX_MODEL_BYTES = (1 << 31) - 1
+#: a compile holds about this many copies of the weights at its peak (the model, a reference session, the artifact)
+WEIGHT_COPIES_AT_PEAK = 3
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's RAM, or less where an address-space limit is set."""
+    import resource
+
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return min(limit, soft) if soft != resource.RLIM_INFINITY else limit
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -218,13 +230,22 @@ def from_proto(model: onnx.ModelProto, *, name: str = "<ModelProto>", sha256: st
     """Check, upgrade and wrap a ModelProto whose external data is already loaded."""
     _check(model, name)
     if sha256 is None:
-        sha256 = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        sha256 = proto_sha256(model)
     return _wrap(model, name, sha256, kind)
 
 
 def _check(model: onnx.ModelProto | Path, name: str) -> None:
     """ONNX's checker on a proto, or on a file by path (then it reads the graph itself and only checks that the
     external data files exist: no copy of the weights is made, where a proto is serialized to be checked)."""
+    if isinstance(model, onnx.ModelProto) and proto_weight_bytes(model) > model_module.SINGLE_PROTO_MAX_WEIGHT_BYTES:
+        import tempfile
+
+        # past protobuf's 2 GiB the checker takes only a path: the graph is written with its weights beside it
+        with tempfile.TemporaryDirectory(prefix="bitpass-check-") as folder:
+            path = Path(folder) / "model.onnx"
+            ir.save(ir.serde.deserialize_model(model), path, external_data="model.onnx.data")
+            _check(path, name)
+        return
     try:
         onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except (onnx.checker.ValidationError, ValueError) as err:
@@ -266,10 +287,14 @@ def from_onnx(path: str | os.PathLike[str]) -> Model:
     del data  # a single-file model's weights: the proto holds them now
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX file (no graph or opset): truncated or another format")
+    # every location is confined to the model's folder and fits its file before a byte of it is read; any total
+    # size: past 2 GiB bitpass hands the model to ONNX Runtime and onnx by path, with external data
     external = _external_data_bytes(proto, path.parent, path.name)
-    if size + external > MAX_MODEL_BYTES:
-        raise ModelLoadError(f"{path}: {_human(size + external)} with its external data; bitpass handles models up "
-                             f"to 2 GiB (protobuf's limit: it passes models to ONNX Runtime serialized) in this version")
+    limit = memory_limit_bytes()
+    if (size + external) * WEIGHT_COPIES_AT_PEAK > limit:
+        raise ModelLoadError(f"{path}: {_human(size + external)} of weights with its external data; compiling holds "
+                             f"about {WEIGHT_COPIES_AT_PEAK}x that, over the {_human(limit)} of memory this process "
+                             f"may use: run it on a machine with more memory (nothing was read)")
     # checked by path before the weights are read: checking the proto would serialize it (two more copies)
     _check(path, path.name)
     try:

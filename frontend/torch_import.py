@@ -4,7 +4,6 @@ cannot trace the module)."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import re
@@ -13,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bitpass.frontend.errors import ModelLoadError
-from bitpass.frontend.model import Model
+from bitpass.frontend.model import Model, proto_sha256
 from bitpass.frontend.onnx_import import from_proto
 
 #: Opset the exporter targets; 21 is what ORT needs for blocked int4 Q/DQ.
@@ -55,7 +54,7 @@ def from_torch(module: Any, example_inputs: Sequence[Any] | Any, *, input_names:
                                       f"exporter (dynamo=False, opset {TORCHSCRIPT_OPSET}) instead")
         return model
     proto = program.model_proto
-    digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    digest = proto_sha256(proto)
     fold_weight_transposes(proto)
     model = from_proto(proto, name=type(module).__name__, sha256=digest, kind="torch")
     model.torch_module = module

@@ -124,10 +124,11 @@ def compute_ranges(model: Model, data: Dataset, *, method: str = "minmax", perce
     op_types = sorted(profile_op_types(detect_profile(GraphFacts.from_graph(model.graph))[0]))
     with tempfile.TemporaryDirectory(prefix="bitpass-calib-") as tmp, quiet():
         path = Path(tmp) / "model.onnx"
-        path.write_bytes(model.to_bytes())
+        model.save(path)  # past 2 GiB with external data beside it, and ORT's calibrator told so
         try:
             calibrator = create_calibrator(path, op_types, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method=kinds[method], extra_options=extra)
+                                           calibrate_method=kinds[method], extra_options=extra,
+                                           use_external_data_format=not model.fits_one_proto())
             # one batch per collect_data call: ORT's histogram collector stacks the batches of one call
             # with np.asarray, which fails when the last batch is shorter; histograms merge across calls.
             for batch in data.batches(batch_size):
@@ -191,13 +192,15 @@ def minmax_ranges(model: Model, data: Dataset, *, batch_size: int = 64) -> dict[
         else:
             graph.extend(reducers)
         outputs.append(name)
-    serialized = ir.serde.serialize_model(augmented).SerializeToString()
+    # past 2 GiB the augmented model (sharing the weights) goes to ORT by path, from external data
+    source: bytes | Model = ir.serde.serialize_model(augmented).SerializeToString() if model.fits_one_proto() \
+        else Model(augmented, model.provenance)
     del augmented, graph, values
     # ORT's default order ran every reducer after the whole graph, keeping all activations alive (3.5 GB on
     # BERT-base at batch 16); priority-based order runs each one right after its tensor's producer
-    session = create_session(serialized, config={**UNOPTIMIZED, "execution_order": "PRIORITY_BASED"},
+    session = create_session(source, config={**UNOPTIMIZED, "execution_order": "PRIORITY_BASED"},
                              purpose="calibrate the model (minmax)")
-    del serialized
+    del source
     fetch = [f"{name}__{op}" for name in outputs for op in ("ReduceMin", "ReduceMax")]
     low = np.full(len(outputs), np.inf)
     high = np.full(len(outputs), -np.inf)

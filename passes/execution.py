@@ -11,7 +11,9 @@ API (small on purpose):
 * ``DEFAULT_SESSION`` / ``session_options(config, threads=, for_timing=)``: the options an
   artifact's ``session.json`` holds, as ``onnxruntime.SessionOptions``.
 * ``create_session(model, ...)``: a CPU session from a ``Model``, a ``ModelProto``, serialized
-  bytes, or a path (loaded by path, so ONNX Runtime resolves external data beside the file).
+  bytes, or a path (loaded by path, so ONNX Runtime resolves external data beside the file). A
+  model over protobuf's 2 GiB is saved with external data into a temporary folder bitpass owns
+  (removed once the session is made) and loaded by path: the same call for every size.
 * ``predict(model, data)``: one output over a whole ``Dataset``, batch by batch.
 * ``intermediates(model, data, names)``: per batch, the values of inner tensors (made extra outputs).
 * ``quiet()``: keeps ONNX Runtime's quantization tools from printing and logging warnings.
@@ -23,16 +25,20 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError
+from bitpass.frontend import model as frontend_model
+from bitpass.frontend.model import Provenance
 
 #: Saved beside the model as session.json; ``session_options`` rebuilds them on the device.
 DEFAULT_SESSION = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
@@ -68,8 +74,18 @@ def session_options(config: Mapping[str, Any] | None = None, *, threads: int | N
 
 def create_session(model: ModelSource, *, config: Mapping[str, Any] | None = None, threads: int | None = None,
                    for_timing: bool = False, purpose: str = "load the model") -> ort.InferenceSession:
-    """A CPU session for ``model``; a path is loaded by path. Errors: ``BitpassError`` "ONNX Runtime cannot
+    """A CPU session for ``model``; a path is loaded by path, a model over protobuf's 2 GiB from a file with
+    external data in a temporary folder (``Model.fits_one_proto``). Errors: ``BitpassError`` "ONNX Runtime cannot
     <purpose>: <its first line>"."""
+    limit = frontend_model.SINGLE_PROTO_MAX_WEIGHT_BYTES
+    if isinstance(model, onnx.ModelProto) and frontend_model.proto_weight_bytes(model) > limit:
+        model = Model(ir.serde.deserialize_model(model), Provenance("proto", "<ModelProto>", ""))  # wraps, no copy
+    options = session_options(config, threads=threads, for_timing=for_timing)
+    if isinstance(model, Model) and not model.fits_one_proto():
+        with tempfile.TemporaryDirectory(prefix="bitpass-session-") as folder:
+            path = Path(folder) / "model.onnx"
+            model.save_external(path)
+            return _session(str(path), options, purpose)
     if isinstance(model, Model):
         source: bytes | str = model.to_bytes()
     elif isinstance(model, onnx.ModelProto):
@@ -78,9 +94,12 @@ def create_session(model: ModelSource, *, config: Mapping[str, Any] | None = Non
         source = str(Path(model))
     else:
         source = bytes(model)
+    return _session(source, options, purpose)
+
+
+def _session(source: bytes | str, options: ort.SessionOptions, purpose: str) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(source, session_options(config, threads=threads, for_timing=for_timing),
-                                    providers=PROVIDERS)
+        return ort.InferenceSession(source, options, providers=PROVIDERS)
     except Exception as err:  # ORT raises its own exception types
         raise BitpassError(f"ONNX Runtime cannot {purpose}: {first_line(err)}") from err
 
@@ -103,14 +122,34 @@ def expose(model: Model | onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPr
     return proto
 
 
+def expose_model(model: Model, names: Iterable[str]) -> Model:
+    """``expose`` on the IR: a clone of ``model`` (sharing its tensors: no weights copied, any size) whose graph
+    outputs also include the inner tensors ``names`` of the main graph."""
+    copy = model.clone()
+    graph = copy.ir.graph
+    present = {v.name for v in [*graph.inputs, *graph.outputs]}
+    values = {**{name: v for name, v in graph.initializers.items()},
+              **{out.name: out for node in graph for out in node.outputs if out.name}}
+    for name in dict.fromkeys(names):
+        if name in present:
+            continue
+        if name not in values:
+            raise BitpassError(f"no tensor {name!r} in the model's main graph to measure")
+        graph.outputs.append(values[name])
+        present.add(name)
+    return copy
+
+
 def intermediates(model: Model | onnx.ModelProto, data: Dataset, names: Sequence[str], *, batch_size: int = 64,
                   config: Mapping[str, Any] | None = None,
                   purpose: str = "run the model to measure its inner tensors") -> Iterator[dict[str, np.ndarray]]:
     """Per batch of ``data``: ``{name: value}`` for each tensor in ``names`` (graph inputs come from the batch)."""
-    proto = expose(model, names)
-    graph_inputs = {i.name for i in proto.graph.input}
+    exposed = expose_model(model, names) if isinstance(model, Model) else expose(model, names)
+    graph_inputs = ({v.name for v in exposed.ir.graph.inputs} if isinstance(exposed, Model)
+                    else {i.name for i in exposed.graph.input})
     fetch = [n for n in dict.fromkeys(names) if n not in graph_inputs]
-    session = create_session(proto, config=config, purpose=purpose)
+    session = create_session(exposed, config=config, purpose=purpose)
+    del exposed
     for feeds in data.batches(batch_size):
         got = dict(zip(fetch, session.run(fetch, dict(feeds)))) if fetch else {}
         got.update({n: feeds[n] for n in names if n in graph_inputs})

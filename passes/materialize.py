@@ -49,6 +49,7 @@ import pydantic
 from bitpass.frontend import Dataset, Model, Provenance, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.layers import WEIGHT_INPUT
+from bitpass.frontend.model import save_proto
 from bitpass.passes import dynamic as dynamic_int8
 from bitpass.passes import execution, int8_flavours, qdq
 from bitpass.passes.analyses import ActivationRanges
@@ -271,7 +272,7 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
             loaded = onnx.load(str(current))
             low_bit = _low_bit_weights(loaded, [d for d in decisions if d.widened], options.block_size)
             current = tmp / "low_bit.onnx"
-            onnx.save(loaded, str(current))
+            save_proto(loaded, current)
         if options.bias_correction and int8:
             say("quantize: bias correction")
             assert calibration is not None
@@ -280,7 +281,7 @@ def materialize(model: Model, plan: Mapping[str, LayerPlan] | None = None, *,
                                        reduce_range=options.reduce_range)
             if corrected is not loaded:
                 current = tmp / "bias_corrected.onnx"
-                onnx.save(corrected, str(current))
+                save_proto(corrected, current)
         if int8:
             say(f"quantize: int8 QDQ ({int8_flavours.flavour_of(activation_type, options.reduce_range).name}) on "
                 f"{len(int8)} layer(s)")

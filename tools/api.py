@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from bitpass.backends import artifact as artifact_io
 from bitpass.backends import layers as layer_report
@@ -181,12 +182,12 @@ def _sizes(reference_model: Model, weight_bytes: int, reference_file: Path, dire
     """Weight bytes (as the artifact stores them) and the deployable file's bytes, each beside the fp32 reference;
     the zipped sizes too when the artifact is ``sparse`` or the model small (``ZIP_ALWAYS_BYTES``)."""
     deployable = next((name for name in files if name.endswith(".so")), "model.onnx")
-    size = (directory / deployable).stat().st_size
+    size, fp32_size = _with_external_data(directory / deployable), _with_external_data(reference_file)
     sizes = {"fp32_weight_bytes": reference_model.weight_bytes(), "weight_bytes": weight_bytes,
              "weight_ratio": weight_bytes / max(reference_model.weight_bytes(), 1),
-             "fp32_file_bytes": reference_file.stat().st_size, "file": deployable, "file_bytes": size,
-             "file_ratio": size / max(reference_file.stat().st_size, 1)}
-    if not sparse and reference_file.stat().st_size > ZIP_ALWAYS_BYTES:
+             "fp32_file_bytes": fp32_size, "file": deployable, "file_bytes": size,
+             "file_ratio": size / max(fp32_size, 1)}
+    if not sparse and fp32_size > ZIP_ALWAYS_BYTES:
         return sizes
     # unstructured zeros save nothing uncompressed: the zipped sizes show them
     fp32_zip = artifact_io.deflated_size(reference_file)
@@ -195,12 +196,56 @@ def _sizes(reference_model: Model, weight_bytes: int, reference_file: Path, dire
     return sizes
 
 
+def _with_external_data(path: Path) -> int:
+    """Bytes of a model file and of the external data ``Model.save`` writes beside it past 2 GiB."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def _sparse(model: Model) -> bool:
     """Whether any layer of ``model`` was pruned (its zipped size can then differ from its file size)."""
     return any((annotation.sparsity(layer.node) or 0) > 0 for layer in model.layers())
 
 
-def _measure(reference: Runner, runner: Runner, reference_file: Path, weight_bytes: int, reference_model: Model,
+#: fp32 weights above which the compile's measurements hold one ONNX Runtime session at a time (a language model's
+#: fp32 and artifact sessions are 1.6 GB each at 355 M): the reference's outputs are kept instead of its session
+ONE_SESSION_AT_A_TIME_BYTES = 512 << 20
+
+
+@dataclass
+class _Sessions:
+    """The fp32 reference's and the artifact's runners for measuring, and how to load either again by path.
+    ``in_turn``: at most one is held, asking for one releases the other (``ONE_SESSION_AT_A_TIME_BYTES``)."""
+
+    load_reference: Callable[[], Runner]
+    load_artifact: Callable[[], Runner]
+    in_turn: bool
+    reference: Runner | None = None
+    artifact: Runner | None = None
+
+    def get_reference(self) -> Runner:
+        if self.reference is None:
+            if self.in_turn:
+                self.release()
+            self.reference = self.load_reference()
+        return self.reference
+
+    def get_artifact(self) -> Runner:
+        if self.artifact is None:
+            if self.in_turn:
+                self.release()
+            self.artifact = self.load_artifact()
+        return self.artifact
+
+    def release(self) -> None:
+        """Drop both sessions (their weights go back to the allocator before a measuring child starts)."""
+        import gc
+
+        self.reference = self.artifact = None
+        gc.collect()
+
+
+def _measure(sessions: _Sessions, reference_file: Path, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None], lm: DecoderSpec | None = None,
              predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None, sparse: bool = True) -> dict[str, Any]:
@@ -209,8 +254,10 @@ def _measure(reference: Runner, runner: Runner, reference_file: Path, weight_byt
     metrics: dict[str, Any] = {"size": _sizes(reference_model, weight_bytes, reference_file, directory, files,
                                               sparse=sparse)}
     if lm is not None:
-        return {**metrics, **_measure_lm(reference, runner, reference_file, directory, evaluation, calibration, latency,
-                                         progress, lm, predicted)}
+        names = [spec.name for spec in reference_model.outputs]
+        return {**metrics, **_measure_lm(sessions, names, reference_file, directory, evaluation, latency, progress,
+                                         lm, predicted)}
+    reference, runner = sessions.get_reference(), sessions.get_artifact()  # timed side by side: both held
     if evaluation is not None:
         progress(f"measuring quality on {len(evaluation)} held-out samples")
         known_reference, known_artifact = predicted or (None, None)
@@ -223,13 +270,19 @@ def _measure(reference: Runner, runner: Runner, reference_file: Path, weight_byt
     return metrics
 
 
-def _lm_fidelity(reference: Runner, runner: Runner, data: Dataset, lm: DecoderSpec,
-                 predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
+def _lm_fidelity(reference: Runner | Callable[[], Runner], runner: Runner | Callable[[], Runner], data: Dataset,
+                 lm: DecoderSpec, predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+                 output_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Per-token fidelity of a language model (``quality.lm_quality``) on ``data``'s windows; ``predicted``: the
-    (fp32, artifact) outputs on ``data`` when known (a 124 M model's two predictions cost 20 CPU s and 1 GB)."""
-    index = reference.output_names.index(lm.logits)
+    (fp32, artifact) outputs on ``data`` when known (a 124 M model's two predictions cost 20 CPU s and 1 GB).
+    ``reference`` and ``runner`` may be functions that give the runner when it is needed (one at a time)."""
+    def get(source: Runner | Callable[[], Runner]) -> Runner:
+        return source if isinstance(source, Runner) else source()
+
+    index = list(output_names or get(reference).output_names).index(lm.logits)
     if predicted is None or index >= min(len(predicted[0]), len(predicted[1])):
-        predicted = measure.predict(reference, data), measure.predict(runner, data)
+        known = measure.predict(get(reference), data)
+        predicted = known, measure.predict(get(runner), data)
     ref, got = predicted[0][index], predicted[1][index]
     return {"samples": len(data), **quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)}
 
@@ -247,22 +300,30 @@ def _decoder_session(runner: Runner, source: bytes | Path, lm: DecoderSpec) -> A
     return generate.DecoderSession.load(source, lm, for_timing=True)
 
 
-def _measure_lm(reference: Runner, runner: Runner, reference_file: Path, directory: Path,
-                evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
-                progress: Callable[[str], None], lm: DecoderSpec,
+def _measure_lm(sessions: _Sessions, output_names: Sequence[str], reference_file: Path, directory: Path,
+                evaluation: Dataset | None, latency: bool, progress: Callable[[str], None], lm: DecoderSpec,
                 predicted: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict[str, Any]:
-    """A language model's figures: per-token quality, decode and prefill speed, session memory (fresh processes)."""
+    """A language model's figures: per-token quality, decode and prefill speed (both sessions alternately, or one
+    after the other when ``sessions.in_turn``), session memory (fresh processes, once this one holds no session)."""
     from bitpass.backends.onnxruntime import generate
 
     metrics: dict[str, Any] = {}
     if evaluation is not None:
         progress(f"measuring per-token quality on {len(evaluation)} held-out windows")
-        metrics["quality"] = _lm_fidelity(reference, runner, evaluation, lm, predicted)
+        metrics["quality"] = _lm_fidelity(sessions.get_reference, sessions.get_artifact, evaluation, lm, predicted,
+                                          output_names)
     model_path = directory / "model.onnx"
     if latency and model_path.is_file():
         progress("measuring decode (one token after 128 cached) and prefill (128 tokens) against fp32")
-        metrics["latency"] = generate.decoder_latency(_decoder_session(reference, reference_file, lm),
-                                                      _decoder_session(runner, model_path, lm))
+        if sessions.in_turn:
+            metrics["latency"] = generate.decoder_latency_in_turn(
+                lambda: _decoder_session(sessions.get_reference(), reference_file, lm),
+                lambda: _decoder_session(sessions.get_artifact(), model_path, lm))
+        else:
+            metrics["latency"] = generate.decoder_latency(
+                _decoder_session(sessions.get_reference(), reference_file, lm),
+                _decoder_session(sessions.get_artifact(), model_path, lm))
+    sessions.release()  # the children below measure a session's memory: none of this process's is held beside them
     if model_path.is_file():
         progress("measuring session memory of fp32 and the artifact in fresh processes")
         memory = {"fp32": generate.session_memory(reference_file, lm),
@@ -557,12 +618,35 @@ def _compile(
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
-    built = build(final)
-    reference = reference_runner(reference_model, for_timing=True) if on_host else None
+    # the fp32 reference as a file (streamed: a 355 M model's bytes are never held; past 2 GiB with external data),
+    # removed when the compile ends: sessions of it are loaded by path
+    scratch = tempfile.TemporaryDirectory(prefix="bitpass-reference-")
+    reference_file = Path(scratch.name) / "reference.onnx"
+    provenance = source.provenance
+    # a large language model is measured holding one session at a time: fp32's outputs on the gate's data are
+    # predicted before the artifact's session exists, and its session released; and its fp32 weights are not held
+    # in memory beside the artifact's (fusions give the artifact new tensors): the reference reads them from its
+    # file, memory-mapped, from here on
+    in_turn = lm is not None and reference_model.weight_bytes() > ONE_SESSION_AT_A_TIME_BYTES
+    if in_turn:
+        reference_model.save_external(reference_file)
+        reference_model = Model(ir.load(reference_file), provenance)
+        del source
+    else:
+        reference_model.save(reference_file)
     gate_data = evaluation_data or held_back
-    if reference is not None and built.runner is not None and gate_data is not None:
-        built, gate = _quality_gate(built, reference, gate_data, wanted, passes, before_quantize, build, destination,
-                                    reference_model, ctx, say)
+    reference = _reference_runner(reference_file) if on_host else None
+    reference_outputs, output_names = None, [spec.name for spec in reference_model.outputs]
+    if reference is not None and gate_data is not None:
+        say(f"predicting fp32 outputs on {len(gate_data)} held-out samples")
+        reference_outputs = measure.predict(reference, gate_data)
+        if in_turn:
+            reference = None
+    built = build(final)
+    if reference_outputs is not None and built.runner is not None and gate_data is not None:
+        built, gate = _quality_gate(built, reference_outputs, output_names, gate_data, wanted, passes,
+                                    before_quantize, build, destination, reference_model, ctx, say)
+        del reference_outputs
         ctx.records["quality_gate"] = gate
         if gate.get("warning"):
             ctx.records.setdefault("notes", []).append(gate["warning"])
@@ -584,26 +668,28 @@ def _compile(
     backend_records = backend_impl.records(stage)
     if backend_records:
         ctx.records["backend"] = backend_records
-    # the fp32 reference as a file (streamed: a 355 M model's bytes are never held), removed when the compile ends
-    scratch = tempfile.TemporaryDirectory(prefix="bitpass-reference-")
-    reference_file = Path(scratch.name) / "reference.onnx"
-    reference_model.save(reference_file)
-    if reference is not None and built.runner is not None:
+    if on_host and built.runner is not None:
         predicted = built.gate_outputs if evaluation_data is not None and evaluation_data is gate_data else None
-        metrics = _measure(reference, built.runner, reference_file, stored, reference_model, stage, files,
+        sessions = _Sessions(lambda: _reference_runner(reference_file),
+                             lambda: backend_impl.load(stage, {}, for_timing=True), in_turn, reference, built.runner)
+        built.runner = reference = None  # held by ``sessions`` alone, which releases them
+        metrics = _measure(sessions, reference_file, stored, reference_model, stage, files,
                            evaluation_data, calib, latency, say, lm, predicted, sparse=_sparse(final))
+        sessions.release()
     else:
         say(f"target {target} does not run on this machine: quality and latency are not measured")
         metrics = {"size": _sizes(reference_model, stored, reference_file, stage, files, sparse=_sparse(final)),
                    "not_measured": f"target {target} does not run on this machine"}
     records = layer_report.layer_records(reference_model, final)
-    # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``
+    # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``:
+    # this process's high-water mark. The timing and session-memory processes it starts run beside it and are not
+    # in it (``RUSAGE_CHILDREN`` cannot say: a forked child starts with the parent's pages resident)
     ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
-        "input_model": {"name": source.provenance.name, "kind": source.provenance.kind,
-                        "sha256": source.provenance.sha256, "notes": source.provenance.notes},
+        "input_model": {"name": provenance.name, "kind": provenance.kind, "sha256": provenance.sha256,
+                        "notes": provenance.notes},
         "pipeline": passes.spec(),
         "pipeline_name": passes.name,
         "backend": backend, "target": target,
@@ -617,7 +703,7 @@ def _compile(
         "summary": layer_report.summarize(records),
         "metrics": metrics,
         "seed": seed,
-        "reference": _keep_reference(model, reference_file),
+        "reference": _keep_reference(model, reference_file, reference_model),
         "files": artifact_io.file_table(stage, files),
     }
     if lm is not None:
@@ -629,21 +715,21 @@ def _compile(
     return manifest, stage
 
 
-def _quality_gate(built: _Built, reference: Runner, data: Dataset, wanted: quality.Tolerance | None,
-                  passes: Pipeline, before_quantize: _BeforeQuantize, build: Callable[[Model], _Built],
-                  destination: artifact_io.Destination, reference_model: Model, ctx: PassContext,
-                  say: Callable[[str], None]) -> tuple[_Built, dict[str, Any]]:
-    """Measure ``built`` against fp32 on ``data``; on a miss, put the layers that add the most error back in
-    fp32 (re-running the pipeline from its ``quantize`` pass) until the tolerance is met. Returns the artifact
-    to keep and the gate's record (every step, the tolerance, whether it passed)."""
+def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequence[str], data: Dataset,
+                  wanted: quality.Tolerance | None, passes: Pipeline, before_quantize: _BeforeQuantize,
+                  build: Callable[[Model], _Built], destination: artifact_io.Destination, reference_model: Model,
+                  ctx: PassContext, say: Callable[[str], None]) -> tuple[_Built, dict[str, Any]]:
+    """Measure ``built`` against fp32's outputs ``ref_out`` on ``data`` (``output_names`` in order); on a miss,
+    put the layers that add the most error back in fp32 (re-running the pipeline from its ``quantize`` pass) until
+    the tolerance is met. Returns the artifact to keep and the gate's record (every step, the tolerance, whether
+    it passed)."""
     import time
 
     started = time.perf_counter()
-    ref_out = measure.predict(reference, data)
-    kind = quality.output_kind(ref_out, reference.output_names, data.labels)
+    kind = quality.output_kind(ref_out, list(output_names), data.labels)
     # a language model is judged on its logits alone: its KV-cache outputs (0.4 GB per model at 355 M) are dropped
     outputs_kept = 1 if kind == "lm" else len(ref_out)
-    ref_out = ref_out[:outputs_kept]
+    del ref_out[outputs_kept:]  # in place: the caller's list lets go of them too
     tolerance = wanted or quality.default_tolerance(kind)
     mask = quality.token_mask(data.inputs, ref_out[0])
     built.gate_outputs = (ref_out, measure.predict(built.runner, data)[:outputs_kept])
@@ -739,25 +825,45 @@ def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]
         return {}
 
 
-def _keep_reference(model: Any, reference_file: Path) -> dict[str, Any]:
+def _keep_reference(model: Any, reference_file: Path, reference_model: Model) -> dict[str, Any]:
     """Where ``verify`` will find the fp32 reference, which never ships inside the artifact: the input file
-    itself when the model came from one, else a content-addressed copy in the cache folder."""
+    itself when the model came from one, else a content-addressed copy in the cache folder (past 2 GiB a folder
+    ``<sha256>/`` holding the file and its external data). The sha256 is the file's, or past 2 GiB the model's
+    (``Model.sha256``: its weights included)."""
     import shutil
 
-    with reference_file.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    data = reference_file.with_name(reference_file.name + ".data")
+    if data.is_file():
+        digest = reference_model.sha256()
+    else:
+        with reference_file.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
     if isinstance(model, (str, os.PathLike)):
         return {"sha256": digest, "source": str(Path(model).resolve()), "cached": False}
-    cached = reference_cache() / f"{digest}.onnx"
+    cached = _cached_reference(digest, external=data.is_file())
     try:
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
+            if data.is_file():  # the folder is complete once its model file appears (written last)
+                shutil.copyfile(data, cached.parent / data.name)
             partial = cached.with_suffix(f".{os.getpid()}.partial")
             shutil.copyfile(reference_file, partial)
             partial.replace(cached)
     except OSError:
         return {"sha256": digest, "source": None, "cached": False}
     return {"sha256": digest, "source": None, "cached": True}
+
+
+def _cached_reference(digest: str, *, external: bool) -> Path:
+    """The cached reference of ``digest``: ``<sha256>.onnx``, or ``<sha256>/reference.onnx`` with external data."""
+    return reference_cache() / digest / "reference.onnx" if external else reference_cache() / f"{digest}.onnx"
+
+
+def _reference_runner(path: Path) -> Runner:
+    """The fp32 reference's runner, loaded by path (external data beside it past 2 GiB), set up to be timed."""
+    from bitpass.backends.onnxruntime.runner import OrtRunner
+
+    return OrtRunner.from_path(path, for_timing=True)
 
 
 def reference_cache() -> Path:
@@ -779,7 +885,7 @@ def find_reference(manifest: Mapping[str, Any], given: str | Path | None = None)
     if given is not None:
         candidates.append(Path(given))
     if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-        candidates.append(reference_cache() / f"{digest}.onnx")
+        candidates.extend(_cached_reference(digest, external=external) for external in (False, True))
     if recorded.get("source"):
         candidates.append(Path(str(recorded["source"])))
     for path in candidates:
@@ -788,7 +894,7 @@ def find_reference(manifest: Mapping[str, Any], given: str | Path | None = None)
                 raise UsageError(f"--reference {path}: no such model file")
             continue
         model = from_onnx(path)
-        if model.provenance.sha256 in (source_digest, digest) or hashlib.sha256(model.to_bytes()).hexdigest() == digest:
+        if model.provenance.sha256 in (source_digest, digest) or model.sha256() == digest:
             return model
         if given is not None and path == Path(given):
             raise UsageError(f"--reference {path} is not the model this artifact was compiled from (sha256 differs)")

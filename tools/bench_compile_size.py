@@ -2,8 +2,8 @@
 
     python -m bitpass.tools.bench_compile_size --models gpt2-small,gpt2-medium --pipelines optimize,avg-bits=4
 
-Each model is built from a transformers config (GPT-2 small 124 M / medium 355 M parameters, seeded random init: no
-hub download), exported with its KV cache the way ``compile`` exports a transformers causal LM
+Each model is built from a transformers config (GPT-2 small 124 M / medium 355 M parameters, and ``gpt2-wide``: width
+2048, 12 layers, 709 M, over protobuf's 2 GiB in fp32; seeded random init: no hub download), exported with its KV cache the way ``compile`` exports a transformers causal LM
 (``export_decoder``), and saved as a user's exporter saves it: ``model.onnx`` with the weights as external data
 beside it (``--layout single`` writes one file). Calibration and held-out token ids are windows of the standard
 library's text as bytes (only time and memory are measured here: the weights are random).
@@ -34,7 +34,7 @@ from typing import Any
 from bitpass.tools.processes import kill_group, tree_rss_mb
 
 #: the models this bench builds: name -> GPT-2 size of ``bitpass.tools.decoders.GPT2_SIZES`` ("tiny": a smoke test)
-MODELS = {"gpt2-small": "small", "gpt2-medium": "medium", "gpt2-tiny": "tiny"}
+MODELS = {"gpt2-small": "small", "gpt2-medium": "medium", "gpt2-wide": "wide", "gpt2-tiny": "tiny"}
 #: seconds between resident-memory polls of a child
 POLL_S = 0.1
 #: the lines of a child that start a phase (``bitpass`` progress lines on stderr; the rest is only logged)
@@ -223,6 +223,8 @@ def bench(name: str, pipelines: list[str], args: argparse.Namespace) -> list[Row
             raise SystemExit(f"{name}: export failed ({done.stopped or f'exit {done.returncode}'}):\n{done.tail}")
         exported = {k: v for k, v in asdict(done).items() if k != "tail"}
         stamp.write_text(json.dumps(exported))
+    if args.export_only:
+        return []
     rows = []
     for pipeline in pipelines:
         out = args.workdir / f"{name}-{layout}-{re.sub(r'[^A-Za-z0-9.-]+', '', pipeline)[:40]}"
@@ -260,7 +262,8 @@ def print_row(row: Row) -> None:
     resources = row.manifest.get("resources") or {}
     if resources:
         print(f"  manifest: peak {resources.get('peak_rss_mb', 0) / gb:.2f} GB at the end of the passes, "
-              f"{resources.get('compile_peak_rss_mb', 0) / gb:.2f} GB for the whole compile; per pass:")
+              f"{resources.get('compile_peak_rss_mb', 0) / gb:.2f} GB for the whole compile (without its children); "
+              f"per pass:")
         for entry in resources.get("passes", []):
             print(f"    {entry['pass'][:60]:60s} {entry['seconds']:7.1f} s {entry.get('cpu_seconds', 0):7.1f} CPU s "
                   f"{entry.get('peak_rss_mb', 0) / gb:6.2f} GB")
@@ -304,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit-mb", type=float, default=12000,
                         help="resident MiB (child and its descendants) above which a child is killed")
     parser.add_argument("--keep", action="store_true", help="keep the artifacts")
+    parser.add_argument("--export-only", action="store_true", help="export the models (reused later), compile nothing")
     parser.add_argument("--quiet", action="store_true", help="do not echo the compile's progress lines")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--compile-arg", dest="compile_args", action="append", default=[],

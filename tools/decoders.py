@@ -291,7 +291,9 @@ def bits_per_byte(model: Any, windows: np.ndarray, *, batch: int = 32) -> float:
 
 #: GPT-2's published sizes (vocabulary 50,257, 1,024 positions).
 GPT2_SIZES = {"small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
-              "medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
+              "medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
+              # not a published size: 709 M parameters, 2.8 GB in fp32 (over protobuf's 2 GiB) in only 12 layers
+              "wide": {"n_embd": 2048, "n_layer": 12, "n_head": 16}}
 
 
 def gpt2_sized(size: str = "small", seed: int = 0) -> Any:

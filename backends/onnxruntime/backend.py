@@ -199,11 +199,12 @@ class OnnxRuntimeBackend(Backend):
         self.check_target(target)
         written = model.clone()  # shares the tensors; only the file's graph changes
         share_tied_tables(written)
-        written.save(directory / "model.onnx")  # streamed tensor by tensor: no serialized copy of the model held
+        # streamed tensor by tensor (no serialized copy of the model held); past 2 GiB with model.onnx.data beside it
+        files = written.save(directory / "model.onnx")
         # the format search's timed choice of ORT's load-time fusions (format_search.set_disabled_optimizers)
         session = {**DEFAULT_SESSION, "disabled_optimizers": disabled_optimizers(model)}
         (directory / "session.json").write_text(json.dumps(session, indent=2, sort_keys=True) + "\n")
-        return ["model.onnx", "session.json"]
+        return [*files, "session.json"]
 
     def load(self, directory: Path, manifest: Mapping[str, Any] | None = None, *,
              threads: int | None = None, for_timing: bool = False) -> Runner:

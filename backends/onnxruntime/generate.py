@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bitpass.backends.onnxruntime.runner import session_options
 from bitpass.frontend.decoder import DecoderSpec, spec_from_model
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.frontend.model import Model
+from bitpass.passes.execution import create_session
 
 Past = dict[str, np.ndarray]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
@@ -72,20 +72,14 @@ class DecoderSession:
     def load(cls, source: Model | bytes | str | os.PathLike[str], spec: DecoderSpec | None = None, *,
              threads: int | None = None, for_timing: bool = False,
              config: Mapping[str, Any] | None = None) -> DecoderSession:
-        """A session over a ``Model``, serialized bytes or a file path (a path keeps external data beside it)."""
+        """A session over a ``Model``, serialized bytes or a file path (a path keeps external data beside it; a
+        ``Model`` past 2 GiB is handed over by path too: ``execution.create_session``)."""
         if isinstance(source, Model):
             spec = spec or spec_from_model(source)
-            source = source.to_bytes()
         if spec is None:
             raise UsageError("a decoder given as bytes or a path needs its DecoderSpec")
-        path_or_bytes = source if isinstance(source, bytes) else str(source)
-        try:
-            session = ort.InferenceSession(path_or_bytes, session_options(config, threads=threads,
-                                                                          for_timing=for_timing),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as err:  # ORT raises its own exception types
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BitpassError(f"ONNX Runtime cannot load the decoder: {text[:200]}") from err
+        session = create_session(source, config=config, threads=threads, for_timing=for_timing,
+                                 purpose="load the decoder")
         return cls(session, spec)
 
     @property
@@ -363,9 +357,7 @@ def decoder_latency(reference: DecoderSession, artifact: DecoderSession, *, past
     ``past`` / ``tokens`` and tokens per second. Decode is one token after ``past`` cached positions; both
     lengths are cut to the model's positions. This is the decode-shape timing a latency probe should call
     for decoder layers' formats (one new token, a given past), not prefill shapes."""
-    limit = reference.spec.max_positions or (past + prefill + 1)
-    past = max(1, min(past, limit - 1))
-    prefill = max(1, min(prefill, limit))
+    past, prefill = _lengths(reference.spec, past, prefill)
     times: dict[str, dict[str, list[float]]] = {"decode": {"fp32": [], "artifact": []},
                                                 "prefill": {"fp32": [], "artifact": []}}
     sessions = {"fp32": reference, "artifact": artifact}
@@ -374,6 +366,41 @@ def decoder_latency(reference: DecoderSession, artifact: DecoderSession, *, past
             times["decode"][name].append(decode_step_seconds(sessions[name], past_length=past,
                                                              repeats=decode_repeats))
             times["prefill"][name].append(prefill_seconds(sessions[name], length=prefill, repeats=1))
+    return _latency_table(times, past, prefill)
+
+
+def decoder_latency_in_turn(load_reference: Callable[[], DecoderSession], load_artifact: Callable[[], DecoderSession],
+                            *, past: int = 128, prefill: int = 128, rounds: int = 7,
+                            decode_repeats: int = 10) -> dict[str, dict[str, Any]]:
+    """``decoder_latency`` with one session loaded at a time: fp32's rounds, its session released, then the
+    artifact's (for models whose two sessions should not be held together: 1.6 GB each at 355 M). The table is
+    the same; without alternation, load on a shared machine that changes between the two halves shows in the
+    speed-up, so the rounds are reported as they are (``"in_turn": true``)."""
+    times: dict[str, dict[str, list[float]]] = {"decode": {"fp32": [], "artifact": []},
+                                                "prefill": {"fp32": [], "artifact": []}}
+    lengths = (past, prefill)
+    for name, load in (("fp32", load_reference), ("artifact", load_artifact)):
+        session = load()
+        lengths = _lengths(session.spec, past, prefill)
+        for _ in range(rounds):
+            times["decode"][name].append(decode_step_seconds(session, past_length=lengths[0],
+                                                             repeats=decode_repeats))
+            times["prefill"][name].append(prefill_seconds(session, length=lengths[1], repeats=1))
+        del session
+    table = _latency_table(times, *lengths)
+    for row in table.values():
+        row["in_turn"] = True
+    return table
+
+
+def _lengths(spec: DecoderSpec, past: int, prefill: int) -> tuple[int, int]:
+    """``past`` and ``prefill`` cut to the model's positions."""
+    limit = spec.max_positions or (past + prefill + 1)
+    return max(1, min(past, limit - 1)), max(1, min(prefill, limit))
+
+
+def _latency_table(times: Mapping[str, Mapping[str, Sequence[float]]], past: int,
+                   prefill: int) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     for kind, tokens in (("decode", 1), ("prefill", prefill)):
         fp32, got = np.array(times[kind]["fp32"]), np.array(times[kind]["artifact"])

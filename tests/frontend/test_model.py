@@ -60,9 +60,12 @@ def test_streamed_bytes_are_the_same_model_deterministic_and_equal_to_what_save_
     data = model.to_bytes()
     assert onnx.load_model_from_string(data) == model.to_proto()
     assert model.clone().to_bytes() == data
-    model.save(tmp_path / "saved.onnx")
+    assert model.save(tmp_path / "saved.onnx") == ["saved.onnx"]
     assert (tmp_path / "saved.onnx").read_bytes() == data
     onnx.checker.check_model(str(tmp_path / "saved.onnx"))
+    import hashlib
+
+    assert model.sha256() == hashlib.sha256(data).hexdigest()  # hashed as written: any size, no bytes held
 
 
 def test_memory_mapped_external_tensors_are_written_inline(tmp_path):

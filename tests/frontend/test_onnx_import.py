@@ -165,8 +165,10 @@ def test_bad_external_data_is_a_clear_error_before_reading(tmp_path, data, info,
         from_onnx(_external_model(tmp_path, data, **info))
 
 
-def test_a_model_over_two_gibibytes_is_refused_before_reading(tmp_path):
-    """Sparse: the 2.2 GiB file takes no disk and is never read."""
+def test_external_data_past_the_memory_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    """Sparse: the 2.2 GiB file takes no disk and is never read; compiling would hold it about three times."""
+    from bitpass.frontend import onnx_import
+
     path = _external_model(tmp_path, b"")
     with (tmp_path / "big.bin").open("wb") as handle:
         handle.truncate(2200 << 20)
@@ -176,8 +178,48 @@ def test_a_model_over_two_gibibytes_is_refused_before_reading(tmp_path):
                                                     data_location=TensorProto.EXTERNAL))
     model.graph.initializer[0].external_data.add(key="location", value="big.bin")
     path.write_bytes(model.SerializeToString())
-    with pytest.raises(ModelLoadError, match="2 GiB"):
+    monkeypatch.setattr(onnx_import, "memory_limit_bytes", lambda: 6 << 30)
+    with pytest.raises(ModelLoadError, match="2.15 GiB of weights.*more memory"):
         from_onnx(path)
+
+
+def test_a_model_over_the_single_protobuf_limit_is_imported_run_and_saved_with_external_data(tmp_path, monkeypatch):
+    """Past 2 GiB (lowered here to 1 KiB) a model is read from external data, given to ONNX Runtime by path, and
+    written with its weights beside it: the same outputs, and the bytes of the weights unchanged."""
+    import tempfile
+
+    from bitpass.frontend import BitpassError
+    from bitpass.frontend import model as model_module
+    from bitpass.passes import execution
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+                              [numpy_helper.from_array(weight, "w")])
+    source = tmp_path / "in" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source,
+              save_as_external_data=True, location="m.weights", size_threshold=0)
+    monkeypatch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", 1024)
+    model = from_onnx(source)
+    assert not model.fits_one_proto()
+    with pytest.raises(BitpassError, match="protobuf's 2 GiB limit"):
+        model.to_bytes()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    got = execution.create_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ weight, rtol=1e-5, atol=1e-5)
+    assert list(scratch.iterdir()) == []  # the session's temporary folder is gone
+    written = model.save(tmp_path / "out.onnx")
+    assert written == ["out.onnx", "out.onnx.data"]
+    assert onnx.load(tmp_path / "out.onnx", load_external_data=False).ByteSize() < 1024
+    again = from_onnx(tmp_path / "out.onnx")
+    np.testing.assert_array_equal(again.graph.initializers["w"].const_value.numpy(), weight)
+    assert again.sha256() == model.sha256()
 
 
 def test_models_without_outputs_or_with_a_future_opset_are_refused(tmp_path):

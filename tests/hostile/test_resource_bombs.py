@@ -165,8 +165,9 @@ def test_the_folding_cap_can_be_raised(box):
     assert "ConstantOfShape" not in [n.op_type for n in load(box.work / "out" / "model.onnx").graph.node]
 
 
-def test_a_model_over_two_gibibytes_with_external_data_is_refused_unread(box):
-    """A 2.2 GiB external-data file (sparse: no disk, no memory) is refused before any of it is read."""
+def test_external_data_past_the_memory_limit_is_refused_unread(box):
+    """A 2.2 GiB external-data file (sparse: no disk, no memory) under a 6 GiB address-space limit: compiling would
+    hold it about three times, so it is refused before any of it is read (models over 2 GiB are otherwise taken)."""
     folder = box.work / "m"
     folder.mkdir()
     count = (2200 << 20) // 4
@@ -177,7 +178,7 @@ def test_a_model_over_two_gibibytes_with_external_data_is_refused_unread(box):
     save_model(model, folder / "model.onnx")
     result = box.run("compile", "m/model.onnx", "-o", "out", "--pipeline", "optimize", "-q", rlimits=MEMORY,
                      timeout=60)
-    refused(box, result, "2 GiB", status=1)
+    refused(box, result, "more memory", status=1)
     assert result.seconds < 20
 
 
@@ -189,7 +190,7 @@ def test_an_onnx_file_over_two_gibibytes_is_refused_unread(box):
     refused(box, result, "2 GiB", status=1)
 
 
-def test_many_external_tensors_adding_up_past_two_gibibytes_are_refused(box):
+def test_many_external_tensors_adding_up_past_the_memory_limit_are_refused(box):
     folder = box.work / "m"
     folder.mkdir()
     per = (600 << 20) // 4
@@ -200,7 +201,7 @@ def test_many_external_tensors_adding_up_past_two_gibibytes_are_refused(box):
     model = make_model(nodes, [tensor_info("x", ["N", per])], [tensor_info("y3", ["N", per])], tensors)
     save_model(model, folder / "model.onnx")
     result = box.run("compile", "m/model.onnx", "-o", "out", "--pipeline", "optimize", "-q", rlimits=MEMORY)
-    refused(box, result, "2 GiB", status=1)
+    refused(box, result, "more memory", status=1)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

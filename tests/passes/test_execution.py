@@ -91,6 +91,27 @@ def test_intermediates_exposes_inner_tensors_and_serves_inputs_from_the_batch():
     assert [o.name for o in two_layer().graph.output] == ["y"]  # the model given is not changed
 
 
+def test_models_past_the_protobuf_limit_are_loaded_by_path_from_a_temporary_folder(tmp_path, monkeypatch):
+    """Past 2 GiB (lowered to 16 bytes here) a Model, a ModelProto and a Model's inner tensors all run: saved with
+    external data into a temporary folder that is gone once the session is made; the results are the same."""
+    import tempfile
+
+    from bitpass.frontend import model as model_module
+
+    monkeypatch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", 16)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = from_proto(two_layer(), name="two")
+    assert not model.fits_one_proto()
+    for source in (model, two_layer()):
+        session = execution.create_session(source)
+        np.testing.assert_allclose(session.run(None, {"x": X})[0], reference(X)["y"], rtol=1e-5, atol=1e-6)
+    data = from_arrays({"x": X}, model.inputs)
+    batches = list(execution.intermediates(model, data, ["h", "w1", "x"], batch_size=4))
+    np.testing.assert_allclose(np.concatenate([b["h"] for b in batches]), reference(X)["h"], rtol=1e-5, atol=1e-6)
+    assert [o.name for o in model.graph.outputs] == ["y"]  # the model given is not changed
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quiet_keeps_prints_and_warnings_off_the_console(capsys, caplog):
     with execution.quiet():
         print("advice nobody asked for")
