@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from bitpass.frontend import Model
 from bitpass.passes.infra import ANNOTATION_FACT, AnalysisKey
 
 
@@ -60,8 +61,9 @@ BITS: AnalysisKey[Mapping[str, int]] = AnalysisKey("bits", Mapping)
 LATENCY_VARIANTS: AnalysisKey[Mapping[str, Any]] = AnalysisKey("latency-variants", Mapping)
 #: ``{layer_id: bool mask of kept weights}`` (ONNX weight layout), from ``prune``
 PRUNING_MASKS: AnalysisKey[Mapping[str, Any]] = AnalysisKey("pruning:masks", Mapping)
-#: serialized bytes of the model as it was before the first pruning pass (the teacher of ``recover``)
-PRUNING_REFERENCE: AnalysisKey[bytes] = AnalysisKey("pruning:reference", bytes)
+#: the model as it was before the first pruning pass (the teacher of ``recover``): a clone sharing the weights the
+#: pruning passes replace (never write into), so it costs no copy of them and has no size limit (bytes had 2 GiB)
+PRUNING_REFERENCE: AnalysisKey[Model] = AnalysisKey("pruning:reference", Model)
 #: what ``quantize`` made of each layer (its record), so later passes know the model is quantized
 QUANTIZED: AnalysisKey[Mapping[str, Any]] = AnalysisKey("quantized", Mapping)
 

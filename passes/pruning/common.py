@@ -120,9 +120,11 @@ def input_norms(model: Model, data: Dataset, layers: Iterable[Layer], *,
 
 
 def remember_reference(model: Model, analyses: AnalysisManager) -> None:
-    """Keep the model as it was before the first pruning pass (the teacher of ``recover``)."""
+    """Keep the model as it was before the first pruning pass (the teacher of ``recover``): a clone, whose
+    weights stay those of before because pruning gives a layer a new tensor (``set_constant``), never writes into
+    one."""
     if not analyses.cached(PRUNING_REFERENCE):
-        analyses.put(PRUNING_REFERENCE, model.to_bytes())
+        analyses.put(PRUNING_REFERENCE, model.clone())
 
 
 def _ids_as_strings(value: object) -> object:

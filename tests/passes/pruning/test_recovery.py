@@ -115,3 +115,25 @@ def test_pruned_artifacts_compile_and_verify(digits_files, tmp_path):
     assert sparse_size["compressed_bytes"] < 0.85 * dense_size["compressed_bytes"]
     checks = verify(sparse, digits_files / "eval.npz")
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+def test_the_teacher_is_the_model_before_pruning_at_any_size(cnn_model, calib, outputs, monkeypatch):
+    """``recover``'s teacher is a clone of the model before the first pruning pass, sharing the tensors pruning
+    replaces (never writes into): it still computes the dense model's outputs after 70 % of the weights are zeroed,
+    and past protobuf's 2 GiB (the limit lowered: every session then made from a file with external data) the same
+    prune-and-recover runs, where the teacher used to be the model's serialized bytes."""
+    from bitpass.frontend import model as model_module
+    from bitpass.passes import execution
+    from bitpass.passes.analyses import PRUNING_REFERENCE
+
+    ctx = PassContext(calibration=calib)
+    dense = run_spec(cnn_model, "fold-constants,fuse", ctx)
+    before = outputs(dense, calib)
+    monkeypatch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", 1024)
+    assert not dense.fits_one_proto()
+    run_spec(dense, "prune(method=wanda,sparsity=0.7),recover(epochs=1)", ctx)
+    teacher = ctx.analyses.require(PRUNING_REFERENCE)
+    assert teacher is not dense
+    np.testing.assert_allclose(execution.predict(teacher, calib), before, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(execution.predict(dense, calib), before, atol=1e-3)  # the student did change
+    assert ctx.records["recovery"]["teacher"].startswith("the model before pruning")
