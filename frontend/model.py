@@ -141,10 +141,12 @@ class _Hasher:
         return len(data)
 
 
-def proto_weight_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the main graph's initializers held in ``proto`` (what decides whether it can be serialized)."""
-    return sum(len(t.raw_data) or 4 * (len(t.float_data) + len(t.int32_data)) + 8 * len(t.int64_data)
-               for t in proto.graph.initializer)
+def proto_fits_one(proto: onnx.ModelProto) -> bool:
+    """``Model.fits_one_proto`` for a ModelProto: whether the bytes of its main graph's initializers are within
+    ``SINGLE_PROTO_MAX_WEIGHT_BYTES`` (else it is saved with external data and handed on by path)."""
+    weight_bytes = sum(len(t.raw_data) or 4 * (len(t.float_data) + len(t.int32_data)) + 8 * len(t.int64_data)
+                       for t in proto.graph.initializer)
+    return weight_bytes <= SINGLE_PROTO_MAX_WEIGHT_BYTES
 
 
 def save_proto(proto: onnx.ModelProto, path: str | Path) -> None:
@@ -152,7 +154,7 @@ def save_proto(proto: onnx.ModelProto, path: str | Path) -> None:
     (``SINGLE_PROTO_MAX_WEIGHT_BYTES``); ``onnx.load(path)`` reads either back. Past the limit onnx moves the
     weights out of ``proto`` as it writes them: read the file, not ``proto``, afterwards."""
     path = Path(path)
-    if proto_weight_bytes(proto) <= SINGLE_PROTO_MAX_WEIGHT_BYTES:
+    if proto_fits_one(proto):
         onnx.save(proto, str(path))
     else:
         onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -162,7 +164,7 @@ def save_proto(proto: onnx.ModelProto, path: str | Path) -> None:
 def proto_sha256(proto: onnx.ModelProto) -> str:
     """The sha256 of ``proto``'s deterministic serialization; past protobuf's 2 GiB (which cannot be serialized)
     of the stream ``write_streamed`` writes for it instead, the weights hashed tensor by tensor without a copy."""
-    if proto_weight_bytes(proto) <= SINGLE_PROTO_MAX_WEIGHT_BYTES:
+    if proto_fits_one(proto):
         return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
     hasher = _Hasher()
     write_streamed(ir.serde.deserialize_model(proto), hasher)  # the ir tensors wrap the proto's: no copy
@@ -250,16 +252,13 @@ class Model:
         has no such bytes: ``BitpassError`` (save it with ``save_external`` and load it by path)."""
         import io
 
-        self._require_one_proto("be serialized into one protobuf")
+        if not self.fits_one_proto():
+            raise BitpassError(f"{self.provenance.name}: {self.weight_bytes() / (1 << 30):.2f} GiB of weights cannot "
+                               f"be serialized into one protobuf (protobuf's 2 GiB limit); bitpass saves such models "
+                               f"with external data: this is a bug, please report it")
         buffer = io.BytesIO()
         write_streamed(self.ir, buffer)
         return buffer.getvalue()
-
-    def _require_one_proto(self, what: str) -> None:
-        if not self.fits_one_proto():
-            raise BitpassError(f"{self.provenance.name}: {self.weight_bytes() / (1 << 30):.2f} GiB of weights cannot "
-                               f"{what} (protobuf's 2 GiB limit); bitpass saves such models with external data: "
-                               f"this is a bug, please report it")
 
     def sha256(self) -> str:
         """A digest of the model's deterministic serialization, hashed as it is written (any size: no bytes held)."""

@@ -14,8 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, version_converter
 
 from bitpass.frontend.errors import ModelLoadError
-from bitpass.frontend import model as model_module
-from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance, proto_sha256, proto_weight_bytes
+from bitpass.frontend.model import MIN_IR_VERSION, Model, Provenance, proto_fits_one, proto_sha256
 
 # ONNX Runtime 1.32 writes a device id under ~/.cache/Microsoft/DeveloperTools and a ``.ses`` file in
 # TMPDIR when it is imported, unless telemetry is off: bitpass writes nothing outside the user's folder.
@@ -237,7 +236,7 @@ def from_proto(model: onnx.ModelProto, *, name: str = "<ModelProto>", sha256: st
 def _check(model: onnx.ModelProto | Path, name: str) -> None:
     """ONNX's checker on a proto, or on a file by path (then it reads the graph itself and only checks that the
     external data files exist: no copy of the weights is made, where a proto is serialized to be checked)."""
-    if isinstance(model, onnx.ModelProto) and proto_weight_bytes(model) > model_module.SINGLE_PROTO_MAX_WEIGHT_BYTES:
+    if isinstance(model, onnx.ModelProto) and not proto_fits_one(model):
         import tempfile
 
         # past protobuf's 2 GiB the checker takes only a path: the graph is written with its weights beside it

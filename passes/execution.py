@@ -37,8 +37,7 @@ import onnxruntime as ort
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError
-from bitpass.frontend import model as frontend_model
-from bitpass.frontend.model import Provenance
+from bitpass.frontend.model import Provenance, proto_fits_one
 
 #: Saved beside the model as session.json; ``session_options`` rebuilds them on the device.
 DEFAULT_SESSION = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
@@ -77,8 +76,7 @@ def create_session(model: ModelSource, *, config: Mapping[str, Any] | None = Non
     """A CPU session for ``model``; a path is loaded by path, a model over protobuf's 2 GiB from a file with
     external data in a temporary folder (``Model.fits_one_proto``). Errors: ``BitpassError`` "ONNX Runtime cannot
     <purpose>: <its first line>"."""
-    limit = frontend_model.SINGLE_PROTO_MAX_WEIGHT_BYTES
-    if isinstance(model, onnx.ModelProto) and frontend_model.proto_weight_bytes(model) > limit:
+    if isinstance(model, onnx.ModelProto) and not proto_fits_one(model):
         model = Model(ir.serde.deserialize_model(model), Provenance("proto", "<ModelProto>", ""))  # wraps, no copy
     options = session_options(config, threads=threads, for_timing=for_timing)
     if isinstance(model, Model) and not model.fits_one_proto():
