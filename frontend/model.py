@@ -85,12 +85,16 @@ def _field(number: int, payload_size: int) -> bytes:
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
 
 
-def _tensor_bytes(tensor: ir.TensorProtocol) -> bytes:
-    """One initializer as serialized ``TensorProto`` bytes, its data inline (a memory-mapped external tensor too)."""
+def _tensor_bytes(tensor: ir.TensorProtocol, name: str) -> bytes:
+    """One initializer as serialized ``TensorProto`` bytes, its data inline (a memory-mapped external tensor too),
+    named ``name``: its value's name, as ``serialize_model`` names initializers (a pass that gives a value a new
+    tensor, ``ir.tensor(array)``, may leave the tensor itself unnamed or named otherwise)."""
     if isinstance(tensor, ir.ExternalTensor):
         tensor = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
                            metadata_props=dict(tensor.metadata_props))
-    return ir.serde.serialize_tensor(tensor).SerializeToString(deterministic=True)
+    proto = ir.serde.serialize_tensor(tensor)
+    proto.name = name
+    return proto.SerializeToString(deterministic=True)
 
 
 def write_streamed(model: ir.Model, handle: Any) -> int:
@@ -118,11 +122,11 @@ def write_streamed(model: ir.Model, handle: Any) -> int:
     graph = proto.graph.SerializeToString(deterministic=True)
     proto.ClearField("graph")
     head = proto.SerializeToString(deterministic=True)
-    lengths = [len(small[t.name]) if t.name not in real else len(_tensor_bytes(real[t.name])) for t in stubs]
+    lengths = [len(small[t.name]) if t.name not in real else len(_tensor_bytes(real[t.name], t.name)) for t in stubs]
     graph_size = len(graph) + sum(len(_field(_GRAPH_INITIALIZER, n)) + n for n in lengths)
     written = handle.write(head) + handle.write(_field(_MODEL_GRAPH, graph_size)) + handle.write(graph)
     for stub, length in zip(stubs, lengths):
-        piece = small[stub.name] if stub.name not in real else _tensor_bytes(real[stub.name])
+        piece = small[stub.name] if stub.name not in real else _tensor_bytes(real[stub.name], stub.name)
         if len(piece) != length:  # a tensor changed while being written
             raise RuntimeError(f"initializer {stub.name!r} serialized to {len(piece)} bytes, then {length}")
         written += handle.write(_field(_GRAPH_INITIALIZER, length)) + handle.write(piece)

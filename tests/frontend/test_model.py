@@ -89,3 +89,20 @@ def test_memory_mapped_external_tensors_are_written_inline(tmp_path):
     assert {t.name for t in proto.graph.initializer} == set(expected)
     for tensor in proto.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected[tensor.name])
+
+
+def test_a_large_weight_a_pass_replaced_with_an_unnamed_tensor_keeps_its_initializer_name(tmp_path):
+    """A pass gives a value a new tensor (``ir.tensor(array)``, unnamed: BatchNorm folding does): the streamed
+    bytes name that initializer after its value, as ``to_proto`` does, so ONNX Runtime finds it (it was written
+    nameless, and ORT refused the model: "Node input ... is not a graph input, initializer")."""
+    import onnx
+    import onnxruntime as ort
+
+    model = from_onnx(_model_with_weights(tmp_path))
+    value = max(model.ir.graph.initializers.values(), key=lambda v: v.const_value.nbytes)
+    assert value.const_value.nbytes >= 1 << 16  # streamed on its own
+    value.const_value = ir.tensor(value.const_value.numpy() * 2)
+    assert value.const_value.name is None
+    data = model.to_bytes()
+    assert onnx.load_model_from_string(data) == model.to_proto()
+    ort.InferenceSession(data, providers=["CPUExecutionProvider"])
