@@ -192,9 +192,9 @@ def minmax_ranges(model: Model, data: Dataset, *, batch_size: int = 64) -> dict[
         else:
             graph.extend(reducers)
         outputs.append(name)
-    # past 2 GiB the augmented model (sharing the weights) goes to ORT by path, from external data
-    source: bytes | Model = ir.serde.serialize_model(augmented).SerializeToString() if model.fits_one_proto() \
-        else Model(augmented, model.provenance)
+    # the augmented model shares the weights; the session factory serializes it, or past 2 GiB saves it with
+    # external data and loads it by path
+    source = Model(augmented, model.provenance)
     del augmented, graph, values
     # ORT's default order ran every reducer after the whole graph, keeping all activations alive (3.5 GB on
     # BERT-base at batch 16); priority-based order runs each one right after its tensor's producer
