@@ -175,7 +175,9 @@ def _chunks(names: list[str], per_sample: Mapping[str, int], batch: int) -> list
 # --- one-layer models ------------------------------------------------------------------------------------
 def single_layer(model: Model, layer: Layer, input_shape: Sequence[int]) -> onnx.ModelProto:
     """A one-node model of ``layer`` (its constants included) reading ``x`` of ``input_shape``; names are
-    canonical (x, c1, c2..., y), so equal layers of two models give equal models."""
+    canonical (x, c1, c2..., y), so equal layers of two models give equal models. Any size: the output's shape is
+    inferred on the graph without its weights (shape inference serializes what it is given, and a layer over
+    protobuf's 2 GiB, such as a large vocabulary's lm_head, has no bytes)."""
     node = layer.node
     if layer.op_type not in TIMED_OPS:
         raise ValueError(f"{layer.op_type} layers are not timed")
@@ -195,13 +197,18 @@ def single_layer(model: Model, layer: Layer, input_shape: Sequence[int]) -> onnx
             inputs.append(name)
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     proto_node = helper.make_node(node.op_type, inputs, ["y"], name="layer", **_plain(attrs))
-    graph = helper.make_graph([proto_node], "layer",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(input_shape))],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(model.opset, 21))])
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(input_shape))
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    opsets = [helper.make_opsetid("", max(model.opset, 21))]
+    weightless = helper.make_model(
+        helper.make_graph([proto_node], "layer",
+                          [x, *[helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in initializers]],
+                          [y]), opset_imports=opsets)
+    weightless.ir_version = 10
+    inferred = onnx.shape_inference.infer_shapes(weightless, strict_mode=True)
+    graph = helper.make_graph([proto_node], "layer", [x], [inferred.graph.output[0]], initializers)
+    proto = helper.make_model(graph, opset_imports=opsets)
     proto.ir_version = 10
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    proto.graph.output[0].CopyFrom(inferred.graph.output[0])
     return proto
 
 
@@ -217,13 +224,14 @@ def _plain(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def variant_model(proto: onnx.ModelProto, variant: Variant, sample: np.ndarray,
-                  memo: dict[str, Any] | None = None) -> bytes:
+                  memo: dict[str, Any] | None = None) -> Model:
     """The one-layer model in ``variant``'s form, materialized exactly as the artifact's layer will be
     (int8 QDQ calibrated with min-max ranges on ``sample``, the layer's real input). ``memo``: a dict kept across
-    the variants of one ``proto`` and ``sample``, so their ranges are computed once (both int8 flavours use them)."""
+    the variants of one ``proto`` and ``sample``, so their ranges are computed once (both int8 flavours use them).
+    ``Model.save`` writes it, with external data past protobuf's 2 GiB."""
     model = from_proto(proto, name="layer")
     if variant == FP32:
-        return model.to_bytes()
+        return model
     how = variant_plan(variant)
     plan = {layer.id: LayerPlan(how.bits, how.activation_bits, how.format, how.block_size)
             for layer in model.layers()}
@@ -235,7 +243,7 @@ def variant_model(proto: onnx.ModelProto, variant: Variant, sample: np.ndarray,
             memo["ranges"] = activation_ranges(model, data, method="minmax", batch_size=max(1, len(sample)))
         ranges = memo["ranges"]
     options = QuantizeOptions(preprocess=False, activation_type=how.activation_type)  # type: ignore[arg-type]
-    return materialize(model, plan, ranges=ranges, options=options).to_bytes()
+    return materialize(model, plan, ranges=ranges, options=options)
 
 
 def signature(proto: onnx.ModelProto) -> dict[str, Any]:
@@ -334,7 +342,7 @@ def measure(model: Model, variants: Mapping[str, Sequence[Variant]], *, batches:
                         continue
                     try:
                         path = folder / f"g{slot.index}_m{len(slot.models)}.onnx"
-                        path.write_bytes(variant_model(proto, v, sample, slot.memo))
+                        variant_model(proto, v, sample, slot.memo).save(path)
                         slot.models[_name(v)] = path
                         slot.keys[v] = keys[v]
                     except Exception as err:  # a variant this layer cannot take: left out of its row

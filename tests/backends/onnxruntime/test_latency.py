@@ -182,3 +182,19 @@ def test_cached_whole_model_timings_are_reused_for_the_same_models_and_feeds(cnn
     other = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x + 1}}, rounds=3, cached=True)
     fresh = probe.graphs({"a": model, "b": cnn_model.to_bytes()}, {2: {"input": x}}, rounds=3)
     assert other.samples != first.samples and fresh.samples != first.samples  # other feeds, or not cached: timed
+
+
+def test_a_layer_past_the_protobuf_limit_is_timed_in_every_form(tmp_path, monkeypatch):
+    """A one-layer model over protobuf's 2 GiB (a large vocabulary's lm_head; the limit is lowered to 64 bytes
+    here) is cut out, materialized and timed like any other: saved with external data and loaded by path, its
+    figures the same kinds as below the limit."""
+    from bitpass.frontend import model as model_module
+
+    model = repeated_block()
+    data = from_arrays({"x": np.random.default_rng(1).standard_normal((5, 12, 8)).astype(np.float32)}, model.inputs)
+    first, _ = model.layers()
+    wanted = {first.id: [(8, "qdq-u8"), (8, "dynamic"), (4, "matmulnbits-b32")]}
+    monkeypatch.setattr(model_module, "SINGLE_PROTO_MAX_WEIGHT_BYTES", 64)
+    table = measure(model, wanted, batches=(1,), cache=tmp_path / "c.json", calibration=data)
+    assert not table.failures
+    assert set(table[first.id]) == {FP32, *wanted[first.id]}
