@@ -77,7 +77,7 @@ def create_session(model: ModelSource, *, config: Mapping[str, Any] | None = Non
     external data in a temporary folder (``Model.fits_one_proto``). Errors: ``BitpassError`` "ONNX Runtime cannot
     <purpose>: <its first line>"."""
     if isinstance(model, onnx.ModelProto) and not proto_fits_one(model):
-        model = Model(ir.serde.deserialize_model(model), Provenance("proto", "<ModelProto>", ""))  # wraps, no copy
+        model = _wrap(model)
     options = session_options(config, threads=threads, for_timing=for_timing)
     if isinstance(model, Model) and not model.fits_one_proto():
         with tempfile.TemporaryDirectory(prefix="bitpass-session-") as folder:
@@ -110,19 +110,9 @@ def predict(model: ModelSource | ort.InferenceSession, data: Dataset, *, output:
     return np.concatenate([session.run([name], dict(feeds))[0] for feeds in data.batches(batch_size)])
 
 
-def expose(model: Model | onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph outputs also include the inner tensors ``names``."""
-    proto = model.to_proto() if isinstance(model, Model) else _copy(model)
-    present = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-    for name in dict.fromkeys(names):
-        if name not in present:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return proto
-
-
 def expose_model(model: Model, names: Iterable[str]) -> Model:
-    """``expose`` on the IR: a clone of ``model`` (sharing its tensors: no weights copied, any size) whose graph
-    outputs also include the inner tensors ``names`` of the main graph."""
+    """A clone of ``model`` (sharing its tensors: no weights copied, any size) whose graph outputs also include the
+    inner tensors ``names`` of the main graph."""
     copy = model.clone()
     graph = copy.ir.graph
     present = {v.name for v in [*graph.inputs, *graph.outputs]}
@@ -142,9 +132,8 @@ def intermediates(model: Model | onnx.ModelProto, data: Dataset, names: Sequence
                   config: Mapping[str, Any] | None = None,
                   purpose: str = "run the model to measure its inner tensors") -> Iterator[dict[str, np.ndarray]]:
     """Per batch of ``data``: ``{name: value}`` for each tensor in ``names`` (graph inputs come from the batch)."""
-    exposed = expose_model(model, names) if isinstance(model, Model) else expose(model, names)
-    graph_inputs = ({v.name for v in exposed.ir.graph.inputs} if isinstance(exposed, Model)
-                    else {i.name for i in exposed.graph.input})
+    exposed = expose_model(model if isinstance(model, Model) else _wrap(model), names)
+    graph_inputs = {v.name for v in exposed.ir.graph.inputs}
     fetch = [n for n in dict.fromkeys(names) if n not in graph_inputs]
     session = create_session(exposed, config=config, purpose=purpose)
     del exposed
@@ -166,10 +155,9 @@ def quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
+def _wrap(proto: onnx.ModelProto) -> Model:
+    """``proto`` as a ``Model`` whose tensors wrap its TensorProtos (no weights copied; the proto is not changed)."""
+    return Model(ir.serde.deserialize_model(proto), Provenance("proto", "<ModelProto>", ""))
 
 
 def first_line(err: BaseException) -> str:
@@ -178,5 +166,5 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-__all__ = ["DEFAULT_SESSION", "UNOPTIMIZED", "create_session", "expose", "first_line", "intermediates", "predict",
+__all__ = ["DEFAULT_SESSION", "UNOPTIMIZED", "create_session", "expose_model", "first_line", "intermediates", "predict",
            "quiet", "session_options"]

@@ -86,9 +86,10 @@ def test_intermediates_exposes_inner_tensors_and_serves_inputs_from_the_batch():
     for name in ("h", "r"):
         np.testing.assert_allclose(np.concatenate([b[name] for b in batches]), want[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), X)
-    exposed = execution.expose(two_layer(), ["h", "y"])
-    assert [o.name for o in exposed.graph.output] == ["y", "h"]  # an existing output is not repeated
-    assert [o.name for o in two_layer().graph.output] == ["y"]  # the model given is not changed
+    model = from_proto(two_layer(), name="two")
+    exposed = execution.expose_model(model, ["h", "y"])
+    assert [o.name for o in exposed.graph.outputs] == ["y", "h"]  # an existing output is not repeated
+    assert [o.name for o in model.graph.outputs] == ["y"]  # the model given is not changed
 
 
 def test_models_past_the_protobuf_limit_are_loaded_by_path_from_a_temporary_folder(tmp_path, monkeypatch):
