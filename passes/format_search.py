@@ -402,11 +402,14 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
             built = _as_written(materialize_in(model, chosen_plan, flavour, ranges, calibration, options),
                                 folder, model)
             set_disabled_optimizers(built, cached["record"].get("disabled_optimizers", []))
-            return SearchResult(built, flavour, chosen_plan, {**cached["record"], "cached": True})
-        return _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration, options=options,
-                            timer=timer, layer_times=layer_times, fallback=fallback, batches=batches, say=say,
-                            key=key, folder=folder, fp32_path=fp32_path, fp32_nbytes=fp32_nbytes,
-                            keep_fp32=frozenset(keep_fp32))
+            return SearchResult(built, flavour, chosen_plan,
+                                {**cached["record"], "cached": True, "plan": plan_record(chosen_plan)})
+        found = _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration,
+                             options=options, timer=timer, layer_times=layer_times, fallback=fallback,
+                             batches=batches, say=say, key=key, folder=folder, fp32_path=fp32_path,
+                             fp32_nbytes=fp32_nbytes, keep_fp32=frozenset(keep_fp32))
+        found.record["plan"] = plan_record(found.plan)
+        return found
 
 
 def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], flavours: list[Flavour], *,
@@ -577,7 +580,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
                     base = merged
         if layer_times is not None:
             base_compute = compute_layers(base)
-            table = layer_times(_variants(model, base, base_compute))
+            table = layer_times(_variants(model, base, base_compute, f))
             repaired, why = _repair_slow(base, base_compute, table, f, fallback)
             repaired = {lid: (back(lid, base[lid]) if lid in why else p) for lid, p in repaired.items()}
             if why and len(why) < len(base_compute):
@@ -683,6 +686,148 @@ def _as_written(built: Model, folder: Path, model: Model) -> Model:
     path = folder / "chosen.onnx"
     built.save_external(path)
     return Model.read_back(path, built.provenance, model.torch_module)
+
+
+# --- replaying a choice -----------------------------------------------------------------------------------
+def plan_record(plan: Mapping[str, LayerPlan]) -> dict[str, dict[str, Any]]:
+    """A plan as JSON (what the search's record keeps, so that its choice can be replayed)."""
+    return {lid: _fields(p) for lid, p in sorted(plan.items())}
+
+
+def is_quantized(entry: LayerPlan) -> bool:
+    """Whether a layer's plan quantizes anything (its weight, or its activations: None means 8 bits)."""
+    return entry.weight_bits < 32 or (entry.activation_bits or 8) < 32
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The search's choice for a model (per-layer plan, int8 flavour, ORT load-time fusions turned off), rebuilt
+    without timing, with ``fp32_layers`` moved to fp32: what the quality gate's repair builds. Searching again
+    would cost minutes on a ResNet-50, and building from the layers' annotations instead loses what the search
+    changed (the ``merged`` plan's int8 compute on widened codes, dynamic int8, layers fallen back), so a 4-bit
+    plan that needed one layer repaired ran slower than int8."""
+
+    flavour: str
+    plan: Mapping[str, LayerPlan]
+    disabled_optimizers: tuple[str, ...] = ()
+    fp32_layers: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> Replay | None:
+        """The choice a search ``record`` describes (None when it holds no plan: nothing was searched)."""
+        if not isinstance(record, Mapping) or not isinstance(record.get("plan"), Mapping) \
+                or record.get("flavour") not in FLAVOURS:
+            return None
+        return cls(str(record["flavour"]), {lid: LayerPlan(**p) for lid, p in record["plan"].items()},
+                   tuple(record.get("disabled_optimizers") or ()))
+
+    def with_fp32(self, layers: Collection[str]) -> Replay:
+        return replace(self, fp32_layers=frozenset(layers))
+
+    def plan_for(self, model: Model) -> dict[str, LayerPlan]:
+        """The searched plan for ``model``'s layers, ``fp32_layers`` in fp32 (a layer the search never saw keeps
+        its annotations' plan)."""
+        return {lid: (LayerPlan(32, 32) if lid in self.fp32_layers else self.plan.get(lid, p))
+                for lid, p in plan_of(model).items()}
+
+
+def replay(model: Model, choice: Replay, *, ranges: ActivationRanges | None, calibration: Dataset,
+           options: QuantizeOptions) -> SearchResult:
+    """``choice`` materialized on ``model`` (see ``Replay``), written and read back as a searched winner is."""
+    plan = choice.plan_for(model)
+    flavour = FLAVOURS[choice.flavour]
+    with tempfile.TemporaryDirectory(prefix="bitpass-replay-") as tmp:
+        built = _as_written(materialize_in(model, plan, flavour, ranges, calibration, options), Path(tmp), model)
+    set_disabled_optimizers(built, choice.disabled_optimizers)
+    moved = sorted(lid for lid in choice.fp32_layers if lid in plan)
+    return SearchResult(built, flavour, plan, {
+        "flavour": flavour.name, "disabled_optimizers": list(choice.disabled_optimizers), "fp32_layers": moved,
+        "why": f"the format search's choice replayed without timing, {len(moved)} layer(s) moved to fp32"})
+
+
+# --- the int8 flavour for a per-layer probe -------------------------------------------------------------------
+def whole_graph_flavour(model: Model, *, ranges: ActivationRanges | None, calibration: Dataset, timer: GraphTimer,
+                        options: QuantizeOptions | None = None, batches: Sequence[int] = (1, 8),
+                        use_cache: bool = True,
+                        progress: Callable[[str], None] | None = None) -> tuple[Flavour | None, dict[str, Any]]:
+    """The int8 flavour of ``model``'s whole graph with every layer int8 (what the default compile's search times
+    first): each exact flavour timed against the others, the fastest by median paired ratio to fp32. Per-layer
+    probes, which pay a Quantize and a Dequantize per layer, made S8S8 look faster on an AVX-512 VNNI EPYC where
+    U8S8 ran 2-3x faster on the whole graph: allocation times its layers in this flavour. Cached per model,
+    ranges, options and CPU (the next compile decides the same way). None when no flavour ran."""
+    say = progress or (lambda _m: None)
+    options = options or QuantizeOptions()
+    flavours = _flavours(options)
+    plan = {lid: LayerPlan(8, 8, "qdq") for lid in plan_of(model)}
+    if calibration.fixed_batch:
+        batches = (calibration.fixed_batch,)
+    if len(flavours) == 1 or not plan:
+        return (flavours[0] if plan else None), {"why": "one flavour to choose from" if plan else "no layers"}
+    with tempfile.TemporaryDirectory(prefix="bitpass-flavour-") as tmp:
+        folder = Path(tmp)
+        fp32_path = folder / "fp32.onnx"
+        model.save_external(fp32_path)
+        key = "flavour:" + _cache_key(fp32_path, plan, ranges, options, "flavour", batches) if use_cache else None
+        cached = _cached(key)
+        if cached is not None and cached["plan"] in FLAVOURS:
+            return FLAVOURS[cached["plan"]], {**cached["record"], "cached": True}
+        check = calibration.head(CHECK_SAMPLES)
+        reference = _outputs(fp32_path, check)
+        candidates, built_s8 = [], {}
+        for f in flavours:
+            c = Candidate(f.name, plan, f, "every layer int8")
+            c.path = folder / f"{f.name}.onnx"
+            materialize_in(model, plan, f, ranges, calibration, options, built_s8=built_s8).save_external(c.path)
+            try:
+                c.error = _relative_error(reference, _outputs(c.path, check))
+            except BitpassError as err:
+                c.eligible, c.why = False, f"{c.why}; {err}: not eligible"
+            candidates.append(c)
+        built_s8.clear()
+        _eligibility(candidates)
+        eligible = [c for c in candidates if c.eligible]
+        if not eligible:
+            return None, {"why": "no flavour ran", "candidates": [c.record() for c in candidates]}
+        say(f"timing the whole graph in int8 flavours {', '.join(c.name for c in eligible)} against fp32")
+        timed = timer.graphs({"fp32": fp32_path, **{c.name: c.path for c in eligible}},
+                             {b: calibration.batch_of(b) for b in batches}, cached=True)
+        for c in eligible:
+            ratios = {b: paired_ratios(timed, c.name, "fp32", b) for b in batches}
+            if c.name in timed.errors or any(not r for r in ratios.values()):
+                c.eligible, c.why = False, f"{c.why}; did not run ({timed.errors.get(c.name, 'no timing')})"
+            else:
+                c.speedup = {b: float(np.median(r)) for b, r in ratios.items()}
+        timed_ok = [c for c in eligible if c.eligible]
+        if not timed_ok:
+            return None, {"why": "no flavour ran", "candidates": [c.record() for c in candidates]}
+        best = min(timed_ok, key=lambda c: (c.score(), c.name))
+        record = {"chosen": best.name, "cpu_key": host().key, "batches": list(batches),
+                  "why": "the fastest exact flavour of the whole graph in int8 (median paired ratio to fp32)",
+                  "candidates": [c.record() for c in candidates]}
+    if key is not None:
+        _store(key, {"plan": best.name, "record": record})
+    return best.flavour, record
+
+
+# --- whether a compiled artifact is slower than fp32 -----------------------------------------------------------
+def slower_than_reference(timer: GraphTimer, artifact: Path, reference: Path,
+                          feeds: Mapping[int, Mapping[str, np.ndarray]],
+                          disabled_optimizers: Sequence[str] = ()) -> Verdict:
+    """Whether the fp32 ``reference`` is faster than ``artifact`` with the search's confidence: the rule a
+    challenger must pass to replace its incumbent (``faster_with_confidence``, with the fp32 reference as the
+    challenger), on a timing as long as the search's confirmation (``CONFIRM_ROUNDS``), in a fresh process, its
+    rounds cached so the next compile decides the same way. ``faster`` True: slower with confidence; unsure is
+    not slower. One batch-1 figure of a 0.25 ms MobileNetV3 on a shared machine said 0.54x: noise, which this
+    rule does not act on."""
+    timed = timer.graphs({"fp32": reference, "artifact": artifact}, feeds, rounds=CONFIRM_ROUNDS,
+                         min_seconds=CONFIRM_SECONDS, budget_seconds=CONFIRM_BUDGET,
+                         disabled_optimizers={"artifact": list(disabled_optimizers)}, cached=True)
+    if timed.errors:
+        return Verdict(False, {}, {}, f"not timed: {'; '.join(f'{k}: {v}' for k, v in timed.errors.items())}")
+    verdict = faster_with_confidence({b: paired_ratios(timed, "fp32", "artifact", b) for b in feeds}, clear=1.0)
+    if verdict.faster is None:
+        return replace(verdict, faster=False, why=verdict.why + "; unsure, so not slower")
+    return verdict
 
 
 # --- ONNX Runtime's load-time fusions ---------------------------------------------------------------------
@@ -834,11 +979,14 @@ def _eligibility(candidates: list[Candidate]) -> None:
 
 
 # --- repairs -------------------------------------------------------------------------------------------------
-def _variants(model: Model, plan: Mapping[str, LayerPlan], compute: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+def _variants(model: Model, plan: Mapping[str, LayerPlan], compute: Sequence[str],
+              flavour: Flavour) -> dict[str, list[tuple[int, str]]]:
+    """The one-layer timings the repairs read: QDQ in the flavour the whole graph runs (the other flavour's
+    timings are never read), and dynamic int8 for MatMul/Gemm."""
     ops = {layer.id: layer.op_type for layer in model.layers()}
     out = {}
     for lid in compute:
-        wanted = [(8, name) for name in formats.QDQ_FLAVOURS]
+        wanted = [(8, _flavour_variant(flavour))]
         if ops.get(lid) in ("MatMul", "Gemm"):
             wanted.append((8, formats.DYNAMIC))
         out[lid] = wanted
@@ -992,6 +1140,7 @@ def _store(key: str, entry: dict[str, Any]) -> None:
         pass
 
 
-__all__ = ["Candidate", "GraphTimer", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
-           "faster_with_confidence", "graph_signature", "int8_twin", "merged_plan", "paired_ratios", "plan_of",
-           "search", "session_signature"]
+__all__ = ["Candidate", "GraphTimer", "Replay", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
+           "faster_with_confidence", "graph_signature", "int8_twin", "is_quantized", "merged_plan", "paired_ratios",
+           "plan_of", "plan_record", "replay", "search", "session_signature", "slower_than_reference",
+           "whole_graph_flavour"]

@@ -581,3 +581,35 @@ def test_a_model_without_int8_layers_gets_the_fusion_choice_too_and_the_next_com
     assert choose_session_fusions(again, data, LatencyProbe())["without_them"] == record["without_them"]
     assert disabled_optimizers(again) == disabled_optimizers(model)
     assert any("with and without" in m for m in said)
+
+
+def _chain_of_matmuls(path: Path, count: int) -> Path:
+    """An fp32 model of ``count`` chained 256x256 MatMuls over x (n, 256): ``count`` sets the work."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), "w")
+    names = ["x", *[f"h{i}" for i in range(count - 1)], "y"]
+    nodes = [helper.make_node("MatMul", [names[i], "w"], [names[i + 1]], name=f"mm{i}") for i in range(count)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_an_artifact_is_judged_slower_than_fp32_only_with_the_searchs_confidence(tmp_path):
+    """The compile's slower-than-fp32 check (real timings, a fresh process): the same graph in two files is never
+    slower than itself, whatever the noise of one timing; a graph doing 12x the work is."""
+    from bitpass.backends.onnxruntime.latency import LatencyProbe
+    from bitpass.passes.format_search import slower_than_reference
+
+    reference = _chain_of_matmuls(tmp_path / "reference.onnx", 1)
+    same = tmp_path / "same.onnx"
+    same.write_bytes(reference.read_bytes())
+    heavy = _chain_of_matmuls(tmp_path / "heavy.onnx", 12)
+    rng = np.random.default_rng(1)
+    feeds = {b: {"x": rng.standard_normal((b, 256)).astype(np.float32)} for b in (1, 8)}
+    tie = slower_than_reference(LatencyProbe(), same, reference, feeds)
+    assert tie.faster is False and set(tie.median) == {1, 8}, tie.why
+    slow = slower_than_reference(LatencyProbe(), heavy, reference, feeds)
+    assert slow.faster is True and all(m > 2 for m in slow.median.values()), slow.why
