@@ -407,8 +407,9 @@ def compile(  # noqa: A001 - the verb users expect; shadows the builtin only her
 
     Returns the ``Artifact`` (its path and manifest). Nothing is written unless everything succeeds: the
     artifact appears atomically. Never slower than fp32: when bit allocation picked compute formats from
-    per-layer timings but the whole artifact measures slower than fp32, it is compiled again with every
-    quantized layer packed (fp32 speed), and the manifest says so.
+    per-layer timings but the whole artifact is slower than fp32 with the format search's confidence
+    (``_speed_check``), it is compiled again with every quantized layer packed (fp32 speed), and the manifest
+    says so.
     """
     if unknown:
         raise UsageError(_unknown_parameters(unknown, compile))
