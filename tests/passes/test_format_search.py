@@ -613,3 +613,27 @@ def test_an_artifact_is_judged_slower_than_fp32_only_with_the_searchs_confidence
     assert tie.faster is False and set(tie.median) == {1, 8}, tie.why
     slow = slower_than_reference(LatencyProbe(), heavy, reference, feeds)
     assert slow.faster is True and all(m > 2 for m in slow.median.values()), slow.why
+
+
+def test_a_searched_choice_replays_without_timing_with_only_the_named_layers_moved_to_fp32(cnn_model, calib_arrays):
+    """What the quality gate's repair builds: the search's plan (here a slow layer fp32 and the rest U8S8 QDQ, not
+    what the annotations say), from its record alone, with one more layer in fp32 and nothing else changed."""
+    from bitpass.passes.format_search import Replay, replay
+
+    ids = [layer.id for layer in cnn_model.layers()]
+    target = CostModelTarget(u8=0.3, s8=0.6, slow=[ids[1]])
+    found = _search(cnn_model, calib_arrays, target)
+    assert found.plan[ids[1]].weight_bits == 32 and found.record["plan"][ids[1]]["weight_bits"] == 32
+    choice = Replay.from_record(found.record).with_fp32({ids[0]})
+    data = from_arrays(calib_arrays, cnn_model.inputs)
+    calls = target.calls
+    rebuilt = replay(cnn_model, choice, ranges=activation_ranges(cnn_model, data), calibration=data,
+                     options=QuantizeOptions())
+    assert target.calls == calls  # nothing timed
+    assert rebuilt.flavour == found.flavour and rebuilt.plan[ids[0]].weight_bits == 32
+    assert {lid: p for lid, p in rebuilt.plan.items() if lid != ids[0]} == \
+        {lid: p for lid, p in found.plan.items() if lid != ids[0]}
+    formats = _formats(rebuilt.model)
+    assert formats[ids[0]] is None and formats[ids[1]] is None
+    assert all(formats[lid] == _formats(found.model)[lid] for lid in ids[2:])
+    assert Replay.from_record({"note": "no int8 compute layers: nothing to search"}) is None
