@@ -26,7 +26,9 @@ fresh process, at batch 1 and a larger batch:
    plan with plain int8 weights, it runs the same kernels on the same shapes as the int8 model, so it
    is as fast by construction and becomes the incumbent: the plan as made and the slow-layer and
    dynamic repairs (taken from ``merged``) are deviations that must beat it with confidence. When the
-   graphs differ (the widening was not folded), ``merged`` is one more challenger of the plan;
+   graphs differ (the widening was not folded), ``merged`` is one more challenger of the plan. A size plan whose
+   one-layer timings chose no int8 compute at all (every layer packed: ``merge_packed``) gets this step alone: its
+   ``merged`` twin in each flavour against the plan itself;
 3. then the winner without its isolated compute layers (no compute-format neighbour: they pay a
    Quantize and a Dequantize for one layer's gain).
 
@@ -99,7 +101,7 @@ ERROR_FACTOR, ERROR_EPSILON = 2.0, 1e-4
 #: calibration samples the error check runs on
 CHECK_SAMPLES = 32
 #: bump when the search changes, so cached choices are searched again
-SEARCH_VERSION = 8
+SEARCH_VERSION = 9
 
 
 class Timings(Protocol):
@@ -373,17 +375,24 @@ def graph_signature(graph: Any) -> str:
 def search(model: Model, *, ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions,
            timer: GraphTimer, layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None = None,
            fallback: str = FP32, batches: Sequence[int] = (1, 8), use_cache: bool = True,
-           progress: Callable[[str], None] | None = None, keep_fp32: Collection[str] = ()) -> SearchResult:
+           progress: Callable[[str], None] | None = None, keep_fp32: Collection[str] = (),
+           merge_packed: bool = False) -> SearchResult:
     """The fastest eligible materialization of ``model``'s annotated plan on the target (see the module doc).
 
     ``layer_times(variants)`` returns the per-layer latency table (the probe, or the allocation's cached one)
     for the repairs; without it only flavours and isolated layers are searched. ``keep_fp32``: layers the user
-    kept fp32, which the merged candidate of a size plan leaves fp32."""
+    kept fp32, which the merged candidate of a size plan leaves fp32. ``merge_packed``: a size plan whose
+    allocation chose its formats by timing (not ``formats=packed``): when it has no int8 compute layer at all,
+    its ``merged`` twin is still timed against it (one-layer timings, which pay a Quantize and a Dequantize per
+    layer, left every layer of a 4-bit ResNet-18 packed at fp32 speed where the whole graph in U8S8 ran 1.6-2.9x
+    fp32)."""
     say = progress or (lambda _m: None)
     plan = plan_of(model)
     compute = compute_layers(plan)
     flavours = _flavours(options)
-    if not compute:  # an all-packed plan (``formats=packed``, or no compute format paid) is what was asked for
+    merged_only = not compute and merge_packed and fallback == PACKED and ranges is not None \
+        and bool(compute_layers(merged_plan(model, plan, keep_fp32)))
+    if not compute and not merged_only:  # an all-packed plan (``formats=packed``) is what was asked for
         built = materialize_in(model, plan, flavours[-1], ranges, calibration, options)
         return SearchResult(built, flavours[-1], plan, {"note": "no int8 compute layers: nothing to search"})
     if calibration.fixed_batch:
@@ -393,7 +402,8 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         folder = Path(tmp)
         fp32_path = folder / "fp32.onnx"
         fp32_nbytes = model.save_external(fp32_path)
-        key = _cache_key(fp32_path, plan, ranges, options, fallback, batches, keep_fp32) if use_cache else None
+        key = _cache_key(fp32_path, plan, ranges, options, fallback + ("+merged" if merged_only else ""), batches,
+                         keep_fp32) if use_cache else None
         cached = _cached(key)
         if cached is not None:
             chosen_plan = {lid: LayerPlan(**p) for lid, p in cached["plan"].items()}
@@ -407,7 +417,7 @@ def search(model: Model, *, ranges: ActivationRanges | None, calibration: Datase
         found = _search_cold(model, plan, compute, flavours, ranges=ranges, calibration=calibration,
                              options=options, timer=timer, layer_times=layer_times, fallback=fallback,
                              batches=batches, say=say, key=key, folder=folder, fp32_path=fp32_path,
-                             fp32_nbytes=fp32_nbytes, keep_fp32=frozenset(keep_fp32))
+                             fp32_nbytes=fp32_nbytes, keep_fp32=frozenset(keep_fp32), merged_only=merged_only)
         found.record["plan"] = plan_record(found.plan)
         return found
 
@@ -416,9 +426,12 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
                  ranges: ActivationRanges | None, calibration: Dataset, options: QuantizeOptions, timer: GraphTimer,
                  layer_times: Callable[[Mapping[str, Sequence[tuple[int, str]]]], Mapping] | None, fallback: str,
                  batches: Sequence[int], say: Callable[[str], None], key: str | None, folder: Path,
-                 fp32_path: Path, fp32_nbytes: int, keep_fp32: Collection[str] = ()) -> SearchResult:
+                 fp32_path: Path, fp32_nbytes: int, keep_fp32: Collection[str] = (),
+                 merged_only: bool = False) -> SearchResult:
     """The search itself (no cached choice): candidates are built one at a time, each written to ``folder`` and
-    dropped from memory; only their files, plans and measurements are kept, and the winner is read back."""
+    dropped from memory; only their files, plans and measurements are kept, and the winner is read back.
+    ``merged_only``: a plan without int8 compute layers, whose first round is its ``merged`` twin in each flavour
+    against the plan itself (the fallback), with no per-layer repairs."""
     check = calibration.head(CHECK_SAMPLES)
     reference = _outputs(fp32_path, check)
     feeds = {b: calibration.batch_of(b) for b in batches}
@@ -509,12 +522,18 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
                 return c
         return incumbent
 
-    # 1. the plan in each flavour, and the all-fallback plan (fp32 speed)
-    first = [build(Candidate(f"plan-{f.name}", dict(plan), f, "the plan as made")) for f in flavours]
+    # 1. the plan in each flavour (or, ``merged_only``, its merged twin), and the all-fallback plan (fp32 speed)
+    first_plan, prefix, first_why = dict(plan), "plan", "the plan as made"
+    if merged_only:
+        first_plan, prefix = merged_plan(model, plan, keep_fp32), "merged"
+        changed_first = {lid: _describe(plan[lid]) for lid, p in first_plan.items() if p != plan[lid]}
+        first_why = (f"{len(changed_first)} layer(s) computing in int8 (low-bit codes widened at load), where the "
+                     f"one-layer timings chose none: {_short(changed_first)}")
+    first = [build(Candidate(f"{prefix}-{f.name}", dict(first_plan), f, first_why)) for f in flavours]
     _eligibility(first)
     if U8S8 in flavours and not next(c for c in first if c.flavour == U8S8).eligible:
         say("format search: U8S8 is not exact on this CPU; trying it with 7-bit weights")
-        first.append(build(Candidate(f"plan-{U8S8_REDUCED.name}", dict(plan), U8S8_REDUCED, "the plan as made")))
+        first.append(build(Candidate(f"{prefix}-{U8S8_REDUCED.name}", dict(first_plan), U8S8_REDUCED, first_why)))
         _eligibility(first)
     ops = {layer.id: layer.op_type for layer in model.layers()}
     dense = [lid for lid in compute if ops.get(lid) in ("MatMul", "Gemm") and plan[lid].format == "qdq"]
@@ -540,7 +559,8 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     best = challenge(flavoured, fallback_all, timed)
     best_int8 = min(flavoured, key=lambda c: c.score()) if flavoured else None
 
-    moved: set[str] = set()  # layers the merged plan (step 2) moved: they fall back to what the plan made them
+    # layers the merged plan (step 1 when ``merged_only``, else step 2) moved: they fall back to what the plan made them
+    moved: set[str] = {lid for lid, p in first_plan.items() if p != plan[lid]}
 
     def back(lid: str, entry: LayerPlan) -> LayerPlan:
         """What a compute layer becomes when int8 does not pay: the fallback, or, for a layer the merged plan
@@ -549,7 +569,7 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
 
     # 2. repairs of the fastest flavour: slow layers back, MatMul/Gemm to dynamic where that is faster, packed
     #    layers computing in int8
-    if best_int8 is not None:
+    if best_int8 is not None and not merged_only:
         f = best_int8.flavour
         repairs: list[Candidate] = []
         timed_before = [*first, fallback_all]
@@ -632,7 +652,10 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
               "disabled_optimizers": disabled}
     if session_record:
         record["session"] = session_record
-    if best is fallback_all and compute:
+    if best is fallback_all and merged_only:
+        record["note"] = ("int8 compute on the widened codes measured no faster than the packed plan on this CPU "
+                          "(fp32 speed): its layers stayed packed")
+    elif best is fallback_all and compute:
         record["note"] = ("int8 compute measured no faster than fp32 on this CPU for this model (slower, where it "
                           f"was smaller: beyond {TIE:.0%}): its layers were "
                           f"kept {'packed' if fallback == PACKED else 'in fp32'}")

@@ -83,8 +83,14 @@ class Quantize(Pass):
         if not isinstance(replayed, format_search.Replay) or ctx.calibration is None:
             replayed = None
         int8_work = ctx.calibration is not None and any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions)
+        # a size plan whose allocation timed its formats and chose no int8 compute: its merged twin (int8 compute on
+        # the widened codes) is still a candidate of the search
+        merge_packed = bool((ctx.records.get("allocation") or {}).get("latency_measured")) \
+            and ctx.analyses.cached(BITS)
+        packed_could_compute = not int8_work and merge_packed and ctx.calibration is not None and cfg.search \
+            and hasattr(probe, "graphs")
         via_format_search = replayed is not None or (
-            int8_work and (pinned in FLAVOURS or (cfg.search and hasattr(probe, "graphs"))))
+            (int8_work or packed_could_compute) and (pinned in FLAVOURS or (cfg.search and hasattr(probe, "graphs"))))
         if replayed is not None:
             found = format_search.replay(model, replayed, ranges=ranges, calibration=ctx.calibration, options=options)
             result, activation_type = found.model, found.flavour.activation_type
@@ -100,7 +106,8 @@ class Quantize(Pass):
                 model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
                 layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx, cfg.search_batches),
                 fallback=PACKED if ctx.analyses.cached(BITS) else FP32, batches=tuple(cfg.search_batches),
-                progress=ctx.progress, keep_fp32=(ctx.records.get("allocation") or {}).get("keep_fp32", ()))
+                progress=ctx.progress, keep_fp32=(ctx.records.get("allocation") or {}).get("keep_fp32", ()),
+                merge_packed=merge_packed)
             result, searched, activation_type = found.model, found.record, found.flavour.activation_type
             decisions = [_final(d, found.plan) for d in decisions]
         else:

@@ -637,3 +637,22 @@ def test_a_searched_choice_replays_without_timing_with_only_the_named_layers_mov
     assert formats[ids[0]] is None and formats[ids[1]] is None
     assert all(formats[lid] == _formats(found.model)[lid] for lid in ids[2:])
     assert Replay.from_record({"note": "no int8 compute layers: nothing to search"}) is None
+
+
+def test_an_all_packed_size_plan_still_gets_its_merged_int8_twin_timed_when_allocation_timed_its_formats(
+        cnn_model, calib_arrays):
+    """One-layer timings (a Quantize and a Dequantize per layer) chose no compute format anywhere: every layer
+    packed, fp32 speed. The whole graph computing int8 on the widened codes (the same bytes) is faster, so it
+    is chosen; with ``merge_packed`` off (``formats=packed``: what the user asked for) nothing is searched."""
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    annotate(cnn_model, {layer.id: LayerPlan.packed(4) for layer in cnn_model.layers()})
+    found = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed", merge_packed=True)
+    assert found.record["chosen"] == "merged-u8s8"
+    assert {(p.weight_bits, p.format) for p in found.plan.values()} == {(4, "qdq")}
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=1.5, s8=2.0), fallback="packed", merge_packed=True,
+                   use_cache=False)
+    assert slow.record["chosen"] == "fallback" and "stayed packed" in slow.record["note"]
+    assert {p.format for p in slow.plan.values()} == {"packed"}
+    asked = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
+    assert "nothing to search" in asked.record["note"]
