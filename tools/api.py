@@ -509,6 +509,9 @@ def _speed_check(ctx: PassContext, metrics: Mapping[str, Any], reference_file: P
     allocated = (ctx.records.get("allocation") or {}).get("formats") or {}
     if not any(f.get("format") not in ("packed", "fp32") for f in allocated.values()):
         return None
+    results = {str(r.get("result")) for r in ((ctx.records.get("quantization") or {}).get("layers") or {}).values()}
+    if results and results <= {"fp32", "packed"}:  # the format search kept none of them: fp32 speed already
+        return None
     if not metrics.get("latency") or data is None:
         return None
     probe = (ctx.target.options or {}).get("latency_probe")
