@@ -79,9 +79,24 @@ class Quantize(Pass):
         activation_type = "uint8" if cfg.activation_type == "uint8" else "int8"
         options = QuantizeOptions(**{k: v for k, v in cfg.model_dump().items() if k in QuantizeOptions.model_fields})
         pinned = (ctx.target.options or {}).get("int8_flavour")  # a re-run (the quality gate's) keeps the choice
+        replayed = (ctx.target.options or {}).get("search_replay")  # ... the whole searched plan, when it has one
+        if not isinstance(replayed, format_search.Replay) or ctx.calibration is None:
+            replayed = None
         int8_work = ctx.calibration is not None and any(d.result in (INT8_QDQ, DYNAMIC) for d in decisions)
-        via_format_search = int8_work and (pinned in FLAVOURS or (cfg.search and hasattr(probe, "graphs")))
-        if via_format_search and pinned in FLAVOURS:
+        # a size plan whose allocation timed its formats and chose no int8 compute: its merged twin (int8 compute on
+        # the widened codes) is still a candidate of the search
+        merge_packed = bool((ctx.records.get("allocation") or {}).get("latency_measured")) \
+            and ctx.analyses.cached(BITS)
+        packed_could_compute = not int8_work and merge_packed and ctx.calibration is not None and cfg.search \
+            and hasattr(probe, "graphs")
+        via_format_search = replayed is not None or (
+            (int8_work or packed_could_compute) and (pinned in FLAVOURS or (cfg.search and hasattr(probe, "graphs"))))
+        if replayed is not None:
+            found = format_search.replay(model, replayed, ranges=ranges, calibration=ctx.calibration, options=options)
+            result, activation_type = found.model, found.flavour.activation_type
+            decisions = [_final(d, found.plan) for d in decisions]
+            details["replayed"] = found.record
+        elif via_format_search and pinned in FLAVOURS:
             flavour = FLAVOURS[pinned]
             result = format_search.materialize_in(model, format_search.plan_of(model), flavour, ranges,
                                                   ctx.calibration, options)
@@ -91,7 +106,8 @@ class Quantize(Pass):
                 model, ranges=ranges, calibration=ctx.calibration, options=options, timer=probe,
                 layer_times=lambda wanted: _layer_times(probe, model, wanted, ctx, cfg.search_batches),
                 fallback=PACKED if ctx.analyses.cached(BITS) else FP32, batches=tuple(cfg.search_batches),
-                progress=ctx.progress, keep_fp32=(ctx.records.get("allocation") or {}).get("keep_fp32", ()))
+                progress=ctx.progress, keep_fp32=(ctx.records.get("allocation") or {}).get("keep_fp32", ()),
+                merge_packed=merge_packed)
             result, searched, activation_type = found.model, found.record, found.flavour.activation_type
             decisions = [_final(d, found.plan) for d in decisions]
         else:
@@ -119,7 +135,9 @@ class Quantize(Pass):
             details["int8_scope"] = _scope_record(model, ranges, decisions)  # and the layers kept float, read
             details["kept_float"] = _kept_float_in(result, decisions)  # back from the annotations
         record = _record(cfg, activation_type, ranges.method, decisions, model, result, details)
-        if via_format_search and pinned in FLAVOURS:
+        if replayed is not None:
+            record["search_replayed"] = details["replayed"]
+        elif via_format_search and pinned in FLAVOURS:
             record["flavour_pinned"] = f"{pinned}, as chosen by the first run's format search"
         if searched is not None:
             record["search"] = searched

@@ -309,6 +309,11 @@ def bitpass_format(manifest: dict[str, Any]) -> str:
     results = Counter(str(layer.get("result")) for layer in record.get("layers", {}).values())
     if results:
         parts.append(" ".join(f"{name}:{n}" for name, n in sorted(results.items())))
+    allocation = manifest.get("records", {}).get("allocation") or {}
+    allocated = Counter(str(f.get("format")) for f in (allocation.get("formats") or {}).values())
+    if allocated:  # what the one-layer timings chose, before the whole-graph search (its int8 flavour timed in)
+        flavour = f" {allocation['int8_flavour']}" if allocation.get("int8_flavour") else ""
+        parts.append(f"allocated{flavour} " + " ".join(f"{name}:{n}" for name, n in sorted(allocated.items())))
     return "; ".join(parts) or "-"
 
 

@@ -38,7 +38,7 @@ from bitpass.passes.allocation.budget import Budget, bisect_accuracy_drop, check
 from bitpass.passes.allocation.problem import FLOAT_BITS, LATENCY, Problem, activation_bits, layer_sensitivity
 from bitpass.passes.allocation.evaluate import plan_evaluator
 from bitpass.passes.allocation.solvers import Allocation, pareto_frontier, solve
-from bitpass.passes.analyses import BITS, BITS_ANNOTATIONS, LATENCY_VARIANTS, SENSITIVITY
+from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, BITS_ANNOTATIONS, LATENCY_VARIANTS, SENSITIVITY
 from bitpass.passes.infra import PRESERVE_ALL, Pass, PassConfig, PassContext, PassResult
 
 #: at most this many frontier points go into the record (evenly spread by cost)
@@ -118,8 +118,10 @@ class AllocateBits(Pass):
         problem = Problem.from_model(model, sensitivity, widths=widths, group_size=cfg.group_size,
                                      zero_point=cfg.zero_point, latency=None, keep_fp32=keep)
         offered = {layer.id: layer.widths for layer in problem.layers}
-        variants = _latency_variants(model, offered, ctx, measure=cfg.formats == "auto", batch=cfg.latency_batch)
-        flavour = formats.best_flavour(variants)
+        flavour, flavour_record = _whole_graph_flavour(model, ctx, measure=cfg.formats == "auto")
+        variants = _latency_variants(model, offered, ctx, measure=cfg.formats == "auto", batch=cfg.latency_batch,
+                                     flavour=flavour)
+        flavour = flavour or formats.best_flavour(variants)
         latency, choices = formats.latency_by_bits(layers, offered, variants, cfg.formats, cfg.latency_batch,
                                                    flavour)
         if latency:
@@ -171,6 +173,7 @@ class AllocateBits(Pass):
         }
         if flavour:
             record["int8_flavour"] = flavour
+            record["int8_flavour_why"] = flavour_record or {"why": "the fastest in total of the one-layer timings"}
         failures = getattr(variants, "failures", None)
         if failures:
             record["not_timed"] = dict(failures)
@@ -227,16 +230,40 @@ class AllocateBits(Pass):
 PROBE_BATCHES = (1, 8)
 
 
+def _whole_graph_flavour(model: Model, ctx: PassContext, *, measure: bool) -> tuple[str | None, dict[str, Any]]:
+    """The int8 flavour (``qdq-u8`` / ``qdq-s8``) the layers are timed in: the fastest exact one of the whole
+    graph in int8 (``format_search.whole_graph_flavour``, what the compile's format search times first), when the
+    target times whole models; else None (the one-layer timings of both flavours decide, ``best_flavour``).
+    One-layer timings pay a Quantize and a Dequantize per layer: on an AVX-512 VNNI EPYC they made S8S8 look
+    faster, while U8S8 ran the whole ResNet-18 2-3x faster, and layers timed in S8S8 were left packed."""
+    probe = (ctx.target.options or {}).get("latency_probe")
+    if not measure or not hasattr(probe, "graphs") or ctx.calibration is None \
+            or not ctx.analyses.cached(ACTIVATION_RANGES):
+        return None, {}
+    from bitpass.passes.format_search import whole_graph_flavour
+
+    chosen, record = whole_graph_flavour(model, ranges=ctx.analyses.require(ACTIVATION_RANGES),
+                                         calibration=ctx.calibration, timer=probe,
+                                         progress=lambda m: ctx.progress(f"allocate-bits: {m}"))
+    if chosen is None:
+        return None, record
+    return ("qdq-u8" if chosen.activation_type == "uint8" else "qdq-s8"), record
+
+
 def _latency_variants(model: Model, offered: Mapping[str, tuple[int, ...]], ctx: PassContext, *,
-                      measure: bool, batch: int = 1) -> formats.LatencyTable | None:
+                      measure: bool, batch: int = 1, flavour: str | None = None) -> formats.LatencyTable | None:
     """Per-layer latency of every compute format at ``PROBE_BATCHES`` and ``batch``: the cached
-    ``latency-variants`` analysis, else (``measure``) from the target's probe, then cached."""
+    ``latency-variants`` analysis, else (``measure``) from the target's probe, then cached. ``flavour``: the
+    int8 flavour QDQ layers are timed in (None: both)."""
     if ctx.analyses.cached(LATENCY_VARIANTS):
         return ctx.analyses.require(LATENCY_VARIANTS)
     probe = (ctx.target.options or {}).get("latency_probe")
     if probe is None or not measure:
         return None
     wanted = formats.variants_to_measure(model.layers(), offered)
+    if flavour is not None:  # the other flavour's timings would never be read
+        other = set(formats.QDQ_FLAVOURS) - {flavour}
+        wanted = {lid: [v for v in variants if v[1] not in other] for lid, variants in wanted.items()}
     table = call_probe(probe, model, wanted, ctx, batches=tuple(sorted({*PROBE_BATCHES, batch})))
     ctx.analyses.put(LATENCY_VARIANTS, table)
     return table

@@ -581,3 +581,78 @@ def test_a_model_without_int8_layers_gets_the_fusion_choice_too_and_the_next_com
     assert choose_session_fusions(again, data, LatencyProbe())["without_them"] == record["without_them"]
     assert disabled_optimizers(again) == disabled_optimizers(model)
     assert any("with and without" in m for m in said)
+
+
+def _chain_of_matmuls(path: Path, count: int) -> Path:
+    """An fp32 model of ``count`` chained 256x256 MatMuls over x (n, 256): ``count`` sets the work."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), "w")
+    names = ["x", *[f"h{i}" for i in range(count - 1)], "y"]
+    nodes = [helper.make_node("MatMul", [names[i], "w"], [names[i + 1]], name=f"mm{i}") for i in range(count)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_an_artifact_is_judged_slower_than_fp32_only_with_the_searchs_confidence(tmp_path):
+    """The compile's slower-than-fp32 check (real timings, a fresh process): the same graph in two files is never
+    slower than itself, whatever the noise of one timing; a graph doing 12x the work is."""
+    from bitpass.backends.onnxruntime.latency import LatencyProbe
+    from bitpass.passes.format_search import slower_than_reference
+
+    reference = _chain_of_matmuls(tmp_path / "reference.onnx", 1)
+    same = tmp_path / "same.onnx"
+    same.write_bytes(reference.read_bytes())
+    heavy = _chain_of_matmuls(tmp_path / "heavy.onnx", 12)
+    rng = np.random.default_rng(1)
+    feeds = {b: {"x": rng.standard_normal((b, 256)).astype(np.float32)} for b in (1, 8)}
+    tie = slower_than_reference(LatencyProbe(), same, reference, feeds)
+    assert tie.faster is False and set(tie.median) == {1, 8}, tie.why
+    slow = slower_than_reference(LatencyProbe(), heavy, reference, feeds)
+    assert slow.faster is True and all(m > 2 for m in slow.median.values()), slow.why
+
+
+def test_a_searched_choice_replays_without_timing_with_only_the_named_layers_moved_to_fp32(cnn_model, calib_arrays):
+    """What the quality gate's repair builds: the search's plan (here a slow layer fp32 and the rest U8S8 QDQ, not
+    what the annotations say), from its record alone, with one more layer in fp32 and nothing else changed."""
+    from bitpass.passes.format_search import Replay, replay
+
+    ids = [layer.id for layer in cnn_model.layers()]
+    target = CostModelTarget(u8=0.3, s8=0.6, slow=[ids[1]])
+    found = _search(cnn_model, calib_arrays, target)
+    assert found.plan[ids[1]].weight_bits == 32 and found.record["plan"][ids[1]]["weight_bits"] == 32
+    choice = Replay.from_record(found.record).with_fp32({ids[0]})
+    data = from_arrays(calib_arrays, cnn_model.inputs)
+    calls = target.calls
+    rebuilt = replay(cnn_model, choice, ranges=activation_ranges(cnn_model, data), calibration=data,
+                     options=QuantizeOptions())
+    assert target.calls == calls  # nothing timed
+    assert rebuilt.flavour == found.flavour and rebuilt.plan[ids[0]].weight_bits == 32
+    assert {lid: p for lid, p in rebuilt.plan.items() if lid != ids[0]} == \
+        {lid: p for lid, p in found.plan.items() if lid != ids[0]}
+    formats = _formats(rebuilt.model)
+    assert formats[ids[0]] is None and formats[ids[1]] is None
+    assert all(formats[lid] == _formats(found.model)[lid] for lid in ids[2:])
+    assert Replay.from_record({"note": "no int8 compute layers: nothing to search"}) is None
+
+
+def test_an_all_packed_size_plan_still_gets_its_merged_int8_twin_timed_when_allocation_timed_its_formats(
+        cnn_model, calib_arrays):
+    """One-layer timings (a Quantize and a Dequantize per layer) chose no compute format anywhere: every layer
+    packed, fp32 speed. The whole graph computing int8 on the widened codes (the same bytes) is faster, so it
+    is chosen; with ``merge_packed`` off (``formats=packed``: what the user asked for) nothing is searched."""
+    from bitpass.passes.materialize import LayerPlan, annotate
+
+    annotate(cnn_model, {layer.id: LayerPlan.packed(4) for layer in cnn_model.layers()})
+    found = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed", merge_packed=True)
+    assert found.record["chosen"] == "merged-u8s8"
+    assert {(p.weight_bits, p.format) for p in found.plan.values()} == {(4, "qdq")}
+    slow = _search(cnn_model, calib_arrays, CostModelTarget(u8=1.5, s8=2.0), fallback="packed", merge_packed=True,
+                   use_cache=False)
+    assert slow.record["chosen"] == "fallback" and "stayed packed" in slow.record["note"]
+    assert {p.format for p in slow.plan.values()} == {"packed"}
+    asked = _search(cnn_model, calib_arrays, CostModelTarget(u8=0.3, s8=0.6), fallback="packed")
+    assert "nothing to search" in asked.record["note"]

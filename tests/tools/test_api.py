@@ -52,3 +52,19 @@ def test_budget_parameter_switches_to_mixed_precision(digits_files, tmp_path):
                        budget="avg-bits=8", sensitivity="output-mse", latency=False, progress=False)
     assert artifact.manifest["pipeline_name"] == "mixed"
     assert "avg-bits=8" in artifact.manifest["pipeline"]
+
+
+def test_a_compile_with_compute_formats_checks_it_is_not_slower_than_fp32_by_the_searchs_rule(digits_files, tmp_path,
+                                                                                             imagined_cpu):
+    """Allocation chose int8 compute from one-layer timings: the finished artifact is timed against fp32 by the
+    format search's rule (fp32 must be faster with confidence), recorded, and kept: on this imagined CPU int8 is
+    3x faster, so nothing is recompiled packed."""
+    imagined_cpu()
+    artifact = compile(digits_files / "model.onnx", tmp_path / "out", calibration=digits_files / "calib.npz",
+                       evaluation=digits_files / "eval.npz", budget="avg-bits=6", progress=False)
+    records = artifact.manifest["records"]
+    assert any(f["format"] not in ("packed", "fp32") for f in records["allocation"]["formats"].values())
+    check = records["speed_check"]
+    assert check["slower"] is None and check["fp32_against_artifact"]["faster"] is False
+    assert set(check["fp32_against_artifact"]["median"]) == {"1", "8"}
+    assert not any("used packed" in note for note in records.get("notes", []))

@@ -128,3 +128,11 @@ def test_a_bitpass_row_carries_its_session_graph_and_equal_graphs_are_reported_a
     check = {"fastest_ort": bench_ort.FP32, "low_vs_default": 0.97, "low_same_graph_as_default": True}
     both = bench_ort.ModelResult(result.model, "fast", "", [default, same], {1: check})
     assert "runs bitpass default's ONNX Runtime session graph" in bench_ort.checks_lines([both])[0]
+
+
+def test_a_mixed_rows_format_says_what_allocation_chose_before_the_search():
+    manifest = {"records": {"quantization": {"search": {"chosen": "merged-u8s8", "flavour": "u8s8"},
+                                             "layers": {"a": {"result": "int8-qdq"}, "b": {"result": "int8-qdq"}}},
+                            "allocation": {"int8_flavour": "qdq-u8",
+                                           "formats": {"a": {"format": "packed"}, "b": {"format": "qdq"}}}}}
+    assert bench_ort.bitpass_format(manifest) == "merged-u8s8 u8s8; int8-qdq:2; allocated qdq-u8 packed:1 qdq:1"

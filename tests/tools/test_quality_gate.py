@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bitpass.backends.artifact import read_manifest
+from bitpass.frontend import annotation
 from bitpass.frontend.errors import BitpassError
 from bitpass.tools import compile, verify
 from bitpass.tools.cli import main
@@ -160,3 +161,37 @@ def test_layers_put_back_by_the_gate_get_their_fp32_weights_even_after_in_place_
     assert gate["passed"] and gate["final"] >= 0.9999  # ... and fp32 layers give it back
     bits = {layer["id"]: layer["bits"]["weight"] for layer in artifact.manifest["layers"]}
     assert gate["fp32_layers"] and all(bits[layer_id] == 32 for layer_id in gate["fp32_layers"])
+
+
+def test_the_repair_keeps_the_searched_formats_of_the_layers_it_does_not_put_back(digits_files, tmp_path,
+                                                                                   monkeypatch, imagined_cpu):
+    """The format search moved a layer slow in int8 back to fp32 and a dense layer to dynamic int8: a plan the
+    layers' annotations (int8 QDQ everywhere) do not say. A tolerance the first artifact misses makes the gate put
+    layers back in fp32; every other layer must keep what the search chose (a rebuild from the annotations put
+    the slow layer back in int8 and lost the dynamic one), and the repaired artifact must meet the tolerance."""
+    from bitpass.frontend import from_onnx
+
+    ids = [layer.id for layer in from_onnx(digits_files / "model.onnx").layers()]
+    slow = ids[1]
+    imagined_cpu(slow={slow})
+    artifact = compile(digits_files / "model.onnx", tmp_path / "out", calibration=digits_files / "calib.npz",
+                       evaluation=digits_files / "eval.npz", progress=False, tolerance="cosine=0.99995")
+    records = artifact.manifest["records"]
+    gate, search = records["quality_gate"], records["quantization"]["search"]
+    plan = search["plan"]
+    assert plan[slow]["weight_bits"] == 32 and {p["format"] for p in plan.values()} == {"qdq", "dynamic", None}
+    assert gate["initial"] < 0.99995 and gate["passed"] and gate["final"] >= 0.99995  # missed, then repaired
+    repaired = set(gate["fp32_layers"])
+    assert repaired and slow not in gate["ranking"]  # fp32 already: nothing to repair there
+    kept = [lid for lid in ids if lid not in repaired]
+    assert any(plan[lid]["format"] == "dynamic" for lid in kept)  # the test means something
+    final = from_onnx(artifact.path / "model.onnx")
+    formats = {annotation.layer_id(node): (annotation.weight_bits(node), annotation.weight_format(node))
+               for node in final.graph if annotation.layer_id(node) is not None}
+    for lid in kept:
+        assert formats[lid] == (plan[lid]["weight_bits"], plan[lid]["format"]), lid
+    assert all(formats[lid][0] == 32 for lid in repaired)
+    layers = records["quantization"]["layers"]
+    assert {lid for lid, row in layers.items() if row["result"] == "fp32"} == repaired | {slow}
+    assert records["quantization"]["search_replayed"]["fp32_layers"] == sorted(repaired)
+    assert artifact.metrics["quality"]["fidelity"]["cosine"] >= 0.99995
