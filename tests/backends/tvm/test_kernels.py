@@ -392,6 +392,76 @@ def test_int8_conv_writes_its_output_absmax_and_the_next_reads_it_instead_of_its
     assert np.abs(coarse - want).max() > 1e-3  # the two scales give different results: the test can tell them apart
 
 
+def _u8_words(codes: np.ndarray) -> np.ndarray:
+    """numpy: NCHW uint8 codes as ``avx512.u8_shape`` words (four channels per word, lowest first, border 0)."""
+    from bitpass.backends.tvm import avx512
+
+    n, c, h, w = codes.shape
+    pad = avx512.U8_PAD
+    quads = codes.astype(np.uint32).reshape(n, c // 4, 4, h, w)
+    words = quads[:, :, 0] | quads[:, :, 1] << 8 | quads[:, :, 2] << 16 | quads[:, :, 3] << 24
+    return np.pad(words, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+
+
+def _u8_kernel(shape, oc, ob, kernel, stride, pad, target, **modes):
+    from bitpass.backends.tvm import avx512
+
+    func = avx512.conv2d_int8(shape, oc, ob, (kernel, kernel), (stride, stride), (pad,) * 4, (1, 1), "relu",
+                              parallel=True, **modes).with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))["main"]
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "kernel", "stride", "pad", "residual"),
+                         [(1, 32, 32, 14, 3, 1, 1, False), (2, 16, 32, 9, 3, 2, 1, True), (3, 32, 64, 8, 1, 2, 0, False),
+                          (1, 64, 64, 7, 3, 1, 1, True), (64, 16, 32, 6, 3, 1, 1, True), (1, 16, 32, 6, 1, 1, 0, False)])
+def test_int8_convs_pass_uint8_codes_with_calibrated_scales_between_them(n, c, oc, hw, kernel, stride, pad, residual):
+    """VNNI: a conv with a ReLU writes its output as uint8 codes of a calibrated scale (min(round(y / s), 255),
+    zero point 0), four channels per word with a border of code 0; the next conv reads the words in place (3×3
+    padded, 1×1 strided), and a residual input may be codes too. Each is the integer conv of the codes."""
+    vnni = PATHS[0]
+    if not vnni.features <= targets.host_features():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    from bitpass.backends.tvm import avx512
+
+    ob = kernels.out_block(oc, LANES)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w1 = rng.standard_normal((oc, c, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((oc, oc, kernel, kernel)).astype(np.float32)
+    b1, b2 = rng.standard_normal(oc).astype(np.float32), rng.standard_normal(oc).astype(np.float32)
+    codes1, sw1 = kernels.quantize_conv_int8(w1, ob, 0, vnni.levels)
+    codes2, sw2 = kernels.quantize_conv_int8(w2, ob, 0, vnni.levels)
+    y_fp = np.maximum(_conv_int8_reference(x, codes1, c, sw1, b1, 1, 1, 1, 0, vnni.levels), 0).astype(np.float32)
+    s1 = np.float32(0.8 * y_fp.max() / 255)  # a calibrated range that clips the largest values
+    y_codes = np.minimum(np.round(y_fp * np.float32(1 / s1)), 255).astype(np.uint8)
+    dev = tvm.cpu()
+
+    first = _u8_kernel(x.shape, oc, ob, 3, 1, 1, vnni.target, u8_out=float(s1))
+    y = tvm.runtime.tensor(np.full(avx512.u8_shape(y_fp.shape), 7, np.uint32), dev)  # the border is written too
+    first(*[tvm.runtime.tensor(a, dev) for a in (x, codes1, sw1, b1)], y)
+    got_words = y.numpy()
+    unpacked = np.stack([(got_words >> (8 * i)) & 255 for i in range(4)], axis=2).reshape(
+        n, oc, hw + 2 * avx512.U8_PAD, hw + 2 * avx512.U8_PAD)
+    inner = unpacked[:, :, avx512.U8_PAD:-avx512.U8_PAD, avx512.U8_PAD:-avx512.U8_PAD]
+    assert np.abs(inner.astype(int) - y_codes.astype(int)).max() <= 1  # fp32 rounding of ties only
+    assert (inner == y_codes).mean() > 0.999 and y_codes.max() == 255
+    assert not unpacked.sum() - inner.sum()  # the border holds code 0
+
+    oh = (hw + 2 * pad - kernel) // stride + 1
+    r_fp = np.maximum(rng.standard_normal((n, oc, oh, oh)), 0).astype(np.float32) if residual else None
+    s_r = np.float32(r_fp.max() / 255) if residual else np.float32(0)
+    r_codes = np.minimum(np.round(r_fp / s_r), 255).astype(np.uint8) if residual else None
+    second = _u8_kernel((n, oc, hw, hw), oc, ob, kernel, stride, pad, vnni.target, u8_in=float(s1),
+                        residual=residual, u8_res=float(s_r))
+    got = _run(second, got_words, codes2, sw2, b2, *([_u8_words(r_codes)] if residual else []),
+               out_shape=(n, oc, oh, oh))
+    acc = _conv_ref(inner.astype(np.float64), kernels.conv_int8_codes(codes2, oc, 0).astype(np.float64),
+                    np.zeros(oc), stride, pad, 1)
+    want = acc * (s1 * sw2)[None, :, None, None] + b2[None, :, None, None]
+    if residual:
+        want = want + r_codes * s_r
+    np.testing.assert_allclose(got, np.maximum(want, 0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"), [(1, 64, 128, 14, 2), (2, 20, 32, 9, 2), (1, 32, 64, 7, 1)])
 def test_pointwise_int8_conv_quantizes_only_the_pixels_a_stride_reads(n, c, oc, hw, stride, path):
     """1×1 convolutions (ResNet's downsampling shortcut: stride 2, no padding): the VNNI kernel quantizes a
