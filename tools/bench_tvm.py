@@ -252,6 +252,16 @@ def _int8_plan(model):
     return planned
 
 
+def calibrated_ranges(model, calib: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """Min-max activation ranges of ``model`` over the calibration feeds (as ORT U8S8's ``quantize_static`` is
+    calibrated here): the TVM int8 build passes uint8 codes of these scales between its int8 convs."""
+    from bitpass.frontend.data import from_arrays
+    from bitpass.passes.calibrate import compute_ranges
+
+    data = from_arrays({k: np.concatenate([f[k] for f in calib]) for k in calib[0]}, model.inputs, source="bench")
+    return compute_ranges(model, data, method="minmax")
+
+
 def bench_models(threads: int, rounds: int, quick: bool = False,
                  only_batches: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
@@ -270,11 +280,13 @@ def bench_models(threads: int, rounds: int, quick: bool = False,
         backend = TvmBackend(batches=batches)
         runners = {}
         with tempfile.TemporaryDirectory() as tmp:
+            ranges = calibrated_ranges(model, calib)
             for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
                 start = time.perf_counter()
                 directory = Path(tmp) / label.replace(" ", "_")
                 directory.mkdir()
-                backend.emit(plan, directory, backend.default_target)
+                backend.emit(plan, directory, backend.default_target,
+                             activation_ranges=ranges if label == "TVM int8" else None)
                 runners[label] = backend.load(directory, {})
                 print(f"  ({name}: {label} built in {time.perf_counter() - start:.0f} s)", flush=True)
             for batch in batches:
@@ -642,10 +654,12 @@ def bench_profile(threads: int, calls: int, batches: tuple[int, ...] = (1, 32)) 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
+        ranges = calibrated_ranges(model, calib)
         for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
             directory = Path(tmp) / label.replace(" ", "_")
             directory.mkdir()
-            backend.emit(plan, directory, backend.default_target)
+            backend.emit(plan, directory, backend.default_target,
+                         activation_ranges=ranges if label == "TVM int8" else None)
             runners[label] = backend.load(directory, {}).model
         for batch in batches:
             batched = {k: np.ascontiguousarray(np.repeat(v, batch, axis=0)) for k, v in feed.items()}
