@@ -130,8 +130,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     reads_u8, writes_u8, res_u8 = u8_in > 0, u8_out > 0, u8_res > 0
     if reads_u8 and not u8_readable(c, pads):
         raise ValueError(f"a conv with pads {pads} over {c} channels cannot read codes bordered by {U8_PAD}")
-    if writes_u8 and (act != "relu" or pool[0] or amax_out or oc % 4):
-        raise ValueError("only a conv with a fused ReLU and no pooling or absmax output writes codes")
+    if writes_u8 and (act != "relu" or amax_out or oc % 4):
+        raise ValueError("only a conv with a fused ReLU and no absmax output writes codes")
     hp, wp = h + pt + pb, wd + pl + pr
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     quads = kernels.conv_int8_channels(c) // 4
@@ -345,12 +345,31 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         return value
 
     @T.macro
-    def pool_row(ring, out, pmax, blk, b, py):
+    def pool_row_codes(ring, out, blk, b, py):  # the pooled values (≥ 0: after the ReLU) as codes, 4 per word
+        for px, v in T.grid(pw, vecs):
+            pv = T.alloc_buffer((LANES,), "uint32", scope="local")
+            for z in T.vectorized(LANES):
+                pv[z] = T.Cast("uint32", T.Cast("int32", T.min(T.round(window_max(ring, py, px, v * LANES + z)
+                                                                        * T.float32(inv_out)), T.float32(255))))
+            for g in range(LANES // 4):
+                out[b, (blk * ob + v * LANES) // 4 + g, py + U8_PAD, px + U8_PAD] = (
+                    pv[g * 4] | (pv[g * 4 + 1] << T.uint32(8)) | (pv[g * 4 + 2] << T.uint32(16))
+                    | (pv[g * 4 + 3] << T.uint32(24)))
+
+    @T.macro
+    def pool_row_fp32(ring, out, pmax, blk, b, py):
         for px, v in T.grid(pw, vecs):
             for z in T.vectorized(LANES):
                 out[b, blk * ob + v * LANES + z, py, px] = window_max(ring, py, px, v * LANES + z)
                 if amax_out:
                     pmax[z] = T.max(pmax[z], T.fabs(out[b, blk * ob + v * LANES + z, py, px]))
+
+    @T.macro
+    def pool_row(ring, out, pmax, blk, b, py):
+        if writes_u8:
+            pool_row_codes(ring, out, blk, b, py)
+        else:
+            pool_row_fp32(ring, out, pmax, blk, b, py)
 
     @T.macro
     def pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it):
@@ -406,14 +425,14 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
 
     @T.macro
     def out_border(out, bq):  # codes out: the writer's border words hold code 0 (the readers' padding)
-        for y in range(oh + 2 * U8_PAD):
-            if y < U8_PAD or y >= oh + U8_PAD:
-                for z in range(ow + 2 * U8_PAD):
+        for y in range(ph + 2 * U8_PAD):
+            if y < U8_PAD or y >= ph + U8_PAD:
+                for z in range(pw + 2 * U8_PAD):
                     out[bq // oquads, bq % oquads, y, z] = T.uint32(0)
             else:
                 for z in range(U8_PAD):
                     out[bq // oquads, bq % oquads, y, z] = T.uint32(0)
-                    out[bq // oquads, bq % oquads, y, ow + U8_PAD + z] = T.uint32(0)
+                    out[bq // oquads, bq % oquads, y, pw + U8_PAD + z] = T.uint32(0)
 
     @T.macro
     def main_loop(wflat, xq, offset, sx, wscale, bias, res, out, aout, par):

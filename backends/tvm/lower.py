@@ -814,7 +814,7 @@ class _Lowering:
         amax_in = self.absmax.get(node.input[0]) if carry and not isinstance(x, Codes) else None
         pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, taps, ob, residual)
         final = self._alias[-1] if self._alias else node.output[0]
-        out_scale = self._code_scale(final, act) if vnni and not pool[0] and len(out_shape) == 4 else None
+        out_scale = self._code_scale(final, act) if vnni and len(out_shape) == 4 else None
         amax_out = carry and geometry["groups"] == 1 and not taps and ob % self.lanes == 0 and \
             self._int8_conv_reads(final) and len(out_shape) == 4 and out_scale is None
 
@@ -893,12 +893,16 @@ class _Lowering:
 
         n, c, h, wd = self.shape_of(x)
         codes_shape = self.shape_of(codes)
-        work = out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3] * c * codes_shape[2] * codes_shape[3]
+        pk, ps, pp = tags.pool
+        conv_shape = list(out_shape)
+        if pk:  # the kernel writes the pooled tensor
+            out_shape = [*out_shape[:2], *((size + 2 * pp - pk) // ps + 1 for size in out_shape[2:])]
+        work = conv_shape[0] * conv_shape[1] * conv_shape[2] * conv_shape[3] * c * codes_shape[2] * codes_shape[3]
         slots = self.shape_of(amax_in)[1] if amax_in is not None else 0
         kernel = avx512.conv2d_int8(
             (n, c, h, wd), out_shape[1], tags.nb, (codes_shape[2], codes_shape[3]), tags.strides, tags.pads,
             tags.dilations, tags.act, parallel=work >= schedules.PARALLEL_MIN_WORK, residual=residual is not None,
-            amax_in=slots, u8_in=x.scale if isinstance(x, Codes) else 0.0,
+            amax_in=slots, pool=tags.pool, u8_in=x.scale if isinstance(x, Codes) else 0.0,
             u8_out=out_scale or 0.0, u8_res=residual.scale if isinstance(residual, Codes) else 0.0)
         gv = bb.add_func(tags.tag(kernel), "bitpass_conv2d_int8_codes")
         args = [x.words if isinstance(x, Codes) else x, codes, scale, bias,

@@ -411,6 +411,44 @@ def _u8_kernel(shape, oc, ob, kernel, stride, pad, target, **modes):
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))["main"]
 
 
+def _u8_unpacked(words: np.ndarray) -> np.ndarray:
+    """numpy: ``avx512.u8_shape`` words back to NCHW codes, the border included."""
+    n, quads, h, w = words.shape
+    return np.stack([(words >> (8 * i)) & 255 for i in range(4)], axis=2).reshape(n, quads * 4, h, w)
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "pool"),
+                         [(2, 3, 64, 30, 7, 2, (3, 2, 1)), (1, 8, 32, 17, 3, 1, (3, 2, 1))])
+def test_int8_conv_with_a_fused_max_pooling_writes_its_pooled_output_as_codes(n, c, oc, hw, k, stride, pool):
+    """VNNI: ResNet's stem (conv, ReLU, max pooling in the epilogue) writes the pooled values as uint8 codes of a
+    calibrated scale, bordered by code 0, for the int8 convs that read it."""
+    vnni = PATHS[0]
+    if not vnni.features <= targets.host_features():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    from bitpass.backends.tvm import avx512
+
+    ob = kernels.out_block(oc, vnni.lanes)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, vnni.levels)
+    conv = _conv_int8_reference(x, codes, c, sw, b, stride, k // 2, 1, 0, vnni.levels)
+    pooled = _max_pool_reference(np.maximum(conv, 0), *pool).astype(np.float32)
+    scale = np.float32(0.9 * pooled.max() / 255)
+    want = np.minimum(np.round(pooled * np.float32(1 / scale)), 255)
+    func = avx512.conv2d_int8(x.shape, oc, ob, (k, k), (stride, stride), (k // 2,) * 4, (1, 1), "relu", parallel=True,
+                              pool=pool, u8_out=float(scale)).with_attr("global_symbol", "main")
+    func = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(vnni.target))["main"]
+    dev = tvm.cpu()
+    got = tvm.runtime.tensor(np.full(avx512.u8_shape(want.shape), 7, np.uint32), dev)
+    func(*[tvm.runtime.tensor(a, dev) for a in (x, codes, sw, b)], got)
+    unpacked = _u8_unpacked(got.numpy())
+    pad = avx512.U8_PAD
+    inner = unpacked[:, :, pad:-pad, pad:-pad]
+    assert np.abs(inner.astype(int) - want).max() <= 1 and (inner == want).mean() > 0.999 and want.max() == 255
+    assert unpacked.sum() == inner.sum()  # the border holds code 0
+
+
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "kernel", "stride", "pad", "residual"),
                          [(1, 32, 32, 14, 3, 1, 1, False), (2, 16, 32, 9, 3, 2, 1, True), (3, 32, 64, 8, 1, 2, 0, False),
                           (1, 64, 64, 7, 3, 1, 1, True), (64, 16, 32, 6, 3, 1, 1, True), (1, 16, 32, 6, 1, 1, 0, False)])
@@ -439,8 +477,7 @@ def test_int8_convs_pass_uint8_codes_with_calibrated_scales_between_them(n, c, o
     y = tvm.runtime.tensor(np.full(avx512.u8_shape(y_fp.shape), 7, np.uint32), dev)  # the border is written too
     first(*[tvm.runtime.tensor(a, dev) for a in (x, codes1, sw1, b1)], y)
     got_words = y.numpy()
-    unpacked = np.stack([(got_words >> (8 * i)) & 255 for i in range(4)], axis=2).reshape(
-        n, oc, hw + 2 * avx512.U8_PAD, hw + 2 * avx512.U8_PAD)
+    unpacked = _u8_unpacked(got_words)
     inner = unpacked[:, :, avx512.U8_PAD:-avx512.U8_PAD, avx512.U8_PAD:-avx512.U8_PAD]
     assert np.abs(inner.astype(int) - y_codes.astype(int)).max() <= 1  # fp32 rounding of ties only
     assert (inner == y_codes).mean() > 0.999 and y_codes.max() == 255
