@@ -86,10 +86,11 @@ def conv2d_int8_pool_supported(pool: tuple[int, int, int]) -> bool:
 
 
 def u8_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """An NCHW activation kept as codes: [N, C/4, H + 2·U8_PAD, W + 2·U8_PAD] 32-bit words, each four channels'
-    uint8 codes of one pixel, lowest channel first, the border code 0."""
+    """An NCHW activation kept as codes: uint8 channels-last [N, H + 2·U8_PAD, W + 2·U8_PAD, C], the border code
+    0 (a reader's broadcast word is four channels of one pixel; a writer stores a register's 16 channels as 16
+    bytes)."""
     n, c, h, w = (int(d) for d in shape)
-    return (n, c // 4, h + 2 * U8_PAD, w + 2 * U8_PAD)
+    return (n, h + 2 * U8_PAD, w + 2 * U8_PAD, c)
 
 
 def u8_readable(channels: int, pads: tuple[int, int, int, int]) -> bool:
@@ -121,9 +122,9 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
 
     ``u8_in`` / ``u8_out`` / ``u8_res`` (a calibrated scale; 0: fp32 NCHW): the input / output / residual input
     is an activation kept as codes between int8 convs (``u8_shape``): uint8 with zero point 0 (the output of a
-    ReLU), four channels per 32-bit word, bordered by ``U8_PAD`` pixels of code 0. A reader takes its words as
+    ReLU), channels last, bordered by ``U8_PAD`` pixels of code 0. A reader broadcasts four channels' bytes as
     they are (no absmax, no packing pass, no border: the writer wrote it); a writer requantizes its epilogue's
-    fp32 values (bias, residual, ReLU) straight to codes: min(round(v / u8_out), 255)."""
+    fp32 values (bias, residual, ReLU) straight to codes, min(round(v / u8_out), 255), 16 channels per store."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
@@ -172,40 +173,32 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     ph, pw = ((oh + 2 * pp - pk) // ps + 1, (ow + 2 * pp - pk) // ps + 1) if pooled else (oh, ow)
     bands = kernels.pool_bands(n * oblocks, ph) if pooled else 1
     brows = ph // bands
-    out_shape, out_dtype = (u8_shape((n, oc, ph, pw)), "uint32") if writes_u8 else ((n, oc, ph, pw), "float32")
-    res_shape, res_dtype = (u8_shape((n, oc, oh, ow)), "uint32") if res_u8 else ((n, oc, oh, ow), "float32")
-    data_shape, data_dtype = (u8_shape(shape), "uint32") if reads_u8 else (shape, "float32")
+    out_shape, out_dtype = (u8_shape((n, oc, ph, pw)), "uint8") if writes_u8 else ((n, oc, ph, pw), "float32")
+    res_shape, res_dtype = (u8_shape((n, oc, oh, ow)), "uint8") if res_u8 else ((n, oc, oh, ow), "float32")
+    data_shape = u8_shape(shape) if reads_u8 else shape
     inv_out = 1.0 / u8_out if writes_u8 else 0.0
-    oquads = oc // 4
+    orows = ph + 2 * U8_PAD  # rows of the output codes, border included
 
     def residual_value(res, b, ch, y, x):  # the residual input at (b, ch, y, x) as fp32
         if not res_u8:
             return res[b, ch, y, x]
-        word = res[b, ch // 4, y + U8_PAD, x + U8_PAD]
-        code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", (ch % 4) * 8)), tirx.const(255, "uint32"))
-        return tirx.Cast("float32", tirx.Cast("int32", code)) * tirx.const(u8_res, "float32")
+        return tirx.Cast("float32", res[b, y + U8_PAD, x + U8_PAD, ch]) * tirx.const(u8_res, "float32")
 
-    def out_code(acc, offset, sx, wscale, bias, res, blk, row, xo, xi, v, g, i):  # one channel's u8 code
-        ch = blk * ob + v * LANES + g * 4 + i
-        value = tirx.Cast("float32", acc[(xi * vecs + v) * LANES + g * 4 + i] - offset[ch]) * (sx[row // oh] * wscale[ch]) \
-            + bias[ch]
-        if residual:
-            value = value + residual_value(res, row // oh, ch, row % oh, xo * owt + xi)
-        value = tirx.min(tirx.round(tirx.max(value, tirx.const(0.0, "float32")) * tirx.const(inv_out, "float32")),
-                         tirx.const(255.0, "float32"))
-        code = tirx.Cast("uint32", tirx.Cast("int32", value))
-        return code if i == 0 else code << tirx.const(8 * i, "uint32")
+    def to_code(value):  # a value ≥ 0 (after the ReLU) as its uint8 code
+        return tirx.Cast("uint8", tirx.Cast("int32", tirx.min(tirx.round(value * tirx.const(inv_out, "float32")),
+                                                              tirx.const(255.0, "float32"))))
     aout_slots = oblocks * bands if pooled else oblocks * oh
 
     @T.macro
     def epilogue_codes(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
-        for v, g in T.grid(vecs, LANES // 4):  # a word of 4 channels per column, the tile's columns one store
-            for xi in T.vectorized(owt):
-                out[row // oh, (blk * ob + v * LANES) // 4 + g, row % oh + U8_PAD, xo * owt + xi + U8_PAD] = (
-                    out_code(acc, offset, sx, wscale, bias, res, blk, row, xo, xi, v, g, 0)
-                    | out_code(acc, offset, sx, wscale, bias, res, blk, row, xo, xi, v, g, 1)
-                    | out_code(acc, offset, sx, wscale, bias, res, blk, row, xo, xi, v, g, 2)
-                    | out_code(acc, offset, sx, wscale, bias, res, blk, row, xo, xi, v, g, 3))
+        for xi, v in T.grid(owt, vecs):  # an accumulator register's 16 channels of one pixel: one 16-byte store
+            for z in T.vectorized(LANES):
+                out[row // oh, row % oh + U8_PAD, xo * owt + xi + U8_PAD, blk * ob + v * LANES + z] = to_code(T.max(
+                    T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
+                    * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
+                    + (residual_value(res, row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi)
+                       if residual else T.float32(0)),
+                    T.float32(0)))
 
     @T.macro
     def epilogue_fp32(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
@@ -297,6 +290,11 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 for z in range(qw - ql - iw):
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
 
+    def input_word(xq, b, q, y, x):  # channels 4q..4q+3 at (y, x) of the quantized image, in all 16 lanes
+        if reads_u8:  # the writer's channels-last bytes
+            return _broadcast_bytes(xq, ((b * qh + y) * qw + x) * c + q * 4, "uint8")
+        return _broadcast_word(xq, ((b * quads + q) * qh + y) * qw + x, "uint8")
+
     @T.macro
     def accumulate(wflat, xq, acc, blk, row, xo):  # the int32 sums of one tile: (block, sample row, column tile)
         for z in T.vectorized(owt * ob):
@@ -306,8 +304,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 for xi in T.unroll(owt):
                     acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
                         acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
-                        _broadcast_word(xq, (((row // oh) * quads + q) * qh + (row % oh) * ks + ky * dh + ro) * qw
-                                        + (xo * owt + xi) * kt + kx * dw + co, "uint8"),
+                        input_word(xq, row // oh, q, (row % oh) * ks + ky * dh + ro, (xo * owt + xi) * kt + kx * dw + co),
                         wflat[T.ramp(((((blk * quads + q) * kh + ky) * kw + kx) * ob + v * LANES) * 4, 1, 64)])
 
     @T.macro
@@ -345,16 +342,11 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         return value
 
     @T.macro
-    def pool_row_codes(ring, out, blk, b, py):  # the pooled values (≥ 0: after the ReLU) as codes, 4 per word
+    def pool_row_codes(ring, out, blk, b, py):  # the pooled values (≥ 0: after the ReLU) as codes, 16 per store
         for px, v in T.grid(pw, vecs):
-            pv = T.alloc_buffer((LANES,), "uint32", scope="local")
             for z in T.vectorized(LANES):
-                pv[z] = T.Cast("uint32", T.Cast("int32", T.min(T.round(window_max(ring, py, px, v * LANES + z)
-                                                                        * T.float32(inv_out)), T.float32(255))))
-            for g in range(LANES // 4):
-                out[b, (blk * ob + v * LANES) // 4 + g, py + U8_PAD, px + U8_PAD] = (
-                    pv[g * 4] | (pv[g * 4 + 1] << T.uint32(8)) | (pv[g * 4 + 2] << T.uint32(16))
-                    | (pv[g * 4 + 3] << T.uint32(24)))
+                out[b, py + U8_PAD, px + U8_PAD, blk * ob + v * LANES + z] = to_code(
+                    window_max(ring, py, px, v * LANES + z))
 
     @T.macro
     def pool_row_fp32(ring, out, pmax, blk, b, py):
@@ -424,15 +416,14 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
             offset[z] = 0
 
     @T.macro
-    def out_border(out, bq):  # codes out: the writer's border words hold code 0 (the readers' padding)
-        for y in range(ph + 2 * U8_PAD):
-            if y < U8_PAD or y >= ph + U8_PAD:
-                for z in range(pw + 2 * U8_PAD):
-                    out[bq // oquads, bq % oquads, y, z] = T.uint32(0)
-            else:
-                for z in range(U8_PAD):
-                    out[bq // oquads, bq % oquads, y, z] = T.uint32(0)
-                    out[bq // oquads, bq % oquads, y, pw + U8_PAD + z] = T.uint32(0)
+    def out_border(out, by):  # codes out: the border of row by % orows of sample by // orows holds code 0
+        if by % orows < U8_PAD or by % orows >= ph + U8_PAD:
+            for x, ch in T.grid(pw + 2 * U8_PAD, oc):
+                out[by // orows, by % orows, x, ch] = T.uint8(0)
+        else:
+            for x, ch in T.grid(U8_PAD, oc):
+                out[by // orows, by % orows, x, ch] = T.uint8(0)
+                out[by // orows, by % orows, pw + U8_PAD + x, ch] = T.uint8(0)
 
     @T.macro
     def main_loop(wflat, xq, offset, sx, wscale, bias, res, out, aout, par):
@@ -462,7 +453,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 border(xq, bq)
             quantize(data, dflat, ain, sx, inv, xq)
         if writes_u8:
-            for bq in range(n * oquads):
+            for bq in range(n * orows):
                 out_border(out, bq)
         main_loop(wflat, xq, offset, sx, wscale, bias, res, out, aout, loop)
 
@@ -501,7 +492,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         with T.attr(0, "pragma_parallel_launch_point", 1):
             if reads_u8:  # codes in: nothing to prepare but the scales (and the output's border)
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    for bq in T.parallel(n * oquads if writes_u8 else 1):
+                    for bq in T.parallel(n * orows if writes_u8 else 1):
                         if bq == 0:
                             input_scales_u8(sx)
                             zero_offsets(offset)
@@ -514,7 +505,7 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                     for bq in T.parallel(n * quads):
                         border(xq, bq)
                     if writes_u8:
-                        for bq in T.parallel(n * oquads):
+                        for bq in T.parallel(n * orows):
                             out_border(out, bq)
                     first_scales(dflat, ain, sx, inv)
                 with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
@@ -527,12 +518,12 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     # body reads none of them)
     if reads_u8:
         @T.prim_func(private=True)
-        def kernel_fn(data: T.Buffer(data_shape, "uint32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
+        def kernel_fn(data: T.Buffer(data_shape, "uint8"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
                       wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
                       res: T.Buffer(res_shape, res_dtype), ain: T.Buffer((n, slots_in), "float32"),
                       out: T.Buffer(out_shape, out_dtype), aout: T.Buffer((n, aout_slots), "float32")):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            xq = T.decl_buffer((words,), "uint32", data=data.data)  # the writer's words, border included
+            xq = T.decl_buffer((n * qh * qw * c,), "uint8", data=data.data)  # the writer's codes, border included
             body(data, xq, xq, codes, wscale, bias, res, ain, out, aout)
     else:
         @T.prim_func(private=True)

@@ -67,8 +67,8 @@ def plans_of(model: Model) -> list[NodePlan]:
 @dataclass
 class Codes:
     """An activation kept as uint8 codes between int8 convs (VNNI, calibrated): ``words`` is the Relax tensor
-    (``avx512.u8_shape``: four channels per 32-bit word, a border of code 0) standing for the NCHW fp32 tensor
-    of ``shape`` ≈ code · ``scale``. A node that cannot read codes gets ``decoded`` fp32, made once."""
+    (``avx512.u8_shape``: uint8 channels-last, a border of code 0) standing for the NCHW fp32 tensor of
+    ``shape`` ≈ code · ``scale``. A node that cannot read codes gets ``decoded`` fp32, made once."""
 
     words: Any
     shape: list[int]
@@ -291,12 +291,9 @@ class _Lowering:
 
             pad, scale = avx512.U8_PAD, value.scale
 
-            def te_decode(words):
-                return te.compute(value.shape, lambda b, c, y, x: tirx.Cast("float32", tirx.Cast(
-                    "int32", tirx.bitwise_and(tirx.shift_right(words[b, c // 4, y + pad, x + pad],
-                                                               tirx.Cast("uint32", (c % 4) * 8)),
-                                              tirx.const(255, "uint32")))) * tirx.const(scale, "float32"),
-                    name="decode_codes")
+            def te_decode(codes):
+                return te.compute(value.shape, lambda b, c, y, x: tirx.Cast("float32", codes[b, y + pad, x + pad, c])
+                                  * tirx.const(scale, "float32"), name="decode_codes")
 
             value.decoded = bb.emit_te(te_decode, value.words, primfunc_name_hint="bitpass_decode_codes")
         return value.decoded
@@ -910,7 +907,7 @@ class _Lowering:
                 *([amax_in] if amax_in is not None else [])]
         if out_scale is None:
             return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
-        words = bb.emit(relax.call_tir(gv, args, relax.TensorType(avx512.u8_shape(out_shape), "uint32")))
+        words = bb.emit(relax.call_tir(gv, args, relax.TensorType(avx512.u8_shape(out_shape), "uint8")))
         return Codes(words, list(out_shape), out_scale)
 
     def _fused_pool(self, value: str, geometry: dict[str, Any], taps: int, ob: int, residual,

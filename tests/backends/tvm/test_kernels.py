@@ -393,14 +393,11 @@ def test_int8_conv_writes_its_output_absmax_and_the_next_reads_it_instead_of_its
 
 
 def _u8_words(codes: np.ndarray) -> np.ndarray:
-    """numpy: NCHW uint8 codes as ``avx512.u8_shape`` words (four channels per word, lowest first, border 0)."""
+    """numpy: NCHW uint8 codes as ``avx512.u8_shape`` (channels last, a border of code 0)."""
     from bitpass.backends.tvm import avx512
 
-    n, c, h, w = codes.shape
     pad = avx512.U8_PAD
-    quads = codes.astype(np.uint32).reshape(n, c // 4, 4, h, w)
-    words = quads[:, :, 0] | quads[:, :, 1] << 8 | quads[:, :, 2] << 16 | quads[:, :, 3] << 24
-    return np.pad(words, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    return np.pad(codes.transpose(0, 2, 3, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(np.uint8)
 
 
 def _u8_kernel(shape, oc, ob, kernel, stride, pad, target, **modes):
@@ -411,10 +408,9 @@ def _u8_kernel(shape, oc, ob, kernel, stride, pad, target, **modes):
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))["main"]
 
 
-def _u8_unpacked(words: np.ndarray) -> np.ndarray:
-    """numpy: ``avx512.u8_shape`` words back to NCHW codes, the border included."""
-    n, quads, h, w = words.shape
-    return np.stack([(words >> (8 * i)) & 255 for i in range(4)], axis=2).reshape(n, quads * 4, h, w)
+def _u8_unpacked(codes: np.ndarray) -> np.ndarray:
+    """numpy: ``avx512.u8_shape`` codes back to NCHW, the border included."""
+    return codes.transpose(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "pool"),
@@ -440,7 +436,7 @@ def test_int8_conv_with_a_fused_max_pooling_writes_its_pooled_output_as_codes(n,
                               pool=pool, u8_out=float(scale)).with_attr("global_symbol", "main")
     func = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(vnni.target))["main"]
     dev = tvm.cpu()
-    got = tvm.runtime.tensor(np.full(avx512.u8_shape(want.shape), 7, np.uint32), dev)
+    got = tvm.runtime.tensor(np.full(avx512.u8_shape(want.shape), 7, np.uint8), dev)
     func(*[tvm.runtime.tensor(a, dev) for a in (x, codes, sw, b)], got)
     unpacked = _u8_unpacked(got.numpy())
     pad = avx512.U8_PAD
@@ -454,8 +450,8 @@ def test_int8_conv_with_a_fused_max_pooling_writes_its_pooled_output_as_codes(n,
                           (1, 64, 64, 7, 3, 1, 1, True), (64, 16, 32, 6, 3, 1, 1, True), (1, 16, 32, 6, 1, 1, 0, False)])
 def test_int8_convs_pass_uint8_codes_with_calibrated_scales_between_them(n, c, oc, hw, kernel, stride, pad, residual):
     """VNNI: a conv with a ReLU writes its output as uint8 codes of a calibrated scale (min(round(y / s), 255),
-    zero point 0), four channels per word with a border of code 0; the next conv reads the words in place (3×3
-    padded, 1×1 strided), and a residual input may be codes too. Each is the integer conv of the codes."""
+    zero point 0), channels last with a border of code 0; the next conv reads them in place (3×3 padded, 1×1
+    strided), and a residual input may be codes too. Each is the integer conv of the codes."""
     vnni = PATHS[0]
     if not vnni.features <= targets.host_features():
         pytest.skip("this CPU lacks AVX-512 VNNI")
@@ -474,7 +470,7 @@ def test_int8_convs_pass_uint8_codes_with_calibrated_scales_between_them(n, c, o
     dev = tvm.cpu()
 
     first = _u8_kernel(x.shape, oc, ob, 3, 1, 1, vnni.target, u8_out=float(s1))
-    y = tvm.runtime.tensor(np.full(avx512.u8_shape(y_fp.shape), 7, np.uint32), dev)  # the border is written too
+    y = tvm.runtime.tensor(np.full(avx512.u8_shape(y_fp.shape), 7, np.uint8), dev)  # the border is written too
     first(*[tvm.runtime.tensor(a, dev) for a in (x, codes1, sw1, b1)], y)
     got_words = y.numpy()
     unpacked = _u8_unpacked(got_words)
