@@ -108,7 +108,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
                 act: str, parallel: bool, residual: bool = False, amax_in: int = 0,
                 amax_out: bool = False, pool: tuple[int, int, int] = (0, 0, 0), u8_in: float = 0.0,
-                u8_out: float = 0.0, u8_res: float = 0.0) -> tirx.PrimFunc:
+                u8_out: float = 0.0, u8_res: float = 0.0, nhwc_out: float | bool = False,
+                nhwc_res: float | bool = False) -> tirx.PrimFunc:
     """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``; ``residual``,
     ``amax_in`` (the input absmax's slots per sample; 0: none) and ``amax_out`` add the TE kernel's optional
     parameters, in its order (data, codes, wscale, bias, [residual], [input absmax], out, [output absmax]).
@@ -124,7 +125,11 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     is an activation kept as codes between int8 convs (``u8_shape``): uint8 with zero point 0 (the output of a
     ReLU), channels last, bordered by ``U8_PAD`` pixels of code 0. A reader broadcasts four channels' bytes as
     they are (no absmax, no packing pass, no border: the writer wrote it); a writer requantizes its epilogue's
-    fp32 values (bias, residual, ReLU) straight to codes, min(round(v / u8_out), 255), 16 channels per store."""
+    fp32 values (bias, residual, ReLU) straight to codes, min(round(v / u8_out), 255), 16 channels per store.
+    ``nhwc_out`` / ``nhwc_res``: the output / residual input is channels-last [N, H, W, C] (a conv without a ReLU
+    whose output is the residual input of a conv that writes codes: that epilogue reads 16 channels at once):
+    True for fp32, a scale for signed int8 codes (clip(round(v / scale), ±127), zero point 0, as ORT's U8S8 keeps
+    a residual branch in 8 bits)."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
@@ -133,6 +138,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         raise ValueError(f"a conv with pads {pads} over {c} channels cannot read codes bordered by {U8_PAD}")
     if writes_u8 and (act != "relu" or amax_out or oc % 4):
         raise ValueError("only a conv with a fused ReLU and no absmax output writes codes")
+    if nhwc_out and (writes_u8 or amax_out or pool[0]) or nhwc_res and res_u8:
+        raise ValueError("a channels-last fp32 output or residual is neither codes nor pooled nor with an absmax")
     hp, wp = h + pt + pb, wd + pl + pr
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     quads = kernels.conv_int8_channels(c) // 4
@@ -173,13 +180,21 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     ph, pw = ((oh + 2 * pp - pk) // ps + 1, (ow + 2 * pp - pk) // ps + 1) if pooled else (oh, ow)
     bands = kernels.pool_bands(n * oblocks, ph) if pooled else 1
     brows = ph // bands
-    out_shape, out_dtype = (u8_shape((n, oc, ph, pw)), "uint8") if writes_u8 else ((n, oc, ph, pw), "float32")
-    res_shape, res_dtype = (u8_shape((n, oc, oh, ow)), "uint8") if res_u8 else ((n, oc, oh, ow), "float32")
+    out_shape, out_dtype = (u8_shape((n, oc, ph, pw)), "uint8") if writes_u8 else \
+        ((n, ph, pw, oc) if nhwc_out else (n, oc, ph, pw), "float32" if isinstance(nhwc_out, bool) else "int8")
+    res_shape, res_dtype = (u8_shape((n, oc, oh, ow)), "uint8") if res_u8 else \
+        ((n, oh, ow, oc) if nhwc_res else (n, oc, oh, ow), "float32" if isinstance(nhwc_res, bool) else "int8")
+    nhwc_inv = 0.0 if isinstance(nhwc_out, bool) else 1.0 / nhwc_out
+    writes_nhwc = bool(nhwc_out)  # (TVMScript's conditions take bools only)
     data_shape = u8_shape(shape) if reads_u8 else shape
     inv_out = 1.0 / u8_out if writes_u8 else 0.0
     orows = ph + 2 * U8_PAD  # rows of the output codes, border included
 
     def residual_value(res, b, ch, y, x):  # the residual input at (b, ch, y, x) as fp32
+        if nhwc_res:
+            if isinstance(nhwc_res, bool):
+                return res[b, y, x, ch]
+            return tirx.Cast("float32", res[b, y, x, ch]) * tirx.const(nhwc_res, "float32")
         if not res_u8:
             return res[b, ch, y, x]
         return tirx.Cast("float32", res[b, y + U8_PAD, x + U8_PAD, ch]) * tirx.const(u8_res, "float32")
@@ -200,6 +215,24 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                        if residual else T.float32(0)),
                     T.float32(0)))
 
+    def to_nhwc(value):  # fp32, or its signed int8 code
+        if isinstance(nhwc_out, bool):
+            return value
+        return tirx.Cast("int8", tirx.Cast("int32", tirx.max(tirx.min(
+            tirx.round(value * tirx.const(nhwc_inv, "float32")), tirx.const(127.0, "float32")),
+            tirx.const(-127.0, "float32"))))
+
+    @T.macro
+    def epilogue_nhwc(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
+        for xi, v in T.grid(owt, vecs):  # an accumulator register's 16 channels of one pixel: one store
+            for z in T.vectorized(LANES):
+                out[row // oh, row % oh, xo * owt + xi, blk * ob + v * LANES + z] = to_nhwc(T.max(
+                    T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
+                    * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
+                    + (residual_value(res, row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi)
+                       if residual else T.float32(0)),
+                    T.float32(floor)))
+
     @T.macro
     def epilogue_fp32(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
         for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
@@ -218,6 +251,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     def epilogue(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
         if writes_u8:
             epilogue_codes(acc, offset, sx, wscale, bias, res, out, blk, row, xo)
+        elif writes_nhwc:
+            epilogue_nhwc(acc, offset, sx, wscale, bias, res, out, blk, row, xo)
         else:
             epilogue_fp32(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo)
 

@@ -77,6 +77,18 @@ class Codes:
 
 
 @dataclass
+class ChannelsLast:
+    """An activation ``tensor`` stored [N, H, W, C] for the NCHW ``shape``: a conv without a ReLU whose output is
+    the residual input of an int8 conv writing codes (whose epilogue reads 16 channels at once); signed int8
+    codes of ``scale`` where calibrated, else fp32 (``scale`` None)."""
+
+    tensor: Any
+    shape: list[int]
+    scale: float | None = None
+    decoded: Any = None
+
+
+@dataclass
 class LoweringReport:
     """What each layer became (kernel and width) and how every other node was lowered, for the manifest."""
 
@@ -144,6 +156,7 @@ class _Lowering:
         self.plans = {id(node): plan for node, plan in zip(self.nodes, plans)}
         self.inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer = {name: node for node in self.nodes for name in node.output if name}
         for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
@@ -185,7 +198,7 @@ class _Lowering:
         return value
 
     def shape_of(self, value) -> list[int]:
-        if isinstance(value, Codes):
+        if isinstance(value, (Codes, ChannelsLast)):
             return list(value.shape)
         if isinstance(value, np.ndarray):
             return list(value.shape)
@@ -193,7 +206,7 @@ class _Lowering:
 
     @staticmethod
     def dtype_of(value) -> str:
-        if isinstance(value, Codes):
+        if isinstance(value, (Codes, ChannelsLast)):
             return "float32"
         if isinstance(value, np.ndarray):
             return str(value.dtype)
@@ -281,7 +294,18 @@ class _Lowering:
                     self.nonnegative.add(name)
 
     def fp32(self, bb, value):
-        """``value`` as an fp32 tensor: codes decoded (once per value), anything else as it is."""
+        """``value`` as an fp32 NCHW tensor: codes decoded, channels-last transposed (once per value), anything else
+        as it is."""
+        if isinstance(value, ChannelsLast):
+            if value.decoded is None:
+                from tvm import relax
+
+                nchw = bb.emit(relax.op.permute_dims(value.tensor, [0, 3, 1, 2]))
+                if value.scale is not None:
+                    nchw = bb.emit(relax.op.multiply(relax.op.astype(nchw, "float32"),
+                                                     self.const(np.array(value.scale, np.float32))))
+                value.decoded = nchw
+            return value.decoded
         if not isinstance(value, Codes):
             return value
         if value.decoded is None:
@@ -724,7 +748,8 @@ class _Lowering:
         if residual and user is not None and user.op_type == "Add" and user.domain in ("", "ai.onnx") \
                 and len(user.input) == 2 and user.input[0] != user.input[1]:
             other = self.env.get(user.input[1] if user.input[0] == out else user.input[0])
-            if isinstance(other, Codes) and not (self.plan(node).weight_bits == 8 and self.scheme.int8_codes):
+            if isinstance(other, (Codes, ChannelsLast)) and \
+                    not (self.plan(node).weight_bits == 8 and self.scheme.int8_codes):
                 other = self.fp32(bb, other)
             if other is not None and not isinstance(other, np.ndarray) and self.shape_of(other) == out_shape \
                     and self.dtype_of(other) == "float32":
@@ -804,16 +829,18 @@ class _Lowering:
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
         carry = self.scheme.int8_amax_carry
         vnni = self.scheme.int8_codes and geometry["groups"] == 1 and not taps and ob % self.lanes == 0
-        if isinstance(x, Codes) and not (vnni and self._reads_codes_in_place(node)):
+        if isinstance(x, ChannelsLast) or isinstance(x, Codes) and not (vnni and self._reads_codes_in_place(node)):
             x = self.fp32(bb, x)
-        if isinstance(residual, Codes) and not vnni:
+        if isinstance(residual, (Codes, ChannelsLast)) and not vnni:
             residual = self.fp32(bb, residual)
         amax_in = self.absmax.get(node.input[0]) if carry and not isinstance(x, Codes) else None
         pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, taps, ob, residual)
         final = self._alias[-1] if self._alias else node.output[0]
         out_scale = self._code_scale(final, act) if vnni and len(out_shape) == 4 else None
+        nhwc_out = vnni and out_scale is None and not pool[0] and len(out_shape) == 4 and \
+            self._residual_of_code_writer(final)
         amax_out = carry and geometry["groups"] == 1 and not taps and ob % self.lanes == 0 and \
-            self._int8_conv_reads(final) and len(out_shape) == 4 and out_scale is None
+            self._int8_conv_reads(final) and len(out_shape) == 4 and out_scale is None and not nhwc_out
 
         def make8():
             codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob, taps, levels)
@@ -824,12 +851,14 @@ class _Lowering:
         tags = KernelAttrs("conv2d_int8", ob, act=act, residual=residual is not None, taps=taps, levels=levels,
                            amax_in=amax_in is not None, amax_out=amax_out, pool=pool, **geometry)
         self._record(node, "conv2d_int8", 8, nbytes, tags)
-        if isinstance(x, Codes) or isinstance(residual, Codes) or out_scale is not None:
+        if isinstance(x, Codes) or isinstance(residual, (Codes, ChannelsLast)) or out_scale is not None or nhwc_out:
             entry = self.report.layers[str(self.plan(node).layer_id or node.name)]
             entry["activations"] = {"in": "uint8" if isinstance(x, Codes) else "float32",
-                                    "out": "uint8" if out_scale is not None else "float32"}
+                                    "out": "uint8" if out_scale is not None else
+                                    ("int8" if final in self.ranges else "float32") + " channels-last" if nhwc_out
+                                    else "float32"}
             return self._conv_int8_codes(bb, x, codes, scale, self.expr(b), residual, amax_in, tags, out_shape,
-                                         out_scale)
+                                         out_scale, nhwc_out, final)
         has_residual = residual is not None
 
         def te_conv8(data, cc, ss, bb_, *rest):
@@ -873,15 +902,37 @@ class _Lowering:
                 continue
             if user.op_type == "Add" and len(user.input) == 2 and user.input[0] != user.input[1]:
                 other = user.input[1] if user.input[0] == value else user.input[0]
-                writer = next((n for n in self.nodes if other in n.output), None)
+                writer = self.producer.get(other)
                 if writer is not None and writer.op_type == "Conv" and self._single_consumer(other) is user and \
                         self.plan(writer).weight_bits == 8 and self._reads_codes_in_place(writer):
                     continue
             return None
         return float(lo_hi[1]) / 255.0
 
+    def _residual_of_code_writer(self, value: str) -> bool:
+        """Whether ``value`` (a conv's output) is read only by an Add that an int8 conv not lowered yet will fuse
+        as its residual input while writing codes (``_code_scale``): then it is written channels-last."""
+        user = self._single_consumer(value)
+        if user is None or user.op_type != "Add" or user.domain not in ("", "ai.onnx") or len(user.input) != 2 or \
+                user.input[0] == user.input[1]:
+            return False
+        other = user.input[1] if user.input[0] == value else user.input[0]
+        writer = self.producer.get(other)
+        if other in self.env or writer is None or writer.op_type != "Conv" or self._single_consumer(other) is not user \
+                or self.plan(writer).weight_bits != 8:
+            return False
+        attrs = _attrs(writer)
+        w = self.inits.get(writer.input[1]) if len(writer.input) > 1 else None
+        if w is None or w.ndim != 4 or attrs.get("group", 1) != 1 or \
+                kernels.conv_int8_taps(int(w.shape[1]), int(w.shape[3]), attrs.get("dilations", [1, 1])[1]) or \
+                kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes:
+            return False
+        after = self._single_consumer(user.output[0])
+        relu = after is not None and after.op_type == "Relu" and after.domain in ("", "ai.onnx")
+        return self._code_scale(after.output[0] if relu else user.output[0], "relu" if relu else "none") is not None
+
     def _conv_int8_codes(self, bb, x, codes, scale, bias, residual, amax_in, tags: KernelAttrs, out_shape: list[int],
-                         out_scale: float | None):
+                         out_scale: float | None, nhwc_out: bool = False, final: str = ""):
         """The VNNI micro-kernel called directly (no TE definition takes codes): reading ``x`` as codes or fp32,
         ``residual`` as codes or fp32, writing codes of ``out_scale`` (a ``Codes`` value) or fp32."""
         from tvm import relax
@@ -890,6 +941,9 @@ class _Lowering:
 
         n, c, h, wd = self.shape_of(x)
         codes_shape = self.shape_of(codes)
+        lo_hi = self.ranges.get(final) if nhwc_out else None  # signed codes where the value is calibrated
+        nhwc_scale = max(abs(lo_hi[0]), abs(lo_hi[1])) / 127.0 if lo_hi and max(abs(lo_hi[0]), abs(lo_hi[1])) > 0 \
+            else None
         pk, ps, pp = tags.pool
         conv_shape = list(out_shape)
         if pk:  # the kernel writes the pooled tensor
@@ -900,11 +954,18 @@ class _Lowering:
             (n, c, h, wd), out_shape[1], tags.nb, (codes_shape[2], codes_shape[3]), tags.strides, tags.pads,
             tags.dilations, tags.act, parallel=work >= schedules.PARALLEL_MIN_WORK, residual=residual is not None,
             amax_in=slots, pool=tags.pool, u8_in=x.scale if isinstance(x, Codes) else 0.0,
-            u8_out=out_scale or 0.0, u8_res=residual.scale if isinstance(residual, Codes) else 0.0)
+            u8_out=out_scale or 0.0, u8_res=residual.scale if isinstance(residual, Codes) else 0.0,
+            nhwc_out=nhwc_scale or nhwc_out,
+            nhwc_res=(residual.scale or True) if isinstance(residual, ChannelsLast) else False)
         gv = bb.add_func(tags.tag(kernel), "bitpass_conv2d_int8_codes")
         args = [x.words if isinstance(x, Codes) else x, codes, scale, bias,
-                *([residual.words if isinstance(residual, Codes) else residual] if residual is not None else []),
+                *([residual.words if isinstance(residual, Codes) else
+                   residual.tensor if isinstance(residual, ChannelsLast) else residual] if residual is not None else []),
                 *([amax_in] if amax_in is not None else [])]
+        if nhwc_out:
+            nhwc = [out_shape[0], out_shape[2], out_shape[3], out_shape[1]]
+            tensor = bb.emit(relax.call_tir(gv, args, relax.TensorType(nhwc, "int8" if nhwc_scale else "float32")))
+            return ChannelsLast(tensor, list(out_shape), nhwc_scale)
         if out_scale is None:
             return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
         words = bb.emit(relax.call_tir(gv, args, relax.TensorType(avx512.u8_shape(out_shape), "uint8")))
