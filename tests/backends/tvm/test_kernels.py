@@ -604,3 +604,27 @@ def test_all_cnn_layers_at_8_bits_keep_the_fp32_top1(tmp_path, cnn_model, digits
     assert [report[layer.id]["kernel"] for layer in layers] == [want[layer.op_type] for layer in layers]
     fidelity = artifact.metrics["quality"]["fidelity"]
     assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
+
+
+def test_a_calibrated_int8_compile_passes_codes_between_convs_and_keeps_the_fp32_top1(tmp_path, cnn_model,
+                                                                                       digits_files):
+    """``compile`` with a calibrate pass hands its activation ranges to the TVM backend: on VNNI the second conv
+    (ReLU, max pooling fused) writes uint8 codes of the calibrated scale and the third reads them; the held-out
+    top-1 and cosine stay where the per-sample scheme has them."""
+    from bitpass.tools import compile
+
+    if not kernels.scheme_for(SPEC.features).int8_codes:
+        pytest.skip("this CPU's int8 conv does not pass codes (no AVX-512 VNNI)")
+    layers = [layer for layer in cnn_model.layers() if layer.op_type in ("Conv", "Gemm")]
+    bits = ",".join(f"set-bits(layers={layer.id},weight=8)" for layer in layers)
+    artifact = compile(cnn_model, tmp_path / "codes", backend="tvm",
+                       pipeline=f"fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),{bits}",
+                       calibration=str(digits_files / "calib.npz"), evaluation=str(digits_files / "eval.npz"),
+                       latency=False)
+    report = json.loads((artifact.path / "tvm.json").read_text())["layers"]
+    convs = [report[layer.id] for layer in layers if layer.op_type == "Conv"]
+    assert [conv.get("activations") for conv in convs] == [
+        None, {"in": "float32", "out": "uint8"}, {"in": "uint8", "out": "float32"}]
+    assert convs[1]["epilogue"] == "bias+relu+maxpool"
+    fidelity = artifact.metrics["quality"]["fidelity"]
+    assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
