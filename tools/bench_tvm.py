@@ -8,7 +8,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
 * ``models``: ResNet-18 (torchvision, random init) at batch 1 and 32, MobileNetV3-small at batch 1, a
   BERT-class encoder (transformers, random init; hidden 256, 4 layers, sequence 128) at batch 1: ORT fp32,
   ORT int8 QDQ U8S8 (``quantize_static``, per-channel weights; the fastest ORT int8 on a VNNI CPU), TVM fp32
-  and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels). Ratios are ORT fp32 latency / variant
+  and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels; activation ranges calibrated min-max on the
+  same feeds as ORT's U8S8, so int8 convs pass each other uint8 codes). Ratios are ORT fp32 latency / variant
   latency (> 1: faster than ORT fp32). TVM's outputs are checked against ORT fp32 first (cosine).
 * ``gemv``: a 4-bit weight-only GEMV at batch 1 on a weight at least twice the last-level cache (sized from
   sysfs), TVM's int4 kernel vs ORT MatMulNBits at block sizes 32, 64 and 128 (accuracy_level 4: int8
@@ -19,8 +20,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   max pooling TVM fused into the stem conv counts as conv, as ORT's fused Relu does):
   TVM's functions timed by the Relax VM's instrument hooks, ORT's nodes by its own profiler
   (``enable_profiling``), beside each model's whole call. Single ops in isolation hide what a model pays
-  between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's int8 kernels quantize their
-  fp32 input on every call).
+  between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's calibrated int8 convs keep
+  uint8 channels-last codes).
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
 ``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
