@@ -339,7 +339,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 for xi in T.unroll(owt):
                     acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
                         acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
-                        input_word(xq, row // oh, q, (row % oh) * ks + ky * dh + ro, (xo * owt + xi) * kt + kx * dw + co),
+                        input_word(xq, row // oh, q, (row % oh) * ks + ky * dh + ro,
+                                   (xo * owt + xi) * kt + kx * dw + co),
                         wflat[T.ramp(((((blk * quads + q) * kh + ky) * kw + kx) * ob + v * LANES) * 4, 1, 64)])
 
     @T.macro

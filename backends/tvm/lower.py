@@ -839,6 +839,8 @@ class _Lowering:
         out_scale = self._code_scale(final, act) if vnni and len(out_shape) == 4 else None
         nhwc_out = vnni and out_scale is None and not pool[0] and len(out_shape) == 4 and \
             self._residual_of_code_writer(final)
+        lo, hi = self.ranges.get(final, (0.0, 0.0))
+        nhwc_scale = max(abs(lo), abs(hi)) / 127.0 if nhwc_out and max(abs(lo), abs(hi)) > 0 else None
         amax_out = carry and geometry["groups"] == 1 and not taps and ob % self.lanes == 0 and \
             self._int8_conv_reads(final) and len(out_shape) == 4 and out_scale is None and not nhwc_out
 
@@ -855,10 +857,10 @@ class _Lowering:
             entry = self.report.layers[str(self.plan(node).layer_id or node.name)]
             entry["activations"] = {"in": "uint8" if isinstance(x, Codes) else "float32",
                                     "out": "uint8" if out_scale is not None else
-                                    ("int8" if final in self.ranges else "float32") + " channels-last" if nhwc_out
+                                    ("int8" if nhwc_scale else "float32") + " channels-last" if nhwc_out
                                     else "float32"}
             return self._conv_int8_codes(bb, x, codes, scale, self.expr(b), residual, amax_in, tags, out_shape,
-                                         out_scale, nhwc_out, final)
+                                         out_scale, nhwc_out, nhwc_scale)
         has_residual = residual is not None
 
         def te_conv8(data, cc, ss, bb_, *rest):
@@ -932,18 +934,16 @@ class _Lowering:
         return self._code_scale(after.output[0] if relu else user.output[0], "relu" if relu else "none") is not None
 
     def _conv_int8_codes(self, bb, x, codes, scale, bias, residual, amax_in, tags: KernelAttrs, out_shape: list[int],
-                         out_scale: float | None, nhwc_out: bool = False, final: str = ""):
+                         out_scale: float | None, nhwc_out: bool = False, nhwc_scale: float | None = None):
         """The VNNI micro-kernel called directly (no TE definition takes codes): reading ``x`` as codes or fp32,
-        ``residual`` as codes or fp32, writing codes of ``out_scale`` (a ``Codes`` value) or fp32."""
+        ``residual`` as codes, channels-last or fp32, writing codes of ``out_scale`` (a ``Codes`` value),
+        channels-last (signed codes of ``nhwc_scale``, or fp32) or fp32."""
         from tvm import relax
 
         from bitpass.backends.tvm import avx512, schedules
 
         n, c, h, wd = self.shape_of(x)
         codes_shape = self.shape_of(codes)
-        lo_hi = self.ranges.get(final) if nhwc_out else None  # signed codes where the value is calibrated
-        nhwc_scale = max(abs(lo_hi[0]), abs(lo_hi[1])) / 127.0 if lo_hi and max(abs(lo_hi[0]), abs(lo_hi[1])) > 0 \
-            else None
         pk, ps, pp = tags.pool
         conv_shape = list(out_shape)
         if pk:  # the kernel writes the pooled tensor
@@ -958,9 +958,9 @@ class _Lowering:
             nhwc_out=nhwc_scale or nhwc_out,
             nhwc_res=(residual.scale or True) if isinstance(residual, ChannelsLast) else False)
         gv = bb.add_func(tags.tag(kernel), "bitpass_conv2d_int8_codes")
-        args = [x.words if isinstance(x, Codes) else x, codes, scale, bias,
-                *([residual.words if isinstance(residual, Codes) else
-                   residual.tensor if isinstance(residual, ChannelsLast) else residual] if residual is not None else []),
+        stored = {Codes: lambda v: v.words, ChannelsLast: lambda v: v.tensor}
+        args = [stored.get(type(x), lambda v: v)(x), codes, scale, bias,
+                *([stored.get(type(residual), lambda v: v)(residual)] if residual is not None else []),
                 *([amax_in] if amax_in is not None else [])]
         if nhwc_out:
             nhwc = [out_shape[0], out_shape[2], out_shape[3], out_shape[1]]

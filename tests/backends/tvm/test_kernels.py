@@ -446,8 +446,9 @@ def test_int8_conv_with_a_fused_max_pooling_writes_its_pooled_output_as_codes(n,
 
 
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "kernel", "stride", "pad", "residual"),
-                         [(1, 32, 32, 14, 3, 1, 1, False), (2, 16, 32, 9, 3, 2, 1, True), (3, 32, 64, 8, 1, 2, 0, False),
-                          (1, 64, 64, 7, 3, 1, 1, True), (64, 16, 32, 6, 3, 1, 1, True), (1, 16, 32, 6, 1, 1, 0, False)])
+                         [(1, 32, 32, 14, 3, 1, 1, False), (2, 16, 32, 9, 3, 2, 1, True),
+                          (3, 32, 64, 8, 1, 2, 0, False), (1, 64, 64, 7, 3, 1, 1, True),
+                          (64, 16, 32, 6, 3, 1, 1, True), (1, 16, 32, 6, 1, 1, 0, False)])
 def test_int8_convs_pass_uint8_codes_with_calibrated_scales_between_them(n, c, oc, hw, kernel, stride, pad, residual):
     """VNNI: a conv with a ReLU writes its output as uint8 codes of a calibrated scale (min(round(y / s), 255),
     zero point 0), channels last with a border of code 0; the next conv reads them in place (3×3 padded, 1×1
