@@ -656,7 +656,8 @@ def _compile(
         _legalize(backend_impl, candidate, target, "compiled model")
         stage = destination.stage()
         say(f"emitting {backend} artifact")
-        files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress))
+        files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress),
+                                  **_ranges_keyword(backend_impl.emit, ctx))
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
@@ -891,6 +892,19 @@ def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]
         return {"progress": progress} if "progress" in inspect.signature(emit).parameters else {}
     except (TypeError, ValueError):
         return {}
+
+
+def _ranges_keyword(emit: Callable[..., Any], ctx: PassContext) -> dict[str, Any]:
+    """``{"activation_ranges": {tensor: (lo, hi)}}`` for a backend whose ``emit`` takes the calibrated ranges (TVM:
+    int8 convs pass each other uint8 codes of those scales), when the pipeline calibrated."""
+    import inspect
+
+    ranges = ctx.analyses.optional(ACTIVATION_RANGES)
+    try:
+        takes = "activation_ranges" in inspect.signature(emit).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"activation_ranges": dict(ranges.ranges)} if takes and ranges is not None else {}
 
 
 def _keep_reference(model: Any, reference_file: Path, reference_model: Model) -> dict[str, Any]:

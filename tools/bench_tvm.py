@@ -8,7 +8,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
 * ``models``: ResNet-18 (torchvision, random init) at batch 1 and 32, MobileNetV3-small at batch 1, a
   BERT-class encoder (transformers, random init; hidden 256, 4 layers, sequence 128) at batch 1: ORT fp32,
   ORT int8 QDQ U8S8 (``quantize_static``, per-channel weights; the fastest ORT int8 on a VNNI CPU), TVM fp32
-  and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels). Ratios are ORT fp32 latency / variant
+  and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels; activation ranges calibrated min-max on the
+  same feeds as ORT's U8S8, so int8 convs pass each other uint8 codes). Ratios are ORT fp32 latency / variant
   latency (> 1: faster than ORT fp32). TVM's outputs are checked against ORT fp32 first (cosine).
 * ``gemv``: a 4-bit weight-only GEMV at batch 1 on a weight at least twice the last-level cache (sized from
   sysfs), TVM's int4 kernel vs ORT MatMulNBits at block sizes 32, 64 and 128 (accuracy_level 4: int8
@@ -19,8 +20,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   max pooling TVM fused into the stem conv counts as conv, as ORT's fused Relu does):
   TVM's functions timed by the Relax VM's instrument hooks, ORT's nodes by its own profiler
   (``enable_profiling``), beside each model's whole call. Single ops in isolation hide what a model pays
-  between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's int8 kernels quantize their
-  fp32 input on every call).
+  between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's calibrated int8 convs keep
+  uint8 channels-last codes).
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
 ``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
@@ -252,6 +253,16 @@ def _int8_plan(model):
     return planned
 
 
+def calibrated_ranges(model, calib: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """Min-max activation ranges of ``model`` over the calibration feeds (as ORT U8S8's ``quantize_static`` is
+    calibrated here): the TVM int8 build passes uint8 codes of these scales between its int8 convs."""
+    from bitpass.frontend.data import from_arrays
+    from bitpass.passes.calibrate import compute_ranges
+
+    data = from_arrays({k: np.concatenate([f[k] for f in calib]) for k in calib[0]}, model.inputs, source="bench")
+    return compute_ranges(model, data, method="minmax")
+
+
 def bench_models(threads: int, rounds: int, quick: bool = False,
                  only_batches: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
@@ -270,11 +281,13 @@ def bench_models(threads: int, rounds: int, quick: bool = False,
         backend = TvmBackend(batches=batches)
         runners = {}
         with tempfile.TemporaryDirectory() as tmp:
+            ranges = calibrated_ranges(model, calib)
             for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
                 start = time.perf_counter()
                 directory = Path(tmp) / label.replace(" ", "_")
                 directory.mkdir()
-                backend.emit(plan, directory, backend.default_target)
+                backend.emit(plan, directory, backend.default_target,
+                             activation_ranges=ranges if label == "TVM int8" else None)
                 runners[label] = backend.load(directory, {})
                 print(f"  ({name}: {label} built in {time.perf_counter() - start:.0f} s)", flush=True)
             for batch in batches:
@@ -642,10 +655,12 @@ def bench_profile(threads: int, calls: int, batches: tuple[int, ...] = (1, 32)) 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
+        ranges = calibrated_ranges(model, calib)
         for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
             directory = Path(tmp) / label.replace(" ", "_")
             directory.mkdir()
-            backend.emit(plan, directory, backend.default_target)
+            backend.emit(plan, directory, backend.default_target,
+                         activation_ranges=ranges if label == "TVM int8" else None)
             runners[label] = backend.load(directory, {}).model
         for batch in batches:
             batched = {k: np.ascontiguousarray(np.repeat(v, batch, axis=0)) for k, v in feed.items()}

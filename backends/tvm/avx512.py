@@ -51,6 +51,9 @@ ACCUMULATORS = 24
 MAX_COLUMNS = 14
 #: input elements below which a prologue runs on one thread
 PROLOGUE_PARALLEL_MIN = 1 << 15
+#: pixels of code 0 around an activation kept as codes between int8 convs (``u8_shape``): a reader with padding up
+#: to this reads the writer's words in place
+U8_PAD = 1
 #: a parallel conv runs as one parallel launch with barriers between its stages (``body_one_launch``); False
 #: gives the former launch per stage, for timing one against the other
 ONE_LAUNCH = True
@@ -82,6 +85,20 @@ def conv2d_int8_pool_supported(pool: tuple[int, int, int]) -> bool:
     return kernels.pool_fusable(pool)
 
 
+def u8_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """An NCHW activation kept as codes: uint8 channels-last [N, H + 2·U8_PAD, W + 2·U8_PAD, C], the border code
+    0 (a reader's broadcast word is four channels of one pixel; a writer stores a register's 16 channels as 16
+    bytes)."""
+    n, c, h, w = (int(d) for d in shape)
+    return (n, h + 2 * U8_PAD, w + 2 * U8_PAD, c)
+
+
+def u8_readable(channels: int, pads: tuple[int, int, int, int]) -> bool:
+    """Whether a conv with these input channels and pads (top, left, bottom, right) reads codes in place."""
+    pt, pl, pb, pr = pads
+    return channels % 4 == 0 and pt == pb and pl == pr and max(pads) <= U8_PAD
+
+
 def conv_columns(ow: int, vecs: int) -> int:
     """Output columns per tile: the largest divisor of ``ow`` within the accumulator budget."""
     return microkernels.divisor(ow, min(MAX_COLUMNS, ACCUMULATORS // vecs))
@@ -90,7 +107,9 @@ def conv_columns(ow: int, vecs: int) -> int:
 def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int],
                 strides: tuple[int, int], pads: tuple[int, int, int, int], dilations: tuple[int, int],
                 act: str, parallel: bool, residual: bool = False, amax_in: int = 0,
-                amax_out: bool = False, pool: tuple[int, int, int] = (0, 0, 0)) -> tirx.PrimFunc:
+                amax_out: bool = False, pool: tuple[int, int, int] = (0, 0, 0), u8_in: float = 0.0,
+                u8_out: float = 0.0, u8_res: float = 0.0, nhwc_out: float | bool = False,
+                nhwc_res: float | bool = False) -> tirx.PrimFunc:
     """int8 NCHW conv (``kernels.conv2d_int8``, groups = 1, 8-bit codes) with ``vpdpbusd``; ``residual``,
     ``amax_in`` (the input absmax's slots per sample; 0: none) and ``amax_out`` add the TE kernel's optional
     parameters, in its order (data, codes, wscale, bias, [residual], [input absmax], out, [output absmax]).
@@ -100,10 +119,27 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     ``kernel`` rows held in cache ([row, column, channel]: a tile's accumulators are whole channel vectors per
     column), and each pooled row is taken from it as soon as its window is complete; ``out`` is the pooled
     tensor and the output absmax one slot per band. The conv's full output (102 MB for ResNet's stem at batch
-    32) never reaches memory."""
+    32) never reaches memory.
+
+    ``u8_in`` / ``u8_out`` / ``u8_res`` (a calibrated scale; 0: fp32 NCHW): the input / output / residual input
+    is an activation kept as codes between int8 convs (``u8_shape``): uint8 with zero point 0 (the output of a
+    ReLU), channels last, bordered by ``U8_PAD`` pixels of code 0. A reader broadcasts four channels' bytes as
+    they are (no absmax, no packing pass, no border: the writer wrote it); a writer requantizes its epilogue's
+    fp32 values (bias, residual, ReLU) straight to codes, min(round(v / u8_out), 255), 16 channels per store.
+    ``nhwc_out`` / ``nhwc_res``: the output / residual input is channels-last [N, H, W, C] (a conv without a ReLU
+    whose output is the residual input of a conv that writes codes: that epilogue reads 16 channels at once):
+    True for fp32, a scale for signed int8 codes (clip(round(v / scale), ±127), zero point 0, as ORT's U8S8 keeps
+    a residual branch in 8 bits)."""
     n, c, h, wd = shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilations, pads
+    reads_u8, writes_u8, res_u8 = u8_in > 0, u8_out > 0, u8_res > 0
+    if reads_u8 and not u8_readable(c, pads):
+        raise ValueError(f"a conv with pads {pads} over {c} channels cannot read codes bordered by {U8_PAD}")
+    if writes_u8 and (act != "relu" or amax_out or oc % 4):
+        raise ValueError("only a conv with a fused ReLU and no absmax output writes codes")
+    if nhwc_out and (writes_u8 or amax_out or pool[0]) or nhwc_res and res_u8:
+        raise ValueError("a channels-last fp32 output or residual is neither codes nor pooled nor with an absmax")
     hp, wp = h + pt + pb, wd + pl + pr
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     quads = kernels.conv_int8_channels(c) // 4
@@ -121,12 +157,15 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     steps = quads * kh * kw  # weight words per output
     # the quantized image: padded, or for a strided 1×1 conv without padding only the pixels it reads
     # (a quarter of them at stride 2), which the main loop then walks with stride 1
-    sub = kh == kw == 1 and not any(pads) and (sh, sw) != (1, 1)
+    sub = kh == kw == 1 and not any(pads) and (sh, sw) != (1, 1) and not reads_u8
     qh, qw = (oh, ow) if sub else (hp, wp)  # the quantized image's rows and columns
     ih, iw = (oh, ow) if sub else (h, wd)  # the image pixels quantized into it
     qy, qx = (sh, sw) if sub else (1, 1)  # source step per quantized pixel
     qt, ql = (0, 0) if sub else (pt, pl)  # where the image starts in it
     ks, kt = (1, 1) if sub else (sh, sw)  # the main loop's strides over it
+    ro, co = 0, 0  # where the conv's padded image starts in the quantized one (codes: inside their border)
+    if reads_u8:
+        qh, qw, ro, co = h + 2 * U8_PAD, wd + 2 * U8_PAD, U8_PAD - pt, U8_PAD - pl
     xlanes = microkernels.divisor(iw, LANES)
     # strided (sub) packing of whole channel quads reads each row's pixels as contiguous vectors, not gathers
     deinterleave = sub and qx > 1 and c % 4 == 0 and iw * qx <= wd
@@ -141,22 +180,81 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     ph, pw = ((oh + 2 * pp - pk) // ps + 1, (ow + 2 * pp - pk) // ps + 1) if pooled else (oh, ow)
     bands = kernels.pool_bands(n * oblocks, ph) if pooled else 1
     brows = ph // bands
-    out_shape = (n, oc, ph, pw)
+    out_shape, out_dtype = (u8_shape((n, oc, ph, pw)), "uint8") if writes_u8 else \
+        ((n, ph, pw, oc) if nhwc_out else (n, oc, ph, pw), "float32" if isinstance(nhwc_out, bool) else "int8")
+    res_shape, res_dtype = (u8_shape((n, oc, oh, ow)), "uint8") if res_u8 else \
+        ((n, oh, ow, oc) if nhwc_res else (n, oc, oh, ow), "float32" if isinstance(nhwc_res, bool) else "int8")
+    nhwc_inv = 0.0 if isinstance(nhwc_out, bool) else 1.0 / nhwc_out
+    writes_nhwc = bool(nhwc_out)  # (TVMScript's conditions take bools only)
+    data_shape = u8_shape(shape) if reads_u8 else shape
+    inv_out = 1.0 / u8_out if writes_u8 else 0.0
+    orows = ph + 2 * U8_PAD  # rows of the output codes, border included
+
+    def residual_value(res, b, ch, y, x):  # the residual input at (b, ch, y, x) as fp32
+        if nhwc_res:
+            if isinstance(nhwc_res, bool):
+                return res[b, y, x, ch]
+            return tirx.Cast("float32", res[b, y, x, ch]) * tirx.const(nhwc_res, "float32")
+        if not res_u8:
+            return res[b, ch, y, x]
+        return tirx.Cast("float32", res[b, y + U8_PAD, x + U8_PAD, ch]) * tirx.const(u8_res, "float32")
+
+    def to_code(value):  # a value ≥ 0 (after the ReLU) as its uint8 code
+        return tirx.Cast("uint8", tirx.Cast("int32", tirx.min(tirx.round(value * tirx.const(inv_out, "float32")),
+                                                              tirx.const(255.0, "float32"))))
     aout_slots = oblocks * bands if pooled else oblocks * oh
 
     @T.macro
-    def epilogue(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
+    def epilogue_codes(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
+        for xi, v in T.grid(owt, vecs):  # an accumulator register's 16 channels of one pixel: one 16-byte store
+            for z in T.vectorized(LANES):
+                out[row // oh, row % oh + U8_PAD, xo * owt + xi + U8_PAD, blk * ob + v * LANES + z] = to_code(T.max(
+                    T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
+                    * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
+                    + (residual_value(res, row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi)
+                       if residual else T.float32(0)),
+                    T.float32(0)))
+
+    def to_nhwc(value):  # fp32, or its signed int8 code
+        if isinstance(nhwc_out, bool):
+            return value
+        return tirx.Cast("int8", tirx.Cast("int32", tirx.max(tirx.min(
+            tirx.round(value * tirx.const(nhwc_inv, "float32")), tirx.const(127.0, "float32")),
+            tirx.const(-127.0, "float32"))))
+
+    @T.macro
+    def epilogue_nhwc(acc, offset, sx, wscale, bias, res, out, blk, row, xo):
+        for xi, v in T.grid(owt, vecs):  # an accumulator register's 16 channels of one pixel: one store
+            for z in T.vectorized(LANES):
+                out[row // oh, row % oh, xo * owt + xi, blk * ob + v * LANES + z] = to_nhwc(T.max(
+                    T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
+                    * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
+                    + (residual_value(res, row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi)
+                       if residual else T.float32(0)),
+                    T.float32(floor)))
+
+    @T.macro
+    def epilogue_fp32(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
         for v, z in T.grid(vecs, LANES):  # requantized a channel at a time: its owt columns are one NCHW store
             for xi in T.vectorized(owt):
                 out[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] = T.max(
                     T.Cast("float32", acc[(xi * vecs + v) * LANES + z] - offset[blk * ob + v * LANES + z])
                     * (sx[row // oh] * wscale[blk * ob + v * LANES + z]) + bias[blk * ob + v * LANES + z]
-                    + (res[row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi] if residual
-                       else T.float32(0)),
+                    + (residual_value(res, row // oh, blk * ob + v * LANES + z, row % oh, xo * owt + xi)
+                       if residual else T.float32(0)),
                     T.float32(floor))
                 if amax_out:  # |out| per column, over the tiles of one (block, row)
                     tmax[xi] = T.max(tmax[xi], T.fabs(out[row // oh, blk * ob + v * LANES + z, row % oh,
                                                           xo * owt + xi]))
+
+    @T.macro
+    def epilogue(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo):
+        if writes_u8:
+            epilogue_codes(acc, offset, sx, wscale, bias, res, out, blk, row, xo)
+        elif writes_nhwc:
+            epilogue_nhwc(acc, offset, sx, wscale, bias, res, out, blk, row, xo)
+        else:
+            epilogue_fp32(acc, offset, sx, wscale, bias, res, out, tmax, blk, row, xo)
 
     @T.macro
     def sample_scale(dflat, ain, sx, inv, b):  # per-sample amax, as kernels.conv2d_int8
@@ -227,6 +325,11 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 for z in range(qw - ql - iw):
                     xq[(bq * qh + y) * qw + ql + iw + z] = T.uint32(PADDING_WORD)
 
+    def input_word(xq, b, q, y, x):  # channels 4q..4q+3 at (y, x) of the quantized image, in all 16 lanes
+        if reads_u8:  # the writer's channels-last bytes
+            return _broadcast_bytes(xq, ((b * qh + y) * qw + x) * c + q * 4, "uint8")
+        return _broadcast_word(xq, ((b * quads + q) * qh + y) * qw + x, "uint8")
+
     @T.macro
     def accumulate(wflat, xq, acc, blk, row, xo):  # the int32 sums of one tile: (block, sample row, column tile)
         for z in T.vectorized(owt * ob):
@@ -236,8 +339,8 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
                 for xi in T.unroll(owt):
                     acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)] = _dot(
                         acc[T.ramp((xi * vecs + v) * LANES, 1, LANES)],
-                        _broadcast_word(xq, (((row // oh) * quads + q) * qh + (row % oh) * ks + ky * dh) * qw
-                                        + (xo * owt + xi) * kt + kx * dw, "uint8"),
+                        input_word(xq, row // oh, q, (row % oh) * ks + ky * dh + ro,
+                                   (xo * owt + xi) * kt + kx * dw + co),
                         wflat[T.ramp(((((blk * quads + q) * kh + ky) * kw + kx) * ob + v * LANES) * 4, 1, 64)])
 
     @T.macro
@@ -275,12 +378,26 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         return value
 
     @T.macro
-    def pool_row(ring, out, pmax, blk, b, py):
+    def pool_row_codes(ring, out, blk, b, py):  # the pooled values (≥ 0: after the ReLU) as codes, 16 per store
+        for px, v in T.grid(pw, vecs):
+            for z in T.vectorized(LANES):
+                out[b, py + U8_PAD, px + U8_PAD, blk * ob + v * LANES + z] = to_code(
+                    window_max(ring, py, px, v * LANES + z))
+
+    @T.macro
+    def pool_row_fp32(ring, out, pmax, blk, b, py):
         for px, v in T.grid(pw, vecs):
             for z in T.vectorized(LANES):
                 out[b, blk * ob + v * LANES + z, py, px] = window_max(ring, py, px, v * LANES + z)
                 if amax_out:
                     pmax[z] = T.max(pmax[z], T.fabs(out[b, blk * ob + v * LANES + z, py, px]))
+
+    @T.macro
+    def pool_row(ring, out, pmax, blk, b, py):
+        if writes_u8:
+            pool_row_codes(ring, out, blk, b, py)
+        else:
+            pool_row_fp32(ring, out, pmax, blk, b, py)
 
     @T.macro
     def pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it):
@@ -325,27 +442,56 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
         aout[(tr % rows) // oh, (tr // rows) * oh + tr % rows % oh] = total[0]
 
     @T.macro
-    def body_serial_stages(data, codes, wscale, bias, res, ain, out, aout):
-        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+    def input_scales_u8(sx):  # codes in: the calibrated scale, and no Σ w term (zero point 0)
+        for b in range(n):
+            sx[b] = T.float32(u8_in)
+
+    @T.macro
+    def zero_offsets(offset):
+        for z in range(oc):
+            offset[z] = 0
+
+    @T.macro
+    def out_border(out, by):  # codes out: the border of row by % orows of sample by // orows holds code 0
+        if by % orows < U8_PAD or by % orows >= ph + U8_PAD:
+            for x, ch in T.grid(pw + 2 * U8_PAD, oc):
+                out[by // orows, by % orows, x, ch] = T.uint8(0)
+        else:
+            for x, ch in T.grid(U8_PAD, oc):
+                out[by // orows, by % orows, x, ch] = T.uint8(0)
+                out[by // orows, by % orows, pw + U8_PAD + x, ch] = T.uint8(0)
+
+    @T.macro
+    def main_loop(wflat, xq, offset, sx, wscale, bias, res, out, aout, par):
+        if pooled:
+            for it in par(oblocks * n * bands):
+                pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it)
+        elif amax_out:
+            for tr in par(oblocks * rows):
+                row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
+        else:
+            for t in par(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
+                tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)  # (no absmax: its buffer is not read)
+
+    @T.macro
+    def body_serial_stages(data, dflat, xq, codes, wscale, bias, res, ain, out, aout):
         wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
         sx = T.alloc_buffer((n,), "float32")
         inv = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
-        xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
-        for blk in range(oblocks):
-            weight_sums(wflat, offset, blk)
-        for bq in range(n * quads):
-            border(xq, bq)
-        quantize(data, dflat, ain, sx, inv, xq)
-        if pooled:
-            for it in loop(oblocks * n * bands):
-                pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it)
-        elif amax_out:
-            for tr in loop(oblocks * rows):
-                row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
+        if reads_u8:
+            input_scales_u8(sx)
+            zero_offsets(offset)
         else:
-            for t in loop(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-                tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)  # (no absmax: its buffer is not read)
+            for blk in range(oblocks):
+                weight_sums(wflat, offset, blk)
+            for bq in range(n * quads):
+                border(xq, bq)
+            quantize(data, dflat, ain, sx, inv, xq)
+        if writes_u8:
+            for bq in range(n * orows):
+                out_border(out, bq)
+        main_loop(wflat, xq, offset, sx, wscale, bias, res, out, aout, loop)
 
     @T.macro
     def scale_first(dflat, ain, sx, inv):  # one sample: its amax in the first stage, its planes packed in the second
@@ -371,46 +517,60 @@ def conv2d_int8(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tupl
     first_scales, second = (scale_first, pack_second) if n == 1 else (no_stage, scale_and_pack_second)
 
     @T.macro
-    def body_one_launch(data, codes, wscale, bias, res, ain, out, aout):
+    def body_one_launch(data, dflat, xq, codes, wscale, bias, res, ain, out, aout):
         # one parallel launch per call: the pool's threads are woken once and wait for each other at two
         # barriers (weight sums, padding border and a single sample's amax; packing), not woken for every
         # stage with the serial stages run by one thread while the others sleep
-        dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
         wflat = T.decl_buffer((oblocks * steps * ob * 4,), "int8", data=codes.data)
         sx = T.alloc_buffer((n,), "float32")
         inv = T.alloc_buffer((n,), "float32")
         offset = T.alloc_buffer((oc,), "int32")
-        xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
         with T.attr(0, "pragma_parallel_launch_point", 1):
-            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                for blk in T.parallel(oblocks):
-                    weight_sums(wflat, offset, blk)
-                for bq in T.parallel(n * quads):
-                    border(xq, bq)
-                first_scales(dflat, ain, sx, inv)
-            with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                second(data, dflat, ain, sx, inv, xq)
-            if pooled:
-                for it in T.parallel(oblocks * n * bands):
-                    pooled_band(wflat, xq, offset, sx, wscale, bias, out, aout, it)
-            elif amax_out:
-                for tr in T.parallel(oblocks * rows):
-                    row_tiles(wflat, xq, offset, sx, wscale, bias, res, out, aout, tr)
+            if reads_u8:  # codes in: nothing to prepare but the scales (and the output's border)
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    for bq in T.parallel(n * orows if writes_u8 else 1):
+                        if bq == 0:
+                            input_scales_u8(sx)
+                            zero_offsets(offset)
+                        if writes_u8:
+                            out_border(out, bq)
             else:
-                for t in T.parallel(oblocks * rows * xtiles):  # block outermost: its weights stay cached across rows
-                    tile(wflat, xq, offset, sx, wscale, bias, res, out, sx, t)
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    for blk in T.parallel(oblocks):
+                        weight_sums(wflat, offset, blk)
+                    for bq in T.parallel(n * quads):
+                        border(xq, bq)
+                    if writes_u8:
+                        for bq in T.parallel(n * orows):
+                            out_border(out, bq)
+                    first_scales(dflat, ain, sx, inv)
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    second(data, dflat, ain, sx, inv, xq)
+            main_loop(wflat, xq, offset, sx, wscale, bias, res, out, aout, T.parallel)
 
     body = body_one_launch if parallel and ONE_LAUNCH else body_serial_stages
 
     # every optional parameter declared, then those this kernel does not take dropped from the signature (the
     # body reads none of them)
-    @T.prim_func(private=True)
-    def kernel_fn(data: T.Buffer((n, c, h, wd), "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
-                  wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
-                  res: T.Buffer((n, oc, oh, ow), "float32"), ain: T.Buffer((n, slots_in), "float32"),
-                  out: T.Buffer(out_shape, "float32"), aout: T.Buffer((n, aout_slots), "float32")):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        body(data, codes, wscale, bias, res, ain, out, aout)
+    if reads_u8:
+        @T.prim_func(private=True)
+        def kernel_fn(data: T.Buffer(data_shape, "uint8"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
+                      wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
+                      res: T.Buffer(res_shape, res_dtype), ain: T.Buffer((n, slots_in), "float32"),
+                      out: T.Buffer(out_shape, out_dtype), aout: T.Buffer((n, aout_slots), "float32")):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            xq = T.decl_buffer((n * qh * qw * c,), "uint8", data=data.data)  # the writer's codes, border included
+            body(data, xq, xq, codes, wscale, bias, res, ain, out, aout)
+    else:
+        @T.prim_func(private=True)
+        def kernel_fn(data: T.Buffer(data_shape, "float32"), codes: T.Buffer((oblocks, quads, kh, kw, ob, 4), "int8"),
+                      wscale: T.Buffer((oc,), "float32"), bias: T.Buffer((oc,), "float32"),
+                      res: T.Buffer(res_shape, res_dtype), ain: T.Buffer((n, slots_in), "float32"),
+                      out: T.Buffer(out_shape, out_dtype), aout: T.Buffer((n, aout_slots), "float32")):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            dflat = T.decl_buffer((n * chw,), "float32", data=data.data)
+            xq = T.alloc_buffer((words,), "uint32")  # 4 channels' u8 codes per word
+            body(data, dflat, xq, codes, wscale, bias, res, ain, out, aout)
 
     return microkernels.taking(kernel_fn, (True, True, True, True, residual, amax_in > 0, True, amax_out))
 

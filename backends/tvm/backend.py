@@ -124,17 +124,20 @@ class TvmBackend(Backend):
             self._checked[key] = [str(p) for p in lower.check(model, kernels.scheme_for(spec.features))]
         return list(self._checked[key])
 
-    def emit(self, model: Model, directory: Path, target: str, *, progress: Any = None) -> list[str]:
+    def emit(self, model: Model, directory: Path, target: str, *, progress: Any = None,
+             activation_ranges: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
+        """Build the library for ``target`` into ``directory``; with calibrated ``activation_ranges`` ({tensor:
+        (lo, hi)}, the calibrate pass's), int8 convs pass each other uint8 codes of those scales (VNNI)."""
         from bitpass.backends.tvm import build as tvm_build
         from bitpass.backends.tvm import lower
         from bitpass.passes.progress import SILENT, as_reporter
 
         reporter = as_reporter(progress) if progress is not None else SILENT
         with reporter.task(f"tvm build for {target}", total=4, unit="stage") as task:
-            return self._emit(model, directory, target, reporter, task, tvm_build, lower)
+            return self._emit(model, directory, target, reporter, task, tvm_build, lower, activation_ranges)
 
     def _emit(self, model: Model, directory: Path, target: str, reporter: Any, task: Any, tvm_build: Any,
-              lower: Any) -> list[str]:
+              lower: Any, ranges: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
         done: list[str] = []
 
         def step(name: str) -> None:
@@ -151,7 +154,7 @@ class TvmBackend(Backend):
                                f"tools/setup_arm64.sh)")
         proto = model.to_proto()
         try:
-            built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES, step=step)
+            built = tvm_build.build(model, spec, self.batches or tvm_build.BATCHES, step=step, ranges=ranges)
         except lower.LoweringError as err:
             raise BitpassError(f"tvm lowering: {err}") from err
         except Exception as err:  # TVM raises its own error types; name the stage, keep the cause

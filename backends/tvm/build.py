@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,18 @@ class Built:
 
 
 def build(model: Model, spec: TargetSpec, batches: Sequence[int] = BATCHES,
-          step: Callable[[str], None] | None = None) -> Built:
+          step: Callable[[str], None] | None = None,
+          ranges: Mapping[str, tuple[float, float]] | None = None) -> Built:
     """Lower, schedule with bitpass's rules for ``spec``'s features, and build a VM executable; ``step(name)``
-    is told before each stage (the compile's progress)."""
+    is told before each stage (the compile's progress); ``ranges``: calibrated activation ranges
+    (``lower.lower``)."""
     import tvm
     from tvm import relax
 
     step = step or (lambda _name: None)
     step("lower to bitpass kernels and TVM operators")
     target = spec.tvm_target()
-    mod, report, names = lowering.lower(model, batches, kernels.scheme_for(spec.features))
+    mod, report, names = lowering.lower(model, batches, kernels.scheme_for(spec.features), ranges)
     # exp, tanh and erf as TVM's vectorizable approximations (libm's are scalar calls: GELU's erf was
     # 4x slower than a BERT layer's dense kernels)
     mod = relax.transform.FastMathTransform()(mod)

@@ -72,6 +72,9 @@ class Scheme:
     #: an int8 conv followed by a max pooling computes the pooling in its epilogue (``conv2d_int8``'s ``pool``):
     #: where the target's micro-kernel does (VNNI)
     int8_pool: bool = False
+    #: with calibrated activation ranges, an int8 conv with a ReLU read only by int8 convs writes uint8 codes of
+    #: a static scale that they read in place (``avx512.u8_shape``): where the target's micro-kernel does (VNNI)
+    int8_codes: bool = False
 
     @property
     def int8_offset(self) -> int:
@@ -84,7 +87,7 @@ def scheme_for(features) -> Scheme:
     features = frozenset(features)
     lanes = 16 if "avx512" in features else 8 if "avx2" in features else 4
     if "vnni" in features:
-        return Scheme(lanes, 127, int8_amax_carry=True, int8_pool=True)
+        return Scheme(lanes, 127, int8_amax_carry=True, int8_pool=True, int8_codes=True)
     if "avx2" in features:  # the AVX2 micro-kernels (avx2.py): 7-bit codes, no residual epilogue
         return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False)
     return Scheme(lanes, 127)

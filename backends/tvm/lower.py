@@ -25,7 +25,7 @@ import contextlib
 import functools
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,30 @@ def plans_of(model: Model) -> list[NodePlan]:
     """One plan per top-level node of ``model``, in graph order (the order ``Model.to_proto`` writes)."""
     return [NodePlan(annotation.layer_id(node), annotation.weight_bits(node) or annotation.FLOAT_BITS)
             for node in model.graph]
+
+
+@dataclass
+class Codes:
+    """An activation kept as uint8 codes between int8 convs (VNNI, calibrated): ``words`` is the Relax tensor
+    (``avx512.u8_shape``: uint8 channels-last, a border of code 0) standing for the NCHW fp32 tensor of
+    ``shape`` ≈ code · ``scale``. A node that cannot read codes gets ``decoded`` fp32, made once."""
+
+    words: Any
+    shape: list[int]
+    scale: float
+    decoded: Any = None
+
+
+@dataclass
+class ChannelsLast:
+    """An activation ``tensor`` stored [N, H, W, C] for the NCHW ``shape``: a conv without a ReLU whose output is
+    the residual input of an int8 conv writing codes (whose epilogue reads 16 channels at once); signed int8
+    codes of ``scale`` where calibrated, else fp32 (``scale`` None)."""
+
+    tensor: Any
+    shape: list[int]
+    scale: float | None = None
+    decoded: Any = None
 
 
 @dataclass
@@ -119,8 +143,10 @@ def first_line(err: BaseException) -> str:
 
 class _Lowering:
     def __init__(self, proto: onnx.ModelProto, plans: Sequence[NodePlan], scheme: kernels.Scheme,
-                 report: LoweringReport) -> None:
+                 report: LoweringReport, ranges: Mapping[str, tuple[float, float]] | None = None) -> None:
         self.proto = proto
+        #: calibrated (lo, hi) per tensor name: where present, int8 convs pass each other uint8 codes (``Codes``)
+        self.ranges = dict(ranges or {})
         self.scheme = scheme
         self.lanes = scheme.lanes
         self.report = report
@@ -130,6 +156,7 @@ class _Lowering:
         self.plans = {id(node): plan for node, plan in zip(self.nodes, plans)}
         self.inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer = {name: node for node in self.nodes for name in node.output if name}
         for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
@@ -171,12 +198,16 @@ class _Lowering:
         return value
 
     def shape_of(self, value) -> list[int]:
+        if isinstance(value, (Codes, ChannelsLast)):
+            return list(value.shape)
         if isinstance(value, np.ndarray):
             return list(value.shape)
         return [int(d) for d in value.ty.shape]
 
     @staticmethod
     def dtype_of(value) -> str:
+        if isinstance(value, (Codes, ChannelsLast)):
+            return "float32"
         if isinstance(value, np.ndarray):
             return str(value.dtype)
         return str(value.ty.dtype)
@@ -219,7 +250,7 @@ class _Lowering:
                     if id(node) in self.fused:
                         continue
                     self.lower_node(bb, node)
-                results = [self.expr(self.env[o.name]) for o in self.proto.graph.output]
+                results = [self.expr(self.fp32(bb, self.env[o.name])) for o in self.proto.graph.output]
                 out = bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
             bb.emit_func_output(out)
 
@@ -228,6 +259,8 @@ class _Lowering:
         self._how: str | None = None
         self._absmax, self._nonnegative = None, False
         inputs = [self.env.get(i) if i else None for i in node.input]
+        # codes go only to a conv's data input (it decides); everything else reads them decoded
+        inputs = [v if k == 0 and node.op_type == "Conv" else self.fp32(bb, v) for k, v in enumerate(inputs)]
         missing = [i for i, v in zip(node.input, inputs) if i and v is None]
         if missing:  # only after a failed node, in ``check``
             raise LoweringError(Problem(node.op_type, node.name, f"input {missing[0]!r} was not computed"))
@@ -259,6 +292,35 @@ class _Lowering:
                 self.absmax[name] = self._absmax
                 if self._nonnegative:
                     self.nonnegative.add(name)
+
+    def fp32(self, bb, value):
+        """``value`` as an fp32 NCHW tensor: codes decoded, channels-last transposed (once per value), anything else
+        as it is."""
+        if isinstance(value, ChannelsLast):
+            if value.decoded is None:
+                from tvm import relax
+
+                nchw = bb.emit(relax.op.permute_dims(value.tensor, [0, 3, 1, 2]))
+                if value.scale is not None:
+                    nchw = bb.emit(relax.op.multiply(relax.op.astype(nchw, "float32"),
+                                                     self.const(np.array(value.scale, np.float32))))
+                value.decoded = nchw
+            return value.decoded
+        if not isinstance(value, Codes):
+            return value
+        if value.decoded is None:
+            from tvm import te, tirx
+
+            from bitpass.backends.tvm import avx512
+
+            pad, scale = avx512.U8_PAD, value.scale
+
+            def te_decode(codes):
+                return te.compute(value.shape, lambda b, c, y, x: tirx.Cast("float32", codes[b, y + pad, x + pad, c])
+                                  * tirx.const(scale, "float32"), name="decode_codes")
+
+            value.decoded = bb.emit_te(te_decode, value.words, primfunc_name_hint="bitpass_decode_codes")
+        return value.decoded
 
     def _placeholders(self, node: onnx.NodeProto) -> None:
         """``check`` goes on past a failing node with free variables of its outputs' inferred types."""
@@ -676,7 +738,7 @@ class _Lowering:
         self.report.weight_bytes += nbytes
         self.mark(node, BITPASS_KERNEL)
 
-    def _epilogue(self, node, out_shape: list[int], residual: bool) -> tuple[str, Any]:
+    def _epilogue(self, bb, node, out_shape: list[int], residual: bool) -> tuple[str, Any]:
         """The activation and residual input fused after ``node``'s kernel: a following Relu, or an Add of a
         tensor of the output's shape that is already computed (a skip connection), then maybe a Relu. The
         fused nodes are skipped and their outputs become the kernel's output."""
@@ -686,6 +748,9 @@ class _Lowering:
         if residual and user is not None and user.op_type == "Add" and user.domain in ("", "ai.onnx") \
                 and len(user.input) == 2 and user.input[0] != user.input[1]:
             other = self.env.get(user.input[1] if user.input[0] == out else user.input[0])
+            if isinstance(other, (Codes, ChannelsLast)) and \
+                    not (self.plan(node).weight_bits == 8 and self.scheme.int8_codes):
+                other = self.fp32(bb, other)
             if other is not None and not isinstance(other, np.ndarray) and self.shape_of(other) == out_shape \
                     and self.dtype_of(other) == "float32":
                 added = other
@@ -722,10 +787,10 @@ class _Lowering:
                                                   geometry["dilations"][0]),
                      kernels.conv_out_size(wd, pads[1] + pads[3], w.shape[3], geometry["strides"][1],
                                            geometry["dilations"][1])]
-        act, residual = self._epilogue(node, out_shape, residual=bits == 32 or self.scheme.int8_residual)
+        act, residual = self._epilogue(bb, node, out_shape, residual=bits == 32 or self.scheme.int8_residual)
         if bits == 8:
             return self._conv_int8(bb, node, x, w, bias, ob, geometry, act, residual, out_shape)
-        return self._conv_fp32(bb, node, x, w, bias, ob, geometry, act, residual)
+        return self._conv_fp32(bb, node, self.fp32(bb, x), w, bias, ob, geometry, act, residual)
 
     def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
         wp = self.shared(("conv", node.name, ob), lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob)))
@@ -763,11 +828,21 @@ class _Lowering:
         levels = self.scheme.int8_levels
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
         carry = self.scheme.int8_amax_carry
-        amax_in = self.absmax.get(node.input[0]) if carry else None
+        vnni = self.scheme.int8_codes and geometry["groups"] == 1 and not taps and ob % self.lanes == 0
+        if isinstance(x, ChannelsLast) or isinstance(x, Codes) and not (vnni and self._reads_codes_in_place(node)):
+            x = self.fp32(bb, x)
+        if isinstance(residual, (Codes, ChannelsLast)) and not vnni:
+            residual = self.fp32(bb, residual)
+        amax_in = self.absmax.get(node.input[0]) if carry and not isinstance(x, Codes) else None
         pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, taps, ob, residual)
         final = self._alias[-1] if self._alias else node.output[0]
+        out_scale = self._code_scale(final, act) if vnni and len(out_shape) == 4 else None
+        nhwc_out = vnni and out_scale is None and not pool[0] and len(out_shape) == 4 and \
+            self._residual_of_code_writer(final)
+        lo, hi = self.ranges.get(final, (0.0, 0.0))
+        nhwc_scale = max(abs(lo), abs(hi)) / 127.0 if nhwc_out and max(abs(lo), abs(hi)) > 0 else None
         amax_out = carry and geometry["groups"] == 1 and not taps and ob % self.lanes == 0 and \
-            self._int8_conv_reads(final) and len(out_shape) == 4
+            self._int8_conv_reads(final) and len(out_shape) == 4 and out_scale is None and not nhwc_out
 
         def make8():
             codes, scale = kernels.quantize_conv_int8(w.astype(np.float32), ob, taps, levels)
@@ -778,6 +853,14 @@ class _Lowering:
         tags = KernelAttrs("conv2d_int8", ob, act=act, residual=residual is not None, taps=taps, levels=levels,
                            amax_in=amax_in is not None, amax_out=amax_out, pool=pool, **geometry)
         self._record(node, "conv2d_int8", 8, nbytes, tags)
+        if isinstance(x, Codes) or isinstance(residual, (Codes, ChannelsLast)) or out_scale is not None or nhwc_out:
+            entry = self.report.layers[str(self.plan(node).layer_id or node.name)]
+            entry["activations"] = {"in": "uint8" if isinstance(x, Codes) else "float32",
+                                    "out": "uint8" if out_scale is not None else
+                                    ("int8" if nhwc_scale else "float32") + " channels-last" if nhwc_out
+                                    else "float32"}
+            return self._conv_int8_codes(bb, x, codes, scale, self.expr(b), residual, amax_in, tags, out_shape,
+                                         out_scale, nhwc_out, nhwc_scale)
         has_residual = residual is not None
 
         def te_conv8(data, cc, ss, bb_, *rest):
@@ -793,6 +876,100 @@ class _Lowering:
         self._absmax = bb.emit(relax.TupleGetItem(result, 1))
         self._nonnegative = act == "relu"
         return bb.emit(relax.TupleGetItem(result, 0))
+
+    def _reads_codes_in_place(self, node) -> bool:
+        """Whether the conv ``node`` can read its input as codes (``avx512.u8_readable``: channels in whole words,
+        symmetric padding within the codes' border)."""
+        from bitpass.backends.tvm import avx512
+
+        attrs = _attrs(node)
+        w = self.inits.get(node.input[1]) if len(node.input) > 1 else None
+        pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
+        return w is not None and w.ndim == 4 and attrs.get("group", 1) == 1 and len(pads) == 4 and \
+            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and avx512.u8_readable(int(w.shape[1]), pads) \
+            and self.plan(node).weight_bits == 8 and kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes == 0
+
+    def _code_scale(self, value: str, act: str) -> float | None:
+        """The scale at which an int8 conv writes ``value`` (its fused output) as codes: where the value has a
+        calibrated range, is a ReLU's (zero point 0) and every reader takes codes: an int8 conv's data input read
+        in place, or the residual input of an int8 conv's epilogue (an Add of another int8 conv's output and
+        this value). None: the conv writes fp32."""
+        lo_hi = self.ranges.get(value)
+        if act != "relu" or lo_hi is None or not lo_hi[1] > 0 or value in self.graph_outputs or \
+                not self.consumers.get(value):
+            return None
+        for user in self.consumers[value]:
+            if user.op_type == "Conv" and user.input[0] == value and value not in user.input[1:] and \
+                    self._reads_codes_in_place(user):
+                continue
+            if user.op_type == "Add" and len(user.input) == 2 and user.input[0] != user.input[1]:
+                other = user.input[1] if user.input[0] == value else user.input[0]
+                writer = self.producer.get(other)
+                if writer is not None and writer.op_type == "Conv" and self._single_consumer(other) is user and \
+                        self.plan(writer).weight_bits == 8 and self._reads_codes_in_place(writer):
+                    continue
+            return None
+        return float(lo_hi[1]) / 255.0
+
+    def _residual_of_code_writer(self, value: str) -> bool:
+        """Whether ``value`` (a conv's output) is read only by an Add that an int8 conv not lowered yet will fuse
+        as its residual input while writing codes (``_code_scale``): then it is written channels-last."""
+        user = self._single_consumer(value)
+        if user is None or user.op_type != "Add" or user.domain not in ("", "ai.onnx") or len(user.input) != 2 or \
+                user.input[0] == user.input[1]:
+            return False
+        other = user.input[1] if user.input[0] == value else user.input[0]
+        writer = self.producer.get(other)
+        if other in self.env or writer is None or writer.op_type != "Conv" or self._single_consumer(other) is not user \
+                or self.plan(writer).weight_bits != 8:
+            return False
+        attrs = _attrs(writer)
+        w = self.inits.get(writer.input[1]) if len(writer.input) > 1 else None
+        if w is None or w.ndim != 4 or attrs.get("group", 1) != 1 or \
+                kernels.conv_int8_taps(int(w.shape[1]), int(w.shape[3]), attrs.get("dilations", [1, 1])[1]) or \
+                kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes:
+            return False
+        after = self._single_consumer(user.output[0])
+        relu = after is not None and after.op_type == "Relu" and after.domain in ("", "ai.onnx")
+        return self._code_scale(after.output[0] if relu else user.output[0], "relu" if relu else "none") is not None
+
+    def _conv_int8_codes(self, bb, x, codes, scale, bias, residual, amax_in, tags: KernelAttrs, out_shape: list[int],
+                         out_scale: float | None, nhwc_out: bool = False, nhwc_scale: float | None = None):
+        """The VNNI micro-kernel called directly (no TE definition takes codes): reading ``x`` as codes or fp32,
+        ``residual`` as codes, channels-last or fp32, writing codes of ``out_scale`` (a ``Codes`` value),
+        channels-last (signed codes of ``nhwc_scale``, or fp32) or fp32."""
+        from tvm import relax
+
+        from bitpass.backends.tvm import avx512, schedules
+
+        n, c, h, wd = self.shape_of(x)
+        codes_shape = self.shape_of(codes)
+        pk, ps, pp = tags.pool
+        conv_shape = list(out_shape)
+        if pk:  # the kernel writes the pooled tensor
+            out_shape = [*out_shape[:2], *((size + 2 * pp - pk) // ps + 1 for size in out_shape[2:])]
+        work = conv_shape[0] * conv_shape[1] * conv_shape[2] * conv_shape[3] * c * codes_shape[2] * codes_shape[3]
+        slots = self.shape_of(amax_in)[1] if amax_in is not None else 0
+        kernel = avx512.conv2d_int8(
+            (n, c, h, wd), out_shape[1], tags.nb, (codes_shape[2], codes_shape[3]), tags.strides, tags.pads,
+            tags.dilations, tags.act, parallel=work >= schedules.PARALLEL_MIN_WORK, residual=residual is not None,
+            amax_in=slots, pool=tags.pool, u8_in=x.scale if isinstance(x, Codes) else 0.0,
+            u8_out=out_scale or 0.0, u8_res=residual.scale if isinstance(residual, Codes) else 0.0,
+            nhwc_out=nhwc_scale or nhwc_out,
+            nhwc_res=(residual.scale or True) if isinstance(residual, ChannelsLast) else False)
+        gv = bb.add_func(tags.tag(kernel), "bitpass_conv2d_int8_codes")
+        stored = {Codes: lambda v: v.words, ChannelsLast: lambda v: v.tensor}
+        args = [stored.get(type(x), lambda v: v)(x), codes, scale, bias,
+                *([stored.get(type(residual), lambda v: v)(residual)] if residual is not None else []),
+                *([amax_in] if amax_in is not None else [])]
+        if nhwc_out:
+            nhwc = [out_shape[0], out_shape[2], out_shape[3], out_shape[1]]
+            tensor = bb.emit(relax.call_tir(gv, args, relax.TensorType(nhwc, "int8" if nhwc_scale else "float32")))
+            return ChannelsLast(tensor, list(out_shape), nhwc_scale)
+        if out_scale is None:
+            return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+        words = bb.emit(relax.call_tir(gv, args, relax.TensorType(avx512.u8_shape(out_shape), "uint8")))
+        return Codes(words, list(out_shape), out_scale)
 
     def _fused_pool(self, value: str, geometry: dict[str, Any], taps: int, ob: int, residual,
                     fp32: bool = False) -> tuple[int, int, int]:
@@ -870,7 +1047,7 @@ class _Lowering:
         bits = self.plan(node).weight_bits
         if bits not in (4, 8, 32):
             raise LoweringError(Problem(node.op_type, node.name, f"{bits}-bit weights have no TVM kernel"))
-        act, _ = self._epilogue(node, [], residual=False)
+        act, _ = self._epilogue(bb, node, [], residual=False)
         b = np.ascontiguousarray(bias, np.float32) if bias is not None else np.zeros(n, np.float32)
         if bits == 32:
             wp = self.shared(("dense", node.name), lambda: self.const(kernels.pack_dense(w_kn, nb)))
@@ -949,14 +1126,17 @@ def rule_ops() -> frozenset[str]:
     return frozenset(name[3:] for name in dir(_Lowering) if name.startswith("op_"))
 
 
-def lower(model: Model, batches: Sequence[int], scheme: kernels.Scheme) -> tuple[Any, LoweringReport, list[str]]:
+def lower(model: Model, batches: Sequence[int], scheme: kernels.Scheme,
+          ranges: Mapping[str, tuple[float, float]] | None = None) -> tuple[Any, LoweringReport, list[str]]:
     """A Relax IRModule with one function per batch size (``main`` for the first, ``main_b{n}`` for the
     others), the lowering report of the first, and the function names in ``batches`` order. Nodes TVM's
-    importer converted are inlined; raises ``LoweringError`` naming the first node that cannot be lowered."""
+    importer converted are inlined; raises ``LoweringError`` naming the first node that cannot be lowered.
+    ``ranges``: calibrated activation ranges by tensor name (``Codes``: where the scheme has them, int8 convs
+    pass each other uint8 codes of these scales)."""
     from tvm import relax
 
     report = LoweringReport()
-    lowering = _Lowering(model.to_proto(), plans_of(model), scheme, report)
+    lowering = _Lowering(model.to_proto(), plans_of(model), scheme, report, ranges)
     bb = relax.BlockBuilder()
     names = []
     for index, batch in enumerate(batches):

@@ -392,6 +392,110 @@ def test_int8_conv_writes_its_output_absmax_and_the_next_reads_it_instead_of_its
     assert np.abs(coarse - want).max() > 1e-3  # the two scales give different results: the test can tell them apart
 
 
+def _u8_words(codes: np.ndarray) -> np.ndarray:
+    """numpy: NCHW uint8 codes as ``avx512.u8_shape`` (channels last, a border of code 0)."""
+    from bitpass.backends.tvm import avx512
+
+    pad = avx512.U8_PAD
+    return np.pad(codes.transpose(0, 2, 3, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(np.uint8)
+
+
+def _u8_kernel(shape, oc, ob, kernel, stride, pad, target, **modes):
+    from bitpass.backends.tvm import avx512
+
+    func = avx512.conv2d_int8(shape, oc, ob, (kernel, kernel), (stride, stride), (pad,) * 4, (1, 1), "relu",
+                              parallel=True, **modes).with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))["main"]
+
+
+def _u8_unpacked(codes: np.ndarray) -> np.ndarray:
+    """numpy: ``avx512.u8_shape`` codes back to NCHW, the border included."""
+    return codes.transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "k", "stride", "pool"),
+                         [(2, 3, 64, 30, 7, 2, (3, 2, 1)), (1, 8, 32, 17, 3, 1, (3, 2, 1))])
+def test_int8_conv_with_a_fused_max_pooling_writes_its_pooled_output_as_codes(n, c, oc, hw, k, stride, pool):
+    """VNNI: ResNet's stem (conv, ReLU, max pooling in the epilogue) writes the pooled values as uint8 codes of a
+    calibrated scale, bordered by code 0, for the int8 convs that read it."""
+    vnni = PATHS[0]
+    if not vnni.features <= targets.host_features():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    from bitpass.backends.tvm import avx512
+
+    ob = kernels.out_block(oc, vnni.lanes)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    codes, sw = kernels.quantize_conv_int8(w, ob, 0, vnni.levels)
+    conv = _conv_int8_reference(x, codes, c, sw, b, stride, k // 2, 1, 0, vnni.levels)
+    pooled = _max_pool_reference(np.maximum(conv, 0), *pool).astype(np.float32)
+    scale = np.float32(0.9 * pooled.max() / 255)
+    want = np.minimum(np.round(pooled * np.float32(1 / scale)), 255)
+    func = avx512.conv2d_int8(x.shape, oc, ob, (k, k), (stride, stride), (k // 2,) * 4, (1, 1), "relu", parallel=True,
+                              pool=pool, u8_out=float(scale)).with_attr("global_symbol", "main")
+    func = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(vnni.target))["main"]
+    dev = tvm.cpu()
+    got = tvm.runtime.tensor(np.full(avx512.u8_shape(want.shape), 7, np.uint8), dev)
+    func(*[tvm.runtime.tensor(a, dev) for a in (x, codes, sw, b)], got)
+    unpacked = _u8_unpacked(got.numpy())
+    pad = avx512.U8_PAD
+    inner = unpacked[:, :, pad:-pad, pad:-pad]
+    assert np.abs(inner.astype(int) - want).max() <= 1 and (inner == want).mean() > 0.999 and want.max() == 255
+    assert unpacked.sum() == inner.sum()  # the border holds code 0
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "kernel", "stride", "pad", "residual"),
+                         [(1, 32, 32, 14, 3, 1, 1, False), (2, 16, 32, 9, 3, 2, 1, True),
+                          (3, 32, 64, 8, 1, 2, 0, False), (1, 64, 64, 7, 3, 1, 1, True),
+                          (64, 16, 32, 6, 3, 1, 1, True), (1, 16, 32, 6, 1, 1, 0, False)])
+def test_int8_convs_pass_uint8_codes_with_calibrated_scales_between_them(n, c, oc, hw, kernel, stride, pad, residual):
+    """VNNI: a conv with a ReLU writes its output as uint8 codes of a calibrated scale (min(round(y / s), 255),
+    zero point 0), channels last with a border of code 0; the next conv reads them in place (3×3 padded, 1×1
+    strided), and a residual input may be codes too. Each is the integer conv of the codes."""
+    vnni = PATHS[0]
+    if not vnni.features <= targets.host_features():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    from bitpass.backends.tvm import avx512
+
+    ob = kernels.out_block(oc, LANES)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w1 = rng.standard_normal((oc, c, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((oc, oc, kernel, kernel)).astype(np.float32)
+    b1, b2 = rng.standard_normal(oc).astype(np.float32), rng.standard_normal(oc).astype(np.float32)
+    codes1, sw1 = kernels.quantize_conv_int8(w1, ob, 0, vnni.levels)
+    codes2, sw2 = kernels.quantize_conv_int8(w2, ob, 0, vnni.levels)
+    y_fp = np.maximum(_conv_int8_reference(x, codes1, c, sw1, b1, 1, 1, 1, 0, vnni.levels), 0).astype(np.float32)
+    s1 = np.float32(0.8 * y_fp.max() / 255)  # a calibrated range that clips the largest values
+    y_codes = np.minimum(np.round(y_fp * np.float32(1 / s1)), 255).astype(np.uint8)
+    dev = tvm.cpu()
+
+    first = _u8_kernel(x.shape, oc, ob, 3, 1, 1, vnni.target, u8_out=float(s1))
+    y = tvm.runtime.tensor(np.full(avx512.u8_shape(y_fp.shape), 7, np.uint8), dev)  # the border is written too
+    first(*[tvm.runtime.tensor(a, dev) for a in (x, codes1, sw1, b1)], y)
+    got_words = y.numpy()
+    unpacked = _u8_unpacked(got_words)
+    inner = unpacked[:, :, avx512.U8_PAD:-avx512.U8_PAD, avx512.U8_PAD:-avx512.U8_PAD]
+    assert np.abs(inner.astype(int) - y_codes.astype(int)).max() <= 1  # fp32 rounding of ties only
+    assert (inner == y_codes).mean() > 0.999 and y_codes.max() == 255
+    assert not unpacked.sum() - inner.sum()  # the border holds code 0
+
+    oh = (hw + 2 * pad - kernel) // stride + 1
+    r_fp = np.maximum(rng.standard_normal((n, oc, oh, oh)), 0).astype(np.float32) if residual else None
+    s_r = np.float32(r_fp.max() / 255) if residual else np.float32(0)
+    r_codes = np.minimum(np.round(r_fp / s_r), 255).astype(np.uint8) if residual else None
+    second = _u8_kernel((n, oc, hw, hw), oc, ob, kernel, stride, pad, vnni.target, u8_in=float(s1),
+                        residual=residual, u8_res=float(s_r))
+    got = _run(second, got_words, codes2, sw2, b2, *([_u8_words(r_codes)] if residual else []),
+               out_shape=(n, oc, oh, oh))
+    acc = _conv_ref(inner.astype(np.float64), kernels.conv_int8_codes(codes2, oc, 0).astype(np.float64),
+                    np.zeros(oc), stride, pad, 1)
+    want = acc * (s1 * sw2)[None, :, None, None] + b2[None, :, None, None]
+    if residual:
+        want = want + r_codes * s_r
+    np.testing.assert_allclose(got, np.maximum(want, 0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(("n", "c", "oc", "hw", "stride"), [(1, 64, 128, 14, 2), (2, 20, 32, 9, 2), (1, 32, 64, 7, 1)])
 def test_pointwise_int8_conv_quantizes_only_the_pixels_a_stride_reads(n, c, oc, hw, stride, path):
     """1×1 convolutions (ResNet's downsampling shortcut: stride 2, no padding): the VNNI kernel quantizes a
@@ -499,5 +603,29 @@ def test_all_cnn_layers_at_8_bits_keep_the_fp32_top1(tmp_path, cnn_model, digits
     report = json.loads((artifact.path / "tvm.json").read_text())["layers"]
     want = {"Conv": "conv2d_int8", "Gemm": "dense_int8"}
     assert [report[layer.id]["kernel"] for layer in layers] == [want[layer.op_type] for layer in layers]
+    fidelity = artifact.metrics["quality"]["fidelity"]
+    assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity
+
+
+def test_a_calibrated_int8_compile_passes_codes_between_convs_and_keeps_the_fp32_top1(tmp_path, cnn_model,
+                                                                                       digits_files):
+    """``compile`` with a calibrate pass hands its activation ranges to the TVM backend: on VNNI the second conv
+    (ReLU, max pooling fused) writes uint8 codes of the calibrated scale and the third reads them; the held-out
+    top-1 and cosine stay where the per-sample scheme has them."""
+    from bitpass.tools import compile
+
+    if not kernels.scheme_for(SPEC.features).int8_codes:
+        pytest.skip("this CPU's int8 conv does not pass codes (no AVX-512 VNNI)")
+    layers = [layer for layer in cnn_model.layers() if layer.op_type in ("Conv", "Gemm")]
+    bits = ",".join(f"set-bits(layers={layer.id},weight=8)" for layer in layers)
+    artifact = compile(cnn_model, tmp_path / "codes", backend="tvm",
+                       pipeline=f"fold-constants,eliminate-dead-nodes,fuse,calibrate(method=minmax),{bits}",
+                       calibration=str(digits_files / "calib.npz"), evaluation=str(digits_files / "eval.npz"),
+                       latency=False)
+    report = json.loads((artifact.path / "tvm.json").read_text())["layers"]
+    convs = [report[layer.id] for layer in layers if layer.op_type == "Conv"]
+    assert [conv.get("activations") for conv in convs] == [
+        None, {"in": "float32", "out": "uint8"}, {"in": "uint8", "out": "float32"}]
+    assert convs[1]["epilogue"] == "bias+relu+maxpool"
     fidelity = artifact.metrics["quality"]["fidelity"]
     assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine"] > 0.995, fidelity

@@ -173,3 +173,92 @@ def test_a_dense_layer_with_outputs_not_filling_a_vector_gets_zero_columns_and_a
         want = module(torch.from_numpy(x)).numpy()
     assert got.shape == (3, 7)
     np.testing.assert_allclose(got, want, rtol=1e-4 if bits == 32 else 0.05, atol=1e-4 if bits == 32 else 0.05)
+
+
+class _DownsamplingCnn(torch.nn.Module):
+    """ResNet's downsampling block in small: stem conv + ReLU and max pooling, a block whose first conv has stride
+    2 and whose shortcut is a 1×1 stride-2 conv (no ReLU) added in the epilogue, a head conv, global pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(3, 2, 1)
+        self.conv1 = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(64, 64, 3, padding=1)
+        self.short = torch.nn.Conv2d(32, 64, 1, stride=2)
+        self.head = torch.nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.short(x))
+        x = torch.relu(self.head(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def calibrated_cnn():
+    """(the torch module, its Model with every conv 8-bit, min-max activation ranges on 16 calibration samples)"""
+    from bitpass.frontend.data import from_arrays
+    from bitpass.passes.calibrate import compute_ranges
+
+    torch.manual_seed(0)
+    module = _DownsamplingCnn().eval()
+    model = from_torch(module, (torch.zeros(1, 3, 16, 16),))
+    calib = np.random.default_rng(2).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    ranges = compute_ranges(model, from_arrays({model.inputs[0].name: calib}, model.inputs))
+    for layer in model.layers():
+        if layer.op_type == "Conv":
+            annotation.set_weight_bits(layer.node, 8)
+    return module, model, ranges
+
+
+def test_with_calibrated_ranges_int8_convs_pass_each_other_uint8_codes(calibrated_cnn, monkeypatch):
+    """VNNI, with calibrated ranges: every int8 conv with a ReLU read only by int8 convs writes uint8 codes of the
+    calibrated scale (the stem through its fused max pooling too), its readers take them in place; the block's
+    second conv (no ReLU, read only as the shortcut conv's residual) writes signed int8 channels-last; the head
+    (read by the global pooling) writes fp32. The outputs stay those of the per-sample scheme within int8 error
+    on held-out inputs."""
+    from tvm import relax
+
+    module, model, ranges = calibrated_cnn
+    scheme = kernels.scheme_for(SPEC.features)
+    if not scheme.int8_codes:
+        pytest.skip("this CPU's int8 conv does not pass codes (no AVX-512 VNNI)")
+    monkeypatch.setattr(kernels, "scheme_for", lambda _features: scheme)
+    x = np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)  # not the calibration samples
+    outputs = {}
+    for label, given in (("codes", ranges), ("per sample", None)):
+        built = build.build(model, SPEC, batches=(len(x),), ranges=given)
+        vm = relax.VirtualMachine(built.executable, tvm.cpu())
+        outputs[label] = vm[built.functions[len(x)]](tvm.runtime.tensor(x)).numpy()
+        convs = [entry for entry in built.report.layers.values() if entry["kernel"] == "conv2d_int8"]
+        assert len(convs) == 5
+        if given is None:
+            assert not any("activations" in entry for entry in convs)
+    built = build.build(model, SPEC, batches=(1,), ranges=ranges)
+    # stem, conv1, conv2, shortcut, head in graph order
+    kinds = [entry.get("activations") for entry in built.report.layers.values() if entry["kernel"] == "conv2d_int8"]
+    assert kinds == [{"in": "float32", "out": "uint8"}, {"in": "uint8", "out": "uint8"},
+                     {"in": "uint8", "out": "int8 channels-last"}, {"in": "uint8", "out": "uint8"},
+                     {"in": "uint8", "out": "float32"}]
+    with torch.no_grad():
+        reference = module(torch.from_numpy(x)).numpy()
+
+    def cosine(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    assert cosine(outputs["codes"], reference).min() > 0.99
+    assert cosine(outputs["codes"], outputs["per sample"]).min() > 0.99
+    assert np.abs(outputs["codes"] - outputs["per sample"]).max() > 0  # a different scheme: the test can tell
+
+
+@pytest.mark.parametrize("features", [{"avx2"}, set()])
+def test_targets_without_the_vnni_conv_ignore_calibrated_ranges(calibrated_cnn, features):
+    """AVX2 and the portable kernels keep fp32 between their int8 convs whatever ranges they are given."""
+    from bitpass.backends.tvm import lower
+
+    _, model, ranges = calibrated_cnn
+    _, report, _ = lower.lower(model, (1,), kernels.scheme_for(features), ranges)
+    convs = [entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8"]
+    assert len(convs) == 5 and not any("activations" in entry for entry in convs)
