@@ -21,7 +21,7 @@ from typing import Any
 
 import pydantic
 
-from bitpass.frontend import Model
+from bitpass.frontend import Model, annotation
 from bitpass.frontend.errors import BitpassError, UsageError
 from bitpass.passes import execution, format_search
 from bitpass.passes.analyses import ACTIVATION_RANGES, BITS, LATENCY_VARIANTS, QUANTIZED
@@ -66,6 +66,13 @@ class Quantize(Pass):
         if getattr(capabilities, "lowers_bits", False):
             record = {"format": f"left to the {ctx.target.backend} backend, which lowers the bits annotations to "
                                 f"its own kernels"}
+            if not any(annotation.weight_bits(layer.node) not in (None, annotation.FLOAT_BITS)
+                       for layer in model.layers()):
+                # this backend reads bits annotations only: with none below 32 every layer stays fp32, where the
+                # same pipeline on ONNX Runtime quantizes to int8; say so rather than ship fp32 quietly
+                record["note"] = (f"no layer has a bits annotation below 32: the {ctx.target.backend} artifact is "
+                                  f"fp32; for int8 add set-bits(weight=8) to the pipeline or give --budget")
+                ctx.progress(f"quantize: {record['note']}")
             ctx.records["quantization"] = record
             ctx.analyses.put(QUANTIZED, record)
             return PassResult(model, modified=False, preserved=PRESERVE_ALL)

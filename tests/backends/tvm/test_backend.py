@@ -156,8 +156,21 @@ def test_a_mixed_precision_plan_compiles_unchanged_for_tvm(digits_files, tmp_pat
     plan = artifact.manifest["records"]["allocation"]["plan"]
     assert any(bits < 32 for bits in plan.values())
     assert "left to the tvm backend" in artifact.manifest["records"]["quantization"]["format"]
+    assert "note" not in artifact.manifest["records"]["quantization"]  # the plan has bits below 32
     assert artifact.metrics["quality"]["accuracy"]["drop_points"] <= 1.0
     assert all(check.ok for check in verify(out, digits_files / "eval.npz"))
+
+
+def test_the_default_pipeline_says_a_tvm_artifact_without_bits_annotations_is_fp32(digits_files, tmp_path):
+    """TVM lowers bits annotations only: the default pipeline sets none, so its artifact is fp32 (where ONNX
+    Runtime's would be int8), and the compile says so and how to get int8."""
+    messages: list[str] = []
+    artifact = compile(digits_files / "model.onnx", tmp_path / "out", backend="tvm",
+                       calibration=digits_files / "calib.npz", latency=False, progress=messages.append)
+    note = artifact.manifest["records"]["quantization"]["note"]
+    assert "fp32" in note and "set-bits(weight=8)" in note
+    assert any(note in m for m in messages)
+    assert all(v["weight_bits"] == 32 for v in artifact.manifest["records"]["backend"]["layers"].values())
 
 
 def test_a_cross_target_artifact_is_built_but_not_measured_here(digits_files, tmp_path):
