@@ -106,3 +106,28 @@ def test_a_large_weight_a_pass_replaced_with_an_unnamed_tensor_keeps_its_initial
     data = model.to_bytes()
     assert onnx.load_model_from_string(data) == model.to_proto()
     ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def test_save_external_names_a_large_weight_a_pass_replaced_with_an_unnamed_or_stale_named_tensor(tmp_path):
+    """The over-2-GiB path (``save_external``) names each initializer after its value, as ``write_streamed`` does:
+    a pass's new tensor may be unnamed (``ir.tensor(array)``) or carry an old name, and ONNX Runtime must still find
+    the weight (and the external data must hold the new values, not the old ones)."""
+    import onnxruntime as ort
+
+    model = from_onnx(_model_with_weights(tmp_path))
+    values = sorted(model.ir.graph.initializers.values(), key=lambda v: -v.const_value.nbytes)[:2]
+    expected = {}
+    for value, name in zip(values, (None, "stale")):
+        expected[value.name] = value.const_value.numpy() * 2
+        value.const_value = ir.tensor(expected[value.name], name=name)
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "saved.onnx"
+    model.save_external(path)
+    assert (tmp_path / "out" / "saved.onnx.data").is_file()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": np.zeros(4, np.float32)})[0]
+    want = sum(array[:4] for array in expected.values()) + model.ir.graph.initializers["w2"].const_value.numpy()[:4]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    loaded = ir.load(path)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(loaded.graph.initializers[name].const_value.numpy(), array)
