@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -264,7 +265,37 @@ def _wrap(model: onnx.ModelProto, name: str, sha256: str, kind: str) -> Model:
     notes: list[str] = []
     model = _upgrade(model, name, notes)
     ir_model = ir.serde.deserialize_model(model)
+    _detach_tensors(ir_model)
     return Model(ir_model, Provenance(kind, name, sha256, notes))
+
+
+def _detach_tensors(model: ir.Model) -> None:
+    """Give each tensor that wraps a TensorProto of the loaded ModelProto its own copy of that TensorProto.
+
+    A wrapped TensorProto keeps the whole ModelProto alive, every weight in it: while any one tensor of the import
+    lived (a LayerNorm bias nobody replaces), the imported weights stayed in memory, however many passes had
+    replaced them or however the compile let go of them (a 355 M GPT-2: 1.4 GB to the end). Detached, each weight
+    goes when its last user does. The copies are the same messages (serialized the same bytes); the ModelProto
+    goes when the caller drops it (twice the weights until then)."""
+    def detached(tensor: Any) -> Any:
+        if not isinstance(tensor, ir.serde.TensorProtoTensor):
+            return tensor
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor.raw)
+        return ir.serde.TensorProtoTensor(copy)
+
+    def detach_nodes(nodes: Any) -> None:
+        for node in nodes:
+            for key, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.serde.TensorProtoTensor):
+                    node.attributes[key] = ir.AttrTensor(key, detached(attr.value), doc_string=attr.doc_string)
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = detached(value.const_value)
+        detach_nodes(graph)
+    for function in model.functions.values():
+        detach_nodes(function.all_nodes())
 
 
 def from_onnx(path: str | os.PathLike[str]) -> Model:
