@@ -298,7 +298,8 @@ class Model:
         """Write the model as ``save_external`` does and from then on read its weights from there: each initializer
         of the main graph takes the file's tensor (the large ones memory-mapped when used), so the arrays it held in
         memory go once nothing else holds them (a compile holding a 355 M model's 1.4 GB only to measure its artifact).
-        Serialized, the model is the same bytes as before. The files must outlive the model's use of them (on
+        Serialized, it is the same model, not always the same bytes (an explicit default ``data_location`` an import
+        set on a tensor goes: write artifacts before spilling). The files must outlive the model's use of them (on
         Linux an open map outlives the file's deletion; a tensor not yet read does not). The bytes written."""
         written = self.save_external(path)
         mapped = ir.load(Path(path)).graph.initializers

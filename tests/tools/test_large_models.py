@@ -94,3 +94,22 @@ def test_a_cnn_past_the_protobuf_limit_gets_int8_through_the_default_pipeline(tr
     assert (artifact.path / "model.onnx.data").is_file()
     assert artifact.manifest["records"]["quality_gate"]["passed"]
     assert any(r["bits"]["weight"] == 8 for r in artifact.manifest["layers"])
+
+
+@pytest.mark.parametrize("options", [{"pipeline": "optimize"}, {"budget": "avg-bits=4"}],
+                         ids=["optimize", "avg-bits=4"])
+def test_measuring_a_large_language_model_with_its_weights_spilled_writes_the_same_artifact(decoder_folder, tmp_path,
+                                                                                           options):
+    """Past ``ONE_SESSION_AT_A_TIME_BYTES`` the emitted model reads its weights from a scratch file while it is
+    measured (``Model.spill``): the artifact's files are the same bytes as when it holds them, and so are the
+    quality figures."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "ONE_SESSION_AT_A_TIME_BYTES", LOWERED)
+        spilled = compile(decoder_folder / "lm.onnx", tmp_path / "spilled", calibration=decoder_folder / "calib.npz",
+                          evaluation=decoder_folder / "eval.npz", latency=False, **options)
+    held = compile(decoder_folder / "lm.onnx", tmp_path / "held", calibration=decoder_folder / "calib.npz",
+                   evaluation=decoder_folder / "eval.npz", latency=False, **options)
+    for name in ("model.onnx", "session.json"):
+        assert (spilled.path / name).read_bytes() == (held.path / name).read_bytes(), name
+    assert spilled.metrics["quality"]["lm"] == held.metrics["quality"]["lm"]
+    assert spilled.manifest["layers"] == held.manifest["layers"]
