@@ -645,10 +645,6 @@ def _compile(
         del source
     else:
         reference_model.save(reference_file)
-    if in_turn and before_quantize.model is not None:
-        # the quality gate's repair restarts from the model before quantizing: its fp32 weights (1.4 GB at 355 M)
-        # are read from a scratch file if a repair runs, not held in memory through the rest of the compile
-        _spill_weights(before_quantize.model, Path(scratch.name))
     gate_data = evaluation_data or held_back
     reference = _reference_runner(reference_file) if on_host else None
     reference_outputs, output_names = None, [spec.name for spec in reference_model.outputs]
