@@ -245,15 +245,6 @@ class _Sessions:
         gc.collect()
 
 
-def _spill_weights(model: Model, folder: Path) -> None:
-    """Let an emitted model read its weights from a file in ``folder`` (``Model.spill``) instead of holding them:
-    what the compile still does with it after emitting (measuring, the quality gate's ranking, the manifest's
-    layer table) reads a few weights, if any, while a language model's artifact session and both models' outputs
-    are in memory (at 355 M the emitted fp32 model held 1.4 GB through the whole measuring phase)."""
-    spilled = Path(tempfile.mkdtemp(prefix="spilled-", dir=folder)) / "model.onnx"
-    model.spill(spilled)
-
-
 def _measure(sessions: _Sessions, reference_file: Path, weight_bytes: int, reference_model: Model,
              directory: Path, files: Sequence[str], evaluation: Dataset | None, calibration: Dataset | None, latency: bool,
              progress: Callable[[str], None], lm: DecoderSpec | None = None,
@@ -624,8 +615,6 @@ def _compile(
         stage = destination.stage()
         say(f"emitting {backend} artifact")
         files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress))
-        if in_turn:  # written: from here on its weights are read from a scratch file when used, not held
-            _spill_weights(candidate, Path(scratch.name))
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
