@@ -27,8 +27,6 @@ def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH) -> list
     parts: list[list[np.ndarray | None]] = []
     for feeds in data.batches(batch_size):
         parts.append(list(runner.run(feeds)))
-    if len(parts) == 1:  # one batch: its arrays are the outputs (joining would copy them: a 355 M LM's 0.8 GB)
-        return [np.asarray(piece) for piece in parts[0]]
     outputs = []
     for i in range(len(parts[0])):  # output by output, each batch's piece dropped once joined: not twice the memory
         outputs.append(np.concatenate([p[i] for p in parts]))
