@@ -101,11 +101,23 @@ def apply_rules(model: Model, rule_list: Sequence[RewriteRule], *, max_rounds: i
             total += count
             if count == 0:
                 break
+    _forget_matched_graph(rule_list)
     if total:
         ir_passes.RemoveUnusedNodesPass()(model.ir)  # BN statistics and replaced weights
         _settle_annotations(model.graph)
         assign_layer_ids(model.graph)
     return total
+
+
+def _forget_matched_graph(rule_list: Sequence[RewriteRule]) -> None:
+    """Drop what onnxscript's pattern matchers keep of the last graph they matched (``_graph``, the match's
+    bindings): the rules are module-level, so that graph, and every weight tensor its values held, stayed alive
+    for the rest of the process: a 355 M GPT-2's imported weights survived every pass that replaced them."""
+    for rule in rule_list:
+        matcher = getattr(rule, "_matcher", None)
+        for state in ("_graph", "_match", "_current_node", "_tracer"):
+            if matcher is not None and hasattr(matcher, state):
+                setattr(matcher, state, None)
 
 
 def _needs_shapes(rule: RewriteRule) -> bool:

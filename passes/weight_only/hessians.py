@@ -5,11 +5,13 @@ calibration samples (``calibration.py`` gets the same from a torch module with f
 layer input becomes an extra graph output of one session, the calibration set runs through it batch by
 batch, and each batch is folded into float32 accumulators and dropped: memory is the Hessians
 (``sum of K^2``, one per distinct input tensor: layers reading the same tensor, such as a Llama block's
-q/k/v projections, share one) plus one batch of activations, never the whole set.
+q/k/v projections, share one) plus one batch of activations, never the whole set; and past ``MAX_GRAM_BYTES``
+of Hessians, only one group of them at a time (the data runs once per group).
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -52,37 +54,97 @@ def batch_size_for(data: Dataset, tokens: int = TOKENS_PER_BATCH) -> int:
     return max(1, tokens // max(length, 1))
 
 
+#: bytes of float32 Gram accumulators held at once while collecting: when a model's layer inputs need more (a
+#: 709 M GPT-2's 48 Hessians are 3.6 GB, 12 GB at the collection's peak with the session and activations), they are
+#: collected in groups of consecutive tensors that fit, one pass of the calibration data per group through the
+#: same session, and each group's Hessians are handed on before the next group starts
+MAX_GRAM_BYTES = 1 << 30
+
+
 def layer_input_hessians(model: Model, inputs: Sequence[str], data: Dataset, *, samples: int | None = None,
+                         max_bytes: int | None = None,
                          progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """``{tensor name: X^T X / n}`` of each named layer-input tensor (last axis = features) over ``data``
-    (its first ``samples`` samples when given)."""
+    (its first ``samples`` samples when given); ``iter_layer_input_hessians`` hands them on group by group."""
+    return dict(iter_layer_input_hessians(model, inputs, data, samples=samples, max_bytes=max_bytes,
+                                          progress=progress))
+
+
+def iter_layer_input_hessians(model: Model, inputs: Sequence[str], data: Dataset, *, samples: int | None = None,
+                              max_bytes: int | None = None, progress: Callable[[str], None] | None = None
+                              ) -> Iterator[tuple[str, np.ndarray]]:
+    """``(tensor name, X^T X / n)`` of each named layer-input tensor, in order, with at most ``max_bytes`` of
+    accumulators alive (``gram_groups``; default ``MAX_GRAM_BYTES``; a tensor wider than that alone): the consumer stores or uses each before
+    the next group is collected. Every group sees the same batches in the same order, so each Hessian is the same
+    float32 numbers whatever the grouping."""
     if len(data) == 0:
         raise UsageError("weight-only GPTQ needs calibration samples (--calib)")
     used = data.head(samples) if samples else data
     names = list(dict.fromkeys(inputs))
-    grams: dict[str, Gram] = {}
+    groups = gram_groups(model, names, MAX_GRAM_BYTES if max_bytes is None else max_bytes)
     batch = batch_size_for(used)
     total = -(-len(used) // batch)
-    for index, values in enumerate(layer_inputs(model, used, names, batch_size=batch)):
-        for name in names:
-            x = values[name]
-            if name not in grams:
-                grams[name] = Gram(int(x.shape[-1]))
-            grams[name].add(x)
-        if progress is not None and (index + 1) % 8 == 0:
-            progress(f"quantize-weights: layer inputs of batch {index + 1}/{total}")
-    return {name: gram.value for name, gram in grams.items()}
+    with layer_input_runner(model, names) as run:
+        for number, group in enumerate(groups, 1):
+            grams: dict[str, Gram] = {}
+            for index, values in enumerate(run(used, group, batch_size=batch)):
+                for name in group:
+                    x = values[name]
+                    if name not in grams:
+                        grams[name] = Gram(int(x.shape[-1]))
+                    grams[name].add(x)
+                del values
+                if progress is not None and (index + 1) % 8 == 0:
+                    where = f" (group {number}/{len(groups)})" if len(groups) > 1 else ""
+                    progress(f"quantize-weights: layer inputs of batch {index + 1}/{total}{where}")
+            for name in group:
+                yield name, grams.pop(name).value
+
+
+def gram_groups(model: Model, names: Sequence[str], max_bytes: int) -> list[list[str]]:
+    """``names`` cut into runs of consecutive tensors whose float32 ``features x features`` accumulators fit in
+    ``max_bytes`` together (one that does not fit alone, or whose width the graph does not say, is a group of its
+    own)."""
+    widths = _last_dims(model)
+    groups: list[list[str]] = []
+    held = 0
+    for name in names:
+        width = widths.get(name)
+        size = 4 * width * width if width else max_bytes + 1
+        if not groups or held + size > max_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += size
+    return groups
+
+
+def _last_dims(model: Model) -> dict[str, int]:
+    """``{tensor name: its last dimension}`` where the graph gives it as a number."""
+    graph = model.ir.graph
+    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
+    return {v.name: int(v.shape[-1]) for v in values
+            if v.name and v.shape is not None and len(v.shape) and isinstance(v.shape[-1], int)}
 
 
 def layer_inputs(model: Model, data: Dataset, names: Sequence[str], *,
                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Per batch of ``data``: ``{name: value}`` of each tensor in ``names``, with bounded memory: the model (its
-    inner tensors made outputs on a clone that shares the weights) is written with external data to a temporary
-    folder and ONNX Runtime loads it by path, so no serialized copy of the weights is held (a 1.4 GB model's
-    would be three: the proto, its bytes, ORT's parse), and weight pre-packing is off (one more copy, for a
-    session that runs a few batches). The clone's only outputs are the wanted tensors and the nodes they do not
-    depend on are dropped: a language model's logits (its widest layer, a quarter of GPT-2-small's compute) and
-    KV-cache outputs are not computed."""
+    """Per batch of ``data``: ``{name: value}`` of each tensor in ``names`` (``layer_input_runner``, one pass)."""
+    with layer_input_runner(model, names) as run:
+        yield from run(data, names, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def layer_input_runner(model: Model, names: Sequence[str]
+                       ) -> Iterator[Callable[..., Iterator[dict[str, np.ndarray]]]]:
+    """A function ``run(data, fetch, *, batch_size)`` giving, per batch of ``data``, ``{name: value}`` of each
+    tensor in ``fetch`` (a subset of ``names``), from one ONNX Runtime session that may serve several passes over
+    the data, with bounded memory: the model (its inner tensors made outputs on a clone that shares the weights)
+    is written with external data to a temporary folder and ONNX Runtime loads it by path, so no serialized copy
+    of the weights is held (a 1.4 GB model's would be three: the proto, its bytes, ORT's parse), and weight
+    pre-packing is off (one more copy, for a session that runs a few batches). The clone's only outputs are the
+    wanted tensors and the nodes they do not depend on are dropped: a language model's logits (its widest layer,
+    a quarter of GPT-2-small's compute) and KV-cache outputs are not computed."""
     work = model.clone()
     graph = work.ir.graph
     values = {v.name: v for v in graph.inputs}
@@ -91,13 +153,15 @@ def layer_inputs(model: Model, data: Dataset, names: Sequence[str], *,
     if missing:
         raise UsageError(f"quantize-weights: no tensor {missing[0]!r} in the model to collect layer inputs from")
     inputs = {v.name for v in graph.inputs}
-    fetch = [n for n in dict.fromkeys(names) if n not in inputs]
-    if not fetch:  # every layer reads a graph input: the data is the answer
-        for feeds in data.batches(batch_size):
-            yield {n: feeds[n] for n in names}
+    outputs = [n for n in dict.fromkeys(names) if n not in inputs]
+    if not outputs:  # every layer reads a graph input: the data is the answer
+        def from_data(data: Dataset, fetch: Sequence[str], *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+            for feeds in data.batches(batch_size):
+                yield {n: feeds[n] for n in fetch}
+        yield from_data
         return
     graph.outputs.clear()
-    graph.outputs.extend(values[n] for n in fetch)
+    graph.outputs.extend(values[n] for n in outputs)
     ir_passes.RemoveUnusedNodesPass()(work.ir)
     with tempfile.TemporaryDirectory(prefix="bitpass-hessians-") as folder:
         path = Path(folder) / "model.onnx"
@@ -111,10 +175,15 @@ def layer_inputs(model: Model, data: Dataset, names: Sequence[str], *,
             raise BitpassError(f"ONNX Runtime cannot run the model to collect layer inputs: "
                                f"{execution.first_line(err)}") from err
         wanted = {i.name for i in session.get_inputs()}
-        for feeds in data.batches(batch_size):
-            got = dict(zip(fetch, session.run(fetch, {n: v for n, v in feeds.items() if n in wanted})))
-            got.update({n: feeds[n] for n in names if n in inputs})
-            yield got
+
+        def from_session(data: Dataset, fetch: Sequence[str], *,
+                         batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+            computed = [n for n in dict.fromkeys(fetch) if n not in inputs]
+            for feeds in data.batches(batch_size):
+                got = dict(zip(computed, session.run(computed, {n: v for n, v in feeds.items() if n in wanted})))
+                got.update({n: feeds[n] for n in fetch if n in inputs})
+                yield got
+        yield from_session
 
 
 class SpilledArrays(Mapping[Hashable, np.ndarray]):

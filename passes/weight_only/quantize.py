@@ -46,7 +46,7 @@ from bitpass.passes.weight_only.codebooks import BITS as CODEBOOK_BITS
 from bitpass.passes.weight_only.codebooks import CodebookQuantized, codebook_gptq, codebook_rtn
 from bitpass.passes.weight_only.gptq import gptq
 from bitpass.passes.weight_only.grid import GroupQuantized, output_error, rtn
-from bitpass.passes.weight_only.hessians import Renamed, SpilledArrays, layer_input_hessians
+from bitpass.passes.weight_only.hessians import Renamed, SpilledArrays, iter_layer_input_hessians
 from bitpass.passes.weight_only.lowrank import low_rank_compensation
 from bitpass.passes.weight_only.matmulnbits import MATMULNBITS_BITS
 from bitpass.passes.weight_only.mixed import Mixture, allocate_widths, choose_mixtures, layer_mixtures, mixtures_of, \
@@ -256,9 +256,10 @@ class Quantizer:
         wanted = [t for t in dict.fromkeys(inputs.values()) if (data.sha256, t, recipe.samples) not in self._hessians]
         if wanted:
             say(f"quantize-weights: collecting the inputs of {len(layers)} layers ({len(wanted)} distinct tensors)")
-            for tensor, h in layer_input_hessians(model, wanted, data, samples=recipe.samples,
-                                                  progress=say).items():
+            # spilled group by group as collected: at most ``MAX_GRAM_BYTES`` of them in memory at once
+            for tensor, h in iter_layer_input_hessians(model, wanted, data, samples=recipe.samples, progress=say):
                 self._hessians[(data.sha256, tensor, recipe.samples)] = h
+                del h
         return Renamed(self._hessians, {layer_id: (data.sha256, tensor, recipe.samples)
                                         for layer_id, tensor in inputs.items()})
 

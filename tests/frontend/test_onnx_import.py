@@ -309,3 +309,30 @@ def test_an_external_data_model_is_imported_with_one_copy_of_its_weights(tmp_pat
     grown, weight_bytes = map(int, out.stdout.split())
     assert weight_bytes == layers * width * width * 4
     assert grown < 1.5 * weight_bytes, f"import peaked {grown / weight_bytes:.2f}x the weights"
+
+
+def test_imported_tensors_are_copies_independent_of_the_loaded_proto_and_serialize_the_same(tmp_path):
+    """Each tensor of an imported model owns its TensorProto: one that wrapped the loaded ModelProto's kept the whole
+    ModelProto, every weight in it, alive as long as any tensor lived. The copies are the same messages."""
+    from bitpass.frontend.onnx_import import _detach_tensors
+    from onnx_ir import serde
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    shift = helper.make_node("Constant", [], ["shift"], value=numpy_helper.from_array(np.ones(32, np.float32)))
+    graph = helper.make_graph([shift, helper.make_node("MatMul", ["x", "w"], ["y0"]),
+                               helper.make_node("Add", ["y0", "shift"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = serde.deserialize_model(proto)
+    before = serde.serialize_model(model).SerializeToString(deterministic=True)
+    _detach_tensors(model)
+    assert serde.serialize_model(model).SerializeToString(deterministic=True) == before
+    expected = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    proto.graph.initializer[0].raw_data = np.zeros((64, 32), np.float32).tobytes()  # the loaded proto changes...
+    proto.graph.node[0].attribute[0].t.raw_data = np.zeros(32, np.float32).tobytes()
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), expected)  # ...its copies not
+    constant = next(node for node in model.graph if node.op_type == "Constant")
+    np.testing.assert_array_equal(constant.attributes["value"].as_tensor().numpy(), np.ones(32, np.float32))
+

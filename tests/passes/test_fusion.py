@@ -343,3 +343,17 @@ def test_fuse_options_select_rule_groups(cnn_model: Model) -> None:
     result = Fuse(batchnorm=False, matmul_add=False).run(cnn_model, PassContext())
     assert not result.modified and "BatchNormalization" in ops(cnn_model)
     assert Fuse(activations=False).spec() == "fuse(activations=false)"
+
+
+def test_fusing_leaves_no_reference_to_the_graph_in_the_module_level_rules(_cnn_proto) -> None:
+    """onnxscript's matchers kept the last graph they matched, and with it every weight, for the life of the
+    process: a model that went through ``fuse`` and was then dropped must go, weights and all."""
+    import gc
+    import weakref
+
+    model = from_proto(_cnn_proto, name="digits_cnn", kind="torch")
+    assert FuseBatchNorm().run(model, PassContext()).modified  # the rules matched this graph
+    graph = weakref.ref(model.graph)
+    del model
+    gc.collect()
+    assert graph() is None

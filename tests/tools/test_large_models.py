@@ -94,3 +94,28 @@ def test_a_cnn_past_the_protobuf_limit_gets_int8_through_the_default_pipeline(tr
     assert (artifact.path / "model.onnx.data").is_file()
     assert artifact.manifest["records"]["quality_gate"]["passed"]
     assert any(r["bits"]["weight"] == 8 for r in artifact.manifest["layers"])
+
+
+@pytest.mark.parametrize("options", [{"pipeline": "optimize"},
+                                     {"budget": "avg-bits=4", "tolerance": "kl=0.00005", "allow_quality_loss": True}],
+                         ids=["optimize", "avg-bits=4-repaired"])
+def test_a_large_language_model_measured_in_turn_gets_the_same_artifact_and_gate(decoder_folder, tmp_path, options):
+    """Past ``ONE_SESSION_AT_A_TIME_BYTES`` a language model is measured holding one session at a time, its fp32
+    reference's KV-cache outputs dropped before the artifact is emitted: the artifact's files, the quality gate
+    (a repair forced by a tight bound included: its ranking and the layers put back) and the quality figures are
+    the ones the default path gives. (Spilling the emitted model to disk changed the repair's ranking.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "ONE_SESSION_AT_A_TIME_BYTES", LOWERED)
+        in_turn = compile(decoder_folder / "lm.onnx", tmp_path / "in-turn", calibration=decoder_folder / "calib.npz",
+                          evaluation=decoder_folder / "eval.npz", latency=False, **options)
+    held = compile(decoder_folder / "lm.onnx", tmp_path / "held", calibration=decoder_folder / "calib.npz",
+                   evaluation=decoder_folder / "eval.npz", latency=False, **options)
+    for name in ("model.onnx", "session.json"):
+        assert (in_turn.path / name).read_bytes() == (held.path / name).read_bytes(), name
+    gates = [a.manifest["records"]["quality_gate"] for a in (in_turn, held)]
+    assert [{k: g.get(k) for k in ("passed", "final", "fp32_layers", "ranking")} for g in gates][0] == \
+        [{k: g.get(k) for k in ("passed", "final", "fp32_layers", "ranking")} for g in gates][1]
+    if "tolerance" in options:
+        assert gates[0].get("fp32_layers"), "the tight bound forces a repair"
+    assert in_turn.metrics["quality"]["lm"] == held.metrics["quality"]["lm"]
+    assert in_turn.manifest["layers"] == held.manifest["layers"]
