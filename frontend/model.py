@@ -294,21 +294,6 @@ class Model:
         ir.save(self.ir, path, external_data=data.name, size_threshold_bytes=1024)
         return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
-    def spill(self, path: str | Path) -> int:
-        """Write the model as ``save_external`` does and from then on read its weights from there: each initializer
-        of the main graph takes the file's tensor (the large ones memory-mapped when used), so the arrays it held in
-        memory go once nothing else holds them (a compile holding a 355 M model's 1.4 GB only to measure its artifact).
-        Serialized, it is the same model, not always the same bytes (an explicit default ``data_location`` an import
-        set on a tensor goes: write artifacts before spilling). The files must outlive the model's use of them (on
-        Linux an open map outlives the file's deletion; a tensor not yet read does not). The bytes written."""
-        written = self.save_external(path)
-        mapped = ir.load(Path(path)).graph.initializers
-        for value in self.ir.graph.initializers.values():  # the small ones too: the file's graph holds them
-            tensor = mapped.get(value.name or "")
-            if tensor is not None and tensor.const_value is not None:
-                value.const_value = tensor.const_value
-        return written
-
     @classmethod
     def read_back(cls, path: str | Path, provenance: Provenance, torch_module: Any = None) -> Model:
         """The model ``save_external`` wrote to ``path``, its weights loaded into memory (the files may go):
