@@ -517,6 +517,22 @@ def _skip_layer_norm_model(tmp_path):
     return path, {b: {"x": rng.standard_normal((b, 8, hidden)).astype(np.float32)} for b in (1, 8)}
 
 
+def test_a_large_model_s_optimized_graph_is_written_by_a_child_process_with_the_same_answers(tmp_path, monkeypatch):
+    """Past OPTIMIZED_GRAPH_IN_CHILD_BYTES (lowered to 0 here) ONNX Runtime's session, and its copy of the weights,
+    live in a child process; the fusions found and the session signature are the ones found in this process."""
+    path, _ = _skip_layer_norm_model(tmp_path)
+    here = (format_search.fused_at_load(path, tmp_path), format_search.session_signature(path, tmp_path),
+            format_search.session_signature(path, tmp_path, ["SkipLayerNormFusion"]))
+    monkeypatch.setattr(format_search, "OPTIMIZED_GRAPH_IN_CHILD_BYTES", 0)
+    child = (format_search.fused_at_load(path, tmp_path), format_search.session_signature(path, tmp_path),
+             format_search.session_signature(path, tmp_path, ["SkipLayerNormFusion"]))
+    assert child == here and here[0] == ["SkipLayerNormFusion"] and here[1] != here[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["skip.onnx"]  # nothing left behind
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    assert format_search.session_signature(broken, tmp_path) is None  # ORT's error in the child: nothing known
+
+
 def test_a_fusion_ort_makes_at_load_is_found_and_a_session_option_turns_it_off(tmp_path):
     import onnxruntime as ort
 
