@@ -890,25 +890,26 @@ def _repairable(base: Model, choice: Replay | None) -> list[str]:
 
 def _progress_keyword(emit: Callable[..., Any], progress: Any) -> dict[str, Any]:
     """``{"progress": ...}`` for a backend whose ``emit`` takes it (a plugin's may not)."""
-    import inspect
-
-    try:
-        return {"progress": progress} if "progress" in inspect.signature(emit).parameters else {}
-    except (TypeError, ValueError):
-        return {}
+    return {"progress": progress} if _takes_keyword(emit, "progress") else {}
 
 
 def _ranges_keyword(emit: Callable[..., Any], ctx: PassContext) -> dict[str, Any]:
     """``{"activation_ranges": {tensor: (lo, hi)}}`` for a backend whose ``emit`` takes the calibrated ranges (TVM:
     int8 convs pass each other uint8 codes of those scales), when the pipeline calibrated."""
+    ranges = ctx.analyses.optional(ACTIVATION_RANGES)
+    if ranges is None or not _takes_keyword(emit, "activation_ranges"):
+        return {}
+    return {"activation_ranges": dict(ranges.ranges)}
+
+
+def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (False when its signature cannot be read)."""
     import inspect
 
-    ranges = ctx.analyses.optional(ACTIVATION_RANGES)
     try:
-        takes = "activation_ranges" in inspect.signature(emit).parameters
+        return name in inspect.signature(function).parameters
     except (TypeError, ValueError):
-        takes = False
-    return {"activation_ranges": dict(ranges.ranges)} if takes and ranges is not None else {}
+        return False
 
 
 def _keep_reference(model: Any, reference_file: Path, reference_model: Model) -> dict[str, Any]:
