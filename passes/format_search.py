@@ -470,17 +470,10 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     built_count = [0]
 
     def build(c: Candidate) -> Candidate:
-        built = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=s8_models)
         built_count[0] += 1  # names can repeat (a repair may be called as a first-round candidate): files do not
-        c.path, c.provenance = folder / f"candidate{built_count[0]}.onnx", built.provenance
-        c.nbytes = built.save_external(c.path)
-        del built
-        try:
-            c.error = _relative_error(reference, _outputs(c.path, check))
-        except BitpassError as err:  # e.g. ORT's own graph rewrites break S8 QDQ at opset 21+ (output_dtype)
-            c.eligible, c.speedup = False, {}
-            c.why += f"; {err}: not eligible"
-        return c
+        return build_candidate(model, c, folder / f"candidate{built_count[0]}.onnx", ranges=ranges,
+                               calibration=calibration, options=options, check=check, reference=reference,
+                               built_s8=s8_models)
 
     def name_of(c: Candidate) -> str:
         """What ``c`` is called in the timings: the untimed all-fp32 fallback is the fp32 reference itself."""
@@ -703,6 +696,25 @@ def _search_cold(model: Model, plan: dict[str, LayerPlan], compute: list[str], f
     return SearchResult(chosen, best.flavour, best.plan, record)
 
 
+def build_candidate(model: Model, c: Candidate, path: Path, *, ranges: ActivationRanges | None,
+                    calibration: Dataset, options: QuantizeOptions, check: Dataset, reference: list[np.ndarray],
+                    built_s8: dict[str, Model] | None = None) -> Candidate:
+    """Materialize ``c``'s plan in its flavour, write it to ``path`` (then drop it from memory: only files are
+    kept between timings) and measure its relative error on ``check`` against ``reference``. A flavour ORT cannot
+    run leaves ``c`` ineligible rather than failing the search. The search's candidates and the flavour probe's
+    whole-graph int8 models are built here alike."""
+    built = materialize_in(model, c.plan, c.flavour, ranges, calibration, options, built_s8=built_s8)
+    c.path, c.provenance = path, built.provenance
+    c.nbytes = built.save_external(path)
+    del built
+    try:
+        c.error = _relative_error(reference, _outputs(path, check))
+    except BitpassError as err:  # e.g. ORT's own graph rewrites break S8 QDQ at opset 21+ (output_dtype)
+        c.eligible, c.speedup = False, {}
+        c.why += f"; {err}: not eligible"
+    return c
+
+
 def _as_int8(model: Model, candidate: Candidate, ranges: ActivationRanges | None, calibration: Dataset,
              options: QuantizeOptions, folder: Path) -> dict[str, Any]:
     """Whether ``candidate`` (low-bit codes widened to int8 at load) runs the very session graph of the same plan
@@ -826,16 +838,10 @@ def whole_graph_flavour(model: Model, *, ranges: ActivationRanges | None, calibr
             return FLAVOURS[cached["plan"]], {**cached["record"], "cached": True}
         check = calibration.head(CHECK_SAMPLES)
         reference = _outputs(fp32_path, check)
-        candidates, built_s8 = [], {}
-        for f in flavours:
-            c = Candidate(f.name, plan, f, "every layer int8")
-            c.path = folder / f"{f.name}.onnx"
-            materialize_in(model, plan, f, ranges, calibration, options, built_s8=built_s8).save_external(c.path)
-            try:
-                c.error = _relative_error(reference, _outputs(c.path, check))
-            except BitpassError as err:
-                c.eligible, c.why = False, f"{c.why}; {err}: not eligible"
-            candidates.append(c)
+        built_s8: dict[str, Model] = {}
+        candidates = [build_candidate(model, Candidate(f.name, plan, f, "every layer int8"), folder / f"{f.name}.onnx",
+                                      ranges=ranges, calibration=calibration, options=options, check=check,
+                                      reference=reference, built_s8=built_s8) for f in flavours]
         built_s8.clear()
         _eligibility(candidates)
         eligible = [c for c in candidates if c.eligible]
@@ -1182,7 +1188,7 @@ def _store(key: str, entry: dict[str, Any]) -> None:
         pass
 
 
-__all__ = ["Candidate", "GraphTimer", "Replay", "SearchResult", "Verdict", "compute_layers", "fallback_plan",
-           "faster_with_confidence", "graph_signature", "int8_twin", "is_quantized", "merged_plan", "paired_ratios",
-           "plan_of", "plan_record", "replay", "search", "session_signature", "slower_than_reference",
-           "whole_graph_flavour"]
+__all__ = ["Candidate", "GraphTimer", "Replay", "SearchResult", "Verdict", "build_candidate", "compute_layers",
+           "fallback_plan", "faster_with_confidence", "graph_signature", "int8_twin", "is_quantized", "merged_plan",
+           "paired_ratios", "plan_of", "plan_record", "replay", "search", "session_signature",
+           "slower_than_reference", "whole_graph_flavour"]
