@@ -828,8 +828,8 @@ class _Lowering:
         levels = self.scheme.int8_levels
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
         carry = self.scheme.int8_amax_carry
-        vnni = self.scheme.int8_codes and geometry["groups"] == 1 and not taps and ob % self.lanes == 0
-        if isinstance(x, ChannelsLast) or isinstance(x, Codes) and not (vnni and self._reads_codes_in_place(node)):
+        vnni = self._vnni_int8_conv(node)
+        if isinstance(x, ChannelsLast) or isinstance(x, Codes) and not self._reads_codes_in_place(node):
             x = self.fp32(bb, x)
         if isinstance(residual, (Codes, ChannelsLast)) and not vnni:
             residual = self.fp32(bb, residual)
@@ -877,23 +877,60 @@ class _Lowering:
         self._nonnegative = act == "relu"
         return bb.emit(relax.TupleGetItem(result, 0))
 
-    def _reads_codes_in_place(self, node) -> bool:
-        """Whether the conv ``node`` can read its input as codes (``avx512.u8_readable``: channels in whole words,
-        symmetric padding within the codes' border)."""
+    def _weight_of(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """The constant weight of the Conv ``node`` (an initializer, or folded from constants already lowered)."""
+        if len(node.input) < 2:
+            return None
+        w = self.env.get(node.input[1], self.inits.get(node.input[1]))
+        return w if isinstance(w, np.ndarray) else None
+
+    def _vnni_int8_conv(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node`` is an int8 conv the scheme's VNNI micro-kernel runs taking codes and channels-last
+        tensors (``_conv_int8_codes``): the one rule for the conv itself, for a conv reading codes in place and for
+        the int8 conv fusing a residual Add whose other input is written as codes or channels-last. Every
+        decision about codes asks it, so a writer never writes codes a reader then decodes."""
+        if not self.scheme.int8_codes or node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or \
+                self.plan(node).weight_bits != 8:
+            return False
+        attrs = _attrs(node)
+        w = self._weight_of(node)
+        bias = self.env.get(node.input[2], self.inits.get(node.input[2])) if len(node.input) > 2 and node.input[2] \
+            else np.zeros(0)
+        return w is not None and w.ndim == 4 and isinstance(bias, np.ndarray) and attrs.get("group", 1) == 1 and \
+            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and \
+            not kernels.conv_int8_taps(int(w.shape[1]), int(w.shape[3]), attrs.get("dilations", [1, 1])[1]) and \
+            kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes == 0
+
+    def _reads_codes_in_place(self, node: onnx.NodeProto) -> bool:
+        """Whether the conv ``node`` can read its input as codes: a VNNI int8 conv (``_vnni_int8_conv``) whose
+        input channels fill whole words and whose padding is symmetric within the codes' border
+        (``avx512.u8_readable``)."""
         from bitpass.backends.tvm import avx512
 
-        attrs = _attrs(node)
-        w = self.inits.get(node.input[1]) if len(node.input) > 1 else None
-        pads = tuple(attrs.get("pads", [0, 0, 0, 0]))
-        return w is not None and w.ndim == 4 and attrs.get("group", 1) == 1 and len(pads) == 4 and \
-            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and avx512.u8_readable(int(w.shape[1]), pads) \
-            and self.plan(node).weight_bits == 8 and kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes == 0
+        if not self._vnni_int8_conv(node):
+            return False
+        pads = tuple(_attrs(node).get("pads", [0, 0, 0, 0]))
+        w = self._weight_of(node)
+        return w is not None and len(pads) == 4 and avx512.u8_readable(int(w.shape[1]), pads)
+
+    def _residual_add_of_code_writer(self, value: str, user: onnx.NodeProto) -> bool:
+        """Whether ``user``, a reader of ``value``, is an Add that the VNNI int8 conv writing its other input (not
+        lowered yet, read by nothing else) will fuse as its epilogue's residual input, so ``value`` may reach it
+        as codes or channels-last (``_epilogue``). The one rule ``_code_scale`` and ``_residual_of_code_writer``
+        share."""
+        if user.op_type != "Add" or user.domain not in ("", "ai.onnx") or len(user.input) != 2 or \
+                user.input[0] == user.input[1] or value not in user.input:
+            return False
+        other = user.input[1] if user.input[0] == value else user.input[0]
+        writer = self.producer.get(other)
+        return other not in self.env and writer is not None and self._single_consumer(other) is user and \
+            self._vnni_int8_conv(writer)
 
     def _code_scale(self, value: str, act: str) -> float | None:
         """The scale at which an int8 conv writes ``value`` (its fused output) as codes: where the value has a
         calibrated range, is a ReLU's (zero point 0) and every reader takes codes: an int8 conv's data input read
-        in place, or the residual input of an int8 conv's epilogue (an Add of another int8 conv's output and
-        this value). None: the conv writes fp32."""
+        in place, or the residual input of an int8 conv's epilogue (``_residual_add_of_code_writer``). None: the
+        conv writes fp32."""
         lo_hi = self.ranges.get(value)
         if act != "relu" or lo_hi is None or not lo_hi[1] > 0 or value in self.graph_outputs or \
                 not self.consumers.get(value):
@@ -902,12 +939,8 @@ class _Lowering:
             if user.op_type == "Conv" and user.input[0] == value and value not in user.input[1:] and \
                     self._reads_codes_in_place(user):
                 continue
-            if user.op_type == "Add" and len(user.input) == 2 and user.input[0] != user.input[1]:
-                other = user.input[1] if user.input[0] == value else user.input[0]
-                writer = self.producer.get(other)
-                if writer is not None and writer.op_type == "Conv" and self._single_consumer(other) is user and \
-                        self.plan(writer).weight_bits == 8 and self._reads_codes_in_place(writer):
-                    continue
+            if self._residual_add_of_code_writer(value, user):
+                continue
             return None
         return float(lo_hi[1]) / 255.0
 
@@ -915,19 +948,7 @@ class _Lowering:
         """Whether ``value`` (a conv's output) is read only by an Add that an int8 conv not lowered yet will fuse
         as its residual input while writing codes (``_code_scale``): then it is written channels-last."""
         user = self._single_consumer(value)
-        if user is None or user.op_type != "Add" or user.domain not in ("", "ai.onnx") or len(user.input) != 2 or \
-                user.input[0] == user.input[1]:
-            return False
-        other = user.input[1] if user.input[0] == value else user.input[0]
-        writer = self.producer.get(other)
-        if other in self.env or writer is None or writer.op_type != "Conv" or self._single_consumer(other) is not user \
-                or self.plan(writer).weight_bits != 8:
-            return False
-        attrs = _attrs(writer)
-        w = self.inits.get(writer.input[1]) if len(writer.input) > 1 else None
-        if w is None or w.ndim != 4 or attrs.get("group", 1) != 1 or \
-                kernels.conv_int8_taps(int(w.shape[1]), int(w.shape[3]), attrs.get("dilations", [1, 1])[1]) or \
-                kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes:
+        if user is None or not self._residual_add_of_code_writer(value, user):
             return False
         after = self._single_consumer(user.output[0])
         relu = after is not None and after.op_type == "Relu" and after.domain in ("", "ai.onnx")

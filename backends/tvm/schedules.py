@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
+from tvm.s_tir import stmt as s_stmt
 from tvm.target import Target
 
 from bitpass.backends.tvm import avx2, avx512
@@ -232,6 +233,12 @@ ACCUMULATORS = {16: 24, 8: 12, 4: 24}
 PER_SAMPLE_MIN_BATCH = 8
 #: the widest output-column tile (longer ones unroll too far for little gain)
 MAX_TILE_COLUMNS = 14
+#: an fp32 conv with padding that is not parallel over samples pads and convolves in one parallel launch
+#: (``_one_launch``); False gives a launch per stage, for timing one against the other
+ONE_LAUNCH = True
+#: a pointwise fp32 conv loops over output blocks inside a column tile (``Conv2d``); False: blocks outermost,
+#: as the other convs, for timing one against the other
+POINTWISE_BLOCKS_INNER = True
 
 
 def conv_tile_columns(ow: int, vectors: int, lanes: int) -> int:
@@ -282,13 +289,19 @@ class Conv2d(_Rule):
             owt = conv_tile_columns(ow, -(-ob // self.lanes), self.lanes)
         xo, xi = sch.split(x, [None, owt])
         oo, oi = sch.split(o, [None, ob])
-        sch.reorder(b, oo, y, xo, rc, ry, rx, *((oi, xi) if depthwise else (xi, oi)))
+        # a pointwise fp32 conv (ResNet's strided 1x1 shortcuts) takes every output block of a column tile in turn,
+        # while the tile's input pixels are in L1 (its weights are small); others take the rows of a block in turn,
+        # while the block's weights are in cache
+        pointwise = POINTWISE_BLOCKS_INNER and not int8 and not depthwise and \
+            (_int(sch.get(ry).extent), _int(sch.get(rx).extent)) == (1, 1)
+        tiles = (y, xo, oo) if pointwise else (oo, y, xo)
+        sch.reorder(b, *tiles, rc, ry, rx, *((oi, xi) if depthwise else (xi, oi)))
         batch = _int(sch.get(b).extent) or 1
         # fp32 with padding over a batch: parallel over samples, each sample padded under its iteration and
         # convolved while the padded copy is in cache (not the whole batch padded, written to memory and read
         # back); else parallel over (sample, block, row, column tile)
         per_sample = not int8 and batch >= PER_SAMPLE_MIN_BATCH and _sblock_or_none(sch, "conv_pad") is not None
-        outer = sch.fuse(oo, y, xo) if per_sample else sch.fuse(b, oo, y, xo)
+        outer = sch.fuse(*tiles) if per_sample else sch.fuse(b, *tiles)
         if int8:  # the epilogue also reads the sample's scale: it cannot move under the tile, runs after it
             oloops = sch.get_loops(out)
             ofused = sch.fuse(*oloops[:2])
@@ -321,6 +334,8 @@ class Conv2d(_Rule):
             pfused = sch.fuse(*loops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(pfused)
+                if not int8 and ONE_LAUNCH:
+                    return _one_launch(sch)
         return sch
 
     def _fp32_pooled(self, func, tags: KernelAttrs):
@@ -387,6 +402,23 @@ class Conv2d(_Rule):
         kernel = avx2.conv2d_int8(data, out[1], ob, (codes[2], codes[3]), tags.strides, tags.pads, tags.dilations,
                                   tags.act, parallel=work >= PARALLEL_MIN_WORK, taps=tags.taps)
         return _replacement(func, kernel)
+
+
+def _one_launch(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """The scheduled function's stages, parallel loops at its root (an fp32 conv's padding, then its tiles), run in
+    one parallel launch, a barrier between them (as ``avx512.conv2d_int8``): the pool's threads are woken once per
+    call, not once per stage. Unchanged unless the root holds only parallel loops."""
+    func = sch.mod["main"]
+    realize = func.body
+    root = realize.block
+    stages = list(root.body) if isinstance(root.body, tirx.SeqStmt) else []
+    if len(stages) < 2 or not all(isinstance(st, tirx.For) and st.kind == tirx.ForKind.PARALLEL for st in stages):
+        return sch
+    fenced = [tirx.AttrStmt(0, "pragma_parallel_barrier_when_finish", 1, st) for st in stages[:-1]]
+    body = tirx.AttrStmt(0, "pragma_parallel_launch_point", 1, tirx.SeqStmt([*fenced, stages[-1]]))
+    block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
+                          root.alloc_buffers, root.match_buffers, root.annotations)
+    return s_tir.Schedule(func.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block)))
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block, outer) -> None:

@@ -1,12 +1,16 @@
 """The per-conv comparison in ``bench_tvm --only kernels``: ORT's side must run what it claims to run; the
-``profile`` section's per-kind split of ORT's own profile."""
+``profile`` section's per-kind split of ORT's own profile; the clocks rounds are timed by."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
+from bitpass.tools import bench_tvm
 from bitpass.tools.bench_tvm import conv_model_fp32, conv_model_u8s8, print_convs, profile_ort, rotation, tvm_op_kind
 
 
@@ -58,3 +62,16 @@ def test_each_round_starts_with_another_variant():
     assert [order[0] for order in orders] == names
     assert all(sorted(order) == sorted(names) for order in orders)
     assert rotation(names, 5) == orders[1]
+
+
+def test_the_thread_clock_leaves_out_time_the_calling_thread_does_not_run(monkeypatch):
+    """``--clock thread``: a call that waits (as a call does while other processes hold the core) costs the
+    thread's CPU time only; wall time counts the wait. Only at one thread: other threads' work would not count."""
+    monkeypatch.setattr(bench_tvm, "_clock", bench_tvm._clock)
+    wait = {"wait": lambda: time.sleep(0.005)}
+    bench_tvm.use_clock("wall", threads=2)
+    assert min(bench_tvm._samples(wait, rounds=2, min_seconds=0.01)["wait"]) >= 0.005
+    bench_tvm.use_clock("thread", threads=1)
+    assert max(bench_tvm._samples(wait, rounds=2, min_seconds=0.01)["wait"]) < 0.002
+    with pytest.raises(ValueError, match="--threads 1"):
+        bench_tvm.use_clock("thread", threads=2)

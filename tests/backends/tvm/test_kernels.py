@@ -194,6 +194,43 @@ def test_conv2d_matches_numpy_including_depthwise_and_residual(n, c, oc, hw, str
     np.testing.assert_allclose(_run(func, *arrays, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("n", "c", "oc", "hw", "stride", "residual"), [(1, 64, 128, 14, 2, True), (9, 20, 32, 9, 2, False)])
+def test_pointwise_fp32_conv_takes_each_column_tile_through_every_output_block(n, c, oc, hw, stride, residual, path):
+    """1×1 fp32 convolutions (ResNet's strided shortcuts) loop over output blocks inside a column tile
+    (``schedules.POINTWISE_BLOCKS_INNER``, parallel over tiles); the outputs are the reference's."""
+    ob = kernels.out_block(oc, path.lanes)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    want = _conv_ref(x, w, b, stride, 0, 1)
+    r = rng.standard_normal(want.shape).astype(np.float32) if residual else None
+    geometry = {"strides": (stride, stride), "pads": (0,) * 4, "dilations": (1, 1), "groups": 1}
+    tx, tw, tb = te.placeholder(x.shape, "float32"), te.placeholder((oc // ob, c, 1, 1, ob), "float32"), \
+        te.placeholder((oc,), "float32")
+    tr = [te.placeholder(want.shape, "float32")] if residual else []
+    out = kernels.conv2d(tx, tw, tb, *tr, **geometry, act="relu")
+    func = _build([tx, tw, tb, *tr, out], "conv2d", ob, path.target, act="relu", residual=residual, **geometry)
+    want = np.maximum(want + (r if residual else 0), 0)
+    got = _run(func, x, kernels.pack_conv(w, ob), b, *([r] if residual else []), out_shape=want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "launches"), [(1, 1), (schedules.PER_SAMPLE_MIN_BATCH, 0)])
+def test_a_padded_fp32_conv_pads_and_convolves_in_one_parallel_launch(n, launches):
+    """Below the per-sample batch the padding and the tiles are two parallel stages: one launch with a barrier
+    between them (``schedules.ONE_LAUNCH``: the pool's threads woken once per call); from it, each sample is
+    padded inside the one parallel loop over samples, no launch point needed. The outputs of the one-launch
+    schedule are checked against numpy by ``test_conv2d_matches_numpy_including_depthwise_and_residual``."""
+    x, w, b = te.placeholder((n, 32, 14, 14), "float32"), te.placeholder((1, 32, 3, 3, 32), "float32"), \
+        te.placeholder((32,), "float32")
+    geometry = {"strides": (1, 1), "pads": (1,) * 4, "dilations": (1, 1), "groups": 1}
+    out = kernels.conv2d(x, w, b, **geometry, act="relu")
+    func = KernelAttrs("conv2d", 32, act="relu", **geometry).tag(te.create_prim_func([x, w, b, out]))
+    script = schedules.apply_rules(tvm.IRModule({"main": func}), tvm.target.Target(HOST)).script()
+    assert script.count("pragma_parallel_launch_point") == launches
+    assert script.count("pragma_parallel_barrier_when_finish") == launches
+
+
 def _conv_int8_reference(x, codes, icg, sw, b, stride, pad, groups, taps=0, levels=kernels.CONV_INT8_LEVELS,
                          amax=None):
     """numpy: activations per sample in ±levels (of ``amax`` per sample, by default max |x|), integer
