@@ -13,6 +13,7 @@ Protocol: one JSON request per line on stdin (``{"op", "argv", "cwd", "env", "st
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import resource
@@ -33,6 +34,11 @@ for _group in registry.GROUPS:  # the built-in passes import torch: pay for it h
             _entry.load()
         except Exception:  # a broken plugin is the child's business, reported by the CLI
             pass
+
+# what every child shares is frozen out of the collector: a compile's gc.collect() in a child then walks only what
+# that child made (0.6 s less per compile), and the shared pages are not copied by the collector's writes
+gc.collect()
+gc.freeze()
 
 
 def _exit_status(code: object) -> int:

@@ -151,15 +151,11 @@ def test_force_replaces_an_earlier_artifact_atomically(digits_files, tmp_path):
 
 
 def test_verify_finds_the_reference_by_its_sha256_and_refuses_another_model(artifact, digits_files, tmp_path,
-                                                                             trained_mlp, capsys):
+                                                                             _mlp_proto, capsys):
     """The reference is the input file the artifact was compiled from (it is not in the artifact)."""
-    import torch
-
-    from bitpass.frontend import from_torch
-
     assert all(c.ok for c in verify(artifact, digits_files / "eval.npz"))
     other = tmp_path / "other.onnx"
-    from_torch(trained_mlp, (torch.zeros(1, 1, 8, 8),)).save(other)
+    onnx.save(_mlp_proto, other)  # the session's export of the trained MLP: another model with the same input
     assert main(["verify", str(artifact), "--eval", str(digits_files / "eval.npz"), "--reference", str(other)]) == 2
     assert "not the model this artifact was compiled from" in capsys.readouterr().err
 

@@ -13,8 +13,9 @@ from bitpass.tools import zoo
 
 
 @pytest.fixture(scope="module")
-def transformer():
-    return zoo.trained_digits_transformer()
+def transformer(trained_transformer):
+    """The session's trained encoder (``zoo.trained_digits_transformer()``, seeded): trained once, not again here."""
+    return trained_transformer
 
 
 def _ort_outputs(module, x: np.ndarray) -> np.ndarray:

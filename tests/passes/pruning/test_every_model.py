@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitpass.frontend import from_arrays, from_torch
+from bitpass.frontend import Model, from_arrays, from_proto, from_torch
 from bitpass.passes.infra import PassContext
 from bitpass.passes.instruments import verify
 from bitpass.plugins.registry import default_registry
@@ -22,10 +22,27 @@ PRUNINGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def exported() -> dict[str, Model]:
+    """Each torch model's ``from_torch`` export, made once for this file's 18 cases (an export takes seconds)."""
+    return {}
+
+
+def _fresh_export(exported: dict[str, Model], kind: str, module: torch.nn.Module) -> Model:
+    """A fresh Model of ``module``'s export (the pruning passes change the model they are given): exported once,
+    then rebuilt from its ONNX proto with the same name, digest and torch module, as ``from_torch`` returns it."""
+    if kind not in exported:
+        exported[kind] = from_torch(module, (torch.zeros(1, 1, 8, 8),))
+    first = exported[kind]
+    model = from_proto(first.to_proto(), name=first.provenance.name, sha256=first.provenance.sha256, kind="torch")
+    model.torch_module = first.torch_module
+    return model
+
+
 @pytest.fixture(params=["cnn", "mlp", "transformer"])
-def model_and_data(request, trained_cnn, trained_mlp, trained_transformer, digits_split):
+def model_and_data(request, exported, trained_cnn, trained_mlp, trained_transformer, digits_split):
     module = {"cnn": trained_cnn, "mlp": trained_mlp, "transformer": trained_transformer[0]}[request.param]
-    model = from_torch(module, (torch.zeros(1, 1, 8, 8),))
+    model = _fresh_export(exported, request.param, module)
     name = model.inputs[0].name
     calib = {name: digits_split.calib_x} | ({"labels": digits_split.calib_y} if request.param != "transformer" else {})
     return model, from_arrays(calib, model.inputs), from_arrays({name: digits_split.eval_x[:64]}, model.inputs)
