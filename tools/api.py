@@ -29,6 +29,7 @@ from bitpass.backends.base import Backend, Runner, reference_runner
 from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
 from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
+from bitpass.frontend.model import PagedWeights
 from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
@@ -658,6 +659,8 @@ def _compile(
         say(f"emitting {backend} artifact")
         files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress),
                                   **_ranges_keyword(backend_impl.emit, ctx))
+        if paged is not None:  # emitting read every paged-out weight: not held beside the artifact's session
+            paged.drop_pages()
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
@@ -671,12 +674,16 @@ def _compile(
     # in memory beside the artifact's (fusions give the artifact new tensors): the reference reads them from its
     # file, memory-mapped, from here on
     in_turn = lm is not None and reference_model.weight_bytes() > ONE_SESSION_AT_A_TIME_BYTES
+    owned = [] if in_turn or source is model else [source]  # a caller's Model is left as it is
     if in_turn:
         reference_model.save_external(reference_file)
         reference_model = Model(ir.load(reference_file), provenance)
         del source
     else:
         reference_model.save(reference_file)
+    paged = _page_out(Path(scratch.name), reference_model.weight_bytes(),
+                      [m for m in (final, before_quantize.model, reference_model, *owned) if m is not model], say)
+    del owned
     gate_data = evaluation_data or held_back
     reference = _reference_runner(reference_file) if on_host else None
     reference_outputs, output_names = None, [spec.name for spec in reference_model.outputs]
@@ -764,6 +771,26 @@ def _compile(
     artifact_io.write_manifest(stage, manifest)
     scratch.cleanup()
     return manifest, stage
+
+
+#: fp32 weights above which the models a compile keeps after its passes (the emitted one, the one before quantizing,
+#: the in-memory reference) are paged out to a scratch file before the measuring starts (``PagedWeights``)
+PAGE_OUT_BYTES = 256 << 20
+
+
+def _page_out(folder: Path, fp32_bytes: int, models: Sequence[Model | None],
+              say: Callable[[str], None]) -> PagedWeights | None:
+    """The weights of ``models`` paged out into ``folder`` when the model is past ``PAGE_OUT_BYTES``, else None.
+
+    What the compile does with them after the passes (emit once, read shapes and annotations, maybe a quality-gate
+    ranking or repair) does not need them in memory while ONNX Runtime sessions of the fp32 reference and the
+    artifact run: at 355 M they were 1.4 GB beside each session."""
+    if fp32_bytes <= PAGE_OUT_BYTES:
+        return None
+    paged = PagedWeights(folder)
+    moved = paged.page_out(*[m for m in models if m is not None])
+    say(f"paged {moved / (1 << 20):.0f} MiB of weights out to a scratch file until they are read again")
+    return paged
 
 
 def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequence[str], data: Dataset,
