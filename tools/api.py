@@ -649,6 +649,8 @@ def _compile(
     ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=target_spec,
                       instruments=[timing, before_quantize], seed=seed, progress=say, executor=executor)
     final = passes.run(source, ctx)
+    phase_resources: dict[str, Any] = {}  # records.resources takes it at the end (a gate's repair replaces records)
+    _peak_so_far(phase_resources, "passes")
     if notes:
         ctx.records.setdefault("notes", []).extend(notes)
     on_host = backend_impl.runs_on_host(target)
@@ -682,7 +684,8 @@ def _compile(
     else:
         reference_model.save(reference_file)
     paged = _page_out(Path(scratch.name), reference_model.weight_bytes(),
-                      [m for m in (final, before_quantize.model, reference_model, *owned) if m is not model], say)
+                      [m for m in (final, before_quantize.model, reference_model, *owned) if m is not model], say,
+                      phase_resources)
     del owned
     gate_data = evaluation_data or held_back
     reference = _reference_runner(reference_file) if on_host else None
@@ -696,6 +699,7 @@ def _compile(
             # 355 M) go now, not after the artifact is emitted, loaded and run beside them
             if quality.output_kind(reference_outputs, output_names, gate_data.labels) == "lm":
                 del reference_outputs[1:]
+    _peak_so_far(phase_resources, "fp32_reference")
     built = build(final)
     if reference_outputs is not None and built.runner is not None and gate_data is not None:
         built, gate = _quality_gate(built, reference_outputs, output_names, gate_data, wanted, passes,
@@ -717,6 +721,7 @@ def _compile(
     else:
         ctx.records["quality_gate"] = {"passed": None, "skipped": f"target {target} does not run on this machine"}
 
+    _peak_so_far(phase_resources, "emit_and_quality_gate")
     final, stage, files = built.final, built.stage, built.files
     stored = backend_impl.stored_weight_bytes(final, stage)
     backend_records = backend_impl.records(stage)
@@ -742,7 +747,9 @@ def _compile(
     # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``:
     # this process's high-water mark. The timing and session-memory processes it starts run beside it and are not
     # in it (``RUSAGE_CHILDREN`` cannot say: a forked child starts with the parent's pages resident)
-    ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
+    _peak_so_far(phase_resources, "measure")
+    ctx.records.setdefault("resources", {}).update(phase_resources,
+                                                   compile_peak_rss_mb=round(lifetime_peak_mb() or 0.0, 1))
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
@@ -773,14 +780,21 @@ def _compile(
     return manifest, stage
 
 
+def _peak_so_far(resources: dict[str, Any], phase: str) -> None:
+    """Record this process's peak resident memory so far at the end of ``phase`` (the manifest's ``records.resources.
+    peak_rss_mb_after``): where the whole compile's peak rose, phase by phase (the passes record their own)."""
+    resources.setdefault("peak_rss_mb_after", {})[phase] = round(lifetime_peak_mb() or 0.0, 1)
+
+
 #: fp32 weights above which the models a compile keeps after its passes (the emitted one, the one before quantizing,
 #: the in-memory reference) are paged out to a scratch file before the measuring starts (``PagedWeights``)
 PAGE_OUT_BYTES = 256 << 20
 
 
-def _page_out(folder: Path, fp32_bytes: int, models: Sequence[Model | None],
-              say: Callable[[str], None]) -> PagedWeights | None:
-    """The weights of ``models`` paged out into ``folder`` when the model is past ``PAGE_OUT_BYTES``, else None.
+def _page_out(folder: Path, fp32_bytes: int, models: Sequence[Model | None], say: Callable[[str], None],
+              resources: dict[str, Any]) -> PagedWeights | None:
+    """The weights of ``models`` paged out into ``folder`` when the model is past ``PAGE_OUT_BYTES``, else None;
+    ``resources`` (for the manifest's ``records.resources``) gets the MiB moved.
 
     What the compile does with them after the passes (emit once, read shapes and annotations, maybe a quality-gate
     ranking or repair) does not need them in memory while ONNX Runtime sessions of the fp32 reference and the
@@ -790,6 +804,7 @@ def _page_out(folder: Path, fp32_bytes: int, models: Sequence[Model | None],
     paged = PagedWeights(folder)
     moved = paged.page_out(*[m for m in models if m is not None])
     say(f"paged {moved / (1 << 20):.0f} MiB of weights out to a scratch file until they are read again")
+    resources.update(paged_out_mb=round(moved / (1 << 20), 1))
     return paged
 
 
