@@ -423,6 +423,7 @@ class PagedWeights:
                 paged = swapped.get(id(value.const_value))
                 if paged is not None:
                     value.const_value = paged
+        release_freed_memory()
         return sum(t.nbytes for t in swapped.values())
 
     def drop_pages(self) -> None:
@@ -432,3 +433,17 @@ class PagedWeights:
 
         for mapped in self._maps:
             mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the system (glibc's ``malloc_trim``; nothing elsewhere). Weights of 4-16 MB
+    live in malloc's heap once its mmap threshold has risen, and freeing them left the pages with the process: at
+    355 M, paging out 1.5 GB of weights lowered the resident size by 0.8 GB, and by 1.6 GB with a trim after it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -29,7 +29,7 @@ from bitpass.backends.base import Backend, Runner, reference_runner
 from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
 from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
-from bitpass.frontend.model import PagedWeights
+from bitpass.frontend.model import PagedWeights, release_freed_memory
 from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
@@ -242,11 +242,9 @@ class _Sessions:
         return self.artifact
 
     def release(self) -> None:
-        """Drop both sessions (their weights go back to the allocator before a measuring child starts)."""
-        import gc
-
+        """Drop both sessions (their weights go back to the system before a measuring child starts)."""
         self.reference = self.artifact = None
-        gc.collect()
+        release_freed_memory()
 
 
 def _measure(sessions: _Sessions, reference_file: Path, weight_bytes: int, reference_model: Model,
@@ -695,6 +693,7 @@ def _compile(
         reference_outputs = measure.predict(reference, gate_data)
         if in_turn:
             reference = None
+            release_freed_memory()
             # a language model is judged on its logits (the first output) alone: its KV-cache outputs (0.4 GB at
             # 355 M) go now, not after the artifact is emitted, loaded and run beside them
             if quality.output_kind(reference_outputs, output_names, gate_data.labels) == "lm":
