@@ -83,6 +83,7 @@ def _skeleton(buffer: memoryview, kind: str = "model") -> bytes:
     while at < end:
         start = at
         key, at = _varint(buffer, at)
+        key_end = at
         number, wire = key >> 3, key & 7
         if wire == 0:
             _, at = _varint(buffer, at)
@@ -95,7 +96,7 @@ def _skeleton(buffer: memoryview, kind: str = "model") -> bytes:
             at = body + length
             if number in nested and at <= end:
                 inner = _skeleton(buffer[body:at], nested[number])
-                out += buffer[start:body - len(_varint_bytes(length))]  # the key as written
+                out += buffer[start:key_end]
                 out += _varint_bytes(len(inner)) + inner
                 continue
         else:
