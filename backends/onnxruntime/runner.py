@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,14 +179,16 @@ class OrtRunner(Runner):
         return cls.from_path(confined_model_path(directory), config=read_session_config(directory), threads=threads,
                              for_timing=for_timing)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """The outputs in graph order, or those named in ``outputs`` in that order (ONNX Runtime then gathers no
+        other: a language model's KV-cache outputs are not made when only its logits are wanted)."""
         try:
             chosen = {n: feeds[n] for n in self.input_names}
         except KeyError as err:
             raise BitpassError(f"missing input {err.args[0]!r}; the model takes {', '.join(self.input_names)}") \
                 from err
         try:
-            return list(self.session.run(None, chosen))
+            return list(self.session.run(list(outputs) if outputs is not None else None, chosen))
         except Exception as err:  # ORT raises its own types (shape mismatch, invalid argument, ...)
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise BitpassError(f"ONNX Runtime failed to run the model: {text[:200]}") from err
