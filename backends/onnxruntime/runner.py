@@ -182,6 +182,8 @@ class OrtRunner(Runner):
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         """The outputs in graph order, or those named in ``outputs`` in that order (ONNX Runtime then gathers no
         other: a language model's KV-cache outputs are not made when only its logits are wanted)."""
+        if outputs is not None and not outputs:
+            return []  # ONNX Runtime would run every output when asked for none
         try:
             chosen = {n: feeds[n] for n in self.input_names}
         except KeyError as err:

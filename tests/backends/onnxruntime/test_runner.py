@@ -27,6 +27,8 @@ def test_a_runner_from_a_path_reads_external_data_beside_the_model(tmp_path):
     x = np.ones((2, 4), np.float32)
     np.testing.assert_array_equal(runner.run({"x": x})[0], x @ np.arange(12, dtype=np.float32).reshape(4, 3))
     assert runner.input_names == ["x"] and runner.output_names == ["y"]
+    assert [o.tolist() for o in runner.run({"x": x}, ["y"])] == [o.tolist() for o in runner.run({"x": x})]
+    assert runner.run({"x": x}, []) == []  # only the outputs asked for (none here, and nothing run for them)
 
 
 def test_missing_inputs_and_unloadable_models_are_one_line_errors():
