@@ -29,6 +29,7 @@ from bitpass.backends.base import Backend, Runner, reference_runner
 from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
 from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
+from bitpass.frontend.model import PagedWeights, release_freed_memory
 from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
@@ -241,11 +242,9 @@ class _Sessions:
         return self.artifact
 
     def release(self) -> None:
-        """Drop both sessions (their weights go back to the allocator before a measuring child starts)."""
-        import gc
-
+        """Drop both sessions (their weights go back to the system before a measuring child starts)."""
         self.reference = self.artifact = None
-        gc.collect()
+        release_freed_memory()
 
 
 def _measure(sessions: _Sessions, reference_file: Path, weight_bytes: int, reference_model: Model,
@@ -648,6 +647,8 @@ def _compile(
     ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=target_spec,
                       instruments=[timing, before_quantize], seed=seed, progress=say, executor=executor)
     final = passes.run(source, ctx)
+    phase_resources: dict[str, Any] = {}  # records.resources takes it at the end (a gate's repair replaces records)
+    _peak_so_far(phase_resources, "passes")
     if notes:
         ctx.records.setdefault("notes", []).extend(notes)
     on_host = backend_impl.runs_on_host(target)
@@ -658,6 +659,8 @@ def _compile(
         say(f"emitting {backend} artifact")
         files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress),
                                   **_ranges_keyword(backend_impl.emit, ctx))
+        if paged is not None:  # emitting read every paged-out weight: not held beside the artifact's session
+            paged.drop_pages()
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
@@ -671,24 +674,32 @@ def _compile(
     # in memory beside the artifact's (fusions give the artifact new tensors): the reference reads them from its
     # file, memory-mapped, from here on
     in_turn = lm is not None and reference_model.weight_bytes() > ONE_SESSION_AT_A_TIME_BYTES
+    owned = [] if in_turn or source is model else [source]  # a caller's Model is left as it is
     if in_turn:
         reference_model.save_external(reference_file)
         reference_model = Model(ir.load(reference_file), provenance)
         del source
     else:
         reference_model.save(reference_file)
+    paged = _page_out(Path(scratch.name), reference_model.weight_bytes(),
+                      [m for m in (final, before_quantize.model, reference_model, *owned) if m is not model], say,
+                      phase_resources)
+    del owned
     gate_data = evaluation_data or held_back
     reference = _reference_runner(reference_file) if on_host else None
     reference_outputs, output_names = None, [spec.name for spec in reference_model.outputs]
     if reference is not None and gate_data is not None:
         say(f"predicting fp32 outputs on {len(gate_data)} held-out samples")
-        reference_outputs = measure.predict(reference, gate_data)
+        # a language model is judged on its logits (the first output) alone: its KV-cache outputs (0.4 GB over the
+        # gate's data at 355 M) are dropped batch by batch, never gathered
+        reference_outputs = _predict_first(reference, gate_data, 1 if lm is not None else None)
+        if len(reference_outputs) < len(output_names) \
+                and quality.output_kind(reference_outputs, output_names, gate_data.labels) != "lm":
+            reference_outputs = measure.predict(reference, gate_data)  # judged on every output after all
         if in_turn:
             reference = None
-            # a language model is judged on its logits (the first output) alone: its KV-cache outputs (0.4 GB at
-            # 355 M) go now, not after the artifact is emitted, loaded and run beside them
-            if quality.output_kind(reference_outputs, output_names, gate_data.labels) == "lm":
-                del reference_outputs[1:]
+            release_freed_memory()
+    _peak_so_far(phase_resources, "fp32_reference")
     built = build(final)
     if reference_outputs is not None and built.runner is not None and gate_data is not None:
         built, gate = _quality_gate(built, reference_outputs, output_names, gate_data, wanted, passes,
@@ -710,6 +721,7 @@ def _compile(
     else:
         ctx.records["quality_gate"] = {"passed": None, "skipped": f"target {target} does not run on this machine"}
 
+    _peak_so_far(phase_resources, "emit_and_quality_gate")
     final, stage, files = built.final, built.stage, built.files
     stored = backend_impl.stored_weight_bytes(final, stage)
     backend_records = backend_impl.records(stage)
@@ -735,7 +747,9 @@ def _compile(
     # the whole compile's peak (import, passes, emit, quality gate, summary), beside the passes' own in ``resources``:
     # this process's high-water mark. The timing and session-memory processes it starts run beside it and are not
     # in it (``RUSAGE_CHILDREN`` cannot say: a forked child starts with the parent's pages resident)
-    ctx.records.setdefault("resources", {})["compile_peak_rss_mb"] = round(lifetime_peak_mb() or 0.0, 1)
+    _peak_so_far(phase_resources, "measure")
+    ctx.records.setdefault("resources", {}).update(phase_resources,
+                                                   compile_peak_rss_mb=round(lifetime_peak_mb() or 0.0, 1))
     manifest = {
         "schema": artifact_io.MANIFEST_SCHEMA,
         "versions": versions(),
@@ -766,6 +780,54 @@ def _compile(
     return manifest, stage
 
 
+def _predict_first(runner: Runner, data: Dataset, count: int | None) -> list[np.ndarray]:
+    """``measure.predict``'s outputs (the same batches, the same numbers), only the first ``count`` of them (all when
+    None): ONNX Runtime is asked for those alone (other runners' are dropped batch by batch), so a language model's
+    KV-cache outputs (0.4 GB on the gate's 32 windows at 355 M) are never made."""
+    from bitpass.backends.onnxruntime.runner import OrtRunner
+
+    if count is None or count >= len(runner.output_names):
+        return measure.predict(runner, data)
+    wanted = runner.output_names[:count]
+    parts: list[list[np.ndarray | None]] = [
+        list(runner.run(feeds, wanted) if isinstance(runner, OrtRunner) else runner.run(feeds)[:count])
+        for feeds in data.batches(measure.EVAL_BATCH)]
+    outputs = []
+    for index in range(count):
+        outputs.append(np.concatenate([part[index] for part in parts]))
+        for part in parts:
+            part[index] = None
+    return outputs
+
+
+def _peak_so_far(resources: dict[str, Any], phase: str) -> None:
+    """Record this process's peak resident memory so far at the end of ``phase`` (the manifest's ``records.resources.
+    peak_rss_mb_after``): where the whole compile's peak rose, phase by phase (the passes record their own)."""
+    resources.setdefault("peak_rss_mb_after", {})[phase] = round(lifetime_peak_mb() or 0.0, 1)
+
+
+#: fp32 weights above which the models a compile keeps after its passes (the emitted one, the one before quantizing,
+#: the in-memory reference) are paged out to a scratch file before the measuring starts (``PagedWeights``)
+PAGE_OUT_BYTES = 256 << 20
+
+
+def _page_out(folder: Path, fp32_bytes: int, models: Sequence[Model | None], say: Callable[[str], None],
+              resources: dict[str, Any]) -> PagedWeights | None:
+    """The weights of ``models`` paged out into ``folder`` when the model is past ``PAGE_OUT_BYTES``, else None;
+    ``resources`` (for the manifest's ``records.resources``) gets the MiB moved.
+
+    What the compile does with them after the passes (emit once, read shapes and annotations, maybe a quality-gate
+    ranking or repair) does not need them in memory while ONNX Runtime sessions of the fp32 reference and the
+    artifact run: at 355 M they were 1.4 GB beside each session."""
+    if fp32_bytes <= PAGE_OUT_BYTES:
+        return None
+    paged = PagedWeights(folder)
+    moved = paged.page_out(*[m for m in models if m is not None])
+    say(f"paged {moved / (1 << 20):.0f} MiB of weights out to a scratch file until they are read again")
+    resources.update(paged_out_mb=round(moved / (1 << 20), 1))
+    return paged
+
+
 def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequence[str], data: Dataset,
                   wanted: quality.Tolerance | None, passes: Pipeline, before_quantize: _BeforeQuantize,
                   build: Callable[[Model], _Built], destination: artifact_io.Destination, reference_model: Model,
@@ -783,7 +845,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
     del ref_out[outputs_kept:]  # in place: the caller's list lets go of them too
     tolerance = wanted or quality.default_tolerance(kind)
     mask = quality.token_mask(data.inputs, ref_out[0])
-    built.gate_outputs = (ref_out, measure.predict(built.runner, data)[:outputs_kept])
+    built.gate_outputs = (ref_out, _predict_first(built.runner, data, outputs_kept))
     value = quality.score(tolerance, ref_out, built.gate_outputs[1], data.labels, mask)
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
@@ -835,7 +897,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data)[:outputs_kept])
+        candidate.gate_outputs = (ref_out, _predict_first(candidate.runner, data, outputs_kept))
         got = quality.score(tolerance, ref_out, candidate.gate_outputs[1], data.labels, mask)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each

@@ -267,6 +267,12 @@ def print_row(row: Row) -> None:
         for entry in resources.get("passes", []):
             print(f"    {entry['pass'][:60]:60s} {entry['seconds']:7.1f} s {entry.get('cpu_seconds', 0):7.1f} CPU s "
                   f"{entry.get('peak_rss_mb', 0) / gb:6.2f} GB")
+        after = resources.get("peak_rss_mb_after") or {}
+        if after:  # the kernel's high-water mark at the end of each phase of the compile (without its children)
+            print("  manifest: peak so far at the end of " + ", ".join(f"{k.replace('_', ' ')} {v / gb:.2f} GB"
+                                                                    for k, v in after.items())
+                  + (f"; {resources['paged_out_mb'] / gb:.2f} GB of weights paged out"
+                     if resources.get("paged_out_mb") else ""))
     files = row.manifest.get("files") or {}
     if files:
         print("  artifact files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in files.items() if v))

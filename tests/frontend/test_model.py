@@ -131,3 +131,37 @@ def test_save_external_names_a_large_weight_a_pass_replaced_with_an_unnamed_or_s
     loaded = ir.load(path)
     for name, array in expected.items():
         np.testing.assert_array_equal(loaded.graph.initializers[name].const_value.numpy(), array)
+
+
+def test_paged_out_weights_leave_memory_and_the_model_saves_and_runs_the_same(tmp_path):
+    """``PagedWeights.page_out`` moves the large initializers of several models (a tensor they share once) into a
+    scratch file read back through a memory map: the models serialize to the same bytes (an imported tensor's own
+    ``TensorProto`` fields kept), the onnx checker and ONNX Runtime take them, and small tensors stay in memory."""
+    import onnx
+
+    from bitpass.frontend.model import PagedTensor, PagedWeights
+    from bitpass.passes import execution
+
+    model = from_onnx(_model_with_weights(tmp_path))
+    made = model.clone()
+    made.graph.initializers["w1"].const_value = ir.tensor(np.arange(20_000, dtype=np.float32), name="w1")  # a pass's
+    before = [m.to_bytes() for m in (model, made)]
+    shared = model.graph.initializers["w0"].const_value
+    pages = PagedWeights(tmp_path)
+    moved = pages.page_out(model, made)
+    assert moved == 4 * (300_000 + 20_000 + 20_000)  # w0 once for both; w1 of each; the 7-float and int64 ones stay
+    assert (tmp_path / "paged-0.bin").stat().st_size >= moved
+    paged = made.graph.initializers["w0"].const_value
+    assert isinstance(paged, PagedTensor) and paged is model.graph.initializers["w0"].const_value
+    assert not paged.numpy().flags.writeable and not paged.numpy().flags.owndata
+    assert not isinstance(model.graph.initializers["w2"].const_value, PagedTensor)
+    np.testing.assert_array_equal(paged.numpy(), shared.numpy())
+    assert [m.to_bytes() for m in (model, made)] == before
+    pages.drop_pages()
+    onnx.checker.check_model(model.to_proto(), full_check=True)
+    session = execution.create_session(made)
+    x = np.ones(4, np.float32)
+    expected = x + sum(made.graph.initializers[f"w{i}"].const_value.numpy()[:4] for i in range(3))
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-6)
+    assert pages.page_out(model) == 0  # nothing left to move: no file
+    assert not (tmp_path / "paged-1.bin").exists()

@@ -40,5 +40,8 @@ def test_a_row_has_the_kernels_accounting_the_phases_and_the_manifests_per_pass_
     assert passes[0] == "fold-constants" and passes[-1].startswith("fuse-transformer")
     resources = row["manifest"]["resources"]
     assert 0 < resources["peak_rss_mb"] <= resources["compile_peak_rss_mb"] <= done["peak_rss_mb"] + 1
+    after = resources["peak_rss_mb_after"]  # the high-water mark at the end of each phase: it only rises
+    phases = [after[k] for k in ("passes", "fp32_reference", "emit_and_quality_gate", "measure")]
+    assert 0 < phases[0] and phases == sorted(phases) and phases[-1] <= resources["compile_peak_rss_mb"]
     assert row["manifest"]["quality_gate"]["passed"] is True
     assert data["cpu"]["cores"] >= 1

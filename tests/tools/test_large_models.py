@@ -103,9 +103,12 @@ def test_a_large_language_model_measured_in_turn_gets_the_same_artifact_and_gate
     """Past ``ONE_SESSION_AT_A_TIME_BYTES`` a language model is measured holding one session at a time, its fp32
     reference's KV-cache outputs dropped before the artifact is emitted: the artifact's files, the quality gate
     (a repair forced by a tight bound included: its ranking and the layers put back) and the quality figures are
-    the ones the default path gives. (Spilling the emitted model to disk changed the repair's ranking.)"""
+    the ones the default path gives. Its weights paged out to a scratch file after the passes (``PAGE_OUT_BYTES``)
+    change none of it: the emitted model's ranking and the repair re-run from the paged model before quantizing.
+    (An earlier spill with external-data tensors changed the repair's ranking.)"""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(api, "ONE_SESSION_AT_A_TIME_BYTES", LOWERED)
+        patch.setattr(api, "PAGE_OUT_BYTES", LOWERED)
         in_turn = compile(decoder_folder / "lm.onnx", tmp_path / "in-turn", calibration=decoder_folder / "calib.npz",
                           evaluation=decoder_folder / "eval.npz", latency=False, **options)
     held = compile(decoder_folder / "lm.onnx", tmp_path / "held", calibration=decoder_folder / "calib.npz",
@@ -119,3 +122,5 @@ def test_a_large_language_model_measured_in_turn_gets_the_same_artifact_and_gate
         assert gates[0].get("fp32_layers"), "the tight bound forces a repair"
     assert in_turn.metrics["quality"]["lm"] == held.metrics["quality"]["lm"]
     assert in_turn.manifest["layers"] == held.manifest["layers"]
+    resources = [a.manifest["records"]["resources"] for a in (in_turn, held)]
+    assert resources[0]["paged_out_mb"] > 0 and "paged_out_mb" not in resources[1]
