@@ -68,7 +68,8 @@ def _spec(value: ir.Value) -> TensorSpec:
 _STREAMED_BYTES = 1 << 16
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf base-128 varint (the bytes a key or a length is written as)."""
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -79,7 +80,7 @@ def _varint(value: int) -> bytes:
 
 def _field(number: int, payload_size: int) -> bytes:
     """The key and length of a length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(payload_size)
+    return varint(number << 3 | 2) + varint(payload_size)
 
 
 #: field numbers of ``ModelProto.graph`` and ``GraphProto.initializer`` (onnx.proto)

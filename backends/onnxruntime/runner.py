@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from bitpass.backends.base import Runner
 from bitpass.frontend.errors import BitpassError
+from bitpass.frontend.model import varint
 from bitpass.passes.execution import DEFAULT_SESSION, create_session, session_options
 
 __all__ = ["DEFAULT_SESSION", "OrtRunner", "session_options"]
@@ -59,7 +60,7 @@ _NESTED = {
 _TENSOR_VALUES = frozenset({4, 5, 6, 7, 9, 10, 11})
 
 
-def _varint(buffer: memoryview, at: int) -> tuple[int, int]:
+def _read_varint(buffer: memoryview, at: int) -> tuple[int, int]:
     """The varint at ``at`` and the offset after it."""
     value = shift = 0
     while True:
@@ -82,22 +83,22 @@ def _skeleton(buffer: memoryview, kind: str = "model") -> bytes:
     at, end = 0, len(buffer)
     while at < end:
         start = at
-        key, at = _varint(buffer, at)
+        key, at = _read_varint(buffer, at)
         key_end = at
         number, wire = key >> 3, key & 7
         if wire == 0:
-            _, at = _varint(buffer, at)
+            _, at = _read_varint(buffer, at)
         elif wire == 1:
             at += 8
         elif wire == 5:
             at += 4
         elif wire == 2:
-            length, body = _varint(buffer, at)
+            length, body = _read_varint(buffer, at)
             at = body + length
             if number in nested and at <= end:
                 inner = _skeleton(buffer[body:at], nested[number])
                 out += buffer[start:key_end]
-                out += _varint_bytes(len(inner)) + inner
+                out += varint(len(inner)) + inner
                 continue
         else:
             raise ValueError(f"wire type {wire} (protobuf groups) in an ONNX file")
@@ -107,15 +108,6 @@ def _skeleton(buffer: memoryview, kind: str = "model") -> bytes:
             continue
         out += buffer[start:at]
     return bytes(out)
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def model_skeleton(path: Path) -> onnx.ModelProto:
