@@ -336,9 +336,10 @@ class PagedTensor(ir.Tensor):
     as the tensor it replaced: an imported ``TensorProto`` keeps its own fields (``data_location`` set to DEFAULT
     among them, which a plain ``ir.Tensor`` does not write)."""
 
-    def __init__(self, array: np.ndarray, replaced: ir.TensorProtocol) -> None:
+    def __init__(self, array: np.ndarray, replaced: ir.TensorProtocol, mapped: Any = None) -> None:
         super().__init__(array, dtype=replaced.dtype, name=replaced.name, doc_string=replaced.doc_string,
                          metadata_props=dict(replaced.metadata_props))
+        self.mapped = mapped  # the memory map the array reads (``drop_pages_of``)
         self.header: bytes | None = None
         if isinstance(replaced, ir.serde.TensorProtoTensor):
             proto = onnx.TensorProto()
@@ -380,7 +381,7 @@ class PagedWeights:
     mapped bytes: an ONNX Runtime session, the onnx checker and every pass see the same values, and ``Model.save``
     writes the same bytes (an earlier attempt with ``ir.ExternalTensor`` wrote external-data references that
     nothing could resolve). Its pages are file-backed: ``drop_pages`` lets go of those this process has read (emitting
-    a model reads every weight). The maps outlive the files (removed with their folder)."""
+    a model reads every weight). Each file is removed once mapped: the map keeps its pages."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -414,9 +415,10 @@ class PagedWeights:
             return 0
         with path.open("rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        path.unlink()  # the map keeps the file's pages: nothing is left behind, whenever the folder goes
         self._maps.append(mapped)
         swapped = {key: PagedTensor(np.frombuffer(mapped, dtype, int(np.prod(shape, dtype=np.int64)), start)
-                                    .reshape(shape), tensor)
+                                    .reshape(shape), tensor, mapped)
                    for key, (tensor, start, dtype, shape) in entries.items()}
         entries.clear()
         for model in models:
@@ -434,6 +436,18 @@ class PagedWeights:
 
         for mapped in self._maps:
             mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def drop_pages_of(model: Model) -> None:
+    """Let go of the mapped pages of ``model``'s paged-out weights this process has read (``PagedWeights.drop_pages``
+    for the maps its tensors read): a pass that has just written the model to a file for an ONNX Runtime session
+    (which holds its own copy) does not keep a second one resident."""
+    import mmap
+
+    maps = {id(t.mapped): t.mapped for v in model.ir.graph.initializers.values()
+            if isinstance(t := v.const_value, PagedTensor) and t.mapped is not None}
+    for mapped in maps.values():
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def release_freed_memory() -> None:

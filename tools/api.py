@@ -608,6 +608,13 @@ def _compile(
 
     say("importing model")
     source = _import(model, example_inputs)
+    phase_resources: dict[str, Any] = {}  # records.resources takes it at the end (a gate's repair replaces records)
+    early = None
+    if source is not model:  # a caller's Model is left as it is
+        # a large imported model's weights are paged out before the passes, so every clone a pass or the compile
+        # keeps shares one file-backed copy (the maps outlive their files: the folder goes at once)
+        with tempfile.TemporaryDirectory(prefix="bitpass-paged-") as folder:
+            early = _page_out(Path(folder), source.weight_bytes(), [source], say, phase_resources)
     lm = lm_spec(source)
     if lm is not None and passes.name == "default" and _decoder_pipeline_fits(lm, overrides):
         say("a decoder language model: weight-only pipeline 'decoder'")
@@ -647,7 +654,6 @@ def _compile(
     ctx = PassContext(calibration=calib, evaluation=evaluation_data, target=target_spec,
                       instruments=[timing, before_quantize], seed=seed, progress=say, executor=executor)
     final = passes.run(source, ctx)
-    phase_resources: dict[str, Any] = {}  # records.resources takes it at the end (a gate's repair replaces records)
     _peak_so_far(phase_resources, "passes")
     if notes:
         ctx.records.setdefault("notes", []).extend(notes)
@@ -659,8 +665,9 @@ def _compile(
         say(f"emitting {backend} artifact")
         files = backend_impl.emit(candidate, stage, target, **_progress_keyword(backend_impl.emit, ctx.progress),
                                   **_ranges_keyword(backend_impl.emit, ctx))
-        if paged is not None:  # emitting read every paged-out weight: not held beside the artifact's session
-            paged.drop_pages()
+        for pages in (early, paged):  # emitting read every paged-out weight: not held beside the artifact's session
+            if pages is not None:
+                pages.drop_pages()
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
@@ -685,6 +692,8 @@ def _compile(
                       [m for m in (final, before_quantize.model, reference_model, *owned) if m is not model], say,
                       phase_resources)
     del owned
+    if early is not None:  # the passes and the reference file read the weights paged out before them: not held
+        early.drop_pages()  # beside the fp32 reference's session
     gate_data = evaluation_data or held_back
     reference = _reference_runner(reference_file) if on_host else None
     reference_outputs, output_names = None, [spec.name for spec in reference_model.outputs]
@@ -824,7 +833,7 @@ def _page_out(folder: Path, fp32_bytes: int, models: Sequence[Model | None], say
     paged = PagedWeights(folder)
     moved = paged.page_out(*[m for m in models if m is not None])
     say(f"paged {moved / (1 << 20):.0f} MiB of weights out to a scratch file until they are read again")
-    resources.update(paged_out_mb=round(moved / (1 << 20), 1))
+    resources["paged_out_mb"] = round(resources.get("paged_out_mb", 0.0) + moved / (1 << 20), 1)
     return paged
 
 

@@ -103,8 +103,8 @@ def test_a_large_language_model_measured_in_turn_gets_the_same_artifact_and_gate
     """Past ``ONE_SESSION_AT_A_TIME_BYTES`` a language model is measured holding one session at a time, its fp32
     reference's KV-cache outputs dropped before the artifact is emitted: the artifact's files, the quality gate
     (a repair forced by a tight bound included: its ranking and the layers put back) and the quality figures are
-    the ones the default path gives. Its weights paged out to a scratch file after the passes (``PAGE_OUT_BYTES``)
-    change none of it: the emitted model's ranking and the repair re-run from the paged model before quantizing.
+    the ones the default path gives. Its weights paged out to a scratch file before and after the passes
+    (``PAGE_OUT_BYTES``; the passes, GPTQ's layer-input collection included, read them mapped) change none of it: the emitted model's ranking and the repair re-run from the paged model before quantizing.
     (An earlier spill with external-data tensors changed the repair's ranking.)"""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(api, "ONE_SESSION_AT_A_TIME_BYTES", LOWERED)
