@@ -44,6 +44,11 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 
+    def run_first(self, feeds: Mapping[str, np.ndarray], count: int) -> list[np.ndarray]:
+        """The first ``count`` outputs of ``run``; a runtime that can compute only those overrides it (ONNX Runtime:
+        a language model's KV-cache outputs are then never made)."""
+        return self.run(feeds)[:count]
+
 
 class Backend(abc.ABC):
     """A code generator for one runtime, with named targets."""

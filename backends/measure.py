@@ -22,11 +22,12 @@ from bitpass.frontend.errors import DataError
 EVAL_BATCH = 256
 
 
-def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH) -> list[np.ndarray]:
-    """All outputs of ``runner`` over ``data``, concatenated along the first axis."""
+def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH, count: int | None = None) -> list[np.ndarray]:
+    """All outputs of ``runner`` over ``data`` (only the first ``count`` when given: ``Runner.run_first``),
+    concatenated along the first axis."""
     parts: list[list[np.ndarray | None]] = []
     for feeds in data.batches(batch_size):
-        parts.append(list(runner.run(feeds)))
+        parts.append(list(runner.run(feeds) if count is None else runner.run_first(feeds, count)))
     outputs = []
     for i in range(len(parts[0])):  # output by output, each batch's piece dropped once joined: not twice the memory
         outputs.append(np.concatenate([p[i] for p in parts]))

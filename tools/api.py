@@ -701,7 +701,7 @@ def _compile(
         say(f"predicting fp32 outputs on {len(gate_data)} held-out samples")
         # a language model is judged on its logits (the first output) alone: its KV-cache outputs (0.4 GB over the
         # gate's data at 355 M) are dropped batch by batch, never gathered
-        reference_outputs = _predict_first(reference, gate_data, 1 if lm is not None else None)
+        reference_outputs = measure.predict(reference, gate_data, count=1 if lm is not None else None)
         if len(reference_outputs) < len(output_names) \
                 and quality.output_kind(reference_outputs, output_names, gate_data.labels) != "lm":
             reference_outputs = measure.predict(reference, gate_data)  # judged on every output after all
@@ -789,26 +789,6 @@ def _compile(
     return manifest, stage
 
 
-def _predict_first(runner: Runner, data: Dataset, count: int | None) -> list[np.ndarray]:
-    """``measure.predict``'s outputs (the same batches, the same numbers), only the first ``count`` of them (all when
-    None): ONNX Runtime is asked for those alone (other runners' are dropped batch by batch), so a language model's
-    KV-cache outputs (0.4 GB on the gate's 32 windows at 355 M) are never made."""
-    from bitpass.backends.onnxruntime.runner import OrtRunner
-
-    if count is None or count >= len(runner.output_names):
-        return measure.predict(runner, data)
-    wanted = runner.output_names[:count]
-    parts: list[list[np.ndarray | None]] = [
-        list(runner.run(feeds, wanted) if isinstance(runner, OrtRunner) else runner.run(feeds)[:count])
-        for feeds in data.batches(measure.EVAL_BATCH)]
-    outputs = []
-    for index in range(count):
-        outputs.append(np.concatenate([part[index] for part in parts]))
-        for part in parts:
-            part[index] = None
-    return outputs
-
-
 def _peak_so_far(resources: dict[str, Any], phase: str) -> None:
     """Record this process's peak resident memory so far at the end of ``phase`` (the manifest's ``records.resources.
     peak_rss_mb_after``): where the whole compile's peak rose, phase by phase (the passes record their own)."""
@@ -854,7 +834,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
     del ref_out[outputs_kept:]  # in place: the caller's list lets go of them too
     tolerance = wanted or quality.default_tolerance(kind)
     mask = quality.token_mask(data.inputs, ref_out[0])
-    built.gate_outputs = (ref_out, _predict_first(built.runner, data, outputs_kept))
+    built.gate_outputs = (ref_out, measure.predict(built.runner, data, count=outputs_kept))
     value = quality.score(tolerance, ref_out, built.gate_outputs[1], data.labels, mask)
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
@@ -906,7 +886,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        candidate.gate_outputs = (ref_out, _predict_first(candidate.runner, data, outputs_kept))
+        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data, count=outputs_kept))
         got = quality.score(tolerance, ref_out, candidate.gate_outputs[1], data.labels, mask)
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each

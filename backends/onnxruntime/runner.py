@@ -171,6 +171,9 @@ class OrtRunner(Runner):
         return cls.from_path(confined_model_path(directory), config=read_session_config(directory), threads=threads,
                              for_timing=for_timing)
 
+    def run_first(self, feeds: Mapping[str, np.ndarray], count: int) -> list[np.ndarray]:
+        return self.run(feeds, self.output_names[:count])
+
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         """The outputs in graph order, or those named in ``outputs`` in that order (ONNX Runtime then gathers no
         other: a language model's KV-cache outputs are not made when only its logits are wanted)."""
