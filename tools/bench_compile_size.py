@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitpass.tools.processes import kill_group, tree_rss_mb
+from bitpass.tools.processes import kill_group, private_rss_mb, tree_rss_mb
 
 #: the models this bench builds: name -> GPT-2 size of ``bitpass.tools.decoders.GPT2_SIZES`` ("tiny": a smoke test)
 MODELS = {"gpt2-small": "small", "gpt2-medium": "medium", "gpt2-wide": "wide", "gpt2-tiny": "tiny"}
@@ -52,6 +52,7 @@ class Phase:
     cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0  # largest resident size (the child and its descendants) polled until the next line
     main_rss_mb: float = 0.0  # the same, of the child alone (the rest: timing subprocesses it started)
+    main_anon_mb: float = 0.0  # the child's anonymous resident memory (its own copies; mapped weights not counted)
 
 
 @dataclass
@@ -114,6 +115,7 @@ def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, mem
         with lock:
             phases[-1].peak_rss_mb = max(phases[-1].peak_rss_mb, rss)
             phases[-1].main_rss_mb = max(phases[-1].main_rss_mb, own)
+            phases[-1].main_anon_mb = max(phases[-1].main_anon_mb, private_rss_mb(process.pid))
         elapsed = time.perf_counter() - start
         if not stopped and elapsed > timeout_s:
             stopped = "timeout"
@@ -134,6 +136,7 @@ def run_accounted(argv: list[str], *, env: dict[str, str], timeout_s: float, mem
         here.cpu_seconds = round(after.cpu_at_s - here.cpu_at_s, 2)
         here.peak_rss_mb = round(here.peak_rss_mb, 1)
         here.main_rss_mb = round(here.main_rss_mb, 1)
+        here.main_anon_mb = round(here.main_anon_mb, 1)
     return Finished(process.returncode, round(wall, 2), round(cpu, 2), round(usage.ru_maxrss / 1024, 1), stopped,
                     phases, "\n".join(lines[-5:]))
 
@@ -254,10 +257,10 @@ def print_row(row: Row) -> None:
     gb = 1024.0
     print(f"\n{row.model} {row.pipeline}: exit {done['returncode']}{' (' + done['stopped'] + ')' if done['stopped'] else ''}"
           f", wall {done['wall_s']:.0f} s, CPU {done['cpu_s']:.0f} s, peak RSS {done['peak_rss_mb'] / gb:.2f} GB")
-    print(f"  {'phase (progress line)':70s} {'wall s':>7s} {'CPU s':>7s} {'peak GB':>8s} {'main GB':>8s}")
+    print(f"  {'phase (progress line)':70s} {'wall s':>7s} {'CPU s':>7s} {'peak GB':>8s} {'main GB':>8s} {'anon GB':>8s}")
     for phase in done["phases"]:
         peaks = [f"{phase[k] / gb:8.2f}" if phase[k] else f"{'-':>8s}"  # shorter than a poll
-                 for k in ("peak_rss_mb", "main_rss_mb")]
+                 for k in ("peak_rss_mb", "main_rss_mb", "main_anon_mb") if k in phase]
         print(f"  {phase['message'][:70]:70s} {phase['seconds']:7.1f} {phase['cpu_seconds']:7.1f} {' '.join(peaks)}")
     resources = row.manifest.get("resources") or {}
     if resources:

@@ -35,6 +35,19 @@ def tree_rss_mb(pid: int) -> tuple[float, float]:
     return total / 1024, own / 1024
 
 
+def private_rss_mb(pid: int) -> float:
+    """Anonymous resident memory of ``pid`` in MiB (``RssAnon``: what no file backs, so what a process holds as its
+    own copies; memory-mapped weights it has read are file pages the kernel can drop, counted in ``VmRSS`` only);
+    0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL the process group ``pid`` leads (started with ``start_new_session=True``); gone already is fine."""
     try:
@@ -43,4 +56,4 @@ def kill_group(pid: int) -> None:
         pass
 
 
-__all__ = ["kill_group", "tree_rss_mb"]
+__all__ = ["kill_group", "private_rss_mb", "tree_rss_mb"]
