@@ -8,8 +8,10 @@ ONNX Runtime timings drift within a process (NOTES.md).
 
 from __future__ import annotations
 
+import mmap
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from dataclasses import asdict, dataclass
 
@@ -20,20 +22,82 @@ from bitpass.frontend import Dataset
 from bitpass.frontend.errors import DataError
 
 EVAL_BATCH = 256
+#: bytes of output one batch of a language model's prediction may make (``batch_for``): ONNX Runtime's arena keeps
+#: room for the largest output a session has made until the session goes (a 355 M GPT-2's logits for 32 windows of
+#: 128 tokens at once: 0.8 GB more in each session)
+BATCH_OUTPUT_BYTES = 64 << 20
+
+
+def batch_for(sample_bytes: int, batch_size: int = EVAL_BATCH) -> int:
+    """Samples per prediction batch when one sample's outputs take ``sample_bytes`` (``BATCH_OUTPUT_BYTES``)."""
+    return max(1, min(batch_size, BATCH_OUTPUT_BYTES // max(int(sample_bytes), 1)))
+
+
+#: an output this large over a whole dataset is gathered batch by batch in an unnamed temporary file and read back
+#: through a read-only memory map (``predict``): a 355 M GPT-2's logits on 32 windows of 128 tokens are 0.82 GB, and
+#: held in memory the reference's and the artifact's sat beside the artifact's session, joining them twice as much
+SPILL_BYTES = 64 << 20
 
 
 def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH, count: int | None = None) -> list[np.ndarray]:
     """All outputs of ``runner`` over ``data`` (only the first ``count`` when given: ``Runner.run_first``),
-    concatenated along the first axis."""
-    parts: list[list[np.ndarray | None]] = []
+    concatenated along the first axis. An output past ``SPILL_BYTES`` comes back read-only and file-backed
+    (``release_pages`` lets go of the pages a reader touched); the others are plain arrays."""
+    gathered: list[_Gathered] | None = None
     for feeds in data.batches(batch_size):
-        parts.append(list(runner.run(feeds) if count is None else runner.run_first(feeds, count)))
-    outputs = []
-    for i in range(len(parts[0])):  # output by output, each batch's piece dropped once joined: not twice the memory
-        outputs.append(np.concatenate([p[i] for p in parts]))
-        for p in parts:
-            p[i] = None
-    return outputs
+        outputs = runner.run(feeds) if count is None else runner.run_first(feeds, count)
+        if gathered is None:
+            gathered = [_Gathered(np.asarray(o), len(data)) for o in outputs]
+        for into, output in zip(gathered, outputs):
+            into.add(np.asarray(output))
+        del outputs
+    return [g.result() for g in gathered or []]
+
+
+class _Gathered:
+    """One output's batches joined along axis 0: in memory, or past ``SPILL_BYTES`` (judged from the first batch) in
+    an unnamed temporary file, so neither the batches nor the joined array are process memory. The file has no name:
+    nothing is left on disk whatever happens."""
+
+    def __init__(self, first: np.ndarray, samples: int) -> None:
+        per_sample = first.nbytes / max(first.shape[0], 1) if first.ndim else first.nbytes
+        self._file = tempfile.TemporaryFile(prefix="bitpass-outputs-") \
+            if first.ndim and per_sample * samples > SPILL_BYTES else None
+        self._parts: list[np.ndarray] = []
+        self._dtype, self._tail, self._rows = first.dtype, first.shape[1:], 0
+
+    def add(self, part: np.ndarray) -> None:
+        if self._file is None:
+            self._parts.append(part)
+            return
+        if part.dtype != self._dtype or part.shape[1:] != self._tail:
+            raise ValueError(f"an output changes from {self._dtype}{list(self._tail)} to {part.dtype}"
+                             f"{list(part.shape[1:])} between batches: cannot join them")
+        self._file.write(np.ascontiguousarray(part).data)
+        self._rows += part.shape[0]
+
+    def result(self) -> np.ndarray:
+        if self._file is None:
+            joined = np.concatenate(self._parts)
+            self._parts.clear()
+            return joined
+        with self._file:
+            self._file.flush()
+            if self._rows == 0 or not self._dtype.itemsize or 0 in self._tail:
+                return np.empty((self._rows, *self._tail), self._dtype)
+            mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the file's handle
+        return np.frombuffer(mapped, self._dtype).reshape((self._rows, *self._tail))
+
+
+def release_pages(outputs: Sequence[np.ndarray | None]) -> None:
+    """Let go of the pages of ``predict``'s file-backed outputs that this process has read (they stay in the file and
+    a later read maps them again): a quality score that has read 0.8 GB of logits does not keep them resident."""
+    for array in outputs:
+        base: object = array
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+            base.obj.madvise(mmap.MADV_DONTNEED)
 
 
 def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
@@ -76,19 +140,44 @@ def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
     Each row is scaled by its own largest magnitude first, so outputs of any scale (1e-9 logits
     included) score what they should; two all-zero rows count as identical, one as orthogonal.
-    Rows are taken a few at a time (``_CHUNK_ELEMENTS``): the same figures, bounded memory."""
+    Rows are taken a few at a time, and a long row (a language model's window: 6 M logits) a piece at a
+    time (``_CHUNK_ELEMENTS``): the same figures, bounded memory."""
     ref_rows = reference.reshape(len(reference), -1)
     got_rows = candidate.reshape(len(candidate), -1)
-    step = max(1, _CHUNK_ELEMENTS // max(ref_rows.shape[1], 1))
-    parts = []
-    for start in range(0, len(ref_rows), step):
-        ref, got = _unit_rows(ref_rows[start:start + step]), _unit_rows(got_rows[start:start + step])
-        ref_zero, got_zero = ~ref.any(axis=1), ~got.any(axis=1)
-        result = np.sum(ref * got, axis=1)
-        result[ref_zero & got_zero] = 1.0
-        result[ref_zero ^ got_zero] = 0.0
-        parts.append(result)
+    width = max(ref_rows.shape[1], 1)
+    step, piece = max(1, _CHUNK_ELEMENTS // width), min(width, _CHUNK_ELEMENTS)
+    parts = [_row_cosines(ref_rows[start:start + step], got_rows[start:start + step], piece)
+             for start in range(0, len(ref_rows), step)]
     return np.clip(np.concatenate(parts) if parts else np.zeros(0), -1.0, 1.0)
+
+
+def _row_cosines(ref: np.ndarray, got: np.ndarray, piece: int) -> np.ndarray:
+    """``cosines`` of a few rows, summed over ``piece`` columns at a time."""
+    columns = [slice(c, c + piece) for c in range(0, ref.shape[1], piece)]
+    ref_peak = _row_peak(ref, columns)
+    got_peak = _row_peak(got, columns)
+    dot, ref_norm, got_norm = (np.zeros(len(ref)) for _ in range(3))
+    for where in columns:
+        r, g = _scaled(ref[:, where], ref_peak), _scaled(got[:, where], got_peak)
+        dot += np.einsum("ij,ij->i", r, g)
+        ref_norm += np.einsum("ij,ij->i", r, r)
+        got_norm += np.einsum("ij,ij->i", g, g)
+    norm = np.sqrt(ref_norm) * np.sqrt(got_norm)
+    result = np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0)
+    ref_zero, got_zero = ref_norm == 0, got_norm == 0
+    result[ref_zero & got_zero] = 1.0
+    result[ref_zero ^ got_zero] = 0.0
+    return result
+
+
+def _row_peak(rows: np.ndarray, columns: list[slice]) -> np.ndarray:
+    peaks = [np.max(np.abs(rows[:, where]), axis=1) for where in columns]
+    return np.max(peaks, axis=0).astype(np.float64) if peaks else np.zeros(len(rows))
+
+
+def _scaled(rows: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    return np.divide(rows, peak[:, None], out=np.zeros_like(rows), where=peak[:, None] > 0)
 
 
 def max_abs_error(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -100,14 +189,6 @@ def max_abs_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     step = max(1, _CHUNK_ELEMENTS // max(ref_rows.shape[1], 1))
     return max(float(np.max(np.abs(ref_rows[i:i + step] - got_rows[i:i + step])))
                for i in range(0, len(ref_rows), step))
-
-
-def _unit_rows(rows: np.ndarray) -> np.ndarray:
-    rows = rows.astype(np.float64)
-    peak = np.max(np.abs(rows), axis=1, keepdims=True)
-    scaled = np.divide(rows, peak, out=np.zeros_like(rows), where=peak > 0)
-    norm = np.linalg.norm(scaled, axis=1, keepdims=True)
-    return np.divide(scaled, norm, out=np.zeros_like(scaled), where=norm > 0)
 
 
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Fidelity:
@@ -128,6 +209,7 @@ def quality(reference: Runner, artifact: Runner, data: Dataset, *, reference_out
     if data.labels is not None:
         ref_acc, art_acc = accuracy(ref_out, data.labels), accuracy(art_out, data.labels)
         result["accuracy"] = {"fp32": ref_acc, "artifact": art_acc, "drop_points": 100 * (ref_acc - art_acc)}
+    release_pages([*ref_out, *art_out])
     return result
 
 

@@ -283,10 +283,21 @@ def _lm_fidelity(reference: Runner | Callable[[], Runner], runner: Runner | Call
 
     index = list(output_names or get(reference).output_names).index(lm.logits)
     if predicted is None or index >= min(len(predicted[0]), len(predicted[1])):
-        known = measure.predict(get(reference), data)
-        predicted = known, measure.predict(get(runner), data)
+        known = measure.predict(get(reference), data, _lm_batch(lm, data))
+        predicted = known, measure.predict(get(runner), data, _lm_batch(lm, data))
     ref, got = predicted[0][index], predicted[1][index]
-    return {"samples": len(data), **quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)}
+    fidelity = quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)
+    measure.release_pages([ref, got])
+    return {"samples": len(data), **fidelity}
+
+
+def _lm_batch(lm: DecoderSpec | None, data: Dataset) -> int:
+    """Windows per prediction batch of a language model (its float32 logits: ``measure.batch_for``); other models
+    ``measure.EVAL_BATCH`` samples."""
+    if lm is None or lm.input_ids not in data.inputs:
+        return measure.EVAL_BATCH
+    ids = data.inputs[lm.input_ids]
+    return measure.batch_for(4 * max(lm.vocab, 1) * (int(ids.shape[1]) if ids.ndim >= 2 else 1))
 
 
 def _decoder_session(runner: Runner, source: bytes | Path, lm: DecoderSpec) -> Any:
@@ -668,6 +679,7 @@ def _compile(
         for pages in (early, paged):  # emitting read every paged-out weight: not held beside the artifact's session
             if pages is not None:
                 pages.drop_pages()
+        release_freed_memory()  # nor the heap emitting freed (0.8 GB at 355 M)
         runner = backend_impl.load(stage, {}, for_timing=True) if on_host else None
         return _Built(candidate, stage, files, runner)
 
@@ -701,7 +713,8 @@ def _compile(
         say(f"predicting fp32 outputs on {len(gate_data)} held-out samples")
         # a language model is judged on its logits (the first output) alone: its KV-cache outputs (0.4 GB over the
         # gate's data at 355 M) are dropped batch by batch, never gathered
-        reference_outputs = measure.predict(reference, gate_data, count=1 if lm is not None else None)
+        reference_outputs = measure.predict(reference, gate_data, count=1 if lm is not None else None,
+                                            batch_size=_lm_batch(lm, gate_data))
         if len(reference_outputs) < len(output_names) \
                 and quality.output_kind(reference_outputs, output_names, gate_data.labels) != "lm":
             reference_outputs = measure.predict(reference, gate_data)  # judged on every output after all
@@ -834,7 +847,9 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
     del ref_out[outputs_kept:]  # in place: the caller's list lets go of them too
     tolerance = wanted or quality.default_tolerance(kind)
     mask = quality.token_mask(data.inputs, ref_out[0])
-    built.gate_outputs = (ref_out, measure.predict(built.runner, data, count=outputs_kept))
+    # a language model's logits a few windows at a time (``measure.batch_for``), as its reference's were
+    batch = measure.batch_for(ref_out[0][:1].nbytes) if kind == "lm" else measure.EVAL_BATCH
+    built.gate_outputs = (ref_out, measure.predict(built.runner, data, batch, count=outputs_kept))
     value = quality.score(tolerance, ref_out, built.gate_outputs[1], data.labels, mask)
     record: dict[str, Any] = {"output_kind": kind, "tolerance": tolerance.to_json(), "data": data.source,
                               "samples": len(data), "initial": value, "final": value, "steps": [],
@@ -847,6 +862,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
     if too_few:
         record["warning"] = too_few
         say(f"warning: {too_few}")
+    measure.release_pages([*ref_out, *built.gate_outputs[1]])  # read once here: not kept resident beside the rest
     if record["passed"]:
         record["seconds"] = round(time.perf_counter() - started, 3)
         return built, record
@@ -886,8 +902,9 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
         if before_quantize.ranges is not None:
             inner.analyses.put(ACTIVATION_RANGES, before_quantize.ranges)
         candidate = build(tail.run(repaired, inner))
-        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data, count=outputs_kept))
+        candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data, batch, count=outputs_kept))
         got = quality.score(tolerance, ref_out, candidate.gate_outputs[1], data.labels, mask)
+        measure.release_pages([*ref_out, *candidate.gate_outputs[1]])
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each
         # holds an ONNX Runtime session; a ResNet-50's attempts together outgrew 24 GB)

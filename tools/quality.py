@@ -263,8 +263,9 @@ def hold_back(calibration: Dataset | None) -> tuple[Dataset | None, Dataset | No
 # --- language models ----------------------------------------------------------------------------
 #: output-name fragment that marks a language model's next-token scores
 LM_OUTPUT = "logit"
-#: positions per chunk when log-softmaxing (a 50k vocabulary in float64 is 400 KB per position)
-_CHUNK = 256
+#: positions per chunk when log-softmaxing (a 50k vocabulary in float64 is 400 KB per position: the KL's temporaries
+#: for 256 positions took 0.7 GB)
+_CHUNK = 64
 
 
 def is_lm_output(first: np.ndarray, name: str) -> bool:

@@ -102,3 +102,40 @@ def test_the_latency_table_times_batch_1_then_the_batch_its_fp32_time_allows():
     assert "fp32 call" in table[f"batch_{chosen}"]["batch_chosen"]
     assert set(reference.batches) == {1, chosen}
     assert list(latency_table(reference, artifact, data, batches=(2,))) == ["batch_2"]  # asked for: as asked
+
+
+def _ort_runner(features: int):
+    """A real ONNX Runtime session of y = 2x, z = sum(x) per sample."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bitpass.backends.onnxruntime.runner import OrtRunner
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"]), helper.make_node("ReduceSum", ["x"], ["z"], axes=[1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", features]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    return OrtRunner.from_bytes(model.SerializeToString())
+
+
+def test_large_outputs_are_gathered_in_a_file_and_read_back_the_same(monkeypatch):
+    """Past SPILL_BYTES an output is joined in an unnamed temporary file and memory-mapped back read-only: the same
+    values as joining the batches in memory, and no process memory for a 0.8 GB logits tensor."""
+    from bitpass.backends import measure
+    from bitpass.frontend import Dataset
+
+    x = np.random.default_rng(0).standard_normal((70, 300)).astype(np.float32)
+    data = Dataset({"x": x}, None, "0", "test")
+    runner = _ort_runner(300)
+    in_memory = measure.predict(runner, data, batch_size=16)
+    monkeypatch.setattr(measure, "SPILL_BYTES", 40_000)  # y (84 KB) spills, z (280 B) stays an ordinary array
+    spilled = measure.predict(runner, data, batch_size=16)
+    assert [a.shape for a in spilled] == [(70, 300), (70, 1)]
+    np.testing.assert_array_equal(spilled[0], 2 * x)
+    np.testing.assert_array_equal(spilled[1], in_memory[1])
+    assert not spilled[0].flags.writeable and spilled[1].flags.writeable
+    assert measure.predict(runner, data, batch_size=16, count=1)[0].shape == (70, 300)
+    measure.release_pages(spilled)  # the pages read go; the values stay readable from the file
+    np.testing.assert_array_equal(spilled[0][-1], 2 * x[-1])

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from bitpass.backends import measure
 from bitpass.frontend import model as model_module
 from bitpass.frontend.decoder import export_decoder
 from bitpass.tools import api, compile, decoders, verify
@@ -105,10 +106,12 @@ def test_a_large_language_model_measured_in_turn_gets_the_same_artifact_and_gate
     (a repair forced by a tight bound included: its ranking and the layers put back) and the quality figures are
     the ones the default path gives. Its weights paged out to a scratch file before and after the passes
     (``PAGE_OUT_BYTES``; the passes, GPTQ's layer-input collection included, read them mapped) change none of it: the emitted model's ranking and the repair re-run from the paged model before quantizing.
+    Nor does gathering the predicted logits in files (``measure.SPILL_BYTES``) instead of memory.
     (An earlier spill with external-data tensors changed the repair's ranking.)"""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(api, "ONE_SESSION_AT_A_TIME_BYTES", LOWERED)
         patch.setattr(api, "PAGE_OUT_BYTES", LOWERED)
+        patch.setattr(measure, "SPILL_BYTES", 1024)  # the logits gathered in files, read back memory-mapped
         in_turn = compile(decoder_folder / "lm.onnx", tmp_path / "in-turn", calibration=decoder_folder / "calib.npz",
                           evaluation=decoder_folder / "eval.npz", latency=False, **options)
     held = compile(decoder_folder / "lm.onnx", tmp_path / "held", calibration=decoder_folder / "calib.npz",
