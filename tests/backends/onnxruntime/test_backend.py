@@ -98,3 +98,31 @@ def test_a_tied_embedding_table_is_written_once_and_the_outputs_do_not_change(tm
 
     assert {layer.id for layer in from_onnx(tmp_path / files[0]).layers()} == {layer.id for layer in model.layers()}
     assert len(model.graph.initializers) == len(written.graph.initializer) + 1  # the model itself is untouched
+
+
+def test_an_artifact_past_the_external_data_size_keeps_its_weights_beside_model_onnx(tmp_path, monkeypatch):
+    """Past ``EXTERNAL_DATA_BYTES`` the weights go to ``model.onnx.data`` (ONNX Runtime maps them instead of parsing
+    them into its heap): the artifact loads through the confinement check, gives the single file's outputs
+    bit for bit, and is written byte-identically twice."""
+    import numpy as np
+
+    from bitpass.backends.onnxruntime import backend as ort_backend
+    from bitpass.frontend.decoder import export_decoder
+    from bitpass.tools import decoders
+
+    model, spec = export_decoder(decoders.tiny_gpt2(vocab=300, width=32))
+    (tmp_path / "single").mkdir()
+    assert OnnxRuntimeBackend().emit(model, tmp_path / "single", "cpu") == ["model.onnx", "session.json"]
+    monkeypatch.setattr(ort_backend, "EXTERNAL_DATA_BYTES", 1024)
+    runs = []
+    for name in ("external", "again"):
+        (tmp_path / name).mkdir()
+        assert OnnxRuntimeBackend().emit(model, tmp_path / name, "cpu") == ["model.onnx", "model.onnx.data",
+                                                                           "session.json"]
+        runs.append({f: (tmp_path / name / f).read_bytes() for f in ("model.onnx", "model.onnx.data")})
+    assert runs[0] == runs[1]
+    assert len(runs[0]["model.onnx"]) + len(runs[0]["model.onnx.data"]) \
+        >= (tmp_path / "single" / "model.onnx").stat().st_size > len(runs[0]["model.onnx"])
+    feeds = spec.feeds(np.arange(7).reshape(1, 7))
+    outputs = [OnnxRuntimeBackend().load(tmp_path / name).run(feeds) for name in ("single", "external")]
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs))
