@@ -24,7 +24,9 @@ Kernels
   in their high nibbles, so one 32-byte load, an AND and a shift give two u8×s8 multiply-add
   operands (``vpmaddubsw``, ``avx2.py``).
 * ``conv2d``: fp32 NCHW convolution (groups, so depthwise too) with fused bias and activation,
-  computed with output channels innermost and written back to NCHW by the epilogue.
+  computed with output channels innermost and written back to NCHW by the epilogue; with groups = 1 its
+  input, output and residual may each be blocked NCHW{16}c instead (what fp32 convs pass each other on
+  AVX-512: the epilogue then stores whole registers), its weights then ``[OC/ob, IC/16, KH, KW, 16, ob]``.
 * ``conv2d_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per sample on
   the fly, int32 accumulation, requantized to fp32 with fused bias and activation. Codes use 7 bits
   (±63, ``CONV_INT8_LEVELS``: ORT's "reduce_range" for AVX2 without VNNI) so that the u8 × s8

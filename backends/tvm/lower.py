@@ -11,7 +11,9 @@ says so (VNNI), an int8 conv read by another int8 conv (directly, or through a m
 values whose windows cover every pixel) passes it its output's per-sample absmax, so the reader skips its own
 pass over the input; the codes are the same (max is exact), so are the outputs. There, too, a max pooling
 that alone reads an int8 conv's output runs in the conv's epilogue, as it does after an fp32 conv from batch
-``kernels.POOL_MIN_TASKS`` on (``_fused_pool``). Not the importer for
+``kernels.POOL_MIN_TASKS`` on (``_fused_pool``). On AVX-512 (``Scheme.fp32_block``) an fp32 conv whose readers are
+fp32 convs, a max pooling of it or a residual Add another fp32 conv fuses writes blocked NCHW16c activations, as ORT
+does, and they read them so (``Blocked``); any other reader gets NCHW. Not the importer for
 the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
 Reshape), and it would hide the per-layer annotations.
 

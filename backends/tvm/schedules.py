@@ -254,7 +254,9 @@ class Conv2d(_Rule):
     (c, ky, kx) outside the tile; bias, residual and activation and the write back to NCHW per tile (int8:
     after the convolution, as it also reads the sample's scale); parallel over (batch, output block, row,
     column tile), output block outside the rows so a block's weights stay in cache across its rows.
-    Depthwise convolutions (one input channel per group) vectorize over output columns instead."""
+    Depthwise convolutions (one input channel per group) vectorize over output columns instead. A blocked
+    (NCHWc, ``KernelAttrs.block_in``) input reduces a pixel's channels of a block innermost; a blocked output
+    stores each accumulator register as it is (no transposing write-back)."""
 
     def apply(self, func, target, tunable):
         tags = KernelAttrs.of(func)
