@@ -729,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "profile"],
                         help="sections to run (profile only when named)")
     parser.add_argument("--fp32-nchw", action="store_true",
-                        help="models: also time TVM fp32 with NCHW activations between convs (the blocked layout's A/B)")
+                        help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
+                             "layout's A/B)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="time rounds by wall time, or by the calling thread's CPU time (with --threads 1: "
                              "on a shared machine, leaves out the time other processes hold the core)")

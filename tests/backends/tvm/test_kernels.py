@@ -244,7 +244,8 @@ def test_fp32_conv_reads_and_writes_blocked_activations(n, c, oc, k, stride, hw,
     xs = _nchwc(x, block_in) if block_in else x
     rs = [] if r is None else [_nchwc(r, block_res) if block_res else r]
     wp = kernels.pack_conv(w, ob, block_in)
-    tx, tw, tb = te.placeholder(xs.shape, "float32"), te.placeholder(wp.shape, "float32"), te.placeholder((oc,), "float32")
+    tx, tw = te.placeholder(xs.shape, "float32"), te.placeholder(wp.shape, "float32")
+    tb = te.placeholder((oc,), "float32")
     tr = [te.placeholder(a.shape, "float32") for a in rs]
     geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": 1}
     out = kernels.conv2d(tx, tw, tb, *tr, **geometry, act="relu", pool=pool, block_in=block_in, block_out=block_out,

@@ -149,7 +149,8 @@ def test_only_targets_whose_int8_conv_pools_in_its_epilogue_fuse_the_max_pooling
     assert ("MaxPool" in report.ops) != fused
 
 
-@pytest.mark.parametrize(("features", "blocked"), [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False), (set(), False)])
+@pytest.mark.parametrize(("features", "blocked"),
+                         [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False), (set(), False)])
 def test_fp32_convs_pass_each_other_blocked_activations_only_on_avx512(features, blocked):
     """The lowering alone (no build, any host): on AVX-512 every fp32 conv read only by fp32 convs, a max pooling
     of them or a residual Add an fp32 conv fuses writes NCHW16c, and its readers read it so (the max pooling too);
