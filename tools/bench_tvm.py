@@ -1,7 +1,7 @@
 """Benchmark the TVM backend against ONNX Runtime on this CPU, side by side, in one run.
 
     .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--batches B ...]
-        [--only SECTION ...] [--clock wall|thread]
+        [--only SECTION ...] [--clock wall|thread] [--fp32-nchw]
 
 Sections (every table is printed beside the CPU's model, flags and caches):
 
@@ -10,7 +10,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   ORT int8 QDQ U8S8 (``quantize_static``, per-channel weights; the fastest ORT int8 on a VNNI CPU), TVM fp32
   and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels; activation ranges calibrated min-max on the
   same feeds as ORT's U8S8, so int8 convs pass each other uint8 codes). Ratios are ORT fp32 latency / variant
-  latency (> 1: faster than ORT fp32). TVM's outputs are checked against ORT fp32 first (cosine).
+  latency (> 1: faster than ORT fp32). TVM's outputs are checked against ORT fp32 first (cosine). On AVX-512
+  TVM fp32's convs pass each other blocked NCHW16c activations; ``--fp32-nchw`` also times an NCHW build beside it.
 * ``gemv``: a 4-bit weight-only GEMV at batch 1 on a weight at least twice the last-level cache (sized from
   sysfs), TVM's int4 kernel vs ORT MatMulNBits at block sizes 32, 64 and 128 (accuracy_level 4: int8
   activations, as ours), as a fraction of the measured read bandwidth.
@@ -284,11 +285,12 @@ def calibrated_ranges(model, calib: list[dict[str, np.ndarray]]) -> dict[str, tu
 
 
 def bench_models(threads: int, rounds: int, quick: bool = False,
-                 only_batches: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+                 only_batches: tuple[int, ...] | None = None, fp32_nchw: bool = False) -> list[dict[str, Any]]:
     """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
-    ORT fp32 (outputs flattened per sample)."""
+    ORT fp32 (outputs flattened per sample). ``fp32_nchw``: also TVM fp32 with NCHW activations between its convs
+    (``lower.FP32_BLOCKED`` off; "TVM fp32 NCHW"), the blocked layout's A/B where the target blocks them."""
     from bitpass.backends.measure import cosines
-    from bitpass.backends.tvm import TvmBackend
+    from bitpass.backends.tvm import TvmBackend, lower
 
     rows = []
     for name, model, feed, batches in _models(quick):
@@ -302,12 +304,18 @@ def bench_models(threads: int, rounds: int, quick: bool = False,
         runners = {}
         with tempfile.TemporaryDirectory() as tmp:
             ranges = calibrated_ranges(model, calib)
-            for label, plan in (("TVM fp32", model), ("TVM int8", _int8_plan(model))):
+            variants = [("TVM fp32", model), ("TVM int8", _int8_plan(model))]
+            for label, plan in variants + ([("TVM fp32 NCHW", model)] if fp32_nchw else []):
                 start = time.perf_counter()
                 directory = Path(tmp) / label.replace(" ", "_")
                 directory.mkdir()
-                backend.emit(plan, directory, backend.default_target,
-                             activation_ranges=ranges if label == "TVM int8" else None)
+                blocked = lower.FP32_BLOCKED
+                lower.FP32_BLOCKED = blocked and label != "TVM fp32 NCHW"
+                try:
+                    backend.emit(plan, directory, backend.default_target,
+                                 activation_ranges=ranges if label == "TVM int8" else None)
+                finally:
+                    lower.FP32_BLOCKED = blocked
                 runners[label] = backend.load(directory, {})
                 print(f"  ({name}: {label} built in {time.perf_counter() - start:.0f} s)", flush=True)
             for batch in batches:
@@ -344,6 +352,11 @@ def print_models(rows: list[dict[str, Any]], threads: int) -> None:
         print(f"  {row['model']} batch {row['batch']}: TVM int8 vs ORT U8S8 {row['ORT U8S8'] / row['TVM int8']:.2f}x, "
               f"TVM fp32 vs ORT fp32 {row['ORT fp32'] / row['TVM fp32']:.2f}x (medians); best times: "
               f"{row['ORT U8S8 best'] / row['TVM int8 best']:.2f}x, {row['ORT fp32 best'] / row['TVM fp32 best']:.2f}x")
+        if "TVM fp32 NCHW" in row:
+            print(f"  {row['model']} batch {row['batch']}: TVM fp32 {row['TVM fp32'] * 1e3:.2f} ms (blocked NCHWc "
+                  f"between convs where the target blocks) vs {row['TVM fp32 NCHW'] * 1e3:.2f} ms NCHW: "
+                  f"{row['TVM fp32 NCHW'] / row['TVM fp32']:.3f}x; vs ORT fp32 "
+                  f"{row['ORT fp32'] / row['TVM fp32 NCHW']:.2f}x (medians)")
 
 
 def gemv_size(last_level_cache: int, factor: int = 2, step: int = 1024) -> int:
@@ -715,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "profile"],
                         help="sections to run (profile only when named)")
+    parser.add_argument("--fp32-nchw", action="store_true",
+                        help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
+                             "layout's A/B)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="time rounds by wall time, or by the calling thread's CPU time (with --threads 1: "
                              "on a shared machine, leaves out the time other processes hold the core)")
@@ -734,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.threads)
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
-                                  tuple(args.batches) if args.batches else None), args.threads)
+                                  tuple(args.batches) if args.batches else None, args.fp32_nchw), args.threads)
     return 0
 
 

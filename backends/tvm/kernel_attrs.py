@@ -29,7 +29,8 @@ class KernelAttrs:
     a convolution's geometry (``pads``: top, left, bottom, right); ``amax_in`` / ``amax_out``: an int8 conv reads
     its input's per-sample absmax from one more input (after the residual) instead of computing it / returns
     its output's per-sample absmax as a second output (``kernels.conv2d_int8``); ``pool``: a max pooling
-    (kernel, stride, pad; kernel 0: none) fused after a conv's activation, its output the pooled one."""
+    (kernel, stride, pad; kernel 0: none) fused after a conv's activation, its output the pooled one;
+    ``block_in`` / ``block_out``: the fp32 conv's input / output is blocked NCHW{block}c (0: NCHW)."""
 
     kernel: str
     nb: int
@@ -44,6 +45,8 @@ class KernelAttrs:
     amax_in: bool = False
     amax_out: bool = False
     pool: tuple[int, int, int] = (0, 0, 0)
+    block_in: int = 0
+    block_out: int = 0
 
     def __post_init__(self) -> None:
         if self.kernel not in KINDS:
@@ -54,6 +57,8 @@ class KernelAttrs:
             raise ValueError(f"only the int8 conv carries a per-sample absmax, not {self.kernel!r}")
         if self.pool[0] and not self.kernel.startswith("conv2d"):
             raise ValueError(f"only a conv fuses a max pooling, not {self.kernel!r}")
+        if (self.block_in or self.block_out) and self.kernel != "conv2d":
+            raise ValueError(f"only the fp32 conv reads or writes blocked (NCHWc) activations, not {self.kernel!r}")
         if self.nb < 1:
             raise ValueError(f"output tile nb={self.nb} must be positive")
 

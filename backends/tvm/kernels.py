@@ -24,7 +24,9 @@ Kernels
   in their high nibbles, so one 32-byte load, an AND and a shift give two u8×s8 multiply-add
   operands (``vpmaddubsw``, ``avx2.py``).
 * ``conv2d``: fp32 NCHW convolution (groups, so depthwise too) with fused bias and activation,
-  computed with output channels innermost and written back to NCHW by the epilogue.
+  computed with output channels innermost and written back to NCHW by the epilogue; with groups = 1 its
+  input, output and residual may each be blocked NCHW{16}c instead (what fp32 convs pass each other on
+  AVX-512: the epilogue then stores whole registers), its weights then ``[OC/ob, IC/16, KH, KW, 16, ob]``.
 * ``conv2d_int8``: int8 weights (per-output-channel scale) × int8 activations quantized per sample on
   the fly, int32 accumulation, requantized to fp32 with fused bias and activation. Codes use 7 bits
   (±63, ``CONV_INT8_LEVELS``: ORT's "reduce_range" for AVX2 without VNNI) so that the u8 × s8
@@ -75,6 +77,9 @@ class Scheme:
     #: with calibrated activation ranges, an int8 conv with a ReLU read only by int8 convs writes uint8 codes of
     #: a static scale that they read in place (``avx512.u8_shape``): where the target's micro-kernel does (VNNI)
     int8_codes: bool = False
+    #: fp32 convs pass each other their activations blocked NCHW{fp32_block}c (channels per block; 0: NCHW), as
+    #: ORT does on AVX-512: a conv's epilogue stores whole registers, no transposing write-back (``conv2d``)
+    fp32_block: int = 0
 
     @property
     def int8_offset(self) -> int:
@@ -86,10 +91,11 @@ def scheme_for(features) -> Scheme:
     """The kernel scheme of a target with ``features`` (``targets.TargetSpec`` vocabulary)."""
     features = frozenset(features)
     lanes = 16 if "avx512" in features else 8 if "avx2" in features else 4
+    block = 16 if "avx512" in features else 0
     if "vnni" in features:
-        return Scheme(lanes, 127, int8_amax_carry=True, int8_pool=True, int8_codes=True)
+        return Scheme(lanes, 127, int8_amax_carry=True, int8_pool=True, int8_codes=True, fp32_block=block)
     if "avx2" in features:  # the AVX2 micro-kernels (avx2.py): 7-bit codes, no residual epilogue
-        return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False)
+        return Scheme(lanes, CONV_INT8_LEVELS, int8_residual=False, fp32_block=block)
     return Scheme(lanes, 127)
 
 
@@ -220,9 +226,14 @@ def quantize_rows_blockwise(x: np.ndarray, block_size: int) -> tuple[np.ndarray,
     return codes, (amax / np.float32(127.0)).astype(np.float32)
 
 
-def pack_conv(w_oihw: np.ndarray, ob: int) -> np.ndarray:
-    """[OC, IC/g, KH, KW] -> [OC/ob, IC/g, KH, KW, ob] fp32."""
+def pack_conv(w_oihw: np.ndarray, ob: int, block: int = 0) -> np.ndarray:
+    """[OC, IC/g, KH, KW] -> [OC/ob, IC/g, KH, KW, ob] fp32; for a blocked (NCHW{block}c) input
+    [OC/ob, IC/block, KH, KW, block, ob]: the order the conv reduces in (``conv2d``), so its weights stream
+    contiguously."""
     oc, icg, kh, kw = w_oihw.shape
+    if block:
+        return np.ascontiguousarray(w_oihw.reshape(oc // ob, ob, icg // block, block, kh, kw)
+                                    .transpose(0, 2, 4, 5, 3, 1)).astype(np.float32)
     return np.ascontiguousarray(w_oihw.reshape(oc // ob, ob, icg, kh, kw).transpose(0, 2, 3, 4, 1)).astype(np.float32)
 
 
@@ -381,16 +392,34 @@ def dense_int8(x, codes, wscale, bias, *, act: str = "none", levels: int = DENSE
 
 
 def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none",
-           pool: tuple[int, int, int] = (0, 0, 0)):
-    """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob]; ``pads`` (top, left, bottom, right);
+           pool: tuple[int, int, int] = (0, 0, 0), block_in: int = 0, block_out: int = 0, block_res: int = 0):
+    """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob] (``pack_conv``; blocked input: its blocked layout);
+    ``pads`` (top, left, bottom, right);
     out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection).
     ``pool`` (kernel, stride, pad) fuses a max pooling (``max_pool``, no residual): the activated conv stays
-    channels-last (``conv_rows``, a sample at a time in cache under the schedule) and out is the pooled tensor."""
+    channels-last (``conv_rows``, a sample at a time in cache under the schedule) and out is the pooled tensor.
+
+    ``block_in`` / ``block_out`` / ``block_res`` (channels per block; 0: NCHW): the input / output / residual is
+    blocked NCHW{block}c, [N, C/block, H, W, block] (groups = 1), as ORT keeps fp32 activations between convs on
+    AVX-512: the epilogue stores a register's 16 channels of a pixel at once instead of transposing the tile back
+    to NCHW, and the reduction walks a pixel's ``block_in`` channels contiguously (``rci``, innermost)."""
     from tvm import te, tirx
 
-    n, c, h, wd = (int(v) for v in data.shape)
-    oblocks, icg, kh, kw, ob = (int(v) for v in w.shape)
+    if block_in:
+        n, cb, h, wd, _ = (int(v) for v in data.shape)
+        c = cb * block_in
+    else:
+        n, c, h, wd = (int(v) for v in data.shape)
+    if block_in:  # pack_conv's blocked layout [OC/ob, IC/block, KH, KW, block, ob]
+        oblocks, _, kh, kw, _, ob = (int(v) for v in w.shape)
+        icg = c
+    else:
+        oblocks, icg, kh, kw, ob = (int(v) for v in w.shape)
     oc = oblocks * ob
+    if (block_in or block_out or block_res) and groups != 1:
+        raise ValueError("a blocked (NCHWc) conv has groups = 1")
+    if block_out and ob % block_out:
+        raise ValueError(f"output tile {ob} is not whole blocks of {block_out} channels")
     sh, sw = strides
     dh, dw = dilations
     pt, pl, pb, pr = pads
@@ -398,31 +427,58 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
     ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
     ocg = oc // groups
     if pt or pl or pb or pr:
-        padded = te.compute(
-            (n, c, h + pt + pb, wd + pl + pr),
-            lambda b, ch, y, x: tirx.if_then_else(
-                tirx.all(y >= pt, y < h + pt, x >= pl, x < wd + pl), data[b, ch, y - pt, x - pl],
-                tirx.const(0.0, "float32")),
-            name="conv_pad")
+        def pad(y, x, value):
+            return tirx.if_then_else(tirx.all(y >= pt, y < h + pt, x >= pl, x < wd + pl), value,
+                                     tirx.const(0.0, "float32"))
+
+        if block_in:
+            padded = te.compute((n, cb, h + pt + pb, wd + pl + pr, block_in),
+                                lambda b, q, y, x, z: pad(y, x, data[b, q, y - pt, x - pl, z]), name="conv_pad")
+        else:
+            padded = te.compute((n, c, h + pt + pb, wd + pl + pr),
+                                lambda b, ch, y, x: pad(y, x, data[b, ch, y - pt, x - pl]), name="conv_pad")
     else:
         padded = data
-    rc = te.reduce_axis((0, icg), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    acc = te.compute(
-        (n, oh, ow, oc),
-        lambda b, y, x, o: te.sum(
-            padded[b, (o // ocg) * icg + rc, y * sh + ry * dh, x * sw + rx * dw] * w[o // ob, rc, ry, rx, o % ob],
-            axis=[rc, ry, rx]),
-        name="conv_acc")
+    if block_in:  # input blocks outermost, a pixel's channels of a block innermost (contiguous)
+        rc = te.reduce_axis((0, cb), name="rc")
+        rci = te.reduce_axis((0, block_in), name="rci")
+        acc = te.compute(
+            (n, oh, ow, oc),
+            lambda b, y, x, o: te.sum(
+                padded[b, rc, y * sh + ry * dh, x * sw + rx * dw, rci] * w[o // ob, rc, ry, rx, rci, o % ob],
+                axis=[rc, ry, rx, rci]),
+            name="conv_acc")
+    else:
+        rc = te.reduce_axis((0, icg), name="rc")
+        acc = te.compute(
+            (n, oh, ow, oc),
+            lambda b, y, x, o: te.sum(
+                padded[b, (o // ocg) * icg + rc, y * sh + ry * dh, x * sw + rx * dw] * w[o // ob, rc, ry, rx, o % ob],
+                axis=[rc, ry, rx]),
+            name="conv_acc")
     if pool[0]:
         if residual is not None:
             raise ValueError("a conv with a fused max pooling takes no residual input")
         rows = te.compute((n, oh, ow, oc), lambda b, y, x, o: _activate(_plus(acc[b, y, x, o], bias, o), act),
                           name="conv_rows")
-        return max_pool(lambda b, o, y, x: rows[b, y, x, o], (n, oc, oh, ow), pool)
-    return te.compute((n, oc, oh, ow), lambda b, o, y, x: _activate(_plus(_plus(acc[b, y, x, o], bias, o), residual,
-                                                                          b, o, y, x), act), name="conv_out")
+        return max_pool(lambda b, o, y, x: rows[b, y, x, o], (n, oc, oh, ow), pool, block=block_out)
+
+    def res(b, o, y, x):
+        if residual is None:
+            return None
+        return residual[b, o // block_res, y, x, o % block_res] if block_res else residual[b, o, y, x]
+
+    def value(b, o, y, x):
+        total = _plus(acc[b, y, x, o], bias, o)
+        extra = res(b, o, y, x)
+        return _activate(total if extra is None else total + extra, act)
+
+    if block_out:
+        return te.compute((n, oc // block_out, oh, ow, block_out),
+                          lambda b, q, y, x, z: value(b, q * block_out + z, y, x), name="conv_out")
+    return te.compute((n, oc, oh, ow), value, name="conv_out")
 
 
 def _plus(value, tensor, *index):
@@ -458,11 +514,12 @@ def pool_out_size(size: int, pool: tuple[int, int, int]) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int]):
+def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int], block: int = 0):
     """TE: square max pooling (kernel, stride, pad) of the NCHW tensor of ``shape`` that ``read(b, c, y, x)``
     reads, as one element-wise maximum of each window's pixels (a spatial block: a schedule can vectorize it
     over channels), pixels outside the image clamped to its edge (a pixel the window holds anyway: the same
-    maximum as padding with -inf, when pad < kernel)."""
+    maximum as padding with -inf, when pad < kernel). ``block`` (channels; 0: NCHW): the output is blocked
+    NCHW{block}c, ``read`` still takes NCHW indices."""
     from tvm import te, tirx
 
     n, c, h, w = shape
@@ -479,7 +536,11 @@ def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int])
                 value = item if value is None else tirx.max(value, item)
         return value
 
-    return te.compute((n, c, pool_out_size(h, pool), pool_out_size(w, pool)), window, name="pool_out")
+    ph, pw = pool_out_size(h, pool), pool_out_size(w, pool)
+    if block:  # the pooled tensor blocked NCHW{block}c (``conv2d``'s ``block_out``)
+        return te.compute((n, c // block, ph, pw, block), lambda b, q, y, x, z: window(b, q * block + z, y, x),
+                          name="pool_out")
+    return te.compute((n, c, ph, pw), window, name="pool_out")
 
 
 def conv2d_int8(data, codes, wscale, bias, residual=None, amax=None, *, strides, pads, dilations, groups: int,

@@ -11,7 +11,9 @@ says so (VNNI), an int8 conv read by another int8 conv (directly, or through a m
 values whose windows cover every pixel) passes it its output's per-sample absmax, so the reader skips its own
 pass over the input; the codes are the same (max is exact), so are the outputs. There, too, a max pooling
 that alone reads an int8 conv's output runs in the conv's epilogue, as it does after an fp32 conv from batch
-``kernels.POOL_MIN_TASKS`` on (``_fused_pool``). Not the importer for
+``kernels.POOL_MIN_TASKS`` on (``_fused_pool``). On AVX-512 (``Scheme.fp32_block``) an fp32 conv whose readers are
+fp32 convs, a max pooling of it or a residual Add another fp32 conv fuses writes blocked NCHW16c activations, as ORT
+does, and they read them so (``Blocked``); any other reader gets NCHW. Not the importer for
 the whole graph: it cannot take the dynamic-batch flatten torch exports (Shape → Squeeze → Concat →
 Reshape), and it would hide the per-layer annotations.
 
@@ -86,6 +88,24 @@ class ChannelsLast:
     shape: list[int]
     scale: float | None = None
     decoded: Any = None
+
+
+@dataclass
+class Blocked:
+    """An fp32 activation ``tensor`` stored blocked NCHW{block}c, [N, C/block, H, W, block], for the NCHW ``shape``:
+    written by an fp32 conv (or a max pooling of one) whose readers are fp32 convs, max poolings and residual Adds
+    (``_blocked_readers``), as ORT keeps fp32 activations between convs on AVX-512; any other reader gets it
+    ``decoded`` to NCHW, once."""
+
+    tensor: Any
+    shape: list[int]
+    block: int
+    decoded: Any = None
+
+
+#: fp32 convs pass each other blocked (NCHWc) activations where the scheme has a block (``Blocked``); False: NCHW
+#: everywhere, for timing one against the other
+FP32_BLOCKED = True
 
 
 @dataclass
@@ -198,7 +218,7 @@ class _Lowering:
         return value
 
     def shape_of(self, value) -> list[int]:
-        if isinstance(value, (Codes, ChannelsLast)):
+        if isinstance(value, (Codes, ChannelsLast, Blocked)):
             return list(value.shape)
         if isinstance(value, np.ndarray):
             return list(value.shape)
@@ -206,7 +226,7 @@ class _Lowering:
 
     @staticmethod
     def dtype_of(value) -> str:
-        if isinstance(value, (Codes, ChannelsLast)):
+        if isinstance(value, (Codes, ChannelsLast, Blocked)):
             return "float32"
         if isinstance(value, np.ndarray):
             return str(value.dtype)
@@ -259,8 +279,10 @@ class _Lowering:
         self._how: str | None = None
         self._absmax, self._nonnegative = None, False
         inputs = [self.env.get(i) if i else None for i in node.input]
-        # codes go only to a conv's data input (it decides); everything else reads them decoded
-        inputs = [v if k == 0 and node.op_type == "Conv" else self.fp32(bb, v) for k, v in enumerate(inputs)]
+        # codes go only to a conv's data input (it decides), blocked activations also to a max pooling's; everything
+        # else reads them decoded
+        inputs = [v if k == 0 and (node.op_type == "Conv" or node.op_type == "MaxPool" and isinstance(v, Blocked))
+                  else self.fp32(bb, v) for k, v in enumerate(inputs)]
         missing = [i for i, v in zip(node.input, inputs) if i and v is None]
         if missing:  # only after a failed node, in ``check``
             raise LoweringError(Problem(node.op_type, node.name, f"input {missing[0]!r} was not computed"))
@@ -294,8 +316,16 @@ class _Lowering:
                     self.nonnegative.add(name)
 
     def fp32(self, bb, value):
-        """``value`` as an fp32 NCHW tensor: codes decoded, channels-last transposed (once per value), anything else
-        as it is."""
+        """``value`` as an fp32 NCHW tensor: codes decoded, channels-last and blocked transposed (once per value),
+        anything else as it is."""
+        if isinstance(value, Blocked):
+            if value.decoded is None:
+                from tvm import relax
+
+                n, c, h, w = value.shape
+                split = bb.emit(relax.op.permute_dims(value.tensor, [0, 1, 4, 2, 3]))
+                value.decoded = bb.emit(relax.op.reshape(split, [n, c, h, w]))
+            return value.decoded
         if isinstance(value, ChannelsLast):
             if value.decoded is None:
                 from tvm import relax
@@ -692,6 +722,11 @@ class _Lowering:
     def op_MaxPool(self, bb, node, attrs, inputs):
         from tvm import relax
 
+        if isinstance(inputs[0], Blocked):
+            pooled = self._max_pool_blocked(bb, node, inputs[0])
+            if pooled is not None:
+                return pooled
+            inputs = [self.fp32(bb, inputs[0]), *inputs[1:]]
         kernel, strides, dilations, pads = self._pool_args(attrs, 4)
         out = bb.emit(relax.op.nn.max_pool2d(inputs[0], kernel, strides, pads, dilations,
                                              ceil_mode=bool(attrs.get("ceil_mode", 0))))
@@ -701,6 +736,22 @@ class _Lowering:
             # every input pixel is in some window and none is negative: the pooled maximum is the input's
             self._absmax, self._nonnegative = self.absmax[source], True
         return out
+
+    def _max_pool_blocked(self, bb, node, x: Blocked) -> Blocked | None:
+        """A max pooling of a blocked activation, blocked (``kernels.max_pool``: vectorized over a pixel's block of
+        channels); None where ``_blocked_pool`` says it cannot."""
+        pool = self._blocked_pool(node)
+        if pool is None:
+            return None
+        n, c, h, w = x.shape
+        block = x.block
+
+        def te_pool(data):
+            return kernels.max_pool(lambda b, o, y, xx: data[b, o // block, y, xx, o % block], (n, c, h, w), pool,
+                                    block=block)
+
+        out = bb.emit_te(te_pool, x.tensor, primfunc_name_hint="bitpass_max_pool_nchwc")
+        return Blocked(out, [n, c, kernels.pool_out_size(h, pool), kernels.pool_out_size(w, pool)], block)
 
     @staticmethod
     def _pool_covers(in_shape, out_shape, kernel, strides, dilations, pads) -> bool:
@@ -751,6 +802,8 @@ class _Lowering:
             if isinstance(other, (Codes, ChannelsLast)) and \
                     not (self.plan(node).weight_bits == 8 and self.scheme.int8_codes):
                 other = self.fp32(bb, other)
+            if isinstance(other, Blocked) and self.plan(node).weight_bits != 32:  # only the fp32 conv reads it
+                other = self.fp32(bb, other)
             if other is not None and not isinstance(other, np.ndarray) and self.shape_of(other) == out_shape \
                     and self.dtype_of(other) == "float32":
                 added = other
@@ -790,23 +843,101 @@ class _Lowering:
         act, residual = self._epilogue(bb, node, out_shape, residual=bits == 32 or self.scheme.int8_residual)
         if bits == 8:
             return self._conv_int8(bb, node, x, w, bias, ob, geometry, act, residual, out_shape)
-        return self._conv_fp32(bb, node, self.fp32(bb, x), w, bias, ob, geometry, act, residual)
+        return self._conv_fp32(bb, node, x, w, bias, ob, geometry, act, residual)
 
     def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
-        wp = self.shared(("conv", node.name, ob), lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob)))
+        """``kernels.conv2d``, reading its input and residual as they come (blocked or NCHW) and writing blocked
+        where every reader of its (fused) output takes that (``_blocked_readers``)."""
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
+        block_in = x.block if isinstance(x, Blocked) and self._reads_blocked(node) else 0
+        wp = self.shared(("conv", node.name, ob, block_in),
+                         lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob, block_in)))
+        x = x.tensor if block_in else self.fp32(bb, x)
+        block_res = residual.block if isinstance(residual, Blocked) else 0
+        residual = residual.tensor if block_res else residual
         # a batch is pooled a sample per parallel task (``schedules.Conv2d``): only with enough samples to share
         pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, 0, ob, residual,
                                 fp32=True) if self.shape_of(x)[0] >= kernels.POOL_MIN_TASKS else (0, 0, 0)
-        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, **geometry)
+        final = self._alias[-1] if self._alias else node.output[0]
+        block = self._fp32_block()
+        block_out = block if geometry["groups"] == 1 and ob % max(block, 1) == 0 and w.shape[0] % max(block, 1) == 0 \
+            and self._blocked_readers(final) else 0
+        tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, block_in=block_in,
+                           block_out=block_out, **geometry)
         self._record(node, "conv2d", 32, w.size * 4, tags)
+        if block_in or block_out:
+            entry = self.report.layers[str(self.plan(node).layer_id or node.name)]
+            entry["activations"] = {"in": f"float32 NCHW{block_in}c" if block_in else "float32",
+                                    "out": f"float32 NCHW{block_out}c" if block_out else "float32"}
 
         def te_conv(data, weight, bias_, *rest):
-            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act, pool=pool)
+            return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act, pool=pool,
+                                  block_in=block_in, block_out=block_out, block_res=block_res)
 
         extra = [residual] if residual is not None else []
-        return bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
-                          primfunc_attrs=tags.to_func_attrs())
+        out = bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
+                         primfunc_attrs=tags.to_func_attrs())
+        if not block_out:
+            return out
+        dims = [int(d) for d in out.ty.shape]  # [N, OC/block, H, W, block]
+        return Blocked(out, [dims[0], int(w.shape[0]), dims[2], dims[3]], block_out)
+
+    def _fp32_block(self) -> int:
+        """Channels per block of the fp32 convs' blocked activations (0: NCHW)."""
+        return self.scheme.fp32_block if FP32_BLOCKED else 0
+
+    def _reads_blocked(self, node: onnx.NodeProto) -> bool:
+        """Whether the Conv ``node`` is an fp32 conv with constant weights that reads a blocked input: groups = 1
+        and its input channels whole blocks."""
+        block = self._fp32_block()
+        if not block or node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or \
+                self.plan(node).weight_bits != 32:
+            return False
+        attrs = _attrs(node)
+        w = self._weight_of(node)
+        bias = self.env.get(node.input[2], self.inits.get(node.input[2])) if len(node.input) > 2 and node.input[2] \
+            else np.zeros(0)
+        return w is not None and w.ndim == 4 and isinstance(bias, np.ndarray) and attrs.get("group", 1) == 1 and \
+            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and int(w.shape[1]) % block == 0
+
+    def _blocked_pool(self, node: onnx.NodeProto) -> tuple[int, int, int] | None:
+        """(kernel, stride, pad) of a max pooling that reads and writes blocked activations (``kernels.max_pool``):
+        square, symmetric, undilated, no ceil mode, no Indices output, windows that each hold an image pixel."""
+        if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1:
+            return None
+        attrs = _attrs(node)
+        kernel = list(attrs.get("kernel_shape", []))
+        strides = list(attrs.get("strides", [1] * len(kernel)))
+        pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+        if len(kernel) != 2 or len(set(kernel)) != 1 or len(set(strides)) != 1 or len(set(pads)) != 1 or \
+                any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("ceil_mode", 0) or \
+                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return None
+        pool = (int(kernel[0]), int(strides[0]), int(pads[0]))
+        return pool if kernels.pool_fusable(pool) else None
+
+    def _blocked_readers(self, value: str, through_pool: bool = True) -> bool:
+        """Whether every reader of ``value`` takes it blocked: an fp32 conv's data input (``_reads_blocked``), a max
+        pooling whose readers do (``_blocked_pool``), or a residual Add that an fp32 conv not lowered yet will fuse
+        (its other input's writer, read by nothing else). Then the conv writing ``value`` writes it blocked."""
+        if not self._fp32_block() or value in self.graph_outputs or not self.consumers.get(value):
+            return False
+        for user in self.consumers[value]:
+            if user.op_type == "Conv" and user.input[0] == value and value not in user.input[1:] and \
+                    self._reads_blocked(user):
+                continue
+            if through_pool and user.input[0] == value and self._blocked_pool(user) is not None and \
+                    self._blocked_readers(user.output[0], False):
+                continue
+            if user.op_type == "Add" and user.domain in ("", "ai.onnx") and len(user.input) == 2 and \
+                    user.input[0] != user.input[1]:
+                other = user.input[1] if user.input[0] == value else user.input[0]
+                writer = self.producer.get(other)
+                if other not in self.env and writer is not None and writer.op_type == "Conv" and \
+                        self.plan(writer).weight_bits == 32 and self._single_consumer(other) is user:
+                    continue
+            return False
+        return True
 
     def _int8_conv_reads(self, value: str, through_pool: bool = True) -> bool:
         """Whether an int8 conv reads ``value`` (directly, or through a max pooling that passes its absmax on)."""
@@ -829,7 +960,7 @@ class _Lowering:
         taps = kernels.conv_int8_taps(w.shape[1], w.shape[3], geometry["dilations"][1])
         carry = self.scheme.int8_amax_carry
         vnni = self._vnni_int8_conv(node)
-        if isinstance(x, ChannelsLast) or isinstance(x, Codes) and not self._reads_codes_in_place(node):
+        if isinstance(x, (ChannelsLast, Blocked)) or isinstance(x, Codes) and not self._reads_codes_in_place(node):
             x = self.fp32(bb, x)
         if isinstance(residual, (Codes, ChannelsLast)) and not vnni:
             residual = self.fp32(bb, residual)

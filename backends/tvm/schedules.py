@@ -254,7 +254,9 @@ class Conv2d(_Rule):
     (c, ky, kx) outside the tile; bias, residual and activation and the write back to NCHW per tile (int8:
     after the convolution, as it also reads the sample's scale); parallel over (batch, output block, row,
     column tile), output block outside the rows so a block's weights stay in cache across its rows.
-    Depthwise convolutions (one input channel per group) vectorize over output columns instead."""
+    Depthwise convolutions (one input channel per group) vectorize over output columns instead. A blocked
+    (NCHWc, ``KernelAttrs.block_in``) input reduces a pixel's channels of a block innermost; a blocked output
+    stores each accumulator register as it is (no transposing write-back)."""
 
     def apply(self, func, target, tunable):
         tags = KernelAttrs.of(func)
@@ -276,11 +278,12 @@ class Conv2d(_Rule):
         ob = tags.nb
         acc = sch.get_sblock("conv_acc")
         out = sch.get_sblock("conv_out")
-        b, y, x, o, rc, ry, rx = sch.get_loops(acc)
+        # a blocked (NCHWc) input adds its channels within a block as the innermost reduction loop
+        b, y, x, o, rc, ry, rx, *rci = sch.get_loops(acc)
         ow = _int(sch.get(x).extent)
         icg = _int(sch.get(rc).extent)
         work = 1
-        for loop in (b, y, x, o, rc, ry, rx):
+        for loop in (b, y, x, o, rc, ry, rx, *rci):
             work *= _int(sch.get(loop).extent) or 1
         depthwise = tags.groups > 1 and icg == 1 and ob == 1
         if depthwise:  # one channel per tile: vectorize the output columns
@@ -295,7 +298,7 @@ class Conv2d(_Rule):
         pointwise = POINTWISE_BLOCKS_INNER and not int8 and not depthwise and \
             (_int(sch.get(ry).extent), _int(sch.get(rx).extent)) == (1, 1)
         tiles = (y, xo, oo) if pointwise else (oo, y, xo)
-        sch.reorder(b, *tiles, rc, ry, rx, *((oi, xi) if depthwise else (xi, oi)))
+        sch.reorder(b, *tiles, rc, ry, rx, *rci, *((oi, xi) if depthwise else (xi, oi)))
         batch = _int(sch.get(b).extent) or 1
         # fp32 with padding over a batch: parallel over samples, each sample padded under its iteration and
         # convolved while the padded copy is in cache (not the whole batch padded, written to memory and read
@@ -315,7 +318,8 @@ class Conv2d(_Rule):
             sch.set_scope(acc, 0, "local")
             # the tile written back a channel at a time, its columns one vector (contiguous in NCHW): left to
             # LLVM, the channels became the vector and each store a scatter (vscatterdps; 1.1-1.3x slower at
-            # batch 8 with a residual: the stem and 56x56 convs of ResNet-18)
+            # batch 8 with a residual: the stem and 56x56 convs of ResNet-18); blocked (NCHWc) output: a pixel's
+            # block of channels, one register stored as it is
             _vectorize_innermost(sch, out, outer)
         if work >= PARALLEL_MIN_WORK:
             sch.parallel(b if per_sample else outer)
@@ -327,6 +331,8 @@ class Conv2d(_Rule):
         init = sch.decompose_reduction(acc, rc)
         _vectorize_innermost(sch, init, outer)
         pad = _sblock_or_none(sch, "quantize_x" if int8 else "conv_pad")
+        if pad is not None and tags.block_in:  # a pixel's block of channels padded as one vector
+            sch.vectorize(sch.get_loops(pad)[-1])
         if per_sample:
             sch.compute_at(pad, b)
         elif pad is not None:
@@ -347,9 +353,13 @@ class Conv2d(_Rule):
         pool, rows, acc = (sch.get_sblock(name) for name in ("pool_out", "conv_rows", "conv_acc"))
         pad = _sblock_or_none(sch, "conv_pad")
         ob = tags.nb
-        b, po, py, px = sch.get_loops(pool)
-        lanes = self.lanes if (_int(sch.get(po).extent) or 1) % self.lanes == 0 else 1
-        pco, pci = sch.split(po, [None, lanes])
+        if tags.block_out:  # blocked output: a pixel's block of channels is the vector
+            b, pco, py, px, pci = sch.get_loops(pool)
+            lanes = tags.block_out
+        else:
+            b, po, py, px = sch.get_loops(pool)
+            lanes = self.lanes if (_int(sch.get(po).extent) or 1) % self.lanes == 0 else 1
+            pco, pci = sch.split(po, [None, lanes])
         sch.reorder(b, py, px, pco, pci)
         if (_int(sch.get(b).extent) or 1) > 1:
             sch.parallel(b)
@@ -361,8 +371,8 @@ class Conv2d(_Rule):
         sch.reorder(oo, y, xo, xi, oi)
         sch.compute_at(acc, xo, preserve_unit_loops=True)
         sch.set_scope(acc, 0, "local")
-        axi, aoi, rc, ry, rx = sch.get_loops(acc)[-5:]
-        sch.reorder(rc, ry, rx, axi, aoi)
+        axi, aoi, rc, ry, rx, *rci = sch.get_loops(acc)[-(6 if tags.block_in else 5):]
+        sch.reorder(rc, ry, rx, *rci, axi, aoi)
         sch.unroll(axi)
         sch.vectorize(aoi)
         sch.vectorize(oi)

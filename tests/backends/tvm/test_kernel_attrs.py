@@ -21,6 +21,8 @@ def test_attributes_round_trip_through_a_primfunc():
                        pads=(1, 0, 1, 0), dilations=(1, 1), groups=1, amax_in=True, amax_out=True, pool=(3, 2, 1))
     func = tags.tag(_func())
     assert KernelAttrs.of(func) == tags
+    blocked = KernelAttrs("conv2d", 32, block_in=16, block_out=16)
+    assert KernelAttrs.of(blocked.tag(_func())) == blocked
     # and survive TVMScript printing and parsing, as a module does between passes
     reparsed = tvm.script.from_source(tvm.IRModule({"main": func}).script())["main"]
     assert KernelAttrs.of(reparsed) == tags
@@ -29,7 +31,7 @@ def test_attributes_round_trip_through_a_primfunc():
 def test_defaults_fill_what_a_kernel_does_not_say():
     tags = KernelAttrs.of(KernelAttrs("dense", 16).tag(_func()))
     assert (tags.act, tags.residual, tags.levels, tags.groups, tags.pads) == ("none", False, 0, 1, (0, 0, 0, 0))
-    assert (tags.amax_in, tags.amax_out, tags.pool) == (False, False, (0, 0, 0))
+    assert (tags.amax_in, tags.amax_out, tags.pool, tags.block_in, tags.block_out) == (False, False, (0, 0, 0), 0, 0)
 
 
 def test_untagged_functions_are_not_kernels():
@@ -40,7 +42,8 @@ def test_untagged_functions_are_not_kernels():
                                                   ({"kernel": "dense", "nb": 8, "act": "gelu"}, "activation"),
                                                   ({"kernel": "dense", "nb": 0}, "positive"),
                                                   ({"kernel": "dense_int8", "nb": 16, "amax_in": True}, "absmax"),
-                                                  ({"kernel": "dense", "nb": 16, "pool": (3, 2, 1)}, "max pooling")])
+                                                  ({"kernel": "dense", "nb": 16, "pool": (3, 2, 1)}, "max pooling"),
+                                                  ({"kernel": "conv2d_int8", "nb": 16, "block_out": 16}, "blocked")])
 def test_invalid_attributes_are_refused_where_they_are_written(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KernelAttrs(**kwargs)

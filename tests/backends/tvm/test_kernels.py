@@ -215,6 +215,47 @@ def test_pointwise_fp32_conv_takes_each_column_tile_through_every_output_block(n
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _nchwc(a: np.ndarray, block: int) -> np.ndarray:
+    """NCHW -> blocked NCHW{block}c [N, C/block, H, W, block]."""
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "k", "stride", "hw", "blocks", "pool"),
+                         [(2, 32, 32, 3, 1, 9, (16, 16, 16), (0, 0, 0)), (1, 32, 64, 1, 2, 14, (16, 16, 0), (0, 0, 0)),
+                          (1, 32, 32, 3, 1, 7, (16, 0, 16), (0, 0, 0)), (1, 32, 32, 3, 1, 7, (0, 16, 0), (0, 0, 0)),
+                          (8, 3, 32, 7, 2, 30, (0, 16, 0), (3, 2, 1))])
+def test_fp32_conv_reads_and_writes_blocked_activations(n, c, oc, k, stride, hw, blocks, pool):
+    """The fp32 conv with its input, output and residual each NCHW or blocked NCHW16c (``block_in`` /
+    ``block_out`` / ``block_res``; blocked weights in reduction order, ``pack_conv(block=)``), a fused max pooling
+    writing blocked too (ResNet's stem from batch 8): the NCHW reference's values, in the asked layout. Host
+    target (the lowering blocks only on AVX-512; the TE kernel is the same on every path)."""
+    block_in, block_out, block_res = blocks
+    ob = kernels.out_block(oc, LANES)
+    pad = k // 2
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    want = _conv_ref(x, w, b, stride, pad, 1)
+    r = None if pool[0] else rng.standard_normal(want.shape).astype(np.float32)
+    want = np.maximum(want + (0 if r is None else r), 0)
+    if pool[0]:
+        want = _max_pool_reference(want, *pool)
+    xs = _nchwc(x, block_in) if block_in else x
+    rs = [] if r is None else [_nchwc(r, block_res) if block_res else r]
+    wp = kernels.pack_conv(w, ob, block_in)
+    tx, tw = te.placeholder(xs.shape, "float32"), te.placeholder(wp.shape, "float32")
+    tb = te.placeholder((oc,), "float32")
+    tr = [te.placeholder(a.shape, "float32") for a in rs]
+    geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": 1}
+    out = kernels.conv2d(tx, tw, tb, *tr, **geometry, act="relu", pool=pool, block_in=block_in, block_out=block_out,
+                         block_res=block_res)
+    func = _build([tx, tw, tb, *tr, out], "conv2d", ob, act="relu", residual=bool(rs), pool=pool, block_in=block_in,
+                  block_out=block_out, **geometry)
+    want = (_nchwc(want, block_out) if block_out else want).astype(np.float32)
+    np.testing.assert_allclose(_run(func, xs, wp, b, *rs, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("n", "launches"), [(1, 1), (schedules.PER_SAMPLE_MIN_BATCH, 0)])
 def test_a_padded_fp32_conv_pads_and_convolves_in_one_parallel_launch(n, launches):
     """Below the per-sample batch the padding and the tiles are two parallel stages: one launch with a barrier

@@ -124,6 +124,8 @@ def test_an_fp32_conv_read_by_a_max_pooling_pools_in_its_epilogue_at_batches_of_
     built = build.build(model, SPEC, batches=(batch, 1))
     stem = next(entry for entry in built.report.layers.values() if entry["kernel"] == "conv2d")
     assert stem["epilogue"] == "bias+relu+maxpool" and "MaxPool" not in built.report.ops
+    if kernels.scheme_for(SPEC.features).fp32_block:  # AVX-512: the stem writes blocked, pooled there (batch 8)
+        assert stem["activations"] == {"in": "float32", "out": "float32 NCHW16c"}
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     x = np.random.default_rng(2).standard_normal((batch, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
@@ -145,6 +147,26 @@ def test_only_targets_whose_int8_conv_pools_in_its_epilogue_fuse_the_max_pooling
     stem = next(entry for entry in report.layers.values() if entry["kernel"] == "conv2d_int8")
     assert ("maxpool" in stem["epilogue"]) == fused
     assert ("MaxPool" in report.ops) != fused
+
+
+@pytest.mark.parametrize(("features", "blocked"),
+                         [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False), (set(), False)])
+def test_fp32_convs_pass_each_other_blocked_activations_only_on_avx512(features, blocked):
+    """The lowering alone (no build, any host): on AVX-512 every fp32 conv read only by fp32 convs, a max pooling
+    of them or a residual Add an fp32 conv fuses writes NCHW16c, and its readers read it so (the max pooling too);
+    the last conv, read by the global pooling, writes NCHW. AVX2 and the portable path (aarch64) stay NCHW.
+    Numerics: ``test_an_fp32_conv_read_by_a_max_pooling_...`` (this model, built, against torch)."""
+    from bitpass.backends.tvm import lower
+
+    torch.manual_seed(0)
+    model = from_torch(_ResidualCnn().eval(), (torch.zeros(1, 3, 16, 16),))
+    _, report, _ = lower.lower(model, (1,), kernels.scheme_for(features))
+    layouts = {name: entry.get("activations") for name, entry in report.layers.items() if entry["kernel"] == "conv2d"}
+    blocked16, plain = "float32 NCHW16c", "float32"
+    want = {"stem": {"in": plain, "out": blocked16}, "conv1": {"in": blocked16, "out": blocked16},
+            "conv2": {"in": blocked16, "out": blocked16}, "down": {"in": blocked16, "out": plain}}
+    assert layouts == (want if blocked else dict.fromkeys(want))
+    assert report.ops["MaxPool"] == {"bitpass rule": 1}
 
 
 @pytest.mark.parametrize("bits", [32, 8])
