@@ -146,8 +146,10 @@ def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     got_rows = candidate.reshape(len(candidate), -1)
     width = max(ref_rows.shape[1], 1)
     step, piece = max(1, _CHUNK_ELEMENTS // width), min(width, _CHUNK_ELEMENTS)
-    parts = [_row_cosines(ref_rows[start:start + step], got_rows[start:start + step], piece)
-             for start in range(0, len(ref_rows), step)]
+    parts = []
+    for start in range(0, len(ref_rows), step):
+        parts.append(_row_cosines(ref_rows[start:start + step], got_rows[start:start + step], piece))
+        release_pages((reference, candidate))  # file-backed outputs (``predict``): read once, not kept resident
     return np.clip(np.concatenate(parts) if parts else np.zeros(0), -1.0, 1.0)
 
 
@@ -187,8 +189,11 @@ def max_abs_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     ref_rows = reference.reshape(len(reference), -1)
     got_rows = candidate.reshape(len(candidate), -1)
     step = max(1, _CHUNK_ELEMENTS // max(ref_rows.shape[1], 1))
-    return max(float(np.max(np.abs(ref_rows[i:i + step] - got_rows[i:i + step])))
-               for i in range(0, len(ref_rows), step))
+    largest = 0.0
+    for i in range(0, len(ref_rows), step):
+        largest = max(largest, float(np.max(np.abs(ref_rows[i:i + step] - got_rows[i:i + step]))))
+        release_pages((reference, candidate))
+    return largest
 
 
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Fidelity:

@@ -233,12 +233,12 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     row's score range of the top: fp32 rounding alone flips those) any of the tied classes agrees."""
     if reference.ndim < 2 or reference.shape[-1] < 2:
         return 1.0 if np.array_equal(np.sign(reference), np.sign(candidate)) else 0.0
-    rows = reference.reshape(-1, reference.shape[-1])
-    chosen = candidate.reshape(-1, candidate.shape[-1]).argmax(1)
+    rows, candidates = reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1])
     hits = 0
     for start in range(0, len(rows), _CHUNK):  # a few positions at a time: a 50k vocabulary in float64 is large
         ref = rows[start:start + _CHUNK].astype(np.float64)
-        got = chosen[start:start + _CHUNK]
+        got = candidates[start:start + _CHUNK].argmax(1)
+        measure.release_pages((reference, candidate))
         top = ref.max(axis=1, keepdims=True)
         spread = top - ref.min(axis=1, keepdims=True)
         slack = np.maximum(1e-6 * np.abs(top), 1e-3 * spread) + 1e-30
@@ -282,6 +282,7 @@ def _position_chunks(reference: np.ndarray, candidate: np.ndarray):  # noqa: ANN
     ref, got = reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1])
     for start in range(0, len(ref), _CHUNK):
         yield start, _log_softmax(ref[start:start + _CHUNK]), _log_softmax(got[start:start + _CHUNK])
+        measure.release_pages((reference, candidate))  # file-backed logits (``measure.predict``): read once
 
 
 def token_kl(reference: np.ndarray, candidate: np.ndarray) -> float:
