@@ -286,6 +286,7 @@ class Model:
             return [path.name, path.name + ".data"]
         with path.open("wb") as handle:
             write_streamed(self.ir, handle)
+        drop_pages_of(self)  # paged-out weights were read to be written: not kept resident
         return [path.name]
 
     def save_external(self, path: str | Path) -> int:
@@ -296,6 +297,7 @@ class Model:
         path = Path(path)
         data = path.with_name(path.name + ".data")
         ir.save(self.ir, path, external_data=data.name, size_threshold_bytes=1024)
+        drop_pages_of(self)  # paged-out weights were read to be written: not kept resident (``PagedWeights``)
         return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
     @classmethod

@@ -342,6 +342,9 @@ def _write_optimized_graph(_shared: None, job: tuple[str, str, str, list[str]]) 
     options.optimized_model_filepath = out
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights_name)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # the session never runs: no kernel-layout copy of the weights (the graph written is the same; measured on
+    # GPT-2-medium: this process peaked at 1.70 GB with pre-packing, 0.35 GB without)
+    options.add_session_config_entry("session.disable_prepacking", "1")
     ort.InferenceSession(path, options, providers=execution.PROVIDERS)
 
 

@@ -22,7 +22,6 @@ import onnxruntime as ort
 
 from bitpass.frontend import Dataset, Model
 from bitpass.frontend.errors import BitpassError, UsageError
-from bitpass.frontend.model import drop_pages_of
 from bitpass.passes import execution
 
 #: tokens (positions x samples) per calibration batch: one batch's layer inputs, and ONNX Runtime's arena that made
@@ -168,8 +167,7 @@ def layer_input_runner(model: Model, names: Sequence[str]
     ir_passes.RemoveUnusedNodesPass()(work.ir)
     with tempfile.TemporaryDirectory(prefix="bitpass-hessians-") as folder:
         path = Path(folder) / "model.onnx"
-        work.save_external(path)
-        drop_pages_of(work)  # paged-out weights (``tools.api``) were read to write the file: ORT holds its own copy
+        work.save_external(path)  # which drops the pages of paged-out weights (``tools.api``) it read
         del work, graph, values
         options = execution.session_options()
         options.add_session_config_entry("session.disable_prepacking", "1")
