@@ -38,6 +38,7 @@ import onnx_ir as ir
 from bitpass.frontend import Dataset, Model, Provenance, annotation
 from bitpass.frontend.errors import UsageError
 from bitpass.frontend.layers import Layer
+from bitpass.frontend.model import drop_pages_of
 from bitpass.passes.executors import SERIAL, Executor
 from bitpass.passes.weight_only.apply import QuantizedLayer
 from bitpass.passes.weight_only.emit import (embedding_table, input_features, linear_weight, replace_embedding,
@@ -204,7 +205,9 @@ class Quantizer:
                 "bytes": int(quantized.nbytes())}
             del weight
             if (index + 1) % 16 == 0:
+                drop_pages_of(model)  # paged-out weights rounded so far are read: their file pages need not stay
                 say(f"quantize-weights: {index + 1}/{len(linear)} layers")
+        drop_pages_of(model)
         for layer, bits in tables:
             created, _ = replace_embedding(result.graph, layer, bits, recipe.embedding_block)
             node = _node_of(created, layer.id)
