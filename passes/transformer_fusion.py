@@ -38,6 +38,7 @@ import onnx
 import onnx_ir as ir
 
 from bitpass.frontend import Model, Provenance, annotation
+from bitpass.frontend.model import drop_pages_of
 from bitpass.passes.execution import first_line, quiet
 from bitpass.passes.infra import Pass, PassConfig, PassContext, PassResult
 
@@ -162,6 +163,8 @@ def _mark_fused_nodes(before: Model, after: Model, swallowed: list[str]) -> None
                     annotation.set(node, key, value)
                 taken.add(layer_id)
                 break
+    for model in (before, after):
+        drop_pages_of(model)  # the paged-out weights compared here are not kept resident (``PagedWeights``)
 
 
 def _contains(const: np.ndarray, weight: np.ndarray) -> bool:

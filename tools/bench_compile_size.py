@@ -287,16 +287,23 @@ def print_table(rows: list[Row]) -> None:
     print()
     print(host().describe())
     print(f"{'model':12s} {'pipeline':11s} {'layout':8s} {'input MB':>8s} {'export s':>8s} {'exp GB':>6s} "
-          f"{'wall s':>7s} {'CPU s':>7s} {'peak GB':>7s} {'artifact MB':>11s} {'gate':>5s} status")
+          f"{'wall s':>7s} {'CPU s':>7s} {'peak GB':>7s} {'own GB':>6s} {'anon GB':>7s} {'artifact MB':>11s} "
+          f"{'gate':>5s} status")
+    print("(peak: the compile and the processes it started, largest of them, from wait4; own: the compile process's "
+          "high-water mark, its manifest's compile_peak_rss_mb; anon: its largest anonymous resident memory polled, "
+          "what it holds as its own copies, mapped weights not counted)")
     for row in rows:
         done, export_ = row.compile, row.export
         files = row.manifest.get("files") or {}
         artifact = sum(v for k, v in files.items() if v and k != "report.html") / 1e6
         gate = (row.manifest.get("quality_gate") or {}).get("passed")
         status = "ok" if done["returncode"] == 0 else (done["stopped"] or f"exit {done['returncode']}")
+        own = (row.manifest.get("resources") or {}).get("compile_peak_rss_mb", 0.0)
+        anon = max([p.get("main_anon_mb", 0.0) for p in done["phases"]], default=0.0)
         print(f"{row.model:12s} {row.pipeline:11s} {row.layout:8s} {row.input_bytes / 1e6:8.0f} "
               f"{export_['wall_s']:8.0f} {export_['peak_rss_mb'] / 1024:6.2f} {done['wall_s']:7.0f} {done['cpu_s']:7.0f} "
-              f"{done['peak_rss_mb'] / 1024:7.2f} {artifact:11.1f} {str(gate):>5s} {status}")
+              f"{done['peak_rss_mb'] / 1024:7.2f} {own / 1024:6.2f} {anon / 1024:7.2f} {artifact:11.1f} "
+              f"{str(gate):>5s} {status}")
 
 
 def main(argv: list[str] | None = None) -> int:
