@@ -717,7 +717,155 @@ def print_profile(rows: list[dict[str, Any]], threads: int) -> None:
             print(f"  {kind:<10} " + " ".join(f"{row[lb][kind] * 1e3:10.2f}" for lb in labels))
 
 
-SECTIONS = ("kernels", "gemv", "models", "profile")
+def _threads_setter() -> Callable[[int], None]:
+    """A function that resizes TVM's thread pool in this process (unbound threads over this process's cores)."""
+    import tvm
+
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    return lambda n: configure(-3, n, cpus)
+
+
+def conv_key(weight_elements: int, seen: dict[int, int]) -> tuple[int, int]:
+    """The key pairing a conv in TVM's and ORT's runs: its weight's element count (OC·IC·KH·KW, whatever the
+    packing) and how many convs of that count ran before it in the call (ResNet-18's repeated layers run in
+    the same order in both)."""
+    index = seen.get(weight_elements, 0)
+    seen[weight_elements] = index + 1
+    return weight_elements, index
+
+
+def tvm_conv_seconds(runner, feed: dict[str, np.ndarray], batch: int, calls: int) -> dict[tuple[int, int], list[float]]:
+    """Seconds of each conv function per call (``conv_key`` -> one per call), timed by the VM's instrument hooks."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(runner.library, runner.device)
+    started: dict[str, float] = {}
+    out: dict[tuple[int, int], list[float]] = {}
+    seen: dict[int, int] = {}
+
+    def record(func, name, before_run, ret_value, *args):
+        name, now = str(name), time.perf_counter()
+        if tvm_op_kind(name) != "conv":
+            return 0
+        if before_run:
+            started[name] = now
+        elif name in started:
+            weight = int(np.prod([int(d) for d in args[1].shape]))
+            out.setdefault(conv_key(weight, seen), []).append(now - started.pop(name))
+        return 0
+
+    function = vm[runner.functions[batch]]
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), runner.device) for n in runner.input_names]
+    function(*tensors)
+    vm.set_instrument(record)
+    for _ in range(calls):
+        seen.clear()
+        function(*tensors)
+    return out
+
+
+def ort_conv_seconds(session, feed: dict[str, np.ndarray], calls: int) -> tuple[dict, dict]:
+    """Seconds of each conv node per call (``conv_key`` -> one per call) from ORT's profiler (a session with
+    ``enable_profiling``), and a label per key from ORT's shapes ("C->OC HWxHW kK")."""
+    import json
+
+    session.run(None, feed)
+    for _ in range(calls):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-calls:]
+    out: dict[tuple[int, int], list[float]] = {}
+    labels: dict[tuple[int, int], str] = {}
+    for run in runs:
+        seen: dict[int, int] = {}
+        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                 and run["ts"] <= e["ts"] <= run["ts"] + run["dur"] and ort_op_kind(e["args"]["op_name"]) == "conv"]
+        for event in sorted(nodes, key=lambda e: e["ts"]):
+            shapes = [next(iter(s.values())) for s in event["args"]["input_type_shape"]]
+            x, w = shapes[0], shapes[1]
+            y = next(iter(event["args"]["output_type_shape"][0].values()))
+            key = conv_key(int(np.prod(w)), seen)
+            out.setdefault(key, []).append(event["dur"] * 1e-6)
+            labels[key] = f"{w[1]}->{w[0]} {x[2]}x{x[3]}->{y[2]}x{y[3]} k{w[2]}"
+    return out, labels
+
+
+def _ort_profiled(model_bytes: bytes, threads: int, directory: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(directory / f"ort{threads}")
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2), batch: int = 1) -> dict[str, Any]:
+    """ResNet-18's convs where they run in the whole model, TVM fp32 and ORT fp32 at each thread count: per
+    conv the median seconds over ``rounds`` rounds of ``calls`` calls, TVM's pool resized between rounds and
+    one ORT session per count, all alternating in this process."""
+    from bitpass.backends.tvm import TvmBackend
+
+    (name, model, feed, _), = _models(quick=True)
+    x = {k: np.ascontiguousarray(np.repeat(v, batch, axis=0)) for k, v in feed.items()}
+    backend = TvmBackend(batches=(batch,))
+    resize = _threads_setter()
+    samples: dict[tuple[str, int], dict[tuple[int, int], list[float]]] = {}
+    labels: dict[tuple[int, int], str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "tvm"
+        directory.mkdir()
+        backend.emit(model, directory, backend.default_target)
+        runner = backend.load(directory, {}).model
+        variants = [(side, n) for n in threads for side in ("TVM", "ORT")]
+        for index in range(rounds):
+            for side, n in rotation(variants, index):
+                if side == "TVM":
+                    resize(n)
+                    got = tvm_conv_seconds(runner, x, batch, calls)
+                else:  # a fresh session per round: its profile holds this round's calls only
+                    got, labels = ort_conv_seconds(_ort_profiled(model.to_bytes(), n, Path(tmp)), x, calls)
+                for key, values in got.items():
+                    samples.setdefault((side, n), {}).setdefault(key, []).extend(values)
+        resize(max(threads))
+    medians = {variant: {key: statistics.median(v) for key, v in per.items()} for variant, per in samples.items()}
+    return {"model": name, "batch": batch, "threads": threads, "labels": labels, "seconds": medians}
+
+
+def print_layers(result: dict[str, Any]) -> None:
+    """Per conv: ms of TVM and ORT at each thread count, each runtime's speed-up from the fewest to the most
+    threads, and TVM vs ORT at the most threads."""
+    print()
+    lo, hi = min(result["threads"]), max(result["threads"])
+    print_cpu(hi)
+    sec = result["seconds"]
+    print(f"{result['model']} batch {result['batch']}: convs in the whole model, ms (medians), "
+          f"speed-up {lo}->{hi} threads; TVM/ORT >1: TVM faster")
+    print(f"  {'conv (ORT shapes)':<30} {'TVM ' + str(lo):>7} {'TVM ' + str(hi):>7} {'ORT ' + str(lo):>7} "
+          f"{'ORT ' + str(hi):>7}  {'up TVM':>6} {'up ORT':>6}  {'TVM/ORT ' + str(lo):>9} {'TVM/ORT ' + str(hi):>9}")
+    totals = {v: 0.0 for v in sec}
+    for key in sorted(result["labels"], key=lambda k: list(sec[("ORT", hi)]).index(k)):
+        if not all(key in per for per in sec.values()):
+            continue
+        t = {v: sec[v][key] for v in sec}
+        for v in sec:
+            totals[v] += t[v]
+        _layer_row(f"{result['labels'][key]} #{key[1]}", t, lo, hi)
+    _layer_row("sum of convs", totals, lo, hi)
+
+
+def _layer_row(label: str, t: dict[tuple[str, int], float], lo: int, hi: int) -> None:
+    print(f"  {label:<30} " + " ".join(f"{t[(s, n)] * 1e3:7.3f}" for s, n in (("TVM", lo), ("TVM", hi), ("ORT", lo),
+                                                                            ("ORT", hi)))
+          + f"  {t[('TVM', lo)] / t[('TVM', hi)]:6.2f} {t[('ORT', lo)] / t[('ORT', hi)]:6.2f}"
+          + f"  {t[('ORT', lo)] / t[('TVM', lo)]:9.2f} {t[('ORT', hi)] / t[('TVM', hi)]:9.2f}")
+
+
+SECTIONS = ("kernels", "gemv", "models", "profile", "layers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -726,8 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
     parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "profile"],
-                        help="sections to run (profile only when named)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s not in ("profile", "layers")],
+                        help="sections to run (profile and layers only when named)")
     parser.add_argument("--fp32-nchw", action="store_true",
                         help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
                              "layout's A/B)")
@@ -748,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in args.only:
         print_profile(bench_profile(args.threads, args.rounds, tuple(args.batches) if args.batches else (1, 32)),
                       args.threads)
+    if "layers" in args.only:
+        print_layers(bench_layers(args.rounds, threads=(1, args.threads) if args.threads > 1 else (1,)))
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
                                   tuple(args.batches) if args.batches else None, args.fp32_nchw), args.threads)
