@@ -804,10 +804,12 @@ def _ort_profiled(model_bytes: bytes, threads: int, directory: Path):
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2), batch: int = 1) -> dict[str, Any]:
+def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2), batch: int = 1,
+                 toggle: str | None = None) -> dict[str, Any]:
     """ResNet-18's convs where they run in the whole model, TVM fp32 and ORT fp32 at each thread count: per
     conv the median seconds over ``rounds`` rounds of ``calls`` calls, TVM's pool resized between rounds and
-    one ORT session per count, all alternating in this process."""
+    one ORT session per count, all alternating in this process. ``toggle`` names a boolean of ``schedules`` or
+    ``lower`` (``schedules.ONE_LAUNCH``): a second TVM build with it flipped ("TVM*") is timed beside."""
     from bitpass.backends.tvm import TvmBackend
 
     (name, model, feed, _), = _models(quick=True)
@@ -817,53 +819,83 @@ def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2)
     samples: dict[tuple[str, int], dict[tuple[int, int], list[float]]] = {}
     labels: dict[tuple[int, int], str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / "tvm"
-        directory.mkdir()
-        backend.emit(model, directory, backend.default_target)
-        runner = backend.load(directory, {}).model
-        variants = [(side, n) for n in threads for side in ("TVM", "ORT")]
+        runners = {}
+        for side, flipped in (("TVM", False), *((("TVM*", True),) if toggle else ())):
+            directory = Path(tmp) / side.replace("*", "_flipped")
+            directory.mkdir()
+            with _flipped(toggle if flipped else None):
+                backend.emit(model, directory, backend.default_target)
+            runners[side] = backend.load(directory, {}).model
+        want = _ort_session_bytes(model.to_bytes(), 1).run(None, x)[0]
+        for side, runner in runners.items():
+            got = runner.run(x)[0]
+            assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), f"{side}'s output is not ORT's"
+        variants = [(side, n) for n in threads for side in (*runners, "ORT")]
         for index in range(rounds):
             for side, n in rotation(variants, index):
-                if side == "TVM":
+                if side in runners:
                     resize(n)
-                    got = tvm_conv_seconds(runner, x, batch, calls)
+                    got = tvm_conv_seconds(runners[side], x, batch, calls)
                 else:  # a fresh session per round: its profile holds this round's calls only
                     got, labels = ort_conv_seconds(_ort_profiled(model.to_bytes(), n, Path(tmp)), x, calls)
                 for key, values in got.items():
                     samples.setdefault((side, n), {}).setdefault(key, []).extend(values)
         resize(max(threads))
     medians = {variant: {key: statistics.median(v) for key, v in per.items()} for variant, per in samples.items()}
-    return {"model": name, "batch": batch, "threads": threads, "labels": labels, "seconds": medians}
+    return {"model": name, "batch": batch, "threads": threads, "labels": labels, "seconds": medians,
+            "sides": (*runners, "ORT"), "toggle": toggle}
+
+
+@contextlib.contextmanager
+def _flipped(name: str | None):
+    """``name`` ("schedules.ONE_LAUNCH", a boolean of a ``bitpass.backends.tvm`` module) flipped while inside."""
+    if name is None:
+        yield
+        return
+    import importlib
+
+    module_name, _, attr = name.rpartition(".")
+    module = importlib.import_module(f"bitpass.backends.tvm.{module_name}")
+    value = getattr(module, attr)
+    if not isinstance(value, bool):
+        raise ValueError(f"--toggle {name}: not a boolean ({value!r})")
+    setattr(module, attr, not value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, value)
 
 
 def print_layers(result: dict[str, Any]) -> None:
-    """Per conv: ms of TVM and ORT at each thread count, each runtime's speed-up from the fewest to the most
-    threads, and TVM vs ORT at the most threads."""
+    """Per conv: ms of each side at each thread count, each side's speed-up from the fewest to the most threads,
+    and ORT's time over each TVM side's at the most threads."""
     print()
     lo, hi = min(result["threads"]), max(result["threads"])
     print_cpu(hi)
-    sec = result["seconds"]
-    print(f"{result['model']} batch {result['batch']}: convs in the whole model, ms (medians), "
-          f"speed-up {lo}->{hi} threads; TVM/ORT >1: TVM faster")
-    print(f"  {'conv (ORT shapes)':<30} {'TVM ' + str(lo):>7} {'TVM ' + str(hi):>7} {'ORT ' + str(lo):>7} "
-          f"{'ORT ' + str(hi):>7}  {'up TVM':>6} {'up ORT':>6}  {'TVM/ORT ' + str(lo):>9} {'TVM/ORT ' + str(hi):>9}")
+    sec, sides = result["seconds"], result["sides"]
+    tvms = [s for s in sides if s != "ORT"]
+    if result["toggle"]:
+        print(f"TVM*: {result['toggle']} flipped")
+    print(f"{result['model']} batch {result['batch']}: convs in the whole model, ms (medians); 'up': speed-up "
+          f"{lo}->{hi} threads; ORT/TVM at {hi} threads >1: TVM faster")
+    print(f"  {'conv (ORT shapes)':<30} " + " ".join(f"{f'{s} {n}':>8}" for n in (lo, hi) for s in sides)
+          + "  " + " ".join(f"{'up ' + s:>8}" for s in sides) + "  " + " ".join(f"{'ORT/' + s:>8}" for s in tvms))
     totals = {v: 0.0 for v in sec}
-    for key in sorted(result["labels"], key=lambda k: list(sec[("ORT", hi)]).index(k)):
+    order = list(sec[("ORT", hi)])
+    for key in sorted(result["labels"], key=order.index):
         if not all(key in per for per in sec.values()):
             continue
         t = {v: sec[v][key] for v in sec}
         for v in sec:
             totals[v] += t[v]
-        _layer_row(f"{result['labels'][key]} #{key[1]}", t, lo, hi)
-    _layer_row("sum of convs", totals, lo, hi)
+        _layer_row(f"{result['labels'][key]} #{key[1]}", t, sides, lo, hi)
+    _layer_row("sum of convs", totals, sides, lo, hi)
 
 
-def _layer_row(label: str, t: dict[tuple[str, int], float], lo: int, hi: int) -> None:
-    print(f"  {label:<30} " + " ".join(f"{t[(s, n)] * 1e3:7.3f}" for s, n in (("TVM", lo), ("TVM", hi), ("ORT", lo),
-                                                                            ("ORT", hi)))
-          + f"  {t[('TVM', lo)] / t[('TVM', hi)]:6.2f} {t[('ORT', lo)] / t[('ORT', hi)]:6.2f}"
-          + f"  {t[('ORT', lo)] / t[('TVM', lo)]:9.2f} {t[('ORT', hi)] / t[('TVM', hi)]:9.2f}")
-
+def _layer_row(label: str, t: dict[tuple[str, int], float], sides, lo: int, hi: int) -> None:
+    print(f"  {label:<30} " + " ".join(f"{t[(s, n)] * 1e3:8.3f}" for n in (lo, hi) for s in sides)
+          + "  " + " ".join(f"{t[(s, lo)] / t[(s, hi)]:8.2f}" for s in sides)
+          + "  " + " ".join(f"{t[('ORT', hi)] / t[(s, hi)]:8.2f}" for s in sides if s != "ORT"))
 
 SECTIONS = ("kernels", "gemv", "models", "profile", "layers")
 
@@ -879,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-nchw", action="store_true",
                         help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
                              "layout's A/B)")
+    parser.add_argument("--toggle", metavar="MODULE.FLAG",
+                        help="layers: also time a TVM build with this boolean of bitpass.backends.tvm flipped "
+                             "(e.g. schedules.ONE_LAUNCH)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="time rounds by wall time, or by the calling thread's CPU time (with --threads 1: "
                              "on a shared machine, leaves out the time other processes hold the core)")
@@ -897,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
         print_profile(bench_profile(args.threads, args.rounds, tuple(args.batches) if args.batches else (1, 32)),
                       args.threads)
     if "layers" in args.only:
-        print_layers(bench_layers(args.rounds, threads=(1, args.threads) if args.threads > 1 else (1,)))
+        print_layers(bench_layers(args.rounds, threads=(1, args.threads) if args.threads > 1 else (1,),
+                                  toggle=args.toggle))
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
                                   tuple(args.batches) if args.batches else None, args.fp32_nchw), args.threads)

@@ -256,6 +256,41 @@ def test_fp32_conv_reads_and_writes_blocked_activations(n, c, oc, k, stride, hw,
     np.testing.assert_allclose(_run(func, xs, wp, b, *rs, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("banded", [True, False])
+def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypatch):
+    """At batch 1 on AVX-512 an fp32 conv with small weights splits its output rows into ``ROW_BANDS`` bands
+    outermost in its parallel loop, its padding banded by rows too (``schedules.ROW_BANDED``): the same values
+    as the blocks-outermost schedule, NCHW16c in and out with a residual, stride 1 and 2."""
+    if LANES != 16:
+        pytest.skip("row bands are keyed to AVX-512 (16 lanes)")
+    monkeypatch.setattr(schedules, "ROW_BANDED", banded)
+    assert schedules.row_bands(8, 4 * 32 * 32 * 9, 1, LANES) == (schedules.ROW_BANDS if banded else 1)
+    for stride, hw in ((1, 8), (2, 16)):
+        x = rng.standard_normal((1, 32, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(32).astype(np.float32)
+        want = _conv_ref(x, w, b, stride, 1, 1)
+        r = rng.standard_normal(want.shape).astype(np.float32)
+        want = _nchwc(np.maximum(want + r, 0), 16)
+        wp = kernels.pack_conv(w, 32, 16)
+        tx, tw, tb = (te.placeholder(a.shape, "float32") for a in (_nchwc(x, 16), wp, b))
+        tr = te.placeholder(want.shape, "float32")
+        geometry = {"strides": (stride, stride), "pads": (1,) * 4, "dilations": (1, 1), "groups": 1}
+        out = kernels.conv2d(tx, tw, tb, tr, **geometry, act="relu", block_in=16, block_out=16, block_res=16)
+        func = _build([tx, tw, tb, tr, out], "conv2d", 32, act="relu", residual=True, block_in=16, block_out=16,
+                      **geometry)
+        got = _run(func, _nchwc(x, 16), wp, b, _nchwc(r, 16), out_shape=want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_row_bands_only_at_batch_1_on_avx512_with_weights_in_l2_and_rows_to_share():
+    bands = schedules.ROW_BANDS
+    assert schedules.row_bands(56, 147_456, 1, 16) == bands  # ResNet-18's 64->64 3x3
+    assert [schedules.row_bands(56, 147_456, 2, 16), schedules.row_bands(56, 147_456, 1, 8),
+            schedules.row_bands(14, 2_359_296, 1, 16), schedules.row_bands(7, 4096, 1, 16),
+            schedules.row_bands(2 * bands + 1, 4096, 1, 16)] == [1] * 5
+
+
 @pytest.mark.parametrize(("n", "launches"), [(1, 1), (schedules.PER_SAMPLE_MIN_BATCH, 0)])
 def test_a_padded_fp32_conv_pads_and_convolves_in_one_parallel_launch(n, launches):
     """Below the per-sample batch the padding and the tiles are two parallel stages: one launch with a barrier
