@@ -728,8 +728,8 @@ def _threads_setter() -> Callable[[int], None]:
 
 def conv_key(weight_elements: int, seen: dict[int, int]) -> tuple[int, int]:
     """The key pairing a conv in TVM's and ORT's runs: its weight's element count (OC·IC·KH·KW, whatever the
-    packing) and how many convs of that count ran before it in the call (ResNet-18's repeated layers run in
-    the same order in both)."""
+    packing; ORT's NCHWc convs pad channels to whole blocks, which ResNet's are) and how many convs of that count
+    ran before it in the call (ResNet-18's repeated layers run in the same order in both)."""
     index = seen.get(weight_elements, 0)
     seen[weight_elements] = index + 1
     return weight_elements, index
@@ -805,11 +805,12 @@ def _ort_profiled(model_bytes: bytes, threads: int, directory: Path):
 
 
 def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2), batch: int = 1,
-                 toggle: str | None = None) -> dict[str, Any]:
+                 toggle: str | None = None, min_speedup: float = 1.6) -> dict[str, Any]:
     """ResNet-18's convs where they run in the whole model, TVM fp32 and ORT fp32 at each thread count: per
     conv the median seconds over ``rounds`` rounds of ``calls`` calls, TVM's pool resized between rounds and
     one ORT session per count, all alternating in this process. ``toggle`` names a boolean of ``schedules`` or
-    ``lower`` (``schedules.ONE_LAUNCH``): a second TVM build with it flipped ("TVM*") is timed beside."""
+    ``lower`` (``schedules.ONE_LAUNCH``): a second TVM build with it flipped ("TVM*") is timed beside. Rounds
+    in which another process held a core (``quiet_round``) are left out of the medians, and counted."""
     from bitpass.backends.tvm import TvmBackend
 
     (name, model, feed, _), = _models(quick=True)
@@ -831,19 +832,40 @@ def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2)
             got = runner.run(x)[0]
             assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), f"{side}'s output is not ORT's"
         variants = [(side, n) for n in threads for side in (*runners, "ORT")]
+        kept = 0
         for index in range(rounds):
+            this: dict[tuple[str, int], dict[tuple[int, int], list[float]]] = {}
             for side, n in rotation(variants, index):
                 if side in runners:
                     resize(n)
-                    got = tvm_conv_seconds(runners[side], x, batch, calls)
+                    this[(side, n)] = tvm_conv_seconds(runners[side], x, batch, calls)
                 else:  # a fresh session per round: its profile holds this round's calls only
-                    got, labels = ort_conv_seconds(_ort_profiled(model.to_bytes(), n, Path(tmp)), x, calls)
+                    this[(side, n)], labels = ort_conv_seconds(_ort_profiled(model.to_bytes(), n, Path(tmp)), x, calls)
+            if not quiet_round(this, threads, min_speedup):
+                continue
+            kept += 1
+            for variant, got in this.items():
                 for key, values in got.items():
-                    samples.setdefault((side, n), {}).setdefault(key, []).extend(values)
+                    samples.setdefault(variant, {}).setdefault(key, []).extend(values)
         resize(max(threads))
+    if not samples:
+        raise RuntimeError(f"every one of {rounds} rounds ran on a shared machine (ORT's convs sped up less than "
+                           f"{min_speedup}x from {min(threads)} to {max(threads)} threads): run it again when quiet")
     medians = {variant: {key: statistics.median(v) for key, v in per.items()} for variant, per in samples.items()}
     return {"model": name, "batch": batch, "threads": threads, "labels": labels, "seconds": medians,
-            "sides": (*runners, "ORT"), "toggle": toggle}
+            "sides": (*runners, "ORT"), "toggle": toggle, "rounds": rounds, "kept": kept, "min_speedup": min_speedup}
+
+
+def quiet_round(seconds: dict[tuple[str, int], dict[Any, list[float]]], threads: tuple[int, ...],
+                min_speedup: float) -> bool:
+    """Whether a round ran with the cores to itself: ORT's convs (the reference) sped up at least ``min_speedup``
+    times from the fewest to the most threads. On a shared machine another process holds a core for seconds at a
+    time and the many-thread figures of that round fall to the one-thread ones."""
+    lo, hi = min(threads), max(threads)
+    if lo == hi:
+        return True
+    total = {n: sum(statistics.median(v) for v in seconds[("ORT", n)].values()) for n in (lo, hi)}
+    return total[lo] >= min_speedup * total[hi]
 
 
 @contextlib.contextmanager
@@ -876,6 +898,8 @@ def print_layers(result: dict[str, Any]) -> None:
     tvms = [s for s in sides if s != "ORT"]
     if result["toggle"]:
         print(f"TVM*: {result['toggle']} flipped")
+    print(f"{result['kept']} of {result['rounds']} rounds kept (the others: ORT's convs sped up less than "
+          f"{result['min_speedup']}x from {lo} to {hi} threads, the machine shared)")
     print(f"{result['model']} batch {result['batch']}: convs in the whole model, ms (medians); 'up': speed-up "
           f"{lo}->{hi} threads; ORT/TVM at {hi} threads >1: TVM faster")
     print(f"  {'conv (ORT shapes)':<30} " + " ".join(f"{f'{s} {n}':>8}" for n in (lo, hi) for s in sides)

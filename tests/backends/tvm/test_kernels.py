@@ -258,14 +258,14 @@ def test_fp32_conv_reads_and_writes_blocked_activations(n, c, oc, k, stride, hw,
 
 @pytest.mark.parametrize("banded", [True, False])
 def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypatch):
-    """At batch 1 on AVX-512 an fp32 conv with small weights splits its output rows into ``ROW_BANDS`` bands
-    outermost in its parallel loop, its padding banded by rows too (``schedules.ROW_BANDED``): the same values
-    as the blocks-outermost schedule, NCHW16c in and out with a residual, stride 1 and 2."""
+    """At batch 1 on AVX-512 a strided fp32 conv with small weights splits its output rows into ``ROW_BANDS``
+    bands outermost in its parallel loop, its padding banded by rows too (``schedules.ROW_BANDED``): the
+    reference's values with bands and without, NCHW16c in and out with a residual, even and odd input sizes."""
     if LANES != 16:
         pytest.skip("row bands are keyed to AVX-512 (16 lanes)")
     monkeypatch.setattr(schedules, "ROW_BANDED", banded)
-    assert schedules.row_bands(8, 4 * 32 * 32 * 9, 1, LANES) == (schedules.ROW_BANDS if banded else 1)
-    for stride, hw in ((1, 8), (2, 16)):
+    assert schedules.row_bands(8, 4 * 32 * 32 * 9, 1, LANES, 2) == (schedules.ROW_BANDS if banded else 1)
+    for stride, hw in ((2, 16), (2, 15)):  # 8 output rows either way
         x = rng.standard_normal((1, 32, hw, hw)).astype(np.float32)
         w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
         b = rng.standard_normal(32).astype(np.float32)
@@ -283,12 +283,12 @@ def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypa
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_row_bands_only_at_batch_1_on_avx512_with_weights_in_l2_and_rows_to_share():
+def test_row_bands_only_for_strided_convs_at_batch_1_on_avx512_with_weights_in_l2_and_rows_to_share():
     bands = schedules.ROW_BANDS
-    assert schedules.row_bands(56, 147_456, 1, 16) == bands  # ResNet-18's 64->64 3x3
-    assert [schedules.row_bands(56, 147_456, 2, 16), schedules.row_bands(56, 147_456, 1, 8),
-            schedules.row_bands(14, 2_359_296, 1, 16), schedules.row_bands(7, 4096, 1, 16),
-            schedules.row_bands(2 * bands + 1, 4096, 1, 16)] == [1] * 5
+    assert schedules.row_bands(28, 294_912, 1, 16, 2) == bands  # ResNet-18's 64->128 3x3 stride 2
+    assert [schedules.row_bands(28, 294_912, 2, 16, 2), schedules.row_bands(28, 294_912, 1, 8, 2),
+            schedules.row_bands(56, 147_456, 1, 16, 1), schedules.row_bands(14, 1_179_648, 1, 16, 2),
+            schedules.row_bands(7, 4096, 1, 16, 2), schedules.row_bands(2 * bands + 1, 4096, 1, 16, 2)] == [1] * 6
 
 
 @pytest.mark.parametrize(("n", "launches"), [(1, 1), (schedules.PER_SAMPLE_MIN_BATCH, 0)])
