@@ -1,7 +1,7 @@
 """Benchmark the TVM backend against ONNX Runtime on this CPU, side by side, in one run.
 
     .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--batches B ...]
-        [--only SECTION ...] [--clock wall|thread] [--fp32-nchw]
+        [--only SECTION ...] [--clock wall|thread] [--fp32-nchw] [--toggle MODULE.FLAG]
 
 Sections (every table is printed beside the CPU's model, flags and caches):
 
@@ -23,6 +23,10 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   (``enable_profiling``), beside each model's whole call. Single ops in isolation hide what a model pays
   between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's calibrated int8 convs keep
   uint8 channels-last codes).
+* ``layers``: ResNet-18's convs at batch 1 where they run in the whole model, TVM fp32 and ORT fp32 at 1 and
+  ``--threads`` threads (TVM's pool resized between rounds, an ORT session per count), per conv: ms, each runtime's
+  speed-up from 1 thread, ORT/TVM. Rounds in which another process held a core are left out (counted).
+  ``--toggle schedules.FLAG`` times a second TVM build with that schedule flag flipped beside ("TVM*").
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
 ``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
