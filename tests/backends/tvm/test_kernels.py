@@ -264,7 +264,7 @@ def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypa
     if LANES != 16:
         pytest.skip("row bands are keyed to AVX-512 (16 lanes)")
     monkeypatch.setattr(schedules, "ROW_BANDED", banded)
-    assert schedules.row_bands(8, 4 * 32 * 32 * 9, 1, LANES, 2) == (schedules.ROW_BANDS if banded else 1)
+    assert schedules.row_bands(8, 4 * 32 * 32 * 9, 1, LANES, 2, True) == (schedules.ROW_BANDS if banded else 1)
     for stride, hw in ((2, 16), (2, 15)):  # 8 output rows either way
         x = rng.standard_normal((1, 32, hw, hw)).astype(np.float32)
         w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
@@ -283,12 +283,16 @@ def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypa
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_row_bands_only_for_strided_convs_at_batch_1_on_avx512_with_weights_in_l2_and_rows_to_share():
+def test_row_bands_only_for_strided_blocked_convs_at_batch_1_on_avx512_with_weights_in_l2(monkeypatch):
+    monkeypatch.setattr(schedules, "ROW_BANDED", True)
     bands = schedules.ROW_BANDS
-    assert schedules.row_bands(28, 294_912, 1, 16, 2) == bands  # ResNet-18's 64->128 3x3 stride 2
-    assert [schedules.row_bands(28, 294_912, 2, 16, 2), schedules.row_bands(28, 294_912, 1, 8, 2),
-            schedules.row_bands(56, 147_456, 1, 16, 1), schedules.row_bands(14, 1_179_648, 1, 16, 2),
-            schedules.row_bands(7, 4096, 1, 16, 2), schedules.row_bands(2 * bands + 1, 4096, 1, 16, 2)] == [1] * 6
+    assert schedules.row_bands(28, 294_912, 1, 16, 2, True) == bands  # ResNet-18's 64->128 3x3 stride 2
+    assert [schedules.row_bands(28, 294_912, 2, 16, 2, True), schedules.row_bands(28, 294_912, 1, 8, 2, True),
+            schedules.row_bands(56, 147_456, 1, 16, 1, True), schedules.row_bands(14, 1_179_648, 1, 16, 2, True),
+            schedules.row_bands(112, 37_632, 1, 16, 2, False), schedules.row_bands(7, 4096, 1, 16, 2, True),
+            schedules.row_bands(2 * bands + 1, 4096, 1, 16, 2, True)] == [1] * 7
+    monkeypatch.setattr(schedules, "ROW_BANDED", False)
+    assert schedules.row_bands(28, 294_912, 1, 16, 2, True) == 1
 
 
 @pytest.mark.parametrize(("n", "launches"), [(1, 1), (schedules.PER_SAMPLE_MIN_BATCH, 0)])
