@@ -48,6 +48,7 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -817,6 +818,8 @@ def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2)
     in which another process held a core (``quiet_round``) are left out of the medians, and counted."""
     from bitpass.backends.tvm import TvmBackend
 
+    if toggle:
+        toggle_flag(toggle)  # a wrong name fails before the builds
     (name, model, feed, _), = _models(quick=True)
     x = {k: np.ascontiguousarray(np.repeat(v, batch, axis=0)) for k, v in feed.items()}
     backend = TvmBackend(batches=(batch,))
@@ -878,18 +881,29 @@ def _flipped(name: str | None):
     if name is None:
         yield
         return
-    import importlib
-
-    module_name, _, attr = name.rpartition(".")
-    module = importlib.import_module(f"bitpass.backends.tvm.{module_name}")
+    module, attr = toggle_flag(name)
     value = getattr(module, attr)
-    if not isinstance(value, bool):
-        raise ValueError(f"--toggle {name}: not a boolean ({value!r})")
     setattr(module, attr, not value)
     try:
         yield
     finally:
         setattr(module, attr, value)
+
+
+def toggle_flag(name: str) -> tuple[Any, str]:
+    """The module of ``bitpass.backends.tvm`` and the boolean attribute ``name`` ("schedules.ONE_LAUNCH") names;
+    ValueError saying what to give where it names none."""
+    import importlib
+
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(f"bitpass.backends.tvm.{module_name}") if module_name else None
+    except ImportError:
+        module = None
+    if not isinstance(getattr(module, attr, None), bool):
+        raise ValueError(f"--toggle {name}: not a boolean flag of a bitpass.backends.tvm module; give MODULE.FLAG, "
+                         f"e.g. schedules.ONE_LAUNCH")
+    return module, attr
 
 
 def print_layers(result: dict[str, Any]) -> None:
@@ -934,7 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
     parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s not in ("profile", "layers")],
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
+                        default=[s for s in SECTIONS if s not in ("profile", "layers")],
                         help="sections to run (profile and layers only when named)")
     parser.add_argument("--fp32-nchw", action="store_true",
                         help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
@@ -960,8 +975,12 @@ def main(argv: list[str] | None = None) -> int:
         print_profile(bench_profile(args.threads, args.rounds, tuple(args.batches) if args.batches else (1, 32)),
                       args.threads)
     if "layers" in args.only:
-        print_layers(bench_layers(args.rounds, threads=(1, args.threads) if args.threads > 1 else (1,),
-                                  toggle=args.toggle))
+        try:
+            print_layers(bench_layers(args.rounds, threads=(1, args.threads) if args.threads > 1 else (1,),
+                                      toggle=args.toggle))
+        except (ValueError, RuntimeError) as err:  # a wrong --toggle, or every round on a shared machine
+            print(f"bench_tvm: {err}", file=sys.stderr)
+            return 1
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
                                   tuple(args.batches) if args.batches else None, args.fp32_nchw), args.threads)

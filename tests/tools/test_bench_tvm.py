@@ -84,7 +84,8 @@ def test_layers_pair_each_conv_of_a_call_by_weight_size_and_order(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    ws = [rng.standard_normal(shape).astype(np.float32) / 10 for shape in ((16, 4, 3, 3), (16, 16, 1, 1), (16, 16, 1, 1))]
+    shapes = ((16, 4, 3, 3), (16, 16, 1, 1), (16, 16, 1, 1))
+    ws = [rng.standard_normal(shape).astype(np.float32) / 10 for shape in shapes]
     names = ["x", "a", "b", "y"]
     nodes = [helper.make_node("Conv", [names[i], f"w{i}"], [names[i + 1]], pads=[1] * 4 if i == 0 else [0] * 4)
              for i in range(3)]
@@ -116,5 +117,13 @@ def test_toggle_flips_a_schedule_flag_while_building_and_restores_it():
     with bench_tvm._flipped("schedules.ONE_LAUNCH"):
         assert schedules.ONE_LAUNCH is not before
     assert schedules.ONE_LAUNCH is before
-    with pytest.raises(ValueError, match="not a boolean"), bench_tvm._flipped("schedules.ROW_BANDS"):
-        pass
+    for wrong in ("schedules.ROW_BANDS", "schedules.NO_SUCH_FLAG", "no_such_module.FLAG", "ONE_LAUNCH"):
+        with pytest.raises(ValueError, match="give MODULE.FLAG"), bench_tvm._flipped(wrong):
+            pass
+
+
+def test_a_wrong_toggle_is_one_line_and_a_non_zero_exit_before_any_build(capsys, monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # main sets it where unset; the test leaves the environment as it was
+    assert bench_tvm.main(["--only", "layers", "--toggle", "schedules.NO_SUCH_FLAG"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench_tvm: --toggle schedules.NO_SUCH_FLAG") and "\n" not in err
