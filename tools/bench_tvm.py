@@ -1,7 +1,7 @@
 """Benchmark the TVM backend against ONNX Runtime on this CPU, side by side, in one run.
 
     .venv/bin/python -m bitpass.tools.bench_tvm [--quick] [--threads N] [--rounds R] [--batches B ...]
-        [--only SECTION ...] [--clock wall|thread] [--fp32-nchw]
+        [--only SECTION ...] [--clock wall|thread] [--fp32-nchw] [--toggle MODULE.FLAG]
 
 Sections (every table is printed beside the CPU's model, flags and caches):
 
@@ -23,6 +23,10 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   (``enable_profiling``), beside each model's whole call. Single ops in isolation hide what a model pays
   between them (ORT keeps NCHWc or uint8 NHWC tensors from layer to layer; TVM's calibrated int8 convs keep
   uint8 channels-last codes).
+* ``layers``: ResNet-18's convs at batch 1 where they run in the whole model, TVM fp32 and ORT fp32 at 1 and
+  ``--threads`` threads (TVM's pool resized between rounds, an ORT session per count), per conv: ms, each runtime's
+  speed-up from 1 thread, ORT/TVM. Rounds in which another process held a core are left out (counted).
+  ``--toggle schedules.FLAG`` times a second TVM build with that schedule flag flipped beside ("TVM*").
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
 ``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
@@ -44,6 +48,7 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -717,7 +722,224 @@ def print_profile(rows: list[dict[str, Any]], threads: int) -> None:
             print(f"  {kind:<10} " + " ".join(f"{row[lb][kind] * 1e3:10.2f}" for lb in labels))
 
 
-SECTIONS = ("kernels", "gemv", "models", "profile")
+def _threads_setter() -> Callable[[int], None]:
+    """A function that resizes TVM's thread pool in this process (unbound threads over this process's cores)."""
+    import tvm
+
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    return lambda n: configure(-3, n, cpus)
+
+
+def conv_key(weight_elements: int, seen: dict[int, int]) -> tuple[int, int]:
+    """The key pairing a conv in TVM's and ORT's runs: its weight's element count (OC·IC·KH·KW, whatever the
+    packing; ORT's NCHWc convs pad channels to whole blocks, which ResNet's are) and how many convs of that count
+    ran before it in the call (ResNet-18's repeated layers run in the same order in both)."""
+    index = seen.get(weight_elements, 0)
+    seen[weight_elements] = index + 1
+    return weight_elements, index
+
+
+def tvm_conv_seconds(runner, feed: dict[str, np.ndarray], batch: int, calls: int) -> dict[tuple[int, int], list[float]]:
+    """Seconds of each conv function per call (``conv_key`` -> one per call), timed by the VM's instrument hooks."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(runner.library, runner.device)
+    started: dict[str, float] = {}
+    out: dict[tuple[int, int], list[float]] = {}
+    seen: dict[int, int] = {}
+
+    def record(func, name, before_run, ret_value, *args):
+        name, now = str(name), time.perf_counter()
+        if tvm_op_kind(name) != "conv":
+            return 0
+        if before_run:
+            started[name] = now
+        elif name in started:
+            weight = int(np.prod([int(d) for d in args[1].shape]))
+            out.setdefault(conv_key(weight, seen), []).append(now - started.pop(name))
+        return 0
+
+    function = vm[runner.functions[batch]]
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), runner.device) for n in runner.input_names]
+    function(*tensors)
+    vm.set_instrument(record)
+    for _ in range(calls):
+        seen.clear()
+        function(*tensors)
+    return out
+
+
+def ort_conv_seconds(session, feed: dict[str, np.ndarray], calls: int) -> tuple[dict, dict]:
+    """Seconds of each conv node per call (``conv_key`` -> one per call) from ORT's profiler (a session with
+    ``enable_profiling``), and a label per key from ORT's shapes ("C->OC HWxHW kK")."""
+    import json
+
+    session.run(None, feed)
+    for _ in range(calls):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-calls:]
+    out: dict[tuple[int, int], list[float]] = {}
+    labels: dict[tuple[int, int], str] = {}
+    for run in runs:
+        seen: dict[int, int] = {}
+        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                 and run["ts"] <= e["ts"] <= run["ts"] + run["dur"] and ort_op_kind(e["args"]["op_name"]) == "conv"]
+        for event in sorted(nodes, key=lambda e: e["ts"]):
+            shapes = [next(iter(s.values())) for s in event["args"]["input_type_shape"]]
+            x, w = shapes[0], shapes[1]
+            y = next(iter(event["args"]["output_type_shape"][0].values()))
+            key = conv_key(int(np.prod(w)), seen)
+            out.setdefault(key, []).append(event["dur"] * 1e-6)
+            labels[key] = f"{w[1]}->{w[0]} {x[2]}x{x[3]}->{y[2]}x{y[3]} k{w[2]}"
+    return out, labels
+
+
+def _ort_profiled(model_bytes: bytes, threads: int, directory: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(directory / f"ort{threads}")
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def bench_layers(rounds: int, calls: int = 10, threads: tuple[int, ...] = (1, 2), batch: int = 1,
+                 toggle: str | None = None, min_speedup: float = 1.6) -> dict[str, Any]:
+    """ResNet-18's convs where they run in the whole model, TVM fp32 and ORT fp32 at each thread count: per
+    conv the median seconds over ``rounds`` rounds of ``calls`` calls, TVM's pool resized between rounds and
+    one ORT session per count, all alternating in this process. ``toggle`` names a boolean of ``schedules`` or
+    ``lower`` (``schedules.ONE_LAUNCH``): a second TVM build with it flipped ("TVM*") is timed beside. Rounds
+    in which another process held a core (``quiet_round``) are left out of the medians, and counted."""
+    from bitpass.backends.tvm import TvmBackend
+
+    if toggle:
+        toggle_flag(toggle)  # a wrong name fails before the builds
+    (name, model, feed, _), = _models(quick=True)
+    x = {k: np.ascontiguousarray(np.repeat(v, batch, axis=0)) for k, v in feed.items()}
+    backend = TvmBackend(batches=(batch,))
+    resize = _threads_setter()
+    samples: dict[tuple[str, int], dict[tuple[int, int], list[float]]] = {}
+    labels: dict[tuple[int, int], str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        for side, flipped in (("TVM", False), *((("TVM*", True),) if toggle else ())):
+            directory = Path(tmp) / side.replace("*", "_flipped")
+            directory.mkdir()
+            with _flipped(toggle if flipped else None):
+                backend.emit(model, directory, backend.default_target)
+            runners[side] = backend.load(directory, {}).model
+        want = _ort_session_bytes(model.to_bytes(), 1).run(None, x)[0]
+        for side, runner in runners.items():
+            got = runner.run(x)[0]
+            assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), f"{side}'s output is not ORT's"
+        variants = [(side, n) for n in threads for side in (*runners, "ORT")]
+        kept = 0
+        for index in range(rounds):
+            this: dict[tuple[str, int], dict[tuple[int, int], list[float]]] = {}
+            for side, n in rotation(variants, index):
+                if side in runners:
+                    resize(n)
+                    this[(side, n)] = tvm_conv_seconds(runners[side], x, batch, calls)
+                else:  # a fresh session per round: its profile holds this round's calls only
+                    this[(side, n)], labels = ort_conv_seconds(_ort_profiled(model.to_bytes(), n, Path(tmp)), x, calls)
+            if not quiet_round(this, threads, min_speedup):
+                continue
+            kept += 1
+            for variant, got in this.items():
+                for key, values in got.items():
+                    samples.setdefault(variant, {}).setdefault(key, []).extend(values)
+        resize(max(threads))
+    if not samples:
+        raise RuntimeError(f"every one of {rounds} rounds ran on a shared machine (ORT's convs sped up less than "
+                           f"{min_speedup}x from {min(threads)} to {max(threads)} threads): run it again when quiet")
+    medians = {variant: {key: statistics.median(v) for key, v in per.items()} for variant, per in samples.items()}
+    return {"model": name, "batch": batch, "threads": threads, "labels": labels, "seconds": medians,
+            "sides": (*runners, "ORT"), "toggle": toggle, "rounds": rounds, "kept": kept, "min_speedup": min_speedup}
+
+
+def quiet_round(seconds: dict[tuple[str, int], dict[Any, list[float]]], threads: tuple[int, ...],
+                min_speedup: float) -> bool:
+    """Whether a round ran with the cores to itself: ORT's convs (the reference) sped up at least ``min_speedup``
+    times from the fewest to the most threads. On a shared machine another process holds a core for seconds at a
+    time and the many-thread figures of that round fall to the one-thread ones."""
+    lo, hi = min(threads), max(threads)
+    if lo == hi:
+        return True
+    total = {n: sum(statistics.median(v) for v in seconds[("ORT", n)].values()) for n in (lo, hi)}
+    return total[lo] >= min_speedup * total[hi]
+
+
+@contextlib.contextmanager
+def _flipped(name: str | None):
+    """``name`` ("schedules.ONE_LAUNCH", a boolean of a ``bitpass.backends.tvm`` module) flipped while inside."""
+    if name is None:
+        yield
+        return
+    module, attr = toggle_flag(name)
+    value = getattr(module, attr)
+    setattr(module, attr, not value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, value)
+
+
+def toggle_flag(name: str) -> tuple[Any, str]:
+    """The module of ``bitpass.backends.tvm`` and the boolean attribute ``name`` ("schedules.ONE_LAUNCH") names;
+    ValueError saying what to give where it names none."""
+    import importlib
+
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(f"bitpass.backends.tvm.{module_name}") if module_name else None
+    except ImportError:
+        module = None
+    if not isinstance(getattr(module, attr, None), bool):
+        raise ValueError(f"--toggle {name}: not a boolean flag of a bitpass.backends.tvm module; give MODULE.FLAG, "
+                         f"e.g. schedules.ONE_LAUNCH")
+    return module, attr
+
+
+def print_layers(result: dict[str, Any]) -> None:
+    """Per conv: ms of each side at each thread count, each side's speed-up from the fewest to the most threads,
+    and ORT's time over each TVM side's at the most threads."""
+    print()
+    lo, hi = min(result["threads"]), max(result["threads"])
+    print_cpu(hi)
+    sec, sides = result["seconds"], result["sides"]
+    tvms = [s for s in sides if s != "ORT"]
+    if result["toggle"]:
+        print(f"TVM*: {result['toggle']} flipped")
+    print(f"{result['kept']} of {result['rounds']} rounds kept (the others: ORT's convs sped up less than "
+          f"{result['min_speedup']}x from {lo} to {hi} threads, the machine shared)")
+    print(f"{result['model']} batch {result['batch']}: convs in the whole model, ms (medians); 'up': speed-up "
+          f"{lo}->{hi} threads; ORT/TVM at {hi} threads >1: TVM faster")
+    print(f"  {'conv (ORT shapes)':<30} " + " ".join(f"{f'{s} {n}':>8}" for n in (lo, hi) for s in sides)
+          + "  " + " ".join(f"{'up ' + s:>8}" for s in sides) + "  " + " ".join(f"{'ORT/' + s:>8}" for s in tvms))
+    totals = {v: 0.0 for v in sec}
+    order = list(sec[("ORT", hi)])
+    for key in sorted(result["labels"], key=order.index):
+        if not all(key in per for per in sec.values()):
+            continue
+        t = {v: sec[v][key] for v in sec}
+        for v in sec:
+            totals[v] += t[v]
+        _layer_row(f"{result['labels'][key]} #{key[1]}", t, sides, lo, hi)
+    _layer_row("sum of convs", totals, sides, lo, hi)
+
+
+def _layer_row(label: str, t: dict[tuple[str, int], float], sides, lo: int, hi: int) -> None:
+    print(f"  {label:<30} " + " ".join(f"{t[(s, n)] * 1e3:8.3f}" for n in (lo, hi) for s in sides)
+          + "  " + " ".join(f"{t[(s, lo)] / t[(s, hi)]:8.2f}" for s in sides)
+          + "  " + " ".join(f"{t[('ORT', hi)] / t[(s, hi)]:8.2f}" for s in sides if s != "ORT"))
+
+SECTIONS = ("kernels", "gemv", "models", "profile", "layers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -726,11 +948,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="kernels, GEMV and ResNet-18 only")
     parser.add_argument("--batches", type=int, nargs="+", help="time only these of each model's batches")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "profile"],
-                        help="sections to run (profile only when named)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
+                        default=[s for s in SECTIONS if s not in ("profile", "layers")],
+                        help="sections to run (profile and layers only when named)")
     parser.add_argument("--fp32-nchw", action="store_true",
                         help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
                              "layout's A/B)")
+    parser.add_argument("--toggle", metavar="MODULE.FLAG",
+                        help="layers: also time a TVM build with this boolean of bitpass.backends.tvm flipped "
+                             "(e.g. schedules.ONE_LAUNCH)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="time rounds by wall time, or by the calling thread's CPU time (with --threads 1: "
                              "on a shared machine, leaves out the time other processes hold the core)")
@@ -748,6 +974,13 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in args.only:
         print_profile(bench_profile(args.threads, args.rounds, tuple(args.batches) if args.batches else (1, 32)),
                       args.threads)
+    if "layers" in args.only:
+        try:
+            print_layers(bench_layers(args.rounds, threads=(1, args.threads) if args.threads > 1 else (1,),
+                                      toggle=args.toggle))
+        except (ValueError, RuntimeError) as err:  # a wrong --toggle, or every round on a shared machine
+            print(f"bench_tvm: {err}", file=sys.stderr)
+            return 1
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
                                   tuple(args.batches) if args.batches else None, args.fp32_nchw), args.threads)

@@ -239,6 +239,31 @@ ONE_LAUNCH = True
 #: a pointwise fp32 conv loops over output blocks inside a column tile (``Conv2d``); False: blocks outermost,
 #: as the other convs, for timing one against the other
 POINTWISE_BLOCKS_INNER = True
+#: a strided fp32 conv on blocked (NCHW16c) input that is parallel over (block, row, column tile) first splits its
+#: output rows into ``ROW_BANDS`` bands, outermost (``Conv2d``, ``row_bands``): a thread's contiguous share of the
+#: static split is then a band of rows of every output block, not whole blocks of every row, so it reads the
+#: input rows of its band only (the padding stage, banded too, wrote them on the same thread) and a band's input
+#: stays in L2 across the blocks. Off: measured on a shared machine, ResNet-18's 64->128 3x3 stride-2 conv at
+#: batch 1, 2 threads, came out 1.01-1.08x in 4 runs and 0.98x in a fifth, heavily loaded one (0.03 ms of a
+#: 19 ms model); stride-1 convs and the stem showed nothing beyond the noise. Re-measure quietly with
+#: ``bench_tvm --only layers --toggle schedules.ROW_BANDED`` ("TVM*": banded) before turning it on
+ROW_BANDED = False
+#: bands of rows: a power of two, so that 1, 2 and 4 threads each get whole bands of a static split
+ROW_BANDS = 4
+#: a banded conv reads its weights once per band: only where they stay in the L2 cache beside a band's input
+#: (1 MiB on AVX-512 server cores; ResNet's late convs stream megabytes of weights from memory, and banding them
+#: would read them once per band)
+ROW_BAND_MAX_WEIGHT_BYTES = 640 << 10
+
+
+def row_bands(rows: int, weight_bytes: int, batch: int, lanes: int, stride: int, blocked: bool) -> int:
+    """Bands of output rows outermost in an fp32 conv's parallel loop (``ROW_BANDED``): ``ROW_BANDS`` for a
+    strided conv on blocked input at batch 1 on AVX-512 (16 lanes) where the weights fit the L2 budget and the
+    bands have rows of their own; else 1 (blocks outermost)."""
+    if not ROW_BANDED or batch != 1 or lanes != 16 or stride < 2 or not blocked or \
+            weight_bytes > ROW_BAND_MAX_WEIGHT_BYTES:
+        return 1
+    return ROW_BANDS if rows >= 2 * ROW_BANDS and rows % ROW_BANDS == 0 else 1
 
 
 def conv_tile_columns(ow: int, vectors: int, lanes: int) -> int:
@@ -297,9 +322,16 @@ class Conv2d(_Rule):
         # while the block's weights are in cache
         pointwise = POINTWISE_BLOCKS_INNER and not int8 and not depthwise and \
             (_int(sch.get(ry).extent), _int(sch.get(rx).extent)) == (1, 1)
-        tiles = (y, xo, oo) if pointwise else (oo, y, xo)
-        sch.reorder(b, *tiles, rc, ry, rx, *rci, *((oi, xi) if depthwise else (xi, oi)))
         batch = _int(sch.get(b).extent) or 1
+        bands = 1 if int8 or depthwise or pointwise else \
+            row_bands(_int(sch.get(y).extent) or 1, 4 * _buffer_elements(func, 1), batch, self.lanes, tags.strides[0],
+                      bool(tags.block_in))
+        if bands > 1:  # a thread's share: a band of rows of every block (each block's rows in turn)
+            yb, yi = sch.split(y, [bands, None])
+            tiles = (yb, oo, yi, xo)
+        else:
+            tiles = (y, xo, oo) if pointwise else (oo, y, xo)
+        sch.reorder(b, *tiles, rc, ry, rx, *rci, *((oi, xi) if depthwise else (xi, oi)))
         # fp32 with padding over a batch: parallel over samples, each sample padded under its iteration and
         # convolved while the padded copy is in cache (not the whole batch padded, written to memory and read
         # back); else parallel over (sample, block, row, column tile)
@@ -337,6 +369,9 @@ class Conv2d(_Rule):
             sch.compute_at(pad, b)
         elif pad is not None:
             loops = sch.get_loops(pad)
+            if bands > 1:  # rows outside the channels: a thread pads the rows its band of the conv reads
+                sch.reorder(loops[0], loops[2], loops[1])
+                loops = sch.get_loops(pad)
             pfused = sch.fuse(*loops[:2])
             if work >= PARALLEL_MIN_WORK:
                 sch.parallel(pfused)
@@ -447,6 +482,14 @@ def _replacement(func: tirx.PrimFunc, kernel: tirx.PrimFunc) -> s_tir.Schedule:
     for key, value in func.attrs.items():
         kernel = kernel.with_attr(key, value)
     return s_tir.Schedule(kernel)
+
+
+def _buffer_elements(func: tirx.PrimFunc, index: int) -> int:
+    """Elements of the function's ``index``-th buffer parameter (static shape)."""
+    elements = 1
+    for d in _shapes(func)[index]:
+        elements *= d
+    return elements
 
 
 def _sblock_or_none(sch: s_tir.Schedule, name: str):

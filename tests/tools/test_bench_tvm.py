@@ -75,3 +75,55 @@ def test_the_thread_clock_leaves_out_time_the_calling_thread_does_not_run(monkey
     assert max(bench_tvm._samples(wait, rounds=2, min_seconds=0.01)["wait"]) < 0.002
     with pytest.raises(ValueError, match="--threads 1"):
         bench_tvm.use_clock("thread", threads=2)
+
+
+def test_layers_pair_each_conv_of_a_call_by_weight_size_and_order(tmp_path):
+    """``--only layers``: ORT's profile gives each conv of a call its own key (weight elements, how many convs
+    of that size ran before it in the call) and a label from its shapes; one time per call and key. (ORT's NCHWc
+    convs on AVX-512 pad channels to blocks of 16: whole blocks here, as in ResNet.)"""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = ((16, 4, 3, 3), (16, 16, 1, 1), (16, 16, 1, 1))
+    ws = [rng.standard_normal(shape).astype(np.float32) / 10 for shape in shapes]
+    names = ["x", "a", "b", "y"]
+    nodes = [helper.make_node("Conv", [names[i], f"w{i}"], [names[i + 1]], pads=[1] * 4 if i == 0 else [0] * 4)
+             for i in range(3)]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+    session = bench_tvm._ort_profiled(model, 1, tmp_path)
+    seconds, labels = bench_tvm.ort_conv_seconds(session, {"x": rng.standard_normal((1, 4, 6, 6), np.float32)}, 3)
+    assert sorted(seconds) == [(256, 0), (256, 1), (576, 0)]
+    assert all(len(v) == 3 and min(v) > 0 for v in seconds.values())
+    assert labels[(576, 0)] == "4->16 6x6->6x6 k3" and labels[(256, 1)] == "16->16 6x6->6x6 k1"
+
+
+def test_a_round_on_a_shared_machine_is_left_out():
+    """A round counts only where ORT's convs sped up at least ``min_speedup`` times from 1 to 2 threads."""
+    def round_(two: float) -> dict:
+        return {("ORT", 1): {(64, 0): [2.0, 2.0]}, ("ORT", 2): {(64, 0): [two, two]}}
+
+    assert bench_tvm.quiet_round(round_(1.1), (1, 2), 1.6)
+    assert not bench_tvm.quiet_round(round_(1.9), (1, 2), 1.6)
+    assert bench_tvm.quiet_round(round_(1.9), (1,), 1.6)
+
+
+def test_toggle_flips_a_schedule_flag_while_building_and_restores_it():
+    from bitpass.backends.tvm import schedules
+
+    before = schedules.ONE_LAUNCH
+    with bench_tvm._flipped("schedules.ONE_LAUNCH"):
+        assert schedules.ONE_LAUNCH is not before
+    assert schedules.ONE_LAUNCH is before
+    for wrong in ("schedules.ROW_BANDS", "schedules.NO_SUCH_FLAG", "no_such_module.FLAG", "ONE_LAUNCH"):
+        with pytest.raises(ValueError, match="give MODULE.FLAG"), bench_tvm._flipped(wrong):
+            pass
+
+
+def test_a_wrong_toggle_is_one_line_and_a_non_zero_exit_before_any_build(capsys, monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # main sets it where unset; the test leaves the environment as it was
+    assert bench_tvm.main(["--only", "layers", "--toggle", "schedules.NO_SUCH_FLAG"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench_tvm: --toggle schedules.NO_SUCH_FLAG") and "\n" not in err

@@ -256,6 +256,45 @@ def test_fp32_conv_reads_and_writes_blocked_activations(n, c, oc, k, stride, hw,
     np.testing.assert_allclose(_run(func, xs, wp, b, *rs, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("banded", [True, False])
+def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypatch):
+    """At batch 1 on AVX-512 a strided fp32 conv with small weights splits its output rows into ``ROW_BANDS``
+    bands outermost in its parallel loop, its padding banded by rows too (``schedules.ROW_BANDED``): the
+    reference's values with bands and without, NCHW16c in and out with a residual, even and odd input sizes."""
+    if LANES != 16:
+        pytest.skip("row bands are keyed to AVX-512 (16 lanes)")
+    monkeypatch.setattr(schedules, "ROW_BANDED", banded)
+    assert schedules.row_bands(8, 4 * 32 * 32 * 9, 1, LANES, 2, True) == (schedules.ROW_BANDS if banded else 1)
+    for stride, hw in ((2, 16), (2, 15)):  # 8 output rows either way
+        x = rng.standard_normal((1, 32, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(32).astype(np.float32)
+        want = _conv_ref(x, w, b, stride, 1, 1)
+        r = rng.standard_normal(want.shape).astype(np.float32)
+        want = _nchwc(np.maximum(want + r, 0), 16)
+        wp = kernels.pack_conv(w, 32, 16)
+        tx, tw, tb = (te.placeholder(a.shape, "float32") for a in (_nchwc(x, 16), wp, b))
+        tr = te.placeholder(want.shape, "float32")
+        geometry = {"strides": (stride, stride), "pads": (1,) * 4, "dilations": (1, 1), "groups": 1}
+        out = kernels.conv2d(tx, tw, tb, tr, **geometry, act="relu", block_in=16, block_out=16, block_res=16)
+        func = _build([tx, tw, tb, tr, out], "conv2d", 32, act="relu", residual=True, block_in=16, block_out=16,
+                      **geometry)
+        got = _run(func, _nchwc(x, 16), wp, b, _nchwc(r, 16), out_shape=want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_row_bands_only_for_strided_blocked_convs_at_batch_1_on_avx512_with_weights_in_l2(monkeypatch):
+    monkeypatch.setattr(schedules, "ROW_BANDED", True)
+    bands = schedules.ROW_BANDS
+    assert schedules.row_bands(28, 294_912, 1, 16, 2, True) == bands  # ResNet-18's 64->128 3x3 stride 2
+    assert [schedules.row_bands(28, 294_912, 2, 16, 2, True), schedules.row_bands(28, 294_912, 1, 8, 2, True),
+            schedules.row_bands(56, 147_456, 1, 16, 1, True), schedules.row_bands(14, 1_179_648, 1, 16, 2, True),
+            schedules.row_bands(112, 37_632, 1, 16, 2, False), schedules.row_bands(7, 4096, 1, 16, 2, True),
+            schedules.row_bands(2 * bands + 1, 4096, 1, 16, 2, True)] == [1] * 7
+    monkeypatch.setattr(schedules, "ROW_BANDED", False)
+    assert schedules.row_bands(28, 294_912, 1, 16, 2, True) == 1
+
+
 @pytest.mark.parametrize(("n", "launches"), [(1, 1), (schedules.PER_SAMPLE_MIN_BATCH, 0)])
 def test_a_padded_fp32_conv_pads_and_convolves_in_one_parallel_launch(n, launches):
     """Below the per-sample batch the padding and the tiles are two parallel stages: one launch with a barrier
