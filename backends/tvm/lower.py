@@ -739,8 +739,8 @@ class _Lowering:
 
     def _max_pool_blocked(self, bb, node, x: Blocked) -> Blocked | None:
         """A max pooling of a blocked activation, blocked (``kernels.max_pool``: vectorized over a pixel's block of
-        channels); None where ``_blocked_pool`` says it cannot."""
-        pool = self._blocked_pool(node)
+        channels); None where ``_kernel_pool`` says it cannot."""
+        pool = self._kernel_pool(node)
         if pool is None:
             return None
         n, c, h, w = x.shape
@@ -900,9 +900,11 @@ class _Lowering:
         return w is not None and w.ndim == 4 and isinstance(bias, np.ndarray) and attrs.get("group", 1) == 1 and \
             attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and int(w.shape[1]) % block == 0
 
-    def _blocked_pool(self, node: onnx.NodeProto) -> tuple[int, int, int] | None:
-        """(kernel, stride, pad) of a max pooling that reads and writes blocked activations (``kernels.max_pool``):
-        square, symmetric, undilated, no ceil mode, no Indices output, windows that each hold an image pixel."""
+    @staticmethod
+    def _kernel_pool(node: onnx.NodeProto) -> tuple[int, int, int] | None:
+        """(kernel, stride, pad) of a max pooling ``kernels.max_pool`` computes (reading and writing blocked
+        activations, or in a conv's epilogue: ``_fused_pool``): square, symmetric, undilated, no ceil mode, no Indices
+        output, windows that each hold an image pixel; None for any other node."""
         if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1:
             return None
         attrs = _attrs(node)
@@ -918,7 +920,7 @@ class _Lowering:
 
     def _blocked_readers(self, value: str, through_pool: bool = True) -> bool:
         """Whether every reader of ``value`` takes it blocked: an fp32 conv's data input (``_reads_blocked``), a max
-        pooling whose readers do (``_blocked_pool``), or a residual Add that an fp32 conv not lowered yet will fuse
+        pooling whose readers do (``_kernel_pool``), or a residual Add that an fp32 conv not lowered yet will fuse
         (its other input's writer, read by nothing else). Then the conv writing ``value`` writes it blocked."""
         if not self._fp32_block() or value in self.graph_outputs or not self.consumers.get(value):
             return False
@@ -926,7 +928,7 @@ class _Lowering:
             if user.op_type == "Conv" and user.input[0] == value and value not in user.input[1:] and \
                     self._reads_blocked(user):
                 continue
-            if through_pool and user.input[0] == value and self._blocked_pool(user) is not None and \
+            if through_pool and user.input[0] == value and self._kernel_pool(user) is not None and \
                     self._blocked_readers(user.output[0], False):
                 continue
             if user.op_type == "Add" and user.domain in ("", "ai.onnx") and len(user.input) == 2 and \
@@ -1132,20 +1134,11 @@ class _Lowering:
         dilated, ceil mode, Indices output)."""
         none = (0, 0, 0)
         user = self._single_consumer(value)
-        if not (fp32 or self.scheme.int8_pool) or user is None or user.op_type != "MaxPool" or \
-                user.domain not in ("", "ai.onnx") or residual is not None or taps or geometry["groups"] != 1 or \
-                ob % self.lanes or len([o for o in user.output if o]) != 1:
+        if not (fp32 or self.scheme.int8_pool) or user is None or residual is not None or taps or \
+                geometry["groups"] != 1 or ob % self.lanes:
             return none
-        attrs = _attrs(user)
-        kernel = list(attrs.get("kernel_shape", []))
-        strides = list(attrs.get("strides", [1] * len(kernel)))
-        pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
-        if len(kernel) != 2 or len(set(kernel)) != 1 or len(set(strides)) != 1 or len(set(pads)) != 1 or \
-                any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("ceil_mode", 0) or \
-                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return none
-        pool = (int(kernel[0]), int(strides[0]), int(pads[0]))
-        if not kernels.pool_fusable(pool):
+        pool = self._kernel_pool(user)
+        if pool is None:
             return none
         self.fused.add(id(user))
         self._alias.append(user.output[0])
