@@ -890,15 +890,21 @@ class _Lowering:
         """Whether the Conv ``node`` is an fp32 conv with constant weights that reads a blocked input: groups = 1
         and its input channels whole blocks."""
         block = self._fp32_block()
-        if not block or node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or \
-                self.plan(node).weight_bits != 32:
-            return False
+        w = self._plain_conv_weight(node) if block else None
+        return w is not None and self.plan(node).weight_bits == 32 and int(w.shape[1]) % block == 0
+
+    def _plain_conv_weight(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """The 4-D weight of a Conv ``node`` that bitpass's conv kernels take (constant weight and bias, one group,
+        explicit padding), else None: what the blocked fp32 and the VNNI int8 rules both start from."""
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            return None
         attrs = _attrs(node)
         w = self._weight_of(node)
         bias = self.env.get(node.input[2], self.inits.get(node.input[2])) if len(node.input) > 2 and node.input[2] \
             else np.zeros(0)
-        return w is not None and w.ndim == 4 and isinstance(bias, np.ndarray) and attrs.get("group", 1) == 1 and \
-            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and int(w.shape[1]) % block == 0
+        plain = w is not None and w.ndim == 4 and isinstance(bias, np.ndarray) and attrs.get("group", 1) == 1 and \
+            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        return w if plain else None
 
     @staticmethod
     def _kernel_pool(node: onnx.NodeProto) -> tuple[int, int, int] | None:
@@ -1022,17 +1028,12 @@ class _Lowering:
         tensors (``_conv_int8_codes``): the one rule for the conv itself, for a conv reading codes in place and for
         the int8 conv fusing a residual Add whose other input is written as codes or channels-last. Every
         decision about codes asks it, so a writer never writes codes a reader then decodes."""
-        if not self.scheme.int8_codes or node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or \
-                self.plan(node).weight_bits != 8:
+        if not self.scheme.int8_codes or node.op_type != "Conv" or self.plan(node).weight_bits != 8:
             return False
-        attrs = _attrs(node)
-        w = self._weight_of(node)
-        bias = self.env.get(node.input[2], self.inits.get(node.input[2])) if len(node.input) > 2 and node.input[2] \
-            else np.zeros(0)
-        return w is not None and w.ndim == 4 and isinstance(bias, np.ndarray) and attrs.get("group", 1) == 1 and \
-            attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and \
-            not kernels.conv_int8_taps(int(w.shape[1]), int(w.shape[3]), attrs.get("dilations", [1, 1])[1]) and \
-            kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes == 0
+        w = self._plain_conv_weight(node)
+        return w is not None and \
+            not kernels.conv_int8_taps(int(w.shape[1]), int(w.shape[3]), _attrs(node).get("dilations", [1, 1])[1]) \
+            and kernels.out_block(int(w.shape[0]), self.lanes) % self.lanes == 0
 
     def _reads_codes_in_place(self, node: onnx.NodeProto) -> bool:
         """Whether the conv ``node`` can read its input as codes: a VNNI int8 conv (``_vnni_int8_conv``) whose
