@@ -20,6 +20,7 @@ import numpy as np
 from bitpass.backends.base import Runner
 from bitpass.frontend import Dataset
 from bitpass.frontend.errors import DataError
+from bitpass.frontend.model import drop_mapped_pages
 
 EVAL_BATCH = 256
 #: bytes of output one batch of a language model's prediction may make (``batch_for``): ONNX Runtime's arena keeps
@@ -42,7 +43,7 @@ SPILL_BYTES = 64 << 20
 def predict(runner: Runner, data: Dataset, batch_size: int = EVAL_BATCH, count: int | None = None) -> list[np.ndarray]:
     """All outputs of ``runner`` over ``data`` (only the first ``count`` when given: ``Runner.run_first``),
     concatenated along the first axis. An output past ``SPILL_BYTES`` comes back read-only and file-backed
-    (``release_pages`` lets go of the pages a reader touched); the others are plain arrays."""
+    (``frontend.model.drop_mapped_pages`` lets go of the pages a reader touched); the others are plain arrays."""
     gathered: list[_Gathered] | None = None
     for feeds in data.batches(batch_size):
         outputs = runner.run(feeds) if count is None else runner.run_first(feeds, count)
@@ -87,17 +88,6 @@ class _Gathered:
                 return np.empty((self._rows, *self._tail), self._dtype)
             mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the file's handle
         return np.frombuffer(mapped, self._dtype).reshape((self._rows, *self._tail))
-
-
-def release_pages(outputs: Sequence[np.ndarray | None]) -> None:
-    """Let go of the pages of ``predict``'s file-backed outputs that this process has read (they stay in the file and
-    a later read maps them again): a quality score that has read 0.8 GB of logits does not keep them resident."""
-    for array in outputs:
-        base: object = array
-        while isinstance(base, np.ndarray):
-            base = base.base
-        if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
-            base.obj.madvise(mmap.MADV_DONTNEED)
 
 
 def accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
@@ -149,7 +139,7 @@ def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     parts = []
     for start in range(0, len(ref_rows), step):
         parts.append(_row_cosines(ref_rows[start:start + step], got_rows[start:start + step], piece))
-        release_pages((reference, candidate))  # file-backed outputs (``predict``): read once, not kept resident
+        drop_mapped_pages((reference, candidate))  # file-backed outputs (``predict``): read once, not kept resident
     return np.clip(np.concatenate(parts) if parts else np.zeros(0), -1.0, 1.0)
 
 
@@ -192,7 +182,7 @@ def max_abs_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     largest = 0.0
     for i in range(0, len(ref_rows), step):
         largest = max(largest, float(np.max(np.abs(ref_rows[i:i + step] - got_rows[i:i + step]))))
-        release_pages((reference, candidate))
+        drop_mapped_pages((reference, candidate))
     return largest
 
 
@@ -214,7 +204,7 @@ def quality(reference: Runner, artifact: Runner, data: Dataset, *, reference_out
     if data.labels is not None:
         ref_acc, art_acc = accuracy(ref_out, data.labels), accuracy(art_out, data.labels)
         result["accuracy"] = {"fp32": ref_acc, "artifact": art_acc, "drop_points": 100 * (ref_acc - art_acc)}
-    release_pages([*ref_out, *art_out])
+    drop_mapped_pages([*ref_out, *art_out])
     return result
 
 

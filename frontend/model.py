@@ -8,7 +8,7 @@ bytes, and a networkx view built on demand.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,10 +338,9 @@ class PagedTensor(ir.Tensor):
     as the tensor it replaced: an imported ``TensorProto`` keeps its own fields (``data_location`` set to DEFAULT
     among them, which a plain ``ir.Tensor`` does not write)."""
 
-    def __init__(self, array: np.ndarray, replaced: ir.TensorProtocol, mapped: Any = None) -> None:
+    def __init__(self, array: np.ndarray, replaced: ir.TensorProtocol) -> None:
         super().__init__(array, dtype=replaced.dtype, name=replaced.name, doc_string=replaced.doc_string,
                          metadata_props=dict(replaced.metadata_props))
-        self.mapped = mapped  # the memory map the array reads (``drop_pages_of``)
         self.header: bytes | None = None
         if isinstance(replaced, ir.serde.TensorProtoTensor):
             proto = onnx.TensorProto()
@@ -420,7 +419,7 @@ class PagedWeights:
         path.unlink()  # the map keeps the file's pages: nothing is left behind, whenever the folder goes
         self._maps.append(mapped)
         swapped = {key: PagedTensor(np.frombuffer(mapped, dtype, int(np.prod(shape, dtype=np.int64)), start)
-                                    .reshape(shape), tensor, mapped)
+                                    .reshape(shape), tensor)
                    for key, (tensor, start, dtype, shape) in entries.items()}
         entries.clear()
         for model in models:
@@ -441,13 +440,25 @@ class PagedWeights:
 
 
 def drop_pages_of(model: Model) -> None:
-    """Let go of the mapped pages of ``model``'s paged-out weights this process has read (``PagedWeights.drop_pages``
-    for the maps its tensors read): a pass that has just written the model to a file for an ONNX Runtime session
-    (which holds its own copy) does not keep a second one resident."""
+    """Let go of the mapped pages of ``model``'s paged-out weights this process has read (``drop_mapped_pages``): a
+    model just written to a file, for an ONNX Runtime session that holds its own copy, does not stay resident."""
+    drop_mapped_pages(t.numpy() for v in model.ir.graph.initializers.values()
+                      if isinstance(t := v.const_value, PagedTensor))
+
+
+def drop_mapped_pages(arrays: Iterable[Any]) -> None:
+    """Let go of the pages this process has read of each array that views a read-only memory map (a paged-out weight,
+    a prediction gathered in a file: ``MADV_DONTNEED``; they stay in the file and a later read maps them again);
+    other arrays are left as they are."""
     import mmap
 
-    maps = {id(t.mapped): t.mapped for v in model.ir.graph.initializers.values()
-            if isinstance(t := v.const_value, PagedTensor) and t.mapped is not None}
+    maps = {}
+    for array in arrays:
+        base: object = array
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+            maps[id(base.obj)] = base.obj
     for mapped in maps.values():
         mapped.madvise(mmap.MADV_DONTNEED)
 

@@ -29,7 +29,7 @@ from bitpass.backends.base import Backend, Runner, reference_runner
 from bitpass.frontend import Dataset, Model, annotation, from_arrays, load_model, load_npz
 from bitpass.frontend.decoder import DecoderSpec, complete_lm_inputs, export_decoder, is_causal_lm, lm_spec
 from bitpass.frontend.errors import BitpassError, UnsupportedOperatorError, UsageError
-from bitpass.frontend.model import PagedWeights, release_freed_memory
+from bitpass.frontend.model import PagedWeights, drop_mapped_pages, release_freed_memory
 from bitpass.frontend.shapes import check_fixed, fix_dims
 from bitpass.passes.analyses import ACTIVATION_RANGES
 from bitpass.passes.executors import SERIAL, Executor, executor_from_spec
@@ -287,7 +287,7 @@ def _lm_fidelity(reference: Runner | Callable[[], Runner], runner: Runner | Call
         predicted = known, measure.predict(get(runner), data, _lm_batch(lm, data))
     ref, got = predicted[0][index], predicted[1][index]
     fidelity = quality.lm_quality(ref, got, data.inputs[lm.input_ids], data.labels)
-    measure.release_pages([ref, got])
+    drop_mapped_pages([ref, got])
     return {"samples": len(data), **fidelity}
 
 
@@ -862,7 +862,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
     if too_few:
         record["warning"] = too_few
         say(f"warning: {too_few}")
-    measure.release_pages([*ref_out, *built.gate_outputs[1]])  # read once here: not kept resident beside the rest
+    drop_mapped_pages([*ref_out, *built.gate_outputs[1]])  # read once here: not kept resident beside the rest
     if record["passed"]:
         record["seconds"] = round(time.perf_counter() - started, 3)
         return built, record
@@ -904,7 +904,7 @@ def _quality_gate(built: _Built, ref_out: list[np.ndarray], output_names: Sequen
         candidate = build(tail.run(repaired, inner))
         candidate.gate_outputs = (ref_out, measure.predict(candidate.runner, data, batch, count=outputs_kept))
         got = quality.score(tolerance, ref_out, candidate.gate_outputs[1], data.labels, mask)
-        measure.release_pages([*ref_out, *candidate.gate_outputs[1]])
+        drop_mapped_pages([*ref_out, *candidate.gate_outputs[1]])
         say(f"quality gate: {k} layer(s) in fp32: {tolerance.describe(got)}")
         # only the fewest-layers attempt that meets the bound can be published: drop the others at once (each
         # holds an ONNX Runtime session; a ResNet-50's attempts together outgrew 24 GB)

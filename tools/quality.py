@@ -39,6 +39,7 @@ import scipy.special
 from bitpass.backends import measure
 from bitpass.frontend import Dataset, Model, annotation
 from bitpass.frontend.errors import UsageError
+from bitpass.frontend.model import drop_mapped_pages
 
 Metric = Literal["accuracy-drop", "agreement", "cosine", "kl"]
 #: mean per-token KL (nats) a language model may drift from fp32 by default: about 2 % bits per byte on the real-
@@ -238,7 +239,7 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     for start in range(0, len(rows), _CHUNK):  # a few positions at a time: a 50k vocabulary in float64 is large
         ref = rows[start:start + _CHUNK].astype(np.float64)
         got = candidates[start:start + _CHUNK].argmax(1)
-        measure.release_pages((reference, candidate))
+        drop_mapped_pages((reference, candidate))
         top = ref.max(axis=1, keepdims=True)
         spread = top - ref.min(axis=1, keepdims=True)
         slack = np.maximum(1e-6 * np.abs(top), 1e-3 * spread) + 1e-30
@@ -282,7 +283,7 @@ def _position_chunks(reference: np.ndarray, candidate: np.ndarray):  # noqa: ANN
     ref, got = reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1])
     for start in range(0, len(ref), _CHUNK):
         yield start, _log_softmax(ref[start:start + _CHUNK]), _log_softmax(got[start:start + _CHUNK])
-        measure.release_pages((reference, candidate))  # file-backed logits (``measure.predict``): read once
+        drop_mapped_pages((reference, candidate))  # file-backed logits (``measure.predict``): read once
 
 
 def token_kl(reference: np.ndarray, candidate: np.ndarray) -> float:
