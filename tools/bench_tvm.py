@@ -11,7 +11,8 @@ Sections (every table is printed beside the CPU's model, flags and caches):
   and TVM int8 (every Conv/Gemm/MatMul 8-bit: bitpass's kernels; activation ranges calibrated min-max on the
   same feeds as ORT's U8S8, so int8 convs pass each other uint8 codes). Ratios are ORT fp32 latency / variant
   latency (> 1: faster than ORT fp32). TVM's outputs are checked against ORT fp32 first (cosine). On AVX-512
-  TVM fp32's convs pass each other blocked NCHW16c activations; ``--fp32-nchw`` also times an NCHW build beside it.
+  TVM fp32's convs pass each other blocked NCHW16c activations; ``--fp32-nchw`` also times an NCHW build beside it
+  (short for ``--toggle lower.FP32_BLOCKED``; any ``--toggle`` adds a "TVM fp32*" build with that flag flipped).
 * ``gemv``: a 4-bit weight-only GEMV at batch 1 on a weight at least twice the last-level cache (sized from
   sysfs), TVM's int4 kernel vs ORT MatMulNBits at block sizes 32, 64 and 128 (accuracy_level 4: int8
   activations, as ours), as a fraction of the measured read bandwidth.
@@ -26,7 +27,7 @@ Sections (every table is printed beside the CPU's model, flags and caches):
 * ``layers``: ResNet-18's convs at batch 1 where they run in the whole model, TVM fp32 and ORT fp32 at 1 and
   ``--threads`` threads (TVM's pool resized between rounds, an ORT session per count), per conv: ms, each runtime's
   speed-up from 1 thread, ORT/TVM. Rounds in which another process held a core are left out (counted).
-  ``--toggle schedules.FLAG`` times a second TVM build with that schedule flag flipped beside ("TVM*").
+  ``--toggle MODULE.FLAG`` times a second TVM build with that flag of ``bitpass.backends.tvm`` flipped beside ("TVM*").
 
 Timing: variants alternate inside one process, thread spinning off on both sides (ORT
 ``session.intra_op.allow_spinning=0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``), TVM's threads not bound to cores
@@ -290,12 +291,13 @@ def calibrated_ranges(model, calib: list[dict[str, np.ndarray]]) -> dict[str, tu
 
 
 def bench_models(threads: int, rounds: int, quick: bool = False,
-                 only_batches: tuple[int, ...] | None = None, fp32_nchw: bool = False) -> list[dict[str, Any]]:
+                 only_batches: tuple[int, ...] | None = None, toggle: str | None = None) -> list[dict[str, Any]]:
     """Per model and batch: milliseconds of ORT fp32, ORT U8S8, TVM fp32 and TVM int8, and TVM's cosine to
-    ORT fp32 (outputs flattened per sample). ``fp32_nchw``: also TVM fp32 with NCHW activations between its convs
-    (``lower.FP32_BLOCKED`` off; "TVM fp32 NCHW"), the blocked layout's A/B where the target blocks them."""
+    ORT fp32 (outputs flattened per sample). ``toggle`` names a boolean of ``bitpass.backends.tvm``
+    ("lower.FP32_BLOCKED"): TVM fp32 is also built with it flipped ("TVM fp32*") and timed beside, an A/B of
+    the whole model in one run."""
     from bitpass.backends.measure import cosines
-    from bitpass.backends.tvm import TvmBackend, lower
+    from bitpass.backends.tvm import TvmBackend
 
     rows = []
     for name, model, feed, batches in _models(quick):
@@ -310,17 +312,13 @@ def bench_models(threads: int, rounds: int, quick: bool = False,
         with tempfile.TemporaryDirectory() as tmp:
             ranges = calibrated_ranges(model, calib)
             variants = [("TVM fp32", model), ("TVM int8", _int8_plan(model))]
-            for label, plan in variants + ([("TVM fp32 NCHW", model)] if fp32_nchw else []):
+            for label, plan in variants + ([("TVM fp32*", model)] if toggle else []):
                 start = time.perf_counter()
-                directory = Path(tmp) / label.replace(" ", "_")
+                directory = Path(tmp) / label.replace(" ", "_").replace("*", "_flipped")
                 directory.mkdir()
-                blocked = lower.FP32_BLOCKED
-                lower.FP32_BLOCKED = blocked and label != "TVM fp32 NCHW"
-                try:
+                with _flipped(toggle if label == "TVM fp32*" else None):
                     backend.emit(plan, directory, backend.default_target,
                                  activation_ranges=ranges if label == "TVM int8" else None)
-                finally:
-                    lower.FP32_BLOCKED = blocked
                 runners[label] = backend.load(directory, {})
                 print(f"  ({name}: {label} built in {time.perf_counter() - start:.0f} s)", flush=True)
             for batch in batches:
@@ -342,9 +340,11 @@ def bench_models(threads: int, rounds: int, quick: bool = False,
     return rows
 
 
-def print_models(rows: list[dict[str, Any]], threads: int) -> None:
+def print_models(rows: list[dict[str, Any]], threads: int, toggle: str | None = None) -> None:
     print()
     print_cpu(threads)
+    if toggle:
+        print(f"TVM fp32*: {toggle} flipped")
     labels = ("ORT fp32", "ORT U8S8", "TVM fp32", "TVM int8")
     print(f"{'model':<46} {'batch':>5}  " + "  ".join(f"{lb + ' ms':>12}" for lb in labels)
           + "   ratio to ORT fp32 (>1 faster): U8S8 / TVM fp32 / TVM int8   cosine TVM fp32 / int8 / ORT U8S8")
@@ -357,11 +357,11 @@ def print_models(rows: list[dict[str, Any]], threads: int) -> None:
         print(f"  {row['model']} batch {row['batch']}: TVM int8 vs ORT U8S8 {row['ORT U8S8'] / row['TVM int8']:.2f}x, "
               f"TVM fp32 vs ORT fp32 {row['ORT fp32'] / row['TVM fp32']:.2f}x (medians); best times: "
               f"{row['ORT U8S8 best'] / row['TVM int8 best']:.2f}x, {row['ORT fp32 best'] / row['TVM fp32 best']:.2f}x")
-        if "TVM fp32 NCHW" in row:
-            print(f"  {row['model']} batch {row['batch']}: TVM fp32 {row['TVM fp32'] * 1e3:.2f} ms (blocked NCHWc "
-                  f"between convs where the target blocks) vs {row['TVM fp32 NCHW'] * 1e3:.2f} ms NCHW: "
-                  f"{row['TVM fp32 NCHW'] / row['TVM fp32']:.3f}x; vs ORT fp32 "
-                  f"{row['ORT fp32'] / row['TVM fp32 NCHW']:.2f}x (medians)")
+        if "TVM fp32*" in row:
+            print(f"  {row['model']} batch {row['batch']}: TVM fp32 {row['TVM fp32'] * 1e3:.2f} ms vs TVM fp32* "
+                  f"{row['TVM fp32*'] * 1e3:.2f} ms: TVM fp32 / TVM fp32* {row['TVM fp32*'] / row['TVM fp32']:.3f}x "
+                  f"(>1: the default faster); TVM fp32* vs ORT fp32 {row['ORT fp32'] / row['TVM fp32*']:.2f}x "
+                  f"(medians)")
 
 
 def gemv_size(last_level_cache: int, factor: int = 2, step: int = 1024) -> int:
@@ -953,10 +953,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sections to run (profile and layers only when named)")
     parser.add_argument("--fp32-nchw", action="store_true",
                         help="models: also time TVM fp32 with NCHW activations between convs (the blocked "
-                             "layout's A/B)")
+                             "layout's A/B; short for --toggle lower.FP32_BLOCKED)")
     parser.add_argument("--toggle", metavar="MODULE.FLAG",
-                        help="layers: also time a TVM build with this boolean of bitpass.backends.tvm flipped "
-                             "(e.g. schedules.ONE_LAUNCH)")
+                        help="layers and models: also time a TVM fp32 build with this boolean of "
+                             "bitpass.backends.tvm flipped (e.g. schedules.ROW_BANDED)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="time rounds by wall time, or by the calling thread's CPU time (with --threads 1: "
                              "on a shared machine, leaves out the time other processes hold the core)")
@@ -965,6 +965,16 @@ def main(argv: list[str] | None = None) -> int:
         use_clock(args.clock, args.threads)
     except ValueError as err:
         parser.error(str(err))
+    if args.fp32_nchw:
+        if args.toggle not in (None, "lower.FP32_BLOCKED"):
+            parser.error("--fp32-nchw is --toggle lower.FP32_BLOCKED: give one flag to flip")
+        args.toggle = "lower.FP32_BLOCKED"
+    if args.toggle:
+        try:
+            toggle_flag(args.toggle)  # a wrong name fails before any build
+        except ValueError as err:
+            print(f"bench_tvm: {err}", file=sys.stderr)
+            return 1
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     if "kernels" in args.only:
         print_convs(bench_convs(args.rounds, threads=args.threads), args.threads)
@@ -983,7 +993,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if "models" in args.only:
         print_models(bench_models(args.threads, args.rounds, args.quick,
-                                  tuple(args.batches) if args.batches else None, args.fp32_nchw), args.threads)
+                                  tuple(args.batches) if args.batches else None, args.toggle), args.threads,
+                     args.toggle)
     return 0
 
 

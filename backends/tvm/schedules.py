@@ -246,7 +246,9 @@ POINTWISE_BLOCKS_INNER = True
 #: stays in L2 across the blocks. Off: measured on a shared machine, ResNet-18's 64->128 3x3 stride-2 conv at
 #: batch 1, 2 threads, came out 1.01-1.08x in 4 runs and 0.98x in a fifth, heavily loaded one (0.03 ms of a
 #: 19 ms model); stride-1 convs and the stem showed nothing beyond the noise. Re-measure quietly with
-#: ``bench_tvm --only layers --toggle schedules.ROW_BANDED`` ("TVM*": banded) before turning it on
+#: ``bench_tvm --only layers --toggle schedules.ROW_BANDED`` ("TVM*": banded) before turning it on. Banding the
+#: stride-1 convs too (``row_bands`` without its stride test) gave nothing in the model either: sum of convs 19.27 ->
+#: 19.33 ms at 2 threads, 35.94 -> 34.98 ms at one (20 rounds, 3 kept on a shared machine)
 ROW_BANDED = False
 #: bands of rows: a power of two, so that 1, 2 and 4 threads each get whole bands of a static split
 ROW_BANDS = 4

@@ -122,8 +122,14 @@ def test_toggle_flips_a_schedule_flag_while_building_and_restores_it():
             pass
 
 
-def test_a_wrong_toggle_is_one_line_and_a_non_zero_exit_before_any_build(capsys, monkeypatch):
+@pytest.mark.parametrize("section", ["layers", "models"])
+def test_a_wrong_toggle_is_one_line_and_a_non_zero_exit_before_any_build(section, capsys, monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # main sets it where unset; the test leaves the environment as it was
-    assert bench_tvm.main(["--only", "layers", "--toggle", "schedules.NO_SUCH_FLAG"]) == 1
+    assert bench_tvm.main(["--only", section, "--toggle", "schedules.NO_SUCH_FLAG"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("bench_tvm: --toggle schedules.NO_SUCH_FLAG") and "\n" not in err
+
+
+def test_fp32_nchw_is_the_blocked_layouts_toggle_and_takes_no_other():
+    with pytest.raises(SystemExit):
+        bench_tvm.main(["--only", "models", "--fp32-nchw", "--toggle", "schedules.ROW_BANDED"])
