@@ -217,12 +217,11 @@ def test_a_weight_whose_cut_graph_onnx_runtime_refuses_is_measured_on_the_whole_
 
 # --------------------------------------------------------------------------- the per-layer runs on an executor
 @pytest.fixture(scope="module")
-def tiny_decoder():
+def tiny_decoder(tiny_gpt2_64):
     """A 2-layer, 64-wide GPT-2 with its KV cache (13 linear layers and the tied lm_head) and token windows."""
-    from bitpass.frontend.decoder import complete_lm_inputs, export_decoder
-    from bitpass.tools import decoders
+    from bitpass.frontend.decoder import complete_lm_inputs
 
-    model, spec = export_decoder(decoders.tiny_gpt2(width=64))
+    model, spec = tiny_gpt2_64
     feeds, _ = complete_lm_inputs({"input_ids": np.random.default_rng(0).integers(0, 256, (12, 24))}, spec)
     return model, from_arrays(feeds, model.inputs)
 
