@@ -18,10 +18,14 @@ from bitpass.tools import conformance as cf
 
 @pytest.fixture(scope="module")
 def detector_rows(tmp_path_factory) -> list[cf.Row]:
-    """A real run: the fast detector exported by torch and compiled from the module, fp32 and int8."""
+    """A real run: the fast detector exported by torch and compiled from the module, fp32 and int8; its three
+    cases on two worker processes (``--executor local:2``), as the table is made on a machine's cores."""
+    from bitpass.passes.executors import ProcessExecutor
+
     work = tmp_path_factory.mktemp("conformance")
-    return cf.run(["detector"], ["torchscript-17", "module"], ["optimize", "default"], size="fast", work=work,
-                  timeout_s=240)
+    with ProcessExecutor(2) as executor:
+        return cf.run(["detector"], ["torchscript-17", "module"], ["optimize", "default"], size="fast", work=work,
+                      timeout_s=240, executor=executor)
 
 
 def test_plan_runs_every_pipeline_on_the_first_export_and_default_on_the_others():
