@@ -117,14 +117,13 @@ def test_the_highest_width_can_be_scaled_from_the_next_lower_instead_of_run(onnx
     assert measured.table["fc2"][8] / 3 < scaled.table["fc2"][8] < 3 * measured.table["fc2"][8]
 
 
-def test_on_the_real_sentence_encoder_scaled_8_bit_scores_rank_layers_as_measured_ones(tmp_path):
+def test_on_the_real_sentence_encoder_scaled_8_bit_scores_rank_layers_as_measured_ones(family_export):
     from scipy.stats import spearmanr
 
     from bitpass.frontend import from_onnx
-    from bitpass.tools import model_families as mf
 
-    built = mf.build("sentence_embedding", "fast")
-    model = from_onnx(mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path))
+    path, built = family_export("sentence_embedding", eval_labels=False)  # the session's TorchScript export
+    model = from_onnx(path)
     data = from_arrays(built.calibration, model.inputs)
     measured = output_sensitivity(model, data, bits=(2, 4, 8), samples=32)
     scaled = output_sensitivity(model, data, bits=(2, 4, 8), samples=32, extrapolate=True)
