@@ -59,6 +59,24 @@ def trained_transformer() -> tuple[torch.nn.Module, zoo.Split]:
 
 
 @pytest.fixture(scope="session")
+def _tiny_gpt2_64():
+    """A 64-wide, 2-layer GPT-2 (seed 0, random weights) exported with its KV cache once per session: the export
+    takes 5-9 s and eight test modules use this same decoder. Tests take ``tiny_gpt2_64`` (a copy)."""
+    from bitpass.frontend.decoder import export_decoder
+    from bitpass.tools import decoders
+
+    return export_decoder(decoders.tiny_gpt2(width=64))
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_64(_tiny_gpt2_64):
+    """(Model, DecoderSpec) of the session's tiny GPT-2: a module's own copy of the graph, sharing the weights
+    (immutable by convention) and the transformers module (``model.torch_module``, not to be changed)."""
+    model, spec = _tiny_gpt2_64
+    return model.clone(), spec
+
+
+@pytest.fixture(scope="session")
 def _cnn_proto(trained_cnn):
     return from_torch(trained_cnn, (torch.zeros(1, 1, 8, 8),)).to_proto()
 

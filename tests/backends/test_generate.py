@@ -11,15 +11,14 @@ from onnx import numpy_helper
 
 from bitpass.backends.onnxruntime import generate as gen
 from bitpass.frontend import BitpassError, UsageError, from_proto
-from bitpass.frontend.decoder import export_decoder
 from bitpass.tools import decoders
 
 
 @pytest.fixture(scope="module")
-def exported():
-    lm = decoders.tiny_gpt2(seed=3)
-    model, spec = export_decoder(lm)
-    return lm, model, spec
+def exported(tiny_gpt2_64):
+    """(transformers module, Model, spec): the session's tiny GPT-2 export (``tests/conftest.py``)."""
+    model, spec = tiny_gpt2_64
+    return model.torch_module, model, spec
 
 
 @pytest.fixture(scope="module")

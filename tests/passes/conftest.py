@@ -11,11 +11,12 @@ import pytest
 from bitpass.tools import model_families as mf
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def family_export(tmp_path_factory) -> Callable[..., tuple[Path, mf.Built]]:
     """``family_export(name, eval_labels=True)`` -> ``(path, built)``: the family's fast build exported by
     TorchScript at opset 17, with ``calib.npz`` and ``eval.npz`` beside it (``eval_labels=False`` keeps only
-    the model inputs in ``eval.npz``); built once per test module and name."""
+    the model inputs in ``eval.npz``); built once per test session and name (read-only: the files and ``built``
+    are shared by every module that asks)."""
     made: dict[tuple[str, bool], tuple[Path, mf.Built]] = {}
 
     def export(name: str, *, eval_labels: bool = True) -> tuple[Path, mf.Built]:

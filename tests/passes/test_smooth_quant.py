@@ -20,8 +20,10 @@ def _export(name: str, folder):
 
 
 @pytest.fixture(scope="module")
-def sentence(tmp_path_factory):
-    return _export("sentence_embedding", tmp_path_factory.mktemp("sentence"))
+def sentence(family_export):
+    """The sentence encoder's TorchScript export (the session's, shared with test_quant_scope) and its build."""
+    path, built = family_export("sentence_embedding", eval_labels=False)
+    return from_onnx(path), built
 
 
 def test_factors_balance_activation_and_weight_ranges():
@@ -62,12 +64,13 @@ def test_a_pre_ln_decoder_folds_the_factors_into_its_layernorms(tmp_path):
     assert len(list(model.graph)) == nodes + len(record["smoothed"]) - len(folded)  # one Mul per other group
 
 
-def test_auto_turns_it_on_for_transformers_only(sentence, tmp_path):
+def test_auto_turns_it_on_for_transformers_only(sentence, family_export):
     model, built = sentence
     ctx = PassContext(calibration=from_arrays(built.calibration, model.inputs))
     Pipeline([SmoothQuant()]).run(model.clone(), ctx)
     assert ctx.records["smooth_quant"]["enabled"] is True
-    cnn, cnn_built = _export("resnet18", tmp_path)
+    cnn_path, cnn_built = family_export("resnet18")
+    cnn = from_onnx(cnn_path)
     ctx = PassContext(calibration=from_arrays(cnn_built.calibration, cnn.inputs))
     Pipeline([SmoothQuant()]).run(cnn, ctx)
     assert ctx.records["smooth_quant"]["enabled"] is False

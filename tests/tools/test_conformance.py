@@ -18,10 +18,14 @@ from bitpass.tools import conformance as cf
 
 @pytest.fixture(scope="module")
 def detector_rows(tmp_path_factory) -> list[cf.Row]:
-    """A real run: the fast detector exported by torch and compiled from the module, fp32 and int8."""
+    """A real run: the fast detector exported by torch and compiled from the module, fp32 and int8; its three
+    cases on two worker processes (``--executor local:2``), as the table is made on a machine's cores."""
+    from bitpass.passes.executors import ProcessExecutor
+
     work = tmp_path_factory.mktemp("conformance")
-    return cf.run(["detector"], ["torchscript-17", "module"], ["optimize", "default"], size="fast", work=work,
-                  timeout_s=240)
+    with ProcessExecutor(2) as executor:
+        return cf.run(["detector"], ["torchscript-17", "module"], ["optimize", "default"], size="fast", work=work,
+                      timeout_s=240, executor=executor)
 
 
 def test_plan_runs_every_pipeline_on_the_first_export_and_default_on_the_others():
@@ -88,12 +92,23 @@ def _case(folder: Path, **options) -> cf.Case:
     return cf.Case("broken", "fast", "torchscript-17", "default", str(folder), **options)
 
 
-def test_a_failing_compile_is_a_row_with_the_one_line_error(tmp_path):
-    row = cf.run_case(_case(_prepared(tmp_path, b"\x08\x07 not an onnx model"), timeout_s=120))
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory) -> tuple[Path, cf.Row]:
+    """(family folder, row) of a compile that fails in its child process (the model file is not ONNX), run once
+    serially; the folder also lists a second export whose export failed (``dynamo-23``)."""
+    folder = _prepared(tmp_path_factory.mktemp("failing"), b"\x08\x07 not an onnx model")
+    info = json.loads((folder / cf.PREPARED).read_text())
+    info["exports"]["dynamo-23"] = {"status": "export", "error": "export failed: ValueError: no"}
+    (folder / cf.PREPARED).write_text(json.dumps(info))
+    return folder, cf.run_case(_case(folder, timeout_s=120))
+
+
+def test_a_failing_compile_is_a_row_with_the_one_line_error(failing):
+    folder, row = failing
     assert row.status == "error"
     assert row.error and "\n" not in row.error and "Traceback" not in row.error
     assert row.peak_mb > 0 and row.compile_s is not None
-    assert not any(p.name.startswith("case-") for p in (tmp_path / "family").iterdir()), "scratch removed"
+    assert not any(p.name.startswith("case-") for p in folder.iterdir()), "scratch removed"
 
 
 def test_a_case_past_its_timeout_is_killed_and_says_what_it_was_doing(tmp_path):
@@ -234,17 +249,15 @@ def test_command_line_lists_and_refuses_unknown_names(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("conformance: error: unknown family nope")
 
 
-def test_cases_run_in_worker_processes_give_the_serial_rows(tmp_path):
+def test_cases_run_in_worker_processes_give_the_serial_rows(failing):
     from bitpass.passes.executors import SERIAL, ProcessExecutor
 
-    folder = _prepared(tmp_path, b"\x08\x07 not an onnx model")
-    info = json.loads((folder / cf.PREPARED).read_text())
-    info["exports"]["dynamo-23"] = {"status": "export", "error": "export failed: ValueError: no"}
-    (folder / cf.PREPARED).write_text(json.dumps(info))
+    folder, serial_row = failing  # the failing compile's serial row: run once for this module
     cases = [_case(folder, timeout_s=120), cf.Case("broken", "fast", "dynamo-23", "default", str(folder))]
     finished = []
-    parallel = ProcessExecutor(2).map(cf._run_one, cf.run_case, cases, on_result=lambda i, _: finished.append(i))
-    serial = SERIAL.map(cf._run_one, cf.run_case, cases)
+    with ProcessExecutor(2) as executor:
+        parallel = executor.map(cf._run_one, cf.run_case, cases, on_result=lambda i, _: finished.append(i))
+    serial = [serial_row, *SERIAL.map(cf._run_one, cf.run_case, cases[1:])]
     assert sorted(finished) == [0, 1]
     assert [(r.export, r.status, r.error) for r in parallel] == [(r.export, r.status, r.error) for r in serial]
     assert [r.status for r in parallel] == ["error", "export"]

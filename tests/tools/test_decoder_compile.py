@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from bitpass.frontend import DataError, UsageError
-from bitpass.frontend.decoder import export_decoder
 from bitpass.tools import compile, decoders, verify
 from bitpass.tools.cli import main
 
@@ -26,9 +25,10 @@ def lm():
 
 
 @pytest.fixture(scope="module")
-def decoder_onnx(lm, tmp_path_factory):
+def decoder_onnx(tiny_gpt2_64, tmp_path_factory):
+    """The session's export of the same GPT-2 as ``lm`` (same seed and sizes), as a user's file."""
     folder = tmp_path_factory.mktemp("decoder")
-    model, _ = export_decoder(lm)
+    model, _ = tiny_gpt2_64
     model.save(folder / "lm.onnx")
     np.savez(folder / "calib.npz", input_ids=CALIB)
     np.savez(folder / "eval.npz", input_ids=EVAL)

@@ -14,8 +14,7 @@ import pytest
 
 from bitpass.backends import measure
 from bitpass.frontend import model as model_module
-from bitpass.frontend.decoder import export_decoder
-from bitpass.tools import api, compile, decoders, verify
+from bitpass.tools import api, compile, verify
 
 RNG = np.random.default_rng(1)
 CALIB = RNG.integers(0, 256, (16, 32))
@@ -25,9 +24,9 @@ LOWERED = 1024
 
 
 @pytest.fixture(scope="module")
-def decoder_folder(tmp_path_factory):
+def decoder_folder(tmp_path_factory, tiny_gpt2_64):
     folder = tmp_path_factory.mktemp("large")
-    model, _ = export_decoder(decoders.tiny_gpt2(width=64))
+    model, _ = tiny_gpt2_64
     model.save_external(folder / "lm.onnx")  # as a >2 GiB export comes: the weights in lm.onnx.data
     np.savez(folder / "calib.npz", input_ids=CALIB)
     np.savez(folder / "eval.npz", input_ids=EVAL)

@@ -74,17 +74,30 @@ def test_compiling_a_resnet18_module_is_not_refused(tmp_path):
     assert artifact.manifest["backend"] == "onnxruntime"
 
 
-def test_a_tied_embedding_table_is_written_once_and_the_outputs_do_not_change(tmp_path):
+@pytest.fixture(scope="module")
+def _gpt2_vocab_300():
+    """A tiny GPT-2 with a 300-token vocabulary (its tables are the only tensors with a 300 in their shape),
+    exported once for the module: each test takes a ``clone`` (the export takes seconds)."""
+    from bitpass.frontend.decoder import export_decoder
+    from bitpass.tools import decoders
+
+    return export_decoder(decoders.tiny_gpt2(vocab=300, width=32))
+
+
+@pytest.fixture
+def gpt2_vocab_300(_gpt2_vocab_300):
+    model, spec = _gpt2_vocab_300
+    return model.clone(), spec
+
+
+def test_a_tied_embedding_table_is_written_once_and_the_outputs_do_not_change(tmp_path, gpt2_vocab_300):
     """GPT-2's lm_head shares the token embedding; the import folds the lm_head's transpose into its own
     initializer (a quantizable layer). An fp32 artifact stores the table once: the Gather reads the transposed
     copy, with the same layer id, and every output is bit-identical."""
     import numpy as np
     import onnxruntime as ort
 
-    from bitpass.frontend.decoder import export_decoder
-    from bitpass.tools import decoders
-
-    model, spec = export_decoder(decoders.tiny_gpt2(vocab=300, width=32))
+    model, spec = gpt2_vocab_300
     vocab_tables = [v for v in model.graph.initializers.values() if 300 in v.const_value.shape.numpy()]
     assert len(vocab_tables) == 2  # the embedding and the folded lm_head
     files = OnnxRuntimeBackend().emit(model, tmp_path, "cpu")
@@ -100,17 +113,16 @@ def test_a_tied_embedding_table_is_written_once_and_the_outputs_do_not_change(tm
     assert len(model.graph.initializers) == len(written.graph.initializer) + 1  # the model itself is untouched
 
 
-def test_an_artifact_past_the_external_data_size_keeps_its_weights_beside_model_onnx(tmp_path, monkeypatch):
+def test_an_artifact_past_the_external_data_size_keeps_its_weights_beside_model_onnx(tmp_path, monkeypatch,
+                                                                                     gpt2_vocab_300):
     """Past ``EXTERNAL_DATA_BYTES`` the weights go to ``model.onnx.data`` (ONNX Runtime maps them instead of parsing
     them into its heap): the artifact loads through the confinement check, gives the single file's outputs
     bit for bit, and is written byte-identically twice."""
     import numpy as np
 
     from bitpass.backends.onnxruntime import backend as ort_backend
-    from bitpass.frontend.decoder import export_decoder
-    from bitpass.tools import decoders
 
-    model, spec = export_decoder(decoders.tiny_gpt2(vocab=300, width=32))
+    model, spec = gpt2_vocab_300
     (tmp_path / "single").mkdir()
     assert OnnxRuntimeBackend().emit(model, tmp_path / "single", "cpu") == ["model.onnx", "session.json"]
     monkeypatch.setattr(ort_backend, "EXTERNAL_DATA_BYTES", 1024)

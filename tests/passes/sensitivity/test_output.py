@@ -117,14 +117,13 @@ def test_the_highest_width_can_be_scaled_from_the_next_lower_instead_of_run(onnx
     assert measured.table["fc2"][8] / 3 < scaled.table["fc2"][8] < 3 * measured.table["fc2"][8]
 
 
-def test_on_the_real_sentence_encoder_scaled_8_bit_scores_rank_layers_as_measured_ones(tmp_path):
+def test_on_the_real_sentence_encoder_scaled_8_bit_scores_rank_layers_as_measured_ones(family_export):
     from scipy.stats import spearmanr
 
     from bitpass.frontend import from_onnx
-    from bitpass.tools import model_families as mf
 
-    built = mf.build("sentence_embedding", "fast")
-    model = from_onnx(mf.export(built, mf.EXPORTS["torchscript-17"], tmp_path))
+    path, built = family_export("sentence_embedding", eval_labels=False)  # the session's TorchScript export
+    model = from_onnx(path)
     data = from_arrays(built.calibration, model.inputs)
     measured = output_sensitivity(model, data, bits=(2, 4, 8), samples=32)
     scaled = output_sensitivity(model, data, bits=(2, 4, 8), samples=32, extrapolate=True)
@@ -217,12 +216,11 @@ def test_a_weight_whose_cut_graph_onnx_runtime_refuses_is_measured_on_the_whole_
 
 # --------------------------------------------------------------------------- the per-layer runs on an executor
 @pytest.fixture(scope="module")
-def tiny_decoder():
+def tiny_decoder(tiny_gpt2_64):
     """A 2-layer, 64-wide GPT-2 with its KV cache (13 linear layers and the tied lm_head) and token windows."""
-    from bitpass.frontend.decoder import complete_lm_inputs, export_decoder
-    from bitpass.tools import decoders
+    from bitpass.frontend.decoder import complete_lm_inputs
 
-    model, spec = export_decoder(decoders.tiny_gpt2(width=64))
+    model, spec = tiny_gpt2_64
     feeds, _ = complete_lm_inputs({"input_ids": np.random.default_rng(0).integers(0, 256, (12, 24))}, spec)
     return model, from_arrays(feeds, model.inputs)
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from bitpass.frontend import from_arrays
-from bitpass.frontend.decoder import complete_lm_inputs, export_decoder
-from bitpass.tools import decoders
+from bitpass.frontend.decoder import complete_lm_inputs
 
 
 @pytest.fixture(scope="module")
-def decoder():
-    """(model, spec, calibration Dataset, held-out feeds) of a 64-wide, 2-layer GPT-2 with a KV cache."""
-    model, spec = export_decoder(decoders.tiny_gpt2(width=64))
+def decoder(tiny_gpt2_64):
+    """(model, spec, calibration Dataset, held-out feeds) of a 64-wide, 2-layer GPT-2 with a KV cache (exported
+    once per session: ``tests/conftest.py``)."""
+    model, spec = tiny_gpt2_64
     rng = np.random.default_rng(0)
     feeds, _ = complete_lm_inputs({"input_ids": rng.integers(0, 256, (12, 24))}, spec)
     calibration = from_arrays(feeds, model.inputs)

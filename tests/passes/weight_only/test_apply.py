@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
 from bitpass.frontend import from_proto
-from bitpass.frontend.decoder import export_decoder
 from bitpass.passes.weight_only.apply import (WeightOnlyRecipe, apply_to_onnx, apply_to_torch, layerwise_widths,
                                               quantize_layers)
 from bitpass.passes.weight_only.calibration import (is_conv1d, layer_hessians, linear_layer_ids,
@@ -71,20 +72,19 @@ def test_layerwise_widths_meet_a_parameter_weighted_average():
     assert 2.5 < average <= 3.0 and set(chosen.values()) == {2, 4}
 
 
-def test_the_same_codes_give_the_same_logits_in_torch_and_as_matmulnbits_in_onnx():
-    lm = decoders.tiny_gpt2(seed=1, layers=1)
+def test_the_same_codes_give_the_same_logits_in_torch_and_as_matmulnbits_in_onnx(tiny_gpt2_64):
+    model, spec = tiny_gpt2_64  # the session's export; the codes are written into a copy of its torch module
+    lm = copy.deepcopy(model.torch_module)
     ids = linear_layer_ids(lm)
     hessians = layer_hessians(lm, ids, WINDOWS)
     weights = {i: weight_matrix(lm.get_submodule(i)) for i in ids}
     layers = quantize_layers(weights, hessians, WeightOnlyRecipe("gptq", 3.0, 32, widths=(2, 4, 8), lowrank=2))
-    model, _ = export_decoder(lm)
     proto = model.to_proto()
     apply_to_onnx(proto, layers, accuracy_level=0)
     apply_to_torch(lm, layers)
     session = ort.InferenceSession(from_proto(proto).to_bytes(), providers=["CPUExecutionProvider"])
     ids_in = WINDOWS[:2, :8]
-    feeds = {"input_ids": ids_in, "attention_mask": np.ones_like(ids_in)}
-    feeds.update({f"past_key_values.0.{k}": np.zeros((2, 2, 0, 16), np.float32) for k in ("key", "value")})
+    feeds = spec.feeds(ids_in)  # an empty cache
     got = session.run(["logits"], feeds)[0]
     with torch.no_grad():
         expected = lm(input_ids=torch.from_numpy(ids_in)).logits.numpy()

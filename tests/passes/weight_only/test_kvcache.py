@@ -14,11 +14,14 @@ WINDOWS = np.random.default_rng(0).integers(32, 127, (8, 41))
 
 
 @pytest.fixture(scope="module")
-def sessions():
-    lm = decoders.tiny_gpt2(seed=2, width=64)
+def sessions(tiny_gpt2_64):
+    """Decoder sessions of one GPT-2 with a float, an int8 and an int4 cache (the float one: the session's export)."""
+    float_model, float_spec = tiny_gpt2_64
+    lm = float_model.torch_module
     scales = key_scales(lm, WINDOWS)
-    exported = {bits: export_decoder(lm, kv_bits=bits, key_scales=scales if bits == 8 else
-                                     (key_scales(lm, WINDOWS, 4) if bits == 4 else None)) for bits in (32, 8, 4)}
+    exported = {bits: export_decoder(lm, kv_bits=bits, key_scales=scales if bits == 8 else key_scales(lm, WINDOWS, 4))
+                for bits in (8, 4)}
+    exported[32] = (float_model, float_spec)
     return {bits: DecoderSession.load(model, spec) for bits, (model, spec) in exported.items()}, scales
 
 
