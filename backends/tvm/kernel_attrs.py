@@ -30,7 +30,9 @@ class KernelAttrs:
     its input's per-sample absmax from one more input (after the residual) instead of computing it / returns
     its output's per-sample absmax as a second output (``kernels.conv2d_int8``); ``pool``: a max pooling
     (kernel, stride, pad; kernel 0: none) fused after a conv's activation, its output the pooled one;
-    ``block_in`` / ``block_out``: the fp32 conv's input / output is blocked NCHW{block}c (0: NCHW)."""
+    ``block_in`` / ``block_out``: the fp32 conv's input / output is blocked NCHW{block}c (0: NCHW); ``halo_in`` /
+    ``halo_out`` / ``halo_res``: its blocked input / output / residual carries a border of zeros that many pixels
+    wide (``kernels.conv2d``)."""
 
     kernel: str
     nb: int
@@ -47,6 +49,9 @@ class KernelAttrs:
     pool: tuple[int, int, int] = (0, 0, 0)
     block_in: int = 0
     block_out: int = 0
+    halo_in: int = 0
+    halo_out: int = 0
+    halo_res: int = 0
 
     def __post_init__(self) -> None:
         if self.kernel not in KINDS:
@@ -59,6 +64,8 @@ class KernelAttrs:
             raise ValueError(f"only a conv fuses a max pooling, not {self.kernel!r}")
         if (self.block_in or self.block_out) and self.kernel != "conv2d":
             raise ValueError(f"only the fp32 conv reads or writes blocked (NCHWc) activations, not {self.kernel!r}")
+        if (self.halo_in and not self.block_in) or (self.halo_out and not self.block_out):
+            raise ValueError("only a blocked (NCHWc) input or output carries a border")
         if self.nb < 1:
             raise ValueError(f"output tile nb={self.nb} must be positive")
 

@@ -392,7 +392,8 @@ def dense_int8(x, codes, wscale, bias, *, act: str = "none", levels: int = DENSE
 
 
 def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: int, act: str = "none",
-           pool: tuple[int, int, int] = (0, 0, 0), block_in: int = 0, block_out: int = 0, block_res: int = 0):
+           pool: tuple[int, int, int] = (0, 0, 0), block_in: int = 0, block_out: int = 0, block_res: int = 0,
+           halo_in: int = 0, halo_out: int = 0, halo_res: int = 0):
     """fp32 NCHW conv: ``w`` packed [OC/ob, IC/g, KH, KW, ob] (``pack_conv``; blocked input: its blocked layout);
     ``pads`` (top, left, bottom, right);
     out = act(conv + bias [+ residual]), ``residual`` a tensor of the output's shape (a skip connection).
@@ -402,11 +403,21 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
     ``block_in`` / ``block_out`` / ``block_res`` (channels per block; 0: NCHW): the input / output / residual is
     blocked NCHW{block}c, [N, C/block, H, W, block] (groups = 1), as ORT keeps fp32 activations between convs on
     AVX-512: the epilogue stores a register's 16 channels of a pixel at once instead of transposing the tile back
-    to NCHW, and the reduction walks a pixel's ``block_in`` channels contiguously (``rci``, innermost)."""
+    to NCHW, and the reduction walks a pixel's ``block_in`` channels contiguously (``rci``, innermost).
+
+    ``halo_in`` / ``halo_out`` / ``halo_res`` (pixels; blocked tensors only): the tensor carries a border of zeros
+    that wide around each plane, [N, C/block, H + 2·halo, W + 2·halo, block]. An input whose border covers the
+    padding is read in place (no padding stage); the output's border is written as zeros. This TE form is the
+    reference semantics; on AVX-512 ``blocked.conv2d`` computes it (TE cannot write inside a larger buffer)."""
     from tvm import te, tirx
 
+    if (halo_in and not block_in) or (halo_out and not block_out) or (halo_res and not block_res):
+        raise ValueError("only a blocked (NCHWc) tensor carries a border")
+    if halo_in and max(pads) > halo_in:
+        raise ValueError(f"padding {pads} wider than the input's border of {halo_in}")
     if block_in:
         n, cb, h, wd, _ = (int(v) for v in data.shape)
+        h, wd = h - 2 * halo_in, wd - 2 * halo_in
         c = cb * block_in
     else:
         n, c, h, wd = (int(v) for v in data.shape)
@@ -426,7 +437,10 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
     ocg = oc // groups
-    if pt or pl or pb or pr:
+    if halo_in:  # the border holds the padding: the padded image starts halo_in - pad pixels in
+        padded = data
+        ro, co = halo_in - pt, halo_in - pl
+    elif pt or pl or pb or pr:
         def pad(y, x, value):
             return tirx.if_then_else(tirx.all(y >= pt, y < h + pt, x >= pl, x < wd + pl), value,
                                      tirx.const(0.0, "float32"))
@@ -439,6 +453,8 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
                                 lambda b, ch, y, x: pad(y, x, data[b, ch, y - pt, x - pl]), name="conv_pad")
     else:
         padded = data
+    if not halo_in:
+        ro = co = 0
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     if block_in:  # input blocks outermost, a pixel's channels of a block innermost (contiguous)
@@ -447,7 +463,7 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
         acc = te.compute(
             (n, oh, ow, oc),
             lambda b, y, x, o: te.sum(
-                padded[b, rc, y * sh + ry * dh, x * sw + rx * dw, rci] * w[o // ob, rc, ry, rx, rci, o % ob],
+                padded[b, rc, y * sh + ry * dh + ro, x * sw + rx * dw + co, rci] * w[o // ob, rc, ry, rx, rci, o % ob],
                 axis=[rc, ry, rx, rci]),
             name="conv_acc")
     else:
@@ -468,13 +484,23 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
     def res(b, o, y, x):
         if residual is None:
             return None
-        return residual[b, o // block_res, y, x, o % block_res] if block_res else residual[b, o, y, x]
+        if block_res:
+            return residual[b, o // block_res, y + halo_res, x + halo_res, o % block_res]
+        return residual[b, o, y, x]
 
     def value(b, o, y, x):
         total = _plus(acc[b, y, x, o], bias, o)
         extra = res(b, o, y, x)
         return _activate(total if extra is None else total + extra, act)
 
+    if block_out and halo_out:
+        def bordered(b, q, y, x, z):
+            inside = tirx.all(y >= halo_out, y < oh + halo_out, x >= halo_out, x < ow + halo_out)
+            return tirx.if_then_else(inside, value(b, q * block_out + z, y - halo_out, x - halo_out),
+                                     tirx.const(0.0, "float32"))
+
+        return te.compute((n, oc // block_out, oh + 2 * halo_out, ow + 2 * halo_out, block_out), bordered,
+                          name="conv_out")
     if block_out:
         return te.compute((n, oc // block_out, oh, ow, block_out),
                           lambda b, q, y, x, z: value(b, q * block_out + z, y, x), name="conv_out")
@@ -514,12 +540,13 @@ def pool_out_size(size: int, pool: tuple[int, int, int]) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int], block: int = 0):
+def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int], block: int = 0, halo: int = 0):
     """TE: square max pooling (kernel, stride, pad) of the NCHW tensor of ``shape`` that ``read(b, c, y, x)``
     reads, as one element-wise maximum of each window's pixels (a spatial block: a schedule can vectorize it
     over channels), pixels outside the image clamped to its edge (a pixel the window holds anyway: the same
     maximum as padding with -inf, when pad < kernel). ``block`` (channels; 0: NCHW): the output is blocked
-    NCHW{block}c, ``read`` still takes NCHW indices."""
+    NCHW{block}c, ``read`` still takes NCHW indices; ``halo``: with a border of zeros that wide (``conv2d``'s
+    ``halo_in``)."""
     from tvm import te, tirx
 
     n, c, h, w = shape
@@ -537,6 +564,12 @@ def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int],
         return value
 
     ph, pw = pool_out_size(h, pool), pool_out_size(w, pool)
+    if block and halo:
+        def bordered(b, q, y, x, z):
+            inside = tirx.all(y >= halo, y < ph + halo, x >= halo, x < pw + halo)
+            return tirx.if_then_else(inside, window(b, q * block + z, y - halo, x - halo), tirx.const(0.0, "float32"))
+
+        return te.compute((n, c // block, ph + 2 * halo, pw + 2 * halo, block), bordered, name="pool_out")
     if block:  # the pooled tensor blocked NCHW{block}c (``conv2d``'s ``block_out``)
         return te.compute((n, c // block, ph, pw, block), lambda b, q, y, x, z: window(b, q * block + z, y, x),
                           name="pool_out")

@@ -95,17 +95,33 @@ class Blocked:
     """An fp32 activation ``tensor`` stored blocked NCHW{block}c, [N, C/block, H, W, block], for the NCHW ``shape``:
     written by an fp32 conv (or a max pooling of one) whose readers are fp32 convs, max poolings and residual Adds
     (``_blocked_readers``), as ORT keeps fp32 activations between convs on AVX-512; any other reader gets it
-    ``decoded`` to NCHW, once."""
+    ``decoded`` to NCHW, once. ``halo``: pixels of zeros around each plane, [N, C/block, H + 2·halo, W + 2·halo,
+    block] (``_halo_readers``): a conv with that much padding reads it in place, with no padding stage."""
 
     tensor: Any
     shape: list[int]
     block: int
     decoded: Any = None
+    halo: int = 0
 
 
 #: fp32 convs pass each other blocked (NCHWc) activations where the scheme has a block (``Blocked``); False: NCHW
 #: everywhere, for timing one against the other
 FP32_BLOCKED = True
+#: a blocked activation whose readers all take it so carries ``HALO`` pixels of zeros around each plane, written by
+#: its writer (``blocked.conv2d``, the blocked max pooling), so a 3×3 conv reads it without a padding stage and the
+#: barrier after it; False: no border, for timing one against the other
+FP32_HALO = True
+HALO = 1
+#: the channel block of the convs that write a border (``blocked.LANES``: AVX-512's fp32 lanes)
+BORDER_BLOCK = 16
+
+
+def _layout(block: int, halo: int) -> str:
+    """An fp32 activation's layout as the manifest names it."""
+    if not block:
+        return "float32"
+    return f"float32 NCHW{block}c" + (f", {halo}-pixel zero border" if halo else "")
 
 
 @dataclass
@@ -323,7 +339,11 @@ class _Lowering:
                 from tvm import relax
 
                 n, c, h, w = value.shape
-                split = bb.emit(relax.op.permute_dims(value.tensor, [0, 1, 4, 2, 3]))
+                inner = value.tensor
+                if value.halo:  # the plane without its border
+                    e = value.halo
+                    inner = bb.emit(relax.op.strided_slice(inner, [2, 3], [e, e], [h + e, w + e]))
+                split = bb.emit(relax.op.permute_dims(inner, [0, 1, 4, 2, 3]))
                 value.decoded = bb.emit(relax.op.reshape(split, [n, c, h, w]))
             return value.decoded
         if isinstance(value, ChannelsLast):
@@ -744,14 +764,15 @@ class _Lowering:
         if pool is None:
             return None
         n, c, h, w = x.shape
-        block = x.block
+        block, e = x.block, x.halo
+        halo = HALO if self._halo_readers(node.output[0]) else 0
 
         def te_pool(data):
-            return kernels.max_pool(lambda b, o, y, xx: data[b, o // block, y, xx, o % block], (n, c, h, w), pool,
-                                    block=block)
+            return kernels.max_pool(lambda b, o, y, xx: data[b, o // block, y + e, xx + e, o % block], (n, c, h, w),
+                                    pool, block=block, halo=halo)
 
         out = bb.emit_te(te_pool, x.tensor, primfunc_name_hint="bitpass_max_pool_nchwc")
-        return Blocked(out, [n, c, kernels.pool_out_size(h, pool), kernels.pool_out_size(w, pool)], block)
+        return Blocked(out, [n, c, kernels.pool_out_size(h, pool), kernels.pool_out_size(w, pool)], block, halo=halo)
 
     @staticmethod
     def _pool_covers(in_shape, out_shape, kernel, strides, dilations, pads) -> bool:
@@ -849,11 +870,14 @@ class _Lowering:
         """``kernels.conv2d``, reading its input and residual as they come (blocked or NCHW) and writing blocked
         where every reader of its (fused) output takes that (``_blocked_readers``)."""
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
-        block_in = x.block if isinstance(x, Blocked) and self._reads_blocked(node) else 0
+        block_in = x.block if isinstance(x, Blocked) and self._reads_blocked(node) and \
+            (not x.halo or max(geometry["pads"]) <= x.halo) else 0
+        halo_in = x.halo if block_in else 0
         wp = self.shared(("conv", node.name, ob, block_in),
                          lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob, block_in)))
         x = x.tensor if block_in else self.fp32(bb, x)
         block_res = residual.block if isinstance(residual, Blocked) else 0
+        halo_res = residual.halo if block_res else 0
         residual = residual.tensor if block_res else residual
         # a batch is pooled a sample per parallel task (``schedules.Conv2d``): only with enough samples to share
         pool = self._fused_pool(self._alias[-1] if self._alias else node.output[0], geometry, 0, ob, residual,
@@ -862,25 +886,31 @@ class _Lowering:
         block = self._fp32_block()
         block_out = block if geometry["groups"] == 1 and ob % max(block, 1) == 0 and w.shape[0] % max(block, 1) == 0 \
             and self._blocked_readers(final) else 0
+        # only the hand-written blocked conv writes a border (``blocked.conv2d``: 16-channel blocks in and out, no
+        # pooling, its input's border covering its padding, a blocked residual)
+        bordered = self.lanes == BORDER_BLOCK and block_in == block_out == BORDER_BLOCK and not pool[0] and \
+            ob % BORDER_BLOCK == 0 and max(geometry["pads"]) <= halo_in and (residual is None or block_res)
+        halo_out = HALO if bordered and self._halo_readers(final) else 0
         tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, block_in=block_in,
-                           block_out=block_out, **geometry)
+                           block_out=block_out, halo_in=halo_in, halo_out=halo_out, halo_res=halo_res, **geometry)
         self._record(node, "conv2d", 32, w.size * 4, tags)
         if block_in or block_out:
             entry = self.report.layers[str(self.plan(node).layer_id or node.name)]
-            entry["activations"] = {"in": f"float32 NCHW{block_in}c" if block_in else "float32",
-                                    "out": f"float32 NCHW{block_out}c" if block_out else "float32"}
+            entry["activations"] = {"in": _layout(block_in, halo_in), "out": _layout(block_out, halo_out)}
 
         def te_conv(data, weight, bias_, *rest):
             return kernels.conv2d(data, weight, bias_, rest[0] if rest else None, **geometry, act=act, pool=pool,
-                                  block_in=block_in, block_out=block_out, block_res=block_res)
+                                  block_in=block_in, block_out=block_out, block_res=block_res, halo_in=halo_in,
+                                  halo_out=halo_out, halo_res=halo_res)
 
         extra = [residual] if residual is not None else []
         out = bb.emit_te(te_conv, x, wp, self.expr(b), *extra, primfunc_name_hint="bitpass_conv2d",
                          primfunc_attrs=tags.to_func_attrs())
         if not block_out:
             return out
-        dims = [int(d) for d in out.ty.shape]  # [N, OC/block, H, W, block]
-        return Blocked(out, [dims[0], int(w.shape[0]), dims[2], dims[3]], block_out)
+        dims = [int(d) for d in out.ty.shape]  # [N, OC/block, H + 2·halo, W + 2·halo, block]
+        return Blocked(out, [dims[0], int(w.shape[0]), dims[2] - 2 * halo_out, dims[3] - 2 * halo_out], block_out,
+                       halo=halo_out)
 
     def _fp32_block(self) -> int:
         """Channels per block of the fp32 convs' blocked activations (0: NCHW)."""
@@ -945,6 +975,17 @@ class _Lowering:
                         self.plan(writer).weight_bits == 32 and self._single_consumer(other) is user:
                     continue
             return False
+        return True
+
+    def _halo_readers(self, value: str) -> bool:
+        """Whether the blocked ``value`` carries a border of ``HALO`` pixels of zeros (``Blocked.halo``): every reader
+        takes it blocked (``_blocked_readers``) and every conv reading it as its input pads it by at most that much,
+        so reads it in place; max poolings and residual Adds read it at an offset."""
+        if not FP32_HALO or not self._blocked_readers(value):
+            return False
+        for user in self.consumers[value]:
+            if user.op_type == "Conv" and user.input[0] == value and max(_attrs(user).get("pads", [0])) > HALO:
+                return False
         return True
 
     def _int8_conv_reads(self, value: str, through_pool: bool = True) -> bool:

@@ -24,7 +24,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir import stmt as s_stmt
 from tvm.target import Target
 
-from bitpass.backends.tvm import avx2, avx512
+from bitpass.backends.tvm import avx2, avx512, blocked
 from bitpass.backends.tvm.kernel_attrs import KernelAttrs
 
 #: a parallel loop fuses outer loops until it has this many iterations (one per thread would leave a
@@ -148,6 +148,26 @@ class Dense(_Rule):
                 _, vi = sch.split(qloops[-1], [None, self.lanes])
                 sch.vectorize(vi)
         return sch
+
+    def _fp32_bordered(self, func, tags: KernelAttrs):
+        """``blocked.conv2d`` for an fp32 conv on AVX-512 whose blocked input, output or residual carries a border
+        (``KernelAttrs.halo_*``): it reads its input in place and writes its output's border itself."""
+        if self.lanes != blocked.LANES or not (tags.halo_in or tags.halo_out or tags.halo_res) or \
+                not blocked.conv2d_supported(tags.block_in, tags.block_out, tags.nb, tags.groups, tags.pads,
+                                             tags.halo_in, tags.pool):
+            return None
+        shapes = _shapes(func)
+        data, weight, out = shapes[0], shapes[1], shapes[-1]
+        if tags.residual and len(shapes[3]) != 5:  # an NCHW residual: the TE kernel reads it
+            return None
+        n, cb, h, w, block = data
+        work = n * out[1] * out[4] * (out[2] - 2 * tags.halo_out) * (out[3] - 2 * tags.halo_out) * cb * block * \
+            weight[2] * weight[3]
+        kernel = blocked.conv2d((n, cb * block, h - 2 * tags.halo_in, w - 2 * tags.halo_in), out[1] * out[4],
+                                weight[-1], (weight[2], weight[3]), tags.strides, tags.pads, tags.dilations, tags.act,
+                                parallel=work >= PARALLEL_MIN_WORK, residual=tags.residual, halo_in=tags.halo_in,
+                                halo_out=tags.halo_out, halo_res=tags.halo_res)
+        return _replacement(func, kernel)
 
     def _int8_vnni(self, func, tags: KernelAttrs):
         """The ``vpdpbusd`` micro-kernel (``avx512.dense_int8``) where the target has AVX-512 VNNI."""
@@ -297,6 +317,10 @@ class Conv2d(_Rule):
                 return None
         elif tags.pool[0]:
             return self._fp32_pooled(func, tags)
+        else:
+            hand = self._fp32_bordered(func, tags)
+            if hand is not None:
+                return hand
         sch = s_tir.Schedule(func)
         int8 = tags.kernel == "conv2d_int8"
         if int8:  # the scales are expressions of the sample's max, read where needed
@@ -420,6 +444,26 @@ class Conv2d(_Rule):
         if pad is not None:
             sch.compute_at(pad, b)
         return sch
+
+    def _fp32_bordered(self, func, tags: KernelAttrs):
+        """``blocked.conv2d`` for an fp32 conv on AVX-512 whose blocked input, output or residual carries a border
+        (``KernelAttrs.halo_*``): it reads its input in place and writes its output's border itself."""
+        if self.lanes != blocked.LANES or not (tags.halo_in or tags.halo_out or tags.halo_res) or \
+                not blocked.conv2d_supported(tags.block_in, tags.block_out, tags.nb, tags.groups, tags.pads,
+                                             tags.halo_in, tags.pool):
+            return None
+        shapes = _shapes(func)
+        data, weight, out = shapes[0], shapes[1], shapes[-1]
+        if tags.residual and len(shapes[3]) != 5:  # an NCHW residual: the TE kernel reads it
+            return None
+        n, cb, h, w, block = data
+        work = n * out[1] * out[4] * (out[2] - 2 * tags.halo_out) * (out[3] - 2 * tags.halo_out) * cb * block * \
+            weight[2] * weight[3]
+        kernel = blocked.conv2d((n, cb * block, h - 2 * tags.halo_in, w - 2 * tags.halo_in), out[1] * out[4],
+                                weight[-1], (weight[2], weight[3]), tags.strides, tags.pads, tags.dilations, tags.act,
+                                parallel=work >= PARALLEL_MIN_WORK, residual=tags.residual, halo_in=tags.halo_in,
+                                halo_out=tags.halo_out, halo_res=tags.halo_res)
+        return _replacement(func, kernel)
 
     def _int8_vnni(self, func, tags: KernelAttrs):
         """The ``vpdpbusd`` micro-kernel (``avx512.conv2d_int8``) where the target has AVX-512 VNNI."""

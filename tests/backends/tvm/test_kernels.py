@@ -256,6 +256,68 @@ def test_fp32_conv_reads_and_writes_blocked_activations(n, c, oc, k, stride, hw,
     np.testing.assert_allclose(_run(func, xs, wp, b, *rs, out_shape=want.shape), want, rtol=1e-4, atol=1e-4)
 
 
+def _bordered(a: np.ndarray, halo: int) -> np.ndarray:
+    """A blocked tensor [N, C/16, H, W, 16] with ``halo`` pixels of zeros around each plane."""
+    return np.pad(a, ((0, 0), (0, 0), (halo, halo), (halo, halo), (0, 0))) if halo else a
+
+
+@pytest.mark.parametrize(("n", "c", "oc", "k", "stride", "hw", "halos", "residual"),
+                         [(1, 32, 64, 3, 1, 9, (1, 1, 1), True), (2, 32, 32, 3, 1, 7, (1, 1, 0), True),
+                          (1, 64, 32, 3, 2, 14, (1, 0, 0), False), (1, 32, 64, 1, 2, 14, (1, 1, 1), True),
+                          (1, 16, 32, 3, 1, 8, (2, 1, 0), False), (1, 32, 32, 1, 1, 6, (0, 1, 0), False)])
+def test_a_blocked_fp32_conv_reads_and_writes_activations_with_a_zero_border(n, c, oc, k, stride, hw, halos,
+                                                                             residual):
+    """Blocked NCHW16c activations carrying a border of zeros (``halo_in`` / ``halo_out`` / ``halo_res``): the
+    input's border is the conv's padding, read in place; the output's border is written as zeros (the output
+    buffer starts as NaN); the residual is read inside its border. The reference's values, on AVX-512 from the
+    hand-written kernel (``blocked.conv2d``) that replaces the TE function there."""
+    if LANES != 16:
+        pytest.skip("blocked activations are kept on AVX-512 only (16 lanes)")
+    halo_in, halo_out, halo_res = halos
+    pad = k // 2
+    ob = kernels.out_block(oc, LANES)
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    want = _conv_ref(x, w, b, stride, pad, 1)
+    r = rng.standard_normal(want.shape).astype(np.float32)
+    want = np.maximum(want + (r if residual else 0), 0)
+    xs, wp = _bordered(_nchwc(x, 16), halo_in), kernels.pack_conv(w, ob, 16)
+    rs = [_bordered(_nchwc(r, 16), halo_res)] if residual else []
+    tx, tw, tb = te.placeholder(xs.shape, "float32"), te.placeholder(wp.shape, "float32"), te.placeholder((oc,))
+    tr = [te.placeholder(a.shape, "float32") for a in rs]
+    geometry = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (1, 1), "groups": 1}
+    borders = {"halo_in": halo_in, "halo_out": halo_out, "halo_res": halo_res if residual else 0}
+    out = kernels.conv2d(tx, tw, tb, *tr, **geometry, act="relu", block_in=16, block_out=16,
+                         block_res=16 if residual else 0, **borders)
+    func = KernelAttrs("conv2d", ob, act="relu", residual=residual, block_in=16, block_out=16, **borders,
+                       **geometry).tag(te.create_prim_func([tx, tw, tb, *tr, out]))
+    mod = schedules.apply_rules(tvm.IRModule({"main": func}), tvm.target.Target(HOST))
+    assert "xflat" in mod.script(), "the hand-written blocked conv did not replace the TE function"
+    built = tvm.compile(mod, target=tvm.target.Target(HOST))["main"]
+    want = _bordered(_nchwc(want.astype(np.float32), 16), halo_out)
+    dev = tvm.cpu()
+    got = tvm.runtime.tensor(np.full(want.shape, np.nan, np.float32), dev)
+    built(*[tvm.runtime.tensor(a, dev) for a in (xs, wp, b, *rs)], got)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_blocked_conv_without_a_border_keeps_the_te_schedule_and_a_wider_padding_is_refused():
+    """No border anywhere: the TE function is scheduled as before (a padding stage); an input border narrower than
+    the conv's padding is a ValueError (the lowering never asks for it)."""
+    if LANES != 16:
+        pytest.skip("blocked activations are kept on AVX-512 only (16 lanes)")
+    tx, tw, tb = te.placeholder((1, 2, 8, 8, 16)), te.placeholder((1, 2, 3, 3, 16, 32)), te.placeholder((32,))
+    geometry = {"strides": (1, 1), "pads": (1,) * 4, "dilations": (1, 1), "groups": 1}
+    out = kernels.conv2d(tx, tw, tb, **geometry, act="relu", block_in=16, block_out=16)
+    func = KernelAttrs("conv2d", 32, act="relu", block_in=16, block_out=16, **geometry).tag(
+        te.create_prim_func([tx, tw, tb, out]))
+    script = schedules.apply_rules(tvm.IRModule({"main": func}), tvm.target.Target(HOST)).script()
+    assert "conv_pad" in script and "xflat" not in script
+    with pytest.raises(ValueError, match="border"):
+        kernels.conv2d(tx, tw, tb, **{**geometry, "pads": (2,) * 4}, block_in=16, block_out=16, halo_in=1)
+
+
 @pytest.mark.parametrize("banded", [True, False])
 def test_a_batch_1_fp32_conv_in_row_bands_is_the_reference_conv(banded, monkeypatch):
     """At batch 1 on AVX-512 a strided fp32 conv with small weights splits its output rows into ``ROW_BANDS``

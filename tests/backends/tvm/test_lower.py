@@ -149,22 +149,28 @@ def test_only_targets_whose_int8_conv_pools_in_its_epilogue_fuse_the_max_pooling
     assert ("MaxPool" in report.ops) != fused
 
 
+@pytest.mark.parametrize("halo", [True, False], ids=["border", "no-border"])
 @pytest.mark.parametrize(("features", "blocked"),
                          [({"avx512", "avx2", "vnni"}, True), ({"avx2"}, False), (set(), False)])
-def test_fp32_convs_pass_each_other_blocked_activations_only_on_avx512(features, blocked):
+def test_fp32_convs_pass_each_other_blocked_activations_only_on_avx512(features, blocked, halo, monkeypatch):
     """The lowering alone (no build, any host): on AVX-512 every fp32 conv read only by fp32 convs, a max pooling
     of them or a residual Add an fp32 conv fuses writes NCHW16c, and its readers read it so (the max pooling too);
-    the last conv, read by the global pooling, writes NCHW. AVX2 and the portable path (aarch64) stay NCHW.
-    Numerics: ``test_an_fp32_conv_read_by_a_max_pooling_...`` (this model, built, against torch)."""
+    the last conv, read by the global pooling, writes NCHW. AVX2 and the portable path (aarch64) stay NCHW. With
+    ``FP32_HALO`` the max pooling and the blocked-in, blocked-out convs write a 1-pixel zero border that their 3×3
+    readers read in place (the stem, reading the NCHW image, writes none). Numerics:
+    ``test_an_fp32_conv_read_by_a_max_pooling_...`` (this model, built, against torch) and ``test_kernels``."""
     from bitpass.backends.tvm import lower
 
+    monkeypatch.setattr(lower, "FP32_HALO", halo)
     torch.manual_seed(0)
     model = from_torch(_ResidualCnn().eval(), (torch.zeros(1, 3, 16, 16),))
     _, report, _ = lower.lower(model, (1,), kernels.scheme_for(features))
     layouts = {name: entry.get("activations") for name, entry in report.layers.items() if entry["kernel"] == "conv2d"}
-    blocked16, plain = "float32 NCHW16c", "float32"
-    want = {"stem": {"in": plain, "out": blocked16}, "conv1": {"in": blocked16, "out": blocked16},
-            "conv2": {"in": blocked16, "out": blocked16}, "down": {"in": blocked16, "out": plain}}
+    blocked16 = "float32 NCHW16c"
+    bordered = f"{blocked16}, 1-pixel zero border" if halo else blocked16
+    plain = "float32"
+    want = {"stem": {"in": plain, "out": blocked16}, "conv1": {"in": bordered, "out": bordered},
+            "conv2": {"in": bordered, "out": bordered}, "down": {"in": bordered, "out": plain}}
     assert layouts == (want if blocked else dict.fromkeys(want))
     assert report.ops["MaxPool"] == {"bitpass rule": 1}
 
