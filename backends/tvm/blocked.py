@@ -12,11 +12,14 @@ output), which stays the reference: the schedule rule replaces that TE function 
 (``conv2d_supported``). A tile of ``owt`` output columns × ``ob`` output channels is held in registers; per step
 (input block, tap, channel of the block) one broadcast input value per column and ``ob / 16`` weight registers.
 Parallel over (sample, output block, row, column tile): a batch's sample outermost so its input stays in cache
-across the blocks, a block's weights across its rows. A tile at a row's ends, or on the first or last row, also
-writes the border pixels beside it, so the border costs no pass and no barrier.
+across the blocks, a block's weights across its rows. A (sample, block)'s first tile also zeros the border of its
+planes, so the border costs no pass of its own and no barrier. Parsing the TVMScript is most of the cost of
+building one (about 0.15 s), so each geometry is built once per process.
 """
 
 from __future__ import annotations
+
+import functools
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -35,6 +38,7 @@ def conv2d_supported(block_in: int, block_out: int, ob: int, groups: int, pads: 
         max(pads) <= halo_in
 
 
+@functools.cache
 def conv2d(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int, int], strides: tuple[int, int],
            pads: tuple[int, int, int, int], dilations: tuple[int, int], act: str, parallel: bool,
            residual: bool = False, halo_in: int = 0, halo_out: int = 0, halo_res: int = 0) -> tirx.PrimFunc:
@@ -73,33 +77,12 @@ def conv2d(shape: tuple[int, int, int, int], oc: int, ob: int, kernel: tuple[int
         oflat[T.ramp(at(oc // LANES, ho, wo, b, q, y, x), 1, LANES)] = T.broadcast(T.float32(0), LANES)
 
     @T.macro
-    def border(oflat, b, blk, y, xo):  # the zeros around the pixels this tile writes
-        if halo_out > 0:
-            for v in range(vecs):
-                if xo == 0:
-                    for e in range(halo_out):
-                        zero_pixel(oflat, b, blk * vecs + v, y + halo_out, e)
-                if xo == xtiles - 1:
-                    for e in range(halo_out):
-                        zero_pixel(oflat, b, blk * vecs + v, y + halo_out, ow + halo_out + e)
-                if y == 0:
-                    for e, x in T.grid(halo_out, owt):
-                        zero_pixel(oflat, b, blk * vecs + v, e, xo * owt + x + halo_out)
-                    if xo == 0:
-                        for e, x in T.grid(halo_out, halo_out):
-                            zero_pixel(oflat, b, blk * vecs + v, e, x)
-                    if xo == xtiles - 1:
-                        for e, x in T.grid(halo_out, halo_out):
-                            zero_pixel(oflat, b, blk * vecs + v, e, ow + halo_out + x)
-                if y == oh - 1:
-                    for e, x in T.grid(halo_out, owt):
-                        zero_pixel(oflat, b, blk * vecs + v, oh + halo_out + e, xo * owt + x + halo_out)
-                    if xo == 0:
-                        for e, x in T.grid(halo_out, halo_out):
-                            zero_pixel(oflat, b, blk * vecs + v, oh + halo_out + e, x)
-                    if xo == xtiles - 1:
-                        for e, x in T.grid(halo_out, halo_out):
-                            zero_pixel(oflat, b, blk * vecs + v, oh + halo_out + e, ow + halo_out + x)
+    def border(oflat, b, blk, y, xo):  # a (sample, block)'s first tile zeros the border of its planes
+        if halo_out > 0 and y == 0 and xo == 0:
+            for v, e, x in T.grid(vecs, 2 * halo_out, wo):  # the rows above and below
+                zero_pixel(oflat, b, blk * vecs + v, T.if_then_else(e < halo_out, e, oh + e), x)
+            for v, r, e in T.grid(vecs, oh, 2 * halo_out):  # the columns left and right of each row
+                zero_pixel(oflat, b, blk * vecs + v, r + halo_out, T.if_then_else(e < halo_out, e, ow + e))
 
     @T.macro
     def tile(xflat, wflat, bias, res, oflat, t):

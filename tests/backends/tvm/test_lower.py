@@ -10,7 +10,7 @@ import torch
 
 tvm = pytest.importorskip("tvm", reason="the TVM backend needs apache-tvm (pip install -e '.[tvm]')")
 
-from bitpass.backends.tvm import build, kernels, targets  # noqa: E402
+from bitpass.backends.tvm import build, kernels, schedules, targets  # noqa: E402
 from bitpass.frontend import annotation, from_torch  # noqa: E402
 
 SPEC = targets.get(targets.host_target())
@@ -173,6 +173,10 @@ def test_fp32_convs_pass_each_other_blocked_activations_only_on_avx512(features,
             "conv2": {"in": bordered, "out": bordered}, "down": {"in": bordered, "out": plain}}
     assert layouts == (want if blocked else dict.fromkeys(want))
     assert report.ops["MaxPool"] == {"bitpass rule": 1}
+    # from the batch at which the TE conv pads each sample in cache, no border (its stem pools in its epilogue)
+    _, report, _ = lower.lower(model, (schedules.PER_SAMPLE_MIN_BATCH,), kernels.scheme_for(features))
+    layouts = {name: entry.get("activations") for name, entry in report.layers.items() if entry["kernel"] == "conv2d"}
+    assert all("border" not in str(layout) for layout in layouts.values())
 
 
 @pytest.mark.parametrize("bits", [32, 8])
