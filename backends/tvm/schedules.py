@@ -149,26 +149,6 @@ class Dense(_Rule):
                 sch.vectorize(vi)
         return sch
 
-    def _fp32_bordered(self, func, tags: KernelAttrs):
-        """``blocked.conv2d`` for an fp32 conv on AVX-512 whose blocked input, output or residual carries a border
-        (``KernelAttrs.halo_*``): it reads its input in place and writes its output's border itself."""
-        if self.lanes != blocked.LANES or not (tags.halo_in or tags.halo_out or tags.halo_res) or \
-                not blocked.conv2d_supported(tags.block_in, tags.block_out, tags.nb, tags.groups, tags.pads,
-                                             tags.halo_in, tags.pool):
-            return None
-        shapes = _shapes(func)
-        data, weight, out = shapes[0], shapes[1], shapes[-1]
-        if tags.residual and len(shapes[3]) != 5:  # an NCHW residual: the TE kernel reads it
-            return None
-        n, cb, h, w, block = data
-        work = n * out[1] * out[4] * (out[2] - 2 * tags.halo_out) * (out[3] - 2 * tags.halo_out) * cb * block * \
-            weight[2] * weight[3]
-        kernel = blocked.conv2d((n, cb * block, h - 2 * tags.halo_in, w - 2 * tags.halo_in), out[1] * out[4],
-                                weight[-1], (weight[2], weight[3]), tags.strides, tags.pads, tags.dilations, tags.act,
-                                parallel=work >= PARALLEL_MIN_WORK, residual=tags.residual, halo_in=tags.halo_in,
-                                halo_out=tags.halo_out, halo_res=tags.halo_res)
-        return _replacement(func, kernel)
-
     def _int8_vnni(self, func, tags: KernelAttrs):
         """The ``vpdpbusd`` micro-kernel (``avx512.dense_int8``) where the target has AVX-512 VNNI."""
         if "vnni" not in self.features or len(func.params) != 5:
