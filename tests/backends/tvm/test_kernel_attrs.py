@@ -21,7 +21,7 @@ def test_attributes_round_trip_through_a_primfunc():
                        pads=(1, 0, 1, 0), dilations=(1, 1), groups=1, amax_in=True, amax_out=True, pool=(3, 2, 1))
     func = tags.tag(_func())
     assert KernelAttrs.of(func) == tags
-    blocked = KernelAttrs("conv2d", 32, block_in=16, block_out=16)
+    blocked = KernelAttrs("conv2d", 32, block_in=16, block_out=16, halo_in=1, halo_out=1, halo_res=1)
     assert KernelAttrs.of(blocked.tag(_func())) == blocked
     # and survive TVMScript printing and parsing, as a module does between passes
     reparsed = tvm.script.from_source(tvm.IRModule({"main": func}).script())["main"]
@@ -43,7 +43,10 @@ def test_untagged_functions_are_not_kernels():
                                                   ({"kernel": "dense", "nb": 0}, "positive"),
                                                   ({"kernel": "dense_int8", "nb": 16, "amax_in": True}, "absmax"),
                                                   ({"kernel": "dense", "nb": 16, "pool": (3, 2, 1)}, "max pooling"),
-                                                  ({"kernel": "conv2d_int8", "nb": 16, "block_out": 16}, "blocked")])
+                                                  ({"kernel": "conv2d_int8", "nb": 16, "block_out": 16}, "blocked"),
+                                                  ({"kernel": "conv2d", "nb": 16, "halo_in": 1}, "border"),
+                                                  ({"kernel": "conv2d", "nb": 16, "block_in": 16, "halo_out": 1},
+                                                   "border")])
 def test_invalid_attributes_are_refused_where_they_are_written(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KernelAttrs(**kwargs)
