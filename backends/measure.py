@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from dataclasses import asdict, dataclass
 

@@ -437,9 +437,10 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
     ocg = oc // groups
-    if halo_in:  # the border holds the padding: the padded image starts halo_in - pad pixels in
+    # where the padded image starts in the stored input: ``halo_in - pad`` pixels into a bordered one
+    ro, co = (halo_in - pt, halo_in - pl) if halo_in else (0, 0)
+    if halo_in:  # the border holds the padding
         padded = data
-        ro, co = halo_in - pt, halo_in - pl
     elif pt or pl or pb or pr:
         def pad(y, x, value):
             return tirx.if_then_else(tirx.all(y >= pt, y < h + pt, x >= pl, x < wd + pl), value,
@@ -453,8 +454,6 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
                                 lambda b, ch, y, x: pad(y, x, data[b, ch, y - pt, x - pl]), name="conv_pad")
     else:
         padded = data
-    if not halo_in:
-        ro = co = 0
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     if block_in:  # input blocks outermost, a pixel's channels of a block innermost (contiguous)
@@ -493,23 +492,30 @@ def conv2d(data, w, bias, residual=None, *, strides, pads, dilations, groups: in
         extra = res(b, o, y, x)
         return _activate(total if extra is None else total + extra, act)
 
-    if block_out and halo_out:
-        def bordered(b, q, y, x, z):
-            inside = tirx.all(y >= halo_out, y < oh + halo_out, x >= halo_out, x < ow + halo_out)
-            return tirx.if_then_else(inside, value(b, q * block_out + z, y - halo_out, x - halo_out),
-                                     tirx.const(0.0, "float32"))
-
-        return te.compute((n, oc // block_out, oh + 2 * halo_out, ow + 2 * halo_out, block_out), bordered,
-                          name="conv_out")
     if block_out:
-        return te.compute((n, oc // block_out, oh, ow, block_out),
-                          lambda b, q, y, x, z: value(b, q * block_out + z, y, x), name="conv_out")
+        return _blocked(value, (n, oc, oh, ow), block_out, halo_out, "conv_out")
     return te.compute((n, oc, oh, ow), value, name="conv_out")
 
 
 def _plus(value, tensor, *index):
     """``value + tensor[index]``, or ``value`` when there is no such tensor (no bias, no residual)."""
     return value if tensor is None else value + tensor(*index)
+
+
+def _blocked(value, shape: tuple[int, int, int, int], block: int, halo: int, name: str):
+    """TE: the NCHW values ``value(b, c, y, x)`` of ``shape`` stored blocked NCHW{block}c, with ``halo`` pixels of
+    zeros around each plane (0: none)."""
+    from tvm import te, tirx
+
+    n, c, h, w = shape
+    if not halo:
+        return te.compute((n, c // block, h, w, block), lambda b, q, y, x, z: value(b, q * block + z, y, x), name=name)
+
+    def bordered(b, q, y, x, z):
+        inside = tirx.all(y >= halo, y < h + halo, x >= halo, x < w + halo)
+        return tirx.if_then_else(inside, value(b, q * block + z, y - halo, x - halo), tirx.const(0.0, "float32"))
+
+    return te.compute((n, c // block, h + 2 * halo, w + 2 * halo, block), bordered, name=name)
 
 
 def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
@@ -564,15 +570,8 @@ def max_pool(read, shape: tuple[int, int, int, int], pool: tuple[int, int, int],
         return value
 
     ph, pw = pool_out_size(h, pool), pool_out_size(w, pool)
-    if block and halo:
-        def bordered(b, q, y, x, z):
-            inside = tirx.all(y >= halo, y < ph + halo, x >= halo, x < pw + halo)
-            return tirx.if_then_else(inside, window(b, q * block + z, y - halo, x - halo), tirx.const(0.0, "float32"))
-
-        return te.compute((n, c // block, ph + 2 * halo, pw + 2 * halo, block), bordered, name="pool_out")
     if block:  # the pooled tensor blocked NCHW{block}c (``conv2d``'s ``block_out``)
-        return te.compute((n, c // block, ph, pw, block), lambda b, q, y, x, z: window(b, q * block + z, y, x),
-                          name="pool_out")
+        return _blocked(window, (n, c, ph, pw), block, halo, "pool_out")
     return te.compute((n, c, ph, pw), window, name="pool_out")
 
 

@@ -113,8 +113,6 @@ FP32_BLOCKED = True
 #: barrier after it; False: no border, for timing one against the other
 FP32_HALO = True
 HALO = 1
-#: the channel block of the convs that write a border (``blocked.LANES``: AVX-512's fp32 lanes)
-BORDER_BLOCK = 16
 
 
 def _layout(block: int, halo: int) -> str:
@@ -886,10 +884,12 @@ class _Lowering:
         block = self._fp32_block()
         block_out = block if geometry["groups"] == 1 and ob % max(block, 1) == 0 and w.shape[0] % max(block, 1) == 0 \
             and self._blocked_readers(final) else 0
-        # only the hand-written blocked conv writes a border (``blocked.conv2d``: 16-channel blocks in and out, no
-        # pooling, its input's border covering its padding, a blocked residual)
-        bordered = self.lanes == BORDER_BLOCK and block_in == block_out == BORDER_BLOCK and not pool[0] and \
-            ob % BORDER_BLOCK == 0 and max(geometry["pads"]) <= halo_in and (residual is None or block_res)
+        # only the hand-written blocked conv writes a border (the schedule swaps it in on the same test, and reads a
+        # residual only blocked)
+        from bitpass.backends.tvm import blocked
+
+        bordered = self.lanes == blocked.LANES and (residual is None or block_res) and \
+            blocked.conv2d_supported(block_in, block_out, ob, geometry["groups"], geometry["pads"], halo_in, pool)
         halo_out = HALO if bordered and self._halo_readers(final, self.shape_of(x)[0]) else 0
         tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, block_in=block_in,
                            block_out=block_out, halo_in=halo_in, halo_out=halo_out, halo_res=halo_res, **geometry)
