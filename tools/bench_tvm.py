@@ -757,7 +757,9 @@ def tvm_conv_seconds(runner, feed: dict[str, np.ndarray], batch: int, calls: int
         if before_run:
             started[name] = now
         elif name in started:
-            weight = int(np.prod([int(d) for d in args[1].shape]))
+            dims = [int(d) for d in args[1].shape]
+            # a Winograd conv's weights are transformed, [(m+2)², OC/32, IC, 32]: pair it by the 3×3 conv's count
+            weight = 9 * int(np.prod(dims[1:])) if "winograd" in name else int(np.prod(dims))
             out.setdefault(conv_key(weight, seen), []).append(now - started.pop(name))
         return 0
 

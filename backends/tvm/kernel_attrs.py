@@ -14,8 +14,8 @@ from typing import Any
 #: PrimFunc attribute names are ``PREFIX + field name``
 PREFIX = "bitpass."
 
-#: the kernels ``kernels.py`` defines
-KINDS = ("dense", "dense_int8", "dense_int4", "conv2d", "conv2d_int8")
+#: the kernels ``kernels.py`` defines, and the fp32 conv computed by Winograd's algorithm (``winograd.conv2d``)
+KINDS = ("dense", "dense_int8", "dense_int4", "conv2d", "conv2d_int8", "conv2d_winograd")
 #: fused activations of a kernel's epilogue
 ACTIVATIONS = ("none", "relu")
 
@@ -62,7 +62,7 @@ class KernelAttrs:
             raise ValueError(f"only the int8 conv carries a per-sample absmax, not {self.kernel!r}")
         if self.pool[0] and not self.kernel.startswith("conv2d"):
             raise ValueError(f"only a conv fuses a max pooling, not {self.kernel!r}")
-        if (self.block_in or self.block_out) and self.kernel != "conv2d":
+        if (self.block_in or self.block_out) and self.kernel not in ("conv2d", "conv2d_winograd"):
             raise ValueError(f"only the fp32 conv reads or writes blocked (NCHWc) activations, not {self.kernel!r}")
         if (self.halo_in and not self.block_in) or (self.halo_out and not self.block_out):
             raise ValueError("only a blocked (NCHWc) input or output carries a border")

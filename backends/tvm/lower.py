@@ -113,6 +113,9 @@ FP32_BLOCKED = True
 #: barrier after it; False: no border, for timing one against the other
 FP32_HALO = True
 HALO = 1
+#: 3×3 stride-1 fp32 convs between blocked activations whose output 2×2 or 4×4 tiles run Winograd's algorithm
+#: (``winograd.conv2d``); False: the direct conv, for timing one against the other
+WINOGRAD = True
 
 
 def _layout(block: int, halo: int) -> str:
@@ -868,11 +871,10 @@ class _Lowering:
         """``kernels.conv2d``, reading its input and residual as they come (blocked or NCHW) and writing blocked
         where every reader of its (fused) output takes that (``_blocked_readers``)."""
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
+        n, c, h, wd = self.shape_of(x)
         block_in = x.block if isinstance(x, Blocked) and self._reads_blocked(node) and \
             (not x.halo or max(geometry["pads"]) <= x.halo) else 0
         halo_in = x.halo if block_in else 0
-        wp = self.shared(("conv", node.name, ob, block_in),
-                         lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob, block_in)))
         x = x.tensor if block_in else self.fp32(bb, x)
         block_res = residual.block if isinstance(residual, Blocked) else 0
         halo_res = residual.halo if block_res else 0
@@ -886,11 +888,22 @@ class _Lowering:
             and self._blocked_readers(final) else 0
         # only the hand-written blocked conv writes a border (the schedule swaps it in on the same test, and reads a
         # residual only blocked)
-        from bitpass.backends.tvm import blocked
+        from bitpass.backends.tvm import blocked, winograd
 
         bordered = self.lanes == blocked.LANES and (residual is None or block_res) and \
             blocked.conv2d_supported(block_in, block_out, ob, geometry["groups"], geometry["pads"], halo_in, pool)
-        halo_out = HALO if bordered and self._halo_readers(final, self.shape_of(x)[0]) else 0
+        out_hw = tuple(kernels.conv_out_size(size, geometry["pads"][axis] + geometry["pads"][axis + 2],
+                                             w.shape[2 + axis], geometry["strides"][axis], geometry["dilations"][axis])
+                       for axis, size in enumerate((h, wd)))
+        fast = WINOGRAD and self.lanes == winograd.LANES and (residual is None or block_res) and \
+            winograd.supported(block_in, block_out, c, w.shape[0], w.shape[2:], geometry["strides"], geometry["pads"],
+                               geometry["dilations"], geometry["groups"], pool, out_hw)
+        halo_out = HALO if (bordered or fast) and self._halo_readers(final, n) else 0
+        if fast:
+            return self._conv_winograd(bb, node, x, w, b, (n, c, h, wd), act, residual, block_in, halo_in,
+                                       block_res, halo_res, halo_out)
+        wp = self.shared(("conv", node.name, ob, block_in),
+                         lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob, block_in)))
         tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, block_in=block_in,
                            block_out=block_out, halo_in=halo_in, halo_out=halo_out, halo_res=halo_res, **geometry)
         self._record(node, "conv2d", 32, w.size * 4, tags)
@@ -911,6 +924,32 @@ class _Lowering:
         dims = [int(d) for d in out.ty.shape]  # [N, OC/block, H + 2·halo, W + 2·halo, block]
         return Blocked(out, [dims[0], int(w.shape[0]), dims[2] - 2 * halo_out, dims[3] - 2 * halo_out], block_out,
                        halo=halo_out)
+
+    def _conv_winograd(self, bb, node, x, w: np.ndarray, b: np.ndarray, shape: tuple[int, int, int, int], act: str,
+                       residual, block_in: int, halo_in: int, block_res: int, halo_res: int, halo_out: int) -> Blocked:
+        """A 3×3 stride-1 fp32 conv between blocked activations by Winograd's F(m×m, 3×3) (``winograd.conv2d``): the
+        weights stored transformed, (m+2)²/9 × their bytes, for a quarter to a half of the multiplies."""
+        from tvm import relax
+
+        from bitpass.backends.tvm import winograd
+
+        n, c, h, wd = shape
+        oc = int(w.shape[0])
+        m = winograd.tile_size(h, wd)
+        u = self.shared(("winograd", node.name, m), lambda: self.const(winograd.pack_weights(w, m)))
+        tags = KernelAttrs("conv2d_winograd", winograd.CHANNELS, act=act, residual=residual is not None,
+                           pads=(1, 1, 1, 1), block_in=block_in, block_out=winograd.LANES, halo_in=halo_in,
+                           halo_out=halo_out, halo_res=halo_res)
+        self._record(node, "conv2d_winograd", 32, winograd.weight_bytes(oc, c, m), tags)
+        entry = self.report.layers[str(self.plan(node).layer_id or node.name)]
+        entry["algorithm"] = f"Winograd F({m}x{m}, 3x3)"
+        entry["activations"] = {"in": _layout(block_in, halo_in), "out": _layout(winograd.LANES, halo_out)}
+        kernel = winograd.conv2d((n, c, h, wd), oc, act, True, residual is not None, halo_in, halo_out, halo_res)
+        gv = bb.add_func(tags.tag(kernel), "bitpass_conv2d_winograd")
+        args = [x, u, self.expr(b), *([residual] if residual is not None else [])]
+        out_shape = [n, oc // winograd.LANES, h + 2 * halo_out, wd + 2 * halo_out, winograd.LANES]
+        out = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+        return Blocked(out, [n, oc, h, wd], winograd.LANES, halo=halo_out)
 
     def _fp32_block(self) -> int:
         """Channels per block of the fp32 convs' blocked activations (0: NCHW)."""
