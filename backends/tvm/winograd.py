@@ -7,20 +7,25 @@ input channels (one matrix product per tile element, the work a direct conv spen
 transforms the result back (``Aᵀ M A``). Multiplies per output per channel pair: 9 direct, (m+2)²/m² Winograd:
 4 for F(2×2), 2.25 for F(4×4). ONNX Runtime's fp32 convs (MLAS, NCHWc) are direct, as is ``kernels.conv2d``,
 which stays the reference semantics; measured isolated on the 2-core AVX-512 EPYC at one thread, this kernel
-runs ResNet-18's 56² and 28² 3×3 convs 2.8-3.9× faster than ``blocked.conv2d`` and the 14² ones 2.0×.
+runs ResNet-18's 56² and 28² 3×3 convs 2.8-3.9× faster than ``blocked.conv2d``, the 14² ones 2.0× and, at 2
+threads, the 7² ones 1.3-1.5× (``tile_size``).
 
 Numerically the transforms add rounding: against the direct conv in float64, F(4×4) measured a largest error of
 about 5e-6 of the output's largest magnitude, F(2×2) 6e-7 (``tests/backends/tvm/test_winograd.py``); larger m
 would lose precision fast (its points spread), so m is 4 or 2.
 
-One parallel launch, no intermediate tensor: a task is (sample, row of tiles, part of the output channels). It
-transforms its row of input tiles (all input channels) into a scratch buffer on its own stack (about 130 KiB for
-ResNet's layers, in L2), then for each 32-channel output block and group of tiles multiplies in registers (a tile
-of ``group`` tiles × 32 channels, per step one broadcast per tile and two weight registers, as the direct conv),
-keeps the (m+2)² products of the group in a stack buffer, transforms them back, adds bias and residual, applies
-the activation and stores a register's 16 channels of a pixel at once. The input may carry a zero border (read in
-place) or not (the tile's reads outside the image are zeros, a select); the output may carry one (written by the
-task that owns the rows)."""
+One parallel launch, no intermediate tensor: a task is (sample, span of its tiles, part of the output channels).
+It transforms its span of input tiles (all input channels) into a scratch buffer on its own stack (at most
+``SCRATCH_BYTES`` where a register tile's tiles fit; ResNet's spans take 115-129 KiB, in L2), then for each
+32-channel output block and group of tiles multiplies in registers (``group`` tiles × 32 channels, per step one
+broadcast per tile and two weight registers, as the direct conv), keeps the (m+2)² products of the group in a stack
+buffer, transforms them back, adds bias and residual, applies the activation and stores a register's 16 channels of
+a pixel at once. The input may carry a zero border (read in place) or not (reads outside the plane are zeros, a
+select); the output may carry one (written by a sample's first span). A plane that m×m tiles do not cover exactly
+(7×7) takes partial tiles: reads past the plane are zeros, outputs past it are not stored.
+
+Not done: a weights-stationary order for small planes at large batches (every span streams the conv's weights, so
+F(4×4) on 7×7 loses at batch 32), and AVX2 / ARM64 (their activations are not blocked)."""
 
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ CHANNELS = 32
 MAX_GROUP = 8
 #: a batch-1 conv's tasks split the output channels until there are at least this many (and an even count)
 MIN_TASKS = 8
+#: planes that m×m tiles do not cover exactly (7×7) take partial tiles; False: they keep the direct conv (an A/B)
+PARTIAL_TILES = True
 #: a task's transformed input tiles live on its thread's stack: a row of tiles is cut into spans of at most this
 #: many bytes (ResNet's rows take 115-129 KiB, in L2)
 SCRATCH_BYTES = 160 << 10
@@ -66,31 +73,43 @@ def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def tile_size(h: int, w: int) -> int:
-    """m of the F(m×m, 3×3) that tiles an h × w output exactly: 4 where both divide by 4, else 2 where both are
-    even, else 0 (not supported: no partial tiles)."""
-    return 4 if h % 4 == 0 and w % 4 == 0 else 2 if h % 2 == 0 and w % 2 == 0 else 0
+    """m of the F(m×m, 3×3) for an h × w output: 4 where 4×4 tiles cover it exactly, else 2, partial 2×2 tiles
+    covering an odd plane (their outside computed, not stored). Measured on the 2-core AVX-512 EPYC against the
+    direct conv (2 threads): 512 channels at 7×7, F(2×2) 1.3-1.5× at batch 1 and 1.4× at batch 32, F(4×4) 0.8-1.2×
+    (4 tiles a sample, each task streaming weights 4× the direct conv's); 256 at 14×14, F(2×2) 2.0-2.3×, F(4×4)
+    2.5× but 2.25× the weight bytes."""
+    return 4 if h % 4 == 0 and w % 4 == 0 else 2
 
 
 def span(c: int, m: int, tiles: int) -> int:
-    """Tiles of a row one task transforms: the most whole register tiles (``group``) dividing the row whose
-    transformed inputs, (m+2)² × ``c`` floats a tile, fit ``SCRATCH_BYTES`` (at least one register tile)."""
+    """Tiles of a sample one task transforms: the most whole register tiles (``group``) dividing the sample's
+    ``tiles`` whose transformed inputs, (m+2)² × ``c`` floats a tile, fit ``SCRATCH_BYTES`` (at least one
+    register tile)."""
     group = microkernels.divisor(tiles, MAX_GROUP)
     per_tile = (m + 2) ** 2 * c * 4
     fits = [s for s in range(group, tiles + 1, group) if tiles % s == 0 and s * per_tile <= SCRATCH_BYTES]
     return max(fits, default=group)
 
 
+def _tiles(h: int, w: int, m: int) -> tuple[int, int]:
+    """Rows and columns of m×m tiles covering an h × w output."""
+    return -(-h // m), -(-w // m)
+
+
 def supported(block_in: int, block_out: int, c: int, oc: int, kernel: tuple[int, int], strides: tuple[int, int],
               pads: tuple[int, int, int, int], dilations: tuple[int, int], groups: int, pool: tuple[int, int, int],
               out_hw: tuple[int, int]) -> bool:
     """Whether ``conv2d`` computes this conv: 3×3, stride 1, padding 1, undilated, one group, no fused pooling,
-    blocked 16-channel input and output, whole 32-channel output blocks, an output ``tile_size`` tiles, and a
-    task's scratch of transformed inputs at most ``MAX_SCRATCH_BYTES`` (``c`` input channels)."""
+    blocked 16-channel input and output, whole 32-channel output blocks, a plane m×m tiles cover exactly unless
+    ``PARTIAL_TILES``, and a task's scratch of transformed inputs at most ``MAX_SCRATCH_BYTES`` (``c`` input
+    channels)."""
     m = tile_size(*out_hw)
+    ty, tx = _tiles(*out_hw, m)
     return block_in == LANES and block_out == LANES and c % LANES == 0 and oc % CHANNELS == 0 and \
         tuple(kernel) == (3, 3) and tuple(strides) == (1, 1) and tuple(pads) == (1, 1, 1, 1) and \
-        tuple(dilations) == (1, 1) and groups == 1 and not pool[0] and m > 0 and \
-        span(c, m, out_hw[1] // m) * (m + 2) ** 2 * c * 4 <= MAX_SCRATCH_BYTES
+        tuple(dilations) == (1, 1) and groups == 1 and not pool[0] and \
+        (PARTIAL_TILES or (ty * m, tx * m) == tuple(out_hw)) and \
+        span(c, m, ty * tx) * (m + 2) ** 2 * c * 4 <= MAX_SCRATCH_BYTES
 
 
 def pack_weights(w_oihw: np.ndarray, m: int) -> np.ndarray:
@@ -139,24 +158,25 @@ def _parts(tasks: int, blocks: int) -> int:
 
 @functools.cache
 def conv2d(shape: tuple[int, int, int, int], oc: int, act: str, parallel: bool, residual: bool = False,
-           halo_in: int = 0, halo_out: int = 0, halo_res: int = 0) -> tirx.PrimFunc:
+           halo_in: int = 0, halo_out: int = 0, halo_res: int = 0, m: int = 0) -> tirx.PrimFunc:
     """3×3 stride-1 pad-1 fp32 conv of the NCHW ``shape`` (n, c, h, w) input stored blocked [N, C/16, H + 2·halo_in,
-    W + 2·halo_in, 16] (a border of zeros, or none), weights ``pack_weights`` of m = ``tile_size(h, w)``, bias
-    [OC], optional residual [N, OC/16, H + 2·halo_res, W + 2·halo_res, 16]; out = act(conv + bias [+ residual])
-    [N, OC/16, H + 2·halo_out, W + 2·halo_out, 16], its border zeros."""
+    W + 2·halo_in, 16] (a border of zeros, or none), weights ``pack_weights`` of ``m`` (0: ``tile_size(h, w)``),
+    bias [OC], optional residual [N, OC/16, H + 2·halo_res, W + 2·halo_res, 16]; out = act(conv + bias
+    [+ residual]) [N, OC/16, H + 2·halo_out, W + 2·halo_out, 16], its border zeros."""
     n, c, h, w = shape
-    m = tile_size(h, w)
+    m = m or tile_size(h, w)
     if not supported(LANES, LANES, c, oc, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (0, 0, 0), (h, w)):
-        raise ValueError(f"Winograd takes 16-channel blocks in, 32-channel blocks out and an output that 2×2 or "
-                         f"4×4 tiles exactly; got {c}->{oc} channels at {h}x{w}")
+        raise ValueError(f"Winograd takes 16-channel blocks in and 32-channel blocks out; got {c}->{oc} channels")
     a = m + 2
     at, _, bt = matrices(m)
     cb, kb, vecs = c // LANES, oc // CHANNELS, CHANNELS // LANES
-    ty, tx = h // m, w // m
-    group = microkernels.divisor(tx, MAX_GROUP)
-    width = span(c, m, tx)
-    spans = tx // width
-    parts = _parts(n * ty * spans, kb)
+    ty, tx = _tiles(h, w, m)
+    partial = ty * m != h or tx * m != w  # the last row or column of tiles reaches past the plane
+    tiles = ty * tx  # a sample's, numbered row by row
+    group = microkernels.divisor(tiles, MAX_GROUP)
+    width = span(c, m, tiles)
+    spans = tiles // width
+    parts = _parts(n * spans, kb)
     hi, wi = h + 2 * halo_in, w + 2 * halo_in
     ho, wo = h + 2 * halo_out, w + 2 * halo_out
     hr, wr = h + 2 * halo_res, w + 2 * halo_res
@@ -180,32 +200,31 @@ def conv2d(shape: tuple[int, int, int, int], oc: int, act: str, parallel: bool, 
             if residual:
                 rflat = T.decl_buffer((n * (oc // LANES) * hr * wr * LANES,), "float32", data=res.data)
             oflat = T.decl_buffer((n * (oc // LANES) * ho * wo * LANES,), "float32", data=out.data)
-            with microkernels.loop(parallel)(0, n * ty * spans * parts) as task:
-                b, y = task // (ty * spans * parts), task // (spans * parts) % ty
-                first, part = task // parts % spans * width, task % parts  # the span's first tile
-                # the span's input tiles, transformed: [tile, (m+2)², C]
+            with microkernels.loop(parallel)(0, n * spans * parts) as task:
+                b, first, part = task // (spans * parts), task // parts % spans * width, task % parts
+                # the span's input tiles (from the sample's tile ``first``), transformed: [tile, (m+2)², C]
                 v = T.decl_buffer((width * a * a * c,), "float32", scope="local")
                 with T.serial(0, width * cb) as tq:
-                    x, q = first + tq // cb, tq % cb
+                    t, q = first + tq // cb, tq % cb
                     rows = T.decl_buffer((a * a * LANES,), "float32", scope="local")
 
                     def load(i, j):
-                        yy, xx = y * m + i - 1 + halo_in, x * m + j - 1 + halo_in
-                        value = xflat[_vec(at_(cb, hi, wi, b, q, yy, xx))]
-                        if halo_in:
+                        y, x = t // tx * m + i - 1, t % tx * m + j - 1  # in the plane
+                        value = xflat[_vec(at_(cb, hi, wi, b, q, y + halo_in, x + halo_in))]
+                        if halo_in and not partial:  # every read lies in the plane or its border
                             return value
-                        return tirx.if_then_else(tirx.all(yy >= 0, yy < h, xx >= 0, xx < w), value, zero)
+                        return tirx.if_then_else(tirx.all(y >= 0, y < h, x >= 0, x < w), value, zero)
 
-                    for i in range(a):  # d Bᵀ... row by row: rows[i][j'] = Σ_j d[i][j] Bᵀ[j'][j]
+                    for i in range(a):  # row by row, rows[i][j'] = Σ_j d[i][j] Bᵀ[j'][j]
                         d = [load(i, j) for j in range(a)]
                         for j in range(a):
                             T.buffer_store(rows, _combine(bt[j], d), [_vec((i * a + j) * LANES)])
-                    for i in range(a):  # then Bᵀ (d B) column by column
+                    for i in range(a):  # then column by column: Bᵀ d B
                         for j in range(a):
                             value = _combine(bt[i], [rows[_vec((r * a + j) * LANES)] for r in range(a)])
-                            T.buffer_store(v, value, [_vec(((x - first) * a * a + i * a + j) * c + q * LANES)])
+                            T.buffer_store(v, value, [_vec(((t - first) * a * a + i * a + j) * c + q * LANES)])
                 with T.serial(0, kb // parts * (width // group)) as kg:
-                    k, x0 = part * (kb // parts) + kg // (width // group), kg % (width // group) * group
+                    k, t0 = part * (kb // parts) + kg // (width // group), kg % (width // group) * group  # in span
                     prod = T.decl_buffer((a * a * group * CHANNELS,), "float32", scope="local")
                     with T.serial(0, a * a) as e:  # per tile element, a matrix product over the input channels
                         acc = T.decl_buffer((group * CHANNELS,), "float32", scope="local")
@@ -213,7 +232,7 @@ def conv2d(shape: tuple[int, int, int, int], oc: int, act: str, parallel: bool, 
                             T.buffer_store(acc, zero, [_vec(r * LANES)])
                         with T.serial(0, c) as ci:
                             for g in range(group):
-                                xv = tirx.Broadcast(v[((x0 + g) * a * a + e) * c + ci], LANES)  # x0: in span
+                                xv = tirx.Broadcast(v[((t0 + g) * a * a + e) * c + ci], LANES)
                                 for u in range(vecs):
                                     idx = _vec((g * vecs + u) * LANES)
                                     wv = uflat[_vec(((e * kb + k) * c + ci) * CHANNELS + u * LANES)]
@@ -222,6 +241,7 @@ def conv2d(shape: tuple[int, int, int, int], oc: int, act: str, parallel: bool, 
                             T.buffer_store(prod, acc[_vec(r * LANES)], [_vec((e * group * vecs + r) * LANES)])
                     with T.serial(0, group * vecs) as gu:  # Aᵀ M A, then the epilogue, 16 channels at a time
                         g, u = gu // vecs, gu % vecs
+                        t = first + t0 + g
                         cols = T.decl_buffer((a * m * LANES,), "float32", scope="local")
                         for i in range(a):
                             row = [prod[_vec((((i * a + j) * group + g) * vecs + u) * LANES)] for j in range(a)]
@@ -230,28 +250,31 @@ def conv2d(shape: tuple[int, int, int, int], oc: int, act: str, parallel: bool, 
                         blk = k * vecs + u
                         for i in range(m):
                             for j in range(m):
-                                yy, xx = y * m + i, (first + x0 + g) * m + j
+                                y, x = t // tx * m + i, t % tx * m + j
                                 total = _combine(at[i], [cols[_vec((r * m + j) * LANES)] for r in range(a)]) + \
                                     bias[_vec(blk * LANES)]
                                 if residual:
-                                    total = total + rflat[_vec(at_(oc // LANES, hr, wr, b, blk, yy + halo_res,
-                                                                   xx + halo_res))]
-                                T.buffer_store(oflat, tirx.max(total, floor),
-                                               [_vec(at_(oc // LANES, ho, wo, b, blk, yy + halo_out, xx + halo_out))])
-                if halo_out:  # a row's first span writes the border of its rows and blocks: beside, above, below
+                                    total = total + rflat[_vec(at_(oc // LANES, hr, wr, b, blk, y + halo_res,
+                                                                   x + halo_res))]
+                                index = [_vec(at_(oc // LANES, ho, wo, b, blk, y + halo_out, x + halo_out))]
+                                if partial:  # a partial tile's outside is computed, not stored
+                                    with T.If(tirx.all(y < h, x < w)):
+                                        with T.Then():
+                                            T.buffer_store(oflat, tirx.max(total, floor), index)
+                                else:
+                                    T.buffer_store(oflat, tirx.max(total, floor), index)
+                if halo_out:  # a sample's first span writes the border of its part's blocks: beside, above, below
                     blocks = (kb // parts) * vecs
-                    with T.serial(0, T.if_then_else(first == 0, blocks * m * 2 * halo_out, 0)) as s:
-                        blk = part * blocks + s // (m * 2 * halo_out)
-                        yy = y * m + s // (2 * halo_out) % m + halo_out
+                    with T.serial(0, T.if_then_else(first == 0, blocks * h * 2 * halo_out, 0)) as s:
+                        blk = part * blocks + s // (h * 2 * halo_out)
+                        y = s // (2 * halo_out) % h + halo_out
                         e = s % (2 * halo_out)
-                        xx = tirx.if_then_else(e < halo_out, e, w + e)
-                        T.buffer_store(oflat, zero, [_vec(at_(oc // LANES, ho, wo, b, blk, yy, xx))])
-                    for top, row0 in ((True, 0), (False, h + halo_out)):  # the first row of tiles, the last
-                        with T.If(tirx.all(first == 0, y == 0 if top else y == ty - 1)):
-                            with T.Then():
-                                with T.serial(0, blocks * halo_out * wo) as s:
-                                    blk = part * blocks + s // (halo_out * wo)
-                                    yy = row0 + s // wo % halo_out
-                                    T.buffer_store(oflat, zero, [_vec(at_(oc // LANES, ho, wo, b, blk, yy, s % wo))])
+                        x = tirx.if_then_else(e < halo_out, e, w + e)
+                        T.buffer_store(oflat, zero, [_vec(at_(oc // LANES, ho, wo, b, blk, y, x))])
+                    with T.serial(0, T.if_then_else(first == 0, blocks * 2 * halo_out * wo, 0)) as s:
+                        blk = part * blocks + s // (2 * halo_out * wo)
+                        e = s // wo % (2 * halo_out)
+                        y = tirx.if_then_else(e < halo_out, e, h + e)
+                        T.buffer_store(oflat, zero, [_vec(at_(oc // LANES, ho, wo, b, blk, y, s % wo))])
     func = builder.get()
     return microkernels.taking(func, (True, True, True, residual, True))

@@ -37,15 +37,15 @@ def test_the_transform_matrices_compute_a_1d_correlation_exactly():
 
 
 def test_which_convs_it_computes():
-    """3×3, stride 1, padding 1, undilated, one group, blocked in and out, 32-channel output blocks, an output
-    that 4×4 or 2×2 tiles exactly; the largest tile that does."""
-    assert (winograd.tile_size(56, 56), winograd.tile_size(14, 14), winograd.tile_size(7, 7)) == (4, 2, 0)
+    """3×3, stride 1, padding 1, undilated, one group, blocked in and out, 32-channel output blocks; 4×4 tiles where
+    they cover the output exactly, else 2×2 (partial ones on an odd plane)."""
+    assert (winograd.tile_size(56, 56), winograd.tile_size(14, 14), winograd.tile_size(7, 7)) == (4, 2, 2)
     ok = dict(block_in=16, block_out=16, c=32, oc=64, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1),
               groups=1, pool=(0, 0, 0), out_hw=(28, 28))
     assert winograd.supported(**ok)
     for change in ({"block_in": 0}, {"block_out": 0}, {"oc": 48}, {"kernel": (1, 1)}, {"strides": (2, 2)},
                    {"pads": (0, 0, 0, 0)}, {"dilations": (2, 2)}, {"groups": 2}, {"pool": (3, 2, 1)},
-                   {"out_hw": (7, 7)}, {"c": 24}, {"c": 2048}):  # 2048: a register tile's scratch > 1 MiB
+                   {"c": 24}, {"c": 2048}):  # 2048: a register tile's scratch > 1 MiB
         assert not winograd.supported(**{**ok, **change}), change
     assert winograd.pack_weights(rng.standard_normal((64, 32, 3, 3)), 4).shape == (36, 2, 32, 32)
     assert winograd.weight_bytes(64, 32, 2) == 16 * 64 * 32 * 4
@@ -58,16 +58,18 @@ def test_which_convs_it_computes():
     (3, 16, 64, 10, True, (2, 2, 1), "relu"),  # borders wider than the padding, three samples
     (1, 16, 32, 14, False, (1, 0, 1), "relu"),  # one output block per task part, odd tile rows
     (1, 32, 32, 4, False, (1, 1, 0), "none"),  # one row of tiles: its task writes the top and bottom borders
-    (2, 16, 32, 40, True, (1, 1, 1), "relu"),  # rows of 10 tiles cut into spans of 5 (scratch bounded below)
+    (2, 16, 32, 40, True, (1, 1, 1), "relu"),  # 100 tiles a sample cut into spans of 5 (scratch bounded below)
+    (1, 32, 64, 7, True, (1, 1, 1), "relu"),  # partial 2×2 tiles: reads past the plane zeros, outputs not stored
+    (2, 16, 32, 5, False, (0, 0, 0), "none"),  # the same without borders
 ])
 def test_winograd_conv_is_the_direct_conv_to_within_its_rounding(n, c, oc, hw, residual, halos, act, monkeypatch):
     """Against torch's conv in float64: the largest error at most 1e-5 of the output's largest magnitude (F(4×4)
     measured 2-5e-6, F(2×2) 2-3e-7); the output's border is zeros (the buffer starts as NaN)."""
     if not {"avx512", "vnni"} <= SPEC.features:
         pytest.skip("the Winograd conv is built for AVX-512 (16 lanes)")
-    if hw == 40:  # a span of one register tile (5 tiles), two spans a row
+    if hw == 40:  # a span of one register tile (5 tiles)
         monkeypatch.setattr(winograd, "SCRATCH_BYTES", 1)
-        assert winograd.span(c, 4, 10) == 5
+        assert winograd.span(c, 4, 100) == 5
     winograd.conv2d.cache_clear()  # built for this test's SCRATCH_BYTES
     halo_in, halo_out, halo_res = halos
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
@@ -92,7 +94,7 @@ def test_winograd_conv_is_the_direct_conv_to_within_its_rounding(n, c, oc, hw, r
 
 class _Block(torch.nn.Module):
     """A stem, a basic block at 12×12 (4×4 tiles), a strided conv, a conv at 6×6 (2×2 tiles), another strided conv,
-    a 3×3 conv at 3×3 (no exact tiling) and a classifier."""
+    a 3×3 conv at 3×3 (partial 2×2 tiles), a dilated one and a classifier."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,6 +105,7 @@ class _Block(torch.nn.Module):
         self.conv3 = torch.nn.Conv2d(64, 64, 3, padding=1)
         self.down2 = torch.nn.Conv2d(64, 64, 3, stride=2, padding=1)
         self.odd = torch.nn.Conv2d(64, 64, 3, padding=1)
+        self.dilated = torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2)
         self.fc = torch.nn.Linear(64, 10)
 
     def forward(self, x):
@@ -110,14 +113,15 @@ class _Block(torch.nn.Module):
         x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
         x = torch.relu(self.conv3(torch.relu(self.down(x))))
         x = torch.relu(self.odd(torch.relu(self.down2(x))))
+        x = torch.relu(self.dilated(x))
         return self.fc(x.mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch, monkeypatch):
     """On AVX-512, the lowering alone (any host): the stride-1 3×3 convs between blocked activations whose output
-    tiles exactly run ``conv2d_winograd``, the manifest naming the algorithm and its (larger) weight bytes; the
-    stem (NCHW image), the strided conv and the odd-sized one stay direct; ``WINOGRAD`` off: all direct."""
+    run ``conv2d_winograd``, the manifest naming the algorithm and its (larger) weight bytes; the stem (NCHW
+    image), the strided and the dilated convs stay direct; ``WINOGRAD`` off: all direct."""
     torch.manual_seed(0)
     model = from_torch(_Block().eval(), (torch.zeros(batch, 3, 12, 12),))
     _, report, _ = lower.lower(model, (batch,), AVX512)
@@ -125,7 +129,7 @@ def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch
     assert kinds == {"stem": ("conv2d", None), "conv1": ("conv2d_winograd", "Winograd F(4x4, 3x3)"),
                      "conv2": ("conv2d_winograd", "Winograd F(4x4, 3x3)"), "down": ("conv2d", None),
                      "conv3": ("conv2d_winograd", "Winograd F(2x2, 3x3)"), "down2": ("conv2d", None),
-                     "odd": ("conv2d", None),
+                     "odd": ("conv2d_winograd", "Winograd F(2x2, 3x3)"), "dilated": ("conv2d", None),
                      "fc": ("dense", None)}
     assert report.layers["conv1"]["weight_bytes"] == 36 * 32 * 32 * 4
     assert report.layers["conv1"]["epilogue"] == "bias+relu"
@@ -149,7 +153,7 @@ def test_a_model_with_winograd_convs_computes_what_torch_does(batch):
     module = _Block().eval()
     model = from_torch(module, (torch.zeros(batch, 3, 12, 12),))
     built = build.build(model, SPEC, batches=(batch,))
-    assert sum(entry["kernel"] == "conv2d_winograd" for entry in built.report.layers.values()) == 3
+    assert sum(entry["kernel"] == "conv2d_winograd" for entry in built.report.layers.values()) == 4
     x = torch.randn(batch, 3, 12, 12)
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     got = vm[built.functions[batch]](tvm.runtime.tensor(x.numpy())).numpy()
