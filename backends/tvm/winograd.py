@@ -22,7 +22,7 @@ broadcast per tile and two weight registers, as the direct conv), keeps the (m+2
 buffer, transforms them back, adds bias and residual, applies the activation and stores a register's 16 channels of
 a pixel at once. The input may carry a zero border (read in place) or not (reads outside the plane are zeros, a
 select); the output may carry one (written by a sample's first span). A plane that m×m tiles do not cover exactly
-(7×7) takes partial tiles: reads past the plane are zeros, outputs past it are not stored.
+(7×7) can take partial tiles, reads past the plane zeros and outputs past it not stored (``PARTIAL_TILES``, off).
 
 Not done: a weights-stationary order for small planes at large batches (every span streams the conv's weights, so
 F(4×4) on 7×7 loses at batch 32), and AVX2 / ARM64 (their activations are not blocked)."""
@@ -46,8 +46,12 @@ CHANNELS = 32
 MAX_GROUP = 8
 #: a batch-1 conv's tasks split the output channels until there are at least this many (and an even count)
 MIN_TASKS = 8
-#: planes that m×m tiles do not cover exactly (7×7) take partial tiles; False: they keep the direct conv (an A/B)
-PARTIAL_TILES = True
+#: planes that m×m tiles do not cover exactly (7×7) take partial 2×2 tiles; off: they keep the direct conv. On
+#: ResNet-18 they made the whole model 1.035× faster at batch 1 and 1.059× at batch 32 (``bench_tvm --toggle
+#: winograd.PARTIAL_TILES``) for 14.8 MB more weights (its two Winograd-eligible 512-channel 7×7 convs stored
+#: transformed: 46.7 MB direct, 59.3 MB with Winograd on exact tilings, 74.0 MB with partial tiles too): not worth
+#: it by default
+PARTIAL_TILES = False
 #: a task's transformed input tiles live on its thread's stack: a row of tiles is cut into spans of at most this
 #: many bytes (ResNet's rows take 115-129 KiB, in L2)
 SCRATCH_BYTES = 160 << 10

@@ -70,6 +70,7 @@ def test_winograd_conv_is_the_direct_conv_to_within_its_rounding(n, c, oc, hw, r
     if hw == 40:  # a span of one register tile (5 tiles)
         monkeypatch.setattr(winograd, "SCRATCH_BYTES", 1)
         assert winograd.span(c, 4, 100) == 5
+    monkeypatch.setattr(winograd, "PARTIAL_TILES", True)  # the 7×7 and 5×5 planes (off in the lowering by default)
     winograd.conv2d.cache_clear()  # built for this test's SCRATCH_BYTES
     halo_in, halo_out, halo_res = halos
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
@@ -118,10 +119,13 @@ class _Block(torch.nn.Module):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch, monkeypatch):
+@pytest.mark.parametrize("partial", [False, True], ids=["exact-tiles", "partial-tiles"])
+def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch, partial, monkeypatch):
     """On AVX-512, the lowering alone (any host): the stride-1 3×3 convs between blocked activations whose output
     run ``conv2d_winograd``, the manifest naming the algorithm and its (larger) weight bytes; the stem (NCHW
-    image), the strided and the dilated convs stay direct; ``WINOGRAD`` off: all direct."""
+    image), the strided and the dilated convs stay direct, the 3×3 plane too unless ``PARTIAL_TILES``;
+    ``WINOGRAD`` off: all direct."""
+    monkeypatch.setattr(winograd, "PARTIAL_TILES", partial)
     torch.manual_seed(0)
     model = from_torch(_Block().eval(), (torch.zeros(batch, 3, 12, 12),))
     _, report, _ = lower.lower(model, (batch,), AVX512)
@@ -129,7 +133,8 @@ def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch
     assert kinds == {"stem": ("conv2d", None), "conv1": ("conv2d_winograd", "Winograd F(4x4, 3x3)"),
                      "conv2": ("conv2d_winograd", "Winograd F(4x4, 3x3)"), "down": ("conv2d", None),
                      "conv3": ("conv2d_winograd", "Winograd F(2x2, 3x3)"), "down2": ("conv2d", None),
-                     "odd": ("conv2d_winograd", "Winograd F(2x2, 3x3)"), "dilated": ("conv2d", None),
+                     "odd": ("conv2d_winograd", "Winograd F(2x2, 3x3)") if partial else ("conv2d", None),
+                     "dilated": ("conv2d", None),
                      "fc": ("dense", None)}
     assert report.layers["conv1"]["weight_bytes"] == 36 * 32 * 32 * 4
     assert report.layers["conv1"]["epilogue"] == "bias+relu"
@@ -139,10 +144,11 @@ def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch
     assert {entry["kernel"] for entry in report.layers.values()} == {"conv2d", "dense"}
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_a_model_with_winograd_convs_computes_what_torch_does(batch):
-    """Built for the host and run in TVM's VM: the outputs of ``_Block`` (trained weights stand-in: seeded) within
-    1e-4 of torch's, at batch 1 (bordered activations) and 8 (none)."""
+@pytest.mark.parametrize(("batch", "partial"), [(1, True), (8, False)])
+def test_a_model_with_winograd_convs_computes_what_torch_does(batch, partial, monkeypatch):
+    """Built for the host and run in TVM's VM: the outputs of ``_Block`` (seeded weights) within 1e-4 of torch's,
+    at batch 1 (bordered activations, partial tiles on the 3×3 plane) and 8 (no borders, exact tiles only)."""
+    monkeypatch.setattr(winograd, "PARTIAL_TILES", partial)
     if not {"avx512", "vnni"} <= SPEC.features:
         pytest.skip("the Winograd conv is built for AVX-512 (16 lanes)")
     from tvm import relax
@@ -153,7 +159,7 @@ def test_a_model_with_winograd_convs_computes_what_torch_does(batch):
     module = _Block().eval()
     model = from_torch(module, (torch.zeros(batch, 3, 12, 12),))
     built = build.build(model, SPEC, batches=(batch,))
-    assert sum(entry["kernel"] == "conv2d_winograd" for entry in built.report.layers.values()) == 4
+    assert sum(entry["kernel"] == "conv2d_winograd" for entry in built.report.layers.values()) == 3 + partial
     x = torch.randn(batch, 3, 12, 12)
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     got = vm[built.functions[batch]](tvm.runtime.tensor(x.numpy())).numpy()
