@@ -52,8 +52,8 @@ MIN_TASKS = 8
 #: transformed: 46.7 MB direct, 59.3 MB with Winograd on exact tilings, 74.0 MB with partial tiles too): not worth
 #: it by default
 PARTIAL_TILES = False
-#: a task's transformed input tiles live on its thread's stack: a row of tiles is cut into spans of at most this
-#: many bytes (ResNet's rows take 115-129 KiB, in L2)
+#: a task's transformed input tiles live on its thread's stack: a sample's tiles are cut into spans of at most this
+#: many bytes (ResNet's spans take 115-129 KiB, in L2)
 SCRATCH_BYTES = 160 << 10
 #: a conv whose smallest span (one register tile's tiles) would take more is left to the direct conv
 MAX_SCRATCH_BYTES = 1 << 20
@@ -77,8 +77,8 @@ def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def tile_size(h: int, w: int) -> int:
-    """m of the F(m×m, 3×3) for an h × w output: 4 where 4×4 tiles cover it exactly, else 2, partial 2×2 tiles
-    covering an odd plane (their outside computed, not stored). Measured on the 2-core AVX-512 EPYC against the
+    """m of the F(m×m, 3×3) for an h × w output: 4 where 4×4 tiles cover it exactly, else 2 (partial 2×2 tiles on
+    an odd plane, their outside computed and not stored, where ``PARTIAL_TILES``). Measured on the 2-core AVX-512 EPYC against the
     direct conv (2 threads): 512 channels at 7×7, F(2×2) 1.3-1.5× at batch 1 and 1.4× at batch 32, F(4×4) 0.8-1.2×
     (4 tiles a sample, each task streaming weights 4× the direct conv's); 256 at 14×14, F(2×2) 2.0-2.3×, F(4×4)
     2.5× but 2.25× the weight bytes."""
@@ -138,10 +138,10 @@ def _combine(coefs, terms):
     for coef, term in zip(coefs, terms):
         if coef == 0:
             continue
-        scaled = term if abs(coef) == 1 else term * tirx.const(float(abs(coef)), "float32")
         if out is None:
-            out = scaled if coef > 0 else scaled * tirx.const(-1.0, "float32")
+            out = term if coef == 1 else term * tirx.const(float(coef), "float32")
         else:
+            scaled = term if abs(coef) == 1 else term * tirx.const(float(abs(coef)), "float32")
             out = out + scaled if coef > 0 else out - scaled
     return out
 
