@@ -4,8 +4,9 @@ edge device or under qemu-aarch64 as it is. Copied into every artifact as ``tvm_
     python tvm_run.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz
 
 ``tvm.json`` beside ``model.so`` names the Relax VM functions per batch size and the inputs and
-outputs in graph order. A batch that was not compiled is split into the largest compiled batch
-and padded (the models' samples are independent).
+outputs in graph order. A batch that was not compiled is split into the largest compiled batch; the rest runs
+padded to a compiled batch or as batch-1 calls, whichever the timings ``tvm.json`` records say costs less (the
+models' samples are independent).
 """
 
 from __future__ import annotations
@@ -102,6 +103,21 @@ class VmModel:
             return [self._output(result)]
         return [self._output(r) for r in result]
 
+    def padded_to(self, size):
+        """The compiled batch that ``size`` samples (not a compiled batch) run padded to, or None to run them as
+        batch-1 calls: whichever costs less by the per-call times ``tvm.json`` records from compile time on the
+        host (ResNet-18 fp32: a batch-64 call takes 53 batch-1 calls' time, so 8 samples padded to 64 took 8x as
+        long as 8 calls); without them (an artifact built for another target), pad where padding is less than
+        half the call."""
+        target = min((b for b in self._calls if b >= size), default=max(self._calls))
+        if 1 not in self._calls:
+            return target
+        timing = self.config.get("host_timing") or {}
+        one, padded = timing.get("batch_1_ms"), timing.get(f"batch_{target}_ms")
+        if one and padded:
+            return target if padded < size * one else None
+        return target if 2 * size > target else None
+
     def run(self, feeds):
         arrays = [np.asarray(feeds[n]) for n in self.input_names]
         batch = int(arrays[0].shape[0])
@@ -113,13 +129,14 @@ class VmModel:
         while start < batch:
             size = min(big, batch - start)
             chunk = [a[start:start + size] for a in arrays]
-            if size in self._calls:
-                parts.append(self._call(size, chunk))
-            elif size <= 4 and 1 in self._calls:
+            target = size if size in self._calls else self.padded_to(size)
+            if target is None:
                 parts.extend(self._call(1, [a[i:i + 1] for a in chunk]) for i in range(size))
+            elif target == size:
+                parts.append(self._call(size, chunk))
             else:
-                padded = [np.concatenate([a, np.repeat(a[-1:], big - size, axis=0)]) for a in chunk]
-                parts.append([o[:size] for o in self._call(big, padded)])
+                padded = [np.concatenate([a, np.repeat(a[-1:], target - size, axis=0)]) for a in chunk]
+                parts.append([o[:size] for o in self._call(target, padded)])
             start += size
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 

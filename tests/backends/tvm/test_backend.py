@@ -87,6 +87,29 @@ def test_annotated_int8_and_int4_layers_lower_to_integer_kernels(tmp_path, cnn_m
     assert layers[gemms[1]]["weight_bytes"] < fp32[gemms[1]] / 6  # 4-bit codes + fp16 block scales
 
 
+def test_a_batch_not_compiled_runs_padded_or_as_batch_1_calls_whichever_the_compile_time_timings_say_is_cheaper(
+        fp32_artifact, digits_split):
+    """The artifact has batches 1 and 64. Eight samples ran padded to 64 whatever the cost (ResNet-18 fp32: 8x the
+    time of eight batch-1 calls); now ``tvm.json``'s host timings decide, and without timings (a cross-target
+    artifact) padding wastes at most half the call. Same outputs either way."""
+    model = TvmBackend().load(fp32_artifact.path, {}).model
+    assert set(model.config["host_timing"]) >= {"batch_1_ms", "batch_64_ms"}  # measured when it was built
+    calls = []
+    model._calls = {b: (lambda b, f: lambda *a: calls.append(b) or f(*a))(b, f) for b, f in model._calls.items()}
+    feed = {model.input_names[0]: np.ascontiguousarray(digits_split.eval_x[:8])}
+    model.config["host_timing"] = {"batch_1_ms": 1.0, "batch_64_ms": 20.0}
+    assert (model.padded_to(8), model.padded_to(20), model.padded_to(21)) == (None, None, 64)
+    split = model.run(feed)[0]
+    assert calls == [1] * 8
+    model.config["host_timing"] = {"batch_1_ms": 1.0, "batch_64_ms": 5.0}
+    calls.clear()
+    padded = model.run(feed)[0]
+    assert calls == [64]
+    np.testing.assert_allclose(split, padded, rtol=1e-5, atol=1e-5)
+    del model.config["host_timing"]
+    assert (model.padded_to(32), model.padded_to(33)) == (None, 64)
+
+
 def test_the_runner_uses_every_available_core(fp32_artifact, monkeypatch):
     """TVM's default halves the x86 thread count (hyper-threads); the runner asks for every core."""
     import os
