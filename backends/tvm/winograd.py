@@ -11,7 +11,7 @@ runs ResNet-18's 56² and 28² 3×3 convs 2.8-3.9× faster than ``blocked.conv2d
 threads, the 7² ones 1.3-1.5× (``tile_size``).
 
 Numerically the transforms add rounding: against the direct conv in float64, F(4×4) measured a largest error of
-about 5e-6 of the output's largest magnitude, F(2×2) 6e-7 (``tests/backends/tvm/test_winograd.py``); larger m
+1.9-4.2e-6 of the output's largest magnitude, F(2×2) 1.3-2.7e-7 (``tests/backends/tvm/test_winograd.py``); larger m
 would lose precision fast (its points spread), so m is 4 or 2.
 
 One parallel launch, no intermediate tensor: a task is (sample, span of its tiles, part of the output channels).
