@@ -113,8 +113,9 @@ FP32_BLOCKED = True
 #: barrier after it; False: no border, for timing one against the other
 FP32_HALO = True
 HALO = 1
-#: 3×3 stride-1 fp32 convs between blocked activations whose output 2×2 or 4×4 tiles run Winograd's algorithm
-#: (``winograd.conv2d``); False: the direct conv, for timing one against the other
+#: 3×3 stride-1 fp32 convs between blocked activations whose output 4×4 or 2×2 tiles cover run Winograd's algorithm
+#: (``winograd.supported``, partial tiles only with ``winograd.PARTIAL_TILES``); False: the direct conv, for timing
+#: one against the other
 WINOGRAD = True
 
 
@@ -933,7 +934,7 @@ class _Lowering:
 
         from bitpass.backends.tvm import winograd
 
-        n, c, h, wd = shape
+        n, c, h, wd = shape  # the input's, and (3×3, stride 1, padding 1) the output's
         oc = int(w.shape[0])
         m = winograd.tile_size(h, wd)
         u = self.shared(("winograd", node.name, m), lambda: self.const(winograd.pack_weights(w, m)))
