@@ -192,6 +192,9 @@ class _Lowering:
         #: the nodes, held: protobuf may hand out a new wrapper per access, and ids below must stay valid
         self.nodes = list(proto.graph.node)
         self.plans = {id(node): plan for node, plan in zip(self.nodes, plans)}
+        #: no layer below 32 bits: Winograd's transformed weights (up to 4× the bytes) may be stored. A mixed or
+        #: quantized plan was sized by its allocation with fp32 weights at 4 bytes each, so it keeps the direct conv
+        self.fp32_plan = all(plan.weight_bits >= annotation.FLOAT_BITS for plan in plans)
         self.inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.producer = {name: node for node in self.nodes for name in node.output if name}
@@ -896,7 +899,7 @@ class _Lowering:
         out_hw = tuple(kernels.conv_out_size(size, geometry["pads"][axis] + geometry["pads"][axis + 2],
                                              w.shape[2 + axis], geometry["strides"][axis], geometry["dilations"][axis])
                        for axis, size in enumerate((h, wd)))
-        fast = WINOGRAD and self.lanes == winograd.LANES and (residual is None or block_res) and \
+        fast = WINOGRAD and self.fp32_plan and self.lanes == winograd.LANES and (residual is None or block_res) and \
             winograd.supported(block_in, block_out, c, w.shape[0], w.shape[2:], geometry["strides"], geometry["pads"],
                                geometry["dilations"], geometry["groups"], pool, out_hw)
         halo_out = HALO if (bordered or fast) and self._halo_readers(final, n) else 0

@@ -78,10 +78,10 @@ def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def tile_size(h: int, w: int) -> int:
     """m of the F(m×m, 3×3) for an h × w output: 4 where 4×4 tiles cover it exactly, else 2 (partial 2×2 tiles on
-    an odd plane, their outside computed and not stored, where ``PARTIAL_TILES``). Measured on the 2-core AVX-512 EPYC against the
-    direct conv (2 threads): 512 channels at 7×7, F(2×2) 1.3-1.5× at batch 1 and 1.4× at batch 32, F(4×4) 0.8-1.2×
-    (4 tiles a sample, each task streaming weights 4× the direct conv's); 256 at 14×14, F(2×2) 2.0-2.3×, F(4×4)
-    2.5× but 2.25× the weight bytes."""
+    an odd plane, their outside computed and not stored, where ``PARTIAL_TILES``). Measured on the 2-core AVX-512
+    EPYC against the direct conv (2 threads): 512 channels at 7×7, F(2×2) 1.3-1.5× at batch 1 and 1.4× at batch 32,
+    F(4×4) 0.8-1.2× (4 tiles a sample, each task streaming weights 4× the direct conv's); 256 at 14×14, F(2×2)
+    2.0-2.3×, F(4×4) 2.5× but 2.25× the weight bytes."""
     return 4 if h % 4 == 0 and w % 4 == 0 else 2
 
 

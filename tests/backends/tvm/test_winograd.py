@@ -40,8 +40,8 @@ def test_which_convs_it_computes():
     """3×3, stride 1, padding 1, undilated, one group, blocked in and out, 32-channel output blocks; 4×4 tiles where
     they cover the output exactly, else 2×2 (partial ones on an odd plane)."""
     assert (winograd.tile_size(56, 56), winograd.tile_size(14, 14), winograd.tile_size(7, 7)) == (4, 2, 2)
-    ok = dict(block_in=16, block_out=16, c=32, oc=64, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1),
-              groups=1, pool=(0, 0, 0), out_hw=(28, 28))
+    ok = dict(block_in=16, block_out=16, c=32, oc=64, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1),
+              dilations=(1, 1), groups=1, pool=(0, 0, 0), out_hw=(28, 28))
     assert winograd.supported(**ok)
     for change in ({"block_in": 0}, {"block_out": 0}, {"oc": 48}, {"kernel": (1, 1)}, {"strides": (2, 2)},
                    {"pads": (0, 0, 0, 0)}, {"dilations": (2, 2)}, {"groups": 2}, {"pool": (3, 2, 1)},
@@ -142,6 +142,20 @@ def test_the_lowering_gives_winograd_the_3x3_convs_it_tiles_and_records_it(batch
     monkeypatch.setattr(lower, "WINOGRAD", False)
     _, report, _ = lower.lower(model, (batch,), AVX512)
     assert {entry["kernel"] for entry in report.layers.values()} == {"conv2d", "dense"}
+
+
+def test_a_plan_with_quantized_layers_keeps_the_direct_conv():
+    """A mixed or quantized plan was sized by its allocation with fp32 weights at 4 bytes each: Winograd's transformed
+    weights (up to 4× the bytes) would overrun a size budget, so with any layer below 32 bits every fp32 conv stays
+    direct."""
+    from bitpass.frontend import annotation
+
+    torch.manual_seed(0)
+    model = from_torch(_Block().eval(), (torch.zeros(1, 3, 12, 12),))
+    annotation.set_weight_bits(next(layer for layer in model.layers() if layer.op_type == "Gemm").node, 8)
+    _, report, _ = lower.lower(model, (1,), AVX512)
+    assert report.layers["conv1"]["kernel"] == "conv2d" and report.layers["fc"]["weight_bits"] == 8
+    assert "conv2d_winograd" not in {entry["kernel"] for entry in report.layers.values()}
 
 
 @pytest.mark.parametrize(("batch", "partial"), [(1, True), (8, False)])
