@@ -41,12 +41,22 @@ def test_fp32_artifact_matches_onnx_runtime(fp32_artifact, digits_files, digits_
     assert quality["fidelity"]["top1_agreement"] == 1.0 and quality["fidelity"]["cosine"] > 0.99999
     config = json.loads((fp32_artifact.path / "tvm.json").read_text())
     assert config["functions"] == {"1": "main", "64": "main_b64"}
-    # on AVX-512 the CNN's 3×3 stride-1 convs between blocked activations run Winograd's algorithm
+    # on AVX-512 the CNN's 3×3 stride-1 convs between blocked activations run Winograd's algorithm, their weights
+    # stored transformed ((m+2)²/9 × their fp32 bytes) and counted so in the manifest
     winograd = {"conv2d_winograd"} if {"avx512", "vnni"} <= targets.host_features() else set()
     assert {layer["kernel"] for layer in config["layers"].values()} == {"conv2d", "dense"} | winograd
-    # outputs equal ORT fp32's to rtol 1e-3, for batches compiled (1, 64) and not (7, split and padded)
     from bitpass.frontend import from_onnx
 
+    plan = from_onnx(fp32_artifact.path / "model.onnx")
+    fp32 = {layer.id: layer.weight_array.nbytes for layer in plan.layers()}
+    extra = 0
+    for layer, entry in config["layers"].items():
+        if entry["kernel"] == "conv2d_winograd":
+            m = int(entry["algorithm"].split("(")[1][0])
+            assert entry["weight_bytes"] == fp32[layer] * (m + 2) ** 2 // 9
+            extra += entry["weight_bytes"] - fp32[layer]
+    assert fp32_artifact.metrics["size"]["weight_bytes"] == plan.weight_bytes() + extra
+    # outputs equal ORT fp32's to rtol 1e-3, for batches compiled (1, 64) and not (7: batch-1 calls or padded)
     ort = reference_runner(from_onnx(digits_files / "model.onnx"))
     for size in (1, 7, 64):
         x = np.ascontiguousarray(digits_split.eval_x[:size])
@@ -77,13 +87,10 @@ def test_annotated_int8_and_int4_layers_lower_to_integer_kernels(tmp_path, cnn_m
 
     plan = from_onnx(artifact.path / "model.onnx")  # the folded, fused, annotated graph the library came from
     fp32 = {layer.id: layer.weight_array.nbytes for layer in plan.layers()}
-    # (and on AVX-512 the Winograd convs' transformed weights, (m+2)²/9 × their fp32 bytes)
-    swapped = sum(entry["weight_bytes"] - fp32[layer] for layer, entry in layers.items())
+    # (a quantized plan keeps its fp32 convs direct: their stored bytes are their fp32 bytes)
+    assert {entry["kernel"] for entry in layers.values()} == {"conv2d", "dense_int8", "dense_int4"}
+    swapped = sum(layers[g]["weight_bytes"] - fp32[g] for g in gemms)
     assert artifact.metrics["size"]["weight_bytes"] == plan.weight_bytes() + swapped
-    for layer, entry in layers.items():
-        if entry["kernel"] == "conv2d_winograd":
-            m = int(entry["algorithm"].split("(")[1][0])
-            assert entry["weight_bytes"] == fp32[layer] * (m + 2) ** 2 // 9
     assert layers[gemms[1]]["weight_bytes"] < fp32[gemms[1]] / 6  # 4-bit codes + fp16 block scales
 
 
