@@ -869,9 +869,10 @@ class _Lowering:
         act, residual = self._epilogue(bb, node, out_shape, residual=bits == 32 or self.scheme.int8_residual)
         if bits == 8:
             return self._conv_int8(bb, node, x, w, bias, ob, geometry, act, residual, out_shape)
-        return self._conv_fp32(bb, node, x, w, bias, ob, geometry, act, residual)
+        return self._conv_fp32(bb, node, x, w, bias, ob, geometry, act, residual, out_shape)
 
-    def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual):
+    def _conv_fp32(self, bb, node, x, w: np.ndarray, bias, ob: int, geometry: dict[str, Any], act: str, residual,
+                   out_shape: list[int]):
         """``kernels.conv2d``, reading its input and residual as they come (blocked or NCHW) and writing blocked
         where every reader of its (fused) output takes that (``_blocked_readers``)."""
         b = bias.astype(np.float32) if bias is not None else np.zeros(w.shape[0], np.float32)
@@ -890,22 +891,19 @@ class _Lowering:
         block = self._fp32_block()
         block_out = block if geometry["groups"] == 1 and ob % max(block, 1) == 0 and w.shape[0] % max(block, 1) == 0 \
             and self._blocked_readers(final) else 0
-        # only the hand-written blocked conv writes a border (the schedule swaps it in on the same test, and reads a
-        # residual only blocked)
+        # only the hand-written kernels write a border: the blocked conv (the schedule swaps it in on the same test,
+        # and reads a residual only blocked) and the Winograd conv
         from bitpass.backends.tvm import blocked, winograd
 
         bordered = self.lanes == blocked.LANES and (residual is None or block_res) and \
             blocked.conv2d_supported(block_in, block_out, ob, geometry["groups"], geometry["pads"], halo_in, pool)
-        out_hw = tuple(kernels.conv_out_size(size, geometry["pads"][axis] + geometry["pads"][axis + 2],
-                                             w.shape[2 + axis], geometry["strides"][axis], geometry["dilations"][axis])
-                       for axis, size in enumerate((h, wd)))
         fast = WINOGRAD and self.fp32_plan and self.lanes == winograd.LANES and (residual is None or block_res) and \
             winograd.supported(block_in, block_out, c, w.shape[0], w.shape[2:], geometry["strides"], geometry["pads"],
-                               geometry["dilations"], geometry["groups"], pool, out_hw)
+                               geometry["dilations"], geometry["groups"], pool, tuple(out_shape[2:]))
         halo_out = HALO if (bordered or fast) and self._halo_readers(final, n) else 0
         if fast:
-            return self._conv_winograd(bb, node, x, w, b, (n, c, h, wd), act, residual, block_in, halo_in,
-                                       block_res, halo_res, halo_out)
+            return self._conv_winograd(bb, node, x, w, b, (n, c, h, wd), act, residual, block_in, halo_in, halo_res,
+                                       halo_out)
         wp = self.shared(("conv", node.name, ob, block_in),
                          lambda: self.const(kernels.pack_conv(w.astype(np.float32), ob, block_in)))
         tags = KernelAttrs("conv2d", ob, act=act, residual=residual is not None, pool=pool, block_in=block_in,
@@ -930,7 +928,7 @@ class _Lowering:
                        halo=halo_out)
 
     def _conv_winograd(self, bb, node, x, w: np.ndarray, b: np.ndarray, shape: tuple[int, int, int, int], act: str,
-                       residual, block_in: int, halo_in: int, block_res: int, halo_res: int, halo_out: int) -> Blocked:
+                       residual, block_in: int, halo_in: int, halo_res: int, halo_out: int) -> Blocked:
         """A 3×3 stride-1 fp32 conv between blocked activations by Winograd's F(m×m, 3×3) (``winograd.conv2d``): the
         weights stored transformed, (m+2)²/9 × their bytes, for a quarter to a half of the multiplies."""
         from tvm import relax
